@@ -1,0 +1,62 @@
+//! The framing shared by every object Shoal writes: a 3-byte magic, a kind byte and a format
+//! version byte, then a postcard body. The body types are frozen once released: a new layout
+//! gets a new format version and new types, and decoders keep reading the old ones.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+const MAGIC: &[u8; 3] = b"SHL";
+
+/// The kinds of encoded object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Dir = b'D',
+    ChunkList = b'L',
+    PackIndex = b'I',
+    VersionBody = b'B',
+    Version = b'V',
+    Tag = b'T',
+    DatasetConfig = b'C',
+}
+
+/// The only format version written today.
+pub const V1: u8 = 1;
+
+/// Why bytes could not be decoded as the expected object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a shoal {0:?} object (bad magic or kind)")]
+    BadHeader(Kind),
+    #[error("{0:?} object has unsupported format version {1} (this shoal reads {V1}); upgrade shoal")]
+    UnsupportedVersion(Kind, u8),
+    #[error("malformed {0:?} object: {1}")]
+    Malformed(Kind, String),
+    #[error("invalid {0:?} object: {1}")]
+    Invalid(Kind, String),
+}
+
+pub(crate) fn encode<T: Serialize>(kind: Kind, body: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(MAGIC);
+    out.push(kind as u8);
+    out.push(V1);
+    // Serializing plain data into a Vec cannot fail.
+    postcard::to_io(body, &mut out).expect("postcard encoding into a Vec");
+    out
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < 5 || &bytes[..3] != MAGIC || bytes[3] != kind as u8 {
+        return Err(DecodeError::BadHeader(kind));
+    }
+    if bytes[4] != V1 {
+        return Err(DecodeError::UnsupportedVersion(kind, bytes[4]));
+    }
+    let (value, rest) = postcard::take_from_bytes(&bytes[5..])
+        .map_err(|e| DecodeError::Malformed(kind, e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed(kind, format!("{} trailing bytes", rest.len())));
+    }
+    Ok(value)
+}

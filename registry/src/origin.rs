@@ -1,0 +1,378 @@
+//! An origin: the object store that holds a dataset's packs, versions and tags.
+//!
+//! Layout under the origin's root:
+//! - `packs/<id>.pack`, `packs/<id>.idx`: blobs and their index (the index is written after
+//!   the pack, so an index never names a pack that is not there);
+//! - `datasets/<name>/_dataset`: chunking parameters, created once;
+//! - `datasets/<name>/_versions/<version>`: signed version objects, created once (create-only
+//!   put), written after everything they reference;
+//! - `datasets/<name>/_tags/<tag>`: tags, moved with a conditional put where the store has one.
+
+use crate::format::DecodeError;
+use crate::names::{DatasetName, DatasetRef, Label, Rev};
+use crate::pack::PackIndex;
+use crate::version::{DatasetConfig, SignedVersion, Tag};
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
+use shoal_chunker::Hash;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An origin operation that failed; every variant names the origin and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("invalid origin {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("origin {origin}: {op} {key} failed: {source}")]
+    Store {
+        origin: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("origin {origin}: {key} is corrupt: {reason}")]
+    Corrupt { origin: String, key: String, reason: String },
+    #[error("{what} not found in origin {origin}")]
+    NotFound { origin: String, what: String },
+    #[error("{what} already exists in origin {origin}")]
+    AlreadyExists { origin: String, what: String },
+}
+
+/// A handle on one origin. Cheap to clone.
+#[derive(Clone)]
+pub struct Origin {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Origin({})", self.url)
+    }
+}
+
+fn retry() -> object_store::RetryConfig {
+    // Fail an unreachable origin in seconds rather than the default three minutes.
+    object_store::RetryConfig {
+        backoff: Default::default(),
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(20),
+    }
+}
+
+fn client() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120))
+}
+
+impl Origin {
+    /// Opens an origin from a URL (`file://`, `s3://bucket/prefix`, `gs://`, `az://`,
+    /// `http(s)://`, read-only) or a bare local path. S3 takes its endpoint, region and
+    /// credentials from the usual `AWS_*` environment variables. A local origin directory is
+    /// created when `create` is set (publishing), and must exist otherwise.
+    pub fn open(spec: &str, create: bool) -> Result<Origin, OriginError> {
+        let bad = |reason: String| OriginError::BadUrl { url: spec.to_string(), reason };
+        let parsed = url::Url::parse(spec).ok().filter(|u| u.scheme().len() > 1);
+        let (store, root, url): (Arc<dyn ObjectStore>, Path, String) = match parsed {
+            None => Self::local(std::path::Path::new(spec), create, spec)?,
+            Some(u) if u.scheme() == "file" => {
+                let p = u.to_file_path().map_err(|_| bad("not a local file URL".into()))?;
+                Self::local(&p, create, spec)?
+            }
+            Some(u) => {
+                let scheme = u.scheme().to_string();
+                let prefix = Path::from(u.path().trim_matches('/'));
+                let store: Arc<dyn ObjectStore> = match scheme.as_str() {
+                    "s3" | "s3a" => {
+                        let mut b = object_store::aws::AmazonS3Builder::from_env()
+                            .with_url(spec)
+                            .with_retry(retry())
+                            .with_client_options(client())
+                            .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch);
+                        let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
+                        if endpoint.is_ok_and(|e| e.starts_with("http://")) {
+                            b = b.with_allow_http(true);
+                        }
+                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                    }
+                    "gs" => Arc::new(
+                        object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                            .with_url(spec)
+                            .with_retry(retry())
+                            .with_client_options(client())
+                            .build()
+                            .map_err(|e| bad(e.to_string()))?,
+                    ),
+                    "az" | "abfs" | "abfss" | "azure" => Arc::new(
+                        object_store::azure::MicrosoftAzureBuilder::from_env()
+                            .with_url(spec)
+                            .with_retry(retry())
+                            .with_client_options(client())
+                            .build()
+                            .map_err(|e| bad(e.to_string()))?,
+                    ),
+                    "http" | "https" => {
+                        let store = object_store::http::HttpBuilder::new()
+                            .with_url(spec)
+                            .with_retry(retry())
+                            .with_client_options(client().with_allow_http(true))
+                            .build()
+                            .map_err(|e| bad(e.to_string()))?;
+                        return Ok(Origin { store: Arc::new(store), root: Path::default(), url: spec.to_string() });
+                    }
+                    other => return Err(bad(format!("unsupported scheme {other:?} (use a path, file://, s3://, gs://, az:// or http(s)://)"))),
+                };
+                (store, prefix, spec.to_string())
+            }
+        };
+        Ok(Origin { store, root, url })
+    }
+
+    fn local(path: &std::path::Path, create: bool, spec: &str) -> Result<(Arc<dyn ObjectStore>, Path, String), OriginError> {
+        if create {
+            std::fs::create_dir_all(path).map_err(|e| OriginError::BadUrl {
+                url: spec.to_string(),
+                reason: format!("cannot create directory {}: {e}", path.display()),
+            })?;
+        } else if !path.is_dir() {
+            return Err(OriginError::BadUrl { url: spec.to_string(), reason: format!("{} is not a directory", path.display()) });
+        }
+        let store = object_store::local::LocalFileSystem::new_with_prefix(path)
+            .map_err(|e| OriginError::BadUrl { url: spec.to_string(), reason: e.to_string() })?;
+        Ok((Arc::new(store), Path::default(), spec.to_string()))
+    }
+
+    /// The URL or path this origin was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn key(&self, rel: &str) -> Path {
+        let mut p = self.root.clone();
+        for part in rel.split('/') {
+            p = p.child(part);
+        }
+        p
+    }
+
+    fn store_err(&self, op: &'static str, key: &Path, source: object_store::Error) -> OriginError {
+        match source {
+            object_store::Error::AlreadyExists { .. } => OriginError::AlreadyExists { origin: self.url.clone(), what: key.to_string() },
+            source => OriginError::Store { origin: self.url.clone(), op, key: key.to_string(), source },
+        }
+    }
+
+    fn corrupt(&self, key: &Path, e: impl ToString) -> OriginError {
+        OriginError::Corrupt { origin: self.url.clone(), key: key.to_string(), reason: e.to_string() }
+    }
+
+    /// Reads a whole object; `None` if it does not exist.
+    async fn get_opt(&self, key: &Path) -> Result<Option<(Bytes, UpdateVersion)>, OriginError> {
+        match self.store.get(key).await {
+            Ok(r) => {
+                let version = UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
+                let bytes = r.bytes().await.map_err(|e| self.store_err("reading", key, e))?;
+                Ok(Some((bytes, version)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err("reading", key, e)),
+        }
+    }
+
+    async fn put(&self, key: &Path, bytes: Bytes, mode: PutMode) -> Result<(), OriginError> {
+        self.store
+            .put_opts(key, PutPayload::from_bytes(bytes), PutOptions::from(mode))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.store_err("writing", key, e))
+    }
+
+    async fn list_names(&self, rel: &str) -> Result<Vec<String>, OriginError> {
+        let prefix = self.key(rel);
+        let list = self.store.list_with_delimiter(Some(&prefix)).await.map_err(|e| self.store_err("listing", &prefix, e))?;
+        let mut names: Vec<String> = list.objects.iter().filter_map(|o| o.location.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn dataset_key(name: &DatasetName, rest: &str) -> String {
+        format!("datasets/{name}/{rest}")
+    }
+
+    /// The dataset's settings, if it has been published before.
+    pub async fn dataset_config(&self, name: &DatasetName) -> Result<Option<DatasetConfig>, OriginError> {
+        let key = self.key(&Self::dataset_key(name, "_dataset"));
+        match self.get_opt(&key).await? {
+            Some((b, _)) => Ok(Some(DatasetConfig::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a new dataset's settings; if another publisher got there first, returns theirs.
+    pub async fn create_dataset_config(&self, name: &DatasetName, cfg: DatasetConfig) -> Result<DatasetConfig, OriginError> {
+        let key = self.key(&Self::dataset_key(name, "_dataset"));
+        match self.put(&key, cfg.encode().into(), PutMode::Create).await {
+            Ok(()) => Ok(cfg),
+            Err(OriginError::AlreadyExists { .. }) => self
+                .dataset_config(name)
+                .await?
+                .ok_or_else(|| OriginError::NotFound { origin: self.url.clone(), what: key.to_string() }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a version object (signature not yet checked: see [`SignedVersion::verify`]).
+    pub async fn version(&self, name: &DatasetName, version: &str) -> Result<Option<SignedVersion>, OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_versions/{version}")));
+        match self.get_opt(&key).await? {
+            Some((b, _)) => Ok(Some(SignedVersion::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `name@version` exists.
+    pub async fn version_exists(&self, name: &DatasetName, version: &str) -> Result<bool, OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_versions/{version}")));
+        match self.store.head(&key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.store_err("checking", &key, e)),
+        }
+    }
+
+    /// Creates a version object; fails with [`OriginError::AlreadyExists`] if the name is
+    /// taken, even when two publishers race.
+    pub async fn create_version(&self, name: &DatasetName, v: &SignedVersion) -> Result<(), OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_versions/{}", v.body.version)));
+        self.put(&key, v.encode().into(), PutMode::Create).await.map_err(|e| match e {
+            OriginError::AlreadyExists { origin, .. } => {
+                OriginError::AlreadyExists { origin, what: format!("version {name}@{}", v.body.version) }
+            }
+            e => e,
+        })
+    }
+
+    /// Version names of a dataset, sorted.
+    pub async fn list_versions(&self, name: &DatasetName) -> Result<Vec<String>, OriginError> {
+        self.list_names(&Self::dataset_key(name, "_versions")).await
+    }
+
+    /// Tag names of a dataset, sorted.
+    pub async fn list_tags(&self, name: &DatasetName) -> Result<Vec<String>, OriginError> {
+        self.list_names(&Self::dataset_key(name, "_tags")).await
+    }
+
+    pub async fn tag(&self, name: &DatasetName, tag: &str) -> Result<Option<Tag>, OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
+        match self.get_opt(&key).await? {
+            Some((b, _)) => Ok(Some(Tag::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Points `tag` at `version`. The write is a compare-and-swap against the tag as it was
+    /// read, retried on conflict, so concurrent movers serialise and no write is torn. A store
+    /// without conditional update (a local directory) falls back to its atomic overwrite.
+    pub async fn set_tag(&self, name: &DatasetName, tag: &str, version: &str, now: u64) -> Result<(), OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
+        let body: Bytes = Tag { version: version.to_string(), updated_unix: now }.encode().into();
+        for _ in 0..10 {
+            let mode = match self.get_opt(&key).await? {
+                None => PutMode::Create,
+                Some((_, v)) => PutMode::Update(v),
+            };
+            match self.store.put_opts(&key, PutPayload::from_bytes(body.clone()), PutOptions::from(mode)).await {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => continue,
+                Err(object_store::Error::NotImplemented) => {
+                    return self.put(&key, body, PutMode::Overwrite).await;
+                }
+                Err(e) => return Err(self.store_err("writing", &key, e)),
+            }
+        }
+        Err(OriginError::Store {
+            origin: self.url.clone(),
+            op: "moving tag",
+            key: key.to_string(),
+            source: object_store::Error::Generic { store: "shoal", source: "tag kept changing under us after 10 attempts".into() },
+        })
+    }
+
+    /// Resolves a reference to a version name and its (unverified) version object.
+    pub async fn resolve(&self, r: &DatasetRef) -> Result<(String, SignedVersion), OriginError> {
+        let name = &r.dataset;
+        match &r.rev {
+            Rev::Label(label) => {
+                if let Some(v) = self.version(name, label.as_str()).await? {
+                    return Ok((label.to_string(), v));
+                }
+                if let Some(tag) = self.tag(name, label.as_str()).await? {
+                    let target: Label = tag.version.parse().map_err(|e| self.corrupt(&self.key(&Self::dataset_key(name, &format!("_tags/{label}"))), e))?;
+                    if let Some(v) = self.version(name, target.as_str()).await? {
+                        return Ok((target.to_string(), v));
+                    }
+                    return Err(OriginError::NotFound { origin: self.url.clone(), what: format!("version {name}@{target} (tag {label} points to it)") });
+                }
+                Err(OriginError::NotFound { origin: self.url.clone(), what: format!("version or tag {name}@{label}") })
+            }
+            Rev::Root(root) => {
+                for version in self.list_versions(name).await? {
+                    if let Some(v) = self.version(name, &version).await? {
+                        if v.body.root == *root {
+                            return Ok((version, v));
+                        }
+                    }
+                }
+                Err(OriginError::NotFound { origin: self.url.clone(), what: format!("a version of {name} with root b3:{root}") })
+            }
+        }
+    }
+
+    fn pack_key(id: &Hash, ext: &str) -> String {
+        format!("packs/{id}.{ext}")
+    }
+
+    /// Uploads a pack and then its index.
+    pub async fn put_pack(&self, id: &Hash, data: Bytes, index: Bytes) -> Result<(), OriginError> {
+        self.put(&self.key(&Self::pack_key(id, "pack")), data, PutMode::Overwrite).await?;
+        self.put(&self.key(&Self::pack_key(id, "idx")), index, PutMode::Overwrite).await
+    }
+
+    /// Reads a pack index and checks it against the pack's id. Returns the raw bytes too, for
+    /// caching.
+    pub async fn pack_index(&self, id: &Hash) -> Result<(PackIndex, Bytes), OriginError> {
+        let key = self.key(&Self::pack_key(id, "idx"));
+        let (bytes, _) = self
+            .get_opt(&key)
+            .await?
+            .ok_or_else(|| OriginError::NotFound { origin: self.url.clone(), what: format!("pack index {key}") })?;
+        if shoal_chunker::hash(&bytes) != *id {
+            return Err(self.corrupt(&key, "content does not match its id"));
+        }
+        let idx = PackIndex::decode(&bytes).map_err(|e: DecodeError| self.corrupt(&key, e))?;
+        Ok((idx, bytes))
+    }
+
+    /// Reads byte ranges of a pack, in the order given.
+    pub async fn read_pack(&self, id: &Hash, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, OriginError> {
+        let key = self.key(&Self::pack_key(id, "pack"));
+        let reads = futures::stream::iter(ranges.iter().cloned())
+            .map(|r| {
+                let key = &key;
+                async move { self.store.get_range(key, r).await.map_err(|e| self.store_err("reading", key, e)) }
+            })
+            .buffered(4);
+        reads.collect::<Vec<_>>().await.into_iter().collect()
+    }
+
+    /// Key of a pack object, for error messages.
+    pub fn pack_path(&self, id: &Hash) -> String {
+        self.key(&Self::pack_key(id, "pack")).to_string()
+    }
+}
