@@ -73,52 +73,80 @@ pub fn chunk_bytes(data: &[u8], params: Params) -> Vec<Chunk> {
 /// only a small tail is carried over between reads.
 const BUFFER: usize = 8 << 20;
 
-/// Streams `reader` through the chunker, calling `f` with each chunk and its bytes in order.
-///
-/// Uses a fixed buffer (a few MiB), so memory does not grow with the input. The result is
-/// identical to [`chunk_bytes`] on the whole input: a cut point depends only on the bytes from
-/// the chunk's start up to `max` bytes later, so a chunk is emitted only once that much data
-/// (or the end of input) is in the buffer.
-pub fn chunk_reader<R, F, E>(mut reader: R, params: Params, mut f: F) -> Result<u64, ChunkError<E>>
+/// A reusable chunker: holds its read buffer so that chunking many small files does not
+/// allocate a buffer per file.
+#[derive(Debug)]
+pub struct Chunker {
+    params: Params,
+    buf: Vec<u8>,
+}
+
+impl Chunker {
+    pub fn new(params: Params) -> Chunker {
+        Chunker { params, buf: Vec::new() }
+    }
+
+    pub fn params(&self) -> Params {
+        self.params
+    }
+
+    /// Streams `reader` through the chunker, calling `f` with each chunk and its bytes in
+    /// order; returns the number of bytes read.
+    ///
+    /// Uses a fixed buffer (a few MiB), so memory does not grow with the input. The result is
+    /// identical to [`chunk_bytes`] on the whole input: a cut point depends only on the bytes
+    /// from the chunk's start up to `max` bytes later, so a chunk is emitted only once that
+    /// much data (or the end of input) is in the buffer.
+    pub fn chunk<R, F, E>(&mut self, mut reader: R, mut f: F) -> Result<u64, ChunkError<E>>
+    where
+        R: Read,
+        F: FnMut(&Chunk, &[u8]) -> Result<(), E>,
+    {
+        let params = self.params;
+        let cap = BUFFER.max(4 * params.max as usize);
+        if self.buf.len() < cap {
+            self.buf.resize(cap, 0);
+        }
+        let buf = &mut self.buf[..cap];
+        let mut filled = 0usize;
+        let mut base = 0u64; // stream offset of buf[0]
+        let mut eof = false;
+        loop {
+            while !eof && filled < cap {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(ChunkError::Read(e)),
+                }
+            }
+            let mut consumed = 0usize;
+            for c in fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max) {
+                if !eof && c.offset + params.max as usize > filled {
+                    break;
+                }
+                let bytes = &buf[c.offset..c.offset + c.length];
+                let chunk = Chunk { offset: base + c.offset as u64, len: c.length as u32, id: hash(bytes) };
+                f(&chunk, bytes).map_err(ChunkError::Callback)?;
+                consumed = c.offset + c.length;
+            }
+            if eof {
+                return Ok(base + consumed as u64);
+            }
+            buf.copy_within(consumed..filled, 0);
+            filled -= consumed;
+            base += consumed as u64;
+        }
+    }
+}
+
+/// Streams `reader` through a fresh [`Chunker`]; see [`Chunker::chunk`].
+pub fn chunk_reader<R, F, E>(reader: R, params: Params, f: F) -> Result<u64, ChunkError<E>>
 where
     R: Read,
     F: FnMut(&Chunk, &[u8]) -> Result<(), E>,
 {
-    let cap = BUFFER.max(4 * params.max as usize);
-    let mut buf = vec![0u8; cap];
-    let mut filled = 0usize;
-    let mut base = 0u64; // stream offset of buf[0]
-    let mut eof = false;
-    loop {
-        while !eof && filled < cap {
-            match reader.read(&mut buf[filled..]) {
-                Ok(0) => eof = true,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ChunkError::Read(e)),
-            }
-        }
-        let mut consumed = 0usize;
-        for c in fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max) {
-            if !eof && c.offset + params.max as usize > filled {
-                break;
-            }
-            let bytes = &buf[c.offset..c.offset + c.length];
-            let chunk = Chunk {
-                offset: base + c.offset as u64,
-                len: c.length as u32,
-                id: hash(bytes),
-            };
-            f(&chunk, bytes).map_err(ChunkError::Callback)?;
-            consumed = c.offset + c.length;
-        }
-        if eof {
-            return Ok(base + consumed as u64);
-        }
-        buf.copy_within(consumed..filled, 0);
-        filled -= consumed;
-        base += consumed as u64;
-    }
+    Chunker::new(params).chunk(reader, f)
 }
 
 #[cfg(test)]

@@ -122,10 +122,9 @@ proptest! {
         edited.extend_from_slice(&d);
         let a: Vec<Hash> = chunk_bytes(&d, small()).iter().map(|c| c.id).collect();
         let b: Vec<Hash> = chunk_bytes(&edited, small()).iter().map(|c| c.id).collect();
-        let shared = a.iter().filter(|id| b.contains(id)).count();
-        // All but the few chunks touching the edit survive.
-        prop_assert!(shared + 3 >= a.len(), "shared {} of {}", shared, a.len());
-        prop_assert_eq!(a.last(), b.last());
+        // Cut points resynchronise within a few chunks of the edit: the tail is identical.
+        let tail = a.len() * 4 / 5;
+        prop_assert_eq!(&a[a.len() - tail..], &b[b.len() - tail..]);
     }
 
     /// Appending bytes changes at most the last chunks.

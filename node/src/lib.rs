@@ -1,1 +1,90 @@
+//! Shoal's node: the local chunk store and the engines that publish and pull versions.
+//!
+//! [`Node`] is the embedded node: it owns the local store (opened on first use, since sled
+//! allows one process at a time), talks to one origin, and knows which publisher keys it
+//! trusts. Only this crate knows sled and the store layout.
 
+mod blobs;
+pub mod error;
+pub mod home;
+mod inspect;
+pub mod progress;
+mod publish;
+mod pull;
+pub mod store;
+mod walk;
+
+pub use error::{Error, Result};
+pub use home::Home;
+pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
+pub use progress::Progress;
+pub use publish::{PublishOptions, PublishReport};
+pub use pull::PullReport;
+
+use shoal_registry::{DatasetRef, Origin, PublicKey, SignedVersion, VersionRef};
+use std::sync::{Arc, Mutex};
+use store::{ChunkStore, SegmentStore};
+
+/// An embedded node: state directory, local store, origin and trust settings.
+pub struct Node {
+    home: Home,
+    origin: Origin,
+    extra_trusted: Vec<PublicKey>,
+    store: Mutex<Option<Arc<SegmentStore>>>,
+}
+
+impl Node {
+    /// A node over `home` talking to `origin`. `extra_trusted` adds keys (from the config file
+    /// or the environment) to this machine's own key and those added with `shoal trust`.
+    pub fn new(home: Home, origin: Origin, extra_trusted: Vec<PublicKey>) -> Node {
+        Node { home, origin, extra_trusted, store: Mutex::new(None) }
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The local store, opened on first use.
+    pub fn store(&self) -> Result<Arc<dyn ChunkStore>> {
+        let mut guard = self.store.lock().expect("store slot poisoned");
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(SegmentStore::open(&self.home.store_dir())?);
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Every key whose versions this node accepts.
+    pub fn trusted_keys(&self) -> Result<Vec<PublicKey>> {
+        let mut keys = vec![self.home.secret_key()?.public()];
+        keys.extend(self.home.trusted_keys()?);
+        keys.extend(self.extra_trusted.iter().copied());
+        Ok(keys)
+    }
+
+    /// Resolves a reference and verifies the version's signature against the trusted keys.
+    pub async fn open_version(&self, reference: &DatasetRef) -> Result<(String, SignedVersion)> {
+        let (version, signed) = self.origin.resolve(reference).await?;
+        signed.verify(reference.dataset.as_str(), &version, &self.trusted_keys()?)?;
+        Ok((version, signed))
+    }
+
+    /// Points `tag` at an existing, trusted version.
+    pub async fn tag(&self, target: &VersionRef, tag: &shoal_registry::Label) -> Result<String> {
+        let reference = DatasetRef { dataset: target.dataset.clone(), rev: shoal_registry::Rev::Label(target.version.clone()) };
+        let signed = self
+            .origin
+            .version(&target.dataset, target.version.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no version {target} in origin {}", self.origin.url())))?;
+        signed.verify(target.dataset.as_str(), target.version.as_str(), &self.trusted_keys()?)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.origin.set_tag(&target.dataset, tag.as_str(), target.version.as_str(), now).await?;
+        Ok(format!("{}@{tag} -> {reference}", target.dataset))
+    }
+}

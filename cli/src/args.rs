@@ -1,0 +1,88 @@
+//! Command-line arguments, parsed into plain data and nothing else.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Content-addressed dataset distribution: publish a directory as an immutable, signed
+/// version; pull any version back, verified chunk by chunk.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about, propagate_version = true)]
+pub struct Args {
+    /// Print one JSON document on stdout instead of text (errors too, as {"error": ...}).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Origin store: a path, file://, s3://bucket/prefix, gs://, az:// or http(s):// (read-only).
+    /// Default: $SHOAL_ORIGIN, then `origin` in the config file, then $SHOAL_HOME/origin.
+    #[arg(long, global = true, value_name = "URL")]
+    pub origin: Option<String>,
+
+    /// Log more (repeat for more detail); SHOAL_LOG=<filter> gives full control.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish a directory as a new version: `shoal publish ./data imagenet@v3`.
+    Publish {
+        /// Directory to publish.
+        dir: PathBuf,
+        /// NAME@VERSION to create; fails if it already exists.
+        target: String,
+        /// Point this tag at the new version (repeatable), e.g. --tag latest.
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Chunk sizes MIN,AVG,MAX in bytes for a dataset's first version (later versions
+        /// reuse what the dataset recorded).
+        #[arg(long, value_name = "MIN,AVG,MAX")]
+        chunking: Option<String>,
+    },
+    /// Fetch a version (NAME@VERSION, NAME@TAG or NAME@b3:<root>) and write its files.
+    Pull {
+        /// The version to pull.
+        reference: String,
+        /// Where to write the files (default: ./<dataset name>).
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Only fetch into the local store; write no files.
+        #[arg(long, conflicts_with = "to")]
+        no_files: bool,
+    },
+    /// Print this machine's publisher public key.
+    Key,
+    /// Trust versions signed by this public key.
+    Trust {
+        /// ed25519:<64 hex digits>, as printed by `shoal key`.
+        key: String,
+    },
+    /// List the versions (and tags) of a dataset.
+    Versions {
+        /// Dataset name.
+        name: String,
+    },
+    /// List a directory (or show a file) inside a version.
+    Ls {
+        /// The version.
+        reference: String,
+        /// Path inside the version (default: its root).
+        path: Option<String>,
+    },
+    /// Show files added, removed and changed between two versions.
+    Diff {
+        /// The old version.
+        from: String,
+        /// The new version.
+        to: String,
+    },
+    /// Point a tag at a version: `shoal tag imagenet@v3 latest`.
+    Tag {
+        /// NAME@VERSION.
+        target: String,
+        /// Tag name.
+        tag: String,
+    },
+}

@@ -1,0 +1,69 @@
+//! Where things live: the state directory, the config file, the origin and trusted keys.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use shoal_registry::PublicKey;
+use std::path::{Path, PathBuf};
+
+/// `$SHOAL_HOME/config.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Origin URL or path.
+    pub origin: Option<String>,
+    /// Extra publisher keys to trust.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+}
+
+/// Settings after combining flags, environment and config file.
+#[derive(Debug)]
+pub struct Config {
+    pub home: PathBuf,
+    pub origin: String,
+    pub trusted: Vec<PublicKey>,
+}
+
+pub fn home_dir() -> Result<PathBuf> {
+    if let Some(h) = std::env::var_os("SHOAL_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    let base = dirs::data_dir().context("cannot find a data directory for shoal's state; set SHOAL_HOME")?;
+    Ok(base.join("shoal"))
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("config file {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("reading config file {}", path.display())),
+    }
+}
+
+fn parse_keys(list: impl IntoIterator<Item = String>, source: &str) -> Result<Vec<PublicKey>> {
+    list.into_iter()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| k.parse::<PublicKey>().with_context(|| format!("trusted key in {source}")))
+        .collect()
+}
+
+impl Config {
+    /// Flag, then `SHOAL_ORIGIN`, then the config file, then `$SHOAL_HOME/origin`.
+    pub fn load(origin_flag: Option<String>) -> Result<Config> {
+        let home = home_dir()?;
+        let cfg_path = home.join("config.toml");
+        let file = read_file_config(&cfg_path)?;
+        let origin = origin_flag
+            .or_else(|| std::env::var("SHOAL_ORIGIN").ok().filter(|o| !o.is_empty()))
+            .or(file.origin)
+            .unwrap_or_else(|| home.join("origin").display().to_string());
+        if origin.trim().is_empty() {
+            bail!("the origin is empty; pass --origin or set SHOAL_ORIGIN");
+        }
+        let mut trusted = parse_keys(file.trusted_keys, &cfg_path.display().to_string())?;
+        if let Ok(env) = std::env::var("SHOAL_TRUSTED_KEYS") {
+            trusted.extend(parse_keys(env.split([',', ' ', '\n']).map(str::to_string), "SHOAL_TRUSTED_KEYS")?);
+        }
+        Ok(Config { home, origin, trusted })
+    }
+}

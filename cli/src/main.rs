@@ -1,0 +1,216 @@
+//! The `shoal` command.
+
+mod args;
+mod config;
+mod output;
+
+use anyhow::{Context, Result};
+use args::{Args, Command};
+use clap::Parser;
+use config::Config;
+use output::Out;
+use shoal_node::{Home, Node, Progress, PublishOptions};
+use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.verbose);
+    let out = Out::new(args.json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            out.error(&anyhow::Error::new(e).context("starting the async runtime"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, &out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            out.error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info,shoal=info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn parse_chunking(s: &str) -> Result<Params> {
+    let parts: Vec<u32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--chunking {s:?}: expected MIN,AVG,MAX in bytes"))?;
+    let [min, avg, max] = parts[..] else {
+        anyhow::bail!("--chunking {s:?}: expected three numbers MIN,AVG,MAX");
+    };
+    Ok(Params::new(min, avg, max)?)
+}
+
+async fn run(args: Args, out: &Out) -> Result<()> {
+    let cfg = Config::load(args.origin)?;
+    let home = Home::new(&cfg.home);
+    let open = |create: bool| -> Result<Node> {
+        let origin = Origin::open(&cfg.origin, create)?;
+        Ok(Node::new(home.clone(), origin, cfg.trusted.clone()))
+    };
+    match args.command {
+        Command::Publish { dir, target, tags, chunking } => {
+            let target: VersionRef = target.parse()?;
+            let tags = tags.iter().map(|t| t.parse::<Label>()).collect::<Result<Vec<_>, _>>()?;
+            let params = chunking.as_deref().map(parse_chunking).transpose()?;
+            let node = open(true)?;
+            let progress = Arc::new(Progress::default());
+            let bar = out.progress(progress.clone());
+            let report = node.publish(&dir, &target, &PublishOptions { tags, params }, &progress).await;
+            bar.finish();
+            let r = report?;
+            out.report(&r, || {
+                format!(
+                    "published {} ({})\n  {} files, {} in {} chunks\n  uploaded {} ({} new chunks, {} packs) in {:.1}s{}",
+                    r.reference,
+                    r.root,
+                    r.files,
+                    output::bytes(r.bytes),
+                    r.chunks,
+                    output::bytes(r.new_bytes_uploaded),
+                    r.new_chunks,
+                    r.packs_uploaded,
+                    r.seconds,
+                    if r.tags.is_empty() { String::new() } else { format!("\n  tags: {}", r.tags.join(", ")) }
+                )
+            })
+        }
+        Command::Pull { reference, to, no_files } => {
+            let reference: DatasetRef = reference.parse()?;
+            let dest = if no_files {
+                None
+            } else {
+                Some(to.unwrap_or_else(|| reference.dataset.as_str().rsplit('/').next().unwrap_or("dataset").into()))
+            };
+            let node = open(false)?;
+            let progress = Arc::new(Progress::default());
+            let bar = out.progress(progress.clone());
+            let report = node.pull(&reference, dest.as_deref(), &progress).await;
+            bar.finish();
+            let r = report?;
+            out.report(&r, || {
+                format!(
+                    "pulled {} ({}){}\n  {} files, {}: {} from origin, {} from peers, {} already local, {:.1}s",
+                    r.version,
+                    r.root,
+                    r.destination.as_ref().map(|d| format!(" into {d}")).unwrap_or_default(),
+                    r.files,
+                    output::bytes(r.bytes),
+                    output::bytes(r.bytes_from_origin),
+                    output::bytes(r.bytes_from_peers),
+                    output::bytes(r.bytes_already_local),
+                    r.seconds
+                )
+            })
+        }
+        Command::Key => {
+            let key = home.secret_key()?.public().to_string();
+            out.report(&serde_json::json!({ "public_key": key }), || key.clone())
+        }
+        Command::Trust { key } => {
+            let key: shoal_registry::PublicKey = key.parse()?;
+            let added = home.trust(key)?;
+            out.report(&serde_json::json!({ "public_key": key.to_string(), "added": added }), || {
+                if added {
+                    format!("trusting {key}")
+                } else {
+                    format!("{key} was already trusted")
+                }
+            })
+        }
+        Command::Versions { name } => {
+            let name: DatasetName = name.parse()?;
+            let list = open(false)?.versions(&name).await?;
+            out.report(&serde_json::json!({ "dataset": name.to_string(), "versions": list }), || {
+                if list.is_empty() {
+                    return format!("no versions of {name}");
+                }
+                list.iter()
+                    .map(|v| {
+                        format!(
+                            "{}\t{}\t{} files\t{}{}{}",
+                            v.version,
+                            v.root,
+                            v.files,
+                            output::bytes(v.bytes),
+                            if v.tags.is_empty() { String::new() } else { format!("\t[{}]", v.tags.join(", ")) },
+                            if v.trusted { "" } else { "\t(untrusted publisher)" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Command::Ls { reference, path } => {
+            let reference: DatasetRef = reference.parse()?;
+            let path = path.unwrap_or_default();
+            let entries = open(false)?.ls(&reference, &path).await?;
+            out.report(&serde_json::json!({ "ref": reference.to_string(), "path": path, "entries": entries }), || {
+                entries
+                    .iter()
+                    .map(|e| {
+                        let extra = match (&e.target, e.files) {
+                            (Some(t), _) => format!(" -> {t}"),
+                            (_, Some(f)) => format!("/  ({f} files)"),
+                            _ => String::new(),
+                        };
+                        format!("{:>4} {:>10}  {}{}", e.mode, output::bytes(e.size), e.name, extra)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Command::Diff { from, to } => {
+            let (a, b): (DatasetRef, DatasetRef) = (from.parse()?, to.parse()?);
+            let d = open(false)?.diff(&a, &b).await?;
+            out.report(&d, || {
+                let mut lines: Vec<String> = d
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let sign = match e.change {
+                            "added" => "+",
+                            "removed" => "-",
+                            _ => "~",
+                        };
+                        let what = if e.kind == "dir" { format!("/ ({} files)", e.files) } else { String::new() };
+                        format!("{sign} {}{what}", e.path)
+                    })
+                    .collect();
+                lines.push(format!(
+                    "{} -> {}: {} added ({}), {} removed ({}), {} changed ({} new bytes)",
+                    d.from,
+                    d.to,
+                    d.added_files,
+                    output::bytes(d.added_bytes),
+                    d.removed_files,
+                    output::bytes(d.removed_bytes),
+                    d.changed_files,
+                    output::bytes(d.changed_bytes)
+                ));
+                lines.join("\n")
+            })
+        }
+        Command::Tag { target, tag } => {
+            let target: VersionRef = target.parse()?;
+            let tag: Label = tag.parse()?;
+            let msg = open(false)?.tag(&target, &tag).await?;
+            out.report(&serde_json::json!({ "tag": format!("{}@{tag}", target.dataset), "version": target.to_string() }), || msg.clone())
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Publishing a directory as a new version.
+//!
+//! Order of writes, which is what makes a crash harmless: packs (each pack before its index),
+//! then the version object with a create-only put, then tags. Until the version object exists
+//! nothing is visible; a retry re-uploads what no version references yet.
+
+use crate::blobs::pack_index;
+use crate::error::{io, Error, Result};
+use crate::progress::Progress;
+use crate::Node;
+use rayon::prelude::*;
+use serde::Serialize;
+use shoal_chunker::{ChunkError, Chunker};
+use shoal_registry::pack::{PackBuilder, SealedPack, PACK_TARGET};
+use shoal_registry::tree::{self, ChunkRef, Dir, Entry, EntryKind};
+use shoal_registry::{DatasetConfig, Hash, Label, Params, SignedVersion, Stats, VersionBody, VersionRef};
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What `publish` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishReport {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub root: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub new_bytes_uploaded: u64,
+    pub packs_uploaded: u64,
+    pub tags: Vec<String>,
+    pub publisher: String,
+    pub seconds: f64,
+}
+
+enum ScanKind {
+    File { index: usize },
+    Dir(Vec<ScanEntry>),
+    Symlink(String),
+}
+
+struct ScanEntry {
+    name: String,
+    mode: u32,
+    kind: ScanKind,
+}
+
+fn source_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Source { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Walks the source directory, validating every name and type. Files are appended to
+/// `files` (path, size); entries come back sorted by name.
+fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec<ScanEntry>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
+        let path = entry.path();
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|_| source_err(&path, "name is not valid UTF-8; shoal stores names as UTF-8, rename the file"))?;
+        tree::check_name(&name).map_err(|r| source_err(&path, r))?;
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| source_err(&path, e.to_string()))?;
+        let ft = meta.file_type();
+        let mode = meta.permissions().mode() & 0o777;
+        let kind = if ft.is_file() {
+            files.push((path.clone(), meta.len()));
+            ScanKind::File { index: files.len() - 1 }
+        } else if ft.is_dir() {
+            ScanKind::Dir(scan(&path, depth + 1, files)?)
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(|e| source_err(&path, e.to_string()))?;
+            let target = target.into_os_string().into_string().map_err(|_| source_err(&path, "symlink target is not valid UTF-8"))?;
+            tree::check_symlink(depth, &target).map_err(|r| {
+                source_err(&path, format!("{r} ({target:?}); only relative symlinks that stay inside the dataset can be published"))
+            })?;
+            ScanKind::Symlink(target)
+        } else {
+            let what = if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_socket() {
+                "a socket"
+            } else if ft.is_block_device() || ft.is_char_device() {
+                "a device"
+            } else {
+                "a special file"
+            };
+            return Err(source_err(&path, format!("is {what}; only regular files, directories and symlinks can be published")));
+        };
+        out.push(ScanEntry { name, mode, kind });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Decides which blobs are new and routes them into packs.
+struct Dedup {
+    existing: HashMap<Hash, Hash>,
+    claimed: Mutex<HashSet<Hash>>,
+    new_chunks: std::sync::atomic::AtomicU64,
+}
+
+impl Dedup {
+    /// True if this caller must upload the blob (it is neither in the origin nor claimed).
+    fn claim(&self, id: &Hash) -> bool {
+        !self.existing.contains_key(id) && self.claimed.lock().expect("dedup poisoned").insert(*id)
+    }
+}
+
+type BlobTx = std::sync::mpsc::SyncSender<(Hash, Vec<u8>)>;
+
+/// Sent when the uploader has failed and stopped taking blobs.
+struct UploadStopped;
+
+struct TreeBuild<'a> {
+    chunks: &'a [Vec<ChunkRef>],
+    dedup: &'a Dedup,
+    tx: &'a BlobTx,
+    referenced: Vec<Hash>,
+}
+
+impl TreeBuild<'_> {
+    fn emit(&mut self, id: Hash, bytes: Vec<u8>) -> Result<(), UploadStopped> {
+        self.referenced.push(id);
+        if self.dedup.claim(&id) {
+            self.tx.send((id, bytes)).map_err(|_| UploadStopped)?;
+        }
+        Ok(())
+    }
+
+    /// Builds the directory node for `entries`; returns (id, files, bytes).
+    fn dir(&mut self, entries: &[ScanEntry]) -> Result<(Hash, u64, u64), UploadStopped> {
+        let mut dir = Dir::default();
+        let (mut files, mut bytes) = (0, 0);
+        for e in entries {
+            let kind = match &e.kind {
+                ScanKind::File { index } => {
+                    let chunks = self.chunks[*index].clone();
+                    let size: u64 = chunks.iter().map(|c| c.len as u64).sum();
+                    let (content, lists) = tree::file_content(chunks);
+                    for (id, b) in lists {
+                        self.emit(id, b)?;
+                    }
+                    files += 1;
+                    bytes += size;
+                    EntryKind::File { size, content }
+                }
+                ScanKind::Dir(children) => {
+                    let (id, f, b) = self.dir(children)?;
+                    files += f;
+                    bytes += b;
+                    EntryKind::Dir { id, files: f, bytes: b }
+                }
+                ScanKind::Symlink(target) => EntryKind::Symlink { target: target.clone() },
+            };
+            dir.entries.push(Entry { name: e.name.clone(), mode: e.mode, kind });
+        }
+        let encoded = dir.encode();
+        let id = shoal_chunker::hash(&encoded);
+        self.emit(id, encoded)?;
+        Ok((id, files, bytes))
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Options for [`Node::publish`].
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Tags to point at the new version once it exists.
+    pub tags: Vec<Label>,
+    /// Chunking parameters for a dataset's first version (later versions reuse the recorded
+    /// ones).
+    pub params: Option<Params>,
+}
+
+impl Node {
+    /// Publishes `dir` as `target`. See the module docs for the write order.
+    pub async fn publish(&self, dir: &Path, target: &VersionRef, opts: &PublishOptions, progress: &Progress) -> Result<PublishReport> {
+        let started = Instant::now();
+        let origin = &self.origin;
+        let name = &target.dataset;
+        let version = target.version.as_str();
+        if origin.version_exists(name, version).await? {
+            return Err(shoal_registry::OriginError::AlreadyExists { origin: origin.url().to_string(), what: format!("version {target}") }.into());
+        }
+        let meta = std::fs::metadata(dir).map_err(|e| source_err(dir, e.to_string()))?;
+        if !meta.is_dir() {
+            return Err(source_err(dir, "not a directory"));
+        }
+        let key = self.home.secret_key()?;
+
+        progress.phase("scanning", 0);
+        let root_dir = dir.to_path_buf();
+        let (entries, files) = tokio::task::spawn_blocking(move || {
+            let mut files = Vec::new();
+            scan(&root_dir, 0, &mut files).map(|e| (e, files))
+        })
+        .await
+        .expect("scan task panicked")?;
+        let total_bytes: u64 = files.iter().map(|f| f.1).sum();
+
+        let config = match origin.dataset_config(name).await? {
+            Some(c) => c,
+            None => {
+                let cfg = DatasetConfig { chunking: opts.params.unwrap_or_default(), created_unix: now_unix() };
+                origin.create_dataset_config(name, cfg).await?
+            }
+        };
+
+        // What the origin already holds for this dataset: the packs of its trusted versions.
+        progress.phase("loading dataset index", 0);
+        let mut existing = HashMap::new();
+        let trusted = self.trusted_keys()?;
+        let mut packs_seen = HashSet::new();
+        for v in origin.list_versions(name).await? {
+            let Some(sv) = origin.version(name, &v).await? else { continue };
+            if sv.verify(name.as_str(), &v, &trusted).is_err() {
+                continue;
+            }
+            for p in sv.body.packs {
+                if packs_seen.insert(p) {
+                    let idx = pack_index(origin, &self.home.pack_cache_dir(), &p).await?;
+                    for e in idx.entries {
+                        existing.insert(e.id, p);
+                    }
+                }
+            }
+        }
+        let dedup = Dedup { existing, claimed: Mutex::default(), new_chunks: Default::default() };
+
+        // Uploader: sealed packs in, at most two uploads in flight.
+        let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<SealedPack>(1);
+        let up_origin = origin.clone();
+        let uploader = tokio::spawn(async move {
+            let mut uploaded: Vec<(Hash, Vec<Hash>, u64)> = Vec::new();
+            let mut running = tokio::task::JoinSet::new();
+            while let Some(pack) = pack_rx.recv().await {
+                while running.len() >= 2 {
+                    uploaded.push(running.join_next().await.expect("non-empty").expect("upload task panicked")?);
+                }
+                let o = up_origin.clone();
+                running.spawn(async move {
+                    let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
+                    let size = (pack.data.len() + pack.index_bytes.len()) as u64;
+                    o.put_pack(&pack.id, pack.data.into(), pack.index_bytes.into()).await?;
+                    Ok::<_, Error>((pack.id, ids, size))
+                });
+            }
+            while let Some(r) = running.join_next().await {
+                uploaded.push(r.expect("upload task panicked")?);
+            }
+            Ok::<_, Error>(uploaded)
+        });
+
+        // Packer: new blobs in, sealed packs out.
+        let (blob_tx, blob_rx) = std::sync::mpsc::sync_channel::<(Hash, Vec<u8>)>(256);
+        let packer = std::thread::spawn(move || {
+            let mut builder = PackBuilder::default();
+            for (id, bytes) in blob_rx {
+                builder.push(id, &bytes);
+                if builder.len() >= PACK_TARGET {
+                    let full = std::mem::take(&mut builder).seal();
+                    if pack_tx.blocking_send(full).is_err() {
+                        return;
+                    }
+                }
+            }
+            if !builder.is_empty() {
+                let _ = pack_tx.blocking_send(builder.seal());
+            }
+        });
+
+        // Chunk every file on all cores, then build the tree bottom-up.
+        progress.phase("chunking", total_bytes);
+        let params = config.chunking;
+        let built = {
+            let dedup = &dedup;
+            let files = &files;
+            let blob_tx = blob_tx;
+            tokio::task::block_in_place(move || -> Result<Option<(Hash, u64, u64, Vec<Vec<ChunkRef>>, Vec<Hash>)>> {
+                let chunked: Vec<Result<Vec<ChunkRef>, Option<Error>>> = files
+                    .par_iter()
+                    .map_init(
+                        || (Chunker::new(params), blob_tx.clone()),
+                        |(chunker, tx), (path, _)| {
+                            let f = std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?;
+                            let mut refs = Vec::new();
+                            chunker
+                                .chunk(f, |c, bytes| {
+                                    refs.push(ChunkRef { id: c.id, len: c.len });
+                                    progress.add(c.len as u64);
+                                    if dedup.claim(&c.id) {
+                                        dedup.new_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        tx.send((c.id, bytes.to_vec())).map_err(|_| UploadStopped)?;
+                                    }
+                                    Ok(())
+                                })
+                                .map_err(|e| match e {
+                                    ChunkError::Read(e) => Some(io("reading", path)(e)),
+                                    ChunkError::Callback(UploadStopped) => None,
+                                })?;
+                            Ok(refs)
+                        },
+                    )
+                    .collect();
+                let mut chunks = Vec::with_capacity(chunked.len());
+                for r in chunked {
+                    match r {
+                        Ok(c) => chunks.push(c),
+                        Err(Some(e)) => return Err(e),
+                        Err(None) => return Ok(None),
+                    }
+                }
+                let mut tb = TreeBuild { chunks: &chunks, dedup, tx: &blob_tx, referenced: Vec::new() };
+                let Ok((root, nfiles, nbytes)) = tb.dir(&entries) else { return Ok(None) };
+                let referenced = tb.referenced;
+                Ok(Some((root, nfiles, nbytes, chunks, referenced)))
+            })
+        };
+        // Closing the blob channel (all senders are gone now) seals the last pack.
+        let _ = packer.join();
+        progress.phase("uploading", 0);
+        let uploaded = uploader.await.expect("uploader panicked")?;
+        let Some((root, nfiles, nbytes, chunks, tree_ids)) = built? else {
+            return Err(Error::Corrupt { what: "publish".into(), reason: "uploader stopped without an error".into() });
+        };
+
+        // The version names every pack that holds one of its blobs.
+        let mut new_pack_of: HashMap<Hash, Hash> = HashMap::new();
+        let mut new_bytes_uploaded = 0;
+        for (pack, ids, size) in &uploaded {
+            new_bytes_uploaded += size;
+            for id in ids {
+                new_pack_of.insert(*id, *pack);
+            }
+        }
+        let mut packs = HashSet::new();
+        let mut chunk_count = 0u64;
+        for id in chunks.iter().flatten().map(|c| { chunk_count += 1; &c.id }).chain(tree_ids.iter()) {
+            let p = dedup.existing.get(id).or_else(|| new_pack_of.get(id)).ok_or_else(|| Error::Corrupt {
+                what: "publish".into(),
+                reason: format!("blob {id} was neither in the origin nor uploaded"),
+            })?;
+            packs.insert(*p);
+        }
+        let mut packs: Vec<Hash> = packs.into_iter().collect();
+        packs.sort();
+
+        let body = VersionBody {
+            dataset: name.to_string(),
+            version: version.to_string(),
+            root,
+            packs,
+            chunking: params,
+            created_unix: now_unix(),
+            stats: Stats { files: nfiles, bytes: nbytes, chunks: chunk_count },
+            publisher: [0; 32],
+        };
+        let signed = SignedVersion::sign(body, &key);
+        let encoded_len = signed.encode().len() as u64;
+        origin.create_version(name, &signed).await?;
+        new_bytes_uploaded += encoded_len;
+
+        let mut tags = Vec::new();
+        for t in &opts.tags {
+            origin.set_tag(name, t.as_str(), version, now_unix()).await?;
+            tags.push(t.to_string());
+        }
+        let new_chunks = dedup.new_chunks.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(PublishReport {
+            reference: target.to_string(),
+            root: format!("b3:{root}"),
+            files: nfiles,
+            bytes: nbytes,
+            chunks: chunk_count,
+            new_chunks,
+            new_bytes_uploaded,
+            packs_uploaded: uploaded.len() as u64,
+            tags,
+            publisher: key.public().to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,172 @@
+//! Pulling a version into a local directory.
+//!
+//! Chunks are fetched into the local store first (verified, durable), then files are written
+//! from the store. A killed pull loses nothing it had stored: the next run finds those chunks
+//! local and fetches only the rest. Files appear under their final names only once complete
+//! (written to a temporary name, then renamed).
+
+use crate::blobs::Blobs;
+use crate::error::{io, Error, Result};
+use crate::progress::Progress;
+use crate::walk::{walk, WalkFile};
+use crate::Node;
+use rayon::prelude::*;
+use serde::Serialize;
+use shoal_registry::DatasetRef;
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `pull` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PullReport {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub version: String,
+    pub root: String,
+    pub destination: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_already_local: u64,
+    pub seconds: f64,
+}
+
+/// Creates `dir` (and parents inside `root`) as real directories, refusing to go through a
+/// symlink or replace a non-directory.
+fn make_dir(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Unsafe { path: path.to_path_buf(), reason: "it exists and is not a directory".into() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(path).map_err(io("creating directory", path)),
+        Err(e) => Err(io("checking", path)(e)),
+    }
+}
+
+fn write_file(node_store: &dyn crate::store::ChunkStore, dest: &Path, f: &WalkFile) -> Result<()> {
+    let path = dest.join(&f.path);
+    let parent = path.parent().unwrap_or(dest);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = parent.join(format!(".{name}.shoal-partial"));
+    // Never open through whatever may already sit at the temporary name.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removing", &tmp)(e)),
+    }
+    let result = (|| -> Result<()> {
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io("creating", &tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        for c in &f.chunks {
+            let bytes = node_store
+                .get(&c.id)?
+                .ok_or_else(|| Error::NotFound(format!("chunk {} of '{}' is missing from the local store", c.id, f.path)))?;
+            w.write_all(&bytes).map_err(io("writing", &path))?;
+        }
+        let file = w.into_inner().map_err(|e| io("writing", &path)(e.into_error()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode)).map_err(io("setting mode of", &path))?;
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            if m.is_dir() {
+                return Err(Error::Unsafe { path: path.clone(), reason: "a directory is in the way of a file".into() });
+            }
+        }
+        std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl Node {
+    /// Pulls `reference` into the local store and, with `dest`, writes its files there.
+    pub async fn pull(&self, reference: &DatasetRef, dest: Option<&Path>, progress: &Progress) -> Result<PullReport> {
+        let started = Instant::now();
+        progress.phase("resolving", 0);
+        let (version, signed) = self.open_version(reference).await?;
+        let store = self.store()?;
+        let blobs = Blobs::load(self.origin.clone(), store.clone(), &self.home.pack_cache_dir(), &signed).await?;
+        progress.phase("reading tree", 0);
+        let tree = walk(&blobs, signed.body.root).await?;
+
+        // Unique chunks, and which of them are already here.
+        let mut seen = HashSet::new();
+        let unique: Vec<(shoal_registry::Hash, u32)> =
+            tree.files.iter().flat_map(|f| f.chunks.iter()).filter(|c| seen.insert(c.id)).map(|c| (c.id, c.len)).collect();
+        let store2 = store.clone();
+        let (missing, local_bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut missing = Vec::new();
+            let mut local = 0u64;
+            for (id, len) in unique {
+                if store2.contains(&id)? {
+                    local += len as u64;
+                } else {
+                    missing.push((id, len));
+                }
+            }
+            Ok((missing, local))
+        })
+        .await
+        .expect("store task panicked")?;
+
+        let need: u64 = missing.iter().map(|m| m.1 as u64).sum();
+        progress.phase("fetching", need);
+        let fetch_result = blobs.fetch(missing.into_iter().map(|m| m.0).collect(), Some(progress)).await;
+        // Make what was stored durable even when the fetch failed part-way, so a retry resumes.
+        store.flush()?;
+        fetch_result?;
+
+        let total: u64 = tree.files.iter().map(|f| f.size).sum();
+        if let Some(dest) = dest {
+            progress.phase("writing files", total);
+            let dest = dest.to_path_buf();
+            let store = store.clone();
+            tokio::task::block_in_place(|| -> Result<()> {
+                std::fs::create_dir_all(&dest).map_err(io("creating directory", &dest))?;
+                for (d, _) in &tree.dirs {
+                    make_dir(&dest.join(d))?;
+                }
+                tree.files.par_iter().try_for_each(|f| {
+                    write_file(store.as_ref(), &dest, f)?;
+                    progress.add(f.size);
+                    Ok::<_, Error>(())
+                })?;
+                for (p, target) in &tree.symlinks {
+                    let path = dest.join(p);
+                    match std::fs::symlink_metadata(&path) {
+                        Ok(m) if m.is_dir() => {
+                            return Err(Error::Unsafe { path, reason: "a directory is in the way of a symlink".into() })
+                        }
+                        Ok(_) => std::fs::remove_file(&path).map_err(io("replacing", &path))?,
+                        Err(_) => {}
+                    }
+                    std::os::unix::fs::symlink(target, &path).map_err(io("creating symlink", &path))?;
+                }
+                // Modes last, deepest first, so a read-only directory does not block its own
+                // contents.
+                for (d, mode) in tree.dirs.iter().rev() {
+                    let path = dest.join(d);
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).map_err(io("setting mode of", &path))?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(PullReport {
+            reference: reference.to_string(),
+            version: format!("{}@{}", reference.dataset, version),
+            root: format!("b3:{}", signed.body.root),
+            destination: dest.map(|d| PathBuf::from(d).display().to_string()),
+            files: tree.files.len() as u64,
+            bytes: total,
+            chunks: seen.len() as u64,
+            bytes_from_origin: blobs.bytes_from_origin(),
+            bytes_from_peers: 0,
+            bytes_already_local: local_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
