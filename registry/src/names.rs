@@ -85,11 +85,11 @@ impl Label {
         if s.len() > 128 {
             return e("longer than 128 bytes");
         }
+        if s.starts_with("b3:") {
+            return e("names starting with 'b3:' are root ids");
+        }
         if !chars.all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)) {
             return e("only letters, digits, '.', '_', '+' and '-' are allowed");
-        }
-        if s.starts_with("b3") && s.contains(':') {
-            return e("names starting with 'b3:' are root ids");
         }
         Ok(Label(s.to_string()))
     }

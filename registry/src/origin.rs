@@ -140,6 +140,11 @@ impl Origin {
                 url: spec.to_string(),
                 reason: format!("cannot create directory {}: {e}", path.display()),
             })?;
+        } else if !path.exists() {
+            return Err(OriginError::BadUrl {
+                url: spec.to_string(),
+                reason: format!("directory {} does not exist (nothing was published there yet; pass --origin or set SHOAL_ORIGIN)", path.display()),
+            });
         } else if !path.is_dir() {
             return Err(OriginError::BadUrl { url: spec.to_string(), reason: format!("{} is not a directory", path.display()) });
         }

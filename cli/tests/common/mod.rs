@@ -1,0 +1,161 @@
+//! Helpers for tests that run the real `shoal` binary.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// A state directory and an origin, isolated per test.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub home: PathBuf,
+    pub origin: String,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let origin = dir.path().join("origin").display().to_string();
+        Env { dir, home, origin, extra_env: Vec::new() }
+    }
+
+    /// Another machine (own state dir and key) sharing this origin.
+    pub fn peer(&self, name: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join(name);
+        Env { dir, home, origin: self.origin.clone(), extra_env: self.extra_env.clone() }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).env("SHOAL_HOME", &self.home).env("SHOAL_ORIGIN", &self.origin).env_remove("SHOAL_TRUSTED_KEYS");
+        for (k, v) in &self.extra_env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs with --json, asserts success, returns the document.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        assert!(out.status.success(), "shoal {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("shoal {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs, asserts failure, returns stderr. Also checks the failure is a clean one-line
+    /// error, not a panic.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "shoal {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(1), "shoal {args:?}: exit {:?}, stderr: {err}", out.status);
+        assert!(!err.contains("panicked"), "shoal {args:?} panicked: {err}");
+        assert!(err.starts_with("error: "), "shoal {args:?}: {err}");
+        err
+    }
+
+    pub fn key(&self) -> String {
+        self.json(&["key"])["public_key"].as_str().unwrap().to_string()
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible enough for chunking tests.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A small dataset with nesting, modes, an empty file, an empty dir and a symlink.
+pub fn sample_tree(root: &Path) {
+    write(&root.join("big.bin"), &random_bytes(1, 3_000_000));
+    write(&root.join("a/b/c.txt"), b"hello shoal\n");
+    write(&root.join("a/run.sh"), b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(root.join("a/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    write(&root.join("a/readonly.dat"), &random_bytes(2, 70_000));
+    std::fs::set_permissions(root.join("a/readonly.dat"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    write(&root.join("empty"), b"");
+    std::fs::create_dir_all(root.join("emptydir")).unwrap();
+    std::os::unix::fs::symlink("../big.bin", root.join("a/link")).unwrap();
+    for i in 0..20 {
+        write(&root.join(format!("many/f{i:02}")), &random_bytes(100 + i, 1000 + i as usize * 3000));
+    }
+}
+
+/// Asserts that two trees hold the same names, kinds, bytes, modes and link targets.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let list = |root: &Path| {
+        let mut v = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let m = std::fs::symlink_metadata(&p).unwrap();
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                let desc = if m.file_type().is_symlink() {
+                    format!("link {}", std::fs::read_link(&p).unwrap().display())
+                } else if m.is_dir() {
+                    stack.push(p.clone());
+                    format!("dir {:o}", m.permissions().mode() & 0o777)
+                } else {
+                    let bytes = std::fs::read(&p).unwrap();
+                    format!("file {:o} {} {:x}", m.permissions().mode() & 0o777, bytes.len(), fxhash(&bytes))
+                };
+                v.push((rel, desc));
+            }
+        }
+        v.sort();
+        v
+    };
+    assert_eq!(list(a), list(b), "trees differ: {} vs {}", a.display(), b.display());
+}
+
+fn fxhash(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Every file under `root` with its size (for checking that nothing escaped a destination).
+pub fn all_paths(root: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd {
+                let p = e.unwrap().path();
+                if p.is_dir() && !p.is_symlink() {
+                    stack.push(p.clone());
+                }
+                v.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    v.sort();
+    v
+}

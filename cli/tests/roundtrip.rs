@@ -1,0 +1,175 @@
+//! Publish and pull through the real binary on the embedded default (local origin).
+
+mod common;
+use common::*;
+
+#[test]
+fn publish_then_pull_into_fresh_state_reproduces_everything() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    let p = env.json(&["publish", src.to_str().unwrap(), "demo@v1", "--tag", "latest"]);
+    for field in ["ref", "root", "files", "bytes", "chunks", "new_chunks", "new_bytes_uploaded", "seconds"] {
+        assert!(p.get(field).is_some(), "publish --json lacks {field}: {p}");
+    }
+    assert_eq!(p["ref"], "demo@v1");
+    assert_eq!(p["files"], 25);
+    assert_eq!(p["chunks"].as_u64(), p["new_chunks"].as_u64(), "first publish: every chunk is new");
+    let root = p["root"].as_str().unwrap().to_string();
+
+    // Another machine: fresh state dir, same origin, trusts the publisher.
+    let other = env.peer("other");
+    assert!(other.run(&["trust", &env.key()]).status.success());
+    let dest = env.path("out");
+    let r = other.json(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
+    for field in ["ref", "root", "files", "bytes", "bytes_from_origin", "bytes_from_peers", "bytes_already_local", "seconds"] {
+        assert!(r.get(field).is_some(), "pull --json lacks {field}: {r}");
+    }
+    assert_eq!(r["root"], root.as_str());
+    assert_eq!(r["bytes_already_local"], 0);
+    assert!(r["bytes_from_origin"].as_u64().unwrap() >= r["bytes"].as_u64().unwrap());
+    assert_same_tree(&src, &dest);
+
+    // Everything is local now: a second pull transfers nothing, by tag and by root id.
+    let dest2 = env.path("out2");
+    let again = other.json(&["pull", "demo@latest", "--to", dest2.to_str().unwrap()]);
+    assert_eq!(again["bytes_from_origin"], 0);
+    assert_eq!(again["bytes_already_local"], r["bytes"]);
+    assert_same_tree(&src, &dest2);
+    let by_root = other.json(&["pull", &format!("demo@{root}"), "--to", dest2.to_str().unwrap()]);
+    assert_eq!(by_root["version"], "demo@v1");
+    assert_eq!(by_root["bytes_from_origin"], 0);
+    assert_same_tree(&src, &dest2);
+}
+
+#[test]
+fn publishing_an_existing_version_fails_and_changes_nothing() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    let before = all_paths(std::path::Path::new(&env.origin));
+    write(&src.join("new.txt"), b"changed");
+    let err = env.fails(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    assert!(err.contains("version demo@v1 already exists"), "{err}");
+    assert_eq!(all_paths(std::path::Path::new(&env.origin)), before);
+}
+
+#[test]
+fn versions_ls_tag_and_diff() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "org/demo@v1"]);
+    write(&src.join("many/f03"), b"rewritten");
+    std::fs::remove_file(src.join("many/f04")).unwrap();
+    write(&src.join("added/new.bin"), &random_bytes(9, 5000));
+    env.json(&["publish", src.to_str().unwrap(), "org/demo@v2", "--tag", "latest"]);
+
+    let v = env.json(&["versions", "org/demo"]);
+    let names: Vec<&str> = v["versions"].as_array().unwrap().iter().map(|x| x["version"].as_str().unwrap()).collect();
+    assert_eq!(names, ["v1", "v2"]);
+    assert_eq!(v["versions"][1]["tags"][0], "latest");
+    assert_eq!(v["versions"][1]["trusted"], true);
+
+    env.json(&["tag", "org/demo@v1", "stable"]);
+    let ls = env.json(&["ls", "org/demo@stable", "a"]);
+    let entries: Vec<&str> = ls["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(entries, ["b", "link", "readonly.dat", "run.sh"]);
+    let file = env.json(&["ls", "org/demo@v1", "a/run.sh"]);
+    assert_eq!(file["entries"][0]["mode"], "755");
+    assert!(env.fails(&["ls", "org/demo@v1", "nope"]).contains("no '/nope' in org/demo@v1"));
+
+    let d = env.json(&["diff", "org/demo@v1", "org/demo@latest"]);
+    assert_eq!(d["added_files"], 1);
+    assert_eq!(d["removed_files"], 1);
+    assert_eq!(d["changed_files"], 1);
+    assert_eq!(d["changed_bytes"], 9);
+    let paths: Vec<&str> = d["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["added", "many/f03", "many/f04"]);
+    // Only the root, `many` and nothing else was read: unchanged subtrees are skipped by id.
+    assert_eq!(d["nodes_read"], 4);
+}
+
+#[test]
+fn malformed_references_and_names_are_refused() {
+    let env = Env::new();
+    for (bad, why) in [
+        ("imagenet@", "missing version"),
+        ("@v1", "missing dataset name"),
+        ("a@b@c", "more than one '@'"),
+        ("Imagenet@v1", "lowercase"),
+        ("x@b3:1234", "64 hex digits"),
+    ] {
+        let err = env.fails(&["pull", bad]);
+        assert!(err.contains(why), "{bad}: {err}");
+        assert_eq!(err.lines().count(), 1, "one-line error: {err}");
+    }
+    let src = env.path("src");
+    sample_tree(&src);
+    assert!(env.fails(&["publish", src.to_str().unwrap(), "demo@b3:00"]).contains("root ids"));
+    assert!(env.fails(&["pull", "demo@v1"]).contains("does not exist (nothing was published there yet"));
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    let err = env.fails(&["pull", "demo@v9"]);
+    assert!(err.contains("version or tag demo@v9 not found in origin"), "{err}");
+}
+
+#[test]
+fn bad_sources_are_refused_with_the_path() {
+    let env = Env::new();
+    let missing = env.path("missing");
+    let err = env.fails(&["publish", missing.to_str().unwrap(), "demo@v1"]);
+    assert!(err.contains(missing.to_str().unwrap()) && err.contains("No such file"), "{err}");
+
+    let fifo_dir = env.path("fifo");
+    std::fs::create_dir_all(&fifo_dir).unwrap();
+    let status = std::process::Command::new("mkfifo").arg(fifo_dir.join("pipe")).status().unwrap();
+    assert!(status.success());
+    let err = env.fails(&["publish", fifo_dir.to_str().unwrap(), "demo@v1"]);
+    assert!(err.contains("pipe") && err.contains("is a FIFO"), "{err}");
+
+    let escape = env.path("escape");
+    std::fs::create_dir_all(&escape).unwrap();
+    std::os::unix::fs::symlink("../../etc/passwd", escape.join("evil")).unwrap();
+    let err = env.fails(&["publish", escape.to_str().unwrap(), "demo@v1"]);
+    assert!(err.contains("evil") && err.contains("outside the dataset"), "{err}");
+
+    let nonutf = env.path("nonutf");
+    std::fs::create_dir_all(&nonutf).unwrap();
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(nonutf.join(std::ffi::OsStr::from_bytes(b"bad\xffname")), b"x").unwrap();
+    let err = env.fails(&["publish", nonutf.to_str().unwrap(), "demo@v1"]);
+    assert!(err.contains("not valid UTF-8"), "{err}");
+
+    // None of the failed publishes left a version behind.
+    let v = env.json(&["versions", "demo"]);
+    assert_eq!(v["versions"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn unreachable_origins_fail_quickly_and_clearly() {
+    let env = Env::new();
+    let err = env.fails(&["--origin", "http://127.0.0.1:9/shoal", "pull", "demo@v1"]);
+    assert!(err.contains("http://127.0.0.1:9/shoal"), "{err}");
+    let err = env.fails(&["--origin", "/nonexistent/origin", "pull", "demo@v1"]);
+    assert!(err.contains("/nonexistent/origin does not exist"), "{err}");
+    let err = env.fails(&["--origin", "ftp://x/y", "pull", "demo@v1"]);
+    assert!(err.contains("unsupported scheme"), "{err}");
+}
+
+#[test]
+fn config_file_sets_origin_and_trusted_keys() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    let other = env.peer("other");
+    std::fs::create_dir_all(&other.home).unwrap();
+    std::fs::write(other.home.join("config.toml"), format!("origin = {:?}\ntrusted_keys = [{:?}]\n", env.origin, env.key())).unwrap();
+    let out = other.cmd(&["--json", "pull", "demo@v1", "--no-files"]).env_remove("SHOAL_ORIGIN").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // And the environment variable works as well as the file.
+    let third = env.peer("third");
+    let out = third.cmd(&["pull", "demo@v1", "--no-files"]).env("SHOAL_TRUSTED_KEYS", env.key()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
