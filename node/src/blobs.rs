@@ -141,20 +141,26 @@ impl Blobs {
                 let stored = tokio::task::spawn_blocking(move || -> Result<u64> {
                     let mut batch = Vec::with_capacity(blobs.len());
                     let mut n = 0;
+                    let mut bad = None;
                     for (id, off, len) in &blobs {
                         let rel = (off - start) as usize;
                         let bytes = &data[rel..rel + *len as usize];
                         if !id.verify(bytes) {
-                            return Err(Error::Corrupt {
+                            bad.get_or_insert(Error::Corrupt {
                                 what: format!("blob {id} in pack {pack_path} at offset {off}"),
                                 reason: "its bytes do not match its id; the origin's copy is damaged or was tampered with".into(),
                             });
+                            continue;
                         }
                         batch.push((*id, bytes));
                         n += *len as u64;
                     }
+                    // Keep every good blob of the range, so a retry fetches only the bad ones.
                     store.put_batch(&batch)?;
-                    Ok(n)
+                    match bad {
+                        Some(e) => Err(e),
+                        None => Ok(n),
+                    }
                 })
                 .await
                 .expect("verify task panicked")?;

@@ -1,0 +1,55 @@
+//! A new version uploads only what changed.
+
+mod common;
+use common::*;
+
+#[test]
+fn second_version_uploads_about_what_changed() {
+    let env = Env::new();
+    let src = env.path("src");
+    let big = random_bytes(7, 12 << 20);
+    write(&src.join("shard.bin"), &big);
+    for i in 0..30 {
+        write(&src.join(format!("img/{i:03}.jpg")), &random_bytes(1000 + i, 20_000 + i as usize * 1500));
+    }
+    let v1 = env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    assert!(v1["new_bytes_uploaded"].as_u64().unwrap() >= 12 << 20);
+
+    // Edit: 1 MiB inserted in the middle of the large file, 3 small files added, 2 removed.
+    let insert = random_bytes(8, 1 << 20);
+    let mut edited = big[..big.len() / 2].to_vec();
+    edited.extend_from_slice(&insert);
+    edited.extend_from_slice(&big[big.len() / 2..]);
+    write(&src.join("shard.bin"), &edited);
+    let mut changed = insert.len() as u64;
+    for i in 0..3 {
+        let b = random_bytes(5000 + i, 100_000);
+        changed += b.len() as u64;
+        write(&src.join(format!("img/new{i}.jpg")), &b);
+    }
+    std::fs::remove_file(src.join("img/000.jpg")).unwrap();
+    std::fs::remove_file(src.join("img/001.jpg")).unwrap();
+
+    let v2 = env.json(&["publish", src.to_str().unwrap(), "ds@v2"]);
+    let uploaded = v2["new_bytes_uploaded"].as_u64().unwrap();
+    let ratio = uploaded as f64 / changed as f64;
+    assert!(ratio <= 1.3, "uploaded {uploaded} for {changed} changed bytes: {ratio:.2}x");
+    assert!(uploaded >= changed, "uploaded {uploaded} < changed {changed}: something was lost");
+
+    // Publishing the same content again as v3 uploads only the version object.
+    let v3 = env.json(&["publish", src.to_str().unwrap(), "ds@v3"]);
+    assert_eq!(v3["new_chunks"], 0);
+    assert!(v3["new_bytes_uploaded"].as_u64().unwrap() < 4096, "{v3}");
+    assert_eq!(v3["root"], v2["root"]);
+
+    // And both versions pull back exactly.
+    let other = env.peer("other");
+    other.run(&["trust", &env.key()]);
+    let out = env.path("out");
+    other.json(&["pull", "ds@v2", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+    let d = env.json(&["diff", "ds@v1", "ds@v2"]);
+    assert_eq!((d["added_files"].as_u64(), d["removed_files"].as_u64(), d["changed_files"].as_u64()), (Some(3), Some(2), Some(1)));
+    let cb = d["changed_bytes"].as_u64().unwrap();
+    assert!(cb >= 1 << 20 && cb < (1 << 20) + (600 << 10), "changed bytes of the shard: {cb}");
+}
