@@ -25,10 +25,10 @@ fn forge(env: &Env, version: &str, entries: Vec<Entry>, payload: &[u8], key: &Se
         let dir_bytes = dir.encode();
         let root = shoal_chunker::hash(&dir_bytes);
         let mut pack = PackBuilder::default();
-        pack.push(shoal_chunker::hash(payload), payload);
-        pack.push(root, &dir_bytes);
+        pack.push(shoal_chunker::hash(payload), bytes::Bytes::copy_from_slice(payload));
+        pack.push(root, dir_bytes.into());
         let sealed = pack.seal();
-        origin.put_pack(&sealed.id, sealed.data.into(), sealed.index_bytes.into()).await.unwrap();
+        origin.put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into()).await.unwrap();
         let body = VersionBody {
             dataset: "evil".into(),
             version: version.into(),

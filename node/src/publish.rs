@@ -8,6 +8,7 @@ use crate::blobs::pack_index;
 use crate::error::{io, Error, Result};
 use crate::progress::Progress;
 use crate::Node;
+use bytes::Bytes;
 use rayon::prelude::*;
 use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
@@ -113,7 +114,7 @@ impl Dedup {
     }
 }
 
-type BlobTx = std::sync::mpsc::SyncSender<(Hash, Vec<u8>)>;
+type BlobTx = std::sync::mpsc::SyncSender<(Hash, Bytes)>;
 
 /// Sent when the uploader has failed and stopped taking blobs.
 struct UploadStopped;
@@ -129,7 +130,7 @@ impl TreeBuild<'_> {
     fn emit(&mut self, id: Hash, bytes: Vec<u8>) -> Result<(), UploadStopped> {
         self.referenced.push(id);
         if self.dedup.claim(&id) {
-            self.tx.send((id, bytes)).map_err(|_| UploadStopped)?;
+            self.tx.send((id, bytes.into())).map_err(|_| UploadStopped)?;
         }
         Ok(())
     }
@@ -250,8 +251,8 @@ impl Node {
                 let o = up_origin.clone();
                 running.spawn(async move {
                     let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
-                    let size = (pack.data.len() + pack.index_bytes.len()) as u64;
-                    o.put_pack(&pack.id, pack.data.into(), pack.index_bytes.into()).await?;
+                    let size = pack.len() + pack.index_bytes.len() as u64;
+                    o.put_pack(&pack.id, pack.parts, pack.index_bytes.into()).await?;
                     Ok::<_, Error>((pack.id, ids, size))
                 });
             }
@@ -262,11 +263,11 @@ impl Node {
         });
 
         // Packer: new blobs in, sealed packs out.
-        let (blob_tx, blob_rx) = std::sync::mpsc::sync_channel::<(Hash, Vec<u8>)>(256);
+        let (blob_tx, blob_rx) = std::sync::mpsc::sync_channel::<(Hash, Bytes)>(256);
         let packer = std::thread::spawn(move || {
             let mut builder = PackBuilder::default();
             for (id, bytes) in blob_rx {
-                builder.push(id, &bytes);
+                builder.push(id, bytes);
                 if builder.len() >= PACK_TARGET {
                     let full = std::mem::take(&mut builder).seal();
                     if pack_tx.blocking_send(full).is_err() {
@@ -300,7 +301,7 @@ impl Node {
                                     progress.add(c.len as u64);
                                     if dedup.claim(&c.id) {
                                         dedup.new_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                        tx.send((c.id, bytes.to_vec())).map_err(|_| UploadStopped)?;
+                                        tx.send((c.id, Bytes::copy_from_slice(bytes))).map_err(|_| UploadStopped)?;
                                     }
                                     Ok(())
                                 })

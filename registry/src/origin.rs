@@ -344,8 +344,12 @@ impl Origin {
     }
 
     /// Uploads a pack and then its index.
-    pub async fn put_pack(&self, id: &Hash, data: Bytes, index: Bytes) -> Result<(), OriginError> {
-        self.put(&self.key(&Self::pack_key(id, "pack")), data, PutMode::Overwrite).await?;
+    pub async fn put_pack(&self, id: &Hash, parts: Vec<Bytes>, index: Bytes) -> Result<(), OriginError> {
+        let key = self.key(&Self::pack_key(id, "pack"));
+        self.store
+            .put_opts(&key, PutPayload::from_iter(parts), PutOptions::from(PutMode::Overwrite))
+            .await
+            .map_err(|e| self.store_err("writing", &key, e))?;
         self.put(&self.key(&Self::pack_key(id, "idx")), index, PutMode::Overwrite).await
     }
 

@@ -3,6 +3,7 @@
 //! BLAKE3 of its index, so the index is verified by its name and every blob by its id.
 
 use crate::format::{self, DecodeError, Kind};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_chunker::Hash;
 
@@ -47,10 +48,11 @@ impl PackIndex {
     }
 }
 
-/// Accumulates blobs into a pack in memory.
+/// Accumulates blobs into a pack in memory, without copying them into one buffer.
 #[derive(Debug, Default)]
 pub struct PackBuilder {
-    data: Vec<u8>,
+    parts: Vec<Bytes>,
+    len: usize,
     index: PackIndex,
 }
 
@@ -58,22 +60,38 @@ pub struct PackBuilder {
 #[derive(Debug)]
 pub struct SealedPack {
     pub id: Hash,
-    pub data: Vec<u8>,
+    /// The pack's bytes, blob after blob.
+    pub parts: Vec<Bytes>,
     pub index: PackIndex,
     pub index_bytes: Vec<u8>,
 }
 
-impl PackBuilder {
-    pub fn push(&mut self, id: Hash, bytes: &[u8]) {
-        if self.data.capacity() == 0 {
-            self.data.reserve(PACK_TARGET + (1 << 20));
-        }
-        self.index.entries.push(PackEntry { id, offset: self.data.len() as u64, len: bytes.len() as u32 });
-        self.data.extend_from_slice(bytes);
+impl SealedPack {
+    /// Size of the pack object in bytes.
+    pub fn len(&self) -> u64 {
+        self.index.pack_len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.index.entries.is_empty()
+    }
+
+    /// The pack's bytes as one buffer (for tests and small packs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts.concat()
+    }
+}
+
+impl PackBuilder {
+    pub fn push(&mut self, id: Hash, bytes: Bytes) {
+        self.index.entries.push(PackEntry { id, offset: self.len as u64, len: bytes.len() as u32 });
+        self.len += bytes.len();
+        self.parts.push(bytes);
+    }
+
+    /// Bytes so far.
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,7 +101,7 @@ impl PackBuilder {
     /// Seals the pack: encodes the index and names the pack by its hash.
     pub fn seal(self) -> SealedPack {
         let index_bytes = self.index.encode();
-        SealedPack { id: shoal_chunker::hash(&index_bytes), data: self.data, index: self.index, index_bytes }
+        SealedPack { id: shoal_chunker::hash(&index_bytes), parts: self.parts, index: self.index, index_bytes }
     }
 }
 
@@ -94,13 +112,13 @@ mod tests {
     #[test]
     fn builder_round_trip_and_layout_check() {
         let mut b = PackBuilder::default();
-        b.push(shoal_chunker::hash(b"one"), b"one");
-        b.push(shoal_chunker::hash(b"three"), b"three");
+        b.push(shoal_chunker::hash(b"one"), Bytes::from_static(b"one"));
+        b.push(shoal_chunker::hash(b"three"), Bytes::from_static(b"three"));
         let sealed = b.seal();
         assert_eq!(sealed.id, shoal_chunker::hash(&sealed.index_bytes));
         let idx = PackIndex::decode(&sealed.index_bytes).unwrap();
         assert_eq!(idx.pack_len(), 8);
-        assert_eq!(&sealed.data[3..8], b"three");
+        assert_eq!(&sealed.to_vec()[3..8], b"three");
         let mut bad = idx.clone();
         bad.entries[1].offset = 2;
         assert!(PackIndex::decode(&bad.encode()).is_err());
