@@ -203,7 +203,10 @@ impl ChunkStore for SegmentStore {
             }
             w.len = off;
         }
-        self.index.apply_batch(batch).map_err(|e| self.db_err(e))
+        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        // sled buffers index writes for up to 500 ms; a pull killed in that window would
+        // fetch those blobs again. Flushing here makes every stored batch count on resume.
+        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
