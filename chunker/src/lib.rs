@@ -45,7 +45,7 @@ pub struct Chunk {
 pub enum ChunkError<E> {
     /// Reading the input failed.
     #[error("read failed: {0}")]
-    Read(#[source] io::Error),
+    Read(io::Error),
     /// The callback returned an error; chunking stopped there.
     #[error(transparent)]
     Callback(E),

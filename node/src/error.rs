@@ -23,7 +23,6 @@ pub enum Error {
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
     /// Data from an origin or the local store that fails verification or validation.

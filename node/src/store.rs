@@ -22,13 +22,11 @@ pub enum StoreError {
     #[error("local store {path}: {source}")]
     Io {
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
     #[error("local store index {path}: {source}")]
     Db {
         path: PathBuf,
-        #[source]
         source: sled::Error,
     },
     #[error("local store {path} is in use by another shoal process (a pull, publish or node); wait for it or stop it")]

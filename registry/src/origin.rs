@@ -31,7 +31,6 @@ pub enum OriginError {
         origin: String,
         op: &'static str,
         key: String,
-        #[source]
         source: object_store::Error,
     },
     #[error("origin {origin}: {key} is corrupt: {reason}")]
