@@ -2,7 +2,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A BLAKE3-256 content id: of a chunk, a tree node or a pack index.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Hash(pub [u8; 32]);
 
 impl Hash {

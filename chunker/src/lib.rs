@@ -83,7 +83,10 @@ pub struct Chunker {
 
 impl Chunker {
     pub fn new(params: Params) -> Chunker {
-        Chunker { params, buf: Vec::new() }
+        Chunker {
+            params,
+            buf: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> Params {
@@ -121,12 +124,18 @@ impl Chunker {
                 }
             }
             let mut consumed = 0usize;
-            for c in fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max) {
+            for c in
+                fastcdc::v2020::FastCDC::new(&buf[..filled], params.min, params.avg, params.max)
+            {
                 if !eof && c.offset + params.max as usize > filled {
                     break;
                 }
                 let bytes = &buf[c.offset..c.offset + c.length];
-                let chunk = Chunk { offset: base + c.offset as u64, len: c.length as u32, id: hash(bytes) };
+                let chunk = Chunk {
+                    offset: base + c.offset as u64,
+                    len: c.length as u32,
+                    id: hash(bytes),
+                };
                 f(&chunk, bytes).map_err(ChunkError::Callback)?;
                 consumed = c.offset + c.length;
             }

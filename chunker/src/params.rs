@@ -1,4 +1,6 @@
-use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+use fastcdc::v2020::{
+    AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+};
 
 /// FastCDC size bounds in bytes. Recorded with each dataset so that every version of it cuts
 /// at the same places.
@@ -15,7 +17,11 @@ pub struct Params {
 impl Default for Params {
     /// 16 / 64 / 256 KiB: see `docs/chunking.md` for the measurement behind it.
     fn default() -> Self {
-        Params { min: 16 << 10, avg: 64 << 10, max: 256 << 10 }
+        Params {
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
+        }
     }
 }
 
@@ -32,7 +38,14 @@ pub struct ParamsError {
 impl Params {
     /// Checked constructor.
     pub fn new(min: u32, avg: u32, max: u32) -> Result<Self, ParamsError> {
-        let err = |reason| Err(ParamsError { min, avg, max, reason });
+        let err = |reason| {
+            Err(ParamsError {
+                min,
+                avg,
+                max,
+                reason,
+            })
+        };
         if !(MINIMUM_MIN..=MINIMUM_MAX).contains(&min) {
             return err("min must be between 64 B and 1 MiB");
         }

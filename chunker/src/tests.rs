@@ -4,7 +4,10 @@ use proptest::prelude::*;
 /// Deterministic incompressible test data: BLAKE3 in XOF mode from a seed.
 fn data(seed: &str, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut out);
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
     out
 }
 
@@ -25,10 +28,14 @@ fn stream(data: &[u8], p: Params) -> Vec<Chunk> {
 }
 
 fn check_golden(input: &[u8], p: Params, expected: &[(u64, u32, &str)]) {
-    let got: Vec<(u64, u32, String)> =
-        chunk_bytes(input, p).iter().map(|c| (c.offset, c.len, c.id.to_hex())).collect();
-    let want: Vec<(u64, u32, String)> =
-        expected.iter().map(|(o, l, h)| (*o, *l, h.to_string())).collect();
+    let got: Vec<(u64, u32, String)> = chunk_bytes(input, p)
+        .iter()
+        .map(|c| (c.offset, c.len, c.id.to_hex()))
+        .collect();
+    let want: Vec<(u64, u32, String)> = expected
+        .iter()
+        .map(|(o, l, h)| (*o, *l, h.to_string()))
+        .collect();
     assert_eq!(got, want);
 }
 
@@ -47,17 +54,61 @@ fn golden_ids() {
 }
 
 const GOLDEN_CUTS: &[(u64, u32, &str)] = &[
-    (0, 5951, "6f77fc8e538919e7e9649040dedb6e444bc0018e4b0aa945ddb3f1a479e16a8e"),
-    (5951, 1252, "7c18280d71a5313d56ecb9472afa60c0c12eb2aefe73cde18b1ba94afae47453"),
-    (7203, 6347, "049d8e8b67cec4859d7f8f4ab8cc78063222fad372508a4559bc0ba07dc4bb59"),
-    (13550, 6430, "c554029bc9eed5ed0044a52c7b41fe44acfd76706a7549a5377bf2d0de31ca9a"),
-    (19980, 1327, "58d6581d2c12c3b1ffbd96d6fbc4e626a0f183d0c3ed426d4402813df8f3d0f4"),
-    (21307, 5236, "24bbeef4473c0c21d135a53887320ce1d6f4662202dd18fcec779de1c99e6195"),
-    (26543, 1564, "37afcd78b7ae92ae24398ab8e1af6e63dfe9466dd198b10ff75c98287a46aa04"),
-    (28107, 2520, "44e37115d298576e981d1ba608507624573ff29e0f39c083a8ff2afbd41a63a2"),
-    (30627, 5483, "427957905ef0157e5e0bcbe012fc20798aa76f2625768a3e15f01f256bd6de61"),
-    (36110, 2663, "f80a32198c5b996c18ac4972ef965d0d8c28233292f88c9bc2b4d269e8660684"),
-    (38773, 1227, "6dbd7f59cb13f83f85440b30f4003b4ccc87854a65dc25b3617802c321d803ef"),
+    (
+        0,
+        5951,
+        "6f77fc8e538919e7e9649040dedb6e444bc0018e4b0aa945ddb3f1a479e16a8e",
+    ),
+    (
+        5951,
+        1252,
+        "7c18280d71a5313d56ecb9472afa60c0c12eb2aefe73cde18b1ba94afae47453",
+    ),
+    (
+        7203,
+        6347,
+        "049d8e8b67cec4859d7f8f4ab8cc78063222fad372508a4559bc0ba07dc4bb59",
+    ),
+    (
+        13550,
+        6430,
+        "c554029bc9eed5ed0044a52c7b41fe44acfd76706a7549a5377bf2d0de31ca9a",
+    ),
+    (
+        19980,
+        1327,
+        "58d6581d2c12c3b1ffbd96d6fbc4e626a0f183d0c3ed426d4402813df8f3d0f4",
+    ),
+    (
+        21307,
+        5236,
+        "24bbeef4473c0c21d135a53887320ce1d6f4662202dd18fcec779de1c99e6195",
+    ),
+    (
+        26543,
+        1564,
+        "37afcd78b7ae92ae24398ab8e1af6e63dfe9466dd198b10ff75c98287a46aa04",
+    ),
+    (
+        28107,
+        2520,
+        "44e37115d298576e981d1ba608507624573ff29e0f39c083a8ff2afbd41a63a2",
+    ),
+    (
+        30627,
+        5483,
+        "427957905ef0157e5e0bcbe012fc20798aa76f2625768a3e15f01f256bd6de61",
+    ),
+    (
+        36110,
+        2663,
+        "f80a32198c5b996c18ac4972ef965d0d8c28233292f88c9bc2b4d269e8660684",
+    ),
+    (
+        38773,
+        1227,
+        "6dbd7f59cb13f83f85440b30f4003b4ccc87854a65dc25b3617802c321d803ef",
+    ),
 ];
 
 #[test]
@@ -85,7 +136,10 @@ fn default_params_give_expected_average() {
 fn streaming_across_buffer_boundaries_matches_one_shot() {
     // Larger than the internal buffer so carry-over is exercised many times.
     let d = data("stream", 3 * BUFFER + 12345);
-    assert_eq!(stream(&d, Params::default()), chunk_bytes(&d, Params::default()));
+    assert_eq!(
+        stream(&d, Params::default()),
+        chunk_bytes(&d, Params::default())
+    );
 }
 
 #[test]

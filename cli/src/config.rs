@@ -28,13 +28,16 @@ pub fn home_dir() -> Result<PathBuf> {
     if let Some(h) = std::env::var_os("SHOAL_HOME").filter(|h| !h.is_empty()) {
         return Ok(PathBuf::from(h));
     }
-    let base = dirs::data_dir().context("cannot find a data directory for shoal's state; set SHOAL_HOME")?;
+    let base = dirs::data_dir()
+        .context("cannot find a data directory for shoal's state; set SHOAL_HOME")?;
     Ok(base.join("shoal"))
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     match std::fs::read_to_string(path) {
-        Ok(text) => toml::from_str(&text).with_context(|| format!("config file {}", path.display())),
+        Ok(text) => {
+            toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
         Err(e) => Err(e).with_context(|| format!("reading config file {}", path.display())),
     }
@@ -43,7 +46,10 @@ fn read_file_config(path: &Path) -> Result<FileConfig> {
 fn parse_keys(list: impl IntoIterator<Item = String>, source: &str) -> Result<Vec<PublicKey>> {
     list.into_iter()
         .filter(|k| !k.trim().is_empty())
-        .map(|k| k.parse::<PublicKey>().with_context(|| format!("trusted key in {source}")))
+        .map(|k| {
+            k.parse::<PublicKey>()
+                .with_context(|| format!("trusted key in {source}"))
+        })
         .collect()
 }
 
@@ -62,8 +68,15 @@ impl Config {
         }
         let mut trusted = parse_keys(file.trusted_keys, &cfg_path.display().to_string())?;
         if let Ok(env) = std::env::var("SHOAL_TRUSTED_KEYS") {
-            trusted.extend(parse_keys(env.split([',', ' ', '\n']).map(str::to_string), "SHOAL_TRUSTED_KEYS")?);
+            trusted.extend(parse_keys(
+                env.split([',', ' ', '\n']).map(str::to_string),
+                "SHOAL_TRUSTED_KEYS",
+            )?);
         }
-        Ok(Config { home, origin, trusted })
+        Ok(Config {
+            home,
+            origin,
+            trusted,
+        })
     }
 }

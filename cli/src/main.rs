@@ -18,7 +18,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(args.verbose);
     let out = Out::new(args.json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             out.error(&anyhow::Error::new(e).context("starting the async runtime"));
@@ -40,8 +43,12 @@ fn init_tracing(verbose: u8) {
         1 => "info,shoal=info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn parse_chunking(s: &str) -> Result<Params> {
@@ -64,14 +71,24 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         Ok(Node::new(home.clone(), origin, cfg.trusted.clone()))
     };
     match args.command {
-        Command::Publish { dir, target, tags, chunking } => {
+        Command::Publish {
+            dir,
+            target,
+            tags,
+            chunking,
+        } => {
             let target: VersionRef = target.parse()?;
-            let tags = tags.iter().map(|t| t.parse::<Label>()).collect::<Result<Vec<_>, _>>()?;
+            let tags = tags
+                .iter()
+                .map(|t| t.parse::<Label>())
+                .collect::<Result<Vec<_>, _>>()?;
             let params = chunking.as_deref().map(parse_chunking).transpose()?;
             let node = open(true)?;
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let report = node.publish(&dir, &target, &PublishOptions { tags, params }, &progress).await;
+            let report = node
+                .publish(&dir, &target, &PublishOptions { tags, params }, &progress)
+                .await;
             bar.finish();
             let r = report?;
             out.report(&r, || {
@@ -90,12 +107,24 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 )
             })
         }
-        Command::Pull { reference, to, no_files } => {
+        Command::Pull {
+            reference,
+            to,
+            no_files,
+        } => {
             let reference: DatasetRef = reference.parse()?;
             let dest = if no_files {
                 None
             } else {
-                Some(to.unwrap_or_else(|| reference.dataset.as_str().rsplit('/').next().unwrap_or("dataset").into()))
+                Some(to.unwrap_or_else(|| {
+                    reference
+                        .dataset
+                        .as_str()
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or("dataset")
+                        .into()
+                }))
             };
             let node = open(false)?;
             let progress = Arc::new(Progress::default());
@@ -125,36 +154,50 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         Command::Trust { key } => {
             let key: shoal_registry::PublicKey = key.parse()?;
             let added = home.trust(key)?;
-            out.report(&serde_json::json!({ "public_key": key.to_string(), "added": added }), || {
-                if added {
-                    format!("trusting {key}")
-                } else {
-                    format!("{key} was already trusted")
-                }
-            })
+            out.report(
+                &serde_json::json!({ "public_key": key.to_string(), "added": added }),
+                || {
+                    if added {
+                        format!("trusting {key}")
+                    } else {
+                        format!("{key} was already trusted")
+                    }
+                },
+            )
         }
         Command::Versions { name } => {
             let name: DatasetName = name.parse()?;
             let list = open(false)?.versions(&name).await?;
-            out.report(&serde_json::json!({ "dataset": name.to_string(), "versions": list }), || {
-                if list.is_empty() {
-                    return format!("no versions of {name}");
-                }
-                list.iter()
-                    .map(|v| {
-                        format!(
-                            "{}\t{}\t{} files\t{}{}{}",
-                            v.version,
-                            v.root,
-                            v.files,
-                            output::bytes(v.bytes),
-                            if v.tags.is_empty() { String::new() } else { format!("\t[{}]", v.tags.join(", ")) },
-                            if v.trusted { "" } else { "\t(untrusted publisher)" }
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
+            out.report(
+                &serde_json::json!({ "dataset": name.to_string(), "versions": list }),
+                || {
+                    if list.is_empty() {
+                        return format!("no versions of {name}");
+                    }
+                    list.iter()
+                        .map(|v| {
+                            format!(
+                                "{}\t{}\t{} files\t{}{}{}",
+                                v.version,
+                                v.root,
+                                v.files,
+                                output::bytes(v.bytes),
+                                if v.tags.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("\t[{}]", v.tags.join(", "))
+                                },
+                                if v.trusted {
+                                    ""
+                                } else {
+                                    "\t(untrusted publisher)"
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            )
         }
         Command::Ls { reference, path } => {
             let reference: DatasetRef = reference.parse()?;
@@ -188,7 +231,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                             "removed" => "-",
                             _ => "~",
                         };
-                        let what = if e.kind == "dir" { format!("/ ({} files)", e.files) } else { String::new() };
+                        let what = if e.kind == "dir" {
+                            format!("/ ({} files)", e.files)
+                        } else {
+                            String::new()
+                        };
                         format!("{sign} {}{what}", e.path)
                     })
                     .collect();

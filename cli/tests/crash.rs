@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 fn make_dataset(root: &Path) {
     for i in 0..24 {
-        write(&root.join(format!("part-{i:02}.bin")), &random_bytes(40 + i, 3 << 20));
+        write(
+            &root.join(format!("part-{i:02}.bin")),
+            &random_bytes(40 + i, 3 << 20),
+        );
     }
 }
 
@@ -31,14 +34,22 @@ fn kill_during_publish_leaves_no_visible_version_and_retry_succeeds() {
     for i in 0..6u32 {
         // A dataset of its own each time, so that no run dedups against an earlier one.
         let name = format!("ds{i}@v1");
-        let mut child = env.cmd(&["publish", src.to_str().unwrap(), &name]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = env
+            .cmd(&["publish", src.to_str().unwrap(), &name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(full * (2 * i + 1) / 14);
         let finished = child.try_wait().unwrap().is_some();
         kill9(&mut child);
         let versions = env.json(&["versions", &format!("ds{i}")]);
         let visible = !versions["versions"].as_array().unwrap().is_empty();
         if !visible {
-            assert!(!finished, "a finished publish must leave its version visible");
+            assert!(
+                !finished,
+                "a finished publish must leave its version visible"
+            );
             interrupted += 1;
             // The retry works and publishes exactly the source.
             env.json(&["publish", src.to_str().unwrap(), &name]);
@@ -48,12 +59,19 @@ fn kill_during_publish_leaves_no_visible_version_and_retry_succeeds() {
         assert_same_tree(&src, &dest);
         std::fs::remove_dir_all(&dest).unwrap();
     }
-    assert!(interrupted >= 3, "only {interrupted} of 6 kills landed mid-publish; the test proved little");
+    assert!(
+        interrupted >= 3,
+        "only {interrupted} of 6 kills landed mid-publish; the test proved little"
+    );
 }
 
 fn stored_bytes(home: &Path) -> u64 {
     std::fs::read_dir(home.join("store/segments"))
-        .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -68,20 +86,33 @@ fn kill_during_pull_then_pull_again_fetches_only_what_was_missing() {
     let other = env.peer("other");
     other.json(&["trust", &env.key()]);
     let dest = env.path("dest");
-    let mut child = other.cmd(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = other
+        .cmd(&["pull", "ds@v1", "--to", dest.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stored_bytes(&other.home) < total / 4 && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+    while stored_bytes(&other.home) < total / 4
+        && Instant::now() < deadline
+        && child.try_wait().unwrap().is_none()
+    {
         std::thread::sleep(Duration::from_micros(200));
     }
     let finished = child.try_wait().unwrap().is_some();
     kill9(&mut child);
-    assert!(!finished, "the pull finished before it could be killed; make the dataset larger");
+    assert!(
+        !finished,
+        "the pull finished before it could be killed; make the dataset larger"
+    );
 
     let r = other.json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
     assert_same_tree(&src, &dest);
     let already = r["bytes_already_local"].as_u64().unwrap();
     let fetched = r["bytes_from_origin"].as_u64().unwrap();
-    assert!(already > 0, "nothing verified before the kill was kept: {r}");
+    assert!(
+        already > 0,
+        "nothing verified before the kill was kept: {r}"
+    );
     assert!(fetched < total, "the second run re-fetched everything: {r}");
     // Only what was missing: the two runs' local and fetched bytes cover the data once (tree
     // nodes and coalescing gaps add a little).

@@ -17,7 +17,14 @@ fn publisher_key(env: &Env) -> SecretKey {
 
 /// Writes a version whose root is `dir` (plus a chunk with `payload`) straight into the
 /// origin, signed with `key`, bypassing every check `shoal publish` makes.
-fn forge(env: &Env, version: &str, entries: Vec<Entry>, payload: &[u8], key: &SecretKey, signature: Option<Vec<u8>>) {
+fn forge(
+    env: &Env,
+    version: &str,
+    entries: Vec<Entry>,
+    payload: &[u8],
+    key: &SecretKey,
+    signature: Option<Vec<u8>>,
+) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let origin = Origin::open(&env.origin, true).unwrap();
@@ -25,10 +32,16 @@ fn forge(env: &Env, version: &str, entries: Vec<Entry>, payload: &[u8], key: &Se
         let dir_bytes = dir.encode();
         let root = shoal_chunker::hash(&dir_bytes);
         let mut pack = PackBuilder::default();
-        pack.push(shoal_chunker::hash(payload), bytes::Bytes::copy_from_slice(payload));
+        pack.push(
+            shoal_chunker::hash(payload),
+            bytes::Bytes::copy_from_slice(payload),
+        );
         pack.push(root, dir_bytes.into());
         let sealed = pack.seal();
-        origin.put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into()).await.unwrap();
+        origin
+            .put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into())
+            .await
+            .unwrap();
         let body = VersionBody {
             dataset: "evil".into(),
             version: version.into(),
@@ -43,7 +56,10 @@ fn forge(env: &Env, version: &str, entries: Vec<Entry>, payload: &[u8], key: &Se
         if let Some(sig) = signature {
             signed = signed.with_signature(sig);
         }
-        origin.create_version(&"evil".parse().unwrap(), &signed).await.unwrap();
+        origin
+            .create_version(&"evil".parse().unwrap(), &signed)
+            .await
+            .unwrap();
     });
 }
 
@@ -53,7 +69,10 @@ fn file_entry(name: &str, payload: &[u8]) -> Entry {
         mode: 0o644,
         kind: EntryKind::File {
             size: payload.len() as u64,
-            content: FileContent::Chunks(vec![ChunkRef { id: shoal_chunker::hash(payload), len: payload.len() as u32 }]),
+            content: FileContent::Chunks(vec![ChunkRef {
+                id: shoal_chunker::hash(payload),
+                len: payload.len() as u32,
+            }]),
         },
     }
 }
@@ -63,11 +82,45 @@ fn path_tricks_in_tree_nodes_are_refused() {
     let env = Env::new();
     let key = publisher_key(&env);
     let payload = b"owned";
-    forge(&env, "dotdot", vec![file_entry("../x", payload)], payload, &key, None);
-    forge(&env, "parent", vec![file_entry("..", payload)], payload, &key, None);
-    forge(&env, "nul", vec![file_entry("a\0b", payload)], payload, &key, None);
-    let link = Entry { name: "l".into(), mode: 0o777, kind: EntryKind::Symlink { target: "../../etc/passwd".into() } };
-    forge(&env, "symlink", vec![file_entry("a", payload), link], payload, &key, None);
+    forge(
+        &env,
+        "dotdot",
+        vec![file_entry("../x", payload)],
+        payload,
+        &key,
+        None,
+    );
+    forge(
+        &env,
+        "parent",
+        vec![file_entry("..", payload)],
+        payload,
+        &key,
+        None,
+    );
+    forge(
+        &env,
+        "nul",
+        vec![file_entry("a\0b", payload)],
+        payload,
+        &key,
+        None,
+    );
+    let link = Entry {
+        name: "l".into(),
+        mode: 0o777,
+        kind: EntryKind::Symlink {
+            target: "../../etc/passwd".into(),
+        },
+    };
+    forge(
+        &env,
+        "symlink",
+        vec![file_entry("a", payload), link],
+        payload,
+        &key,
+        None,
+    );
 
     let work = env.path("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -79,8 +132,15 @@ fn path_tricks_in_tree_nodes_are_refused() {
     ] {
         let dest = work.join("dest");
         let err = env.fails(&["pull", &format!("evil@{v}"), "--to", dest.to_str().unwrap()]);
-        assert!(err.contains(why) && err.contains("directory node"), "{v}: {err}");
-        assert!(all_paths(&work).iter().all(|p| p == "dest"), "{v}: wrote {:?}", all_paths(&work));
+        assert!(
+            err.contains(why) && err.contains("directory node"),
+            "{v}: {err}"
+        );
+        assert!(
+            all_paths(&work).iter().all(|p| p == "dest"),
+            "{v}: wrote {:?}",
+            all_paths(&work)
+        );
     }
     assert!(!env.dir.path().join("x").exists());
 }
@@ -89,8 +149,22 @@ fn path_tricks_in_tree_nodes_are_refused() {
 fn unsigned_forged_and_untrusted_versions_are_refused() {
     let env = Env::new();
     let key = publisher_key(&env);
-    forge(&env, "unsigned", vec![file_entry("a", b"1")], b"1", &key, Some(Vec::new()));
-    forge(&env, "forged", vec![file_entry("a", b"1")], b"1", &key, Some(vec![7; 64]));
+    forge(
+        &env,
+        "unsigned",
+        vec![file_entry("a", b"1")],
+        b"1",
+        &key,
+        Some(Vec::new()),
+    );
+    forge(
+        &env,
+        "forged",
+        vec![file_entry("a", b"1")],
+        b"1",
+        &key,
+        Some(vec![7; 64]),
+    );
     for v in ["unsigned", "forged"] {
         let err = env.fails(&["pull", &format!("evil@{v}"), "--no-files"]);
         assert!(err.contains("invalid signature"), "{v}: {err}");
@@ -103,8 +177,14 @@ fn unsigned_forged_and_untrusted_versions_are_refused() {
     stranger.json(&["publish", src.to_str().unwrap(), "theirs@v1"]);
     let their_key = stranger.key();
     let err = env.fails(&["pull", "theirs@v1", "--no-files"]);
-    assert!(err.contains(&their_key) && err.contains("not a trusted key"), "{err}");
-    assert!(err.contains(&format!("shoal trust {their_key}")), "the error says what to do: {err}");
+    assert!(
+        err.contains(&their_key) && err.contains("not a trusted key"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("shoal trust {their_key}")),
+        "the error says what to do: {err}"
+    );
     env.json(&["trust", &their_key]);
     env.json(&["pull", "theirs@v1", "--no-files"]);
 }
@@ -116,7 +196,11 @@ fn corrupt_pack_bytes_are_caught_and_nothing_is_written() {
     sample_tree(&src);
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
     let packs = std::path::Path::new(&env.origin).join("packs");
-    let pack = std::fs::read_dir(&packs).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().unwrap() == "pack").unwrap();
+    let pack = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().unwrap() == "pack")
+        .unwrap();
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[1_000_000] ^= 0x40; // inside big.bin's chunks
     std::fs::write(&pack, &bytes).unwrap();
@@ -125,15 +209,24 @@ fn corrupt_pack_bytes_are_caught_and_nothing_is_written() {
     other.json(&["trust", &env.key()]);
     let dest = env.path("dest");
     let err = other.fails(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
-    assert!(err.contains("do not match its id") && err.contains(".pack"), "{err}");
-    assert!(!dest.exists(), "a pull with corrupt data must not write files");
+    assert!(
+        err.contains("do not match its id") && err.contains(".pack"),
+        "{err}"
+    );
+    assert!(
+        !dest.exists(),
+        "a pull with corrupt data must not write files"
+    );
 
     // Repaired origin: the retry fetches only what it had not verified yet.
     bytes[1_000_000] ^= 0x40;
     std::fs::write(&pack, &bytes).unwrap();
     let r = other.json(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
     assert_same_tree(&src, &dest);
-    assert!(r["bytes_from_origin"].as_u64().unwrap() < r["bytes"].as_u64().unwrap(), "resumed: {r}");
+    assert!(
+        r["bytes_from_origin"].as_u64().unwrap() < r["bytes"].as_u64().unwrap(),
+        "resumed: {r}"
+    );
 }
 
 #[test]
@@ -143,13 +236,20 @@ fn origin_losing_a_pack_mid_pull_is_reported_and_resumable() {
     sample_tree(&src);
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
     let packs = std::path::Path::new(&env.origin).join("packs");
-    let pack = std::fs::read_dir(&packs).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().unwrap() == "pack").unwrap();
+    let pack = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().unwrap() == "pack")
+        .unwrap();
     let hidden = pack.with_extension("hidden");
     // The index is still there (the tree and chunk locations resolve), the data is not.
     std::fs::rename(&pack, &hidden).unwrap();
     let dest = env.path("dest");
     let err = env.fails(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
-    assert!(err.contains(pack.file_name().unwrap().to_str().unwrap()), "{err}");
+    assert!(
+        err.contains(pack.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
     std::fs::rename(&hidden, &pack).unwrap();
     env.json(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
     assert_same_tree(&src, &dest);
@@ -163,8 +263,16 @@ fn full_destination_disk_fails_cleanly() {
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
     let mnt = env.path("small");
     std::fs::create_dir_all(&mnt).unwrap();
-    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(ok.success(), "this test needs root to mount a 1 MiB tmpfs at {}", mnt.display());
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "this test needs root to mount a 1 MiB tmpfs at {}",
+        mnt.display()
+    );
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -174,7 +282,10 @@ fn full_destination_disk_fails_cleanly() {
     let _guard = Unmount(mnt.clone());
     let dest = mnt.join("dest");
     let err = env.fails(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
-    assert!(err.contains("No space left on device") && err.contains(dest.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains(dest.to_str().unwrap()),
+        "{err}"
+    );
     // No half-written file is left under a final name.
     for p in all_paths(&dest) {
         let full = dest.join(&p);

@@ -8,13 +8,32 @@ fn publish_then_pull_into_fresh_state_reproduces_everything() {
     let env = Env::new();
     let src = env.path("src");
     sample_tree(&src);
-    let p = env.json(&["publish", src.to_str().unwrap(), "demo@v1", "--tag", "latest"]);
-    for field in ["ref", "root", "files", "bytes", "chunks", "new_chunks", "new_bytes_uploaded", "seconds"] {
+    let p = env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v1",
+        "--tag",
+        "latest",
+    ]);
+    for field in [
+        "ref",
+        "root",
+        "files",
+        "bytes",
+        "chunks",
+        "new_chunks",
+        "new_bytes_uploaded",
+        "seconds",
+    ] {
         assert!(p.get(field).is_some(), "publish --json lacks {field}: {p}");
     }
     assert_eq!(p["ref"], "demo@v1");
     assert_eq!(p["files"], 25);
-    assert_eq!(p["chunks"].as_u64(), p["new_chunks"].as_u64(), "first publish: every chunk is new");
+    assert_eq!(
+        p["chunks"].as_u64(),
+        p["new_chunks"].as_u64(),
+        "first publish: every chunk is new"
+    );
     let root = p["root"].as_str().unwrap().to_string();
 
     // Another machine: fresh state dir, same origin, trusts the publisher.
@@ -22,7 +41,16 @@ fn publish_then_pull_into_fresh_state_reproduces_everything() {
     assert!(other.run(&["trust", &env.key()]).status.success());
     let dest = env.path("out");
     let r = other.json(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
-    for field in ["ref", "root", "files", "bytes", "bytes_from_origin", "bytes_from_peers", "bytes_already_local", "seconds"] {
+    for field in [
+        "ref",
+        "root",
+        "files",
+        "bytes",
+        "bytes_from_origin",
+        "bytes_from_peers",
+        "bytes_already_local",
+        "seconds",
+    ] {
         assert!(r.get(field).is_some(), "pull --json lacks {field}: {r}");
     }
     assert_eq!(r["root"], root.as_str());
@@ -36,7 +64,12 @@ fn publish_then_pull_into_fresh_state_reproduces_everything() {
     assert_eq!(again["bytes_from_origin"], 0);
     assert_eq!(again["bytes_already_local"], r["bytes"]);
     assert_same_tree(&src, &dest2);
-    let by_root = other.json(&["pull", &format!("demo@{root}"), "--to", dest2.to_str().unwrap()]);
+    let by_root = other.json(&[
+        "pull",
+        &format!("demo@{root}"),
+        "--to",
+        dest2.to_str().unwrap(),
+    ]);
     assert_eq!(by_root["version"], "demo@v1");
     assert_eq!(by_root["bytes_from_origin"], 0);
     assert_same_tree(&src, &dest2);
@@ -64,28 +97,51 @@ fn versions_ls_tag_and_diff() {
     write(&src.join("many/f03"), b"rewritten");
     std::fs::remove_file(src.join("many/f04")).unwrap();
     write(&src.join("added/new.bin"), &random_bytes(9, 5000));
-    env.json(&["publish", src.to_str().unwrap(), "org/demo@v2", "--tag", "latest"]);
+    env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "org/demo@v2",
+        "--tag",
+        "latest",
+    ]);
 
     let v = env.json(&["versions", "org/demo"]);
-    let names: Vec<&str> = v["versions"].as_array().unwrap().iter().map(|x| x["version"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["version"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["v1", "v2"]);
     assert_eq!(v["versions"][1]["tags"][0], "latest");
     assert_eq!(v["versions"][1]["trusted"], true);
 
     env.json(&["tag", "org/demo@v1", "stable"]);
     let ls = env.json(&["ls", "org/demo@stable", "a"]);
-    let entries: Vec<&str> = ls["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let entries: Vec<&str> = ls["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     assert_eq!(entries, ["b", "link", "readonly.dat", "run.sh"]);
     let file = env.json(&["ls", "org/demo@v1", "a/run.sh"]);
     assert_eq!(file["entries"][0]["mode"], "755");
-    assert!(env.fails(&["ls", "org/demo@v1", "nope"]).contains("no '/nope' in org/demo@v1"));
+    assert!(env
+        .fails(&["ls", "org/demo@v1", "nope"])
+        .contains("no '/nope' in org/demo@v1"));
 
     let d = env.json(&["diff", "org/demo@v1", "org/demo@latest"]);
     assert_eq!(d["added_files"], 1);
     assert_eq!(d["removed_files"], 1);
     assert_eq!(d["changed_files"], 1);
     assert_eq!(d["changed_bytes"], 9);
-    let paths: Vec<&str> = d["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = d["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
     assert_eq!(paths, ["added", "many/f03", "many/f04"]);
     // Only the root, `many` and nothing else was read: unchanged subtrees are skipped by id.
     assert_eq!(d["nodes_read"], 4);
@@ -107,11 +163,18 @@ fn malformed_references_and_names_are_refused() {
     }
     let src = env.path("src");
     sample_tree(&src);
-    assert!(env.fails(&["publish", src.to_str().unwrap(), "demo@b3:00"]).contains("root ids"));
-    assert!(env.fails(&["pull", "demo@v1"]).contains("does not exist (nothing was published there yet"));
+    assert!(env
+        .fails(&["publish", src.to_str().unwrap(), "demo@b3:00"])
+        .contains("root ids"));
+    assert!(env
+        .fails(&["pull", "demo@v1"])
+        .contains("does not exist (nothing was published there yet"));
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
     let err = env.fails(&["pull", "demo@v9"]);
-    assert!(err.contains("version or tag demo@v9 not found in origin"), "{err}");
+    assert!(
+        err.contains("version or tag demo@v9 not found in origin"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -119,11 +182,17 @@ fn bad_sources_are_refused_with_the_path() {
     let env = Env::new();
     let missing = env.path("missing");
     let err = env.fails(&["publish", missing.to_str().unwrap(), "demo@v1"]);
-    assert!(err.contains(missing.to_str().unwrap()) && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains(missing.to_str().unwrap()) && err.contains("No such file"),
+        "{err}"
+    );
 
     let fifo_dir = env.path("fifo");
     std::fs::create_dir_all(&fifo_dir).unwrap();
-    let status = std::process::Command::new("mkfifo").arg(fifo_dir.join("pipe")).status().unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(fifo_dir.join("pipe"))
+        .status()
+        .unwrap();
     assert!(status.success());
     let err = env.fails(&["publish", fifo_dir.to_str().unwrap(), "demo@v1"]);
     assert!(err.contains("pipe") && err.contains("is a FIFO"), "{err}");
@@ -132,12 +201,19 @@ fn bad_sources_are_refused_with_the_path() {
     std::fs::create_dir_all(&escape).unwrap();
     std::os::unix::fs::symlink("../../etc/passwd", escape.join("evil")).unwrap();
     let err = env.fails(&["publish", escape.to_str().unwrap(), "demo@v1"]);
-    assert!(err.contains("evil") && err.contains("outside the dataset"), "{err}");
+    assert!(
+        err.contains("evil") && err.contains("outside the dataset"),
+        "{err}"
+    );
 
     let nonutf = env.path("nonutf");
     std::fs::create_dir_all(&nonutf).unwrap();
     use std::os::unix::ffi::OsStrExt;
-    std::fs::write(nonutf.join(std::ffi::OsStr::from_bytes(b"bad\xffname")), b"x").unwrap();
+    std::fs::write(
+        nonutf.join(std::ffi::OsStr::from_bytes(b"bad\xffname")),
+        b"x",
+    )
+    .unwrap();
     let err = env.fails(&["publish", nonutf.to_str().unwrap(), "demo@v1"]);
     assert!(err.contains("not valid UTF-8"), "{err}");
 
@@ -165,11 +241,35 @@ fn config_file_sets_origin_and_trusted_keys() {
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
     let other = env.peer("other");
     std::fs::create_dir_all(&other.home).unwrap();
-    std::fs::write(other.home.join("config.toml"), format!("origin = {:?}\ntrusted_keys = [{:?}]\n", env.origin, env.key())).unwrap();
-    let out = other.cmd(&["--json", "pull", "demo@v1", "--no-files"]).env_remove("SHOAL_ORIGIN").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        other.home.join("config.toml"),
+        format!(
+            "origin = {:?}\ntrusted_keys = [{:?}]\n",
+            env.origin,
+            env.key()
+        ),
+    )
+    .unwrap();
+    let out = other
+        .cmd(&["--json", "pull", "demo@v1", "--no-files"])
+        .env_remove("SHOAL_ORIGIN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // And the environment variable works as well as the file.
     let third = env.peer("third");
-    let out = third.cmd(&["pull", "demo@v1", "--no-files"]).env("SHOAL_TRUSTED_KEYS", env.key()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = third
+        .cmd(&["pull", "demo@v1", "--no-files"])
+        .env("SHOAL_TRUSTED_KEYS", env.key())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -16,13 +16,20 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start listening on port {port} within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on port {port} within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -48,12 +55,18 @@ fn moto() -> (Server, Vec<(String, String)>) {
         .unwrap_or_else(|e| panic!("cannot start moto_server ({e}); the README's test command installs it (pip install 'moto[server]')"));
     let server = Server(child);
     wait_for_port(port, "moto_server");
-    assert!(http(port, "PUT", "/shoal-test").contains("200"), "creating the test bucket failed");
+    assert!(
+        http(port, "PUT", "/shoal-test").contains("200"),
+        "creating the test bucket failed"
+    );
     let env = vec![
         ("AWS_ACCESS_KEY_ID".into(), "test".into()),
         ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
         ("AWS_REGION".into(), "us-east-1".into()),
-        ("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{port}")),
+        (
+            "AWS_ENDPOINT_URL".into(),
+            format!("http://127.0.0.1:{port}"),
+        ),
     ];
     (server, env)
 }
@@ -66,11 +79,23 @@ fn s3_publish_pull_dedup_and_tags() {
     env.extra_env = vars;
     let src = env.path("src");
     sample_tree(&src);
-    let v1 = env.json(&["publish", src.to_str().unwrap(), "demo@v1", "--tag", "latest"]);
+    let v1 = env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v1",
+        "--tag",
+        "latest",
+    ]);
     write(&src.join("many/f00"), b"edited");
     let v2 = env.json(&["publish", src.to_str().unwrap(), "demo@v2"]);
-    assert!(v2["new_bytes_uploaded"].as_u64().unwrap() < v1["new_bytes_uploaded"].as_u64().unwrap() / 10, "{v2}");
-    assert!(env.fails(&["publish", src.to_str().unwrap(), "demo@v2"]).contains("already exists"));
+    assert!(
+        v2["new_bytes_uploaded"].as_u64().unwrap()
+            < v1["new_bytes_uploaded"].as_u64().unwrap() / 10,
+        "{v2}"
+    );
+    assert!(env
+        .fails(&["publish", src.to_str().unwrap(), "demo@v2"])
+        .contains("already exists"));
 
     // Tags move with a conditional put on S3.
     env.json(&["tag", "demo@v2", "latest"]);
@@ -83,7 +108,10 @@ fn s3_publish_pull_dedup_and_tags() {
     let r = other.json(&["pull", "demo@latest", "--to", dest.to_str().unwrap()]);
     assert_eq!(r["version"], "demo@v2");
     assert_same_tree(&src, &dest);
-    assert_eq!(other.json(&["pull", "demo@v2", "--no-files"])["bytes_from_origin"], 0);
+    assert_eq!(
+        other.json(&["pull", "demo@v2", "--no-files"])["bytes_from_origin"],
+        0
+    );
 }
 
 #[test]
@@ -96,18 +124,44 @@ fn s3_concurrent_publishes_of_one_version_have_exactly_one_winner() {
     let (src_a, src_b) = (a.path("a"), a.path("b"));
     for (i, src) in [&src_a, &src_b].iter().enumerate() {
         for f in 0..8 {
-            write(&src.join(format!("f{f}")), &random_bytes(100 * i as u64 + f, 1 << 20));
+            write(
+                &src.join(format!("f{f}")),
+                &random_bytes(100 * i as u64 + f, 1 << 20),
+            );
         }
     }
     for round in 0..3 {
         let name = format!("race@r{round}");
-        let pa = a.cmd(&["--json", "publish", src_a.to_str().unwrap(), &name]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let pb = b.cmd(&["--json", "publish", src_b.to_str().unwrap(), &name]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let (oa, ob) = (pa.wait_with_output().unwrap(), pb.wait_with_output().unwrap());
-        assert!(oa.status.success() != ob.status.success(), "round {round}: exactly one publish must win");
-        let (winner, loser, src) = if oa.status.success() { (&a, &ob, &src_a) } else { (&b, &oa, &src_b) };
+        let pa = a
+            .cmd(&["--json", "publish", src_a.to_str().unwrap(), &name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pb = b
+            .cmd(&["--json", "publish", src_b.to_str().unwrap(), &name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (oa, ob) = (
+            pa.wait_with_output().unwrap(),
+            pb.wait_with_output().unwrap(),
+        );
+        assert!(
+            oa.status.success() != ob.status.success(),
+            "round {round}: exactly one publish must win"
+        );
+        let (winner, loser, src) = if oa.status.success() {
+            (&a, &ob, &src_a)
+        } else {
+            (&b, &oa, &src_b)
+        };
         let err = String::from_utf8_lossy(&loser.stderr);
-        assert!(err.contains(&format!("version {name} already exists")), "{err}");
+        assert!(
+            err.contains(&format!("version {name} already exists")),
+            "{err}"
+        );
         let dest = a.path(&format!("dest{round}"));
         winner.json(&["pull", &name, "--to", dest.to_str().unwrap()]);
         assert_same_tree(src, &dest);
@@ -119,7 +173,13 @@ fn http_origin_serves_pulls_read_only() {
     let env = Env::new();
     let src = env.path("src");
     sample_tree(&src);
-    env.json(&["publish", src.to_str().unwrap(), "demo@v1", "--tag", "latest"]);
+    env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v1",
+        "--tag",
+        "latest",
+    ]);
     // nginx: a real static file server with Range support, as an HTTP origin would be.
     let port = free_port();
     let conf = env.path("nginx.conf");

@@ -19,6 +19,14 @@ const MAX_RANGE: u64 = 16 << 20;
 /// Ranged reads in flight against the origin.
 const ORIGIN_CONCURRENCY: usize = 8;
 
+/// One ranged read: a span of a pack and the blobs inside it (id, offset, len).
+struct RangeRead {
+    pack: u32,
+    start: u64,
+    stop: u64,
+    blobs: Vec<(Hash, u64, u32)>,
+}
+
 #[derive(Clone, Copy)]
 struct Loc {
     pack: u32,
@@ -48,7 +56,9 @@ pub(crate) async fn pack_index(origin: &Origin, cache: &Path, id: &Hash) -> Resu
     let (idx, bytes) = origin.pack_index(id).await?;
     // The cache is an optimisation: failing to write it is not an error.
     let tmp: PathBuf = cache.join(format!(".{id}.tmp"));
-    if tokio::fs::create_dir_all(cache).await.is_ok() && tokio::fs::write(&tmp, &bytes).await.is_ok() {
+    if tokio::fs::create_dir_all(cache).await.is_ok()
+        && tokio::fs::write(&tmp, &bytes).await.is_ok()
+    {
         let _ = tokio::fs::rename(&tmp, &path).await;
     }
     Ok(idx)
@@ -56,7 +66,12 @@ pub(crate) async fn pack_index(origin: &Origin, cache: &Path, id: &Hash) -> Resu
 
 impl Blobs {
     /// Loads the indexes of every pack the version names.
-    pub async fn load(origin: Origin, store: Arc<dyn ChunkStore>, cache: &Path, version: &SignedVersion) -> Result<Blobs> {
+    pub async fn load(
+        origin: Origin,
+        store: Arc<dyn ChunkStore>,
+        cache: &Path,
+        version: &SignedVersion,
+    ) -> Result<Blobs> {
         let packs = version.body.packs.clone();
         let indexes: Vec<PackIndex> = futures::stream::iter(packs.iter())
             .map(|id| pack_index(&origin, cache, id))
@@ -66,10 +81,23 @@ impl Blobs {
         let mut locs = HashMap::new();
         for (i, idx) in indexes.iter().enumerate() {
             for e in &idx.entries {
-                locs.insert(e.id, Loc { pack: i as u32, offset: e.offset, len: e.len });
+                locs.insert(
+                    e.id,
+                    Loc {
+                        pack: i as u32,
+                        offset: e.offset,
+                        len: e.len,
+                    },
+                );
             }
         }
-        Ok(Blobs { store, origin, packs, locs, from_origin: AtomicU64::new(0) })
+        Ok(Blobs {
+            store,
+            origin,
+            packs,
+            locs,
+            from_origin: AtomicU64::new(0),
+        })
     }
 
     /// Bytes read from the origin so far.
@@ -85,7 +113,10 @@ impl Blobs {
     pub async fn get(&self, id: &Hash) -> Result<Vec<u8>> {
         let store = self.store.clone();
         let key = *id;
-        if let Some(b) = tokio::task::spawn_blocking(move || store.get(&key)).await.expect("store task panicked")? {
+        if let Some(b) = tokio::task::spawn_blocking(move || store.get(&key))
+            .await
+            .expect("store task panicked")?
+        {
             return Ok(b);
         }
         self.fetch(vec![*id], None).await?;
@@ -112,23 +143,31 @@ impl Blobs {
         }
         wanted.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
         // Group into ranges.
-        let mut ranges: Vec<(u32, u64, u64, Vec<(Hash, u64, u32)>)> = Vec::new();
+        let mut ranges: Vec<RangeRead> = Vec::new();
         for (loc, id) in wanted {
             let end = loc.offset + loc.len as u64;
             match ranges.last_mut() {
-                Some((pack, start, stop, blobs))
-                    if *pack == loc.pack && loc.offset >= *stop && loc.offset - *stop <= COALESCE_GAP && end - *start <= MAX_RANGE =>
+                Some(r)
+                    if r.pack == loc.pack
+                        && loc.offset >= r.stop
+                        && loc.offset - r.stop <= COALESCE_GAP
+                        && end - r.start <= MAX_RANGE =>
                 {
-                    *stop = end;
-                    blobs.push((id, loc.offset, loc.len));
+                    r.stop = end;
+                    r.blobs.push((id, loc.offset, loc.len));
                 }
-                _ => ranges.push((loc.pack, loc.offset, end, vec![(id, loc.offset, loc.len)])),
+                _ => ranges.push(RangeRead {
+                    pack: loc.pack,
+                    start: loc.offset,
+                    stop: end,
+                    blobs: vec![(id, loc.offset, loc.len)],
+                }),
             }
         }
         futures::stream::iter(ranges)
-            .map(|(pack, start, stop, blobs)| async move {
+            .map(|RangeRead { pack, start, stop, blobs }| async move {
                 let pack_id = self.packs[pack as usize];
-                let data = self.origin.read_pack(&pack_id, &[start..stop]).await?.pop().unwrap_or_default();
+                let data = self.origin.read_pack(&pack_id, start..stop).await?;
                 self.from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if data.len() as u64 != stop - start {
                     return Err(Error::Corrupt {

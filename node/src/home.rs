@@ -69,7 +69,9 @@ impl Home {
                     .mode(0o600)
                     .open(&tmp)
                     .map_err(io("writing", &tmp))?;
-                writeln!(f, "{}", hex::encode(key.to_bytes())).and_then(|_| f.sync_all()).map_err(io("writing", &tmp))?;
+                writeln!(f, "{}", hex::encode(key.to_bytes()))
+                    .and_then(|_| f.sync_all())
+                    .map_err(io("writing", &tmp))?;
                 // hard_link fails if another process created the key first: use theirs.
                 match std::fs::hard_link(&tmp, &path) {
                     Ok(()) => {
@@ -99,10 +101,11 @@ impl Home {
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(|l| {
-                l.parse().map_err(|e: shoal_registry::version::KeyParseError| Error::Corrupt {
-                    what: format!("trusted key file {}", path.display()),
-                    reason: e.to_string(),
-                })
+                l.parse()
+                    .map_err(|e: shoal_registry::version::KeyParseError| Error::Corrupt {
+                        what: format!("trusted key file {}", path.display()),
+                        reason: e.to_string(),
+                    })
             })
             .collect()
     }
@@ -114,7 +117,11 @@ impl Home {
         }
         std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
         let path = self.trusted_path();
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&path).map_err(io("writing", &path))?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io("writing", &path))?;
         writeln!(f, "{key}").map_err(io("writing", &path))?;
         Ok(true)
     }

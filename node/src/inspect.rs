@@ -93,7 +93,12 @@ fn join(parent: &str, name: &str) -> String {
     }
 }
 
-async fn chunk_ids(blobs: &Blobs, content: &FileContent, path: &str, nodes: &mut u64) -> Result<Vec<(Hash, u32)>> {
+async fn chunk_ids(
+    blobs: &Blobs,
+    content: &FileContent,
+    path: &str,
+    nodes: &mut u64,
+) -> Result<Vec<(Hash, u32)>> {
     Ok(match content {
         FileContent::Chunks(c) => c.iter().map(|c| (c.id, c.len)).collect(),
         FileContent::Lists(lists) => {
@@ -101,8 +106,10 @@ async fn chunk_ids(blobs: &Blobs, content: &FileContent, path: &str, nodes: &mut
             for r in lists {
                 *nodes += 1;
                 let bytes = blobs.get(&r.id).await?;
-                let list = ChunkList::decode(&bytes, r)
-                    .map_err(|e| Error::Corrupt { what: format!("chunk list {} of '/{path}'", r.id), reason: e.to_string() })?;
+                let list = ChunkList::decode(&bytes, r).map_err(|e| Error::Corrupt {
+                    what: format!("chunk list {} of '/{path}'", r.id),
+                    reason: e.to_string(),
+                })?;
                 out.extend(list.chunks.iter().map(|c| (c.id, c.len)));
             }
             out
@@ -122,7 +129,9 @@ impl Node {
         }
         let mut out = Vec::new();
         for v in self.origin.list_versions(name).await? {
-            let Some(sv) = self.origin.version(name, &v).await? else { continue };
+            let Some(sv) = self.origin.version(name, &v).await? else {
+                continue;
+            };
             out.push(VersionInfo {
                 root: format!("b3:{}", sv.body.root),
                 files: sv.body.stats.files,
@@ -131,7 +140,11 @@ impl Node {
                 created_unix: sv.body.created_unix,
                 publisher: sv.publisher().to_string(),
                 trusted: sv.verify(name.as_str(), &v, &trusted).is_ok(),
-                tags: tags.iter().filter(|(_, tv)| *tv == v).map(|(t, _)| t.clone()).collect(),
+                tags: tags
+                    .iter()
+                    .filter(|(_, tv)| *tv == v)
+                    .map(|(t, _)| t.clone())
+                    .collect(),
                 version: v,
             });
         }
@@ -141,7 +154,13 @@ impl Node {
 
     async fn blobs_for(&self, reference: &DatasetRef) -> Result<(String, Blobs, Hash)> {
         let (version, signed) = self.open_version(reference).await?;
-        let blobs = Blobs::load(self.origin.clone(), self.store()?, &self.home.pack_cache_dir(), &signed).await?;
+        let blobs = Blobs::load(
+            self.origin.clone(),
+            self.store()?,
+            &self.home.pack_cache_dir(),
+            &signed,
+        )
+        .await?;
         Ok((version, blobs, signed.body.root))
     }
 
@@ -150,14 +169,23 @@ impl Node {
         let (_, blobs, root) = self.blobs_for(reference).await?;
         let mut dir: Dir = load_dir(&blobs, &root, "").await?;
         let mut at = String::new();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let parts: Vec<&str> = path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
         for (i, part) in parts.iter().enumerate() {
-            let entry = dir.get(part).cloned().ok_or_else(|| Error::NotFound(format!("no '/{}' in {reference}", join(&at, part))))?;
+            let entry = dir.get(part).cloned().ok_or_else(|| {
+                Error::NotFound(format!("no '/{}' in {reference}", join(&at, part)))
+            })?;
             at = join(&at, part);
             match entry.kind {
                 EntryKind::Dir { id, .. } => dir = load_dir(&blobs, &id, &at).await?,
                 _ if i + 1 == parts.len() => return Ok(vec![Self::ls_entry(&entry)]),
-                _ => return Err(Error::NotFound(format!("'/{at}' in {reference} is not a directory"))),
+                _ => {
+                    return Err(Error::NotFound(format!(
+                        "'/{at}' in {reference} is not a directory"
+                    )))
+                }
             }
         }
         Ok(dir.entries.iter().map(Self::ls_entry).collect())
@@ -176,7 +204,15 @@ impl Node {
                 }),
             ),
         };
-        LsEntry { name: e.name.clone(), kind: kind_name(&e.kind), size: e.bytes(), mode: format!("{:o}", e.mode), files, target, chunks }
+        LsEntry {
+            name: e.name.clone(),
+            kind: kind_name(&e.kind),
+            size: e.bytes(),
+            mode: format!("{:o}", e.mode),
+            files,
+            target,
+            chunks,
+        }
     }
 
     /// Differences between two versions of the same dataset (or of two datasets in the same
@@ -184,7 +220,11 @@ impl Node {
     pub async fn diff(&self, a: &DatasetRef, b: &DatasetRef) -> Result<DiffReport> {
         let (va, blobs_a, root_a) = self.blobs_for(a).await?;
         let (vb, blobs_b, root_b) = self.blobs_for(b).await?;
-        let mut report = DiffReport { from: format!("{}@{va}", a.dataset), to: format!("{}@{vb}", b.dataset), ..Default::default() };
+        let mut report = DiffReport {
+            from: format!("{}@{va}", a.dataset),
+            to: format!("{}@{vb}", b.dataset),
+            ..Default::default()
+        };
         let mut stack = vec![(String::new(), root_a, root_b)];
         while let Some((path, ida, idb)) = stack.pop() {
             if ida == idb {
@@ -217,17 +257,33 @@ impl Node {
                         let (x, y) = (ea.expect("left"), eb.expect("right"));
                         let p = join(&path, &x.name);
                         match (&x.kind, &y.kind) {
-                            (EntryKind::Dir { id: xa, .. }, EntryKind::Dir { id: yb, .. }) => stack.push((p, *xa, *yb)),
-                            (EntryKind::File { size: sa, content: ca }, EntryKind::File { size: sb, content: cb }) => {
+                            (EntryKind::Dir { id: xa, .. }, EntryKind::Dir { id: yb, .. }) => {
+                                stack.push((p, *xa, *yb))
+                            }
+                            (
+                                EntryKind::File {
+                                    size: sa,
+                                    content: ca,
+                                },
+                                EntryKind::File {
+                                    size: sb,
+                                    content: cb,
+                                },
+                            ) => {
                                 if ca != cb || x.mode != y.mode {
                                     let old: HashSet<Hash> =
-                                        chunk_ids(&blobs_a, ca, &p, &mut report.nodes_read).await?.into_iter().map(|c| c.0).collect();
-                                    let changed: u64 = chunk_ids(&blobs_b, cb, &p, &mut report.nodes_read)
-                                        .await?
-                                        .into_iter()
-                                        .filter(|c| !old.contains(&c.0))
-                                        .map(|c| c.1 as u64)
-                                        .sum();
+                                        chunk_ids(&blobs_a, ca, &p, &mut report.nodes_read)
+                                            .await?
+                                            .into_iter()
+                                            .map(|c| c.0)
+                                            .collect();
+                                    let changed: u64 =
+                                        chunk_ids(&blobs_b, cb, &p, &mut report.nodes_read)
+                                            .await?
+                                            .into_iter()
+                                            .filter(|c| !old.contains(&c.0))
+                                            .map(|c| c.1 as u64)
+                                            .sum();
                                     report.changed_files += 1;
                                     report.changed_bytes += changed;
                                     report.entries.push(DiffEntry {
@@ -269,6 +325,14 @@ impl Node {
             report.removed_bytes += bytes;
             (bytes, 0)
         };
-        report.entries.push(DiffEntry { path, change, kind: kind_name(&e.kind), files, old_bytes, new_bytes, changed_bytes: None });
+        report.entries.push(DiffEntry {
+            path,
+            change,
+            kind: kind_name(&e.kind),
+            files,
+            old_bytes,
+            new_bytes,
+            changed_bytes: None,
+        });
     }
 }

@@ -37,7 +37,12 @@ impl Node {
     /// A node over `home` talking to `origin`. `extra_trusted` adds keys (from the config file
     /// or the environment) to this machine's own key and those added with `shoal trust`.
     pub fn new(home: Home, origin: Origin, extra_trusted: Vec<PublicKey>) -> Node {
-        Node { home, origin, extra_trusted, store: Mutex::new(None) }
+        Node {
+            home,
+            origin,
+            extra_trusted,
+            store: Mutex::new(None),
+        }
     }
 
     pub fn home(&self) -> &Home {
@@ -76,15 +81,32 @@ impl Node {
 
     /// Points `tag` at an existing, trusted version.
     pub async fn tag(&self, target: &VersionRef, tag: &shoal_registry::Label) -> Result<String> {
-        let reference = DatasetRef { dataset: target.dataset.clone(), rev: shoal_registry::Rev::Label(target.version.clone()) };
+        let reference = DatasetRef {
+            dataset: target.dataset.clone(),
+            rev: shoal_registry::Rev::Label(target.version.clone()),
+        };
         let signed = self
             .origin
             .version(&target.dataset, target.version.as_str())
             .await?
-            .ok_or_else(|| Error::NotFound(format!("no version {target} in origin {}", self.origin.url())))?;
-        signed.verify(target.dataset.as_str(), target.version.as_str(), &self.trusted_keys()?)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        self.origin.set_tag(&target.dataset, tag.as_str(), target.version.as_str(), now).await?;
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no version {target} in origin {}",
+                    self.origin.url()
+                ))
+            })?;
+        signed.verify(
+            target.dataset.as_str(),
+            target.version.as_str(),
+            &self.trusted_keys()?,
+        )?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.origin
+            .set_tag(&target.dataset, tag.as_str(), target.version.as_str(), now)
+            .await?;
         Ok(format!("{}@{tag} -> {reference}", target.dataset))
     }
 }

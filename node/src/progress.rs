@@ -25,6 +25,10 @@ impl Progress {
 
     /// (phase, done, total)
     pub fn get(&self) -> (&'static str, u64, u64) {
-        (*self.phase.lock().expect("progress poisoned"), self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+        (
+            *self.phase.lock().expect("progress poisoned"),
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
     }
 }

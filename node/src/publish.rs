@@ -14,7 +14,9 @@ use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
 use shoal_registry::pack::{PackBuilder, SealedPack, PACK_TARGET};
 use shoal_registry::tree::{self, ChunkRef, Dir, Entry, EntryKind};
-use shoal_registry::{DatasetConfig, Hash, Label, Params, SignedVersion, Stats, VersionBody, VersionRef};
+use shoal_registry::{
+    DatasetConfig, Hash, Label, Params, SignedVersion, Stats, VersionBody, VersionRef,
+};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -51,33 +53,45 @@ struct ScanEntry {
 }
 
 fn source_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Source { path: path.to_path_buf(), reason: reason.into() }
+    Error::Source {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 /// Walks the source directory, validating every name and type. Files are appended to
 /// `files` (path, size); entries come back sorted by name.
 fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec<ScanEntry>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
     let mut out = Vec::new();
     for entry in rd {
         let entry = entry.map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
         let path = entry.path();
-        let name = entry
-            .file_name()
-            .into_string()
-            .map_err(|_| source_err(&path, "name is not valid UTF-8; shoal stores names as UTF-8, rename the file"))?;
+        let name = entry.file_name().into_string().map_err(|_| {
+            source_err(
+                &path,
+                "name is not valid UTF-8; shoal stores names as UTF-8, rename the file",
+            )
+        })?;
         tree::check_name(&name).map_err(|r| source_err(&path, r))?;
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| source_err(&path, e.to_string()))?;
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|e| source_err(&path, e.to_string()))?;
         let ft = meta.file_type();
         let mode = meta.permissions().mode() & 0o777;
         let kind = if ft.is_file() {
             files.push((path.clone(), meta.len()));
-            ScanKind::File { index: files.len() - 1 }
+            ScanKind::File {
+                index: files.len() - 1,
+            }
         } else if ft.is_dir() {
             ScanKind::Dir(scan(&path, depth + 1, files)?)
         } else if ft.is_symlink() {
             let target = std::fs::read_link(&path).map_err(|e| source_err(&path, e.to_string()))?;
-            let target = target.into_os_string().into_string().map_err(|_| source_err(&path, "symlink target is not valid UTF-8"))?;
+            let target = target
+                .into_os_string()
+                .into_string()
+                .map_err(|_| source_err(&path, "symlink target is not valid UTF-8"))?;
             tree::check_symlink(depth, &target).map_err(|r| {
                 source_err(&path, format!("{r} ({target:?}); only relative symlinks that stay inside the dataset can be published"))
             })?;
@@ -92,7 +106,10 @@ fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec
             } else {
                 "a special file"
             };
-            return Err(source_err(&path, format!("is {what}; only regular files, directories and symlinks can be published")));
+            return Err(source_err(
+                &path,
+                format!("is {what}; only regular files, directories and symlinks can be published"),
+            ));
         };
         out.push(ScanEntry { name, mode, kind });
     }
@@ -130,7 +147,9 @@ impl TreeBuild<'_> {
     fn emit(&mut self, id: Hash, bytes: Vec<u8>) -> Result<(), UploadStopped> {
         self.referenced.push(id);
         if self.dedup.claim(&id) {
-            self.tx.send((id, bytes.into())).map_err(|_| UploadStopped)?;
+            self.tx
+                .send((id, bytes.into()))
+                .map_err(|_| UploadStopped)?;
         }
         Ok(())
     }
@@ -156,11 +175,21 @@ impl TreeBuild<'_> {
                     let (id, f, b) = self.dir(children)?;
                     files += f;
                     bytes += b;
-                    EntryKind::Dir { id, files: f, bytes: b }
+                    EntryKind::Dir {
+                        id,
+                        files: f,
+                        bytes: b,
+                    }
                 }
-                ScanKind::Symlink(target) => EntryKind::Symlink { target: target.clone() },
+                ScanKind::Symlink(target) => EntryKind::Symlink {
+                    target: target.clone(),
+                },
             };
-            dir.entries.push(Entry { name: e.name.clone(), mode: e.mode, kind });
+            dir.entries.push(Entry {
+                name: e.name.clone(),
+                mode: e.mode,
+                kind,
+            });
         }
         let encoded = dir.encode();
         let id = shoal_chunker::hash(&encoded);
@@ -169,8 +198,20 @@ impl TreeBuild<'_> {
     }
 }
 
+/// The chunked files and the tree built over them.
+struct Built {
+    root: Hash,
+    files: u64,
+    bytes: u64,
+    chunks: Vec<Vec<ChunkRef>>,
+    tree_ids: Vec<Hash>,
+}
+
 fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Options for [`Node::publish`].
@@ -185,13 +226,23 @@ pub struct PublishOptions {
 
 impl Node {
     /// Publishes `dir` as `target`. See the module docs for the write order.
-    pub async fn publish(&self, dir: &Path, target: &VersionRef, opts: &PublishOptions, progress: &Progress) -> Result<PublishReport> {
+    pub async fn publish(
+        &self,
+        dir: &Path,
+        target: &VersionRef,
+        opts: &PublishOptions,
+        progress: &Progress,
+    ) -> Result<PublishReport> {
         let started = Instant::now();
         let origin = &self.origin;
         let name = &target.dataset;
         let version = target.version.as_str();
         if origin.version_exists(name, version).await? {
-            return Err(shoal_registry::OriginError::AlreadyExists { origin: origin.url().to_string(), what: format!("version {target}") }.into());
+            return Err(shoal_registry::OriginError::AlreadyExists {
+                origin: origin.url().to_string(),
+                what: format!("version {target}"),
+            }
+            .into());
         }
         let meta = std::fs::metadata(dir).map_err(|e| source_err(dir, e.to_string()))?;
         if !meta.is_dir() {
@@ -212,7 +263,10 @@ impl Node {
         let config = match origin.dataset_config(name).await? {
             Some(c) => c,
             None => {
-                let cfg = DatasetConfig { chunking: opts.params.unwrap_or_default(), created_unix: now_unix() };
+                let cfg = DatasetConfig {
+                    chunking: opts.params.unwrap_or_default(),
+                    created_unix: now_unix(),
+                };
                 origin.create_dataset_config(name, cfg).await?
             }
         };
@@ -223,7 +277,9 @@ impl Node {
         let trusted = self.trusted_keys()?;
         let mut packs_seen = HashSet::new();
         for v in origin.list_versions(name).await? {
-            let Some(sv) = origin.version(name, &v).await? else { continue };
+            let Some(sv) = origin.version(name, &v).await? else {
+                continue;
+            };
             if sv.verify(name.as_str(), &v, &trusted).is_err() {
                 continue;
             }
@@ -236,7 +292,11 @@ impl Node {
                 }
             }
         }
-        let dedup = Dedup { existing, claimed: Mutex::default(), new_chunks: Default::default() };
+        let dedup = Dedup {
+            existing,
+            claimed: Mutex::default(),
+            new_chunks: Default::default(),
+        };
 
         // Uploader: sealed packs in, at most two uploads in flight.
         let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<SealedPack>(1);
@@ -246,13 +306,20 @@ impl Node {
             let mut running = tokio::task::JoinSet::new();
             while let Some(pack) = pack_rx.recv().await {
                 while running.len() >= 2 {
-                    uploaded.push(running.join_next().await.expect("non-empty").expect("upload task panicked")?);
+                    uploaded.push(
+                        running
+                            .join_next()
+                            .await
+                            .expect("non-empty")
+                            .expect("upload task panicked")?,
+                    );
                 }
                 let o = up_origin.clone();
                 running.spawn(async move {
                     let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
                     let size = pack.len() + pack.index_bytes.len() as u64;
-                    o.put_pack(&pack.id, pack.parts, pack.index_bytes.into()).await?;
+                    o.put_pack(&pack.id, pack.parts, pack.index_bytes.into())
+                        .await?;
                     Ok::<_, Error>((pack.id, ids, size))
                 });
             }
@@ -287,21 +354,28 @@ impl Node {
             let dedup = &dedup;
             let files = &files;
             let blob_tx = blob_tx;
-            tokio::task::block_in_place(move || -> Result<Option<(Hash, u64, u64, Vec<Vec<ChunkRef>>, Vec<Hash>)>> {
+            tokio::task::block_in_place(move || -> Result<Option<Built>> {
                 let chunked: Vec<Result<Vec<ChunkRef>, Option<Error>>> = files
                     .par_iter()
                     .map_init(
                         || (Chunker::new(params), blob_tx.clone()),
                         |(chunker, tx), (path, _)| {
-                            let f = std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?;
+                            let f = std::fs::File::open(path)
+                                .map_err(|e| Some(io("reading", path)(e)))?;
                             let mut refs = Vec::new();
                             chunker
                                 .chunk(f, |c, bytes| {
-                                    refs.push(ChunkRef { id: c.id, len: c.len });
+                                    refs.push(ChunkRef {
+                                        id: c.id,
+                                        len: c.len,
+                                    });
                                     progress.add(c.len as u64);
                                     if dedup.claim(&c.id) {
-                                        dedup.new_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                        tx.send((c.id, Bytes::copy_from_slice(bytes))).map_err(|_| UploadStopped)?;
+                                        dedup
+                                            .new_chunks
+                                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        tx.send((c.id, Bytes::copy_from_slice(bytes)))
+                                            .map_err(|_| UploadStopped)?;
                                     }
                                     Ok(())
                                 })
@@ -321,18 +395,41 @@ impl Node {
                         Err(None) => return Ok(None),
                     }
                 }
-                let mut tb = TreeBuild { chunks: &chunks, dedup, tx: &blob_tx, referenced: Vec::new() };
-                let Ok((root, nfiles, nbytes)) = tb.dir(&entries) else { return Ok(None) };
-                let referenced = tb.referenced;
-                Ok(Some((root, nfiles, nbytes, chunks, referenced)))
+                let mut tb = TreeBuild {
+                    chunks: &chunks,
+                    dedup,
+                    tx: &blob_tx,
+                    referenced: Vec::new(),
+                };
+                let Ok((root, nfiles, nbytes)) = tb.dir(&entries) else {
+                    return Ok(None);
+                };
+                let tree_ids = tb.referenced;
+                Ok(Some(Built {
+                    root,
+                    files: nfiles,
+                    bytes: nbytes,
+                    chunks,
+                    tree_ids,
+                }))
             })
         };
         // Closing the blob channel (all senders are gone now) seals the last pack.
         let _ = packer.join();
         progress.phase("uploading", 0);
         let uploaded = uploader.await.expect("uploader panicked")?;
-        let Some((root, nfiles, nbytes, chunks, tree_ids)) = built? else {
-            return Err(Error::Corrupt { what: "publish".into(), reason: "uploader stopped without an error".into() });
+        let Some(Built {
+            root,
+            files: nfiles,
+            bytes: nbytes,
+            chunks,
+            tree_ids,
+        }) = built?
+        else {
+            return Err(Error::Corrupt {
+                what: "publish".into(),
+                reason: "uploader stopped without an error".into(),
+            });
         };
 
         // The version names every pack that holds one of its blobs.
@@ -346,11 +443,23 @@ impl Node {
         }
         let mut packs = HashSet::new();
         let mut chunk_count = 0u64;
-        for id in chunks.iter().flatten().map(|c| { chunk_count += 1; &c.id }).chain(tree_ids.iter()) {
-            let p = dedup.existing.get(id).or_else(|| new_pack_of.get(id)).ok_or_else(|| Error::Corrupt {
-                what: "publish".into(),
-                reason: format!("blob {id} was neither in the origin nor uploaded"),
-            })?;
+        for id in chunks
+            .iter()
+            .flatten()
+            .map(|c| {
+                chunk_count += 1;
+                &c.id
+            })
+            .chain(tree_ids.iter())
+        {
+            let p = dedup
+                .existing
+                .get(id)
+                .or_else(|| new_pack_of.get(id))
+                .ok_or_else(|| Error::Corrupt {
+                    what: "publish".into(),
+                    reason: format!("blob {id} was neither in the origin nor uploaded"),
+                })?;
             packs.insert(*p);
         }
         let mut packs: Vec<Hash> = packs.into_iter().collect();
@@ -363,7 +472,11 @@ impl Node {
             packs,
             chunking: params,
             created_unix: now_unix(),
-            stats: Stats { files: nfiles, bytes: nbytes, chunks: chunk_count },
+            stats: Stats {
+                files: nfiles,
+                bytes: nbytes,
+                chunks: chunk_count,
+            },
             publisher: [0; 32],
         };
         let signed = SignedVersion::sign(body, &key);
@@ -373,7 +486,9 @@ impl Node {
 
         let mut tags = Vec::new();
         for t in &opts.tags {
-            origin.set_tag(name, t.as_str(), version, now_unix()).await?;
+            origin
+                .set_tag(name, t.as_str(), version, now_unix())
+                .await?;
             tags.push(t.to_string());
         }
         let new_chunks = dedup.new_chunks.load(std::sync::atomic::Ordering::Relaxed);

@@ -41,8 +41,13 @@ pub struct PullReport {
 fn make_dir(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(Error::Unsafe { path: path.to_path_buf(), reason: "it exists and is not a directory".into() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(path).map_err(io("creating directory", path)),
+        Ok(_) => Err(Error::Unsafe {
+            path: path.to_path_buf(),
+            reason: "it exists and is not a directory".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(path).map_err(io("creating directory", path))
+        }
         Err(e) => Err(io("checking", path)(e)),
     }
 }
@@ -59,19 +64,32 @@ fn write_file(node_store: &dyn crate::store::ChunkStore, dest: &Path, f: &WalkFi
         Err(e) => return Err(io("removing", &tmp)(e)),
     }
     let result = (|| -> Result<()> {
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io("creating", &tmp))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
         for c in &f.chunks {
-            let bytes = node_store
-                .get(&c.id)?
-                .ok_or_else(|| Error::NotFound(format!("chunk {} of '{}' is missing from the local store", c.id, f.path)))?;
+            let bytes = node_store.get(&c.id)?.ok_or_else(|| {
+                Error::NotFound(format!(
+                    "chunk {} of '{}' is missing from the local store",
+                    c.id, f.path
+                ))
+            })?;
             w.write_all(&bytes).map_err(io("writing", &path))?;
         }
-        let file = w.into_inner().map_err(|e| io("writing", &path)(e.into_error()))?;
-        file.set_permissions(std::fs::Permissions::from_mode(f.mode)).map_err(io("setting mode of", &path))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| io("writing", &path)(e.into_error()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode))
+            .map_err(io("setting mode of", &path))?;
         if let Ok(m) = std::fs::symlink_metadata(&path) {
             if m.is_dir() {
-                return Err(Error::Unsafe { path: path.clone(), reason: "a directory is in the way of a file".into() });
+                return Err(Error::Unsafe {
+                    path: path.clone(),
+                    reason: "a directory is in the way of a file".into(),
+                });
             }
         }
         std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))
@@ -84,19 +102,35 @@ fn write_file(node_store: &dyn crate::store::ChunkStore, dest: &Path, f: &WalkFi
 
 impl Node {
     /// Pulls `reference` into the local store and, with `dest`, writes its files there.
-    pub async fn pull(&self, reference: &DatasetRef, dest: Option<&Path>, progress: &Progress) -> Result<PullReport> {
+    pub async fn pull(
+        &self,
+        reference: &DatasetRef,
+        dest: Option<&Path>,
+        progress: &Progress,
+    ) -> Result<PullReport> {
         let started = Instant::now();
         progress.phase("resolving", 0);
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
-        let blobs = Blobs::load(self.origin.clone(), store.clone(), &self.home.pack_cache_dir(), &signed).await?;
+        let blobs = Blobs::load(
+            self.origin.clone(),
+            store.clone(),
+            &self.home.pack_cache_dir(),
+            &signed,
+        )
+        .await?;
         progress.phase("reading tree", 0);
         let tree = walk(&blobs, signed.body.root).await?;
 
         // Unique chunks, and which of them are already here.
         let mut seen = HashSet::new();
-        let unique: Vec<(shoal_registry::Hash, u32)> =
-            tree.files.iter().flat_map(|f| f.chunks.iter()).filter(|c| seen.insert(c.id)).map(|c| (c.id, c.len)).collect();
+        let unique: Vec<(shoal_registry::Hash, u32)> = tree
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter())
+            .filter(|c| seen.insert(c.id))
+            .map(|c| (c.id, c.len))
+            .collect();
         let store2 = store.clone();
         let (missing, local_bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut missing = Vec::new();
@@ -115,7 +149,9 @@ impl Node {
 
         let need: u64 = missing.iter().map(|m| m.1 as u64).sum();
         progress.phase("fetching", need);
-        let fetch_result = blobs.fetch(missing.into_iter().map(|m| m.0).collect(), Some(progress)).await;
+        let fetch_result = blobs
+            .fetch(missing.into_iter().map(|m| m.0).collect(), Some(progress))
+            .await;
         // Make what was stored durable even when the fetch failed part-way, so a retry resumes.
         store.flush()?;
         fetch_result?;
@@ -139,18 +175,23 @@ impl Node {
                     let path = dest.join(p);
                     match std::fs::symlink_metadata(&path) {
                         Ok(m) if m.is_dir() => {
-                            return Err(Error::Unsafe { path, reason: "a directory is in the way of a symlink".into() })
+                            return Err(Error::Unsafe {
+                                path,
+                                reason: "a directory is in the way of a symlink".into(),
+                            })
                         }
                         Ok(_) => std::fs::remove_file(&path).map_err(io("replacing", &path))?,
                         Err(_) => {}
                     }
-                    std::os::unix::fs::symlink(target, &path).map_err(io("creating symlink", &path))?;
+                    std::os::unix::fs::symlink(target, &path)
+                        .map_err(io("creating symlink", &path))?;
                 }
                 // Modes last, deepest first, so a read-only directory does not block its own
                 // contents.
                 for (d, mode) in tree.dirs.iter().rev() {
                     let path = dest.join(d);
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).map_err(io("setting mode of", &path))?;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+                        .map_err(io("setting mode of", &path))?;
                 }
                 Ok(())
             })?;

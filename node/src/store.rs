@@ -25,10 +25,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("local store index {path}: {source}")]
-    Db {
-        path: PathBuf,
-        source: sled::Error,
-    },
+    Db { path: PathBuf, source: sled::Error },
     #[error("local store {path} is in use by another shoal process (a pull, publish or node); wait for it or stop it")]
     Locked { path: PathBuf },
     #[error("blob {id} in local store segment {path} is corrupt (its bytes do not match its id); it was dropped and will be fetched again")]
@@ -71,33 +68,75 @@ fn seg_name(n: u32) -> String {
 impl SegmentStore {
     /// Opens (creating if needed) the store under `dir`.
     pub fn open(dir: &Path) -> Result<SegmentStore, StoreError> {
-        let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
         let segs = dir.join("segments");
         std::fs::create_dir_all(&segs).map_err(io)?;
         let db_path = dir.join("index");
-        let db = sled::Config::new().path(&db_path).mode(sled::Mode::HighThroughput).open().map_err(|e| match e {
-            sled::Error::Io(ref ioe) if ioe.kind() == std::io::ErrorKind::WouldBlock || ioe.to_string().contains("lock") => {
-                StoreError::Locked { path: dir.to_path_buf() }
-            }
-            source => StoreError::Db { path: db_path.clone(), source },
+        let db = sled::Config::new()
+            .path(&db_path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref ioe)
+                    if ioe.kind() == std::io::ErrorKind::WouldBlock
+                        || ioe.to_string().contains("lock") =>
+                {
+                    StoreError::Locked {
+                        path: dir.to_path_buf(),
+                    }
+                }
+                source => StoreError::Db {
+                    path: db_path.clone(),
+                    source,
+                },
+            })?;
+        let index = db.open_tree("blobs").map_err(|source| StoreError::Db {
+            path: db_path.clone(),
+            source,
         })?;
-        let index = db.open_tree("blobs").map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
         let mut last = 0u32;
         for e in std::fs::read_dir(&segs).map_err(io)? {
             let name = e.map_err(io)?.file_name();
-            if let Some(n) = name.to_str().and_then(|s| s.strip_suffix(".seg")).and_then(|s| s.parse().ok()) {
+            if let Some(n) = name
+                .to_str()
+                .and_then(|s| s.strip_suffix(".seg"))
+                .and_then(|s| s.parse().ok())
+            {
                 last = last.max(n);
             }
         }
         let writer = Self::open_segment(&segs, last.max(1))?;
-        Ok(SegmentStore { dir: dir.to_path_buf(), db, index, writer: Mutex::new(writer), readers: RwLock::default() })
+        Ok(SegmentStore {
+            dir: dir.to_path_buf(),
+            db,
+            index,
+            writer: Mutex::new(writer),
+            readers: RwLock::default(),
+        })
     }
 
     fn open_segment(segs: &Path, n: u32) -> Result<Writer, StoreError> {
         let path = segs.join(seg_name(n));
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
-        let len = file.metadata().map_err(|source| StoreError::Io { path, source })?.len();
-        Ok(Writer { segment: n, file, len })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| StoreError::Io { path, source })?
+            .len();
+        Ok(Writer {
+            segment: n,
+            file,
+            len,
+        })
     }
 
     fn seg_path(&self, n: u32) -> PathBuf {
@@ -110,17 +149,26 @@ impl SegmentStore {
         }
         let path = self.seg_path(n);
         let f = Arc::new(File::open(&path).map_err(|source| StoreError::Io { path, source })?);
-        self.readers.write().expect("reader map poisoned").insert(n, f.clone());
+        self.readers
+            .write()
+            .expect("reader map poisoned")
+            .insert(n, f.clone());
         Ok(f)
     }
 
     fn db_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Db { path: self.dir.join("index"), source }
+        StoreError::Db {
+            path: self.dir.join("index"),
+            source,
+        }
     }
 
     /// Drops a blob's index entry (its bytes become garbage).
     pub fn remove(&self, id: &Hash) -> Result<(), StoreError> {
-        self.index.remove(id.as_bytes()).map(|_| ()).map_err(|e| self.db_err(e))
+        self.index
+            .remove(id.as_bytes())
+            .map(|_| ())
+            .map_err(|e| self.db_err(e))
     }
 }
 
@@ -145,7 +193,9 @@ fn decode_loc(v: &[u8]) -> Option<(u32, u64, u32)> {
 
 impl ChunkStore for SegmentStore {
     fn contains(&self, id: &Hash) -> Result<bool, StoreError> {
-        self.index.contains_key(id.as_bytes()).map_err(|e| self.db_err(e))
+        self.index
+            .contains_key(id.as_bytes())
+            .map_err(|e| self.db_err(e))
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -154,7 +204,10 @@ impl ChunkStore for SegmentStore {
         };
         let corrupt = |seg| {
             let _ = self.remove(id);
-            StoreError::Corrupt { id: *id, path: self.seg_path(seg) }
+            StoreError::Corrupt {
+                id: *id,
+                path: self.seg_path(seg),
+            }
         };
         let Some((seg, off, len)) = decode_loc(&v) else {
             return Err(corrupt(0));
@@ -163,7 +216,12 @@ impl ChunkStore for SegmentStore {
         match self.reader(seg)?.read_exact_at(&mut buf, off) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(corrupt(seg)),
-            Err(source) => return Err(StoreError::Io { path: self.seg_path(seg), source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.seg_path(seg),
+                    source,
+                })
+            }
         }
         if !id.verify(&buf) {
             return Err(corrupt(seg));
@@ -183,11 +241,17 @@ impl ChunkStore for SegmentStore {
                 *w = Self::open_segment(&self.dir.join("segments"), next)?;
             }
             let path = self.seg_path(w.segment);
-            let io = |source| StoreError::Io { path: path.clone(), source };
+            let io = |source| StoreError::Io {
+                path: path.clone(),
+                source,
+            };
             let start = w.len;
             let mut off = start;
             for (id, bytes) in blobs {
-                batch.insert(id.as_bytes(), &encode_loc(w.segment, off, bytes.len() as u32));
+                batch.insert(
+                    id.as_bytes(),
+                    &encode_loc(w.segment, off, bytes.len() as u32),
+                );
                 off += bytes.len() as u64;
             }
             let mut buf = Vec::with_capacity((off - start) as usize);
@@ -242,7 +306,10 @@ mod tests {
             s.flush().unwrap();
             // A second open of the same store while this one lives is refused clearly.
             let err = SegmentStore::open(dir.path()).err().expect("locked");
-            assert!(err.to_string().contains("in use by another shoal process"), "{err}");
+            assert!(
+                err.to_string().contains("in use by another shoal process"),
+                "{err}"
+            );
         }
         let s = SegmentStore::open(dir.path()).unwrap();
         assert_eq!(s.get(&ib).unwrap().unwrap(), b);

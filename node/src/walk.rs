@@ -34,7 +34,10 @@ fn join(parent: &str, name: &str) -> String {
 /// Reads and validates the directory node `id` found at `path`.
 pub async fn load_dir(blobs: &Blobs, id: &Hash, path: &str) -> Result<Dir> {
     let bytes = blobs.get(id).await?;
-    Dir::decode(&bytes).map_err(|e| Error::Corrupt { what: format!("directory node {id} for '/{path}'"), reason: e.to_string() })
+    Dir::decode(&bytes).map_err(|e| Error::Corrupt {
+        what: format!("directory node {id} for '/{path}'"),
+        reason: e.to_string(),
+    })
 }
 
 /// Ensures every blob in `ids` is in the local store, fetching the missing ones in one batch.
@@ -82,7 +85,12 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
                                 Vec::new()
                             }
                         };
-                        out.files.push(WalkFile { path: p, mode: e.mode, size, chunks });
+                        out.files.push(WalkFile {
+                            path: p,
+                            mode: e.mode,
+                            size,
+                            chunks,
+                        });
                     }
                     EntryKind::Symlink { target } => {
                         tree::check_symlink(depth, &target).map_err(|r| Error::Corrupt {
@@ -95,7 +103,14 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
             }
         }
         if !lists.is_empty() {
-            ensure_local(blobs, lists.iter().flat_map(|(_, l)| l.iter().map(|r| r.id)).collect()).await?;
+            ensure_local(
+                blobs,
+                lists
+                    .iter()
+                    .flat_map(|(_, l)| l.iter().map(|r| r.id))
+                    .collect(),
+            )
+            .await?;
             for (file, refs) in lists {
                 for r in refs {
                     let bytes = blobs.get(&r.id).await?;

@@ -28,7 +28,9 @@ pub const V1: u8 = 1;
 pub enum DecodeError {
     #[error("not a shoal {0:?} object (bad magic or kind)")]
     BadHeader(Kind),
-    #[error("{0:?} object has unsupported format version {1} (this shoal reads {V1}); upgrade shoal")]
+    #[error(
+        "{0:?} object has unsupported format version {1} (this shoal reads {V1}); upgrade shoal"
+    )]
     UnsupportedVersion(Kind, u8),
     #[error("malformed {0:?} object: {1}")]
     Malformed(Kind, String),
@@ -56,7 +58,10 @@ pub(crate) fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T,
     let (value, rest) = postcard::take_from_bytes(&bytes[5..])
         .map_err(|e| DecodeError::Malformed(kind, e.to_string()))?;
     if !rest.is_empty() {
-        return Err(DecodeError::Malformed(kind, format!("{} trailing bytes", rest.len())));
+        return Err(DecodeError::Malformed(
+            kind,
+            format!("{} trailing bytes", rest.len()),
+        ));
     }
     Ok(value)
 }

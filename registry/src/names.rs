@@ -25,7 +25,11 @@ pub struct NameError {
 }
 
 fn name_err(what: &'static str, input: &str, reason: impl Into<String>) -> NameError {
-    NameError { what, input: input.to_string(), reason: reason.into() }
+    NameError {
+        what,
+        input: input.to_string(),
+        reason: reason.into(),
+    }
 }
 
 impl DatasetName {
@@ -133,7 +137,9 @@ pub struct VersionRef {
 
 fn split_ref(s: &str) -> Result<(&str, &str), NameError> {
     let e = |r: &str| name_err("reference", s, r);
-    let (name, rev) = s.split_once('@').ok_or_else(|| e("expected NAME@VERSION"))?;
+    let (name, rev) = s
+        .split_once('@')
+        .ok_or_else(|| e("expected NAME@VERSION"))?;
     if name.is_empty() {
         return Err(e("missing dataset name before '@'"));
     }
@@ -165,7 +171,10 @@ impl FromStr for VersionRef {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {
         let (name, rev) = split_ref(s)?;
-        Ok(VersionRef { dataset: name.parse()?, version: Label::parse(rev, "version name")? })
+        Ok(VersionRef {
+            dataset: name.parse()?,
+            version: Label::parse(rev, "version name")?,
+        })
     }
 }
 
@@ -210,7 +219,10 @@ mod tests {
         let root = "5f".repeat(32);
         check("imagenet@v3", Ok("imagenet@v3"));
         check("org/laion-400m@latest", Ok("org/laion-400m@latest"));
-        check(&format!("imagenet@b3:{root}"), Ok(&format!("imagenet@b3:{root}")));
+        check(
+            &format!("imagenet@b3:{root}"),
+            Ok(&format!("imagenet@b3:{root}")),
+        );
         check("imagenet@", Err("missing version"));
         check("@v1", Err("missing dataset name"));
         check("a@b@c", Err("more than one '@'"));
@@ -228,6 +240,8 @@ mod tests {
     #[test]
     fn version_refs_reject_root_ids() {
         assert!("x@v1".parse::<VersionRef>().is_ok());
-        assert!(format!("x@b3:{}", "0".repeat(64)).parse::<VersionRef>().is_err());
+        assert!(format!("x@b3:{}", "0".repeat(64))
+            .parse::<VersionRef>()
+            .is_err());
     }
 }

@@ -13,7 +13,6 @@ use crate::names::{DatasetName, DatasetRef, Label, Rev};
 use crate::pack::PackIndex;
 use crate::version::{DatasetConfig, SignedVersion, Tag};
 use bytes::Bytes;
-use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
 use shoal_chunker::Hash;
@@ -31,10 +30,14 @@ pub enum OriginError {
         origin: String,
         op: &'static str,
         key: String,
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("origin {origin}: {key} is corrupt: {reason}")]
-    Corrupt { origin: String, key: String, reason: String },
+    Corrupt {
+        origin: String,
+        key: String,
+        reason: String,
+    },
     #[error("{what} not found in origin {origin}")]
     NotFound { origin: String, what: String },
     #[error("{what} already exists in origin {origin}")]
@@ -76,12 +79,17 @@ impl Origin {
     /// credentials from the usual `AWS_*` environment variables. A local origin directory is
     /// created when `create` is set (publishing), and must exist otherwise.
     pub fn open(spec: &str, create: bool) -> Result<Origin, OriginError> {
-        let bad = |reason: String| OriginError::BadUrl { url: spec.to_string(), reason };
+        let bad = |reason: String| OriginError::BadUrl {
+            url: spec.to_string(),
+            reason,
+        };
         let parsed = url::Url::parse(spec).ok().filter(|u| u.scheme().len() > 1);
         let (store, root, url): (Arc<dyn ObjectStore>, Path, String) = match parsed {
             None => Self::local(std::path::Path::new(spec), create, spec)?,
             Some(u) if u.scheme() == "file" => {
-                let p = u.to_file_path().map_err(|_| bad("not a local file URL".into()))?;
+                let p = u
+                    .to_file_path()
+                    .map_err(|_| bad("not a local file URL".into()))?;
                 Self::local(&p, create, spec)?
             }
             Some(u) => {
@@ -133,7 +141,11 @@ impl Origin {
         Ok(Origin { store, root, url })
     }
 
-    fn local(path: &std::path::Path, create: bool, spec: &str) -> Result<(Arc<dyn ObjectStore>, Path, String), OriginError> {
+    fn local(
+        path: &std::path::Path,
+        create: bool,
+        spec: &str,
+    ) -> Result<(Arc<dyn ObjectStore>, Path, String), OriginError> {
         if create {
             std::fs::create_dir_all(path).map_err(|e| OriginError::BadUrl {
                 url: spec.to_string(),
@@ -145,10 +157,17 @@ impl Origin {
                 reason: format!("directory {} does not exist (nothing was published there yet; pass --origin or set SHOAL_ORIGIN)", path.display()),
             });
         } else if !path.is_dir() {
-            return Err(OriginError::BadUrl { url: spec.to_string(), reason: format!("{} is not a directory", path.display()) });
+            return Err(OriginError::BadUrl {
+                url: spec.to_string(),
+                reason: format!("{} is not a directory", path.display()),
+            });
         }
-        let store = object_store::local::LocalFileSystem::new_with_prefix(path)
-            .map_err(|e| OriginError::BadUrl { url: spec.to_string(), reason: e.to_string() })?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| {
+            OriginError::BadUrl {
+                url: spec.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
         Ok((Arc::new(store), Path::default(), spec.to_string()))
     }
 
@@ -167,21 +186,39 @@ impl Origin {
 
     fn store_err(&self, op: &'static str, key: &Path, source: object_store::Error) -> OriginError {
         match source {
-            object_store::Error::AlreadyExists { .. } => OriginError::AlreadyExists { origin: self.url.clone(), what: key.to_string() },
-            source => OriginError::Store { origin: self.url.clone(), op, key: key.to_string(), source },
+            object_store::Error::AlreadyExists { .. } => OriginError::AlreadyExists {
+                origin: self.url.clone(),
+                what: key.to_string(),
+            },
+            source => OriginError::Store {
+                origin: self.url.clone(),
+                op,
+                key: key.to_string(),
+                source: Box::new(source),
+            },
         }
     }
 
     fn corrupt(&self, key: &Path, e: impl ToString) -> OriginError {
-        OriginError::Corrupt { origin: self.url.clone(), key: key.to_string(), reason: e.to_string() }
+        OriginError::Corrupt {
+            origin: self.url.clone(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        }
     }
 
     /// Reads a whole object; `None` if it does not exist.
     async fn get_opt(&self, key: &Path) -> Result<Option<(Bytes, UpdateVersion)>, OriginError> {
         match self.store.get(key).await {
             Ok(r) => {
-                let version = UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() };
-                let bytes = r.bytes().await.map_err(|e| self.store_err("reading", key, e))?;
+                let version = UpdateVersion {
+                    e_tag: r.meta.e_tag.clone(),
+                    version: r.meta.version.clone(),
+                };
+                let bytes = r
+                    .bytes()
+                    .await
+                    .map_err(|e| self.store_err("reading", key, e))?;
                 Ok(Some((bytes, version)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -199,8 +236,16 @@ impl Origin {
 
     async fn list_names(&self, rel: &str) -> Result<Vec<String>, OriginError> {
         let prefix = self.key(rel);
-        let list = self.store.list_with_delimiter(Some(&prefix)).await.map_err(|e| self.store_err("listing", &prefix, e))?;
-        let mut names: Vec<String> = list.objects.iter().filter_map(|o| o.location.filename().map(str::to_string)).collect();
+        let list = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| self.store_err("listing", &prefix, e))?;
+        let mut names: Vec<String> = list
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .collect();
         names.sort();
         Ok(names)
     }
@@ -210,38 +255,61 @@ impl Origin {
     }
 
     /// The dataset's settings, if it has been published before.
-    pub async fn dataset_config(&self, name: &DatasetName) -> Result<Option<DatasetConfig>, OriginError> {
+    pub async fn dataset_config(
+        &self,
+        name: &DatasetName,
+    ) -> Result<Option<DatasetConfig>, OriginError> {
         let key = self.key(&Self::dataset_key(name, "_dataset"));
         match self.get_opt(&key).await? {
-            Some((b, _)) => Ok(Some(DatasetConfig::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
+            Some((b, _)) => Ok(Some(
+                DatasetConfig::decode(&b).map_err(|e| self.corrupt(&key, e))?,
+            )),
             None => Ok(None),
         }
     }
 
     /// Records a new dataset's settings; if another publisher got there first, returns theirs.
-    pub async fn create_dataset_config(&self, name: &DatasetName, cfg: DatasetConfig) -> Result<DatasetConfig, OriginError> {
+    pub async fn create_dataset_config(
+        &self,
+        name: &DatasetName,
+        cfg: DatasetConfig,
+    ) -> Result<DatasetConfig, OriginError> {
         let key = self.key(&Self::dataset_key(name, "_dataset"));
         match self.put(&key, cfg.encode().into(), PutMode::Create).await {
             Ok(()) => Ok(cfg),
-            Err(OriginError::AlreadyExists { .. }) => self
-                .dataset_config(name)
-                .await?
-                .ok_or_else(|| OriginError::NotFound { origin: self.url.clone(), what: key.to_string() }),
+            Err(OriginError::AlreadyExists { .. }) => {
+                self.dataset_config(name)
+                    .await?
+                    .ok_or_else(|| OriginError::NotFound {
+                        origin: self.url.clone(),
+                        what: key.to_string(),
+                    })
+            }
             Err(e) => Err(e),
         }
     }
 
     /// Reads a version object (signature not yet checked: see [`SignedVersion::verify`]).
-    pub async fn version(&self, name: &DatasetName, version: &str) -> Result<Option<SignedVersion>, OriginError> {
+    pub async fn version(
+        &self,
+        name: &DatasetName,
+        version: &str,
+    ) -> Result<Option<SignedVersion>, OriginError> {
         let key = self.key(&Self::dataset_key(name, &format!("_versions/{version}")));
         match self.get_opt(&key).await? {
-            Some((b, _)) => Ok(Some(SignedVersion::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
+            Some((b, _)) => Ok(Some(
+                SignedVersion::decode(&b).map_err(|e| self.corrupt(&key, e))?,
+            )),
             None => Ok(None),
         }
     }
 
     /// Whether `name@version` exists.
-    pub async fn version_exists(&self, name: &DatasetName, version: &str) -> Result<bool, OriginError> {
+    pub async fn version_exists(
+        &self,
+        name: &DatasetName,
+        version: &str,
+    ) -> Result<bool, OriginError> {
         let key = self.key(&Self::dataset_key(name, &format!("_versions/{version}")));
         match self.store.head(&key).await {
             Ok(_) => Ok(true),
@@ -252,14 +320,24 @@ impl Origin {
 
     /// Creates a version object; fails with [`OriginError::AlreadyExists`] if the name is
     /// taken, even when two publishers race.
-    pub async fn create_version(&self, name: &DatasetName, v: &SignedVersion) -> Result<(), OriginError> {
-        let key = self.key(&Self::dataset_key(name, &format!("_versions/{}", v.body.version)));
-        self.put(&key, v.encode().into(), PutMode::Create).await.map_err(|e| match e {
-            OriginError::AlreadyExists { origin, .. } => {
-                OriginError::AlreadyExists { origin, what: format!("version {name}@{}", v.body.version) }
-            }
-            e => e,
-        })
+    pub async fn create_version(
+        &self,
+        name: &DatasetName,
+        v: &SignedVersion,
+    ) -> Result<(), OriginError> {
+        let key = self.key(&Self::dataset_key(
+            name,
+            &format!("_versions/{}", v.body.version),
+        ));
+        self.put(&key, v.encode().into(), PutMode::Create)
+            .await
+            .map_err(|e| match e {
+                OriginError::AlreadyExists { origin, .. } => OriginError::AlreadyExists {
+                    origin,
+                    what: format!("version {name}@{}", v.body.version),
+                },
+                e => e,
+            })
     }
 
     /// Version names of a dataset, sorted.
@@ -283,17 +361,39 @@ impl Origin {
     /// Points `tag` at `version`. The write is a compare-and-swap against the tag as it was
     /// read, retried on conflict, so concurrent movers serialise and no write is torn. A store
     /// without conditional update (a local directory) falls back to its atomic overwrite.
-    pub async fn set_tag(&self, name: &DatasetName, tag: &str, version: &str, now: u64) -> Result<(), OriginError> {
+    pub async fn set_tag(
+        &self,
+        name: &DatasetName,
+        tag: &str,
+        version: &str,
+        now: u64,
+    ) -> Result<(), OriginError> {
         let key = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
-        let body: Bytes = Tag { version: version.to_string(), updated_unix: now }.encode().into();
+        let body: Bytes = Tag {
+            version: version.to_string(),
+            updated_unix: now,
+        }
+        .encode()
+        .into();
         for _ in 0..10 {
             let mode = match self.get_opt(&key).await? {
                 None => PutMode::Create,
                 Some((_, v)) => PutMode::Update(v),
             };
-            match self.store.put_opts(&key, PutPayload::from_bytes(body.clone()), PutOptions::from(mode)).await {
+            match self
+                .store
+                .put_opts(
+                    &key,
+                    PutPayload::from_bytes(body.clone()),
+                    PutOptions::from(mode),
+                )
+                .await
+            {
                 Ok(_) => return Ok(()),
-                Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => continue,
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. },
+                ) => continue,
                 Err(object_store::Error::NotImplemented) => {
                     return self.put(&key, body, PutMode::Overwrite).await;
                 }
@@ -304,7 +404,10 @@ impl Origin {
             origin: self.url.clone(),
             op: "moving tag",
             key: key.to_string(),
-            source: object_store::Error::Generic { store: "shoal", source: "tag kept changing under us after 10 attempts".into() },
+            source: Box::new(object_store::Error::Generic {
+                store: "shoal",
+                source: "tag kept changing under us after 10 attempts".into(),
+            }),
         })
     }
 
@@ -317,13 +420,24 @@ impl Origin {
                     return Ok((label.to_string(), v));
                 }
                 if let Some(tag) = self.tag(name, label.as_str()).await? {
-                    let target: Label = tag.version.parse().map_err(|e| self.corrupt(&self.key(&Self::dataset_key(name, &format!("_tags/{label}"))), e))?;
+                    let target: Label = tag.version.parse().map_err(|e| {
+                        self.corrupt(
+                            &self.key(&Self::dataset_key(name, &format!("_tags/{label}"))),
+                            e,
+                        )
+                    })?;
                     if let Some(v) = self.version(name, target.as_str()).await? {
                         return Ok((target.to_string(), v));
                     }
-                    return Err(OriginError::NotFound { origin: self.url.clone(), what: format!("version {name}@{target} (tag {label} points to it)") });
+                    return Err(OriginError::NotFound {
+                        origin: self.url.clone(),
+                        what: format!("version {name}@{target} (tag {label} points to it)"),
+                    });
                 }
-                Err(OriginError::NotFound { origin: self.url.clone(), what: format!("version or tag {name}@{label}") })
+                Err(OriginError::NotFound {
+                    origin: self.url.clone(),
+                    what: format!("version or tag {name}@{label}"),
+                })
             }
             Rev::Root(root) => {
                 for version in self.list_versions(name).await? {
@@ -333,7 +447,10 @@ impl Origin {
                         }
                     }
                 }
-                Err(OriginError::NotFound { origin: self.url.clone(), what: format!("a version of {name} with root b3:{root}") })
+                Err(OriginError::NotFound {
+                    origin: self.url.clone(),
+                    what: format!("a version of {name} with root b3:{root}"),
+                })
             }
         }
     }
@@ -343,13 +460,27 @@ impl Origin {
     }
 
     /// Uploads a pack and then its index.
-    pub async fn put_pack(&self, id: &Hash, parts: Vec<Bytes>, index: Bytes) -> Result<(), OriginError> {
+    pub async fn put_pack(
+        &self,
+        id: &Hash,
+        parts: Vec<Bytes>,
+        index: Bytes,
+    ) -> Result<(), OriginError> {
         let key = self.key(&Self::pack_key(id, "pack"));
         self.store
-            .put_opts(&key, PutPayload::from_iter(parts), PutOptions::from(PutMode::Overwrite))
+            .put_opts(
+                &key,
+                PutPayload::from_iter(parts),
+                PutOptions::from(PutMode::Overwrite),
+            )
             .await
             .map_err(|e| self.store_err("writing", &key, e))?;
-        self.put(&self.key(&Self::pack_key(id, "idx")), index, PutMode::Overwrite).await
+        self.put(
+            &self.key(&Self::pack_key(id, "idx")),
+            index,
+            PutMode::Overwrite,
+        )
+        .await
     }
 
     /// Reads a pack index and checks it against the pack's id. Returns the raw bytes too, for
@@ -359,7 +490,10 @@ impl Origin {
         let (bytes, _) = self
             .get_opt(&key)
             .await?
-            .ok_or_else(|| OriginError::NotFound { origin: self.url.clone(), what: format!("pack index {key}") })?;
+            .ok_or_else(|| OriginError::NotFound {
+                origin: self.url.clone(),
+                what: format!("pack index {key}"),
+            })?;
         if shoal_chunker::hash(&bytes) != *id {
             return Err(self.corrupt(&key, "content does not match its id"));
         }
@@ -367,16 +501,13 @@ impl Origin {
         Ok((idx, bytes))
     }
 
-    /// Reads byte ranges of a pack, in the order given.
-    pub async fn read_pack(&self, id: &Hash, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, OriginError> {
+    /// Reads one byte range of a pack.
+    pub async fn read_pack(&self, id: &Hash, range: Range<u64>) -> Result<Bytes, OriginError> {
         let key = self.key(&Self::pack_key(id, "pack"));
-        let reads = futures::stream::iter(ranges.iter().cloned())
-            .map(|r| {
-                let key = &key;
-                async move { self.store.get_range(key, r).await.map_err(|e| self.store_err("reading", key, e)) }
-            })
-            .buffered(4);
-        reads.collect::<Vec<_>>().await.into_iter().collect()
+        self.store
+            .get_range(&key, range)
+            .await
+            .map_err(|e| self.store_err("reading", &key, e))
     }
 
     /// Key of a pack object, for error messages.

@@ -35,7 +35,10 @@ impl PackIndex {
         let mut next = 0u64;
         for e in &idx.entries {
             if e.offset != next || e.len == 0 {
-                return Err(DecodeError::Invalid(Kind::PackIndex, format!("blob {} at offset {} breaks the layout", e.id, e.offset)));
+                return Err(DecodeError::Invalid(
+                    Kind::PackIndex,
+                    format!("blob {} at offset {} breaks the layout", e.id, e.offset),
+                ));
             }
             next = e.offset + e.len as u64;
         }
@@ -44,7 +47,10 @@ impl PackIndex {
 
     /// Total size of the pack object this index describes.
     pub fn pack_len(&self) -> u64 {
-        self.entries.last().map(|e| e.offset + e.len as u64).unwrap_or(0)
+        self.entries
+            .last()
+            .map(|e| e.offset + e.len as u64)
+            .unwrap_or(0)
     }
 }
 
@@ -84,7 +90,11 @@ impl SealedPack {
 
 impl PackBuilder {
     pub fn push(&mut self, id: Hash, bytes: Bytes) {
-        self.index.entries.push(PackEntry { id, offset: self.len as u64, len: bytes.len() as u32 });
+        self.index.entries.push(PackEntry {
+            id,
+            offset: self.len as u64,
+            len: bytes.len() as u32,
+        });
         self.len += bytes.len();
         self.parts.push(bytes);
     }
@@ -101,7 +111,12 @@ impl PackBuilder {
     /// Seals the pack: encodes the index and names the pack by its hash.
     pub fn seal(self) -> SealedPack {
         let index_bytes = self.index.encode();
-        SealedPack { id: shoal_chunker::hash(&index_bytes), parts: self.parts, index: self.index, index_bytes }
+        SealedPack {
+            id: shoal_chunker::hash(&index_bytes),
+            parts: self.parts,
+            index: self.index,
+            index_bytes,
+        }
     }
 }
 

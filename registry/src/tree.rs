@@ -44,11 +44,20 @@ pub enum FileContent {
 /// What a directory entry is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
-    File { size: u64, content: FileContent },
+    File {
+        size: u64,
+        content: FileContent,
+    },
     /// A subdirectory: its node id and the files and bytes below it.
-    Dir { id: Hash, files: u64, bytes: u64 },
+    Dir {
+        id: Hash,
+        files: u64,
+        bytes: u64,
+    },
     /// A relative symlink whose target stays inside the tree.
-    Symlink { target: String },
+    Symlink {
+        target: String,
+    },
 }
 
 /// One named entry of a directory. `mode` holds the permission bits (0o777) only.
@@ -137,7 +146,8 @@ impl Dir {
     /// Decodes and validates a node read from anywhere (an origin, a peer, the local store).
     pub fn decode(bytes: &[u8]) -> Result<Dir, DecodeError> {
         let dir: Dir = format::decode(Kind::Dir, bytes)?;
-        dir.validate().map_err(|e| DecodeError::Invalid(Kind::Dir, e))?;
+        dir.validate()
+            .map_err(|e| DecodeError::Invalid(Kind::Dir, e))?;
         Ok(dir)
     }
 
@@ -156,7 +166,10 @@ impl Dir {
                 return Err(format!("entries not sorted and unique at {:?}", e.name));
             }
             if e.mode & !0o777 != 0 {
-                return Err(format!("entry {:?}: mode {:o} has bits beyond 0o777", e.name, e.mode));
+                return Err(format!(
+                    "entry {:?}: mode {:o} has bits beyond 0o777",
+                    e.name, e.mode
+                ));
             }
             if let EntryKind::File { size, content } = &e.kind {
                 let sum: u64 = match content {
@@ -169,7 +182,10 @@ impl Dir {
                     FileContent::Lists(l) => l.iter().map(|l| l.bytes).sum(),
                 };
                 if sum != *size {
-                    return Err(format!("entry {:?}: size {size} but chunks add up to {sum}", e.name));
+                    return Err(format!(
+                        "entry {:?}: size {size} but chunks add up to {sum}",
+                        e.name
+                    ));
                 }
             }
         }
@@ -189,11 +205,19 @@ impl ChunkList {
         if list.chunks.len() != expect.chunks as usize || bytes != expect.bytes {
             return Err(DecodeError::Invalid(
                 Kind::ChunkList,
-                format!("holds {} chunks / {bytes} bytes, reference says {} / {}", list.chunks.len(), expect.chunks, expect.bytes),
+                format!(
+                    "holds {} chunks / {bytes} bytes, reference says {} / {}",
+                    list.chunks.len(),
+                    expect.chunks,
+                    expect.bytes
+                ),
             ));
         }
         if list.chunks.iter().any(|c| c.len == 0 || c.len > MAX_CHUNK) {
-            return Err(DecodeError::Invalid(Kind::ChunkList, "chunk length out of range".into()));
+            return Err(DecodeError::Invalid(
+                Kind::ChunkList,
+                "chunk length out of range".into(),
+            ));
         }
         Ok(list)
     }
@@ -208,7 +232,9 @@ pub fn file_content(chunks: Vec<ChunkRef>) -> (FileContent, Vec<(Hash, Vec<u8>)>
     let mut refs = Vec::new();
     let mut nodes = Vec::new();
     for part in chunks.chunks(LIST_CHUNKS) {
-        let node = ChunkList { chunks: part.to_vec() };
+        let node = ChunkList {
+            chunks: part.to_vec(),
+        };
         let bytes = node.encode();
         let id = shoal_chunker::hash(&bytes);
         refs.push(ListRef {
@@ -227,15 +253,39 @@ mod tests {
     use proptest::prelude::*;
 
     fn chunk(i: u8, len: u32) -> ChunkRef {
-        ChunkRef { id: Hash([i; 32]), len }
+        ChunkRef {
+            id: Hash([i; 32]),
+            len,
+        }
     }
 
     fn sample() -> Dir {
         Dir {
             entries: vec![
-                Entry { name: "a.bin".into(), mode: 0o644, kind: EntryKind::File { size: 10, content: FileContent::Chunks(vec![chunk(1, 4), chunk(2, 6)]) } },
-                Entry { name: "link".into(), mode: 0o777, kind: EntryKind::Symlink { target: "a.bin".into() } },
-                Entry { name: "sub".into(), mode: 0o755, kind: EntryKind::Dir { id: Hash([9; 32]), files: 3, bytes: 99 } },
+                Entry {
+                    name: "a.bin".into(),
+                    mode: 0o644,
+                    kind: EntryKind::File {
+                        size: 10,
+                        content: FileContent::Chunks(vec![chunk(1, 4), chunk(2, 6)]),
+                    },
+                },
+                Entry {
+                    name: "link".into(),
+                    mode: 0o777,
+                    kind: EntryKind::Symlink {
+                        target: "a.bin".into(),
+                    },
+                },
+                Entry {
+                    name: "sub".into(),
+                    mode: 0o755,
+                    kind: EntryKind::Dir {
+                        id: Hash([9; 32]),
+                        files: 3,
+                        bytes: 99,
+                    },
+                },
             ],
         }
     }
@@ -263,10 +313,21 @@ mod tests {
         check(&|d| d.entries[0].name = "".into(), "empty name");
         check(&|d| d.entries.swap(0, 2), "not sorted");
         check(&|d| d.entries[0].mode = 0o4755, "beyond 0o777");
-        check(&|d| d.entries[0].kind = EntryKind::File { size: 11, content: FileContent::Chunks(vec![chunk(1, 4), chunk(2, 6)]) }, "add up to 10");
+        check(
+            &|d| {
+                d.entries[0].kind = EntryKind::File {
+                    size: 11,
+                    content: FileContent::Chunks(vec![chunk(1, 4), chunk(2, 6)]),
+                }
+            },
+            "add up to 10",
+        );
         let mut bytes = sample().encode();
         bytes[4] = 9;
-        assert!(matches!(Dir::decode(&bytes), Err(DecodeError::UnsupportedVersion(..))));
+        assert!(matches!(
+            Dir::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion(..))
+        ));
         assert!(Dir::decode(b"SHLD\x01\xff\xff").is_err());
         assert!(Dir::decode(&bytes[..3]).is_err());
     }
@@ -282,9 +343,13 @@ mod tests {
 
     #[test]
     fn large_files_use_list_nodes() {
-        let chunks: Vec<ChunkRef> = (0..10_000u32).map(|i| chunk((i % 251) as u8, 100)).collect();
+        let chunks: Vec<ChunkRef> = (0..10_000u32)
+            .map(|i| chunk((i % 251) as u8, 100))
+            .collect();
         let (content, nodes) = file_content(chunks.clone());
-        let FileContent::Lists(refs) = content else { panic!("expected lists") };
+        let FileContent::Lists(refs) = content else {
+            panic!("expected lists")
+        };
         assert_eq!(refs.len(), 3);
         let mut back = Vec::new();
         for (r, (id, bytes)) in refs.iter().zip(&nodes) {
@@ -296,13 +361,23 @@ mod tests {
 
     fn arb_entry() -> impl Strategy<Value = Entry> {
         let name = "[a-zA-Z0-9._ -]{1,20}".prop_filter("valid", |n| check_name(n).is_ok());
-        let chunk = (any::<[u8; 32]>(), 1u32..1000).prop_map(|(h, len)| ChunkRef { id: Hash(h), len });
+        let chunk =
+            (any::<[u8; 32]>(), 1u32..1000).prop_map(|(h, len)| ChunkRef { id: Hash(h), len });
         let kind = prop_oneof![
             proptest::collection::vec(chunk, 0..20).prop_map(|c| {
                 let size = c.iter().map(|c| c.len as u64).sum();
-                EntryKind::File { size, content: FileContent::Chunks(c) }
+                EntryKind::File {
+                    size,
+                    content: FileContent::Chunks(c),
+                }
             }),
-            (any::<[u8; 32]>(), any::<u64>(), any::<u64>()).prop_map(|(h, files, bytes)| EntryKind::Dir { id: Hash(h), files, bytes }),
+            (any::<[u8; 32]>(), any::<u64>(), any::<u64>()).prop_map(|(h, files, bytes)| {
+                EntryKind::Dir {
+                    id: Hash(h),
+                    files,
+                    bytes,
+                }
+            }),
             "[a-z/]{1,30}".prop_map(|target| EntryKind::Symlink { target }),
         ];
         (name, 0u32..0o777, kind).prop_map(|(name, mode, kind)| Entry { name, mode, kind })

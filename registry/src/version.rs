@@ -109,7 +109,9 @@ pub enum VerifyError {
     Untrusted(String, PublicKey),
     #[error("version {0} has an invalid signature (claimed publisher {1}); the origin may be tampered with")]
     BadSignature(String, PublicKey),
-    #[error("version object at {path} describes {found}; refusing a version stored under another name")]
+    #[error(
+        "version object at {path} describes {found}; refusing a version stored under another name"
+    )]
     Misplaced { path: String, found: String },
 }
 
@@ -119,19 +121,35 @@ impl SignedVersion {
         body.publisher = key.public().0;
         let body_bytes = format::encode(Kind::VersionBody, &body);
         let signature = key.0.sign(&body_bytes).to_bytes().to_vec();
-        SignedVersion { body, body_bytes, signature }
+        SignedVersion {
+            body,
+            body_bytes,
+            signature,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        format::encode(Kind::Version, &Envelope { body: self.body_bytes.clone(), signature: self.signature.clone() })
+        format::encode(
+            Kind::Version,
+            &Envelope {
+                body: self.body_bytes.clone(),
+                signature: self.signature.clone(),
+            },
+        )
     }
 
     /// Decodes a version object; the signature is checked separately by [`Self::verify`].
     pub fn decode(bytes: &[u8]) -> Result<SignedVersion, DecodeError> {
         let env: Envelope = format::decode(Kind::Version, bytes)?;
         let body: VersionBody = format::decode(Kind::VersionBody, &env.body)?;
-        body.chunking.validate().map_err(|e| DecodeError::Invalid(Kind::VersionBody, e.to_string()))?;
-        Ok(SignedVersion { body, body_bytes: env.body, signature: env.signature })
+        body.chunking
+            .validate()
+            .map_err(|e| DecodeError::Invalid(Kind::VersionBody, e.to_string()))?;
+        Ok(SignedVersion {
+            body,
+            body_bytes: env.body,
+            signature: env.signature,
+        })
     }
 
     pub fn publisher(&self) -> PublicKey {
@@ -140,13 +158,23 @@ impl SignedVersion {
 
     /// Checks that the signature is valid, made by a trusted key, and that the version is the
     /// one that was asked for (`dataset@version`).
-    pub fn verify(&self, dataset: &str, version: &str, trusted: &[PublicKey]) -> Result<(), VerifyError> {
+    pub fn verify(
+        &self,
+        dataset: &str,
+        version: &str,
+        trusted: &[PublicKey],
+    ) -> Result<(), VerifyError> {
         let name = format!("{}@{}", self.body.dataset, self.body.version);
         if self.body.dataset != dataset || self.body.version != version {
-            return Err(VerifyError::Misplaced { path: format!("{dataset}@{version}"), found: name });
+            return Err(VerifyError::Misplaced {
+                path: format!("{dataset}@{version}"),
+                found: name,
+            });
         }
         let publisher = self.publisher();
-        let ok = VerifyingKey::from_bytes(&self.body.publisher).ok().zip(Signature::from_slice(&self.signature).ok());
+        let ok = VerifyingKey::from_bytes(&self.body.publisher)
+            .ok()
+            .zip(Signature::from_slice(&self.signature).ok());
         match ok {
             Some((key, sig)) if key.verify(&self.body_bytes, &sig).is_ok() => {}
             _ => return Err(VerifyError::BadSignature(name, publisher)),
@@ -194,7 +222,9 @@ impl DatasetConfig {
     }
     pub fn decode(bytes: &[u8]) -> Result<DatasetConfig, DecodeError> {
         let c: DatasetConfig = format::decode(Kind::DatasetConfig, bytes)?;
-        c.chunking.validate().map_err(|e| DecodeError::Invalid(Kind::DatasetConfig, e.to_string()))?;
+        c.chunking
+            .validate()
+            .map_err(|e| DecodeError::Invalid(Kind::DatasetConfig, e.to_string()))?;
         Ok(c)
     }
 }
@@ -211,7 +241,11 @@ mod tests {
             packs: vec![Hash([4; 32])],
             chunking: Params::default(),
             created_unix: 1,
-            stats: Stats { files: 1, bytes: 2, chunks: 3 },
+            stats: Stats {
+                files: 1,
+                bytes: 2,
+                chunks: 3,
+            },
             publisher: [0; 32],
         }
     }
@@ -225,18 +259,32 @@ mod tests {
         v.verify("imagenet", "v1", &[key.public()]).unwrap();
         let err = v.verify("imagenet", "v1", &[other.public()]).unwrap_err();
         assert!(err.to_string().contains(&key.public().to_string()), "{err}");
-        assert!(matches!(v.verify("imagenet", "v2", &[key.public()]), Err(VerifyError::Misplaced { .. })));
+        assert!(matches!(
+            v.verify("imagenet", "v2", &[key.public()]),
+            Err(VerifyError::Misplaced { .. })
+        ));
         let forged = v.clone().with_signature(vec![0; 64]);
-        assert!(matches!(forged.verify("imagenet", "v1", &[key.public()]), Err(VerifyError::BadSignature(..))));
+        assert!(matches!(
+            forged.verify("imagenet", "v1", &[key.public()]),
+            Err(VerifyError::BadSignature(..))
+        ));
         let unsigned = v.with_signature(vec![]);
-        assert!(matches!(unsigned.verify("imagenet", "v1", &[key.public()]), Err(VerifyError::BadSignature(..))));
+        assert!(matches!(
+            unsigned.verify("imagenet", "v1", &[key.public()]),
+            Err(VerifyError::BadSignature(..))
+        ));
     }
 
     #[test]
     fn public_key_text_form() {
         let k = SecretKey::from_bytes([1; 32]).public();
         assert_eq!(k.to_string().parse::<PublicKey>().unwrap(), k);
-        assert_eq!(k.to_string()["ed25519:".len()..].parse::<PublicKey>().unwrap(), k);
+        assert_eq!(
+            k.to_string()["ed25519:".len()..]
+                .parse::<PublicKey>()
+                .unwrap(),
+            k
+        );
         assert!("ed25519:zz".parse::<PublicKey>().is_err());
     }
 }

@@ -21,14 +21,24 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         let origin = dir.path().join("origin").display().to_string();
-        Env { dir, home, origin, extra_env: Vec::new() }
+        Env {
+            dir,
+            home,
+            origin,
+            extra_env: Vec::new(),
+        }
     }
 
     /// Another machine (own state dir and key) sharing this origin.
     pub fn peer(&self, name: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join(name);
-        Env { dir, home, origin: self.origin.clone(), extra_env: self.extra_env.clone() }
+        Env {
+            dir,
+            home,
+            origin: self.origin.clone(),
+            extra_env: self.extra_env.clone(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -37,7 +47,10 @@ impl Env {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(args).env("SHOAL_HOME", &self.home).env("SHOAL_ORIGIN", &self.origin).env_remove("SHOAL_TRUSTED_KEYS");
+        c.args(args)
+            .env("SHOAL_HOME", &self.home)
+            .env("SHOAL_ORIGIN", &self.origin)
+            .env_remove("SHOAL_TRUSTED_KEYS");
         for (k, v) in &self.extra_env {
             c.env(k, v);
         }
@@ -53,8 +66,17 @@ impl Env {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.run(&a);
-        assert!(out.status.success(), "shoal {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("shoal {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "shoal {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "shoal {args:?}: bad JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Runs, asserts failure, returns stderr. Also checks the failure is a clean one-line
@@ -62,15 +84,27 @@ impl Env {
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "shoal {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
-        assert_eq!(out.status.code(), Some(1), "shoal {args:?}: exit {:?}, stderr: {err}", out.status);
+        assert!(
+            !out.status.success(),
+            "shoal {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "shoal {args:?}: exit {:?}, stderr: {err}",
+            out.status
+        );
         assert!(!err.contains("panicked"), "shoal {args:?} panicked: {err}");
         assert!(err.starts_with("error: "), "shoal {args:?}: {err}");
         err
     }
 
     pub fn key(&self) -> String {
-        self.json(&["key"])["public_key"].as_str().unwrap().to_string()
+        self.json(&["key"])["public_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -98,14 +132,25 @@ pub fn sample_tree(root: &Path) {
     write(&root.join("big.bin"), &random_bytes(1, 3_000_000));
     write(&root.join("a/b/c.txt"), b"hello shoal\n");
     write(&root.join("a/run.sh"), b"#!/bin/sh\necho hi\n");
-    std::fs::set_permissions(root.join("a/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("a/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     write(&root.join("a/readonly.dat"), &random_bytes(2, 70_000));
-    std::fs::set_permissions(root.join("a/readonly.dat"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(
+        root.join("a/readonly.dat"),
+        std::fs::Permissions::from_mode(0o444),
+    )
+    .unwrap();
     write(&root.join("empty"), b"");
     std::fs::create_dir_all(root.join("emptydir")).unwrap();
     std::os::unix::fs::symlink("../big.bin", root.join("a/link")).unwrap();
     for i in 0..20 {
-        write(&root.join(format!("many/f{i:02}")), &random_bytes(100 + i, 1000 + i as usize * 3000));
+        write(
+            &root.join(format!("many/f{i:02}")),
+            &random_bytes(100 + i, 1000 + i as usize * 3000),
+        );
     }
 }
 
@@ -126,7 +171,12 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
                     format!("dir {:o}", m.permissions().mode() & 0o777)
                 } else {
                     let bytes = std::fs::read(&p).unwrap();
-                    format!("file {:o} {} {:x}", m.permissions().mode() & 0o777, bytes.len(), fxhash(&bytes))
+                    format!(
+                        "file {:o} {} {:x}",
+                        m.permissions().mode() & 0o777,
+                        bytes.len(),
+                        fxhash(&bytes)
+                    )
                 };
                 v.push((rel, desc));
             }
@@ -134,11 +184,19 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         v.sort();
         v
     };
-    assert_eq!(list(a), list(b), "trees differ: {} vs {}", a.display(), b.display());
+    assert_eq!(
+        list(a),
+        list(b),
+        "trees differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
 }
 
 fn fxhash(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100000001b3))
+    b.iter().fold(0xcbf29ce484222325u64, |h, x| {
+        (h ^ *x as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Every file under `root` with its size (for checking that nothing escaped a destination).
