@@ -20,30 +20,55 @@ fn kill9(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+fn packs_in(origin: &str) -> usize {
+    std::fs::read_dir(Path::new(origin).join("packs"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn kill_during_publish_leaves_no_visible_version_and_retry_succeeds() {
     let env = Env::new();
     let src = env.path("src");
-    make_dataset(&src);
-    // How long a publish takes here, to spread the kills over it.
-    let t = Instant::now();
-    env.json(&["publish", src.to_str().unwrap(), "calib@v1"]);
-    let full = t.elapsed();
-
+    // About 150 MiB: three packs, so there is a moment with one pack stored and no version.
+    for i in 0..20 {
+        write(
+            &src.join(format!("part-{i:02}.bin")),
+            &random_bytes(70 + i, 15 << 19),
+        );
+    }
     let mut interrupted = 0;
-    for i in 0..6u32 {
+    for i in 0..6u64 {
         // A dataset of its own each time, so that no run dedups against an earlier one.
-        let name = format!("ds{i}@v1");
+        let dataset = format!("ds{i}");
+        let name = format!("{dataset}@v1");
+        let before = packs_in(&env.origin);
         let mut child = env
             .cmd(&["publish", src.to_str().unwrap(), &name])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(full * (2 * i + 1) / 14);
+        if i % 2 == 0 {
+            // Early, at a seeded pseudo-random moment: scanning, chunking or uploading.
+            std::thread::sleep(Duration::from_millis(random_bytes(i, 1)[0] as u64 % 40));
+        } else {
+            // Right after the first pack of this publish lands: the version cannot exist yet.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while packs_in(&env.origin) == before
+                && Instant::now() < deadline
+                && child.try_wait().unwrap().is_none()
+            {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
         let finished = child.try_wait().unwrap().is_some();
         kill9(&mut child);
-        let versions = env.json(&["versions", &format!("ds{i}")]);
+        let versions = env.json(&["versions", &dataset]);
         let visible = !versions["versions"].as_array().unwrap().is_empty();
         if !visible {
             assert!(

@@ -2,7 +2,7 @@
 
 use crate::blobs::Blobs;
 use crate::error::{Error, Result};
-use crate::walk::load_dir;
+use crate::walk::{join, load_dir};
 use crate::Node;
 use serde::Serialize;
 use shoal_registry::tree::{ChunkList, Dir, Entry, EntryKind, FileContent};
@@ -82,14 +82,6 @@ fn files_of(e: &Entry) -> u64 {
         EntryKind::File { .. } => 1,
         EntryKind::Dir { files, .. } => *files,
         EntryKind::Symlink { .. } => 0,
-    }
-}
-
-fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_string()
-    } else {
-        format!("{parent}/{name}")
     }
 }
 

@@ -100,12 +100,13 @@ impl Node {
             target.version.as_str(),
             &self.trusted_keys()?,
         )?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         self.origin
-            .set_tag(&target.dataset, tag.as_str(), target.version.as_str(), now)
+            .set_tag(
+                &target.dataset,
+                tag.as_str(),
+                target.version.as_str(),
+                publish::now_unix(),
+            )
             .await?;
         Ok(format!("{}@{tag} -> {reference}", target.dataset))
     }

@@ -15,11 +15,12 @@ use shoal_chunker::{ChunkError, Chunker};
 use shoal_registry::pack::{PackBuilder, SealedPack, PACK_TARGET};
 use shoal_registry::tree::{self, ChunkRef, Dir, Entry, EntryKind};
 use shoal_registry::{
-    DatasetConfig, Hash, Label, Params, SignedVersion, Stats, VersionBody, VersionRef,
+    DatasetConfig, Hash, Label, Origin, Params, SignedVersion, Stats, VersionBody, VersionRef,
 };
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -121,7 +122,7 @@ fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec
 struct Dedup {
     existing: HashMap<Hash, Hash>,
     claimed: Mutex<HashSet<Hash>>,
-    new_chunks: std::sync::atomic::AtomicU64,
+    new_chunks: AtomicU64,
 }
 
 impl Dedup {
@@ -207,7 +208,7 @@ struct Built {
     tree_ids: Vec<Hash>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -224,7 +225,161 @@ pub struct PublishOptions {
     pub params: Option<Params>,
 }
 
+/// A pack the uploader stored: its id, the blobs in it and its size with the index.
+struct Uploaded {
+    pack: Hash,
+    ids: Vec<Hash>,
+    bytes: u64,
+}
+
+/// Uploads sealed packs, at most two at a time; returns what it stored.
+fn spawn_uploader(
+    origin: Origin,
+) -> (
+    tokio::sync::mpsc::Sender<SealedPack>,
+    tokio::task::JoinHandle<Result<Vec<Uploaded>>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(1);
+    let task = tokio::spawn(async move {
+        let mut uploaded = Vec::new();
+        let mut running = tokio::task::JoinSet::new();
+        while let Some(pack) = rx.recv().await {
+            while running.len() >= 2 {
+                uploaded.push(
+                    running
+                        .join_next()
+                        .await
+                        .expect("non-empty")
+                        .expect("upload task panicked")?,
+                );
+            }
+            let o = origin.clone();
+            running.spawn(async move {
+                let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
+                let bytes = pack.len() + pack.index_bytes.len() as u64;
+                o.put_pack(&pack.id, pack.parts, pack.index_bytes.into())
+                    .await?;
+                Ok::<_, Error>(Uploaded {
+                    pack: pack.id,
+                    ids,
+                    bytes,
+                })
+            });
+        }
+        while let Some(r) = running.join_next().await {
+            uploaded.push(r.expect("upload task panicked")?);
+        }
+        Ok(uploaded)
+    });
+    (tx, task)
+}
+
+/// Groups new blobs into packs of about [`PACK_TARGET`] bytes; the last pack is sealed when
+/// every sender is gone.
+fn spawn_packer(
+    packs: tokio::sync::mpsc::Sender<SealedPack>,
+) -> (BlobTx, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Hash, Bytes)>(256);
+    let thread = std::thread::spawn(move || {
+        let mut builder = PackBuilder::default();
+        for (id, bytes) in rx {
+            builder.push(id, bytes);
+            if builder.len() >= PACK_TARGET
+                && packs
+                    .blocking_send(std::mem::take(&mut builder).seal())
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if !builder.is_empty() {
+            let _ = packs.blocking_send(builder.seal());
+        }
+    });
+    (tx, thread)
+}
+
+/// Chunks every file on all cores, sending new chunks to the packer. `Ok(None)` means the
+/// uploader stopped (its own error says why).
+fn chunk_files(
+    files: &[(PathBuf, u64)],
+    params: Params,
+    dedup: &Dedup,
+    tx: &BlobTx,
+    progress: &Progress,
+) -> Result<Option<Vec<Vec<ChunkRef>>>> {
+    let chunked: Vec<Result<Vec<ChunkRef>, Option<Error>>> = files
+        .par_iter()
+        .map_init(
+            || (Chunker::new(params), tx.clone()),
+            |(chunker, tx), (path, _)| {
+                let f = std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?;
+                let mut refs = Vec::new();
+                chunker
+                    .chunk(f, |c, bytes| {
+                        refs.push(ChunkRef {
+                            id: c.id,
+                            len: c.len,
+                        });
+                        progress.add(c.len as u64);
+                        if dedup.claim(&c.id) {
+                            dedup.new_chunks.fetch_add(1, Ordering::Relaxed);
+                            tx.send((c.id, Bytes::copy_from_slice(bytes)))
+                                .map_err(|_| UploadStopped)?;
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| match e {
+                        ChunkError::Read(e) => Some(io("reading", path)(e)),
+                        ChunkError::Callback(UploadStopped) => None,
+                    })?;
+                Ok(refs)
+            },
+        )
+        .collect();
+    let mut chunks = Vec::with_capacity(chunked.len());
+    for r in chunked {
+        match r {
+            Ok(c) => chunks.push(c),
+            Err(Some(e)) => return Err(e),
+            Err(None) => return Ok(None),
+        }
+    }
+    Ok(Some(chunks))
+}
+
 impl Node {
+    /// Blob id -> pack id for everything the origin holds of this dataset: the packs of its
+    /// versions signed by trusted keys (anything else is not deduplicated against).
+    async fn existing_blobs(
+        &self,
+        name: &shoal_registry::DatasetName,
+    ) -> Result<HashMap<Hash, Hash>> {
+        let origin = &self.origin;
+        let trusted = self.trusted_keys()?;
+        let mut existing = HashMap::new();
+        let mut packs_seen = HashSet::new();
+        for v in origin.list_versions(name).await? {
+            let Some(sv) = origin.version(name, &v).await? else {
+                continue;
+            };
+            if sv.verify(name.as_str(), &v, &trusted).is_err() {
+                continue;
+            }
+            for p in sv.body.packs {
+                if packs_seen.insert(p) {
+                    for e in pack_index(origin, &self.home.pack_cache_dir(), &p)
+                        .await?
+                        .entries
+                    {
+                        existing.insert(e.id, p);
+                    }
+                }
+            }
+        }
+        Ok(existing)
+    }
+
     /// Publishes `dir` as `target`. See the module docs for the write order.
     pub async fn publish(
         &self,
@@ -258,174 +413,55 @@ impl Node {
         })
         .await
         .expect("scan task panicked")?;
-        let total_bytes: u64 = files.iter().map(|f| f.1).sum();
 
-        let config = match origin.dataset_config(name).await? {
-            Some(c) => c,
+        let params = match origin.dataset_config(name).await? {
+            Some(c) => c.chunking,
             None => {
                 let cfg = DatasetConfig {
                     chunking: opts.params.unwrap_or_default(),
                     created_unix: now_unix(),
                 };
-                origin.create_dataset_config(name, cfg).await?
+                origin.create_dataset_config(name, cfg).await?.chunking
             }
         };
-
-        // What the origin already holds for this dataset: the packs of its trusted versions.
         progress.phase("loading dataset index", 0);
-        let mut existing = HashMap::new();
-        let trusted = self.trusted_keys()?;
-        let mut packs_seen = HashSet::new();
-        for v in origin.list_versions(name).await? {
-            let Some(sv) = origin.version(name, &v).await? else {
-                continue;
-            };
-            if sv.verify(name.as_str(), &v, &trusted).is_err() {
-                continue;
-            }
-            for p in sv.body.packs {
-                if packs_seen.insert(p) {
-                    let idx = pack_index(origin, &self.home.pack_cache_dir(), &p).await?;
-                    for e in idx.entries {
-                        existing.insert(e.id, p);
-                    }
-                }
-            }
-        }
         let dedup = Dedup {
-            existing,
+            existing: self.existing_blobs(name).await?,
             claimed: Mutex::default(),
             new_chunks: Default::default(),
         };
 
-        // Uploader: sealed packs in, at most two uploads in flight.
-        let (pack_tx, mut pack_rx) = tokio::sync::mpsc::channel::<SealedPack>(1);
-        let up_origin = origin.clone();
-        let uploader = tokio::spawn(async move {
-            let mut uploaded: Vec<(Hash, Vec<Hash>, u64)> = Vec::new();
-            let mut running = tokio::task::JoinSet::new();
-            while let Some(pack) = pack_rx.recv().await {
-                while running.len() >= 2 {
-                    uploaded.push(
-                        running
-                            .join_next()
-                            .await
-                            .expect("non-empty")
-                            .expect("upload task panicked")?,
-                    );
-                }
-                let o = up_origin.clone();
-                running.spawn(async move {
-                    let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
-                    let size = pack.len() + pack.index_bytes.len() as u64;
-                    o.put_pack(&pack.id, pack.parts, pack.index_bytes.into())
-                        .await?;
-                    Ok::<_, Error>((pack.id, ids, size))
-                });
-            }
-            while let Some(r) = running.join_next().await {
-                uploaded.push(r.expect("upload task panicked")?);
-            }
-            Ok::<_, Error>(uploaded)
+        let (pack_tx, uploader) = spawn_uploader(origin.clone());
+        let (blob_tx, packer) = spawn_packer(pack_tx);
+        progress.phase("chunking", files.iter().map(|f| f.1).sum());
+        let built = tokio::task::block_in_place(|| -> Result<Option<Built>> {
+            let Some(chunks) = chunk_files(&files, params, &dedup, &blob_tx, progress)? else {
+                return Ok(None);
+            };
+            let mut tb = TreeBuild {
+                chunks: &chunks,
+                dedup: &dedup,
+                tx: &blob_tx,
+                referenced: Vec::new(),
+            };
+            let Ok((root, files, bytes)) = tb.dir(&entries) else {
+                return Ok(None);
+            };
+            let tree_ids = tb.referenced;
+            Ok(Some(Built {
+                root,
+                files,
+                bytes,
+                chunks,
+                tree_ids,
+            }))
         });
-
-        // Packer: new blobs in, sealed packs out.
-        let (blob_tx, blob_rx) = std::sync::mpsc::sync_channel::<(Hash, Bytes)>(256);
-        let packer = std::thread::spawn(move || {
-            let mut builder = PackBuilder::default();
-            for (id, bytes) in blob_rx {
-                builder.push(id, bytes);
-                if builder.len() >= PACK_TARGET {
-                    let full = std::mem::take(&mut builder).seal();
-                    if pack_tx.blocking_send(full).is_err() {
-                        return;
-                    }
-                }
-            }
-            if !builder.is_empty() {
-                let _ = pack_tx.blocking_send(builder.seal());
-            }
-        });
-
-        // Chunk every file on all cores, then build the tree bottom-up.
-        progress.phase("chunking", total_bytes);
-        let params = config.chunking;
-        let built = {
-            let dedup = &dedup;
-            let files = &files;
-            let blob_tx = blob_tx;
-            tokio::task::block_in_place(move || -> Result<Option<Built>> {
-                let chunked: Vec<Result<Vec<ChunkRef>, Option<Error>>> = files
-                    .par_iter()
-                    .map_init(
-                        || (Chunker::new(params), blob_tx.clone()),
-                        |(chunker, tx), (path, _)| {
-                            let f = std::fs::File::open(path)
-                                .map_err(|e| Some(io("reading", path)(e)))?;
-                            let mut refs = Vec::new();
-                            chunker
-                                .chunk(f, |c, bytes| {
-                                    refs.push(ChunkRef {
-                                        id: c.id,
-                                        len: c.len,
-                                    });
-                                    progress.add(c.len as u64);
-                                    if dedup.claim(&c.id) {
-                                        dedup
-                                            .new_chunks
-                                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                        tx.send((c.id, Bytes::copy_from_slice(bytes)))
-                                            .map_err(|_| UploadStopped)?;
-                                    }
-                                    Ok(())
-                                })
-                                .map_err(|e| match e {
-                                    ChunkError::Read(e) => Some(io("reading", path)(e)),
-                                    ChunkError::Callback(UploadStopped) => None,
-                                })?;
-                            Ok(refs)
-                        },
-                    )
-                    .collect();
-                let mut chunks = Vec::with_capacity(chunked.len());
-                for r in chunked {
-                    match r {
-                        Ok(c) => chunks.push(c),
-                        Err(Some(e)) => return Err(e),
-                        Err(None) => return Ok(None),
-                    }
-                }
-                let mut tb = TreeBuild {
-                    chunks: &chunks,
-                    dedup,
-                    tx: &blob_tx,
-                    referenced: Vec::new(),
-                };
-                let Ok((root, nfiles, nbytes)) = tb.dir(&entries) else {
-                    return Ok(None);
-                };
-                let tree_ids = tb.referenced;
-                Ok(Some(Built {
-                    root,
-                    files: nfiles,
-                    bytes: nbytes,
-                    chunks,
-                    tree_ids,
-                }))
-            })
-        };
-        // Closing the blob channel (all senders are gone now) seals the last pack.
+        // The last sender goes: the packer seals the last pack and the uploader drains.
+        drop(blob_tx);
         let _ = packer.join();
         progress.phase("uploading", 0);
         let uploaded = uploader.await.expect("uploader panicked")?;
-        let Some(Built {
-            root,
-            files: nfiles,
-            bytes: nbytes,
-            chunks,
-            tree_ids,
-        }) = built?
-        else {
+        let Some(built) = built? else {
             return Err(Error::Corrupt {
                 what: "publish".into(),
                 reason: "uploader stopped without an error".into(),
@@ -433,24 +469,18 @@ impl Node {
         };
 
         // The version names every pack that holds one of its blobs.
-        let mut new_pack_of: HashMap<Hash, Hash> = HashMap::new();
-        let mut new_bytes_uploaded = 0;
-        for (pack, ids, size) in &uploaded {
-            new_bytes_uploaded += size;
-            for id in ids {
-                new_pack_of.insert(*id, *pack);
-            }
-        }
+        let new_pack_of: HashMap<Hash, Hash> = uploaded
+            .iter()
+            .flat_map(|u| u.ids.iter().map(|id| (*id, u.pack)))
+            .collect();
+        let chunk_count = built.chunks.iter().map(|c| c.len() as u64).sum();
         let mut packs = HashSet::new();
-        let mut chunk_count = 0u64;
-        for id in chunks
+        for id in built
+            .chunks
             .iter()
             .flatten()
-            .map(|c| {
-                chunk_count += 1;
-                &c.id
-            })
-            .chain(tree_ids.iter())
+            .map(|c| &c.id)
+            .chain(&built.tree_ids)
         {
             let p = dedup
                 .existing
@@ -468,21 +498,19 @@ impl Node {
         let body = VersionBody {
             dataset: name.to_string(),
             version: version.to_string(),
-            root,
+            root: built.root,
             packs,
             chunking: params,
             created_unix: now_unix(),
             stats: Stats {
-                files: nfiles,
-                bytes: nbytes,
+                files: built.files,
+                bytes: built.bytes,
                 chunks: chunk_count,
             },
             publisher: [0; 32],
         };
         let signed = SignedVersion::sign(body, &key);
-        let encoded_len = signed.encode().len() as u64;
         origin.create_version(name, &signed).await?;
-        new_bytes_uploaded += encoded_len;
 
         let mut tags = Vec::new();
         for t in &opts.tags {
@@ -491,15 +519,15 @@ impl Node {
                 .await?;
             tags.push(t.to_string());
         }
-        let new_chunks = dedup.new_chunks.load(std::sync::atomic::Ordering::Relaxed);
         Ok(PublishReport {
             reference: target.to_string(),
-            root: format!("b3:{root}"),
-            files: nfiles,
-            bytes: nbytes,
+            root: format!("b3:{}", built.root),
+            files: built.files,
+            bytes: built.bytes,
             chunks: chunk_count,
-            new_chunks,
-            new_bytes_uploaded,
+            new_chunks: dedup.new_chunks.load(Ordering::Relaxed),
+            new_bytes_uploaded: uploaded.iter().map(|u| u.bytes).sum::<u64>()
+                + signed.encode().len() as u64,
             packs_uploaded: uploaded.len() as u64,
             tags,
             publisher: key.public().to_string(),

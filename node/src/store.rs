@@ -1,9 +1,12 @@
 //! The local chunk store: blob bytes appended to large segment files, the index in sled.
 //!
-//! Crash safety comes from ordering: a batch of blobs is appended and `fsync`ed before its
-//! index entries are inserted, so an index entry only ever points at durable bytes. Bytes
-//! written by a batch whose index update was lost are unreferenced garbage, never served.
-//! Every read is verified against the blob's id; a mismatch drops the entry and is reported.
+//! Crash safety comes from ordering and verification. A batch of blobs is appended to the
+//! segment before its index entries are inserted, and the index is flushed with every batch,
+//! so after a killed process every entry points at complete bytes (the page cache outlives the
+//! process). Segment data is not `fsync`ed per batch: after a power cut an entry may point at
+//! bytes that never reached the disk, and since every read is verified against the blob's id,
+//! such an entry is detected, dropped and the blob fetched again. Bytes written by a batch
+//! whose index update was lost are unreferenced garbage, never served.
 
 use shoal_chunker::Hash;
 use std::collections::HashMap;
@@ -38,7 +41,7 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, id: &Hash) -> Result<bool, StoreError>;
     /// The blob's bytes, verified against `id`; `None` when absent.
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Stores verified blobs; durable once this returns.
+    /// Stores verified blobs; they survive the process being killed once this returns.
     fn put_batch(&self, blobs: &[(Hash, &[u8])]) -> Result<(), StoreError>;
     /// Number of blobs and their total bytes.
     fn usage(&self) -> Result<(u64, u64), StoreError>;
@@ -258,7 +261,7 @@ impl ChunkStore for SegmentStore {
             for (_, bytes) in blobs {
                 buf.extend_from_slice(bytes);
             }
-            if let Err(e) = w.file.write_all(&buf).and_then(|_| w.file.sync_data()) {
+            if let Err(e) = w.file.write_all(&buf) {
                 // Whatever part was written is unreferenced; later appends start after it.
                 w.len = w.file.metadata().map(|m| m.len()).unwrap_or(off);
                 return Err(io(e));

@@ -23,7 +23,8 @@ pub struct Walked {
     pub symlinks: Vec<(String, String)>,
 }
 
-fn join(parent: &str, name: &str) -> String {
+/// `parent/name`, or `name` at the root.
+pub(crate) fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {
         name.to_string()
     } else {

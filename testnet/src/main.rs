@@ -1,0 +1,417 @@
+//! `shoal-bench`: benchmarks that run Shoal and the peer tools on the same data in one run
+//! and print machine-readable results (JSON on stdout, and a copy under
+//! `$BENCH_ROOT/results/`). Timings are reported, never asserted.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "shoal-bench", about = "Shoal benchmarks against peer tools")]
+struct Args {
+    /// Where data, work files and results go (the shared scripts' BENCH_ROOT).
+    #[arg(long, env = "BENCH_ROOT", default_value = "/tmp/shoal-bench")]
+    bench_root: PathBuf,
+    /// The shared benchmark scripts (gen_data.py, bench_casync.sh, ...).
+    #[arg(long, env = "SHOAL_SHARED_BENCH", default_value = "../shared/bench")]
+    shared: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Publish v1, publish v2 (dedup), pull: shards and images, beside casync and b3sum.
+    Publish {
+        /// Datasets to run (shards, images).
+        #[arg(long, value_delimiter = ',', default_value = "shards,images")]
+        datasets: Vec<String>,
+        /// Timed runs per Shoal measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Do not run the peer tools (report Shoal alone).
+        #[arg(long)]
+        skip_peers: bool,
+    },
+    /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
+    Chunking {
+        #[arg(long, value_delimiter = ',', default_value = "shards,images")]
+        datasets: Vec<String>,
+        /// Average chunk sizes in KiB to try (min = avg/4, max = avg*4).
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        avg_kib: Vec<u32>,
+    },
+}
+
+fn shoal_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("shoal");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p shoal-cli`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn files_under(root: &Path) -> Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path().strip_prefix(root)?.display().to_string(), m.len());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes that really changed from v1 to v2: new files whole; for a modified file, what lies
+/// between the common prefix and the common suffix (an insertion counts as its own size).
+fn changed_bytes(v1: &Path, v2: &Path) -> Result<u64> {
+    let (a, b) = (files_under(v1)?, files_under(v2)?);
+    let mut changed = 0u64;
+    for (path, size) in &b {
+        let Some(_) = a.get(path) else {
+            changed += size;
+            continue;
+        };
+        let (x, y) = (std::fs::read(v1.join(path))?, std::fs::read(v2.join(path))?);
+        if x == y {
+            continue;
+        }
+        let prefix = x.iter().zip(&y).take_while(|(p, q)| p == q).count();
+        let max_suffix = x.len().min(y.len()) - prefix;
+        let suffix = x
+            .iter()
+            .rev()
+            .zip(y.iter().rev())
+            .take(max_suffix)
+            .take_while(|(p, q)| p == q)
+            .count();
+        changed += (y.len() - prefix - suffix) as u64;
+    }
+    Ok(changed)
+}
+
+fn warm(dir: &Path) -> Result<()> {
+    for path in files_under(dir)?.keys() {
+        let _ = std::fs::read(dir.join(path))?;
+    }
+    Ok(())
+}
+
+/// Runs shoal with --json; returns (wall seconds, the JSON document).
+fn shoal(home: &Path, origin: &Path, args: &[&str]) -> Result<(f64, Value)> {
+    let t = Instant::now();
+    let out = Command::new(shoal_bin()?)
+        .arg("--json")
+        .args(args)
+        .env("SHOAL_HOME", home)
+        .env("SHOAL_ORIGIN", origin)
+        .output()
+        .context("running shoal")?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "shoal {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((secs, serde_json::from_slice(&out.stdout)?))
+}
+
+fn time_cmd(cmd: &mut Command) -> Result<f64> {
+    let t = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Rows of the shared scripts' raw.csv (label -> seconds) appended after line `skip`.
+fn raw_rows(raw: &Path, skip: usize) -> Result<BTreeMap<String, Vec<f64>>> {
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let text = std::fs::read_to_string(raw).unwrap_or_default();
+    for line in text.lines().skip(skip) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() >= 3 && f.get(5).is_none_or(|n| n.starts_with("rc=0")) {
+            if let Ok(s) = f[2].parse() {
+                out.entry(f[0].to_string()).or_default().push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn line_count(p: &Path) -> usize {
+    std::fs::read_to_string(p)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn stat_after(stats: &str, prefix: &str, key: &str) -> Option<f64> {
+    let line = stats.lines().rev().find(|l| l.starts_with(prefix))?;
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
+fn publish_bench(args: &Args, datasets: &[String], runs: usize, skip_peers: bool) -> Result<Value> {
+    let root = &args.bench_root;
+    let data = root.join("data");
+    let gen = args.shared.join("gen_data.py");
+    eprintln!(
+        "generating data with {} (skipped if present)",
+        gen.display()
+    );
+    time_cmd(Command::new("python3").arg(&gen).arg("--out").arg(&data))?;
+    let work = root.join("work/shoal");
+    std::fs::create_dir_all(&work)?;
+    let results_dir = root.join("results");
+    std::fs::create_dir_all(&results_dir)?;
+
+    // Peers first, so that Shoal runs with the same (warm) page cache afterwards.
+    let raw = results_dir.join("raw.csv");
+    let skip = line_count(&raw);
+    if !skip_peers {
+        let script = args.shared.join("bench_casync.sh");
+        eprintln!(
+            "running {} for {datasets:?} (casync make, v2, extract, mount)",
+            script.display()
+        );
+        let status = Command::new("bash")
+            .arg(&script)
+            .env("DATASETS", datasets.join(" "))
+            .env("BENCH_ROOT", root)
+            // The script's progress goes to stderr; stdout is this program's JSON.
+            .stdout(std::process::Stdio::from(std::io::stderr()))
+            .status()
+            .context("running bench_casync.sh")?;
+        if !status.success() {
+            bail!("{} failed", script.display());
+        }
+    }
+    let peer = raw_rows(&raw, skip)?;
+    let casync_stats =
+        std::fs::read_to_string(results_dir.join("casync_stats.txt")).unwrap_or_default();
+
+    let mut out = serde_json::Map::new();
+    for ds in datasets {
+        let (v1, v2) = (data.join(format!("{ds}_v1")), data.join(format!("{ds}_v2")));
+        let files = files_under(&v1)?;
+        let bytes: u64 = files.values().sum();
+        warm(&v1)?;
+        eprintln!("{ds}: {} files, {bytes} bytes", files.len());
+
+        // b3sum over the same files: the hashing ceiling.
+        let paths: Vec<PathBuf> = files.keys().map(|p| v1.join(p)).collect();
+        let mut b3_1t = Vec::new();
+        let mut b3_mt = Vec::new();
+        for _ in 0..runs {
+            let mut one = Command::new("b3sum");
+            one.arg("--num-threads").arg("1").args(&paths);
+            b3_1t.push(time_cmd(&mut one)?);
+            let mut all = Command::new("b3sum");
+            all.args(&paths);
+            b3_mt.push(time_cmd(&mut all)?);
+        }
+
+        let mut publish = Vec::new();
+        let mut first = None;
+        for run in 0..runs {
+            let dir = work.join(format!("{ds}-run{run}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            let (secs, v) = shoal(
+                &dir.join("home"),
+                &dir.join("origin"),
+                &["publish", v1.to_str().unwrap(), &format!("{ds}@v1")],
+            )?;
+            publish.push(secs);
+            first.get_or_insert((dir, v));
+        }
+        let (dir, v1_report) = first.expect("at least one run");
+        let origin = dir.join("origin");
+        warm(&v2)?;
+        let (v2_secs, v2_report) = shoal(
+            &dir.join("home"),
+            &origin,
+            &["publish", v2.to_str().unwrap(), &format!("{ds}@v2")],
+        )?;
+        let changed = changed_bytes(&v1, &v2)?;
+        let uploaded = v2_report["new_bytes_uploaded"].as_u64().unwrap_or(0);
+
+        let mut pull = Vec::new();
+        for run in 0..runs {
+            let home = dir.join(format!("puller{run}"));
+            let dest = dir.join(format!("pulled{run}"));
+            let _ = std::fs::remove_dir_all(&home);
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::create_dir_all(&home)?;
+            std::fs::copy(dir.join("home/publisher.key"), home.join("publisher.key"))?;
+            let (secs, _) = shoal(
+                &home,
+                &origin,
+                &["pull", &format!("{ds}@v1"), "--to", dest.to_str().unwrap()],
+            )?;
+            pull.push(secs);
+            let _ = std::fs::remove_dir_all(&dest);
+            let _ = std::fs::remove_dir_all(&home);
+        }
+
+        let gbps = |s: f64| bytes as f64 / s / 1e9;
+        let shoal_publish = median(publish);
+        let shoal_pull = median(pull);
+        let b3_1t = median(b3_1t);
+        let b3_mt = median(b3_mt);
+        let mut r = json!({
+            "files": files.len(),
+            "bytes": bytes,
+            "runs": runs,
+            "shoal_publish_s": shoal_publish,
+            "shoal_publish_gbps": gbps(shoal_publish),
+            "shoal_chunks": v1_report["chunks"],
+            "b3sum_1thread_gbps": gbps(b3_1t),
+            "b3sum_gbps": gbps(b3_mt),
+            "shoal_publish_vs_b3sum": b3_mt / shoal_publish,
+            "v2_changed_bytes": changed,
+            "shoal_v2_uploaded_bytes": uploaded,
+            "shoal_v2_upload_ratio": uploaded as f64 / changed as f64,
+            "shoal_v2_publish_s": v2_secs,
+            "shoal_pull_s": shoal_pull,
+            "shoal_pull_gbps": gbps(shoal_pull),
+        });
+        let m = r.as_object_mut().expect("object");
+        if let Some(s) = peer.get(&format!("casync_make_{ds}_v1")) {
+            let s = median(s.clone());
+            m.insert("casync_make_s".into(), json!(s));
+            m.insert("casync_make_gbps".into(), json!(gbps(s)));
+            m.insert(
+                "shoal_publish_speedup_vs_casync".into(),
+                json!(s / shoal_publish),
+            );
+        }
+        if let Some(nb) = stat_after(&casync_stats, &format!("{ds} v2:"), "new_store_bytes") {
+            m.insert("casync_v2_new_bytes".into(), json!(nb));
+            m.insert("casync_v2_upload_ratio".into(), json!(nb / changed as f64));
+        }
+        if let Some(s) = peer.get(&format!("casync_extract_{ds}_v1")) {
+            let s = median(s.clone());
+            m.insert("casync_extract_s".into(), json!(s));
+            m.insert(
+                "shoal_pull_speedup_vs_casync_extract".into(),
+                json!(s / shoal_pull),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        out.insert(ds.clone(), r);
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    Ok(json!({ "benchmark": "publish", "cores": cores, "datasets": out }))
+}
+
+fn chunking_bench(args: &Args, datasets: &[String], avgs: &[u32]) -> Result<Value> {
+    let data = args.bench_root.join("data");
+    time_cmd(
+        Command::new("python3")
+            .arg(args.shared.join("gen_data.py"))
+            .arg("--out")
+            .arg(&data),
+    )?;
+    let work = args.bench_root.join("work/shoal-chunking");
+    let mut out = serde_json::Map::new();
+    for ds in datasets {
+        let (v1, v2) = (data.join(format!("{ds}_v1")), data.join(format!("{ds}_v2")));
+        let changed = changed_bytes(&v1, &v2)?;
+        let mut rows = Vec::new();
+        for &avg in avgs {
+            let (min, max) = (avg * 1024 / 4, avg * 1024 * 4);
+            let spec = format!("{min},{},{max}", avg * 1024);
+            let _ = std::fs::remove_dir_all(&work);
+            let (home, origin) = (work.join("home"), work.join("origin"));
+            let (s1, r1) = shoal(
+                &home,
+                &origin,
+                &[
+                    "publish",
+                    v1.to_str().unwrap(),
+                    &format!("{ds}@v1"),
+                    "--chunking",
+                    &spec,
+                ],
+            )?;
+            let (_, r2) = shoal(
+                &home,
+                &origin,
+                &["publish", v2.to_str().unwrap(), &format!("{ds}@v2")],
+            )?;
+            let bytes = r1["bytes"].as_u64().unwrap_or(0);
+            let uploaded_v1 = r1["new_bytes_uploaded"].as_u64().unwrap_or(0);
+            let uploaded_v2 = r2["new_bytes_uploaded"].as_u64().unwrap_or(0);
+            eprintln!(
+                "{ds} avg {avg} KiB: v2 ratio {:.3}",
+                uploaded_v2 as f64 / changed as f64
+            );
+            rows.push(json!({
+                "min": min, "avg": avg * 1024, "max": max,
+                "chunks": r1["chunks"],
+                "metadata_bytes_v1": uploaded_v1.saturating_sub(bytes),
+                "metadata_per_gib": uploaded_v1.saturating_sub(bytes) as f64 / (bytes as f64 / (1u64 << 30) as f64),
+                "publish_v1_s": s1,
+                "v2_uploaded_bytes": uploaded_v2,
+                "v2_changed_bytes": changed,
+                "v2_upload_ratio": uploaded_v2 as f64 / changed as f64,
+            }));
+        }
+        out.insert(ds.clone(), Value::Array(rows));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(json!({ "benchmark": "chunking", "datasets": out }))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let (name, result) = match &args.command {
+        Cmd::Publish {
+            datasets,
+            runs,
+            skip_peers,
+        } => (
+            "publish",
+            publish_bench(&args, datasets, (*runs).max(1), *skip_peers)?,
+        ),
+        Cmd::Chunking { datasets, avg_kib } => {
+            ("chunking", chunking_bench(&args, datasets, avg_kib)?)
+        }
+    };
+    let text = serde_json::to_string_pretty(&result)?;
+    let path = args
+        .bench_root
+        .join("results")
+        .join(format!("shoal_{name}.json"));
+    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    println!("{text}");
+    eprintln!("results written to {}", path.display());
+    Ok(())
+}
