@@ -119,7 +119,7 @@ fn tiny_and_empty_inputs() {
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].len, 5);
     // Smaller than min: exactly one chunk.
-    let d = data("min", 16 * 1024 - 1);
+    let d = data("min", 8 * 1024 - 1);
     assert_eq!(chunk_bytes(&d, Params::default()).len(), 1);
 }
 
@@ -128,8 +128,8 @@ fn default_params_give_expected_average() {
     let d = data("avg", 8 << 20);
     let chunks = chunk_bytes(&d, Params::default());
     let avg = d.len() / chunks.len();
-    assert!((32 << 10..=96 << 10).contains(&avg), "average chunk {avg}");
-    assert!(chunks.iter().all(|c| c.len <= 256 << 10));
+    assert!((16 << 10..=48 << 10).contains(&avg), "average chunk {avg}");
+    assert!(chunks.iter().all(|c| c.len <= 128 << 10));
 }
 
 #[test]

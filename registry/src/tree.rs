@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use shoal_chunker::Hash;
 
 /// Files with more chunks than this store their chunk list in separate nodes.
-pub const INLINE_CHUNKS: usize = 1024;
+pub const INLINE_CHUNKS: usize = 256;
 /// Chunks per chunk-list node.
-pub const LIST_CHUNKS: usize = 4096;
+pub const LIST_CHUNKS: usize = 1024;
 /// Longest accepted entry name, as on Linux.
 pub const MAX_NAME: usize = 255;
 /// Largest chunk a tree may reference (FastCDC's upper bound).
@@ -350,7 +350,7 @@ mod tests {
         let FileContent::Lists(refs) = content else {
             panic!("expected lists")
         };
-        assert_eq!(refs.len(), 3);
+        assert_eq!(refs.len(), 10);
         let mut back = Vec::new();
         for (r, (id, bytes)) in refs.iter().zip(&nodes) {
             assert_eq!(r.id, *id);
