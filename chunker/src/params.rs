@@ -15,12 +15,12 @@ pub struct Params {
 }
 
 impl Default for Params {
-    /// 16 / 64 / 256 KiB: see `docs/chunking.md` for the measurement behind it.
+    /// 8 / 32 / 128 KiB: see `docs/chunking.md` for the measurement behind it.
     fn default() -> Self {
         Params {
-            min: 16 << 10,
-            avg: 64 << 10,
-            max: 256 << 10,
+            min: 8 << 10,
+            avg: 32 << 10,
+            max: 128 << 10,
         }
     }
 }
