@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with a Rust toolchain. Installs what the
-# tests need first (idempotent): fuse3, nginx (HTTP origin), moto_server (S3 origin).
+# tests need first (idempotent): fuse3, nginx (HTTP origin), moto_server (S3 origin),
+# pyarrow (a real Parquet reader through the mount).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,9 +19,12 @@ if [ ${#need[@]} -gt 0 ]; then
   rm -f /usr/sbin/policy-rc.d
 fi
 export PATH="$PATH:/usr/sbin"
-if ! command -v moto_server >/dev/null; then
-  echo "installing: moto[server] (S3 server for the origin tests)"
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5.0.15'
+pips=()
+command -v moto_server >/dev/null || pips+=('moto[server]>=5.0.15')
+python3 -c 'import pyarrow' 2>/dev/null || pips+=('pyarrow')
+if [ ${#pips[@]} -gt 0 ]; then
+  echo "installing: ${pips[*]} (S3 server for origin tests; Parquet reader for mount tests)"
+  python3 -m pip install --quiet --disable-pip-version-check "${pips[@]}"
   hash -r
 fi
 command -v moto_server >/dev/null || export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"

@@ -78,6 +78,32 @@ pub enum Command {
         /// The new version.
         to: String,
     },
+    /// Mount a version read-only; stays in the foreground until unmounted or interrupted.
+    Mount {
+        /// The version to mount.
+        reference: String,
+        /// An existing empty directory.
+        mountpoint: PathBuf,
+        /// What to fetch ahead of readers: none, sequential (ahead of sequential readers) or
+        /// all (the whole version in the background).
+        #[arg(long, value_enum, default_value = "sequential")]
+        prefetch: PrefetchArg,
+        /// A file of paths, one per line (e.g. a data loader's order for the next epoch):
+        /// fetched in that order ahead of the reader.
+        #[arg(long, value_name = "FILE")]
+        read_order: Option<PathBuf>,
+        /// Seconds a read waits for a missing chunk before failing with EIO.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Unmount a mounted version.
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
     /// Point a tag at a version: `shoal tag imagenet@v3 latest`.
     Tag {
         /// NAME@VERSION.
@@ -85,4 +111,12 @@ pub enum Command {
         /// Tag name.
         tag: String,
     },
+}
+
+/// `--prefetch` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrefetchArg {
+    None,
+    Sequential,
+    All,
 }

@@ -2,6 +2,7 @@
 
 mod args;
 mod config;
+mod mount;
 mod output;
 
 use anyhow::{Context, Result};
@@ -252,6 +253,41 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 ));
                 lines.join("\n")
             })
+        }
+        Command::Mount {
+            reference,
+            mountpoint,
+            prefetch,
+            read_order,
+            timeout,
+            threads,
+        } => {
+            let reference: DatasetRef = reference.parse()?;
+            let node = open(false)?;
+            let args = mount::MountArgs {
+                mountpoint,
+                prefetch,
+                read_order,
+                timeout,
+                threads,
+            };
+            let r = mount::run(&node, &reference, args).await?;
+            out.report(&r, || {
+                format!(
+                    "unmounted {} from {}: {} files opened, {} read",
+                    r.version,
+                    r.mountpoint,
+                    r.opens,
+                    output::bytes(r.bytes_read)
+                )
+            })
+        }
+        Command::Unmount { mountpoint } => {
+            mount::unmount(&mountpoint)?;
+            out.report(
+                &serde_json::json!({ "unmounted": mountpoint.display().to_string() }),
+                || format!("unmounted {}", mountpoint.display()),
+            )
         }
         Command::Tag { target, tag } => {
             let target: VersionRef = target.parse()?;

@@ -1,0 +1,388 @@
+//! `shoal mount` for real: FUSE mounts of published versions, read by real programs.
+
+mod common;
+use common::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_mounted(mp: &Path) -> bool {
+    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}
+
+/// A running `shoal mount`; unmounted and reaped on drop, pass or fail.
+struct Mounted {
+    child: Option<Child>,
+    mp: PathBuf,
+}
+
+impl Mounted {
+    fn start(env: &Env, reference: &str, mp: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(mp).unwrap();
+        let mut args = vec!["--json", "mount", reference, mp.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let log = std::fs::File::create(env.path("mount.log")).unwrap();
+        let child = env
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let m = Mounted {
+            child: Some(child),
+            mp: mp.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(mp) {
+            assert!(
+                Instant::now() < deadline,
+                "not mounted within 30 s: {}",
+                std::fs::read_to_string(env.path("mount.log")).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    /// Unmounts with `shoal unmount` and returns the mount's JSON report.
+    fn stop(mut self, env: &Env) -> serde_json::Value {
+        env.json(&["unmount", self.mp.to_str().unwrap()]);
+        let out = self.child.take().unwrap().wait_with_output().unwrap();
+        assert!(out.status.success(), "mount process failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Publishes `src` as demo@v1 from `env`, returns a second machine that trusts it (so nothing
+/// is local there yet).
+fn publish_and_peer(env: &Env, src: &Path) -> Env {
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    let other = env.peer("reader");
+    other.json(&["trust", &env.key()]);
+    other
+}
+
+fn os_err(r: std::io::Result<impl Sized>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+}
+
+#[test]
+fn mounted_version_reads_like_the_source_and_refuses_writes() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    write(&src.join("large.bin"), &random_bytes(5, 24 << 20));
+    let reader = publish_and_peer(&env, &src);
+    let mp = env.path("mnt");
+    let m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+
+    assert_same_tree(&src, &mp);
+    let mut found = Command::new("find")
+        .arg(".")
+        .current_dir(&mp)
+        .output()
+        .unwrap()
+        .stdout;
+    let mut want = Command::new("find")
+        .arg(".")
+        .current_dir(&src)
+        .output()
+        .unwrap()
+        .stdout;
+    let sort = |v: &mut Vec<u8>| {
+        let mut l: Vec<&str> = std::str::from_utf8(v).unwrap().lines().collect();
+        l.sort();
+        l.join("\n")
+    };
+    assert_eq!(sort(&mut found), sort(&mut want));
+
+    // Link counts and stable inode numbers.
+    let a = std::fs::metadata(mp.join("a")).unwrap();
+    assert_eq!(a.nlink(), 3, "a has one subdirectory");
+    assert_eq!(
+        std::fs::metadata(mp.join("a/b/c.txt")).unwrap().ino(),
+        std::fs::metadata(mp.join("a/b/c.txt")).unwrap().ino()
+    );
+
+    // Every write attempt gets EROFS.
+    const EROFS: i32 = 30;
+    assert_eq!(os_err(std::fs::File::create(mp.join("new"))), EROFS);
+    assert_eq!(
+        os_err(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(mp.join("big.bin"))
+        ),
+        EROFS
+    );
+    assert_eq!(os_err(std::fs::create_dir(mp.join("d"))), EROFS);
+    assert_eq!(os_err(std::fs::remove_file(mp.join("empty"))), EROFS);
+    assert_eq!(
+        os_err(std::fs::rename(mp.join("empty"), mp.join("e2"))),
+        EROFS
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        os_err(std::fs::set_permissions(
+            mp.join("empty"),
+            std::fs::Permissions::from_mode(0o777)
+        )),
+        EROFS
+    );
+
+    // tar of the whole tree.
+    let out = env.path("untarred");
+    std::fs::create_dir_all(&out).unwrap();
+    let tar = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -cf - . | tar -C {} -xf -",
+            mp.display(),
+            out.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    assert_same_tree(&src, &out);
+
+    let report = m.stop(&reader);
+    assert!(
+        report["bytes_read"].as_u64().unwrap() >= 24 << 20,
+        "{report}"
+    );
+    assert_eq!(report["read_errors"], 0);
+    assert!(!is_mounted(&mp));
+}
+
+#[test]
+fn concurrent_readers_of_one_file() {
+    let env = Env::new();
+    let src = env.path("src");
+    let data = random_bytes(11, 32 << 20);
+    write(&src.join("shard.bin"), &data);
+    let reader = publish_and_peer(&env, &src);
+    let mp = env.path("mnt");
+    let m = Mounted::start(&reader, "demo@v1", &mp, &["--prefetch", "none"]);
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let path = mp.join("shard.bin");
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::open(&path).unwrap();
+                let mut buf = vec![0u8; 300_000];
+                for i in 0..20u64 {
+                    let off = (random_bytes(t * 100 + i, 8)
+                        .iter()
+                        .fold(0u64, |a, b| a * 256 + *b as u64))
+                        % (data.len() as u64 - buf.len() as u64);
+                    f.seek(SeekFrom::Start(off)).unwrap();
+                    f.read_exact(&mut buf).unwrap();
+                    assert_eq!(
+                        &buf[..],
+                        &data[off as usize..off as usize + buf.len()],
+                        "thread {t} read {i} at {off}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    m.stop(&reader);
+}
+
+#[test]
+fn python_reads_parquet_row_groups_at_random_through_the_mount() {
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let gen = "import pyarrow as pa, pyarrow.parquet as pq, sys\n\
+               n = 200_000\n\
+               t = pa.table({'id': pa.array(range(n), pa.int64()), 'x': pa.array([float(i) * 0.5 for i in range(n)]), 's': pa.array([f'row-{i}' for i in range(n)])})\n\
+               pq.write_table(t, sys.argv[1], row_group_size=10_000)\n";
+    let ok = Command::new("python3")
+        .args(["-c", gen])
+        .arg(src.join("t.parquet"))
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "pyarrow is needed (the README's test command installs it)"
+    );
+    let reader = publish_and_peer(&env, &src);
+    let mp = env.path("mnt");
+    let m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+    let check = "import pyarrow.parquet as pq, random, sys\n\
+                 a, b = pq.ParquetFile(sys.argv[1]), pq.ParquetFile(sys.argv[2])\n\
+                 assert a.num_row_groups == b.num_row_groups == 20\n\
+                 order = list(range(20)); random.Random(3).shuffle(order)\n\
+                 for g in order:\n\
+                 \x20   assert a.read_row_group(g).equals(b.read_row_group(g)), g\n\
+                 print('ok', len(order))\n";
+    let out = Command::new("python3")
+        .args(["-c", check])
+        .arg(mp.join("t.parquet"))
+        .arg(src.join("t.parquet"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 20");
+    m.stop(&reader);
+}
+
+#[test]
+fn unreachable_source_gives_eio_within_the_bound_and_recovers() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..4 {
+        write(
+            &src.join(format!("f{i}.bin")),
+            &random_bytes(50 + i, 6 << 20),
+        );
+    }
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    // The origin sits behind a TCP relay the test can cut and restore.
+    let relay = Relay::start(&env.origin, env.dir.path());
+    let mut reader = env.peer("reader");
+    reader.origin = relay.url();
+    reader.json(&["trust", &env.key()]);
+    let mp = env.path("mnt");
+    let m = Mounted::start(
+        &reader,
+        "demo@v1",
+        &mp,
+        &["--timeout", "3", "--prefetch", "none"],
+    );
+    assert_eq!(
+        std::fs::read(mp.join("f0.bin")).unwrap(),
+        std::fs::read(src.join("f0.bin")).unwrap()
+    );
+
+    relay.stop();
+    let t = Instant::now();
+    let err = std::fs::read(mp.join("f1.bin")).unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected, got {err}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "the read waited {waited:?}, beyond the bound"
+    );
+    let log = std::fs::read_to_string(reader.path("mount.log")).unwrap_or_default()
+        + &std::fs::read_to_string(env.path("mount.log")).unwrap_or_default();
+    assert!(log.contains("EIO"), "the reason is logged: {log}");
+
+    relay.restart();
+    assert_eq!(
+        std::fs::read(mp.join("f1.bin")).unwrap(),
+        std::fs::read(src.join("f1.bin")).unwrap()
+    );
+    m.stop(&reader);
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    let reader = publish_and_peer(&env, &src);
+    let mp = env.path("mnt");
+    let mut m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+    let child = m.child.take().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(!is_mounted(&mp), "SIGTERM must unmount");
+}
+
+/// nginx serving a local origin directory, on a port that can be stopped and started again.
+struct Relay {
+    conf: PathBuf,
+    port: u16,
+    child: std::cell::RefCell<Option<Child>>,
+}
+
+impl Relay {
+    fn start(root: &str, dir: &Path) -> Relay {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join("relay-nginx.conf");
+        let mut f = std::fs::File::create(&conf).unwrap();
+        write!(
+            f,
+            "daemon off; master_process off; worker_processes 1; pid {d}/relay.pid; error_log {d}/relay.err;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
+            d = dir.display()
+        )
+        .unwrap();
+        let r = Relay {
+            conf,
+            port,
+            child: Default::default(),
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    fn restart(&self) {
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (installed by the README's test command)");
+        *self.child.borrow_mut() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&self) {
+        if let Some(mut c) = self.child.borrow_mut().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,395 @@
+//! The `fuser::Filesystem` adapter: translates kernel requests into [`Inodes`] lookups and
+//! [`Source`] reads, and nothing else. The mount is read-only (the kernel answers writes with
+//! EROFS) and its content immutable, so entries, attributes and pages are cached for long.
+
+use crate::layout::FileLayout;
+use crate::model::{Attr, Errno as ModelErrno, Inodes, Kind, Source, ROOT};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+};
+use shoal_registry::tree::ChunkRef;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Knobs of the mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// How long the kernel may cache entries and attributes (the version never changes).
+    pub ttl: Duration,
+    /// Bytes fetched ahead of a sequential reader.
+    pub readahead: u64,
+    /// Files up to this size are fetched whole when opened.
+    pub small_file: u64,
+    /// Fetch ahead of sequential readers at all.
+    pub sequential_prefetch: bool,
+    /// Owner shown for every file.
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time shown for every file (the version's creation time).
+    pub mtime: SystemTime,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            ttl: Duration::from_secs(24 * 3600),
+            readahead: 32 << 20,
+            small_file: 4 << 20,
+            sequential_prefetch: true,
+            uid: 0,
+            gid: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+        }
+    }
+}
+
+struct Handle {
+    chunks: Arc<Vec<ChunkRef>>,
+    layout: FileLayout,
+    /// Where a sequential reader's next read would start.
+    next: u64,
+    /// Chunks before this index have been handed to prefetch.
+    prefetched: usize,
+}
+
+/// Counters of what the mount did.
+#[derive(Debug, Default)]
+pub struct MountStats {
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub opens: AtomicU64,
+}
+
+/// A mounted version.
+pub struct ShoalFs<S> {
+    inodes: Inodes<S>,
+    opts: MountOptions,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    stats: Arc<MountStats>,
+}
+
+fn errno(e: ModelErrno) -> Errno {
+    match e {
+        ModelErrno::NotFound => Errno::ENOENT,
+        ModelErrno::NotDir => Errno::ENOTDIR,
+        ModelErrno::IsDir => Errno::EISDIR,
+        ModelErrno::Io(err) => {
+            tracing::warn!(error = %err, "read failed; returning EIO");
+            Errno::EIO
+        }
+    }
+}
+
+impl<S: Source> ShoalFs<S> {
+    pub fn new(inodes: Inodes<S>, opts: MountOptions) -> ShoalFs<S> {
+        ShoalFs {
+            inodes,
+            opts,
+            handles: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Shared counters, readable while mounted.
+    pub fn stats(&self) -> Arc<MountStats> {
+        self.stats.clone()
+    }
+
+    fn file_attr(&self, a: &Attr) -> FileAttr {
+        let kind = match a.kind {
+            Kind::Dir { .. } => FileType::Directory,
+            Kind::File { .. } => FileType::RegularFile,
+            Kind::Symlink { .. } => FileType::Symlink,
+        };
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: self.opts.mtime,
+            mtime: self.opts.mtime,
+            ctime: self.opts.mtime,
+            crtime: self.opts.mtime,
+            kind,
+            perm: a.mode as u16,
+            nlink: a.nlink,
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+            rdev: 0,
+            blksize: 128 << 10,
+            flags: 0,
+        }
+    }
+
+    fn kind_of(k: &Kind) -> FileType {
+        match k {
+            Kind::Dir { .. } => FileType::Directory,
+            Kind::File { .. } => FileType::RegularFile,
+            Kind::Symlink { .. } => FileType::Symlink,
+        }
+    }
+
+    /// Reads `size` bytes at `offset` of an open file, prefetching ahead of sequential readers.
+    fn read_at(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {
+        let (chunks, pieces, prefetch) = {
+            let mut handles = self.handles.lock().expect("handles poisoned");
+            let h = handles.get_mut(&fh).ok_or(ModelErrno::NotFound)?;
+            let pieces = h.layout.pieces(offset, size as u64);
+            let mut prefetch = Vec::new();
+            if self.opts.sequential_prefetch && offset == h.next && !pieces.is_empty() {
+                // Sequential: keep `readahead` bytes ahead of the reader in flight.
+                let last = pieces.last().expect("non-empty").index;
+                let from = h.prefetched.max(last + 1);
+                let limit = offset + size as u64 + self.opts.readahead;
+                let mut i = from;
+                while i < h.chunks.len() && h.layout.start(i) < limit {
+                    prefetch.push(h.chunks[i]);
+                    i += 1;
+                }
+                h.prefetched = i;
+            }
+            let chunks: Vec<ChunkRef> = pieces.iter().map(|p| h.chunks[p.index]).collect();
+            h.next = offset + pieces.iter().map(|p| p.range.len() as u64).sum::<u64>();
+            (chunks, pieces, prefetch)
+        };
+        if !prefetch.is_empty() {
+            self.inodes.source().prefetch(prefetch);
+        }
+        let data = self.inodes.source().read(&chunks).map_err(ModelErrno::Io)?;
+        let mut out = Vec::with_capacity(size as usize);
+        for (p, bytes) in pieces.iter().zip(&data) {
+            out.extend_from_slice(&bytes[p.range.clone()]);
+        }
+        Ok(out)
+    }
+}
+
+impl<S: Source> Filesystem for ShoalFs<S> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Let the kernel read ahead in large requests; our own prefetch runs further ahead.
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self
+            .inodes
+            .lookup(parent.0, name)
+            .and_then(|ino| self.inodes.attr(ino))
+        {
+            Ok(a) => reply.entry(&self.opts.ttl, &self.file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inodes.attr(ino.0) {
+            Ok(a) => reply.attr(&self.opts.ttl, &self.file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inodes.kind(ino.0) {
+            Ok(Kind::Symlink { target }) => reply.data(target.as_bytes()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let (size, content) = match self.inodes.kind(ino.0) {
+            Ok(Kind::File { size, content }) => (size, content),
+            Ok(Kind::Dir { .. }) => return reply.error(Errno::EISDIR),
+            Ok(_) => return reply.error(Errno::EINVAL),
+            Err(e) => return reply.error(errno(e)),
+        };
+        let chunks = match self.inodes.source().chunks(&content) {
+            Ok(c) => c,
+            Err(e) => return reply.error(errno(ModelErrno::Io(e))),
+        };
+        let mut prefetched = 0;
+        if size <= self.opts.small_file && !chunks.is_empty() {
+            // Small files are read whole, nearly always: fetch them in one go.
+            self.inodes.source().prefetch(chunks.to_vec());
+            prefetched = chunks.len();
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let layout = FileLayout::new(chunks.iter().map(|c| c.len));
+        self.handles.lock().expect("handles poisoned").insert(
+            fh,
+            Handle {
+                chunks,
+                layout,
+                next: 0,
+                prefetched,
+            },
+        );
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        match self.read_at(fh.0, offset, size) {
+            Ok(data) => {
+                self.stats
+                    .bytes_read
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data)
+            }
+            Err(e) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                reply.error(errno(e))
+            }
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().expect("handles poisoned").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inodes.children(ino.0) {
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let children = match self.inodes.children(ino.0) {
+            Ok(c) => c,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let parent = if ino.0 == ROOT {
+            ROOT
+        } else {
+            self.inodes.parent(ino.0).unwrap_or(ROOT)
+        };
+        let mut i = offset;
+        if i == 0 {
+            if reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            i = 1;
+        }
+        if i == 1 {
+            if reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            i = 2;
+        }
+        for (n, (name, child)) in children.iter().enumerate().skip((i - 2) as usize) {
+            let kind = match self.inodes.kind(*child) {
+                Ok(k) => Self::kind_of(&k),
+                Err(e) => return reply.error(errno(e)),
+            };
+            if reply.add(INodeNo(*child), n as u64 + 3, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(
+            0,
+            0,
+            0,
+            self.inodes.len() as u64,
+            0,
+            128 << 10,
+            255,
+            128 << 10,
+        );
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        match self.inodes.kind(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+/// How to attach a [`ShoalFs`] to the kernel.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Shown as the mount's source in `mount` and `/proc/mounts`.
+    pub fsname: String,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Let other users read the mount (needs root or `user_allow_other`).
+    pub allow_other: bool,
+}
+
+/// Mounts `fs` read-only at `mountpoint` and serves it from background threads until the
+/// returned session is joined after an unmount, or dropped.
+pub fn spawn<S: Source>(
+    fs: ShoalFs<S>,
+    mountpoint: &std::path::Path,
+    cfg: &MountConfig,
+) -> std::io::Result<fuser::BackgroundSession> {
+    use fuser::MountOption;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(cfg.fsname.clone()),
+        MountOption::Subtype("shoal".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if cfg.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = cfg.threads > 1;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

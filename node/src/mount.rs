@@ -1,0 +1,341 @@
+//! What a FUSE mount reads through: the local store first, then the origin, every blob
+//! verified, every wait bounded.
+
+use crate::blobs::Blobs;
+use crate::error::{Error, Result};
+use crate::walk::load_dir;
+use crate::Node;
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use shoal_fuse::{Source, SourceError};
+use shoal_registry::tree::{ChunkList, ChunkRef, Dir, EntryKind, FileContent};
+use shoal_registry::{DatasetRef, Hash};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Fetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
+
+/// Blob access for a mount: bounded waits, de-duplicated fetches, background prefetch.
+pub struct MountSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs: Arc<Blobs>,
+    rt: tokio::runtime::Handle,
+    timeout: Duration,
+    inflight: Mutex<HashMap<Hash, Fetch>>,
+    prefetch_slots: Arc<tokio::sync::Semaphore>,
+    what: String,
+}
+
+impl Inner {
+    /// Fetches the blobs not yet local, joining fetches already under way for any of them.
+    async fn fetch(self: &Arc<Self>, ids: Vec<Hash>) -> Result<(), Arc<String>> {
+        let store = self.blobs.store().clone();
+        let missing: Vec<Hash> = {
+            let ids = ids.clone();
+            tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .filter(|id| !store.contains(id).unwrap_or(false))
+                    .collect()
+            })
+            .await
+            .map_err(|e| Arc::new(e.to_string()))?
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut waits = Vec::new();
+        let mut mine = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().expect("inflight poisoned");
+            for id in &missing {
+                match inflight.get(id) {
+                    Some(f) => waits.push(f.clone()),
+                    None => mine.push(*id),
+                }
+            }
+            if !mine.is_empty() {
+                let me = self.clone();
+                let batch = mine.clone();
+                let fut: Fetch = async move {
+                    let r = me
+                        .blobs
+                        .fetch(batch.clone(), None)
+                        .await
+                        .map_err(|e| Arc::new(e.to_string()));
+                    let mut inflight = me.inflight.lock().expect("inflight poisoned");
+                    for id in &batch {
+                        inflight.remove(id);
+                    }
+                    r
+                }
+                .boxed()
+                .shared();
+                for id in &mine {
+                    inflight.insert(*id, fut.clone());
+                }
+                waits.push(fut);
+            }
+        }
+        for w in futures::future::join_all(waits).await {
+            w?;
+        }
+        Ok(())
+    }
+
+    fn block_on_fetch(
+        self: &Arc<Self>,
+        ids: Vec<Hash>,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), SourceError> {
+        let me = self.clone();
+        let timeout = self.timeout;
+        let r = self
+            .rt
+            .block_on(async move { tokio::time::timeout(timeout, me.fetch(ids)).await });
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SourceError(format!("{} of {}: {e}", what(), self.what))),
+            Err(_) => Err(SourceError(format!(
+                "{} of {}: not available within {}s",
+                what(),
+                self.what,
+                timeout.as_secs()
+            ))),
+        }
+    }
+
+    fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, SourceError> {
+        self.blobs
+            .store()
+            .get(id)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn blob(self: &Arc<Self>, id: &Hash, what: &str) -> Result<Vec<u8>, SourceError> {
+        if let Some(b) = self.get(id)? {
+            return Ok(b);
+        }
+        self.block_on_fetch(vec![*id], || format!("{what} {id}"))?;
+        self.get(id)?
+            .ok_or_else(|| SourceError(format!("{what} {id} vanished from the local store")))
+    }
+}
+
+impl Source for MountSource {
+    fn dir(&self, id: &Hash) -> Result<Arc<Dir>, SourceError> {
+        let bytes = self.inner.blob(id, "directory node")?;
+        Dir::decode(&bytes)
+            .map(Arc::new)
+            .map_err(|e| SourceError(format!("directory node {id}: {e}")))
+    }
+
+    fn chunks(&self, content: &FileContent) -> Result<Arc<Vec<ChunkRef>>, SourceError> {
+        match content {
+            FileContent::Chunks(c) => Ok(Arc::new(c.clone())),
+            FileContent::Lists(lists) => {
+                let mut out = Vec::new();
+                for r in lists {
+                    let bytes = self.inner.blob(&r.id, "chunk list")?;
+                    let list = ChunkList::decode(&bytes, r)
+                        .map_err(|e| SourceError(format!("chunk list {}: {e}", r.id)))?;
+                    out.extend(list.chunks);
+                }
+                Ok(Arc::new(out))
+            }
+        }
+    }
+
+    fn read(&self, chunks: &[ChunkRef]) -> Result<Vec<Bytes>, SourceError> {
+        let mut out: Vec<Option<Bytes>> = Vec::with_capacity(chunks.len());
+        let mut missing = Vec::new();
+        for c in chunks {
+            let b = self.inner.get(&c.id)?;
+            if b.is_none() {
+                missing.push(c.id);
+            }
+            out.push(b.map(Bytes::from));
+        }
+        if !missing.is_empty() {
+            let first = missing[0];
+            self.inner
+                .block_on_fetch(missing, || format!("chunk {first}"))?;
+            for (slot, c) in out.iter_mut().zip(chunks) {
+                if slot.is_none() {
+                    let b = self.inner.get(&c.id)?.ok_or_else(|| {
+                        SourceError(format!("chunk {} vanished from the local store", c.id))
+                    })?;
+                    *slot = Some(Bytes::from(b));
+                }
+            }
+        }
+        Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
+    }
+
+    fn prefetch(&self, chunks: Vec<ChunkRef>) {
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let Ok(_slot) = inner.prefetch_slots.clone().acquire_owned().await else {
+                return;
+            };
+            if let Err(e) = inner.fetch(chunks.iter().map(|c| c.id).collect()).await {
+                tracing::debug!(error = %e, "prefetch failed; readers will retry");
+            }
+        });
+    }
+}
+
+/// What `--prefetch` asks for beyond the reader's own requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only what is read (and small files whole on open).
+    None,
+    /// Also ahead of sequential readers.
+    Sequential,
+    /// Also the whole version, in tree order, in the background.
+    All,
+}
+
+/// A version ready to mount.
+pub struct Mountable {
+    pub source: MountSource,
+    pub root: Hash,
+    pub version: String,
+    pub created_unix: u64,
+}
+
+impl Node {
+    /// Opens `reference` for mounting: resolves and verifies it, loads its pack indexes.
+    pub async fn mountable(&self, reference: &DatasetRef, timeout: Duration) -> Result<Mountable> {
+        let (version, signed) = self.open_version(reference).await?;
+        let blobs = Arc::new(
+            Blobs::load(
+                self.origin.clone(),
+                self.store()?,
+                &self.home.pack_cache_dir(),
+                &signed,
+            )
+            .await?,
+        );
+        let inner = Arc::new(Inner {
+            blobs,
+            rt: tokio::runtime::Handle::current(),
+            timeout,
+            inflight: Mutex::default(),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            what: format!("{}@{version}", reference.dataset),
+        });
+        Ok(Mountable {
+            source: MountSource { inner },
+            root: signed.body.root,
+            version: format!("{}@{version}", reference.dataset),
+            created_unix: signed.body.created_unix,
+        })
+    }
+}
+
+impl MountSource {
+    /// Fetches, in the background and in this order, the files named in `paths` (relative to
+    /// the version's root); then, with `all`, everything else. Unknown paths are logged and
+    /// skipped. Returns immediately.
+    pub fn spawn_background(&self, root: Hash, paths: Vec<String>, all: bool) {
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            if let Err(e) = background(&inner, root, paths, all).await {
+                tracing::warn!(error = %e, "background prefetch stopped");
+            }
+        });
+    }
+}
+
+async fn file_chunks(inner: &Arc<Inner>, root: Hash, path: &str) -> Result<Option<Vec<ChunkRef>>> {
+    let mut dir = load_dir(&inner.blobs, &root, "").await?;
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Some(e) = dir.get(part).cloned() else {
+            return Ok(None);
+        };
+        match e.kind {
+            EntryKind::Dir { id, .. } if i + 1 < parts.len() => {
+                dir = load_dir(&inner.blobs, &id, path).await?
+            }
+            EntryKind::File { content, .. } if i + 1 == parts.len() => {
+                return Ok(Some(match content {
+                    FileContent::Chunks(c) => c,
+                    FileContent::Lists(lists) => {
+                        let mut out = Vec::new();
+                        for r in lists {
+                            let bytes = inner.blobs.get(&r.id).await?;
+                            out.extend(
+                                ChunkList::decode(&bytes, &r)
+                                    .map_err(|e| Error::Corrupt {
+                                        what: format!("chunk list {}", r.id),
+                                        reason: e.to_string(),
+                                    })?
+                                    .chunks,
+                            );
+                        }
+                        out
+                    }
+                }));
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+async fn background(inner: &Arc<Inner>, root: Hash, paths: Vec<String>, all: bool) -> Result<()> {
+    const BATCH: u64 = 16 << 20;
+    let mut batch: Vec<Hash> = Vec::new();
+    let mut batch_bytes = 0u64;
+    let flush = |batch: &mut Vec<Hash>, bytes: &mut u64| {
+        let ids = std::mem::take(batch);
+        *bytes = 0;
+        let inner = inner.clone();
+        async move {
+            inner
+                .fetch(ids)
+                .await
+                .map_err(|e| Error::NotFound(e.to_string()))
+        }
+    };
+    for p in &paths {
+        match file_chunks(inner, root, p).await? {
+            Some(chunks) => {
+                for c in chunks {
+                    batch.push(c.id);
+                    batch_bytes += c.len as u64;
+                    if batch_bytes >= BATCH {
+                        flush(&mut batch, &mut batch_bytes).await?;
+                    }
+                }
+            }
+            None => {
+                tracing::warn!(path = %p, "read-order entry is not a file of this version; skipped")
+            }
+        }
+    }
+    if all {
+        let tree = crate::walk::walk(&inner.blobs, root).await?;
+        for f in tree.files {
+            for c in f.chunks {
+                batch.push(c.id);
+                batch_bytes += c.len as u64;
+                if batch_bytes >= BATCH {
+                    flush(&mut batch, &mut batch_bytes).await?;
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        flush(&mut batch, &mut batch_bytes).await?;
+    }
+    Ok(())
+}
