@@ -195,12 +195,7 @@ fn corrupt_pack_bytes_are_caught_and_nothing_is_written() {
     let src = env.path("src");
     sample_tree(&src);
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
-    let packs = std::path::Path::new(&env.origin).join("packs");
-    let pack = std::fs::read_dir(&packs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().unwrap() == "pack")
-        .unwrap();
+    let pack = first_pack(&env.origin);
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[1_000_000] ^= 0x40; // inside big.bin's chunks
     std::fs::write(&pack, &bytes).unwrap();
@@ -235,12 +230,7 @@ fn origin_losing_a_pack_mid_pull_is_reported_and_resumable() {
     let src = env.path("src");
     sample_tree(&src);
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
-    let packs = std::path::Path::new(&env.origin).join("packs");
-    let pack = std::fs::read_dir(&packs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().unwrap() == "pack")
-        .unwrap();
+    let pack = first_pack(&env.origin);
     let hidden = pack.with_extension("hidden");
     // The index is still there (the tree and chunk locations resolve), the data is not.
     std::fs::rename(&pack, &hidden).unwrap();

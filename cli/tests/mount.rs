@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -262,8 +262,8 @@ fn unreachable_source_gives_eio_within_the_bound_and_recovers() {
         );
     }
     env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
-    // The origin sits behind a TCP relay the test can cut and restore.
-    let relay = Relay::start(&env.origin, env.dir.path());
+    // The origin is served over HTTP by a server the test can stop and start again.
+    let relay = Nginx::start(&env.origin, env.dir.path());
     let mut reader = env.peer("reader");
     reader.origin = relay.url();
     reader.json(&["trust", &env.key()]);
@@ -317,72 +317,4 @@ fn sigterm_unmounts_cleanly() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert!(!is_mounted(&mp), "SIGTERM must unmount");
-}
-
-/// nginx serving a local origin directory, on a port that can be stopped and started again.
-struct Relay {
-    conf: PathBuf,
-    port: u16,
-    child: std::cell::RefCell<Option<Child>>,
-}
-
-impl Relay {
-    fn start(root: &str, dir: &Path) -> Relay {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let conf = dir.join("relay-nginx.conf");
-        let mut f = std::fs::File::create(&conf).unwrap();
-        write!(
-            f,
-            "daemon off; master_process off; worker_processes 1; pid {d}/relay.pid; error_log {d}/relay.err;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
-            d = dir.display()
-        )
-        .unwrap();
-        let r = Relay {
-            conf,
-            port,
-            child: Default::default(),
-        };
-        r.restart();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
-    }
-
-    fn restart(&self) {
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx (installed by the README's test command)");
-        *self.child.borrow_mut() = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&self) {
-        if let Some(mut c) = self.child.borrow_mut().take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }

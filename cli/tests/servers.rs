@@ -180,32 +180,9 @@ fn http_origin_serves_pulls_read_only() {
         "--tag",
         "latest",
     ]);
-    // nginx: a real static file server with Range support, as an HTTP origin would be.
-    let port = free_port();
-    let conf = env.path("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; master_process off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/nginx.err;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
-            dir = env.dir.path().display(),
-            root = env.origin
-        ),
-    )
-    .unwrap();
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start nginx ({e}); the README's test command installs it (apt-get install nginx-light)"));
-    let _server = Server(child);
-    wait_for_port(port, "nginx");
+    let server = Nginx::start(&env.origin, env.dir.path());
     let mut other = env.peer("other");
-    other.origin = format!("http://127.0.0.1:{port}/");
+    other.origin = server.url();
     other.json(&["trust", &env.key()]);
     let dest = env.path("dest");
     let r = other.json(&["pull", "demo@latest", "--to", dest.to_str().unwrap()]);

@@ -217,3 +217,91 @@ pub fn all_paths(root: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The first pack object of a local origin.
+pub fn first_pack(origin: &str) -> PathBuf {
+    std::fs::read_dir(Path::new(origin).join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .expect("a pack in the origin")
+}
+
+/// nginx serving a directory over HTTP (with Range support, as an HTTP origin needs), on a
+/// port that can be stopped and started again. Stopped on drop.
+pub struct Nginx {
+    conf: PathBuf,
+    port: u16,
+    child: std::cell::RefCell<Option<std::process::Child>>,
+}
+
+impl Nginx {
+    /// Serves `root`, keeping nginx's files under `dir`.
+    pub fn start(root: &str, dir: &Path) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join(format!("nginx-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; master_process off; worker_processes 1; pid {d}/nginx-{port}.pid; error_log {d}/nginx-{port}.err;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+                 server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let n = Nginx {
+            conf,
+            port,
+            child: Default::default(),
+        };
+        n.restart();
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn restart(&self) {
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start nginx ({e}); the README's test command installs it (nginx-light)"
+                )
+            });
+        *self.child.borrow_mut() = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not start listening on {}",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.borrow_mut().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
