@@ -9,6 +9,7 @@ pub mod error;
 pub mod home;
 mod inspect;
 pub mod mount;
+pub mod policy;
 pub mod progress;
 mod publish;
 mod pull;

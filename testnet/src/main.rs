@@ -37,6 +37,15 @@ enum Cmd {
         #[arg(long)]
         skip_peers: bool,
     },
+    /// Cache hit rates under the training pattern (every epoch reads everything in a new
+    /// random order): the store's policy against LRU, at several cache sizes.
+    Eviction {
+        /// Blocks in the dataset.
+        #[arg(long, default_value_t = 100_000)]
+        blocks: u32,
+        #[arg(long, default_value_t = 6)]
+        epochs: usize,
+    },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
         #[arg(long, value_delimiter = ',', default_value = "shards,images")]
@@ -407,6 +416,26 @@ fn chunking_bench(args: &Args, datasets: &[String], avgs: &[u32]) -> Result<Valu
     Ok(json!({ "benchmark": "chunking", "datasets": out }))
 }
 
+fn eviction_bench(blocks: u32, epochs: usize) -> Value {
+    use shoal_node::policy::{simulate_epochs, ClockLfu, Lru};
+    let mut rows = Vec::new();
+    for pct in [25u64, 50, 75, 90] {
+        let cap = blocks as u64 * pct / 100;
+        let lru = simulate_epochs(&mut Lru::new(cap), blocks, epochs, 7);
+        let lfu = simulate_epochs(&mut ClockLfu::new(cap), blocks, epochs, 7);
+        let steady = |r: &[f64]| r[1..].iter().sum::<f64>() / (r.len() - 1) as f64;
+        rows.push(json!({
+            "cache_pct_of_dataset": pct,
+            "lru_hit_rate_per_epoch": lru,
+            "clock_lfu_hit_rate_per_epoch": lfu,
+            "lru_hit_rate_after_first_epoch": steady(&lru),
+            "clock_lfu_hit_rate_after_first_epoch": steady(&lfu),
+            "best_possible_after_first_epoch": pct as f64 / 100.0,
+        }));
+    }
+    json!({ "benchmark": "eviction", "blocks": blocks, "epochs": epochs, "results": rows })
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let (name, result) = match &args.command {
@@ -421,6 +450,7 @@ fn main() -> Result<()> {
         Cmd::Chunking { datasets, avg_kib } => {
             ("chunking", chunking_bench(&args, datasets, avg_kib)?)
         }
+        Cmd::Eviction { blocks, epochs } => ("eviction", eviction_bench(*blocks, *epochs)),
     };
     let text = serde_json::to_string_pretty(&result)?;
     let path = args
