@@ -98,6 +98,9 @@ pub enum Command {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Bypass the kernel page cache (for measurements).
+        #[arg(long, hide = true)]
+        direct_io: bool,
     },
     /// Unmount a mounted version.
     Unmount {

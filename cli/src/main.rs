@@ -261,6 +261,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             read_order,
             timeout,
             threads,
+            direct_io,
         } => {
             let reference: DatasetRef = reference.parse()?;
             let node = open(false)?;
@@ -270,6 +271,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 read_order,
                 timeout,
                 threads,
+                direct_io,
             };
             let r = mount::run(&node, &reference, args).await?;
             out.report(&r, || {

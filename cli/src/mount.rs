@@ -17,6 +17,7 @@ pub struct MountArgs {
     pub read_order: Option<PathBuf>,
     pub timeout: u64,
     pub threads: usize,
+    pub direct_io: bool,
 }
 
 /// What a mount did, reported when it ends.
@@ -57,6 +58,7 @@ pub async fn run(node: &Node, reference: &DatasetRef, args: MountArgs) -> Result
     }
     let opts = MountOptions {
         sequential_prefetch: args.prefetch != PrefetchArg::None,
+        direct_io: args.direct_io,
         uid: meta.uid(),
         gid: meta.gid(),
         mtime: UNIX_EPOCH + Duration::from_secs(m.created_unix),

@@ -27,6 +27,9 @@ pub struct MountOptions {
     pub small_file: u64,
     /// Fetch ahead of sequential readers at all.
     pub sequential_prefetch: bool,
+    /// Bypass the kernel page cache (every read reaches the daemon); off by default, see
+    /// `docs/benchmarks.md` for the measurement.
+    pub direct_io: bool,
     /// Owner shown for every file.
     pub uid: u32,
     pub gid: u32,
@@ -41,6 +44,7 @@ impl Default for MountOptions {
             readahead: 32 << 20,
             small_file: 4 << 20,
             sequential_prefetch: true,
+            direct_io: false,
             uid: 0,
             gid: 0,
             mtime: SystemTime::UNIX_EPOCH,
@@ -55,6 +59,9 @@ struct Handle {
     next: u64,
     /// Chunks before this index have been handed to prefetch.
     prefetched: usize,
+    /// The last chunk served (index, bytes): a sequential reader's next request usually starts
+    /// inside it, and it need not be read and verified again.
+    last: Option<(usize, bytes::Bytes)>,
 }
 
 /// Counters of what the mount did.
@@ -138,34 +145,68 @@ impl<S: Source> ShoalFs<S> {
 
     /// Reads `size` bytes at `offset` of an open file, prefetching ahead of sequential readers.
     fn read_at(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {
-        let (chunks, pieces, prefetch) = {
+        let (pieces, wanted, cached, prefetch) = {
             let mut handles = self.handles.lock().expect("handles poisoned");
             let h = handles.get_mut(&fh).ok_or(ModelErrno::NotFound)?;
             let pieces = h.layout.pieces(offset, size as u64);
             let mut prefetch = Vec::new();
             if self.opts.sequential_prefetch && offset == h.next && !pieces.is_empty() {
-                // Sequential: keep `readahead` bytes ahead of the reader in flight.
+                // Sequential: keep up to `readahead` bytes ahead of the reader in flight, topped
+                // up in large batches (once less than half is left) rather than chunk by chunk.
                 let last = pieces.last().expect("non-empty").index;
-                let from = h.prefetched.max(last + 1);
-                let limit = offset + size as u64 + self.opts.readahead;
-                let mut i = from;
-                while i < h.chunks.len() && h.layout.start(i) < limit {
-                    prefetch.push(h.chunks[i]);
-                    i += 1;
+                let end = offset + size as u64;
+                let ahead = if h.prefetched > last + 1 {
+                    h.layout.start(h.prefetched).saturating_sub(end)
+                } else {
+                    0
+                };
+                if ahead < self.opts.readahead / 2 {
+                    let mut i = h.prefetched.max(last + 1);
+                    let limit = end + self.opts.readahead;
+                    while i < h.chunks.len() && h.layout.start(i) < limit {
+                        prefetch.push(h.chunks[i]);
+                        i += 1;
+                    }
+                    h.prefetched = i;
                 }
-                h.prefetched = i;
             }
-            let chunks: Vec<ChunkRef> = pieces.iter().map(|p| h.chunks[p.index]).collect();
+            let cached = h
+                .last
+                .clone()
+                .filter(|(i, _)| pieces.iter().any(|p| p.index == *i));
+            let wanted: Vec<ChunkRef> = pieces
+                .iter()
+                .filter(|p| cached.as_ref().is_none_or(|(i, _)| *i != p.index))
+                .map(|p| h.chunks[p.index])
+                .collect();
             h.next = offset + pieces.iter().map(|p| p.range.len() as u64).sum::<u64>();
-            (chunks, pieces, prefetch)
+            (pieces, wanted, cached, prefetch)
         };
         if !prefetch.is_empty() {
             self.inodes.source().prefetch(prefetch);
         }
-        let data = self.inodes.source().read(&chunks).map_err(ModelErrno::Io)?;
+        let mut fetched = self
+            .inodes
+            .source()
+            .read(&wanted)
+            .map_err(ModelErrno::Io)?
+            .into_iter();
         let mut out = Vec::with_capacity(size as usize);
-        for (p, bytes) in pieces.iter().zip(&data) {
+        let mut last = None;
+        for p in &pieces {
+            let bytes = match &cached {
+                Some((i, b)) if *i == p.index => b.clone(),
+                _ => fetched.next().ok_or_else(|| {
+                    ModelErrno::Io(crate::model::SourceError(
+                        "source returned too few chunks".into(),
+                    ))
+                })?,
+            };
             out.extend_from_slice(&bytes[p.range.clone()]);
+            last = Some((p.index, bytes));
+        }
+        if let Some(h) = self.handles.lock().expect("handles poisoned").get_mut(&fh) {
+            h.last = last;
         }
         Ok(out)
     }
@@ -175,6 +216,9 @@ impl<S: Source> Filesystem for ShoalFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Let the kernel read ahead in large requests; our own prefetch runs further ahead.
         let _ = config.set_max_readahead(1 << 20);
+        // Let the kernel keep many readahead requests in flight across the worker threads.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 
@@ -236,10 +280,16 @@ impl<S: Source> Filesystem for ShoalFs<S> {
                 layout,
                 next: 0,
                 prefetched,
+                last: None,
             },
         );
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        let flags = if self.opts.direct_io {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn read(

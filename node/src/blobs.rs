@@ -41,6 +41,7 @@ pub struct Blobs {
     packs: Vec<Hash>,
     locs: HashMap<Hash, Loc>,
     from_origin: AtomicU64,
+    durable: bool,
 }
 
 /// Reads a pack index from the local cache, or from the origin (then caches it).
@@ -97,7 +98,15 @@ impl Blobs {
             packs,
             locs,
             from_origin: AtomicU64::new(0),
+            durable: true,
         })
+    }
+
+    /// Whether every fetched batch is flushed to the store's index before the next (a killed
+    /// pull then resumes from the last batch); a cache filling for a mount can skip that.
+    pub fn with_durable_batches(mut self, durable: bool) -> Blobs {
+        self.durable = durable;
+        self
     }
 
     /// Bytes read from the origin so far.
@@ -176,6 +185,7 @@ impl Blobs {
                     });
                 }
                 let store = self.store.clone();
+                let durable = self.durable;
                 let pack_path = self.origin.pack_path(&pack_id);
                 let stored = tokio::task::spawn_blocking(move || -> Result<u64> {
                     let mut batch = Vec::with_capacity(blobs.len());
@@ -196,6 +206,9 @@ impl Blobs {
                     }
                     // Keep every good blob of the range, so a retry fetches only the bad ones.
                     store.put_batch(&batch)?;
+                    if durable {
+                        store.flush()?;
+                    }
                     match bad {
                         Some(e) => Err(e),
                         None => Ok(n),

@@ -218,7 +218,8 @@ impl Node {
                 &self.home.pack_cache_dir(),
                 &signed,
             )
-            .await?,
+            .await?
+            .with_durable_batches(false),
         );
         let inner = Arc::new(Inner {
             blobs,

@@ -1,8 +1,8 @@
 //! The local chunk store: blob bytes appended to large segment files, the index in sled.
 //!
 //! Crash safety comes from ordering and verification. A batch of blobs is appended to the
-//! segment before its index entries are inserted, and the index is flushed with every batch,
-//! so after a killed process every entry points at complete bytes (the page cache outlives the
+//! segment before its index entries are inserted, so after a killed process every entry
+//! points at complete bytes (the page cache outlives the
 //! process). Segment data is not `fsync`ed per batch: after a power cut an entry may point at
 //! bytes that never reached the disk, and since every read is verified against the blob's id,
 //! such an entry is detected, dropped and the blob fetched again. Bytes written by a batch
@@ -41,7 +41,8 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, id: &Hash) -> Result<bool, StoreError>;
     /// The blob's bytes, verified against `id`; `None` when absent.
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Stores verified blobs; they survive the process being killed once this returns.
+    /// Stores verified blobs. They survive the process being killed once [`Self::flush`] has
+    /// returned (sled also flushes on its own every half second).
     fn put_batch(&self, blobs: &[(Hash, &[u8])]) -> Result<(), StoreError>;
     /// Number of blobs and their total bytes.
     fn usage(&self) -> Result<(u64, u64), StoreError>;
@@ -268,10 +269,7 @@ impl ChunkStore for SegmentStore {
             }
             w.len = off;
         }
-        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
-        // sled buffers index writes for up to 500 ms; a pull killed in that window would
-        // fetch those blobs again. Flushing here makes every stored batch count on resume.
-        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
+        self.index.apply_batch(batch).map_err(|e| self.db_err(e))
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -37,6 +37,17 @@ enum Cmd {
         #[arg(long)]
         skip_peers: bool,
     },
+    /// Reads through `shoal mount` (cold: fetched on demand from a local origin; warm: chunks
+    /// local) against squashfuse, squashfuse_ll, kernel squashfs and casync mount.
+    Mount {
+        #[arg(long, value_delimiter = ',', default_value = "shards,images")]
+        datasets: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Peer scripts to run: squash, casync (empty: Shoal alone).
+        #[arg(long, value_delimiter = ',', default_value = "squash,casync")]
+        peers: Vec<String>,
+    },
     /// Cache hit rates under the training pattern (every epoch reads everything in a new
     /// random order): the store's policy against LRU, at several cache sizes.
     Eviction {
@@ -164,7 +175,8 @@ fn time_cmd(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Rows of the shared scripts' raw.csv (label -> seconds) appended after line `skip`.
+/// Rows of the shared scripts' raw.csv (label -> seconds) appended after line `skip`. Runs
+/// named `cold` are keyed `<label>/cold`.
 fn raw_rows(raw: &Path, skip: usize) -> Result<BTreeMap<String, Vec<f64>>> {
     let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let text = std::fs::read_to_string(raw).unwrap_or_default();
@@ -172,11 +184,191 @@ fn raw_rows(raw: &Path, skip: usize) -> Result<BTreeMap<String, Vec<f64>>> {
         let f: Vec<&str> = line.split(',').collect();
         if f.len() >= 3 && f.get(5).is_none_or(|n| n.starts_with("rc=0")) {
             if let Ok(s) = f[2].parse() {
-                out.entry(f[0].to_string()).or_default().push(s);
+                let key = if f[1] == "cold" {
+                    format!("{}/cold", f[0])
+                } else {
+                    f[0].to_string()
+                };
+                out.entry(key).or_default().push(s);
             }
         }
     }
     Ok(out)
+}
+
+fn run_peer_script(args: &Args, script: &str, datasets: &[String]) -> Result<()> {
+    let script = args.shared.join(script);
+    eprintln!("running {} for {datasets:?}", script.display());
+    let status = Command::new("bash")
+        .arg(&script)
+        .env("DATASETS", datasets.join(" "))
+        .env("BENCH_ROOT", &args.bench_root)
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed", script.display());
+    }
+    Ok(())
+}
+
+fn is_mounted(mp: &Path) -> bool {
+    let mp = mp.to_string_lossy();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&mp))
+}
+
+/// Mounts `reference` with `shoal mount`, runs `read` (a shell command) against it, unmounts;
+/// returns the read's seconds.
+fn time_mounted_read(
+    home: &Path,
+    origin: &Path,
+    reference: &str,
+    mp: &Path,
+    extra: &[&str],
+    read: &str,
+) -> Result<f64> {
+    std::fs::create_dir_all(mp)?;
+    let mut child = Command::new(shoal_bin()?)
+        .args(["mount", reference, mp.to_str().unwrap()])
+        .args(extra)
+        .env("SHOAL_HOME", home)
+        .env("SHOAL_ORIGIN", origin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while !is_mounted(mp) {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            bail!("shoal mount {reference} did not come up");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let secs = time_cmd(Command::new("bash").arg("-c").arg(read));
+    let _ = Command::new(shoal_bin()?)
+        .args(["unmount", mp.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .status();
+    let _ = child.wait();
+    secs
+}
+
+fn read_cmd(ds: &str, dir: &Path) -> String {
+    if ds == "shards" {
+        format!(
+            "for f in {}/*; do dd if=$f of=/dev/null bs=1M status=none; done",
+            dir.display()
+        )
+    } else {
+        format!("tar -C {} -cf - . | cat > /dev/null", dir.display())
+    }
+}
+
+fn mount_bench(args: &Args, datasets: &[String], runs: usize, peers: &[String]) -> Result<Value> {
+    let data = args.bench_root.join("data");
+    time_cmd(
+        Command::new("python3")
+            .arg(args.shared.join("gen_data.py"))
+            .arg("--out")
+            .arg(&data),
+    )?;
+    let raw = args.bench_root.join("results/raw.csv");
+    let skip = line_count(&raw);
+    if peers.iter().any(|p| p == "squash") {
+        run_peer_script(args, "bench_squash.sh", datasets)?;
+    }
+    if peers.iter().any(|p| p == "casync") {
+        run_peer_script(args, "bench_casync.sh", datasets)?;
+    }
+    let peer = raw_rows(&raw, skip)?;
+    let work = args.bench_root.join("work/shoal-mount");
+    let mp = args.bench_root.join("mnt/shoal");
+    let mut out = serde_json::Map::new();
+    for ds in datasets {
+        let v1 = data.join(format!("{ds}_v1"));
+        let files = files_under(&v1)?;
+        let bytes: u64 = files.values().sum();
+        let _ = std::fs::remove_dir_all(&work);
+        let (pub_home, origin, reader) = (
+            work.join("publisher"),
+            work.join("origin"),
+            work.join("reader"),
+        );
+        shoal(
+            &pub_home,
+            &origin,
+            &["publish", v1.to_str().unwrap(), &format!("{ds}@v1")],
+        )?;
+        std::fs::create_dir_all(&reader)?;
+        std::fs::copy(pub_home.join("publisher.key"), reader.join("publisher.key"))?;
+        let reference = format!("{ds}@v1");
+        let read = read_cmd(ds, &mp);
+        eprintln!("{ds}: shoal mount, cold");
+        drop_caches();
+        let cold = time_mounted_read(&reader, &origin, &reference, &mp, &[], &read)?;
+        let segments = reader.join("store/segments");
+        let mut variants = serde_json::Map::new();
+        for (name, extra) in [
+            ("warm", vec![]),
+            ("warm_1_thread", vec!["--threads", "1"]),
+            ("warm_direct_io", vec!["--direct-io"]),
+        ] {
+            let mut secs = Vec::new();
+            for _ in 0..runs {
+                warm(&segments)?;
+                secs.push(time_mounted_read(
+                    &reader, &origin, &reference, &mp, &extra, &read,
+                )?);
+            }
+            let s = median(secs);
+            variants.insert(format!("shoal_{name}_s"), json!(s));
+            variants.insert(format!("shoal_{name}_gbps"), json!(bytes as f64 / s / 1e9));
+            variants.insert(
+                format!("shoal_{name}_files_per_s"),
+                json!(files.len() as f64 / s),
+            );
+        }
+        let mut r = json!({
+            "files": files.len(),
+            "bytes": bytes,
+            "read": read,
+            "shoal_cold_s": cold,
+            "shoal_cold_gbps": bytes as f64 / cold / 1e9,
+            "shoal_cold_files_per_s": files.len() as f64 / cold,
+        });
+        let m = r.as_object_mut().expect("object");
+        m.extend(variants);
+        let warm_s = m["shoal_warm_s"].as_f64().unwrap_or(f64::NAN);
+        for (label, key) in [
+            (format!("squashfuse_ll_read_{ds}"), "squashfuse_ll"),
+            (format!("squashfuse_read_{ds}"), "squashfuse"),
+            (format!("kernel_read_{ds}"), "kernel_squashfs"),
+            (format!("casync_mount_read_{ds}_v1"), "casync_mount"),
+            (format!("native_read_{ds}_warm"), "native"),
+        ] {
+            if let Some(v) = peer.get(&label) {
+                let s = median(v.clone());
+                m.insert(format!("{key}_warm_s"), json!(s));
+                m.insert(format!("{key}_warm_gbps"), json!(bytes as f64 / s / 1e9));
+                m.insert(
+                    format!("{key}_warm_files_per_s"),
+                    json!(files.len() as f64 / s),
+                );
+                m.insert(format!("shoal_warm_vs_{key}"), json!(s / warm_s));
+            }
+            if let Some(v) = peer.get(&format!("{label}/cold")) {
+                let s = median(v.clone());
+                m.insert(format!("{key}_cold_s"), json!(s));
+                m.insert(format!("shoal_cold_vs_{key}_cold"), json!(s / cold));
+            }
+        }
+        out.insert(ds.clone(), r);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(json!({ "benchmark": "mount", "runs": runs, "datasets": out }))
 }
 
 fn line_count(p: &Path) -> usize {
@@ -451,6 +643,14 @@ fn main() -> Result<()> {
             ("chunking", chunking_bench(&args, datasets, avg_kib)?)
         }
         Cmd::Eviction { blocks, epochs } => ("eviction", eviction_bench(*blocks, *epochs)),
+        Cmd::Mount {
+            datasets,
+            runs,
+            peers,
+        } => (
+            "mount",
+            mount_bench(&args, datasets, (*runs).max(1), peers)?,
+        ),
     };
     let text = serde_json::to_string_pretty(&result)?;
     let path = args
