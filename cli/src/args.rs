@@ -107,6 +107,20 @@ pub enum Command {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// Fetch a version into the local store and keep it from eviction.
+    Pin {
+        /// The version to pin.
+        reference: String,
+    },
+    /// Let a pinned version be evicted again.
+    Unpin {
+        /// The pinned version.
+        reference: String,
+    },
+    /// Show the local store: usage, capacity, pins, hit rate.
+    Cache,
+    /// Free everything in the local store that no pinned version needs.
+    Gc,
     /// Point a tag at a version: `shoal tag imagenet@v3 latest`.
     Tag {
         /// NAME@VERSION.

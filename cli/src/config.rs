@@ -14,6 +14,17 @@ pub struct FileConfig {
     /// Extra publisher keys to trust.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// The local chunk store.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most bytes the local store may use on disk, e.g. "200GiB" (default: unbounded).
+    pub capacity: Option<String>,
 }
 
 /// Settings after combining flags, environment and config file.
@@ -22,6 +33,7 @@ pub struct Config {
     pub home: PathBuf,
     pub origin: String,
     pub trusted: Vec<PublicKey>,
+    pub cache_capacity: Option<u64>,
 }
 
 pub fn home_dir() -> Result<PathBuf> {
@@ -73,10 +85,27 @@ impl Config {
                 "SHOAL_TRUSTED_KEYS",
             )?);
         }
+        let capacity = std::env::var("SHOAL_CACHE_CAPACITY")
+            .ok()
+            .filter(|c| !c.is_empty())
+            .or(file.cache.capacity);
+        let cache_capacity = capacity
+            .map(|c| {
+                c.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cache capacity {c:?} (SHOAL_CACHE_CAPACITY or [cache] capacity): {e}"
+                        )
+                    })
+            })
+            .transpose()?;
         Ok(Config {
             home,
             origin,
             trusted,
+            cache_capacity,
         })
     }
 }

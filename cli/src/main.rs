@@ -69,7 +69,8 @@ async fn run(args: Args, out: &Out) -> Result<()> {
     let home = Home::new(&cfg.home);
     let open = |create: bool| -> Result<Node> {
         let origin = Origin::open(&cfg.origin, create)?;
-        Ok(Node::new(home.clone(), origin, cfg.trusted.clone()))
+        Ok(Node::new(home.clone(), origin, cfg.trusted.clone())
+            .with_cache_capacity(cfg.cache_capacity))
     };
     match args.command {
         Command::Publish {
@@ -282,6 +283,75 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     r.opens,
                     output::bytes(r.bytes_read)
                 )
+            })
+        }
+        Command::Pin { reference } => {
+            let reference: DatasetRef = reference.parse()?;
+            let node = open(false)?;
+            let progress = Arc::new(Progress::default());
+            let bar = out.progress(progress.clone());
+            let r = node.pin(&reference, &progress).await;
+            bar.finish();
+            let r = r?;
+            node.store()?.flush()?;
+            out.report(&r, || {
+                format!(
+                    "pinned {} ({}): {} in {} blobs, {} fetched",
+                    r.pinned,
+                    r.root,
+                    output::bytes(r.bytes),
+                    r.blobs,
+                    output::bytes(r.bytes_from_origin)
+                )
+            })
+        }
+        Command::Unpin { reference } => {
+            let reference: DatasetRef = reference.parse()?;
+            let unpinned = open(false)?.unpin(&reference).await?;
+            if !unpinned {
+                anyhow::bail!("{reference} is not pinned (see `shoal cache`)");
+            }
+            out.report(
+                &serde_json::json!({ "unpinned": reference.to_string() }),
+                || format!("unpinned {reference}"),
+            )
+        }
+        Command::Cache => {
+            let s = shoal_node::open_store(&home, cfg.cache_capacity)?.stats()?;
+            out.report(&s, || {
+                let mut lines = vec![
+                    format!("store {}", s.path),
+                    format!(
+                        "  {} on disk ({} live in {} blobs), capacity {}",
+                        output::bytes(s.disk_bytes),
+                        output::bytes(s.live_bytes),
+                        s.blobs,
+                        s.capacity
+                            .map(output::bytes)
+                            .unwrap_or_else(|| "unbounded".into())
+                    ),
+                    format!(
+                        "  hit rate {:.1}% ({} hits, {} misses), {} evictions",
+                        s.hit_rate * 100.0,
+                        s.hits,
+                        s.misses,
+                        s.evictions
+                    ),
+                    format!("  pinned {}", output::bytes(s.pinned_bytes)),
+                ];
+                lines.extend(
+                    s.pins
+                        .iter()
+                        .map(|p| format!("    {} ({})", p.name, output::bytes(p.bytes))),
+                );
+                lines.join("\n")
+            })
+        }
+        Command::Gc => {
+            let store = shoal_node::open_store(&home, cfg.cache_capacity)?;
+            let freed = store.gc()?;
+            out.report(&serde_json::json!({ "freed_bytes": freed }), || {
+                format!("freed {}", output::bytes(freed))
             })
         }
         Command::Unmount { mountpoint } => {

@@ -91,6 +91,8 @@ pub async fn run(node: &Node, reference: &DatasetRef, args: MountArgs) -> Result
         _ = tokio::signal::ctrl_c() => { unmount(mp)?; let _ = done.await; }
         _ = term.recv() => { unmount(mp)?; let _ = done.await; }
     }
+    // Keep the cache's index and hit counters for the next mount.
+    node.store()?.flush()?;
     Ok(MountReport {
         version: m.version,
         root: format!("b3:{root}"),

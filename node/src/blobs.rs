@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, Retain};
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shoal_registry::pack::PackIndex;
 use shoal_registry::{Hash, Origin, SignedVersion};
@@ -42,6 +43,7 @@ pub struct Blobs {
     locs: HashMap<Hash, Loc>,
     from_origin: AtomicU64,
     durable: bool,
+    retain: Retain,
 }
 
 /// Reads a pack index from the local cache, or from the origin (then caches it).
@@ -99,13 +101,16 @@ impl Blobs {
             locs,
             from_origin: AtomicU64::new(0),
             durable: true,
+            retain: Retain::Keep,
         })
     }
 
-    /// Whether every fetched batch is flushed to the store's index before the next (a killed
-    /// pull then resumes from the last batch); a cache filling for a mount can skip that.
-    pub fn with_durable_batches(mut self, durable: bool) -> Blobs {
-        self.durable = durable;
+    /// Fills a cache instead of keeping a version: batches are not flushed one by one (a
+    /// killed mount loses at most half a second of cache entries) and the store's policy may
+    /// decline to keep a blob under capacity pressure.
+    pub fn for_cache_fill(mut self) -> Blobs {
+        self.durable = false;
+        self.retain = Retain::Cache;
         self
     }
 
@@ -128,18 +133,33 @@ impl Blobs {
         {
             return Ok(b);
         }
-        self.fetch(vec![*id], None).await?;
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.get(&key))
-            .await
-            .expect("store task panicked")?
-            .ok_or_else(|| Error::NotFound(format!("blob {key} vanished from the local store")))
+        // The bytes come back verified whether or not the store decided to keep them.
+        self.fetch_bytes(vec![key])
+            .await?
+            .remove(&key)
+            .map(|b| b.to_vec())
+            .ok_or_else(|| Error::NotFound(format!("blob {key} was not returned by the origin")))
     }
 
     /// Fetches the given blobs (assumed missing locally) from the origin into the local
     /// store, coalescing neighbours into large ranged reads. Cancel-safe: whatever was stored
     /// before cancellation stays stored and verified.
-    pub async fn fetch(&self, mut ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+    pub async fn fetch(&self, ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+        self.fetch_inner(ids, progress, false).await.map(|_| ())
+    }
+
+    /// Like [`Self::fetch`], and also returns the verified bytes (for a reader that needs them
+    /// whether or not the store keeps them).
+    pub async fn fetch_bytes(&self, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
+        self.fetch_inner(ids, None, true).await
+    }
+
+    async fn fetch_inner(
+        &self,
+        mut ids: Vec<Hash>,
+        progress: Option<&Progress>,
+        want: bool,
+    ) -> Result<HashMap<Hash, Bytes>> {
         ids.sort_unstable();
         ids.dedup();
         let mut wanted: Vec<(Loc, Hash)> = Vec::with_capacity(ids.len());
@@ -185,9 +205,9 @@ impl Blobs {
                     });
                 }
                 let store = self.store.clone();
-                let durable = self.durable;
+                let (durable, retain) = (self.durable, self.retain);
                 let pack_path = self.origin.pack_path(&pack_id);
-                let stored = tokio::task::spawn_blocking(move || -> Result<u64> {
+                let (stored, got) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(Hash, Bytes)>)> {
                     let mut batch = Vec::with_capacity(blobs.len());
                     let mut n = 0;
                     let mut bad = None;
@@ -205,13 +225,21 @@ impl Blobs {
                         n += *len as u64;
                     }
                     // Keep every good blob of the range, so a retry fetches only the bad ones.
-                    store.put_batch(&batch)?;
+                    store.put_batch(&batch, retain)?;
                     if durable {
                         store.flush()?;
                     }
+                    let got = if want {
+                        blobs.iter().filter(|(id, _, _)| batch.iter().any(|(b, _)| b == id)).map(|(id, off, len)| {
+                            let rel = (off - start) as usize;
+                            (*id, data.slice(rel..rel + *len as usize))
+                        }).collect()
+                    } else {
+                        Vec::new()
+                    };
                     match bad {
                         Some(e) => Err(e),
-                        None => Ok(n),
+                        None => Ok((n, got)),
                     }
                 })
                 .await
@@ -219,11 +247,11 @@ impl Blobs {
                 if let Some(p) = progress {
                     p.add(stored);
                 }
-                Ok(())
+                Ok(got)
             })
             .buffer_unordered(ORIGIN_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+            .try_collect::<Vec<Vec<(Hash, Bytes)>>>()
+            .await
+            .map(|v| v.into_iter().flatten().collect())
     }
 }

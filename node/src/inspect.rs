@@ -237,12 +237,12 @@ impl Node {
                 match order {
                     std::cmp::Ordering::Less => {
                         let e = ea.expect("left entry");
-                        self.record(&mut report, join(&path, &e.name), "removed", e);
+                        Self::record(&mut report, join(&path, &e.name), "removed", e);
                         i += 1;
                     }
                     std::cmp::Ordering::Greater => {
                         let e = eb.expect("right entry");
-                        self.record(&mut report, join(&path, &e.name), "added", e);
+                        Self::record(&mut report, join(&path, &e.name), "added", e);
                         j += 1;
                     }
                     std::cmp::Ordering::Equal => {
@@ -291,8 +291,8 @@ impl Node {
                             }
                             _ if x == y => {}
                             _ => {
-                                self.record(&mut report, p.clone(), "removed", x);
-                                self.record(&mut report, p, "added", y);
+                                Self::record(&mut report, p.clone(), "removed", x);
+                                Self::record(&mut report, p, "added", y);
                             }
                         }
                         i += 1;
@@ -305,7 +305,7 @@ impl Node {
         Ok(report)
     }
 
-    fn record(&self, report: &mut DiffReport, path: String, change: &'static str, e: &Entry) {
+    fn record(report: &mut DiffReport, path: String, change: &'static str, e: &Entry) {
         let files = files_of(e);
         let bytes = e.bytes();
         let (old_bytes, new_bytes) = if change == "added" {

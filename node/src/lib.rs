@@ -5,6 +5,7 @@
 //! trusts. Only this crate knows sled and the store layout.
 
 mod blobs;
+mod cache;
 pub mod error;
 pub mod home;
 mod inspect;
@@ -16,10 +17,11 @@ mod pull;
 pub mod store;
 mod walk;
 
+pub use cache::PinReport;
 pub use error::{Error, Result};
 pub use home::Home;
 pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
-pub use mount::{MountSource, Mountable, Prefetch};
+pub use mount::{MountSource, Mountable};
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport};
 pub use pull::PullReport;
@@ -28,11 +30,17 @@ use shoal_registry::{DatasetRef, Origin, PublicKey, SignedVersion, VersionRef};
 use std::sync::{Arc, Mutex};
 use store::{ChunkStore, SegmentStore};
 
+/// Opens the local store alone, for commands that need no origin (`shoal cache`, `shoal gc`).
+pub fn open_store(home: &Home, capacity: Option<u64>) -> Result<Arc<dyn ChunkStore>> {
+    Ok(Arc::new(SegmentStore::open(&home.store_dir(), capacity)?))
+}
+
 /// An embedded node: state directory, local store, origin and trust settings.
 pub struct Node {
     home: Home,
     origin: Origin,
     extra_trusted: Vec<PublicKey>,
+    capacity: Option<u64>,
     store: Mutex<Option<Arc<SegmentStore>>>,
 }
 
@@ -44,8 +52,15 @@ impl Node {
             home,
             origin,
             extra_trusted,
+            capacity: None,
             store: Mutex::new(None),
         }
+    }
+
+    /// Bounds the local store to `capacity` bytes (None: unbounded); see `store`.
+    pub fn with_cache_capacity(mut self, capacity: Option<u64>) -> Node {
+        self.capacity = capacity;
+        self
     }
 
     pub fn home(&self) -> &Home {
@@ -62,7 +77,7 @@ impl Node {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let s = Arc::new(SegmentStore::open(&self.home.store_dir())?);
+        let s = Arc::new(SegmentStore::open(&self.home.store_dir(), self.capacity)?);
         *guard = Some(s.clone());
         Ok(s)
     }
@@ -84,10 +99,6 @@ impl Node {
 
     /// Points `tag` at an existing, trusted version.
     pub async fn tag(&self, target: &VersionRef, tag: &shoal_registry::Label) -> Result<String> {
-        let reference = DatasetRef {
-            dataset: target.dataset.clone(),
-            rev: shoal_registry::Rev::Label(target.version.clone()),
-        };
         let signed = self
             .origin
             .version(&target.dataset, target.version.as_str())
@@ -111,6 +122,6 @@ impl Node {
                 publish::now_unix(),
             )
             .await?;
-        Ok(format!("{}@{tag} -> {reference}", target.dataset))
+        Ok(format!("{}@{tag} -> {target}", target.dataset))
     }
 }

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-type Fetch = Shared<BoxFuture<'static, Result<(), Arc<String>>>>;
+/// A fetch under way, shared by every reader waiting for one of its blobs; yields the bytes.
+type Fetch = Shared<BoxFuture<'static, Result<Arc<HashMap<Hash, Bytes>>, Arc<String>>>>;
 
 /// Blob access for a mount: bounded waits, de-duplicated fetches, background prefetch.
 pub struct MountSource {
@@ -31,8 +32,10 @@ struct Inner {
 }
 
 impl Inner {
-    /// Fetches the blobs not yet local, joining fetches already under way for any of them.
-    async fn fetch(self: &Arc<Self>, ids: Vec<Hash>) -> Result<(), Arc<String>> {
+    /// Fetches the blobs not yet local, joining fetches already under way for any of them;
+    /// returns the verified bytes of what it fetched or joined (the store may not keep them
+    /// all under capacity pressure).
+    async fn fetch(self: &Arc<Self>, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>, Arc<String>> {
         let store = self.blobs.store().clone();
         let missing: Vec<Hash> = {
             let ids = ids.clone();
@@ -44,13 +47,14 @@ impl Inner {
             .await
             .map_err(|e| Arc::new(e.to_string()))?
         };
+        let mut got = HashMap::new();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(got);
         }
         let mut waits = Vec::new();
-        let mut mine = Vec::new();
         {
             let mut inflight = self.inflight.lock().expect("inflight poisoned");
+            let mut mine = Vec::new();
             for id in &missing {
                 match inflight.get(id) {
                     Some(f) => waits.push(f.clone()),
@@ -63,8 +67,9 @@ impl Inner {
                 let fut: Fetch = async move {
                     let r = me
                         .blobs
-                        .fetch(batch.clone(), None)
+                        .fetch_bytes(batch.clone())
                         .await
+                        .map(Arc::new)
                         .map_err(|e| Arc::new(e.to_string()));
                     let mut inflight = me.inflight.lock().expect("inflight poisoned");
                     for id in &batch {
@@ -81,23 +86,27 @@ impl Inner {
             }
         }
         for w in futures::future::join_all(waits).await {
-            w?;
+            for (id, b) in w?.iter() {
+                if missing.contains(id) {
+                    got.insert(*id, b.clone());
+                }
+            }
         }
-        Ok(())
+        Ok(got)
     }
 
     fn block_on_fetch(
         self: &Arc<Self>,
         ids: Vec<Hash>,
         what: impl FnOnce() -> String,
-    ) -> Result<(), SourceError> {
+    ) -> Result<HashMap<Hash, Bytes>, SourceError> {
         let me = self.clone();
         let timeout = self.timeout;
         let r = self
             .rt
             .block_on(async move { tokio::time::timeout(timeout, me.fetch(ids)).await });
         match r {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(got)) => Ok(got),
             Ok(Err(e)) => Err(SourceError(format!("{} of {}: {e}", what(), self.what))),
             Err(_) => Err(SourceError(format!(
                 "{} of {}: not available within {}s",
@@ -119,9 +128,13 @@ impl Inner {
         if let Some(b) = self.get(id)? {
             return Ok(b);
         }
-        self.block_on_fetch(vec![*id], || format!("{what} {id}"))?;
-        self.get(id)?
-            .ok_or_else(|| SourceError(format!("{what} {id} vanished from the local store")))
+        let mut got = self.block_on_fetch(vec![*id], || format!("{what} {id}"))?;
+        match got.remove(id) {
+            Some(b) => Ok(b.to_vec()),
+            None => self
+                .get(id)?
+                .ok_or_else(|| SourceError(format!("{what} {id} vanished from the local store"))),
+        }
     }
 }
 
@@ -161,14 +174,18 @@ impl Source for MountSource {
         }
         if !missing.is_empty() {
             let first = missing[0];
-            self.inner
+            let mut got = self
+                .inner
                 .block_on_fetch(missing, || format!("chunk {first}"))?;
             for (slot, c) in out.iter_mut().zip(chunks) {
                 if slot.is_none() {
-                    let b = self.inner.get(&c.id)?.ok_or_else(|| {
-                        SourceError(format!("chunk {} vanished from the local store", c.id))
-                    })?;
-                    *slot = Some(Bytes::from(b));
+                    *slot = Some(match got.remove(&c.id) {
+                        Some(b) => b,
+                        // Fetched by someone else in the meantime, and kept by the store.
+                        None => Bytes::from(self.inner.get(&c.id)?.ok_or_else(|| {
+                            SourceError(format!("chunk {} vanished from the local store", c.id))
+                        })?),
+                    });
                 }
             }
         }
@@ -186,17 +203,6 @@ impl Source for MountSource {
             }
         });
     }
-}
-
-/// What `--prefetch` asks for beyond the reader's own requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefetch {
-    /// Only what is read (and small files whole on open).
-    None,
-    /// Also ahead of sequential readers.
-    Sequential,
-    /// Also the whole version, in tree order, in the background.
-    All,
 }
 
 /// A version ready to mount.
@@ -219,7 +225,7 @@ impl Node {
                 &signed,
             )
             .await?
-            .with_durable_batches(false),
+            .for_cache_fill(),
         );
         let inner = Arc::new(Inner {
             blobs,
@@ -304,6 +310,7 @@ async fn background(inner: &Arc<Inner>, root: Hash, paths: Vec<String>, all: boo
             inner
                 .fetch(ids)
                 .await
+                .map(|_| ())
                 .map_err(|e| Error::NotFound(e.to_string()))
         }
     };

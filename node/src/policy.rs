@@ -95,6 +95,47 @@ impl<K: Hash + Eq + Copy> ClockLfu<K> {
     }
 }
 
+impl<K: Hash + Eq + Copy> ClockLfu<K> {
+    /// Admits `key` whatever its count (a pull, or a block that must stay), evicting unpinned
+    /// victims in CLOCK order; returns them. Only pinned keys can push usage over capacity.
+    pub fn insert_forced(&mut self, key: K, size: u64) -> Vec<K> {
+        let mut evicted = Vec::new();
+        if self.entries.contains_key(&key) {
+            return evicted;
+        }
+        while self.used + size > self.capacity {
+            let Some(victim) = self.next_victim() else {
+                break;
+            };
+            let (vsize, _) = self.entries.remove(&victim).expect("victim has an entry");
+            self.used -= vsize;
+            evicted.push(victim);
+        }
+        self.entries.insert(key, (size, false));
+        self.queue.push_back(key);
+        self.used += size;
+        evicted
+    }
+
+    /// Forgets every cached key that is not pinned and returns them (a full collection).
+    pub fn clear_unpinned(&mut self) -> Vec<K> {
+        let dropped: Vec<K> = self
+            .entries
+            .keys()
+            .filter(|k| !self.pinned.contains(k))
+            .copied()
+            .collect();
+        for k in &dropped {
+            if let Some((size, _)) = self.entries.remove(k) {
+                self.used -= size;
+            }
+        }
+        let entries = &self.entries;
+        self.queue.retain(|k| entries.contains_key(k));
+        dropped
+    }
+}
+
 impl<K: Hash + Eq + Copy> Policy<K> for ClockLfu<K> {
     fn access(&mut self, key: &K) -> bool {
         self.bump(*key);

@@ -148,6 +148,18 @@ impl Node {
         .expect("store task panicked")?;
 
         let need: u64 = missing.iter().map(|m| m.1 as u64).sum();
+        if let Some(cap) = self.capacity {
+            let version_bytes = need + local_bytes;
+            if version_bytes > cap / 4 * 3 {
+                return Err(Error::Unsafe {
+                    path: self.home.store_dir(),
+                    reason: format!(
+                        "{reference} needs {version_bytes} bytes in the local store, more than its capacity of {cap} bytes allows \
+                         (3/4 of it for live data); raise [cache] capacity or SHOAL_CACHE_CAPACITY, or use `shoal mount`"
+                    ),
+                });
+            }
+        }
         progress.phase("fetching", need);
         let fetch_result = blobs
             .fetch(missing.into_iter().map(|m| m.0).collect(), Some(progress))

@@ -1,23 +1,31 @@
-//! The local chunk store: blob bytes appended to large segment files, the index in sled.
+//! The local chunk store: blob bytes appended to segment files, the index in sled, an optional
+//! capacity enforced by the [`ClockLfu`] policy, and pins.
 //!
-//! Crash safety comes from ordering and verification. A batch of blobs is appended to the
-//! segment before its index entries are inserted, so after a killed process every entry
-//! points at complete bytes (the page cache outlives the
-//! process). Segment data is not `fsync`ed per batch: after a power cut an entry may point at
-//! bytes that never reached the disk, and since every read is verified against the blob's id,
-//! such an entry is detected, dropped and the blob fetched again. Bytes written by a batch
-//! whose index update was lost are unreferenced garbage, never served.
+//! Crash safety comes from ordering and verification. A batch of blobs is appended to a
+//! segment before its index entries are inserted (with any evictions, in the same atomic sled
+//! batch), so after a killed process every entry points at complete bytes (the page cache
+//! outlives the process). Segment data is not `fsync`ed per batch: after a power cut an entry
+//! may point at bytes that never reached the disk, and since every read is verified against the
+//! blob's id, such an entry is detected, dropped and the blob fetched again. Bytes whose index
+//! entry is gone (evicted, or a batch whose index update was lost) are garbage, never served;
+//! compaction copies a segment's live blobs forward, switches the index, and only then deletes
+//! the old segment.
+//!
+//! With a capacity, the policy keeps live bytes at or under three quarters of it and
+//! compaction keeps the segment files under it; only pinned blobs can push usage beyond.
 
+use crate::policy::{ClockLfu, Policy};
+use serde::Serialize;
 use shoal_chunker::Hash;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-/// Segments are rolled over at this size.
-const SEGMENT_MAX: u64 = 1 << 30;
+/// Segments are rolled over at this size, or at a sixteenth of the capacity if smaller.
+const SEGMENT_MAX: u64 = 256 << 20;
 
 /// A local store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,10 +37,46 @@ pub enum StoreError {
     },
     #[error("local store index {path}: {source}")]
     Db { path: PathBuf, source: sled::Error },
-    #[error("local store {path} is in use by another shoal process (a pull, publish or node); wait for it or stop it")]
+    #[error("local store {path} is in use by another shoal process (a pull, mount or node); wait for it or stop it")]
     Locked { path: PathBuf },
     #[error("blob {id} in local store segment {path} is corrupt (its bytes do not match its id); it was dropped and will be fetched again")]
     Corrupt { id: Hash, path: PathBuf },
+    #[error("cannot pin {name}: blob {id} is not in the local store")]
+    NotLocal { name: String, id: Hash },
+}
+
+/// How a stored blob may be treated under capacity pressure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retain {
+    /// A cache fill: the policy may decline to keep it (it is still served to the reader).
+    Cache,
+    /// Wanted here (a pull): always stored, though evictable later unless pinned.
+    Keep,
+}
+
+/// One pinned version.
+#[derive(Debug, Clone, Serialize)]
+pub struct PinInfo {
+    pub name: String,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// What `shoal cache` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheStats {
+    pub path: String,
+    pub capacity: Option<u64>,
+    /// Bytes of segment files on disk (live blobs plus garbage awaiting compaction).
+    pub disk_bytes: u64,
+    pub live_bytes: u64,
+    pub blobs: u64,
+    pub pinned_bytes: u64,
+    pub pins: Vec<PinInfo>,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub evictions: u64,
 }
 
 /// Where blobs live on this machine. Implementations must be safe to share between threads.
@@ -43,17 +87,38 @@ pub trait ChunkStore: Send + Sync {
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores verified blobs. They survive the process being killed once [`Self::flush`] has
     /// returned (sled also flushes on its own every half second).
-    fn put_batch(&self, blobs: &[(Hash, &[u8])]) -> Result<(), StoreError>;
-    /// Number of blobs and their total bytes.
-    fn usage(&self) -> Result<(u64, u64), StoreError>;
+    fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError>;
     /// Makes every index update so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Usage, pins and hit rates.
+    fn stats(&self) -> Result<CacheStats, StoreError>;
+    /// Keeps these blobs (all must be stored) from eviction under `name`; idempotent.
+    fn pin(&self, name: &str, blobs: &[(Hash, u32)]) -> Result<(), StoreError>;
+    /// Releases a pin; false if there was none.
+    fn unpin(&self, name: &str) -> Result<bool, StoreError>;
+    /// Drops every blob no pin needs and compacts; returns the disk bytes freed.
+    fn gc(&self) -> Result<u64, StoreError>;
 }
 
-struct Writer {
-    segment: u32,
+struct Seg {
+    size: u64,
+    live: HashMap<Hash, (u64, u32)>,
+}
+
+impl Seg {
+    fn live_bytes(&self) -> u64 {
+        self.live.values().map(|l| l.1 as u64).sum()
+    }
+}
+
+struct State {
+    active: u32,
     file: File,
-    len: u64,
+    policy: ClockLfu<Hash>,
+    segs: BTreeMap<u32, Seg>,
+    hits: u64,
+    misses: u64,
+    evictions: u64,
 }
 
 /// [`ChunkStore`] over sled and append-only segment files.
@@ -61,119 +126,17 @@ pub struct SegmentStore {
     dir: PathBuf,
     db: sled::Db,
     index: sled::Tree,
-    writer: Mutex<Writer>,
+    pins: sled::Tree,
+    pinned: sled::Tree,
+    meta: sled::Tree,
+    capacity: Option<u64>,
+    seg_max: u64,
+    state: Mutex<State>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
 }
 
 fn seg_name(n: u32) -> String {
     format!("{n:08}.seg")
-}
-
-impl SegmentStore {
-    /// Opens (creating if needed) the store under `dir`.
-    pub fn open(dir: &Path) -> Result<SegmentStore, StoreError> {
-        let io = |source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
-        let segs = dir.join("segments");
-        std::fs::create_dir_all(&segs).map_err(io)?;
-        let db_path = dir.join("index");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref ioe)
-                    if ioe.kind() == std::io::ErrorKind::WouldBlock
-                        || ioe.to_string().contains("lock") =>
-                {
-                    StoreError::Locked {
-                        path: dir.to_path_buf(),
-                    }
-                }
-                source => StoreError::Db {
-                    path: db_path.clone(),
-                    source,
-                },
-            })?;
-        let index = db.open_tree("blobs").map_err(|source| StoreError::Db {
-            path: db_path.clone(),
-            source,
-        })?;
-        let mut last = 0u32;
-        for e in std::fs::read_dir(&segs).map_err(io)? {
-            let name = e.map_err(io)?.file_name();
-            if let Some(n) = name
-                .to_str()
-                .and_then(|s| s.strip_suffix(".seg"))
-                .and_then(|s| s.parse().ok())
-            {
-                last = last.max(n);
-            }
-        }
-        let writer = Self::open_segment(&segs, last.max(1))?;
-        Ok(SegmentStore {
-            dir: dir.to_path_buf(),
-            db,
-            index,
-            writer: Mutex::new(writer),
-            readers: RwLock::default(),
-        })
-    }
-
-    fn open_segment(segs: &Path, n: u32) -> Result<Writer, StoreError> {
-        let path = segs.join(seg_name(n));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|source| StoreError::Io { path, source })?
-            .len();
-        Ok(Writer {
-            segment: n,
-            file,
-            len,
-        })
-    }
-
-    fn seg_path(&self, n: u32) -> PathBuf {
-        self.dir.join("segments").join(seg_name(n))
-    }
-
-    fn reader(&self, n: u32) -> Result<Arc<File>, StoreError> {
-        if let Some(f) = self.readers.read().expect("reader map poisoned").get(&n) {
-            return Ok(f.clone());
-        }
-        let path = self.seg_path(n);
-        let f = Arc::new(File::open(&path).map_err(|source| StoreError::Io { path, source })?);
-        self.readers
-            .write()
-            .expect("reader map poisoned")
-            .insert(n, f.clone());
-        Ok(f)
-    }
-
-    fn db_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Db {
-            path: self.dir.join("index"),
-            source,
-        }
-    }
-
-    /// Drops a blob's index entry (its bytes become garbage).
-    pub fn remove(&self, id: &Hash) -> Result<(), StoreError> {
-        self.index
-            .remove(id.as_bytes())
-            .map(|_| ())
-            .map_err(|e| self.db_err(e))
-    }
 }
 
 fn encode_loc(seg: u32, off: u64, len: u32) -> [u8; 16] {
@@ -195,6 +158,358 @@ fn decode_loc(v: &[u8]) -> Option<(u32, u64, u32)> {
     ))
 }
 
+fn counter(meta: &sled::Tree, key: &str) -> u64 {
+    meta.get(key)
+        .ok()
+        .flatten()
+        .and_then(|v| v.as_ref().try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+impl SegmentStore {
+    /// Opens (creating if needed) the store under `dir`, with an optional capacity in bytes.
+    pub fn open(dir: &Path, capacity: Option<u64>) -> Result<SegmentStore, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let segs_dir = dir.join("segments");
+        std::fs::create_dir_all(&segs_dir).map_err(io)?;
+        let db_path = dir.join("index");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref ioe)
+                    if ioe.kind() == std::io::ErrorKind::WouldBlock
+                        || ioe.to_string().contains("lock") =>
+                {
+                    StoreError::Locked {
+                        path: dir.to_path_buf(),
+                    }
+                }
+                source => StoreError::Db {
+                    path: db_path.clone(),
+                    source,
+                },
+            })?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Db {
+                path: db_path.clone(),
+                source,
+            })
+        };
+        let (index, pins, pinned, meta) = (
+            tree("blobs")?,
+            tree("pins")?,
+            tree("pinned")?,
+            tree("meta")?,
+        );
+
+        let mut segs: BTreeMap<u32, Seg> = BTreeMap::new();
+        for e in std::fs::read_dir(&segs_dir).map_err(io)? {
+            let e = e.map_err(io)?;
+            let n = e
+                .file_name()
+                .to_str()
+                .and_then(|s| s.strip_suffix(".seg"))
+                .and_then(|s| s.parse::<u32>().ok());
+            if let Some(n) = n {
+                let size = e.metadata().map_err(io)?.len();
+                segs.insert(
+                    n,
+                    Seg {
+                        size,
+                        live: HashMap::new(),
+                    },
+                );
+            }
+        }
+        // Live bytes stay under 3/4 of the capacity; the rest absorbs garbage between compactions.
+        let policy_cap = capacity.map(|c| c / 4 * 3).unwrap_or(u64::MAX);
+        let mut policy = ClockLfu::new(policy_cap);
+        for kv in pinned.iter() {
+            let (k, _) = kv.map_err(|source| StoreError::Db {
+                path: db_path.clone(),
+                source,
+            })?;
+            if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
+                policy.set_pinned(Hash(id), true);
+            }
+        }
+        let mut stale = Vec::new();
+        let mut seg_of: HashMap<Hash, u32> = HashMap::new();
+        for kv in index.iter() {
+            let (k, v) = kv.map_err(|source| StoreError::Db {
+                path: db_path.clone(),
+                source,
+            })?;
+            let (Ok(id), Some((seg, off, len))) =
+                (<[u8; 32]>::try_from(k.as_ref()), decode_loc(&v))
+            else {
+                stale.push(k);
+                continue;
+            };
+            let id = Hash(id);
+            match segs.get_mut(&seg) {
+                Some(s) => {
+                    s.live.insert(id, (off, len));
+                    seg_of.insert(id, seg);
+                }
+                None => {
+                    stale.push(k);
+                    continue;
+                }
+            }
+            // A capacity lowered since the last run: trim now.
+            for victim in policy.insert_forced(id, len as u64) {
+                stale.push(sled::IVec::from(victim.as_bytes()));
+                if let Some(s) = seg_of.get(&victim).and_then(|n| segs.get_mut(n)) {
+                    s.live.remove(&victim);
+                }
+            }
+        }
+        for k in stale {
+            index.remove(k).map_err(|source| StoreError::Db {
+                path: db_path.clone(),
+                source,
+            })?;
+        }
+        let active = segs.keys().next_back().copied().unwrap_or(1);
+        let seg_max = capacity
+            .map(|c| (c / 16).clamp(64 << 10, SEGMENT_MAX))
+            .unwrap_or(SEGMENT_MAX);
+        let path = segs_dir.join(seg_name(active));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path, source })?;
+        segs.entry(active).or_insert(Seg {
+            size: file.metadata().map(|m| m.len()).unwrap_or(0),
+            live: HashMap::new(),
+        });
+        let state = State {
+            active,
+            file,
+            policy,
+            segs,
+            hits: counter(&meta, "hits"),
+            misses: counter(&meta, "misses"),
+            evictions: counter(&meta, "evictions"),
+        };
+        let store = SegmentStore {
+            dir: dir.to_path_buf(),
+            db,
+            index,
+            pins,
+            pinned,
+            meta,
+            capacity,
+            seg_max,
+            state: Mutex::new(state),
+            readers: RwLock::default(),
+        };
+        store.compact_to_capacity(&mut store.lock())?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("store state poisoned")
+    }
+
+    fn seg_path(&self, n: u32) -> PathBuf {
+        self.dir.join("segments").join(seg_name(n))
+    }
+
+    fn reader(&self, n: u32) -> Result<Arc<File>, std::io::Error> {
+        if let Some(f) = self.readers.read().expect("reader map poisoned").get(&n) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(self.seg_path(n))?);
+        self.readers
+            .write()
+            .expect("reader map poisoned")
+            .insert(n, f.clone());
+        Ok(f)
+    }
+
+    fn db_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Db {
+            path: self.dir.join("index"),
+            source,
+        }
+    }
+
+    fn io_err(&self, seg: u32) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            path: self.seg_path(seg),
+            source,
+        }
+    }
+
+    /// Drops a blob's index entry (its bytes become garbage).
+    fn drop_entry(&self, st: &mut State, id: &Hash) -> Result<(), StoreError> {
+        forget_live(
+            st,
+            self.index
+                .get(id.as_bytes())
+                .map_err(|e| self.db_err(e))?
+                .as_deref(),
+            id,
+        );
+        self.index
+            .remove(id.as_bytes())
+            .map_err(|e| self.db_err(e))?;
+        st.policy.remove(id);
+        Ok(())
+    }
+
+    /// Appends blobs to the active segment (rolling it when full); returns their locations.
+    fn append(
+        &self,
+        st: &mut State,
+        blobs: &[(Hash, &[u8])],
+    ) -> Result<Vec<(Hash, u32, u64, u32)>, StoreError> {
+        let mut out = Vec::with_capacity(blobs.len());
+        let mut buf = Vec::new();
+        let flush = |st: &mut State, buf: &mut Vec<u8>| -> Result<(), StoreError> {
+            let seg = st.active;
+            if let Err(e) = st.file.write_all(buf) {
+                // Whatever part was written is unreferenced garbage; later appends go after it.
+                let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
+                st.segs.get_mut(&seg).expect("active segment").size = len;
+                return Err(self.io_err(seg)(e));
+            }
+            st.segs.get_mut(&seg).expect("active segment").size += buf.len() as u64;
+            buf.clear();
+            Ok(())
+        };
+        for (id, bytes) in blobs {
+            let size = st.segs[&st.active].size + buf.len() as u64;
+            if size > 0 && size + bytes.len() as u64 > self.seg_max {
+                flush(st, &mut buf)?;
+                self.roll(st)?;
+            }
+            let off = st.segs[&st.active].size + buf.len() as u64;
+            out.push((*id, st.active, off, bytes.len() as u32));
+            buf.extend_from_slice(bytes);
+        }
+        flush(st, &mut buf)?;
+        Ok(out)
+    }
+
+    /// Copies a segment's live blobs forward, repoints the index, then deletes the segment.
+    fn compact(&self, st: &mut State, seg: u32) -> Result<(), StoreError> {
+        let live: Vec<(Hash, (u64, u32))> =
+            st.segs[&seg].live.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut copies = Vec::with_capacity(live.len());
+        if !live.is_empty() {
+            let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
+            for (id, (off, len)) in live {
+                let mut b = vec![0u8; len as usize];
+                if f.read_exact_at(&mut b, off).is_ok() && id.verify(&b) {
+                    copies.push((id, b));
+                } else {
+                    tracing::warn!(blob = %id, segment = seg, "dropping a corrupt blob found while compacting");
+                    self.drop_entry(st, &id)?;
+                }
+            }
+        }
+        let refs: Vec<(Hash, &[u8])> = copies.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+        let locs = self.append(st, &refs)?;
+        let mut batch = sled::Batch::default();
+        for (id, s, off, len) in &locs {
+            batch.insert(id.as_bytes(), &encode_loc(*s, *off, *len));
+            st.segs
+                .get_mut(s)
+                .expect("appended segment")
+                .live
+                .insert(*id, (*off, *len));
+        }
+        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        st.segs.remove(&seg);
+        self.readers
+            .write()
+            .expect("reader map poisoned")
+            .remove(&seg);
+        std::fs::remove_file(self.seg_path(seg)).map_err(self.io_err(seg))
+    }
+
+    /// Starts a new active segment.
+    fn roll(&self, st: &mut State) -> Result<(), StoreError> {
+        let next = st.active + 1;
+        let path = self.seg_path(next);
+        st.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(self.io_err(next))?;
+        st.active = next;
+        st.segs.insert(
+            next,
+            Seg {
+                size: 0,
+                live: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Compacts the segments with the most garbage until the files fit the capacity.
+    fn compact_to_capacity(&self, st: &mut State) -> Result<(), StoreError> {
+        let Some(cap) = self.capacity else {
+            return Ok(());
+        };
+        loop {
+            let disk: u64 = st.segs.values().map(|s| s.size).sum();
+            if disk <= cap {
+                return Ok(());
+            }
+            let victim = st
+                .segs
+                .iter()
+                .filter(|(n, _)| **n != st.active)
+                .map(|(n, s)| (*n, s.size - s.live_bytes().min(s.size)))
+                .filter(|(_, garbage)| *garbage > 0)
+                .max_by_key(|(_, garbage)| *garbage);
+            match victim {
+                Some((n, _)) => self.compact(st, n)?,
+                None => {
+                    // Only the active segment holds garbage: start a new one, compact the old.
+                    let active = st.active;
+                    let garbage = st.segs[&active].size
+                        - st.segs[&active].live_bytes().min(st.segs[&active].size);
+                    if garbage == 0 {
+                        return Ok(()); // only live (or pinned) data left
+                    }
+                    self.roll(st)?;
+                    self.compact(st, active)?;
+                }
+            }
+        }
+    }
+
+    fn pin_list(&self, name: &str) -> Result<Option<Vec<(Hash, u32)>>, StoreError> {
+        let Some(v) = self.pins.get(name).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            v.chunks_exact(36)
+                .map(|c| {
+                    (
+                        Hash(c[..32].try_into().expect("32 bytes")),
+                        u32::from_be_bytes(c[32..].try_into().expect("4 bytes")),
+                    )
+                })
+                .collect(),
+        ))
+    }
+}
+
 impl ChunkStore for SegmentStore {
     fn contains(&self, id: &Hash) -> Result<bool, StoreError> {
         self.index
@@ -203,124 +518,302 @@ impl ChunkStore for SegmentStore {
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(v) = self.index.get(id.as_bytes()).map_err(|e| self.db_err(e))? else {
-            return Ok(None);
-        };
-        let corrupt = |seg| {
-            let _ = self.remove(id);
-            StoreError::Corrupt {
-                id: *id,
-                path: self.seg_path(seg),
+        // Twice at most: a compaction may move the blob between the lookup and the read.
+        for _ in 0..2 {
+            let Some(v) = self.index.get(id.as_bytes()).map_err(|e| self.db_err(e))? else {
+                let mut st = self.lock();
+                st.policy.access(id);
+                st.misses += 1;
+                return Ok(None);
+            };
+            let Some((seg, off, len)) = decode_loc(&v) else {
+                self.drop_entry(&mut self.lock(), id)?;
+                return Err(StoreError::Corrupt {
+                    id: *id,
+                    path: self.dir.join("index"),
+                });
+            };
+            let mut buf = vec![0u8; len as usize];
+            let read = self
+                .reader(seg)
+                .and_then(|f| f.read_exact_at(&mut buf, off));
+            match read {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    self.drop_entry(&mut self.lock(), id)?;
+                    return Err(StoreError::Corrupt {
+                        id: *id,
+                        path: self.seg_path(seg),
+                    });
+                }
+                Err(e) => return Err(self.io_err(seg)(e)),
             }
-        };
-        let Some((seg, off, len)) = decode_loc(&v) else {
-            return Err(corrupt(0));
-        };
-        let mut buf = vec![0u8; len as usize];
-        match self.reader(seg)?.read_exact_at(&mut buf, off) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(corrupt(seg)),
-            Err(source) => {
-                return Err(StoreError::Io {
+            if !id.verify(&buf) {
+                // Moved by a compaction since the lookup? Look again before calling it corrupt.
+                if self
+                    .index
+                    .get(id.as_bytes())
+                    .map_err(|e| self.db_err(e))?
+                    .is_some_and(|now| now != v)
+                {
+                    continue;
+                }
+                self.drop_entry(&mut self.lock(), id)?;
+                return Err(StoreError::Corrupt {
+                    id: *id,
                     path: self.seg_path(seg),
-                    source,
-                })
+                });
             }
+            let mut st = self.lock();
+            st.policy.access(id);
+            st.hits += 1;
+            return Ok(Some(buf));
         }
-        if !id.verify(&buf) {
-            return Err(corrupt(seg));
-        }
-        Ok(Some(buf))
+        Ok(None)
     }
 
-    fn put_batch(&self, blobs: &[(Hash, &[u8])]) -> Result<(), StoreError> {
+    fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {
         if blobs.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        {
-            let mut w = self.writer.lock().expect("segment writer poisoned");
-            if w.len >= SEGMENT_MAX {
-                let next = w.segment + 1;
-                *w = Self::open_segment(&self.dir.join("segments"), next)?;
+        let mut st = self.lock();
+        let mut admitted = Vec::with_capacity(blobs.len());
+        let mut evicted = Vec::new();
+        for (id, bytes) in blobs {
+            if self
+                .index
+                .contains_key(id.as_bytes())
+                .map_err(|e| self.db_err(e))?
+                || admitted.iter().any(|(a, _)| a == id)
+            {
+                continue;
             }
-            let path = self.seg_path(w.segment);
-            let io = |source| StoreError::Io {
-                path: path.clone(),
-                source,
-            };
-            let start = w.len;
-            let mut off = start;
-            for (id, bytes) in blobs {
-                batch.insert(
-                    id.as_bytes(),
-                    &encode_loc(w.segment, off, bytes.len() as u32),
-                );
-                off += bytes.len() as u64;
+            match retain {
+                Retain::Keep => {
+                    evicted.extend(st.policy.insert_forced(*id, bytes.len() as u64));
+                    admitted.push((*id, *bytes));
+                }
+                Retain::Cache => {
+                    let a = st.policy.insert(*id, bytes.len() as u64);
+                    evicted.extend(a.evicted);
+                    if a.admitted {
+                        admitted.push((*id, *bytes));
+                    }
+                }
             }
-            let mut buf = Vec::with_capacity((off - start) as usize);
-            for (_, bytes) in blobs {
-                buf.extend_from_slice(bytes);
-            }
-            if let Err(e) = w.file.write_all(&buf) {
-                // Whatever part was written is unreferenced; later appends start after it.
-                w.len = w.file.metadata().map(|m| m.len()).unwrap_or(off);
-                return Err(io(e));
-            }
-            w.len = off;
         }
-        self.index.apply_batch(batch).map_err(|e| self.db_err(e))
+        // Something admitted early in this batch may have been evicted by a later one.
+        admitted.retain(|(id, _)| !evicted.contains(id));
+        let locs = self.append(&mut st, &admitted)?;
+        let mut batch = sled::Batch::default();
+        for (id, seg, off, len) in &locs {
+            batch.insert(id.as_bytes(), &encode_loc(*seg, *off, *len));
+            st.segs
+                .get_mut(seg)
+                .expect("appended segment")
+                .live
+                .insert(*id, (*off, *len));
+        }
+        for id in &evicted {
+            forget_live(
+                &mut st,
+                self.index
+                    .get(id.as_bytes())
+                    .map_err(|e| self.db_err(e))?
+                    .as_deref(),
+                id,
+            );
+            batch.remove(id.as_bytes());
+        }
+        st.evictions += evicted.len() as u64;
+        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        if !evicted.is_empty() {
+            self.compact_to_capacity(&mut st)?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        {
+            let st = self.lock();
+            for (k, v) in [
+                ("hits", st.hits),
+                ("misses", st.misses),
+                ("evictions", st.evictions),
+            ] {
+                self.meta
+                    .insert(k, &v.to_be_bytes())
+                    .map_err(|e| self.db_err(e))?;
+            }
+        }
         self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
     }
 
-    fn usage(&self) -> Result<(u64, u64), StoreError> {
-        let mut n = 0;
-        let mut bytes = 0;
-        for kv in self.index.iter() {
-            let (_, v) = kv.map_err(|e| self.db_err(e))?;
-            n += 1;
-            bytes += decode_loc(&v).map(|l| l.2 as u64).unwrap_or(0);
+    fn stats(&self) -> Result<CacheStats, StoreError> {
+        let mut pins = Vec::new();
+        for kv in self.pins.iter() {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            let name = String::from_utf8_lossy(&k).to_string();
+            let list = self.pin_list(&name)?.unwrap_or_default();
+            pins.push(PinInfo {
+                blobs: list.len() as u64,
+                bytes: list.iter().map(|b| b.1 as u64).sum(),
+                name,
+            });
         }
-        Ok((n, bytes))
+        let st = self.lock();
+        let mut pinned_bytes = 0;
+        for kv in self.pinned.iter() {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
+                pinned_bytes += st
+                    .segs
+                    .values()
+                    .find_map(|s| s.live.get(&Hash(id)))
+                    .map(|l| l.1 as u64)
+                    .unwrap_or(0);
+            }
+        }
+        let live: u64 = st.segs.values().map(Seg::live_bytes).sum();
+        let blobs = st.segs.values().map(|s| s.live.len() as u64).sum();
+        let lookups = st.hits + st.misses;
+        Ok(CacheStats {
+            path: self.dir.display().to_string(),
+            capacity: self.capacity,
+            disk_bytes: st.segs.values().map(|s| s.size).sum(),
+            live_bytes: live,
+            blobs,
+            pinned_bytes,
+            pins,
+            hits: st.hits,
+            misses: st.misses,
+            hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                st.hits as f64 / lookups as f64
+            },
+            evictions: st.evictions,
+        })
     }
+
+    fn pin(&self, name: &str, blobs: &[(Hash, u32)]) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        if self.pins.contains_key(name).map_err(|e| self.db_err(e))? {
+            return Ok(());
+        }
+        for (id, _) in blobs {
+            if !self
+                .index
+                .contains_key(id.as_bytes())
+                .map_err(|e| self.db_err(e))?
+            {
+                return Err(StoreError::NotLocal {
+                    name: name.to_string(),
+                    id: *id,
+                });
+            }
+        }
+        let mut list = Vec::with_capacity(blobs.len() * 36);
+        for (id, len) in blobs {
+            list.extend_from_slice(id.as_bytes());
+            list.extend_from_slice(&len.to_be_bytes());
+            let n = self
+                .pinned
+                .get(id.as_bytes())
+                .map_err(|e| self.db_err(e))?
+                .and_then(|v| v.as_ref().try_into().ok())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            self.pinned
+                .insert(id.as_bytes(), &(n + 1).to_be_bytes())
+                .map_err(|e| self.db_err(e))?;
+            st.policy.set_pinned(*id, true);
+        }
+        self.pins.insert(name, list).map_err(|e| self.db_err(e))?;
+        self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
+    }
+
+    fn unpin(&self, name: &str) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        let Some(list) = self.pin_list(name)? else {
+            return Ok(false);
+        };
+        for (id, _) in list {
+            let n = self
+                .pinned
+                .get(id.as_bytes())
+                .map_err(|e| self.db_err(e))?
+                .and_then(|v| v.as_ref().try_into().ok())
+                .map(u32::from_be_bytes)
+                .unwrap_or(1);
+            if n <= 1 {
+                self.pinned
+                    .remove(id.as_bytes())
+                    .map_err(|e| self.db_err(e))?;
+                st.policy.set_pinned(id, false);
+            } else {
+                self.pinned
+                    .insert(id.as_bytes(), &(n - 1).to_be_bytes())
+                    .map_err(|e| self.db_err(e))?;
+            }
+        }
+        self.pins.remove(name).map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(true)
+    }
+
+    fn gc(&self) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let before: u64 = st.segs.values().map(|s| s.size).sum();
+        let drop: Vec<Hash> = st.policy.clear_unpinned();
+        let mut batch = sled::Batch::default();
+        for id in &drop {
+            forget_live(
+                &mut st,
+                self.index
+                    .get(id.as_bytes())
+                    .map_err(|e| self.db_err(e))?
+                    .as_deref(),
+                id,
+            );
+            batch.remove(id.as_bytes());
+        }
+        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        // Start a fresh segment, then compact every older one that holds garbage.
+        self.roll(&mut st)?;
+        let next = st.active;
+        let old: Vec<u32> = st
+            .segs
+            .iter()
+            .filter(|(n, s)| **n != next && s.live_bytes() < s.size)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in old {
+            self.compact(&mut st, n)?;
+        }
+        let after: u64 = st.segs.values().map(|s| s.size).sum();
+        drop_unused(&mut st);
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(before.saturating_sub(after))
+    }
+}
+
+/// Removes a blob from its segment's live set, given its index entry.
+fn forget_live(st: &mut State, loc: Option<&[u8]>, id: &Hash) {
+    if let Some((seg, _, _)) = loc.and_then(decode_loc) {
+        if let Some(s) = st.segs.get_mut(&seg) {
+            s.live.remove(id);
+        }
+    }
+}
+
+/// Forgets bookkeeping of empty, non-active segments (their files are gone).
+fn drop_unused(st: &mut State) {
+    let active = st.active;
+    st.segs
+        .retain(|n, s| *n == active || s.size > 0 || !s.live.is_empty());
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn put_get_verify_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = b"alpha".to_vec();
-        let b = vec![9u8; 100_000];
-        let (ia, ib) = (shoal_chunker::hash(&a), shoal_chunker::hash(&b));
-        {
-            let s = SegmentStore::open(dir.path()).unwrap();
-            assert!(!s.contains(&ia).unwrap());
-            s.put_batch(&[(ia, &a), (ib, &b)]).unwrap();
-            assert_eq!(s.get(&ia).unwrap().unwrap(), a);
-            assert_eq!(s.usage().unwrap(), (2, 100_005));
-            s.flush().unwrap();
-            // A second open of the same store while this one lives is refused clearly.
-            let err = SegmentStore::open(dir.path()).err().expect("locked");
-            assert!(
-                err.to_string().contains("in use by another shoal process"),
-                "{err}"
-            );
-        }
-        let s = SegmentStore::open(dir.path()).unwrap();
-        assert_eq!(s.get(&ib).unwrap().unwrap(), b);
-        // Corrupt the segment: the read is refused and the entry dropped.
-        let seg = dir.path().join("segments").join(seg_name(1));
-        let f = OpenOptions::new().write(true).open(&seg).unwrap();
-        f.write_all_at(b"X", 0).unwrap();
-        let err = s.get(&ia).unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-        assert!(!s.contains(&ia).unwrap());
-        assert_eq!(s.get(&ib).unwrap().unwrap(), b);
-    }
-}
+mod tests;

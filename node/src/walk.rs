@@ -21,6 +21,8 @@ pub struct Walked {
     pub dirs: Vec<(String, u32)>,
     pub files: Vec<WalkFile>,
     pub symlinks: Vec<(String, String)>,
+    /// Every tree node (directories and chunk lists) with its size, for pinning.
+    pub nodes: Vec<(Hash, u32)>,
 }
 
 /// `parent/name`, or `name` at the root.
@@ -70,7 +72,12 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
         let mut next = Vec::new();
         let mut lists: Vec<(usize, Vec<tree::ListRef>)> = Vec::new();
         for (path, id, depth) in level {
-            let dir = load_dir(blobs, &id, &path).await?;
+            let bytes = blobs.get(&id).await?;
+            out.nodes.push((id, bytes.len() as u32));
+            let dir = Dir::decode(&bytes).map_err(|e| Error::Corrupt {
+                what: format!("directory node {id} for '/{path}'"),
+                reason: e.to_string(),
+            })?;
             for e in dir.entries {
                 let p = join(&path, &e.name);
                 match e.kind {
@@ -115,6 +122,7 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
             for (file, refs) in lists {
                 for r in refs {
                     let bytes = blobs.get(&r.id).await?;
+                    out.nodes.push((r.id, bytes.len() as u32));
                     let list = ChunkList::decode(&bytes, &r).map_err(|e| Error::Corrupt {
                         what: format!("chunk list {} of '/{}'", r.id, out.files[file].path),
                         reason: e.to_string(),

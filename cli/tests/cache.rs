@@ -1,0 +1,198 @@
+//! The local store as a cache: capacity, pins, gc, and crashes while it churns.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn mounted(mp: &Path) -> bool {
+    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}
+
+/// Starts `shoal mount`, waits for it, runs `f`, then unmounts (or kills) it.
+fn with_mount(env: &Env, reference: &str, mp: &Path, f: impl FnOnce()) {
+    std::fs::create_dir_all(mp).unwrap();
+    let mut child = env
+        .cmd(&["mount", reference, mp.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mounted(mp) {
+        assert!(
+            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "mount did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    struct Guard<'a>(&'a Path, std::process::Child);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+            let _ = self.1.wait();
+        }
+    }
+    let _g = Guard(mp, child);
+    f();
+}
+
+fn pull_fetches(env: &Env, reference: &str) -> u64 {
+    env.json(&["pull", reference, "--no-files"])["bytes_from_origin"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn pin_gc_and_unpin() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    write(&src.join("v2-only.bin"), &random_bytes(77, 2 << 20));
+    env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v2",
+        "--tag",
+        "latest",
+    ]);
+
+    let pin = env.json(&["pin", "demo@v1"]);
+    assert!(pin["bytes_from_origin"].as_u64().unwrap() > 0);
+    pull_fetches(&env, "demo@latest");
+    let c = env.json(&["cache"]);
+    assert_eq!(c["pins"][0]["name"], "demo@v1");
+    assert_eq!(c["pinned_bytes"], pin["bytes"]);
+
+    let freed = env.json(&["gc"])["freed_bytes"].as_u64().unwrap();
+    assert!(freed >= 2 << 20, "v2's own chunks are freed: {freed}");
+    assert_eq!(
+        pull_fetches(&env, "demo@v1"),
+        0,
+        "the pinned version stays whole"
+    );
+    let dest = env.path("out");
+    env.json(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
+    let cache = env.json(&["cache"]);
+    assert!(cache["live_bytes"].as_u64().unwrap() >= pin["bytes"].as_u64().unwrap());
+
+    env.json(&["unpin", "demo@v1"]);
+    assert!(env.fails(&["unpin", "demo@v1"]).contains("is not pinned"));
+    env.json(&["gc"]);
+    assert_eq!(env.json(&["cache"])["live_bytes"], 0);
+    assert!(pull_fetches(&env, "demo@v1") > 0);
+}
+
+#[test]
+fn mount_under_cache_pressure_stays_correct_and_within_capacity() {
+    let mut env = Env::new();
+    let src = env.path("src");
+    for i in 0..12 {
+        write(
+            &src.join(format!("big/f{i:02}.bin")),
+            &random_bytes(300 + i, 2 << 20),
+        );
+    }
+    let small = env.path("small");
+    write(&small.join("keep.bin"), &random_bytes(9, 512 << 10));
+    env.json(&["publish", src.to_str().unwrap(), "big@v1"]);
+    env.json(&["publish", small.to_str().unwrap(), "small@v1"]);
+    let cap: u64 = 8 << 20;
+    env.extra_env
+        .push(("SHOAL_CACHE_CAPACITY".into(), cap.to_string()));
+    env.json(&["pin", "small@v1"]);
+    // A pull that cannot fit is refused up front, with the way out named.
+    let err = env.fails(&["pull", "big@v1", "--no-files"]);
+    assert!(
+        err.contains("capacity") && err.contains("shoal mount"),
+        "{err}"
+    );
+
+    let mp = env.path("mnt");
+    with_mount(&env, "big@v1", &mp, || {
+        for _ in 0..2 {
+            for i in 0..12 {
+                let got = std::fs::read(mp.join(format!("big/f{i:02}.bin"))).unwrap();
+                assert!(
+                    got == random_bytes(300 + i, 2 << 20),
+                    "f{i:02} read wrong through a full cache"
+                );
+            }
+            // Fresh opens next round: drop the kernel's page cache of the mount.
+            std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        }
+    });
+    let c = env.json(&["cache"]);
+    assert!(c["disk_bytes"].as_u64().unwrap() <= cap, "{c}");
+    assert!(
+        c["live_bytes"].as_u64().unwrap() <= cap / 4 * 3 + (128 << 10),
+        "{c}"
+    );
+    // The second pass found part of the data cached instead of everything churned out.
+    assert!(c["hits"].as_u64().unwrap() > 20, "{c}");
+    assert_eq!(
+        pull_fetches(&env, "small@v1"),
+        0,
+        "the pinned version stays whole"
+    );
+}
+
+#[test]
+fn sigkill_while_the_cache_evicts_and_compacts_never_serves_a_corrupt_byte() {
+    let mut env = Env::new();
+    // Six versions of 3 MiB each; the cache holds about one and a half of them, so every pull
+    // evicts what the previous ones left and compaction rewrites segments as it goes.
+    let mut sources = Vec::new();
+    for v in 0..6u64 {
+        let src = env.path(&format!("src{v}"));
+        for i in 0..3 {
+            write(
+                &src.join(format!("f{i}.bin")),
+                &random_bytes(1000 * v + i, 1 << 20),
+            );
+        }
+        env.json(&["publish", src.to_str().unwrap(), &format!("churn@v{v}")]);
+        sources.push(src);
+    }
+    let cap: u64 = 6 << 20;
+    env.extra_env
+        .push(("SHOAL_CACHE_CAPACITY".into(), cap.to_string()));
+    let mut killed = 0;
+    for v in 0..6u64 {
+        let reference = format!("churn@v{v}");
+        let mut child = env
+            .cmd(&["pull", &reference, "--no-files"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5 + random_bytes(v, 1)[0] as u64 % 60));
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+        }
+        let _ = child.kill(); // SIGKILL, mid-eviction or mid-compaction with luck
+        let _ = child.wait();
+        // Whatever state the kill left, a complete pull now writes exactly the source.
+        let dest = env.path(&format!("out{v}"));
+        env.json(&["pull", &reference, "--to", dest.to_str().unwrap()]);
+        assert_same_tree(&sources[v as usize], &dest);
+        let c = env.json(&["cache"]);
+        assert!(c["disk_bytes"].as_u64().unwrap() <= cap, "after v{v}: {c}");
+    }
+    assert!(killed >= 2, "only {killed} kills landed mid-pull");
+    let c = env.json(&["cache"]);
+    assert!(
+        c["evictions"].as_u64().unwrap() > 0,
+        "the cache never evicted: {c}"
+    );
+    // And the oldest version, long evicted, still pulls correctly.
+    let dest = env.path("again");
+    env.json(&["pull", "churn@v0", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&sources[0], &dest);
+}

@@ -1,0 +1,83 @@
+//! Pins, usage and collection of the local store.
+
+use crate::blobs::Blobs;
+use crate::error::Result;
+use crate::progress::Progress;
+use crate::walk::walk;
+use crate::Node;
+use serde::Serialize;
+use shoal_registry::{DatasetRef, Rev};
+use std::collections::HashSet;
+
+/// What `pin` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PinReport {
+    pub pinned: String,
+    pub root: String,
+    pub blobs: u64,
+    pub bytes: u64,
+    pub bytes_from_origin: u64,
+}
+
+impl Node {
+    /// Fetches whatever of `reference` is not local, then pins all of it (chunks and tree
+    /// nodes) so that no cache pressure evicts it.
+    pub async fn pin(&self, reference: &DatasetRef, progress: &Progress) -> Result<PinReport> {
+        let (version, signed) = self.open_version(reference).await?;
+        let store = self.store()?;
+        let blobs = Blobs::load(
+            self.origin.clone(),
+            store.clone(),
+            &self.home.pack_cache_dir(),
+            &signed,
+        )
+        .await?;
+        let tree = walk(&blobs, signed.body.root).await?;
+        let mut seen = HashSet::new();
+        let mut all: Vec<(shoal_registry::Hash, u32)> = tree.nodes.clone();
+        all.extend(
+            tree.files
+                .iter()
+                .flat_map(|f| f.chunks.iter())
+                .map(|c| (c.id, c.len)),
+        );
+        all.retain(|(id, _)| seen.insert(*id));
+        let s = store.clone();
+        let ids: Vec<_> = all.iter().map(|b| b.0).collect();
+        let missing: Vec<_> = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .filter(|id| !s.contains(id).unwrap_or(false))
+                .collect()
+        })
+        .await
+        .expect("store task panicked");
+        progress.phase("fetching", 0);
+        blobs.fetch(missing, Some(progress)).await?;
+        let name = format!("{}@{version}", reference.dataset);
+        let s = store.clone();
+        let (n, list) = (name.clone(), all.clone());
+        tokio::task::spawn_blocking(move || s.pin(&n, &list))
+            .await
+            .expect("store task panicked")?;
+        Ok(PinReport {
+            pinned: name,
+            root: format!("b3:{}", signed.body.root),
+            blobs: all.len() as u64,
+            bytes: all.iter().map(|b| b.1 as u64).sum(),
+            bytes_from_origin: blobs.bytes_from_origin(),
+        })
+    }
+
+    /// Releases the pin of `reference`; false if it was not pinned. A version name is matched
+    /// without asking the origin; a tag or root id is resolved first.
+    pub async fn unpin(&self, reference: &DatasetRef) -> Result<bool> {
+        let store = self.store()?;
+        if let Rev::Label(l) = &reference.rev {
+            if store.unpin(&format!("{}@{l}", reference.dataset))? {
+                return Ok(true);
+            }
+        }
+        let (version, _) = self.origin.resolve(reference).await?;
+        Ok(store.unpin(&format!("{}@{version}", reference.dataset))?)
+    }
+}

@@ -1,0 +1,157 @@
+//! The store contract, run at and around the capacity thresholds.
+
+use super::*;
+
+fn blob(seed: u32, len: usize) -> (Hash, Vec<u8>) {
+    let mut b = vec![0u8; len];
+    let mut x = seed as u64 * 0x9E37_79B9 + 1;
+    for v in b.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *v = x as u8;
+    }
+    (shoal_chunker::hash(&b), b)
+}
+
+fn put(s: &SegmentStore, blobs: &[(Hash, Vec<u8>)], retain: Retain) {
+    let refs: Vec<(Hash, &[u8])> = blobs.iter().map(|(h, b)| (*h, b.as_slice())).collect();
+    s.put_batch(&refs, retain).unwrap();
+}
+
+#[test]
+fn put_get_verify_reopen_and_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = blob(1, 5);
+    let b = blob(2, 100_000);
+    {
+        let s = SegmentStore::open(dir.path(), None).unwrap();
+        assert!(!s.contains(&a.0).unwrap());
+        put(&s, &[a.clone(), b.clone()], Retain::Keep);
+        assert_eq!(s.get(&a.0).unwrap().unwrap(), a.1);
+        let st = s.stats().unwrap();
+        assert_eq!((st.blobs, st.live_bytes), (2, 100_005));
+        s.flush().unwrap();
+        let err = SegmentStore::open(dir.path(), None).err().expect("locked");
+        assert!(
+            err.to_string().contains("in use by another shoal process"),
+            "{err}"
+        );
+    }
+    let s = SegmentStore::open(dir.path(), None).unwrap();
+    assert_eq!(s.get(&b.0).unwrap().unwrap(), b.1);
+    assert_eq!(
+        s.stats().unwrap().hits,
+        2,
+        "counters survive a reopen after flush"
+    );
+    // Corrupt the segment: the read is refused and the entry dropped.
+    let seg = dir.path().join("segments").join(seg_name(1));
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(b"X", 0).unwrap();
+    assert!(matches!(
+        s.get(&a.0).unwrap_err(),
+        StoreError::Corrupt { .. }
+    ));
+    assert!(!s.contains(&a.0).unwrap());
+    assert_eq!(s.get(&b.0).unwrap().unwrap(), b.1);
+}
+
+/// Under capacity pressure the files stay within the capacity and every blob still indexed
+/// reads back verified, for capacities exactly at and one byte either side of multiples of the
+/// blob size.
+#[test]
+fn capacity_is_respected_at_and_around_the_thresholds() {
+    for cap in [
+        4 << 20,
+        (4 << 20) - 1,
+        (4 << 20) + 1,
+        3 * 65_536,
+        3 * 65_536 + 1,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+        let blobs: Vec<_> = (0..200).map(|i| blob(i, 65_536)).collect();
+        for chunk in blobs.chunks(7) {
+            put(&s, chunk, Retain::Keep);
+            let st = s.stats().unwrap();
+            assert!(st.disk_bytes <= cap, "cap {cap}: {} on disk", st.disk_bytes);
+            assert!(
+                st.live_bytes <= cap / 4 * 3 + 65_536,
+                "cap {cap}: {} live",
+                st.live_bytes
+            );
+        }
+        let mut present = 0;
+        for (h, b) in &blobs {
+            if let Some(got) = s.get(h).unwrap() {
+                assert_eq!(&got, b);
+                present += 1;
+            }
+        }
+        assert!(present > 0 || cap < 2 * 65_536, "cap {cap}: nothing kept");
+        assert!(s.stats().unwrap().evictions > 0);
+    }
+}
+
+#[test]
+fn pins_survive_pressure_and_gc_frees_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 2 << 20;
+    let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+    let keep: Vec<_> = (0..8).map(|i| blob(1000 + i, 50_000)).collect();
+    put(&s, &keep, Retain::Keep);
+    let list: Vec<(Hash, u32)> = keep.iter().map(|(h, b)| (*h, b.len() as u32)).collect();
+    s.pin("demo@v1", &list).unwrap();
+    s.pin("demo@v1", &list).unwrap(); // idempotent
+    assert!(matches!(
+        s.pin("other@v1", &[(blob(9999, 10).0, 10)]),
+        Err(StoreError::NotLocal { .. })
+    ));
+    for i in 0..40 {
+        put(&s, &[blob(i, 100_000)], Retain::Keep);
+    }
+    for (h, b) in &keep {
+        assert_eq!(&s.get(h).unwrap().expect("pinned blob kept"), b);
+    }
+    let st = s.stats().unwrap();
+    assert_eq!(st.pinned_bytes, 400_000);
+    assert_eq!(st.pins.len(), 1);
+    assert!(st.disk_bytes <= cap, "{} > {cap}", st.disk_bytes);
+
+    let freed = s.gc().unwrap();
+    assert!(freed > 0);
+    let st = s.stats().unwrap();
+    assert_eq!(st.live_bytes, 400_000, "only the pinned version is left");
+    assert!(s.unpin("demo@v1").unwrap());
+    assert!(!s.unpin("demo@v1").unwrap());
+    s.gc().unwrap();
+    assert_eq!(s.stats().unwrap().live_bytes, 0);
+    drop(s);
+    // And the state after gc reopens cleanly.
+    let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+    assert_eq!(s.stats().unwrap().blobs, 0);
+}
+
+#[test]
+fn cache_fills_keep_a_stable_part_of_a_cyclic_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<_> = (0..64).map(|i| blob(i, 16_384)).collect();
+    // Room for about half of the blobs (live bytes are kept under 3/4 of the capacity).
+    let s = SegmentStore::open(dir.path(), Some(64 * 16_384 * 2 / 3)).unwrap();
+    for epoch in 0..4 {
+        let mut hits = 0;
+        for (h, b) in &blobs {
+            match s.get(h).unwrap() {
+                Some(got) => {
+                    assert_eq!(&got, b);
+                    hits += 1;
+                }
+                None => put(&s, &[(*h, b.clone())], Retain::Cache),
+            }
+        }
+        if epoch >= 2 {
+            assert!(hits >= 20, "epoch {epoch}: only {hits} of 64 hits");
+        }
+    }
+}
