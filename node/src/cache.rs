@@ -1,6 +1,5 @@
 //! Pins, usage and collection of the local store.
 
-use crate::blobs::Blobs;
 use crate::error::Result;
 use crate::progress::Progress;
 use crate::walk::walk;
@@ -25,13 +24,7 @@ impl Node {
     pub async fn pin(&self, reference: &DatasetRef, progress: &Progress) -> Result<PinReport> {
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
-        let blobs = Blobs::load(
-            self.origin.clone(),
-            store.clone(),
-            &self.home.pack_cache_dir(),
-            &signed,
-        )
-        .await?;
+        let blobs = self.blobs(&signed).await?;
         let tree = walk(&blobs, signed.body.root).await?;
         let mut seen = HashSet::new();
         let mut all: Vec<(shoal_registry::Hash, u32)> = tree.nodes.clone();

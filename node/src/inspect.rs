@@ -146,13 +146,7 @@ impl Node {
 
     async fn blobs_for(&self, reference: &DatasetRef) -> Result<(String, Blobs, Hash)> {
         let (version, signed) = self.open_version(reference).await?;
-        let blobs = Blobs::load(
-            self.origin.clone(),
-            self.store()?,
-            &self.home.pack_cache_dir(),
-            &signed,
-        )
-        .await?;
+        let blobs = self.blobs(&signed).await?;
         Ok((version, blobs, signed.body.root))
     }
 

@@ -97,6 +97,17 @@ impl Node {
         Ok((version, signed))
     }
 
+    /// Where the blobs of a (verified) version are: the local store, then its packs.
+    pub(crate) async fn blobs(&self, signed: &SignedVersion) -> Result<blobs::Blobs> {
+        blobs::Blobs::load(
+            self.origin.clone(),
+            self.store()?,
+            &self.home.pack_cache_dir(),
+            signed,
+        )
+        .await
+    }
+
     /// Points `tag` at an existing, trusted version.
     pub async fn tag(&self, target: &VersionRef, tag: &shoal_registry::Label) -> Result<String> {
         let signed = self

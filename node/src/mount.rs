@@ -217,16 +217,7 @@ impl Node {
     /// Opens `reference` for mounting: resolves and verifies it, loads its pack indexes.
     pub async fn mountable(&self, reference: &DatasetRef, timeout: Duration) -> Result<Mountable> {
         let (version, signed) = self.open_version(reference).await?;
-        let blobs = Arc::new(
-            Blobs::load(
-                self.origin.clone(),
-                self.store()?,
-                &self.home.pack_cache_dir(),
-                &signed,
-            )
-            .await?
-            .for_cache_fill(),
-        );
+        let blobs = Arc::new(self.blobs(&signed).await?.for_cache_fill());
         let inner = Arc::new(Inner {
             blobs,
             rt: tokio::runtime::Handle::current(),

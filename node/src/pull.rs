@@ -5,7 +5,6 @@
 //! local and fetches only the rest. Files appear under their final names only once complete
 //! (written to a temporary name, then renamed).
 
-use crate::blobs::Blobs;
 use crate::error::{io, Error, Result};
 use crate::progress::Progress;
 use crate::walk::{walk, WalkFile};
@@ -112,13 +111,7 @@ impl Node {
         progress.phase("resolving", 0);
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
-        let blobs = Blobs::load(
-            self.origin.clone(),
-            store.clone(),
-            &self.home.pack_cache_dir(),
-            &signed,
-        )
-        .await?;
+        let blobs = self.blobs(&signed).await?;
         progress.phase("reading tree", 0);
         let tree = walk(&blobs, signed.body.root).await?;
 

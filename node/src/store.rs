@@ -439,6 +439,22 @@ impl SegmentStore {
         std::fs::remove_file(self.seg_path(seg)).map_err(self.io_err(seg))
     }
 
+    /// Adds the removal of `ids` to `batch` and forgets them in their segments' live sets
+    /// (their bytes become garbage for compaction).
+    fn unindex(
+        &self,
+        st: &mut State,
+        ids: &[Hash],
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
+        for id in ids {
+            let loc = self.index.get(id.as_bytes()).map_err(|e| self.db_err(e))?;
+            forget_live(st, loc.as_deref(), id);
+            batch.remove(id.as_bytes());
+        }
+        Ok(())
+    }
+
     /// Starts a new active segment.
     fn roll(&self, st: &mut State) -> Result<(), StoreError> {
         let next = st.active + 1;
@@ -615,17 +631,7 @@ impl ChunkStore for SegmentStore {
                 .live
                 .insert(*id, (*off, *len));
         }
-        for id in &evicted {
-            forget_live(
-                &mut st,
-                self.index
-                    .get(id.as_bytes())
-                    .map_err(|e| self.db_err(e))?
-                    .as_deref(),
-                id,
-            );
-            batch.remove(id.as_bytes());
-        }
+        self.unindex(&mut st, &evicted, &mut batch)?;
         st.evictions += evicted.len() as u64;
         self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
         if !evicted.is_empty() {
@@ -768,17 +774,7 @@ impl ChunkStore for SegmentStore {
         let before: u64 = st.segs.values().map(|s| s.size).sum();
         let drop: Vec<Hash> = st.policy.clear_unpinned();
         let mut batch = sled::Batch::default();
-        for id in &drop {
-            forget_live(
-                &mut st,
-                self.index
-                    .get(id.as_bytes())
-                    .map_err(|e| self.db_err(e))?
-                    .as_deref(),
-                id,
-            );
-            batch.remove(id.as_bytes());
-        }
+        self.unindex(&mut st, &drop, &mut batch)?;
         self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
         // Start a fresh segment, then compact every older one that holds garbage.
         self.roll(&mut st)?;
