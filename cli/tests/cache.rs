@@ -42,6 +42,24 @@ fn with_mount(env: &Env, reference: &str, mp: &Path, f: impl FnOnce()) {
     f();
 }
 
+/// Names and sizes of the store's segment files.
+fn segments(home: &Path) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = std::fs::read_dir(home.join("store/segments"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().to_string(),
+                        e.metadata().map(|m| m.len()).unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 fn pull_fetches(env: &Env, reference: &str) -> u64 {
     env.json(&["pull", reference, "--no-files"])["bytes_from_origin"]
         .as_u64()
@@ -166,17 +184,25 @@ fn sigkill_while_the_cache_evicts_and_compacts_never_serves_a_corrupt_byte() {
     let mut killed = 0;
     for v in 0..6u64 {
         let reference = format!("churn@v{v}");
+        let before = segments(&env.home);
         let mut child = env
             .cmd(&["pull", &reference, "--no-files"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(5 + random_bytes(v, 1)[0] as u64 % 60));
+        // Kill as soon as the store starts changing: mid-append, mid-eviction or mid-compaction.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while segments(&env.home) == before
+            && child.try_wait().unwrap().is_none()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         if child.try_wait().unwrap().is_none() {
             killed += 1;
         }
-        let _ = child.kill(); // SIGKILL, mid-eviction or mid-compaction with luck
+        let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         // Whatever state the kill left, a complete pull now writes exactly the source.
         let dest = env.path(&format!("out{v}"));
@@ -185,7 +211,7 @@ fn sigkill_while_the_cache_evicts_and_compacts_never_serves_a_corrupt_byte() {
         let c = env.json(&["cache"]);
         assert!(c["disk_bytes"].as_u64().unwrap() <= cap, "after v{v}: {c}");
     }
-    assert!(killed >= 2, "only {killed} kills landed mid-pull");
+    assert!(killed >= 3, "only {killed} of 6 kills landed mid-pull");
     let c = env.json(&["cache"]);
     assert!(
         c["evictions"].as_u64().unwrap() > 0,
