@@ -74,6 +74,7 @@ pub async fn run(node: &Node, reference: &DatasetRef, args: MountArgs) -> Result
     };
     let session = shoal_fuse::spawn(fs, mp, &cfg)
         .with_context(|| format!("mounting {} at {}", m.version, mp.display()))?;
+    shoal_fuse::raise_readahead(mp, 4096);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let _ = done_tx.send(session.join());

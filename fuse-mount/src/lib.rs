@@ -12,7 +12,7 @@ pub mod fs;
 pub mod layout;
 pub mod model;
 
-pub use fs::{spawn, MountConfig, MountOptions, MountStats, ShoalFs};
+pub use fs::{raise_readahead, spawn, MountConfig, MountOptions, MountStats, ShoalFs};
 pub use fuser::BackgroundSession;
 pub use layout::{FileLayout, Piece};
 pub use model::{Attr, Inodes, Kind, Source, SourceError};
