@@ -92,6 +92,9 @@ pub enum Command {
         /// fetched in that order ahead of the reader.
         #[arg(long, value_name = "FILE")]
         read_order: Option<PathBuf>,
+        /// How far (in bytes, e.g. 512MiB) `--read-order` fetching may run ahead of the reader.
+        #[arg(long, default_value = "512MiB", value_name = "SIZE")]
+        read_ahead: String,
         /// Seconds a read waits for a missing chunk before failing with EIO.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         timeout: u64,

@@ -260,6 +260,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             mountpoint,
             prefetch,
             read_order,
+            read_ahead,
             timeout,
             threads,
             direct_io,
@@ -270,6 +271,10 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 mountpoint,
                 prefetch,
                 read_order,
+                read_ahead: read_ahead
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|e| anyhow::anyhow!("--read-ahead {read_ahead:?}: {e}"))?
+                    .as_u64(),
                 timeout,
                 threads,
                 direct_io,

@@ -15,6 +15,7 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub prefetch: PrefetchArg,
     pub read_order: Option<PathBuf>,
+    pub read_ahead: u64,
     pub timeout: u64,
     pub threads: usize,
     pub direct_io: bool,
@@ -53,8 +54,12 @@ pub async fn run(node: &Node, reference: &DatasetRef, args: MountArgs) -> Result
         .mountable(reference, Duration::from_secs(args.timeout))
         .await?;
     if !order.is_empty() || args.prefetch == PrefetchArg::All {
-        m.source
-            .spawn_background(m.root, order, args.prefetch == PrefetchArg::All);
+        m.source.spawn_background(
+            m.root,
+            order,
+            args.prefetch == PrefetchArg::All,
+            args.read_ahead,
+        );
     }
     let opts = MountOptions {
         sequential_prefetch: args.prefetch != PrefetchArg::None,

@@ -271,6 +271,9 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             self.inodes.source().prefetch(chunks.to_vec());
             prefetched = chunks.len();
         }
+        if let Ok(path) = self.inodes.path(ino.0) {
+            self.inodes.source().opened(&path);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let layout = FileLayout::new(chunks.iter().map(|c| c.len));
         self.handles.lock().expect("handles poisoned").insert(

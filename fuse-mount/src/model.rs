@@ -23,6 +23,9 @@ pub trait Source: Send + Sync + 'static {
     fn read(&self, chunks: &[ChunkRef]) -> Result<Vec<Bytes>, SourceError>;
     /// Starts fetching chunks in the background; never blocks.
     fn prefetch(&self, chunks: Vec<ChunkRef>);
+    /// A file at `path` (relative to the root) was opened: a reader's position, for fetching
+    /// ahead of it in a known read order.
+    fn opened(&self, _path: &str) {}
 }
 
 /// What an inode is.
@@ -36,6 +39,7 @@ pub enum Kind {
 #[derive(Debug)]
 struct Inode {
     parent: u64,
+    name: String,
     mode: u32,
     kind: Kind,
     /// Children in name order, once the directory was loaded.
@@ -79,6 +83,7 @@ impl<S: Source> Inodes<S> {
     pub fn new(source: S, root: Hash, root_mode: u32) -> Inodes<S> {
         let root = Inode {
             parent: ROOT,
+            name: String::new(),
             mode: root_mode,
             kind: Kind::Dir { id: root },
             children: None,
@@ -142,6 +147,7 @@ impl<S: Source> Inodes<S> {
                 None => {
                     st.inodes.push(Inode {
                         parent: ino,
+                        name: e.name.clone(),
                         mode: e.mode,
                         kind,
                         children: None,
@@ -196,6 +202,20 @@ impl<S: Source> Inodes<S> {
             .get(ino)
             .map(|n| n.kind.clone())
             .ok_or(Errno::NotFound)
+    }
+
+    /// The path of an inode relative to the root (`a/b/c.txt`; empty for the root).
+    pub fn path(&self, ino: u64) -> Result<String, Errno> {
+        let st = self.lock();
+        let mut parts = Vec::new();
+        let mut at = ino;
+        while at != ROOT {
+            let n = st.get(at).ok_or(Errno::NotFound)?;
+            parts.push(n.name.clone());
+            at = n.parent;
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
     }
 
     pub fn parent(&self, ino: u64) -> Result<u64, Errno> {
@@ -324,6 +344,8 @@ mod tests {
             "directories are loaded once"
         );
         assert_eq!(t.parent(x).unwrap(), a);
+        assert_eq!(t.path(x).unwrap(), "a/x");
+        assert_eq!(t.path(ROOT).unwrap(), "");
         assert!(matches!(t.lookup(ROOT, "nope"), Err(Errno::NotFound)));
         assert!(matches!(t.lookup(x, "y"), Err(Errno::NotDir)));
     }

@@ -17,6 +17,13 @@ use std::time::Duration;
 /// A fetch under way, shared by every reader waiting for one of its blobs; yields the bytes.
 type Fetch = Shared<BoxFuture<'static, Result<Arc<HashMap<Hash, Bytes>>, Arc<String>>>>;
 
+/// A read order and the reader's position in it (index of the file it opened last).
+#[derive(Default)]
+struct ReadOrder {
+    index: HashMap<String, usize>,
+    cursor: usize,
+}
+
 /// Blob access for a mount: bounded waits, de-duplicated fetches, background prefetch.
 pub struct MountSource {
     inner: Arc<Inner>,
@@ -28,6 +35,9 @@ struct Inner {
     timeout: Duration,
     inflight: Mutex<HashMap<Hash, Fetch>>,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Where the reader is in a `--read-order` list.
+    order: Mutex<ReadOrder>,
+    order_moved: tokio::sync::Notify,
     what: String,
 }
 
@@ -192,6 +202,15 @@ impl Source for MountSource {
         Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
     }
 
+    fn opened(&self, path: &str) {
+        let mut order = self.inner.order.lock().expect("read order poisoned");
+        if let Some(&i) = order.index.get(path) {
+            order.cursor = i;
+            drop(order);
+            self.inner.order_moved.notify_waiters();
+        }
+    }
+
     fn prefetch(&self, chunks: Vec<ChunkRef>) {
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
@@ -224,6 +243,8 @@ impl Node {
             timeout,
             inflight: Mutex::default(),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            order: Mutex::default(),
+            order_moved: tokio::sync::Notify::new(),
             what: format!("{}@{version}", reference.dataset),
         });
         Ok(Mountable {
@@ -237,12 +258,19 @@ impl Node {
 
 impl MountSource {
     /// Fetches, in the background and in this order, the files named in `paths` (relative to
-    /// the version's root); then, with `all`, everything else. Unknown paths are logged and
-    /// skipped. Returns immediately.
-    pub fn spawn_background(&self, root: Hash, paths: Vec<String>, all: bool) {
+    /// the version's root), staying at most `lookahead` bytes ahead of the file the reader
+    /// opened last; then, with `all`, everything else. Unknown paths are logged and skipped.
+    /// Returns immediately.
+    pub fn spawn_background(&self, root: Hash, paths: Vec<String>, all: bool, lookahead: u64) {
+        {
+            let mut order = self.inner.order.lock().expect("read order poisoned");
+            for (i, p) in paths.iter().enumerate() {
+                order.index.entry(p.clone()).or_insert(i);
+            }
+        }
         let inner = self.inner.clone();
         self.inner.rt.spawn(async move {
-            if let Err(e) = background(&inner, root, paths, all).await {
+            if let Err(e) = background(&inner, root, paths, all, lookahead).await {
                 tracing::warn!(error = %e, "background prefetch stopped");
             }
         });
@@ -289,7 +317,13 @@ async fn file_chunks(inner: &Arc<Inner>, root: Hash, path: &str) -> Result<Optio
     Ok(None)
 }
 
-async fn background(inner: &Arc<Inner>, root: Hash, paths: Vec<String>, all: bool) -> Result<()> {
+async fn background(
+    inner: &Arc<Inner>,
+    root: Hash,
+    paths: Vec<String>,
+    all: bool,
+    lookahead: u64,
+) -> Result<()> {
     const BATCH: u64 = 16 << 20;
     let mut batch: Vec<Hash> = Vec::new();
     let mut batch_bytes = 0u64;
@@ -305,19 +339,39 @@ async fn background(inner: &Arc<Inner>, root: Hash, paths: Vec<String>, all: boo
                 .map_err(|e| Error::NotFound(e.to_string()))
         }
     };
-    for p in &paths {
-        match file_chunks(inner, root, p).await? {
-            Some(chunks) => {
-                for c in chunks {
-                    batch.push(c.id);
-                    batch_bytes += c.len as u64;
-                    if batch_bytes >= BATCH {
-                        flush(&mut batch, &mut batch_bytes).await?;
-                    }
-                }
+    // Bytes of the read order before each entry, to measure how far ahead of the reader we are.
+    let mut before: Vec<u64> = vec![0];
+    for (i, p) in paths.iter().enumerate() {
+        // Stay within `lookahead` bytes of the file the reader opened last; skip what it has
+        // already passed.
+        loop {
+            let cursor = inner.order.lock().expect("read order poisoned").cursor;
+            if cursor > i || before[i] - before[cursor.min(i)] < lookahead {
+                break;
             }
+            if !batch.is_empty() {
+                flush(&mut batch, &mut batch_bytes).await?;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), inner.order_moved.notified())
+                .await;
+        }
+        let cursor = inner.order.lock().expect("read order poisoned").cursor;
+        let chunks = match file_chunks(inner, root, p).await? {
+            Some(chunks) => chunks,
             None => {
-                tracing::warn!(path = %p, "read-order entry is not a file of this version; skipped")
+                tracing::warn!(path = %p, "read-order entry is not a file of this version; skipped");
+                Vec::new()
+            }
+        };
+        before.push(before[i] + chunks.iter().map(|c| c.len as u64).sum::<u64>());
+        if cursor > i {
+            continue;
+        }
+        for c in chunks {
+            batch.push(c.id);
+            batch_bytes += c.len as u64;
+            if batch_bytes >= BATCH {
+                flush(&mut batch, &mut batch_bytes).await?;
             }
         }
     }
