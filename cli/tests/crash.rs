@@ -90,16 +90,6 @@ fn kill_during_publish_leaves_no_visible_version_and_retry_succeeds() {
     );
 }
 
-fn stored_bytes(home: &Path) -> u64 {
-    std::fs::read_dir(home.join("store/segments"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn kill_during_pull_then_pull_again_fetches_only_what_was_missing() {
     let env = Env::new();

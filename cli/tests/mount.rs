@@ -319,16 +319,6 @@ fn sigterm_unmounts_cleanly() {
     assert!(!is_mounted(&mp), "SIGTERM must unmount");
 }
 
-fn stored(home: &Path) -> u64 {
-    std::fs::read_dir(home.join("store/segments"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn read_order_is_fetched_ahead_of_the_reader_not_all_at_once() {
     let env = Env::new();
@@ -360,11 +350,11 @@ fn read_order_is_fetched_ahead_of_the_reader_not_all_at_once() {
     );
     // Before anything is read, the fetcher runs ahead by about the read-ahead, then waits.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while stored(&reader.home) < 2 << 20 && Instant::now() < deadline {
+    while stored_bytes(&reader.home) < 2 << 20 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(800));
-    let early = stored(&reader.home);
+    let early = stored_bytes(&reader.home);
     assert!(
         (2 << 20..8 << 20).contains(&early),
         "fetched {early} bytes ahead of a reader that has not started"
@@ -377,5 +367,5 @@ fn read_order_is_fetched_ahead_of_the_reader_not_all_at_once() {
         );
     }
     m.stop(&reader);
-    assert!(stored(&reader.home) >= 16 << 20);
+    assert!(stored_bytes(&reader.home) >= 16 << 20);
 }

@@ -367,12 +367,9 @@ impl SegmentStore {
         Ok(())
     }
 
-    /// Appends blobs to the active segment (rolling it when full); returns their locations.
-    fn append(
-        &self,
-        st: &mut State,
-        blobs: &[(Hash, &[u8])],
-    ) -> Result<Vec<(Hash, u32, u64, u32)>, StoreError> {
+    /// Appends blobs to the active segment (rolling it when full) and records them as live;
+    /// returns the index insertions for the caller to apply (with anything else it adds).
+    fn append(&self, st: &mut State, blobs: &[(Hash, &[u8])]) -> Result<sled::Batch, StoreError> {
         let mut out = Vec::with_capacity(blobs.len());
         let mut buf = Vec::new();
         let flush = |st: &mut State, buf: &mut Vec<u8>| -> Result<(), StoreError> {
@@ -398,7 +395,16 @@ impl SegmentStore {
             buf.extend_from_slice(bytes);
         }
         flush(st, &mut buf)?;
-        Ok(out)
+        let mut batch = sled::Batch::default();
+        for (id, seg, off, len) in out {
+            batch.insert(id.as_bytes(), &encode_loc(seg, off, len));
+            st.segs
+                .get_mut(&seg)
+                .expect("appended segment")
+                .live
+                .insert(id, (off, len));
+        }
+        Ok(batch)
     }
 
     /// Copies a segment's live blobs forward, repoints the index, then deletes the segment.
@@ -419,16 +425,7 @@ impl SegmentStore {
             }
         }
         let refs: Vec<(Hash, &[u8])> = copies.iter().map(|(id, b)| (*id, b.as_slice())).collect();
-        let locs = self.append(st, &refs)?;
-        let mut batch = sled::Batch::default();
-        for (id, s, off, len) in &locs {
-            batch.insert(id.as_bytes(), &encode_loc(*s, *off, *len));
-            st.segs
-                .get_mut(s)
-                .expect("appended segment")
-                .live
-                .insert(*id, (*off, *len));
-        }
+        let batch = self.append(st, &refs)?;
         self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
         self.db.flush().map_err(|e| self.db_err(e))?;
         st.segs.remove(&seg);
@@ -621,16 +618,7 @@ impl ChunkStore for SegmentStore {
         }
         // Something admitted early in this batch may have been evicted by a later one.
         admitted.retain(|(id, _)| !evicted.contains(id));
-        let locs = self.append(&mut st, &admitted)?;
-        let mut batch = sled::Batch::default();
-        for (id, seg, off, len) in &locs {
-            batch.insert(id.as_bytes(), &encode_loc(*seg, *off, *len));
-            st.segs
-                .get_mut(seg)
-                .expect("appended segment")
-                .live
-                .insert(*id, (*off, *len));
-        }
+        let mut batch = self.append(&mut st, &admitted)?;
         self.unindex(&mut st, &evicted, &mut batch)?;
         st.evictions += evicted.len() as u64;
         self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;

@@ -305,3 +305,14 @@ impl Drop for Nginx {
         self.stop();
     }
 }
+
+/// Bytes in the local store's segment files under a state directory.
+pub fn stored_bytes(home: &Path) -> u64 {
+    std::fs::read_dir(home.join("store/segments"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
