@@ -506,6 +506,17 @@ impl SegmentStore {
         }
     }
 
+    /// How many pins hold a blob.
+    fn pin_count(&self, id: &Hash) -> Result<u32, StoreError> {
+        Ok(self
+            .pinned
+            .get(id.as_bytes())
+            .map_err(|e| self.db_err(e))?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0))
+    }
+
     fn pin_list(&self, name: &str) -> Result<Option<Vec<(Hash, u32)>>, StoreError> {
         let Some(v) = self.pins.get(name).map_err(|e| self.db_err(e))? else {
             return Ok(None);
@@ -712,13 +723,7 @@ impl ChunkStore for SegmentStore {
         for (id, len) in blobs {
             list.extend_from_slice(id.as_bytes());
             list.extend_from_slice(&len.to_be_bytes());
-            let n = self
-                .pinned
-                .get(id.as_bytes())
-                .map_err(|e| self.db_err(e))?
-                .and_then(|v| v.as_ref().try_into().ok())
-                .map(u32::from_be_bytes)
-                .unwrap_or(0);
+            let n = self.pin_count(id)?;
             self.pinned
                 .insert(id.as_bytes(), &(n + 1).to_be_bytes())
                 .map_err(|e| self.db_err(e))?;
@@ -734,13 +739,7 @@ impl ChunkStore for SegmentStore {
             return Ok(false);
         };
         for (id, _) in list {
-            let n = self
-                .pinned
-                .get(id.as_bytes())
-                .map_err(|e| self.db_err(e))?
-                .and_then(|v| v.as_ref().try_into().ok())
-                .map(u32::from_be_bytes)
-                .unwrap_or(1);
+            let n = self.pin_count(&id)?.max(1);
             if n <= 1 {
                 self.pinned
                     .remove(id.as_bytes())

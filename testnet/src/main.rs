@@ -134,6 +134,18 @@ fn changed_bytes(v1: &Path, v2: &Path) -> Result<u64> {
 
 /// Writes back and drops the page cache (root only; ignored elsewhere), so that every timed
 /// run starts from the same memory state.
+/// Generates the shared benchmark datasets under `$BENCH_ROOT/data` (skipped when present).
+fn ensure_data(args: &Args) -> Result<PathBuf> {
+    let data = args.bench_root.join("data");
+    let gen = args.shared.join("gen_data.py");
+    eprintln!(
+        "generating data with {} (skipped if present)",
+        gen.display()
+    );
+    time_cmd(Command::new("python3").arg(&gen).arg("--out").arg(&data))?;
+    Ok(data)
+}
+
 fn drop_caches() {
     let _ = Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -268,13 +280,7 @@ fn read_cmd(ds: &str, dir: &Path) -> String {
 }
 
 fn mount_bench(args: &Args, datasets: &[String], runs: usize, peers: &[String]) -> Result<Value> {
-    let data = args.bench_root.join("data");
-    time_cmd(
-        Command::new("python3")
-            .arg(args.shared.join("gen_data.py"))
-            .arg("--out")
-            .arg(&data),
-    )?;
+    let data = ensure_data(args)?;
     let raw = args.bench_root.join("results/raw.csv");
     let skip = line_count(&raw);
     if peers.iter().any(|p| p == "squash") {
@@ -385,13 +391,7 @@ fn stat_after(stats: &str, prefix: &str, key: &str) -> Option<f64> {
 
 fn publish_bench(args: &Args, datasets: &[String], runs: usize, skip_peers: bool) -> Result<Value> {
     let root = &args.bench_root;
-    let data = root.join("data");
-    let gen = args.shared.join("gen_data.py");
-    eprintln!(
-        "generating data with {} (skipped if present)",
-        gen.display()
-    );
-    time_cmd(Command::new("python3").arg(&gen).arg("--out").arg(&data))?;
+    let data = ensure_data(args)?;
     let work = root.join("work/shoal");
     std::fs::create_dir_all(&work)?;
     let results_dir = root.join("results");
@@ -550,13 +550,7 @@ fn publish_bench(args: &Args, datasets: &[String], runs: usize, skip_peers: bool
 }
 
 fn chunking_bench(args: &Args, datasets: &[String], avgs: &[u32]) -> Result<Value> {
-    let data = args.bench_root.join("data");
-    time_cmd(
-        Command::new("python3")
-            .arg(args.shared.join("gen_data.py"))
-            .arg("--out")
-            .arg(&data),
-    )?;
+    let data = ensure_data(args)?;
     let work = args.bench_root.join("work/shoal-chunking");
     let mut out = serde_json::Map::new();
     for ds in datasets {
