@@ -124,12 +124,50 @@ pub enum Command {
     Cache,
     /// Free everything in the local store that no pinned version needs.
     Gc,
+    /// Run this machine's node daemon: `shoal node run --bootstrap /ip4/10.0.0.5/tcp/4001`.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Show the running node: peer id, listen addresses, peers, versions held, traffic.
+    Status,
     /// Point a tag at a version: `shoal tag imagenet@v3 latest`.
     Tag {
         /// NAME@VERSION.
         target: String,
         /// Tag name.
         tag: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Run the daemon in the foreground until SIGINT/SIGTERM. CLI commands on this machine
+    /// (pull, versions, ls) go through it; peers fetch chunks from it. Flags override the
+    /// `[node]` section of the config file.
+    Run {
+        /// Listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/4001 (default: any port).
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<String>,
+        /// A peer to connect to (repeatable); /p2p/<peer id> is optional.
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        #[arg(long)]
+        rack: Option<String>,
+        /// A file of allowed peer ids, one per line: a private swarm. Other peers are
+        /// disconnected and can neither fetch nor announce anything.
+        #[arg(long, value_name = "FILE")]
+        members: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+        /// Do not discover peers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
 }
 

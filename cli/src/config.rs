@@ -17,6 +17,25 @@ pub struct FileConfig {
     /// The local chunk store.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The node daemon (`shoal node run`); its flags override these.
+    #[serde(default)]
+    pub node: NodeConfig,
+}
+
+/// `[node]` in the config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    #[serde(default)]
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub rack: Option<String>,
+    pub members: Option<PathBuf>,
+    pub metrics: Option<String>,
+    pub mdns: Option<bool>,
 }
 
 /// `[cache]` in the config file.
@@ -34,6 +53,7 @@ pub struct Config {
     pub origin: String,
     pub trusted: Vec<PublicKey>,
     pub cache_capacity: Option<u64>,
+    pub node: NodeConfig,
 }
 
 pub fn home_dir() -> Result<PathBuf> {
@@ -106,6 +126,7 @@ impl Config {
             origin,
             trusted,
             cache_capacity,
+            node: file.node,
         })
     }
 }

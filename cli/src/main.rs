@@ -3,13 +3,15 @@
 mod args;
 mod config;
 mod mount;
+mod node;
 mod output;
 
 use anyhow::{Context, Result};
-use args::{Args, Command};
+use args::{Args, Command, NodeCommand};
 use clap::Parser;
 use config::Config;
 use output::Out;
+use shoal_node::daemon::{Client, Request};
 use shoal_node::{Home, Node, Progress, PublishOptions};
 use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef};
 use std::process::ExitCode;
@@ -128,10 +130,31 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         .into()
                 }))
             };
-            let node = open(false)?;
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let report = node.pull(&reference, dest.as_deref(), &progress).await;
+            let report = match Client::connect(&home).await {
+                Some(daemon) => {
+                    let to = dest
+                        .as_deref()
+                        .map(std::path::absolute)
+                        .transpose()
+                        .context("resolving the destination directory")?;
+                    let req = Request::Pull {
+                        reference: reference.to_string(),
+                        to,
+                        origin: cfg.origin.clone(),
+                    };
+                    daemon
+                        .call(&req, &progress)
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|v| Ok(serde_json::from_value::<shoal_node::PullReport>(v)?))
+                }
+                None => open(false)?
+                    .pull(&reference, dest.as_deref(), &progress)
+                    .await
+                    .map_err(anyhow::Error::from),
+            };
             bar.finish();
             let r = report?;
             out.report(&r, || {
@@ -169,7 +192,20 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         }
         Command::Versions { name } => {
             let name: DatasetName = name.parse()?;
-            let list = open(false)?.versions(&name).await?;
+            let list: Vec<shoal_node::VersionInfo> = match Client::connect(&home).await {
+                Some(daemon) => serde_json::from_value(
+                    daemon
+                        .call(
+                            &Request::Versions {
+                                name: name.to_string(),
+                                origin: cfg.origin.clone(),
+                            },
+                            &Progress::default(),
+                        )
+                        .await?,
+                )?,
+                None => open(false)?.versions(&name).await?,
+            };
             out.report(
                 &serde_json::json!({ "dataset": name.to_string(), "versions": list }),
                 || {
@@ -204,7 +240,21 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         Command::Ls { reference, path } => {
             let reference: DatasetRef = reference.parse()?;
             let path = path.unwrap_or_default();
-            let entries = open(false)?.ls(&reference, &path).await?;
+            let entries: Vec<shoal_node::LsEntry> = match Client::connect(&home).await {
+                Some(daemon) => serde_json::from_value(
+                    daemon
+                        .call(
+                            &Request::Ls {
+                                reference: reference.to_string(),
+                                path: path.clone(),
+                                origin: cfg.origin.clone(),
+                            },
+                            &Progress::default(),
+                        )
+                        .await?,
+                )?,
+                None => open(false)?.ls(&reference, &path).await?,
+            };
             out.report(&serde_json::json!({ "ref": reference.to_string(), "path": path, "entries": entries }), || {
                 entries
                     .iter()
@@ -366,6 +416,32 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 || format!("unmounted {}", mountpoint.display()),
             )
         }
+        Command::Node {
+            command:
+                NodeCommand::Run {
+                    listen,
+                    bootstrap,
+                    region,
+                    zone,
+                    rack,
+                    members,
+                    metrics,
+                    no_mdns,
+                },
+        } => {
+            let flags = config::NodeConfig {
+                listen,
+                bootstrap,
+                region,
+                zone,
+                rack,
+                members,
+                metrics,
+                mdns: no_mdns.then_some(false),
+            };
+            node::run(open(false)?, &cfg.node, flags, out).await
+        }
+        Command::Status => node::status(&home, out).await,
         Command::Tag { target, tag } => {
             let target: VersionRef = target.parse()?;
             let tag: Label = tag.parse()?;

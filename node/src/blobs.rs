@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::{ChunkStore, Retain};
+use crate::swarm::Swarm;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shoal_registry::pack::PackIndex;
@@ -44,6 +45,8 @@ pub struct Blobs {
     from_origin: AtomicU64,
     durable: bool,
     retain: Retain,
+    /// Peers to ask first for small fetches (tree nodes), with the version's root.
+    peers: Option<(Arc<Swarm>, Hash)>,
 }
 
 /// Reads a pack index from the local cache, or from the origin (then caches it).
@@ -74,10 +77,43 @@ impl Blobs {
         store: Arc<dyn ChunkStore>,
         cache: &Path,
         version: &SignedVersion,
+        swarm: Option<&Arc<Swarm>>,
     ) -> Result<Blobs> {
         let packs = version.body.packs.clone();
-        let indexes: Vec<PackIndex> = futures::stream::iter(packs.iter())
-            .map(|id| pack_index(&origin, cache, id))
+        if let Some(swarm) = swarm {
+            // Pack indexes are named by their hash: peers holding the version can serve them.
+            let absent: Vec<Hash> = packs
+                .iter()
+                .filter(|id| !cache.join(format!("{id}.idx")).exists())
+                .copied()
+                .collect();
+            if !absent.is_empty() {
+                let got =
+                    crate::swarm::fetch::from_complete_peers(swarm, &version.body.root, &absent)
+                        .await;
+                let st = store.clone();
+                let cache = cache.to_path_buf();
+                tokio::task::spawn_blocking(move || {
+                    for id in got {
+                        if let Ok(Some(bytes)) = st.get(&id) {
+                            let tmp = cache.join(format!(".{id}.tmp"));
+                            if std::fs::create_dir_all(&cache).is_ok()
+                                && std::fs::write(&tmp, &bytes).is_ok()
+                            {
+                                let _ = std::fs::rename(&tmp, cache.join(format!("{id}.idx")));
+                            }
+                        }
+                    }
+                })
+                .await
+                .expect("cache task panicked");
+            }
+        }
+        let indexes: Vec<PackIndex> = futures::stream::iter(packs.clone())
+            .map(|id| {
+                let (origin, cache) = (origin.clone(), cache.to_path_buf());
+                async move { pack_index(&origin, &cache, &id).await }
+            })
             .buffered(8)
             .try_collect()
             .await?;
@@ -102,6 +138,7 @@ impl Blobs {
             from_origin: AtomicU64::new(0),
             durable: true,
             retain: Retain::Keep,
+            peers: swarm.map(|s| (s.clone(), version.body.root)),
         })
     }
 
@@ -117,6 +154,11 @@ impl Blobs {
     /// Bytes read from the origin so far.
     pub fn bytes_from_origin(&self) -> u64 {
         self.from_origin.load(Ordering::Relaxed)
+    }
+
+    /// Where a blob sits in the origin: (pack number in the version, offset).
+    pub fn locate(&self, id: &Hash) -> Option<(u32, u64)> {
+        self.locs.get(id).map(|l| (l.pack, l.offset))
     }
 
     pub fn store(&self) -> &Arc<dyn ChunkStore> {
@@ -144,7 +186,22 @@ impl Blobs {
     /// Fetches the given blobs (assumed missing locally) from the origin into the local
     /// store, coalescing neighbours into large ranged reads. Cancel-safe: whatever was stored
     /// before cancellation stays stored and verified.
-    pub async fn fetch(&self, ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+    pub async fn fetch(&self, mut ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+        if let Some((swarm, root)) = &self.peers {
+            let got = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
+            if !got.is_empty() {
+                let got: std::collections::HashSet<Hash> = got.into_iter().collect();
+                ids.retain(|id| !got.contains(id));
+            }
+        }
+        self.fetch_origin(ids, progress).await
+    }
+
+    /// Fetches blobs from the origin only.
+    pub async fn fetch_origin(&self, ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.fetch_inner(ids, progress, false).await.map(|_| ())
     }
 

@@ -31,6 +31,9 @@ pub enum Error {
     /// A path inside a version that does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The node daemon, its peers or its local socket.
+    #[error("{0}")]
+    Net(String),
     /// Refusing to write somewhere that is not safe.
     #[error("refusing to write {path}: {reason}")]
     Unsafe { path: PathBuf, reason: String },

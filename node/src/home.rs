@@ -34,6 +34,16 @@ impl Home {
         self.root.join("cache").join("packs")
     }
 
+    /// The running daemon's local socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.join("node.sock")
+    }
+
+    /// Versions this node holds whole (announced to peers by the daemon).
+    pub fn held_path(&self) -> PathBuf {
+        self.root.join("held")
+    }
+
     fn key_path(&self) -> PathBuf {
         self.root.join("publisher.key")
     }
@@ -61,32 +71,49 @@ impl Home {
                     path: path.clone(),
                     source: std::io::Error::other(e.to_string()),
                 })?;
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io("writing", &tmp))?;
-                writeln!(f, "{}", hex::encode(key.to_bytes()))
-                    .and_then(|_| f.sync_all())
-                    .map_err(io("writing", &tmp))?;
-                // hard_link fails if another process created the key first: use theirs.
-                match std::fs::hard_link(&tmp, &path) {
-                    Ok(()) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        Ok(key)
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        let _ = std::fs::remove_file(&tmp);
-                        self.secret_key()
-                    }
-                    Err(e) => Err(io("writing", &path)(e)),
+                let text = format!("{}\n", hex::encode(key.to_bytes()));
+                if write_private(&self.root, &path, text.as_bytes())? {
+                    Ok(key)
+                } else {
+                    self.secret_key()
                 }
             }
             Err(e) => Err(io("reading", &path)(e)),
         }
+    }
+
+    /// Records that this node holds `root` (NAME@VERSION) whole.
+    pub fn record_held(&self, root: &shoal_registry::Hash, name: &str) -> Result<()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = LOCK.lock().expect("poisoned");
+        let mut held = self.held()?;
+        if held.iter().any(|(r, _)| r == root) {
+            return Ok(());
+        }
+        held.push((*root, name.to_string()));
+        let text: String = held.iter().map(|(r, n)| format!("{r} {n}\n")).collect();
+        let path = self.held_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+        std::fs::write(&tmp, text).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("writing", &path))
+    }
+
+    /// Versions recorded by [`Self::record_held`]: (root, NAME@VERSION).
+    pub fn held(&self) -> Result<Vec<(shoal_registry::Hash, String)>> {
+        let path = self.held_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let (r, n) = l.split_once(' ')?;
+                Some((r.parse().ok()?, n.to_string()))
+            })
+            .collect())
     }
 
     /// Keys added with `shoal trust`.
@@ -124,5 +151,30 @@ impl Home {
             .map_err(io("writing", &path))?;
         writeln!(f, "{key}").map_err(io("writing", &path))?;
         Ok(true)
+    }
+}
+
+/// Creates `path` (mode 0600) with `bytes`, durably. Returns false, leaving it alone, when
+/// another process created it first.
+pub(crate) fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("writing", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io("writing", &tmp))?;
+    // hard_link fails if another process created the file first: keep theirs.
+    let r = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io("writing", path)(e)),
     }
 }

@@ -4,13 +4,13 @@ use crate::blobs::Blobs;
 use crate::error::{Error, Result};
 use crate::walk::{join, load_dir};
 use crate::Node;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_registry::tree::{ChunkList, Dir, Entry, EntryKind, FileContent};
 use shoal_registry::{DatasetName, DatasetRef, Hash};
 use std::collections::HashSet;
 
 /// One version as listed by `versions`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionInfo {
     pub version: String,
     pub root: String,
@@ -24,10 +24,10 @@ pub struct VersionInfo {
 }
 
 /// One entry as shown by `ls`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LsEntry {
     pub name: String,
-    pub kind: &'static str,
+    pub kind: std::borrow::Cow<'static, str>,
     pub size: u64,
     pub mode: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,7 +192,7 @@ impl Node {
         };
         LsEntry {
             name: e.name.clone(),
-            kind: kind_name(&e.kind),
+            kind: kind_name(&e.kind).into(),
             size: e.bytes(),
             mode: format!("{:o}", e.mode),
             files,

@@ -6,6 +6,7 @@
 
 mod blobs;
 mod cache;
+pub mod daemon;
 pub mod error;
 pub mod home;
 mod inspect;
@@ -15,6 +16,7 @@ pub mod progress;
 mod publish;
 mod pull;
 pub mod store;
+pub mod swarm;
 mod walk;
 
 pub use cache::PinReport;
@@ -27,8 +29,9 @@ pub use publish::{PublishOptions, PublishReport};
 pub use pull::PullReport;
 
 use shoal_registry::{DatasetRef, Origin, PublicKey, SignedVersion, VersionRef};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use store::{ChunkStore, SegmentStore};
+use swarm::Swarm;
 
 /// Opens the local store alone, for commands that need no origin (`shoal cache`, `shoal gc`).
 pub fn open_store(home: &Home, capacity: Option<u64>) -> Result<Arc<dyn ChunkStore>> {
@@ -42,6 +45,7 @@ pub struct Node {
     extra_trusted: Vec<PublicKey>,
     capacity: Option<u64>,
     store: Mutex<Option<Arc<SegmentStore>>>,
+    swarm: OnceLock<Arc<Swarm>>,
 }
 
 impl Node {
@@ -54,7 +58,33 @@ impl Node {
             extra_trusted,
             capacity: None,
             store: Mutex::new(None),
+            swarm: OnceLock::new(),
         }
+    }
+
+    /// The same node (store, swarm, trust) talking to another origin.
+    pub fn with_origin(&self, origin: Origin) -> Node {
+        let n = Node {
+            home: self.home.clone(),
+            origin,
+            extra_trusted: self.extra_trusted.clone(),
+            capacity: self.capacity,
+            store: Mutex::new(self.store.lock().expect("store slot poisoned").clone()),
+            swarm: OnceLock::new(),
+        };
+        if let Some(s) = self.swarm.get() {
+            let _ = n.swarm.set(s.clone());
+        }
+        n
+    }
+
+    /// Lets this node's pulls use a running swarm.
+    pub fn attach_swarm(&self, swarm: Arc<Swarm>) {
+        let _ = self.swarm.set(swarm);
+    }
+
+    pub fn swarm(&self) -> Option<&Arc<Swarm>> {
+        self.swarm.get()
     }
 
     /// Bounds the local store to `capacity` bytes (None: unbounded); see `store`.
@@ -104,6 +134,7 @@ impl Node {
             self.store()?,
             &self.home.pack_cache_dir(),
             signed,
+            self.swarm.get(),
         )
         .await
     }

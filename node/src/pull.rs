@@ -7,19 +7,23 @@
 
 use crate::error::{io, Error, Result};
 use crate::progress::Progress;
+use crate::swarm::fetch::Fetched;
+use crate::swarm::{self, HaveMap, Holding, Swarm};
 use crate::walk::{walk, WalkFile};
 use crate::Node;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_registry::DatasetRef;
 use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What `pull` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PullReport {
     #[serde(rename = "ref")]
     pub reference: String,
@@ -33,6 +37,39 @@ pub struct PullReport {
     pub bytes_from_peers: u64,
     pub bytes_already_local: u64,
     pub seconds: f64,
+}
+
+/// While a pull runs: counted as active; if it fails, peers are told it stopped.
+struct PullGuard<'a> {
+    swarm: Option<&'a Arc<Swarm>>,
+    root: shoal_registry::Hash,
+}
+
+impl<'a> PullGuard<'a> {
+    fn new(swarm: Option<&'a Arc<Swarm>>, root: shoal_registry::Hash, name: &str) -> Self {
+        if let Some(sw) = swarm {
+            sw.counters.active_pulls.fetch_add(1, Ordering::Relaxed);
+            let already = sw
+                .local
+                .lock()
+                .expect("poisoned")
+                .get(&root)
+                .is_some_and(|v| v.holding == Holding::Complete);
+            if !already {
+                sw.hold(root, name, Holding::Pulling, None);
+            }
+        }
+        PullGuard { swarm, root }
+    }
+}
+
+impl Drop for PullGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(sw) = self.swarm {
+            sw.counters.active_pulls.fetch_sub(1, Ordering::Relaxed);
+            sw.release(&self.root);
+        }
+    }
 }
 
 /// Creates `dir` (and parents inside `root`) as real directories, refusing to go through a
@@ -111,36 +148,45 @@ impl Node {
         progress.phase("resolving", 0);
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
+        let root = signed.body.root;
+        let name = format!("{}@{}", reference.dataset, version);
+        // Tell peers right away that this node is pulling, so that nodes starting together
+        // split the origin reads between them.
+        let _guard = PullGuard::new(self.swarm(), root, &name);
         let blobs = self.blobs(&signed).await?;
         progress.phase("reading tree", 0);
-        let tree = walk(&blobs, signed.body.root).await?;
+        let tree = walk(&blobs, root).await?;
 
-        // Unique chunks, and which of them are already here.
+        // Unique chunks in walk order (the index space of have-maps), and which are here.
         let mut seen = HashSet::new();
-        let unique: Vec<(shoal_registry::Hash, u32)> = tree
+        let order: Vec<(shoal_registry::Hash, u32)> = tree
             .files
             .iter()
             .flat_map(|f| f.chunks.iter())
             .filter(|c| seen.insert(c.id))
             .map(|c| (c.id, c.len))
             .collect();
+        let order = std::sync::Arc::new(order);
         let store2 = store.clone();
-        let (missing, local_bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let order2 = order.clone();
+        let (missing, have, local_bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut missing = Vec::new();
+            let mut have = HaveMap::new(order2.len());
             let mut local = 0u64;
-            for (id, len) in unique {
-                if store2.contains(&id)? {
-                    local += len as u64;
+            for (i, (id, len)) in order2.iter().enumerate() {
+                if store2.contains(id)? {
+                    local += *len as u64;
+                    have.set(i);
                 } else {
-                    missing.push((id, len));
+                    missing.push(i);
                 }
             }
-            Ok((missing, local))
+            Ok((missing, have, local))
         })
         .await
         .expect("store task panicked")?;
 
-        let need: u64 = missing.iter().map(|m| m.1 as u64).sum();
+        let need: u64 = missing.iter().map(|&i| order[i].1 as u64).sum();
         if let Some(cap) = self.capacity {
             let version_bytes = need + local_bytes;
             if version_bytes > cap / 4 * 3 {
@@ -154,12 +200,29 @@ impl Node {
             }
         }
         progress.phase("fetching", need);
-        let fetch_result = blobs
-            .fetch(missing.into_iter().map(|m| m.0).collect(), Some(progress))
-            .await;
+        let fetch_result = match self.swarm() {
+            Some(sw) => {
+                sw.hold(root, &name, Holding::Pulling, Some(have));
+                swarm::fetch::fetch(sw, &blobs, root, &order, missing, progress).await
+            }
+            None => {
+                let ids = missing.iter().map(|&i| order[i].0).collect();
+                blobs
+                    .fetch_origin(ids, Some(progress))
+                    .await
+                    .map(|()| Fetched {
+                        from_peers: 0,
+                        from_origin: need,
+                    })
+            }
+        };
         // Make what was stored durable even when the fetch failed part-way, so a retry resumes.
         store.flush()?;
-        fetch_result?;
+        let fetched = fetch_result?;
+        self.home.record_held(&root, &name)?;
+        if let Some(sw) = self.swarm() {
+            sw.hold(root, &name, Holding::Complete, None);
+        }
 
         let total: u64 = tree.files.iter().map(|f| f.size).sum();
         if let Some(dest) = dest {
@@ -210,7 +273,7 @@ impl Node {
             bytes: total,
             chunks: seen.len() as u64,
             bytes_from_origin: blobs.bytes_from_origin(),
-            bytes_from_peers: 0,
+            bytes_from_peers: fetched.from_peers,
             bytes_already_local: local_bytes,
             seconds: started.elapsed().as_secs_f64(),
         })

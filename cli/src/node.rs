@@ -1,0 +1,120 @@
+//! `shoal node run` and `shoal status`.
+
+use crate::config::NodeConfig;
+use crate::output::{self, Out};
+use anyhow::{Context, Result};
+use shoal_node::daemon::{self, Client, DaemonOptions, Request};
+use shoal_node::swarm::{self, Labels, Status, SwarmConfig};
+use shoal_node::{Home, Node, Progress};
+use std::collections::HashSet;
+
+fn multiaddrs(list: &[String], what: &str) -> Result<Vec<swarm::Multiaddr>> {
+    list.iter()
+        .map(|a| {
+            a.parse().with_context(|| {
+                format!("{what} {a:?} is not a multiaddr (e.g. /ip4/10.0.0.5/tcp/4001)")
+            })
+        })
+        .collect()
+}
+
+/// Reads a members file: one peer id per line, `#` comments.
+fn members(path: &std::path::Path) -> Result<HashSet<swarm::PeerId>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading members file {}", path.display()))?;
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.parse()
+                .with_context(|| format!("members file {}: {l:?} is not a peer id", path.display()))
+        })
+        .collect()
+}
+
+pub async fn run(node: Node, file: &NodeConfig, flags: NodeConfig, out: &Out) -> Result<()> {
+    let pick = |a: &Vec<String>, b: &Vec<String>| if a.is_empty() { b.clone() } else { a.clone() };
+    let listen = multiaddrs(&pick(&flags.listen, &file.listen), "listen address")?;
+    let bootstrap = multiaddrs(
+        &pick(&flags.bootstrap, &file.bootstrap),
+        "bootstrap address",
+    )?;
+    let members = flags
+        .members
+        .or(file.members.clone())
+        .map(|p| members(&p))
+        .transpose()?;
+    let metrics = flags
+        .metrics
+        .or(file.metrics.clone())
+        .map(|m| {
+            m.parse()
+                .with_context(|| format!("--metrics {m:?}: expected HOST:PORT"))
+        })
+        .transpose()?;
+    let opts = DaemonOptions {
+        swarm: SwarmConfig {
+            listen,
+            bootstrap,
+            labels: Labels {
+                region: flags.region.or(file.region.clone()),
+                zone: flags.zone.or(file.zone.clone()),
+                rack: flags.rack.or(file.rack.clone()),
+            },
+            members,
+            mdns: flags.mdns.or(file.mdns).unwrap_or(true),
+        },
+        metrics,
+    };
+    daemon::run(node, opts, |s| {
+        let _ = out.report(s, || {
+            format!(
+                "node {} listening on {} (bulk {}); Ctrl-C to stop",
+                s.peer_id,
+                s.listen.join(", "),
+                s.bulk_addr.as_deref().unwrap_or("-")
+            )
+        });
+    })
+    .await?;
+    Ok(())
+}
+
+pub async fn status(home: &Home, out: &Out) -> Result<()> {
+    let Some(daemon) = Client::connect(home).await else {
+        anyhow::bail!(
+            "no node daemon is running for {} (start one with `shoal node run`)",
+            home.root().display()
+        );
+    };
+    let s: Status =
+        serde_json::from_value(daemon.call(&Request::Status, &Progress::default()).await?)?;
+    out.report(&s, || {
+        let mut lines = vec![
+            format!("node {}", s.peer_id),
+            format!("  listening on {}", s.listen.join(", ")),
+            format!(
+                "  received {} from peers, {} from origin; served {}; {} verify failures; {} active pulls",
+                output::bytes(s.bytes_from_peers),
+                output::bytes(s.bytes_from_origin),
+                output::bytes(s.bytes_served),
+                s.verify_failures,
+                s.active_pulls
+            ),
+        ];
+        for v in &s.versions {
+            lines.push(format!("  holds {} ({}, {:?})", v.name, v.root, v.holding));
+        }
+        for p in &s.peers {
+            lines.push(format!(
+                "  peer {} {} distance {} rtt {} {:.0} MB/s",
+                p.peer_id,
+                if p.connected { "connected" } else { "gone" },
+                p.distance,
+                p.rtt_ms.map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into()),
+                p.throughput_mbps
+            ));
+        }
+        lines.join("\n")
+    })
+}

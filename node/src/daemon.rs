@@ -1,0 +1,260 @@
+//! The node daemon (`shoal node run`): owns the local store and the swarm, and serves the CLI
+//! over a Unix socket under the state directory (`node.sock`), one JSON document per line.
+//!
+//! A request is one line (`{"op": "pull", ...}`); the daemon answers with any number of
+//! `{"progress": [phase, done, total]}` lines and then one `{"ok": ...}` or `{"error": "..."}`.
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::swarm::{self, Holding, Status, SwarmConfig};
+use crate::{Home, Node};
+use serde::{Deserialize, Serialize};
+use shoal_registry::{DatasetName, DatasetRef, Origin};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// What the CLI asks of the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Pull {
+        reference: String,
+        to: Option<PathBuf>,
+        origin: String,
+    },
+    Status,
+    Versions {
+        name: String,
+        origin: String,
+    },
+    Ls {
+        reference: String,
+        path: String,
+        origin: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Reply {
+    Progress(String, u64, u64),
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub swarm: SwarmConfig,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A connection to a running daemon.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the daemon of `home`, or None if none is running.
+    pub async fn connect(home: &Home) -> Option<Client> {
+        UnixStream::connect(home.socket_path())
+            .await
+            .ok()
+            .map(|stream| Client { stream })
+    }
+
+    /// Sends one request; progress lines update `progress`; returns the result.
+    pub async fn call(self, req: &Request, progress: &Progress) -> Result<serde_json::Value> {
+        let (r, mut w) = self.stream.into_split();
+        let mut line = serde_json::to_string(req).expect("requests serialize");
+        line.push('\n');
+        w.write_all(line.as_bytes())
+            .await
+            .map_err(|e| Error::Net(format!("sending to the node daemon: {e}")))?;
+        let mut lines = BufReader::new(r).lines();
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .map_err(|e| Error::Net(format!("reading from the node daemon: {e}")))?
+                .ok_or_else(|| Error::Net("the node daemon closed the connection".into()))?;
+            let reply: Reply = serde_json::from_str(&line)
+                .map_err(|e| Error::Net(format!("unexpected reply from the node daemon: {e}")))?;
+            match reply {
+                Reply::Progress(phase, done, total) => {
+                    progress.phase(phase_name(&phase), total);
+                    progress.add(done);
+                }
+                Reply::Ok(v) => return Ok(v),
+                Reply::Error(e) => return Err(Error::Net(e)),
+            }
+        }
+    }
+}
+
+fn phase_name(s: &str) -> &'static str {
+    match s {
+        "resolving" => "resolving",
+        "reading tree" => "reading tree",
+        "fetching" => "fetching",
+        "writing files" => "writing files",
+        _ => "working",
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. `ready` is called once it listens.
+pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -> Result<()> {
+    let home = node.home().clone();
+    let sock = home.socket_path();
+    if UnixStream::connect(&sock).await.is_ok() {
+        return Err(Error::Net(format!(
+            "a node daemon is already running for {} (socket {})",
+            home.root().display(),
+            sock.display()
+        )));
+    }
+    let _ = std::fs::remove_file(&sock);
+    std::fs::create_dir_all(home.root()).map_err(crate::error::io("creating", home.root()))?;
+
+    let keypair = swarm::identity(&home)?;
+    let store = node.store()?;
+    let sw = swarm::start(keypair, store, home.pack_cache_dir(), opts.swarm).await?;
+    for (root, name) in home.held()? {
+        sw.hold(root, &name, Holding::Complete, None);
+    }
+    node.attach_swarm(sw.clone());
+    if let Some(addr) = opts.metrics {
+        let bound = swarm::metrics::serve(sw.clone(), addr)?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| Error::Net(format!("listening on {}: {e}", sock.display())))?;
+    ready(&sw.status());
+
+    let node = Arc::new(node);
+    let others: Arc<Mutex<HashMap<String, Arc<Node>>>> = Default::default();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Net(format!("installing a SIGTERM handler: {e}")))?;
+    let result = loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    let node = node.clone();
+                    let others = others.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(node, others, stream).await {
+                            tracing::debug!("local client: {e}");
+                        }
+                    });
+                }
+                Err(e) => break Err(Error::Net(format!("accepting on {}: {e}", sock.display()))),
+            },
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = term.recv() => break Ok(()),
+        }
+    };
+    let _ = std::fs::remove_file(&sock);
+    if let Ok(s) = node.store() {
+        let _ = s.flush();
+    }
+    result
+}
+
+/// The node for a request's origin: the daemon's own, or a sibling sharing store and swarm.
+fn node_for(
+    node: &Arc<Node>,
+    others: &Mutex<HashMap<String, Arc<Node>>>,
+    origin: &str,
+) -> Result<Arc<Node>> {
+    if origin == node.origin().url() || origin.is_empty() {
+        return Ok(node.clone());
+    }
+    let mut o = others.lock().expect("poisoned");
+    if let Some(n) = o.get(origin) {
+        return Ok(n.clone());
+    }
+    let n = Arc::new(node.with_origin(Origin::open(origin, false)?));
+    o.insert(origin.to_string(), n.clone());
+    Ok(n)
+}
+
+async fn serve(
+    node: Arc<Node>,
+    others: Arc<Mutex<HashMap<String, Arc<Node>>>>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
+    let progress = Arc::new(Progress::default());
+    let work = handle(node, others, line, progress.clone());
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let reply = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                let (phase, done, total) = progress.get();
+                let mut l = serde_json::to_string(&Reply::Progress(phase.into(), done, total)).expect("serializes");
+                l.push('\n');
+                if w.write_all(l.as_bytes()).await.is_err() {
+                    // The CLI went away; finish the work anyway (a pull stays useful).
+                    break (&mut work).await;
+                }
+            }
+        }
+    };
+    let reply = match reply {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Error(e.to_string()),
+    };
+    let mut l = serde_json::to_string(&reply).expect("serializes");
+    l.push('\n');
+    w.write_all(l.as_bytes()).await
+}
+
+async fn handle(
+    node: Arc<Node>,
+    others: Arc<Mutex<HashMap<String, Arc<Node>>>>,
+    line: String,
+    progress: Arc<Progress>,
+) -> Result<serde_json::Value> {
+    let req: Request = serde_json::from_str(&line)
+        .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
+    Ok(match req {
+        Request::Status => serde_json::to_value(node.swarm().expect("attached").status()),
+        Request::Pull {
+            reference,
+            to,
+            origin,
+        } => {
+            let n = node_for(&node, &others, &origin)?;
+            let reference: DatasetRef = reference.parse()?;
+            let r = n.pull(&reference, to.as_deref(), &progress).await?;
+            serde_json::to_value(r)
+        }
+        Request::Versions { name, origin } => {
+            let n = node_for(&node, &others, &origin)?;
+            let name: DatasetName = name.parse()?;
+            let list = n.versions(&name).await?;
+            serde_json::to_value(list)
+        }
+        Request::Ls {
+            reference,
+            path,
+            origin,
+        } => {
+            let n = node_for(&node, &others, &origin)?;
+            let reference: DatasetRef = reference.parse()?;
+            serde_json::to_value(n.ls(&reference, &path).await?)
+        }
+    }
+    .expect("reports serialize"))
+}

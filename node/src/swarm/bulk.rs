@@ -1,0 +1,408 @@
+//! The bulk channel: chunk bytes between two nodes.
+//!
+//! One TCP connection per pair of peers, TLS 1.3 with libp2p identity certificates (the server
+//! learns the client's peer id from its certificate, the client checks the server's), then:
+//!
+//! - request: `u32 n` (big-endian), then `n` 32-byte blob ids;
+//! - response, per id in order: `u32 len` and `len` bytes, or `u32::MAX` for "not here".
+//!
+//! A client keeps many requests in flight; the server answers them in order. The client
+//! verifies every blob against its id before storing it: a peer cannot make this node store
+//! or serve a byte that does not hash to what was asked for.
+
+use super::Swarm;
+use crate::error::{Error, Result};
+use crate::store::Retain;
+use bytes::Bytes;
+use libp2p::PeerId;
+use shoal_registry::Hash;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const MISSING: u32 = u32::MAX;
+/// Most ids in one request.
+pub const MAX_IDS: usize = 1024;
+/// Largest blob a peer may send (chunks are at most 128 KiB by default, tree nodes small).
+const MAX_BLOB: u32 = 64 << 20;
+const IO_BUF: usize = 1 << 20;
+
+/// What happened to one requested blob.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Verified and stored.
+    Stored(u32),
+    /// The peer does not have it.
+    Missing,
+    /// The peer sent bytes that do not match the id.
+    Bad,
+    /// The connection failed before the blob arrived.
+    Lost,
+}
+
+/// Reported to whoever made a request, one per blob.
+#[derive(Debug)]
+pub struct Event {
+    pub peer: PeerId,
+    pub id: Hash,
+    pub outcome: Outcome,
+}
+
+/// One request: blobs, and where to report what became of each.
+pub struct Request {
+    pub ids: Vec<Hash>,
+    pub reply: mpsc::UnboundedSender<Event>,
+}
+
+struct Pending {
+    ids: Vec<Hash>,
+    reply: mpsc::UnboundedSender<Event>,
+    sent: Instant,
+}
+
+fn lost(p: Pending, peer: PeerId) {
+    for id in p.ids {
+        let _ = p.reply.send(Event {
+            peer,
+            id,
+            outcome: Outcome::Lost,
+        });
+    }
+}
+
+fn io_err(e: std::io::Error) -> Error {
+    Error::Net(format!("bulk channel: {e}"))
+}
+
+fn tls_err(e: impl std::fmt::Display) -> Error {
+    Error::Net(format!("bulk channel TLS: {e}"))
+}
+
+/// A connection to one peer's bulk server.
+pub struct Client {
+    tx: mpsc::Sender<Request>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Client {
+    /// Connects and authenticates `peer` at `addr`.
+    pub async fn connect(swarm: Arc<Swarm>, peer: PeerId, addr: SocketAddr) -> Result<Client> {
+        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Net(format!("connecting to peer {peer} at {addr}: timed out")))?
+            .map_err(|e| Error::Net(format!("connecting to peer {peer} at {addr}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let config = libp2p_tls::make_client_config(&swarm.keypair, Some(peer)).map_err(tls_err)?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+            .await
+            .map_err(|_| Error::Net(format!("TLS with peer {peer} at {addr}: timed out")))?
+            .map_err(|e| Error::Net(format!("TLS with peer {peer} at {addr}: {e}")))?;
+        let (r, w) = tokio::io::split(tls);
+        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        let (ptx, mut prx) = mpsc::unbounded_channel::<Pending>();
+        let closed = Arc::new(AtomicBool::new(false));
+
+        // Writer: sends requests, hands them to the reader in the same order.
+        let c = closed.clone();
+        tokio::spawn(async move {
+            let mut w = BufWriter::with_capacity(64 << 10, w);
+            while let Some(req) = rx.recv().await {
+                let mut frame = Vec::with_capacity(4 + 32 * req.ids.len());
+                frame.extend_from_slice(&(req.ids.len() as u32).to_be_bytes());
+                for id in &req.ids {
+                    frame.extend_from_slice(&id.0);
+                }
+                let p = Pending {
+                    ids: req.ids,
+                    reply: req.reply,
+                    sent: Instant::now(),
+                };
+                let ok = w.write_all(&frame).await.is_ok() && w.flush().await.is_ok();
+                if !ok || c.load(Ordering::Relaxed) {
+                    c.store(true, Ordering::Relaxed);
+                    lost(p, peer);
+                    break;
+                }
+                if let Err(e) = ptx.send(p) {
+                    lost(e.0, peer);
+                    break;
+                }
+            }
+            c.store(true, Ordering::Relaxed);
+            while let Ok(req) = rx.try_recv() {
+                lost(
+                    Pending {
+                        ids: req.ids,
+                        reply: req.reply,
+                        sent: Instant::now(),
+                    },
+                    peer,
+                );
+            }
+        });
+
+        // Reader: reads responses, hands whole batches to the verifier.
+        let (vtx, mut vrx) = mpsc::channel::<(Pending, Vec<Option<Vec<u8>>>, Instant)>(4);
+        let c = closed.clone();
+        let sw = swarm.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::with_capacity(IO_BUF, r);
+            let mut last_done = Instant::now();
+            while let Some(p) = prx.recv().await {
+                let mut blobs = Vec::with_capacity(p.ids.len());
+                let mut failed = false;
+                for _ in 0..p.ids.len() {
+                    let len = match r.read_u32().await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    };
+                    if len == MISSING {
+                        blobs.push(None);
+                        continue;
+                    }
+                    if len > MAX_BLOB {
+                        sw.fault(&peer, &format!("sent a {len}-byte blob"));
+                        failed = true;
+                        break;
+                    }
+                    let mut buf = vec![0u8; len as usize];
+                    if r.read_exact(&mut buf).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                    blobs.push(Some(buf));
+                }
+                if failed {
+                    c.store(true, Ordering::Relaxed);
+                    lost(p, peer);
+                    break;
+                }
+                let start = p.sent.max(last_done);
+                last_done = Instant::now();
+                if vtx.send((p, blobs, start)).await.is_err() {
+                    break;
+                }
+            }
+            c.store(true, Ordering::Relaxed);
+            while let Ok(p) = prx.try_recv() {
+                lost(p, peer);
+            }
+        });
+
+        // Verifier: checks every blob against its id, stores the good ones, reports.
+        tokio::spawn(async move {
+            while let Some((p, blobs, start)) = vrx.recv().await {
+                let store = swarm.store.clone();
+                let ids = p.ids.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    let mut outcomes = Vec::with_capacity(ids.len());
+                    let mut good: Vec<(Hash, &[u8])> = Vec::new();
+                    for (id, b) in ids.iter().zip(&blobs) {
+                        outcomes.push(match b {
+                            None => Outcome::Missing,
+                            Some(b) if id.verify(b) => {
+                                good.push((*id, b));
+                                Outcome::Stored(b.len() as u32)
+                            }
+                            Some(_) => Outcome::Bad,
+                        });
+                    }
+                    let stored = store.put_batch(&good, Retain::Keep);
+                    (outcomes, stored)
+                })
+                .await
+                .expect("verify task panicked");
+                let (mut outcomes, stored) = checked;
+                if let Err(e) = stored {
+                    tracing::warn!("storing chunks from peer {peer}: {e}");
+                    outcomes = p.ids.iter().map(|_| Outcome::Lost).collect();
+                }
+                let bytes: u64 = outcomes
+                    .iter()
+                    .map(|o| match o {
+                        Outcome::Stored(n) => *n as u64,
+                        _ => 0,
+                    })
+                    .sum();
+                if bytes > 0 {
+                    let secs = start.elapsed().as_secs_f64().max(1e-4);
+                    let rate = bytes as f64 / secs;
+                    let mut peers = swarm.peers.lock().expect("poisoned");
+                    if let Some(pe) = peers.get_mut(&peer) {
+                        pe.bytes_received += bytes;
+                        pe.throughput = if pe.throughput == 0.0 {
+                            rate
+                        } else {
+                            0.8 * pe.throughput + 0.2 * rate
+                        };
+                    }
+                }
+                for (id, outcome) in p.ids.into_iter().zip(outcomes) {
+                    let _ = p.reply.send(Event { peer, id, outcome });
+                }
+            }
+        });
+        Ok(Client { tx, closed })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+
+    /// Queues a request; if the connection is gone, every blob is reported lost.
+    pub async fn request(&self, peer: PeerId, req: Request) {
+        if let Err(e) = self.tx.send(req).await {
+            let req = e.0;
+            lost(
+                Pending {
+                    ids: req.ids,
+                    reply: req.reply,
+                    sent: Instant::now(),
+                },
+                peer,
+            );
+        }
+    }
+}
+
+/// Serves this node's store to members on `listener` until the process ends.
+pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener) {
+    let config = match libp2p_tls::make_server_config(&swarm.keypair) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!("bulk server: {e}");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("bulk server accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let swarm = swarm.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(swarm, acceptor, tcp).await {
+                tracing::debug!("bulk connection from {from}: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    swarm: Arc<Swarm>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+) -> Result<()> {
+    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+        .await
+        .map_err(|_| Error::Net("TLS handshake timed out".into()))?
+        .map_err(tls_err)?;
+    let peer = {
+        let certs = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .ok_or_else(|| Error::Net("client sent no certificate".into()))?;
+        let cert = certs
+            .first()
+            .ok_or_else(|| Error::Net("client sent no certificate".into()))?;
+        libp2p_tls::certificate::parse(cert)
+            .map_err(tls_err)?
+            .peer_id()
+    };
+    if !swarm.is_member(&peer) {
+        tracing::warn!(%peer, "refusing bulk connection from a peer that is not a member");
+        return Err(Error::Net(format!("{peer} is not a member")));
+    }
+    let (r, w) = tokio::io::split(tls);
+    let (tx, mut rx) = mpsc::channel::<Vec<Hash>>(16);
+    let reader = tokio::spawn(async move {
+        let mut r = BufReader::with_capacity(64 << 10, r);
+        loop {
+            let n = r.read_u32().await? as usize;
+            if n > MAX_IDS {
+                return Err(std::io::Error::other(format!("request for {n} blobs")));
+            }
+            let mut raw = vec![0u8; 32 * n];
+            r.read_exact(&mut raw).await?;
+            let ids = raw
+                .chunks_exact(32)
+                .map(|c| Hash(c.try_into().expect("32 bytes")))
+                .collect();
+            if tx.send(ids).await.is_err() {
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    });
+    let fault = swarm.fault.clone();
+    let mut w = BufWriter::with_capacity(IO_BUF, w);
+    while let Some(ids) = rx.recv().await {
+        if !swarm.is_member(&peer) {
+            break;
+        }
+        if fault.as_deref() == Some("stall") {
+            // Test hook: accept requests and never answer them.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        let sw = swarm.clone();
+        let blobs: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| match sw.store.get(id) {
+                    Ok(Some(b)) => Some(Bytes::from(b)),
+                    _ => std::fs::read(sw.pack_cache.join(format!("{id}.idx")))
+                        .ok()
+                        .filter(|b| id.verify(b))
+                        .map(Bytes::from),
+                })
+                .collect()
+        })
+        .await
+        .expect("store task panicked");
+        let mut sent = 0u64;
+        for b in blobs {
+            match b {
+                None => w.write_u32(MISSING).await.map_err(io_err)?,
+                Some(b) => {
+                    w.write_u32(b.len() as u32).await.map_err(io_err)?;
+                    if fault.as_deref() == Some("lie") {
+                        // Test hook: flip one byte of every blob.
+                        let mut v = b.to_vec();
+                        if let Some(x) = v.first_mut() {
+                            *x ^= 0xff;
+                        }
+                        w.write_all(&v).await.map_err(io_err)?;
+                    } else {
+                        w.write_all(&b).await.map_err(io_err)?;
+                    }
+                    sent += b.len() as u64;
+                }
+            }
+        }
+        w.flush().await.map_err(io_err)?;
+        swarm
+            .counters
+            .bytes_served
+            .fetch_add(sent, Ordering::Relaxed);
+        if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
+            p.bytes_sent += sent;
+        }
+    }
+    reader.abort();
+    Ok(())
+}

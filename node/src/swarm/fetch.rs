@@ -1,0 +1,555 @@
+//! Fetching a version's missing chunks from the swarm and the origin.
+//!
+//! Every chunk goes to the best source that has it: peers first, ranked by locality (rack,
+//! zone, region), then by how soon they can deliver (bytes already queued to them over their
+//! measured throughput, plus RTT), each with a cap on bytes in flight. A chunk no peer has is
+//! read from the origin by one of the nodes pulling the version: chunks are grouped in runs
+//! and each run is assigned by rendezvous hashing over the live pullers, so a cold cluster
+//! reads each chunk from the origin about once and swaps the rest. A request that is late is
+//! re-issued to another source (the first good copy wins); a peer that stalls is given no more
+//! work, and one whose bytes fail verification is penalised and, after repeated faults,
+//! banned.
+
+use super::bulk::{self, Event, Outcome};
+use super::{Cmd, Holding, Swarm};
+use crate::blobs::Blobs;
+use crate::error::Result;
+use crate::progress::Progress;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use libp2p::PeerId;
+use shoal_registry::Hash;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Bytes in flight to one peer.
+const PEER_WINDOW: u64 = 32 << 20;
+/// One request to a peer: at most this many bytes (and [`bulk::MAX_IDS`] blobs).
+const PEER_BATCH: u64 = 4 << 20;
+/// Chunks per run assigned to one origin reader (about 1.3 MiB at the default chunk size).
+const RUN: usize = 32;
+/// One origin read batch, and how many run at once.
+const ORIGIN_BATCH: u64 = 4 << 20;
+const ORIGIN_PARALLEL: usize = 4;
+/// A puller whose have-map has not grown for this long is not waited for.
+const PULLER_IDLE: Duration = Duration::from_secs(5);
+/// How often have-maps are refreshed while pulling.
+const HAVE_POLL: Duration = Duration::from_millis(250);
+/// Attempts at the origin before a chunk fails the pull.
+const ORIGIN_TRIES: u32 = 3;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Want,
+    /// Requested from a peer; re-requested elsewhere after the deadline.
+    Peer(Instant),
+    Origin,
+    Done,
+}
+
+/// What a fetch took from where.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fetched {
+    pub from_peers: u64,
+    pub from_origin: u64,
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^ (x >> 31)
+}
+
+fn peer_seed(p: &PeerId) -> u64 {
+    let h = blake3::hash(&p.to_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The puller that reads run `run` (keyed by its first chunk) from the origin.
+fn owner(pullers: &[(u64, PeerId)], key: &Hash) -> PeerId {
+    let k = u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes"));
+    pullers
+        .iter()
+        .max_by_key(|(seed, _)| mix(seed ^ k))
+        .map(|(_, p)| *p)
+        .expect("at least this node pulls")
+}
+
+struct PeerView {
+    id: PeerId,
+    distance: u8,
+    /// None: holds the whole version.
+    have: Option<super::HaveMap>,
+    rate: f64,
+    rtt: f64,
+}
+
+/// Fetches `order[i]` for every `i` in `missing` into the local store. `order` is the
+/// version's unique chunks in walk order (the index space of have-maps).
+pub async fn fetch(
+    swarm: &Arc<Swarm>,
+    blobs: &Blobs,
+    root: Hash,
+    order: &[(Hash, u32)],
+    missing: Vec<usize>,
+    progress: &Progress,
+) -> Result<Fetched> {
+    let index: HashMap<Hash, usize> = order.iter().enumerate().map(|(i, c)| (c.0, i)).collect();
+    let mut state = vec![State::Done; order.len()];
+    for &i in &missing {
+        state[i] = State::Want;
+    }
+    let mut remaining = missing.len();
+    // Origin reads go in pack order, in runs of RUN chunks, so each reader's ranges are long
+    // and contiguous.
+    let mut porder: Vec<usize> = (0..order.len()).collect();
+    porder.sort_by_key(|&i| blobs.locate(&order[i].0).unwrap_or((u32::MAX, 0)));
+    let run_of: Vec<usize> = {
+        let mut r = vec![0; order.len()];
+        for (pos, &i) in porder.iter().enumerate() {
+            r[i] = pos - pos % RUN;
+        }
+        r
+    };
+    let mut avoid: HashMap<usize, Vec<PeerId>> = HashMap::new();
+    let mut origin_tries: HashMap<usize, u32> = HashMap::new();
+    let mut inflight: HashMap<PeerId, u64> = HashMap::new();
+    let mut sent_to: HashMap<(usize, PeerId), ()> = HashMap::new();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let mut origin_jobs = FuturesUnordered::new();
+    let mut got = Fetched::default();
+    let me = swarm.peer_id;
+    let my_seed = peer_seed(&me);
+    let started = Instant::now();
+    let mut last_poll = Instant::now() - HAVE_POLL;
+    let mut last_flush = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    while remaining > 0 {
+        let now = Instant::now();
+        if now - last_poll >= HAVE_POLL {
+            last_poll = now;
+            let peers: Vec<PeerId> = swarm
+                .peers
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .filter(|(_, p)| {
+                    p.connected
+                        && p.versions
+                            .get(&root)
+                            .is_some_and(|v| v.holding == Holding::Pulling)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for p in peers {
+                swarm.send(Cmd::QueryHave(p, root));
+            }
+        }
+        if now - last_flush >= Duration::from_secs(1) {
+            last_flush = now;
+            let store = swarm.store.clone();
+            tokio::task::spawn_blocking(move || store.flush())
+                .await
+                .expect("flush task panicked")?;
+        }
+
+        // Who has what, as last heard; who is pulling (for origin offload).
+        let (views, mut pullers) = {
+            let peers = swarm.peers.lock().expect("poisoned");
+            let mut views = Vec::new();
+            let mut pullers = vec![(my_seed, me)];
+            for (id, p) in peers.iter() {
+                if !p.connected || p.bulk_port.is_none() || !swarm.is_member(id) {
+                    continue;
+                }
+                let Some(v) = p.versions.get(&root) else {
+                    continue;
+                };
+                match v.holding {
+                    Holding::Complete => views.push(PeerView {
+                        id: *id,
+                        distance: swarm.labels.distance(&p.labels),
+                        have: None,
+                        rate: p.throughput,
+                        rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
+                    }),
+                    Holding::Pulling => {
+                        if v.grew.elapsed() < PULLER_IDLE && p.stalls == 0 {
+                            pullers.push((peer_seed(id), *id));
+                        }
+                        if let Some(h) = &v.have {
+                            if h.len as usize == order.len() {
+                                views.push(PeerView {
+                                    id: *id,
+                                    distance: swarm.labels.distance(&p.labels),
+                                    have: Some(h.clone()),
+                                    rate: p.throughput,
+                                    rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            (views, pullers)
+        };
+        pullers.sort_by_key(|p| p.1);
+        // Let announcements from peers starting at the same moment arrive before reading
+        // anything from the origin.
+        let settle = started.elapsed() < Duration::from_millis(300) && !views.is_empty();
+
+        // Assign wanted chunks.
+        let mut batches: HashMap<PeerId, (Vec<Hash>, u64)> = HashMap::new();
+        let mut full: Vec<(PeerId, Vec<Hash>, u64)> = Vec::new();
+        let mut origin_batch: Vec<usize> = Vec::new();
+        let mut origin_bytes = 0u64;
+        let origin_free = origin_jobs.len() < ORIGIN_PARALLEL;
+        for i in 0..order.len() {
+            match state[i] {
+                State::Done | State::Origin => continue,
+                State::Peer(deadline) if now < deadline => continue,
+                State::Peer(_) => {
+                    // Late: ask someone else too; whichever good copy comes first wins.
+                    let who: Vec<PeerId> = sent_to
+                        .keys()
+                        .filter(|(j, _)| *j == i)
+                        .map(|(_, p)| *p)
+                        .collect();
+                    for p in who {
+                        avoid.entry(i).or_default().push(p);
+                        let mut peers = swarm.peers.lock().expect("poisoned");
+                        if let Some(pe) = peers.get_mut(&p) {
+                            pe.stalls += 1;
+                        }
+                    }
+                    state[i] = State::Want;
+                }
+                State::Want => {}
+            }
+            let (id, len) = order[i];
+            let avoided = avoid.get(&i);
+            let has = |v: &PeerView| {
+                v.have.as_ref().is_none_or(|h| h.get(i))
+                    && avoided.is_none_or(|a| !a.contains(&v.id))
+            };
+            let best_tier = views.iter().filter(|v| has(v)).map(|v| v.distance).min();
+            if let Some(tier) = best_tier {
+                let pick = views
+                    .iter()
+                    .filter(|v| has(v) && v.distance == tier)
+                    .filter(|v| {
+                        inflight.get(&v.id).copied().unwrap_or(0)
+                            + batches.get(&v.id).map(|b| b.1).unwrap_or(0)
+                            < PEER_WINDOW
+                    })
+                    .min_by(|a, b| {
+                        let cost = |v: &PeerView| {
+                            let q = inflight.get(&v.id).copied().unwrap_or(0)
+                                + batches.get(&v.id).map(|b| b.1).unwrap_or(0);
+                            v.rtt + q as f64 / v.rate.max(50e6)
+                        };
+                        cost(a).total_cmp(&cost(b))
+                    });
+                if let Some(v) = pick {
+                    let b = batches.entry(v.id).or_default();
+                    b.0.push(id);
+                    b.1 += len as u64;
+                    let q = inflight.get(&v.id).copied().unwrap_or(0) + b.1;
+                    let deadline = now
+                        + Duration::from_secs(2)
+                        + Duration::from_secs_f64(q as f64 / v.rate.max(20e6));
+                    state[i] = State::Peer(deadline);
+                    sent_to.insert((i, v.id), ());
+                    if b.0.len() >= bulk::MAX_IDS || b.1 >= PEER_BATCH {
+                        let (ids, bytes) = std::mem::take(b);
+                        full.push((v.id, ids, bytes));
+                    }
+                }
+                continue;
+            }
+        }
+        // Chunks no peer has: from the origin, if this node is their run's reader.
+        if !settle && origin_free {
+            let alone = pullers.len() == 1;
+            for &i in &porder {
+                if origin_bytes >= ORIGIN_BATCH {
+                    break;
+                }
+                if state[i] != State::Want {
+                    continue;
+                }
+                let avoided = avoid.get(&i);
+                let on_peer = views.iter().any(|v| {
+                    v.have.as_ref().is_none_or(|h| h.get(i))
+                        && avoided.is_none_or(|a| !a.contains(&v.id))
+                });
+                if on_peer {
+                    continue;
+                }
+                if alone || owner(&pullers, &order[porder[run_of[i]]].0) == me {
+                    state[i] = State::Origin;
+                    origin_batch.push(i);
+                    origin_bytes += order[i].1 as u64;
+                }
+            }
+        }
+        for (peer, ids, bytes) in full {
+            send(swarm, peer, ids, bytes, &tx, &mut inflight).await;
+        }
+        for (peer, (ids, bytes)) in batches {
+            if !ids.is_empty() {
+                send(swarm, peer, ids, bytes, &tx, &mut inflight).await;
+            }
+        }
+        if !origin_batch.is_empty() {
+            let ids: Vec<Hash> = origin_batch.iter().map(|&i| order[i].0).collect();
+            let bytes = origin_bytes;
+            origin_jobs
+                .push(async move { (origin_batch, bytes, blobs.fetch_origin(ids, None).await) });
+        }
+
+        // Wait for something to happen.
+        tokio::select! {
+            ev = rx.recv() => {
+                let ev = ev.expect("sender held here");
+                handle(swarm, root, ev, &index, order, &mut state, &mut remaining, &mut avoid, &mut inflight, &mut sent_to, &mut got, progress);
+                while let Ok(ev) = rx.try_recv() {
+                    handle(swarm, root, ev, &index, order, &mut state, &mut remaining, &mut avoid, &mut inflight, &mut sent_to, &mut got, progress);
+                }
+            }
+            Some((batch, bytes, r)) = origin_jobs.next(), if !origin_jobs.is_empty() => {
+                match r {
+                    Ok(()) => {
+                        for i in batch {
+                            if state[i] != State::Done {
+                                state[i] = State::Done;
+                                remaining -= 1;
+                                progress.add(order[i].1 as u64);
+                                swarm.mark(&root, i);
+                            }
+                        }
+                        got.from_origin += bytes;
+                        swarm.counters.bytes_from_origin.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // Part of the batch may be stored; the rest is wanted again.
+                        let store = swarm.store.clone();
+                        let ids: Vec<(usize, Hash)> = batch.iter().map(|&i| (i, order[i].0)).collect();
+                        let held = tokio::task::spawn_blocking(move || {
+                            ids.into_iter().map(|(i, id)| (i, store.contains(&id).unwrap_or(false))).collect::<Vec<_>>()
+                        }).await.expect("store task panicked");
+                        for (i, here) in held {
+                            if here {
+                                if state[i] != State::Done {
+                                    state[i] = State::Done;
+                                    remaining -= 1;
+                                    progress.add(order[i].1 as u64);
+                                    swarm.mark(&root, i);
+                                }
+                                continue;
+                            }
+                            let n = origin_tries.entry(i).or_default();
+                            *n += 1;
+                            if *n >= ORIGIN_TRIES {
+                                return Err(e);
+                            }
+                            state[i] = State::Want;
+                        }
+                        tracing::warn!("origin read failed, retrying: {e}");
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+    }
+    Ok(got)
+}
+
+async fn send(
+    swarm: &Arc<Swarm>,
+    peer: PeerId,
+    ids: Vec<Hash>,
+    bytes: u64,
+    tx: &mpsc::UnboundedSender<Event>,
+    inflight: &mut HashMap<PeerId, u64>,
+) {
+    *inflight.entry(peer).or_default() += bytes;
+    match swarm.client(peer).await {
+        Ok(c) => {
+            c.request(
+                peer,
+                bulk::Request {
+                    ids,
+                    reply: tx.clone(),
+                },
+            )
+            .await
+        }
+        Err(e) => {
+            tracing::debug!("bulk channel to {peer}: {e}");
+            for id in ids {
+                let _ = tx.send(Event {
+                    peer,
+                    id,
+                    outcome: Outcome::Lost,
+                });
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    swarm: &Arc<Swarm>,
+    root: Hash,
+    ev: Event,
+    index: &HashMap<Hash, usize>,
+    order: &[(Hash, u32)],
+    state: &mut [State],
+    remaining: &mut usize,
+    avoid: &mut HashMap<usize, Vec<PeerId>>,
+    inflight: &mut HashMap<PeerId, u64>,
+    sent_to: &mut HashMap<(usize, PeerId), ()>,
+    got: &mut Fetched,
+    progress: &Progress,
+) {
+    let Some(&i) = index.get(&ev.id) else { return };
+    if sent_to.remove(&(i, ev.peer)).is_none() {
+        return;
+    }
+    let len = order[i].1 as u64;
+    if let Some(n) = inflight.get_mut(&ev.peer) {
+        *n = n.saturating_sub(len);
+    }
+    match ev.outcome {
+        Outcome::Stored(n) => {
+            if state[i] != State::Done {
+                state[i] = State::Done;
+                *remaining -= 1;
+                progress.add(n as u64);
+                got.from_peers += n as u64;
+                swarm
+                    .counters
+                    .bytes_from_peers
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                swarm.mark(&root, i);
+            }
+        }
+        Outcome::Bad => {
+            swarm
+                .counters
+                .verify_failures
+                .fetch_add(1, Ordering::Relaxed);
+            swarm.fault(
+                &ev.peer,
+                &format!("sent bytes for chunk {} that do not match it", ev.id),
+            );
+            avoid.entry(i).or_default().push(ev.peer);
+            if state[i] != State::Done {
+                state[i] = State::Want;
+            }
+        }
+        Outcome::Missing => {
+            // Its have-map was stale (or it evicted the chunk): forget that bit.
+            if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&ev.peer) {
+                if let Some(h) = p.versions.get_mut(&root).and_then(|v| v.have.as_mut()) {
+                    h.clear(i);
+                }
+            }
+            avoid.entry(i).or_default().push(ev.peer);
+            if state[i] != State::Done {
+                state[i] = State::Want;
+            }
+        }
+        Outcome::Lost => {
+            avoid.entry(i).or_default().push(ev.peer);
+            inflight.remove(&ev.peer);
+            if state[i] != State::Done {
+                state[i] = State::Want;
+            }
+        }
+    }
+}
+
+/// Fetches a few blobs (tree nodes, pack indexes) from peers that hold the whole version;
+/// returns the ids that arrived verified and stored. Never fails: the caller falls back to
+/// the origin for the rest.
+pub async fn from_complete_peers(swarm: &Arc<Swarm>, root: &Hash, ids: &[Hash]) -> Vec<Hash> {
+    let peers: Vec<(u8, PeerId)> = {
+        let peers = swarm.peers.lock().expect("poisoned");
+        let mut v: Vec<(u8, PeerId)> = peers
+            .iter()
+            .filter(|(id, p)| {
+                p.connected
+                    && swarm.is_member(id)
+                    && p.versions
+                        .get(root)
+                        .is_some_and(|v| v.holding == Holding::Complete)
+            })
+            .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<Hash> = ids.to_vec();
+    let mut got = Vec::new();
+    for (_, peer) in peers.into_iter().take(2) {
+        if want.is_empty() {
+            break;
+        }
+        let Ok(c) = swarm.client(peer).await else {
+            continue;
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for part in want.chunks(bulk::MAX_IDS) {
+            c.request(
+                peer,
+                bulk::Request {
+                    ids: part.to_vec(),
+                    reply: tx.clone(),
+                },
+            )
+            .await;
+        }
+        drop(tx);
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        let mut n = 0;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    None => break,
+                    Some(ev) => {
+                        n += 1;
+                        match ev.outcome {
+                            Outcome::Stored(len) => {
+                                got.push(ev.id);
+                                swarm.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
+                            }
+                            Outcome::Bad => {
+                                swarm.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                                swarm.fault(&peer, &format!("sent bytes for blob {} that do not match it", ev.id));
+                            }
+                            _ => {}
+                        }
+                        if n == want.len() { break; }
+                    }
+                },
+                _ = &mut deadline => {
+                    if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
+                        p.stalls += 1;
+                    }
+                    break;
+                }
+            }
+        }
+        want.retain(|id| !got.contains(id));
+    }
+    got
+}

@@ -1,0 +1,434 @@
+//! The swarm: this node's peers, what each of them holds, and how chunks move between them.
+//!
+//! Control traffic (hello, version announcements, have-maps, peer exchange) runs over libp2p
+//! (TCP, TLS 1.3 with libp2p identities, yamux; identify, ping, mDNS). Chunk bytes run over a
+//! separate bulk channel ([`bulk`]): one TCP connection per peer pair, TLS 1.3 authenticated
+//! with the same libp2p identity certificates, carrying length-prefixed batches of chunks
+//! without a stream multiplexer in the way. `docs/swarm.md` has the measurements behind this.
+
+pub mod bulk;
+pub mod fetch;
+pub mod metrics;
+mod p2p;
+
+use crate::error::{Error, Result};
+use crate::store::ChunkStore;
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+use shoal_registry::Hash;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+pub use libp2p::{Multiaddr, PeerId};
+pub use p2p::start;
+
+/// Where a node sits: sources in the same rack are preferred, then zone, then region.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Labels {
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub rack: Option<String>,
+}
+
+impl Labels {
+    /// 0 same rack, 1 same zone, 2 same region, 3 anything else (or unknown).
+    pub fn distance(&self, other: &Labels) -> u8 {
+        fn same(a: &Option<String>, b: &Option<String>) -> Option<bool> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a == b),
+                _ => None,
+            }
+        }
+        if same(&self.region, &other.region) == Some(false) {
+            return 3;
+        }
+        match same(&self.zone, &other.zone) {
+            Some(true) if same(&self.rack, &other.rack) == Some(true) => 0,
+            Some(true) => 1,
+            Some(false) => 3,
+            None if same(&self.region, &other.region) == Some(true) => 2,
+            None => 3,
+        }
+    }
+}
+
+/// How to run the swarm.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub labels: Labels,
+    /// Only these peers may connect, fetch or announce (None: anyone).
+    pub members: Option<HashSet<PeerId>>,
+    pub mdns: bool,
+}
+
+/// What a node says about one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Holding {
+    /// Every chunk is in the node's store.
+    Complete,
+    /// A pull is filling it; ask for the have-map.
+    Pulling,
+}
+
+/// A bitmap over a version's unique chunks in walk order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveMap {
+    pub len: u32,
+    pub words: Vec<u64>,
+}
+
+impl HaveMap {
+    pub fn new(len: usize) -> HaveMap {
+        HaveMap {
+            len: len as u32,
+            words: vec![0; len.div_ceil(64)],
+        }
+    }
+    pub fn set(&mut self, i: usize) {
+        self.words[i / 64] |= 1 << (i % 64);
+    }
+    pub fn clear(&mut self, i: usize) {
+        if let Some(w) = self.words.get_mut(i / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+    pub fn get(&self, i: usize) -> bool {
+        self.words
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+}
+
+/// What a peer holds of one version, as last heard.
+#[derive(Debug, Clone)]
+pub struct PeerVersion {
+    pub holding: Holding,
+    pub have: Option<HaveMap>,
+    /// How many chunks the have-map had, and when that count last grew (a puller whose count
+    /// stops growing is no longer counted on to fetch its share from the origin).
+    pub count: u64,
+    pub grew: Instant,
+}
+
+/// One known peer.
+#[derive(Debug)]
+pub struct Peer {
+    pub labels: Labels,
+    pub ip: Option<IpAddr>,
+    pub bulk_port: Option<u16>,
+    pub connected: bool,
+    pub rtt: Option<Duration>,
+    /// Bytes per second received from this peer over the bulk channel (moving average).
+    pub throughput: f64,
+    pub versions: HashMap<Hash, PeerVersion>,
+    /// Chunks it sent that failed verification, and requests it let time out.
+    pub faults: u32,
+    pub stalls: u32,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+impl Peer {
+    fn new() -> Peer {
+        Peer {
+            labels: Labels::default(),
+            ip: None,
+            bulk_port: None,
+            connected: false,
+            rtt: None,
+            throughput: 0.0,
+            versions: HashMap::new(),
+            faults: 0,
+            stalls: 0,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }
+    }
+
+    pub fn bulk_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.ip?, self.bulk_port?))
+    }
+}
+
+/// A version this node holds or is pulling.
+#[derive(Debug)]
+pub struct LocalVersion {
+    pub name: String,
+    pub holding: Holding,
+    pub have: Option<HaveMap>,
+}
+
+/// Node-wide counters (also exported as Prometheus metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub bytes_from_peers: AtomicU64,
+    pub bytes_from_origin: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub active_pulls: AtomicU64,
+}
+
+/// Requests to the libp2p event loop.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// Tell every connected peer what this node now holds.
+    Announce,
+    /// Ask a peer for its have-map of a version.
+    QueryHave(PeerId, Hash),
+    /// Drop a peer that misbehaved.
+    Ban(PeerId),
+}
+
+/// Faults after which a peer is disconnected and no longer used.
+pub const MAX_FAULTS: u32 = 3;
+
+/// The swarm state shared by the libp2p loop, the bulk server and clients, and pulls.
+pub struct Swarm {
+    pub peer_id: PeerId,
+    pub labels: Labels,
+    pub(crate) keypair: Keypair,
+    pub(crate) store: Arc<dyn ChunkStore>,
+    pub(crate) members: Option<HashSet<PeerId>>,
+    pub peers: Mutex<HashMap<PeerId, Peer>>,
+    pub local: Mutex<HashMap<Hash, LocalVersion>>,
+    pub listen: Mutex<Vec<Multiaddr>>,
+    pub bulk_addr: Mutex<Option<SocketAddr>>,
+    pub banned: Mutex<HashSet<PeerId>>,
+    pub counters: Counters,
+    pub(crate) cmd: mpsc::UnboundedSender<Cmd>,
+    pub(crate) clients: Mutex<HashMap<PeerId, Arc<bulk::Client>>>,
+    /// Where pack indexes are cached (served to peers like chunks: they are named by hash).
+    pub(crate) pack_cache: std::path::PathBuf,
+    /// Faults to inject, for tests of the swarm's defences (SHOAL_FAULT_INJECT=lie|stall).
+    pub(crate) fault: Option<String>,
+}
+
+impl std::fmt::Debug for Swarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Swarm")
+            .field("peer_id", &self.peer_id)
+            .finish()
+    }
+}
+
+/// A peer as `shoal status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub connected: bool,
+    pub labels: Labels,
+    pub distance: u8,
+    pub bulk_addr: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub throughput_mbps: f64,
+    pub versions: Vec<String>,
+    pub faults: u32,
+    pub stalls: u32,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+/// `shoal status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub listen: Vec<String>,
+    pub bulk_addr: Option<String>,
+    pub labels: Labels,
+    pub members_only: bool,
+    pub peers: Vec<PeerStatus>,
+    pub versions: Vec<VersionStatus>,
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_served: u64,
+    pub verify_failures: u64,
+    pub active_pulls: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionStatus {
+    pub name: String,
+    pub root: String,
+    pub holding: Holding,
+    pub chunks_held: Option<u64>,
+    pub chunks: Option<u64>,
+}
+
+impl Swarm {
+    pub(crate) fn send(&self, cmd: Cmd) {
+        let _ = self.cmd.send(cmd);
+    }
+
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        !self.banned.lock().expect("poisoned").contains(peer)
+            && self.members.as_ref().is_none_or(|m| m.contains(peer))
+    }
+
+    /// Records that this node holds (or is pulling) a version, and tells the peers.
+    pub fn hold(&self, root: Hash, name: &str, holding: Holding, have: Option<HaveMap>) {
+        self.local.lock().expect("poisoned").insert(
+            root,
+            LocalVersion {
+                name: name.to_string(),
+                holding,
+                have,
+            },
+        );
+        self.send(Cmd::Announce);
+    }
+
+    /// Forgets a version this node was pulling (a failed pull) and tells the peers.
+    pub fn release(&self, root: &Hash) {
+        let mut local = self.local.lock().expect("poisoned");
+        if matches!(local.get(root), Some(v) if v.holding == Holding::Pulling) {
+            local.remove(root);
+        }
+        drop(local);
+        self.send(Cmd::Announce);
+    }
+
+    /// Marks chunk `i` of a version being pulled as held.
+    pub fn mark(&self, root: &Hash, i: usize) {
+        if let Some(v) = self.local.lock().expect("poisoned").get_mut(root) {
+            if let Some(h) = v.have.as_mut() {
+                h.set(i);
+            }
+        }
+    }
+
+    /// Counts a fault against a peer; after [`MAX_FAULTS`] it is banned and disconnected.
+    pub fn fault(&self, peer: &PeerId, what: &str) {
+        let n = {
+            let mut peers = self.peers.lock().expect("poisoned");
+            let p = peers.entry(*peer).or_insert_with(Peer::new);
+            p.faults += 1;
+            p.faults
+        };
+        tracing::warn!(%peer, faults = n, "peer fault: {what}");
+        if n >= MAX_FAULTS {
+            tracing::warn!(%peer, "banning peer after {n} faults");
+            self.banned.lock().expect("poisoned").insert(*peer);
+            self.clients.lock().expect("poisoned").remove(peer);
+            self.send(Cmd::Ban(*peer));
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let peers = self.peers.lock().expect("poisoned");
+        let mut list: Vec<PeerStatus> = peers
+            .iter()
+            .map(|(id, p)| PeerStatus {
+                peer_id: id.to_string(),
+                connected: p.connected,
+                labels: p.labels.clone(),
+                distance: self.labels.distance(&p.labels),
+                bulk_addr: p.bulk_addr().map(|a| a.to_string()),
+                rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                throughput_mbps: p.throughput / 1e6,
+                versions: p
+                    .versions
+                    .iter()
+                    .map(|(r, v)| format!("b3:{r} ({:?})", v.holding).to_lowercase())
+                    .collect(),
+                faults: p.faults,
+                stalls: p.stalls,
+                bytes_received: p.bytes_received,
+                bytes_sent: p.bytes_sent,
+            })
+            .collect();
+        list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        let versions = self
+            .local
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(root, v)| VersionStatus {
+                name: v.name.clone(),
+                root: format!("b3:{root}"),
+                holding: v.holding,
+                chunks_held: v.have.as_ref().map(|h| h.count()),
+                chunks: v.have.as_ref().map(|h| h.len as u64),
+            })
+            .collect();
+        let c = &self.counters;
+        Status {
+            peer_id: self.peer_id.to_string(),
+            listen: self
+                .listen
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            bulk_addr: self
+                .bulk_addr
+                .lock()
+                .expect("poisoned")
+                .map(|a| a.to_string()),
+            labels: self.labels.clone(),
+            members_only: self.members.is_some(),
+            peers: list,
+            versions,
+            bytes_from_peers: c.bytes_from_peers.load(Ordering::Relaxed),
+            bytes_from_origin: c.bytes_from_origin.load(Ordering::Relaxed),
+            bytes_served: c.bytes_served.load(Ordering::Relaxed),
+            verify_failures: c.verify_failures.load(Ordering::Relaxed),
+            active_pulls: c.active_pulls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The bulk client for a peer, connecting on first use.
+    pub(crate) async fn client(self: &Arc<Self>, peer: PeerId) -> Result<Arc<bulk::Client>> {
+        if let Some(c) = self.clients.lock().expect("poisoned").get(&peer) {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = self
+            .peers
+            .lock()
+            .expect("poisoned")
+            .get(&peer)
+            .and_then(|p| p.bulk_addr())
+            .ok_or_else(|| Error::Net(format!("peer {peer} has no known bulk address")))?;
+        let c = Arc::new(bulk::Client::connect(self.clone(), peer, addr).await?);
+        self.clients
+            .lock()
+            .expect("poisoned")
+            .insert(peer, c.clone());
+        Ok(c)
+    }
+}
+
+/// Loads or creates this node's libp2p identity (`node.key`, protobuf-encoded ed25519, 0600).
+pub fn identity(home: &crate::Home) -> Result<Keypair> {
+    let path = home.root().join("node.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| Error::Corrupt {
+            what: format!("node key {}", path.display()),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| Error::Net(format!("encoding node key: {e}")))?;
+            if crate::home::write_private(home.root(), &path, &bytes)? {
+                Ok(key)
+            } else {
+                identity(home)
+            }
+        }
+        Err(e) => Err(crate::error::io("reading", &path)(e)),
+    }
+}
