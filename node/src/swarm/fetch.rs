@@ -44,8 +44,9 @@ const ORIGIN_TRIES: u32 = 3;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
     Want,
-    /// Requested from a peer; re-requested elsewhere after the deadline.
-    Peer(Instant),
+    /// Requested from a peer; re-requested elsewhere once the deadline has passed and the
+    /// peer has gone quiet.
+    Peer(PeerId, Instant),
     Origin,
     Done,
 }
@@ -127,6 +128,10 @@ pub async fn fetch(
     let started = Instant::now();
     let mut last_poll = Instant::now() - HAVE_POLL;
     let mut last_flush = Instant::now();
+    let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
+    // When each peer last delivered anything.
+    let mut heard: HashMap<PeerId, Instant> = HashMap::new();
+    let quiet = Duration::from_secs(1);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -151,12 +156,16 @@ pub async fn fetch(
                 swarm.send(Cmd::QueryHave(p, root));
             }
         }
-        if now - last_flush >= Duration::from_secs(1) {
+        if now - last_flush >= Duration::from_secs(1) && flushing.as_ref().is_none_or(|f| f.is_finished()) {
+            // Make progress durable now and then, so a killed pull resumes from near where it
+            // stopped; in the background, so deliveries keep flowing meanwhile.
             last_flush = now;
             let store = swarm.store.clone();
-            tokio::task::spawn_blocking(move || store.flush())
-                .await
-                .expect("flush task panicked")?;
+            flushing = Some(tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.flush() {
+                    tracing::warn!("flushing the store: {e}");
+                }
+            }));
         }
 
         // Who has what, as last heard; who is pulling (for origin offload).
@@ -210,24 +219,24 @@ pub async fn fetch(
         let mut origin_batch: Vec<usize> = Vec::new();
         let mut origin_bytes = 0u64;
         let origin_free = origin_jobs.len() < ORIGIN_PARALLEL;
+        let mut stalled = std::collections::HashSet::new();
         for i in 0..order.len() {
             match state[i] {
                 State::Done | State::Origin => continue,
-                State::Peer(deadline) if now < deadline => continue,
-                State::Peer(_) => {
+                State::Peer(p, deadline)
+                    if now < deadline || heard.get(&p).is_some_and(|t| now - *t < quiet) =>
+                {
+                    continue
+                }
+                State::Peer(p, _) => {
                     // Late: ask someone else too; whichever good copy comes first wins.
-                    let who: Vec<PeerId> = sent_to
-                        .keys()
-                        .filter(|(j, _)| *j == i)
-                        .map(|(_, p)| *p)
-                        .collect();
-                    for p in who {
-                        avoid.entry(i).or_default().push(p);
-                        let mut peers = swarm.peers.lock().expect("poisoned");
-                        if let Some(pe) = peers.get_mut(&p) {
+                    tracing::debug!(chunk = %order[i].0, peer = %p, "late, asking another source");
+                    if stalled.insert(p) {
+                        if let Some(pe) = swarm.peers.lock().expect("poisoned").get_mut(&p) {
                             pe.stalls += 1;
                         }
                     }
+                    avoid.entry(i).or_default().push(p);
                     state[i] = State::Want;
                 }
                 State::Want => {}
@@ -264,7 +273,7 @@ pub async fn fetch(
                     let deadline = now
                         + Duration::from_secs(2)
                         + Duration::from_secs_f64(q as f64 / v.rate.max(20e6));
-                    state[i] = State::Peer(deadline);
+                    state[i] = State::Peer(v.id, deadline);
                     sent_to.insert((i, v.id), ());
                     if b.0.len() >= bulk::MAX_IDS || b.1 >= PEER_BATCH {
                         let (ids, bytes) = std::mem::take(b);
@@ -318,8 +327,10 @@ pub async fn fetch(
         tokio::select! {
             ev = rx.recv() => {
                 let ev = ev.expect("sender held here");
+                heard.insert(ev.peer, Instant::now());
                 handle(swarm, root, ev, &index, order, &mut state, &mut remaining, &mut avoid, &mut inflight, &mut sent_to, &mut got, progress);
                 while let Ok(ev) = rx.try_recv() {
+                    heard.insert(ev.peer, Instant::now());
                     handle(swarm, root, ev, &index, order, &mut state, &mut remaining, &mut avoid, &mut inflight, &mut sent_to, &mut got, progress);
                 }
             }
@@ -368,6 +379,12 @@ pub async fn fetch(
             _ = tick.tick() => {}
         }
     }
+    tracing::info!(
+        from_peers = got.from_peers,
+        from_origin = got.from_origin,
+        secs = started.elapsed().as_secs_f64(),
+        "fetched"
+    );
     Ok(got)
 }
 
@@ -456,6 +473,7 @@ fn handle(
             }
         }
         Outcome::Missing => {
+            tracing::debug!(peer = %ev.peer, chunk = %ev.id, "peer does not have chunk");
             // Its have-map was stale (or it evicted the chunk): forget that bit.
             if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&ev.peer) {
                 if let Some(h) = p.versions.get_mut(&root).and_then(|v| v.have.as_mut()) {
@@ -468,6 +486,7 @@ fn handle(
             }
         }
         Outcome::Lost => {
+            tracing::debug!(peer = %ev.peer, chunk = %ev.id, "request lost");
             avoid.entry(i).or_default().push(ev.peer);
             inflight.remove(&ev.peer);
             if state[i] != State::Done {
