@@ -356,6 +356,10 @@ async fn serve_conn(
         if !swarm.is_member(&peer) {
             break;
         }
+        if fault.as_deref() == Some("slow") {
+            // Test hook: a slow peer.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
         if fault.as_deref() == Some("stall") {
             // Test hook: accept requests and never answer them.
             tokio::time::sleep(Duration::from_secs(3600)).await;

@@ -156,7 +156,9 @@ pub async fn fetch(
                 swarm.send(Cmd::QueryHave(p, root));
             }
         }
-        if now - last_flush >= Duration::from_secs(1) && flushing.as_ref().is_none_or(|f| f.is_finished()) {
+        if now - last_flush >= Duration::from_secs(1)
+            && flushing.as_ref().is_none_or(|f| f.is_finished())
+        {
             // Make progress durable now and then, so a killed pull resumes from near where it
             // stopped; in the background, so deliveries keep flowing meanwhile.
             last_flush = now;

@@ -209,7 +209,7 @@ pub struct Swarm {
     pub(crate) clients: Mutex<HashMap<PeerId, Arc<bulk::Client>>>,
     /// Where pack indexes are cached (served to peers like chunks: they are named by hash).
     pub(crate) pack_cache: std::path::PathBuf,
-    /// Faults to inject, for tests of the swarm's defences (SHOAL_FAULT_INJECT=lie|stall).
+    /// Faults to inject, for tests of the swarm's defences (SHOAL_FAULT_INJECT=lie|stall|slow).
     pub(crate) fault: Option<String>,
 }
 

@@ -370,9 +370,9 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
-            } if num_established == 0 => {
+            } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 if let Some(p) = self
                     .shared

@@ -1,0 +1,387 @@
+//! Several real node daemons on loopback: pulls from peers, origin offload, hostile and
+//! stalled peers, a private swarm, resume after kill -9, daemon vs embedded.
+
+mod common;
+
+use common::{assert_same_tree, random_bytes, sample_tree, write, BIN};
+use serde_json::Value;
+use shoal_testnet::{wait_for, Cluster};
+use std::path::Path;
+use std::process::Stdio;
+
+/// A dataset of ~12 MiB: several multi-chunk files plus the usual odd entries.
+fn dataset(root: &Path) -> u64 {
+    sample_tree(root);
+    for i in 0..4 {
+        write(
+            &root.join(format!("shards/s{i}")),
+            &random_bytes(900 + i, 2_500_000),
+        );
+    }
+    let mut n = 0;
+    for e in walk(root) {
+        n += e;
+    }
+    n
+}
+
+fn walk(root: &Path) -> Vec<u64> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(root).unwrap() {
+        let e = e.unwrap();
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            v.extend(walk(&e.path()));
+        } else if m.is_file() {
+            v.push(m.len());
+        }
+    }
+    v
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+fn setup(c: &Cluster) -> (std::path::PathBuf, u64) {
+    let src = c.dir.path().join("src");
+    let bytes = dataset(&src);
+    c.publish(&src, "ds@v1");
+    (src, bytes)
+}
+
+#[test]
+fn pulls_come_from_peers_and_status_reports_them() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let a = c.node("a", &["--zone", "z1", "--metrics", &metrics], &[]);
+    let b = c.node("b", &["--zone", "z1"], &[]);
+    let d = c.node("d", &["--zone", "z2"], &[]);
+    for i in [a, b, d] {
+        c.nodes[i].wait_peers(2);
+    }
+    // The first pull has nobody to ask.
+    let r = c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    assert_eq!(u(&r, "bytes_from_peers"), 0);
+    assert!(u(&r, "bytes_from_origin") >= bytes);
+
+    // The others get every chunk from peers, and the files match the source.
+    for (i, name) in [(b, "out_b"), (d, "out_d")] {
+        let out = c.dir.path().join(name);
+        let r = c.nodes[i].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+        assert_eq!(u(&r, "bytes_from_peers"), bytes, "{r}");
+        assert_eq!(u(&r, "bytes_from_origin"), 0, "{r}");
+        assert_same_tree(&src, &out);
+    }
+
+    // status: addresses, peer id, peers with labels and RTT, versions held, traffic.
+    let s = c.nodes[a].status().unwrap();
+    assert_eq!(s["peer_id"], c.nodes[a].peer_id);
+    assert!(s["listen"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("/ip4/127.0.0.1/tcp/"));
+    assert!(u(&s, "bytes_served") >= bytes / 2, "{s}");
+    let peers = s["peers"].as_array().unwrap();
+    assert_eq!(peers.iter().filter(|p| p["connected"] == true).count(), 2);
+    let pb = peers
+        .iter()
+        .find(|p| p["peer_id"] == c.nodes[b].peer_id.as_str())
+        .unwrap();
+    assert_eq!(pb["labels"]["zone"], "z1");
+    assert_eq!(pb["distance"], 1);
+    let pd = peers
+        .iter()
+        .find(|p| p["peer_id"] == c.nodes[d].peer_id.as_str())
+        .unwrap();
+    assert_eq!(pd["distance"], 3);
+    wait_for(20, "ping RTTs", || {
+        let s = c.nodes[a].status()?;
+        s["peers"]
+            .as_array()?
+            .iter()
+            .all(|p| p["rtt_ms"].as_f64().is_some())
+            .then_some(())
+    });
+    assert_eq!(s["versions"][0]["holding"], "complete");
+    let sb = c.nodes[b].status().unwrap();
+    assert!(u(&sb, "bytes_from_peers") >= bytes);
+
+    // Prometheus metrics.
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://{metrics}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let served: u64 = text
+        .lines()
+        .find(|l| l.starts_with("shoal_bytes_served_total "))
+        .unwrap_or_else(|| panic!("no bytes_served in {text}"))
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(served >= bytes / 2);
+    assert!(text.contains("shoal_bytes_from_origin_total"));
+    assert!(text.contains("shoal_chunk_verify_failures_total 0"));
+
+    // versions and ls go through the daemon and agree with the embedded node.
+    let v = c.nodes[b].json(&["versions", "ds"]);
+    assert_eq!(v["versions"][0]["version"], "v1");
+    let ls = c.nodes[b].json(&["ls", "ds@v1", "shards"]);
+    assert_eq!(ls["entries"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn a_cold_cluster_reads_each_chunk_from_the_origin_about_once() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let ids: Vec<usize> = ["a", "b", "d", "e"]
+        .iter()
+        .map(|n| c.node(n, &[], &[]))
+        .collect();
+    for &i in &ids {
+        c.nodes[i].wait_peers(3);
+    }
+    let children: Vec<_> = ids
+        .iter()
+        .map(|&i| {
+            let out = c.dir.path().join(format!("out{i}"));
+            c.nodes[i]
+                .cmd(&["--json", "pull", "ds@v1", "--to", out.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut origin = 0;
+    let mut peers = 0;
+    for (k, ch) in children.into_iter().enumerate() {
+        let out = ch.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        origin += u(&r, "bytes_from_origin");
+        peers += u(&r, "bytes_from_peers");
+        assert_same_tree(&src, &c.dir.path().join(format!("out{}", ids[k])));
+    }
+    // Four nodes, one origin read per chunk (plus tree nodes and range slack), the rest
+    // swapped between them.
+    assert!(
+        origin < bytes + bytes / 5,
+        "origin served {origin} bytes for a {bytes}-byte version"
+    );
+    assert!(peers >= 2 * bytes, "peers served only {peers} bytes");
+}
+
+#[test]
+fn a_lying_peer_is_caught_and_banned() {
+    let mut c = Cluster::new(BIN);
+    let (src, _) = setup(&c);
+    let liar = c.node("liar", &[], &[("SHOAL_FAULT_INJECT", "lie")]);
+    let v = c.node("victim", &[], &[]);
+    c.nodes[v].wait_peers(1);
+    c.nodes[liar].json(&["pull", "ds@v1", "--no-files"]);
+    let out = c.dir.path().join("out");
+    let r = c.nodes[v].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+    assert_eq!(u(&r, "bytes_from_peers"), 0, "{r}");
+    let s = c.nodes[v].status().unwrap();
+    assert!(u(&s, "verify_failures") >= 3, "{s}");
+    let p = &s["peers"][0];
+    assert!(p["faults"].as_u64().unwrap() >= 3, "{s}");
+    wait_for(10, "the liar to be disconnected", || {
+        (c.nodes[v].connected() == 0).then_some(())
+    });
+    // What the victim stored is what it serves: another node pulls from it, verified.
+    let w = c.node("w", &["--bootstrap", &c.nodes[v].addr.clone()], &[]);
+    c.nodes[w].wait_peers(1);
+    let out2 = c.dir.path().join("out2");
+    c.nodes[w].json(&["pull", "ds@v1", "--to", out2.to_str().unwrap()]);
+    assert_same_tree(&src, &out2);
+}
+
+#[test]
+fn a_stalled_peer_costs_seconds_not_the_pull() {
+    let mut c = Cluster::new(BIN);
+    let (src, _) = setup(&c);
+    let s = c.node("stall", &[], &[("SHOAL_FAULT_INJECT", "stall")]);
+    let g = c.node("good", &[], &[]);
+    let p = c.node("puller", &[], &[]);
+    c.nodes[p].wait_peers(2);
+    c.nodes[s].json(&["pull", "ds@v1", "--no-files"]);
+    c.nodes[g].json(&["pull", "ds@v1", "--no-files"]);
+    let out = c.dir.path().join("out");
+    let mut child = c.nodes[p]
+        .cmd(&["--json", "pull", "ds@v1", "--to", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Generous bound: this guards against a hang, it is not a speed check.
+    wait_for(120, "the pull to finish despite a stalled peer", || {
+        child.try_wait().unwrap()
+    });
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(u(&r, "bytes_from_peers") > 0, "{r}");
+    assert_same_tree(&src, &out);
+    let st = c.nodes[p].status().unwrap();
+    let stalled = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["peer_id"] == c.nodes[s].peer_id.as_str())
+        .unwrap()
+        .clone();
+    let good = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["peer_id"] == c.nodes[g].peer_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(u(&stalled, "bytes_received"), 0, "{st}");
+    assert!(u(&good, "bytes_received") > 0, "{st}");
+}
+
+#[test]
+fn a_private_swarm_rejects_an_outsider() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let a = c.node("a", &[], &[]);
+    let b = c.node("b", &[], &[]);
+    // Learn the members' ids, then restart them as a private swarm.
+    let members = c.dir.path().join("members");
+    std::fs::write(
+        &members,
+        format!(
+            "# cluster\n{}\n{}\n",
+            c.nodes[a].peer_id, c.nodes[b].peer_id
+        ),
+    )
+    .unwrap();
+    for i in [a, b] {
+        c.nodes[i].stop();
+    }
+    c.nodes[a].args = vec!["--members".into(), members.display().to_string()];
+    c.nodes[a].start();
+    c.nodes[b].args = vec![
+        "--members".into(),
+        members.display().to_string(),
+        "--bootstrap".into(),
+        c.nodes[a].addr.clone(),
+    ];
+    c.nodes[b].start();
+    c.nodes[b].wait_peers(1);
+    c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    let r = c.nodes[b].json(&["pull", "ds@v1", "--no-files"]);
+    assert_eq!(u(&r, "bytes_from_peers"), bytes);
+
+    // The outsider dials a member: it is disconnected and gets nothing from the swarm.
+    let o = c.node("outsider", &["--bootstrap", &c.nodes[a].addr.clone()], &[]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(c.nodes[o].connected(), 0);
+    let out = c.dir.path().join("out");
+    let r = c.nodes[o].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    assert_eq!(u(&r, "bytes_from_peers"), 0);
+    assert_same_tree(&src, &out);
+    let sa = c.nodes[a].status().unwrap();
+    assert!(
+        sa["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["peer_id"] != c.nodes[o].peer_id.as_str() || p["connected"] == false),
+        "{sa}"
+    );
+    assert!(u(&c.nodes[a].status().unwrap(), "bytes_served") >= bytes);
+}
+
+#[test]
+fn a_killed_node_resumes_without_refetching() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let slow = c.node("slow", &[], &[("SHOAL_FAULT_INJECT", "slow")]);
+    let p = c.node("p", &[], &[]);
+    c.nodes[p].wait_peers(1);
+    c.nodes[slow].json(&["pull", "ds@v1", "--no-files"]);
+    let mut pull = c.nodes[p]
+        .cmd(&["--json", "pull", "ds@v1", "--no-files"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 the daemon once some chunks are in.
+    wait_for(60, "part of the version to arrive", || {
+        let s = c.nodes[p].status()?;
+        let held = s["versions"][0]["chunks_held"].as_u64()?;
+        (held > 0).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    c.nodes[p].kill9();
+    let _ = pull.wait();
+    c.nodes[p].start();
+    let out = c.dir.path().join("out");
+    let r = c.nodes[p].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+    let local = u(&r, "bytes_already_local");
+    assert!(local > 0, "nothing survived the kill: {r}");
+    assert!(local < bytes, "the pull had finished before the kill: {r}");
+    assert_eq!(
+        u(&r, "bytes_from_peers") + local,
+        bytes,
+        "fetched again what was already verified: {r}"
+    );
+}
+
+#[test]
+fn daemon_and_embedded_give_the_same_result() {
+    let mut c = Cluster::new(BIN);
+    let (src, _) = setup(&c);
+    let a = c.node("a", &[], &[]);
+    let via_daemon = c.dir.path().join("d");
+    let rd = c.nodes[a].json(&["pull", "ds@v1", "--to", via_daemon.to_str().unwrap()]);
+    // No daemon on this state directory: the CLI runs an embedded node.
+    let embedded = c.dir.path().join("e");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--json",
+            "pull",
+            "ds@v1",
+            "--to",
+            embedded.to_str().unwrap(),
+        ])
+        .env("SHOAL_HOME", c.home("embedded"))
+        .env("SHOAL_ORIGIN", &c.origin)
+        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let re: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["version", "root", "files", "bytes", "chunks"] {
+        assert_eq!(rd[k], re[k], "{k}");
+    }
+    assert_same_tree(&src, &via_daemon);
+    assert_same_tree(&via_daemon, &embedded);
+    // A second daemon on the same state directory is refused.
+    let out = c.nodes[a].run(&["node", "run", "--no-mdns"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+}
