@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod swarm_bench;
+
 #[derive(Parser)]
 #[command(name = "shoal-bench", about = "Shoal benchmarks against peer tools")]
 struct Args {
@@ -56,6 +58,34 @@ enum Cmd {
         blocks: u32,
         #[arg(long, default_value_t = 6)]
         epochs: usize,
+    },
+    /// Scenario 1: 1:1 pull of shards_v1 between two node daemons on loopback, beside rsync,
+    /// nginx+curl, aria2 BitTorrent (and sendme if installed).
+    SwarmLo {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Peer baselines: rsync,nginx (one script), aria2, sendme (empty: Shoal alone).
+        #[arg(long, value_delimiter = ',', default_value = "rsync,aria2,sendme")]
+        peers: Vec<String>,
+    },
+    /// Scenarios 2 and 4: NODES daemons in network namespaces pull shards_v1 at once from an
+    /// HTTP origin behind a tbf-shaped link (with --kill K: K of them killed -9 mid-pull and
+    /// restarted). Reports per-node times and origin egress; runs ../shared/bench/bench_netns.sh
+    /// (HTTP and BitTorrent on the same topology) first unless --no-peers.
+    SwarmNetns {
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        #[arg(long, default_value = "200mbit")]
+        rate: String,
+        #[arg(long, default_value_t = 0)]
+        kill: usize,
+        #[arg(long)]
+        no_peers: bool,
+    },
+    /// Scenario 3: two zones joined by a shaped link; bytes received by source zone.
+    SwarmZones {
+        #[arg(long, default_value = "200mbit")]
+        rate: String,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -637,6 +667,20 @@ fn main() -> Result<()> {
             ("chunking", chunking_bench(&args, datasets, avg_kib)?)
         }
         Cmd::Eviction { blocks, epochs } => ("eviction", eviction_bench(*blocks, *epochs)),
+        Cmd::SwarmLo { runs, peers } => (
+            "swarm_lo",
+            swarm_bench::loopback(&args, (*runs).max(1), peers)?,
+        ),
+        Cmd::SwarmNetns {
+            nodes,
+            rate,
+            kill,
+            no_peers,
+        } => (
+            if *kill > 0 { "swarm_churn" } else { "swarm_netns" },
+            swarm_bench::netns(&args, *nodes, rate, *kill, !*no_peers)?,
+        ),
+        Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
         Cmd::Mount {
             datasets,
             runs,

@@ -96,7 +96,7 @@ impl Client {
             .map_err(|_| Error::Net(format!("connecting to peer {peer} at {addr}: timed out")))?
             .map_err(|e| Error::Net(format!("connecting to peer {peer} at {addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
-        let config = libp2p_tls::make_client_config(&swarm.keypair, Some(peer)).map_err(tls_err)?;
+        let config = super::tls::client(&swarm.keypair, peer).map_err(tls_err)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
@@ -275,15 +275,8 @@ impl Client {
 }
 
 /// Serves this node's store to members on `listener` until the process ends.
-pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener) {
-    let config = match libp2p_tls::make_server_config(&swarm.keypair) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!("bulk server: {e}");
-            return;
-        }
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::ServerConfig) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(x) => x,

@@ -10,6 +10,7 @@ pub mod bulk;
 pub mod fetch;
 pub mod metrics;
 mod p2p;
+mod tls;
 
 use crate::error::{Error, Result};
 use crate::store::ChunkStore;

@@ -168,7 +168,9 @@ pub async fn start(
         pack_cache,
         fault: std::env::var("SHOAL_FAULT_INJECT").ok(),
     });
-    tokio::spawn(super::bulk::serve(shared.clone(), listener));
+    let tls = super::tls::server(&shared.keypair)
+        .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
+    tokio::spawn(super::bulk::serve(shared.clone(), listener, tls));
 
     // Wait until the listeners are bound, so `status` can report them right away.
     let deadline = Instant::now() + Duration::from_secs(5);

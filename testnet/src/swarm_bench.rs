@@ -1,0 +1,570 @@
+//! Swarm benchmarks: 1:1 over loopback, a cold cluster behind a shaped origin link (with
+//! optional churn), and locality between two zones. Shoal runs as real node daemons; the peer
+//! baselines run from `../shared/bench` in the same invocation.
+
+use super::{ensure_data, files_under, line_count, median, raw_rows, run_peer_script, shoal_bin, Args};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `shoal node run` process, possibly inside a network namespace.
+struct Daemon {
+    home: PathBuf,
+    child: Option<Child>,
+    netns: Option<String>,
+    args: Vec<String>,
+    origin: String,
+    trusted: String,
+}
+
+impl Daemon {
+    fn shoal(&self) -> Result<Command> {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin()?);
+                c
+            }
+            None => Command::new(shoal_bin()?),
+        };
+        c.env("SHOAL_HOME", &self.home)
+            .env("SHOAL_ORIGIN", &self.origin)
+            .env("SHOAL_TRUSTED_KEYS", &self.trusted);
+        Ok(c)
+    }
+
+    fn start(
+        home: PathBuf,
+        netns: Option<String>,
+        args: Vec<String>,
+        origin: &str,
+        trusted: &str,
+    ) -> Result<Daemon> {
+        std::fs::create_dir_all(&home)?;
+        let mut d = Daemon {
+            home,
+            child: None,
+            netns,
+            args,
+            origin: origin.to_string(),
+            trusted: trusted.to_string(),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.home.join("node.log"))?;
+        let mut c = self.shoal()?;
+        c.args(["node", "run", "--no-mdns"])
+            .args(&self.args)
+            .env("SHOAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(c.spawn().context("starting shoal node run")?);
+        let t = Instant::now();
+        while self.status().is_none() {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("node {} did not start: see its node.log", self.home.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = Command::new(shoal_bin().ok()?)
+            .args(["--json", "status"])
+            .env("SHOAL_HOME", &self.home)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn connected(&self) -> usize {
+        self.status()
+            .and_then(|s| {
+                s["peers"]
+                    .as_array()
+                    .map(|p| p.iter().filter(|p| p["connected"] == true).count())
+            })
+            .unwrap_or(0)
+    }
+
+    /// A `shoal --json pull REF --no-files` through this daemon (the CLI talks to it over its
+    /// socket, so it runs outside the namespace).
+    fn pull(&self, reference: &str) -> Result<Child> {
+        Command::new(shoal_bin()?)
+            .args(["--json", "pull", reference, "--no-files"])
+            .env("SHOAL_HOME", &self.home)
+            .env("SHOAL_ORIGIN", &self.origin)
+            .env("SHOAL_TRUSTED_KEYS", &self.trusted)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting shoal pull")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_pull(child: Child) -> Result<(f64, Value)> {
+    let t = Instant::now();
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("pull failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok((t.elapsed().as_secs_f64(), v))
+}
+
+fn wait_connected(nodes: &[&Daemon], n: usize) -> Result<()> {
+    let t = Instant::now();
+    while nodes.iter().any(|d| d.connected() < n) {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("nodes did not all connect to {n} peers within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn publisher(work: &Path, origin: &str, shards: &Path) -> Result<String> {
+    let home = work.join("publisher");
+    let key = Command::new(shoal_bin()?)
+        .args(["key"])
+        .env("SHOAL_HOME", &home)
+        .output()?;
+    let trusted = String::from_utf8_lossy(&key.stdout).trim().to_string();
+    let marker = work.join("published");
+    if !marker.exists() {
+        let out = Command::new(shoal_bin()?)
+            .arg("publish")
+            .arg(shards)
+            .arg("shards@v1")
+            .env("SHOAL_HOME", &home)
+            .env("SHOAL_ORIGIN", origin)
+            .output()?;
+        if !out.status.success() {
+            bail!("publish failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::write(&marker, "")?;
+    }
+    Ok(trusted)
+}
+
+/// The shared scripts call `$BENCH_ROOT/scripts/...`.
+fn link_scripts(args: &Args) -> Result<()> {
+    let link = args.bench_root.join("scripts");
+    if !link.exists() {
+        std::os::unix::fs::symlink(std::fs::canonicalize(&args.shared)?, &link)?;
+    }
+    Ok(())
+}
+
+fn ns(args: &[&str]) -> Result<()> {
+    let st = Command::new("ip").args(args).status()?;
+    if !st.success() {
+        bail!(
+            "`ip {}` failed: these scenarios need root and network namespaces",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn peer_medians(raw: &Path, skip: usize) -> Result<serde_json::Map<String, Value>> {
+    let rows = raw_rows(raw, skip)?;
+    Ok(rows
+        .into_iter()
+        .map(|(k, v)| (k, json!(median(v))))
+        .collect())
+}
+
+/// Scenario 1: one seeder, one leecher, 127.0.0.1; shards_v1 into the leecher's store.
+pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
+    let data = ensure_data(args)?;
+    link_scripts(args)?;
+    let shards = data.join("shards_v1");
+    let bytes: u64 = files_under(&shards)?.values().sum();
+    let work = args.bench_root.join("work/swarm-lo");
+    let origin = work.join("origin").display().to_string();
+    std::fs::create_dir_all(&work)?;
+    let trusted = publisher(&work, &origin, &shards)?;
+    let raw = args.bench_root.join("results/raw.csv");
+    let skip = line_count(&raw);
+
+    let _ = std::fs::remove_dir_all(work.join("seed"));
+    let seed = Daemon::start(
+        work.join("seed"),
+        None,
+        vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+        &origin,
+        &trusted,
+    )?;
+    wait_pull(seed.pull("shards@v1")?)?;
+    let addr = seed.status().context("seed status")?["listen"][0]
+        .as_str()
+        .context("seed address")?
+        .to_string();
+    let mut times = Vec::new();
+    let mut reports = Vec::new();
+    for r in 0..runs {
+        super::warm(&seed.home.join("store"))?;
+        let home = work.join("leech");
+        let _ = std::fs::remove_dir_all(&home);
+        let leech = Daemon::start(
+            home.clone(),
+            None,
+            vec![
+                "--listen".into(),
+                "/ip4/127.0.0.1/tcp/0".into(),
+                "--bootstrap".into(),
+                addr.clone(),
+            ],
+            &origin,
+            &trusted,
+        )?;
+        wait_connected(&[&leech], 1)?;
+        let (secs, v) = wait_pull(leech.pull("shards@v1")?)?;
+        eprintln!(
+            "shoal 1:1 run {}: {secs:.2} s, {} from peers, {} from origin",
+            r + 1,
+            v["bytes_from_peers"],
+            v["bytes_from_origin"]
+        );
+        times.push(secs);
+        reports.push(v);
+        drop(leech);
+        let _ = std::fs::remove_dir_all(&home);
+    }
+    drop(seed);
+
+    if peers.iter().any(|p| p == "rsync" || p == "nginx") {
+        run_peer_script(args, "bench_http_rsync.sh", &[])?;
+    }
+    if peers.iter().any(|p| p == "aria2") {
+        let _ = Command::new("bash")
+            .arg(args.shared.join("netns.sh"))
+            .arg("down")
+            .status();
+        Command::new("bash")
+            .arg(args.shared.join("netns.sh"))
+            .arg("lo")
+            .status()?;
+        let st = Command::new("bash")
+            .arg(args.shared.join("bt_swarm.sh"))
+            .args(["lo", "1", &runs.to_string()])
+            .env("BENCH_ROOT", &args.bench_root)
+            .stdout(Stdio::from(std::io::stderr()))
+            .status();
+        let _ = Command::new("bash")
+            .arg(args.shared.join("netns.sh"))
+            .arg("down")
+            .status();
+        st?;
+    }
+    if peers.iter().any(|p| p == "sendme") && which("sendme") {
+        run_peer_script(args, "bench_sendme.sh", &[])?;
+    }
+    let peer = peer_medians(&raw, skip)?;
+    let shoal_s = median(times.clone());
+    let mut ratios = serde_json::Map::new();
+    for (k, v) in &peer {
+        if let Some(s) = v.as_f64() {
+            ratios.insert(k.clone(), json!(s / shoal_s));
+        }
+    }
+    Ok(json!({
+        "scenario": "loopback 1:1, shards_v1 into the leecher's store (verified), TLS bulk channel",
+        "bytes": bytes,
+        "shoal_seconds": times,
+        "shoal_median_s": shoal_s,
+        "shoal_gbps": bytes as f64 / shoal_s / 1e9,
+        "shoal_reports": reports,
+        "peers_median_s": peer,
+        "peer_time_over_shoal_time": ratios,
+    }))
+}
+
+fn which(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn tx_bytes(ns_name: &str) -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns_name, "cat", "/sys/class/net/eth0/statistics/tx_bytes"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// nginx serving `root` on `listen` inside namespace `ns_name`.
+fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child> {
+    let dir = work.join("nginx");
+    std::fs::create_dir_all(dir.join("logs"))?;
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; sendfile on; tcp_nopush on;\n\
+               server {{ listen {listen}; root {r}; }} }}\n",
+            d = dir.display(),
+            r = root.display()
+        ),
+    )?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns_name, "nginx", "-c"])
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir)
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+/// Scenario 2 (and 4 with `kill > 0`): N nodes behind one shaped origin link pull shards_v1 at
+/// once; with churn, `kill` of them are killed -9 mid-pull and restarted.
+pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) -> Result<Value> {
+    let data = ensure_data(args)?;
+    link_scripts(args)?;
+    let shards = data.join("shards_v1");
+    let bytes: u64 = files_under(&shards)?.values().sum();
+    let work = args.bench_root.join("work/swarm-ns");
+    std::fs::create_dir_all(&work)?;
+    let origin_dir = work.join("origin");
+    let trusted = publisher(&work, &origin_dir.display().to_string(), &shards)?;
+    let raw = args.bench_root.join("results/raw.csv");
+    let skip = line_count(&raw);
+    if peers {
+        // The BitTorrent and HTTP baselines on the same topology (the script builds and removes it).
+        Command::new("bash")
+            .arg(args.shared.join("bench_netns.sh"))
+            .env("BENCH_ROOT", &args.bench_root)
+            .env("N", nodes.to_string())
+            .env("RATE", rate)
+            .env("RUNS", "1")
+            .stdout(Stdio::from(std::io::stderr()))
+            .status()?;
+    }
+    let netns = args.shared.join("netns.sh");
+    let _ = Command::new("bash").arg(&netns).arg("down").status();
+    let st = Command::new("bash")
+        .arg(&netns)
+        .args(["up", &nodes.to_string(), rate])
+        .status()?;
+    if !st.success() {
+        bail!("netns.sh up failed: this scenario needs root and network namespaces");
+    }
+    let result = (|| -> Result<Value> {
+        let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
+        let origin = "http://10.77.0.10:18080/origin".to_string();
+        let mut ds = Vec::new();
+        for i in 1..=nodes {
+            let home = work.join(format!("n{i}"));
+            let _ = std::fs::remove_dir_all(&home);
+            let ip = format!("10.77.0.{}", 10 + i);
+            let mut a = vec!["--listen".to_string(), format!("/ip4/{ip}/tcp/4001")];
+            if i > 1 {
+                a.push("--bootstrap".into());
+                a.push("/ip4/10.77.0.11/tcp/4001".into());
+            }
+            ds.push(Daemon::start(home, Some(format!("bl-l{i}")), a, &origin, &trusted)?);
+        }
+        let refs: Vec<&Daemon> = ds.iter().collect();
+        wait_connected(&refs, nodes - 1)?;
+        let tx0 = tx_bytes("bl-seed")?;
+        let t0 = Instant::now();
+        let mut pulls: Vec<Option<Child>> = ds.iter().map(|d| d.pull("shards@v1").ok()).collect();
+        let mut done: Vec<Option<(f64, Value)>> = vec![None; nodes];
+        let mut killed_at = None;
+        let mut restarted = false;
+        while done.iter().any(|d| d.is_none()) {
+            if t0.elapsed() > Duration::from_secs(900) {
+                bail!("the cluster did not finish within 900 s");
+            }
+            for i in 0..nodes {
+                if let Some(c) = pulls[i].as_mut() {
+                    if c.try_wait()?.is_some() {
+                        let c = pulls[i].take().expect("present");
+                        let out = c.wait_with_output()?;
+                        if out.status.success() {
+                            done[i] = Some((t0.elapsed().as_secs_f64(), serde_json::from_slice(&out.stdout)?));
+                        } else if killed_at.is_none() || i >= kill {
+                            bail!("node {} pull failed: {}", i + 1, String::from_utf8_lossy(&out.stderr));
+                        }
+                    }
+                }
+            }
+            // Churn: kill -9 the first `kill` nodes a third of the way in, restart them 5 s later.
+            if kill > 0 && killed_at.is_none() && t0.elapsed() > Duration::from_secs(12) {
+                for d in ds.iter_mut().take(kill) {
+                    d.kill9();
+                }
+                killed_at = Some(t0.elapsed().as_secs_f64());
+                eprintln!("killed {kill} nodes at {:.1} s", killed_at.unwrap_or(0.0));
+            }
+            if let Some(k) = killed_at {
+                if !restarted && t0.elapsed().as_secs_f64() > k + 5.0 {
+                    for (i, d) in ds.iter_mut().enumerate().take(kill) {
+                        d.spawn()?;
+                        pulls[i] = Some(d.pull("shards@v1")?);
+                    }
+                    restarted = true;
+                    eprintln!("restarted them at {:.1} s", t0.elapsed().as_secs_f64());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let egress = tx_bytes("bl-seed")? - tx0;
+        let _ = ng.kill();
+        let _ = ng.wait();
+        let per_node: Vec<Value> = done
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (t, v) = d.as_ref().expect("all done");
+                json!({
+                    "node": i + 1,
+                    "done_s": t,
+                    "bytes_from_peers": v["bytes_from_peers"],
+                    "bytes_from_origin": v["bytes_from_origin"],
+                    "bytes_already_local": v["bytes_already_local"],
+                })
+            })
+            .collect();
+        let last = done.iter().flatten().map(|d| d.0).fold(0.0, f64::max);
+        Ok(json!({
+            "nodes": nodes,
+            "rate": rate,
+            "bytes": bytes,
+            "killed": kill,
+            "killed_at_s": killed_at,
+            "all_done_s": last,
+            "origin_egress_bytes": egress,
+            "origin_egress_x_dataset": egress as f64 / bytes as f64,
+            "per_node": per_node,
+        }))
+    })();
+    let _ = Command::new("bash").arg(&netns).arg("down").status();
+    let mut r = result?;
+    r["peers_median_s"] = json!(peer_medians(&raw, skip)?);
+    r["peer_notes"] = json!(std::fs::read_to_string(args.bench_root.join("results/netns_stats.txt")).unwrap_or_default());
+    Ok(r)
+}
+
+/// Scenario 3: zones a and b, one bridge each, joined by a tbf-shaped link. A node in each zone
+/// holds the version; a new node in zone a pulls. Reports bytes by source zone.
+pub fn locality(args: &Args, rate: &str) -> Result<Value> {
+    let data = ensure_data(args)?;
+    let shards = data.join("shards_v1");
+    let bytes: u64 = files_under(&shards)?.values().sum();
+    let work = args.bench_root.join("work/swarm-zones");
+    std::fs::create_dir_all(&work)?;
+    let origin = work.join("origin").display().to_string();
+    let trusted = publisher(&work, &origin, &shards)?;
+    let hosts = [("a1", "a", 11), ("a2", "a", 12), ("b1", "b", 21)];
+    let down = || {
+        for n in ["zl-sw", "zl-a1", "zl-a2", "zl-b1"] {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    };
+    down();
+    let setup = || -> Result<()> {
+        ns(&["netns", "add", "zl-sw"])?;
+        for br in ["bra", "brb"] {
+            ns(&["-n", "zl-sw", "link", "add", br, "type", "bridge"])?;
+            ns(&["-n", "zl-sw", "link", "set", br, "up"])?;
+        }
+        // The inter-zone link, shaped both ways.
+        ns(&["-n", "zl-sw", "link", "add", "za", "type", "veth", "peer", "name", "zb"])?;
+        ns(&["-n", "zl-sw", "link", "set", "za", "master", "bra"])?;
+        ns(&["-n", "zl-sw", "link", "set", "zb", "master", "brb"])?;
+        for l in ["za", "zb"] {
+            ns(&["-n", "zl-sw", "link", "set", l, "up"])?;
+            ns(&["netns", "exec", "zl-sw", "tc", "qdisc", "add", "dev", l, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"])?;
+        }
+        for (h, z, k) in hosts {
+            let nsn = format!("zl-{h}");
+            ns(&["netns", "add", &nsn])?;
+            ns(&["-n", &nsn, "link", "set", "lo", "up"])?;
+            let (v, p) = (format!("v-{h}"), format!("p-{h}"));
+            ns(&["link", "add", &v, "type", "veth", "peer", "name", &p])?;
+            ns(&["link", "set", &v, "netns", &nsn])?;
+            ns(&["link", "set", &p, "netns", "zl-sw"])?;
+            ns(&["-n", &nsn, "link", "set", &v, "name", "eth0"])?;
+            ns(&["-n", &nsn, "addr", "add", &format!("10.78.0.{k}/24"), "dev", "eth0"])?;
+            ns(&["-n", &nsn, "link", "set", "eth0", "up"])?;
+            ns(&["-n", "zl-sw", "link", "set", &p, "master", &format!("br{z}")])?;
+            ns(&["-n", "zl-sw", "link", "set", &p, "up"])?;
+        }
+        Ok(())
+    };
+    let result = (|| -> Result<Value> {
+        setup()?;
+        let start = |h: &str, z: &str, k: u32, boot: bool| -> Result<Daemon> {
+            let home = work.join(h);
+            let _ = std::fs::remove_dir_all(&home);
+            let mut a = vec![
+                "--listen".to_string(),
+                format!("/ip4/10.78.0.{k}/tcp/4001"),
+                "--zone".into(),
+                z.to_string(),
+            ];
+            if boot {
+                a.push("--bootstrap".into());
+                a.push("/ip4/10.78.0.11/tcp/4001".into());
+            }
+            Daemon::start(home, Some(format!("zl-{h}")), a, &origin, &trusted)
+        };
+        let a1 = start("a1", "a", 11, false)?;
+        let b1 = start("b1", "b", 21, true)?;
+        wait_pull(a1.pull("shards@v1")?)?;
+        wait_pull(b1.pull("shards@v1")?)?;
+        let a2 = start("a2", "a", 12, true)?;
+        wait_connected(&[&a2], 2)?;
+        let (secs, v) = wait_pull(a2.pull("shards@v1")?)?;
+        let st = a2.status().context("a2 status")?;
+        let mut by_zone = serde_json::Map::new();
+        for p in st["peers"].as_array().cloned().unwrap_or_default() {
+            let z = p["labels"]["zone"].as_str().unwrap_or("?").to_string();
+            let n = p["bytes_received"].as_u64().unwrap_or(0);
+            let e = by_zone.entry(z).or_insert(json!(0));
+            *e = json!(e.as_u64().unwrap_or(0) + n);
+        }
+        Ok(json!({
+            "scenario": "zones a and b joined by a shaped link; a1 and b1 hold shards_v1; a2 (zone a) pulls",
+            "inter_zone_rate": rate,
+            "bytes": bytes,
+            "a2_seconds": secs,
+            "a2_bytes_from_origin": v["bytes_from_origin"],
+            "a2_bytes_received_by_source_zone": by_zone,
+        }))
+    })();
+    down();
+    result
+}
