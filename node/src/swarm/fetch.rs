@@ -31,11 +31,13 @@ const PEER_WINDOW: u64 = 32 << 20;
 const PEER_BATCH: u64 = 4 << 20;
 /// Chunks per run assigned to one origin reader (about 1.3 MiB at the default chunk size).
 const RUN: usize = 32;
-/// One origin read batch, and how many run at once.
-const ORIGIN_BATCH: u64 = 4 << 20;
-const ORIGIN_PARALLEL: usize = 4;
-/// A puller whose have-map has not grown for this long is not waited for.
-const PULLER_IDLE: Duration = Duration::from_secs(5);
+/// One origin read batch (about one run, so a reader's first chunks land early and its peers
+/// see it make progress), and how many run at once.
+const ORIGIN_BATCH: u64 = 1 << 20;
+const ORIGIN_PARALLEL: usize = 8;
+/// A puller whose have-map has not grown for this long is not waited for (one that disconnects
+/// is dropped at once). Behind a slow origin link a reader's first run can take seconds.
+const PULLER_IDLE: Duration = Duration::from_secs(20);
 /// How often have-maps are refreshed while pulling.
 const HAVE_POLL: Duration = Duration::from_millis(250);
 /// Attempts at the origin before a chunk fails the pull.
@@ -191,7 +193,7 @@ pub async fn fetch(
                         rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
                     }),
                     Holding::Pulling => {
-                        if v.grew.elapsed() < PULLER_IDLE && p.stalls == 0 {
+                        if v.grew.elapsed() < PULLER_IDLE {
                             pullers.push((peer_seed(id), *id));
                         }
                         if let Some(h) = &v.have {
