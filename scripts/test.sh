@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with a Rust toolchain. Installs what the
 # tests need first (idempotent): fuse3, nginx (HTTP origin), moto_server (S3 origin),
-# pyarrow (a real Parquet reader through the mount).
+# pyarrow (a real Parquet reader through the mount), curl (the metrics endpoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,7 @@ need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v mkfifo >/dev/null || need+=(coreutils)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

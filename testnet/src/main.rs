@@ -677,7 +677,11 @@ fn main() -> Result<()> {
             kill,
             no_peers,
         } => (
-            if *kill > 0 { "swarm_churn" } else { "swarm_netns" },
+            if *kill > 0 {
+                "swarm_churn"
+            } else {
+                "swarm_netns"
+            },
             swarm_bench::netns(&args, *nodes, rate, *kill, !*no_peers)?,
         ),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),

@@ -2,7 +2,9 @@
 //! optional churn), and locality between two zones. Shoal runs as real node daemons; the peer
 //! baselines run from `../shared/bench` in the same invocation.
 
-use super::{ensure_data, files_under, line_count, median, raw_rows, run_peer_script, shoal_bin, Args};
+use super::{
+    ensure_data, files_under, line_count, median, raw_rows, run_peer_script, shoal_bin, Args,
+};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -67,7 +69,10 @@ impl Daemon {
         let t = Instant::now();
         while self.status().is_none() {
             if t.elapsed() > Duration::from_secs(30) {
-                bail!("node {} did not start: see its node.log", self.home.display());
+                bail!(
+                    "node {} did not start: see its node.log",
+                    self.home.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -316,7 +321,13 @@ fn which(bin: &str) -> bool {
 
 fn tx_bytes(ns_name: &str) -> Result<u64> {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns_name, "cat", "/sys/class/net/eth0/statistics/tx_bytes"])
+        .args([
+            "netns",
+            "exec",
+            ns_name,
+            "cat",
+            "/sys/class/net/eth0/statistics/tx_bytes",
+        ])
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
@@ -393,7 +404,13 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
                 a.push("--bootstrap".into());
                 a.push("/ip4/10.77.0.11/tcp/4001".into());
             }
-            ds.push(Daemon::start(home, Some(format!("bl-l{i}")), a, &origin, &trusted)?);
+            ds.push(Daemon::start(
+                home,
+                Some(format!("bl-l{i}")),
+                a,
+                &origin,
+                &trusted,
+            )?);
         }
         let refs: Vec<&Daemon> = ds.iter().collect();
         wait_connected(&refs, nodes - 1)?;
@@ -413,9 +430,16 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
                         let c = pulls[i].take().expect("present");
                         let out = c.wait_with_output()?;
                         if out.status.success() {
-                            done[i] = Some((t0.elapsed().as_secs_f64(), serde_json::from_slice(&out.stdout)?));
+                            done[i] = Some((
+                                t0.elapsed().as_secs_f64(),
+                                serde_json::from_slice(&out.stdout)?,
+                            ));
                         } else if killed_at.is_none() || i >= kill {
-                            bail!("node {} pull failed: {}", i + 1, String::from_utf8_lossy(&out.stderr));
+                            bail!(
+                                "node {} pull failed: {}",
+                                i + 1,
+                                String::from_utf8_lossy(&out.stderr)
+                            );
                         }
                     }
                 }
@@ -473,7 +497,10 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
     let _ = Command::new("bash").arg(&netns).arg("down").status();
     let mut r = result?;
     r["peers_median_s"] = json!(peer_medians(&raw, skip)?);
-    r["peer_notes"] = json!(std::fs::read_to_string(args.bench_root.join("results/netns_stats.txt")).unwrap_or_default());
+    r["peer_notes"] = json!(std::fs::read_to_string(
+        args.bench_root.join("results/netns_stats.txt")
+    )
+    .unwrap_or_default());
     Ok(r)
 }
 
@@ -501,12 +528,17 @@ pub fn locality(args: &Args, rate: &str) -> Result<Value> {
             ns(&["-n", "zl-sw", "link", "set", br, "up"])?;
         }
         // The inter-zone link, shaped both ways.
-        ns(&["-n", "zl-sw", "link", "add", "za", "type", "veth", "peer", "name", "zb"])?;
+        ns(&[
+            "-n", "zl-sw", "link", "add", "za", "type", "veth", "peer", "name", "zb",
+        ])?;
         ns(&["-n", "zl-sw", "link", "set", "za", "master", "bra"])?;
         ns(&["-n", "zl-sw", "link", "set", "zb", "master", "brb"])?;
         for l in ["za", "zb"] {
             ns(&["-n", "zl-sw", "link", "set", l, "up"])?;
-            ns(&["netns", "exec", "zl-sw", "tc", "qdisc", "add", "dev", l, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"])?;
+            ns(&[
+                "netns", "exec", "zl-sw", "tc", "qdisc", "add", "dev", l, "root", "tbf", "rate",
+                rate, "burst", "256kb", "latency", "50ms",
+            ])?;
         }
         for (h, z, k) in hosts {
             let nsn = format!("zl-{h}");
@@ -517,9 +549,25 @@ pub fn locality(args: &Args, rate: &str) -> Result<Value> {
             ns(&["link", "set", &v, "netns", &nsn])?;
             ns(&["link", "set", &p, "netns", "zl-sw"])?;
             ns(&["-n", &nsn, "link", "set", &v, "name", "eth0"])?;
-            ns(&["-n", &nsn, "addr", "add", &format!("10.78.0.{k}/24"), "dev", "eth0"])?;
+            ns(&[
+                "-n",
+                &nsn,
+                "addr",
+                "add",
+                &format!("10.78.0.{k}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ns(&["-n", &nsn, "link", "set", "eth0", "up"])?;
-            ns(&["-n", "zl-sw", "link", "set", &p, "master", &format!("br{z}")])?;
+            ns(&[
+                "-n",
+                "zl-sw",
+                "link",
+                "set",
+                &p,
+                "master",
+                &format!("br{z}"),
+            ])?;
             ns(&["-n", "zl-sw", "link", "set", &p, "up"])?;
         }
         Ok(())
