@@ -371,30 +371,48 @@ impl SegmentStore {
     /// returns the index insertions for the caller to apply (with anything else it adds).
     fn append(&self, st: &mut State, blobs: &[(Hash, &[u8])]) -> Result<sled::Batch, StoreError> {
         let mut out = Vec::with_capacity(blobs.len());
-        let mut buf = Vec::new();
-        let flush = |st: &mut State, buf: &mut Vec<u8>| -> Result<(), StoreError> {
+        // Blobs go to the file as they are (vectored writes), without a staging copy.
+        let mut pending: Vec<&[u8]> = Vec::new();
+        let mut pending_len = 0u64;
+        let flush = |st: &mut State, pending: &mut Vec<&[u8]>, len: &mut u64| -> Result<(), StoreError> {
             let seg = st.active;
-            if let Err(e) = st.file.write_all(buf) {
-                // Whatever part was written is unreferenced garbage; later appends go after it.
-                let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
-                st.segs.get_mut(&seg).expect("active segment").size = len;
-                return Err(self.io_err(seg)(e));
+            let mut slices: Vec<std::io::IoSlice<'_>> =
+                pending.iter().map(|b| std::io::IoSlice::new(b)).collect();
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                match st.file.write_vectored(rest) {
+                    Ok(0) => {
+                        let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
+                        return Err(self.io_err(seg)(e));
+                    }
+                    Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // Whatever part was written is unreferenced garbage; later appends go
+                        // after it.
+                        let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
+                        st.segs.get_mut(&seg).expect("active segment").size = len;
+                        return Err(self.io_err(seg)(e));
+                    }
+                }
             }
-            st.segs.get_mut(&seg).expect("active segment").size += buf.len() as u64;
-            buf.clear();
+            st.segs.get_mut(&seg).expect("active segment").size += *len;
+            pending.clear();
+            *len = 0;
             Ok(())
         };
         for (id, bytes) in blobs {
-            let size = st.segs[&st.active].size + buf.len() as u64;
+            let size = st.segs[&st.active].size + pending_len;
             if size > 0 && size + bytes.len() as u64 > self.seg_max {
-                flush(st, &mut buf)?;
+                flush(st, &mut pending, &mut pending_len)?;
                 self.roll(st)?;
             }
-            let off = st.segs[&st.active].size + buf.len() as u64;
+            let off = st.segs[&st.active].size + pending_len;
             out.push((*id, st.active, off, bytes.len() as u32));
-            buf.extend_from_slice(bytes);
+            pending.push(bytes);
+            pending_len += bytes.len() as u64;
         }
-        flush(st, &mut buf)?;
+        flush(st, &mut pending, &mut pending_len)?;
         let mut batch = sled::Batch::default();
         for (id, seg, off, len) in out {
             batch.insert(id.as_bytes(), &encode_loc(seg, off, len));

@@ -224,7 +224,11 @@ fn raw_rows(raw: &Path, skip: usize) -> Result<BTreeMap<String, Vec<f64>>> {
     let text = std::fs::read_to_string(raw).unwrap_or_default();
     for line in text.lines().skip(skip) {
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() >= 3 && f.get(5).is_none_or(|n| n.starts_with("rc=0")) {
+        // Rows from `trun` carry rc=N; BitTorrent rows carry done=N instead.
+        let ok = f
+            .get(5)
+            .is_none_or(|n| n.starts_with("rc=0") || !n.starts_with("rc="));
+        if f.len() >= 3 && ok {
             if let Ok(s) = f[2].parse() {
                 let key = if f[1] == "cold" {
                     format!("{}/cold", f[0])

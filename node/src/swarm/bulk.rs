@@ -29,7 +29,6 @@ const MISSING: u32 = u32::MAX;
 pub const MAX_IDS: usize = 1024;
 /// Largest blob a peer may send (chunks are at most 128 KiB by default, tree nodes small).
 const MAX_BLOB: u32 = 64 << 20;
-const IO_BUF: usize = 1 << 20;
 
 /// What happened to one requested blob.
 #[derive(Debug)]
@@ -148,11 +147,12 @@ impl Client {
         });
 
         // Reader: reads responses, hands whole batches to the verifier.
-        let (vtx, mut vrx) = mpsc::channel::<(Pending, Vec<Option<Vec<u8>>>, Instant)>(4);
+        let (vtx, mut vrx) = mpsc::channel::<(Pending, Vec<Option<Bytes>>, Instant)>(4);
         let c = closed.clone();
         let sw = swarm.clone();
         tokio::spawn(async move {
-            let mut r = BufReader::with_capacity(IO_BUF, r);
+            // TLS keeps decrypted records buffered: reading straight from it saves a copy.
+            let mut r = r;
             let mut last_done = Instant::now();
             while let Some(p) = prx.recv().await {
                 let mut blobs = Vec::with_capacity(p.ids.len());
@@ -174,12 +174,21 @@ impl Client {
                         failed = true;
                         break;
                     }
-                    let mut buf = vec![0u8; len as usize];
-                    if r.read_exact(&mut buf).await.is_err() {
-                        failed = true;
+                    let mut buf = bytes::BytesMut::with_capacity(len as usize);
+                    while buf.len() < len as usize {
+                        let want = len as usize - buf.len();
+                        match (&mut r).take(want as u64).read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                failed = true;
+                                break;
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                    if failed {
                         break;
                     }
-                    blobs.push(Some(buf));
+                    blobs.push(Some(buf.freeze()));
                 }
                 if failed {
                     c.store(true, Ordering::Relaxed);
@@ -344,7 +353,7 @@ async fn serve_conn(
         }
     });
     let fault = swarm.fault.clone();
-    let mut w = BufWriter::with_capacity(IO_BUF, w);
+    let mut w = w;
     while let Some(ids) = rx.recv().await {
         if !swarm.is_member(&peer) {
             break;
@@ -371,25 +380,44 @@ async fn serve_conn(
         })
         .await
         .expect("store task panicked");
-        let mut sent = 0u64;
-        for b in blobs {
-            match b {
-                None => w.write_u32(MISSING).await.map_err(io_err)?,
-                Some(b) => {
-                    w.write_u32(b.len() as u32).await.map_err(io_err)?;
-                    if fault.as_deref() == Some("lie") {
-                        // Test hook: flip one byte of every blob.
+        let blobs: Vec<Option<Bytes>> = if fault.as_deref() == Some("lie") {
+            // Test hook: flip one byte of every blob.
+            blobs
+                .into_iter()
+                .map(|b| {
+                    b.map(|b| {
                         let mut v = b.to_vec();
                         if let Some(x) = v.first_mut() {
                             *x ^= 0xff;
                         }
-                        w.write_all(&v).await.map_err(io_err)?;
-                    } else {
-                        w.write_all(&b).await.map_err(io_err)?;
-                    }
-                    sent += b.len() as u64;
-                }
+                        Bytes::from(v)
+                    })
+                })
+                .collect()
+        } else {
+            blobs
+        };
+        let heads: Vec<[u8; 4]> = blobs
+            .iter()
+            .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
+            .collect();
+        let mut slices = Vec::with_capacity(2 * blobs.len());
+        let mut sent = 0u64;
+        for (h, b) in heads.iter().zip(&blobs) {
+            slices.push(std::io::IoSlice::new(h));
+            if let Some(b) = b {
+                slices.push(std::io::IoSlice::new(b));
+                sent += b.len() as u64;
             }
+        }
+        // One vectored write per response: TLS records are filled from the blobs directly.
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = w.write_vectored(rest).await.map_err(io_err)?;
+            if n == 0 {
+                return Err(io_err(std::io::ErrorKind::WriteZero.into()));
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
         }
         w.flush().await.map_err(io_err)?;
         swarm
