@@ -374,33 +374,35 @@ impl SegmentStore {
         // Blobs go to the file as they are (vectored writes), without a staging copy.
         let mut pending: Vec<&[u8]> = Vec::new();
         let mut pending_len = 0u64;
-        let flush = |st: &mut State, pending: &mut Vec<&[u8]>, len: &mut u64| -> Result<(), StoreError> {
-            let seg = st.active;
-            let mut slices: Vec<std::io::IoSlice<'_>> =
-                pending.iter().map(|b| std::io::IoSlice::new(b)).collect();
-            let mut rest = &mut slices[..];
-            while !rest.is_empty() {
-                match st.file.write_vectored(rest) {
-                    Ok(0) => {
-                        let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
-                        return Err(self.io_err(seg)(e));
-                    }
-                    Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        // Whatever part was written is unreferenced garbage; later appends go
-                        // after it.
-                        let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
-                        st.segs.get_mut(&seg).expect("active segment").size = len;
-                        return Err(self.io_err(seg)(e));
+        let flush =
+            |st: &mut State, pending: &mut Vec<&[u8]>, len: &mut u64| -> Result<(), StoreError> {
+                let seg = st.active;
+                let mut slices: Vec<std::io::IoSlice<'_>> =
+                    pending.iter().map(|b| std::io::IoSlice::new(b)).collect();
+                let mut rest = &mut slices[..];
+                while !rest.is_empty() {
+                    match st.file.write_vectored(rest) {
+                        Ok(0) => {
+                            let e =
+                                std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
+                            return Err(self.io_err(seg)(e));
+                        }
+                        Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            // Whatever part was written is unreferenced garbage; later appends go
+                            // after it.
+                            let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
+                            st.segs.get_mut(&seg).expect("active segment").size = len;
+                            return Err(self.io_err(seg)(e));
+                        }
                     }
                 }
-            }
-            st.segs.get_mut(&seg).expect("active segment").size += *len;
-            pending.clear();
-            *len = 0;
-            Ok(())
-        };
+                st.segs.get_mut(&seg).expect("active segment").size += *len;
+                pending.clear();
+                *len = 0;
+                Ok(())
+            };
         for (id, bytes) in blobs {
             let size = st.segs[&st.active].size + pending_len;
             if size > 0 && size + bytes.len() as u64 > self.seg_max {

@@ -517,7 +517,10 @@ pub fn locality(args: &Args, rate: &str) -> Result<Value> {
     let hosts = [("a1", "a", 11), ("a2", "a", 12), ("b1", "b", 21)];
     let down = || {
         for n in ["zl-sw", "zl-a1", "zl-a2", "zl-b1"] {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
         }
     };
     down();

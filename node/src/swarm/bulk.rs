@@ -63,14 +63,19 @@ struct Pending {
     sent: Instant,
 }
 
-fn lost(p: Pending, peer: PeerId) {
-    for id in p.ids {
-        let _ = p.reply.send(Event {
+/// Reports every blob of a request as lost.
+fn lost_ids(ids: Vec<Hash>, reply: &mpsc::UnboundedSender<Event>, peer: PeerId) {
+    for id in ids {
+        let _ = reply.send(Event {
             peer,
             id,
             outcome: Outcome::Lost,
         });
     }
+}
+
+fn lost(p: Pending, peer: PeerId) {
+    lost_ids(p.ids, &p.reply, peer);
 }
 
 fn io_err(e: std::io::Error) -> Error {
@@ -135,14 +140,7 @@ impl Client {
             }
             c.store(true, Ordering::Relaxed);
             while let Ok(req) = rx.try_recv() {
-                lost(
-                    Pending {
-                        ids: req.ids,
-                        reply: req.reply,
-                        sent: Instant::now(),
-                    },
-                    peer,
-                );
+                lost_ids(req.ids, &req.reply, peer);
             }
         });
 
@@ -270,15 +268,7 @@ impl Client {
     /// Queues a request; if the connection is gone, every blob is reported lost.
     pub async fn request(&self, peer: PeerId, req: Request) {
         if let Err(e) = self.tx.send(req).await {
-            let req = e.0;
-            lost(
-                Pending {
-                    ids: req.ids,
-                    reply: req.reply,
-                    sent: Instant::now(),
-                },
-                peer,
-            );
+            lost_ids(e.0.ids, &e.0.reply, peer);
         }
     }
 }

@@ -173,8 +173,9 @@ pub async fn fetch(
         }
 
         // Who has what, as last heard; who is pulling (for origin offload).
-        let (views, mut pullers) = {
+        let (views, mut pullers, connected) = {
             let peers = swarm.peers.lock().expect("poisoned");
+            let connected = peers.values().filter(|p| p.connected).count();
             let mut views = Vec::new();
             let mut pullers = vec![(my_seed, me)];
             for (id, p) in peers.iter() {
@@ -210,12 +211,12 @@ pub async fn fetch(
                     }
                 }
             }
-            (views, pullers)
+            (views, pullers, connected)
         };
         pullers.sort_by_key(|p| p.1);
-        // Let announcements from peers starting at the same moment arrive before reading
-        // anything from the origin.
-        let settle = started.elapsed() < Duration::from_millis(300) && !views.is_empty();
+        // With peers connected, let their announcements and have-maps arrive before reading
+        // anything from the origin (nodes starting together, or one rejoining a running pull).
+        let settle = started.elapsed() < Duration::from_millis(1000) && connected > 0;
 
         // Assign wanted chunks.
         let mut batches: HashMap<PeerId, (Vec<Hash>, u64)> = HashMap::new();

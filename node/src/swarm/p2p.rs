@@ -304,7 +304,7 @@ impl EventLoop {
     }
 
     async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
-        let mut redial = tokio::time::interval(Duration::from_secs(10));
+        let mut redial = tokio::time::interval(Duration::from_secs(3));
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_event(ev),
@@ -328,11 +328,26 @@ impl EventLoop {
                     }
                 },
                 _ = redial.tick() => {
-                    // Keep trying bootstrap addresses we are not connected through.
+                    // Peers come back after restarts: redial the ones we knew, and the
+                    // bootstrap addresses while we know nobody.
                     if self.swarm.connected_peers().next().is_none() {
                         for a in self.bootstrap.clone() {
                             let _ = self.swarm.dial(a);
                         }
+                    }
+                    let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
+                        .addrs
+                        .iter()
+                        .filter(|(p, a)| !a.is_empty() && !self.swarm.is_connected(p) && self.shared.is_member(p))
+                        .map(|(p, a)| (*p, a.clone()))
+                        .collect();
+                    for (peer, addrs) in lost {
+                        let _ = self.swarm.dial(
+                            libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                                .addresses(addrs)
+                                .build(),
+                        );
                     }
                 }
             }
