@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks beside the peer tools, on the shared generated data. Prints JSON.
 #   scripts/bench.sh publish [--datasets shards,images] [--runs 3] [--skip-peers]
+#   scripts/bench.sh mount | eviction | chunking
+#   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme]
+#   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers]
+#   scripts/bench.sh swarm-zones [--rate 200mbit]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -8,6 +12,13 @@ command -v casync >/dev/null || need+=(casync)
 command -v b3sum >/dev/null || need+=(b3sum)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v bc >/dev/null || need+=(bc)
+command -v rsync >/dev/null || need+=(rsync)
+command -v aria2c >/dev/null || need+=(aria2)
+command -v mktorrent >/dev/null || need+=(mktorrent)
+command -v opentracker >/dev/null || need+=(opentracker)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v curl >/dev/null || need+=(curl)
+command -v tc >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --locked -p shoal-cli -p shoal-testnet
 export SHOAL_SHARED_BENCH="${SHOAL_SHARED_BENCH:-$(cd .. && pwd)/shared/bench}"
