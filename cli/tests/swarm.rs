@@ -313,7 +313,16 @@ fn a_private_swarm_rejects_an_outsider() {
 #[test]
 fn a_killed_node_resumes_without_refetching() {
     let mut c = Cluster::new(BIN);
-    let (src, bytes) = setup(&c);
+    // Large enough that a slow peer (300 ms per 4 MiB request) takes several seconds, while
+    // delivering often enough never to look stalled.
+    let src = c.dir.path().join("src");
+    let mut bytes = dataset(&src);
+    for i in 0..4 {
+        let b = random_bytes(7000 + i, 12 << 20);
+        bytes += b.len() as u64;
+        write(&src.join(format!("big/{i}")), &b);
+    }
+    c.publish(&src, "ds@v1");
     let slow = c.node("slow", &[], &[("SHOAL_FAULT_INJECT", "slow")]);
     let p = c.node("p", &[], &[]);
     c.nodes[p].wait_peers(1);
@@ -330,7 +339,7 @@ fn a_killed_node_resumes_without_refetching() {
         let held = s["versions"][0]["chunks_held"].as_u64()?;
         (held > 0).then_some(())
     });
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     c.nodes[p].kill9();
     let _ = pull.wait();
     c.nodes[p].start();
@@ -384,4 +393,159 @@ fn daemon_and_embedded_give_the_same_result() {
     let out = c.nodes[a].run(&["node", "run", "--no-mdns"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+}
+
+/// Two namespaces on one bridge, deleted on drop.
+struct Lan {
+    names: Vec<String>,
+}
+
+impl Lan {
+    fn ip(args: &[&str]) {
+        let st = std::process::Command::new("ip").args(args).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "`ip {}` failed: this test needs root and network namespaces",
+            args.join(" ")
+        );
+    }
+
+    fn new(hosts: usize) -> Lan {
+        let tag = std::process::id() % 100_000;
+        let sw = format!("sm{tag}sw");
+        let mut lan = Lan {
+            names: vec![sw.clone()],
+        };
+        Lan::ip(&["netns", "add", &sw]);
+        Lan::ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        Lan::ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        for h in 0..hosts {
+            let ns = format!("sm{tag}h{h}");
+            Lan::ip(&["netns", "add", &ns]);
+            lan.names.push(ns.clone());
+            let (v, p) = (format!("sm{tag}v{h}"), format!("sm{tag}p{h}"));
+            Lan::ip(&["link", "add", &v, "type", "veth", "peer", "name", &p]);
+            Lan::ip(&["link", "set", &v, "netns", &ns]);
+            Lan::ip(&["link", "set", &p, "netns", &sw]);
+            Lan::ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            Lan::ip(&["-n", &ns, "link", "set", &v, "name", "eth0"]);
+            Lan::ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.79.0.{}/24", 10 + h),
+                "dev",
+                "eth0",
+            ]);
+            Lan::ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            // A LAN host has a default route; multicast (mDNS) needs one to leave.
+            Lan::ip(&["-n", &ns, "route", "add", "default", "dev", "eth0"]);
+            Lan::ip(&["-n", &sw, "link", "set", &p, "master", "br0"]);
+            Lan::ip(&["-n", &sw, "link", "set", &p, "up"]);
+        }
+        lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn nodes_on_a_lan_find_each_other_by_mdns() {
+    let c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let lan = Lan::new(2);
+    let mut daemons = Vec::new();
+    for h in 0..2 {
+        let home = c.home(&format!("m{h}"));
+        std::fs::create_dir_all(&home).unwrap();
+        // No bootstrap addresses: discovery is mDNS's job.
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lan.names[h + 1],
+                BIN,
+                "node",
+                "run",
+                "--listen",
+            ])
+            .arg(format!("/ip4/10.79.0.{}/tcp/4001", 10 + h))
+            .env("SHOAL_HOME", &home)
+            .env("SHOAL_ORIGIN", &c.origin)
+            .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+            .env("SHOAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(home.join("node.log")).unwrap())
+            .spawn()
+            .unwrap();
+        daemons.push(KillOnDrop(child));
+    }
+    let shoal = |h: usize, args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("SHOAL_HOME", c.home(&format!("m{h}")))
+            .env("SHOAL_ORIGIN", &c.origin)
+            .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+            .output()
+            .unwrap()
+    };
+    let logs = || {
+        (0..2)
+            .map(|h| {
+                std::fs::read_to_string(c.home(&format!("m{h}")).join("node.log"))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(30, "the two nodes to discover each other by mDNS", || {
+            let out = shoal(1, &["--json", "status"]);
+            let s: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (s["peers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["connected"] == true))
+            .then_some(())
+        })
+    }));
+    assert!(found.is_ok(), "no mDNS discovery; node logs:\n{}", logs());
+    let out = shoal(0, &["--json", "pull", "ds@v1", "--no-files"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dest = c.dir.path().join("out");
+    let out = shoal(
+        1,
+        &["--json", "pull", "ds@v1", "--to", dest.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&r, "bytes_from_peers"), bytes, "{r}");
+    assert_same_tree(&src, &dest);
+    drop(daemons);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

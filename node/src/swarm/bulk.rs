@@ -350,7 +350,7 @@ async fn serve_conn(
         }
         if fault.as_deref() == Some("slow") {
             // Test hook: a slow peer.
-            tokio::time::sleep(Duration::from_millis(1000)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         if fault.as_deref() == Some("stall") {
             // Test hook: accept requests and never answer them.

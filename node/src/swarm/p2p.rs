@@ -5,6 +5,7 @@ use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig
 use crate::error::{Error, Result};
 use crate::store::ChunkStore;
 use futures::StreamExt;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     allow_block_list, identify, identity::Keypair, mdns, multiaddr::Protocol, noise, ping,
@@ -56,6 +57,31 @@ fn net(what: &str) -> impl FnOnce(String) -> Error + '_ {
     move |e| Error::Net(format!("{what}: {e}"))
 }
 
+/// Dials a known peer at `addrs`, from a fresh port (two nodes that find each other at the same
+/// moment and both dial from their listen port would make one TCP simultaneous open, which the
+/// libp2p upgrade cannot negotiate).
+fn dial_peer(swarm: &mut libp2p::Swarm<Behaviour>, peer: PeerId, addrs: Vec<Multiaddr>) {
+    let _ = swarm.dial(
+        DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .addresses(addrs)
+            .allocate_new_port()
+            .build(),
+    );
+}
+
+/// Dials an address whose peer id may be unknown (a bootstrap address).
+fn dial_addr(swarm: &mut libp2p::Swarm<Behaviour>, addr: &Multiaddr) {
+    if let Err(e) = swarm.dial(
+        DialOpts::unknown_peer_id()
+            .address(addr.clone())
+            .allocate_new_port()
+            .build(),
+    ) {
+        tracing::warn!("dialing {addr}: {e}");
+    }
+}
+
 /// The IP address in a multiaddr, if any.
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
@@ -96,8 +122,14 @@ pub async fn start(
                 b
             });
             let mdns = if mdns_on {
+                // Query every few seconds (the default is 5 minutes): a node joining a LAN whose
+                // first probe went out before its interface was up still finds its peers.
+                let config = mdns::Config {
+                    query_interval: Duration::from_secs(5),
+                    ..Default::default()
+                };
                 Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
+                    config,
                     key.public().to_peer_id(),
                 )?)
             } else {
@@ -188,9 +220,7 @@ pub async fn start(
     }
     for a in &cfg.bootstrap {
         // Without /p2p/<id> the peer id is learned during the handshake.
-        if let Err(e) = swarm.dial(a.clone()) {
-            tracing::warn!("dialing bootstrap address {a}: {e}");
-        }
+        dial_addr(&mut swarm, a);
     }
     let mut ev = EventLoop {
         swarm,
@@ -283,11 +313,7 @@ impl EventLoop {
             for a in &addrs {
                 self.swarm.add_peer_address(id, a.clone());
             }
-            let _ = self.swarm.dial(
-                libp2p::swarm::dial_opts::DialOpts::peer_id(id)
-                    .addresses(addrs)
-                    .build(),
-            );
+            dial_peer(&mut self.swarm, id, addrs);
         }
     }
 
@@ -332,7 +358,7 @@ impl EventLoop {
                     // bootstrap addresses while we know nobody.
                     if self.swarm.connected_peers().next().is_none() {
                         for a in self.bootstrap.clone() {
-                            let _ = self.swarm.dial(a);
+                            dial_addr(&mut self.swarm, &a);
                         }
                     }
                     let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
@@ -342,12 +368,7 @@ impl EventLoop {
                         .map(|(p, a)| (*p, a.clone()))
                         .collect();
                     for (peer, addrs) in lost {
-                        let _ = self.swarm.dial(
-                            libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
-                                .addresses(addrs)
-                                .build(),
-                        );
+                        dial_peer(&mut self.swarm, peer, addrs);
                     }
                 }
             }
@@ -406,6 +427,16 @@ impl EventLoop {
                     .expect("poisoned")
                     .remove(&peer_id);
             }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::info!(peer = ?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::info!(from = %send_back_addr, "incoming connection failed: {error}");
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -432,15 +463,16 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
-                    if peer != self.shared.peer_id
-                        && !self.swarm.is_connected(&peer)
-                        && self.shared.is_member(&peer)
-                    {
-                        let _ = self.swarm.dial(
-                            libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                                .addresses(vec![addr])
-                                .build(),
-                        );
+                    if peer == self.shared.peer_id || !self.shared.is_member(&peer) {
+                        continue;
+                    }
+                    // Remembered, so the redial timer retries if this dial fails.
+                    let known = self.addrs.entry(peer).or_default();
+                    if !known.contains(&addr) {
+                        known.push(addr.clone());
+                    }
+                    if !self.swarm.is_connected(&peer) {
+                        dial_peer(&mut self.swarm, peer, vec![addr]);
                     }
                 }
             }
