@@ -173,9 +173,10 @@ pub async fn fetch(
         }
 
         // Who has what, as last heard; who is pulling (for origin offload).
-        let (views, mut pullers, connected) = {
+        let (views, mut pullers, connected, announced, unmapped) = {
             let peers = swarm.peers.lock().expect("poisoned");
             let connected = peers.values().filter(|p| p.connected).count();
+            let (mut announced, mut unmapped) = (0, 0);
             let mut views = Vec::new();
             let mut pullers = vec![(my_seed, me)];
             for (id, p) in peers.iter() {
@@ -185,6 +186,10 @@ pub async fn fetch(
                 let Some(v) = p.versions.get(&root) else {
                     continue;
                 };
+                announced += 1;
+                if v.holding == Holding::Pulling && v.have.is_none() {
+                    unmapped += 1;
+                }
                 match v.holding {
                     Holding::Complete => views.push(PeerView {
                         id: *id,
@@ -211,12 +216,16 @@ pub async fn fetch(
                     }
                 }
             }
-            (views, pullers, connected)
+            (views, pullers, connected, announced, unmapped)
         };
         pullers.sort_by_key(|p| p.1);
         // With peers connected, let their announcements and have-maps arrive before reading
         // anything from the origin (nodes starting together, or one rejoining a running pull).
-        let settle = started.elapsed() < Duration::from_millis(1000) && connected > 0;
+        // Waits at most a second, and only until every peer that announced the version has
+        // sent its have-map.
+        let settle = started.elapsed() < Duration::from_millis(1000)
+            && connected > 0
+            && (announced == 0 || unmapped > 0);
 
         // Assign wanted chunks.
         let mut batches: HashMap<PeerId, (Vec<Hash>, u64)> = HashMap::new();
