@@ -115,6 +115,18 @@ impl Daemon {
             .context("starting shoal pull")
     }
 
+    /// CPU seconds (user + system) the daemon has used so far.
+    fn cpu_seconds(&self) -> f64 {
+        let Some(c) = &self.child else { return 0.0 };
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+        // Fields after the command name (which may contain spaces): utime is the 12th, stime 13th.
+        let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -250,15 +262,21 @@ pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
             &trusted,
         )?;
         wait_connected(&[&leech], 1)?;
+        let (s0, l0) = (seed.cpu_seconds(), leech.cpu_seconds());
         let (secs, v) = wait_pull(leech.pull("shards@v1")?)?;
+        let (s_cpu, l_cpu) = (seed.cpu_seconds() - s0, leech.cpu_seconds() - l0);
         eprintln!(
-            "shoal 1:1 run {}: {secs:.2} s, {} from peers, {} from origin",
+            "shoal 1:1 run {}: {secs:.2} s, {} from peers, {} from origin, cpu sender {s_cpu:.2} s receiver {l_cpu:.2} s",
             r + 1,
             v["bytes_from_peers"],
             v["bytes_from_origin"]
         );
         times.push(secs);
-        reports.push(v);
+        reports.push(json!({
+            "report": v,
+            "sender_cpu_s": s_cpu,
+            "receiver_cpu_s": l_cpu,
+        }));
         drop(leech);
         let _ = std::fs::remove_dir_all(&home);
     }
