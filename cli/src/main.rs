@@ -439,7 +439,9 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 metrics,
                 mdns: no_mdns.then_some(false),
             };
-            node::run(open(false)?, &cfg.node, flags, out).await
+            // A node may serve peers before anything is published to a local default origin:
+            // create the directory rather than refuse to start.
+            node::run(open(true)?, &cfg.node, flags, out).await
         }
         Command::Status => node::status(&home, out).await,
         Command::Tag { target, tag } => {
