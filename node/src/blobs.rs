@@ -49,6 +49,15 @@ pub struct Blobs {
     peers: Option<(Arc<Swarm>, Hash)>,
 }
 
+/// Keeps a verified pack index in the local cache (an optimisation: failing to write it is not
+/// an error).
+fn cache_pack_index(cache: &Path, id: &Hash, bytes: &[u8]) {
+    let tmp: PathBuf = cache.join(format!(".{id}.tmp"));
+    if std::fs::create_dir_all(cache).is_ok() && std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, cache.join(format!("{id}.idx")));
+    }
+}
+
 /// Reads a pack index from the local cache, or from the origin (then caches it).
 pub(crate) async fn pack_index(origin: &Origin, cache: &Path, id: &Hash) -> Result<PackIndex> {
     let path = cache.join(format!("{id}.idx"));
@@ -60,13 +69,10 @@ pub(crate) async fn pack_index(origin: &Origin, cache: &Path, id: &Hash) -> Resu
         }
     }
     let (idx, bytes) = origin.pack_index(id).await?;
-    // The cache is an optimisation: failing to write it is not an error.
-    let tmp: PathBuf = cache.join(format!(".{id}.tmp"));
-    if tokio::fs::create_dir_all(cache).await.is_ok()
-        && tokio::fs::write(&tmp, &bytes).await.is_ok()
-    {
-        let _ = tokio::fs::rename(&tmp, &path).await;
-    }
+    let (cache, id) = (cache.to_path_buf(), *id);
+    tokio::task::spawn_blocking(move || cache_pack_index(&cache, &id, &bytes))
+        .await
+        .expect("cache task panicked");
     Ok(idx)
 }
 
@@ -96,12 +102,7 @@ impl Blobs {
                 tokio::task::spawn_blocking(move || {
                     for id in got {
                         if let Ok(Some(bytes)) = st.get(&id) {
-                            let tmp = cache.join(format!(".{id}.tmp"));
-                            if std::fs::create_dir_all(&cache).is_ok()
-                                && std::fs::write(&tmp, &bytes).is_ok()
-                            {
-                                let _ = std::fs::rename(&tmp, cache.join(format!("{id}.idx")));
-                            }
+                            cache_pack_index(&cache, &id, &bytes);
                         }
                     }
                 })

@@ -19,7 +19,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use libp2p::PeerId;
 use shoal_registry::Hash;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,7 +121,7 @@ pub async fn fetch(
     let mut avoid: HashMap<usize, Vec<PeerId>> = HashMap::new();
     let mut origin_tries: HashMap<usize, u32> = HashMap::new();
     let mut inflight: HashMap<PeerId, u64> = HashMap::new();
-    let mut sent_to: HashMap<(usize, PeerId), ()> = HashMap::new();
+    let mut sent_to: HashSet<(usize, PeerId)> = HashSet::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut origin_jobs = FuturesUnordered::new();
     let mut got = Fetched::default();
@@ -233,7 +233,7 @@ pub async fn fetch(
         let mut origin_batch: Vec<usize> = Vec::new();
         let mut origin_bytes = 0u64;
         let origin_free = origin_jobs.len() < ORIGIN_PARALLEL;
-        let mut stalled = std::collections::HashSet::new();
+        let mut stalled = HashSet::new();
         for i in 0..order.len() {
             match state[i] {
                 State::Done | State::Origin => continue,
@@ -288,7 +288,7 @@ pub async fn fetch(
                         + Duration::from_secs(2)
                         + Duration::from_secs_f64(q as f64 / v.rate.max(20e6));
                     state[i] = State::Peer(v.id, deadline);
-                    sent_to.insert((i, v.id), ());
+                    sent_to.insert((i, v.id));
                     if b.0.len() >= bulk::MAX_IDS || b.1 >= PEER_BATCH {
                         let (ids, bytes) = std::mem::take(b);
                         full.push((v.id, ids, bytes));
@@ -446,12 +446,12 @@ fn handle(
     remaining: &mut usize,
     avoid: &mut HashMap<usize, Vec<PeerId>>,
     inflight: &mut HashMap<PeerId, u64>,
-    sent_to: &mut HashMap<(usize, PeerId), ()>,
+    sent_to: &mut HashSet<(usize, PeerId)>,
     got: &mut Fetched,
     progress: &Progress,
 ) {
     let Some(&i) = index.get(&ev.id) else { return };
-    if sent_to.remove(&(i, ev.peer)).is_none() {
+    if !sent_to.remove(&(i, ev.peer)) {
         return;
     }
     let len = order[i].1 as u64;
