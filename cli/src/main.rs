@@ -316,7 +316,6 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             direct_io,
         } => {
             let reference: DatasetRef = reference.parse()?;
-            let node = open(false)?;
             let args = mount::MountArgs {
                 mountpoint,
                 prefetch,
@@ -329,12 +328,13 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 threads,
                 direct_io,
             };
-            let r = mount::run(&node, &reference, args).await?;
+            let r = mount::run(&home, || open(false), &reference, args).await?;
             out.report(&r, || {
                 format!(
-                    "unmounted {} from {}: {} files opened, {} read",
+                    "unmounted {} from {} ({}): {} files opened, {} read",
                     r.version,
                     r.mountpoint,
+                    r.served_by,
                     r.opens,
                     output::bytes(r.bytes_read)
                 )
@@ -410,7 +410,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             })
         }
         Command::Unmount { mountpoint } => {
-            mount::unmount(&mountpoint)?;
+            shoal_node::unmount(&mountpoint)?;
             out.report(
                 &serde_json::json!({ "unmounted": mountpoint.display().to_string() }),
                 || format!("unmounted {}", mountpoint.display()),

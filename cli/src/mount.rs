@@ -1,15 +1,11 @@
-//! `shoal mount` and `shoal unmount`.
+//! `shoal mount`: served by the running node daemon when there is one, else in this process.
 
 use crate::args::PrefetchArg;
-use anyhow::{bail, Context, Result};
-use serde::Serialize;
-use shoal_fuse::{Inodes, MountConfig, MountOptions, ShoalFs};
-use shoal_node::Node;
+use anyhow::{Context, Result};
+use shoal_node::daemon::{Client, Request};
+use shoal_node::{unmount, Home, MountReport, MountSpec, Node, Prefetch, Progress};
 use shoal_registry::DatasetRef;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::PathBuf;
 
 pub struct MountArgs {
     pub mountpoint: PathBuf,
@@ -21,108 +17,84 @@ pub struct MountArgs {
     pub direct_io: bool,
 }
 
-/// What a mount did, reported when it ends.
-#[derive(Debug, Serialize)]
-pub struct MountReport {
-    pub version: String,
-    pub root: String,
-    pub mountpoint: String,
-    pub opens: u64,
-    pub reads: u64,
-    pub bytes_read: u64,
-    pub read_errors: u64,
+impl MountArgs {
+    fn spec(self) -> Result<MountSpec> {
+        let read_order: Vec<String> = match &self.read_order {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("reading --read-order file {}", p.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| l.trim_start_matches('/').to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(MountSpec {
+            mountpoint: std::path::absolute(&self.mountpoint)
+                .with_context(|| format!("mount point {}", self.mountpoint.display()))?,
+            prefetch: match self.prefetch {
+                PrefetchArg::None => Prefetch::None,
+                PrefetchArg::Sequential => Prefetch::Sequential,
+                PrefetchArg::All => Prefetch::All,
+            },
+            read_order,
+            read_ahead: self.read_ahead,
+            timeout_secs: self.timeout,
+            threads: self.threads,
+            direct_io: self.direct_io,
+        })
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn interrupted() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 /// Mounts, serves until unmounted (here or by `shoal unmount`) or interrupted, then reports.
-pub async fn run(node: &Node, reference: &DatasetRef, args: MountArgs) -> Result<MountReport> {
-    let mp = &args.mountpoint;
-    let meta = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
-    if !meta.is_dir() {
-        bail!("mount point {} is not a directory", mp.display());
-    }
-    let order: Vec<String> = match &args.read_order {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading --read-order file {}", p.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(|l| l.trim_start_matches('/').to_string())
-            .collect(),
-        None => Vec::new(),
+pub async fn run(
+    home: &Home,
+    open: impl FnOnce() -> Result<Node>,
+    reference: &DatasetRef,
+    args: MountArgs,
+) -> Result<MountReport> {
+    let spec = args.spec()?;
+    let Some(daemon) = Client::connect(home).await else {
+        let node = open()?;
+        return Ok(node
+            .serve_mount(
+                reference,
+                &spec,
+                "embedded",
+                |notice| eprintln!("{notice}"),
+                interrupted(),
+            )
+            .await?);
     };
-    let m = node
-        .mountable(reference, Duration::from_secs(args.timeout))
-        .await?;
-    if !order.is_empty() || args.prefetch == PrefetchArg::All {
-        m.source.spawn_background(
-            m.root,
-            order,
-            args.prefetch == PrefetchArg::All,
-            args.read_ahead,
-        );
-    }
-    let opts = MountOptions {
-        sequential_prefetch: args.prefetch != PrefetchArg::None,
-        direct_io: args.direct_io,
-        uid: meta.uid(),
-        gid: meta.gid(),
-        mtime: UNIX_EPOCH + Duration::from_secs(m.created_unix),
-        ..MountOptions::default()
+    // The daemon mounts and serves; this command stays in the foreground like an embedded
+    // mount. On SIGINT/SIGTERM it unmounts and waits for the daemon's report; if it is killed,
+    // the daemon sees the connection close and unmounts.
+    let req = Request::Mount {
+        reference: reference.to_string(),
+        origin: open()?.origin().url().to_string(),
+        spec: spec.clone(),
     };
-    let root = m.root;
-    let fs = ShoalFs::new(Inodes::new(m.source, m.root, 0o755), opts);
-    let stats = fs.stats();
-    let cfg = MountConfig {
-        fsname: format!("shoal:{}", m.version),
-        threads: args.threads,
-        allow_other: meta.uid() == 0,
-    };
-    let session = shoal_fuse::spawn(fs, mp, &cfg)
-        .with_context(|| format!("mounting {} at {}", m.version, mp.display()))?;
-    shoal_fuse::raise_readahead(mp, 4096);
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(session.join());
-    });
-    eprintln!(
-        "mounted {} (b3:{root}) at {}; Ctrl-C or `shoal unmount {}` unmounts",
-        m.version,
-        mp.display(),
-        mp.display()
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut done = Box::pin(done_rx);
-    tokio::select! {
-        _ = &mut done => {}
-        _ = tokio::signal::ctrl_c() => { unmount(mp)?; let _ = done.await; }
-        _ = term.recv() => { unmount(mp)?; let _ = done.await; }
-    }
-    // Keep the cache's index and hit counters for the next mount.
-    node.store()?.flush()?;
-    Ok(MountReport {
-        version: m.version,
-        root: format!("b3:{root}"),
-        mountpoint: mp.display().to_string(),
-        opens: stats.opens.load(Ordering::Relaxed),
-        reads: stats.reads.load(Ordering::Relaxed),
-        bytes_read: stats.bytes_read.load(Ordering::Relaxed),
-        read_errors: stats.read_errors.load(Ordering::Relaxed),
-    })
-}
-
-/// Unmounts with `fusermount3 -u`, or `umount` where that is not available (root).
-pub fn unmount(mp: &Path) -> Result<()> {
-    let mut last = String::new();
-    for (cmd, args) in [
-        ("fusermount3", vec!["-u"]),
-        ("fusermount", vec!["-u"]),
-        ("umount", vec![]),
-    ] {
-        match std::process::Command::new(cmd).args(&args).arg(mp).output() {
-            Ok(o) if o.status.success() => return Ok(()),
-            Ok(o) => last = String::from_utf8_lossy(&o.stderr).trim().to_string(),
-            Err(_) => continue,
+    let progress = Progress::default();
+    let call = daemon.call_with(&req, &progress, |notice| eprintln!("{notice}"));
+    tokio::pin!(call);
+    let v = tokio::select! {
+        r = &mut call => r?,
+        _ = interrupted() => {
+            unmount(&spec.mountpoint)?;
+            call.await?
         }
-    }
-    bail!("cannot unmount {}: {last}", mp.display())
+    };
+    Ok(serde_json::from_value(v).context("the daemon's mount report")?)
 }

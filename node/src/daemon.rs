@@ -5,12 +5,13 @@
 //! `{"progress": [phase, done, total]}` lines and then one `{"ok": ...}` or `{"error": "..."}`.
 
 use crate::error::{Error, Result};
+use crate::mount::MountSpec;
 use crate::progress::Progress;
 use crate::swarm::{self, Holding, Status, SwarmConfig};
 use crate::{Home, Node};
 use serde::{Deserialize, Serialize};
 use shoal_registry::{DatasetName, DatasetRef, Origin};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -37,12 +38,20 @@ pub enum Request {
         path: String,
         origin: String,
     },
+    /// Mount a version and serve it until it is unmounted or this connection closes.
+    Mount {
+        reference: String,
+        origin: String,
+        spec: MountSpec,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Reply {
     Progress(String, u64, u64),
+    /// A line for the user (e.g. "mounted ... at ...").
+    Notice(String),
     Ok(serde_json::Value),
     Error(String),
 }
@@ -70,6 +79,16 @@ impl Client {
 
     /// Sends one request; progress lines update `progress`; returns the result.
     pub async fn call(self, req: &Request, progress: &Progress) -> Result<serde_json::Value> {
+        self.call_with(req, progress, |_| {}).await
+    }
+
+    /// Like [`Self::call`], handing the daemon's notices to `notice` as they come.
+    pub async fn call_with(
+        self,
+        req: &Request,
+        progress: &Progress,
+        mut notice: impl FnMut(String),
+    ) -> Result<serde_json::Value> {
         let (r, mut w) = self.stream.into_split();
         let mut line = serde_json::to_string(req).expect("requests serialize");
         line.push('\n');
@@ -90,6 +109,7 @@ impl Client {
                     progress.phase(phase_name(&phase), total);
                     progress.add(done);
                 }
+                Reply::Notice(n) => notice(n),
                 Reply::Ok(v) => return Ok(v),
                 Reply::Error(e) => return Err(Error::Net(e)),
             }
@@ -136,18 +156,20 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         .map_err(|e| Error::Net(format!("listening on {}: {e}", sock.display())))?;
     ready(&sw.status());
 
-    let node = Arc::new(node);
-    let others: Arc<Mutex<HashMap<String, Arc<Node>>>> = Default::default();
+    let daemon = Arc::new(Daemon {
+        node: Arc::new(node),
+        others: Mutex::default(),
+        mounts: Mutex::default(),
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Net(format!("installing a SIGTERM handler: {e}")))?;
     let result = loop {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
-                    let node = node.clone();
-                    let others = others.clone();
+                    let daemon = daemon.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(node, others, stream).await {
+                        if let Err(e) = serve(daemon, stream).await {
                             tracing::debug!("local client: {e}");
                         }
                     });
@@ -159,57 +181,87 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         }
     };
     let _ = std::fs::remove_file(&sock);
-    if let Ok(s) = node.store() {
+    // Mounts served here end with the daemon; leave none behind.
+    let mounts: Vec<PathBuf> = daemon
+        .mounts
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .cloned()
+        .collect();
+    for mp in mounts {
+        if let Err(e) = crate::mount::unmount(&mp) {
+            tracing::warn!("{e}");
+        }
+    }
+    if let Ok(s) = daemon.node.store() {
         let _ = s.flush();
     }
     result
 }
 
-/// The node for a request's origin: the daemon's own, or a sibling sharing store and swarm.
-fn node_for(
-    node: &Arc<Node>,
-    others: &Mutex<HashMap<String, Arc<Node>>>,
-    origin: &str,
-) -> Result<Arc<Node>> {
-    if origin == node.origin().url() || origin.is_empty() {
-        return Ok(node.clone());
-    }
-    let mut o = others.lock().expect("poisoned");
-    if let Some(n) = o.get(origin) {
-        return Ok(n.clone());
-    }
-    let n = Arc::new(node.with_origin(Origin::open(origin, false)?));
-    o.insert(origin.to_string(), n.clone());
-    Ok(n)
+/// What the daemon's local clients share.
+struct Daemon {
+    node: Arc<Node>,
+    /// Siblings of `node` for requests naming another origin.
+    others: Mutex<HashMap<String, Arc<Node>>>,
+    /// Mount points served now.
+    mounts: Mutex<HashSet<PathBuf>>,
 }
 
-async fn serve(
-    node: Arc<Node>,
-    others: Arc<Mutex<HashMap<String, Arc<Node>>>>,
-    stream: UnixStream,
-) -> std::io::Result<()> {
+impl Daemon {
+    /// The node for a request's origin: the daemon's own, or a sibling sharing store and swarm.
+    fn node_for(&self, origin: &str) -> Result<Arc<Node>> {
+        if origin == self.node.origin().url() || origin.is_empty() {
+            return Ok(self.node.clone());
+        }
+        let mut o = self.others.lock().expect("poisoned");
+        if let Some(n) = o.get(origin) {
+            return Ok(n.clone());
+        }
+        let n = Arc::new(self.node.with_origin(Origin::open(origin, false)?));
+        o.insert(origin.to_string(), n.clone());
+        Ok(n)
+    }
+}
+
+async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     let Some(line) = lines.next_line().await? else {
         return Ok(());
     };
+    // One request per connection: the client closing its end means it went away.
+    let gone = async move { while let Ok(Some(_)) = lines.next_line().await {} };
     let progress = Arc::new(Progress::default());
-    let work = handle(node, others, line, progress.clone());
+    let (notice_tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    let work = handle(daemon, line, progress.clone(), notice_tx, Box::pin(gone));
     tokio::pin!(work);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last = None;
+    let mut client_gone = false;
     let reply = loop {
-        tokio::select! {
+        let line = tokio::select! {
             r = &mut work => break r,
+            Some(n) = notices.recv() => Reply::Notice(n),
             _ = tick.tick() => {
-                let (phase, done, total) = progress.get();
-                let mut l = serde_json::to_string(&Reply::Progress(phase.into(), done, total)).expect("serializes");
-                l.push('\n');
-                if w.write_all(l.as_bytes()).await.is_err() {
-                    // The CLI went away; finish the work anyway (a pull stays useful).
-                    break (&mut work).await;
+                let p = progress.get();
+                if last == Some(p) {
+                    continue;
                 }
+                last = Some(p);
+                let (phase, done, total) = p;
+                Reply::Progress(phase.into(), done, total)
             }
+        };
+        if client_gone {
+            continue;
         }
+        let mut l = serde_json::to_string(&line).expect("serializes");
+        l.push('\n');
+        // If the CLI went away, finish the work anyway (a pull stays useful; a mount notices
+        // and unmounts).
+        client_gone = w.write_all(l.as_bytes()).await.is_err();
     };
     let reply = match reply {
         Ok(v) => Reply::Ok(v),
@@ -221,27 +273,28 @@ async fn serve(
 }
 
 async fn handle(
-    node: Arc<Node>,
-    others: Arc<Mutex<HashMap<String, Arc<Node>>>>,
+    daemon: Arc<Daemon>,
     line: String,
     progress: Arc<Progress>,
+    notices: tokio::sync::mpsc::UnboundedSender<String>,
+    gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<serde_json::Value> {
     let req: Request = serde_json::from_str(&line)
         .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
     Ok(match req {
-        Request::Status => serde_json::to_value(node.swarm().expect("attached").status()),
+        Request::Status => serde_json::to_value(daemon.node.swarm().expect("attached").status()),
         Request::Pull {
             reference,
             to,
             origin,
         } => {
-            let n = node_for(&node, &others, &origin)?;
+            let n = daemon.node_for(&origin)?;
             let reference: DatasetRef = reference.parse()?;
             let r = n.pull(&reference, to.as_deref(), &progress).await?;
             serde_json::to_value(r)
         }
         Request::Versions { name, origin } => {
-            let n = node_for(&node, &others, &origin)?;
+            let n = daemon.node_for(&origin)?;
             let name: DatasetName = name.parse()?;
             let list = n.versions(&name).await?;
             serde_json::to_value(list)
@@ -251,9 +304,37 @@ async fn handle(
             path,
             origin,
         } => {
-            let n = node_for(&node, &others, &origin)?;
+            let n = daemon.node_for(&origin)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.ls(&reference, &path).await?)
+        }
+        Request::Mount {
+            reference,
+            origin,
+            spec,
+        } => {
+            let n = daemon.node_for(&origin)?;
+            let reference: DatasetRef = reference.parse()?;
+            let mp = spec.mountpoint.clone();
+            if !daemon.mounts.lock().expect("poisoned").insert(mp.clone()) {
+                return Err(Error::Net(format!(
+                    "{} is already a mount served by this node",
+                    mp.display()
+                )));
+            }
+            let r = n
+                .serve_mount(
+                    &reference,
+                    &spec,
+                    "daemon",
+                    |notice| {
+                        let _ = notices.send(notice);
+                    },
+                    gone,
+                )
+                .await;
+            daemon.mounts.lock().expect("poisoned").remove(&mp);
+            serde_json::to_value(r?)
         }
     }
     .expect("reports serialize"))

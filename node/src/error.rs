@@ -34,6 +34,9 @@ pub enum Error {
     /// The node daemon, its peers or its local socket.
     #[error("{0}")]
     Net(String),
+    /// A mount point that could not be unmounted (busy, or not a mount).
+    #[error("cannot unmount {path}: {reason}")]
+    Unmount { path: PathBuf, reason: String },
     /// Refusing to write somewhere that is not safe.
     #[error("refusing to write {path}: {reason}")]
     Unsafe { path: PathBuf, reason: String },

@@ -23,7 +23,7 @@ pub use cache::PinReport;
 pub use error::{Error, Result};
 pub use home::Home;
 pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
-pub use mount::{MountSource, Mountable};
+pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Prefetch};
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport};
 pub use pull::PullReport;

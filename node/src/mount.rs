@@ -7,12 +7,17 @@ use crate::walk::load_dir;
 use crate::Node;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::{Deserialize, Serialize};
 use shoal_fuse::{Source, SourceError};
 use shoal_registry::tree::{ChunkList, ChunkRef, Dir, EntryKind, FileContent};
 use shoal_registry::{DatasetRef, Hash};
 use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 /// A fetch under way, shared by every reader waiting for one of its blobs; yields the bytes.
 type Fetch = Shared<BoxFuture<'static, Result<Arc<HashMap<Hash, Bytes>>, Arc<String>>>>;
@@ -105,6 +110,8 @@ impl Inner {
         Ok(got)
     }
 
+    /// Fetches `ids`, retrying failed attempts (a peer may come back, an origin recover)
+    /// until the mount's timeout; then fails with the last reason.
     fn block_on_fetch(
         self: &Arc<Self>,
         ids: Vec<Hash>,
@@ -112,19 +119,42 @@ impl Inner {
     ) -> Result<HashMap<Hash, Bytes>, SourceError> {
         let me = self.clone();
         let timeout = self.timeout;
-        let r = self
-            .rt
-            .block_on(async move { tokio::time::timeout(timeout, me.fetch(ids)).await });
-        match r {
-            Ok(Ok(got)) => Ok(got),
-            Ok(Err(e)) => Err(SourceError(format!("{} of {}: {e}", what(), self.what))),
-            Err(_) => Err(SourceError(format!(
-                "{} of {}: not available within {}s",
-                what(),
-                self.what,
-                timeout.as_secs()
-            ))),
-        }
+        let r = self.rt.block_on(async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut pause = Duration::from_millis(100);
+            let mut last = None;
+            loop {
+                match tokio::time::timeout_at(deadline, me.fetch(ids.clone())).await {
+                    Ok(Ok(got)) => return Ok(got),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "fetch for a reader failed; retrying");
+                        last = Some(e);
+                    }
+                    Err(_) => return Err(last),
+                }
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(last);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        });
+        r.map_err(|last| {
+            SourceError(match last {
+                Some(e) => format!(
+                    "{} of {}: not available within {}s; last attempt: {e}",
+                    what(),
+                    self.what,
+                    timeout.as_secs()
+                ),
+                None => format!(
+                    "{} of {}: not available within {}s",
+                    what(),
+                    self.what,
+                    timeout.as_secs()
+                ),
+            })
+        })
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, SourceError> {
@@ -224,6 +254,49 @@ impl Source for MountSource {
     }
 }
 
+/// What to fetch ahead of readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prefetch {
+    /// Only what readers ask for (and small files whole on open).
+    None,
+    /// Ahead of sequential readers.
+    Sequential,
+    /// The whole version, in the background.
+    All,
+}
+
+/// How to mount a version: what `shoal mount` asks for, in-process or of the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// An existing directory (absolute when sent to a daemon).
+    pub mountpoint: PathBuf,
+    pub prefetch: Prefetch,
+    /// Paths of the version (relative to its root) to fetch in this order ahead of the reader.
+    pub read_order: Vec<String>,
+    /// How far `read_order` fetching may run ahead of the reader, in bytes.
+    pub read_ahead: u64,
+    /// Seconds a read waits for a missing chunk before failing with EIO.
+    pub timeout_secs: u64,
+    /// FUSE worker threads.
+    pub threads: usize,
+    pub direct_io: bool,
+}
+
+/// What a mount did, reported when it ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountReport {
+    pub version: String,
+    pub root: String,
+    pub mountpoint: String,
+    /// "daemon" when a running node daemon served the mount, else "embedded".
+    pub served_by: String,
+    pub opens: u64,
+    pub reads: u64,
+    pub bytes_read: u64,
+    pub read_errors: u64,
+}
+
 /// A version ready to mount.
 pub struct Mountable {
     pub source: MountSource,
@@ -254,6 +327,125 @@ impl Node {
             created_unix: signed.body.created_unix,
         })
     }
+}
+
+impl Node {
+    /// Mounts `reference` at `spec.mountpoint` and serves it until it is unmounted (by anyone,
+    /// e.g. `shoal unmount`) or `stop` completes (then it unmounts). `mounted` is called with
+    /// a one-line notice once the mount is up.
+    pub async fn serve_mount(
+        &self,
+        reference: &DatasetRef,
+        spec: &MountSpec,
+        served_by: &str,
+        mounted: impl FnOnce(String),
+        stop: impl Future<Output = ()>,
+    ) -> Result<MountReport> {
+        let mp = &spec.mountpoint;
+        let meta = std::fs::metadata(mp).map_err(crate::error::io("mount point", mp))?;
+        if !meta.is_dir() {
+            return Err(Error::NotFound(format!(
+                "mount point {} is not a directory",
+                mp.display()
+            )));
+        }
+        let m = self
+            .mountable(reference, Duration::from_secs(spec.timeout_secs))
+            .await?;
+        if !spec.read_order.is_empty() || spec.prefetch == Prefetch::All {
+            m.source.spawn_background(
+                m.root,
+                spec.read_order.clone(),
+                spec.prefetch == Prefetch::All,
+                spec.read_ahead,
+            );
+        }
+        let opts = shoal_fuse::MountOptions {
+            sequential_prefetch: spec.prefetch != Prefetch::None,
+            direct_io: spec.direct_io,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime: UNIX_EPOCH + Duration::from_secs(m.created_unix),
+            ..shoal_fuse::MountOptions::default()
+        };
+        let root = m.root;
+        let fs = shoal_fuse::ShoalFs::new(shoal_fuse::Inodes::new(m.source, m.root, 0o755), opts);
+        let stats = fs.stats();
+        let cfg = shoal_fuse::MountConfig {
+            fsname: format!("shoal:{}", m.version),
+            threads: spec.threads,
+            allow_other: meta.uid() == 0,
+        };
+        let session = shoal_fuse::spawn(fs, mp, &cfg)
+            .map_err(crate::error::io("mounting a version at", mp))?;
+        shoal_fuse::raise_readahead(mp, 4096);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(session.join());
+        });
+        mounted(format!(
+            "mounted {} (b3:{root}) at {}; Ctrl-C or `shoal unmount {}` unmounts",
+            m.version,
+            mp.display(),
+            mp.display()
+        ));
+        let mut done = Box::pin(done_rx);
+        tokio::select! {
+            _ = &mut done => {}
+            _ = stop => {
+                if let Err(e) = unmount(mp) {
+                    // A reader still holds it open: detach it now, free it when they close.
+                    tracing::warn!("{e}; detaching it lazily");
+                    unmount_lazy(mp)?;
+                }
+                let _ = done.await;
+            }
+        }
+        // Keep the cache's index and hit counters for the next mount.
+        self.store()?.flush()?;
+        Ok(MountReport {
+            version: m.version,
+            root: format!("b3:{root}"),
+            mountpoint: mp.display().to_string(),
+            served_by: served_by.to_string(),
+            opens: stats.opens.load(Ordering::Relaxed),
+            reads: stats.reads.load(Ordering::Relaxed),
+            bytes_read: stats.bytes_read.load(Ordering::Relaxed),
+            read_errors: stats.read_errors.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Unmounts with `fusermount3 -u`, or `umount` where that is not available (root).
+pub fn unmount(mp: &Path) -> Result<()> {
+    run_unmount(
+        mp,
+        &[
+            ("fusermount3", &["-u"]),
+            ("fusermount", &["-u"]),
+            ("umount", &[]),
+        ],
+    )
+}
+
+/// Detaches a busy mount now; the kernel frees it when its last reader closes.
+fn unmount_lazy(mp: &Path) -> Result<()> {
+    run_unmount(mp, &[("fusermount3", &["-uz"]), ("umount", &["-l"])])
+}
+
+fn run_unmount(mp: &Path, tools: &[(&str, &[&str])]) -> Result<()> {
+    let mut last = String::from("no unmount tool found (install fuse3)");
+    for (cmd, args) in tools {
+        match std::process::Command::new(cmd).args(*args).arg(mp).output() {
+            Ok(o) if o.status.success() => return Ok(()),
+            Ok(o) => last = String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Err(_) => continue,
+        }
+    }
+    Err(Error::Unmount {
+        path: mp.to_path_buf(),
+        reason: last,
+    })
 }
 
 impl MountSource {

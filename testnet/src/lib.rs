@@ -95,7 +95,8 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
-    /// Starts a node named `name`; `args` are extra `node run` flags, `env` extra variables.
+    /// Starts a node named `name`; `args` are extra `node run` flags, `env` extra variables
+    /// (for the daemon and every command run as this machine, e.g. its own `SHOAL_ORIGIN`).
     /// Nodes after the first bootstrap from the first (by address only, no peer id).
     pub fn node(&mut self, name: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -141,7 +142,8 @@ impl NodeProc {
         c.args(args)
             .env("SHOAL_HOME", &self.home)
             .env("SHOAL_ORIGIN", &self.origin)
-            .env("SHOAL_TRUSTED_KEYS", &self.trusted);
+            .env("SHOAL_TRUSTED_KEYS", &self.trusted)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c
     }
 
@@ -183,8 +185,7 @@ impl NodeProc {
             "--no-mdns",
         ]);
         c.args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("SHOAL_LOG", "shoal_node=debug")
+            .env("SHOAL_LOG", "warn,shoal_node=debug")
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(c.spawn().expect("starting shoal node run"));

@@ -1,0 +1,192 @@
+//! `shoal mount` through a running node daemon: the daemon mounts and serves, reading chunks
+//! from peers; losing every source gives EIO within the bound, and reads recover when a
+//! source returns. The mount never outlives the command or the daemon.
+
+mod common;
+
+use common::{random_bytes, write, Nginx, BIN};
+use serde_json::Value;
+use shoal_testnet::{wait_for, Cluster};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_mounted(mp: &Path) -> bool {
+    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}
+
+/// A `shoal mount` command; lazily unmounted and reaped on drop, pass or fail.
+struct MountCmd {
+    child: Option<Child>,
+    mp: std::path::PathBuf,
+}
+
+impl MountCmd {
+    fn wait_mounted(&mut self, log: &Path) {
+        wait_for(30, "the version to be mounted", || {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "shoal mount exited with {st}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            is_mounted(&self.mp).then_some(())
+        });
+    }
+}
+
+impl Drop for MountCmd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.mp) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mp)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    for i in 0..3 {
+        write(
+            &src.join(format!("f{i}.bin")),
+            &random_bytes(70 + i, 6 << 20),
+        );
+    }
+    c.publish(&src, "ds@v1");
+    let a = c.node("a", &[], &[]);
+    c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    // b reads the origin over HTTP through a server the test stops later.
+    let relay = Nginx::start(&c.origin, c.dir.path());
+    let b = c.node("b", &[], &[("SHOAL_ORIGIN", &relay.url())]);
+    c.nodes[b].wait_peers(1);
+
+    let mp = c.dir.path().join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let log = c.dir.path().join("mount.log");
+    let mut m = MountCmd {
+        child: Some(
+            c.nodes[b]
+                .cmd(&[
+                    "--json",
+                    "mount",
+                    "ds@v1",
+                    mp.to_str().unwrap(),
+                    "--timeout",
+                    "3",
+                    "--prefetch",
+                    "none",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        mp: mp.clone(),
+    };
+    m.wait_mounted(&log);
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("mounted ds@v1"),
+        "the command says where the version is mounted"
+    );
+    assert_eq!(
+        std::fs::read(mp.join("f0.bin")).unwrap(),
+        std::fs::read(src.join("f0.bin")).unwrap()
+    );
+    let s = c.nodes[b].status().unwrap();
+    assert!(
+        s["bytes_from_peers"].as_u64().unwrap() >= 6 << 20,
+        "the mount's chunks came from the peer: {s}"
+    );
+    assert_eq!(s["bytes_from_origin"], 0, "{s}");
+
+    // Every source gone: the origin and the only peer.
+    relay.stop();
+    c.nodes[a].kill9();
+    let t = Instant::now();
+    let err = std::fs::read(mp.join("f1.bin")).unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected, got {err}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "the read waited {waited:?}, beyond the bound"
+    );
+    assert!(
+        c.nodes[b].log().contains("EIO"),
+        "the daemon logs why the read failed"
+    );
+
+    // The peer returns (same identity and store, a new port): reads work again.
+    let b_addr = c.nodes[b].addr.clone();
+    c.nodes[a].args.extend(["--bootstrap".to_string(), b_addr]);
+    c.nodes[a].start();
+    c.nodes[b].wait_peers(1);
+    let got = wait_for(30, "f1.bin to read again", || {
+        std::fs::read(mp.join("f1.bin")).ok()
+    });
+    assert_eq!(got, std::fs::read(src.join("f1.bin")).unwrap());
+
+    // `shoal unmount` ends the command with the daemon's report.
+    c.nodes[b].json(&["unmount", mp.to_str().unwrap()]);
+    let out = m.child.take().unwrap().wait_with_output().unwrap();
+    assert!(out.status.success(), "mount command failed");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["served_by"], "daemon", "{r}");
+    assert_eq!(r["version"], "ds@v1", "{r}");
+    assert!(r["bytes_read"].as_u64().unwrap() >= 12 << 20, "{r}");
+    assert!(r["read_errors"].as_u64().unwrap() >= 1, "{r}");
+    assert!(!is_mounted(&mp));
+
+    // A mount command killed outright: the daemon sees it go and unmounts.
+    relay.restart();
+    let mut m = MountCmd {
+        child: Some(
+            c.nodes[b]
+                .cmd(&["mount", "ds@v1", mp.to_str().unwrap()])
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        mp: mp.clone(),
+    };
+    m.wait_mounted(&log);
+    let mut child = m.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for(15, "the daemon to unmount after its client died", || {
+        (!is_mounted(&mp)).then_some(())
+    });
+
+    // The daemon stopping unmounts what it serves.
+    let mut m = MountCmd {
+        child: Some(
+            c.nodes[b]
+                .cmd(&["mount", "ds@v1", mp.to_str().unwrap()])
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        mp: mp.clone(),
+    };
+    m.wait_mounted(&log);
+    c.nodes[b].stop();
+    assert!(!is_mounted(&mp), "the daemon left its mount behind");
+    // The command ends too (with the report if the daemon sent it before exiting).
+    let mut child = m.child.take().unwrap();
+    wait_for(15, "the mount command to end with its daemon", || {
+        child.try_wait().unwrap()
+    });
+}
