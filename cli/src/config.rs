@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use shoal_node::tiers::{self, CacheLayout};
 use shoal_registry::PublicKey;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,28 @@ pub struct NodeConfig {
 pub struct CacheConfig {
     /// Most bytes the local store may use on disk, e.g. "200GiB" (default: unbounded).
     pub capacity: Option<String>,
+    /// Bytes of chunks kept in memory by each shoal process (the daemon's for as long as it
+    /// runs), e.g. "2GiB"; "0" turns the memory tier off. Default 256MiB.
+    pub memory: Option<String>,
+    /// Further disk tiers, fastest first: `[[cache.tier]]` with `path` and `capacity`.
+    #[serde(default)]
+    pub tier: Vec<TierConfig>,
+}
+
+/// `[[cache.tier]]`: a disk tier that keeps what the tier above it evicts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub path: PathBuf,
+    /// Unbounded if absent (only for the last tier).
+    pub capacity: Option<String>,
+}
+
+fn parse_size(s: &str, what: &str) -> Result<u64> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| anyhow::anyhow!("{what} {s:?}: {e}"))
 }
 
 /// Settings after combining flags, environment and config file.
@@ -52,7 +75,7 @@ pub struct Config {
     pub home: PathBuf,
     pub origin: String,
     pub trusted: Vec<PublicKey>,
-    pub cache_capacity: Option<u64>,
+    pub cache: CacheLayout,
     pub node: NodeConfig,
 }
 
@@ -109,23 +132,45 @@ impl Config {
             .ok()
             .filter(|c| !c.is_empty())
             .or(file.cache.capacity);
-        let cache_capacity = capacity
+        let capacity = capacity
             .map(|c| {
-                c.trim()
-                    .parse::<bytesize::ByteSize>()
-                    .map(|b| b.as_u64())
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "cache capacity {c:?} (SHOAL_CACHE_CAPACITY or [cache] capacity): {e}"
-                        )
-                    })
+                parse_size(
+                    &c,
+                    "cache capacity (SHOAL_CACHE_CAPACITY or [cache] capacity)",
+                )
             })
             .transpose()?;
+        let memory = std::env::var("SHOAL_CACHE_MEMORY")
+            .ok()
+            .filter(|c| !c.is_empty())
+            .or(file.cache.memory)
+            .map(|c| parse_size(&c, "memory tier (SHOAL_CACHE_MEMORY or [cache] memory)"))
+            .transpose()?
+            .unwrap_or(tiers::DEFAULT_MEMORY);
+        let mut disk_tiers = Vec::new();
+        for t in file.cache.tier {
+            let capacity = t
+                .capacity
+                .map(|c| parse_size(&c, &format!("capacity of tier {}", t.path.display())))
+                .transpose()?;
+            disk_tiers.push(tiers::DiskTier {
+                path: t.path,
+                capacity,
+            });
+        }
+        let cache = CacheLayout {
+            memory,
+            capacity,
+            tiers: disk_tiers,
+        };
+        cache
+            .check()
+            .map_err(|e| anyhow::anyhow!("[cache] in {}: {e}", cfg_path.display()))?;
         Ok(Config {
             home,
             origin,
             trusted,
-            cache_capacity,
+            cache,
             node: file.node,
         })
     }

@@ -71,8 +71,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
     let home = Home::new(&cfg.home);
     let open = |create: bool| -> Result<Node> {
         let origin = Origin::open(&cfg.origin, create)?;
-        Ok(Node::new(home.clone(), origin, cfg.trusted.clone())
-            .with_cache_capacity(cfg.cache_capacity))
+        Ok(Node::new(home.clone(), origin, cfg.trusted.clone()).with_cache(cfg.cache.clone()))
     };
     match args.command {
         Command::Publish {
@@ -372,7 +371,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             )
         }
         Command::Cache => {
-            let s = shoal_node::open_store(&home, cfg.cache_capacity)?.stats()?;
+            let s = shoal_node::open_store(&home, &cfg.cache)?.stats()?;
             out.report(&s, || {
                 let mut lines = vec![
                     format!("store {}", s.path),
@@ -399,11 +398,30 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         .iter()
                         .map(|p| format!("    {} ({})", p.name, output::bytes(p.bytes))),
                 );
+                lines.push("  tiers:".into());
+                lines.extend(s.tiers.iter().map(|t| {
+                    format!(
+                        "    {:<6} {} of {}, hit rate {:.1}% ({} hits, {} misses), {} evictions{}",
+                        t.kind,
+                        output::bytes(t.used_bytes),
+                        t.capacity
+                            .map(output::bytes)
+                            .unwrap_or_else(|| "unbounded".into()),
+                        t.hit_rate * 100.0,
+                        t.hits,
+                        t.misses,
+                        t.evictions,
+                        t.path
+                            .as_deref()
+                            .map(|p| format!(" ({p})"))
+                            .unwrap_or_default()
+                    )
+                }));
                 lines.join("\n")
             })
         }
         Command::Gc => {
-            let store = shoal_node::open_store(&home, cfg.cache_capacity)?;
+            let store = shoal_node::open_store(&home, &cfg.cache)?;
             let freed = store.gc()?;
             out.report(&serde_json::json!({ "freed_bytes": freed }), || {
                 format!("freed {}", output::bytes(freed))

@@ -162,6 +162,72 @@ fn mount_under_cache_pressure_stays_correct_and_within_capacity() {
 }
 
 #[test]
+fn tiers_from_the_config_file_spill_down_and_keep_the_whole_version() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..12 {
+        write(
+            &src.join(format!("f{i:02}.bin")),
+            &random_bytes(400 + i, 2 << 20),
+        );
+    }
+    env.json(&["publish", src.to_str().unwrap(), "big@v1"]);
+    let slow = env.path("slow-tier");
+    std::fs::create_dir_all(&env.home).unwrap();
+    std::fs::write(
+        env.home.join("config.toml"),
+        format!(
+            "[cache]\ncapacity = \"6MiB\"\nmemory = \"2MiB\"\n\n[[cache.tier]]\npath = \"{}\"\ncapacity = \"40MiB\"\n",
+            slow.display()
+        ),
+    )
+    .unwrap();
+    // 24 MiB through a mount: more than memory and the primary disk tier hold together.
+    let mp = env.path("mnt");
+    with_mount(&env, "big@v1", &mp, || {
+        for _ in 0..2 {
+            for i in 0..12 {
+                let got = std::fs::read(mp.join(format!("f{i:02}.bin"))).unwrap();
+                assert!(got == random_bytes(400 + i, 2 << 20), "f{i:02} read wrong");
+            }
+            std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        }
+    });
+    let c = env.json(&["cache"]);
+    let tiers = c["tiers"].as_array().unwrap();
+    assert_eq!(tiers.len(), 3, "{c}");
+    assert_eq!(tiers[0]["kind"], "memory");
+    assert_eq!(tiers[2]["path"], slow.display().to_string());
+    let used = |t: &serde_json::Value| t["used_bytes"].as_u64().unwrap();
+    assert!(used(&tiers[1]) <= (6 << 20) / 4 * 3, "{c}");
+    assert!(used(&tiers[2]) <= (40 << 20) / 4 * 3, "{c}");
+    assert!(
+        used(&tiers[2]) > 0,
+        "the slow tier took what the primary could not: {c}"
+    );
+    assert!(
+        tiers[2]["hits"].as_u64().unwrap() > 0,
+        "second pass hit the slow tier: {c}"
+    );
+    // Between them the disk tiers hold the whole version: a pull fetches nothing.
+    assert_eq!(pull_fetches(&env, "big@v1"), 0, "{c}");
+    // Pins live in the primary tier; this version does not fit there, and pin says so.
+    let err = env.fails(&["pin", "big@v1"]);
+    assert!(
+        err.contains("primary disk tier") && err.contains("capacity"),
+        "{err}"
+    );
+    // A config whose tiers cannot work is refused with the reason.
+    std::fs::write(
+        env.home.join("config.toml"),
+        format!("[[cache.tier]]\npath = \"{}\"\n", slow.display()),
+    )
+    .unwrap();
+    let err = env.fails(&["cache"]);
+    assert!(err.contains("no capacity"), "{err}");
+}
+
+#[test]
 fn sigkill_while_the_cache_evicts_and_compacts_never_serves_a_corrupt_byte() {
     let mut env = Env::new();
     // Six versions of 3 MiB each; the cache holds about one and a half of them, so every pull

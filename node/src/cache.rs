@@ -35,6 +35,19 @@ impl Node {
                 .map(|c| (c.id, c.len)),
         );
         all.retain(|(id, _)| seen.insert(*id));
+        let bytes: u64 = all.iter().map(|b| b.1 as u64).sum();
+        if let Some(cap) = self.cache.capacity {
+            if bytes > cap / 4 * 3 {
+                return Err(crate::Error::Unsafe {
+                    path: self.home.store_dir(),
+                    reason: format!(
+                        "pinning {}@{version} needs {bytes} bytes in the primary disk tier, more than its capacity of {cap} bytes allows \
+                         (3/4 of it for live data); raise [cache] capacity or SHOAL_CACHE_CAPACITY",
+                        reference.dataset
+                    ),
+                });
+            }
+        }
         let s = store.clone();
         let ids: Vec<_> = all.iter().map(|b| b.0).collect();
         let missing: Vec<_> = tokio::task::spawn_blocking(move || {
@@ -56,7 +69,7 @@ impl Node {
             pinned: name,
             root: format!("b3:{}", signed.body.root),
             blobs: all.len() as u64,
-            bytes: all.iter().map(|b| b.1 as u64).sum(),
+            bytes,
             bytes_from_origin: blobs.bytes_from_origin(),
         })
     }

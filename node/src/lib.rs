@@ -17,6 +17,7 @@ mod publish;
 mod pull;
 pub mod store;
 pub mod swarm;
+pub mod tiers;
 mod walk;
 
 pub use cache::PinReport;
@@ -30,12 +31,13 @@ pub use pull::PullReport;
 
 use shoal_registry::{DatasetRef, Origin, PublicKey, SignedVersion, VersionRef};
 use std::sync::{Arc, Mutex, OnceLock};
-use store::{ChunkStore, SegmentStore};
+use store::ChunkStore;
 use swarm::Swarm;
+use tiers::{CacheLayout, TieredStore};
 
 /// Opens the local store alone, for commands that need no origin (`shoal cache`, `shoal gc`).
-pub fn open_store(home: &Home, capacity: Option<u64>) -> Result<Arc<dyn ChunkStore>> {
-    Ok(Arc::new(SegmentStore::open(&home.store_dir(), capacity)?))
+pub fn open_store(home: &Home, layout: &CacheLayout) -> Result<Arc<dyn ChunkStore>> {
+    Ok(Arc::new(TieredStore::open(&home.store_dir(), layout)?))
 }
 
 /// An embedded node: state directory, local store, origin and trust settings.
@@ -43,8 +45,8 @@ pub struct Node {
     home: Home,
     origin: Origin,
     extra_trusted: Vec<PublicKey>,
-    capacity: Option<u64>,
-    store: Mutex<Option<Arc<SegmentStore>>>,
+    cache: CacheLayout,
+    store: Mutex<Option<Arc<TieredStore>>>,
     swarm: OnceLock<Arc<Swarm>>,
 }
 
@@ -56,7 +58,7 @@ impl Node {
             home,
             origin,
             extra_trusted,
-            capacity: None,
+            cache: CacheLayout::default(),
             store: Mutex::new(None),
             swarm: OnceLock::new(),
         }
@@ -68,7 +70,7 @@ impl Node {
             home: self.home.clone(),
             origin,
             extra_trusted: self.extra_trusted.clone(),
-            capacity: self.capacity,
+            cache: self.cache.clone(),
             store: Mutex::new(self.store.lock().expect("store slot poisoned").clone()),
             swarm: OnceLock::new(),
         };
@@ -87,9 +89,9 @@ impl Node {
         self.swarm.get()
     }
 
-    /// Bounds the local store to `capacity` bytes (None: unbounded); see `store`.
-    pub fn with_cache_capacity(mut self, capacity: Option<u64>) -> Node {
-        self.capacity = capacity;
+    /// How the local cache is laid out: memory, the primary store's capacity, more disk tiers.
+    pub fn with_cache(mut self, cache: CacheLayout) -> Node {
+        self.cache = cache;
         self
     }
 
@@ -107,7 +109,7 @@ impl Node {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let s = Arc::new(SegmentStore::open(&self.home.store_dir(), self.capacity)?);
+        let s = Arc::new(TieredStore::open(&self.home.store_dir(), &self.cache)?);
         *guard = Some(s.clone());
         Ok(s)
     }

@@ -187,13 +187,13 @@ impl Node {
         .expect("store task panicked")?;
 
         let need: u64 = missing.iter().map(|&i| order[i].1 as u64).sum();
-        if let Some(cap) = self.capacity {
+        if let Some(cap) = self.cache.disk_capacity() {
             let version_bytes = need + local_bytes;
             if version_bytes > cap / 4 * 3 {
                 return Err(Error::Unsafe {
                     path: self.home.store_dir(),
                     reason: format!(
-                        "{reference} needs {version_bytes} bytes in the local store, more than its capacity of {cap} bytes allows \
+                        "{reference} needs {version_bytes} bytes in the local store, more than its disk tiers' capacity of {cap} bytes allows \
                          (3/4 of it for live data); raise [cache] capacity or SHOAL_CACHE_CAPACITY, or use `shoal mount`"
                     ),
                 });

@@ -77,6 +77,33 @@ pub struct CacheStats {
     pub misses: u64,
     pub hit_rate: f64,
     pub evictions: u64,
+    /// Each tier, fastest first (memory, this store, further disk tiers).
+    pub tiers: Vec<TierStats>,
+}
+
+/// One tier of the local cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierStats {
+    /// "memory" or "disk".
+    pub kind: &'static str,
+    /// The directory of a disk tier.
+    pub path: Option<String>,
+    pub capacity: Option<u64>,
+    /// Bytes of blobs held.
+    pub used_bytes: u64,
+    pub blobs: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub evictions: u64,
+}
+
+pub(crate) fn rate(hits: u64, misses: u64) -> f64 {
+    if hits + misses == 0 {
+        0.0
+    } else {
+        hits as f64 / (hits + misses) as f64
+    }
 }
 
 /// Where blobs live on this machine. Implementations must be safe to share between threads.
@@ -537,6 +564,85 @@ impl SegmentStore {
             .unwrap_or(0))
     }
 
+    /// [`ChunkStore::put_batch`], also returning (with `collect`) the verified bytes of every
+    /// blob it evicted or declined to admit, for a slower tier to keep.
+    pub(crate) fn put_batch_demoting(
+        &self,
+        blobs: &[(Hash, &[u8])],
+        retain: Retain,
+        collect: bool,
+    ) -> Result<Vec<(Hash, Vec<u8>)>, StoreError> {
+        if blobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut st = self.lock();
+        let mut admitted = Vec::with_capacity(blobs.len());
+        let mut evicted = Vec::new();
+        let mut declined = Vec::new();
+        for (id, bytes) in blobs {
+            if self
+                .index
+                .contains_key(id.as_bytes())
+                .map_err(|e| self.db_err(e))?
+                || admitted.iter().any(|(a, _)| a == id)
+            {
+                continue;
+            }
+            match retain {
+                Retain::Keep => {
+                    evicted.extend(st.policy.insert_forced(*id, bytes.len() as u64));
+                    admitted.push((*id, *bytes));
+                }
+                Retain::Cache => {
+                    let a = st.policy.insert(*id, bytes.len() as u64);
+                    evicted.extend(a.evicted);
+                    if a.admitted {
+                        admitted.push((*id, *bytes));
+                    } else if collect {
+                        declined.push((*id, bytes.to_vec()));
+                    }
+                }
+            }
+        }
+        // Something admitted early in this batch may have been evicted by a later one.
+        admitted.retain(|(id, _)| !evicted.contains(id));
+        // What leaves this tier, read (and verified) before its entries go, for the next tier,
+        // and what it declined.
+        let mut demoted = declined;
+        if collect {
+            for id in &evicted {
+                match self.index.get(id.as_bytes()).map_err(|e| self.db_err(e))? {
+                    Some(v) => {
+                        let Some((seg, off, len)) = decode_loc(&v) else {
+                            continue;
+                        };
+                        let mut buf = vec![0u8; len as usize];
+                        let read = self
+                            .reader(seg)
+                            .and_then(|f| f.read_exact_at(&mut buf, off));
+                        if read.is_ok() && id.verify(&buf) {
+                            demoted.push((*id, buf));
+                        }
+                    }
+                    // Admitted and evicted within this batch: never written here.
+                    None => {
+                        if let Some((_, b)) = blobs.iter().find(|(b, _)| b == id) {
+                            demoted.push((*id, b.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut batch = self.append(&mut st, &admitted)?;
+        self.unindex(&mut st, &evicted, &mut batch)?;
+        st.evictions += evicted.len() as u64;
+        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        if !evicted.is_empty() {
+            self.compact_to_capacity(&mut st)?;
+        }
+        Ok(demoted)
+    }
+
     fn pin_list(&self, name: &str) -> Result<Option<Vec<(Hash, u32)>>, StoreError> {
         let Some(v) = self.pins.get(name).map_err(|e| self.db_err(e))? else {
             return Ok(None);
@@ -618,45 +724,7 @@ impl ChunkStore for SegmentStore {
     }
 
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {
-        if blobs.is_empty() {
-            return Ok(());
-        }
-        let mut st = self.lock();
-        let mut admitted = Vec::with_capacity(blobs.len());
-        let mut evicted = Vec::new();
-        for (id, bytes) in blobs {
-            if self
-                .index
-                .contains_key(id.as_bytes())
-                .map_err(|e| self.db_err(e))?
-                || admitted.iter().any(|(a, _)| a == id)
-            {
-                continue;
-            }
-            match retain {
-                Retain::Keep => {
-                    evicted.extend(st.policy.insert_forced(*id, bytes.len() as u64));
-                    admitted.push((*id, *bytes));
-                }
-                Retain::Cache => {
-                    let a = st.policy.insert(*id, bytes.len() as u64);
-                    evicted.extend(a.evicted);
-                    if a.admitted {
-                        admitted.push((*id, *bytes));
-                    }
-                }
-            }
-        }
-        // Something admitted early in this batch may have been evicted by a later one.
-        admitted.retain(|(id, _)| !evicted.contains(id));
-        let mut batch = self.append(&mut st, &admitted)?;
-        self.unindex(&mut st, &evicted, &mut batch)?;
-        st.evictions += evicted.len() as u64;
-        self.index.apply_batch(batch).map_err(|e| self.db_err(e))?;
-        if !evicted.is_empty() {
-            self.compact_to_capacity(&mut st)?;
-        }
-        Ok(())
+        self.put_batch_demoting(blobs, retain, false).map(|_| ())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -702,7 +770,6 @@ impl ChunkStore for SegmentStore {
         }
         let live: u64 = st.segs.values().map(Seg::live_bytes).sum();
         let blobs = st.segs.values().map(|s| s.live.len() as u64).sum();
-        let lookups = st.hits + st.misses;
         Ok(CacheStats {
             path: self.dir.display().to_string(),
             capacity: self.capacity,
@@ -713,12 +780,19 @@ impl ChunkStore for SegmentStore {
             pins,
             hits: st.hits,
             misses: st.misses,
-            hit_rate: if lookups == 0 {
-                0.0
-            } else {
-                st.hits as f64 / lookups as f64
-            },
+            hit_rate: rate(st.hits, st.misses),
             evictions: st.evictions,
+            tiers: vec![TierStats {
+                kind: "disk",
+                path: Some(self.dir.display().to_string()),
+                capacity: self.capacity,
+                used_bytes: live,
+                blobs,
+                hits: st.hits,
+                misses: st.misses,
+                hit_rate: rate(st.hits, st.misses),
+                evictions: st.evictions,
+            }],
         })
     }
 
