@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks beside the peer tools, on the shared generated data. Prints JSON.
 #   scripts/bench.sh publish [--datasets shards,images] [--runs 3] [--skip-peers]
-#   scripts/bench.sh mount | eviction | chunking
+#   scripts/bench.sh mount [--runs 3] [--peers squash,casync] | mount-peer [--runs 3]
+#   scripts/bench.sh eviction | chunking
 #   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
@@ -18,6 +19,8 @@ command -v mktorrent >/dev/null || need+=(mktorrent)
 command -v opentracker >/dev/null || need+=(opentracker)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v curl >/dev/null || need+=(curl)
+command -v squashfuse_ll >/dev/null || need+=(squashfuse)
+command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v tc >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --locked -p shoal-cli -p shoal-testnet

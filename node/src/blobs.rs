@@ -97,13 +97,10 @@ impl Blobs {
                 let got =
                     crate::swarm::fetch::from_complete_peers(swarm, &version.body.root, &absent)
                         .await;
-                let st = store.clone();
                 let cache = cache.to_path_buf();
                 tokio::task::spawn_blocking(move || {
-                    for id in got {
-                        if let Ok(Some(bytes)) = st.get(&id) {
-                            cache_pack_index(&cache, &id, &bytes);
-                        }
+                    for (id, bytes) in got {
+                        cache_pack_index(&cache, &id, &bytes);
                     }
                 })
                 .await
@@ -190,10 +187,7 @@ impl Blobs {
     pub async fn fetch(&self, mut ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
         if let Some((swarm, root)) = &self.peers {
             let got = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
-            if !got.is_empty() {
-                let got: std::collections::HashSet<Hash> = got.into_iter().collect();
-                ids.retain(|id| !got.contains(id));
-            }
+            ids.retain(|id| !got.contains_key(id));
         }
         self.fetch_origin(ids, progress).await
     }
@@ -211,24 +205,8 @@ impl Blobs {
     pub async fn fetch_bytes(&self, mut ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
         let mut out = HashMap::new();
         if let Some((swarm, root)) = &self.peers {
-            let got = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
-            if !got.is_empty() {
-                // Peers' blobs arrive verified in the store; read them back for the caller.
-                let store = self.store.clone();
-                let read = tokio::task::spawn_blocking(move || -> Result<Vec<(Hash, Bytes)>> {
-                    let mut v = Vec::with_capacity(got.len());
-                    for id in got {
-                        if let Some(b) = store.get(&id)? {
-                            v.push((id, Bytes::from(b)));
-                        }
-                    }
-                    Ok(v)
-                })
-                .await
-                .expect("store task panicked")?;
-                out.extend(read);
-                ids.retain(|id| !out.contains_key(id));
-            }
+            out = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
+            ids.retain(|id| !out.contains_key(id));
         }
         if !ids.is_empty() {
             let got = self.fetch_inner(ids, None, true).await?;

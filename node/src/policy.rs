@@ -61,7 +61,8 @@ impl<K: Hash + Eq + Copy> ClockLfu<K> {
         }
     }
 
-    fn count(&self, k: &K) -> u32 {
+    /// Reads of `k` counted in the current window.
+    pub fn count(&self, k: &K) -> u32 {
         self.counts.get(k).copied().unwrap_or(0)
     }
 

@@ -1,8 +1,8 @@
 //! The tiered local cache: memory, then the primary disk store (`$SHOAL_HOME/store`), then any
 //! further disk tiers, each with its own capacity and [`ClockLfu`] policy.
 //!
-//! - Reads look in each tier in order. A blob read from a disk tier is offered to memory (the
-//!   policy admits it once it is read often enough); one found below the primary tier is
+//! - Reads look in each tier in order. A blob read from a disk tier for the second time (or
+//!   more) is offered to memory, whose policy admits it once it is read often enough; one found below the primary tier is
 //!   offered to the primary tier (promotion).
 //! - Writes go to the primary tier. What a disk tier evicts, or declines to admit (a cache fill
 //!   its policy does not find worth a place yet), is demoted: its verified bytes are written to
@@ -158,7 +158,9 @@ impl TieredStore {
         let Some(mut m) = self.mem() else {
             return;
         };
-        if m.blobs.contains_key(id) {
+        // Only blobs read more than once: a single pass over a dataset (which the kernel's
+        // page cache serves on its own) costs no copies here and flushes nothing.
+        if m.blobs.contains_key(id) || m.policy.count(id) < 2 {
             return;
         }
         let a = m.policy.insert(*id, bytes.len() as u64);

@@ -50,6 +50,14 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "squash,casync")]
         peers: Vec<String>,
     },
+    /// Cold reads through a mount served by a node daemon whose chunks come from a peer daemon
+    /// on loopback, beside a cold mount reading a local origin directory (same run).
+    MountPeer {
+        #[arg(long, value_delimiter = ',', default_value = "shards,images")]
+        datasets: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Cache hit rates under the training pattern (every epoch reads everything in a new
     /// random order): the store's policy against LRU, at several cache sizes.
     Eviction {
@@ -689,6 +697,10 @@ fn main() -> Result<()> {
             swarm_bench::netns(&args, *nodes, rate, *kill, !*no_peers)?,
         ),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
+        Cmd::MountPeer { datasets, runs } => (
+            "mount_peer",
+            swarm_bench::mount_from_peer(&args, datasets, (*runs).max(1))?,
+        ),
         Cmd::Mount {
             datasets,
             runs,

@@ -166,18 +166,23 @@ fn wait_connected(nodes: &[&Daemon], n: usize) -> Result<()> {
 }
 
 fn publisher(work: &Path, origin: &str, shards: &Path) -> Result<String> {
+    publish(work, origin, shards, "shards@v1")
+}
+
+/// Publishes `dir` as `reference` once per work directory; returns the publisher's key.
+fn publish(work: &Path, origin: &str, dir: &Path, reference: &str) -> Result<String> {
     let home = work.join("publisher");
     let key = Command::new(shoal_bin()?)
         .args(["key"])
         .env("SHOAL_HOME", &home)
         .output()?;
     let trusted = String::from_utf8_lossy(&key.stdout).trim().to_string();
-    let marker = work.join("published");
+    let marker = work.join(format!("published-{reference}"));
     if !marker.exists() {
         let out = Command::new(shoal_bin()?)
             .arg("publish")
-            .arg(shards)
-            .arg("shards@v1")
+            .arg(dir)
+            .arg(reference)
             .env("SHOAL_HOME", &home)
             .env("SHOAL_ORIGIN", origin)
             .output()?;
@@ -326,6 +331,113 @@ pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
         "shoal_reports": reports,
         "peers_median_s": peer,
         "peer_time_over_shoal_time": ratios,
+    }))
+}
+
+/// Cold mount reads served by a daemon fetching from a peer daemon over loopback, against a
+/// cold embedded mount of a local origin directory, per dataset.
+pub fn mount_from_peer(args: &Args, datasets: &[String], runs: usize) -> Result<Value> {
+    let data = ensure_data(args)?;
+    let work = args.bench_root.join("work/mount-peer");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let origin = work.join("origin").display().to_string();
+    let mp = args.bench_root.join("mnt/shoal-peer");
+    let mut out = serde_json::Map::new();
+    for ds in datasets {
+        let dir = data.join(format!("{ds}_v1"));
+        let files = files_under(&dir)?;
+        let bytes: u64 = files.values().sum();
+        let reference = format!("{ds}@v1");
+        let trusted = publish(&work, &origin, &dir, &reference)?;
+        let seed = Daemon::start(
+            work.join(format!("seed-{ds}")),
+            None,
+            vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+            &origin,
+            &trusted,
+        )?;
+        wait_pull(seed.pull(&reference)?)?;
+        let addr = seed.status().context("seed status")?["listen"][0]
+            .as_str()
+            .context("seed address")?
+            .to_string();
+        let read = super::read_cmd(ds, &mp);
+        let (mut peer_s, mut origin_s, mut reports) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..runs {
+            // From the peer: a fresh daemon whose mount fetches every chunk from the seed.
+            super::warm(&seed.home.join("store"))?;
+            let home = work.join("leech");
+            let _ = std::fs::remove_dir_all(&home);
+            let leech = Daemon::start(
+                home.clone(),
+                None,
+                vec![
+                    "--listen".into(),
+                    "/ip4/127.0.0.1/tcp/0".into(),
+                    "--bootstrap".into(),
+                    addr.clone(),
+                ],
+                &origin,
+                &trusted,
+            )?;
+            wait_connected(&[&leech], 1)?;
+            let secs =
+                super::time_mounted_read(&home, Path::new(&origin), &reference, &mp, &[], &read)?;
+            let st = leech.status().context("leech status")?;
+            eprintln!(
+                "{ds} run {}: cold mount from a peer {secs:.2} s ({} from peers, {} from origin)",
+                r + 1,
+                st["bytes_from_peers"],
+                st["bytes_from_origin"]
+            );
+            reports.push(json!({
+                "seconds": secs,
+                "bytes_from_peers": st["bytes_from_peers"],
+                "bytes_from_origin": st["bytes_from_origin"],
+            }));
+            peer_s.push(secs);
+            drop(leech);
+            let _ = std::fs::remove_dir_all(&home);
+            // From the local origin directory: an embedded mount, fresh state directory.
+            super::warm(Path::new(&origin))?;
+            let reader = work.join("reader");
+            let _ = std::fs::remove_dir_all(&reader);
+            std::fs::create_dir_all(&reader)?;
+            std::fs::copy(
+                work.join("publisher/publisher.key"),
+                reader.join("publisher.key"),
+            )?;
+            let secs =
+                super::time_mounted_read(&reader, Path::new(&origin), &reference, &mp, &[], &read)?;
+            eprintln!("{ds} run {}: cold mount from the origin {secs:.2} s", r + 1);
+            origin_s.push(secs);
+            let _ = std::fs::remove_dir_all(&reader);
+        }
+        drop(seed);
+        let (p, o) = (median(peer_s.clone()), median(origin_s.clone()));
+        out.insert(
+            ds.clone(),
+            json!({
+                "files": files.len(),
+                "bytes": bytes,
+                "read": read,
+                "from_peer_seconds": peer_s,
+                "from_peer_s": p,
+                "from_peer_gbps": bytes as f64 / p / 1e9,
+                "from_peer_files_per_s": files.len() as f64 / p,
+                "from_origin_dir_seconds": origin_s,
+                "from_origin_dir_s": o,
+                "from_origin_dir_gbps": bytes as f64 / o / 1e9,
+                "peer_time_over_origin_dir_time": p / o,
+                "runs": reports,
+            }),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(json!({
+        "scenario": "cold mount reads: daemon-served mount fetching from a peer daemon on loopback (TLS bulk channel), vs an embedded mount of a local origin directory",
+        "datasets": out,
     }))
 }
 

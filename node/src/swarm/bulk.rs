@@ -49,17 +49,22 @@ pub struct Event {
     pub peer: PeerId,
     pub id: Hash,
     pub outcome: Outcome,
+    /// The verified bytes, when the request asked for them.
+    pub bytes: Option<Bytes>,
 }
 
 /// One request: blobs, and where to report what became of each.
 pub struct Request {
     pub ids: Vec<Hash>,
     pub reply: mpsc::UnboundedSender<Event>,
+    /// Hand the verified bytes back too (a reader waiting for them), not only store them.
+    pub want_bytes: bool,
 }
 
 struct Pending {
     ids: Vec<Hash>,
     reply: mpsc::UnboundedSender<Event>,
+    want_bytes: bool,
     sent: Instant,
 }
 
@@ -70,6 +75,7 @@ fn lost_ids(ids: Vec<Hash>, reply: &mpsc::UnboundedSender<Event>, peer: PeerId) 
             peer,
             id,
             outcome: Outcome::Lost,
+            bytes: None,
         });
     }
 }
@@ -125,6 +131,7 @@ impl Client {
                 let p = Pending {
                     ids: req.ids,
                     reply: req.reply,
+                    want_bytes: req.want_bytes,
                     sent: Instant::now(),
                 };
                 let ok = w.write_all(&frame).await.is_ok() && w.flush().await.is_ok();
@@ -224,11 +231,12 @@ impl Client {
                         });
                     }
                     let stored = store.put_batch(&good, Retain::Keep);
-                    (outcomes, stored)
+                    drop(good);
+                    (outcomes, stored, blobs)
                 })
                 .await
                 .expect("verify task panicked");
-                let (mut outcomes, stored) = checked;
+                let (mut outcomes, stored, blobs) = checked;
                 if let Err(e) = stored {
                     tracing::warn!("storing chunks from peer {peer}: {e}");
                     outcomes = p.ids.iter().map(|_| Outcome::Lost).collect();
@@ -253,8 +261,17 @@ impl Client {
                         };
                     }
                 }
-                for (id, outcome) in p.ids.into_iter().zip(outcomes) {
-                    let _ = p.reply.send(Event { peer, id, outcome });
+                for ((id, outcome), b) in p.ids.into_iter().zip(outcomes).zip(blobs) {
+                    let bytes = match outcome {
+                        Outcome::Stored(_) if p.want_bytes => b,
+                        _ => None,
+                    };
+                    let _ = p.reply.send(Event {
+                        peer,
+                        id,
+                        outcome,
+                        bytes,
+                    });
                 }
             }
         });

@@ -15,6 +15,7 @@ use super::{Cmd, Holding, Swarm};
 use crate::blobs::Blobs;
 use crate::error::Result;
 use crate::progress::Progress;
+use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use libp2p::PeerId;
@@ -418,6 +419,7 @@ async fn send(
                 bulk::Request {
                     ids,
                     reply: tx.clone(),
+                    want_bytes: false,
                 },
             )
             .await
@@ -429,6 +431,7 @@ async fn send(
                     peer,
                     id,
                     outcome: Outcome::Lost,
+                    bytes: None,
                 });
             }
         }
@@ -510,10 +513,17 @@ fn handle(
     }
 }
 
-/// Fetches a few blobs (tree nodes, pack indexes) from peers that hold the whole version;
-/// returns the ids that arrived verified and stored. Never fails: the caller falls back to
-/// the origin for the rest.
-pub async fn from_complete_peers(swarm: &Arc<Swarm>, root: &Hash, ids: &[Hash]) -> Vec<Hash> {
+/// Ids per request in [`from_complete_peers`]: about 5 MiB of chunks.
+const PEER_PART: usize = 128;
+
+/// Fetches blobs (tree nodes, pack indexes, a mount's chunks) from peers that hold the whole
+/// version; returns those that arrived, verified and stored, with their bytes. Never fails:
+/// the caller falls back to the origin for the rest.
+pub async fn from_complete_peers(
+    swarm: &Arc<Swarm>,
+    root: &Hash,
+    ids: &[Hash],
+) -> HashMap<Hash, Bytes> {
     let peers: Vec<(u8, PeerId)> = {
         let peers = swarm.peers.lock().expect("poisoned");
         let mut v: Vec<(u8, PeerId)> = peers
@@ -531,7 +541,7 @@ pub async fn from_complete_peers(swarm: &Arc<Swarm>, root: &Hash, ids: &[Hash]) 
         v
     };
     let mut want: Vec<Hash> = ids.to_vec();
-    let mut got = Vec::new();
+    let mut got = HashMap::new();
     for (_, peer) in peers.into_iter().take(2) {
         if want.is_empty() {
             break;
@@ -540,12 +550,15 @@ pub async fn from_complete_peers(swarm: &Arc<Swarm>, root: &Hash, ids: &[Hash]) 
             continue;
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        for part in want.chunks(bulk::MAX_IDS) {
+        // Several small requests rather than one large one: the peer streams the first while
+        // it reads the next, and this side verifies as they come.
+        for part in want.chunks(PEER_PART) {
             c.request(
                 peer,
                 bulk::Request {
                     ids: part.to_vec(),
                     reply: tx.clone(),
+                    want_bytes: true,
                 },
             )
             .await;
@@ -562,7 +575,9 @@ pub async fn from_complete_peers(swarm: &Arc<Swarm>, root: &Hash, ids: &[Hash]) 
                         n += 1;
                         match ev.outcome {
                             Outcome::Stored(len) => {
-                                got.push(ev.id);
+                                if let Some(b) = ev.bytes {
+                                    got.insert(ev.id, b);
+                                }
                                 swarm.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
                             }
                             Outcome::Bad => {
@@ -582,7 +597,7 @@ pub async fn from_complete_peers(swarm: &Arc<Swarm>, root: &Hash, ids: &[Hash]) 
                 }
             }
         }
-        want.retain(|id| !got.contains(id));
+        want.retain(|id| !got.contains_key(id));
     }
     got
 }
