@@ -9,7 +9,8 @@
 //! part of the dataset stays cached and hits every epoch; a one-off scan cannot flush it.
 //! [`Lru`] is the baseline the benchmark compares against. Pinned blocks are never evicted.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::VecDeque;
 use std::hash::Hash;
 
 /// What [`Policy::insert`] decided.
@@ -54,10 +55,10 @@ impl<K: Hash + Eq + Copy> ClockLfu<K> {
             capacity,
             used: 0,
             queue: VecDeque::new(),
-            entries: HashMap::new(),
-            counts: HashMap::new(),
+            entries: HashMap::default(),
+            counts: HashMap::default(),
             events: 0,
-            pinned: HashSet::new(),
+            pinned: HashSet::default(),
         }
     }
 
@@ -233,9 +234,9 @@ impl<K: Hash + Eq + Copy> Lru<K> {
             capacity,
             used: 0,
             tick: 0,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             order: Default::default(),
-            pinned: HashSet::new(),
+            pinned: HashSet::default(),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! compaction keeps the segment files under it; only pinned blobs can push usage beyond.
 
 use crate::policy::{ClockLfu, Policy};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use shoal_chunker::Hash;
 use std::collections::{BTreeMap, HashMap};
@@ -140,6 +141,9 @@ impl Seg {
 
 struct State {
     active: u32,
+    /// Which segment holds each live blob (with `Seg::live`, the index in memory; sled is
+    /// what makes it durable).
+    seg_of: FxHashMap<Hash, u32>,
     file: File,
     policy: ClockLfu<Hash>,
     segs: BTreeMap<u32, Seg>,
@@ -267,7 +271,7 @@ impl SegmentStore {
             }
         }
         let mut stale = Vec::new();
-        let mut seg_of: HashMap<Hash, u32> = HashMap::new();
+        let mut seg_of: FxHashMap<Hash, u32> = FxHashMap::default();
         for kv in index.iter() {
             let (k, v) = kv.map_err(|source| StoreError::Db {
                 path: db_path.clone(),
@@ -293,7 +297,7 @@ impl SegmentStore {
             // A capacity lowered since the last run: trim now.
             for victim in policy.insert_forced(id, len as u64) {
                 stale.push(sled::IVec::from(victim.as_bytes()));
-                if let Some(s) = seg_of.get(&victim).and_then(|n| segs.get_mut(n)) {
+                if let Some(s) = seg_of.remove(&victim).and_then(|n| segs.get_mut(&n)) {
                     s.live.remove(&victim);
                 }
             }
@@ -320,6 +324,7 @@ impl SegmentStore {
         });
         let state = State {
             active,
+            seg_of,
             file,
             policy,
             segs,
@@ -445,6 +450,7 @@ impl SegmentStore {
         let mut batch = sled::Batch::default();
         for (id, seg, off, len) in out {
             batch.insert(id.as_bytes(), &encode_loc(seg, off, len));
+            st.seg_of.insert(id, seg);
             st.segs
                 .get_mut(&seg)
                 .expect("appended segment")
@@ -662,26 +668,29 @@ impl SegmentStore {
 
 impl ChunkStore for SegmentStore {
     fn contains(&self, id: &Hash) -> Result<bool, StoreError> {
-        self.index
-            .contains_key(id.as_bytes())
-            .map_err(|e| self.db_err(e))
+        Ok(self.lock().seg_of.contains_key(id))
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         // Twice at most: a compaction may move the blob between the lookup and the read.
         for _ in 0..2 {
-            let Some(v) = self.index.get(id.as_bytes()).map_err(|e| self.db_err(e))? else {
+            let loc = {
                 let mut st = self.lock();
-                st.policy.access(id);
-                st.misses += 1;
-                return Ok(None);
-            };
-            let Some((seg, off, len)) = decode_loc(&v) else {
-                self.drop_entry(&mut self.lock(), id)?;
-                return Err(StoreError::Corrupt {
-                    id: *id,
-                    path: self.dir.join("index"),
+                let loc = st.seg_of.get(id).and_then(|&seg| {
+                    st.segs
+                        .get(&seg)
+                        .and_then(|s| s.live.get(id))
+                        .map(|&(off, len)| (seg, off, len))
                 });
+                st.policy.access(id);
+                match loc {
+                    Some(_) => st.hits += 1,
+                    None => st.misses += 1,
+                }
+                loc
+            };
+            let Some((seg, off, len)) = loc else {
+                return Ok(None);
             };
             let mut buf = vec![0u8; len as usize];
             let read = self
@@ -701,12 +710,7 @@ impl ChunkStore for SegmentStore {
             }
             if !id.verify(&buf) {
                 // Moved by a compaction since the lookup? Look again before calling it corrupt.
-                if self
-                    .index
-                    .get(id.as_bytes())
-                    .map_err(|e| self.db_err(e))?
-                    .is_some_and(|now| now != v)
-                {
+                if self.lock().seg_of.get(id).is_some_and(|&now| now != seg) {
                     continue;
                 }
                 self.drop_entry(&mut self.lock(), id)?;
@@ -715,9 +719,6 @@ impl ChunkStore for SegmentStore {
                     path: self.seg_path(seg),
                 });
             }
-            let mut st = self.lock();
-            st.policy.access(id);
-            st.hits += 1;
             return Ok(Some(buf));
         }
         Ok(None)
@@ -881,6 +882,9 @@ fn forget_live(st: &mut State, loc: Option<&[u8]>, id: &Hash) {
     if let Some((seg, _, _)) = loc.and_then(decode_loc) {
         if let Some(s) = st.segs.get_mut(&seg) {
             s.live.remove(id);
+        }
+        if st.seg_of.get(id) == Some(&seg) {
+            st.seg_of.remove(id);
         }
     }
 }
