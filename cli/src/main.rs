@@ -341,13 +341,31 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         }
         Command::Pin { reference } => {
             let reference: DatasetRef = reference.parse()?;
-            let node = open(false)?;
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let r = node.pin(&reference, &progress).await;
+            let r = match Client::connect(&home).await {
+                Some(daemon) => {
+                    let req = Request::Pin {
+                        reference: reference.to_string(),
+                        origin: cfg.origin.clone(),
+                    };
+                    daemon
+                        .call(&req, &progress)
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|v| Ok(serde_json::from_value::<shoal_node::PinReport>(v)?))
+                }
+                None => {
+                    let node = open(false)?;
+                    let r = node.pin(&reference, &progress).await;
+                    if r.is_ok() {
+                        node.store()?.flush()?;
+                    }
+                    r.map_err(anyhow::Error::from)
+                }
+            };
             bar.finish();
             let r = r?;
-            node.store()?.flush()?;
             out.report(&r, || {
                 format!(
                     "pinned {} ({}): {} in {} blobs, {} fetched",
@@ -361,7 +379,16 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         }
         Command::Unpin { reference } => {
             let reference: DatasetRef = reference.parse()?;
-            let unpinned = open(false)?.unpin(&reference).await?;
+            let unpinned = match Client::connect(&home).await {
+                Some(daemon) => {
+                    let req = Request::Unpin {
+                        reference: reference.to_string(),
+                        origin: cfg.origin.clone(),
+                    };
+                    serde_json::from_value(daemon.call(&req, &Progress::default()).await?)?
+                }
+                None => open(false)?.unpin(&reference).await?,
+            };
             if !unpinned {
                 anyhow::bail!("{reference} is not pinned (see `shoal cache`)");
             }
@@ -371,7 +398,12 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             )
         }
         Command::Cache => {
-            let s = shoal_node::open_store(&home, &cfg.cache)?.stats()?;
+            let s: shoal_node::store::CacheStats = match Client::connect(&home).await {
+                Some(daemon) => serde_json::from_value(
+                    daemon.call(&Request::Cache, &Progress::default()).await?,
+                )?,
+                None => shoal_node::open_store(&home, &cfg.cache)?.stats()?,
+            };
             out.report(&s, || {
                 let mut lines = vec![
                     format!("store {}", s.path),
@@ -421,8 +453,12 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             })
         }
         Command::Gc => {
-            let store = shoal_node::open_store(&home, &cfg.cache)?;
-            let freed = store.gc()?;
+            let freed: u64 = match Client::connect(&home).await {
+                Some(daemon) => {
+                    serde_json::from_value(daemon.call(&Request::Gc, &Progress::default()).await?)?
+                }
+                None => shoal_node::open_store(&home, &cfg.cache)?.gc()?,
+            };
             out.report(&serde_json::json!({ "freed_bytes": freed }), || {
                 format!("freed {}", output::bytes(freed))
             })

@@ -150,8 +150,9 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
     assert!(r["read_errors"].as_u64().unwrap() >= 1, "{r}");
     assert!(!is_mounted(&mp));
 
-    // A mount command killed outright: the daemon sees it go and unmounts.
-    relay.restart();
+    // The origin is still down: a version this node has seen opens from its kept signed copy,
+    // and its chunks are local. A mount command killed outright: the daemon sees it go and
+    // unmounts.
     let mut m = MountCmd {
         child: Some(
             c.nodes[b]
@@ -163,6 +164,11 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
         mp: mp.clone(),
     };
     m.wait_mounted(&log);
+    assert!(
+        c.nodes[b].log().contains("using the signed copy of ds@v1"),
+        "the mount opened the kept signed version: {}",
+        c.nodes[b].log()
+    );
     let mut child = m.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();

@@ -393,6 +393,30 @@ fn daemon_and_embedded_give_the_same_result() {
     let out = c.nodes[a].run(&["node", "run", "--no-mdns"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+
+    // The store's own commands go through the daemon too (it holds the store).
+    let p = c.nodes[a].json(&["pin", "ds@v1"]);
+    assert_eq!(p["pinned"], "ds@v1", "{p}");
+    assert_eq!(p["bytes_from_origin"], 0, "already local: {p}");
+    let cache = c.nodes[a].json(&["cache"]);
+    assert_eq!(cache["pins"][0]["name"], "ds@v1", "{cache}");
+    assert!(u(&cache, "pinned_bytes") > 0, "{cache}");
+    assert_eq!(cache["tiers"][0]["kind"], "memory", "{cache}");
+    assert_eq!(cache["tiers"][1]["kind"], "disk", "{cache}");
+    // Pinned: gc keeps it.
+    c.nodes[a].json(&["gc"]);
+    assert_eq!(
+        u(
+            &c.nodes[a].json(&["pull", "ds@v1", "--no-files"]),
+            "bytes_from_origin"
+        ),
+        0
+    );
+    c.nodes[a].json(&["unpin", "ds@v1"]);
+    let freed = c.nodes[a].json(&["gc"]);
+    assert!(u(&freed, "freed_bytes") > 0, "{freed}");
+    let cache = c.nodes[a].json(&["cache"]);
+    assert_eq!(u(&cache, "live_bytes"), 0, "{cache}");
 }
 
 /// Two namespaces on one bridge, deleted on drop.

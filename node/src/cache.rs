@@ -4,12 +4,12 @@ use crate::error::Result;
 use crate::progress::Progress;
 use crate::walk::walk;
 use crate::Node;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_registry::{DatasetRef, Rev};
 use std::collections::HashSet;
 
 /// What `pin` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PinReport {
     pub pinned: String,
     pub root: String,

@@ -38,6 +38,19 @@ pub enum Request {
         path: String,
         origin: String,
     },
+    /// Fetch a version into the primary disk tier and pin it.
+    Pin {
+        reference: String,
+        origin: String,
+    },
+    Unpin {
+        reference: String,
+        origin: String,
+    },
+    /// Usage, pins and hit rates per tier.
+    Cache,
+    /// Drop everything no pin needs.
+    Gc,
     /// Mount a version and serve it until it is unmounted or this connection closes.
     Mount {
         reference: String,
@@ -307,6 +320,32 @@ async fn handle(
             let n = daemon.node_for(&origin)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.ls(&reference, &path).await?)
+        }
+        Request::Pin { reference, origin } => {
+            let n = daemon.node_for(&origin)?;
+            let reference: DatasetRef = reference.parse()?;
+            let r = n.pin(&reference, &progress).await?;
+            n.store()?.flush()?;
+            serde_json::to_value(r)
+        }
+        Request::Unpin { reference, origin } => {
+            let n = daemon.node_for(&origin)?;
+            let reference: DatasetRef = reference.parse()?;
+            serde_json::to_value(n.unpin(&reference).await?)
+        }
+        Request::Cache => {
+            let store = daemon.node.store()?;
+            let stats = tokio::task::spawn_blocking(move || store.stats())
+                .await
+                .map_err(|e| Error::Net(e.to_string()))??;
+            serde_json::to_value(stats)
+        }
+        Request::Gc => {
+            let store = daemon.node.store()?;
+            let freed = tokio::task::spawn_blocking(move || store.gc())
+                .await
+                .map_err(|e| Error::Net(e.to_string()))??;
+            serde_json::to_value(freed)
         }
         Request::Mount {
             reference,

@@ -1,7 +1,7 @@
 //! The state directory (`SHOAL_HOME`): publisher key, trusted keys, local store, caches.
 
 use crate::error::{io, Error, Result};
-use shoal_registry::{PublicKey, SecretKey};
+use shoal_registry::{PublicKey, SecretKey, SignedVersion};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,66 @@ impl Home {
     }
 
     /// The running daemon's local socket.
+    /// Signed versions seen before, so that they open while the origin is unreachable.
+    pub fn versions_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("versions")
+    }
+
+    /// Keeps a copy of a (verified) signed version; best effort.
+    pub fn remember_version(&self, dataset: &str, version: &str, signed: &SignedVersion) {
+        let dir = self.versions_cache_dir().join(dataset);
+        let path = dir.join(format!("{version}.ver"));
+        if path.exists() {
+            return;
+        }
+        if let Err(e) = write_private(&dir, &path, &signed.encode()) {
+            tracing::debug!("caching version {dataset}@{version}: {e}");
+        }
+    }
+
+    /// A version of `dataset` seen before: by version name, or by root id. Not verified here.
+    pub fn cached_version(
+        &self,
+        dataset: &str,
+        rev: &shoal_registry::Rev,
+    ) -> Result<Option<(String, SignedVersion)>> {
+        let dir = self.versions_cache_dir().join(dataset);
+        let decode = |path: &Path| -> Result<Option<SignedVersion>> {
+            match std::fs::read(path) {
+                Ok(b) => SignedVersion::decode(&b)
+                    .map(Some)
+                    .map_err(|e| Error::Corrupt {
+                        what: format!("cached version {}", path.display()),
+                        reason: e.to_string(),
+                    }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io("reading", path)(e)),
+            }
+        };
+        match rev {
+            shoal_registry::Rev::Label(l) => {
+                Ok(decode(&dir.join(format!("{l}.ver")))?.map(|v| (l.to_string(), v)))
+            }
+            shoal_registry::Rev::Root(root) => {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    return Ok(None);
+                };
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let Some(version) = name.strip_suffix(".ver") else {
+                        continue;
+                    };
+                    if let Some(v) = decode(&e.path())? {
+                        if v.body.root == *root {
+                            return Ok(Some((version.to_string(), v)));
+                        }
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.root.join("node.sock")
     }

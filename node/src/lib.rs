@@ -123,10 +123,29 @@ impl Node {
     }
 
     /// Resolves a reference and verifies the version's signature against the trusted keys.
+    /// When the origin cannot be reached, a version seen before on this machine (by version
+    /// name or root id, not by tag) still opens from its cached, re-verified signed copy.
     pub async fn open_version(&self, reference: &DatasetRef) -> Result<(String, SignedVersion)> {
-        let (version, signed) = self.origin.resolve(reference).await?;
-        signed.verify(reference.dataset.as_str(), &version, &self.trusted_keys()?)?;
-        Ok((version, signed))
+        let dataset = reference.dataset.as_str();
+        match self.origin.resolve(reference).await {
+            Ok((version, signed)) => {
+                signed.verify(dataset, &version, &self.trusted_keys()?)?;
+                self.home.remember_version(dataset, &version, &signed);
+                Ok((version, signed))
+            }
+            Err(e @ shoal_registry::OriginError::Store { .. }) => {
+                let Some((version, signed)) = self.home.cached_version(dataset, &reference.rev)?
+                else {
+                    return Err(e.into());
+                };
+                signed.verify(dataset, &version, &self.trusted_keys()?)?;
+                tracing::warn!(
+                    "{e}; using the signed copy of {dataset}@{version} this machine kept"
+                );
+                Ok((version, signed))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Where the blobs of a (verified) version are: the local store, then its packs.

@@ -16,7 +16,7 @@
 
 use crate::policy::{ClockLfu, Policy};
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_chunker::Hash;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -56,7 +56,7 @@ pub enum Retain {
 }
 
 /// One pinned version.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PinInfo {
     pub name: String,
     pub blobs: u64,
@@ -64,7 +64,7 @@ pub struct PinInfo {
 }
 
 /// What `shoal cache` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheStats {
     pub path: String,
     pub capacity: Option<u64>,
@@ -83,10 +83,10 @@ pub struct CacheStats {
 }
 
 /// One tier of the local cache.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierStats {
     /// "memory" or "disk".
-    pub kind: &'static str,
+    pub kind: String,
     /// The directory of a disk tier.
     pub path: Option<String>,
     pub capacity: Option<u64>,
@@ -784,7 +784,7 @@ impl ChunkStore for SegmentStore {
             hit_rate: rate(st.hits, st.misses),
             evictions: st.evictions,
             tiers: vec![TierStats {
-                kind: "disk",
+                kind: "disk".into(),
                 path: Some(self.dir.display().to_string()),
                 capacity: self.capacity,
                 used_bytes: live,

@@ -226,7 +226,7 @@ impl ChunkStore for TieredStore {
         let mut tiers = Vec::new();
         if let (Some((cap, _)), Some(m)) = (&self.memory, self.mem()) {
             tiers.push(TierStats {
-                kind: "memory",
+                kind: "memory".into(),
                 path: None,
                 capacity: Some(*cap),
                 used_bytes: m.used,
