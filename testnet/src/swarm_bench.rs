@@ -414,7 +414,9 @@ pub fn mount_from_peer(args: &Args, datasets: &[String], runs: usize) -> Result<
             origin_s.push(secs);
             let _ = std::fs::remove_dir_all(&reader);
         }
+        let seed_home = seed.home.clone();
         drop(seed);
+        let _ = std::fs::remove_dir_all(seed_home);
         let (p, o) = (median(peer_s.clone()), median(origin_s.clone()));
         out.insert(
             ds.clone(),
