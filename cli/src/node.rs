@@ -105,6 +105,9 @@ pub async fn status(home: &Home, out: &Out) -> Result<()> {
         for v in &s.versions {
             lines.push(format!("  holds {} ({}, {:?})", v.name, v.root, v.holding));
         }
+        for m in &s.mounts {
+            lines.push(format!("  serves {} at {}", m.reference, m.mountpoint));
+        }
         for p in &s.peers {
             lines.push(format!(
                 "  peer {} {} distance {} rtt {} {:.0} MB/s",

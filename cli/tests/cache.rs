@@ -6,14 +6,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn mounted(mp: &Path) -> bool {
-    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
-}
-
 /// Starts `shoal mount`, waits for it, runs `f`, then unmounts (or kills) it.
 fn with_mount(env: &Env, reference: &str, mp: &Path, f: impl FnOnce()) {
     std::fs::create_dir_all(mp).unwrap();
@@ -24,7 +16,7 @@ fn with_mount(env: &Env, reference: &str, mp: &Path, f: impl FnOnce()) {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !mounted(mp) {
+    while !is_mounted(mp) {
         assert!(
             Instant::now() < deadline && child.try_wait().unwrap().is_none(),
             "mount did not come up"

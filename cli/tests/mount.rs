@@ -8,14 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn is_mounted(mp: &Path) -> bool {
-    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
-}
-
 /// A running `shoal mount`; unmounted and reaped on drop, pass or fail.
 struct Mounted {
     child: Option<Child>,

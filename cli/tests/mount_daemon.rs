@@ -4,20 +4,12 @@
 
 mod common;
 
-use common::{random_bytes, write, Nginx, BIN};
+use common::{is_mounted, random_bytes, write, Nginx, BIN};
 use serde_json::Value;
 use shoal_testnet::{wait_for, Cluster};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-fn is_mounted(mp: &Path) -> bool {
-    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
-}
 
 /// A `shoal mount` command; lazily unmounted and reaped on drop, pass or fail.
 struct MountCmd {
@@ -26,6 +18,22 @@ struct MountCmd {
 }
 
 impl MountCmd {
+    /// Runs `shoal ARGS` as `node` (stderr to `log`) and waits for `mp` to be mounted.
+    fn start(node: &shoal_testnet::NodeProc, args: &[&str], mp: &Path, log: &Path) -> MountCmd {
+        let mut m = MountCmd {
+            child: Some(
+                node.cmd(args)
+                    .stdout(Stdio::piped())
+                    .stderr(std::fs::File::create(log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            ),
+            mp: mp.to_path_buf(),
+        };
+        m.wait_mounted(log);
+        m
+    }
+
     fn wait_mounted(&mut self, log: &Path) {
         wait_for(30, "the version to be mounted", || {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -75,27 +83,21 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
     let mp = c.dir.path().join("mnt");
     std::fs::create_dir_all(&mp).unwrap();
     let log = c.dir.path().join("mount.log");
-    let mut m = MountCmd {
-        child: Some(
-            c.nodes[b]
-                .cmd(&[
-                    "--json",
-                    "mount",
-                    "ds@v1",
-                    mp.to_str().unwrap(),
-                    "--timeout",
-                    "3",
-                    "--prefetch",
-                    "none",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        mp: mp.clone(),
-    };
-    m.wait_mounted(&log);
+    let mut m = MountCmd::start(
+        &c.nodes[b],
+        &[
+            "--json",
+            "mount",
+            "ds@v1",
+            mp.to_str().unwrap(),
+            "--timeout",
+            "3",
+            "--prefetch",
+            "none",
+        ],
+        &mp,
+        &log,
+    );
     assert!(
         std::fs::read_to_string(&log)
             .unwrap()
@@ -107,6 +109,12 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
         std::fs::read(src.join("f0.bin")).unwrap()
     );
     let s = c.nodes[b].status().unwrap();
+    assert_eq!(s["mounts"][0]["reference"], "ds@v1", "{s}");
+    assert_eq!(
+        s["mounts"][0]["mountpoint"],
+        mp.display().to_string(),
+        "{s}"
+    );
     assert!(
         s["bytes_from_peers"].as_u64().unwrap() >= 6 << 20,
         "the mount's chunks came from the peer: {s}"
@@ -153,17 +161,12 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
     // The origin is still down: a version this node has seen opens from its kept signed copy,
     // and its chunks are local. A mount command killed outright: the daemon sees it go and
     // unmounts.
-    let mut m = MountCmd {
-        child: Some(
-            c.nodes[b]
-                .cmd(&["mount", "ds@v1", mp.to_str().unwrap()])
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        mp: mp.clone(),
-    };
-    m.wait_mounted(&log);
+    let mut m = MountCmd::start(
+        &c.nodes[b],
+        &["mount", "ds@v1", mp.to_str().unwrap()],
+        &mp,
+        &log,
+    );
     assert!(
         c.nodes[b].log().contains("using the signed copy of ds@v1"),
         "the mount opened the kept signed version: {}",
@@ -177,17 +180,12 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
     });
 
     // The daemon stopping unmounts what it serves.
-    let mut m = MountCmd {
-        child: Some(
-            c.nodes[b]
-                .cmd(&["mount", "ds@v1", mp.to_str().unwrap()])
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        mp: mp.clone(),
-    };
-    m.wait_mounted(&log);
+    let mut m = MountCmd::start(
+        &c.nodes[b],
+        &["mount", "ds@v1", mp.to_str().unwrap()],
+        &mp,
+        &log,
+    );
     c.nodes[b].stop();
     assert!(!is_mounted(&mp), "the daemon left its mount behind");
     // The command ends too (with the report if the daemon sent it before exiting).

@@ -11,7 +11,7 @@ use crate::swarm::{self, Holding, Status, SwarmConfig};
 use crate::{Home, Node};
 use serde::{Deserialize, Serialize};
 use shoal_registry::{DatasetName, DatasetRef, Origin};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -199,7 +199,7 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         .mounts
         .lock()
         .expect("poisoned")
-        .iter()
+        .keys()
         .cloned()
         .collect();
     for mp in mounts {
@@ -218,8 +218,8 @@ struct Daemon {
     node: Arc<Node>,
     /// Siblings of `node` for requests naming another origin.
     others: Mutex<HashMap<String, Arc<Node>>>,
-    /// Mount points served now.
-    mounts: Mutex<HashSet<PathBuf>>,
+    /// Mount points served now, with the reference each serves.
+    mounts: Mutex<HashMap<PathBuf, String>>,
 }
 
 impl Daemon {
@@ -295,7 +295,22 @@ async fn handle(
     let req: Request = serde_json::from_str(&line)
         .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
     Ok(match req {
-        Request::Status => serde_json::to_value(daemon.node.swarm().expect("attached").status()),
+        Request::Status => {
+            let mut status = daemon.node.swarm().expect("attached").status();
+            let mut mounts: Vec<swarm::MountStatus> = daemon
+                .mounts
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .map(|(mp, r)| swarm::MountStatus {
+                    mountpoint: mp.display().to_string(),
+                    reference: r.clone(),
+                })
+                .collect();
+            mounts.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+            status.mounts = mounts;
+            serde_json::to_value(status)
+        }
         Request::Pull {
             reference,
             to,
@@ -355,11 +370,15 @@ async fn handle(
             let n = daemon.node_for(&origin)?;
             let reference: DatasetRef = reference.parse()?;
             let mp = spec.mountpoint.clone();
-            if !daemon.mounts.lock().expect("poisoned").insert(mp.clone()) {
-                return Err(Error::Net(format!(
-                    "{} is already a mount served by this node",
-                    mp.display()
-                )));
+            {
+                let mut mounts = daemon.mounts.lock().expect("poisoned");
+                if mounts.contains_key(&mp) {
+                    return Err(Error::Net(format!(
+                        "{} is already a mount served by this node",
+                        mp.display()
+                    )));
+                }
+                mounts.insert(mp.clone(), reference.to_string());
             }
             let r = n
                 .serve_mount(

@@ -57,6 +57,24 @@ impl Daemon {
         Ok(d)
     }
 
+    /// A fresh daemon on loopback that bootstraps from `addr` and is connected to it.
+    fn leech(home: PathBuf, addr: &str, origin: &str, trusted: &str) -> Result<Daemon> {
+        let d = Daemon::start(
+            home,
+            None,
+            vec![
+                "--listen".into(),
+                "/ip4/127.0.0.1/tcp/0".into(),
+                "--bootstrap".into(),
+                addr.to_string(),
+            ],
+            origin,
+            trusted,
+        )?;
+        wait_connected(&[&d], 1)?;
+        Ok(d)
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.home.join("node.log"))?;
         let mut c = self.shoal()?;
@@ -254,19 +272,7 @@ pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
         super::warm(&seed.home.join("store"))?;
         let home = work.join("leech");
         let _ = std::fs::remove_dir_all(&home);
-        let leech = Daemon::start(
-            home.clone(),
-            None,
-            vec![
-                "--listen".into(),
-                "/ip4/127.0.0.1/tcp/0".into(),
-                "--bootstrap".into(),
-                addr.clone(),
-            ],
-            &origin,
-            &trusted,
-        )?;
-        wait_connected(&[&leech], 1)?;
+        let leech = Daemon::leech(home.clone(), &addr, &origin, &trusted)?;
         let (s0, l0) = (seed.cpu_seconds(), leech.cpu_seconds());
         let (secs, v) = wait_pull(leech.pull("shards@v1")?)?;
         let (s_cpu, l_cpu) = (seed.cpu_seconds() - s0, leech.cpu_seconds() - l0);
@@ -369,19 +375,7 @@ pub fn mount_from_peer(args: &Args, datasets: &[String], runs: usize) -> Result<
             super::warm(&seed.home.join("store"))?;
             let home = work.join("leech");
             let _ = std::fs::remove_dir_all(&home);
-            let leech = Daemon::start(
-                home.clone(),
-                None,
-                vec![
-                    "--listen".into(),
-                    "/ip4/127.0.0.1/tcp/0".into(),
-                    "--bootstrap".into(),
-                    addr.clone(),
-                ],
-                &origin,
-                &trusted,
-            )?;
-            wait_connected(&[&leech], 1)?;
+            let leech = Daemon::leech(home.clone(), &addr, &origin, &trusted)?;
             let secs =
                 super::time_mounted_read(&home, Path::new(&origin), &reference, &mp, &[], &read)?;
             let st = leech.status().context("leech status")?;

@@ -316,3 +316,12 @@ pub fn stored_bytes(home: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Whether `mp` is a mount point now (per /proc/mounts).
+pub fn is_mounted(mp: &Path) -> bool {
+    let canon = mp.canonicalize().unwrap_or(mp.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}

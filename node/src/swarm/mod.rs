@@ -254,6 +254,16 @@ pub struct Status {
     pub bytes_served: u64,
     pub verify_failures: u64,
     pub active_pulls: u64,
+    /// Mounts the daemon serves now.
+    #[serde(default)]
+    pub mounts: Vec<MountStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountStatus {
+    pub mountpoint: String,
+    /// The reference as asked for.
+    pub reference: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -385,6 +395,7 @@ impl Swarm {
             bytes_served: c.bytes_served.load(Ordering::Relaxed),
             verify_failures: c.verify_failures.load(Ordering::Relaxed),
             active_pulls: c.active_pulls.load(Ordering::Relaxed),
+            mounts: Vec::new(),
         }
     }
 
