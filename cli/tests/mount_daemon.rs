@@ -62,6 +62,19 @@ impl Drop for MountCmd {
     }
 }
 
+/// Lets every user traverse the directories above `mp` (test temp directories are 0700).
+fn make_traversable(mp: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut p = mp.parent();
+    while let Some(dir) = p.filter(|d| *d != Path::new("/")) {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o711)).unwrap();
+        }
+        p = dir.parent();
+    }
+}
+
 #[test]
 fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
     let mut c = Cluster::new(BIN);
@@ -82,6 +95,9 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
 
     let mp = c.dir.path().join("mnt");
     std::fs::create_dir_all(&mp).unwrap();
+    // A mount point belonging to an ordinary user, reachable by everyone.
+    std::os::unix::fs::chown(&mp, Some(65534), Some(65534)).unwrap();
+    make_traversable(&mp);
     let log = c.dir.path().join("mount.log");
     let mut m = MountCmd::start(
         &c.nodes[b],
@@ -107,6 +123,18 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
     assert_eq!(
         std::fs::read(mp.join("f0.bin")).unwrap(),
         std::fs::read(src.join("f0.bin")).unwrap()
+    );
+    // The daemon runs as root; the user who owns the mount point (and others: file modes
+    // apply) can read the mount too.
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "cat"])
+        .arg(mp.join("f0.bin"))
+        .output()
+        .expect("runuser");
+    assert!(
+        out.status.success() && out.stdout == std::fs::read(src.join("f0.bin")).unwrap(),
+        "user nobody cannot read the daemon's mount: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let s = c.nodes[b].status().unwrap();
     assert_eq!(s["mounts"][0]["reference"], "ds@v1", "{s}");

@@ -374,7 +374,9 @@ impl Node {
         let cfg = shoal_fuse::MountConfig {
             fsname: format!("shoal:{}", m.version),
             threads: spec.threads,
-            allow_other: meta.uid() == 0,
+            // Root (a daemon, typically) lets every user read; file modes still apply. Others
+            // would need `user_allow_other` in /etc/fuse.conf.
+            allow_other: running_as_root(),
         };
         let session = shoal_fuse::spawn(fs, mp, &cfg)
             .map_err(crate::error::io("mounting a version at", mp))?;
@@ -414,6 +416,11 @@ impl Node {
             read_errors: stats.read_errors.load(Ordering::Relaxed),
         })
     }
+}
+
+/// Whether this process runs as root (`/proc/self` belongs to the effective user).
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// Unmounts with `fusermount3 -u`, or `umount` where that is not available (root).
