@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default (a local origin directory, an in-process
-# node): generate a small dataset, publish v1, edit it, publish v2 (only the change is
+# The main job end to end on the embedded default (a local origin directory, nodes on
+# loopback): generate a small dataset, publish v1, edit it, publish v2 (only the change is
 # uploaded), pull v2 on a "second machine" (fresh state dir that trusts the publisher's key),
-# verify every byte, print a summary.
+# verify every byte; then two node daemons on loopback: node a pulls from the origin, node b
+# pulls from node a, and node b's daemon serves a FUSE mount of v2; print a summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 >/dev/null; }
+need=()
+command -v python3 >/dev/null || need+=(python3)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --locked -p shoal-cli
 shoal="$PWD/target/release/shoal"
 
 work=$(mktemp -d /tmp/shoal-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+pids=()
+cleanup() {
+  mountpoint -q "$work/mnt" 2>/dev/null && { fusermount3 -u "$work/mnt" 2>/dev/null || umount -l "$work/mnt"; }
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 export SHOAL_ORIGIN="$work/origin"
 
 python3 - "$work/data" <<'PY'
@@ -53,4 +64,52 @@ import json, sys
 p, q = (json.load(open(f)) for f in sys.argv[1:3])
 print(f"summary: v2 is {p['bytes']/2**20:.0f} MiB; publishing it uploaded {p['new_bytes_uploaded']/2**20:.2f} MiB; "
       f"pull fetched {q['bytes_from_origin']/2**20:.0f} MiB from origin in {q['seconds']:.2f} s")
+PY
+
+echo "== two training nodes on loopback: node a pulls from the origin, node b from node a"
+for n in a b; do SHOAL_HOME="$work/node-$n" "$shoal" trust "$key" >/dev/null; done
+# Waits until the daemon of state directory $1 answers; prints its first listen address.
+wait_node() {
+  for _ in $(seq 100); do
+    if addr=$(SHOAL_HOME="$1" "$shoal" --json status 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["listen"][0])' 2>/dev/null); then
+      echo "$addr"; return 0
+    fi
+    sleep 0.2
+  done
+  echo "node $1 did not start: $(cat "$1.log")" >&2; return 1
+}
+SHOAL_HOME="$work/node-a" "$shoal" node run --listen /ip4/127.0.0.1/tcp/0 --no-mdns --zone z1 2>"$work/node-a.log" &
+pids+=($!)
+addr_a=$(wait_node "$work/node-a")
+SHOAL_HOME="$work/node-a" "$shoal" --json pull demo@v2 --no-files > "$work/pull-a.json"
+SHOAL_HOME="$work/node-b" "$shoal" node run --listen /ip4/127.0.0.1/tcp/0 --no-mdns --zone z1 --bootstrap "$addr_a" 2>"$work/node-b.log" &
+pids+=($!)
+wait_node "$work/node-b" >/dev/null
+for _ in $(seq 100); do
+  SHOAL_HOME="$work/node-b" "$shoal" --json status | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if any(p["connected"] and p["versions"] for p in s["peers"]) else 1)' && break
+  sleep 0.2
+done
+SHOAL_HOME="$work/node-b" "$shoal" --json pull demo@v2 --to "$work/pulled-b" > "$work/pull-b.json"
+diff -r "$work/data" "$work/pulled-b" && echo "verified: node b's copy matches the source"
+SHOAL_HOME="$work/node-b" "$shoal" status
+
+if [ -e /dev/fuse ]; then
+  echo "== mount demo@v2 on node b (its daemon serves the mount)"
+  mkdir -p "$work/mnt"
+  SHOAL_HOME="$work/node-b" "$shoal" --json mount demo@v2 "$work/mnt" > "$work/mount.json" 2>"$work/mount.log" &
+  mount_pid=$!
+  for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
+  ls "$work/mnt"
+  cmp "$work/data/shards/shard-001.bin" "$work/mnt/shards/shard-001.bin" && echo "verified: shard-001.bin read through the mount matches the source"
+  SHOAL_HOME="$work/node-b" "$shoal" unmount "$work/mnt" >/dev/null
+  wait "$mount_pid"
+  cat "$work/mount.json"
+else
+  echo "== (no /dev/fuse here: skipping the mount part)"
+fi
+python3 - "$work/pull-a.json" "$work/pull-b.json" <<'PY'
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+print(f"summary: node a took {a['bytes_from_origin']/2**20:.0f} MiB from the origin; "
+      f"node b took {b['bytes_from_peers']/2**20:.0f} MiB from node a and {b['bytes_from_origin']/2**20:.0f} MiB from the origin")
 PY
