@@ -235,6 +235,12 @@ pub async fn fetch(
         let mut origin_bytes = 0u64;
         let origin_free = origin_jobs.len() < ORIGIN_PARALLEL;
         let mut stalled = HashSet::new();
+        // Peers with room in their window: once there are none, the rest of the scan only
+        // looks for late requests (the scan runs on every wake-up).
+        let mut open = views
+            .iter()
+            .filter(|v| inflight.get(&v.id).copied().unwrap_or(0) < PEER_WINDOW)
+            .count();
         for i in 0..order.len() {
             match state[i] {
                 State::Done | State::Origin => continue,
@@ -255,6 +261,9 @@ pub async fn fetch(
                     state[i] = State::Want;
                 }
                 State::Want => {}
+            }
+            if open == 0 {
+                continue;
             }
             let (id, len) = order[i];
             let avoided = avoid.get(&i);
@@ -285,6 +294,9 @@ pub async fn fetch(
                     b.0.push(id);
                     b.1 += len as u64;
                     let q = inflight.get(&v.id).copied().unwrap_or(0) + b.1;
+                    if q >= PEER_WINDOW {
+                        open -= 1;
+                    }
                     let deadline = now
                         + Duration::from_secs(2)
                         + Duration::from_secs_f64(q as f64 / v.rate.max(20e6));
@@ -301,7 +313,18 @@ pub async fn fetch(
         // Chunks no peer has: from the origin, if this node is their run's reader.
         if !settle && origin_free {
             let alone = pullers.len() == 1;
-            for &i in &porder {
+            // With a peer holding the whole version, only chunks every such peer was found
+            // late on can need the origin: look at those, not at every chunk.
+            let late: Vec<usize>;
+            let candidates: &[usize] = if views.iter().any(|v| v.have.is_none()) {
+                let mut c: Vec<usize> = avoid.keys().copied().collect();
+                c.sort_by_key(|&i| (run_of[i], i));
+                late = c;
+                &late
+            } else {
+                &porder
+            };
+            for &i in candidates {
                 if origin_bytes >= ORIGIN_BATCH {
                     break;
                 }
