@@ -325,3 +325,15 @@ pub fn is_mounted(mp: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
 }
+
+/// Reading `path` fails with EIO, and sooner than `bound`.
+pub fn assert_eio_within(path: &Path, bound: std::time::Duration) {
+    let t = std::time::Instant::now();
+    let err = std::fs::read(path).unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected, got {err}");
+    assert!(
+        waited < bound,
+        "the read waited {waited:?}, beyond the bound"
+    );
+}
