@@ -54,6 +54,13 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// The running node daemon of `home`, told which keys this command trusts; None if none runs.
+async fn daemon(home: &Home, cfg: &Config) -> Option<Client> {
+    Client::connect(home)
+        .await
+        .map(|c| c.trusting(&cfg.trusted))
+}
+
 fn parse_chunking(s: &str) -> Result<Params> {
     let parts: Vec<u32> = s
         .split(',')
@@ -131,7 +138,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             };
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let report = match Client::connect(&home).await {
+            let report = match daemon(&home, &cfg).await {
                 Some(daemon) => {
                     let to = dest
                         .as_deref()
@@ -191,7 +198,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         }
         Command::Versions { name } => {
             let name: DatasetName = name.parse()?;
-            let list: Vec<shoal_node::VersionInfo> = match Client::connect(&home).await {
+            let list: Vec<shoal_node::VersionInfo> = match daemon(&home, &cfg).await {
                 Some(daemon) => serde_json::from_value(
                     daemon
                         .call(
@@ -239,7 +246,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         Command::Ls { reference, path } => {
             let reference: DatasetRef = reference.parse()?;
             let path = path.unwrap_or_default();
-            let entries: Vec<shoal_node::LsEntry> = match Client::connect(&home).await {
+            let entries: Vec<shoal_node::LsEntry> = match daemon(&home, &cfg).await {
                 Some(daemon) => serde_json::from_value(
                     daemon
                         .call(
@@ -327,7 +334,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 threads,
                 direct_io,
             };
-            let r = mount::run(&home, || open(false), &reference, args).await?;
+            let r = mount::run(daemon(&home, &cfg).await, || open(false), &reference, args).await?;
             out.report(&r, || {
                 format!(
                     "unmounted {} from {} ({}): {} files opened, {} read",
@@ -343,7 +350,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let reference: DatasetRef = reference.parse()?;
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let r = match Client::connect(&home).await {
+            let r = match daemon(&home, &cfg).await {
                 Some(daemon) => {
                     let req = Request::Pin {
                         reference: reference.to_string(),
@@ -379,7 +386,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
         }
         Command::Unpin { reference } => {
             let reference: DatasetRef = reference.parse()?;
-            let unpinned = match Client::connect(&home).await {
+            let unpinned = match daemon(&home, &cfg).await {
                 Some(daemon) => {
                     let req = Request::Unpin {
                         reference: reference.to_string(),
@@ -398,7 +405,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             )
         }
         Command::Cache => {
-            let s: shoal_node::store::CacheStats = match Client::connect(&home).await {
+            let s: shoal_node::store::CacheStats = match daemon(&home, &cfg).await {
                 Some(daemon) => serde_json::from_value(
                     daemon.call(&Request::Cache, &Progress::default()).await?,
                 )?,
@@ -453,7 +460,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             })
         }
         Command::Gc => {
-            let freed: u64 = match Client::connect(&home).await {
+            let freed: u64 = match daemon(&home, &cfg).await {
                 Some(daemon) => {
                     serde_json::from_value(daemon.call(&Request::Gc, &Progress::default()).await?)?
                 }

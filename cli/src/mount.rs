@@ -3,7 +3,7 @@
 use crate::args::PrefetchArg;
 use anyhow::{Context, Result};
 use shoal_node::daemon::{Client, Request};
-use shoal_node::{unmount, Home, MountReport, MountSpec, Node, Prefetch, Progress};
+use shoal_node::{unmount, MountReport, MountSpec, Node, Prefetch, Progress};
 use shoal_registry::DatasetRef;
 use std::path::PathBuf;
 
@@ -60,13 +60,13 @@ async fn interrupted() {
 
 /// Mounts, serves until unmounted (here or by `shoal unmount`) or interrupted, then reports.
 pub async fn run(
-    home: &Home,
+    daemon: Option<Client>,
     open: impl FnOnce() -> Result<Node>,
     reference: &DatasetRef,
     args: MountArgs,
 ) -> Result<MountReport> {
     let spec = args.spec()?;
-    let Some(daemon) = Client::connect(home).await else {
+    let Some(daemon) = daemon else {
         let node = open()?;
         return Ok(node
             .serve_mount(

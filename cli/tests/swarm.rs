@@ -419,6 +419,39 @@ fn daemon_and_embedded_give_the_same_result() {
     assert_eq!(u(&cache, "live_bytes"), 0, "{cache}");
 }
 
+#[test]
+fn the_commands_trusted_keys_reach_the_daemon() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    // A daemon that does not trust the publisher by itself.
+    let a = c.node("a", &[], &[("SHOAL_TRUSTED_KEYS", "")]);
+    let out = c.nodes[a].run(&["pull", "ds@v1", "--no-files"]);
+    assert!(!out.status.success(), "an untrusted version was pulled");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a trusted key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same pull by a command that trusts the key (SHOAL_TRUSTED_KEYS): the daemon does it.
+    let dest = c.dir.path().join("pulled");
+    let out = c.nodes[a]
+        .cmd(&["--json", "pull", "ds@v1", "--to", dest.to_str().unwrap()])
+        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&src, &dest);
+    let s = c.nodes[a].status().unwrap();
+    assert!(
+        u(&s, "bytes_from_origin") >= bytes,
+        "pulled by the daemon: {s}"
+    );
+}
+
 /// Two namespaces on one bridge, deleted on drop.
 struct Lan {
     names: Vec<String>,

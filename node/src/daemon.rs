@@ -10,7 +10,7 @@ use crate::progress::Progress;
 use crate::swarm::{self, Holding, Status, SwarmConfig};
 use crate::{Home, Node};
 use serde::{Deserialize, Serialize};
-use shoal_registry::{DatasetName, DatasetRef, Origin};
+use shoal_registry::{DatasetName, DatasetRef, Origin, PublicKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +59,16 @@ pub enum Request {
     },
 }
 
+/// A request as sent: the operation, and publisher keys the CLI trusts (its config file and
+/// `SHOAL_TRUSTED_KEYS`) on top of the daemon's own.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    #[serde(flatten)]
+    request: Request,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    trusted: Vec<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Reply {
@@ -79,6 +89,7 @@ pub struct DaemonOptions {
 /// A connection to a running daemon.
 pub struct Client {
     stream: UnixStream,
+    trusted: Vec<String>,
 }
 
 impl Client {
@@ -87,7 +98,16 @@ impl Client {
         UnixStream::connect(home.socket_path())
             .await
             .ok()
-            .map(|stream| Client { stream })
+            .map(|stream| Client {
+                stream,
+                trusted: Vec::new(),
+            })
+    }
+
+    /// Has the daemon also trust these publisher keys for this client's requests.
+    pub fn trusting(mut self, keys: &[PublicKey]) -> Client {
+        self.trusted = keys.iter().map(|k| k.to_string()).collect();
+        self
     }
 
     /// Sends one request; progress lines update `progress`; returns the result.
@@ -103,7 +123,11 @@ impl Client {
         mut notice: impl FnMut(String),
     ) -> Result<serde_json::Value> {
         let (r, mut w) = self.stream.into_split();
-        let mut line = serde_json::to_string(req).expect("requests serialize");
+        let envelope = Envelope {
+            request: req.clone(),
+            trusted: self.trusted.clone(),
+        };
+        let mut line = serde_json::to_string(&envelope).expect("requests serialize");
         line.push('\n');
         w.write_all(line.as_bytes())
             .await
@@ -223,17 +247,35 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// The node for a request's origin: the daemon's own, or a sibling sharing store and swarm.
-    fn node_for(&self, origin: &str) -> Result<Arc<Node>> {
-        if origin == self.node.origin().url() || origin.is_empty() {
+    /// The node for a request's origin and extra trusted keys: the daemon's own, or a sibling
+    /// sharing store and swarm.
+    fn node_for(&self, origin: &str, trusted: &[PublicKey]) -> Result<Arc<Node>> {
+        let own = self.node.trusted_keys()?;
+        let extra: Vec<PublicKey> = trusted
+            .iter()
+            .filter(|k| !own.contains(k))
+            .copied()
+            .collect();
+        let same_origin = origin == self.node.origin().url() || origin.is_empty();
+        if same_origin && extra.is_empty() {
             return Ok(self.node.clone());
         }
+        let mut key = origin.to_string();
+        for k in &extra {
+            key.push(' ');
+            key.push_str(&k.to_string());
+        }
         let mut o = self.others.lock().expect("poisoned");
-        if let Some(n) = o.get(origin) {
+        if let Some(n) = o.get(&key) {
             return Ok(n.clone());
         }
-        let n = Arc::new(self.node.with_origin(Origin::open(origin, false)?));
-        o.insert(origin.to_string(), n.clone());
+        let origin = if same_origin {
+            self.node.origin().clone()
+        } else {
+            Origin::open(origin, false)?
+        };
+        let n = Arc::new(self.node.with_origin(origin).trusting(extra));
+        o.insert(key, n.clone());
         Ok(n)
     }
 }
@@ -292,9 +334,14 @@ async fn handle(
     notices: tokio::sync::mpsc::UnboundedSender<String>,
     gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<serde_json::Value> {
-    let req: Request = serde_json::from_str(&line)
+    let Envelope { request, trusted } = serde_json::from_str(&line)
         .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
-    Ok(match req {
+    let trusted = trusted
+        .iter()
+        .map(|k| k.parse::<PublicKey>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Net(format!("bad trusted key from the CLI: {e}")))?;
+    Ok(match request {
         Request::Status => {
             let mut status = daemon.node.swarm().expect("attached").status();
             let mut mounts: Vec<swarm::MountStatus> = daemon
@@ -316,13 +363,13 @@ async fn handle(
             to,
             origin,
         } => {
-            let n = daemon.node_for(&origin)?;
+            let n = daemon.node_for(&origin, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             let r = n.pull(&reference, to.as_deref(), &progress).await?;
             serde_json::to_value(r)
         }
         Request::Versions { name, origin } => {
-            let n = daemon.node_for(&origin)?;
+            let n = daemon.node_for(&origin, &trusted)?;
             let name: DatasetName = name.parse()?;
             let list = n.versions(&name).await?;
             serde_json::to_value(list)
@@ -332,19 +379,19 @@ async fn handle(
             path,
             origin,
         } => {
-            let n = daemon.node_for(&origin)?;
+            let n = daemon.node_for(&origin, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.ls(&reference, &path).await?)
         }
         Request::Pin { reference, origin } => {
-            let n = daemon.node_for(&origin)?;
+            let n = daemon.node_for(&origin, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             let r = n.pin(&reference, &progress).await?;
             n.store()?.flush()?;
             serde_json::to_value(r)
         }
         Request::Unpin { reference, origin } => {
-            let n = daemon.node_for(&origin)?;
+            let n = daemon.node_for(&origin, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.unpin(&reference).await?)
         }
@@ -367,7 +414,7 @@ async fn handle(
             origin,
             spec,
         } => {
-            let n = daemon.node_for(&origin)?;
+            let n = daemon.node_for(&origin, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             let mp = spec.mountpoint.clone();
             {

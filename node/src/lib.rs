@@ -80,6 +80,12 @@ impl Node {
         n
     }
 
+    /// The same node, also trusting `keys`.
+    pub fn trusting(mut self, keys: Vec<PublicKey>) -> Node {
+        self.extra_trusted.extend(keys);
+        self
+    }
+
     /// Lets this node's pulls use a running swarm.
     pub fn attach_swarm(&self, swarm: Arc<Swarm>) {
         let _ = self.swarm.set(swarm);
