@@ -191,6 +191,12 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
     }
     let listener = UnixListener::bind(&sock)
         .map_err(|e| Error::Net(format!("listening on {}: {e}", sock.display())))?;
+    // Only the daemon's own user may drive it (it mounts, pulls and trusts keys on request).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+            .map_err(crate::error::io("restricting", &sock))?;
+    }
     ready(&sw.status());
 
     let daemon = Arc::new(Daemon {
