@@ -39,6 +39,17 @@ fn walk(root: &Path) -> Vec<u64> {
     v
 }
 
+/// Runs a `shoal --json ...` command, asserts it succeeded (showing its stderr), parses stdout.
+fn ok_json(cmd: &mut std::process::Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
@@ -365,25 +376,19 @@ fn daemon_and_embedded_give_the_same_result() {
     let rd = c.nodes[a].json(&["pull", "ds@v1", "--to", via_daemon.to_str().unwrap()]);
     // No daemon on this state directory: the CLI runs an embedded node.
     let embedded = c.dir.path().join("e");
-    let out = std::process::Command::new(BIN)
-        .args([
-            "--json",
-            "pull",
-            "ds@v1",
-            "--to",
-            embedded.to_str().unwrap(),
-        ])
-        .env("SHOAL_HOME", c.home("embedded"))
-        .env("SHOAL_ORIGIN", &c.origin)
-        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let re = ok_json(
+        std::process::Command::new(BIN)
+            .args([
+                "--json",
+                "pull",
+                "ds@v1",
+                "--to",
+                embedded.to_str().unwrap(),
+            ])
+            .env("SHOAL_HOME", c.home("embedded"))
+            .env("SHOAL_ORIGIN", &c.origin)
+            .env("SHOAL_TRUSTED_KEYS", &c.trusted),
     );
-    let re: Value = serde_json::from_slice(&out.stdout).unwrap();
     for k in ["version", "root", "files", "bytes", "chunks"] {
         assert_eq!(rd[k], re[k], "{k}");
     }
@@ -434,15 +439,10 @@ fn the_commands_trusted_keys_reach_the_daemon() {
     );
     // The same pull by a command that trusts the key (SHOAL_TRUSTED_KEYS): the daemon does it.
     let dest = c.dir.path().join("pulled");
-    let out = c.nodes[a]
-        .cmd(&["--json", "pull", "ds@v1", "--to", dest.to_str().unwrap()])
-        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    ok_json(
+        c.nodes[a]
+            .cmd(&["--json", "pull", "ds@v1", "--to", dest.to_str().unwrap()])
+            .env("SHOAL_TRUSTED_KEYS", &c.trusted),
     );
     assert_same_tree(&src, &dest);
     let s = c.nodes[a].status().unwrap();
