@@ -334,7 +334,14 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 threads,
                 direct_io,
             };
-            let r = mount::run(daemon(&home, &cfg).await, || open(false), &reference, args).await?;
+            let r = mount::run(
+                daemon(&home, &cfg).await,
+                &cfg.origin,
+                || open(false),
+                &reference,
+                args,
+            )
+            .await?;
             out.report(&r, || {
                 format!(
                     "unmounted {} from {} ({}): {} files opened, {} read",

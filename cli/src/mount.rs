@@ -61,6 +61,7 @@ async fn interrupted() {
 /// Mounts, serves until unmounted (here or by `shoal unmount`) or interrupted, then reports.
 pub async fn run(
     daemon: Option<Client>,
+    origin: &str,
     open: impl FnOnce() -> Result<Node>,
     reference: &DatasetRef,
     args: MountArgs,
@@ -83,7 +84,7 @@ pub async fn run(
     // the daemon sees the connection close and unmounts.
     let req = Request::Mount {
         reference: reference.to_string(),
-        origin: open()?.origin().url().to_string(),
+        origin: origin.to_string(),
         spec: spec.clone(),
     };
     let progress = Progress::default();

@@ -256,7 +256,11 @@ impl Daemon {
     /// The node for a request's origin and extra trusted keys: the daemon's own, or a sibling
     /// sharing store and swarm.
     fn node_for(&self, origin: &str, trusted: &[PublicKey]) -> Result<Arc<Node>> {
-        let own = self.node.trusted_keys()?;
+        let own = if trusted.is_empty() {
+            Vec::new()
+        } else {
+            self.node.trusted_keys()?
+        };
         let extra: Vec<PublicKey> = trusted
             .iter()
             .filter(|k| !own.contains(k))

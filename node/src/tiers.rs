@@ -88,7 +88,6 @@ impl CacheLayout {
 struct MemState {
     policy: ClockLfu<Hash>,
     blobs: HashMap<Hash, Vec<u8>>,
-    used: u64,
     hits: u64,
     misses: u64,
     evictions: u64,
@@ -117,7 +116,6 @@ impl TieredStore {
                 Mutex::new(MemState {
                     policy: ClockLfu::new(layout.memory),
                     blobs: HashMap::new(),
-                    used: 0,
                     hits: 0,
                     misses: 0,
                     evictions: 0,
@@ -165,13 +163,11 @@ impl TieredStore {
         }
         let a = m.policy.insert(*id, bytes.len() as u64);
         for v in &a.evicted {
-            if let Some(b) = m.blobs.remove(v) {
-                m.used -= b.len() as u64;
+            if m.blobs.remove(v).is_some() {
                 m.evictions += 1;
             }
         }
         if a.admitted {
-            m.used += bytes.len() as u64;
             m.blobs.insert(*id, bytes.to_vec());
         }
     }
@@ -192,8 +188,8 @@ impl ChunkStore for TieredStore {
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(mut m) = self.mem() {
-            let hit = m.policy.access(id);
-            if let Some(b) = m.blobs.get(id).filter(|_| hit).cloned() {
+            m.policy.access(id);
+            if let Some(b) = m.blobs.get(id).cloned() {
                 m.hits += 1;
                 return Ok(Some(b));
             }
@@ -229,7 +225,7 @@ impl ChunkStore for TieredStore {
                 kind: "memory".into(),
                 path: None,
                 capacity: Some(*cap),
-                used_bytes: m.used,
+                used_bytes: m.policy.used(),
                 blobs: m.blobs.len() as u64,
                 hits: m.hits,
                 misses: m.misses,
@@ -283,7 +279,6 @@ impl ChunkStore for TieredStore {
                 m.policy.remove(&id);
             }
             m.blobs.clear();
-            m.used = 0;
         }
         let mut freed = 0;
         for d in &self.disks {
