@@ -101,17 +101,22 @@ fn kill_during_pull_then_pull_again_fetches_only_what_was_missing() {
     let other = env.peer("other");
     other.json(&["trust", &env.key()]);
     let dest = env.path("dest");
+    // Kill once an origin range of file data (not only tree nodes) is durable: the pull logs it
+    // after the index flush. What was stored but not yet flushed may be lost by the kill.
+    let log = env.path("pull.log");
     let mut child = other
         .cmd(&["pull", "ds@v1", "--to", dest.to_str().unwrap()])
+        .env("SHOAL_LOG", "warn,shoal_node::blobs=debug")
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stored_bytes(&other.home) < total / 4
+    while durable_range_bytes(&log) < 1 << 20
         && Instant::now() < deadline
         && child.try_wait().unwrap().is_none()
     {
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_millis(1));
     }
     let finished = child.try_wait().unwrap().is_some();
     kill9(&mut child);
@@ -132,4 +137,19 @@ fn kill_during_pull_then_pull_again_fetches_only_what_was_missing() {
     // Only what was missing: the two runs' local and fetched bytes cover the data once (tree
     // nodes and coalescing gaps add a little).
     assert!(already + fetched < total + total / 20, "{r}");
+}
+
+/// Bytes of the largest origin range a pull has logged as stored and flushed.
+fn durable_range_bytes(log: &std::path::Path) -> u64 {
+    let field = |l: &str, name: &str| -> Option<u64> {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("origin range stored") && l.contains("durable=true"))
+        .filter_map(|l| Some(field(l, "stop")? - field(l, "start")?))
+        .max()
+        .unwrap_or(0)
 }

@@ -297,6 +297,7 @@ impl Blobs {
                     if durable {
                         store.flush()?;
                     }
+                    tracing::debug!(pack = %pack_path, start, stop, blobs = batch.len(), durable, "origin range stored");
                     let got = if want {
                         blobs.iter().filter(|(id, _, _)| batch.iter().any(|(b, _)| b == id)).map(|(id, off, len)| {
                             let rel = (off - start) as usize;
