@@ -215,3 +215,113 @@ fn a_daemon_serves_a_mount_from_peers_and_survives_losing_them() {
         child.try_wait().unwrap()
     });
 }
+
+/// The number of peers `node` knows to be mounting a version.
+fn peers_mounting(node: &shoal_testnet::NodeProc) -> usize {
+    node.status()
+        .and_then(|s| {
+            s["peers"].as_array().map(|ps| {
+                ps.iter()
+                    .filter(|p| {
+                        p["versions"].as_array().is_some_and(|v| {
+                            v.iter()
+                                .any(|v| v.as_str().unwrap_or("").ends_with("(mounted)"))
+                        })
+                    })
+                    .count()
+            })
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn nodes_mounting_one_cold_version_read_it_from_the_origin_about_once() {
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    let names: Vec<String> = (0..8).map(|i| format!("f{i}.bin")).collect();
+    for (i, n) in names.iter().enumerate() {
+        write(&src.join(n), &random_bytes(200 + i as u64, 4 << 20));
+    }
+    let total = 8 * (4u64 << 20);
+    c.publish(&src, "ds@v1");
+    let nodes: Vec<usize> = ["a", "b", "c"]
+        .iter()
+        .map(|n| c.node(n, &[], &[]))
+        .collect();
+    for &n in &nodes {
+        c.nodes[n].wait_peers(2);
+    }
+    let mut mounts = Vec::new();
+    let mut mps = Vec::new();
+    for &n in &nodes {
+        let mp = c.dir.path().join(format!("mnt-{}", c.nodes[n].name));
+        std::fs::create_dir_all(&mp).unwrap();
+        let log = c.dir.path().join(format!("mount-{}.log", c.nodes[n].name));
+        mounts.push(MountCmd::start(
+            &c.nodes[n],
+            &[
+                "--json",
+                "mount",
+                "ds@v1",
+                mp.to_str().unwrap(),
+                "--timeout",
+                "30",
+            ],
+            &mp,
+            &log,
+        ));
+        mps.push(mp);
+    }
+    // Each daemon announces its mount; wait until every node knows the other two mount it.
+    for &n in &nodes {
+        wait_for(30, "the mounts to be announced", || {
+            (peers_mounting(&c.nodes[n]) == 2).then_some(())
+        });
+    }
+    // All three read the first half of the files at once, each in a different order.
+    let read_all = |mps: &[std::path::PathBuf], files: &[String]| {
+        std::thread::scope(|s| {
+            for (k, mp) in mps.iter().enumerate() {
+                let src = &src;
+                s.spawn(move || {
+                    for i in 0..files.len() {
+                        let n = &files[(i + 2 * k) % files.len()];
+                        assert!(
+                            std::fs::read(mp.join(n)).unwrap()
+                                == std::fs::read(src.join(n)).unwrap(),
+                            "{n} read through {} differs from the source",
+                            mp.display()
+                        );
+                    }
+                });
+            }
+        })
+    };
+    read_all(&mps, &names[..4]);
+    let half = total / 2;
+    let statuses: Vec<Value> = nodes
+        .iter()
+        .map(|&n| c.nodes[n].status().unwrap())
+        .collect();
+    let origin: u64 = statuses
+        .iter()
+        .map(|s| s["bytes_from_origin"].as_u64().unwrap())
+        .sum();
+    // Each node mounting alone would read all of it: 3x in all.
+    assert!(
+        origin >= half && origin < half + half / 4,
+        "the origin served {origin} bytes for {half} bytes read on 3 nodes: {statuses:?}"
+    );
+    for s in &statuses {
+        let peers = s["bytes_from_peers"].as_u64().unwrap();
+        let served = s["bytes_served"].as_u64().unwrap();
+        assert!(
+            peers >= 2 << 20 && served >= 2 << 20,
+            "every node reads runs from the others and serves its own: {s}"
+        );
+    }
+    // An owner dies: the others read its runs from the origin themselves, exactly.
+    c.nodes[nodes[0]].kill9();
+    read_all(&mps[1..], &names[4..]);
+    drop(mounts);
+}

@@ -20,6 +20,10 @@ const COALESCE_GAP: u64 = 64 << 10;
 const MAX_RANGE: u64 = 16 << 20;
 /// Ranged reads in flight against the origin.
 const ORIGIN_CONCURRENCY: usize = 8;
+/// Nodes mounting one version split its origin reads in runs of this many bytes of a pack.
+const MOUNT_RUN: u64 = 4 << 20;
+/// How long a mount waits for the peer that owns a run before reading it from the origin.
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One ranged read: a span of a pack and the blobs inside it (id, offset, len).
 struct RangeRead {
@@ -202,24 +206,71 @@ impl Blobs {
 
     /// Like [`Self::fetch`], and also returns the verified bytes (for a reader that needs them
     /// whether or not the store keeps them).
+    ///
+    /// For a mount: after peers holding the whole version, peers mounting it too are asked
+    /// for the runs they own (rendezvous hashing of pack runs over the mounting nodes), which
+    /// they read from the origin once for everyone; this node reads the runs it owns, and any
+    /// an owner did not deliver.
     pub async fn fetch_bytes(&self, mut ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
-        let mut out = HashMap::new();
-        if let Some((swarm, root)) = &self.peers {
-            out = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
+        use crate::swarm::fetch;
+        let Some((swarm, root)) = &self.peers else {
+            return self.fetch_inner(ids, None, true).await;
+        };
+        let mut out = fetch::from_complete_peers(swarm, root, &ids).await;
+        ids.retain(|id| !out.contains_key(id));
+        let nodes = fetch::mounting_nodes(swarm, root);
+        if nodes.len() > 1 && !ids.is_empty() {
+            let mut by_owner: HashMap<crate::swarm::PeerId, Vec<Hash>> = HashMap::new();
+            for id in &ids {
+                let run = self.locs.get(id).map_or(0, |l| {
+                    let pack = &self.packs[l.pack as usize].0;
+                    u64::from_le_bytes(pack[..8].try_into().expect("8 bytes"))
+                        ^ (l.offset / MOUNT_RUN)
+                });
+                by_owner
+                    .entry(fetch::mount_owner(&nodes, run))
+                    .or_default()
+                    .push(*id);
+            }
+            let mine = by_owner.remove(&swarm.peer_id).unwrap_or_default();
+            let asks = by_owner.into_iter().map(|(peer, ids)| async move {
+                fetch::ask_peer(swarm, peer, &ids, Some(*root), OWNER_WAIT).await
+            });
+            let (asked, own) = futures::future::join(
+                futures::future::join_all(asks),
+                self.fetch_origin_bytes(mine),
+            )
+            .await;
+            for got in asked {
+                out.extend(got);
+            }
+            out.extend(own?);
             ids.retain(|id| !out.contains_key(id));
         }
-        if !ids.is_empty() {
-            let got = self.fetch_inner(ids, None, true).await?;
-            if let Some((swarm, _)) = &self.peers {
-                let n: usize = got.values().map(Bytes::len).sum();
-                swarm
-                    .counters
-                    .bytes_from_origin
-                    .fetch_add(n as u64, Ordering::Relaxed);
-            }
-            out.extend(got);
-        }
+        out.extend(self.fetch_origin_bytes(ids).await?);
         Ok(out)
+    }
+
+    /// Fetches blobs from the origin only, returning their verified bytes (counted as origin
+    /// bytes of the swarm, if there is one).
+    pub async fn fetch_origin_bytes(&self, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let got = self.fetch_inner(ids, None, true).await?;
+        if let Some((swarm, _)) = &self.peers {
+            let n: usize = got.values().map(Bytes::len).sum();
+            swarm
+                .counters
+                .bytes_from_origin
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(got)
+    }
+
+    /// The swarm and version root this version's fetches consult, if any.
+    pub fn swarm(&self) -> Option<&(Arc<Swarm>, Hash)> {
+        self.peers.as_ref()
     }
 
     async fn fetch_inner(

@@ -51,6 +51,16 @@ impl Inner {
     /// returns the verified bytes of what it fetched or joined (the store may not keep them
     /// all under capacity pressure).
     async fn fetch(self: &Arc<Self>, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>, Arc<String>> {
+        self.fetch_from(ids, false).await
+    }
+
+    /// [`Self::fetch`], from the origin only when `origin_only` (for a peer that asked this
+    /// node, as owner of their runs, to read them: never passed on to another peer).
+    async fn fetch_from(
+        self: &Arc<Self>,
+        ids: Vec<Hash>,
+        origin_only: bool,
+    ) -> Result<HashMap<Hash, Bytes>, Arc<String>> {
         let store = self.blobs.store().clone();
         let missing: Vec<Hash> = {
             let ids = ids.clone();
@@ -80,12 +90,12 @@ impl Inner {
                 let me = self.clone();
                 let batch = mine.clone();
                 let fut: Fetch = async move {
-                    let r = me
-                        .blobs
-                        .fetch_bytes(batch.clone())
-                        .await
-                        .map(Arc::new)
-                        .map_err(|e| Arc::new(e.to_string()));
+                    let r = if origin_only {
+                        me.blobs.fetch_origin_bytes(batch.clone()).await
+                    } else {
+                        me.blobs.fetch_bytes(batch.clone()).await
+                    };
+                    let r = r.map(Arc::new).map_err(|e| Arc::new(e.to_string()));
                     let mut inflight = me.inflight.lock().expect("inflight poisoned");
                     for id in &batch {
                         inflight.remove(id);
@@ -175,6 +185,46 @@ impl Inner {
                 .get(id)?
                 .ok_or_else(|| SourceError(format!("{what} {id} vanished from the local store"))),
         }
+    }
+}
+
+/// What a mount fetches for the peers mounting the same version.
+struct ForPeers(Arc<Inner>);
+
+impl crate::swarm::Through for ForPeers {
+    fn fetch_for_peer(
+        &self,
+        ids: Vec<Hash>,
+    ) -> BoxFuture<'static, std::result::Result<HashMap<Hash, Bytes>, String>> {
+        let inner = self.0.clone();
+        async move {
+            let mut got = inner
+                .fetch_from(ids.clone(), true)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Fetched meanwhile by a reader here: from the store.
+            let store = inner.blobs.store().clone();
+            let rest: Vec<Hash> = ids.into_iter().filter(|id| !got.contains_key(id)).collect();
+            let local = tokio::task::spawn_blocking(move || {
+                rest.into_iter()
+                    .filter_map(|id| Some((id, Bytes::from(store.get(&id).ok()??))))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            got.extend(local);
+            Ok(got)
+        }
+        .boxed()
+    }
+}
+
+impl MountSource {
+    /// Announces the mount to the swarm (if this node has one) and reads from the origin, for
+    /// the other nodes mounting the version, the runs this node owns; until dropped.
+    pub fn announce(&self) -> Option<crate::swarm::Mounted> {
+        let (swarm, root) = self.inner.blobs.swarm()?;
+        Some(swarm.mount(*root, Arc::new(ForPeers(self.inner.clone()))))
     }
 }
 
@@ -369,6 +419,7 @@ impl Node {
             ..shoal_fuse::MountOptions::default()
         };
         let root = m.root;
+        let announced = m.source.announce();
         let fs = shoal_fuse::ShoalFs::new(shoal_fuse::Inodes::new(m.source, m.root, 0o755), opts);
         let stats = fs.stats();
         let cfg = shoal_fuse::MountConfig {
@@ -403,6 +454,7 @@ impl Node {
                 let _ = done.await;
             }
         }
+        drop(announced);
         // Keep the cache's index and hit counters for the next mount.
         self.store()?.flush()?;
         Ok(MountReport {

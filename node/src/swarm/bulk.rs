@@ -3,7 +3,10 @@
 //! One TCP connection per pair of peers, TLS 1.3 with libp2p identity certificates (the server
 //! learns the client's peer id from its certificate, the client checks the server's), then:
 //!
-//! - request: `u32 n` (big-endian), then `n` 32-byte blob ids;
+//! - request: `u32 n` (big-endian), then `n` 32-byte blob ids; with the top bit of `n` set
+//!   (a *through* request), a 32-byte version root comes before the ids, and the server
+//!   fetches from its origin those blobs of that version it lacks, if it mounts the version
+//!   (mounting nodes share the origin reads of a cold version that way);
 //! - response, per id in order: `u32 len` and `len` bytes, or `u32::MAX` for "not here".
 //!
 //! A client keeps many requests in flight; the server answers them in order. The client
@@ -25,6 +28,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 const MISSING: u32 = u32::MAX;
+/// Top bit of a request's count: a version root follows, fetch what is missing through it.
+const THROUGH: u32 = 1 << 31;
+/// How long a server waits on its origin for a through request.
+const THROUGH_WAIT: Duration = Duration::from_secs(20);
 /// Most ids in one request.
 pub const MAX_IDS: usize = 1024;
 /// Largest blob a peer may send (chunks are at most 128 KiB by default, tree nodes small).
@@ -59,6 +66,8 @@ pub struct Request {
     pub reply: mpsc::UnboundedSender<Event>,
     /// Hand the verified bytes back too (a reader waiting for them), not only store them.
     pub want_bytes: bool,
+    /// Ask the peer to fetch what it lacks of this version from its origin (it mounts it).
+    pub through: Option<Hash>,
 }
 
 struct Pending {
@@ -123,8 +132,15 @@ impl Client {
         tokio::spawn(async move {
             let mut w = BufWriter::with_capacity(64 << 10, w);
             while let Some(req) = rx.recv().await {
-                let mut frame = Vec::with_capacity(4 + 32 * req.ids.len());
-                frame.extend_from_slice(&(req.ids.len() as u32).to_be_bytes());
+                let mut frame = Vec::with_capacity(36 + 32 * req.ids.len());
+                let n = req.ids.len() as u32;
+                match &req.through {
+                    Some(root) => {
+                        frame.extend_from_slice(&(n | THROUGH).to_be_bytes());
+                        frame.extend_from_slice(&root.0);
+                    }
+                    None => frame.extend_from_slice(&n.to_be_bytes()),
+                }
                 for id in &req.ids {
                     frame.extend_from_slice(&id.0);
                 }
@@ -290,6 +306,40 @@ impl Client {
     }
 }
 
+/// For a through request: fetches the blobs this node lacks from its origin, if it mounts
+/// `root`; what cannot be had within [`THROUGH_WAIT`] stays "not here".
+async fn fill_through(
+    swarm: &Arc<Swarm>,
+    peer: &PeerId,
+    root: &Hash,
+    ids: &[Hash],
+    blobs: &mut [Option<Bytes>],
+) {
+    let lacking: Vec<Hash> = ids
+        .iter()
+        .zip(blobs.iter())
+        .filter(|(_, b)| b.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    if lacking.is_empty() {
+        return;
+    }
+    let Some(fetcher) = swarm.through_fetcher(root) else {
+        return;
+    };
+    match tokio::time::timeout(THROUGH_WAIT, fetcher.fetch_for_peer(lacking)).await {
+        Ok(Ok(mut got)) => {
+            for (id, slot) in ids.iter().zip(blobs.iter_mut()) {
+                if slot.is_none() {
+                    *slot = got.remove(id);
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, "fetching for a peer from the origin: {e}"),
+        Err(_) => tracing::debug!(%peer, "fetching for a peer from the origin: timed out"),
+    }
+}
+
 /// Serves this node's store to members on `listener` until the process ends.
 pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::ServerConfig) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -340,28 +390,36 @@ async fn serve_conn(
         return Err(Error::Net(format!("{peer} is not a member")));
     }
     let (r, w) = tokio::io::split(tls);
-    let (tx, mut rx) = mpsc::channel::<Vec<Hash>>(16);
+    let (tx, mut rx) = mpsc::channel::<(Vec<Hash>, Option<Hash>)>(16);
     let reader = tokio::spawn(async move {
         let mut r = BufReader::with_capacity(64 << 10, r);
         loop {
-            let n = r.read_u32().await? as usize;
+            let head = r.read_u32().await?;
+            let n = (head & !THROUGH) as usize;
             if n > MAX_IDS {
                 return Err(std::io::Error::other(format!("request for {n} blobs")));
             }
+            let through = if head & THROUGH != 0 {
+                let mut root = [0u8; 32];
+                r.read_exact(&mut root).await?;
+                Some(Hash(root))
+            } else {
+                None
+            };
             let mut raw = vec![0u8; 32 * n];
             r.read_exact(&mut raw).await?;
             let ids = raw
                 .chunks_exact(32)
                 .map(|c| Hash(c.try_into().expect("32 bytes")))
                 .collect();
-            if tx.send(ids).await.is_err() {
+            if tx.send((ids, through)).await.is_err() {
                 return Ok::<_, std::io::Error>(());
             }
         }
     });
     let fault = swarm.fault.clone();
     let mut w = w;
-    while let Some(ids) = rx.recv().await {
+    while let Some((ids, through)) = rx.recv().await {
         if !swarm.is_member(&peer) {
             break;
         }
@@ -374,8 +432,9 @@ async fn serve_conn(
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
         let sw = swarm.clone();
-        let blobs: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || {
-            ids.iter()
+        let (ids, mut blobs) = tokio::task::spawn_blocking(move || {
+            let blobs: Vec<Option<Bytes>> = ids
+                .iter()
                 .map(|id| match sw.store.get(id) {
                     Ok(Some(b)) => Some(Bytes::from(b)),
                     _ => std::fs::read(sw.pack_cache.join(format!("{id}.idx")))
@@ -383,10 +442,14 @@ async fn serve_conn(
                         .filter(|b| id.verify(b))
                         .map(Bytes::from),
                 })
-                .collect()
+                .collect();
+            (ids, blobs)
         })
         .await
         .expect("store task panicked");
+        if let Some(root) = through {
+            fill_through(&swarm, &peer, &root, &ids, &mut blobs).await;
+        }
         let blobs: Vec<Option<Bytes>> = if fault.as_deref() == Some("lie") {
             // Test hook: flip one byte of every blob.
             blobs

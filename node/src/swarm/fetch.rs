@@ -75,12 +75,19 @@ fn peer_seed(p: &PeerId) -> u64 {
 
 /// The puller that reads run `run` (keyed by its first chunk) from the origin.
 fn owner(pullers: &[(u64, PeerId)], key: &Hash) -> PeerId {
-    let k = u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes"));
-    pullers
+    owner_of(
+        pullers,
+        u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes")),
+    )
+}
+
+/// Rendezvous hashing: the node among `nodes` (seed, id) that owns key `k`.
+fn owner_of(nodes: &[(u64, PeerId)], k: u64) -> PeerId {
+    nodes
         .iter()
         .max_by_key(|(seed, _)| mix(seed ^ k))
         .map(|(_, p)| *p)
-        .expect("at least this node pulls")
+        .expect("at least this node")
 }
 
 struct PeerView {
@@ -215,6 +222,8 @@ pub async fn fetch(
                             }
                         }
                     }
+                    // A mount has no have-map: the pull does not count on it.
+                    Holding::Mounted => {}
                 }
             }
             (views, pullers, connected, announced, unmapped)
@@ -443,6 +452,7 @@ async fn send(
                     ids,
                     reply: tx.clone(),
                     want_bytes: false,
+                    through: None,
                 },
             )
             .await
@@ -569,58 +579,99 @@ pub async fn from_complete_peers(
         if want.is_empty() {
             break;
         }
-        let Ok(c) = swarm.client(peer).await else {
-            continue;
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        // Several small requests rather than one large one: the peer streams the first while
-        // it reads the next, and this side verifies as they come.
-        for part in want.chunks(PEER_PART) {
-            c.request(
-                peer,
-                bulk::Request {
-                    ids: part.to_vec(),
-                    reply: tx.clone(),
-                    want_bytes: true,
-                },
-            )
-            .await;
-        }
-        drop(tx);
-        let deadline = tokio::time::sleep(Duration::from_secs(5));
-        tokio::pin!(deadline);
-        let mut n = 0;
-        loop {
-            tokio::select! {
-                ev = rx.recv() => match ev {
-                    None => break,
-                    Some(ev) => {
-                        n += 1;
-                        match ev.outcome {
-                            Outcome::Stored(len) => {
-                                if let Some(b) = ev.bytes {
-                                    got.insert(ev.id, b);
-                                }
-                                swarm.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
+        got.extend(ask_peer(swarm, peer, &want, None, Duration::from_secs(5)).await);
+        want.retain(|id| !got.contains_key(id));
+    }
+    got
+}
+
+/// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
+/// members with a bulk address that announced a mount of it.
+pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
+    let peers = swarm.peers.lock().expect("poisoned");
+    let mut v: Vec<(u64, PeerId)> = peers
+        .iter()
+        .filter(|(id, p)| {
+            p.connected
+                && p.bulk_port.is_some()
+                && swarm.is_member(id)
+                && p.versions
+                    .get(root)
+                    .is_some_and(|v| v.holding == Holding::Mounted)
+        })
+        .map(|(id, _)| (peer_seed(id), *id))
+        .collect();
+    v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
+    v.sort_by_key(|n| n.1);
+    v
+}
+
+/// Which of the mounting `nodes` reads the run keyed `run` from the origin.
+pub fn mount_owner(nodes: &[(u64, PeerId)], run: u64) -> PeerId {
+    owner_of(nodes, mix(run))
+}
+
+/// Asks one peer for blobs (`through`: of that version, fetched from its origin if it lacks
+/// them), waiting at most `wait`; returns what arrived, verified and stored, with the bytes.
+pub async fn ask_peer(
+    swarm: &Arc<Swarm>,
+    peer: PeerId,
+    ids: &[Hash],
+    through: Option<Hash>,
+    wait: Duration,
+) -> HashMap<Hash, Bytes> {
+    let mut got = HashMap::new();
+    let Ok(c) = swarm.client(peer).await else {
+        return got;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Several small requests rather than one large one: the peer streams the first while it
+    // reads the next, and this side verifies as they come.
+    for part in ids.chunks(PEER_PART) {
+        c.request(
+            peer,
+            bulk::Request {
+                ids: part.to_vec(),
+                reply: tx.clone(),
+                want_bytes: true,
+                through,
+            },
+        )
+        .await;
+    }
+    drop(tx);
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    let mut n = 0;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                None => break,
+                Some(ev) => {
+                    n += 1;
+                    match ev.outcome {
+                        Outcome::Stored(len) => {
+                            if let Some(b) = ev.bytes {
+                                got.insert(ev.id, b);
                             }
-                            Outcome::Bad => {
-                                swarm.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
-                                swarm.fault(&peer, &format!("sent bytes for blob {} that do not match it", ev.id));
-                            }
-                            _ => {}
+                            swarm.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
                         }
-                        if n == want.len() { break; }
+                        Outcome::Bad => {
+                            swarm.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                            swarm.fault(&peer, &format!("sent bytes for blob {} that do not match it", ev.id));
+                        }
+                        _ => {}
                     }
-                },
-                _ = &mut deadline => {
-                    if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
-                        p.stalls += 1;
-                    }
-                    break;
+                    if n == ids.len() { break; }
                 }
+            },
+            _ = &mut deadline => {
+                if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
+                    p.stalls += 1;
+                }
+                break;
             }
         }
-        want.retain(|id| !got.contains_key(id));
     }
     got
 }

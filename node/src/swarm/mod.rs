@@ -76,6 +76,44 @@ pub enum Holding {
     Complete,
     /// A pull is filling it; ask for the have-map.
     Pulling,
+    /// A mount reads it on demand. The node holds some of its chunks and reads from the
+    /// origin, for itself and for the other mounting peers that ask, the runs of the version's
+    /// packs it owns (rendezvous hashing over the mounting nodes), so a cold version mounted
+    /// on many nodes is read from the origin about once.
+    Mounted,
+}
+
+/// Fetches blobs of a mounted version from the origin for a peer (through requests).
+pub trait Through: Send + Sync {
+    /// The verified bytes of those of `ids` it could get (the origin only: never other peers).
+    fn fetch_for_peer(
+        &self,
+        ids: Vec<Hash>,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<HashMap<Hash, bytes::Bytes>, String>>;
+}
+
+/// One mount of a version here: its registration token and its fetcher.
+pub(crate) type MountEntry = (u64, Arc<dyn Through>);
+
+/// Registration of a mounted version with the swarm; dropping it withdraws the announcement.
+pub struct Mounted {
+    swarm: Arc<Swarm>,
+    root: Hash,
+    token: u64,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let mut through = self.swarm.through.lock().expect("poisoned");
+        if let Some(v) = through.get_mut(&self.root) {
+            v.retain(|(t, _)| *t != self.token);
+            if v.is_empty() {
+                through.remove(&self.root);
+            }
+        }
+        drop(through);
+        self.swarm.send(Cmd::Announce);
+    }
 }
 
 /// A bitmap over a version's unique chunks in walk order.
@@ -212,6 +250,9 @@ pub struct Swarm {
     pub(crate) pack_cache: std::path::PathBuf,
     /// Faults to inject, for tests of the swarm's defences (SHOAL_FAULT_INJECT=lie|stall|slow).
     pub(crate) fault: Option<String>,
+    /// Versions mounted here, with what fetches their blobs for peers.
+    pub(crate) through: Mutex<HashMap<Hash, Vec<MountEntry>>>,
+    pub(crate) next_token: AtomicU64,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -296,6 +337,50 @@ impl Swarm {
             },
         );
         self.send(Cmd::Announce);
+    }
+
+    /// Announces that a mount reads `root` here and can fetch its blobs for peers, until the
+    /// returned registration is dropped.
+    pub fn mount(self: &Arc<Self>, root: Hash, fetcher: Arc<dyn Through>) -> Mounted {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.through
+            .lock()
+            .expect("poisoned")
+            .entry(root)
+            .or_default()
+            .push((token, fetcher));
+        self.send(Cmd::Announce);
+        Mounted {
+            swarm: self.clone(),
+            root,
+            token,
+        }
+    }
+
+    pub(crate) fn through_fetcher(&self, root: &Hash) -> Option<Arc<dyn Through>> {
+        self.through
+            .lock()
+            .expect("poisoned")
+            .get(root)
+            .and_then(|v| v.first())
+            .map(|(_, f)| f.clone())
+    }
+
+    /// The versions this node announces: those it holds or pulls, then those only mounted.
+    pub(crate) fn holdings(&self) -> Vec<(Hash, Holding)> {
+        let mut out: Vec<(Hash, Holding)> = self
+            .local
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(r, v)| (*r, v.holding))
+            .collect();
+        for root in self.through.lock().expect("poisoned").keys() {
+            if !out.iter().any(|(r, _)| r == root) {
+                out.push((*root, Holding::Mounted));
+            }
+        }
+        out
     }
 
     /// Forgets a version this node was pulling (a failed pull) and tells the peers.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use shoal_registry::Hash;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -199,6 +200,8 @@ pub async fn start(
         clients: Mutex::new(HashMap::new()),
         pack_cache,
         fault: std::env::var("SHOAL_FAULT_INJECT").ok(),
+        through: Mutex::default(),
+        next_token: AtomicU64::new(0),
     });
     let tls = super::tls::server(&shared.keypair)
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
@@ -243,13 +246,7 @@ struct EventLoop {
 impl EventLoop {
     fn hello(&self) -> Hello {
         let s = &self.shared;
-        let versions = s
-            .local
-            .lock()
-            .expect("poisoned")
-            .iter()
-            .map(|(r, v)| (r.0, v.holding))
-            .collect();
+        let versions = s.holdings().into_iter().map(|(r, h)| (r.0, h)).collect();
         let peers = self
             .addrs
             .iter()
@@ -318,15 +315,20 @@ impl EventLoop {
     }
 
     fn have(&self, root: Hash) -> Option<(Holding, Option<HaveMap>)> {
-        self.shared
-            .local
-            .lock()
-            .expect("poisoned")
-            .get(&root)
-            .map(|v| match v.holding {
-                Holding::Complete => (Holding::Complete, None),
-                Holding::Pulling => (Holding::Pulling, v.have.clone()),
-            })
+        let local = self.shared.local.lock().expect("poisoned");
+        match local.get(&root) {
+            Some(v) => Some((
+                v.holding,
+                v.have.clone().filter(|_| v.holding == Holding::Pulling),
+            )),
+            None => self
+                .shared
+                .through
+                .lock()
+                .expect("poisoned")
+                .contains_key(&root)
+                .then_some((Holding::Mounted, None)),
+        }
     }
 
     async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
