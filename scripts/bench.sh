@@ -6,6 +6,7 @@
 #   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
+#   scripts/bench.sh mount-netns [--nodes 4] [--rate 200mbit] [--isolated]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()

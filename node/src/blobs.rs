@@ -22,8 +22,10 @@ const MAX_RANGE: u64 = 16 << 20;
 const ORIGIN_CONCURRENCY: usize = 8;
 /// Nodes mounting one version split its origin reads in runs of this many bytes of a pack.
 const MOUNT_RUN: u64 = 4 << 20;
-/// How long a mount waits for the peer that owns a run before reading it from the origin.
-const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a mount waits for the peer that owns a run to deliver anything (while it stays
+/// connected) before reading the run from the origin itself. Long: an owner is slow when the
+/// origin link is busy, and reading its runs too would only make the link busier.
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One ranged read: a span of a pack and the blobs inside it (id, offset, len).
 struct RangeRead {
@@ -40,6 +42,9 @@ struct Loc {
     len: u32,
 }
 
+/// Blobs grouped by the mounting peer that owns their runs.
+pub type ByOwner = HashMap<crate::swarm::PeerId, Vec<Hash>>;
+
 /// Where each blob of a version lives, and how to get it.
 pub struct Blobs {
     store: Arc<dyn ChunkStore>,
@@ -51,6 +56,12 @@ pub struct Blobs {
     retain: Retain,
     /// Peers to ask first for small fetches (tree nodes), with the version's root.
     peers: Option<(Arc<Swarm>, Hash)>,
+    /// Ranged reads in flight against the origin, across every fetch of this version (a
+    /// mount runs many fetches at once: readers, prefetch, peers' requests; more streams than
+    /// this on a narrow origin link only add drops and retransmissions).
+    origin_slots: tokio::sync::Semaphore,
+    /// Blobs closer than this are read in one ranged request, the gap included.
+    coalesce_gap: u64,
 }
 
 /// Keeps a verified pack index in the local cache (an optimisation: failing to write it is not
@@ -141,15 +152,22 @@ impl Blobs {
             durable: true,
             retain: Retain::Keep,
             peers: swarm.map(|s| (s.clone(), version.body.root)),
+            origin_slots: tokio::sync::Semaphore::new(ORIGIN_CONCURRENCY),
+            coalesce_gap: COALESCE_GAP,
         })
     }
 
     /// Fills a cache instead of keeping a version: batches are not flushed one by one (a
     /// killed mount loses at most half a second of cache entries) and the store's policy may
     /// decline to keep a blob under capacity pressure.
+    ///
+    /// Gaps are not read over: in a mount, a gap between the blobs a read wants is a blob
+    /// already local or being read by another fetch (a reader, the prefetcher, a peer's
+    /// request), and reading it again only costs origin bandwidth.
     pub fn for_cache_fill(mut self) -> Blobs {
         self.durable = false;
         self.retain = Retain::Cache;
+        self.coalesce_gap = 0;
         self
     }
 
@@ -208,64 +226,103 @@ impl Blobs {
     /// whether or not the store keeps them).
     ///
     /// For a mount: after peers holding the whole version, peers mounting it too are asked
-    /// for the runs they own (rendezvous hashing of pack runs over the mounting nodes), which
-    /// they read from the origin once for everyone; this node reads the runs it owns, and any
-    /// an owner did not deliver.
+    /// for the runs they own (see [`Self::split_by_owner`]); this node reads the runs it owns,
+    /// and any an owner did not deliver, from the origin.
     pub async fn fetch_bytes(&self, mut ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
-        use crate::swarm::fetch;
         let Some((swarm, root)) = &self.peers else {
             return self.fetch_inner(ids, None, true).await;
         };
-        let mut out = fetch::from_complete_peers(swarm, root, &ids).await;
+        let mut out = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
         ids.retain(|id| !out.contains_key(id));
-        let nodes = fetch::mounting_nodes(swarm, root);
-        if nodes.len() > 1 && !ids.is_empty() {
-            let mut by_owner: HashMap<crate::swarm::PeerId, Vec<Hash>> = HashMap::new();
-            for id in &ids {
-                let run = self.locs.get(id).map_or(0, |l| {
-                    let pack = &self.packs[l.pack as usize].0;
-                    u64::from_le_bytes(pack[..8].try_into().expect("8 bytes"))
-                        ^ (l.offset / MOUNT_RUN)
-                });
-                by_owner
-                    .entry(fetch::mount_owner(&nodes, run))
-                    .or_default()
-                    .push(*id);
-            }
-            let mine = by_owner.remove(&swarm.peer_id).unwrap_or_default();
-            let asks = by_owner.into_iter().map(|(peer, ids)| async move {
-                fetch::ask_peer(swarm, peer, &ids, Some(*root), OWNER_WAIT).await
-            });
+        if let Some((mine, others)) = self.split_by_owner(&ids) {
+            let asks = others
+                .into_iter()
+                .map(|(peer, ids)| self.fetch_from_owner(peer, ids));
             let (asked, own) = futures::future::join(
                 futures::future::join_all(asks),
                 self.fetch_origin_bytes(mine),
             )
             .await;
             for got in asked {
-                out.extend(got);
+                out.extend(got?);
             }
             out.extend(own?);
-            ids.retain(|id| !out.contains_key(id));
+            return Ok(out);
         }
         out.extend(self.fetch_origin_bytes(ids).await?);
         Ok(out)
     }
 
-    /// Fetches blobs from the origin only, returning their verified bytes (counted as origin
-    /// bytes of the swarm, if there is one).
+    /// Whether a connected peer holds the whole version (then it is asked before anyone).
+    pub fn complete_peer(&self) -> bool {
+        self.peers.as_ref().is_some_and(|(swarm, root)| {
+            swarm.peers.lock().expect("poisoned").iter().any(|(id, p)| {
+                p.connected
+                    && swarm.is_member(id)
+                    && p.versions
+                        .get(root)
+                        .is_some_and(|v| v.holding == crate::swarm::Holding::Complete)
+            })
+        })
+    }
+
+    /// With other nodes mounting this version: `ids` split into those in runs this node owns
+    /// and those of each other owner. The version's packs are cut into runs of [`MOUNT_RUN`]
+    /// bytes, each owned by one mounting node (rendezvous hashing), which reads it from the
+    /// origin for everyone. None when no other node mounts it.
+    pub fn split_by_owner(&self, ids: &[Hash]) -> Option<(Vec<Hash>, ByOwner)> {
+        use crate::swarm::fetch;
+        let (swarm, root) = self.peers.as_ref()?;
+        let nodes = fetch::mounting_nodes(swarm, root);
+        if nodes.len() < 2 || ids.is_empty() {
+            return None;
+        }
+        let mut by_owner = ByOwner::new();
+        for id in ids {
+            let run = self.locs.get(id).map_or(0, |l| {
+                let pack = &self.packs[l.pack as usize].0;
+                u64::from_le_bytes(pack[..8].try_into().expect("8 bytes")) ^ (l.offset / MOUNT_RUN)
+            });
+            by_owner
+                .entry(fetch::mount_owner(&nodes, run))
+                .or_default()
+                .push(*id);
+        }
+        let mine = by_owner.remove(&swarm.peer_id).unwrap_or_default();
+        Some((mine, by_owner))
+    }
+
+    /// Asks the mounting peer that owns their runs for `ids` (it reads them from its origin if
+    /// it lacks them); reads from the origin whatever it does not deliver.
+    pub async fn fetch_from_owner(
+        &self,
+        peer: crate::swarm::PeerId,
+        mut ids: Vec<Hash>,
+    ) -> Result<HashMap<Hash, Bytes>> {
+        let Some((swarm, root)) = &self.peers else {
+            return self.fetch_origin_bytes(ids).await;
+        };
+        let mut got =
+            crate::swarm::fetch::ask_peer(swarm, peer, &ids, Some(*root), OWNER_WAIT).await;
+        if got.len() < ids.len() {
+            tracing::info!(
+                %peer,
+                "{} of {} chunks not delivered by the peer that owns their runs; reading them from the origin",
+                ids.len() - got.len(),
+                ids.len()
+            );
+            ids.retain(|id| !got.contains_key(id));
+            got.extend(self.fetch_origin_bytes(ids).await?);
+        }
+        Ok(got)
+    }
+
+    /// Fetches blobs from the origin only, returning their verified bytes.
     pub async fn fetch_origin_bytes(&self, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let got = self.fetch_inner(ids, None, true).await?;
-        if let Some((swarm, _)) = &self.peers {
-            let n: usize = got.values().map(Bytes::len).sum();
-            swarm
-                .counters
-                .bytes_from_origin
-                .fetch_add(n as u64, Ordering::Relaxed);
-        }
-        Ok(got)
+        self.fetch_inner(ids, None, true).await
     }
 
     /// The swarm and version root this version's fetches consult, if any.
@@ -298,7 +355,7 @@ impl Blobs {
                 Some(r)
                     if r.pack == loc.pack
                         && loc.offset >= r.stop
-                        && loc.offset - r.stop <= COALESCE_GAP
+                        && loc.offset - r.stop <= self.coalesce_gap
                         && end - r.start <= MAX_RANGE =>
                 {
                     r.stop = end;
@@ -315,8 +372,17 @@ impl Blobs {
         futures::stream::iter(ranges)
             .map(|RangeRead { pack, start, stop, blobs }| async move {
                 let pack_id = self.packs[pack as usize];
+                let slot = self.origin_slots.acquire().await.expect("never closed");
                 let data = self.origin.read_pack(&pack_id, start..stop).await?;
+                drop(slot);
                 self.from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some((swarm, _)) = &self.peers {
+                    // What the origin sent, gaps between wanted blobs included.
+                    swarm
+                        .counters
+                        .bytes_from_origin
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 if data.len() as u64 != stop - start {
                     return Err(Error::Corrupt {
                         what: format!("pack {}", self.origin.pack_path(&pack_id)),

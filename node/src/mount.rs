@@ -29,6 +29,25 @@ struct ReadOrder {
     cursor: usize,
 }
 
+/// Where a batch of a mount's reads comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The origin only.
+    Origin,
+    /// Peers holding the whole version first, then owners, then the origin.
+    Any,
+    /// The mounting peer that owns the batch's runs (the origin for what it does not deliver).
+    Owner(crate::swarm::PeerId),
+}
+
+/// Fetches under way: origin reads (which a peer's request may join) and reads that wait on
+/// other peers (which it may not).
+#[derive(Default)]
+struct Inflight {
+    origin: HashMap<Hash, Fetch>,
+    remote: HashMap<Hash, Fetch>,
+}
+
 /// Blob access for a mount: bounded waits, de-duplicated fetches, background prefetch.
 pub struct MountSource {
     inner: Arc<Inner>,
@@ -38,7 +57,7 @@ struct Inner {
     blobs: Arc<Blobs>,
     rt: tokio::runtime::Handle,
     timeout: Duration,
-    inflight: Mutex<HashMap<Hash, Fetch>>,
+    inflight: Mutex<Inflight>,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
     /// Where the reader is in a `--read-order` list.
     order: Mutex<ReadOrder>,
@@ -54,12 +73,13 @@ impl Inner {
         self.fetch_from(ids, false).await
     }
 
-    /// [`Self::fetch`], from the origin only when `origin_only` (for a peer that asked this
-    /// node, as owner of their runs, to read them: never passed on to another peer).
+    /// [`Self::fetch`]; with `for_peer` (a peer asked this node, as owner of their runs, to
+    /// read them) from the origin only, joining only origin reads under way: a read that
+    /// waits on other peers is never joined, so two owners can never wait on each other.
     async fn fetch_from(
         self: &Arc<Self>,
         ids: Vec<Hash>,
-        origin_only: bool,
+        for_peer: bool,
     ) -> Result<HashMap<Hash, Bytes>, Arc<String>> {
         let store = self.blobs.store().clone();
         let missing: Vec<Hash> = {
@@ -79,37 +99,69 @@ impl Inner {
         let mut waits = Vec::new();
         {
             let mut inflight = self.inflight.lock().expect("inflight poisoned");
-            let mut mine = Vec::new();
+            let mut new = Vec::new();
             for id in &missing {
-                match inflight.get(id) {
+                let under_way = match inflight.origin.get(id) {
+                    Some(f) => Some(f),
+                    None if !for_peer => inflight.remote.get(id),
+                    None => None,
+                };
+                match under_way {
                     Some(f) => waits.push(f.clone()),
-                    None => mine.push(*id),
+                    None => new.push(*id),
                 }
             }
-            if !mine.is_empty() {
-                let me = self.clone();
-                let batch = mine.clone();
-                let fut: Fetch = async move {
-                    let r = if origin_only {
-                        me.blobs.fetch_origin_bytes(batch.clone()).await
-                    } else {
-                        me.blobs.fetch_bytes(batch.clone()).await
-                    };
-                    let r = r.map(Arc::new).map_err(|e| Arc::new(e.to_string()));
-                    let mut inflight = me.inflight.lock().expect("inflight poisoned");
-                    for id in &batch {
-                        inflight.remove(id);
+            if !new.is_empty() {
+                let parts: Vec<(Via, Vec<Hash>)> = if for_peer {
+                    vec![(Via::Origin, new)]
+                } else if self.blobs.complete_peer() {
+                    vec![(Via::Any, new)]
+                } else {
+                    match self.blobs.split_by_owner(&new) {
+                        None => vec![(Via::Origin, new)],
+                        Some((mine, others)) => std::iter::once((Via::Origin, mine))
+                            .chain(others.into_iter().map(|(p, ids)| (Via::Owner(p), ids)))
+                            .filter(|(_, ids)| !ids.is_empty())
+                            .collect(),
                     }
-                    r
+                };
+                for (via, batch) in parts {
+                    let me = self.clone();
+                    let ids = batch.clone();
+                    let remote = via != Via::Origin;
+                    let fut: Fetch = async move {
+                        let r = match via {
+                            Via::Origin => me.blobs.fetch_origin_bytes(ids.clone()).await,
+                            Via::Any => me.blobs.fetch_bytes(ids.clone()).await,
+                            Via::Owner(peer) => me.blobs.fetch_from_owner(peer, ids.clone()).await,
+                        };
+                        let r = r.map(Arc::new).map_err(|e| Arc::new(e.to_string()));
+                        let mut inflight = me.inflight.lock().expect("inflight poisoned");
+                        let map = if remote {
+                            &mut inflight.remote
+                        } else {
+                            &mut inflight.origin
+                        };
+                        for id in &ids {
+                            map.remove(id);
+                        }
+                        r
+                    }
+                    .boxed()
+                    .shared();
+                    let map = if remote {
+                        &mut inflight.remote
+                    } else {
+                        &mut inflight.origin
+                    };
+                    for id in &batch {
+                        map.insert(*id, fut.clone());
+                    }
+                    waits.push(fut);
                 }
-                .boxed()
-                .shared();
-                for id in &mine {
-                    inflight.insert(*id, fut.clone());
-                }
-                waits.push(fut);
             }
         }
+        let missing: std::collections::HashSet<Hash> = missing.into_iter().collect();
         for w in futures::future::join_all(waits).await {
             for (id, b) in w?.iter() {
                 if missing.contains(id) {

@@ -90,6 +90,16 @@ enum Cmd {
         #[arg(long)]
         no_peers: bool,
     },
+    /// N nodes behind a shaped origin link mount shards_v1 through their daemons and read all
+    /// of it at once (`--isolated`: the daemons do not know each other, the baseline).
+    MountNetns {
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value = "200mbit")]
+        rate: String,
+        #[arg(long)]
+        isolated: bool,
+    },
     /// Scenario 3: two zones joined by a shaped link; bytes received by source zone.
     SwarmZones {
         #[arg(long, default_value = "200mbit")]
@@ -695,6 +705,18 @@ fn main() -> Result<()> {
                 "swarm_netns"
             },
             swarm_bench::netns(&args, *nodes, rate, *kill, !*no_peers)?,
+        ),
+        Cmd::MountNetns {
+            nodes,
+            rate,
+            isolated,
+        } => (
+            if *isolated {
+                "mount_netns_isolated"
+            } else {
+                "mount_netns"
+            },
+            swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
         ),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
         Cmd::MountPeer { datasets, runs } => (

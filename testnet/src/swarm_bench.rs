@@ -445,6 +445,27 @@ fn which(bin: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// TCP segments retransmitted by namespace `ns_name` so far (its /proc/net/snmp).
+fn retrans_segs(ns_name: &str) -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns_name, "cat", "/proc/net/snmp"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().context("Tcp header")?,
+        tcp.next().context("Tcp values")?,
+    );
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .context("RetransSegs")?
+        .1
+        .parse()
+        .context("RetransSegs value")
+}
+
 fn tx_bytes(ns_name: &str) -> Result<u64> {
     let out = Command::new("ip")
         .args([
@@ -744,4 +765,171 @@ pub fn locality(args: &Args, rate: &str) -> Result<Value> {
     })();
     down();
     result
+}
+
+/// Whether `mp` is mounted in the mount namespace of process `pid`.
+fn mounted_in(pid: u32, mp: &Path) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/mounts"))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(&mp.display().to_string()))
+        })
+        .unwrap_or(false)
+}
+
+/// N nodes behind one shaped origin link each mount shards_v1 through their daemon and read
+/// every file at once. With `isolated`, the daemons know nothing of each other (each reads the
+/// whole version from the origin): the baseline the shared origin reads are measured against.
+pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Result<Value> {
+    let data = ensure_data(args)?;
+    link_scripts(args)?;
+    let shards = data.join("shards_v1");
+    let bytes: u64 = files_under(&shards)?.values().sum();
+    let work = args.bench_root.join("work/mount-ns");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let origin_dir = work.join("origin");
+    let trusted = publisher(&work, &origin_dir.display().to_string(), &shards)?;
+    let netns = args.shared.join("netns.sh");
+    let _ = Command::new("bash").arg(&netns).arg("down").status();
+    let st = Command::new("bash")
+        .arg(&netns)
+        .args(["up", &nodes.to_string(), rate])
+        .status()?;
+    if !st.success() {
+        bail!("netns.sh up failed: this scenario needs root and network namespaces");
+    }
+    let mut mounts: Vec<Child> = Vec::new();
+    let result = (|| -> Result<Value> {
+        let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
+        let origin = "http://10.77.0.10:18080/origin".to_string();
+        let mut ds = Vec::new();
+        for i in 1..=nodes {
+            let home = work.join(format!("n{i}"));
+            let ip = format!("10.77.0.{}", 10 + i);
+            let mut a = vec!["--listen".to_string(), format!("/ip4/{ip}/tcp/4001")];
+            if i > 1 && !isolated {
+                a.push("--bootstrap".into());
+                a.push("/ip4/10.77.0.11/tcp/4001".into());
+            }
+            ds.push(Daemon::start(
+                home,
+                Some(format!("bl-l{i}")),
+                a,
+                &origin,
+                &trusted,
+            )?);
+        }
+        if !isolated {
+            let refs: Vec<&Daemon> = ds.iter().collect();
+            wait_connected(&refs, nodes - 1)?;
+        }
+        let mut mps = Vec::new();
+        for (i, d) in ds.iter().enumerate() {
+            let mp = work.join(format!("mnt-{}", i + 1));
+            std::fs::create_dir_all(&mp)?;
+            let mut c = d.shoal()?;
+            c.args(["mount", "shards@v1"])
+                .arg(&mp)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.home.join("mount.log"))?);
+            mounts.push(c.spawn()?);
+            mps.push(mp);
+        }
+        let pids: Vec<u32> = ds
+            .iter()
+            .map(|d| d.child.as_ref().map(|c| c.id()).context("daemon running"))
+            .collect::<Result<_>>()?;
+        let t = Instant::now();
+        while pids.iter().zip(&mps).any(|(p, mp)| !mounted_in(*p, mp)) {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("the mounts did not come up within 60 s: see mount.log in the node homes");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let the daemons hear of each other's mounts.
+        std::thread::sleep(Duration::from_secs(1));
+        let tx0 = tx_bytes("bl-seed")?;
+        let re0 = retrans_segs("bl-seed")?;
+        let t0 = Instant::now();
+        let mut readers: Vec<Option<Child>> = pids
+            .iter()
+            .zip(&mps)
+            .map(|(pid, mp)| {
+                Command::new("nsenter")
+                    .args(["-t", &pid.to_string(), "-m", "sh", "-c"])
+                    .arg(format!(
+                        "for f in {}/*; do dd if=$f of=/dev/null bs=1M status=none || exit 1; done",
+                        mp.display()
+                    ))
+                    .spawn()
+                    .map(Some)
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut done = vec![None; nodes];
+        while done.iter().any(Option::is_none) {
+            if t0.elapsed() > Duration::from_secs(1200) {
+                bail!("the readers did not finish within 1200 s");
+            }
+            for i in 0..nodes {
+                if let Some(c) = readers[i].as_mut() {
+                    if let Some(st) = c.try_wait()? {
+                        readers[i] = None;
+                        if !st.success() {
+                            bail!("node {} reader failed ({st}): see mount.log", i + 1);
+                        }
+                        done[i] = Some(t0.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let egress = tx_bytes("bl-seed")? - tx0;
+        let retrans = retrans_segs("bl-seed")? - re0;
+        let per_node: Vec<Value> = ds
+            .iter()
+            .zip(&done)
+            .enumerate()
+            .map(|(i, (d, t))| {
+                let s = d.status().unwrap_or_default();
+                let log = std::fs::read_to_string(d.home.join("node.log")).unwrap_or_default();
+                json!({
+                    "node": i + 1,
+                    "done_s": t,
+                    "owner_fallbacks": log.matches("not delivered by the peer that owns").count(),
+                    "bytes_from_peers": s["bytes_from_peers"],
+                    "bytes_from_origin": s["bytes_from_origin"],
+                    "bytes_served": s["bytes_served"],
+                })
+            })
+            .collect();
+        let _ = ng.kill();
+        let _ = ng.wait();
+        let last = done.iter().flatten().copied().fold(0.0, f64::max);
+        eprintln!(
+            "{nodes} nodes mounting ({}): all read in {last:.1} s, origin egress {:.3}x",
+            if isolated { "isolated" } else { "sharing" },
+            egress as f64 / bytes as f64
+        );
+        Ok(json!({
+            "nodes": nodes,
+            "rate": rate,
+            "bytes": bytes,
+            "isolated": isolated,
+            "all_read_s": last,
+            "origin_egress_bytes": egress,
+            "origin_egress_x_dataset": egress as f64 / bytes as f64,
+            "origin_tcp_retransmitted_segments": retrans,
+            "per_node": per_node,
+        }))
+    })();
+    for mut m in mounts {
+        // SIGTERM: the command asks its daemon to unmount.
+        let _ = Command::new("kill").arg(m.id().to_string()).status();
+        let _ = m.wait();
+    }
+    let _ = Command::new("bash").arg(&netns).arg("down").status();
+    let r = result?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(r)
 }

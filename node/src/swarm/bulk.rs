@@ -17,6 +17,7 @@ use super::Swarm;
 use crate::error::{Error, Result};
 use crate::store::Retain;
 use bytes::Bytes;
+use futures::StreamExt;
 use libp2p::PeerId;
 use shoal_registry::Hash;
 use std::net::SocketAddr;
@@ -31,7 +32,9 @@ const MISSING: u32 = u32::MAX;
 /// Top bit of a request's count: a version root follows, fetch what is missing through it.
 const THROUGH: u32 = 1 << 31;
 /// How long a server waits on its origin for a through request.
-const THROUGH_WAIT: Duration = Duration::from_secs(20);
+const THROUGH_WAIT: Duration = Duration::from_secs(60);
+/// Requests of one connection prepared at once (their answers still go out in order).
+const PIPELINE: usize = 8;
 /// Most ids in one request.
 pub const MAX_IDS: usize = 1024;
 /// Largest blob a peer may send (chunks are at most 128 KiB by default, tree nodes small).
@@ -306,6 +309,36 @@ impl Client {
     }
 }
 
+/// The blobs of one request: from the store (or the pack index cache), then, for a through
+/// request, what is missing from the origin.
+async fn answer(
+    swarm: Arc<Swarm>,
+    peer: PeerId,
+    ids: Vec<Hash>,
+    through: Option<Hash>,
+) -> Vec<Option<Bytes>> {
+    let sw = swarm.clone();
+    let (ids, mut blobs) = tokio::task::spawn_blocking(move || {
+        let blobs: Vec<Option<Bytes>> = ids
+            .iter()
+            .map(|id| match sw.store.get(id) {
+                Ok(Some(b)) => Some(Bytes::from(b)),
+                _ => std::fs::read(sw.pack_cache.join(format!("{id}.idx")))
+                    .ok()
+                    .filter(|b| id.verify(b))
+                    .map(Bytes::from),
+            })
+            .collect();
+        (ids, blobs)
+    })
+    .await
+    .expect("store task panicked");
+    if let Some(root) = through {
+        fill_through(&swarm, &peer, &root, &ids, &mut blobs).await;
+    }
+    blobs
+}
+
 /// For a through request: fetches the blobs this node lacks from its origin, if it mounts
 /// `root`; what cannot be had within [`THROUGH_WAIT`] stays "not here".
 async fn fill_through(
@@ -419,83 +452,89 @@ async fn serve_conn(
     });
     let fault = swarm.fault.clone();
     let mut w = w;
-    while let Some((ids, through)) = rx.recv().await {
-        if !swarm.is_member(&peer) {
-            break;
-        }
-        if fault.as_deref() == Some("slow") {
-            // Test hook: a slow peer.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        if fault.as_deref() == Some("stall") {
-            // Test hook: accept requests and never answer them.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-        let sw = swarm.clone();
-        let (ids, mut blobs) = tokio::task::spawn_blocking(move || {
-            let blobs: Vec<Option<Bytes>> = ids
-                .iter()
-                .map(|id| match sw.store.get(id) {
-                    Ok(Some(b)) => Some(Bytes::from(b)),
-                    _ => std::fs::read(sw.pack_cache.join(format!("{id}.idx")))
-                        .ok()
-                        .filter(|b| id.verify(b))
-                        .map(Bytes::from),
-                })
-                .collect();
-            (ids, blobs)
-        })
-        .await
-        .expect("store task panicked");
-        if let Some(root) = through {
-            fill_through(&swarm, &peer, &root, &ids, &mut blobs).await;
-        }
-        let blobs: Vec<Option<Bytes>> = if fault.as_deref() == Some("lie") {
-            // Test hook: flip one byte of every blob.
-            blobs
-                .into_iter()
-                .map(|b| {
-                    b.map(|b| {
-                        let mut v = b.to_vec();
-                        if let Some(x) = v.first_mut() {
-                            *x ^= 0xff;
-                        }
-                        Bytes::from(v)
-                    })
-                })
-                .collect()
-        } else {
-            blobs
-        };
-        let heads: Vec<[u8; 4]> = blobs
-            .iter()
-            .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
-            .collect();
-        let mut slices = Vec::with_capacity(2 * blobs.len());
-        let mut sent = 0u64;
-        for (h, b) in heads.iter().zip(&blobs) {
-            slices.push(std::io::IoSlice::new(h));
-            if let Some(b) = b {
-                slices.push(std::io::IoSlice::new(b));
-                sent += b.len() as u64;
+    // Answers go out in request order; up to PIPELINE are prepared at once, so a through
+    // request waiting on the origin does not hold back the start of the ones after it.
+    let mut answers = futures::stream::FuturesOrdered::new();
+    let mut open = true;
+    let mut slow_until = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            req = rx.recv(), if open && answers.len() < PIPELINE => {
+                let Some((ids, through)) = req else {
+                    open = false;
+                    continue;
+                };
+                if !swarm.is_member(&peer) {
+                    break;
+                }
+                if fault.as_deref() == Some("stall") {
+                    // Test hook: accept requests and never answer them.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                // Test hook: a slow peer, one answer per 300 ms.
+                let not_before = (fault.as_deref() == Some("slow")).then(|| {
+                    slow_until = slow_until.max(tokio::time::Instant::now()) + Duration::from_millis(300);
+                    slow_until
+                });
+                let work = answer(swarm.clone(), peer, ids, through);
+                answers.push_back(async move {
+                    if let Some(t) = not_before {
+                        tokio::time::sleep_until(t).await;
+                    }
+                    work.await
+                });
             }
-        }
-        // One vectored write per response: TLS records are filled from the blobs directly.
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let n = w.write_vectored(rest).await.map_err(io_err)?;
-            if n == 0 {
-                return Err(io_err(std::io::ErrorKind::WriteZero.into()));
+            Some(blobs) = answers.next(), if !answers.is_empty() => {
+                let blobs: Vec<Option<Bytes>> = if fault.as_deref() == Some("lie") {
+                    // Test hook: flip one byte of every blob.
+                    blobs
+                        .into_iter()
+                        .map(|b| {
+                            b.map(|b| {
+                                let mut v = b.to_vec();
+                                if let Some(x) = v.first_mut() {
+                                    *x ^= 0xff;
+                                }
+                                Bytes::from(v)
+                            })
+                        })
+                        .collect()
+                } else {
+                    blobs
+                };
+                let heads: Vec<[u8; 4]> = blobs
+                    .iter()
+                    .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
+                    .collect();
+                let mut slices = Vec::with_capacity(2 * blobs.len());
+                let mut sent = 0u64;
+                for (h, b) in heads.iter().zip(&blobs) {
+                    slices.push(std::io::IoSlice::new(h));
+                    if let Some(b) = b {
+                        slices.push(std::io::IoSlice::new(b));
+                        sent += b.len() as u64;
+                    }
+                }
+                // One vectored write per response: TLS records are filled from the blobs
+                // directly.
+                let mut rest = &mut slices[..];
+                while !rest.is_empty() {
+                    let n = w.write_vectored(rest).await.map_err(io_err)?;
+                    if n == 0 {
+                        return Err(io_err(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    std::io::IoSlice::advance_slices(&mut rest, n);
+                }
+                w.flush().await.map_err(io_err)?;
+                swarm
+                    .counters
+                    .bytes_served
+                    .fetch_add(sent, Ordering::Relaxed);
+                if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
+                    p.bytes_sent += sent;
+                }
             }
-            std::io::IoSlice::advance_slices(&mut rest, n);
-        }
-        w.flush().await.map_err(io_err)?;
-        swarm
-            .counters
-            .bytes_served
-            .fetch_add(sent, Ordering::Relaxed);
-        if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
-            p.bytes_sent += sent;
+            else => break,
         }
     }
     reader.abort();

@@ -392,8 +392,8 @@ pub async fn fetch(
                                 swarm.mark(&root, i);
                             }
                         }
+                        // (The node's bytes_from_origin counter is kept by `Blobs`.)
                         got.from_origin += bytes;
-                        swarm.counters.bytes_from_origin.fetch_add(bytes, Ordering::Relaxed);
                     }
                     Err(e) => {
                         // Part of the batch may be stored; the rest is wanted again.
@@ -612,7 +612,8 @@ pub fn mount_owner(nodes: &[(u64, PeerId)], run: u64) -> PeerId {
 }
 
 /// Asks one peer for blobs (`through`: of that version, fetched from its origin if it lacks
-/// them), waiting at most `wait`; returns what arrived, verified and stored, with the bytes.
+/// them); returns what arrived, verified and stored, with the bytes. Gives up on the rest once
+/// nothing has arrived for `wait`, or the peer disconnects.
 pub async fn ask_peer(
     swarm: &Arc<Swarm>,
     peer: PeerId,
@@ -642,13 +643,21 @@ pub async fn ask_peer(
     drop(tx);
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0;
     loop {
         tokio::select! {
+            _ = alive.tick() => {
+                let connected = swarm.peers.lock().expect("poisoned").get(&peer).is_some_and(|p| p.connected);
+                if !connected {
+                    break;
+                }
+            }
             ev = rx.recv() => match ev {
                 None => break,
                 Some(ev) => {
                     n += 1;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + wait);
                     match ev.outcome {
                         Outcome::Stored(len) => {
                             if let Some(b) = ev.bytes {
