@@ -88,6 +88,15 @@ pub fn home_dir() -> Result<PathBuf> {
     Ok(base.join("shoal"))
 }
 
+/// `spec` unchanged if it is a URL or an absolute path, else `base` joined with it.
+fn absolute_local(spec: String, base: &Path) -> String {
+    if spec.contains("://") || Path::new(&spec).is_absolute() || spec.trim().is_empty() {
+        spec
+    } else {
+        base.join(spec).display().to_string()
+    }
+}
+
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
@@ -114,10 +123,19 @@ impl Config {
         let home = home_dir()?;
         let cfg_path = home.join("config.toml");
         let file = read_file_config(&cfg_path)?;
-        let origin = origin_flag
+        // A relative local path is made absolute here (against the working directory, or the
+        // config file's directory for the file's setting): a node daemon serving this command
+        // runs elsewhere.
+        let cwd = std::env::current_dir().context("the current directory")?;
+        let origin = match origin_flag
             .or_else(|| std::env::var("SHOAL_ORIGIN").ok().filter(|o| !o.is_empty()))
-            .or(file.origin)
-            .unwrap_or_else(|| home.join("origin").display().to_string());
+        {
+            Some(o) => absolute_local(o, &cwd),
+            None => match file.origin {
+                Some(o) => absolute_local(o, &home),
+                None => home.join("origin").display().to_string(),
+            },
+        };
         if origin.trim().is_empty() {
             bail!("the origin is empty; pass --origin or set SHOAL_ORIGIN");
         }

@@ -606,3 +606,19 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_relative_origin_path_is_the_commands_not_the_daemons() {
+    let mut c = Cluster::new(BIN);
+    let (_src, bytes) = setup(&c);
+    let a = c.node("a", &[], &[]);
+    // The daemon runs in another directory; the command names the origin relative to its own.
+    let origin = Path::new(&c.origin);
+    let r = ok_json(
+        c.nodes[a]
+            .cmd(&["--json", "pull", "ds@v1", "--no-files"])
+            .current_dir(origin.parent().unwrap())
+            .env("SHOAL_ORIGIN", origin.file_name().unwrap()),
+    );
+    assert!(u(&r, "bytes_from_origin") >= bytes, "{r}");
+}
