@@ -505,6 +505,40 @@ fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child>
     Ok(child)
 }
 
+/// Daemons n1..nN (fresh state directories under `work`) in namespaces bl-l1..N; with
+/// `bootstrap`, all bootstrap from n1 and are connected to each other on return.
+fn netns_daemons(
+    work: &Path,
+    nodes: usize,
+    origin: &str,
+    trusted: &str,
+    bootstrap: bool,
+) -> Result<Vec<Daemon>> {
+    let mut ds = Vec::new();
+    for i in 1..=nodes {
+        let home = work.join(format!("n{i}"));
+        let _ = std::fs::remove_dir_all(&home);
+        let ip = format!("10.77.0.{}", 10 + i);
+        let mut a = vec!["--listen".to_string(), format!("/ip4/{ip}/tcp/4001")];
+        if i > 1 && bootstrap {
+            a.push("--bootstrap".into());
+            a.push("/ip4/10.77.0.11/tcp/4001".into());
+        }
+        ds.push(Daemon::start(
+            home,
+            Some(format!("bl-l{i}")),
+            a,
+            origin,
+            trusted,
+        )?);
+    }
+    if bootstrap {
+        let refs: Vec<&Daemon> = ds.iter().collect();
+        wait_connected(&refs, nodes - 1)?;
+    }
+    Ok(ds)
+}
+
 /// Scenario 2 (and 4 with `kill > 0`): N nodes behind one shaped origin link pull shards_v1 at
 /// once; with churn, `kill` of them are killed -9 mid-pull and restarted.
 pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) -> Result<Value> {
@@ -541,26 +575,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
     let result = (|| -> Result<Value> {
         let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
         let origin = "http://10.77.0.10:18080/origin".to_string();
-        let mut ds = Vec::new();
-        for i in 1..=nodes {
-            let home = work.join(format!("n{i}"));
-            let _ = std::fs::remove_dir_all(&home);
-            let ip = format!("10.77.0.{}", 10 + i);
-            let mut a = vec!["--listen".to_string(), format!("/ip4/{ip}/tcp/4001")];
-            if i > 1 {
-                a.push("--bootstrap".into());
-                a.push("/ip4/10.77.0.11/tcp/4001".into());
-            }
-            ds.push(Daemon::start(
-                home,
-                Some(format!("bl-l{i}")),
-                a,
-                &origin,
-                &trusted,
-            )?);
-        }
-        let refs: Vec<&Daemon> = ds.iter().collect();
-        wait_connected(&refs, nodes - 1)?;
+        let mut ds = netns_daemons(&work, nodes, &origin, &trusted, true)?;
         let tx0 = tx_bytes("bl-seed")?;
         let t0 = Instant::now();
         let mut pulls: Vec<Option<Child>> = ds.iter().map(|d| d.pull("shards@v1").ok()).collect();
@@ -803,27 +818,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
     let result = (|| -> Result<Value> {
         let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
         let origin = "http://10.77.0.10:18080/origin".to_string();
-        let mut ds = Vec::new();
-        for i in 1..=nodes {
-            let home = work.join(format!("n{i}"));
-            let ip = format!("10.77.0.{}", 10 + i);
-            let mut a = vec!["--listen".to_string(), format!("/ip4/{ip}/tcp/4001")];
-            if i > 1 && !isolated {
-                a.push("--bootstrap".into());
-                a.push("/ip4/10.77.0.11/tcp/4001".into());
-            }
-            ds.push(Daemon::start(
-                home,
-                Some(format!("bl-l{i}")),
-                a,
-                &origin,
-                &trusted,
-            )?);
-        }
-        if !isolated {
-            let refs: Vec<&Daemon> = ds.iter().collect();
-            wait_connected(&refs, nodes - 1)?;
-        }
+        let ds = netns_daemons(&work, nodes, &origin, &trusted, !isolated)?;
         let mut mps = Vec::new();
         for (i, d) in ds.iter().enumerate() {
             let mp = work.join(format!("mnt-{}", i + 1));
