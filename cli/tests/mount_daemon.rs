@@ -312,14 +312,13 @@ fn nodes_mounting_one_cold_version_read_it_from_the_origin_about_once() {
         origin >= half && origin < half + half / 4,
         "the origin served {origin} bytes for {half} bytes read on 3 nodes: {statuses:?}"
     );
-    for s in &statuses {
-        let peers = s["bytes_from_peers"].as_u64().unwrap();
-        let served = s["bytes_served"].as_u64().unwrap();
-        assert!(
-            peers >= 2 << 20 && served >= 2 << 20,
-            "every node reads runs from the others and serves its own: {s}"
-        );
-    }
+    // Which node owns which run depends on their (random) peer ids: assert on the sums. Three
+    // nodes read `half` each and the origin sent it about once: the rest came from peers.
+    let sum = |k: &str| -> u64 { statuses.iter().map(|s| s[k].as_u64().unwrap()).sum() };
+    assert!(
+        sum("bytes_from_peers") >= half && sum("bytes_served") >= half,
+        "the nodes read each other's runs: {statuses:?}"
+    );
     // An owner dies: the others read its runs from the origin themselves, exactly.
     c.nodes[nodes[0]].kill9();
     read_all(&mps[1..], &names[4..]);

@@ -109,9 +109,13 @@ impl Blobs {
                 .copied()
                 .collect();
             if !absent.is_empty() {
-                let got =
-                    crate::swarm::fetch::from_complete_peers(swarm, &version.body.root, &absent)
-                        .await;
+                let got = crate::swarm::fetch::from_complete_peers(
+                    swarm,
+                    &version.body.root,
+                    &absent,
+                    Retain::Keep,
+                )
+                .await;
                 let cache = cache.to_path_buf();
                 tokio::task::spawn_blocking(move || {
                     for (id, bytes) in got {
@@ -208,7 +212,8 @@ impl Blobs {
     /// before cancellation stays stored and verified.
     pub async fn fetch(&self, mut ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
         if let Some((swarm, root)) = &self.peers {
-            let got = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
+            let got =
+                crate::swarm::fetch::from_complete_peers(swarm, root, &ids, self.retain).await;
             ids.retain(|id| !got.contains_key(id));
         }
         self.fetch_origin(ids, progress).await
@@ -232,7 +237,8 @@ impl Blobs {
         let Some((swarm, root)) = &self.peers else {
             return self.fetch_inner(ids, None, true).await;
         };
-        let mut out = crate::swarm::fetch::from_complete_peers(swarm, root, &ids).await;
+        let mut out =
+            crate::swarm::fetch::from_complete_peers(swarm, root, &ids, self.retain).await;
         ids.retain(|id| !out.contains_key(id));
         if let Some((mine, others)) = self.split_by_owner(&ids) {
             let asks = others
@@ -303,7 +309,8 @@ impl Blobs {
             return self.fetch_origin_bytes(ids).await;
         };
         let mut got =
-            crate::swarm::fetch::ask_peer(swarm, peer, &ids, Some(*root), OWNER_WAIT).await;
+            crate::swarm::fetch::ask_peer(swarm, peer, &ids, Some(*root), self.retain, OWNER_WAIT)
+                .await;
         if got.len() < ids.len() {
             tracing::info!(
                 %peer,

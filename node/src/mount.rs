@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::walk::load_dir;
 use crate::Node;
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use serde::{Deserialize, Serialize};
 use shoal_fuse::{Source, SourceError};
 use shoal_registry::tree::{ChunkList, ChunkRef, Dir, EntryKind, FileContent};
@@ -21,6 +21,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// A fetch under way, shared by every reader waiting for one of its blobs; yields the bytes.
 type Fetch = Shared<BoxFuture<'static, Result<Arc<HashMap<Hash, Bytes>>, Arc<String>>>>;
+/// How the in-flight table refers to a fetch: only its waiters keep it alive, so a fetch
+/// every waiter gave up on (a read past its timeout, say, with the origin down and the HTTP
+/// client backing off) is dropped rather than joined later, stale, by the next reader.
+type WeakFetch = WeakShared<BoxFuture<'static, Result<Arc<HashMap<Hash, Bytes>>, Arc<String>>>>;
 
 /// A read order and the reader's position in it (index of the file it opened last).
 #[derive(Default)]
@@ -44,8 +48,8 @@ enum Via {
 /// other peers (which it may not).
 #[derive(Default)]
 struct Inflight {
-    origin: HashMap<Hash, Fetch>,
-    remote: HashMap<Hash, Fetch>,
+    origin: HashMap<Hash, WeakFetch>,
+    remote: HashMap<Hash, WeakFetch>,
 }
 
 /// Blob access for a mount: bounded waits, de-duplicated fetches, background prefetch.
@@ -101,13 +105,14 @@ impl Inner {
             let mut inflight = self.inflight.lock().expect("inflight poisoned");
             let mut new = Vec::new();
             for id in &missing {
-                let under_way = match inflight.origin.get(id) {
+                let alive = |m: &HashMap<Hash, WeakFetch>| m.get(id).and_then(WeakShared::upgrade);
+                let under_way = match alive(&inflight.origin) {
                     Some(f) => Some(f),
-                    None if !for_peer => inflight.remote.get(id),
+                    None if !for_peer => alive(&inflight.remote),
                     None => None,
                 };
                 match under_way {
-                    Some(f) => waits.push(f.clone()),
+                    Some(f) => waits.push(f),
                     None => new.push(*id),
                 }
             }
@@ -154,8 +159,9 @@ impl Inner {
                     } else {
                         &mut inflight.origin
                     };
+                    let weak = fut.downgrade().expect("not yet polled");
                     for id in &batch {
-                        map.insert(*id, fut.clone());
+                        map.insert(*id, weak.clone());
                     }
                     waits.push(fut);
                 }

@@ -71,12 +71,15 @@ pub struct Request {
     pub want_bytes: bool,
     /// Ask the peer to fetch what it lacks of this version from its origin (it mounts it).
     pub through: Option<Hash>,
+    /// How the local store keeps what arrives (a mount's cache fill may be declined).
+    pub retain: Retain,
 }
 
 struct Pending {
     ids: Vec<Hash>,
     reply: mpsc::UnboundedSender<Event>,
     want_bytes: bool,
+    retain: Retain,
     sent: Instant,
 }
 
@@ -151,6 +154,7 @@ impl Client {
                     ids: req.ids,
                     reply: req.reply,
                     want_bytes: req.want_bytes,
+                    retain: req.retain,
                     sent: Instant::now(),
                 };
                 let ok = w.write_all(&frame).await.is_ok() && w.flush().await.is_ok();
@@ -236,6 +240,7 @@ impl Client {
             while let Some((p, blobs, start)) = vrx.recv().await {
                 let store = swarm.store.clone();
                 let ids = p.ids.clone();
+                let retain = p.retain;
                 let checked = tokio::task::spawn_blocking(move || {
                     let mut outcomes = Vec::with_capacity(ids.len());
                     let mut good: Vec<(Hash, &[u8])> = Vec::new();
@@ -249,7 +254,7 @@ impl Client {
                             Some(_) => Outcome::Bad,
                         });
                     }
-                    let stored = store.put_batch(&good, Retain::Keep);
+                    let stored = store.put_batch(&good, retain);
                     drop(good);
                     (outcomes, stored, blobs)
                 })

@@ -453,6 +453,7 @@ async fn send(
                     reply: tx.clone(),
                     want_bytes: false,
                     through: None,
+                    retain: crate::store::Retain::Keep,
                 },
             )
             .await
@@ -556,6 +557,7 @@ pub async fn from_complete_peers(
     swarm: &Arc<Swarm>,
     root: &Hash,
     ids: &[Hash],
+    retain: crate::store::Retain,
 ) -> HashMap<Hash, Bytes> {
     let peers: Vec<(u8, PeerId)> = {
         let peers = swarm.peers.lock().expect("poisoned");
@@ -579,7 +581,7 @@ pub async fn from_complete_peers(
         if want.is_empty() {
             break;
         }
-        got.extend(ask_peer(swarm, peer, &want, None, Duration::from_secs(5)).await);
+        got.extend(ask_peer(swarm, peer, &want, None, retain, Duration::from_secs(5)).await);
         want.retain(|id| !got.contains_key(id));
     }
     got
@@ -619,6 +621,7 @@ pub async fn ask_peer(
     peer: PeerId,
     ids: &[Hash],
     through: Option<Hash>,
+    retain: crate::store::Retain,
     wait: Duration,
 ) -> HashMap<Hash, Bytes> {
     let mut got = HashMap::new();
@@ -636,6 +639,7 @@ pub async fn ask_peer(
                 reply: tx.clone(),
                 want_bytes: true,
                 through,
+                retain,
             },
         )
         .await;
