@@ -505,6 +505,21 @@ fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child>
     Ok(child)
 }
 
+/// Builds the `netns.sh` topology for `nodes` nodes behind a `rate` origin link (removing a
+/// previous one first); returns the script, whose `down` removes it.
+fn netns_up(args: &Args, nodes: usize, rate: &str) -> Result<PathBuf> {
+    let netns = args.shared.join("netns.sh");
+    let _ = Command::new("bash").arg(&netns).arg("down").status();
+    let st = Command::new("bash")
+        .arg(&netns)
+        .args(["up", &nodes.to_string(), rate])
+        .status()?;
+    if !st.success() {
+        bail!("netns.sh up failed: this scenario needs root and network namespaces");
+    }
+    Ok(netns)
+}
+
 /// Daemons n1..nN (fresh state directories under `work`) in namespaces bl-l1..N; with
 /// `bootstrap`, all bootstrap from n1 and are connected to each other on return.
 fn netns_daemons(
@@ -563,15 +578,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             .stdout(Stdio::from(std::io::stderr()))
             .status()?;
     }
-    let netns = args.shared.join("netns.sh");
-    let _ = Command::new("bash").arg(&netns).arg("down").status();
-    let st = Command::new("bash")
-        .arg(&netns)
-        .args(["up", &nodes.to_string(), rate])
-        .status()?;
-    if !st.success() {
-        bail!("netns.sh up failed: this scenario needs root and network namespaces");
-    }
+    let netns = netns_up(args, nodes, rate)?;
     let result = (|| -> Result<Value> {
         let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
         let origin = "http://10.77.0.10:18080/origin".to_string();
@@ -805,15 +812,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
     std::fs::create_dir_all(&work)?;
     let origin_dir = work.join("origin");
     let trusted = publisher(&work, &origin_dir.display().to_string(), &shards)?;
-    let netns = args.shared.join("netns.sh");
-    let _ = Command::new("bash").arg(&netns).arg("down").status();
-    let st = Command::new("bash")
-        .arg(&netns)
-        .args(["up", &nodes.to_string(), rate])
-        .status()?;
-    if !st.success() {
-        bail!("netns.sh up failed: this scenario needs root and network namespaces");
-    }
+    let netns = netns_up(args, nodes, rate)?;
     let mut mounts: Vec<Child> = Vec::new();
     let result = (|| -> Result<Value> {
         let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
