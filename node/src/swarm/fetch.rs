@@ -559,22 +559,7 @@ pub async fn from_complete_peers(
     ids: &[Hash],
     retain: crate::store::Retain,
 ) -> HashMap<Hash, Bytes> {
-    let peers: Vec<(u8, PeerId)> = {
-        let peers = swarm.peers.lock().expect("poisoned");
-        let mut v: Vec<(u8, PeerId)> = peers
-            .iter()
-            .filter(|(id, p)| {
-                p.connected
-                    && swarm.is_member(id)
-                    && p.versions
-                        .get(root)
-                        .is_some_and(|v| v.holding == Holding::Complete)
-            })
-            .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
-            .collect();
-        v.sort();
-        v
-    };
+    let peers = peers_holding(swarm, root, Holding::Complete);
     let mut want: Vec<Hash> = ids.to_vec();
     let mut got = HashMap::new();
     for (_, peer) in peers.into_iter().take(2) {
@@ -590,21 +575,29 @@ pub async fn from_complete_peers(
 /// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
 /// members with a bulk address that announced a mount of it.
 pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
-    let peers = swarm.peers.lock().expect("poisoned");
-    let mut v: Vec<(u64, PeerId)> = peers
-        .iter()
-        .filter(|(id, p)| {
-            p.connected
-                && p.bulk_port.is_some()
-                && swarm.is_member(id)
-                && p.versions
-                    .get(root)
-                    .is_some_and(|v| v.holding == Holding::Mounted)
-        })
-        .map(|(id, _)| (peer_seed(id), *id))
+    let mut v: Vec<(u64, PeerId)> = peers_holding(swarm, root, Holding::Mounted)
+        .into_iter()
+        .map(|(_, id)| (peer_seed(&id), id))
         .collect();
     v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
     v.sort_by_key(|n| n.1);
+    v
+}
+
+/// The connected members that announced `root` with `holding`, nearest first, as
+/// (locality distance, id).
+pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, PeerId)> {
+    let peers = swarm.peers.lock().expect("poisoned");
+    let mut v: Vec<(u8, PeerId)> = peers
+        .iter()
+        .filter(|(id, p)| {
+            p.connected
+                && swarm.is_member(id)
+                && p.versions.get(root).is_some_and(|v| v.holding == holding)
+        })
+        .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
+        .collect();
+    v.sort();
     v
 }
 
