@@ -346,12 +346,13 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             .await?;
             out.report(&r, || {
                 format!(
-                    "unmounted {} from {} ({}): {} files opened, {} read",
+                    "unmounted {} from {} ({}): {} files read, {} in read requests, {} pushed ahead of readers",
                     r.version,
                     r.mountpoint,
                     r.served_by,
-                    r.opens,
-                    output::bytes(r.bytes_read)
+                    r.files_read,
+                    output::bytes(r.bytes_read),
+                    output::bytes(r.bytes_pushed)
                 )
             })
         }

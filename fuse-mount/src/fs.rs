@@ -4,13 +4,13 @@
 
 use crate::layout::FileLayout;
 use crate::model::{Attr, Errno as ModelErrno, Inodes, Kind, Source, ROOT};
+use crate::push::{Job, Pusher};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use shoal_registry::tree::ChunkRef;
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,9 +52,16 @@ impl Default for MountOptions {
     }
 }
 
-struct Handle {
-    chunks: Arc<Vec<ChunkRef>>,
-    layout: FileLayout,
+/// How many readers of one file are followed apart (a read continuing none of them starts a
+/// new one, replacing the least recently used).
+const STREAMS_PER_FILE: usize = 4;
+/// How many files' read state is kept; the least recently read are forgotten (the kernel never
+/// says when a file is closed: the mount does not take part in open and release).
+const FILES_TRACKED: usize = 1024;
+
+/// One reader's position in a file.
+struct Stream {
+    id: u64,
     /// Where a sequential reader's next read would start.
     next: u64,
     /// Chunks before this index have been handed to prefetch.
@@ -64,21 +71,36 @@ struct Handle {
     last: Option<(usize, bytes::Bytes)>,
 }
 
+/// What the mount knows about a file being read.
+struct FileState {
+    chunks: Arc<Vec<ChunkRef>>,
+    layout: FileLayout,
+    /// Fetched whole when first read.
+    small: bool,
+    /// Most recently used last.
+    streams: Vec<Stream>,
+}
+
 /// Counters of what the mount did.
 #[derive(Debug, Default)]
 pub struct MountStats {
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
     pub read_errors: AtomicU64,
-    pub opens: AtomicU64,
+    /// Reads that started a file at its first byte (files opened and read, as far as the
+    /// mount can tell: the kernel serves opens itself, and re-reads from its page cache).
+    pub files_read: AtomicU64,
+    /// Bytes put into the kernel's page cache ahead of readers (see [`crate::push`]).
+    pub bytes_pushed: Arc<AtomicU64>,
 }
 
 /// A mounted version.
 pub struct ShoalFs<S> {
-    inodes: Inodes<S>,
+    inodes: Arc<Inodes<S>>,
+    pusher: Pusher,
     opts: MountOptions,
-    handles: Mutex<HashMap<u64, Handle>>,
-    next_fh: AtomicU64,
+    files: Mutex<hashlink::LruCache<u64, FileState>>,
+    next_stream: AtomicU64,
     stats: Arc<MountStats>,
 }
 
@@ -96,12 +118,14 @@ fn errno(e: ModelErrno) -> Errno {
 
 impl<S: Source> ShoalFs<S> {
     pub fn new(inodes: Inodes<S>, opts: MountOptions) -> ShoalFs<S> {
+        let stats = Arc::<MountStats>::default();
         ShoalFs {
-            inodes,
+            inodes: Arc::new(inodes),
+            pusher: Pusher::new(stats.bytes_pushed.clone()),
             opts,
-            handles: Mutex::default(),
-            next_fh: AtomicU64::new(1),
-            stats: Arc::default(),
+            files: Mutex::new(hashlink::LruCache::new(FILES_TRACKED)),
+            next_stream: AtomicU64::new(1),
+            stats,
         }
     }
 
@@ -143,45 +167,137 @@ impl<S: Source> ShoalFs<S> {
         }
     }
 
-    /// Reads `size` bytes at `offset` of an open file, prefetching ahead of sequential readers.
-    fn read_at(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {
-        let (pieces, wanted, cached, prefetch) = {
-            let mut handles = self.handles.lock().expect("handles poisoned");
-            let h = handles.get_mut(&fh).ok_or(ModelErrno::NotFound)?;
-            let pieces = h.layout.pieces(offset, size as u64);
+    /// The read state of file `ino`, created on its first read (which fetches a small file
+    /// whole); called without the `files` lock held (loading a chunk list may fetch).
+    fn file_state(&self, ino: u64) -> Result<(), ModelErrno> {
+        if self
+            .files
+            .lock()
+            .expect("files poisoned")
+            .contains_key(&ino)
+        {
+            return Ok(());
+        }
+        let (size, content) = match self.inodes.kind(ino)? {
+            Kind::File { size, content } => (size, content),
+            Kind::Dir { .. } => return Err(ModelErrno::IsDir),
+            Kind::Symlink { .. } => return Err(ModelErrno::NotFound),
+        };
+        let chunks = self
+            .inodes
+            .source()
+            .chunks(&content)
+            .map_err(ModelErrno::Io)?;
+        let small = size <= self.opts.small_file && !chunks.is_empty();
+        if small {
+            // Small files are read whole, nearly always: fetch them in one go.
+            self.inodes.source().prefetch(chunks.to_vec());
+        }
+        let layout = FileLayout::new(chunks.iter().map(|c| c.len));
+        let mut files = self.files.lock().expect("files poisoned");
+        if !files.contains_key(&ino) {
+            files.insert(
+                ino,
+                FileState {
+                    chunks,
+                    layout,
+                    small,
+                    streams: Vec::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads `size` bytes at `offset` of file `ino`, prefetching ahead of sequential readers.
+    fn read_at(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {
+        if offset == 0 {
+            self.stats.files_read.fetch_add(1, Ordering::Relaxed);
+            if let Ok(path) = self.inodes.path(ino) {
+                self.inodes.source().opened(&path);
+            }
+        }
+        self.file_state(ino)?;
+        let (stream, pieces, wanted, cached, prefetch, rest) = {
+            let mut files = self.files.lock().expect("files poisoned");
+            // Forgotten since file_state() only if 1024 other files were read meanwhile.
+            let f = files.get_mut(&ino).ok_or_else(|| {
+                ModelErrno::Io(crate::model::SourceError(format!(
+                    "inode {ino}: read state dropped under load; retry"
+                )))
+            })?;
+            let pieces = f.layout.pieces(offset, size as u64);
+            // The stream this read continues, or a new one (sequential only from the start).
+            let i = match f.streams.iter().position(|s| s.next == offset) {
+                Some(i) => i,
+                None => {
+                    if f.streams.len() >= STREAMS_PER_FILE {
+                        f.streams.remove(0);
+                    }
+                    f.streams.push(Stream {
+                        id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+                        next: 0,
+                        prefetched: if f.small { f.chunks.len() } else { 0 },
+                        last: None,
+                    });
+                    f.streams.len() - 1
+                }
+            };
+            let mut s = f.streams.remove(i);
             let mut prefetch = Vec::new();
-            if self.opts.sequential_prefetch && offset == h.next && !pieces.is_empty() {
+            if self.opts.sequential_prefetch && offset == s.next && !pieces.is_empty() {
                 // Sequential: keep up to `readahead` bytes ahead of the reader in flight, topped
                 // up in large batches (once less than half is left) rather than chunk by chunk.
                 let last = pieces.last().expect("non-empty").index;
                 let end = offset + size as u64;
-                let ahead = if h.prefetched > last + 1 {
-                    h.layout.start(h.prefetched).saturating_sub(end)
+                let ahead = if s.prefetched > last + 1 {
+                    f.layout.start(s.prefetched).saturating_sub(end)
                 } else {
                     0
                 };
                 if ahead < self.opts.readahead / 2 {
-                    let mut i = h.prefetched.max(last + 1);
+                    let mut i = s.prefetched.max(last + 1);
                     let limit = end + self.opts.readahead;
-                    while i < h.chunks.len() && h.layout.start(i) < limit {
-                        prefetch.push(h.chunks[i]);
+                    while i < f.chunks.len() && f.layout.start(i) < limit {
+                        prefetch.push(f.chunks[i]);
                         i += 1;
                     }
-                    h.prefetched = i;
+                    s.prefetched = i;
                 }
             }
-            let cached = h
+            let cached = s
                 .last
                 .clone()
                 .filter(|(i, _)| pieces.iter().any(|p| p.index == *i));
             let wanted: Vec<ChunkRef> = pieces
                 .iter()
                 .filter(|p| cached.as_ref().is_none_or(|(i, _)| *i != p.index))
-                .map(|p| h.chunks[p.index])
+                .map(|p| f.chunks[p.index])
                 .collect();
-            h.next = offset + pieces.iter().map(|p| p.range.len() as u64).sum::<u64>();
-            (pieces, wanted, cached, prefetch)
+            s.next = offset + pieces.iter().map(|p| p.range.len() as u64).sum::<u64>();
+            // A small file's first read: the rest of it goes into the page cache right after
+            // (from the next page on: the kernel reads whole pages).
+            let rest_start = s.next.next_multiple_of(4096);
+            let rest = (offset == 0 && f.small && rest_start < f.layout.size()).then(|| Job {
+                ino,
+                start: rest_start,
+                size: f.layout.size(),
+                chunks: f.chunks.clone(),
+                at: None,
+            });
+            let id = s.id;
+            f.streams.push(s);
+            (id, pieces, wanted, cached, prefetch, rest)
         };
+        if !self.opts.direct_io && offset == 0 {
+            if let Some(job) = rest {
+                self.pusher.push(job);
+            }
+            if let Ok((dir, index, children)) = self.inodes.position(ino) {
+                self.pusher
+                    .started(&self.inodes, dir, index, &children, self.opts.small_file);
+            }
+        }
         if !prefetch.is_empty() {
             self.inodes.source().prefetch(prefetch);
         }
@@ -205,8 +321,10 @@ impl<S: Source> ShoalFs<S> {
             out.extend_from_slice(&bytes[p.range.clone()]);
             last = Some((p.index, bytes));
         }
-        if let Some(h) = self.handles.lock().expect("handles poisoned").get_mut(&fh) {
-            h.last = last;
+        if let Some(f) = self.files.lock().expect("files poisoned").get_mut(&ino) {
+            if let Some(s) = f.streams.iter_mut().find(|s| s.id == stream) {
+                s.last = last;
+            }
         }
         Ok(out)
     }
@@ -219,6 +337,9 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         // Let the kernel keep many readahead requests in flight across the worker threads.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Listings carry every entry's attributes, so `tar`, `find` and `ls -l` need no lookup
+        // per file afterwards (one request per file less).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
         Ok(())
     }
 
@@ -251,55 +372,36 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        let (size, content) = match self.inodes.kind(ino.0) {
-            Ok(Kind::File { size, content }) => (size, content),
-            Ok(Kind::Dir { .. }) => return reply.error(Errno::EISDIR),
-            Ok(_) => return reply.error(Errno::EINVAL),
-            Err(e) => return reply.error(errno(e)),
-        };
-        let chunks = match self.inodes.source().chunks(&content) {
-            Ok(c) => c,
-            Err(e) => return reply.error(errno(ModelErrno::Io(e))),
-        };
-        let mut prefetched = 0;
-        if size <= self.opts.small_file && !chunks.is_empty() {
-            // Small files are read whole, nearly always: fetch them in one go.
-            self.inodes.source().prefetch(chunks.to_vec());
-            prefetched = chunks.len();
+        if self.opts.direct_io {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
-        if let Ok(path) = self.inodes.path(ino.0) {
-            self.inodes.source().opened(&path);
-        }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let layout = FileLayout::new(chunks.iter().map(|c| c.len));
-        self.handles.lock().expect("handles poisoned").insert(
-            fh,
-            Handle {
-                chunks,
-                layout,
-                next: 0,
-                prefetched,
-                last: None,
-            },
-        );
-        self.stats.opens.fetch_add(1, Ordering::Relaxed);
-        let flags = if self.opts.direct_io {
-            FopenFlags::FOPEN_DIRECT_IO
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE
-        };
-        reply.opened(FileHandle(fh), flags);
+        // Not taking part in opens: the kernel then opens files itself, with their pages kept
+        // cached, and sends neither open nor release (two of the five requests a small file
+        // took). What open did happens on a file's first read instead.
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing to flush; ENOSYS tells the kernel not to send flush on close again.
+        reply.error(Errno::ENOSYS)
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -307,7 +409,7 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         reply: ReplyData,
     ) {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        match self.read_at(fh.0, offset, size) {
+        match self.read_at(ino.0, offset, size) {
             Ok(data) => {
                 self.stats
                     .bytes_read
@@ -319,20 +421,6 @@ impl<S: Source> Filesystem for ShoalFs<S> {
                 reply.error(errno(e))
             }
         }
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.handles.lock().expect("handles poisoned").remove(&fh.0);
-        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -381,6 +469,54 @@ impl<S: Source> Filesystem for ShoalFs<S> {
                 Err(e) => return reply.error(errno(e)),
             };
             if reply.add(INodeNo(*child), n as u64 + 3, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let children = match self.inodes.children(ino.0) {
+            Ok(c) => c,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let parent = if ino.0 == ROOT {
+            ROOT
+        } else {
+            self.inodes.parent(ino.0).unwrap_or(ROOT)
+        };
+        // "." and "..", then the children; the offset of an entry is where the next read starts.
+        let dots = [(".", ino.0), ("..", parent)];
+        let entries = dots
+            .iter()
+            .map(|(n, i)| (*n, *i))
+            .chain(children.iter().map(|(n, i)| (n.as_str(), *i)))
+            .enumerate()
+            .skip(offset as usize);
+        for (n, (name, child)) in entries {
+            // A subdirectory not listed yet is not loaded for its link count here (a cold `ls`
+            // of a thousand class directories would fetch them all): it is sent with
+            // attributes the kernel must not keep, and looked up when used.
+            let (attr, ttl) = match self.inodes.attr_known(child) {
+                Ok((a, true)) => (a, self.opts.ttl),
+                Ok((a, false)) => (a, Duration::ZERO),
+                Err(e) => return reply.error(errno(e)),
+            };
+            if reply.add(
+                INodeNo(child),
+                n as u64 + 1,
+                name,
+                &ttl,
+                &self.file_attr(&attr),
+                Generation(0),
+            ) {
                 break;
             }
         }
@@ -444,7 +580,13 @@ pub fn spawn<S: Source>(
     }
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = cfg.threads > 1;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    let inodes = fs.inodes.clone();
+    let runner = (!fs.opts.direct_io).then(|| fs.pusher.runner()).flatten();
+    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    if let Some(r) = runner {
+        r.start(inodes, session.notifier());
+    }
+    session.spawn()
 }
 
 /// Raises the kernel's readahead for the mount's FUSE device (its default is 128 KiB, which

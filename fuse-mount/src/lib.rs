@@ -3,7 +3,8 @@
 //! - [`layout`]: which chunks of a file cover a byte range (pure);
 //! - [`model`]: the inode table, loading directories lazily through a [`Source`] (pure apart
 //!   from what the source does);
-//! - [`fs`]: the `fuser::Filesystem` adapter, which only translates kernel calls.
+//! - [`fs`]: the `fuser::Filesystem` adapter, which only translates kernel calls;
+//! - [`push`]: filling the kernel's page cache ahead of readers, from a thread of its own.
 //!
 //! The crate knows nothing of the local store, origins or the network: a [`Source`] hands it
 //! directory nodes, chunk lists and chunk bytes, each already verified.
@@ -11,6 +12,7 @@
 pub mod fs;
 pub mod layout;
 pub mod model;
+pub mod push;
 
 pub use fs::{raise_readahead, spawn, MountConfig, MountOptions, MountStats, ShoalFs};
 pub use fuser::BackgroundSession;

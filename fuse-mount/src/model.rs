@@ -23,10 +23,17 @@ pub trait Source: Send + Sync + 'static {
     fn read(&self, chunks: &[ChunkRef]) -> Result<Vec<Bytes>, SourceError>;
     /// Starts fetching chunks in the background; never blocks.
     fn prefetch(&self, chunks: Vec<ChunkRef>);
+    /// Whether every one of these chunks can be read without fetching; never blocks.
+    fn is_local(&self, _chunks: &[ChunkRef]) -> bool {
+        false
+    }
     /// A file at `path` (relative to the root) was opened: a reader's position, for fetching
     /// ahead of it in a known read order.
     fn opened(&self, _path: &str) {}
 }
+
+/// A directory's entries in name order: (name, inode).
+pub type Children = Arc<Vec<(String, u64)>>;
 
 /// What an inode is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +50,7 @@ struct Inode {
     mode: u32,
     kind: Kind,
     /// Children in name order, once the directory was loaded.
-    children: Option<Arc<Vec<(String, u64)>>>,
+    children: Option<Children>,
     subdirs: u32,
 }
 
@@ -107,7 +114,7 @@ impl<S: Source> Inodes<S> {
     }
 
     /// Loads a directory's entries (once) and returns its children.
-    pub fn children(&self, ino: u64) -> Result<Arc<Vec<(String, u64)>>, Errno> {
+    pub fn children(&self, ino: u64) -> Result<Children, Errno> {
         let id = {
             let st = self.lock();
             let node = st.get(ino).ok_or(Errno::NotFound)?;
@@ -181,6 +188,12 @@ impl<S: Source> Inodes<S> {
         if matches!(self.kind(ino)?, Kind::Dir { .. }) {
             self.children(ino)?;
         }
+        Ok(self.attr_known(ino)?.0)
+    }
+
+    /// Attributes without loading anything, and whether they are complete: a directory whose
+    /// entries have not been loaded yet has an unknown link count (2 is given).
+    pub fn attr_known(&self, ino: u64) -> Result<(Attr, bool), Errno> {
         let st = self.lock();
         let n = st.get(ino).ok_or(Errno::NotFound)?;
         let (size, nlink) = match &n.kind {
@@ -188,13 +201,17 @@ impl<S: Source> Inodes<S> {
             Kind::File { size, .. } => (*size, 1),
             Kind::Symlink { target } => (target.len() as u64, 1),
         };
-        Ok(Attr {
-            ino,
-            size,
-            mode: n.mode,
-            nlink,
-            kind: n.kind.clone(),
-        })
+        let complete = !matches!(n.kind, Kind::Dir { .. }) || n.children.is_some();
+        Ok((
+            Attr {
+                ino,
+                size,
+                mode: n.mode,
+                nlink,
+                kind: n.kind.clone(),
+            },
+            complete,
+        ))
     }
 
     pub fn kind(&self, ino: u64) -> Result<Kind, Errno> {
@@ -216,6 +233,20 @@ impl<S: Source> Inodes<S> {
         }
         parts.reverse();
         Ok(parts.join("/"))
+    }
+
+    /// The directory holding `ino`, the index of `ino` among its entries, and the entries.
+    pub fn position(&self, ino: u64) -> Result<(u64, usize, Children), Errno> {
+        let (parent, name) = {
+            let st = self.lock();
+            let n = st.get(ino).ok_or(Errno::NotFound)?;
+            (n.parent, n.name.clone())
+        };
+        let children = self.children(parent)?;
+        let i = children
+            .binary_search_by(|(n, _)| n.as_str().cmp(&name))
+            .map_err(|_| Errno::NotFound)?;
+        Ok((parent, i, children))
     }
 
     pub fn parent(&self, ino: u64) -> Result<u64, Errno> {

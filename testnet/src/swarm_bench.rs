@@ -589,7 +589,17 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         let mut done: Vec<Option<(f64, Value)>> = vec![None; nodes];
         let mut killed_at = None;
         let mut restarted = false;
+        // The origin link's use, one sample a second: idle seconds are what a run loses.
+        let mut link_mbit: Vec<u64> = Vec::new();
+        let (mut last_tx, mut last_t) = (tx0, Instant::now());
         while done.iter().any(|d| d.is_none()) {
+            if last_t.elapsed() >= Duration::from_secs(1) {
+                let tx = tx_bytes("bl-seed")?;
+                link_mbit.push(
+                    ((tx - last_tx) as f64 * 8.0 / 1e6 / last_t.elapsed().as_secs_f64()) as u64,
+                );
+                (last_tx, last_t) = (tx, Instant::now());
+            }
             if t0.elapsed() > Duration::from_secs(900) {
                 bail!("the cluster did not finish within 900 s");
             }
@@ -660,6 +670,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             "all_done_s": last,
             "origin_egress_bytes": egress,
             "origin_egress_x_dataset": egress as f64 / bytes as f64,
+            "origin_link_mbit_per_s": link_mbit,
             "per_node": per_node,
         }))
     })();
