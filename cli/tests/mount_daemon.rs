@@ -266,6 +266,10 @@ fn nodes_mounting_one_cold_version_read_it_from_the_origin_about_once() {
                 mp.to_str().unwrap(),
                 "--timeout",
                 "30",
+                // Only what is read is fetched: no fetching ahead of the readers, whose
+                // origin bytes are counted below.
+                "--prefetch",
+                "none",
             ],
             &mp,
             &log,

@@ -294,8 +294,17 @@ impl<S: Source> ShoalFs<S> {
                 self.pusher.push(job);
             }
             if let Ok((dir, index, children)) = self.inodes.position(ino) {
-                self.pusher
-                    .started(&self.inodes, dir, index, &children, self.opts.small_file);
+                let ahead = self.pusher.started(
+                    &self.inodes,
+                    dir,
+                    index,
+                    &children,
+                    self.opts.small_file,
+                    self.opts.sequential_prefetch,
+                );
+                if !ahead.is_empty() {
+                    self.inodes.source().prefetch(ahead);
+                }
             }
         }
         if !prefetch.is_empty() {
@@ -591,18 +600,67 @@ pub fn spawn<S: Source>(
 
 /// Raises the kernel's readahead for the mount's FUSE device (its default is 128 KiB, which
 /// caps sequential requests at that size); needs root, and is skipped silently otherwise.
-/// Measured: 1 GiB of shards read warm in 0.71 s at 128 KiB, 0.58 s at 4 MiB.
+/// Measured: 1 GiB of shards read warm in 0.71 s at 128 KiB, 0.58 s at 4 MiB. The device is
+/// found in `/proc/self/mountinfo`, not by `stat`ing the mount point: the process serving a
+/// mount never makes requests to it (one killed mid-request could never be answered).
 pub fn raise_readahead(mountpoint: &std::path::Path, kib: u32) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let dev = meta.dev();
-    // Linux's dev_t layout (see gnu_dev_major/minor).
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    // The parent resolved (it is not on the mount; the mount point itself is never looked at).
+    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
+        return;
+    };
+    let Ok(parent) = std::fs::canonicalize(parent) else {
+        return;
+    };
+    let want = parent.join(name).to_string_lossy().into_owned();
+    // Fields: id, parent id, major:minor, root, mount point (spaces escaped as \040), ...
+    let dev = info.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (unescape_mountinfo(mp) == want).then(|| dev.to_string())
+    });
+    let Some(dev) = dev else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, kib.to_string()) {
         tracing::debug!(path, error = %e, "could not raise the mount's readahead");
+    }
+}
+
+/// A mountinfo path field with its octal escapes (`\040` for a space) decoded.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(u8::is_ascii_digit));
+        if let (b'\\', Some(d)) = (b[i], octal) {
+            let v = d.iter().fold(0u32, |v, c| v * 8 + (c - b'0') as u32);
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(super::unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(
+            super::unescape_mountinfo("/mnt/tab\\011x\\134"),
+            "/mnt/tab\tx\\"
+        );
+        assert_eq!(super::unescape_mountinfo("/plain\\04"), "/plain\\04");
     }
 }

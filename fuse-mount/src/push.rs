@@ -9,8 +9,9 @@
 //! - whole files further down a directory that a reader goes through in order (`tar`, `cp -r`,
 //!   `rsync`, a loader reading a sorted list): after two files read in a row, the next
 //!   [`PUSH_AHEAD`] bytes of files are pushed, and again each time the reader reaches one that
-//!   was not pushed yet. Only files already local are pushed this way: pushing never makes the
-//!   mount fetch what a reader did not ask for (that is `--prefetch` and `--read-order`'s job).
+//!   was not pushed yet. Only files already local are pushed; with sequential prefetch on (the
+//!   default) the files of the same window that are not local yet are fetched ahead, and pushed
+//!   when the reader's next start finds them local.
 //!
 //! Pushed bytes are the same verified chunk bytes a read would have returned. Pushing is best
 //! effort: a full queue drops work, and a file whose inode the kernel no longer holds is skipped.
@@ -53,6 +54,8 @@ struct DirStream {
     last: usize,
     /// Files before this index were pushed (or queued).
     pushed_to: usize,
+    /// Files before this index were handed to prefetch (or pushed).
+    fetched_to: usize,
 }
 
 /// Where readers are in directories, and the queue to the pushing thread.
@@ -85,7 +88,9 @@ impl Pusher {
     }
 
     /// A reader started file `index` of directory `dir` (its entries `children`): if it goes
-    /// through the directory in order, queue the local files ahead of it not pushed yet.
+    /// through the directory in order, queue the local files ahead of it not pushed yet, and
+    /// return the chunks of the files in the same window that are not local (to fetch ahead,
+    /// with `fetch_ahead`; else nothing).
     pub fn started<S: Source>(
         &self,
         inodes: &Inodes<S>,
@@ -93,8 +98,9 @@ impl Pusher {
         index: usize,
         children: &[(String, u64)],
         small_file: u64,
-    ) {
-        let (stream, from) = {
+        fetch_ahead: bool,
+    ) -> Vec<ChunkRef> {
+        let (stream, from, fetched_to) = {
             let mut streams = self.streams.lock().expect("push streams poisoned");
             // The reader this start continues: in the same directory, past the last file it
             // started, and not beyond what was pushed for it (a reader reading pushed files from
@@ -112,19 +118,23 @@ impl Pusher {
                     dir,
                     last: index,
                     pushed_to: index + 1,
+                    fetched_to: index + 1,
                 });
-                return;
+                return Vec::new();
             };
             let mut s = streams.remove(i);
             s.last = index;
             let from = s.pushed_to.max(index + 1);
-            let id = s.id;
+            let (id, fetched_to) = (s.id, s.fetched_to);
             streams.push(s);
-            (id, from)
+            (id, from, fetched_to)
         };
         let mut bytes = 0;
         let mut i = from;
         let mut jobs = Vec::new();
+        let mut fetch = Vec::new();
+        // Pushed: the local files from `from` on, up to the first one that is not local.
+        let mut pushed_to = None;
         while i < children.len() && bytes < PUSH_AHEAD {
             let ino = children[i].1;
             if let Ok(Kind::File {
@@ -133,18 +143,25 @@ impl Pusher {
             }) = inodes.kind(ino)
             {
                 if size > 0 && size <= small_file {
-                    if !inodes.source().is_local(&chunks) {
-                        // Not local yet: stop here; the reader fetches it when it gets there.
-                        break;
-                    }
                     bytes += size;
-                    jobs.push(Job {
-                        ino,
-                        start: 0,
-                        size,
-                        chunks: Arc::new(chunks),
-                        at: Some((stream, i)),
-                    });
+                    let local = pushed_to.is_none() && inodes.source().is_local(&chunks);
+                    if local {
+                        jobs.push(Job {
+                            ino,
+                            start: 0,
+                            size,
+                            chunks: Arc::new(chunks),
+                            at: Some((stream, i)),
+                        });
+                    } else {
+                        pushed_to.get_or_insert(i);
+                        if !fetch_ahead {
+                            break;
+                        }
+                        if i >= fetched_to {
+                            fetch.extend(chunks);
+                        }
+                    }
                 }
             }
             i += 1;
@@ -152,12 +169,14 @@ impl Pusher {
         {
             let mut streams = self.streams.lock().expect("push streams poisoned");
             if let Some(s) = streams.iter_mut().find(|s| s.id == stream) {
-                s.pushed_to = s.pushed_to.max(i);
+                s.pushed_to = s.pushed_to.max(pushed_to.unwrap_or(i));
+                s.fetched_to = s.fetched_to.max(i);
             }
         }
         for j in jobs {
             self.push(j);
         }
+        fetch
     }
 
     /// What the pushing thread needs (once: `None` afterwards).
