@@ -3,7 +3,7 @@
 //! EROFS) and its content immutable, so entries, attributes and pages are cached for long.
 
 use crate::layout::FileLayout;
-use crate::model::{Attr, Errno as ModelErrno, Inodes, Kind, Source, ROOT};
+use crate::model::{Attr, Children, Errno as ModelErrno, Inodes, Kind, Source, ROOT};
 use crate::push::{Job, Pusher};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -165,6 +165,17 @@ impl<S: Source> ShoalFs<S> {
             Kind::File { .. } => FileType::RegularFile,
             Kind::Symlink { .. } => FileType::Symlink,
         }
+    }
+
+    /// A directory's entries (loaded if need be) and its parent.
+    fn listing(&self, ino: u64) -> Result<(Children, u64), ModelErrno> {
+        let children = self.inodes.children(ino)?;
+        let parent = if ino == ROOT {
+            ROOT
+        } else {
+            self.inodes.parent(ino).unwrap_or(ROOT)
+        };
+        Ok((children, parent))
     }
 
     /// The read state of file `ino`, created on its first read (which fetches a small file
@@ -450,34 +461,16 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let children = match self.inodes.children(ino.0) {
-            Ok(c) => c,
+        let (children, parent) = match self.listing(ino.0) {
+            Ok(l) => l,
             Err(e) => return reply.error(errno(e)),
         };
-        let parent = if ino.0 == ROOT {
-            ROOT
-        } else {
-            self.inodes.parent(ino.0).unwrap_or(ROOT)
-        };
-        let mut i = offset;
-        if i == 0 {
-            if reply.add(ino, 1, FileType::Directory, ".") {
-                return reply.ok();
-            }
-            i = 1;
-        }
-        if i == 1 {
-            if reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
-                return reply.ok();
-            }
-            i = 2;
-        }
-        for (n, (name, child)) in children.iter().enumerate().skip((i - 2) as usize) {
-            let kind = match self.inodes.kind(*child) {
+        for (off, name, child) in listed(ino.0, parent, &children, offset) {
+            let kind = match self.inodes.kind(child) {
                 Ok(k) => Self::kind_of(&k),
                 Err(e) => return reply.error(errno(e)),
             };
-            if reply.add(INodeNo(*child), n as u64 + 3, kind, name) {
+            if reply.add(INodeNo(child), off, kind, name) {
                 break;
             }
         }
@@ -492,24 +485,11 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let children = match self.inodes.children(ino.0) {
-            Ok(c) => c,
+        let (children, parent) = match self.listing(ino.0) {
+            Ok(l) => l,
             Err(e) => return reply.error(errno(e)),
         };
-        let parent = if ino.0 == ROOT {
-            ROOT
-        } else {
-            self.inodes.parent(ino.0).unwrap_or(ROOT)
-        };
-        // "." and "..", then the children; the offset of an entry is where the next read starts.
-        let dots = [(".", ino.0), ("..", parent)];
-        let entries = dots
-            .iter()
-            .map(|(n, i)| (*n, *i))
-            .chain(children.iter().map(|(n, i)| (n.as_str(), *i)))
-            .enumerate()
-            .skip(offset as usize);
-        for (n, (name, child)) in entries {
+        for (off, name, child) in listed(ino.0, parent, &children, offset) {
             // A subdirectory not listed yet is not loaded for its link count here (a cold `ls`
             // of a thousand class directories would fetch them all): it is sent with
             // attributes the kernel must not keep, and looked up when used.
@@ -520,7 +500,7 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             };
             if reply.add(
                 INodeNo(child),
-                n as u64 + 1,
+                off,
                 name,
                 &ttl,
                 &self.file_attr(&attr),
@@ -554,6 +534,22 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             Err(e) => reply.error(errno(e)),
         }
     }
+}
+
+/// A listing as readdir serves it, from `offset` on: ".", "..", then the entries, each with the
+/// offset at which the next read continues (its index + 1).
+fn listed<'a>(
+    ino: u64,
+    parent: u64,
+    children: &'a Children,
+    offset: u64,
+) -> impl Iterator<Item = (u64, &'a str, u64)> + 'a {
+    [(".", ino), ("..", parent)]
+        .into_iter()
+        .chain(children.iter().map(|(n, i)| (n.as_str(), *i)))
+        .enumerate()
+        .skip(offset as usize)
+        .map(|(n, (name, child))| (n as u64 + 1, name, child))
 }
 
 /// How to attach a [`ShoalFs`] to the kernel.
