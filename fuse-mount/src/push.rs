@@ -23,7 +23,7 @@ use crate::model::{Inodes, Kind, Source};
 use fuser::{INodeNo, Notifier};
 use shoal_registry::tree::{ChunkRef, FileContent};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 /// Bytes of whole files pushed ahead of a reader going through a directory in order.
@@ -80,11 +80,9 @@ impl Pusher {
         }
     }
 
-    /// Queues a push; dropped when the queue is full.
+    /// Queues a push; dropped when the queue is full (or the thread is gone).
     pub fn push(&self, job: Job) {
-        match self.tx.try_send(job) {
-            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-        }
+        let _ = self.tx.try_send(job);
     }
 
     /// A reader started file `index` of directory `dir` (its entries `children`): if it goes
