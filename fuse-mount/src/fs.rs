@@ -178,17 +178,9 @@ impl<S: Source> ShoalFs<S> {
         Ok((children, parent))
     }
 
-    /// The read state of file `ino`, created on its first read (which fetches a small file
-    /// whole); called without the `files` lock held (loading a chunk list may fetch).
-    fn file_state(&self, ino: u64) -> Result<(), ModelErrno> {
-        if self
-            .files
-            .lock()
-            .expect("files poisoned")
-            .contains_key(&ino)
-        {
-            return Ok(());
-        }
+    /// A new read state for file `ino` (its first read, which fetches a small file whole);
+    /// built without the `files` lock held (loading a chunk list may fetch).
+    fn new_file_state(&self, ino: u64) -> Result<FileState, ModelErrno> {
         let (size, content) = match self.inodes.kind(ino)? {
             Kind::File { size, content } => (size, content),
             Kind::Dir { .. } => return Err(ModelErrno::IsDir),
@@ -204,20 +196,12 @@ impl<S: Source> ShoalFs<S> {
             // Small files are read whole, nearly always: fetch them in one go.
             self.inodes.source().prefetch(chunks.to_vec());
         }
-        let layout = FileLayout::new(chunks.iter().map(|c| c.len));
-        let mut files = self.files.lock().expect("files poisoned");
-        if !files.contains_key(&ino) {
-            files.insert(
-                ino,
-                FileState {
-                    chunks,
-                    layout,
-                    small,
-                    streams: Vec::new(),
-                },
-            );
-        }
-        Ok(())
+        Ok(FileState {
+            layout: FileLayout::new(chunks.iter().map(|c| c.len)),
+            chunks,
+            small,
+            streams: Vec::new(),
+        })
     }
 
     /// Reads `size` bytes at `offset` of file `ino`, prefetching ahead of sequential readers.
@@ -228,15 +212,20 @@ impl<S: Source> ShoalFs<S> {
                 self.inodes.source().opened(&path);
             }
         }
-        self.file_state(ino)?;
-        let (stream, pieces, wanted, cached, prefetch, rest) = {
+        let mut built = None;
+        let (stream, pieces, wanted, cached, prefetch, rest) = loop {
             let mut files = self.files.lock().expect("files poisoned");
-            // Forgotten since file_state() only if 1024 other files were read meanwhile.
-            let f = files.get_mut(&ino).ok_or_else(|| {
-                ModelErrno::Io(crate::model::SourceError(format!(
-                    "inode {ino}: read state dropped under load; retry"
-                )))
-            })?;
+            if let Some(b) = built.take() {
+                if !files.contains_key(&ino) {
+                    files.insert(ino, b);
+                }
+            }
+            let Some(f) = files.get_mut(&ino) else {
+                // First read (or forgotten meanwhile): build the state outside the lock.
+                drop(files);
+                built = Some(self.new_file_state(ino)?);
+                continue;
+            };
             let pieces = f.layout.pieces(offset, size as u64);
             // The stream this read continues, or a new one (sequential only from the start).
             let i = match f.streams.iter().position(|s| s.next == offset) {
@@ -298,7 +287,7 @@ impl<S: Source> ShoalFs<S> {
             });
             let id = s.id;
             f.streams.push(s);
-            (id, pieces, wanted, cached, prefetch, rest)
+            break (id, pieces, wanted, cached, prefetch, rest);
         };
         if !self.opts.direct_io && offset == 0 {
             if let Some(job) = rest {

@@ -225,6 +225,11 @@ impl Inner {
         })
     }
 
+    /// Whether the store holds `id` (its index is in memory: never blocks on I/O).
+    fn is_local(&self, id: &Hash) -> bool {
+        self.blobs.store().contains(id).unwrap_or(false)
+    }
+
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, SourceError> {
         self.blobs
             .store()
@@ -350,21 +355,17 @@ impl Source for MountSource {
     }
 
     fn is_local(&self, chunks: &[ChunkRef]) -> bool {
-        let store = self.inner.blobs.store();
-        chunks
-            .iter()
-            .all(|c| store.contains(&c.id).unwrap_or(false))
+        chunks.iter().all(|c| self.inner.is_local(&c.id))
     }
 
     fn prefetch(&self, chunks: Vec<ChunkRef>) {
         // The store's index is in memory: what is local is known here, without handing
         // anything to the runtime (two thread hand-offs per small file opened, which were
         // most of a warm small-file read's time).
-        let store = self.inner.blobs.store();
         let missing: Vec<Hash> = chunks
             .iter()
             .map(|c| c.id)
-            .filter(|id| !store.contains(id).unwrap_or(false))
+            .filter(|id| !self.inner.is_local(id))
             .collect();
         if missing.is_empty() {
             return;
