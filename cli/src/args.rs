@@ -104,6 +104,11 @@ pub enum Command {
         /// Bypass the kernel page cache (for measurements).
         #[arg(long, hide = true)]
         direct_io: bool,
+        /// Let the kernel read large files straight from whole-file copies kept beside the
+        /// store (FUSE passthrough; needs root): auto (when the version's files average over
+        /// 4 MiB: the mount then takes part in opens, which costs small files ~15%), on, off.
+        #[arg(long, value_enum, default_value = "auto")]
+        passthrough: PassthroughArg,
     },
     /// Unmount a mounted version.
     Unmount {
@@ -177,4 +182,12 @@ pub enum PrefetchArg {
     None,
     Sequential,
     All,
+}
+
+/// `shoal mount --passthrough`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PassthroughArg {
+    Auto,
+    On,
+    Off,
 }

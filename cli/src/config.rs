@@ -48,6 +48,9 @@ pub struct CacheConfig {
     /// Bytes of chunks kept in memory by each shoal process (the daemon's for as long as it
     /// runs), e.g. "2GiB"; "0" turns the memory tier off. Default 256MiB.
     pub memory: Option<String>,
+    /// Bytes of whole-file copies kept for mounts (large files read by the kernel straight
+    /// from a local copy), e.g. "50GiB"; "0" turns them off. Default 16GiB.
+    pub files: Option<String>,
     /// Further disk tiers, fastest first: `[[cache.tier]]` with `path` and `capacity`.
     #[serde(default)]
     pub tier: Vec<TierConfig>,
@@ -165,6 +168,13 @@ impl Config {
             .map(|c| parse_size(&c, "memory tier (SHOAL_CACHE_MEMORY or [cache] memory)"))
             .transpose()?
             .unwrap_or(tiers::DEFAULT_MEMORY);
+        let files = std::env::var("SHOAL_CACHE_FILES")
+            .ok()
+            .filter(|c| !c.is_empty())
+            .or(file.cache.files)
+            .map(|c| parse_size(&c, "whole-file copies (SHOAL_CACHE_FILES or [cache] files)"))
+            .transpose()?
+            .unwrap_or(shoal_node::wholefiles::DEFAULT_CAPACITY);
         let mut disk_tiers = Vec::new();
         for t in file.cache.tier {
             let capacity = t
@@ -180,6 +190,7 @@ impl Config {
             memory,
             capacity,
             tiers: disk_tiers,
+            files,
         };
         cache
             .check()

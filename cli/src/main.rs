@@ -322,6 +322,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             timeout,
             threads,
             direct_io,
+            passthrough,
         } => {
             let reference: DatasetRef = reference.parse()?;
             let args = mount::MountArgs {
@@ -335,6 +336,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 timeout,
                 threads,
                 direct_io,
+                passthrough: match passthrough {
+                    args::PassthroughArg::Auto => shoal_node::Passthrough::Auto,
+                    args::PassthroughArg::On => shoal_node::Passthrough::On,
+                    args::PassthroughArg::Off => shoal_node::Passthrough::Off,
+                },
             };
             let r = mount::run(
                 daemon(&home, &cfg).await,

@@ -15,6 +15,7 @@ pub struct MountArgs {
     pub timeout: u64,
     pub threads: usize,
     pub direct_io: bool,
+    pub passthrough: shoal_node::Passthrough,
 }
 
 impl MountArgs {
@@ -42,6 +43,7 @@ impl MountArgs {
             timeout_secs: self.timeout,
             threads: self.threads,
             direct_io: self.direct_io,
+            passthrough: self.passthrough,
         })
     }
 }

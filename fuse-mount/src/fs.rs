@@ -30,6 +30,11 @@ pub struct MountOptions {
     /// Bypass the kernel page cache (every read reaches the daemon); off by default, see
     /// `docs/benchmarks.md` for the measurement.
     pub direct_io: bool,
+    /// Take part in opens, and open files larger than `small_file` whose whole copy is local
+    /// (see [`Source::whole_file`]) in passthrough mode: the kernel then reads the copy itself
+    /// and no read of them reaches the mount. Needs root and a kernel with FUSE passthrough
+    /// (6.9 on); otherwise those files are served by the mount as usual.
+    pub passthrough: bool,
     /// Owner shown for every file.
     pub uid: u32,
     pub gid: u32,
@@ -45,6 +50,7 @@ impl Default for MountOptions {
             small_file: 4 << 20,
             sequential_prefetch: true,
             direct_io: false,
+            passthrough: false,
             uid: 0,
             gid: 0,
             mtime: SystemTime::UNIX_EPOCH,
@@ -81,6 +87,25 @@ struct FileState {
     streams: Vec<Stream>,
 }
 
+/// File handles: what an open of a file was answered with.
+const FH_PLAIN: u64 = 0;
+/// A large file read through the mount (whose opens are counted, see [`Opens`]).
+const FH_CACHED: u64 = 1;
+/// A large file the kernel reads from its whole copy.
+const FH_PASSTHROUGH: u64 = 2;
+
+/// The open handles of a large file. The kernel wants all opens of a file in passthrough mode
+/// while one is (with the same backing file), and none while an open through its page cache
+/// lasts, so the mode changes only when nobody has the file open.
+#[derive(Default)]
+struct Opens {
+    backing: Option<fuser::BackingId>,
+    passthrough: u32,
+    cached: u32,
+    /// The file's chunks and size, to keep a whole copy once the last reader is done.
+    content: Option<(Arc<Vec<ChunkRef>>, u64)>,
+}
+
 /// Counters of what the mount did.
 #[derive(Debug, Default)]
 pub struct MountStats {
@@ -92,6 +117,8 @@ pub struct MountStats {
     pub files_read: AtomicU64,
     /// Bytes put into the kernel's page cache ahead of readers (see [`crate::push`]).
     pub bytes_pushed: Arc<AtomicU64>,
+    /// Opens the kernel serves from a whole-file copy (passthrough), no read reaching the mount.
+    pub passthrough_opens: AtomicU64,
 }
 
 /// A mounted version.
@@ -102,6 +129,10 @@ pub struct ShoalFs<S> {
     files: Mutex<hashlink::LruCache<u64, FileState>>,
     next_stream: AtomicU64,
     stats: Arc<MountStats>,
+    /// Open handles of large files, by inode (only with `passthrough`).
+    opens: Mutex<std::collections::HashMap<u64, Opens>>,
+    /// The kernel accepted passthrough (and this process may use it).
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 fn errno(e: ModelErrno) -> Errno {
@@ -126,6 +157,8 @@ impl<S: Source> ShoalFs<S> {
             files: Mutex::new(hashlink::LruCache::new(FILES_TRACKED)),
             next_stream: AtomicU64::new(1),
             stats,
+            opens: Mutex::default(),
+            passthrough: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -349,6 +382,18 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         // Listings carry every entry's attributes, so `tar`, `find` and `ls -l` need no lookup
         // per file afterwards (one request per file less).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
+        if self.opts.passthrough && !self.opts.direct_io {
+            let ok = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!(
+                    "the kernel has no FUSE passthrough; every read goes through the mount"
+                );
+            }
+            self.passthrough.store(ok, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -381,17 +426,109 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         }
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
         if self.opts.direct_io {
-            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+            return reply.opened(FileHandle(FH_PLAIN), FopenFlags::FOPEN_DIRECT_IO);
         }
-        // Not taking part in opens: the kernel then opens files itself, with their pages kept
-        // cached, and sends neither open nor release (two of the five requests a small file
-        // took). What open did happens on a file's first read instead.
-        reply.error(Errno::ENOSYS)
+        if !self.opts.passthrough {
+            // Not taking part in opens: the kernel then opens files itself, with their pages
+            // kept cached, and sends neither open nor release (two of the five requests a small
+            // file took). What open did happens on a file's first read instead.
+            return reply.error(Errno::ENOSYS);
+        }
+        let (size, content) = match self.inodes.kind(ino.0) {
+            Ok(Kind::File { size, content }) => (size, content),
+            Ok(_) => return reply.opened(FileHandle(FH_PLAIN), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => return reply.error(errno(e)),
+        };
+        if size <= self.opts.small_file || !self.passthrough.load(Ordering::Relaxed) {
+            return reply.opened(FileHandle(FH_PLAIN), FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        let ino = ino.0;
+        let source = self.inodes.source();
+        // Known before the lock (loading a chunk list may fetch).
+        let known = {
+            let opens = self.opens.lock().expect("opens poisoned");
+            opens.get(&ino).and_then(|o| o.content.clone())
+        };
+        let chunks = match known {
+            Some((c, _)) => c,
+            None => match source.chunks(&content) {
+                Ok(c) => c,
+                Err(e) => return reply.error(errno(ModelErrno::Io(e))),
+            },
+        };
+        let copy = source.whole_file(&chunks, size);
+        let mut opens = self.opens.lock().expect("opens poisoned");
+        let o = opens.entry(ino).or_default();
+        o.content.get_or_insert_with(|| (chunks.clone(), size));
+        if o.backing.is_none() && o.cached == 0 {
+            if let Some(file) = copy {
+                match reply.open_backing(&file) {
+                    Ok(id) => o.backing = Some(id),
+                    Err(e) => {
+                        tracing::info!(error = %e, "FUSE passthrough refused; every read goes through the mount");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if let Some(id) = &o.backing {
+            o.passthrough += 1;
+            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            // Only these flags may go with passthrough (the kernel's FOPEN_PASSTHROUGH_MASK);
+            // the copy's own page cache is what keeps it cached.
+            return reply.opened_passthrough(
+                FileHandle(FH_PASSTHROUGH),
+                FopenFlags::FOPEN_NOFLUSH,
+                id,
+            );
+        }
+        o.cached += 1;
+        drop(opens);
+        if source.is_local(&chunks) {
+            // Read through the mount this time; later opens read the copy.
+            source.keep_whole_file(chunks, size);
+        }
+        reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        if fh.0 == FH_PLAIN {
+            return;
+        }
+        let mut opens = self.opens.lock().expect("opens poisoned");
+        let Some(o) = opens.get_mut(&ino.0) else {
+            return;
+        };
+        if fh.0 == FH_PASSTHROUGH {
+            o.passthrough = o.passthrough.saturating_sub(1);
+        } else {
+            o.cached = o.cached.saturating_sub(1);
+        }
+        if o.passthrough == 0 && o.cached == 0 {
+            let o = opens.remove(&ino.0).expect("present");
+            drop(opens);
+            // The last reader through the mount may have fetched the rest of the file.
+            if let (None, Some((chunks, size))) = (o.backing, o.content) {
+                if self.inodes.source().is_local(&chunks) {
+                    self.inodes.source().keep_whole_file(chunks, size);
+                }
+            }
+        }
     }
 
     fn flush(

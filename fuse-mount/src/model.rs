@@ -30,6 +30,13 @@ pub trait Source: Send + Sync + 'static {
     /// A file at `path` (relative to the root) was opened: a reader's position, for fetching
     /// ahead of it in a known read order.
     fn opened(&self, _path: &str) {}
+    /// A local file holding exactly the bytes of `chunks` (`size` in all), if one is kept, for
+    /// the kernel to read directly (passthrough); never blocks for long.
+    fn whole_file(&self, _chunks: &[ChunkRef], _size: u64) -> Option<std::fs::File> {
+        None
+    }
+    /// `chunks` are all local: keep a whole file of them for later opens; never blocks.
+    fn keep_whole_file(&self, _chunks: Arc<Vec<ChunkRef>>, _size: u64) {}
 }
 
 /// A directory's entries in name order: (name, inode).

@@ -30,6 +30,11 @@ impl Home {
         self.root.join("store")
     }
 
+    /// Whole-file copies kept for mounts (see `wholefiles`).
+    pub fn whole_files_dir(&self) -> PathBuf {
+        self.root.join("files")
+    }
+
     pub fn pack_cache_dir(&self) -> PathBuf {
         self.root.join("cache").join("packs")
     }

@@ -19,12 +19,13 @@ pub mod store;
 pub mod swarm;
 pub mod tiers;
 mod walk;
+pub mod wholefiles;
 
 pub use cache::PinReport;
 pub use error::{Error, Result};
 pub use home::Home;
 pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
-pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Prefetch};
+pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Passthrough, Prefetch};
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport};
 pub use pull::PullReport;
@@ -48,6 +49,7 @@ pub struct Node {
     cache: CacheLayout,
     store: Mutex<Option<Arc<TieredStore>>>,
     swarm: OnceLock<Arc<Swarm>>,
+    whole_files: Arc<OnceLock<Option<Arc<wholefiles::WholeFiles>>>>,
 }
 
 impl Node {
@@ -61,6 +63,7 @@ impl Node {
             cache: CacheLayout::default(),
             store: Mutex::new(None),
             swarm: OnceLock::new(),
+            whole_files: Arc::default(),
         }
     }
 
@@ -73,6 +76,7 @@ impl Node {
             cache: self.cache.clone(),
             store: Mutex::new(self.store.lock().expect("store slot poisoned").clone()),
             swarm: OnceLock::new(),
+            whole_files: self.whole_files.clone(),
         };
         if let Some(s) = self.swarm.get() {
             let _ = n.swarm.set(s.clone());
@@ -99,6 +103,24 @@ impl Node {
     pub fn with_cache(mut self, cache: CacheLayout) -> Node {
         self.cache = cache;
         self
+    }
+
+    /// The whole-file copies mounts read through (None when configured off or the directory
+    /// cannot be used; mounts then serve every read themselves).
+    pub fn whole_files(&self) -> Option<Arc<wholefiles::WholeFiles>> {
+        self.whole_files
+            .get_or_init(|| {
+                if self.cache.files == 0 {
+                    return None;
+                }
+                let dir = self.home.whole_files_dir();
+                wholefiles::WholeFiles::open(&dir, self.cache.files)
+                    .map_err(|e| {
+                        tracing::warn!(dir = %dir.display(), error = %e, "whole-file copies off")
+                    })
+                    .ok()
+            })
+            .clone()
     }
 
     pub fn home(&self) -> &Home {

@@ -59,6 +59,7 @@ pub struct MountSource {
 
 struct Inner {
     blobs: Arc<Blobs>,
+    whole_files: Option<Arc<crate::wholefiles::WholeFiles>>,
     rt: tokio::runtime::Handle,
     timeout: Duration,
     inflight: Mutex<Inflight>,
@@ -358,6 +359,22 @@ impl Source for MountSource {
         chunks.iter().all(|c| self.inner.is_local(&c.id))
     }
 
+    fn whole_file(&self, chunks: &[ChunkRef], size: u64) -> Option<std::fs::File> {
+        self.inner.whole_files.as_ref()?.get(chunks, size)
+    }
+
+    fn keep_whole_file(&self, chunks: Arc<Vec<ChunkRef>>, size: u64) {
+        let Some(files) = &self.inner.whole_files else {
+            return;
+        };
+        let blobs = self.inner.blobs.clone();
+        files.keep(
+            chunks,
+            size,
+            Arc::new(move |id| blobs.store().get(id).map_err(|e| e.to_string())),
+        );
+    }
+
     fn prefetch(&self, chunks: Vec<ChunkRef>) {
         // The store's index is in memory: what is local is known here, without handing
         // anything to the runtime (two thread hand-offs per small file opened, which were
@@ -394,6 +411,18 @@ pub enum Prefetch {
     All,
 }
 
+/// Whether large files are read by the kernel from whole-file copies (FUSE passthrough).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Passthrough {
+    /// When the version's files average more than the small-file size: taking part in opens
+    /// (which passthrough needs) costs a version of small files more than it gains.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
 /// How to mount a version: what `shoal mount` asks for, in-process or of the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountSpec {
@@ -409,6 +438,10 @@ pub struct MountSpec {
     /// FUSE worker threads.
     pub threads: usize,
     pub direct_io: bool,
+    /// Large files with a whole-file copy are read by the kernel from it (see
+    /// `shoal_fuse::MountOptions::passthrough`).
+    #[serde(default)]
+    pub passthrough: Passthrough,
 }
 
 /// What a mount did, reported when it ends.
@@ -426,6 +459,10 @@ pub struct MountReport {
     pub bytes_read: u64,
     /// Bytes put into the kernel's page cache ahead of readers, without a read request.
     pub bytes_pushed: u64,
+    /// Opens of large files the kernel served from their whole-file copy (no read reached
+    /// the mount).
+    #[serde(default)]
+    pub passthrough_opens: u64,
     pub read_errors: u64,
 }
 
@@ -435,6 +472,7 @@ pub struct Mountable {
     pub root: Hash,
     pub version: String,
     pub created_unix: u64,
+    pub stats: shoal_registry::Stats,
 }
 
 impl Node {
@@ -444,6 +482,7 @@ impl Node {
         let blobs = Arc::new(self.blobs(&signed).await?.for_cache_fill());
         let inner = Arc::new(Inner {
             blobs,
+            whole_files: self.whole_files(),
             rt: tokio::runtime::Handle::current(),
             timeout,
             inflight: Mutex::default(),
@@ -457,6 +496,7 @@ impl Node {
             root: signed.body.root,
             version: format!("{}@{version}", reference.dataset),
             created_unix: signed.body.created_unix,
+            stats: signed.body.stats,
         })
     }
 }
@@ -492,13 +532,20 @@ impl Node {
                 spec.read_ahead,
             );
         }
+        let defaults = shoal_fuse::MountOptions::default();
+        let passthrough = match spec.passthrough {
+            Passthrough::On => true,
+            Passthrough::Off => false,
+            Passthrough::Auto => m.stats.bytes > m.stats.files.saturating_mul(defaults.small_file),
+        };
         let opts = shoal_fuse::MountOptions {
             sequential_prefetch: spec.prefetch != Prefetch::None,
             direct_io: spec.direct_io,
+            passthrough,
             uid: meta.uid(),
             gid: meta.gid(),
             mtime: UNIX_EPOCH + Duration::from_secs(m.created_unix),
-            ..shoal_fuse::MountOptions::default()
+            ..defaults
         };
         let root = m.root;
         let announced = m.source.announce();
@@ -548,6 +595,7 @@ impl Node {
             reads: stats.reads.load(Ordering::Relaxed),
             bytes_read: stats.bytes_read.load(Ordering::Relaxed),
             bytes_pushed: stats.bytes_pushed.load(Ordering::Relaxed),
+            passthrough_opens: stats.passthrough_opens.load(Ordering::Relaxed),
             read_errors: stats.read_errors.load(Ordering::Relaxed),
         })
     }

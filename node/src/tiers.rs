@@ -41,6 +41,8 @@ pub struct CacheLayout {
     pub capacity: Option<u64>,
     /// Further disk tiers, fastest first.
     pub tiers: Vec<DiskTier>,
+    /// Capacity of whole-file copies for mounts (0: none); see [`crate::wholefiles`].
+    pub files: u64,
 }
 
 /// 256 MiB: enough to keep a data loader's hot chunks without taking much from training.
@@ -52,6 +54,7 @@ impl Default for CacheLayout {
             memory: DEFAULT_MEMORY,
             capacity: None,
             tiers: Vec::new(),
+            files: crate::wholefiles::DEFAULT_CAPACITY,
         }
     }
 }
@@ -318,6 +321,7 @@ mod tests {
                 path: second.to_path_buf(),
                 capacity: Some(cap),
             }],
+            files: 0,
         }
     }
 
@@ -385,6 +389,7 @@ mod tests {
                 memory: 64 << 10,
                 capacity: None,
                 tiers: vec![],
+                files: 0,
             },
         )
         .unwrap();
@@ -437,6 +442,7 @@ mod tests {
                 path: "/x".into(),
                 capacity: None,
             }],
+            files: 0,
         };
         assert!(l.check().unwrap_err().contains("primary"));
         let l = CacheLayout {
