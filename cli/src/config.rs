@@ -49,7 +49,8 @@ pub struct CacheConfig {
     /// runs), e.g. "2GiB"; "0" turns the memory tier off. Default 256MiB.
     pub memory: Option<String>,
     /// Bytes of whole-file copies kept for mounts (large files read by the kernel straight
-    /// from a local copy), e.g. "50GiB"; "0" turns them off. Default 16GiB.
+    /// from a local copy), e.g. "50GiB"; "0" turns them off. Default 16GiB, or a quarter of
+    /// `capacity` when that is set.
     pub files: Option<String>,
     /// Further disk tiers, fastest first: `[[cache.tier]]` with `path` and `capacity`.
     #[serde(default)]
@@ -174,7 +175,10 @@ impl Config {
             .or(file.cache.files)
             .map(|c| parse_size(&c, "whole-file copies (SHOAL_CACHE_FILES or [cache] files)"))
             .transpose()?
-            .unwrap_or(shoal_node::wholefiles::DEFAULT_CAPACITY);
+            .unwrap_or(match capacity {
+                Some(c) => (c / 4).min(shoal_node::wholefiles::DEFAULT_CAPACITY),
+                None => shoal_node::wholefiles::DEFAULT_CAPACITY,
+            });
         let mut disk_tiers = Vec::new();
         for t in file.cache.tier {
             let capacity = t

@@ -200,6 +200,113 @@ fn concurrent_readers_of_one_file() {
     m.stop(&reader);
 }
 
+/// Names of the whole-file copies under `home` (finished ones only).
+fn copies(home: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(home.join("files"))
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn wait_for_copies(home: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while copies(home).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} whole-file copies not written within 60 s: {:?}",
+            copies(home)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Large files, once local, are written whole beside the store and opened in passthrough mode
+/// (the kernel reads the copy; no read reaches the mount), with exact bytes. A file already
+/// open through the mount keeps being opened that way until closed (the kernel refuses to mix
+/// the two); a copy of the wrong size is dropped and the file read through the mount.
+#[test]
+fn large_files_are_read_by_the_kernel_from_whole_copies() {
+    let env = Env::new();
+    let src = env.path("src");
+    let big: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| {
+            (
+                format!("big{i}.bin"),
+                random_bytes(700 + i, (6 << 20) + 12_345),
+            )
+        })
+        .collect();
+    for (name, data) in &big {
+        write(&src.join(name), data);
+    }
+    let small = random_bytes(799, 100_000);
+    write(&src.join("small.bin"), &small);
+    let reader = publish_and_peer(&env, &src);
+    let mp = env.path("mnt");
+    let read_all = |pass: &str| {
+        for (name, data) in &big {
+            let got = std::fs::read(mp.join(name)).unwrap();
+            assert!(got == *data, "{pass}: {name} differs");
+        }
+        assert!(
+            std::fs::read(mp.join("small.bin")).unwrap() == small,
+            "{pass}: small.bin"
+        );
+    };
+
+    // Cold: read through the mount; copies follow in the background.
+    let m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+    let mut held = std::fs::File::open(mp.join("big0.bin")).unwrap();
+    read_all("cold");
+    wait_for_copies(&reader.home, 3);
+    // big0 is still open through the mount: another open must work (through the mount too).
+    let again = std::fs::read(mp.join("big0.bin")).unwrap();
+    assert!(again == big[0].1, "second open of a file held open differs");
+    let mut first = Vec::new();
+    held.read_to_end(&mut first).unwrap();
+    assert!(first == big[0].1, "held-open file differs");
+    drop(held);
+    // Nobody has it open now: this open goes to the copy.
+    assert!(std::fs::read(mp.join("big0.bin")).unwrap() == big[0].1);
+    let report = m.stop(&reader);
+    assert_eq!(report["read_errors"], 0, "{report}");
+    assert_eq!(report["passthrough_opens"], 1, "{report}");
+
+    // Warm: every large file from its copy; only the small one reaches the mount.
+    let m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+    read_all("warm");
+    let report = m.stop(&reader);
+    assert_eq!(report["passthrough_opens"], 3, "{report}");
+    assert!(
+        report["bytes_read"].as_u64().unwrap() <= small.len() as u64,
+        "large files were read through the mount: {report}"
+    );
+
+    // A copy cut short (say, a disk filled while another tool wrote it) is dropped and the
+    // file served through the mount, exact; `--passthrough off` never uses copies.
+    let victim = copies(&reader.home)[0].clone();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+    read_all("truncated copy");
+    let report = m.stop(&reader);
+    assert_eq!(report["passthrough_opens"], 2, "{report}");
+    assert_eq!(report["read_errors"], 0, "{report}");
+    let m = Mounted::start(&reader, "demo@v1", &mp, &["--passthrough", "off"]);
+    read_all("passthrough off");
+    let report = m.stop(&reader);
+    assert_eq!(report["passthrough_opens"], 0, "{report}");
+}
+
 /// Readers going through a directory in order get the files ahead of them pushed into the
 /// page cache (and the rest of each small file after its first read), concurrently with their
 /// own reads of the same pages: every byte stays exact, cold (fetched while read) and warm.

@@ -514,19 +514,21 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         let Some(o) = opens.get_mut(&ino.0) else {
             return;
         };
+        let mut keep = None;
         if fh.0 == FH_PASSTHROUGH {
             o.passthrough = o.passthrough.saturating_sub(1);
         } else {
             o.cached = o.cached.saturating_sub(1);
+            // This reader may have fetched the rest of the file: a copy for later opens.
+            keep = o.content.clone();
         }
         if o.passthrough == 0 && o.cached == 0 {
-            let o = opens.remove(&ino.0).expect("present");
-            drop(opens);
-            // The last reader through the mount may have fetched the rest of the file.
-            if let (None, Some((chunks, size))) = (o.backing, o.content) {
-                if self.inodes.source().is_local(&chunks) {
-                    self.inodes.source().keep_whole_file(chunks, size);
-                }
+            opens.remove(&ino.0);
+        }
+        drop(opens);
+        if let Some((chunks, size)) = keep {
+            if self.inodes.source().is_local(&chunks) {
+                self.inodes.source().keep_whole_file(chunks, size);
             }
         }
     }

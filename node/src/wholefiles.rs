@@ -39,6 +39,9 @@ struct State {
     total: u64,
     clock: u64,
     pending: HashSet<String>,
+    /// Copies that could not be written: not tried again by this process (a full disk would
+    /// otherwise be tried, and logged, at every close).
+    failed: HashSet<String>,
 }
 
 struct Job {
@@ -165,7 +168,10 @@ impl WholeFiles {
         let name = name_of(&chunks);
         {
             let mut st = self.lock();
-            if st.entries.contains_key(&name) || !st.pending.insert(name.clone()) {
+            if st.entries.contains_key(&name)
+                || st.failed.contains(&name)
+                || !st.pending.insert(name.clone())
+            {
                 return;
             }
         }
@@ -221,6 +227,18 @@ impl WholeFiles {
             .dir
             .join(format!(".{}.{}", job.name, std::process::id()));
         let result = (|| -> Result<(), String> {
+            // Copies never take the disk the store needs: they leave 5% of it free (at least
+            // 1 GiB, at most 8 GiB).
+            let fs = rustix::fs::statvfs(&self.dir).map_err(|e| e.to_string())?;
+            let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+            let keep_free = (fs.f_blocks.saturating_mul(fs.f_frsize) / 20).clamp(1 << 30, 8 << 30);
+            if free < job.size.saturating_add(keep_free) {
+                return Err(format!(
+                    "{} free on its disk, keeping {} free for the store",
+                    bytesize(free),
+                    bytesize(keep_free)
+                ));
+            }
             let mut f = File::create(&tmp).map_err(|e| e.to_string())?;
             let mut written = 0u64;
             for c in job.chunks.iter() {
@@ -260,11 +278,16 @@ impl WholeFiles {
                 st.total += job.size;
             }
             Err(e) => {
+                st.failed.insert(job.name);
                 let _ = std::fs::remove_file(&tmp);
                 tracing::warn!(dir = %self.dir.display(), error = %e, "could not write a whole-file copy; reads of that file keep going through the mount");
             }
         }
     }
+}
+
+fn bytesize(n: u64) -> String {
+    format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]
