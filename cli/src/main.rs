@@ -352,13 +352,14 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             .await?;
             out.report(&r, || {
                 format!(
-                    "unmounted {} from {} ({}): {} files read, {} in read requests, {} pushed ahead of readers",
+                    "unmounted {} from {} ({}): {} files read, {} in read requests, {} pushed ahead of readers, {} opens read by the kernel from whole-file copies",
                     r.version,
                     r.mountpoint,
                     r.served_by,
                     r.files_read,
                     output::bytes(r.bytes_read),
-                    output::bytes(r.bytes_pushed)
+                    output::bytes(r.bytes_pushed),
+                    r.passthrough_opens
                 )
             })
         }
@@ -425,7 +426,13 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 Some(daemon) => serde_json::from_value(
                     daemon.call(&Request::Cache, &Progress::default()).await?,
                 )?,
-                None => shoal_node::open_store(&home, &cfg.cache)?.stats()?,
+                None => {
+                    let mut s = shoal_node::open_store(&home, &cfg.cache)?.stats()?;
+                    s.whole_files = (cfg.cache.files > 0).then(|| {
+                        shoal_node::wholefiles::scan(&home.whole_files_dir(), cfg.cache.files)
+                    });
+                    s
+                }
             };
             out.report(&s, || {
                 let mut lines = vec![
@@ -472,6 +479,15 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                             .unwrap_or_default()
                     )
                 }));
+                if let Some(w) = &s.whole_files {
+                    lines.push(format!(
+                        "  whole-file copies for mounts: {} in {} files, capacity {} ({})",
+                        output::bytes(w.used_bytes),
+                        w.files,
+                        output::bytes(w.capacity),
+                        w.path
+                    ));
+                }
                 lines.join("\n")
             })
         }
@@ -480,7 +496,10 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 Some(daemon) => {
                     serde_json::from_value(daemon.call(&Request::Gc, &Progress::default()).await?)?
                 }
-                None => shoal_node::open_store(&home, &cfg.cache)?.gc()?,
+                None => {
+                    shoal_node::open_store(&home, &cfg.cache)?.gc()?
+                        + shoal_node::wholefiles::clear_dir(&home.whole_files_dir())
+                }
             };
             out.report(&serde_json::json!({ "freed_bytes": freed }), || {
                 format!("freed {}", output::bytes(freed))

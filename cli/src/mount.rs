@@ -77,7 +77,7 @@ pub async fn run(
     let spec = args.spec()?;
     let Some(daemon) = daemon else {
         let node = open()?;
-        return Ok(node
+        let report = node
             .serve_mount(
                 reference,
                 &spec,
@@ -85,7 +85,21 @@ pub async fn run(
                 |notice| eprintln!("{notice}"),
                 interrupted(),
             )
-            .await?);
+            .await?;
+        // Whole-file copies still being written would be lost with this process (a daemon
+        // keeps writing them): finish them, within a bound, so the next mount has them.
+        if let Some(files) = node.whole_files() {
+            let pending = files.pending();
+            if pending > 0 {
+                eprintln!("finishing {pending} whole-file copies for later mounts");
+                let files = files.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    files.wait_idle(std::time::Duration::from_secs(60))
+                })
+                .await;
+            }
+        }
+        return Ok(report);
     };
     // The daemon mounts and serves; this command stays in the foreground like an embedded
     // mount. On SIGINT/SIGTERM it unmounts and waits for the daemon's report; if it is killed,

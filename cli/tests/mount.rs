@@ -305,6 +305,16 @@ fn large_files_are_read_by_the_kernel_from_whole_copies() {
     read_all("passthrough off");
     let report = m.stop(&reader);
     assert_eq!(report["passthrough_opens"], 0, "{report}");
+
+    // `shoal cache` counts the copies; `shoal gc` removes them.
+    let cache = reader.json(&["cache"]);
+    assert_eq!(cache["whole_files"]["files"], 3, "{cache}");
+    let copied: u64 = big.iter().map(|(_, d)| d.len() as u64).sum();
+    assert_eq!(cache["whole_files"]["used_bytes"], copied, "{cache}");
+    let gc = reader.json(&["gc"]);
+    assert!(gc["freed_bytes"].as_u64().unwrap() >= copied, "{gc}");
+    assert!(copies(&reader.home).is_empty());
+    assert_eq!(reader.json(&["cache"])["whole_files"]["files"], 0);
 }
 
 /// Readers going through a directory in order get the files ahead of them pushed into the

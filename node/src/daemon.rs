@@ -407,9 +407,10 @@ async fn handle(
         }
         Request::Cache => {
             let store = daemon.node.store()?;
-            let stats = tokio::task::spawn_blocking(move || store.stats())
+            let mut stats = tokio::task::spawn_blocking(move || store.stats())
                 .await
                 .map_err(|e| Error::Net(e.to_string()))??;
+            stats.whole_files = daemon.node.whole_files().map(|w| w.stats());
             serde_json::to_value(stats)
         }
         Request::Gc => {
@@ -417,7 +418,8 @@ async fn handle(
             let freed = tokio::task::spawn_blocking(move || store.gc())
                 .await
                 .map_err(|e| Error::Net(e.to_string()))??;
-            serde_json::to_value(freed)
+            let copies = daemon.node.whole_files().map_or(0, |w| w.clear());
+            serde_json::to_value(freed + copies)
         }
         Request::Mount {
             reference,

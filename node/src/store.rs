@@ -80,6 +80,9 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Each tier, fastest first (memory, this store, further disk tiers).
     pub tiers: Vec<TierStats>,
+    /// Whole-file copies kept for mounts (filled in by the node, not the store).
+    #[serde(default)]
+    pub whole_files: Option<crate::wholefiles::WholeFileStats>,
 }
 
 /// One tier of the local cache.
@@ -794,6 +797,7 @@ impl ChunkStore for SegmentStore {
                 hit_rate: rate(st.hits, st.misses),
                 evictions: st.evictions,
             }],
+            whole_files: None,
         })
     }
 

@@ -56,6 +56,8 @@ pub struct WholeFiles {
     dir: PathBuf,
     capacity: u64,
     state: Mutex<State>,
+    /// Signalled when the last pending copy is done.
+    idle: std::sync::Condvar,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
 }
 
@@ -88,8 +90,10 @@ impl WholeFiles {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
-                // A copy being written when its process died.
-                let _ = std::fs::remove_file(e.path());
+                // A copy being written when its process died (not one being written now).
+                if !writer_alive(&name) {
+                    let _ = std::fs::remove_file(e.path());
+                }
                 continue;
             }
             let Ok(meta) = e.metadata() else { continue };
@@ -114,6 +118,7 @@ impl WholeFiles {
             dir: dir.to_path_buf(),
             capacity,
             state: Mutex::new(st),
+            idle: std::sync::Condvar::new(),
             jobs: Mutex::new(None),
         });
         files.evict(&mut files.lock(), 0);
@@ -132,6 +137,32 @@ impl WholeFiles {
             used_bytes: st.total,
             files: st.entries.len() as u64,
         }
+    }
+
+    /// Copies queued or being written.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Waits until no copy is queued or being written, at most `bound`; whether it is so.
+    pub fn wait_idle(&self, bound: std::time::Duration) -> bool {
+        let st = self.lock();
+        let (st, _) = self
+            .idle
+            .wait_timeout_while(st, bound, |st| !st.pending.is_empty())
+            .expect("whole files poisoned");
+        st.pending.is_empty()
+    }
+
+    /// Removes every copy (`shoal gc`); returns the bytes freed. Readers holding one open keep
+    /// reading it.
+    pub fn clear(&self) -> u64 {
+        let mut st = self.lock();
+        for name in st.entries.keys() {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        st.entries.clear();
+        std::mem::take(&mut st.total)
     }
 
     /// The copy of the file made of `chunks` (`size` bytes), opened for reading, if there is
@@ -188,6 +219,10 @@ impl WholeFiles {
             let spawned = std::thread::Builder::new()
                 .name("shoal-copies".into())
                 .spawn(move || {
+                    // Copies are for later: readers of the mount come first (this thread's
+                    // priority only; Linux applies it per thread).
+                    let _ =
+                        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
                     while let Ok(job) = rx.recv() {
                         let Some(files) = me.upgrade() else { return };
                         files.write(job);
@@ -195,12 +230,14 @@ impl WholeFiles {
                 });
             if spawned.is_err() {
                 self.lock().pending.remove(&job.name);
+                self.idle.notify_all();
                 return;
             }
             *jobs = Some(tx);
         }
         if let Err(mpsc::SendError(job)) = jobs.as_ref().expect("set above").send(job) {
             self.lock().pending.remove(&job.name);
+            self.idle.notify_all();
         }
     }
 
@@ -262,6 +299,9 @@ impl WholeFiles {
         })();
         let mut st = self.lock();
         st.pending.remove(&job.name);
+        if st.pending.is_empty() {
+            self.idle.notify_all();
+        }
         match result {
             Ok(()) => {
                 st.clock += 1;
@@ -284,6 +324,45 @@ impl WholeFiles {
             }
         }
     }
+}
+
+/// Copies under `dir` without opening them for use (`shoal cache` with no daemon running).
+pub fn scan(dir: &Path, capacity: u64) -> WholeFileStats {
+    let (mut files, mut bytes) = (0, 0);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !e.file_name().to_string_lossy().starts_with('.') {
+            files += 1;
+            bytes += e.metadata().map_or(0, |m| m.len());
+        }
+    }
+    WholeFileStats {
+        path: dir.display().to_string(),
+        capacity,
+        used_bytes: bytes,
+        files,
+    }
+}
+
+/// Removes the copies under `dir` (`shoal gc` with no daemon running); returns bytes freed.
+pub fn clear_dir(dir: &Path) -> u64 {
+    let mut freed = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !e.file_name().to_string_lossy().starts_with('.') {
+            let len = e.metadata().map_or(0, |m| m.len());
+            if std::fs::remove_file(e.path()).is_ok() {
+                freed += len;
+            }
+        }
+    }
+    freed
+}
+
+/// Whether the process that writes the temporary copy `name` (".<copy>.<pid>") still runs.
+fn writer_alive(name: &str) -> bool {
+    name.rsplit('.')
+        .next()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists())
 }
 
 fn bytesize(n: u64) -> String {
@@ -352,10 +431,25 @@ mod tests {
         assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
         // Reopened (another process, or after a restart): the copies are still known.
         drop(files);
-        std::fs::write(dir.path().join(".half.1"), b"x").unwrap();
+        // Left by a writer that died: removed. Being written by a live process: kept.
+        let dead = dir.path().join(".half.999999999");
+        std::fs::write(&dead, b"x").unwrap();
+        let mut writer = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let live = dir.path().join(format!(".half.{}", writer.id()));
+        std::fs::write(&live, b"x").unwrap();
         let again = WholeFiles::open(dir.path(), 4500).unwrap();
+        let _ = writer.kill();
+        let _ = writer.wait();
         assert_eq!(again.stats().files, 2);
         assert!(again.get(&b, 2000).is_some());
-        assert!(!dir.path().join(".half.1").exists());
+        assert!(!dead.exists());
+        assert!(live.exists());
+        // `shoal gc` removes the copies.
+        assert_eq!(again.clear(), 4000);
+        assert!(again.get(&b, 2000).is_none());
+        assert_eq!(scan(dir.path(), 4500).files, 0);
     }
 }
