@@ -66,6 +66,17 @@ pub struct TierConfig {
     pub capacity: Option<String>,
 }
 
+/// A size under `[cache]`: the environment variable `env` (if set and not empty) over the
+/// config file's `key`.
+fn cache_size(env: &str, from_file: Option<String>, key: &str) -> Result<Option<u64>> {
+    std::env::var(env)
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or(from_file)
+        .map(|c| parse_size(&c, &format!("{env} or [cache] {key}")))
+        .transpose()
+}
+
 fn parse_size(s: &str, what: &str) -> Result<u64> {
     s.trim()
         .parse::<bytesize::ByteSize>()
@@ -150,32 +161,11 @@ impl Config {
                 "SHOAL_TRUSTED_KEYS",
             )?);
         }
-        let capacity = std::env::var("SHOAL_CACHE_CAPACITY")
-            .ok()
-            .filter(|c| !c.is_empty())
-            .or(file.cache.capacity);
-        let capacity = capacity
-            .map(|c| {
-                parse_size(
-                    &c,
-                    "cache capacity (SHOAL_CACHE_CAPACITY or [cache] capacity)",
-                )
-            })
-            .transpose()?;
-        let memory = std::env::var("SHOAL_CACHE_MEMORY")
-            .ok()
-            .filter(|c| !c.is_empty())
-            .or(file.cache.memory)
-            .map(|c| parse_size(&c, "memory tier (SHOAL_CACHE_MEMORY or [cache] memory)"))
-            .transpose()?
+        let capacity = cache_size("SHOAL_CACHE_CAPACITY", file.cache.capacity, "capacity")?;
+        let memory = cache_size("SHOAL_CACHE_MEMORY", file.cache.memory, "memory")?
             .unwrap_or(tiers::DEFAULT_MEMORY);
-        let files = std::env::var("SHOAL_CACHE_FILES")
-            .ok()
-            .filter(|c| !c.is_empty())
-            .or(file.cache.files)
-            .map(|c| parse_size(&c, "whole-file copies (SHOAL_CACHE_FILES or [cache] files)"))
-            .transpose()?
-            .unwrap_or(match capacity {
+        let files =
+            cache_size("SHOAL_CACHE_FILES", file.cache.files, "files")?.unwrap_or(match capacity {
                 Some(c) => (c / 4).min(shoal_node::wholefiles::DEFAULT_CAPACITY),
                 None => shoal_node::wholefiles::DEFAULT_CAPACITY,
             });
