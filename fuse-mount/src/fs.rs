@@ -102,7 +102,8 @@ struct Opens {
     backing: Option<fuser::BackingId>,
     passthrough: u32,
     cached: u32,
-    /// The file's chunks and size, to keep a whole copy once the last reader is done.
+    /// The file's chunks and size, to ask for a whole copy when a reader through the mount
+    /// closes it.
     content: Option<(Arc<Vec<ChunkRef>>, u64)>,
 }
 
