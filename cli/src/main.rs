@@ -41,9 +41,11 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(verbose: u8) {
+    // fuser warns when its own unmount at the end finds the mount gone, which is how every
+    // mount ends here (`shoal unmount` or ours on Ctrl-C unmount first): not worth a warning.
     let default = match verbose {
-        0 => "warn",
-        1 => "info,shoal=info",
+        0 => "warn,fuser::mnt=error",
+        1 => "info,shoal=info,fuser::mnt=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
