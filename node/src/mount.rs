@@ -367,11 +367,11 @@ impl Source for MountSource {
         let Some(files) = &self.inner.whole_files else {
             return;
         };
-        let blobs = self.inner.blobs.clone();
+        let inner = self.inner.clone();
         files.keep(
             chunks,
             size,
-            Arc::new(move |id| blobs.store().get(id).map_err(|e| e.to_string())),
+            Arc::new(move |id| inner.get(id).map_err(|e| e.0)),
         );
     }
 

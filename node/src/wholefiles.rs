@@ -10,7 +10,8 @@
 //! - Copies are a cache of the chunk store, never the only place of any byte: they live beside
 //!   it, bounded by their own capacity, least recently opened evicted first, and are rebuilt
 //!   from chunks when wanted again.
-//! - Writing happens on one background thread; mounts never wait for it.
+//! - Writing happens on one background thread; reads never wait for it (an embedded mount
+//!   waits for pending copies, within a bound, only when it exits).
 
 use shoal_registry::tree::ChunkRef;
 use shoal_registry::Hash;
@@ -272,8 +273,8 @@ impl WholeFiles {
             if free < job.size.saturating_add(keep_free) {
                 return Err(format!(
                     "{} free on its disk, keeping {} free for the store",
-                    bytesize(free),
-                    bytesize(keep_free)
+                    bytesize::ByteSize(free),
+                    bytesize::ByteSize(keep_free)
                 ));
             }
             let mut f = File::create(&tmp).map_err(|e| e.to_string())?;
@@ -326,14 +327,22 @@ impl WholeFiles {
     }
 }
 
+/// The finished copies under `dir` (temporary ones start with a dot): path and size.
+fn finished(dir: &Path) -> impl Iterator<Item = (PathBuf, u64)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| (e.path(), e.metadata().map_or(0, |m| m.len())))
+}
+
 /// Copies under `dir` without opening them for use (`shoal cache` with no daemon running).
 pub fn scan(dir: &Path, capacity: u64) -> WholeFileStats {
     let (mut files, mut bytes) = (0, 0);
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if !e.file_name().to_string_lossy().starts_with('.') {
-            files += 1;
-            bytes += e.metadata().map_or(0, |m| m.len());
-        }
+    for (_, len) in finished(dir) {
+        files += 1;
+        bytes += len;
     }
     WholeFileStats {
         path: dir.display().to_string(),
@@ -345,16 +354,10 @@ pub fn scan(dir: &Path, capacity: u64) -> WholeFileStats {
 
 /// Removes the copies under `dir` (`shoal gc` with no daemon running); returns bytes freed.
 pub fn clear_dir(dir: &Path) -> u64 {
-    let mut freed = 0;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if !e.file_name().to_string_lossy().starts_with('.') {
-            let len = e.metadata().map_or(0, |m| m.len());
-            if std::fs::remove_file(e.path()).is_ok() {
-                freed += len;
-            }
-        }
-    }
-    freed
+    finished(dir)
+        .filter(|(path, _)| std::fs::remove_file(path).is_ok())
+        .map(|(_, len)| len)
+        .sum()
 }
 
 /// Whether the process that writes the temporary copy `name` (".<copy>.<pid>") still runs.
@@ -363,10 +366,6 @@ fn writer_alive(name: &str) -> bool {
         .next()
         .and_then(|pid| pid.parse::<u32>().ok())
         .is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists())
-}
-
-fn bytesize(n: u64) -> String {
-    format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]
