@@ -198,6 +198,73 @@ fn a_cold_cluster_reads_each_chunk_from_the_origin_about_once() {
 }
 
 #[test]
+fn a_cold_cluster_reads_the_versions_metadata_from_the_origin_once() {
+    // Thousands of small files with long names: the tree and the pack index weigh more than
+    // the files' bytes, so reading them once per node would show in the origin's total.
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    for d in 0..16 {
+        for f in 0..125 {
+            let name = format!("{f:04}-{}", "long-file-name-".repeat(7));
+            write(
+                &src.join(format!("class-{d:02}/{name}")),
+                format!("file {d} {f}\n").as_bytes(),
+            );
+        }
+    }
+    c.publish(&src, "meta@v1");
+    // What one node reads from the origin alone: metadata and data once.
+    let alone = ok_json(
+        std::process::Command::new(BIN)
+            .args(["--json", "pull", "meta@v1", "--no-files"])
+            .env("SHOAL_HOME", c.home("alone"))
+            .env("SHOAL_ORIGIN", &c.origin)
+            .env("SHOAL_TRUSTED_KEYS", &c.trusted),
+    );
+    let once = u(&alone, "bytes_from_origin");
+    assert!(once > 2 * u(&alone, "bytes"), "metadata dominates: {alone}");
+
+    let ids: Vec<usize> = ["a", "b", "d", "e"]
+        .iter()
+        .map(|n| c.node(n, &[], &[]))
+        .collect();
+    for &i in &ids {
+        c.nodes[i].wait_peers(3);
+    }
+    let children: Vec<_> = ids
+        .iter()
+        .map(|&i| {
+            let out = c.dir.path().join(format!("out{i}"));
+            c.nodes[i]
+                .cmd(&["--json", "pull", "meta@v1", "--to", out.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut each = Vec::new();
+    for (k, ch) in children.into_iter().enumerate() {
+        let out = ch.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        each.push(u(&r, "bytes_from_origin"));
+        assert_same_tree(&src, &c.dir.path().join(format!("out{}", ids[k])));
+    }
+    // Four nodes each reading the metadata would make ~4x; one reads it for all (the files'
+    // own bytes, a third of `once`, may be read over by several nodes' ranges).
+    let total: u64 = each.iter().sum();
+    assert!(
+        total < once + once / 2,
+        "the origin served {total} bytes ({each:?}) where one node alone reads {once}"
+    );
+}
+
+#[test]
 fn a_lying_peer_is_caught_and_banned() {
     let mut c = Cluster::new(BIN);
     let (src, _) = setup(&c);

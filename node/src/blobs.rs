@@ -74,22 +74,28 @@ fn cache_pack_index(cache: &Path, id: &Hash, bytes: &[u8]) {
     }
 }
 
-/// Reads a pack index from the local cache, or from the origin (then caches it).
-pub(crate) async fn pack_index(origin: &Origin, cache: &Path, id: &Hash) -> Result<PackIndex> {
+/// Reads a pack index from the local cache, or from the origin (then caches it); with the
+/// bytes read from the origin (0 from the cache).
+pub(crate) async fn pack_index(
+    origin: &Origin,
+    cache: &Path,
+    id: &Hash,
+) -> Result<(PackIndex, u64)> {
     let path = cache.join(format!("{id}.idx"));
     if let Ok(bytes) = tokio::fs::read(&path).await {
         if id.verify(&bytes) {
             if let Ok(idx) = PackIndex::decode(&bytes) {
-                return Ok(idx);
+                return Ok((idx, 0));
             }
         }
     }
     let (idx, bytes) = origin.pack_index(id).await?;
+    let read = bytes.len() as u64;
     let (cache, id) = (cache.to_path_buf(), *id);
     tokio::task::spawn_blocking(move || cache_pack_index(&cache, &id, &bytes))
         .await
         .expect("cache task panicked");
-    Ok(idx)
+    Ok((idx, read))
 }
 
 impl Blobs {
@@ -110,13 +116,20 @@ impl Blobs {
                 .copied()
                 .collect();
             if !absent.is_empty() {
-                let got = crate::swarm::fetch::from_complete_peers(
-                    swarm,
-                    &version.body.root,
-                    &absent,
-                    Retain::Keep,
-                )
-                .await;
+                let root = &version.body.root;
+                let mut got =
+                    crate::swarm::fetch::from_complete_peers(swarm, root, &absent, Retain::Keep)
+                        .await;
+                // At a cold start nobody holds the version yet: one of the nodes pulling it
+                // reads the indexes from the origin for all of them.
+                let rest: Vec<Hash> = absent
+                    .iter()
+                    .filter(|id| !got.contains_key(id))
+                    .copied()
+                    .collect();
+                got.extend(
+                    crate::swarm::fetch::from_pulling_owner(swarm, root, &rest, Retain::Keep).await,
+                );
                 let cache = cache.to_path_buf();
                 tokio::task::spawn_blocking(move || {
                     for (id, bytes) in got {
@@ -127,7 +140,7 @@ impl Blobs {
                 .expect("cache task panicked");
             }
         }
-        let indexes: Vec<PackIndex> = futures::stream::iter(packs.clone())
+        let indexes: Vec<(PackIndex, u64)> = futures::stream::iter(packs.clone())
             .map(|id| {
                 let (origin, cache) = (origin.clone(), cache.to_path_buf());
                 async move { pack_index(&origin, &cache, &id).await }
@@ -135,8 +148,16 @@ impl Blobs {
             .buffered(8)
             .try_collect()
             .await?;
+        // Index bytes read from the origin count as the version's origin reads.
+        let index_bytes: u64 = indexes.iter().map(|(_, n)| n).sum();
+        if let Some(swarm) = swarm {
+            swarm
+                .counters
+                .bytes_from_origin
+                .fetch_add(index_bytes, Ordering::Relaxed);
+        }
         let mut locs = HashMap::new();
-        for (i, idx) in indexes.iter().enumerate() {
+        for (i, (idx, _)) in indexes.iter().enumerate() {
             for e in &idx.entries {
                 locs.insert(
                     e.id,
@@ -153,7 +174,7 @@ impl Blobs {
             origin,
             packs,
             locs,
-            from_origin: AtomicU64::new(0),
+            from_origin: AtomicU64::new(index_bytes),
             durable: true,
             retain: Retain::Keep,
             peers: swarm.map(|s| (s.clone(), version.body.root)),
@@ -215,6 +236,8 @@ impl Blobs {
         if let Some((swarm, root)) = &self.peers {
             let got =
                 crate::swarm::fetch::from_complete_peers(swarm, root, &ids, self.retain).await;
+            ids.retain(|id| !got.contains_key(id));
+            let got = crate::swarm::fetch::from_pulling_owner(swarm, root, &ids, self.retain).await;
             ids.retain(|id| !got.contains_key(id));
         }
         self.fetch_origin(ids, progress).await

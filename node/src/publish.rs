@@ -370,6 +370,7 @@ impl Node {
                 if packs_seen.insert(p) {
                     for e in pack_index(origin, &self.home.pack_cache_dir(), &p)
                         .await?
+                        .0
                         .entries
                     {
                         existing.insert(e.id, p);

@@ -572,6 +572,109 @@ pub async fn from_complete_peers(
     got
 }
 
+/// For this long after a node starts pulling a version, while connected peers have not said
+/// whether they pull it too, it waits for their announcements before deciding who reads the
+/// version's metadata (nodes starting together hear of each other within milliseconds).
+const META_SETTLE: Duration = Duration::from_millis(250);
+/// How long a puller waits on the puller that reads the metadata without receiving anything.
+const META_WAIT: Duration = Duration::from_secs(10);
+/// Between asks to that puller while it is still reading.
+const META_POLL: Duration = Duration::from_millis(40);
+
+/// The nodes pulling `root` (this one included), as (seed, id): connected members with a bulk
+/// address that announced a pull of it.
+fn pulling_nodes(swarm: &Swarm, root: &Hash) -> Vec<(u64, PeerId)> {
+    let peers = swarm.peers.lock().expect("poisoned");
+    let mut v: Vec<(u64, PeerId)> = peers
+        .iter()
+        .filter(|(id, p)| {
+            p.connected
+                && p.bulk_port.is_some()
+                && swarm.is_member(id)
+                && p.versions
+                    .get(root)
+                    .is_some_and(|v| v.holding == Holding::Pulling)
+        })
+        .map(|(id, _)| (peer_seed(id), *id))
+        .collect();
+    v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
+    v.sort_by_key(|n| n.1);
+    v
+}
+
+/// A version's metadata (pack indexes, tree nodes) for a node pulling it while others pull it
+/// too: one of the pullers, the owner of the version's root by rendezvous hashing, reads it
+/// from the origin and the others ask it, so a cold cluster reads the metadata once rather
+/// than once per node. Returns what the owner delivered, verified and stored, with the bytes;
+/// the caller reads the rest from the origin. Empty at once when this node is not pulling
+/// `root`, is the owner, or nobody else pulls it (after up to [`META_SETTLE`] for
+/// announcements of nodes starting together); the rest is left to the caller once the owner
+/// leaves or has sent nothing for [`META_WAIT`].
+pub async fn from_pulling_owner(
+    swarm: &Arc<Swarm>,
+    root: &Hash,
+    ids: &[Hash],
+    retain: crate::store::Retain,
+) -> HashMap<Hash, Bytes> {
+    let mut got = HashMap::new();
+    let pulling_since = swarm
+        .local
+        .lock()
+        .expect("poisoned")
+        .get(root)
+        .filter(|v| v.holding == Holding::Pulling)
+        .map(|v| v.since);
+    let Some(since) = pulling_since else {
+        return got;
+    };
+    if ids.is_empty() {
+        return got;
+    }
+    let key = u64::from_le_bytes(root.0[..8].try_into().expect("8 bytes"));
+    let mut want: Vec<Hash> = ids.to_vec();
+    let mut heard = Instant::now();
+    loop {
+        if since.elapsed() < META_SETTLE {
+            let undecided = swarm.peers.lock().expect("poisoned").iter().any(|(id, p)| {
+                p.connected
+                    && p.bulk_port.is_some()
+                    && swarm.is_member(id)
+                    && !p.versions.contains_key(root)
+            });
+            if undecided {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        }
+        let pullers = pulling_nodes(swarm, root);
+        if pullers.len() < 2 {
+            break;
+        }
+        let owner = owner_of(&pullers, mix(key));
+        if owner == swarm.peer_id {
+            break;
+        }
+        let part = ask_peer(swarm, owner, &want, None, retain, Duration::from_secs(5)).await;
+        if !part.is_empty() {
+            heard = Instant::now();
+            want.retain(|id| !part.contains_key(id));
+            got.extend(part);
+        }
+        if want.is_empty() || heard.elapsed() > META_WAIT {
+            break;
+        }
+        tokio::time::sleep(META_POLL).await;
+    }
+    if !got.is_empty() {
+        tracing::debug!(
+            blobs = got.len(),
+            of = ids.len(),
+            "metadata from the puller that reads it from the origin"
+        );
+    }
+    got
+}
+
 /// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
 /// members with a bulk address that announced a mount of it.
 pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {

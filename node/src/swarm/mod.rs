@@ -205,6 +205,8 @@ pub struct LocalVersion {
     pub name: String,
     pub holding: Holding,
     pub have: Option<HaveMap>,
+    /// When this node first announced it with this holding.
+    pub since: std::time::Instant,
 }
 
 /// Node-wide counters (also exported as Prometheus metrics).
@@ -328,14 +330,21 @@ impl Swarm {
 
     /// Records that this node holds (or is pulling) a version, and tells the peers.
     pub fn hold(&self, root: Hash, name: &str, holding: Holding, have: Option<HaveMap>) {
-        self.local.lock().expect("poisoned").insert(
+        let mut local = self.local.lock().expect("poisoned");
+        let since = local
+            .get(&root)
+            .filter(|v| v.holding == holding)
+            .map_or_else(std::time::Instant::now, |v| v.since);
+        local.insert(
             root,
             LocalVersion {
                 name: name.to_string(),
                 holding,
                 have,
+                since,
             },
         );
+        drop(local);
         self.send(Cmd::Announce);
     }
 
