@@ -479,16 +479,46 @@ fn tx_bytes(ns_name: &str) -> Result<u64> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
+/// What the bench's nginx served, from its access log: requests, body bytes sent, and ranged
+/// requests whose body was cut short (the client went away mid-answer).
+fn origin_requests(work: &Path) -> Value {
+    let log = std::fs::read_to_string(work.join("nginx/logs/access.log")).unwrap_or_default();
+    let (mut requests, mut body, mut cut, mut cut_bytes) = (0u64, 0u64, 0u64, 0u64);
+    for line in log.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_status), Some(sent)) = (f.next(), f.next().and_then(|b| b.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        requests += 1;
+        body += sent;
+        // "bytes=START-END", inclusive.
+        let asked = f
+            .next()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some(b.parse::<u64>().ok()? + 1 - a.parse::<u64>().ok()?));
+        if asked.is_some_and(|a| sent < a) {
+            cut += 1;
+            cut_bytes += sent;
+        }
+    }
+    json!({"requests": requests, "body_bytes": body, "cut_short": cut, "cut_short_body_bytes": cut_bytes})
+}
+
 /// nginx serving `root` on `listen` inside namespace `ns_name`.
 fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child> {
     let dir = work.join("nginx");
     std::fs::create_dir_all(dir.join("logs"))?;
+    // One run's requests only (origin_requests reads the log).
+    let _ = std::fs::remove_file(dir.join("logs/access.log"));
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
             "worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n\
              events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; sendfile on; tcp_nopush on;\n\
+             http {{ log_format o '$status $body_bytes_sent $http_range';\n\
+               access_log {d}/logs/access.log o; sendfile on; tcp_nopush on;\n\
                server {{ listen {listen}; root {r}; }} }}\n",
             d = dir.display(),
             r = root.display()
@@ -584,6 +614,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         let origin = "http://10.77.0.10:18080/origin".to_string();
         let mut ds = netns_daemons(&work, nodes, &origin, &trusted, true)?;
         let tx0 = tx_bytes("bl-seed")?;
+        let retrans0 = retrans_segs("bl-seed")?;
         let t0 = Instant::now();
         let mut pulls: Vec<Option<Child>> = ds.iter().map(|d| d.pull("shards@v1").ok()).collect();
         let mut done: Vec<Option<(f64, Value)>> = vec![None; nodes];
@@ -644,6 +675,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             std::thread::sleep(Duration::from_millis(100));
         }
         let egress = tx_bytes("bl-seed")? - tx0;
+        let retransmitted = retrans_segs("bl-seed")? - retrans0;
         let _ = ng.kill();
         let _ = ng.wait();
         let per_node: Vec<Value> = done
@@ -671,6 +703,8 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             "origin_egress_bytes": egress,
             "origin_egress_x_dataset": egress as f64 / bytes as f64,
             "origin_link_mbit_per_s": link_mbit,
+            "origin_tcp_retransmitted_segments": retransmitted,
+            "origin_http": origin_requests(&work),
             "per_node": per_node,
         }))
     })();
@@ -925,6 +959,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
             "origin_egress_bytes": egress,
             "origin_egress_x_dataset": egress as f64 / bytes as f64,
             "origin_tcp_retransmitted_segments": retrans,
+            "origin_http": origin_requests(&work),
             "per_node": per_node,
         }))
     })();
