@@ -17,7 +17,23 @@ use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef}
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// glibc serves every allocation over its mmap threshold (128 KiB, rising only as large blocks
+/// are freed) with a fresh mapping, page-faulted and zeroed on first touch and unmapped on
+/// free. The data plane allocates and frees buffers of MiBs (chunk batches) all the time, so
+/// they are kept in the heap instead and memory is returned above 128 MiB free at its top.
+/// Measured on a 1 GiB 1:1 pull over loopback: 15-20% less CPU on both ends (docs/swarm.md).
+#[allow(unsafe_code)]
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_malloc();
     let args = Args::parse();
     init_tracing(args.verbose);
     let out = Out::new(args.json);
