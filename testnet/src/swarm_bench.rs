@@ -709,6 +709,8 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         }))
     })();
     let _ = Command::new("bash").arg(&netns).arg("down").status();
+    // Eight stores of the dataset: gigabytes.
+    let _ = std::fs::remove_dir_all(&work);
     let mut r = result?;
     r["peers_median_s"] = json!(peer_medians(&raw, skip)?);
     r["peer_notes"] = json!(std::fs::read_to_string(
