@@ -151,6 +151,37 @@ fn pulls_come_from_peers_and_status_reports_them() {
     assert_eq!(ls["entries"].as_array().unwrap().len(), 4);
 }
 
+/// Pulls `reference` on the nodes `ids` at once, each into its own directory; checks every
+/// pull succeeded with the tree of `src`; returns their reports.
+fn pull_at_once(c: &Cluster, ids: &[usize], reference: &str, src: &Path) -> Vec<Value> {
+    let children: Vec<_> = ids
+        .iter()
+        .map(|&i| {
+            let out = c.dir.path().join(format!("out{i}"));
+            c.nodes[i]
+                .cmd(&["--json", "pull", reference, "--to", out.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .zip(ids)
+        .map(|(ch, i)| {
+            let out = ch.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_same_tree(src, &c.dir.path().join(format!("out{i}")));
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn a_cold_cluster_reads_each_chunk_from_the_origin_about_once() {
     let mut c = Cluster::new(BIN);
@@ -162,31 +193,11 @@ fn a_cold_cluster_reads_each_chunk_from_the_origin_about_once() {
     for &i in &ids {
         c.nodes[i].wait_peers(3);
     }
-    let children: Vec<_> = ids
-        .iter()
-        .map(|&i| {
-            let out = c.dir.path().join(format!("out{i}"));
-            c.nodes[i]
-                .cmd(&["--json", "pull", "ds@v1", "--to", out.to_str().unwrap()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
     let mut origin = 0;
     let mut peers = 0;
-    for (k, ch) in children.into_iter().enumerate() {
-        let out = ch.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for r in pull_at_once(&c, &ids, "ds@v1", &src) {
         origin += u(&r, "bytes_from_origin");
         peers += u(&r, "bytes_from_peers");
-        assert_same_tree(&src, &c.dir.path().join(format!("out{}", ids[k])));
     }
     // Four nodes, one origin read per chunk (plus tree nodes and range slack), the rest
     // swapped between them.
@@ -231,30 +242,10 @@ fn a_cold_cluster_reads_the_versions_metadata_from_the_origin_once() {
     for &i in &ids {
         c.nodes[i].wait_peers(3);
     }
-    let children: Vec<_> = ids
+    let each: Vec<u64> = pull_at_once(&c, &ids, "meta@v1", &src)
         .iter()
-        .map(|&i| {
-            let out = c.dir.path().join(format!("out{i}"));
-            c.nodes[i]
-                .cmd(&["--json", "pull", "meta@v1", "--to", out.to_str().unwrap()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|r| u(r, "bytes_from_origin"))
         .collect();
-    let mut each = Vec::new();
-    for (k, ch) in children.into_iter().enumerate() {
-        let out = ch.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-        each.push(u(&r, "bytes_from_origin"));
-        assert_same_tree(&src, &c.dir.path().join(format!("out{}", ids[k])));
-    }
     // Four nodes each reading the metadata would make ~4x; one reads it for all (the files'
     // own bytes, a third of `once`, may be read over by several nodes' ranges).
     let total: u64 = each.iter().sum();

@@ -584,27 +584,6 @@ const META_WAIT: Duration = Duration::from_secs(10);
 /// Between asks to that puller while it is still reading.
 const META_POLL: Duration = Duration::from_millis(40);
 
-/// The nodes pulling `root` (this one included), as (seed, id): connected members with a bulk
-/// address that announced a pull of it.
-fn pulling_nodes(swarm: &Swarm, root: &Hash) -> Vec<(u64, PeerId)> {
-    let peers = swarm.peers.lock().expect("poisoned");
-    let mut v: Vec<(u64, PeerId)> = peers
-        .iter()
-        .filter(|(id, p)| {
-            p.connected
-                && p.bulk_port.is_some()
-                && swarm.is_member(id)
-                && p.versions
-                    .get(root)
-                    .is_some_and(|v| v.holding == Holding::Pulling)
-        })
-        .map(|(id, _)| (peer_seed(id), *id))
-        .collect();
-    v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
-    v.sort_by_key(|n| n.1);
-    v
-}
-
 /// A version's metadata (pack indexes, tree nodes) for a node pulling it while others pull it
 /// too: one of the pullers, the owner of the version's root by rendezvous hashing, reads it
 /// from the origin and the others ask it, so a cold cluster reads the metadata once rather
@@ -649,7 +628,7 @@ pub async fn from_pulling_owner(
                 continue;
             }
         }
-        let pullers = pulling_nodes(swarm, root);
+        let pullers = nodes_holding(swarm, root, Holding::Pulling);
         if pullers.len() < 2 {
             break;
         }
@@ -681,7 +660,13 @@ pub async fn from_pulling_owner(
 /// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
 /// members with a bulk address that announced a mount of it.
 pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
-    let mut v: Vec<(u64, PeerId)> = peers_holding(swarm, root, Holding::Mounted)
+    nodes_holding(swarm, root, Holding::Mounted)
+}
+
+/// The nodes that announced `root` with `holding` (this one included), as (seed, id) for
+/// rendezvous hashing.
+fn nodes_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
+    let mut v: Vec<(u64, PeerId)> = peers_holding(swarm, root, holding)
         .into_iter()
         .map(|(_, id)| (peer_seed(&id), id))
         .collect();
@@ -690,14 +675,15 @@ pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
     v
 }
 
-/// The connected members that announced `root` with `holding`, nearest first, as
-/// (locality distance, id).
+/// The connected members with a bulk address that announced `root` with `holding`, nearest
+/// first, as (locality distance, id).
 pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, PeerId)> {
     let peers = swarm.peers.lock().expect("poisoned");
     let mut v: Vec<(u8, PeerId)> = peers
         .iter()
         .filter(|(id, p)| {
             p.connected
+                && p.bulk_port.is_some()
                 && swarm.is_member(id)
                 && p.versions.get(root).is_some_and(|v| v.holding == holding)
         })
