@@ -151,6 +151,18 @@ fn pulls_come_from_peers_and_status_reports_them() {
     assert_eq!(ls["entries"].as_array().unwrap().len(), 4);
 }
 
+/// Starts nodes a, b, d and e and waits until each is connected to the other three.
+fn four_connected_nodes(c: &mut Cluster) -> Vec<usize> {
+    let ids: Vec<usize> = ["a", "b", "d", "e"]
+        .iter()
+        .map(|n| c.node(n, &[], &[]))
+        .collect();
+    for &i in &ids {
+        c.nodes[i].wait_peers(3);
+    }
+    ids
+}
+
 /// Pulls `reference` on the nodes `ids` at once, each into its own directory; checks every
 /// pull succeeded with the tree of `src`; returns their reports.
 fn pull_at_once(c: &Cluster, ids: &[usize], reference: &str, src: &Path) -> Vec<Value> {
@@ -186,13 +198,7 @@ fn pull_at_once(c: &Cluster, ids: &[usize], reference: &str, src: &Path) -> Vec<
 fn a_cold_cluster_reads_each_chunk_from_the_origin_about_once() {
     let mut c = Cluster::new(BIN);
     let (src, bytes) = setup(&c);
-    let ids: Vec<usize> = ["a", "b", "d", "e"]
-        .iter()
-        .map(|n| c.node(n, &[], &[]))
-        .collect();
-    for &i in &ids {
-        c.nodes[i].wait_peers(3);
-    }
+    let ids = four_connected_nodes(&mut c);
     let mut origin = 0;
     let mut peers = 0;
     for r in pull_at_once(&c, &ids, "ds@v1", &src) {
@@ -235,13 +241,7 @@ fn a_cold_cluster_reads_the_versions_metadata_from_the_origin_once() {
     let once = u(&alone, "bytes_from_origin");
     assert!(once > 2 * u(&alone, "bytes"), "metadata dominates: {alone}");
 
-    let ids: Vec<usize> = ["a", "b", "d", "e"]
-        .iter()
-        .map(|n| c.node(n, &[], &[]))
-        .collect();
-    for &i in &ids {
-        c.nodes[i].wait_peers(3);
-    }
+    let ids = four_connected_nodes(&mut c);
     let each: Vec<u64> = pull_at_once(&c, &ids, "meta@v1", &src)
         .iter()
         .map(|r| u(r, "bytes_from_origin"))

@@ -191,7 +191,7 @@ pub async fn fetch(
             let mut views = Vec::new();
             let mut pullers = vec![(my_seed, me)];
             for (id, p) in peers.iter() {
-                if !p.connected || p.bulk_port.is_none() || !swarm.is_member(id) {
+                if !swarm.can_ask(id, p) {
                     continue;
                 }
                 let Some(v) = p.versions.get(&root) else {
@@ -617,12 +617,12 @@ pub async fn from_pulling_owner(
     let mut heard = Instant::now();
     loop {
         if since.elapsed() < META_SETTLE {
-            let undecided = swarm.peers.lock().expect("poisoned").iter().any(|(id, p)| {
-                p.connected
-                    && p.bulk_port.is_some()
-                    && swarm.is_member(id)
-                    && !p.versions.contains_key(root)
-            });
+            let undecided = swarm
+                .peers
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .any(|(id, p)| swarm.can_ask(id, p) && !p.versions.contains_key(root));
             if undecided {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
@@ -682,10 +682,7 @@ pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, P
     let mut v: Vec<(u8, PeerId)> = peers
         .iter()
         .filter(|(id, p)| {
-            p.connected
-                && p.bulk_port.is_some()
-                && swarm.is_member(id)
-                && p.versions.get(root).is_some_and(|v| v.holding == holding)
+            swarm.can_ask(id, p) && p.versions.get(root).is_some_and(|v| v.holding == holding)
         })
         .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
         .collect();

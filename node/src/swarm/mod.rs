@@ -323,6 +323,11 @@ impl Swarm {
         let _ = self.cmd.send(cmd);
     }
 
+    /// Whether chunks can be asked of this peer now: connected, with a bulk address, a member.
+    pub(crate) fn can_ask(&self, id: &PeerId, p: &Peer) -> bool {
+        p.connected && p.bulk_port.is_some() && self.is_member(id)
+    }
+
     pub fn is_member(&self, peer: &PeerId) -> bool {
         !self.banned.lock().expect("poisoned").contains(peer)
             && self.members.as_ref().is_none_or(|m| m.contains(peer))
