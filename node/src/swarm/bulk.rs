@@ -37,6 +37,10 @@ const THROUGH_WAIT: Duration = Duration::from_secs(60);
 const PIPELINE: usize = 8;
 /// Most ids in one request.
 pub const MAX_IDS: usize = 1024;
+/// Bytes read from the socket at once by a client (below TLS).
+const RECV_BUFFER: usize = 256 << 10;
+/// Size of the buffers received blobs are read into (many blobs each).
+const RECV_POOL: usize = 4 << 20;
 /// Largest blob a peer may send (chunks are at most 128 KiB by default, tree nodes small).
 const MAX_BLOB: u32 = 64 << 20;
 
@@ -121,6 +125,10 @@ impl Client {
             .map_err(|_| Error::Net(format!("connecting to peer {peer} at {addr}: timed out")))?
             .map_err(|e| Error::Net(format!("connecting to peer {peer} at {addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
+        // rustls reads the socket 4 KiB at a time (up to a record): a buffer under it reads
+        // RECV_BUFFER at once (a 1 GiB pull: 67,441 receive calls before, 4,553 after, each
+        // one also sending an acknowledgement).
+        let tcp = tokio::io::BufReader::with_capacity(RECV_BUFFER, tcp);
         let config = super::tls::client(&swarm.keypair, peer).map_err(tls_err)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
@@ -182,6 +190,8 @@ impl Client {
             // TLS keeps decrypted records buffered: reading straight from it saves a copy.
             let mut r = r;
             let mut last_done = Instant::now();
+            // Blobs are read into slices of one large buffer, not one allocation each.
+            let mut pool = bytes::BytesMut::new();
             while let Some(p) = prx.recv().await {
                 let mut blobs = Vec::with_capacity(p.ids.len());
                 let mut failed = false;
@@ -202,10 +212,12 @@ impl Client {
                         failed = true;
                         break;
                     }
-                    let mut buf = bytes::BytesMut::with_capacity(len as usize);
-                    while buf.len() < len as usize {
-                        let want = len as usize - buf.len();
-                        match (&mut r).take(want as u64).read_buf(&mut buf).await {
+                    if pool.capacity() < len as usize {
+                        pool = bytes::BytesMut::with_capacity(RECV_POOL.max(len as usize));
+                    }
+                    while pool.len() < len as usize {
+                        let want = len as usize - pool.len();
+                        match (&mut r).take(want as u64).read_buf(&mut pool).await {
                             Ok(0) | Err(_) => {
                                 failed = true;
                                 break;
@@ -216,7 +228,7 @@ impl Client {
                     if failed {
                         break;
                     }
-                    blobs.push(Some(buf.freeze()));
+                    blobs.push(Some(pool.split().freeze()));
                 }
                 if failed {
                     c.store(true, Ordering::Relaxed);
