@@ -240,7 +240,6 @@ fn peer_medians(raw: &Path, skip: usize) -> Result<serde_json::Map<String, Value
         .collect())
 }
 
-/// Scenario 1: one seeder, one leecher, 127.0.0.1; shards_v1 into the leecher's store.
 /// Writes and deletes `bytes` of scratch data, so that the timed run after it writes into
 /// page-cache memory freed a moment ago, as every peer baseline's does (their scripts remove the
 /// previous run's output right before the next run).
@@ -270,6 +269,7 @@ fn recycle_memory(work: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Scenario 1: one seeder, one leecher, 127.0.0.1; shards_v1 into the leecher's store.
 pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
     let data = ensure_data(args)?;
     link_scripts(args)?;

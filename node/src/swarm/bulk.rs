@@ -190,7 +190,7 @@ impl Client {
             // TLS keeps decrypted records buffered: reading straight from it saves a copy.
             let mut r = r;
             let mut last_done = Instant::now();
-            // Blobs are read into slices of one large buffer, not one allocation each.
+            // A pull's blobs are read into slices of one large buffer, not one allocation each.
             let mut pool = bytes::BytesMut::new();
             while let Some(p) = prx.recv().await {
                 let mut blobs = Vec::with_capacity(p.ids.len());
@@ -212,12 +212,21 @@ impl Client {
                         failed = true;
                         break;
                     }
-                    if pool.capacity() < len as usize {
-                        pool = bytes::BytesMut::with_capacity(RECV_POOL.max(len as usize));
-                    }
-                    while pool.len() < len as usize {
-                        let want = len as usize - pool.len();
-                        match (&mut r).take(want as u64).read_buf(&mut pool).await {
+                    // Bytes handed back to a reader get their own allocation: a slice would
+                    // keep its whole pool buffer alive for as long as the reader holds it.
+                    let mut own = bytes::BytesMut::new();
+                    let buf = if p.want_bytes {
+                        own.reserve(len as usize);
+                        &mut own
+                    } else {
+                        if pool.capacity() < len as usize {
+                            pool = bytes::BytesMut::with_capacity(RECV_POOL.max(len as usize));
+                        }
+                        &mut pool
+                    };
+                    while buf.len() < len as usize {
+                        let want = len as usize - buf.len();
+                        match (&mut r).take(want as u64).read_buf(buf).await {
                             Ok(0) | Err(_) => {
                                 failed = true;
                                 break;
@@ -228,7 +237,7 @@ impl Client {
                     if failed {
                         break;
                     }
-                    blobs.push(Some(pool.split().freeze()));
+                    blobs.push(Some(buf.split().freeze()));
                 }
                 if failed {
                     c.store(true, Ordering::Relaxed);
