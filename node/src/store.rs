@@ -5,8 +5,11 @@
 //! segment before its index entries are inserted (with any evictions, in the same atomic sled
 //! batch), so after a killed process every entry points at complete bytes (the page cache
 //! outlives the process). Segment data is not `fsync`ed per batch: after a power cut an entry
-//! may point at bytes that never reached the disk, and since every read is verified against the
-//! blob's id, such an entry is detected, dropped and the blob fetched again. Bytes whose index
+//! may point at bytes that never reached the disk, and since every read is verified, such an
+//! entry is detected, dropped and the blob fetched again. Local reads are verified against the
+//! blob's id (BLAKE3); reads for a peer, which verifies them against the id itself, are checked
+//! against a CRC32 of the bytes kept in the index entry since the blob was stored (a fifth of the
+//! CPU), so a node still never sends bytes its disk has corrupted. Bytes whose index
 //! entry is gone (evicted, or a batch whose index update was lost) are garbage, never served;
 //! compaction copies a segment's live blobs forward, switches the index, and only then deletes
 //! the old segment.
@@ -21,7 +24,6 @@ use shoal_chunker::Hash;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -116,6 +118,10 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, id: &Hash) -> Result<bool, StoreError>;
     /// The blob's bytes, verified against `id`; `None` when absent.
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Reads a blob to send to a peer (which verifies it against its id): checked against the
+    /// checksum kept since it was stored rather than re-hashed, and without effect on what a
+    /// faster tier keeps for local readers.
+    fn get_for_peer(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores verified blobs. They survive the process being killed once [`Self::flush`] has
     /// returned (sled also flushes on its own every half second).
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError>;
@@ -131,15 +137,34 @@ pub trait ChunkStore: Send + Sync {
     fn gc(&self) -> Result<u64, StoreError>;
 }
 
+/// Where a live blob is in its segment, and the CRC32 of its bytes (none in entries written
+/// before checksums were kept: reads for peers verify those against the id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    off: u64,
+    len: u32,
+    crc: Option<u32>,
+}
+
 struct Seg {
     size: u64,
-    live: HashMap<Hash, (u64, u32)>,
+    live: HashMap<Hash, Loc>,
 }
 
 impl Seg {
     fn live_bytes(&self) -> u64 {
-        self.live.values().map(|l| l.1 as u64).sum()
+        self.live.values().map(|l| l.len as u64).sum()
     }
+}
+
+/// How a read is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Against the blob's id (BLAKE3): what a local reader gets.
+    Id,
+    /// Against the checksum kept since the blob was stored (the id where there is none): what
+    /// is sent to a peer, which verifies against the id itself.
+    AtRest,
 }
 
 struct State {
@@ -173,23 +198,47 @@ fn seg_name(n: u32) -> String {
     format!("{n:08}.seg")
 }
 
-fn encode_loc(seg: u32, off: u64, len: u32) -> [u8; 16] {
-    let mut v = [0u8; 16];
+/// An index entry: segment, offset, length and CRC32, big-endian (20 bytes; entries of 16
+/// bytes, from before checksums were kept, have no CRC).
+fn encode_loc(seg: u32, loc: Loc) -> [u8; 20] {
+    let mut v = [0u8; 20];
     v[..4].copy_from_slice(&seg.to_be_bytes());
-    v[4..12].copy_from_slice(&off.to_be_bytes());
-    v[12..].copy_from_slice(&len.to_be_bytes());
+    v[4..12].copy_from_slice(&loc.off.to_be_bytes());
+    v[12..16].copy_from_slice(&loc.len.to_be_bytes());
+    v[16..].copy_from_slice(&loc.crc.unwrap_or(0).to_be_bytes());
     v
 }
 
-fn decode_loc(v: &[u8]) -> Option<(u32, u64, u32)> {
-    if v.len() != 16 {
+fn decode_loc(v: &[u8]) -> Option<(u32, Loc)> {
+    if v.len() != 16 && v.len() != 20 {
         return None;
     }
+    let crc = match v.get(16..20) {
+        Some(c) => Some(u32::from_be_bytes(c.try_into().ok()?)),
+        None => None,
+    };
     Some((
         u32::from_be_bytes(v[..4].try_into().ok()?),
-        u64::from_be_bytes(v[4..12].try_into().ok()?),
-        u32::from_be_bytes(v[12..].try_into().ok()?),
+        Loc {
+            off: u64::from_be_bytes(v[4..12].try_into().ok()?),
+            len: u32::from_be_bytes(v[12..16].try_into().ok()?),
+            crc,
+        },
     ))
+}
+
+/// Reads `len` bytes at `off` into a new buffer (not zeroed first: the read fills it).
+fn read_at(f: &File, off: u64, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len as usize);
+    while buf.len() < len as usize {
+        let at = off + buf.len() as u64;
+        // Reads into the spare capacity (which may exceed `len`: the excess is cut below).
+        if rustix::io::pread(f, rustix::buffer::spare_capacity(&mut buf), at)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
 }
 
 fn counter(meta: &sled::Tree, key: &str) -> u64 {
@@ -280,8 +329,7 @@ impl SegmentStore {
                 path: db_path.clone(),
                 source,
             })?;
-            let (Ok(id), Some((seg, off, len))) =
-                (<[u8; 32]>::try_from(k.as_ref()), decode_loc(&v))
+            let (Ok(id), Some((seg, loc))) = (<[u8; 32]>::try_from(k.as_ref()), decode_loc(&v))
             else {
                 stale.push(k);
                 continue;
@@ -289,7 +337,7 @@ impl SegmentStore {
             let id = Hash(id);
             match segs.get_mut(&seg) {
                 Some(s) => {
-                    s.live.insert(id, (off, len));
+                    s.live.insert(id, loc);
                     seg_of.insert(id, seg);
                 }
                 None => {
@@ -298,7 +346,7 @@ impl SegmentStore {
                 }
             }
             // A capacity lowered since the last run: trim now.
-            for victim in policy.insert_forced(id, len as u64) {
+            for victim in policy.insert_forced(id, loc.len as u64) {
                 stale.push(sled::IVec::from(victim.as_bytes()));
                 if let Some(s) = seg_of.remove(&victim).and_then(|n| segs.get_mut(&n)) {
                     s.live.remove(&victim);
@@ -402,6 +450,61 @@ impl SegmentStore {
         Ok(())
     }
 
+    /// Reads a blob, checked as `check` says; a blob that fails the check is dropped (and
+    /// reported corrupt).
+    fn read(&self, id: &Hash, check: Check) -> Result<Option<Vec<u8>>, StoreError> {
+        // Twice at most: a compaction may move the blob between the lookup and the read.
+        for _ in 0..2 {
+            let found = {
+                let mut st = self.lock();
+                let found = st.seg_of.get(id).and_then(|&seg| {
+                    st.segs
+                        .get(&seg)
+                        .and_then(|s| s.live.get(id))
+                        .map(|&loc| (seg, loc))
+                });
+                st.policy.access(id);
+                match found {
+                    Some(_) => st.hits += 1,
+                    None => st.misses += 1,
+                }
+                found
+            };
+            let Some((seg, loc)) = found else {
+                return Ok(None);
+            };
+            let buf = match self.reader(seg).and_then(|f| read_at(&f, loc.off, loc.len)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    self.drop_entry(&mut self.lock(), id)?;
+                    return Err(StoreError::Corrupt {
+                        id: *id,
+                        path: self.seg_path(seg),
+                    });
+                }
+                Err(e) => return Err(self.io_err(seg)(e)),
+            };
+            let good = match (check, loc.crc) {
+                (Check::AtRest, Some(crc)) => crc32fast::hash(&buf) == crc,
+                _ => id.verify(&buf),
+            };
+            if !good {
+                // Moved by a compaction since the lookup? Look again before calling it corrupt.
+                if self.lock().seg_of.get(id).is_some_and(|&now| now != seg) {
+                    continue;
+                }
+                self.drop_entry(&mut self.lock(), id)?;
+                return Err(StoreError::Corrupt {
+                    id: *id,
+                    path: self.seg_path(seg),
+                });
+            }
+            return Ok(Some(buf));
+        }
+        Ok(None)
+    }
+
     /// Appends blobs to the active segment (rolling it when full) and records them as live;
     /// returns the index insertions for the caller to apply (with anything else it adds).
     fn append(&self, st: &mut State, blobs: &[(Hash, &[u8])]) -> Result<sled::Batch, StoreError> {
@@ -444,39 +547,42 @@ impl SegmentStore {
                 flush(st, &mut pending, &mut pending_len)?;
                 self.roll(st)?;
             }
-            let off = st.segs[&st.active].size + pending_len;
-            out.push((*id, st.active, off, bytes.len() as u32));
+            let loc = Loc {
+                off: st.segs[&st.active].size + pending_len,
+                len: bytes.len() as u32,
+                crc: Some(crc32fast::hash(bytes)),
+            };
+            out.push((*id, st.active, loc));
             pending.push(bytes);
             pending_len += bytes.len() as u64;
         }
         flush(st, &mut pending, &mut pending_len)?;
         let mut batch = sled::Batch::default();
-        for (id, seg, off, len) in out {
-            batch.insert(id.as_bytes(), &encode_loc(seg, off, len));
+        for (id, seg, loc) in out {
+            batch.insert(id.as_bytes(), &encode_loc(seg, loc));
             st.seg_of.insert(id, seg);
             st.segs
                 .get_mut(&seg)
                 .expect("appended segment")
                 .live
-                .insert(id, (off, len));
+                .insert(id, loc);
         }
         Ok(batch)
     }
 
     /// Copies a segment's live blobs forward, repoints the index, then deletes the segment.
     fn compact(&self, st: &mut State, seg: u32) -> Result<(), StoreError> {
-        let live: Vec<(Hash, (u64, u32))> =
-            st.segs[&seg].live.iter().map(|(k, v)| (*k, *v)).collect();
+        let live: Vec<(Hash, Loc)> = st.segs[&seg].live.iter().map(|(k, v)| (*k, *v)).collect();
         let mut copies = Vec::with_capacity(live.len());
         if !live.is_empty() {
             let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
-            for (id, (off, len)) in live {
-                let mut b = vec![0u8; len as usize];
-                if f.read_exact_at(&mut b, off).is_ok() && id.verify(&b) {
-                    copies.push((id, b));
-                } else {
-                    tracing::warn!(blob = %id, segment = seg, "dropping a corrupt blob found while compacting");
-                    self.drop_entry(st, &id)?;
+            for (id, loc) in live {
+                match read_at(&f, loc.off, loc.len) {
+                    Ok(b) if id.verify(&b) => copies.push((id, b)),
+                    _ => {
+                        tracing::warn!(blob = %id, segment = seg, "dropping a corrupt blob found while compacting");
+                        self.drop_entry(st, &id)?;
+                    }
                 }
             }
         }
@@ -589,12 +695,7 @@ impl SegmentStore {
         let mut evicted = Vec::new();
         let mut declined = Vec::new();
         for (id, bytes) in blobs {
-            if self
-                .index
-                .contains_key(id.as_bytes())
-                .map_err(|e| self.db_err(e))?
-                || admitted.iter().any(|(a, _)| a == id)
-            {
+            if st.seg_of.contains_key(id) || admitted.iter().any(|(a, _)| a == id) {
                 continue;
             }
             match retain {
@@ -622,14 +723,11 @@ impl SegmentStore {
             for id in &evicted {
                 match self.index.get(id.as_bytes()).map_err(|e| self.db_err(e))? {
                     Some(v) => {
-                        let Some((seg, off, len)) = decode_loc(&v) else {
+                        let Some((seg, loc)) = decode_loc(&v) else {
                             continue;
                         };
-                        let mut buf = vec![0u8; len as usize];
-                        let read = self
-                            .reader(seg)
-                            .and_then(|f| f.read_exact_at(&mut buf, off));
-                        if read.is_ok() && id.verify(&buf) {
+                        let read = self.reader(seg).and_then(|f| read_at(&f, loc.off, loc.len));
+                        if let Some(buf) = read.ok().filter(|b| id.verify(b)) {
                             demoted.push((*id, buf));
                         }
                     }
@@ -675,56 +773,11 @@ impl ChunkStore for SegmentStore {
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        // Twice at most: a compaction may move the blob between the lookup and the read.
-        for _ in 0..2 {
-            let loc = {
-                let mut st = self.lock();
-                let loc = st.seg_of.get(id).and_then(|&seg| {
-                    st.segs
-                        .get(&seg)
-                        .and_then(|s| s.live.get(id))
-                        .map(|&(off, len)| (seg, off, len))
-                });
-                st.policy.access(id);
-                match loc {
-                    Some(_) => st.hits += 1,
-                    None => st.misses += 1,
-                }
-                loc
-            };
-            let Some((seg, off, len)) = loc else {
-                return Ok(None);
-            };
-            let mut buf = vec![0u8; len as usize];
-            let read = self
-                .reader(seg)
-                .and_then(|f| f.read_exact_at(&mut buf, off));
-            match read {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    self.drop_entry(&mut self.lock(), id)?;
-                    return Err(StoreError::Corrupt {
-                        id: *id,
-                        path: self.seg_path(seg),
-                    });
-                }
-                Err(e) => return Err(self.io_err(seg)(e)),
-            }
-            if !id.verify(&buf) {
-                // Moved by a compaction since the lookup? Look again before calling it corrupt.
-                if self.lock().seg_of.get(id).is_some_and(|&now| now != seg) {
-                    continue;
-                }
-                self.drop_entry(&mut self.lock(), id)?;
-                return Err(StoreError::Corrupt {
-                    id: *id,
-                    path: self.seg_path(seg),
-                });
-            }
-            return Ok(Some(buf));
-        }
-        Ok(None)
+        self.read(id, Check::Id)
+    }
+
+    fn get_for_peer(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(id, Check::AtRest)
     }
 
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {
@@ -768,7 +821,7 @@ impl ChunkStore for SegmentStore {
                     .segs
                     .values()
                     .find_map(|s| s.live.get(&Hash(id)))
-                    .map(|l| l.1 as u64)
+                    .map(|l| l.len as u64)
                     .unwrap_or(0);
             }
         }
@@ -883,7 +936,7 @@ impl ChunkStore for SegmentStore {
 
 /// Removes a blob from its segment's live set, given its index entry.
 fn forget_live(st: &mut State, loc: Option<&[u8]>, id: &Hash) {
-    if let Some((seg, _, _)) = loc.and_then(decode_loc) {
+    if let Some((seg, _)) = loc.and_then(decode_loc) {
         if let Some(s) = st.segs.get_mut(&seg) {
             s.live.remove(id);
         }

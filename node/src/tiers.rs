@@ -210,6 +210,20 @@ impl ChunkStore for TieredStore {
         Ok(None)
     }
 
+    fn get_for_peer(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        // Serving peers neither counts as a read here nor fills the memory tier: it is kept
+        // for this node's own readers.
+        if let Some(b) = self.mem().and_then(|m| m.blobs.get(id).cloned()) {
+            return Ok(Some(b));
+        }
+        for d in &self.disks {
+            if let Some(b) = d.get_for_peer(id)? {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {
         self.put_from(0, blobs, retain)
     }
@@ -409,6 +423,34 @@ mod tests {
         // gc empties memory too.
         s.gc().unwrap();
         assert_eq!(s.stats().unwrap().tiers[0].used_bytes, 0);
+    }
+
+    /// Serving peers reads every tier but leaves the memory tier to local readers: repeated
+    /// peer reads neither fill it nor count as its hits or misses.
+    #[test]
+    fn peer_reads_do_not_churn_the_memory_tier() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s =
+            TieredStore::open(a.path(), &layout(64 << 10, 128 << 10, b.path(), 4 << 20)).unwrap();
+        let blobs: Vec<_> = (1..=20).map(|i| blob(i, 16 << 10)).collect();
+        put(&s, &blobs);
+        assert!(
+            blobs.iter().any(|(h, _)| !s.disks[0].contains(h).unwrap()),
+            "some blobs were demoted to the second tier"
+        );
+        for _ in 0..4 {
+            for (h, b) in &blobs {
+                assert_eq!(s.get_for_peer(h).unwrap().as_deref(), Some(b.as_slice()));
+            }
+        }
+        let mem = s.stats().unwrap().tiers[0].clone();
+        assert_eq!(mem.kind, "memory");
+        assert_eq!((mem.used_bytes, mem.hits, mem.misses), (0, 0, 0), "{mem:?}");
+        // Local reads still fill it.
+        for _ in 0..3 {
+            assert!(s.get(&blobs[0].0).unwrap().is_some());
+        }
+        assert!(s.stats().unwrap().tiers[0].used_bytes > 0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The store contract, run at and around the capacity thresholds.
 
 use super::*;
+use std::os::unix::fs::FileExt;
 
 fn blob(seed: u32, len: usize) -> (Hash, Vec<u8>) {
     let mut b = vec![0u8; len];
@@ -55,6 +56,58 @@ fn put_get_verify_reopen_and_lock() {
     ));
     assert!(!s.contains(&a.0).unwrap());
     assert_eq!(s.get(&b.0).unwrap().unwrap(), b.1);
+}
+
+/// Reads for peers are checked against the CRC32 kept in the index entry: a corrupted byte is
+/// caught (and the entry dropped) without re-hashing; entries written before checksums were
+/// kept (16 bytes) fall back to the id, and both survive a reopen.
+#[test]
+fn peer_reads_are_checked_against_the_checksum_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (blob(1, 70_000), blob(2, 80_000), blob(3, 90_000));
+    {
+        let s = SegmentStore::open(dir.path(), None).unwrap();
+        put(&s, &[a.clone(), b.clone(), c.clone()], Retain::Keep);
+        assert_eq!(s.get_for_peer(&a.0).unwrap().unwrap(), a.1);
+        // Entries carry the checksum of the bytes.
+        let v = s.index.get(a.0.as_bytes()).unwrap().unwrap();
+        assert_eq!(v.len(), 20);
+        assert_eq!(decode_loc(&v).unwrap().1.crc, Some(crc32fast::hash(&a.1)));
+        // Make c's entry an old-format one (no checksum).
+        let old = s.index.get(c.0.as_bytes()).unwrap().unwrap();
+        s.index.insert(c.0.as_bytes(), &old[..16]).unwrap();
+        s.flush().unwrap();
+    }
+    let s = SegmentStore::open(dir.path(), None).unwrap();
+    assert_eq!(s.get_for_peer(&b.0).unwrap().unwrap(), b.1);
+    assert_eq!(
+        s.get_for_peer(&c.0).unwrap().unwrap(),
+        c.1,
+        "old entry, checked by id"
+    );
+    let seg = dir.path().join("segments").join(seg_name(1));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    // One flipped byte inside b, one inside c: both refused and dropped; a still served.
+    let flip = |off: u64| {
+        let mut x = [0u8];
+        f.read_exact_at(&mut x, off).unwrap();
+        f.write_all_at(&[x[0] ^ 0x01], off).unwrap();
+    };
+    flip(70_000 + 40_000);
+    flip(150_000 + 12_345);
+    for id in [b.0, c.0] {
+        assert!(matches!(
+            s.get_for_peer(&id).unwrap_err(),
+            StoreError::Corrupt { .. }
+        ));
+        assert!(!s.contains(&id).unwrap());
+        assert!(s.get_for_peer(&id).unwrap().is_none());
+    }
+    assert_eq!(s.get_for_peer(&a.0).unwrap().unwrap(), a.1);
 }
 
 /// Under capacity pressure the files stay within the capacity and every blob still indexed

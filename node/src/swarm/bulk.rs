@@ -347,7 +347,7 @@ async fn answer(
     let (ids, mut blobs) = tokio::task::spawn_blocking(move || {
         let blobs: Vec<Option<Bytes>> = ids
             .iter()
-            .map(|id| match sw.store.get(id) {
+            .map(|id| match sw.store.get_for_peer(id) {
                 Ok(Some(b)) => Some(Bytes::from(b)),
                 _ => std::fs::read(sw.pack_cache.join(format!("{id}.idx")))
                     .ok()
