@@ -80,7 +80,10 @@ impl Daemon {
         let mut c = self.shoal()?;
         c.args(["node", "run", "--no-mdns"])
             .args(&self.args)
-            .env("SHOAL_LOG", "info")
+            .env(
+                "SHOAL_LOG",
+                std::env::var("SHOAL_BENCH_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(c.spawn().context("starting shoal node run")?);
@@ -319,6 +322,8 @@ pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
             "receiver_cpu_s": l_cpu,
         }));
         drop(leech);
+        // The last run's receiver log stays for a look at its timeline.
+        let _ = std::fs::rename(home.join("node.log"), work.join("leech.log"));
         let _ = std::fs::remove_dir_all(&home);
     }
     drop(seed);
