@@ -8,8 +8,8 @@
 //! may point at bytes that never reached the disk, and since every read is verified, such an
 //! entry is detected, dropped and the blob fetched again. Local reads are verified against the
 //! blob's id (BLAKE3); reads for a peer, which verifies them against the id itself, are checked
-//! against a CRC32 of the bytes kept in the index entry since the blob was stored (a fifth of the
-//! CPU), so a node still never sends bytes its disk has corrupted. Bytes whose index
+//! against a CRC32 of the bytes kept in the index entry since the blob was stored (about a
+//! quarter of the CPU), so a node still never sends bytes its disk has corrupted. Bytes whose index
 //! entry is gone (evicted, or a batch whose index update was lost) are garbage, never served;
 //! compaction copies a segment's live blobs forward, switches the index, and only then deletes
 //! the old segment.
