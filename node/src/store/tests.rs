@@ -58,9 +58,10 @@ fn put_get_verify_reopen_and_lock() {
     assert_eq!(s.get(&b.0).unwrap().unwrap(), b.1);
 }
 
-/// Reads for peers are checked against the CRC32 kept in the index entry: a corrupted byte is
-/// caught (and the entry dropped) without re-hashing; entries written before checksums were
-/// kept (16 bytes) fall back to the id, and both survive a reopen.
+/// Reads for peers are checked against the CRC32 kept in the index: a corrupted byte is caught
+/// (and the entry dropped) without re-hashing. A store indexed the old way (one sled entry per
+/// blob, 20 bytes, or 16 from before checksums were kept) is migrated to records when opened;
+/// entries without a checksum fall back to the id.
 #[test]
 fn peer_reads_are_checked_against_the_checksum_at_rest() {
     let dir = tempfile::tempdir().unwrap();
@@ -69,16 +70,41 @@ fn peer_reads_are_checked_against_the_checksum_at_rest() {
         let s = SegmentStore::open(dir.path(), None).unwrap();
         put(&s, &[a.clone(), b.clone(), c.clone()], Retain::Keep);
         assert_eq!(s.get_for_peer(&a.0).unwrap().unwrap(), a.1);
-        // Entries carry the checksum of the bytes.
-        let v = s.index.get(a.0.as_bytes()).unwrap().unwrap();
-        assert_eq!(v.len(), 20);
-        assert_eq!(decode_loc(&v).unwrap().1.crc, Some(crc32fast::hash(&a.1)));
-        // Make c's entry an old-format one (no checksum).
-        let old = s.index.get(c.0.as_bytes()).unwrap().unwrap();
-        s.index.insert(c.0.as_bytes(), &old[..16]).unwrap();
+        // One record for the batch, each entry with the checksum of its bytes.
+        let recs: Vec<_> = s.records.iter().map(|kv| kv.unwrap()).collect();
+        assert_eq!(recs.len(), 1);
+        let (seg, rec) = parse_record_key(&recs[0].0).unwrap();
+        assert_eq!((seg, rec), (1, 0));
+        let entries = decode_record(&recs[0].1, rec).unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].0, a.0);
+        assert_eq!(entries[0].1.crc, Some(crc32fast::hash(&a.1)));
         s.flush().unwrap();
     }
+    // Index it the old way: per-blob entries, c's without a checksum.
+    {
+        let db = sled::open(dir.path().join("index")).unwrap();
+        let (records, legacy) = (
+            db.open_tree("records").unwrap(),
+            db.open_tree("blobs").unwrap(),
+        );
+        for kv in records.iter() {
+            let (k, v) = kv.unwrap();
+            let (seg, rec) = parse_record_key(&k).unwrap();
+            for (id, loc) in decode_record(&v, rec).unwrap() {
+                let e = encode_loc(seg, loc);
+                let e = if id == c.0 { &e[..16] } else { &e[..] };
+                legacy.insert(id.as_bytes(), e).unwrap();
+            }
+        }
+        records.clear().unwrap();
+        db.flush().unwrap();
+    }
     let s = SegmentStore::open(dir.path(), None).unwrap();
+    // Migrated: a record with checksums (a, b) and one without (c).
+    let kinds: Vec<u8> = s.records.iter().map(|kv| kv.unwrap().1[0]).collect();
+    assert_eq!(kinds, vec![REC_CRC, REC_NO_CRC]);
+    assert_eq!(s.get(&a.0).unwrap().unwrap(), a.1);
     assert_eq!(s.get_for_peer(&b.0).unwrap().unwrap(), b.1);
     assert_eq!(
         s.get_for_peer(&c.0).unwrap().unwrap(),
@@ -207,4 +233,74 @@ fn cache_fills_keep_a_stable_part_of_a_cyclic_workload() {
             assert!(hits >= 20, "epoch {epoch}: only {hits} of 64 hits");
         }
     }
+}
+
+/// The records in sled list exactly the blobs held in memory, through evictions (records
+/// rewritten without the victims), a corrupt blob dropped, compactions (a segment's records
+/// replaced by the copies') and a reopen with a lower capacity (trimmed at open).
+#[test]
+fn index_records_follow_evictions_corruption_compaction_and_reopen() {
+    fn indexed(s: &SegmentStore) -> Vec<Hash> {
+        let mut ids = Vec::new();
+        for kv in s.records.iter() {
+            let (k, v) = kv.unwrap();
+            let (_, rec) = parse_record_key(&k).unwrap();
+            let entries = decode_record(&v, rec).expect("a readable record");
+            assert!(!entries.is_empty(), "empty records are removed");
+            ids.extend(entries.into_iter().map(|(id, _)| id));
+        }
+        ids.sort();
+        ids
+    }
+    fn held(s: &SegmentStore) -> Vec<Hash> {
+        let mut ids: Vec<Hash> = s.lock().seg_of.keys().copied().collect();
+        ids.sort();
+        ids
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 3 << 20;
+    let blobs: Vec<_> = (0..120).map(|i| blob(500 + i, 40_000)).collect();
+    {
+        let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+        for chunk in blobs.chunks(9) {
+            put(&s, chunk, Retain::Keep);
+            assert_eq!(indexed(&s), held(&s));
+        }
+        assert!(s.stats().unwrap().evictions > 0);
+        // Corrupt one held blob on disk: dropped from its record, the rest of it kept.
+        let victim = *held(&s).first().unwrap();
+        let (seg, loc) = {
+            let st = s.lock();
+            let seg = st.seg_of[&victim];
+            (seg, st.segs[&seg].live[&victim])
+        };
+        let f = OpenOptions::new()
+            .write(true)
+            .open(s.seg_path(seg))
+            .unwrap();
+        f.write_all_at(b"\xff\x00", loc.off + 7).unwrap();
+        assert!(matches!(
+            s.get(&victim).unwrap_err(),
+            StoreError::Corrupt { .. }
+        ));
+        assert!(!indexed(&s).contains(&victim));
+        assert_eq!(indexed(&s), held(&s));
+        s.flush().unwrap();
+    }
+    let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+    let before = held(&s);
+    assert!(!before.is_empty());
+    assert_eq!(indexed(&s), before);
+    for (h, b) in &blobs {
+        if before.contains(h) {
+            assert_eq!(&s.get(h).unwrap().unwrap(), b);
+        }
+    }
+    drop(s);
+    // A lower capacity: trimmed when opened, in memory and in sled alike.
+    let s = SegmentStore::open(dir.path(), Some(1 << 20)).unwrap();
+    let after = held(&s);
+    assert!(after.len() < before.len() && !after.is_empty());
+    assert_eq!(indexed(&s), after);
+    assert!(s.stats().unwrap().disk_bytes <= 1 << 20);
 }
