@@ -415,7 +415,8 @@ impl SegmentStore {
             };
             let s = segs.get_mut(&seg).expect("checked above");
             for (id, loc) in entries {
-                // Listed twice (a compaction cut short): the first is as good as the other.
+                // Listed twice (which the store never writes: a put skips stored blobs, and a
+                // compaction swaps records atomically): the first wins, the other is inert.
                 if seg_of.contains_key(&id) {
                     continue;
                 }
