@@ -502,6 +502,72 @@ fn retrans_segs(ns_name: &str) -> Result<u64> {
         .context("RetransSegs value")
 }
 
+/// Bytes sent by eth0 in the network namespace of process `pid` (`/proc/PID/net/dev`: no
+/// process spawned, so it can be read every few milliseconds).
+fn eth0_tx(pid: u32) -> Option<u64> {
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    let line = dev.lines().find_map(|l| l.trim_start().strip_prefix("eth0:"))?;
+    // receive: bytes packets errs drop fifo frame compressed multicast; then transmit bytes.
+    line.split_whitespace().nth(8)?.parse().ok()
+}
+
+/// Samples the origin's egress every 10 ms on a thread until stopped: (seconds since `t0`,
+/// bytes sent since the first sample).
+struct LinkSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(f64, u64)>>,
+}
+
+impl LinkSampler {
+    fn start(pid: u32, t0: Instant) -> LinkSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let base = eth0_tx(pid).unwrap_or(0);
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(b) = eth0_tx(pid) {
+                    v.push((t0.elapsed().as_secs_f64(), b.saturating_sub(base)));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            v
+        });
+        LinkSampler { stop, thread }
+    }
+
+    /// Per whole second: Mbit/s; the time the first MiB had gone out; the time the last byte
+    /// had (within one 16 KiB of the end: ACKs and the like aside).
+    fn finish(self) -> (Vec<u64>, Option<f64>, Option<f64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let s = self.thread.join().unwrap_or_default();
+        let Some(&(end_t, total)) = s.last() else {
+            return (Vec::new(), None, None);
+        };
+        // Bytes sent by time t, interpolated between samples.
+        let at = |t: f64| -> f64 {
+            let k = s.partition_point(|p| p.0 < t);
+            match (k.checked_sub(1).map(|j| s[j]), s.get(k)) {
+                (Some(a), Some(b)) if b.0 > a.0 => {
+                    a.1 as f64 + (b.1 - a.1) as f64 * (t - a.0) / (b.0 - a.0)
+                }
+                (_, Some(b)) => b.1 as f64,
+                (Some(a), None) => a.1 as f64,
+                (None, None) => 0.0,
+            }
+        };
+        let per_s = (0..end_t.ceil() as usize)
+            .map(|k| {
+                let (a, b) = (k as f64, ((k + 1) as f64).min(end_t));
+                ((at(b) - at(a)) * 8.0 / 1e6 / (b - a).max(1e-3)) as u64
+            })
+            .collect();
+        let first = s.iter().find(|p| p.1 >= 1 << 20).map(|p| p.0);
+        let last = s.iter().find(|p| p.1 + (16 << 10) >= total).map(|p| p.0);
+        (per_s, first, last)
+    }
+}
+
 fn tx_bytes(ns_name: &str) -> Result<u64> {
     let out = Command::new("ip")
         .args([
@@ -652,42 +718,37 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         let tx0 = tx_bytes("bl-seed")?;
         let retrans0 = retrans_segs("bl-seed")?;
         let t0 = Instant::now();
-        let mut pulls: Vec<Option<Child>> = ds.iter().map(|d| d.pull("shards@v1").ok()).collect();
+        let sampler = LinkSampler::start(ng.id(), t0);
+        // Each pull is waited on by its own thread, so a completion is timed when it happens
+        // rather than at the next look.
+        let (dtx, drx) = std::sync::mpsc::channel();
+        let watch = |i: usize, c: Child| {
+            let dtx = dtx.clone();
+            std::thread::spawn(move || {
+                let out = c.wait_with_output();
+                let _ = dtx.send((i, t0.elapsed().as_secs_f64(), out));
+            });
+        };
+        for (i, d) in ds.iter().enumerate() {
+            watch(i, d.pull("shards@v1")?);
+        }
         let mut done: Vec<Option<(f64, Value)>> = vec![None; nodes];
         let mut killed_at = None;
         let mut restarted = false;
-        // The origin link's use, one sample a second: idle seconds are what a run loses.
-        let mut link_mbit: Vec<u64> = Vec::new();
-        let (mut last_tx, mut last_t) = (tx0, Instant::now());
         while done.iter().any(|d| d.is_none()) {
-            if last_t.elapsed() >= Duration::from_secs(1) {
-                let tx = tx_bytes("bl-seed")?;
-                link_mbit.push(
-                    ((tx - last_tx) as f64 * 8.0 / 1e6 / last_t.elapsed().as_secs_f64()) as u64,
-                );
-                (last_tx, last_t) = (tx, Instant::now());
-            }
             if t0.elapsed() > Duration::from_secs(900) {
                 bail!("the cluster did not finish within 900 s");
             }
-            for i in 0..nodes {
-                if let Some(c) = pulls[i].as_mut() {
-                    if c.try_wait()?.is_some() {
-                        let c = pulls[i].take().expect("present");
-                        let out = c.wait_with_output()?;
-                        if out.status.success() {
-                            done[i] = Some((
-                                t0.elapsed().as_secs_f64(),
-                                serde_json::from_slice(&out.stdout)?,
-                            ));
-                        } else if killed_at.is_none() || i >= kill {
-                            bail!(
-                                "node {} pull failed: {}",
-                                i + 1,
-                                String::from_utf8_lossy(&out.stderr)
-                            );
-                        }
-                    }
+            if let Ok((i, t, out)) = drx.recv_timeout(Duration::from_millis(50)) {
+                let out = out?;
+                if out.status.success() {
+                    done[i] = Some((t, serde_json::from_slice(&out.stdout)?));
+                } else if killed_at.is_none() || i >= kill {
+                    bail!(
+                        "node {} pull failed: {}",
+                        i + 1,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
             }
             // Churn: kill -9 the first `kill` nodes a third of the way in, restart them 5 s later.
@@ -702,14 +763,14 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
                 if !restarted && t0.elapsed().as_secs_f64() > k + 5.0 {
                     for (i, d) in ds.iter_mut().enumerate().take(kill) {
                         d.spawn()?;
-                        pulls[i] = Some(d.pull("shards@v1")?);
+                        watch(i, d.pull("shards@v1")?);
                     }
                     restarted = true;
                     eprintln!("restarted them at {:.1} s", t0.elapsed().as_secs_f64());
                 }
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
+        let (link_mbit, first_mib_s, last_byte_s) = sampler.finish();
         let egress = tx_bytes("bl-seed")? - tx0;
         let retransmitted = retrans_segs("bl-seed")? - retrans0;
         let _ = ng.kill();
@@ -739,6 +800,8 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             "origin_egress_bytes": egress,
             "origin_egress_x_dataset": egress as f64 / bytes as f64,
             "origin_link_mbit_per_s": link_mbit,
+            "origin_first_mib_out_s": first_mib_s,
+            "origin_last_byte_out_s": last_byte_s,
             "origin_tcp_retransmitted_segments": retransmitted,
             "origin_http": origin_requests(&work),
             "per_node": per_node,
