@@ -200,9 +200,17 @@ impl Node {
             }
         }
         progress.phase("fetching", need);
+        tracing::info!(
+            version = %name,
+            chunks = order.len(),
+            missing = missing.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "version resolved and its tree read"
+        );
         let fetch_result = match self.swarm() {
             Some(sw) => {
                 sw.hold(root, &name, Holding::Pulling, Some(have));
+                tracing::debug!("held");
                 swarm::fetch::fetch(sw, &blobs, root, &order, missing, progress).await
             }
             None => {

@@ -511,6 +511,18 @@ fn eth0_tx(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(8)?.parse().ok()
 }
 
+/// How an origin link was used: Mbit/s per whole second; when the first MiB had gone out; when
+/// the last byte had; Mbit/s per tenth of a second over the first two seconds and the last two
+/// before the last byte.
+#[derive(Default)]
+struct LinkUse {
+    per_s: Vec<u64>,
+    first: Option<f64>,
+    last: Option<f64>,
+    head: Vec<u64>,
+    tail: Vec<u64>,
+}
+
 /// Samples the origin's egress every 10 ms on a thread until stopped: (seconds since `t0`,
 /// bytes sent since the first sample).
 struct LinkSampler {
@@ -536,13 +548,12 @@ impl LinkSampler {
         LinkSampler { stop, thread }
     }
 
-    /// Per whole second: Mbit/s; the time the first MiB had gone out; the time the last byte
-    /// had (within one 16 KiB of the end: ACKs and the like aside).
-    fn finish(self) -> (Vec<u64>, Option<f64>, Option<f64>) {
+    /// The link's use (the last byte: within 16 KiB of the end, ACKs and the like aside).
+    fn finish(self) -> LinkUse {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let s = self.thread.join().unwrap_or_default();
         let Some(&(end_t, total)) = s.last() else {
-            return (Vec::new(), None, None);
+            return LinkUse::default();
         };
         // Bytes sent by time t, interpolated between samples.
         let at = |t: f64| -> f64 {
@@ -556,15 +567,22 @@ impl LinkSampler {
                 (None, None) => 0.0,
             }
         };
+        let mbit = |a: f64, b: f64| ((at(b) - at(a)) * 8.0 / 1e6 / (b - a).max(1e-3)) as u64;
         let per_s = (0..end_t.ceil() as usize)
-            .map(|k| {
-                let (a, b) = (k as f64, ((k + 1) as f64).min(end_t));
-                ((at(b) - at(a)) * 8.0 / 1e6 / (b - a).max(1e-3)) as u64
-            })
+            .map(|k| mbit(k as f64, ((k + 1) as f64).min(end_t)))
             .collect();
         let first = s.iter().find(|p| p.1 >= 1 << 20).map(|p| p.0);
         let last = s.iter().find(|p| p.1 + (16 << 10) >= total).map(|p| p.0);
-        (per_s, first, last)
+        // The start and the end at a finer grain: where a run loses time.
+        let tenths = |from: f64| -> Vec<u64> {
+            (0..20)
+                .map(|k| from + k as f64 / 10.0)
+                .map(|a| mbit(a, a + 0.1))
+                .collect()
+        };
+        let head = tenths(0.0);
+        let tail = tenths(last.unwrap_or(end_t) - 2.0);
+        LinkUse { per_s, first, last, head, tail }
     }
 }
 
@@ -619,7 +637,7 @@ fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child>
         format!(
             "worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/logs/error.log;\n\
              events {{ worker_connections 1024; }}\n\
-             http {{ log_format o '$status $body_bytes_sent $http_range';\n\
+             http {{ log_format o '$status $body_bytes_sent $http_range $remote_addr $msec $request_time';\n\
                access_log {d}/logs/access.log o; sendfile on; tcp_nopush on;\n\
                server {{ listen {listen}; root {r}; }} }}\n",
             d = dir.display(),
@@ -770,7 +788,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
                 }
             }
         }
-        let (link_mbit, first_mib_s, last_byte_s) = sampler.finish();
+        let link = sampler.finish();
         let egress = tx_bytes("bl-seed")? - tx0;
         let retransmitted = retrans_segs("bl-seed")? - retrans0;
         let _ = ng.kill();
@@ -799,15 +817,31 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             "all_done_s": last,
             "origin_egress_bytes": egress,
             "origin_egress_x_dataset": egress as f64 / bytes as f64,
-            "origin_link_mbit_per_s": link_mbit,
-            "origin_first_mib_out_s": first_mib_s,
-            "origin_last_byte_out_s": last_byte_s,
+            "origin_link_mbit_per_s": link.per_s,
+            "origin_first_mib_out_s": link.first,
+            "origin_last_byte_out_s": link.last,
+            "origin_link_mbit_first_2s_per_100ms": link.head,
+            "origin_link_mbit_last_2s_per_100ms": link.tail,
             "origin_tcp_retransmitted_segments": retransmitted,
             "origin_http": origin_requests(&work),
             "per_node": per_node,
         }))
     })();
     let _ = Command::new("bash").arg(&netns).arg("down").status();
+    // The nodes' logs outlive the work directory: results/logs/swarm-netns-nI.log.
+    let logs = args.bench_root.join("results/logs");
+    if std::fs::create_dir_all(&logs).is_ok() {
+        let _ = std::fs::copy(
+            work.join("nginx/logs/access.log"),
+            logs.join("swarm-netns-origin-access.log"),
+        );
+        for i in 1..=nodes {
+            let _ = std::fs::copy(
+                work.join(format!("n{i}/node.log")),
+                logs.join(format!("swarm-netns-n{i}.log")),
+            );
+        }
+    }
     // Eight stores of the dataset: gigabytes.
     let _ = std::fs::remove_dir_all(&work);
     let mut r = result?;

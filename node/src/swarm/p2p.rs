@@ -267,7 +267,20 @@ impl EventLoop {
     }
 
     fn on_hello(&mut self, peer: PeerId, h: Hello) {
+        // Versions this node is fetching too, whose have-map from this peer is still to come:
+        // asked for at once (a pull waits for its co-pullers' maps before reading the origin,
+        // and a peer announces again when its map is ready), not at the next periodic poll.
+        let mut ask = Vec::new();
         {
+            let fetching: Vec<Hash> = self
+                .shared
+                .local
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .filter(|(_, v)| v.holding == Holding::Pulling && v.have.is_some())
+                .map(|(r, _)| *r)
+                .collect();
             let mut peers = self.shared.peers.lock().expect("poisoned");
             let p = peers.entry(peer).or_insert_with(Peer::new);
             p.labels = h.labels;
@@ -291,9 +304,18 @@ impl EventLoop {
                         grew: now,
                     },
                 };
+                if holding == Holding::Pulling && pv.have.is_none() && fetching.contains(&root) {
+                    ask.push(root);
+                }
                 versions.insert(root, pv);
             }
             p.versions = versions;
+        }
+        for root in ask {
+            self.swarm
+                .behaviour_mut()
+                .ctl
+                .send_request(&peer, Req::Have(root.0));
         }
         // Peer exchange: connect to members of the swarm we do not know yet.
         for (id, addrs) in h.peers {
