@@ -210,7 +210,6 @@ impl Node {
         let fetch_result = match self.swarm() {
             Some(sw) => {
                 sw.hold(root, &name, Holding::Pulling, Some(have));
-                tracing::debug!("held");
                 swarm::fetch::fetch(sw, &blobs, root, &order, missing, progress).await
             }
             None => {

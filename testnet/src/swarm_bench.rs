@@ -506,7 +506,9 @@ fn retrans_segs(ns_name: &str) -> Result<u64> {
 /// process spawned, so it can be read every few milliseconds).
 fn eth0_tx(pid: u32) -> Option<u64> {
     let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
-    let line = dev.lines().find_map(|l| l.trim_start().strip_prefix("eth0:"))?;
+    let line = dev
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("eth0:"))?;
     // receive: bytes packets errs drop fifo frame compressed multicast; then transmit bytes.
     line.split_whitespace().nth(8)?.parse().ok()
 }
@@ -582,7 +584,13 @@ impl LinkSampler {
         };
         let head = tenths(0.0);
         let tail = tenths(last.unwrap_or(end_t) - 2.0);
-        LinkUse { per_s, first, last, head, tail }
+        LinkUse {
+            per_s,
+            first,
+            last,
+            head,
+            tail,
+        }
     }
 }
 
