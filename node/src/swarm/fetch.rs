@@ -838,3 +838,52 @@ pub async fn ask_peer(
     }
     got
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(have: Option<super::super::HaveMap>) -> PeerView {
+        PeerView {
+            id: PeerId::random(),
+            distance: 0,
+            have,
+            rate: 1e9,
+            rtt: 0.001,
+        }
+    }
+
+    /// A run counts toward its owner while any of its chunks is wanted (or being read from
+    /// the origin here) and on no peer; runs done, asked of a peer, or on a peer do not.
+    #[test]
+    fn origin_readers_are_the_owners_of_runs_left_to_read() {
+        let n = 4 * RUN;
+        let porder: Vec<usize> = (0..n).rev().collect();
+        let owners: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        // Runs by position in porder: run k is owned by owners[k].
+        let owner_of_run = |pos: usize| owners[pos / RUN];
+        let chunk = |run: usize, j: usize| porder[run * RUN + j];
+        let mut state = vec![State::Done; n];
+        let mut map = super::super::HaveMap::new(n);
+        // Run 0: one chunk still wanted, on no peer: its owner reads.
+        state[chunk(0, 5)] = State::Want;
+        // Run 1: one chunk wanted, but a pulling peer has it: no origin read.
+        state[chunk(1, 0)] = State::Want;
+        map.set(chunk(1, 0));
+        // Run 2: one chunk being read from the origin here.
+        state[chunk(2, RUN - 1)] = State::Origin;
+        // Run 3: asked of a peer.
+        state[chunk(3, 1)] = State::Peer(PeerId::random(), Instant::now());
+        let views = vec![view(Some(map))];
+        let got = origin_readers(&porder, &state, &views, owner_of_run);
+        assert_eq!(got, HashSet::from([owners[0], owners[2]]));
+
+        // A peer holding the whole version: nothing is left for the origin.
+        let got = origin_readers(&porder, &state, &[view(None)], owner_of_run);
+        assert!(got.is_empty());
+
+        // Nothing wanted: no readers.
+        let done = vec![State::Done; n];
+        assert!(origin_readers(&porder, &done, &views, owner_of_run).is_empty());
+    }
+}
