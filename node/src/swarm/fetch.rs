@@ -154,8 +154,8 @@ pub async fn fetch(
         "fetch set up"
     );
     let mut last_poll = Instant::now() - HAVE_POLL;
-    // The pullers with runs left to read from the origin, as last counted.
-    let (mut readers, mut last_count) = (usize::MAX, Instant::now() - HAVE_POLL);
+    // How many pullers have runs left to read from the origin, as counted at the last poll.
+    let mut readers = usize::MAX;
     let mut poll_every = HAVE_POLL;
     let mut last_flush = Instant::now();
     let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
@@ -167,7 +167,8 @@ pub async fn fetch(
 
     while remaining > 0 {
         let now = Instant::now();
-        if now - last_poll >= poll_every {
+        let polled = now - last_poll >= poll_every;
+        if polled {
             last_poll = now;
             let peers: Vec<PeerId> = swarm
                 .peers
@@ -262,8 +263,7 @@ pub async fn fetch(
         let mut full: Vec<(PeerId, Vec<Hash>, u64)> = Vec::new();
         let mut origin_batch: Vec<usize> = Vec::new();
         let mut origin_bytes = 0u64;
-        if now - last_count >= poll_every {
-            last_count = now;
+        if polled {
             let owners = origin_readers(&porder, &state, &views, |r| {
                 owner(&pullers, &order[porder[r]].0)
             });
