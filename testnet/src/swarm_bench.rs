@@ -634,8 +634,20 @@ fn origin_requests(work: &Path) -> Value {
     json!({"requests": requests, "body_bytes": body, "cut_short": cut, "cut_short_body_bytes": cut_bytes})
 }
 
+/// A running nginx master; dropping it stops nginx with SIGTERM, which stops the workers too
+/// (SIGKILL would leave them running, orphaned in a namespace about to be removed), also when
+/// a scenario fails part-way.
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
 /// nginx serving `root` on `listen` inside namespace `ns_name`.
-fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child> {
+fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Nginx> {
     let dir = work.join("nginx");
     std::fs::create_dir_all(dir.join("logs"))?;
     // One run's requests only (origin_requests reads the log).
@@ -660,7 +672,7 @@ fn nginx(work: &Path, ns_name: &str, listen: &str, root: &Path) -> Result<Child>
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    Ok(child)
+    Ok(Nginx(child))
 }
 
 /// Builds the `netns.sh` topology for `nodes` nodes behind a `rate` origin link (removing a
@@ -738,13 +750,13 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
     }
     let netns = netns_up(args, nodes, rate)?;
     let result = (|| -> Result<Value> {
-        let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
+        let ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
         let origin = "http://10.77.0.10:18080/origin".to_string();
         let mut ds = netns_daemons(&work, nodes, &origin, &trusted, true)?;
         let tx0 = tx_bytes("bl-seed")?;
         let retrans0 = retrans_segs("bl-seed")?;
         let t0 = Instant::now();
-        let sampler = LinkSampler::start(ng.id(), t0);
+        let sampler = LinkSampler::start(ng.0.id(), t0);
         // Each pull is waited on by its own thread, so a completion is timed when it happens
         // rather than at the next look.
         let (dtx, drx) = std::sync::mpsc::channel();
@@ -799,8 +811,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         let link = sampler.finish();
         let egress = tx_bytes("bl-seed")? - tx0;
         let retransmitted = retrans_segs("bl-seed")? - retrans0;
-        let _ = ng.kill();
-        let _ = ng.wait();
+        drop(ng);
         let per_node: Vec<Value> = done
             .iter()
             .enumerate()
@@ -1003,7 +1014,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
     let netns = netns_up(args, nodes, rate)?;
     let mut mounts: Vec<Child> = Vec::new();
     let result = (|| -> Result<Value> {
-        let mut ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
+        let ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
         let origin = "http://10.77.0.10:18080/origin".to_string();
         let ds = netns_daemons(&work, nodes, &origin, &trusted, !isolated)?;
         let mut mps = Vec::new();
@@ -1085,8 +1096,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
                 })
             })
             .collect();
-        let _ = ng.kill();
-        let _ = ng.wait();
+        drop(ng);
         let last = done.iter().flatten().copied().fold(0.0, f64::max);
         eprintln!(
             "{nodes} nodes mounting ({}): all read in {last:.1} s, origin egress {:.3}x",
