@@ -529,7 +529,14 @@ struct LinkUse {
 /// bytes sent since the first sample).
 struct LinkSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(f64, u64)>>,
+    thread: Option<std::thread::JoinHandle<Vec<(f64, u64)>>>,
+}
+
+/// A scenario that fails part-way stops its sampler too.
+impl Drop for LinkSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl LinkSampler {
@@ -547,13 +554,20 @@ impl LinkSampler {
             }
             v
         });
-        LinkSampler { stop, thread }
+        LinkSampler {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// The link's use (the last byte: within 16 KiB of the end, ACKs and the like aside).
-    fn finish(self) -> LinkUse {
+    fn finish(mut self) -> LinkUse {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let s = self.thread.join().unwrap_or_default();
+        let s = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
         let Some(&(end_t, total)) = s.last() else {
             return LinkUse::default();
         };
@@ -594,19 +608,6 @@ impl LinkSampler {
     }
 }
 
-fn tx_bytes(ns_name: &str) -> Result<u64> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns_name,
-            "cat",
-            "/sys/class/net/eth0/statistics/tx_bytes",
-        ])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
 /// What the bench's nginx served, from its access log: requests, body bytes sent, and ranged
 /// requests whose body was cut short (the client went away mid-answer).
 fn origin_requests(work: &Path) -> Value {
@@ -638,6 +639,13 @@ fn origin_requests(work: &Path) -> Value {
 /// (SIGKILL would leave them running, orphaned in a namespace about to be removed), also when
 /// a scenario fails part-way.
 struct Nginx(Child);
+
+impl Nginx {
+    /// Bytes the origin's namespace has sent on eth0 so far.
+    fn tx_bytes(&self) -> Result<u64> {
+        eth0_tx(self.0.id()).context("reading the origin namespace's eth0 tx bytes")
+    }
+}
 
 impl Drop for Nginx {
     fn drop(&mut self) {
@@ -753,7 +761,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         let ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
         let origin = "http://10.77.0.10:18080/origin".to_string();
         let mut ds = netns_daemons(&work, nodes, &origin, &trusted, true)?;
-        let tx0 = tx_bytes("bl-seed")?;
+        let tx0 = ng.tx_bytes()?;
         let retrans0 = retrans_segs("bl-seed")?;
         let t0 = Instant::now();
         let sampler = LinkSampler::start(ng.0.id(), t0);
@@ -809,7 +817,7 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             }
         }
         let link = sampler.finish();
-        let egress = tx_bytes("bl-seed")? - tx0;
+        let egress = ng.tx_bytes()? - tx0;
         let retransmitted = retrans_segs("bl-seed")? - retrans0;
         drop(ng);
         let per_node: Vec<Value> = done
@@ -1042,7 +1050,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
         }
         // Let the daemons hear of each other's mounts.
         std::thread::sleep(Duration::from_secs(1));
-        let tx0 = tx_bytes("bl-seed")?;
+        let tx0 = ng.tx_bytes()?;
         let re0 = retrans_segs("bl-seed")?;
         let t0 = Instant::now();
         let mut readers: Vec<Option<Child>> = pids
@@ -1077,7 +1085,7 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let egress = tx_bytes("bl-seed")? - tx0;
+        let egress = ng.tx_bytes()? - tx0;
         let retrans = retrans_segs("bl-seed")? - re0;
         let per_node: Vec<Value> = ds
             .iter()
