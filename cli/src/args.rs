@@ -54,10 +54,14 @@ pub enum Command {
     },
     /// Print this machine's publisher public key.
     Key,
-    /// Trust versions signed by this public key.
+    /// Trust versions and tags signed by this public key.
     Trust {
         /// ed25519:<64 hex digits>, as printed by `shoal key`.
         key: String,
+        /// Only for datasets whose names match these patterns (repeatable or comma-separated;
+        /// `*` matches anything, e.g. 'org/*'). Replaces what the key was trusted for before.
+        #[arg(long, value_name = "PATTERN")]
+        datasets: Vec<String>,
     },
     /// List the versions (and tags) of a dataset.
     Versions {
@@ -163,16 +167,29 @@ pub enum NodeCommand {
         zone: Option<String>,
         #[arg(long)]
         rack: Option<String>,
-        /// A file of allowed peer ids, one per line: a private swarm. Other peers are
-        /// disconnected and can neither fetch nor announce anything.
+        /// A file of allowed peer ids, one per line. With --cluster-key too, either admits.
         #[arg(long, value_name = "FILE")]
         members: Option<PathBuf>,
+        /// The cluster's secret key file (from `shoal node keygen`, handed to every node, e.g.
+        /// as a Kubernetes Secret): peers that prove they hold it are admitted; others get
+        /// nothing. Without this, --members or --open, only peers on this machine are.
+        #[arg(long, value_name = "FILE", env = "SHOAL_CLUSTER_KEY_FILE")]
+        cluster_key: Option<PathBuf>,
+        /// Serve anyone who connects: the choice for public data only.
+        #[arg(long, conflicts_with_all = ["members", "cluster_key"])]
+        open: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
         /// Do not discover peers on the LAN with mDNS.
         #[arg(long)]
         no_mdns: bool,
+    },
+    /// Write a new cluster key to FILE (mode 0600): give the same file to every node of the
+    /// cluster (`shoal node run --cluster-key FILE`).
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        file: PathBuf,
     },
 }
 

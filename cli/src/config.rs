@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use shoal_node::tiers::{self, CacheLayout};
-use shoal_registry::PublicKey;
+use shoal_registry::{PublicKey, TrustedKey};
 use std::path::{Path, PathBuf};
 
 /// `$SHOAL_HOME/config.toml`.
@@ -12,9 +12,13 @@ use std::path::{Path, PathBuf};
 pub struct FileConfig {
     /// Origin URL or path.
     pub origin: Option<String>,
-    /// Extra publisher keys to trust.
+    /// Extra publisher keys to trust: `KEY`, or `KEY PATTERN,...` to trust it only for the
+    /// datasets whose names match.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// Refuse tags not re-signed for this long (e.g. "7d"): a frozen origin cannot keep a
+    /// node on an old view for longer. Default: any age.
+    pub max_tag_age: Option<String>,
     /// The local chunk store.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -35,8 +39,15 @@ pub struct NodeConfig {
     pub zone: Option<String>,
     pub rack: Option<String>,
     pub members: Option<PathBuf>,
+    /// The cluster key file (`shoal node keygen`).
+    pub cluster_key: Option<PathBuf>,
+    /// Serve anyone (public data).
+    pub open: Option<bool>,
     pub metrics: Option<String>,
     pub mdns: Option<bool>,
+    /// Connection and buffer bounds (`[node.limits]`); see docs/security.md.
+    #[serde(default)]
+    pub limits: shoal_node::limits::Limits,
 }
 
 /// `[cache]` in the config file.
@@ -89,7 +100,8 @@ fn parse_size(s: &str, what: &str) -> Result<u64> {
 pub struct Config {
     pub home: PathBuf,
     pub origin: String,
-    pub trusted: Vec<PublicKey>,
+    pub trusted: Vec<TrustedKey>,
+    pub max_tag_age: Option<std::time::Duration>,
     pub cache: CacheLayout,
     pub node: NodeConfig,
 }
@@ -122,13 +134,10 @@ fn read_file_config(path: &Path) -> Result<FileConfig> {
     }
 }
 
-fn parse_keys(list: impl IntoIterator<Item = String>, source: &str) -> Result<Vec<PublicKey>> {
+fn parse_keys(list: impl IntoIterator<Item = String>, source: &str) -> Result<Vec<TrustedKey>> {
     list.into_iter()
         .filter(|k| !k.trim().is_empty())
-        .map(|k| {
-            k.parse::<PublicKey>()
-                .with_context(|| format!("trusted key in {source}"))
-        })
+        .map(|k| TrustedKey::parse_line(&k).with_context(|| format!("trusted key in {source}")))
         .collect()
 }
 
@@ -156,11 +165,21 @@ impl Config {
         }
         let mut trusted = parse_keys(file.trusted_keys, &cfg_path.display().to_string())?;
         if let Ok(env) = std::env::var("SHOAL_TRUSTED_KEYS") {
-            trusted.extend(parse_keys(
-                env.split([',', ' ', '\n']).map(str::to_string),
-                "SHOAL_TRUSTED_KEYS",
-            )?);
+            // Keys only (trusted for every dataset): scopes belong in the config file.
+            for k in env.split([',', ' ', '\n']).filter(|k| !k.trim().is_empty()) {
+                let key: PublicKey = k.parse().context("trusted key in SHOAL_TRUSTED_KEYS")?;
+                trusted.push(key.into());
+            }
         }
+        let max_tag_age = std::env::var("SHOAL_MAX_TAG_AGE")
+            .ok()
+            .filter(|a| !a.is_empty())
+            .or(file.max_tag_age)
+            .map(|a| {
+                humantime::parse_duration(&a)
+                    .with_context(|| format!("SHOAL_MAX_TAG_AGE or max_tag_age {a:?}: expected a duration such as 7d or 12h"))
+            })
+            .transpose()?;
         let capacity = cache_size("SHOAL_CACHE_CAPACITY", file.cache.capacity, "capacity")?;
         let memory = cache_size("SHOAL_CACHE_MEMORY", file.cache.memory, "memory")?
             .unwrap_or(tiers::DEFAULT_MEMORY);
@@ -193,6 +212,7 @@ impl Config {
             home,
             origin,
             trusted,
+            max_tag_age,
             cache,
             node: file.node,
         })

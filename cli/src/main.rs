@@ -98,7 +98,9 @@ async fn run(args: Args, out: &Out) -> Result<()> {
     let home = Home::new(&cfg.home);
     let open = |create: bool| -> Result<Node> {
         let origin = Origin::open(&cfg.origin, create)?;
-        Ok(Node::new(home.clone(), origin, cfg.trusted.clone()).with_cache(cfg.cache.clone()))
+        Ok(Node::new(home.clone(), origin, cfg.trusted.clone())
+            .with_cache(cfg.cache.clone())
+            .with_max_tag_age(cfg.max_tag_age))
     };
     match args.command {
         Command::Publish {
@@ -202,16 +204,32 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let key = home.secret_key()?.public().to_string();
             out.report(&serde_json::json!({ "public_key": key }), || key.clone())
         }
-        Command::Trust { key } => {
+        Command::Trust { key, datasets } => {
             let key: shoal_registry::PublicKey = key.parse()?;
-            let added = home.trust(key)?;
+            let datasets: Vec<String> = datasets
+                .iter()
+                .flat_map(|d| d.split(','))
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect();
+            for d in &datasets {
+                glob::Pattern::new(d)
+                    .with_context(|| format!("--datasets {d:?} is not a valid pattern"))?;
+            }
+            let added = home.trust(key, datasets.clone())?;
+            let scope = if datasets.is_empty() {
+                "every dataset".to_string()
+            } else {
+                format!("datasets {}", datasets.join(","))
+            };
             out.report(
-                &serde_json::json!({ "public_key": key.to_string(), "added": added }),
+                &serde_json::json!({ "public_key": key.to_string(), "datasets": datasets, "added": added }),
                 || {
                     if added {
-                        format!("trusting {key}")
+                        format!("trusting {key} for {scope}")
                     } else {
-                        format!("{key} was already trusted")
+                        format!("{key} was already trusted for {scope}")
                     }
                 },
             )
@@ -539,6 +557,8 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     zone,
                     rack,
                     members,
+                    cluster_key,
+                    open: open_swarm,
                     metrics,
                     no_mdns,
                 },
@@ -550,12 +570,30 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 zone,
                 rack,
                 members,
+                cluster_key,
+                open: open_swarm.then_some(true),
                 metrics,
                 mdns: no_mdns.then_some(false),
+                limits: Default::default(),
             };
             // A node may serve peers before anything is published to a local default origin:
             // create the directory rather than refuse to start.
             node::run(open(true)?, &cfg.node, flags, out).await
+        }
+        Command::Node {
+            command: NodeCommand::Keygen { file },
+        } => {
+            let fingerprint = shoal_node::swarm::admission::keygen(&file)?;
+            out.report(
+                &serde_json::json!({ "cluster_key": file.display().to_string(), "fingerprint": fingerprint }),
+                || {
+                    format!(
+                        "wrote a new cluster key to {} (fingerprint {fingerprint}); give this file to every node: shoal node run --cluster-key {}",
+                        file.display(),
+                        file.display()
+                    )
+                },
+            )
         }
         Command::Status => node::status(&home, out).await,
         Command::Tag { target, tag } => {

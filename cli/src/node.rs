@@ -44,6 +44,23 @@ pub async fn run(node: Node, file: &NodeConfig, flags: NodeConfig, out: &Out) ->
         .or(file.members.clone())
         .map(|p| members(&p))
         .transpose()?;
+    let cluster_key = flags
+        .cluster_key
+        .or(file.cluster_key.clone())
+        .map(|p| swarm::admission::ClusterKey::load(&p))
+        .transpose()?;
+    let open = flags.open.or(file.open).unwrap_or(false);
+    if open && (members.is_some() || cluster_key.is_some()) {
+        anyhow::bail!("an open node (--open, [node] open) admits anyone: drop the cluster key and members list, or drop open");
+    }
+    let admission = swarm::admission::Admission {
+        open,
+        members,
+        key: cluster_key,
+    };
+    if admission.loopback_only() {
+        tracing::warn!("no cluster key, members list or --open: only peers on this machine are admitted (see `shoal node keygen`)");
+    }
     let metrics = flags
         .metrics
         .or(file.metrics.clone())
@@ -61,18 +78,32 @@ pub async fn run(node: Node, file: &NodeConfig, flags: NodeConfig, out: &Out) ->
                 zone: flags.zone.or(file.zone.clone()),
                 rack: flags.rack.or(file.rack.clone()),
             },
-            members,
-            mdns: flags.mdns.or(file.mdns).unwrap_or(true),
+            // mDNS finds peers on the LAN: pointless for a node that admits only this machine.
+            mdns: flags
+                .mdns
+                .or(file.mdns)
+                .unwrap_or(!admission.loopback_only()),
+            admission,
+            limits: file.limits.clone(),
         },
         metrics,
+        limits: file.limits.clone(),
     };
+    opts.limits
+        .check()
+        .map_err(|e| anyhow::anyhow!("[node.limits] in the config file: {e}"))?;
     daemon::run(node, opts, |s| {
         let _ = out.report(s, || {
             format!(
-                "node {} listening on {} (bulk {}); Ctrl-C to stop",
+                "node {} listening on {} (bulk {}), admitting {}{}; Ctrl-C to stop",
                 s.peer_id,
                 s.listen.join(", "),
-                s.bulk_addr.as_deref().unwrap_or("-")
+                s.bulk_addr.as_deref().unwrap_or("-"),
+                s.admission,
+                s.cluster_key
+                    .as_ref()
+                    .map(|f| format!(" (key {f})"))
+                    .unwrap_or_default()
             )
         });
     })
@@ -93,6 +124,14 @@ pub async fn status(home: &Home, out: &Out) -> Result<()> {
         let mut lines = vec![
             format!("node {}", s.peer_id),
             format!("  listening on {}", s.listen.join(", ")),
+            format!(
+                "  admitting {}{}",
+                s.admission,
+                s.cluster_key
+                    .as_ref()
+                    .map(|f| format!(" (key {f})"))
+                    .unwrap_or_default()
+            ),
             format!(
                 "  received {} from peers, {} from origin; served {}; {} verify failures; {} active pulls",
                 output::bytes(s.bytes_from_peers),

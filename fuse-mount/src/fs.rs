@@ -141,6 +141,7 @@ fn errno(e: ModelErrno) -> Errno {
         ModelErrno::NotFound => Errno::ENOENT,
         ModelErrno::NotDir => Errno::ENOTDIR,
         ModelErrno::IsDir => Errno::EISDIR,
+        ModelErrno::NotLink => Errno::EINVAL,
         ModelErrno::Io(err) => {
             tracing::warn!(error = %err, "read failed; returning EIO");
             Errno::EIO
@@ -420,9 +421,8 @@ impl<S: Source> Filesystem for ShoalFs<S> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.inodes.kind(ino.0) {
-            Ok(Kind::Symlink { target }) => reply.data(target.as_bytes()),
-            Ok(_) => reply.error(Errno::EINVAL),
+        match self.inodes.readlink(ino.0) {
+            Ok(target) => reply.data(target.as_bytes()),
             Err(e) => reply.error(errno(e)),
         }
     }

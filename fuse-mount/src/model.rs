@@ -3,7 +3,7 @@
 //! are handed out on first sight of a path and stay the same for the life of the mount.
 
 use bytes::Bytes;
-use shoal_registry::tree::{ChunkRef, Dir, EntryKind, FileContent};
+use shoal_registry::tree::{resolve_symlink, ChunkRef, Dir, EntryKind, FileContent, PathKind};
 use shoal_registry::Hash;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -256,6 +256,38 @@ impl<S: Source> Inodes<S> {
         Ok((parent, i, children))
     }
 
+    /// A symlink's target, once its whole chain (through the version's other links) is known
+    /// to stay inside the version: the kernel follows what this returns, so a chain that
+    /// escapes (`a/b -> ..`, `x -> a/b/a/b/../../../etc`) is refused here, with its path.
+    pub fn readlink(&self, ino: u64) -> Result<String, Errno> {
+        let Kind::Symlink { target } = self.kind(ino)? else {
+            return Err(Errno::NotLink);
+        };
+        let path = self.path(ino)?;
+        let parts: Vec<&str> = path.split('/').collect();
+        let verdict = resolve_symlink(&parts, &target, |q| {
+            let mut at = ROOT;
+            for name in q {
+                at = match self.lookup(at, name) {
+                    Ok(c) => c,
+                    Err(Errno::NotFound | Errno::NotDir) => return Ok(PathKind::Missing),
+                    Err(e) => return Err(e),
+                };
+            }
+            Ok(match self.kind(at)? {
+                Kind::Dir { .. } => PathKind::Dir,
+                Kind::File { .. } => PathKind::File,
+                Kind::Symlink { target } => PathKind::Symlink(target),
+            })
+        })?;
+        match verdict {
+            Ok(()) => Ok(target),
+            Err(reason) => Err(Errno::Io(SourceError(format!(
+                "symlink '/{path}' -> {target:?} refused: {reason}"
+            )))),
+        }
+    }
+
     pub fn parent(&self, ino: u64) -> Result<u64, Errno> {
         self.lock()
             .get(ino)
@@ -279,6 +311,8 @@ pub enum Errno {
     NotFound,
     NotDir,
     IsDir,
+    /// Not a symlink (readlink of anything else).
+    NotLink,
     Io(SourceError),
 }
 
@@ -386,6 +420,50 @@ mod tests {
         assert_eq!(t.path(ROOT).unwrap(), "");
         assert!(matches!(t.lookup(ROOT, "nope"), Err(Errno::NotFound)));
         assert!(matches!(t.lookup(x, "y"), Err(Errno::NotDir)));
+    }
+
+    #[test]
+    fn readlink_follows_the_chain_through_other_links() {
+        let link = |name: &str, target: &str| Entry {
+            name: name.into(),
+            mode: 0o777,
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
+        };
+        let (a, root) = (Hash([1; 32]), Hash([3; 32]));
+        let mut m = Mem::default();
+        m.dirs.insert(
+            a,
+            Arc::new(Dir {
+                entries: vec![link("b", "..")],
+            }),
+        );
+        m.dirs.insert(
+            root,
+            Arc::new(Dir {
+                entries: vec![
+                    dir_entry("a", a),
+                    file_entry("f", 1),
+                    link("ok", "a/b/f"),
+                    link("x", "a/b/a/b/a/b/../../../../../../etc/passwd"),
+                ],
+            }),
+        );
+        let t = Inodes::new(Arc::new(m), root, 0o755);
+        let ok = t.lookup(ROOT, "ok").unwrap();
+        assert_eq!(t.readlink(ok).unwrap(), "a/b/f");
+        let b = t.lookup(t.lookup(ROOT, "a").unwrap(), "b").unwrap();
+        assert_eq!(t.readlink(b).unwrap(), "..");
+        let x = t.lookup(ROOT, "x").unwrap();
+        match t.readlink(x) {
+            Err(Errno::Io(e)) => assert!(
+                e.0.contains("'/x'") && e.0.contains("outside the dataset"),
+                "{e}"
+            ),
+            other => panic!("escaping chain served: {other:?}"),
+        }
+        assert!(matches!(t.readlink(ROOT), Err(Errno::NotLink)));
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl Node {
                 return Ok(true);
             }
         }
-        let (version, _) = self.origin.resolve(reference).await?;
+        let (version, _) = self.open_version(reference).await?;
         Ok(store.unpin(&format!("{}@{version}", reference.dataset))?)
     }
 }

@@ -5,18 +5,19 @@
 //! `{"progress": [phase, done, total]}` lines and then one `{"ok": ...}` or `{"error": "..."}`.
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::mount::MountSpec;
 use crate::progress::Progress;
 use crate::swarm::{self, Holding, Status, SwarmConfig};
 use crate::{Home, Node};
 use serde::{Deserialize, Serialize};
-use shoal_registry::{DatasetName, DatasetRef, Origin, PublicKey};
+use shoal_registry::{DatasetName, DatasetRef, Origin, TrustedKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// What the CLI asks of the daemon.
@@ -84,7 +85,16 @@ enum Reply {
 pub struct DaemonOptions {
     pub swarm: SwarmConfig,
     pub metrics: Option<SocketAddr>,
+    pub limits: Limits,
 }
+
+/// Longest request line a local client may send (a request names a reference, an origin, a
+/// few paths and keys: kilobytes).
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+/// How long a local client has to send its request after connecting.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// Notices (mount messages) queued for one client before more are dropped.
+const NOTICES: usize = 64;
 
 /// A connection to a running daemon.
 pub struct Client {
@@ -105,7 +115,7 @@ impl Client {
     }
 
     /// Has the daemon also trust these publisher keys for this client's requests.
-    pub fn trusting(mut self, keys: &[PublicKey]) -> Client {
+    pub fn trusting(mut self, keys: &[TrustedKey]) -> Client {
         self.trusted = keys.iter().map(|k| k.to_string()).collect();
         self
     }
@@ -176,22 +186,42 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         )));
     }
     let _ = std::fs::remove_file(&sock);
-    std::fs::create_dir_all(home.root()).map_err(crate::error::io("creating", home.root()))?;
+    home.ensure()?;
+    let nofile = crate::limits::raise_nofile();
+    tracing::debug!(?nofile, "open-file limit");
 
     let keypair = swarm::identity(&home)?;
     let store = node.store()?;
-    let sw = swarm::start(keypair, store, home.pack_cache_dir(), opts.swarm).await?;
-    for (root, name) in home.held()? {
-        sw.hold(root, &name, Holding::Complete, None);
+    let sw = swarm::start(keypair, store.clone(), home.pack_cache_dir(), opts.swarm).await?;
+    // Only versions still whole are announced: a gc or eviction since the last run may have
+    // taken part of one.
+    let held = home.held()?;
+    let s2 = store.clone();
+    let whole: Vec<bool> = tokio::task::spawn_blocking(move || {
+        held.iter()
+            .map(|(root, _)| crate::walk::complete_locally(s2.as_ref(), *root).unwrap_or(false))
+            .collect()
+    })
+    .await
+    .map_err(|e| Error::Net(e.to_string()))?;
+    for ((root, name), whole) in home.held()?.into_iter().zip(whole) {
+        if whole {
+            sw.hold(root, &name, Holding::Complete, None);
+        } else {
+            tracing::info!(version = %name, "no longer held whole; not announced");
+            home.forget_held(&root)?;
+        }
     }
     node.attach_swarm(sw.clone());
+    tokio::spawn(watch_held(home.clone(), store.clone(), sw.clone()));
     if let Some(addr) = opts.metrics {
-        let bound = swarm::metrics::serve(sw.clone(), addr)?;
+        let bound = swarm::metrics::serve(sw.clone(), addr, opts.limits.max_metrics_clients)?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
+    // The state directory is 0700 (checked above), so the socket is out of other users'
+    // reach from the moment it exists; it is made 0600 as well.
     let listener = UnixListener::bind(&sock)
         .map_err(|e| Error::Net(format!("listening on {}: {e}", sock.display())))?;
-    // Only the daemon's own user may drive it (it mounts, pulls and trusts keys on request).
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
@@ -204,20 +234,32 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         others: Mutex::default(),
         mounts: Mutex::default(),
     });
+    let clients = Arc::new(tokio::sync::Semaphore::new(opts.limits.max_local_clients));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Net(format!("installing a SIGTERM handler: {e}")))?;
     let result = loop {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
+                    // Over the limit, a client is told so and closed, rather than queued
+                    // behind clients that may hold their connection for hours (mounts).
+                    let Ok(permit) = clients.clone().try_acquire_owned() else {
+                        tokio::spawn(refuse(stream, opts.limits.max_local_clients));
+                        continue;
+                    };
                     let daemon = daemon.clone();
                     tokio::spawn(async move {
                         if let Err(e) = serve(daemon, stream).await {
                             tracing::debug!("local client: {e}");
                         }
+                        drop(permit);
                     });
                 }
-                Err(e) => break Err(Error::Net(format!("accepting on {}: {e}", sock.display()))),
+                Err(e) => {
+                    // Out of descriptors or memory: wait for connections to close; never exit.
+                    tracing::warn!("accepting on {}: {e}", sock.display());
+                    tokio::time::sleep(crate::limits::accept_backoff(&e)).await;
+                }
             },
             _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = term.recv() => break Ok(()),
@@ -243,6 +285,47 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
     result
 }
 
+/// How often the daemon looks whether blobs left the store (eviction), which may have made a
+/// version it announces whole no longer so.
+const HELD_CHECK: Duration = Duration::from_secs(5);
+
+/// Withdraws every version announced whole that no longer is.
+async fn recheck_held(
+    home: &Home,
+    store: Arc<dyn crate::store::ChunkStore>,
+    sw: &Arc<swarm::Swarm>,
+) {
+    let roots = sw.complete_versions();
+    let gone = tokio::task::spawn_blocking(move || {
+        roots
+            .into_iter()
+            .filter(|r| !crate::walk::complete_locally(store.as_ref(), *r).unwrap_or(false))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for root in gone {
+        tracing::info!(root = %root, "version no longer held whole (evicted or collected); withdrawn");
+        sw.withdraw(&root);
+        if let Err(e) = home.forget_held(&root) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Rechecks the versions announced whole whenever blobs have left the store.
+async fn watch_held(home: Home, store: Arc<dyn crate::store::ChunkStore>, sw: Arc<swarm::Swarm>) {
+    let mut seen = store.losses();
+    loop {
+        tokio::time::sleep(HELD_CHECK).await;
+        let now = store.losses();
+        if now != seen {
+            seen = now;
+            recheck_held(&home, store.clone(), &sw).await;
+        }
+    }
+}
+
 /// What the daemon's local clients share.
 struct Daemon {
     node: Arc<Node>,
@@ -255,16 +338,16 @@ struct Daemon {
 impl Daemon {
     /// The node for a request's origin and extra trusted keys: the daemon's own, or a sibling
     /// sharing store and swarm.
-    fn node_for(&self, origin: &str, trusted: &[PublicKey]) -> Result<Arc<Node>> {
+    fn node_for(&self, origin: &str, trusted: &[TrustedKey]) -> Result<Arc<Node>> {
         let own = if trusted.is_empty() {
             Vec::new()
         } else {
             self.node.trusted_keys()?
         };
-        let extra: Vec<PublicKey> = trusted
+        let extra: Vec<TrustedKey> = trusted
             .iter()
             .filter(|k| !own.contains(k))
-            .copied()
+            .cloned()
             .collect();
         let same_origin = origin == self.node.origin().url() || origin.is_empty();
         if same_origin && extra.is_empty() {
@@ -290,16 +373,71 @@ impl Daemon {
     }
 }
 
+/// Tells a client over the connection limit so, and closes.
+async fn refuse(mut stream: UnixStream, limit: usize) {
+    let reply = Reply::Error(format!(
+        "the node daemon is serving its most local clients ({limit}, [node.limits] max_local_clients); try again when some finish"
+    ));
+    let mut l = serde_json::to_string(&reply).expect("serializes");
+    l.push('\n');
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(l.as_bytes())).await;
+}
+
+/// Reads one request line of at most [`MAX_REQUEST_LINE`] bytes; None if the client closed
+/// first.
+async fn read_request(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(MAX_REQUEST_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') {
+        let why = if buf.len() > MAX_REQUEST_LINE {
+            format!("request longer than {MAX_REQUEST_LINE} bytes")
+        } else {
+            "request not terminated by a newline".to_string()
+        };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    }
+    buf.pop();
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "request is not UTF-8"))
+}
+
 async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    let Some(line) = lines.next_line().await? else {
-        return Ok(());
+    let mut r = BufReader::new(r);
+    let line = match tokio::time::timeout(REQUEST_WAIT, read_request(&mut r)).await {
+        Err(_) => return Ok(()),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(line))) => line,
+        Ok(Err(e)) => {
+            let mut l =
+                serde_json::to_string(&Reply::Error(format!("bad request from the CLI: {e}")))
+                    .expect("serializes");
+            l.push('\n');
+            let _ = w.write_all(l.as_bytes()).await;
+            return Err(e);
+        }
     };
-    // One request per connection: the client closing its end means it went away.
-    let gone = async move { while let Ok(Some(_)) = lines.next_line().await {} };
+    // One request per connection: the client closing its end means it went away. Whatever
+    // else it sends is read and dropped, a buffer at a time.
+    let gone = async move {
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = r.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
     let progress = Arc::new(Progress::default());
-    let (notice_tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    let (notice_tx, mut notices) = tokio::sync::mpsc::channel(NOTICES);
     let work = handle(daemon, line, progress.clone(), notice_tx, Box::pin(gone));
     tokio::pin!(work);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -341,14 +479,14 @@ async fn handle(
     daemon: Arc<Daemon>,
     line: String,
     progress: Arc<Progress>,
-    notices: tokio::sync::mpsc::UnboundedSender<String>,
+    notices: tokio::sync::mpsc::Sender<String>,
     gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<serde_json::Value> {
     let Envelope { request, trusted } = serde_json::from_str(&line)
         .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
     let trusted = trusted
         .iter()
-        .map(|k| k.parse::<PublicKey>())
+        .map(|k| TrustedKey::parse_line(k))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Net(format!("bad trusted key from the CLI: {e}")))?;
     Ok(match request {
@@ -419,6 +557,10 @@ async fn handle(
                 .await
                 .map_err(|e| Error::Net(e.to_string()))??;
             let copies = daemon.node.whole_files().map_or(0, |w| w.clear());
+            // Versions no longer whole stop being announced before the answer goes out.
+            if let Some(sw) = daemon.node.swarm() {
+                recheck_held(daemon.node.home(), daemon.node.store()?, sw).await;
+            }
             serde_json::to_value(freed + copies)
         }
         Request::Mount {
@@ -445,7 +587,7 @@ async fn handle(
                     &spec,
                     "daemon",
                     |notice| {
-                        let _ = notices.send(notice);
+                        let _ = notices.try_send(notice);
                     },
                     gone,
                 )

@@ -37,6 +37,9 @@ pub enum Error {
     /// A mount point that could not be unmounted (busy, or not a mount).
     #[error("cannot unmount {path}: {reason}")]
     Unmount { path: PathBuf, reason: String },
+    /// A tag that is unsigned, rolled back or stale.
+    #[error("{0}")]
+    TagRefused(String),
     /// Refusing to write somewhere that is not safe.
     #[error("refusing to write {path}: {reason}")]
     Unsafe { path: PathBuf, reason: String },

@@ -1,10 +1,13 @@
 //! The state directory (`SHOAL_HOME`): publisher key, trusted keys, local store, caches.
 
 use crate::error::{io, Error, Result};
-use shoal_registry::{PublicKey, SecretKey, SignedVersion};
+use shoal_registry::{PublicKey, SecretKey, SignedVersion, TrustedKey};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// Serialises this process's updates of the `held` file.
+static HELD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Paths and small files under one state directory.
 #[derive(Debug, Clone)]
@@ -19,6 +22,38 @@ impl Home {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Creates the state directory, or makes an existing one private: mode 0700, so that no
+    /// other local user can read cached data, keys or the daemon's socket (or reach them
+    /// through it).
+    pub fn ensure(&self) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        match std::fs::symlink_metadata(&self.root) {
+            Ok(m) if m.is_dir() => {
+                if m.mode() & 0o077 != 0 {
+                    std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                        .map_err(io("making private (0700)", &self.root))?;
+                }
+                Ok(())
+            }
+            Ok(_) => Err(Error::Unsafe {
+                path: self.root.clone(),
+                reason: "the state directory is not a directory".into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = self.root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+                }
+                match std::fs::DirBuilder::new().mode(0o700).create(&self.root) {
+                    Ok(()) => Ok(()),
+                    // Another process made it a moment ago: check what it made.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.ensure(),
+                    Err(e) => Err(io("creating", &self.root)(e)),
+                }
+            }
+            Err(e) => Err(io("checking", &self.root)(e)),
+        }
     }
 
     /// The embedded default origin: a local directory.
@@ -130,7 +165,7 @@ impl Home {
                 Ok(SecretKey::from_bytes(seed))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+                self.ensure()?;
                 let key = SecretKey::generate().map_err(|e| Error::Io {
                     op: "generating a key for",
                     path: path.clone(),
@@ -149,8 +184,7 @@ impl Home {
 
     /// Records that this node holds `root` (NAME@VERSION) whole.
     pub fn record_held(&self, root: &shoal_registry::Hash, name: &str) -> Result<()> {
-        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _g = LOCK.lock().expect("poisoned");
+        let _g = HELD_LOCK.lock().expect("poisoned");
         let mut held = self.held()?;
         if held.iter().any(|(r, _)| r == root) {
             return Ok(());
@@ -159,7 +193,23 @@ impl Home {
         let text: String = held.iter().map(|(r, n)| format!("{r} {n}\n")).collect();
         let path = self.held_path();
         let tmp = path.with_extension("tmp");
-        std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+        self.ensure()?;
+        std::fs::write(&tmp, text).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("writing", &path))
+    }
+
+    /// Forgets that this node holds `root` whole.
+    pub fn forget_held(&self, root: &shoal_registry::Hash) -> Result<()> {
+        let _g = HELD_LOCK.lock().expect("poisoned");
+        let mut held = self.held()?;
+        let before = held.len();
+        held.retain(|(r, _)| r != root);
+        if held.len() == before {
+            return Ok(());
+        }
+        let text: String = held.iter().map(|(r, n)| format!("{r} {n}\n")).collect();
+        let path = self.held_path();
+        let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).map_err(io("writing", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io("writing", &path))
     }
@@ -181,8 +231,9 @@ impl Home {
             .collect())
     }
 
-    /// Keys added with `shoal trust`.
-    pub fn trusted_keys(&self) -> Result<Vec<PublicKey>> {
+    /// Keys added with `shoal trust`, each with the datasets it may sign (one per line:
+    /// `KEY` or `KEY PATTERN,...`).
+    pub fn trusted_keys(&self) -> Result<Vec<TrustedKey>> {
         let path = self.trusted_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -193,29 +244,93 @@ impl Home {
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(|l| {
-                l.parse()
-                    .map_err(|e: shoal_registry::version::KeyParseError| Error::Corrupt {
-                        what: format!("trusted key file {}", path.display()),
-                        reason: e.to_string(),
-                    })
+                TrustedKey::parse_line(l).map_err(|e| Error::Corrupt {
+                    what: format!("trusted key file {}", path.display()),
+                    reason: e.to_string(),
+                })
             })
             .collect()
     }
 
-    /// Adds a key to the trusted set; returns false if it was already there.
-    pub fn trust(&self, key: PublicKey) -> Result<bool> {
-        if self.trusted_keys()?.contains(&key) {
+    /// Trusts `key` for the datasets matching `datasets` (all when empty), replacing what it
+    /// was trusted for before; returns false if that is exactly what it was.
+    pub fn trust(&self, key: PublicKey, datasets: Vec<String>) -> Result<bool> {
+        let entry = TrustedKey { key, datasets };
+        let mut keys = self.trusted_keys()?;
+        if keys.iter().any(|k| *k == entry) && keys.iter().filter(|k| k.key == key).count() == 1 {
             return Ok(false);
         }
-        std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+        keys.retain(|k| k.key != key);
+        keys.push(entry);
+        self.ensure()?;
         let path = self.trusted_path();
+        let text: String = keys.iter().map(|k| format!("{k}\n")).collect();
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
-            .append(true)
+            .write(true)
             .create(true)
-            .open(&path)
-            .map_err(io("writing", &path))?;
-        writeln!(f, "{key}").map_err(io("writing", &path))?;
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("writing", &tmp))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("writing", &path))?;
         Ok(true)
+    }
+
+    /// Where the highest sequence number accepted per tag is kept.
+    fn tags_path(&self) -> PathBuf {
+        self.root.join("tags.seen")
+    }
+
+    /// Accepts sequence `seq` of tag `dataset@tag` unless a higher one was accepted before,
+    /// in which case that one comes back as the error; remembers the highest. Safe against
+    /// other shoal processes of this state directory doing the same (a lock file).
+    pub fn accept_tag(&self, dataset: &str, tag: &str, seq: u64) -> Result<Result<(), u64>> {
+        self.ensure()?;
+        let lock_path = self.root.join("tags.lock");
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io("opening", &lock_path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io("locking", &lock_path)(e.into()))?;
+        let path = self.tags_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let mut seen: Vec<(String, String, u64)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.split(' ');
+                Some((
+                    p.next()?.to_string(),
+                    p.next()?.to_string(),
+                    p.next()?.parse().ok()?,
+                ))
+            })
+            .collect();
+        match seen.iter_mut().find(|(d, t, _)| d == dataset && t == tag) {
+            Some((_, _, s)) if *s > seq => return Ok(Err(*s)),
+            Some((_, _, s)) if *s == seq => return Ok(Ok(())),
+            Some((_, _, s)) => *s = seq,
+            None => seen.push((dataset.to_string(), tag.to_string(), seq)),
+        }
+        let out: String = seen
+            .iter()
+            .map(|(d, t, s)| format!("{d} {t} {s}\n"))
+            .collect();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, out).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("writing", &path))?;
+        Ok(Ok(()))
     }
 }
 

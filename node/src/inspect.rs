@@ -114,9 +114,12 @@ impl Node {
     pub async fn versions(&self, name: &DatasetName) -> Result<Vec<VersionInfo>> {
         let trusted = self.trusted_keys()?;
         let mut tags: Vec<(String, String)> = Vec::new();
+        // Only tags that verify are shown (an unsigned or forged one points nowhere).
         for t in self.origin.list_tags(name).await? {
-            if let Some(tag) = self.origin.tag(name, &t).await? {
-                tags.push((t, tag.version));
+            if let Some(shoal_registry::AnyTag::Signed(tag)) = self.origin.tag(name, &t).await? {
+                if tag.verify(name.as_str(), &t, &trusted).is_ok() {
+                    tags.push((t, tag.body.version));
+                }
             }
         }
         let mut out = Vec::new();

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod error;
 pub mod home;
 mod inspect;
+pub mod limits;
 pub mod mount;
 pub mod policy;
 pub mod progress;
@@ -30,7 +31,7 @@ pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport};
 pub use pull::PullReport;
 
-use shoal_registry::{DatasetRef, Origin, PublicKey, SignedVersion, VersionRef};
+use shoal_registry::{AnyTag, DatasetRef, Origin, SignedVersion, TrustedKey, VersionRef};
 use std::sync::{Arc, Mutex, OnceLock};
 use store::ChunkStore;
 use swarm::Swarm;
@@ -38,6 +39,7 @@ use tiers::{CacheLayout, TieredStore};
 
 /// Opens the local store alone, for commands that need no origin (`shoal cache`, `shoal gc`).
 pub fn open_store(home: &Home, layout: &CacheLayout) -> Result<Arc<dyn ChunkStore>> {
+    home.ensure()?;
     Ok(Arc::new(TieredStore::open(&home.store_dir(), layout)?))
 }
 
@@ -45,7 +47,8 @@ pub fn open_store(home: &Home, layout: &CacheLayout) -> Result<Arc<dyn ChunkStor
 pub struct Node {
     home: Home,
     origin: Origin,
-    extra_trusted: Vec<PublicKey>,
+    extra_trusted: Vec<TrustedKey>,
+    max_tag_age: Option<std::time::Duration>,
     cache: CacheLayout,
     store: Mutex<Option<Arc<TieredStore>>>,
     swarm: OnceLock<Arc<Swarm>>,
@@ -55,11 +58,12 @@ pub struct Node {
 impl Node {
     /// A node over `home` talking to `origin`. `extra_trusted` adds keys (from the config file
     /// or the environment) to this machine's own key and those added with `shoal trust`.
-    pub fn new(home: Home, origin: Origin, extra_trusted: Vec<PublicKey>) -> Node {
+    pub fn new(home: Home, origin: Origin, extra_trusted: Vec<TrustedKey>) -> Node {
         Node {
             home,
             origin,
             extra_trusted,
+            max_tag_age: None,
             cache: CacheLayout::default(),
             store: Mutex::new(None),
             swarm: OnceLock::new(),
@@ -73,6 +77,7 @@ impl Node {
             home: self.home.clone(),
             origin,
             extra_trusted: self.extra_trusted.clone(),
+            max_tag_age: self.max_tag_age,
             cache: self.cache.clone(),
             store: Mutex::new(self.store.lock().expect("store slot poisoned").clone()),
             swarm: OnceLock::new(),
@@ -85,7 +90,7 @@ impl Node {
     }
 
     /// The same node, also trusting `keys`.
-    pub fn trusting(mut self, keys: Vec<PublicKey>) -> Node {
+    pub fn trusting(mut self, keys: Vec<TrustedKey>) -> Node {
         self.extra_trusted.extend(keys);
         self
     }
@@ -137,29 +142,76 @@ impl Node {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
+        self.home.ensure()?;
         let s = Arc::new(TieredStore::open(&self.home.store_dir(), &self.cache)?);
         *guard = Some(s.clone());
         Ok(s)
     }
 
-    /// Every key whose versions this node accepts.
-    pub fn trusted_keys(&self) -> Result<Vec<PublicKey>> {
-        let mut keys = vec![self.home.secret_key()?.public()];
+    /// Every key whose versions and tags this node accepts, each with the datasets it may sign.
+    pub fn trusted_keys(&self) -> Result<Vec<TrustedKey>> {
+        let mut keys: Vec<TrustedKey> = vec![self.home.secret_key()?.public().into()];
         keys.extend(self.home.trusted_keys()?);
-        keys.extend(self.extra_trusted.iter().copied());
+        keys.extend(self.extra_trusted.iter().cloned());
         Ok(keys)
     }
 
-    /// Resolves a reference and verifies the version's signature against the trusted keys.
-    /// When the origin cannot be reached, a version seen before on this machine (by version
-    /// name or root id, not by tag) still opens from its cached, re-verified signed copy.
+    /// Refuses tags nobody re-signed for longer than `age` (a frozen origin serving an old
+    /// view); None accepts any age.
+    pub fn with_max_tag_age(mut self, age: Option<std::time::Duration>) -> Node {
+        self.max_tag_age = age;
+        self
+    }
+
+    /// Checks a tag that named a version: signed by a key trusted for the dataset, not older
+    /// than a tag this node accepted before (rollback), not older than the maximum tag age
+    /// (freeze). Remembers its sequence number.
+    fn check_tag(&self, dataset: &str, name: &str, tag: &AnyTag) -> Result<()> {
+        let where_ = self.origin.url();
+        let signed = match tag {
+            AnyTag::Signed(t) => t,
+            AnyTag::Unsigned(_) => {
+                return Err(Error::TagRefused(format!(
+                    "tag {dataset}@{name} in origin {where_} is unsigned (written by an older shoal); re-point it with `shoal tag {dataset}@{} {name}` to sign it",
+                    tag.version()
+                )))
+            }
+        };
+        signed.verify(dataset, name, &self.trusted_keys()?)?;
+        if let Some(max) = self.max_tag_age {
+            let age = publish::now_unix().saturating_sub(signed.body.updated_unix);
+            if age > max.as_secs() {
+                return Err(Error::TagRefused(format!(
+                    "tag {dataset}@{name} in origin {where_} was signed {} ago, longer than the maximum tag age ({}) allows; the origin may be frozen (serving an old view), or the publisher must re-sign it (`shoal tag`)",
+                    humantime::format_duration(std::time::Duration::from_secs(age)),
+                    humantime::format_duration(max)
+                )));
+            }
+        }
+        if let Err(seen) = self.home.accept_tag(dataset, name, signed.body.seq)? {
+            return Err(Error::TagRefused(format!(
+                "tag {dataset}@{name} in origin {where_} has sequence {}, older than sequence {seen} this node accepted before: the origin may have been rolled back (an old tag object put back); refusing it",
+                signed.body.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// Resolves a reference and verifies the version's signature against the trusted keys
+    /// (and the tag's, if a tag named it). When the origin cannot be reached, a version seen
+    /// before on this machine (by version name or root id, not by tag) still opens from its
+    /// cached, re-verified signed copy.
     pub async fn open_version(&self, reference: &DatasetRef) -> Result<(String, SignedVersion)> {
         let dataset = reference.dataset.as_str();
         match self.origin.resolve(reference).await {
-            Ok((version, signed)) => {
-                signed.verify(dataset, &version, &self.trusted_keys()?)?;
-                self.home.remember_version(dataset, &version, &signed);
-                Ok((version, signed))
+            Ok(r) => {
+                if let Some((name, tag)) = &r.tag {
+                    self.check_tag(dataset, name, tag)?;
+                }
+                r.signed
+                    .verify(dataset, &r.version, &self.trusted_keys()?)?;
+                self.home.remember_version(dataset, &r.version, &r.signed);
+                Ok((r.version, r.signed))
             }
             Err(e @ shoal_registry::OriginError::Store { .. }) => {
                 let Some((version, signed)) = self.home.cached_version(dataset, &reference.rev)?
@@ -205,14 +257,24 @@ impl Node {
             target.version.as_str(),
             &self.trusted_keys()?,
         )?;
-        self.origin
+        let key = self.home.secret_key()?;
+        let seq = self
+            .origin
             .set_tag(
                 &target.dataset,
                 tag.as_str(),
                 target.version.as_str(),
                 publish::now_unix(),
+                &key,
             )
             .await?;
-        Ok(format!("{}@{tag} -> {target}", target.dataset))
+        // This node wrote it: it will not accept an older one.
+        let _ = self
+            .home
+            .accept_tag(target.dataset.as_str(), tag.as_str(), seq)?;
+        Ok(format!(
+            "{}@{tag} -> {target} (sequence {seq})",
+            target.dataset
+        ))
     }
 }

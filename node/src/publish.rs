@@ -118,6 +118,56 @@ fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec
     Ok(out)
 }
 
+/// Refuses a source whose symlinks, followed through one another, lead outside it (each was
+/// checked alone while scanning).
+fn check_links(root: &Path, entries: &[ScanEntry]) -> Result<()> {
+    fn collect<'a>(
+        prefix: &str,
+        entries: &'a [ScanEntry],
+        kinds: &mut HashMap<String, tree::PathKind>,
+        links: &mut Vec<(String, &'a str)>,
+    ) {
+        for e in entries {
+            let p = if prefix.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{prefix}/{}", e.name)
+            };
+            match &e.kind {
+                ScanKind::Dir(children) => {
+                    collect(&p, children, kinds, links);
+                    kinds.insert(p, tree::PathKind::Dir);
+                }
+                ScanKind::Symlink(t) => {
+                    kinds.insert(p.clone(), tree::PathKind::Symlink(t.clone()));
+                    links.push((p, t));
+                }
+                ScanKind::File { .. } => {}
+            }
+        }
+    }
+    let (mut kinds, mut links) = (HashMap::new(), Vec::new());
+    collect("", entries, &mut kinds, &mut links);
+    for (p, target) in links {
+        let parts: Vec<&str> = p.split('/').collect();
+        let verdict = tree::resolve_symlink(&parts, target, |q| {
+            Ok::<_, std::convert::Infallible>(
+                kinds
+                    .get(&q.join("/"))
+                    .cloned()
+                    .unwrap_or(tree::PathKind::Missing),
+            )
+        });
+        if let Ok(Err(reason)) = verdict {
+            return Err(source_err(
+                &root.join(&p),
+                format!("symlink to {target:?} {reason}; only symlinks that stay inside the dataset can be published"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Decides which blobs are new and routes them into packs.
 struct Dedup {
     existing: HashMap<Hash, Hash>,
@@ -410,7 +460,9 @@ impl Node {
         let root_dir = dir.to_path_buf();
         let (entries, files) = tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
-            scan(&root_dir, 0, &mut files).map(|e| (e, files))
+            let entries = scan(&root_dir, 0, &mut files)?;
+            check_links(&root_dir, &entries)?;
+            Ok::<_, Error>((entries, files))
         })
         .await
         .expect("scan task panicked")?;
@@ -515,9 +567,10 @@ impl Node {
 
         let mut tags = Vec::new();
         for t in &opts.tags {
-            origin
-                .set_tag(name, t.as_str(), version, now_unix())
+            let seq = origin
+                .set_tag(name, t.as_str(), version, now_unix(), &key)
                 .await?;
+            let _ = self.home.accept_tag(name.as_str(), t.as_str(), seq)?;
             tags.push(t.to_string());
         }
         Ok(PublishReport {

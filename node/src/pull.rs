@@ -88,17 +88,54 @@ fn make_dir(path: &Path) -> Result<()> {
     }
 }
 
-fn write_file(node_store: &dyn crate::store::ChunkStore, dest: &Path, f: &WalkFile) -> Result<()> {
-    let path = dest.join(&f.path);
-    let parent = path.parent().unwrap_or(dest);
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = parent.join(format!(".{name}.shoal-partial"));
-    // Never open through whatever may already sit at the temporary name.
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("removing", &tmp)(e)),
+/// Prefix of the directory a pull writes files into before renaming each into place.
+const STAGING_PREFIX: &str = ".shoal-staging.";
+
+/// Makes the staging directory of a pull into `dest`: a name no entry at the top of the tree
+/// has (so no file of the dataset can collide with a file being written), after removing
+/// what killed pulls left behind.
+fn staging_dir(dest: &Path, top: &HashSet<&str>) -> Result<PathBuf> {
+    if let Ok(rd) = std::fs::read_dir(dest) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stale = name.strip_prefix(STAGING_PREFIX).is_some_and(|rest| {
+                rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+            if stale && !top.contains(name) && e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
+    loop {
+        let name = format!("{STAGING_PREFIX}{:016x}", rand::random::<u64>());
+        if top.contains(name.as_str()) {
+            continue;
+        }
+        let path = dest.join(&name);
+        match std::fs::create_dir(&path) {
+            Ok(()) => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io("setting mode of", &path))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io("creating directory", &path)(e)),
+        }
+    }
+}
+
+/// Writes file number `index` of the tree into the staging directory, then renames it into
+/// place: a file appears under its name only whole.
+fn write_file(
+    node_store: &dyn crate::store::ChunkStore,
+    dest: &Path,
+    staging: &Path,
+    index: usize,
+    f: &WalkFile,
+) -> Result<()> {
+    let path = dest.join(&f.path);
+    let tmp = staging.join(index.to_string());
     let result = (|| -> Result<()> {
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -241,11 +278,22 @@ impl Node {
                 for (d, _) in &tree.dirs {
                     make_dir(&dest.join(d))?;
                 }
-                tree.files.par_iter().try_for_each(|f| {
-                    write_file(store.as_ref(), &dest, f)?;
+                let top: HashSet<&str> = tree
+                    .dirs
+                    .iter()
+                    .map(|(p, _)| p.as_str())
+                    .chain(tree.files.iter().map(|f| f.path.as_str()))
+                    .chain(tree.symlinks.iter().map(|(p, _)| p.as_str()))
+                    .filter(|p| !p.contains('/'))
+                    .collect();
+                let staging = staging_dir(&dest, &top)?;
+                let written = tree.files.par_iter().enumerate().try_for_each(|(i, f)| {
+                    write_file(store.as_ref(), &dest, &staging, i, f)?;
                     progress.add(f.size);
                     Ok::<_, Error>(())
-                })?;
+                });
+                let _ = std::fs::remove_dir_all(&staging);
+                written?;
                 for (p, target) in &tree.symlinks {
                     let path = dest.join(p);
                     match std::fs::symlink_metadata(&path) {

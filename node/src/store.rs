@@ -24,6 +24,7 @@ use shoal_chunker::Hash;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -135,6 +136,10 @@ pub trait ChunkStore: Send + Sync {
     fn unpin(&self, name: &str) -> Result<bool, StoreError>;
     /// Drops every blob no pin needs and compacts; returns the disk bytes freed.
     fn gc(&self) -> Result<u64, StoreError>;
+    /// Counts blobs that left this store for good since it was opened (evicted from its last
+    /// tier, collected, dropped as corrupt): when it changes, a version held whole may no
+    /// longer be.
+    fn losses(&self) -> u64;
 }
 
 /// Where a live blob is in its segment, the CRC32 of its bytes (none in entries written
@@ -181,6 +186,8 @@ struct State {
     hits: u64,
     misses: u64,
     evictions: u64,
+    /// Blobs dropped (collected or corrupt) since the store was opened.
+    dropped: u64,
 }
 
 /// [`ChunkStore`] over sled and append-only segment files.
@@ -329,7 +336,10 @@ impl SegmentStore {
             source,
         };
         let segs_dir = dir.join("segments");
-        std::fs::create_dir_all(&segs_dir).map_err(io)?;
+        // Cached data is readable by this user only: the store directory (a disk tier may
+        // live outside the state directory) is 0700 and every segment 0600.
+        private_dir(dir).map_err(io)?;
+        private_dir(&segs_dir).map_err(io)?;
         let db_path = dir.join("index");
         let db = sled::Config::new()
             .path(&db_path)
@@ -375,7 +385,12 @@ impl SegmentStore {
                 .and_then(|s| s.strip_suffix(".seg"))
                 .and_then(|s| s.parse::<u32>().ok());
             if let Some(n) = n {
-                let size = e.metadata().map_err(io)?.len();
+                let meta = e.metadata().map_err(io)?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))
+                        .map_err(io)?;
+                }
+                let size = meta.len();
                 segs.insert(
                     n,
                     Seg {
@@ -440,6 +455,7 @@ impl SegmentStore {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|source| StoreError::Io { path, source })?;
         segs.entry(active).or_insert(Seg {
@@ -455,6 +471,7 @@ impl SegmentStore {
             hits: counter(&meta, "hits"),
             misses: counter(&meta, "misses"),
             evictions: counter(&meta, "evictions"),
+            dropped: 0,
         };
         let store = SegmentStore {
             dir: dir.to_path_buf(),
@@ -523,6 +540,7 @@ impl SegmentStore {
             .apply_batch(batch)
             .map_err(|e| self.db_err(e))?;
         st.policy.remove(id);
+        st.dropped += 1;
         Ok(())
     }
 
@@ -676,7 +694,22 @@ impl SegmentStore {
             }
         }
         let refs: Vec<(Hash, &[u8])> = copies.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+        let first = st.active;
         let mut batch = self.append(st, &refs)?;
+        // The copies are the only home of these blobs once the old segment is gone: they (and
+        // the directory entries of any segment the append started) reach the disk before the
+        // index points at them and the old segment is deleted.
+        if !refs.is_empty() {
+            for n in first..=st.active {
+                let path = self.seg_path(n);
+                File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(self.io_err(n))?;
+            }
+            File::open(self.dir.join("segments"))
+                .and_then(|d| d.sync_all())
+                .map_err(self.io_err(st.active))?;
+        }
         // The old segment's records go in the same atomic batch as the copies' new ones.
         for kv in self.records.scan_prefix(seg.to_be_bytes()) {
             let (k, _) = kv.map_err(|e| self.db_err(e))?;
@@ -735,6 +768,7 @@ impl SegmentStore {
         st.file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(self.io_err(next))?;
         st.active = next;
@@ -780,17 +814,6 @@ impl SegmentStore {
                 }
             }
         }
-    }
-
-    /// How many pins hold a blob.
-    fn pin_count(&self, id: &Hash) -> Result<u32, StoreError> {
-        Ok(self
-            .pinned
-            .get(id.as_bytes())
-            .map_err(|e| self.db_err(e))?
-            .and_then(|v| v.as_ref().try_into().ok())
-            .map(u32::from_be_bytes)
-            .unwrap_or(0))
     }
 
     /// [`ChunkStore::put_batch`], also returning (with `collect`) the verified bytes of every
@@ -867,6 +890,32 @@ impl SegmentStore {
         Ok(demoted)
     }
 
+    /// Runs `f` over the pins and pin counts as one sled transaction.
+    /// (evictions, blobs dropped since opening), for [`ChunkStore::losses`].
+    pub(crate) fn loss_counts(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.evictions, st.dropped)
+    }
+
+    /// Runs `f` over the pins and pin counts as one sled transaction.
+    fn pin_transaction(
+        &self,
+        f: impl Fn(
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+        ) -> sled::transaction::ConflictableTransactionResult<(), ()>,
+    ) -> Result<(), StoreError> {
+        use sled::Transactional;
+        (&self.pins, &self.pinned)
+            .transaction(|(pins, pinned)| f(pins, pinned))
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => self.db_err(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    self.db_err(sled::Error::ReportableBug("pin transaction aborted".into()))
+                }
+            })
+    }
+
     fn pin_list(&self, name: &str) -> Result<Option<Vec<(Hash, u32)>>, StoreError> {
         let Some(v) = self.pins.get(name).map_err(|e| self.db_err(e))? else {
             return Ok(None);
@@ -885,6 +934,11 @@ impl SegmentStore {
 }
 
 impl ChunkStore for SegmentStore {
+    fn losses(&self) -> u64 {
+        let (evicted, dropped) = self.loss_counts();
+        evicted + dropped
+    }
+
     fn contains(&self, id: &Hash) -> Result<bool, StoreError> {
         Ok(self.lock().seg_of.contains_key(id))
     }
@@ -988,13 +1042,20 @@ impl ChunkStore for SegmentStore {
         for (id, len) in blobs {
             list.extend_from_slice(id.as_bytes());
             list.extend_from_slice(&len.to_be_bytes());
-            let n = self.pin_count(id)?;
-            self.pinned
-                .insert(id.as_bytes(), &(n + 1).to_be_bytes())
-                .map_err(|e| self.db_err(e))?;
+        }
+        // The pin and every count it raises commit together or not at all: a kill part-way
+        // leaves the store as it was.
+        self.pin_transaction(|pins, pinned| {
+            for (id, _) in blobs {
+                let n = tx_count(pinned, id)?;
+                pinned.insert(id.as_bytes(), &(n + 1).to_be_bytes())?;
+            }
+            pins.insert(name, list.as_slice())?;
+            Ok(())
+        })?;
+        for (id, _) in blobs {
             st.policy.set_pinned(*id, true);
         }
-        self.pins.insert(name, list).map_err(|e| self.db_err(e))?;
         self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
     }
 
@@ -1003,20 +1064,36 @@ impl ChunkStore for SegmentStore {
         let Some(list) = self.pin_list(name)? else {
             return Ok(false);
         };
-        for (id, _) in list {
-            let n = self.pin_count(&id)?.max(1);
-            if n <= 1 {
+        // Pins and unpins hold the store lock, so the counts cannot change under this.
+        let released: Vec<Hash> = list
+            .iter()
+            .filter(|(id, _)| {
                 self.pinned
-                    .remove(id.as_bytes())
-                    .map_err(|e| self.db_err(e))?;
-                st.policy.set_pinned(id, false);
-            } else {
-                self.pinned
-                    .insert(id.as_bytes(), &(n - 1).to_be_bytes())
-                    .map_err(|e| self.db_err(e))?;
+                    .get(id.as_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|v| v.as_ref().try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0)
+                    <= 1
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        self.pin_transaction(|pins, pinned| {
+            for (id, _) in &list {
+                let n = tx_count(pinned, id)?.max(1);
+                if n <= 1 {
+                    pinned.remove(id.as_bytes())?;
+                } else {
+                    pinned.insert(id.as_bytes(), &(n - 1).to_be_bytes())?;
+                }
             }
+            pins.remove(name)?;
+            Ok(())
+        })?;
+        for id in released {
+            st.policy.set_pinned(id, false);
         }
-        self.pins.remove(name).map_err(|e| self.db_err(e))?;
         self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(true)
     }
@@ -1025,6 +1102,7 @@ impl ChunkStore for SegmentStore {
         let mut st = self.lock();
         let before: u64 = st.segs.values().map(|s| s.size).sum();
         let drop: Vec<Hash> = st.policy.clear_unpinned();
+        st.dropped += drop.len() as u64;
         let mut batch = sled::Batch::default();
         self.unindex(&mut st, &drop, &mut batch)?;
         self.records
@@ -1046,6 +1124,41 @@ impl ChunkStore for SegmentStore {
         drop_unused(&mut st);
         self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(before.saturating_sub(after))
+    }
+}
+
+/// How many pins hold `id`, read inside a pin transaction.
+fn tx_count(
+    pinned: &sled::transaction::TransactionalTree,
+    id: &Hash,
+) -> sled::transaction::ConflictableTransactionResult<u32, ()> {
+    Ok(pinned
+        .get(id.as_bytes())?
+        .and_then(|v| v.as_ref().try_into().ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0))
+}
+
+/// Creates `dir` (and its parents) or makes it 0700 if it is open to others.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            if m.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(p)?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -289,6 +289,19 @@ impl ChunkStore for TieredStore {
         self.disks[0].unpin(name)
     }
 
+    fn losses(&self) -> u64 {
+        // A slower tier keeps what a faster one evicts: only the last tier's evictions leave.
+        let last = self.disks.len() - 1;
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (evicted, dropped) = d.loss_counts();
+                dropped + if i == last { evicted } else { 0 }
+            })
+            .sum()
+    }
+
     fn gc(&self) -> Result<u64, StoreError> {
         if let Some(mut m) = self.mem() {
             let ids: Vec<Hash> = m.blobs.keys().copied().collect();

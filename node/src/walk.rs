@@ -133,5 +133,88 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
         }
         level = next;
     }
+    check_links(&out)?;
     Ok(out)
+}
+
+/// Refuses a tree with a symlink whose chain (through the tree's other links) leads outside
+/// it: each link was checked alone as its node was read, chains only now.
+fn check_links(tree: &Walked) -> Result<()> {
+    if tree.symlinks.is_empty() {
+        return Ok(());
+    }
+    // Files count as plain path components, like paths the tree does not have.
+    let mut kinds: std::collections::HashMap<&str, tree::PathKind> = tree
+        .dirs
+        .iter()
+        .map(|(p, _)| (p.as_str(), tree::PathKind::Dir))
+        .collect();
+    for (p, t) in &tree.symlinks {
+        kinds.insert(p.as_str(), tree::PathKind::Symlink(t.clone()));
+    }
+    for (p, target) in &tree.symlinks {
+        let parts: Vec<&str> = p.split('/').collect();
+        let verdict = tree::resolve_symlink(&parts, target, |q| {
+            Ok::<_, std::convert::Infallible>(
+                kinds
+                    .get(q.join("/").as_str())
+                    .cloned()
+                    .unwrap_or(tree::PathKind::Missing),
+            )
+        });
+        let Ok(Err(reason)) = verdict else { continue };
+        return Err(Error::Corrupt {
+            what: format!("symlink '/{p}' -> {target:?}"),
+            reason: reason.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether every blob of the version under `root` (tree nodes and chunks) is in `store` now,
+/// read from the store alone. A node announces a version as complete only while this holds.
+pub fn complete_locally(store: &dyn crate::store::ChunkStore, root: Hash) -> Result<bool> {
+    let mut level = vec![root];
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for id in level {
+            let Some(bytes) = store.get(&id)? else {
+                return Ok(false);
+            };
+            let Ok(dir) = Dir::decode(&bytes) else {
+                return Ok(false);
+            };
+            for e in dir.entries {
+                match e.kind {
+                    EntryKind::Dir { id, .. } => next.push(id),
+                    EntryKind::File { content, .. } => {
+                        let chunks = match content {
+                            FileContent::Chunks(c) => c,
+                            FileContent::Lists(lists) => {
+                                let mut all = Vec::new();
+                                for r in lists {
+                                    let Some(b) = store.get(&r.id)? else {
+                                        return Ok(false);
+                                    };
+                                    let Ok(list) = ChunkList::decode(&b, &r) else {
+                                        return Ok(false);
+                                    };
+                                    all.extend(list.chunks);
+                                }
+                                all
+                            }
+                        };
+                        for c in chunks {
+                            if !store.contains(&c.id)? {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                    EntryKind::Symlink { .. } => {}
+                }
+            }
+        }
+        level = next;
+    }
+    Ok(true)
 }

@@ -17,20 +17,21 @@ pub enum Kind {
     VersionBody = b'B',
     Version = b'V',
     Tag = b'T',
+    TagBody = b't',
     DatasetConfig = b'C',
 }
 
-/// The only format version written today.
+/// The format version of every kind but signed tags.
 pub const V1: u8 = 1;
+/// Tags signed by their publisher, with a sequence number (`Kind::Tag` only).
+pub const V2: u8 = 2;
 
 /// Why bytes could not be decoded as the expected object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("not a shoal {0:?} object (bad magic or kind)")]
     BadHeader(Kind),
-    #[error(
-        "{0:?} object has unsupported format version {1} (this shoal reads {V1}); upgrade shoal"
-    )]
+    #[error("{0:?} object has unsupported format version {1}; upgrade shoal")]
     UnsupportedVersion(Kind, u8),
     #[error("malformed {0:?} object: {1}")]
     Malformed(Kind, String),
@@ -39,21 +40,39 @@ pub enum DecodeError {
 }
 
 pub(crate) fn encode<T: Serialize>(kind: Kind, body: &T) -> Vec<u8> {
+    encode_v(kind, V1, body)
+}
+
+pub(crate) fn encode_v<T: Serialize>(kind: Kind, version: u8, body: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(MAGIC);
     out.push(kind as u8);
-    out.push(V1);
+    out.push(version);
     // Serializing plain data into a Vec cannot fail.
     postcard::to_io(body, &mut out).expect("postcard encoding into a Vec");
     out
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_v(kind, V1, bytes)
+}
+
+/// The format version of an object of `kind`.
+pub(crate) fn version_of(kind: Kind, bytes: &[u8]) -> Result<u8, DecodeError> {
     if bytes.len() < 5 || &bytes[..3] != MAGIC || bytes[3] != kind as u8 {
         return Err(DecodeError::BadHeader(kind));
     }
-    if bytes[4] != V1 {
-        return Err(DecodeError::UnsupportedVersion(kind, bytes[4]));
+    Ok(bytes[4])
+}
+
+pub(crate) fn decode_v<T: DeserializeOwned>(
+    kind: Kind,
+    version: u8,
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
+    let found = version_of(kind, bytes)?;
+    if found != version {
+        return Err(DecodeError::UnsupportedVersion(kind, found));
     }
     let (value, rest) = postcard::take_from_bytes(&bytes[5..])
         .map_err(|e| DecodeError::Malformed(kind, e.to_string()))?;

@@ -20,4 +20,7 @@ pub use format::DecodeError;
 pub use names::{DatasetName, DatasetRef, Label, NameError, Rev, VersionRef};
 pub use origin::{Origin, OriginError};
 pub use shoal_chunker::{Hash, Params};
-pub use version::{DatasetConfig, PublicKey, SecretKey, SignedVersion, Stats, Tag, VersionBody};
+pub use version::{
+    AnyTag, DatasetConfig, PublicKey, SecretKey, SignedTag, SignedVersion, Stats, Tag, TagBody,
+    TrustedKey, VersionBody,
+};

@@ -11,7 +11,7 @@
 use crate::format::DecodeError;
 use crate::names::{DatasetName, DatasetRef, Label, Rev};
 use crate::pack::PackIndex;
-use crate::version::{DatasetConfig, SignedVersion, Tag};
+use crate::version::{AnyTag, DatasetConfig, SecretKey, SignedTag, SignedVersion, TagBody};
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
@@ -42,6 +42,29 @@ pub enum OriginError {
     NotFound { origin: String, what: String },
     #[error("{what} already exists in origin {origin}")]
     AlreadyExists { origin: String, what: String },
+    #[error("origin {origin}: {key} is larger than a {kind} may be ({limit} bytes); refusing to read it")]
+    TooLarge {
+        origin: String,
+        key: String,
+        kind: &'static str,
+        limit: u64,
+    },
+}
+
+/// Largest version object read (a body naming hundreds of thousands of packs fits).
+pub const MAX_VERSION_OBJECT: u64 = 16 << 20;
+/// Largest tag or dataset settings object read.
+pub const MAX_SMALL_OBJECT: u64 = 64 << 10;
+/// Largest pack index read: what a peer may send as one blob.
+pub const MAX_PACK_INDEX: u64 = 64 << 20;
+
+/// A reference resolved at the origin: the version's name, its (unverified) object, and the
+/// (unverified) tag that led to it, if a tag did.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub version: String,
+    pub signed: SignedVersion,
+    pub tag: Option<(String, AnyTag)>,
 }
 
 /// A handle on one origin. Cheap to clone.
@@ -207,19 +230,41 @@ impl Origin {
         }
     }
 
-    /// Reads a whole object; `None` if it does not exist.
-    async fn get_opt(&self, key: &Path) -> Result<Option<(Bytes, UpdateVersion)>, OriginError> {
+    /// Reads a whole object of at most `limit` bytes (a `kind` of object, for the error);
+    /// `None` if it does not exist. The size the store reports is checked before any byte is
+    /// read, and the bytes as they stream in, so a huge object costs nothing.
+    async fn get_opt(
+        &self,
+        key: &Path,
+        kind: &'static str,
+        limit: u64,
+    ) -> Result<Option<(Bytes, UpdateVersion)>, OriginError> {
+        use futures::StreamExt;
+        let too_large = || OriginError::TooLarge {
+            origin: self.url.clone(),
+            key: key.to_string(),
+            kind,
+            limit,
+        };
         match self.store.get(key).await {
             Ok(r) => {
                 let version = UpdateVersion {
                     e_tag: r.meta.e_tag.clone(),
                     version: r.meta.version.clone(),
                 };
-                let bytes = r
-                    .bytes()
-                    .await
-                    .map_err(|e| self.store_err("reading", key, e))?;
-                Ok(Some((bytes, version)))
+                if r.meta.size > limit {
+                    return Err(too_large());
+                }
+                let mut out = bytes::BytesMut::with_capacity(r.meta.size as usize);
+                let mut stream = r.into_stream();
+                while let Some(part) = stream.next().await {
+                    let part = part.map_err(|e| self.store_err("reading", key, e))?;
+                    if (out.len() + part.len()) as u64 > limit {
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(&part);
+                }
+                Ok(Some((out.freeze(), version)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.store_err("reading", key, e)),
@@ -260,7 +305,10 @@ impl Origin {
         name: &DatasetName,
     ) -> Result<Option<DatasetConfig>, OriginError> {
         let key = self.key(&Self::dataset_key(name, "_dataset"));
-        match self.get_opt(&key).await? {
+        match self
+            .get_opt(&key, "dataset settings object", MAX_SMALL_OBJECT)
+            .await?
+        {
             Some((b, _)) => Ok(Some(
                 DatasetConfig::decode(&b).map_err(|e| self.corrupt(&key, e))?,
             )),
@@ -296,7 +344,10 @@ impl Origin {
         version: &str,
     ) -> Result<Option<SignedVersion>, OriginError> {
         let key = self.key(&Self::dataset_key(name, &format!("_versions/{version}")));
-        match self.get_opt(&key).await? {
+        match self
+            .get_opt(&key, "version object", MAX_VERSION_OBJECT)
+            .await?
+        {
             Some((b, _)) => Ok(Some(
                 SignedVersion::decode(&b).map_err(|e| self.corrupt(&key, e))?,
             )),
@@ -350,60 +401,80 @@ impl Origin {
         self.list_names(&Self::dataset_key(name, "_tags")).await
     }
 
-    pub async fn tag(&self, name: &DatasetName, tag: &str) -> Result<Option<Tag>, OriginError> {
+    /// A tag object (its signature not yet checked: see [`SignedTag::verify`]).
+    pub async fn tag(&self, name: &DatasetName, tag: &str) -> Result<Option<AnyTag>, OriginError> {
         let key = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
-        match self.get_opt(&key).await? {
-            Some((b, _)) => Ok(Some(Tag::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
+        match self.get_opt(&key, "tag object", MAX_SMALL_OBJECT).await? {
+            Some((b, _)) => Ok(Some(AnyTag::decode(&b).map_err(|e| self.corrupt(&key, e))?)),
             None => Ok(None),
         }
     }
 
-    /// Points `tag` at `version`. The write is a compare-and-swap against the tag as it was
-    /// read, retried on conflict, so concurrent movers serialise and no write is torn. A store
-    /// without conditional update (a local directory) falls back to its atomic overwrite.
+    /// Points `tag` at `version`, signed with `key`, one sequence number past the tag it
+    /// replaces (whatever that one's signature: the sequence only has to grow). The write is a
+    /// compare-and-swap against the tag as it was read, retried on conflict, so concurrent
+    /// movers serialise and each gets its own number. A store without conditional update (a
+    /// local directory) falls back to its atomic overwrite. Returns the sequence written.
     pub async fn set_tag(
         &self,
         name: &DatasetName,
         tag: &str,
         version: &str,
         now: u64,
-    ) -> Result<(), OriginError> {
-        let key = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
-        let body: Bytes = Tag {
-            version: version.to_string(),
-            updated_unix: now,
-        }
-        .encode()
-        .into();
+        key: &SecretKey,
+    ) -> Result<u64, OriginError> {
+        let path = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
         for _ in 0..10 {
-            let mode = match self.get_opt(&key).await? {
+            let current = self.get_opt(&path, "tag object", MAX_SMALL_OBJECT).await?;
+            let seq = current
+                .as_ref()
+                .and_then(|(b, _)| AnyTag::decode(b).ok())
+                .map_or(0, |t| t.seq())
+                + 1;
+            let body: Bytes = SignedTag::sign(
+                TagBody {
+                    dataset: name.to_string(),
+                    tag: tag.to_string(),
+                    version: version.to_string(),
+                    seq,
+                    updated_unix: now,
+                    publisher: [0; 32],
+                },
+                key,
+            )
+            .encode()
+            .into();
+            let mode = match current {
                 None => PutMode::Create,
                 Some((_, v)) => PutMode::Update(v),
             };
             match self
                 .store
                 .put_opts(
-                    &key,
+                    &path,
                     PutPayload::from_bytes(body.clone()),
                     PutOptions::from(mode),
                 )
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(seq),
                 Err(
                     object_store::Error::Precondition { .. }
                     | object_store::Error::AlreadyExists { .. },
                 ) => continue,
                 Err(object_store::Error::NotImplemented) => {
-                    return self.put(&key, body, PutMode::Overwrite).await;
+                    return self
+                        .put(&path, body, PutMode::Overwrite)
+                        .await
+                        .map(|()| seq);
                 }
-                Err(e) => return Err(self.store_err("writing", &key, e)),
+                Err(e) => return Err(self.store_err("writing", &path, e)),
             }
         }
         Err(OriginError::Store {
             origin: self.url.clone(),
             op: "moving tag",
-            key: key.to_string(),
+            key: path.to_string(),
             source: Box::new(object_store::Error::Generic {
                 store: "shoal",
                 source: "tag kept changing under us after 10 attempts".into(),
@@ -411,23 +482,32 @@ impl Origin {
         })
     }
 
-    /// Resolves a reference to a version name and its (unverified) version object.
-    pub async fn resolve(&self, r: &DatasetRef) -> Result<(String, SignedVersion), OriginError> {
+    /// Resolves a reference to a version name and its (unverified) version object, with the
+    /// (unverified) tag that named it, if a tag did.
+    pub async fn resolve(&self, r: &DatasetRef) -> Result<Resolved, OriginError> {
         let name = &r.dataset;
         match &r.rev {
             Rev::Label(label) => {
                 if let Some(v) = self.version(name, label.as_str()).await? {
-                    return Ok((label.to_string(), v));
+                    return Ok(Resolved {
+                        version: label.to_string(),
+                        signed: v,
+                        tag: None,
+                    });
                 }
                 if let Some(tag) = self.tag(name, label.as_str()).await? {
-                    let target: Label = tag.version.parse().map_err(|e| {
+                    let target: Label = tag.version().parse().map_err(|e| {
                         self.corrupt(
                             &self.key(&Self::dataset_key(name, &format!("_tags/{label}"))),
                             e,
                         )
                     })?;
                     if let Some(v) = self.version(name, target.as_str()).await? {
-                        return Ok((target.to_string(), v));
+                        return Ok(Resolved {
+                            version: target.to_string(),
+                            signed: v,
+                            tag: Some((label.to_string(), tag)),
+                        });
                     }
                     return Err(OriginError::NotFound {
                         origin: self.url.clone(),
@@ -443,7 +523,11 @@ impl Origin {
                 for version in self.list_versions(name).await? {
                     if let Some(v) = self.version(name, &version).await? {
                         if v.body.root == *root {
-                            return Ok((version, v));
+                            return Ok(Resolved {
+                                version,
+                                signed: v,
+                                tag: None,
+                            });
                         }
                     }
                 }
@@ -488,7 +572,7 @@ impl Origin {
     pub async fn pack_index(&self, id: &Hash) -> Result<(PackIndex, Bytes), OriginError> {
         let key = self.key(&Self::pack_key(id, "idx"));
         let (bytes, _) = self
-            .get_opt(&key)
+            .get_opt(&key, "pack index", MAX_PACK_INDEX)
             .await?
             .ok_or_else(|| OriginError::NotFound {
                 origin: self.url.clone(),

@@ -126,6 +126,86 @@ pub fn check_symlink(depth: usize, target: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// What a path of a tree is, as [`resolve_symlink`] asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathKind {
+    Dir,
+    File,
+    Symlink(String),
+    /// Nothing in the tree has this path.
+    Missing,
+}
+
+/// Symlinks followed at most while resolving one (Linux's limit).
+pub const MAX_LINK_FOLLOWS: usize = 40;
+
+/// Why a symlink is refused once its whole chain is followed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("{0}")]
+    Target(&'static str),
+    #[error("resolves outside the dataset (through {through})")]
+    Escapes { through: String },
+    #[error("more than {MAX_LINK_FOLLOWS} symlinks in its chain (a loop?)")]
+    Loop,
+}
+
+/// Follows the symlink at `link` (path components from the root) to where it leads, through
+/// every symlink of the tree on the way, and fails if any step climbs above the root or the
+/// chain does not end. `lookup` says what a path of the tree is. Components the tree does not
+/// have, or that are files, are taken as plain directories: a pull may write into a
+/// directory holding more than the tree, so only the lexical path counts there.
+///
+/// Each link alone may stay inside (`a/b -> ..`) while a chain through it escapes
+/// (`x -> a/b/a/b/../../../etc`): checking one link at a time is not enough.
+pub fn resolve_symlink<E>(
+    link: &[&str],
+    target: &str,
+    mut lookup: impl FnMut(&[String]) -> Result<PathKind, E>,
+) -> Result<Result<(), LinkError>, E> {
+    let Some((_, parent)) = link.split_last() else {
+        return Ok(Err(LinkError::Target("a symlink cannot be the root")));
+    };
+    let mut cur: Vec<String> = parent.iter().map(|s| s.to_string()).collect();
+    if let Err(r) = check_symlink(cur.len(), target) {
+        return Ok(Err(LinkError::Target(r)));
+    }
+    let mut pending: std::collections::VecDeque<String> =
+        target.split('/').map(str::to_string).collect();
+    let mut follows = 0;
+    let mut through = link.join("/");
+    while let Some(part) = pending.pop_front() {
+        match part.as_str() {
+            "" | "." => {}
+            ".." => {
+                if cur.pop().is_none() {
+                    return Ok(Err(LinkError::Escapes { through }));
+                }
+            }
+            name => {
+                cur.push(name.to_string());
+                if let PathKind::Symlink(t) = lookup(&cur)? {
+                    follows += 1;
+                    if follows > MAX_LINK_FOLLOWS {
+                        return Ok(Err(LinkError::Loop));
+                    }
+                    if t.starts_with('/') {
+                        return Ok(Err(LinkError::Escapes {
+                            through: cur.join("/"),
+                        }));
+                    }
+                    through = cur.join("/");
+                    cur.pop();
+                    for p in t.split('/').rev() {
+                        pending.push_front(p.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
 impl Entry {
     /// Bytes of file content under this entry (a file's size, a directory's total).
     pub fn bytes(&self) -> u64 {
@@ -339,6 +419,75 @@ mod tests {
         assert!(check_symlink(0, "../a").is_err());
         assert!(check_symlink(1, "x/../../..").is_err());
         assert!(check_symlink(3, "/etc/passwd").is_err());
+    }
+
+    /// One tree of paths and link targets, then each link and whether it escapes.
+    fn check_links(tree: &[(&str, Option<&str>)], cases: &[(&str, Result<(), &str>)]) {
+        let kinds: std::collections::HashMap<String, PathKind> = tree
+            .iter()
+            .map(|(p, t)| {
+                let k = match t {
+                    Some("/") => PathKind::Dir,
+                    Some(t) => PathKind::Symlink(t.to_string()),
+                    None => PathKind::File,
+                };
+                (p.to_string(), k)
+            })
+            .collect();
+        for (link, want) in cases {
+            let Some(PathKind::Symlink(target)) = kinds.get(*link) else {
+                panic!("{link} is not a link of the tree")
+            };
+            let parts: Vec<&str> = link.split('/').collect();
+            let got = resolve_symlink(&parts, target, |p| {
+                Ok::<_, ()>(
+                    kinds
+                        .get(&p.join("/"))
+                        .cloned()
+                        .unwrap_or(PathKind::Missing),
+                )
+            })
+            .unwrap();
+            match (got, want) {
+                (Ok(()), Ok(())) => {}
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{link}: {e} lacks {w}"),
+                (got, want) => panic!("{link}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn symlink_chains_are_followed() {
+        check_links(
+            &[
+                ("a", Some("/")),
+                ("a/b", Some("..")),
+                ("x", Some("a/b/a/b/a/b/../../../../../../etc/passwd")),
+                ("y", Some("a/b/a/b/f")),
+                ("f", None),
+                ("d", Some("/")),
+                ("d/up", Some("../..")),
+                ("d/ok", Some("../f")),
+                ("loop1", Some("loop2")),
+                ("loop2", Some("loop1")),
+                ("via", Some("d/up/x")),
+                ("abs", Some("/etc")),
+                ("ghost", Some("nothing/../f")),
+                ("ghost2", Some("nothing/../../f")),
+            ],
+            &[
+                ("a/b", Ok(())),
+                ("x", Err("outside the dataset (through a/b)")),
+                ("y", Ok(())),
+                ("d/up", Err("outside the dataset")),
+                ("d/ok", Ok(())),
+                ("loop1", Err("more than 40 symlinks")),
+                ("via", Err("outside the dataset (through d/up)")),
+                ("abs", Err("absolute")),
+                ("ghost", Ok(())),
+                ("ghost2", Err("outside the dataset")),
+            ],
+        );
     }
 
     #[test]

@@ -42,6 +42,81 @@ impl FromStr for PublicKey {
     }
 }
 
+/// A key trusted to sign versions and tags, of every dataset or of those whose names match
+/// one of its patterns (`org/*`; `*` matches any run of characters, `/` included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey {
+    pub key: PublicKey,
+    /// Empty: every dataset.
+    pub datasets: Vec<String>,
+}
+
+impl From<PublicKey> for TrustedKey {
+    fn from(key: PublicKey) -> TrustedKey {
+        TrustedKey {
+            key,
+            datasets: Vec::new(),
+        }
+    }
+}
+
+impl TrustedKey {
+    /// Whether this key may sign for `dataset`.
+    pub fn covers(&self, dataset: &str) -> bool {
+        self.datasets.is_empty() || self.datasets.iter().any(|p| glob_match(p, dataset))
+    }
+
+    /// `KEY` or `KEY PATTERN[,PATTERN...]`, as in the trusted keys file.
+    pub fn parse_line(line: &str) -> Result<TrustedKey, KeyParseError> {
+        let mut parts = line.split_whitespace();
+        let key: PublicKey = parts.next().unwrap_or("").parse()?;
+        let datasets: Vec<String> = parts
+            .flat_map(|p| p.split(','))
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        Ok(TrustedKey { key, datasets })
+    }
+}
+
+impl fmt::Display for TrustedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.key)?;
+        if !self.datasets.is_empty() {
+            write!(f, " {}", self.datasets.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    glob::Pattern::new(pattern).is_ok_and(|p| p.matches(name))
+}
+
+/// Which trusted key (if any) may sign for `dataset`: Ok, or why not.
+fn check_trust(
+    what: &str,
+    dataset: &str,
+    publisher: PublicKey,
+    trusted: &[TrustedKey],
+) -> Result<(), VerifyError> {
+    let mine: Vec<&TrustedKey> = trusted.iter().filter(|t| t.key == publisher).collect();
+    if mine.is_empty() {
+        return Err(VerifyError::Untrusted(what.to_string(), publisher));
+    }
+    if mine.iter().any(|t| t.covers(dataset)) {
+        return Ok(());
+    }
+    let scope: Vec<String> = mine.iter().flat_map(|t| t.datasets.clone()).collect();
+    Err(VerifyError::OutOfScope {
+        what: what.to_string(),
+        key: publisher,
+        dataset: dataset.to_string(),
+        scope: scope.join(","),
+    })
+}
+
 /// A publisher's secret key.
 pub struct SecretKey(SigningKey);
 
@@ -105,14 +180,23 @@ pub struct SignedVersion {
 /// A version that fails verification.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VerifyError {
-    #[error("version {0} is signed by {1}, which is not a trusted key; run `shoal trust {1}` if you trust this publisher")]
+    #[error("{0} is signed by {1}, which is not a trusted key; run `shoal trust {1}` if you trust this publisher")]
     Untrusted(String, PublicKey),
-    #[error("version {0} has an invalid signature (claimed publisher {1}); the origin may be tampered with")]
+    #[error(
+        "{0} has an invalid signature (claimed publisher {1}); the origin may be tampered with"
+    )]
     BadSignature(String, PublicKey),
     #[error(
         "version object at {path} describes {found}; refusing a version stored under another name"
     )]
     Misplaced { path: String, found: String },
+    #[error("{what} is signed by {key}, which is trusted only for datasets {scope}, not {dataset}; widen it with `shoal trust {key} --datasets PATTERN` if this publisher may sign {dataset}")]
+    OutOfScope {
+        what: String,
+        key: PublicKey,
+        dataset: String,
+        scope: String,
+    },
 }
 
 impl SignedVersion {
@@ -162,7 +246,7 @@ impl SignedVersion {
         &self,
         dataset: &str,
         version: &str,
-        trusted: &[PublicKey],
+        trusted: &[TrustedKey],
     ) -> Result<(), VerifyError> {
         let name = format!("{}@{}", self.body.dataset, self.body.version);
         if self.body.dataset != dataset || self.body.version != version {
@@ -177,12 +261,14 @@ impl SignedVersion {
             .zip(Signature::from_slice(&self.signature).ok());
         match ok {
             Some((key, sig)) if key.verify(&self.body_bytes, &sig).is_ok() => {}
-            _ => return Err(VerifyError::BadSignature(name, publisher)),
+            _ => {
+                return Err(VerifyError::BadSignature(
+                    format!("version {name}"),
+                    publisher,
+                ))
+            }
         }
-        if !trusted.contains(&publisher) {
-            return Err(VerifyError::Untrusted(name, publisher));
-        }
-        Ok(())
+        check_trust(&format!("version {name}"), dataset, publisher, trusted)
     }
 
     /// For tests that need a forged object: replaces the signature bytes.
@@ -193,7 +279,8 @@ impl SignedVersion {
     }
 }
 
-/// A tag: a mutable pointer to a version name.
+/// A tag as written before tags were signed: a bare pointer, no signature, no sequence.
+/// Still decoded, so that it can be reported and replaced; never followed (see [`AnyTag`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tag {
     pub version: String,
@@ -206,6 +293,131 @@ impl Tag {
     }
     pub fn decode(bytes: &[u8]) -> Result<Tag, DecodeError> {
         format::decode(Kind::Tag, bytes)
+    }
+}
+
+/// What a publisher signs to point a tag at a version. The sequence number grows by one at
+/// each move, so a node that saw sequence `n` refuses anything older (a rollback); the time
+/// lets a node refuse a tag nobody re-signed for too long (a frozen origin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagBody {
+    pub dataset: String,
+    pub tag: String,
+    pub version: String,
+    pub seq: u64,
+    pub updated_unix: u64,
+    pub publisher: [u8; 32],
+}
+
+/// A signed tag as stored in an origin (`Kind::Tag`, format version 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedTag {
+    pub body: TagBody,
+    body_bytes: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+/// A tag object of either format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyTag {
+    Signed(SignedTag),
+    /// Written by a shoal from before signed tags: refused until re-pointed (`shoal tag`).
+    Unsigned(Tag),
+}
+
+impl AnyTag {
+    pub fn decode(bytes: &[u8]) -> Result<AnyTag, DecodeError> {
+        match format::version_of(Kind::Tag, bytes)? {
+            format::V1 => Tag::decode(bytes).map(AnyTag::Unsigned),
+            _ => SignedTag::decode(bytes).map(AnyTag::Signed),
+        }
+    }
+
+    /// The version it points at.
+    pub fn version(&self) -> &str {
+        match self {
+            AnyTag::Signed(t) => &t.body.version,
+            AnyTag::Unsigned(t) => &t.version,
+        }
+    }
+
+    /// Its sequence number (0 for an unsigned tag).
+    pub fn seq(&self) -> u64 {
+        match self {
+            AnyTag::Signed(t) => t.body.seq,
+            AnyTag::Unsigned(_) => 0,
+        }
+    }
+}
+
+impl SignedTag {
+    pub fn sign(body: TagBody, key: &SecretKey) -> SignedTag {
+        let mut body = body;
+        body.publisher = key.public().0;
+        let body_bytes = format::encode_v(Kind::TagBody, format::V1, &body);
+        let signature = key.0.sign(&body_bytes).to_bytes().to_vec();
+        SignedTag {
+            body,
+            body_bytes,
+            signature,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        format::encode_v(
+            Kind::Tag,
+            format::V2,
+            &Envelope {
+                body: self.body_bytes.clone(),
+                signature: self.signature.clone(),
+            },
+        )
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<SignedTag, DecodeError> {
+        let env: Envelope = format::decode_v(Kind::Tag, format::V2, bytes)?;
+        let body: TagBody = format::decode(Kind::TagBody, &env.body)?;
+        Ok(SignedTag {
+            body,
+            body_bytes: env.body,
+            signature: env.signature,
+        })
+    }
+
+    pub fn publisher(&self) -> PublicKey {
+        PublicKey(self.body.publisher)
+    }
+
+    /// Checks that the tag is `dataset@tag`, signed validly by a key trusted for the dataset.
+    pub fn verify(
+        &self,
+        dataset: &str,
+        tag: &str,
+        trusted: &[TrustedKey],
+    ) -> Result<(), VerifyError> {
+        let name = format!("tag {}@{}", self.body.dataset, self.body.tag);
+        if self.body.dataset != dataset || self.body.tag != tag {
+            return Err(VerifyError::Misplaced {
+                path: format!("{dataset}@{tag}"),
+                found: name,
+            });
+        }
+        let publisher = self.publisher();
+        let ok = VerifyingKey::from_bytes(&self.body.publisher)
+            .ok()
+            .zip(Signature::from_slice(&self.signature).ok());
+        match ok {
+            Some((key, sig)) if key.verify(&self.body_bytes, &sig).is_ok() => {}
+            _ => return Err(VerifyError::BadSignature(name, publisher)),
+        }
+        check_trust(&name, dataset, publisher, trusted)
+    }
+
+    /// For tests that need a forged object: replaces the signature bytes.
+    #[doc(hidden)]
+    pub fn with_signature(mut self, signature: Vec<u8>) -> SignedTag {
+        self.signature = signature;
+        self
     }
 }
 
@@ -256,23 +468,95 @@ mod tests {
         let other = SecretKey::from_bytes([2; 32]);
         let v = SignedVersion::sign(body(), &key);
         let v = SignedVersion::decode(&v.encode()).unwrap();
-        v.verify("imagenet", "v1", &[key.public()]).unwrap();
-        let err = v.verify("imagenet", "v1", &[other.public()]).unwrap_err();
+        v.verify("imagenet", "v1", &[key.public().into()]).unwrap();
+        let err = v
+            .verify("imagenet", "v1", &[other.public().into()])
+            .unwrap_err();
         assert!(err.to_string().contains(&key.public().to_string()), "{err}");
         assert!(matches!(
-            v.verify("imagenet", "v2", &[key.public()]),
+            v.verify("imagenet", "v2", &[key.public().into()]),
             Err(VerifyError::Misplaced { .. })
         ));
         let forged = v.clone().with_signature(vec![0; 64]);
         assert!(matches!(
-            forged.verify("imagenet", "v1", &[key.public()]),
+            forged.verify("imagenet", "v1", &[key.public().into()]),
             Err(VerifyError::BadSignature(..))
         ));
         let unsigned = v.with_signature(vec![]);
         assert!(matches!(
-            unsigned.verify("imagenet", "v1", &[key.public()]),
+            unsigned.verify("imagenet", "v1", &[key.public().into()]),
             Err(VerifyError::BadSignature(..))
         ));
+    }
+
+    #[test]
+    fn scoped_keys_sign_only_their_datasets() {
+        let key = SecretKey::from_bytes([1; 32]);
+        let v = SignedVersion::sign(body(), &key);
+        let line = format!("{} org/*,imagenet-?", key.public());
+        let scoped = TrustedKey::parse_line(&line).unwrap();
+        assert_eq!(scoped.to_string(), line);
+        assert!(scoped.covers("org/laion") && scoped.covers("org/a/b"));
+        assert!(!scoped.covers("imagenet") && !scoped.covers("other/org"));
+        let err = v.verify("imagenet", "v1", &[scoped.clone()]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, VerifyError::OutOfScope { .. })
+                && msg.contains("imagenet")
+                && msg.contains(&key.public().to_string())
+                && msg.contains("org/*"),
+            "{msg}"
+        );
+        // The same key trusted twice, once for everything: the wider grant wins.
+        v.verify("imagenet", "v1", &[scoped, key.public().into()])
+            .unwrap();
+    }
+
+    #[test]
+    fn signed_tags_verify_and_old_ones_decode() {
+        let key = SecretKey::from_bytes([1; 32]);
+        let body = TagBody {
+            dataset: "imagenet".into(),
+            tag: "latest".into(),
+            version: "v3".into(),
+            seq: 7,
+            updated_unix: 1_700_000_000,
+            publisher: [0; 32],
+        };
+        let t = SignedTag::sign(body, &key);
+        let bytes = t.encode();
+        assert_eq!(&bytes[..5], b"SHLT\x02");
+        let AnyTag::Signed(back) = AnyTag::decode(&bytes).unwrap() else {
+            panic!("a signed tag decodes as signed")
+        };
+        assert_eq!(back, t);
+        back.verify("imagenet", "latest", &[key.public().into()])
+            .unwrap();
+        assert!(matches!(
+            back.verify("imagenet", "stable", &[key.public().into()]),
+            Err(VerifyError::Misplaced { .. })
+        ));
+        assert!(matches!(
+            back.verify("other", "latest", &[key.public().into()]),
+            Err(VerifyError::Misplaced { .. })
+        ));
+        let other = SecretKey::from_bytes([2; 32]);
+        assert!(matches!(
+            back.verify("imagenet", "latest", &[other.public().into()]),
+            Err(VerifyError::Untrusted(..))
+        ));
+        let forged = back.with_signature(vec![0; 64]);
+        assert!(matches!(
+            forged.verify("imagenet", "latest", &[key.public().into()]),
+            Err(VerifyError::BadSignature(..))
+        ));
+        let old = Tag {
+            version: "v1".into(),
+            updated_unix: 5,
+        };
+        let any = AnyTag::decode(&old.encode()).unwrap();
+        assert_eq!((any.version(), any.seq()), ("v1", 0));
+        assert!(matches!(any, AnyTag::Unsigned(_)));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The bulk channel: chunk bytes between two nodes.
 //!
 //! One TCP connection per pair of peers, TLS 1.3 with libp2p identity certificates (the server
-//! learns the client's peer id from its certificate, the client checks the server's), then:
+//! learns the client's peer id from its certificate, the client checks the server's), then
+//! admission: the client sends its 32-byte proof of the cluster key (zeros without one), the
+//! server checks it (see [`super::admission`]) and answers with its own, or closes. Then:
 //!
 //! - request: `u32 n` (big-endian), then `n` 32-byte blob ids; with the top bit of `n` set
 //!   (a *through* request), a 32-byte version root comes before the ids, and the server
@@ -9,12 +11,20 @@
 //!   (mounting nodes share the origin reads of a cold version that way);
 //! - response, per id in order: `u32 len` and `len` bytes, or `u32::MAX` for "not here".
 //!
-//! A client keeps many requests in flight; the server answers them in order. The client
-//! verifies every blob against its id before storing it: a peer cannot make this node store
-//! or serve a byte that does not hash to what was asked for.
+//! A client keeps many requests in flight; the server answers them in order, each with at most
+//! [`MAX_ANSWER`] bytes of blobs (those past it are "not here"). The client verifies every blob
+//! against its id before storing it: a peer cannot make this node store or serve a byte that
+//! does not hash to what was asked for.
+//!
+//! The server holds little for any one connection: answers are read from the store a group at
+//! a time, just ahead of the socket ([`Limits::conn_buffer`] bytes at most, plus the blobs a
+//! through request fetched), and a client that stops reading is dropped once a write makes no
+//! progress for [`Limits::write_secs`].
 
+use super::admission::{Channel, Verdict};
 use super::Swarm;
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::store::Retain;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -33,8 +43,17 @@ const MISSING: u32 = u32::MAX;
 const THROUGH: u32 = 1 << 31;
 /// How long a server waits on its origin for a through request.
 const THROUGH_WAIT: Duration = Duration::from_secs(60);
-/// Requests of one connection prepared at once (their answers still go out in order).
-const PIPELINE: usize = 8;
+/// Through requests of one connection whose origin reads run at once (their answers still go
+/// out in order).
+const PIPELINE: usize = 4;
+/// Most bytes of blobs in one answer: the rest of its ids are answered "not here". Clients ask
+/// for about 4 MiB at a time; a mount asks for up to 128 chunks (16 MiB at the largest chunk
+/// size).
+pub const MAX_ANSWER: u64 = 16 << 20;
+/// Bytes of blobs read from the store at once for an answer (one write's worth).
+const GROUP: u64 = 1 << 20;
+/// Requests read ahead of the answers.
+const REQUESTS_AHEAD: usize = 16;
 /// Most ids in one request.
 pub const MAX_IDS: usize = 1024;
 /// Bytes read from the socket at once by a client (below TLS).
@@ -134,10 +153,38 @@ impl Client {
         let config = super::tls::client(&swarm.keypair, peer).map_err(tls_err)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        let me = swarm.peer_id;
+        let admit = async {
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            // Each side proves the cluster key; the server answers only a good proof.
+            let mine = swarm.admission.my_proof(Channel::Bulk, &me, &peer);
+            tls.write_all(&mine).await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            let mut theirs = [0u8; 32];
+            tls.read_exact(&mut theirs).await.map_err(|_| {
+                "closed during admission (does it hold the same cluster key?)".to_string()
+            })?;
+            match swarm
+                .admission
+                .decide(Channel::Bulk, &me, &peer, Some(addr.ip()), Some(&theirs))
+            {
+                Verdict::Admit => Ok(tls),
+                Verdict::NeedProof | Verdict::Refuse(_) => {
+                    Err("it did not prove the cluster key".to_string())
+                }
+            }
+        };
+        let tls = tokio::time::timeout(swarm.limits.handshake(), admit)
             .await
-            .map_err(|_| Error::Net(format!("TLS with peer {peer} at {addr}: timed out")))?
-            .map_err(|e| Error::Net(format!("TLS with peer {peer} at {addr}: {e}")))?;
+            .map_err(|_| {
+                Error::Net(format!(
+                    "bulk channel to peer {peer} at {addr}: handshake timed out"
+                ))
+            })?
+            .map_err(|e| Error::Net(format!("bulk channel to peer {peer} at {addr}: {e}")))?;
         let (r, w) = tokio::io::split(tls);
         let (tx, mut rx) = mpsc::channel::<Request>(64);
         let (ptx, mut prx) = mpsc::unbounded_channel::<Pending>();
@@ -348,79 +395,153 @@ impl Client {
     }
 }
 
-/// The blobs of one request: from the store (or the pack index cache), then, for a through
-/// request, what is missing from the origin.
-async fn answer(
-    swarm: Arc<Swarm>,
-    peer: PeerId,
+/// A request as read from a client.
+struct Asked {
     ids: Vec<Hash>,
     through: Option<Hash>,
-) -> Vec<Option<Bytes>> {
-    let sw = swarm.clone();
-    let (ids, mut blobs) = tokio::task::spawn_blocking(move || {
-        let blobs: Vec<Option<Bytes>> = ids
-            .iter()
-            .map(|id| match sw.store.get_for_peer(id) {
-                Ok(Some(b)) => Some(Bytes::from(b)),
-                _ => std::fs::read(sw.pack_cache.join(format!("{id}.idx")))
-                    .ok()
-                    .filter(|b| id.verify(b))
-                    .map(Bytes::from),
-            })
-            .collect();
-        (ids, blobs)
-    })
-    .await
-    .expect("store task panicked");
-    if let Some(root) = through {
-        fill_through(&swarm, &peer, &root, &ids, &mut blobs).await;
-    }
-    blobs
 }
 
-/// For a through request: fetches the blobs this node lacks from its origin, if it mounts
-/// `root`; what cannot be had within [`THROUGH_WAIT`] stays "not here".
-async fn fill_through(
-    swarm: &Arc<Swarm>,
-    peer: &PeerId,
-    root: &Hash,
-    ids: &[Hash],
-    blobs: &mut [Option<Bytes>],
-) {
-    let lacking: Vec<Hash> = ids
-        .iter()
-        .zip(blobs.iter())
-        .filter(|(_, b)| b.is_none())
-        .map(|(id, _)| *id)
-        .collect();
-    if lacking.is_empty() {
-        return;
+/// Reads one request frame: `u32 n` (top bit: a version root follows), then `n` ids. Fails on
+/// more than [`MAX_IDS`] ids.
+pub async fn read_request(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<(Vec<Hash>, Option<Hash>)> {
+    let head = r.read_u32().await?;
+    let n = (head & !THROUGH) as usize;
+    if n > MAX_IDS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("request for {n} blobs (at most {MAX_IDS})"),
+        ));
     }
-    let Some(fetcher) = swarm.through_fetcher(root) else {
-        return;
+    let through = if head & THROUGH != 0 {
+        let mut root = [0u8; 32];
+        r.read_exact(&mut root).await?;
+        Some(Hash(root))
+    } else {
+        None
+    };
+    let mut raw = vec![0u8; 32 * n];
+    r.read_exact(&mut raw).await?;
+    let ids = raw
+        .chunks_exact(32)
+        .map(|c| Hash(c.try_into().expect("32 bytes")))
+        .collect();
+    Ok((ids, through))
+}
+
+/// Reads `ids` from the store (or the pack index cache), in order, until about [`GROUP`]
+/// bytes; `budget` is what the answer may still carry. Blobs past the budget are "not here".
+fn read_group(swarm: &Swarm, ids: &[Hash], budget: &mut u64) -> Vec<Option<Bytes>> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for id in ids {
+        if *budget == 0 {
+            out.push(None);
+        } else {
+            let b = match swarm.store.get_for_peer(id) {
+                Ok(Some(b)) => Some(Bytes::from(b)),
+                _ => read_cached_index(swarm, id),
+            };
+            let b = b.filter(|b| {
+                let fits = b.len() as u64 <= *budget;
+                if fits {
+                    *budget -= b.len() as u64;
+                } else {
+                    *budget = 0;
+                }
+                fits
+            });
+            bytes += b.as_ref().map_or(0, |b| b.len() as u64);
+            out.push(b);
+        }
+        if bytes >= GROUP {
+            break;
+        }
+    }
+    out
+}
+
+/// A pack index this node cached (pack indexes are served to peers like blobs: they are named
+/// by their hash), if it has it and it checks out.
+fn read_cached_index(swarm: &Swarm, id: &Hash) -> Option<Bytes> {
+    let path = swarm.pack_cache.join(format!("{id}.idx"));
+    let len = std::fs::metadata(&path).ok()?.len();
+    if len > shoal_registry::origin::MAX_PACK_INDEX {
+        return None;
+    }
+    std::fs::read(&path)
+        .ok()
+        .filter(|b| id.verify(b))
+        .map(Bytes::from)
+}
+
+/// For a through request: fetches from the origin those blobs this node lacks, if it mounts
+/// `root`; what cannot be had within [`THROUGH_WAIT`] stays "not here". At most
+/// [`MAX_ANSWER`] bytes are kept.
+async fn fetch_through(
+    swarm: Arc<Swarm>,
+    peer: PeerId,
+    root: Hash,
+    ids: Vec<Hash>,
+) -> std::collections::HashMap<Hash, Bytes> {
+    let sw = swarm.clone();
+    let lacking = tokio::task::spawn_blocking(move || {
+        ids.into_iter()
+            .filter(|id| !sw.store.contains(id).unwrap_or(false))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    if lacking.is_empty() {
+        return Default::default();
+    }
+    let Some(fetcher) = swarm.through_fetcher(&root) else {
+        return Default::default();
     };
     match tokio::time::timeout(THROUGH_WAIT, fetcher.fetch_for_peer(lacking)).await {
         Ok(Ok(mut got)) => {
-            for (id, slot) in ids.iter().zip(blobs.iter_mut()) {
-                if slot.is_none() {
-                    *slot = got.remove(id);
-                }
-            }
+            let mut total = 0u64;
+            got.retain(|_, b| {
+                total += b.len() as u64;
+                total <= MAX_ANSWER
+            });
+            got
         }
-        Ok(Err(e)) => tracing::debug!(%peer, "fetching for a peer from the origin: {e}"),
-        Err(_) => tracing::debug!(%peer, "fetching for a peer from the origin: timed out"),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "fetching for a peer from the origin: {e}");
+            Default::default()
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "fetching for a peer from the origin: timed out");
+            Default::default()
+        }
     }
 }
 
-/// Serves this node's store to members on `listener` until the process ends.
+/// Serves this node's store to admitted peers on `listener` until the process ends. Accept
+/// errors (descriptors or memory running out) never end it: it backs off and goes on.
 pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::ServerConfig) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let gate = crate::limits::Gate::for_peers(&swarm.limits);
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("bulk server accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(crate::limits::accept_backoff(&e)).await;
+                continue;
+            }
+        };
+        let ip = from.ip();
+        if !swarm.admission.admits_address(ip) {
+            tracing::debug!(%from, "bulk connection from off this machine refused (loopback only)");
+            continue;
+        }
+        let ticket = match gate.admit(ip) {
+            Ok(t) => t,
+            Err(r) => {
+                tracing::debug!(%from, "bulk connection refused: {r}");
                 continue;
             }
         };
@@ -428,22 +549,22 @@ pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::Ser
         let acceptor = acceptor.clone();
         let swarm = swarm.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(swarm, acceptor, tcp).await {
+            if let Err(e) = serve_conn(swarm, acceptor, tcp, from, ticket).await {
                 tracing::debug!("bulk connection from {from}: {e}");
             }
         });
     }
 }
 
-async fn serve_conn(
-    swarm: Arc<Swarm>,
+/// Completes the handshake and admission of one connection: the client's peer id and the
+/// TLS stream, or why it was refused.
+async fn admit_conn(
+    swarm: &Swarm,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-) -> Result<()> {
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-        .await
-        .map_err(|_| Error::Net("TLS handshake timed out".into()))?
-        .map_err(tls_err)?;
+    from: SocketAddr,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerId)> {
+    let mut tls = acceptor.accept(tcp).await.map_err(tls_err)?;
     let peer = {
         let certs = tls
             .get_ref()
@@ -457,54 +578,90 @@ async fn serve_conn(
             .map_err(tls_err)?
             .peer_id()
     };
-    if !swarm.is_member(&peer) {
-        tracing::warn!(%peer, "refusing bulk connection from a peer that is not a member");
-        return Err(Error::Net(format!("{peer} is not a member")));
+    let mut proof = [0u8; 32];
+    tls.read_exact(&mut proof).await.map_err(io_err)?;
+    if swarm.is_banned(&peer) {
+        return Err(Error::Net(format!("{peer} is banned")));
     }
+    match swarm.admission.decide(
+        Channel::Bulk,
+        &swarm.peer_id,
+        &peer,
+        Some(from.ip()),
+        Some(&proof),
+    ) {
+        Verdict::Admit => Ok((tls, peer)),
+        Verdict::Refuse(why) => {
+            tracing::warn!(%peer, %from, "refusing bulk connection: {why}");
+            Err(Error::Net(format!("{peer} refused: {why}")))
+        }
+        Verdict::NeedProof => Err(Error::Net(format!("{peer} sent no proof"))),
+    }
+}
+
+async fn serve_conn(
+    swarm: Arc<Swarm>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    from: SocketAddr,
+    mut ticket: crate::limits::Ticket,
+) -> Result<()> {
+    let limits = swarm.limits.clone();
+    let (mut tls, peer) =
+        tokio::time::timeout(limits.handshake(), admit_conn(&swarm, acceptor, tcp, from))
+            .await
+            .map_err(|_| Error::Net("handshake and admission timed out".into()))??;
+    ticket
+        .identify(&peer.to_bytes())
+        .map_err(|r| Error::Net(format!("{peer}: {r}")))?;
+    let mine = swarm
+        .admission
+        .my_proof(Channel::Bulk, &swarm.peer_id, &peer);
+    tokio::time::timeout(limits.write(), async {
+        tls.write_all(&mine).await?;
+        tls.flush().await
+    })
+    .await
+    .map_err(|_| Error::Net("sending the admission proof timed out".into()))?
+    .map_err(io_err)?;
+
     let (r, w) = tokio::io::split(tls);
-    let (tx, mut rx) = mpsc::channel::<(Vec<Hash>, Option<Hash>)>(16);
+    // Reader: requests, bounded in size and count; a connection silent for the idle time is
+    // closed.
+    let (tx, mut rx) = mpsc::channel::<Asked>(REQUESTS_AHEAD);
+    let idle = limits.idle();
     let reader = tokio::spawn(async move {
         let mut r = BufReader::with_capacity(64 << 10, r);
         loop {
-            let head = r.read_u32().await?;
-            let n = (head & !THROUGH) as usize;
-            if n > MAX_IDS {
-                return Err(std::io::Error::other(format!("request for {n} blobs")));
-            }
-            let through = if head & THROUGH != 0 {
-                let mut root = [0u8; 32];
-                r.read_exact(&mut root).await?;
-                Some(Hash(root))
-            } else {
-                None
+            let (ids, through) = match tokio::time::timeout(idle, read_request(&mut r)).await {
+                Ok(x) => x?,
+                Err(_) => return Ok(()),
             };
-            let mut raw = vec![0u8; 32 * n];
-            r.read_exact(&mut raw).await?;
-            let ids = raw
-                .chunks_exact(32)
-                .map(|c| Hash(c.try_into().expect("32 bytes")))
-                .collect();
-            if tx.send((ids, through)).await.is_err() {
+            if tx.send(Asked { ids, through }).await.is_err() {
                 return Ok::<_, std::io::Error>(());
             }
         }
     });
+    // Writer: sends groups of answers as they come; a write that makes no progress for the
+    // write time drops the connection.
+    let depth = (limits.conn_buffer as u64 / GROUP).max(1) as usize;
+    let (gtx, grx) = mpsc::channel::<Vec<Option<Bytes>>>(depth);
+    let mut writer = tokio::spawn(write_groups(swarm.clone(), peer, w, grx, limits.clone()));
+    let mut written = None;
+
     let fault = swarm.fault.clone();
-    let mut w = w;
-    // Answers go out in request order; up to PIPELINE are prepared at once, so a through
-    // request waiting on the origin does not hold back the start of the ones after it.
-    let mut answers = futures::stream::FuturesOrdered::new();
+    let mut throughs = futures::stream::FuturesOrdered::new();
     let mut open = true;
     let mut slow_until = tokio::time::Instant::now();
-    loop {
+    let result = loop {
         tokio::select! {
-            req = rx.recv(), if open && answers.len() < PIPELINE => {
-                let Some((ids, through)) = req else {
+            asked = rx.recv(), if open && throughs.len() < PIPELINE => {
+                let Some(asked) = asked else {
                     open = false;
                     continue;
                 };
-                if !swarm.is_member(&peer) {
-                    break;
+                if !swarm.admission.open && swarm.is_banned(&peer) {
+                    break Ok(());
                 }
                 if fault.as_deref() == Some("stall") {
                     // Test hook: accept requests and never answer them.
@@ -515,67 +672,147 @@ async fn serve_conn(
                     slow_until = slow_until.max(tokio::time::Instant::now()) + Duration::from_millis(300);
                     slow_until
                 });
-                let work = answer(swarm.clone(), peer, ids, through);
-                answers.push_back(async move {
+                let sw = swarm.clone();
+                throughs.push_back(async move {
                     if let Some(t) = not_before {
                         tokio::time::sleep_until(t).await;
                     }
-                    work.await
+                    let fetched = match asked.through {
+                        Some(root) => fetch_through(sw, peer, root, asked.ids.clone()).await,
+                        None => Default::default(),
+                    };
+                    (asked.ids, fetched)
                 });
             }
-            Some(blobs) = answers.next(), if !answers.is_empty() => {
-                let blobs: Vec<Option<Bytes>> = if fault.as_deref() == Some("lie") {
-                    // Test hook: flip one byte of every blob.
-                    blobs
-                        .into_iter()
-                        .map(|b| {
-                            b.map(|b| {
-                                let mut v = b.to_vec();
-                                if let Some(x) = v.first_mut() {
-                                    *x ^= 0xff;
-                                }
-                                Bytes::from(v)
-                            })
-                        })
-                        .collect()
-                } else {
-                    blobs
-                };
-                let heads: Vec<[u8; 4]> = blobs
-                    .iter()
-                    .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
-                    .collect();
-                let mut slices = Vec::with_capacity(2 * blobs.len());
-                let mut sent = 0u64;
-                for (h, b) in heads.iter().zip(&blobs) {
-                    slices.push(std::io::IoSlice::new(h));
-                    if let Some(b) = b {
-                        slices.push(std::io::IoSlice::new(b));
-                        sent += b.len() as u64;
-                    }
-                }
-                // One vectored write per response: TLS records are filled from the blobs
-                // directly.
-                let mut rest = &mut slices[..];
-                while !rest.is_empty() {
-                    let n = w.write_vectored(rest).await.map_err(io_err)?;
-                    if n == 0 {
-                        return Err(io_err(std::io::ErrorKind::WriteZero.into()));
-                    }
-                    std::io::IoSlice::advance_slices(&mut rest, n);
-                }
-                w.flush().await.map_err(io_err)?;
-                swarm
-                    .counters
-                    .bytes_served
-                    .fetch_add(sent, Ordering::Relaxed);
-                if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
-                    p.bytes_sent += sent;
+            Some((ids, fetched)) = throughs.next(), if !throughs.is_empty() => {
+                if let Err(e) = stream_answer(&swarm, ids, fetched, &gtx, fault.as_deref()).await {
+                    break Err(e);
                 }
             }
-            else => break,
+            // The writer gave up (a peer that stopped reading): so does the connection.
+            w = &mut writer, if written.is_none() => {
+                written = Some(w.unwrap_or(Ok(())));
+                break Ok(());
+            }
+            else => break Ok(()),
+        }
+    };
+    drop(gtx);
+    reader.abort();
+    // The writer finishes what was queued (or gives up at its write deadline).
+    let written = match written {
+        Some(w) => w,
+        None => writer.await.unwrap_or(Ok(())),
+    };
+    result.and(written)
+}
+
+/// Queues one answer for the writer, a group at a time, as the writer takes them.
+async fn stream_answer(
+    swarm: &Arc<Swarm>,
+    ids: Vec<Hash>,
+    mut fetched: std::collections::HashMap<Hash, Bytes>,
+    groups: &mpsc::Sender<Vec<Option<Bytes>>>,
+    fault: Option<&str>,
+) -> Result<()> {
+    let ids = Arc::new(ids);
+    let mut at = 0;
+    let mut budget = MAX_ANSWER;
+    while at < ids.len() {
+        let sw = swarm.clone();
+        let all = ids.clone();
+        let (mut group, left) = tokio::task::spawn_blocking(move || {
+            let mut b = budget;
+            let g = read_group(&sw, &all[at..], &mut b);
+            (g, b)
+        })
+        .await
+        .map_err(|e| Error::Net(format!("reading blobs for a peer: {e}")))?;
+        budget = left;
+        for (i, slot) in group.iter_mut().enumerate() {
+            if slot.is_none() && budget > 0 {
+                if let Some(b) = fetched.remove(&ids[at + i]) {
+                    budget = budget.saturating_sub(b.len() as u64);
+                    *slot = Some(b);
+                }
+            }
+        }
+        at += group.len();
+        if fault == Some("lie") {
+            // Test hook: flip one byte of every blob.
+            for b in group.iter_mut().flatten() {
+                let mut v = b.to_vec();
+                if let Some(x) = v.first_mut() {
+                    *x ^= 0xff;
+                }
+                *b = Bytes::from(v);
+            }
+        }
+        if groups.send(group).await.is_err() {
+            return Err(Error::Net("the bulk connection closed".into()));
         }
     }
-    reader.abort();
     Ok(())
+}
+
+/// Writes answer groups: per blob `u32 len` and the bytes, or `u32::MAX` for "not here".
+async fn write_groups(
+    swarm: Arc<Swarm>,
+    peer: PeerId,
+    w: tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>,
+    mut groups: mpsc::Receiver<Vec<Option<Bytes>>>,
+    limits: Limits,
+) -> Result<()> {
+    let mut w = w;
+    let deadline = limits.write();
+    while let Some(blobs) = groups.recv().await {
+        let heads: Vec<[u8; 4]> = blobs
+            .iter()
+            .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
+            .collect();
+        let mut slices = Vec::with_capacity(2 * blobs.len());
+        let mut sent = 0u64;
+        for (h, b) in heads.iter().zip(&blobs) {
+            slices.push(std::io::IoSlice::new(h));
+            if let Some(b) = b {
+                slices.push(std::io::IoSlice::new(b));
+                sent += b.len() as u64;
+            }
+        }
+        // One vectored write per group: TLS records are filled from the blobs directly.
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = tokio::time::timeout(deadline, w.write_vectored(rest))
+                .await
+                .map_err(|_| {
+                    Error::Net(format!(
+                        "peer {peer} stopped reading (no progress for {}s); dropped",
+                        deadline.as_secs()
+                    ))
+                })?
+                .map_err(io_err)?;
+            if n == 0 {
+                return Err(io_err(std::io::ErrorKind::WriteZero.into()));
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        // Flushed only when nothing more is ready: a queued group goes out in the same write.
+        if groups.is_empty() {
+            tokio::time::timeout(deadline, w.flush())
+                .await
+                .map_err(|_| Error::Net(format!("peer {peer} stopped reading; dropped")))?
+                .map_err(io_err)?;
+        }
+        swarm
+            .counters
+            .bytes_served
+            .fetch_add(sent, Ordering::Relaxed);
+        if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
+            p.bytes_sent += sent;
+        }
+    }
+    tokio::time::timeout(deadline, w.shutdown())
+        .await
+        .map_err(|_| Error::Net(format!("peer {peer} stopped reading; dropped")))?
+        .map_err(io_err)
 }

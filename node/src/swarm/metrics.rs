@@ -63,27 +63,72 @@ pub fn render(swarm: &Swarm) -> String {
     out
 }
 
-/// Serves `/metrics` on `addr` from a thread of its own.
-pub fn serve(swarm: Arc<Swarm>, addr: SocketAddr) -> crate::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr)
+/// How long a metrics client has to send its request headers.
+const HEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `/metrics` on `addr` (HTTP/1.1, one task per connection, at most `max_clients` at
+/// once: a scraper needs one; more are closed on accept).
+pub fn serve(swarm: Arc<Swarm>, addr: SocketAddr, max_clients: usize) -> crate::Result<SocketAddr> {
+    let std_listener = std::net::TcpListener::bind(addr)
         .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
-    let bound = server.server_addr().to_ip().ok_or_else(|| {
-        crate::Error::Net(format!("metrics endpoint on {addr}: not an IP address"))
-    })?;
-    std::thread::Builder::new()
-        .name("shoal-metrics".into())
-        .spawn(move || {
-            let header = tiny_http::Header::from_bytes(
-                "Content-Type",
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .expect("valid header");
-            for req in server.incoming_requests() {
-                let resp =
-                    tiny_http::Response::from_string(render(&swarm)).with_header(header.clone());
-                let _ = req.respond(resp);
-            }
-        })
-        .map_err(|e| crate::Error::Net(format!("metrics thread: {e}")))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+    let bound = std_listener
+        .local_addr()
+        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)
+        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_clients.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("metrics endpoint accept: {e}");
+                    tokio::time::sleep(crate::limits::accept_backoff(&e)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue; // dropped: closes the connection
+            };
+            let swarm = swarm.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let swarm = swarm.clone();
+                        async move {
+                            let resp = if req.uri().path() == "/metrics" {
+                                hyper::Response::builder()
+                                    .header(
+                                        "content-type",
+                                        "text/plain; version=0.0.4; charset=utf-8",
+                                    )
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(render(
+                                        &swarm,
+                                    ))))
+                            } else {
+                                hyper::Response::builder().status(404).body(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(
+                                        b"try /metrics\n",
+                                    )),
+                                )
+                            };
+                            Ok::<_, std::convert::Infallible>(resp.expect("valid response"))
+                        }
+                    },
+                );
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_WAIT)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                // A client that reads its answer slowly gets a bounded time.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+                drop(slot);
+            });
+        }
+    });
     Ok(bound)
 }

@@ -6,11 +6,19 @@
 //! with the same libp2p identity certificates, carrying length-prefixed batches of chunks
 //! without a stream multiplexer in the way. `docs/swarm.md` has the measurements behind this.
 
+pub mod admission;
 pub mod bulk;
 pub mod fetch;
+mod gate;
 pub mod metrics;
 mod p2p;
 mod tls;
+
+/// The control protocol's messages, for tools and tests that speak it.
+pub mod wire {
+    pub use super::p2p::{Auth, Hello, Req, Resp, AUTH_PROTOCOL, PROTOCOL};
+    pub use super::tls::{client as tls_client, server as tls_server};
+}
 
 use crate::error::{Error, Result};
 use crate::store::ChunkStore;
@@ -63,9 +71,11 @@ pub struct SwarmConfig {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub labels: Labels,
-    /// Only these peers may connect, fetch or announce (None: anyone).
-    pub members: Option<HashSet<PeerId>>,
+    /// Who may connect, fetch or announce.
+    pub admission: admission::Admission,
     pub mdns: bool,
+    /// Connection and buffer bounds of the listeners.
+    pub limits: crate::limits::Limits,
 }
 
 /// What a node says about one version.
@@ -230,6 +240,10 @@ pub(crate) enum Cmd {
     Ban(PeerId),
 }
 
+/// Peers remembered (connected or not) and bans kept: a node churning through identities
+/// cannot grow either without bound.
+pub const MAX_PEERS: usize = 4096;
+
 /// Faults after which a peer is disconnected and no longer used.
 pub const MAX_FAULTS: u32 = 3;
 
@@ -239,7 +253,11 @@ pub struct Swarm {
     pub labels: Labels,
     pub(crate) keypair: Keypair,
     pub(crate) store: Arc<dyn ChunkStore>,
-    pub(crate) members: Option<HashSet<PeerId>>,
+    pub(crate) admission: admission::Admission,
+    /// Peers admitted on the control channel (proved the key, or needed no proof), while
+    /// connected.
+    pub(crate) admitted: Mutex<HashSet<PeerId>>,
+    pub(crate) limits: crate::limits::Limits,
     pub peers: Mutex<HashMap<PeerId, Peer>>,
     pub local: Mutex<HashMap<Hash, LocalVersion>>,
     pub listen: Mutex<Vec<Multiaddr>>,
@@ -290,6 +308,13 @@ pub struct Status {
     pub bulk_addr: Option<String>,
     pub labels: Labels,
     pub members_only: bool,
+    /// How peers are admitted: open, cluster key, members, cluster key or members, loopback
+    /// only.
+    #[serde(default)]
+    pub admission: String,
+    /// Fingerprint of the cluster key, to check that nodes share it.
+    #[serde(default)]
+    pub cluster_key: Option<String>,
     pub peers: Vec<PeerStatus>,
     pub versions: Vec<VersionStatus>,
     pub bytes_from_peers: u64,
@@ -323,14 +348,29 @@ impl Swarm {
         let _ = self.cmd.send(cmd);
     }
 
-    /// Whether chunks can be asked of this peer now: connected, with a bulk address, a member.
+    /// Whether chunks can be asked of this peer now: connected, with a bulk address, admitted.
     pub(crate) fn can_ask(&self, id: &PeerId, p: &Peer) -> bool {
         p.connected && p.bulk_port.is_some() && self.is_member(id)
     }
 
+    /// Whether `peer` is admitted now (proved the cluster key on the control channel, or needs
+    /// no proof) and not banned.
     pub fn is_member(&self, peer: &PeerId) -> bool {
-        !self.banned.lock().expect("poisoned").contains(peer)
-            && self.members.as_ref().is_none_or(|m| m.contains(peer))
+        !self.is_banned(peer) && self.admitted.lock().expect("poisoned").contains(peer)
+    }
+
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.lock().expect("poisoned").contains(peer)
+    }
+
+    /// Whether dialing `peer` (learned from a member or mDNS) could lead to its admission.
+    pub(crate) fn may_dial(&self, peer: &PeerId) -> bool {
+        let a = &self.admission;
+        !self.is_banned(peer)
+            && (a.open
+                || a.key.is_some()
+                || a.loopback_only()
+                || a.members.as_ref().is_some_and(|m| m.contains(peer)))
     }
 
     /// Records that this node holds (or is pulling) a version, and tells the peers.
@@ -407,6 +447,28 @@ impl Swarm {
         self.send(Cmd::Announce);
     }
 
+    /// Stops announcing a version held whole (it is no longer: gc or eviction took part of
+    /// it) and tells the peers.
+    pub fn withdraw(&self, root: &Hash) {
+        let mut local = self.local.lock().expect("poisoned");
+        if matches!(local.get(root), Some(v) if v.holding == Holding::Complete) {
+            local.remove(root);
+        }
+        drop(local);
+        self.send(Cmd::Announce);
+    }
+
+    /// The versions announced as held whole.
+    pub fn complete_versions(&self) -> Vec<Hash> {
+        self.local
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|(_, v)| v.holding == Holding::Complete)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
     /// Marks chunk `i` of a version being pulled as held.
     pub fn mark(&self, root: &Hash, i: usize) {
         if let Some(v) = self.local.lock().expect("poisoned").get_mut(root) {
@@ -427,7 +489,16 @@ impl Swarm {
         tracing::warn!(%peer, faults = n, "peer fault: {what}");
         if n >= MAX_FAULTS {
             tracing::warn!(%peer, "banning peer after {n} faults");
-            self.banned.lock().expect("poisoned").insert(*peer);
+            {
+                let mut banned = self.banned.lock().expect("poisoned");
+                // Bounded: past this many, forgetting an old ban costs at most a re-ban.
+                if banned.len() >= MAX_PEERS {
+                    if let Some(old) = banned.iter().next().copied() {
+                        banned.remove(&old);
+                    }
+                }
+                banned.insert(*peer);
+            }
             self.clients.lock().expect("poisoned").remove(peer);
             self.send(Cmd::Ban(*peer));
         }
@@ -486,7 +557,13 @@ impl Swarm {
                 .expect("poisoned")
                 .map(|a| a.to_string()),
             labels: self.labels.clone(),
-            members_only: self.members.is_some(),
+            members_only: !self.admission.open,
+            admission: self.admission.mode().to_string(),
+            cluster_key: self
+                .admission
+                .key
+                .as_ref()
+                .map(|k| k.fingerprint().to_string()),
             peers: list,
             versions,
             bytes_from_peers: c.bytes_from_peers.load(Ordering::Relaxed),

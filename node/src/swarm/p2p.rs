@@ -1,15 +1,21 @@
-//! The libp2p side: connections, identify, ping, mDNS, and Shoal's control protocol
-//! (`/shoal/ctl/1`: hello with labels, bulk port, versions held and known peers; have-maps).
+//! The libp2p side: connections, ping, mDNS, admission (`/shoal/auth/1`: each side proves the
+//! cluster key right after the handshake) and Shoal's control protocol (`/shoal/ctl/1`: hello
+//! with labels, listen addresses, bulk port, versions held and known peers; have-maps), which
+//! only admitted peers are answered on.
+//!
+//! There is no identify protocol: listen addresses travel in the hello, so a peer that was not
+//! admitted learns nothing from this node but what the handshake shows (its peer id).
 
-use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig};
+use super::admission::{Channel, Proof, Verdict};
+use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig, MAX_PEERS};
 use crate::error::{Error, Result};
 use crate::store::ChunkStore;
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, identify, identity::Keypair, mdns, multiaddr::Protocol, noise, ping,
-    request_response, tcp, tls, yamux, Multiaddr, PeerId, StreamProtocol,
+    allow_block_list, connection_limits, identity::Keypair, mdns, noise, ping, request_response,
+    tcp, tls, yamux, Multiaddr, PeerId, StreamProtocol,
 };
 use serde::{Deserialize, Serialize};
 use shoal_registry::Hash;
@@ -20,37 +26,59 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-const PROTOCOL: &str = "/shoal/ctl/1";
+/// The control protocol.
+pub const PROTOCOL: &str = "/shoal/ctl/2";
+/// The admission protocol: a proof of the cluster key each way.
+pub const AUTH_PROTOCOL: &str = "/shoal/auth/1";
+
+/// Largest control request (a hello lists the versions held and the peers known).
+const MAX_CTL_REQUEST: u64 = 1 << 20;
+/// Largest control response (a have-map: one bit per chunk, 80M chunks).
+const MAX_CTL_RESPONSE: u64 = 10 << 20;
+/// Control streams one connection may have open at once.
+const MAX_CTL_STREAMS: usize = 16;
+/// Entries of a hello that are kept (versions, peers, addresses per peer): a peer cannot
+/// make this node hold more for it.
+const MAX_HELLO_VERSIONS: usize = 4096;
+const MAX_HELLO_PEERS: usize = 256;
+const MAX_ADDRS: usize = 8;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Hello {
-    labels: Labels,
-    bulk_port: u16,
-    versions: Vec<([u8; 32], Holding)>,
+pub struct Hello {
+    pub labels: Labels,
+    pub bulk_port: u16,
+    /// The addresses this node listens on (for peer exchange).
+    pub listen: Vec<String>,
+    pub versions: Vec<([u8; 32], Holding)>,
     /// Other peers this node knows, for peer exchange: (peer id, addresses).
-    peers: Vec<(String, Vec<String>)>,
+    pub peers: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum Req {
+pub enum Req {
     Hello(Hello),
     Have([u8; 32]),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum Resp {
+pub enum Resp {
     Hello(Hello),
     /// The version, and None if this node does not hold or pull it.
     Have([u8; 32], Option<(Holding, Option<HaveMap>)>),
 }
 
+/// A proof of the cluster key (request and response alike).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Auth(pub Proof);
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    members: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    gate: super::gate::Gatekeeper,
+    limits: connection_limits::Behaviour,
     banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    auth: request_response::cbor::Behaviour<Auth, Auth>,
     ctl: request_response::cbor::Behaviour<Req, Resp>,
 }
 
@@ -83,14 +111,7 @@ fn dial_addr(swarm: &mut libp2p::Swarm<Behaviour>, addr: &Multiaddr) {
     }
 }
 
-/// The IP address in a multiaddr, if any.
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    })
-}
+use super::gate::ip_of;
 
 /// Starts the swarm: binds the libp2p listeners and the bulk server, dials the bootstrap
 /// addresses, and runs the event loop in the background.
@@ -101,8 +122,10 @@ pub async fn start(
     cfg: SwarmConfig,
 ) -> Result<Arc<Swarm>> {
     let peer_id = keypair.public().to_peer_id();
-    let members = cfg.members.clone();
     let mdns_on = cfg.mdns;
+    let limits = cfg.limits.clone();
+    let gate = crate::limits::Gate::for_peers(&limits);
+    let loopback_only = cfg.admission.loopback_only();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -114,14 +137,6 @@ pub async fn start(
         .with_dns()
         .map_err(|e| net("libp2p dns")(e.to_string()))?
         .with_behaviour(|key| {
-            let members = members.map(|m| {
-                let mut b =
-                    allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-                for p in m {
-                    b.allow_peer(p);
-                }
-                b
-            });
             let mdns = if mdns_on {
                 // Query every few seconds (the default is 5 minutes): a node joining a LAN whose
                 // first probe went out before its interface was up still finds its peers.
@@ -136,33 +151,65 @@ pub async fn start(
             } else {
                 None
             };
+            let ctl_codec = request_response::cbor::codec::Codec::<Req, Resp>::default()
+                .set_request_size_maximum(MAX_CTL_REQUEST)
+                .set_response_size_maximum(MAX_CTL_RESPONSE);
+            let auth_codec = request_response::cbor::codec::Codec::<Auth, Auth>::default()
+                .set_request_size_maximum(1 << 10)
+                .set_response_size_maximum(1 << 10);
             Ok(Behaviour {
-                members: Toggle::from(members),
+                gate: super::gate::Gatekeeper::new(gate, loopback_only),
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established_per_peer(Some(limits.max_per_peer as u32))
+                        .with_max_established(Some(limits.max_connections as u32))
+                        .with_max_pending_outgoing(Some(limits.max_connections as u32)),
+                ),
                 banned: Default::default(),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/shoal/1".into(),
-                    key.public(),
-                )),
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_secs(5)),
                 ),
                 mdns: Toggle::from(mdns),
-                ctl: request_response::cbor::Behaviour::new(
+                auth: request_response::Behaviour::with_codec(
+                    auth_codec,
+                    [(
+                        StreamProtocol::new(AUTH_PROTOCOL),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(limits.handshake())
+                        .with_max_concurrent_streams(4),
+                ),
+                ctl: request_response::Behaviour::with_codec(
+                    ctl_codec,
                     [(
                         StreamProtocol::new(PROTOCOL),
                         request_response::ProtocolSupport::Full,
                     )],
                     request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(10)),
+                        .with_request_timeout(Duration::from_secs(10))
+                        .with_max_concurrent_streams(MAX_CTL_STREAMS),
                 ),
             })
         })
         .map_err(|e| net("libp2p behaviour")(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                .with_max_negotiating_inbound_streams(MAX_CTL_STREAMS)
+        })
+        .with_connection_timeout(limits.handshake())
         .build();
 
     let listen = if cfg.listen.is_empty() {
-        vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")]
+        // A node that admits only this machine listens only there.
+        let any = if loopback_only {
+            "127.0.0.1"
+        } else {
+            "0.0.0.0"
+        };
+        vec![format!("/ip4/{any}/tcp/0")
+            .parse()
+            .expect("valid multiaddr")]
     } else {
         cfg.listen.clone()
     };
@@ -189,7 +236,9 @@ pub async fn start(
         labels: cfg.labels.clone(),
         keypair,
         store,
-        members: cfg.members.clone(),
+        admission: cfg.admission.clone(),
+        admitted: Mutex::default(),
+        limits: cfg.limits.clone(),
         peers: Mutex::new(HashMap::new()),
         local: Mutex::new(HashMap::new()),
         listen: Mutex::new(Vec::new()),
@@ -230,6 +279,8 @@ pub async fn start(
         shared: shared.clone(),
         bootstrap: cfg.bootstrap.clone(),
         addrs: HashMap::new(),
+        pending: HashMap::new(),
+        pending_ips: HashMap::new(),
     };
     tokio::spawn(async move { ev.run(cmd_rx).await });
     Ok(shared)
@@ -239,8 +290,14 @@ struct EventLoop {
     swarm: libp2p::Swarm<Behaviour>,
     shared: Arc<Swarm>,
     bootstrap: Vec<Multiaddr>,
-    /// Addresses peers listen on (from identify), for peer exchange.
+    /// Addresses peers listen on (from their hellos and mDNS), for peer exchange; bounded by
+    /// [`MAX_PEERS`].
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Peers connected but not admitted yet, and since when: dropped when they have not
+    /// proved the cluster key within the handshake deadline.
+    pending: HashMap<PeerId, Instant>,
+    /// Where each pending peer connected from (its admission may depend on it).
+    pending_ips: HashMap<PeerId, IpAddr>,
 }
 
 impl EventLoop {
@@ -250,11 +307,22 @@ impl EventLoop {
         let peers = self
             .addrs
             .iter()
-            .filter(|(p, _)| self.swarm.is_connected(p))
+            .filter(|(p, _)| self.swarm.is_connected(p) && s.is_member(p))
+            .take(MAX_HELLO_PEERS)
             .map(|(p, a)| (p.to_string(), a.iter().map(|a| a.to_string()).collect()))
+            .collect();
+        let listen = s
+            .listen
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified()))
+            .take(MAX_ADDRS)
+            .map(|a| a.to_string())
             .collect();
         Hello {
             labels: s.labels.clone(),
+            listen,
             bulk_port: s
                 .bulk_addr
                 .lock()
@@ -267,6 +335,7 @@ impl EventLoop {
     }
 
     fn on_hello(&mut self, peer: PeerId, h: Hello) {
+        let listen = h.listen;
         // Versions this node is fetching too, whose have-map from this peer is still to come:
         // asked for at once (a pull waits for its co-pullers' maps before reading the origin,
         // and a peer announces again when its map is ready), not at the next periodic poll.
@@ -287,7 +356,7 @@ impl EventLoop {
             p.bulk_port = Some(h.bulk_port);
             let now = Instant::now();
             let mut versions = HashMap::new();
-            for (root, holding) in h.versions {
+            for (root, holding) in h.versions.into_iter().take(MAX_HELLO_VERSIONS) {
                 let root = Hash(root);
                 let pv = match p.versions.remove(&root) {
                     Some(mut old) => {
@@ -317,22 +386,126 @@ impl EventLoop {
                 .ctl
                 .send_request(&peer, Req::Have(root.0));
         }
-        // Peer exchange: connect to members of the swarm we do not know yet.
-        for (id, addrs) in h.peers {
+        // Where it listens, for redials and for peer exchange.
+        let own: Vec<Multiaddr> = listen
+            .iter()
+            .take(MAX_ADDRS)
+            .filter_map(|a| a.parse().ok())
+            .filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified()))
+            .collect();
+        if !own.is_empty() {
+            for a in &own {
+                self.swarm.add_peer_address(peer, a.clone());
+            }
+            self.remember(peer, own);
+        }
+        // Peer exchange: connect to peers of the swarm we do not know yet.
+        for (id, addrs) in h.peers.into_iter().take(MAX_HELLO_PEERS) {
             let Ok(id) = id.parse::<PeerId>() else {
                 continue;
             };
             if id == self.shared.peer_id
                 || self.swarm.is_connected(&id)
-                || !self.shared.is_member(&id)
+                || !self.shared.may_dial(&id)
             {
                 continue;
             }
-            let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let addrs: Vec<Multiaddr> = addrs
+                .iter()
+                .take(MAX_ADDRS)
+                .filter_map(|a| a.parse().ok())
+                .collect();
             for a in &addrs {
                 self.swarm.add_peer_address(id, a.clone());
             }
             dial_peer(&mut self.swarm, id, addrs);
+        }
+    }
+
+    /// Remembers where a peer listens (bounded: a full table drops a peer not connected).
+    fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if !self.addrs.contains_key(&peer) && self.addrs.len() >= MAX_PEERS {
+            let gone = self
+                .addrs
+                .keys()
+                .find(|p| !self.swarm.is_connected(p))
+                .copied();
+            match gone {
+                Some(g) => {
+                    self.addrs.remove(&g);
+                }
+                None => return,
+            }
+        }
+        self.addrs.insert(peer, addrs);
+    }
+
+    /// Serves `peer` from now on (it proved the cluster key, or needs no proof): it is
+    /// recorded, told what this node holds, and its requests are answered.
+    fn admit(&mut self, peer: PeerId, ip: Option<IpAddr>) {
+        self.pending.remove(&peer);
+        self.pending_ips.remove(&peer);
+        let new = self.shared.admitted.lock().expect("poisoned").insert(peer);
+        {
+            let mut peers = self.shared.peers.lock().expect("poisoned");
+            if !peers.contains_key(&peer) && peers.len() >= MAX_PEERS {
+                let gone = peers.iter().find(|(_, p)| !p.connected).map(|(id, _)| *id);
+                if let Some(g) = gone {
+                    peers.remove(&g);
+                }
+            }
+            let p = peers.entry(peer).or_insert_with(Peer::new);
+            p.connected = true;
+            if let Some(ip) = ip {
+                p.ip = Some(ip);
+            }
+        }
+        if new {
+            tracing::info!(%peer, "peer admitted");
+            let hello = self.hello();
+            self.swarm
+                .behaviour_mut()
+                .ctl
+                .send_request(&peer, Req::Hello(hello));
+        }
+    }
+
+    /// Disconnects a peer that may not be served, saying why in the log.
+    fn refuse(&mut self, peer: PeerId, why: &str) {
+        tracing::warn!(%peer, "refusing peer: {why}");
+        self.pending.remove(&peer);
+        self.pending_ips.remove(&peer);
+        self.shared.admitted.lock().expect("poisoned").remove(&peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    /// The remote IP of some connection to `peer`, as recorded when it connected.
+    fn ip_of_peer(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.shared
+            .peers
+            .lock()
+            .expect("poisoned")
+            .get(peer)
+            .and_then(|p| p.ip)
+    }
+
+    /// Judges a proof `peer` presented on the control channel.
+    fn judge(&mut self, peer: PeerId, proof: &Proof, ip: Option<IpAddr>) -> bool {
+        let me = self.shared.peer_id;
+        match self
+            .shared
+            .admission
+            .decide(Channel::Control, &me, &peer, ip, Some(proof))
+        {
+            Verdict::Admit => {
+                self.admit(peer, ip);
+                true
+            }
+            Verdict::Refuse(why) => {
+                self.refuse(peer, why);
+                false
+            }
+            Verdict::NeedProof => false,
         }
     }
 
@@ -374,10 +547,21 @@ impl EventLoop {
                     }
                     Some(Cmd::Ban(peer)) => {
                         self.swarm.behaviour_mut().banned.block_peer(peer);
-                        let _ = self.swarm.disconnect_peer_id(peer);
+                        self.refuse(peer, "banned after repeated faults");
                     }
                 },
                 _ = redial.tick() => {
+                    // Peers that have not proved the cluster key in time are dropped.
+                    let deadline = self.shared.limits.handshake();
+                    let late: Vec<PeerId> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, since)| since.elapsed() > deadline)
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for p in late {
+                        self.refuse(p, "did not prove the cluster key in time");
+                    }
                     // Peers come back after restarts: redial the ones we knew, and the
                     // bootstrap addresses while we know nobody.
                     if self.swarm.connected_peers().next().is_none() {
@@ -388,7 +572,7 @@ impl EventLoop {
                     let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
                         .addrs
                         .iter()
-                        .filter(|(p, a)| !a.is_empty() && !self.swarm.is_connected(p) && self.shared.is_member(p))
+                        .filter(|(p, a)| !a.is_empty() && !self.swarm.is_connected(p) && self.shared.may_dial(p))
                         .map(|(p, a)| (*p, a.clone()))
                         .collect();
                     for (peer, addrs) in lost {
@@ -410,25 +594,39 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
-                if !self.shared.is_member(&peer_id) {
-                    tracing::warn!(peer = %peer_id, "disconnecting a peer that is not a member");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                let ip = ip_of(endpoint.get_remote_address());
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
+                if self.shared.is_banned(&peer_id) {
+                    self.refuse(peer_id, "banned");
                     return;
                 }
-                tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer connected");
+                if self.shared.is_member(&peer_id) {
+                    return; // a further connection of an admitted peer
+                }
+                let me = self.shared.peer_id;
+                match self
+                    .shared
+                    .admission
+                    .decide(Channel::Control, &me, &peer_id, ip, None)
                 {
-                    let mut peers = self.shared.peers.lock().expect("poisoned");
-                    let p = peers.entry(peer_id).or_insert_with(Peer::new);
-                    p.connected = true;
-                    if let Some(ip) = ip_of(endpoint.get_remote_address()) {
-                        p.ip = Some(ip);
+                    Verdict::Admit => self.admit(peer_id, ip),
+                    Verdict::Refuse(why) => self.refuse(peer_id, why),
+                    Verdict::NeedProof => {
+                        self.pending.entry(peer_id).or_insert_with(Instant::now);
+                        if let Some(ip) = ip {
+                            // Kept aside (not in the peer table) until it is admitted.
+                            self.pending_ip(peer_id, ip);
+                        }
+                        let proof = self
+                            .shared
+                            .admission
+                            .my_proof(Channel::Control, &me, &peer_id);
+                        self.swarm
+                            .behaviour_mut()
+                            .auth
+                            .send_request(&peer_id, Auth(proof));
                     }
                 }
-                let hello = self.hello();
-                self.swarm
-                    .behaviour_mut()
-                    .ctl
-                    .send_request(&peer_id, Req::Hello(hello));
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -436,6 +634,13 @@ impl EventLoop {
                 ..
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
+                self.pending.remove(&peer_id);
+                self.pending_ips.remove(&peer_id);
+                self.shared
+                    .admitted
+                    .lock()
+                    .expect("poisoned")
+                    .remove(&peer_id);
                 if let Some(p) = self
                     .shared
                     .peers
@@ -459,22 +664,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                tracing::info!(from = %send_back_addr, "incoming connection failed: {error}");
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) => {
-                let addrs: Vec<Multiaddr> = info
-                    .listen_addrs
-                    .into_iter()
-                    .filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified()))
-                    .collect();
-                for a in &addrs {
-                    self.swarm.add_peer_address(peer_id, a.clone());
-                }
-                self.addrs.insert(peer_id, addrs);
+                tracing::debug!(from = %send_back_addr, "incoming connection failed: {error}");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
@@ -487,18 +677,62 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
-                    if peer == self.shared.peer_id || !self.shared.is_member(&peer) {
+                    if peer == self.shared.peer_id || !self.shared.may_dial(&peer) {
                         continue;
                     }
                     // Remembered, so the redial timer retries if this dial fails.
-                    let known = self.addrs.entry(peer).or_default();
-                    if !known.contains(&addr) {
+                    let mut known = self.addrs.get(&peer).cloned().unwrap_or_default();
+                    if !known.contains(&addr) && known.len() < MAX_ADDRS {
                         known.push(addr.clone());
                     }
+                    self.remember(peer, known);
                     if !self.swarm.is_connected(&peer) {
                         dial_peer(&mut self.swarm, peer, vec![addr]);
                     }
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Auth(request_response::Event::Message {
+                peer,
+                message,
+                ..
+            })) => {
+                let ip = self
+                    .pending_ips
+                    .get(&peer)
+                    .copied()
+                    .or_else(|| self.ip_of_peer(&peer));
+                match message {
+                    request_response::Message::Request {
+                        request: Auth(proof),
+                        channel,
+                        ..
+                    } => {
+                        // Answer with this node's own proof only once the peer's checked out:
+                        // an outsider learns nothing, not even whether it got the key wrong.
+                        if self.shared.is_member(&peer) || self.judge(peer, &proof, ip) {
+                            let me = self.shared.peer_id;
+                            let mine = self.shared.admission.my_proof(Channel::Control, &me, &peer);
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .auth
+                                .send_response(channel, Auth(mine));
+                        }
+                    }
+                    request_response::Message::Response {
+                        response: Auth(proof),
+                        ..
+                    } => {
+                        if !self.shared.is_member(&peer) {
+                            self.judge(peer, &proof, ip);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Auth(
+                request_response::Event::OutboundFailure { peer, error, .. },
+            )) => {
+                tracing::debug!(%peer, "admission request failed: {error}");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ctl(request_response::Event::Message {
                 peer,
@@ -506,6 +740,7 @@ impl EventLoop {
                 ..
             })) => {
                 if !self.shared.is_member(&peer) {
+                    // Not admitted: no answer at all (the stream is dropped).
                     return;
                 }
                 match message {
@@ -533,6 +768,13 @@ impl EventLoop {
                 tracing::debug!(%peer, "control request failed: {error}");
             }
             _ => {}
+        }
+    }
+
+    /// Keeps the address a not-yet-admitted peer connected from (bounded like `pending`).
+    fn pending_ip(&mut self, peer: PeerId, ip: IpAddr) {
+        if self.pending_ips.len() < MAX_PEERS || self.pending_ips.contains_key(&peer) {
+            self.pending_ips.insert(peer, ip);
         }
     }
 

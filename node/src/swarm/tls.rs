@@ -17,7 +17,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::sync::Arc;
 
-const ALPN: &[u8] = b"shoal-bulk/1";
+const ALPN: &[u8] = b"shoal-bulk/2";
 
 #[derive(Debug)]
 struct Verifier {
