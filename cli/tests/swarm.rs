@@ -578,6 +578,14 @@ fn nodes_on_a_lan_find_each_other_by_mdns() {
     let c = Cluster::new(BIN);
     let (src, bytes) = setup(&c);
     let lan = Lan::new(2);
+    // Nodes on a LAN share a cluster key (without one they admit only their own machine).
+    let key = c.dir.path().join("cluster.key");
+    let out = std::process::Command::new(BIN)
+        .args(["node", "keygen"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     let mut daemons = Vec::new();
     for h in 0..2 {
         let home = c.home(&format!("m{h}"));
@@ -594,6 +602,8 @@ fn nodes_on_a_lan_find_each_other_by_mdns() {
                 "--listen",
             ])
             .arg(format!("/ip4/10.79.0.{}/tcp/4001", 10 + h))
+            .arg("--cluster-key")
+            .arg(&key)
             .env("SHOAL_HOME", &home)
             .env("SHOAL_ORIGIN", &c.origin)
             .env("SHOAL_TRUSTED_KEYS", &c.trusted)

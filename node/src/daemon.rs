@@ -187,8 +187,20 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
     }
     let _ = std::fs::remove_file(&sock);
     home.ensure()?;
-    let nofile = crate::limits::raise_nofile();
-    tracing::debug!(?nofile, "open-file limit");
+    let mut opts = opts;
+    if let Some(nofile) = crate::limits::raise_nofile() {
+        let fitted = opts.limits.fit_to(nofile);
+        if fitted != opts.limits {
+            tracing::warn!(
+                nofile,
+                max_connections = fitted.max_connections,
+                max_local_clients = fitted.max_local_clients,
+                "open-file limit is low: connection limits lowered to fit under it"
+            );
+        }
+        opts.limits = fitted.clone();
+        opts.swarm.limits = fitted;
+    }
 
     let keypair = swarm::identity(&home)?;
     let store = node.store()?;

@@ -68,6 +68,22 @@ impl Limits {
         Duration::from_secs(self.write_secs.max(1))
     }
 
+    /// These limits, shrunk where needed so that every listener at its limit still leaves
+    /// [`RESERVED_FDS`] descriptors (store segments, sled, mounts, origin connections) under an
+    /// open-file limit of `nofile`: a flood fills the listeners, never the descriptor table,
+    /// so the daemon's own socket keeps answering. Each peer connection may cost a descriptor
+    /// on the control listener, one on the bulk listener and one bulk client.
+    pub fn fit_to(&self, nofile: u64) -> Limits {
+        let avail = nofile.saturating_sub(RESERVED_FDS).max(64) as usize;
+        let mut l = self.clone();
+        l.max_local_clients = l.max_local_clients.min(avail / 8).max(1);
+        l.max_metrics_clients = l.max_metrics_clients.min(16);
+        let peers = (avail - l.max_local_clients - l.max_metrics_clients) / 3;
+        l.max_connections = l.max_connections.min(peers).max(8);
+        l.max_per_ip = l.max_per_ip.min(l.max_connections);
+        l
+    }
+
     /// Why these limits cannot work, if they cannot.
     pub fn check(&self) -> Result<(), String> {
         if self.max_connections == 0 || self.max_per_ip == 0 || self.max_per_peer == 0 {
@@ -82,6 +98,9 @@ impl Limits {
         Ok(())
     }
 }
+
+/// Descriptors kept out of the listeners' reach (see [`Limits::fit_to`]).
+pub const RESERVED_FDS: u64 = 256;
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +286,20 @@ mod tests {
         assert_eq!(g.held(), 0);
         let c = g.lock();
         assert!(c.per_ip.is_empty() && c.per_peer.is_empty());
+    }
+
+    #[test]
+    fn limits_fit_under_the_open_file_limit() {
+        let l = Limits::default();
+        assert_eq!(l.fit_to(1 << 20), l, "a high limit changes nothing");
+        let small = l.fit_to(1024);
+        let worst = 3 * small.max_connections + small.max_local_clients + small.max_metrics_clients;
+        assert!(worst as u64 + RESERVED_FDS <= 1024, "{small:?}");
+        assert!(small.max_connections >= 8 && small.max_per_ip <= small.max_connections);
+        assert!(
+            l.fit_to(10).max_connections >= 8,
+            "never below a working minimum"
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! from the first node, and waits until it answers `shoal status`. Every wait has a deadline
 //! and fails with what it was waiting for. Dropping the cluster kills every process it started.
 
+pub mod hostile;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -40,6 +42,8 @@ pub struct NodeProc {
     pub home: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A command the daemon runs under (e.g. `prlimit --nofile=1024:1024 --`).
+    pub wrap: Vec<String>,
     pub child: Option<Child>,
     pub peer_id: String,
     pub addr: String,
@@ -114,6 +118,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrap: Vec::new(),
             child: None,
             peer_id: String::new(),
             addr: String::new(),
@@ -177,15 +182,27 @@ impl NodeProc {
     pub fn start(&mut self) {
         std::fs::create_dir_all(&self.home).expect("creating node home");
         let log = std::fs::File::create(self.home.join("node.log")).expect("node log");
-        let mut c = self.cmd(&[
-            "node",
-            "run",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-        ]);
-        c.args(&self.args)
-            .env("SHOAL_LOG", "warn,shoal_node=debug")
+        let mut args: Vec<String> = vec!["node".into(), "run".into(), "--no-mdns".into()];
+        if !self.args.iter().any(|a| a == "--listen") {
+            args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+        }
+        args.extend(self.args.iter().cloned());
+        let mut c = match self.wrap.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&self.bin).args(&args);
+                c.env("SHOAL_HOME", &self.home)
+                    .env("SHOAL_ORIGIN", &self.origin)
+                    .env("SHOAL_TRUSTED_KEYS", &self.trusted)
+                    .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                c
+            }
+            None => {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.cmd(&refs)
+            }
+        };
+        c.env("SHOAL_LOG", "warn,shoal_node=debug")
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(c.spawn().expect("starting shoal node run"));

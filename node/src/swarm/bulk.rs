@@ -704,7 +704,8 @@ async fn serve_conn(
         Some(w) => w,
         None => writer.await.unwrap_or(Ok(())),
     };
-    result.and(written)
+    // The writer's failure (a peer that stopped reading) is the cause of the loop's.
+    written.and(result)
 }
 
 /// Queues one answer for the writer, a group at a time, as the writer takes them.

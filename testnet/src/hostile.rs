@@ -1,0 +1,298 @@
+//! A hostile client, for tests that mount attacks on a real node: floods of bare connections,
+//! bulk clients with a fresh identity and a missing or wrong cluster-key proof, clients that
+//! ask and never read, and libp2p peers that ask the control protocol for what a node holds.
+//!
+//! Everything here runs in the test's own process against a node daemon in another, over
+//! real sockets.
+
+use futures::StreamExt;
+use shoal_node::swarm::admission::{Channel, ClusterKey};
+use shoal_node::swarm::wire::{self, Auth, Req, Resp};
+use shoal_node::swarm::{Multiaddr, PeerId};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// What the attacker proves on connecting.
+#[derive(Clone, Debug)]
+pub enum Proof {
+    /// 32 zero bytes: no key at all.
+    None,
+    /// The proof made with this key (right or wrong).
+    Key(ClusterKey),
+}
+
+/// A fresh libp2p identity.
+pub fn identity() -> libp2p::identity::Keypair {
+    libp2p::identity::Keypair::generate_ed25519()
+}
+
+/// A TCP connection to `to` from source address `from` (any loopback address works as a
+/// distinct source on Linux: 127.0.0.2 is not 127.0.0.1 to a per-address limit).
+pub async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.bind(SocketAddr::new(from, 0))?;
+    tokio::time::timeout(Duration::from_secs(5), s.connect(to))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Opens up to `n` bare TCP connections (no handshake, nothing sent) to `to` from `from` and
+/// returns those that connected; they stay open while the returned streams live.
+pub async fn flood(from: IpAddr, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if let Ok(s) = connect_from(from, to).await {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// A bulk connection made with a fresh identity.
+pub struct Bulk {
+    pub stream: tokio_rustls::client::TlsStream<TcpStream>,
+    /// The 32-byte proof the server answered with, if it answered.
+    pub server_proof: Option<[u8; 32]>,
+}
+
+/// Connects to a node's bulk port as `me`, presents `proof`, and reads the server's proof if
+/// it sends one within `wait`.
+pub async fn bulk_connect(
+    me: &libp2p::identity::Keypair,
+    from: IpAddr,
+    to: SocketAddr,
+    server: PeerId,
+    proof: &Proof,
+    wait: Duration,
+) -> std::io::Result<Bulk> {
+    let tcp = connect_from(from, to).await?;
+    let config = wire::tls_client(me, server).map_err(std::io::Error::other)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+    let mut stream = tokio::time::timeout(wait, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS timed out"))??;
+    let me_id = me.public().to_peer_id();
+    let bytes = match proof {
+        Proof::None => [0u8; 32],
+        Proof::Key(k) => k.proof(Channel::Bulk, &me_id, &server),
+    };
+    stream.write_all(&bytes).await?;
+    stream.flush().await?;
+    let mut theirs = [0u8; 32];
+    let server_proof = match tokio::time::timeout(wait, stream.read_exact(&mut theirs)).await {
+        Ok(Ok(_)) => Some(theirs),
+        _ => None,
+    };
+    Ok(Bulk {
+        stream,
+        server_proof,
+    })
+}
+
+impl Bulk {
+    /// Sends one request for `ids`.
+    pub async fn ask(&mut self, ids: &[[u8; 32]]) -> std::io::Result<()> {
+        let mut frame = Vec::with_capacity(4 + 32 * ids.len());
+        frame.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+        for id in ids {
+            frame.extend_from_slice(id);
+        }
+        self.stream.write_all(&frame).await?;
+        self.stream.flush().await
+    }
+
+    /// Reads the answer to a request for `n` ids: the bytes of each blob sent (None: "not
+    /// here"). Fails if the connection closes first or nothing comes within `wait`.
+    pub async fn answer(
+        &mut self,
+        n: usize,
+        wait: Duration,
+    ) -> std::io::Result<Vec<Option<Vec<u8>>>> {
+        tokio::time::timeout(wait, async {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = self.stream.read_u32().await?;
+                if len == u32::MAX {
+                    out.push(None);
+                    continue;
+                }
+                let mut b = vec![0u8; len as usize];
+                self.stream.read_exact(&mut b).await?;
+                out.push(Some(b));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+    }
+
+    /// Bytes the server sends before closing or falling silent for `wait`.
+    pub async fn drain(&mut self, wait: Duration) -> usize {
+        let mut total = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(Ok(n)) = tokio::time::timeout(wait, self.stream.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    }
+}
+
+/// What a libp2p attacker got from a node's control protocol.
+#[derive(Debug, Default)]
+pub struct CtlReport {
+    /// It completed the libp2p handshake.
+    pub connected: bool,
+    /// The node answered its proof with one of its own.
+    pub auth_answered: bool,
+    /// Answers to its hello (which list the versions held).
+    pub hellos: usize,
+    /// Version roots the node said it holds or pulls (from hellos and have answers).
+    pub roots_learned: Vec<[u8; 32]>,
+    /// Have answers received.
+    pub haves: usize,
+    /// It was disconnected before the end.
+    pub disconnected: bool,
+}
+
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct Attacker {
+    auth: libp2p::request_response::cbor::Behaviour<Auth, Auth>,
+    ctl: libp2p::request_response::cbor::Behaviour<Req, Resp>,
+}
+
+/// Connects to a node's control address with a fresh identity, presents `proof`, asks it for
+/// its hello and for `root`'s have-map, and reports what came back within `secs`.
+pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64) -> CtlReport {
+    use libp2p::request_response::{self as rr, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    let key = identity();
+    let me = key.public().to_peer_id();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            (libp2p::tls::Config::new, libp2p::noise::Config::new),
+            libp2p::yamux::Config::default,
+        )
+        .expect("transport")
+        .with_behaviour(|_| Attacker {
+            auth: rr::cbor::Behaviour::new(
+                [(
+                    libp2p::StreamProtocol::new(wire::AUTH_PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
+                rr::Config::default(),
+            ),
+            ctl: rr::cbor::Behaviour::new(
+                [(
+                    libp2p::StreamProtocol::new(wire::PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
+                rr::Config::default(),
+            ),
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let mut report = CtlReport::default();
+    if swarm.dial(addr).is_err() {
+        return report;
+    }
+    let hello = wire::Hello {
+        labels: Default::default(),
+        bulk_port: 1,
+        listen: Vec::new(),
+        versions: Vec::new(),
+        peers: Vec::new(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ev = tokio::select! {
+            ev = swarm.select_next_some() => ev,
+            _ = tokio::time::sleep_until(deadline) => break,
+        };
+        match ev {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                report.connected = true;
+                let p = match &proof {
+                    Proof::None => [0u8; 32],
+                    Proof::Key(k) => k.proof(Channel::Control, &me, &peer_id),
+                };
+                swarm.behaviour_mut().auth.send_request(&peer_id, Auth(p));
+                swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_request(&peer_id, Req::Hello(hello.clone()));
+                swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_request(&peer_id, Req::Have(root));
+            }
+            SwarmEvent::ConnectionClosed {
+                num_established: 0, ..
+            } => {
+                report.disconnected = true;
+            }
+            SwarmEvent::Behaviour(AttackerEvent::Auth(rr::Event::Message {
+                peer,
+                message: rr::Message::Response { .. },
+                ..
+            })) => {
+                // Admitted: ask again (what was asked before admission got no answer).
+                report.auth_answered = true;
+                swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_request(&peer, Req::Hello(hello.clone()));
+                swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_request(&peer, Req::Have(root));
+            }
+            SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
+                message:
+                    rr::Message::Request {
+                        request: Req::Hello(h),
+                        ..
+                    },
+                ..
+            })) => {
+                // The node's own hello lists what it holds, too.
+                report.hellos += 1;
+                report
+                    .roots_learned
+                    .extend(h.versions.iter().map(|(r, _)| *r));
+            }
+            SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
+                message: rr::Message::Response { response, .. },
+                ..
+            })) => match response {
+                Resp::Hello(h) => {
+                    report.hellos += 1;
+                    report
+                        .roots_learned
+                        .extend(h.versions.iter().map(|(r, _)| *r));
+                }
+                Resp::Have(r, held) => {
+                    report.haves += 1;
+                    if held.is_some() {
+                        report.roots_learned.push(r);
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+    report
+}
