@@ -276,11 +276,334 @@ fn full_destination_disk_fails_cleanly() {
         err.contains("No space left on device") && err.contains(dest.to_str().unwrap()),
         "{err}"
     );
-    // No half-written file is left under a final name.
+    // No half-written file is left, under a final name or in the staging directory.
     for p in all_paths(&dest) {
-        let full = dest.join(&p);
-        if full.is_file() {
-            assert!(!p.contains("shoal-partial"), "temporary file left: {p}");
+        assert!(!p.contains(".shoal-staging."), "temporary file left: {p}");
+    }
+}
+
+fn tag_object(env: &Env, dataset: &str, tag: &str) -> std::path::PathBuf {
+    std::path::Path::new(&env.origin)
+        .join("datasets")
+        .join(dataset)
+        .join("_tags")
+        .join(tag)
+}
+
+#[test]
+fn rolled_back_frozen_unsigned_and_out_of_scope_tags_are_refused() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1", "--tag", "latest"]);
+    let old_tag = std::fs::read(tag_object(&env, "ds", "latest")).unwrap();
+    write(&src.join("new.txt"), b"v2");
+    env.json(&["publish", src.to_str().unwrap(), "ds@v2", "--tag", "latest"]);
+    let new_tag = std::fs::read(tag_object(&env, "ds", "latest")).unwrap();
+
+    let trainer = env.peer("trainer");
+    trainer.json(&["trust", &env.key()]);
+    let r = trainer.json(&["pull", "ds@latest", "--no-files"]);
+    assert_eq!(r["version"], "ds@v2");
+
+    // Rollback: the old tag object put back. A node that saw the newer one refuses it.
+    std::fs::write(tag_object(&env, "ds", "latest"), &old_tag).unwrap();
+    let err = trainer.fails(&["pull", "ds@latest", "--no-files"]);
+    assert!(
+        err.contains("rolled back")
+            && err.contains("ds@latest")
+            && err.contains("older than sequence"),
+        "{err}"
+    );
+    std::fs::write(tag_object(&env, "ds", "latest"), &new_tag).unwrap();
+    trainer.json(&["pull", "ds@latest", "--no-files"]);
+
+    // Freeze: a node told a maximum tag age refuses a tag nobody re-signed since.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut frozen = trainer.cmd(&["pull", "ds@latest", "--no-files"]);
+    let out = frozen.env("SHOAL_MAX_TAG_AGE", "1s").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("maximum tag age"),
+        "{err}"
+    );
+    let ok = trainer
+        .cmd(&["pull", "ds@latest", "--no-files"])
+        .env("SHOAL_MAX_TAG_AGE", "1h")
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+
+    // An unsigned tag (as written before tags were signed) is refused, with the fix; the
+    // publisher re-signing it moves it past every sequence a node saw.
+    let unsigned = shoal_registry::Tag {
+        version: "v1".into(),
+        updated_unix: 1,
+    };
+    std::fs::write(tag_object(&env, "ds", "latest"), unsigned.encode()).unwrap();
+    let err = trainer.fails(&["pull", "ds@latest", "--no-files"]);
+    assert!(
+        err.contains("unsigned") && err.contains("shoal tag ds@v1 latest"),
+        "{err}"
+    );
+    let listed = trainer.json(&["versions", "ds"]);
+    assert!(
+        listed["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["tags"].as_array().unwrap().is_empty()),
+        "an unsigned tag is not listed: {listed}"
+    );
+    env.json(&["tag", "ds@v1", "latest"]);
+    let r = trainer.json(&["pull", "ds@latest", "--no-files"]);
+    assert_eq!(r["version"], "ds@v1");
+
+    // A key trusted only for other datasets signs nothing here: versions and tags alike.
+    let scoped = env.peer("scoped");
+    scoped.json(&["trust", &env.key(), "--datasets", "org/*"]);
+    for reference in ["ds@v1", "ds@latest"] {
+        let err = scoped.fails(&["pull", reference, "--no-files"]);
+        assert!(
+            err.contains("trusted only for datasets org/*")
+                && err.contains("not ds")
+                && err.contains(&env.key()),
+            "{reference}: {err}"
+        );
+    }
+    scoped.json(&["trust", &env.key(), "--datasets", "org/*,ds"]);
+    scoped.json(&["pull", "ds@latest", "--no-files"]);
+}
+
+/// Peak resident set of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn oversized_origin_objects_are_refused_unread() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1", "--tag", "latest"]);
+    let versions = std::path::Path::new(&env.origin).join("datasets/ds/_versions");
+    // Sparse: 2 GiB of nothing, as a hostile origin would serve it.
+    let huge = std::fs::File::create(versions.join("huge")).unwrap();
+    huge.set_len(2 << 30).unwrap();
+    let tag = std::fs::File::create(tag_object(&env, "ds", "big")).unwrap();
+    tag.set_len(1 << 30).unwrap();
+
+    // Through a daemon, whose memory is what a hostile origin would aim at.
+    let node = env.peer("node");
+    node.json(&["trust", &env.key()]);
+    let mut daemon = node
+        .cmd(&["node", "run", "--no-mdns"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !node.run(&["status"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = daemon.id();
+    let daemon = Kill(daemon);
+    for (args, what) in [
+        (vec!["pull", "ds@huge", "--no-files"], "_versions/huge"),
+        (vec!["versions", "ds"], "_versions/huge"),
+        (vec!["pull", "ds@big", "--no-files"], "_tags/big"),
+    ] {
+        let err = node.fails(&args);
+        assert!(
+            err.contains("larger than a")
+                && err.contains(what)
+                && err.contains("refusing to read it"),
+            "{args:?}: {err}"
+        );
+    }
+    let peak = peak_rss(pid);
+    assert!(peak < 128 << 20, "daemon peaked at {} MiB", peak >> 20);
+    node.json(&["pull", "ds@v1", "--no-files"]);
+    drop(daemon);
+
+    // A pack index larger than any may be: refused by name, before it is read.
+    let idx = first_pack(&env.origin).with_extension("idx");
+    std::fs::File::create(&idx)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let fresh = env.peer("fresh");
+    fresh.json(&["trust", &env.key()]);
+    let err = fresh.fails(&["pull", "ds@v1", "--no-files"]);
+    assert!(
+        err.contains("larger than a pack index may be") && err.contains(".idx"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pull_writes_exactly_the_tree_whatever_its_names() {
+    let env = Env::new();
+    let src = env.path("src");
+    // Names a pull's own temporary files might have had, beside the files they would shadow.
+    write(&src.join("f1"), b"the real f1");
+    write(&src.join(".f1.shoal-partial"), b"not f1 at all");
+    write(
+        &src.join(".shoal-staging.0123456789abcdef"),
+        b"a staging look-alike",
+    );
+    write(&src.join("d/.shoal-staging.0000000000000000/0"), b"deep");
+    write(&src.join("d/0"), b"zero");
+    for i in 0..64 {
+        write(&src.join(format!("many/{i}")), &random_bytes(i, 5000));
+        write(
+            &src.join(format!("many/.{i}.shoal-partial")),
+            &random_bytes(i + 100, 7000),
+        );
+    }
+    env.json(&["publish", src.to_str().unwrap(), "names@v1"]);
+    let dest = env.path("dest");
+    env.json(&["pull", "names@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+    // Again over the same destination, and after a stale staging directory of a killed pull.
+    std::fs::create_dir_all(dest.join(".shoal-staging.fedcba9876543210")).unwrap();
+    std::fs::write(dest.join(".shoal-staging.fedcba9876543210/3"), b"junk").unwrap();
+    env.json(&["pull", "names@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+}
+
+#[test]
+fn symlink_chains_that_escape_are_refused_at_publish_pull_and_mount() {
+    let env = Env::new();
+    // Each link alone stays inside; the chain through a/b climbs out.
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("a")).unwrap();
+    std::os::unix::fs::symlink("..", src.join("a/b")).unwrap();
+    std::os::unix::fs::symlink("a/b/a/b/a/b/../../../../../../etc/passwd", src.join("x")).unwrap();
+    let err = env.fails(&["publish", src.to_str().unwrap(), "links@v1"]);
+    assert!(
+        err.contains("outside the dataset") && err.contains("through a/b") && err.contains("/x"),
+        "{err}"
+    );
+
+    // The same tree forged into an origin: refused at pull, with the path, nothing written.
+    let key = publisher_key(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let payload = b"inside";
+    let root = rt.block_on(async {
+        let origin = Origin::open(&env.origin, true).unwrap();
+        let link = |name: &str, target: &str| Entry {
+            name: name.into(),
+            mode: 0o777,
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
+        };
+        let sub = Dir {
+            entries: vec![link("b", "..")],
+        };
+        let sub_bytes = sub.encode();
+        let sub_id = shoal_chunker::hash(&sub_bytes);
+        let dir = Dir {
+            entries: vec![
+                Entry {
+                    name: "a".into(),
+                    mode: 0o755,
+                    kind: EntryKind::Dir {
+                        id: sub_id,
+                        files: 0,
+                        bytes: 0,
+                    },
+                },
+                file_entry("f", payload),
+                link("ok", "a/b/f"),
+                link("x", "a/b/a/b/a/b/../../../../../../etc/passwd"),
+            ],
+        };
+        let dir_bytes = dir.encode();
+        let root = shoal_chunker::hash(&dir_bytes);
+        let mut pack = PackBuilder::default();
+        pack.push(
+            shoal_chunker::hash(payload),
+            bytes::Bytes::copy_from_slice(payload),
+        );
+        pack.push(sub_id, sub_bytes.into());
+        pack.push(root, dir_bytes.into());
+        let sealed = pack.seal();
+        origin
+            .put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into())
+            .await
+            .unwrap();
+        let body = VersionBody {
+            dataset: "evil".into(),
+            version: "chain".into(),
+            root,
+            packs: vec![sealed.id],
+            chunking: Params::default(),
+            created_unix: 0,
+            stats: Stats::default(),
+            publisher: [0; 32],
+        };
+        origin
+            .create_version(&"evil".parse().unwrap(), &SignedVersion::sign(body, &key))
+            .await
+            .unwrap();
+        root
+    });
+    let work = env.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let dest = work.join("dest");
+    let err = env.fails(&["pull", "evil@chain", "--to", dest.to_str().unwrap()]);
+    assert!(
+        err.contains("symlink '/x'") && err.contains("outside the dataset (through a/b)"),
+        "{err}"
+    );
+    assert!(!dest.exists(), "nothing written: {:?}", all_paths(&work));
+
+    // Mounted, the escaping link is refused when the kernel asks for it; the others work.
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut m = env
+        .cmd(&["mount", "evil@chain", mnt.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mount did not come up"
+        );
+        assert!(m.try_wait().unwrap().is_none(), "mount exited");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let x = std::fs::read_link(mnt.join("x"));
+    let through = std::fs::read(mnt.join("x"));
+    let ok = std::fs::read(mnt.join("ok"));
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status();
+    let _ = m.wait();
+    assert!(
+        x.is_err() && through.is_err(),
+        "escaping link served: {x:?}"
+    );
+    assert_eq!(ok.unwrap(), payload, "a link that stays inside works");
+    let _ = root;
 }

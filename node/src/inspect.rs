@@ -116,10 +116,14 @@ impl Node {
         let mut tags: Vec<(String, String)> = Vec::new();
         // Only tags that verify are shown (an unsigned or forged one points nowhere).
         for t in self.origin.list_tags(name).await? {
-            if let Some(shoal_registry::AnyTag::Signed(tag)) = self.origin.tag(name, &t).await? {
-                if tag.verify(name.as_str(), &t, &trusted).is_ok() {
-                    tags.push((t, tag.body.version));
+            match self.origin.tag(name, &t).await {
+                Ok(Some(shoal_registry::AnyTag::Signed(tag))) => {
+                    if tag.verify(name.as_str(), &t, &trusted).is_ok() {
+                        tags.push((t, tag.body.version));
+                    }
                 }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}; tag not listed"),
             }
         }
         let mut out = Vec::new();

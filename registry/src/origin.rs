@@ -410,8 +410,9 @@ impl Origin {
         }
     }
 
-    /// Points `tag` at `version`, signed with `key`, one sequence number past the tag it
-    /// replaces (whatever that one's signature: the sequence only has to grow). The write is a
+    /// Points `tag` at `version`, signed with `key`, with a sequence number past the tag it
+    /// replaces (whatever that one's signature: the sequence only has to grow) and no lower
+    /// than `now`. The write is a
     /// compare-and-swap against the tag as it was read, retried on conflict, so concurrent
     /// movers serialise and each gets its own number. A store without conditional update (a
     /// local directory) falls back to its atomic overwrite. Returns the sequence written.
@@ -426,11 +427,15 @@ impl Origin {
         let path = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
         for _ in 0..10 {
             let current = self.get_opt(&path, "tag object", MAX_SMALL_OBJECT).await?;
-            let seq = current
+            // At least the signing time in seconds: a tag an attacker deleted or replaced
+            // (with an unsigned or undecodable object) still moves forward when re-signed,
+            // past any sequence a node saw before.
+            let seq = (current
                 .as_ref()
                 .and_then(|(b, _)| AnyTag::decode(b).ok())
                 .map_or(0, |t| t.seq())
-                + 1;
+                + 1)
+            .max(now);
             let body: Bytes = SignedTag::sign(
                 TagBody {
                     dataset: name.to_string(),
