@@ -1,0 +1,242 @@
+//! Local state: private to its user, consistent after kill -9 at any point of pin, unpin, gc
+//! and compaction, and what a node announces is what it can serve now.
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Runs `cmd` as the unprivileged user `nobody`; true if it succeeded.
+fn as_nobody(cmd: &[&str]) -> bool {
+    std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .args(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("runuser (util-linux) is needed to act as another user")
+        .success()
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_daemon(env: &Env, args: &[&str]) -> Daemon {
+    let mut a = vec!["node", "run", "--no-mdns"];
+    a.extend_from_slice(args);
+    let log = std::fs::File::create(env.path("node.log")).unwrap();
+    let mut child = env
+        .cmd(&a)
+        .env("SHOAL_LOG", "warn,shoal_node=debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.run(&["status"]).status.success() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon(child)
+}
+
+#[test]
+fn state_is_private_to_its_user_and_the_socket_bounds_requests() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    assert_eq!(mode(&env.home), 0o700, "state directory");
+    let segs: Vec<_> = std::fs::read_dir(env.home.join("store/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!segs.is_empty());
+    for s in &segs {
+        assert_eq!(mode(s), 0o600, "{}", s.display());
+    }
+    // A state directory made open by someone else is made private again on next use.
+    std::fs::set_permissions(&env.home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&segs[0], std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    assert_eq!(mode(&env.home), 0o700);
+    assert_eq!(mode(&segs[0]), 0o600);
+
+    let _d = start_daemon(&env, &[]);
+    let sock = env.home.join("node.sock");
+    assert_eq!(mode(&sock), 0o600, "socket");
+    // Another local user reaches neither the socket nor the cached bytes.
+    let sock_s = sock.to_str().unwrap();
+    let seg_s = segs[0].to_str().unwrap();
+    assert!(
+        !as_nobody(&["test", "-e", sock_s]),
+        "nobody can reach the socket"
+    );
+    assert!(!as_nobody(&["cat", seg_s]), "nobody can read a segment");
+    assert!(as_nobody(&["test", "-e", "/"]), "runuser works at all");
+
+    // A request line longer than the bound is refused with a reason; the daemon goes on.
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let big = vec![b'x'; 3 << 20];
+    let _ = s.write_all(&big); // the daemon may stop reading part-way
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.contains("longer than"), "reply: {reply:?}");
+    // A request that is not JSON: an error reply, not a crash.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"{\"op\": \"nonsense\"}\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("bad request"), "reply: {reply:?}");
+    assert!(env.run(&["status"]).status.success(), "the daemon is up");
+}
+
+fn cache(env: &Env) -> serde_json::Value {
+    env.json(&["cache"])
+}
+
+/// Pins are all or nothing: the pinned bytes are exactly those of the pins listed.
+fn assert_pins_consistent(env: &Env, what: &str) -> bool {
+    let c = cache(env);
+    let pins = c["pins"].as_array().unwrap();
+    let listed: u64 = pins.iter().map(|p| p["bytes"].as_u64().unwrap()).sum();
+    let pinned = c["pinned_bytes"].as_u64().unwrap();
+    assert_eq!(
+        pinned, listed,
+        "{what}: pinned bytes {pinned} but pins list {listed}: {c}"
+    );
+    !pins.is_empty()
+}
+
+#[test]
+fn kill_during_pin_unpin_gc_and_compaction_leaves_counts_exact_and_no_corrupt_byte() {
+    let env = Env::new();
+    let src = env.path("src");
+    // Many small blobs, so that pinning and unpinning take long enough to be cut.
+    for i in 0..4000 {
+        write(
+            &src.join(format!("d{}/f{i}", i % 40)),
+            &random_bytes(i, 1500 + (i as usize % 700)),
+        );
+    }
+    for i in 0..6 {
+        write(
+            &src.join(format!("big{i}.bin")),
+            &random_bytes(9000 + i, 3 << 20),
+        );
+    }
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    write(&src.join("extra.bin"), &random_bytes(77, 8 << 20));
+    env.json(&["publish", src.to_str().unwrap(), "ds@v2"]);
+    env.json(&["pull", "ds@v1", "--no-files"]);
+
+    let mut cut = 0;
+    for round in 0..10u64 {
+        let (args, what): (Vec<&str>, &str) = match round % 3 {
+            0 => (vec!["pin", "ds@v1"], "pin"),
+            1 => (vec!["unpin", "ds@v1"], "unpin"),
+            _ => (vec!["gc"], "gc"),
+        };
+        if what == "gc" {
+            // Garbage to collect and compact: a version nobody pinned.
+            env.json(&["pull", "ds@v2", "--no-files"]);
+        }
+        if what == "unpin" && !assert_pins_consistent(&env, "before unpin") {
+            env.json(&["pin", "ds@v1"]);
+        }
+        let mut child = env
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let wait = Duration::from_millis(random_bytes(round, 1)[0] as u64 % 120 + 20);
+        std::thread::sleep(wait);
+        if child.try_wait().unwrap().is_none() {
+            cut += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_pins_consistent(
+            &env,
+            &format!("after kill -9 during {what} (round {round})"),
+        );
+    }
+    assert!(
+        cut >= 4,
+        "only {cut} of 10 kills landed mid-operation; the test proved little"
+    );
+
+    // Everything the store still claims is whole: a pin completes, and v1 then pulls from the
+    // store alone (the origin is moved away), every byte verified on the way out.
+    env.json(&["pin", "ds@v1"]);
+    assert!(assert_pins_consistent(&env, "after the crashes"));
+    env.json(&["gc"]);
+    // Only the packs (the data) go away: versions and trees' locations still resolve.
+    let packs = Path::new(&env.origin).join("packs");
+    let moved = Path::new(&env.origin).join("packs-away");
+    std::fs::rename(&packs, &moved).unwrap();
+    let dest = env.path("out");
+    let pulled = env
+        .cmd(&["--json", "pull", "ds@v1", "--to", dest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    std::fs::rename(&moved, &packs).unwrap();
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
+    assert_eq!(r["bytes_from_origin"], 0);
+    // v1 is the source without the file v2 added.
+    std::fs::remove_file(src.join("extra.bin")).unwrap();
+    assert_same_tree(&src, &dest);
+}
+
+#[test]
+fn gc_withdraws_what_a_node_can_no_longer_serve() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    write(&src.join("more.bin"), &random_bytes(5, 100_000));
+    env.json(&["publish", src.to_str().unwrap(), "ds@v2"]);
+    let _d = start_daemon(&env, &[]);
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    env.json(&["pull", "ds@v2", "--no-files"]);
+    env.json(&["pin", "ds@v2"]);
+    let held = |env: &Env| -> Vec<String> {
+        env.json(&["status"])["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut before = held(&env);
+    before.sort();
+    assert_eq!(before, ["ds@v1", "ds@v2"]);
+    env.json(&["gc"]);
+    // v1 was not pinned: gc took the blobs it does not share with v2, so it is withdrawn
+    // before gc answers; the pinned v2 stays announced.
+    assert_eq!(held(&env), ["ds@v2"]);
+    let rec = std::fs::read_to_string(env.home.join("held")).unwrap();
+    assert!(!rec.contains("ds@v1") && rec.contains("ds@v2"), "{rec}");
+}
