@@ -385,6 +385,18 @@ impl Daemon {
     }
 }
 
+/// Decodes one request line: the operation and the extra keys the client trusts.
+pub fn parse_request(line: &str) -> Result<(Request, Vec<TrustedKey>)> {
+    let Envelope { request, trusted } = serde_json::from_str(line)
+        .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
+    let trusted = trusted
+        .iter()
+        .map(|k| TrustedKey::parse_line(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Net(format!("bad trusted key from the CLI: {e}")))?;
+    Ok((request, trusted))
+}
+
 /// Tells a client over the connection limit so, and closes.
 async fn refuse(mut stream: UnixStream, limit: usize) {
     let reply = Reply::Error(format!(
@@ -494,13 +506,7 @@ async fn handle(
     notices: tokio::sync::mpsc::Sender<String>,
     gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<serde_json::Value> {
-    let Envelope { request, trusted } = serde_json::from_str(&line)
-        .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
-    let trusted = trusted
-        .iter()
-        .map(|k| TrustedKey::parse_line(k))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Net(format!("bad trusted key from the CLI: {e}")))?;
+    let (request, trusted) = parse_request(&line)?;
     Ok(match request {
         Request::Status => {
             let mut status = daemon.node.swarm().expect("attached").status();

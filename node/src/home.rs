@@ -257,7 +257,7 @@ impl Home {
     pub fn trust(&self, key: PublicKey, datasets: Vec<String>) -> Result<bool> {
         let entry = TrustedKey { key, datasets };
         let mut keys = self.trusted_keys()?;
-        if keys.iter().any(|k| *k == entry) && keys.iter().filter(|k| k.key == key).count() == 1 {
+        if keys.contains(&entry) && keys.iter().filter(|k| k.key == key).count() == 1 {
             return Ok(false);
         }
         keys.retain(|k| k.key != key);

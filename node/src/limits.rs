@@ -236,7 +236,7 @@ pub fn raise_nofile() -> Option<u64> {
     let mut l = getrlimit(Resource::Nofile);
     if l.current != l.maximum {
         l.current = l.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, l.clone()) {
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
             tracing::warn!("raising the open-file limit: {e}");
         }
     }

@@ -498,7 +498,9 @@ mod tests {
         assert_eq!(scoped.to_string(), line);
         assert!(scoped.covers("org/laion") && scoped.covers("org/a/b"));
         assert!(!scoped.covers("imagenet") && !scoped.covers("other/org"));
-        let err = v.verify("imagenet", "v1", &[scoped.clone()]).unwrap_err();
+        let err = v
+            .verify("imagenet", "v1", std::slice::from_ref(&scoped))
+            .unwrap_err();
         let msg = err.to_string();
         assert!(
             matches!(err, VerifyError::OutOfScope { .. })

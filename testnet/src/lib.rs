@@ -5,6 +5,7 @@
 //! from the first node, and waits until it answers `shoal status`. Every wait has a deadline
 //! and fails with what it was waiting for. Dropping the cluster kills every process it started.
 
+pub mod fuzz;
 pub mod hostile;
 
 use serde_json::Value;

@@ -115,7 +115,12 @@ enum Cmd {
     },
 }
 
+/// The `shoal` binary under test: `SHOAL_BENCH_BIN` (another build, for A/B runs; see
+/// scripts/bench-ab.sh), else the one beside this benchmark.
 fn shoal_bin() -> Result<PathBuf> {
+    if let Some(b) = std::env::var_os("SHOAL_BENCH_BIN").filter(|b| !b.is_empty()) {
+        return Ok(PathBuf::from(b));
+    }
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("shoal");
     if !bin.exists() {

@@ -45,6 +45,28 @@ impl Daemon {
         trusted: &str,
     ) -> Result<Daemon> {
         std::fs::create_dir_all(&home)?;
+        let mut args = args;
+        if netns.is_some() && supports_cluster_key()? {
+            // Nodes in namespaces talk over real addresses: a private cluster, as in
+            // production, sharing one key beside their state directories.
+            let key = home
+                .parent()
+                .context("a daemon's home has a parent")?
+                .join("cluster.key");
+            if !key.exists() {
+                let out = Command::new(shoal_bin()?)
+                    .args(["node", "keygen"])
+                    .arg(&key)
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "shoal node keygen: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            args.extend(["--cluster-key".to_string(), key.display().to_string()]);
+        }
         let mut d = Daemon {
             home,
             child: None,
@@ -1133,4 +1155,12 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
     let r = result?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(r)
+}
+
+/// Whether the binary under test has cluster keys (builds before them admit anyone).
+fn supports_cluster_key() -> Result<bool> {
+    let out = Command::new(shoal_bin()?)
+        .args(["node", "run", "--help"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("--cluster-key"))
 }
