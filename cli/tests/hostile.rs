@@ -25,6 +25,19 @@ fn forge(
     key: &SecretKey,
     signature: Option<Vec<u8>>,
 ) {
+    forge_with(env, version, entries, payload, &[], key, signature)
+}
+
+/// [`forge`], with more blobs (encoded subdirectory nodes) in the version's pack.
+fn forge_with(
+    env: &Env,
+    version: &str,
+    entries: Vec<Entry>,
+    payload: &[u8],
+    blobs: &[Vec<u8>],
+    key: &SecretKey,
+    signature: Option<Vec<u8>>,
+) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let origin = Origin::open(&env.origin, true).unwrap();
@@ -37,6 +50,9 @@ fn forge(
             bytes::Bytes::copy_from_slice(payload),
         );
         pack.push(root, dir_bytes.into());
+        for b in blobs {
+            pack.push(shoal_chunker::hash(b), bytes::Bytes::copy_from_slice(b));
+        }
         let sealed = pack.seal();
         origin
             .put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into())
@@ -502,68 +518,33 @@ fn symlink_chains_that_escape_are_refused_at_publish_pull_and_mount() {
 
     // The same tree forged into an origin: refused at pull, with the path, nothing written.
     let key = publisher_key(&env);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let payload = b"inside";
-    let root = rt.block_on(async {
-        let origin = Origin::open(&env.origin, true).unwrap();
-        let link = |name: &str, target: &str| Entry {
-            name: name.into(),
-            mode: 0o777,
-            kind: EntryKind::Symlink {
-                target: target.into(),
+    let link = |name: &str, target: &str| Entry {
+        name: name.into(),
+        mode: 0o777,
+        kind: EntryKind::Symlink {
+            target: target.into(),
+        },
+    };
+    let sub = Dir {
+        entries: vec![link("b", "..")],
+    }
+    .encode();
+    let entries = vec![
+        Entry {
+            name: "a".into(),
+            mode: 0o755,
+            kind: EntryKind::Dir {
+                id: shoal_chunker::hash(&sub),
+                files: 0,
+                bytes: 0,
             },
-        };
-        let sub = Dir {
-            entries: vec![link("b", "..")],
-        };
-        let sub_bytes = sub.encode();
-        let sub_id = shoal_chunker::hash(&sub_bytes);
-        let dir = Dir {
-            entries: vec![
-                Entry {
-                    name: "a".into(),
-                    mode: 0o755,
-                    kind: EntryKind::Dir {
-                        id: sub_id,
-                        files: 0,
-                        bytes: 0,
-                    },
-                },
-                file_entry("f", payload),
-                link("ok", "a/b/f"),
-                link("x", "a/b/a/b/a/b/../../../../../../etc/passwd"),
-            ],
-        };
-        let dir_bytes = dir.encode();
-        let root = shoal_chunker::hash(&dir_bytes);
-        let mut pack = PackBuilder::default();
-        pack.push(
-            shoal_chunker::hash(payload),
-            bytes::Bytes::copy_from_slice(payload),
-        );
-        pack.push(sub_id, sub_bytes.into());
-        pack.push(root, dir_bytes.into());
-        let sealed = pack.seal();
-        origin
-            .put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into())
-            .await
-            .unwrap();
-        let body = VersionBody {
-            dataset: "evil".into(),
-            version: "chain".into(),
-            root,
-            packs: vec![sealed.id],
-            chunking: Params::default(),
-            created_unix: 0,
-            stats: Stats::default(),
-            publisher: [0; 32],
-        };
-        origin
-            .create_version(&"evil".parse().unwrap(), &SignedVersion::sign(body, &key))
-            .await
-            .unwrap();
-        root
-    });
+        },
+        file_entry("f", payload),
+        link("ok", "a/b/f"),
+        link("x", "a/b/a/b/a/b/../../../../../../etc/passwd"),
+    ];
+    forge_with(&env, "chain", entries, payload, &[sub], &key, None);
     let work = env.path("work");
     std::fs::create_dir_all(&work).unwrap();
     let dest = work.join("dest");
@@ -605,5 +586,4 @@ fn symlink_chains_that_escape_are_refused_at_publish_pull_and_mount() {
         "escaping link served: {x:?}"
     );
     assert_eq!(ok.unwrap(), payload, "a link that stays inside works");
-    let _ = root;
 }

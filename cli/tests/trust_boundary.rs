@@ -3,14 +3,14 @@
 //! node serves them, so the client is known to work); floods and clients that never read
 //! leave the daemon up, small, and serving its legitimate peer.
 
+mod common;
+use common::{random_bytes, BIN};
 use shoal_node::swarm::admission::ClusterKey;
 use shoal_testnet::hostile::{self, Proof};
 use shoal_testnet::{wait_for, Cluster};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_shoal");
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -22,18 +22,28 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn write_data(dir: &Path, files: usize, size: usize, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for i in 0..files {
-        let b: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(dir.join(format!("f{i:03}.bin")), b).unwrap();
+        std::fs::write(
+            dir.join(format!("f{i:03}.bin")),
+            random_bytes(seed * 1000 + i as u64, size),
+        )
+        .unwrap();
     }
+}
+
+/// A new cluster key file (`shoal node keygen`), loaded.
+fn keygen(path: &Path) -> ClusterKey {
+    let out = std::process::Command::new(BIN)
+        .args(["node", "keygen"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ClusterKey::load(path).unwrap()
 }
 
 /// Every blob id in the origin's packs (what an attacker would ask for).
@@ -128,27 +138,21 @@ fn attack(
         )
         .await
         {
-            {
-                served = b.server_proof.is_some();
-                if b.ask(&ids[..ids.len().min(8)]).await.is_ok() {
-                    if served {
-                        let got = b
-                            .answer(ids.len().min(8), Duration::from_secs(5))
-                            .await
-                            .unwrap();
-                        for (id, blob) in ids.iter().zip(&got) {
-                            if let Some(blob) = blob {
-                                assert_eq!(
-                                    &shoal_chunker::hash(blob).0,
-                                    id,
-                                    "a blob matches its id"
-                                );
-                                bytes += blob.len();
-                            }
+            served = b.server_proof.is_some();
+            if b.ask(&ids[..ids.len().min(8)]).await.is_ok() {
+                if served {
+                    let got = b
+                        .answer(ids.len().min(8), Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    for (id, blob) in ids.iter().zip(&got) {
+                        if let Some(blob) = blob {
+                            assert_eq!(&shoal_chunker::hash(blob).0, id, "a blob matches its id");
+                            bytes += blob.len();
                         }
-                    } else {
-                        bytes += b.drain(Duration::from_secs(3)).await;
                     }
+                } else {
+                    bytes += b.drain(Duration::from_secs(3)).await;
                 }
             }
         }
@@ -191,24 +195,8 @@ fn outsiders_get_nothing_in_every_private_mode_and_an_open_node_serves_them() {
     hex::decode_to_slice(&root_hex, &mut root).unwrap();
     let ids = blob_ids(&c.origin);
     let key_file = c.dir.path().join("cluster.key");
-    let out = std::process::Command::new(BIN)
-        .args(["--json", "node", "keygen"])
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let wrong_file = c.dir.path().join("wrong.key");
-    std::process::Command::new(BIN)
-        .args(["node", "keygen"])
-        .arg(&wrong_file)
-        .output()
-        .unwrap();
-    let key = ClusterKey::load(&key_file).unwrap();
-    let wrong = ClusterKey::load(&wrong_file).unwrap();
+    let key = keygen(&key_file);
+    let wrong = keygen(&c.dir.path().join("wrong.key"));
     let members = c.dir.path().join("members");
     std::fs::write(&members, "# nobody\n").unwrap();
 
@@ -331,12 +319,7 @@ fn floods_and_clients_that_never_read_cost_bounded_memory_while_a_peer_pulls() {
     .unwrap();
     let ids = blob_ids(&c.origin);
     let key_file = c.dir.path().join("cluster.key");
-    std::process::Command::new(BIN)
-        .args(["node", "keygen"])
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    let key = ClusterKey::load(&key_file).unwrap();
+    let key = keygen(&key_file);
     let kf = key_file.display().to_string();
 
     // The target holds the version; its open-file limit is low, so the flood would exhaust

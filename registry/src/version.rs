@@ -169,12 +169,124 @@ struct Envelope {
     signature: Vec<u8>,
 }
 
-/// A version as stored in an origin: the body, its exact encoded bytes and the signature.
+/// A body a publisher signs: how it is framed, and where its publisher key sits.
+pub trait SignedBody: Serialize + serde::de::DeserializeOwned {
+    /// The kind of the body's own encoding.
+    const BODY: Kind;
+    /// The kind and format version of the envelope (body bytes and signature).
+    const ENVELOPE: (Kind, u8);
+    fn publisher_mut(&mut self) -> &mut [u8; 32];
+    fn publisher_key(&self) -> PublicKey;
+    /// Checks beyond the encoding (e.g. chunking parameters in range).
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A signed object as stored in an origin: the body, its exact encoded bytes (what was
+/// signed) and the signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignedVersion {
-    pub body: VersionBody,
+pub struct Signed<B> {
+    pub body: B,
     body_bytes: Vec<u8>,
     signature: Vec<u8>,
+}
+
+/// A version as stored in an origin.
+pub type SignedVersion = Signed<VersionBody>;
+/// A signed tag as stored in an origin (`Kind::Tag`, format version 2).
+pub type SignedTag = Signed<TagBody>;
+
+impl SignedBody for VersionBody {
+    const BODY: Kind = Kind::VersionBody;
+    const ENVELOPE: (Kind, u8) = (Kind::Version, format::V1);
+    fn publisher_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.publisher
+    }
+    fn publisher_key(&self) -> PublicKey {
+        PublicKey(self.publisher)
+    }
+    fn validate(&self) -> Result<(), String> {
+        self.chunking
+            .validate()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl SignedBody for TagBody {
+    const BODY: Kind = Kind::TagBody;
+    const ENVELOPE: (Kind, u8) = (Kind::Tag, format::V2);
+    fn publisher_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.publisher
+    }
+    fn publisher_key(&self) -> PublicKey {
+        PublicKey(self.publisher)
+    }
+}
+
+impl<B: SignedBody> Signed<B> {
+    /// Signs `body` with `key` (which becomes its publisher).
+    pub fn sign(mut body: B, key: &SecretKey) -> Signed<B> {
+        *body.publisher_mut() = key.public().0;
+        let body_bytes = format::encode(B::BODY, &body);
+        let signature = key.0.sign(&body_bytes).to_bytes().to_vec();
+        Signed {
+            body,
+            body_bytes,
+            signature,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, version) = B::ENVELOPE;
+        format::encode_v(
+            kind,
+            version,
+            &Envelope {
+                body: self.body_bytes.clone(),
+                signature: self.signature.clone(),
+            },
+        )
+    }
+
+    /// Decodes the object; the signature is checked separately (`verify`).
+    pub fn decode(bytes: &[u8]) -> Result<Signed<B>, DecodeError> {
+        let (kind, version) = B::ENVELOPE;
+        let env: Envelope = format::decode_v(kind, version, bytes)?;
+        let body: B = format::decode(B::BODY, &env.body)?;
+        body.validate()
+            .map_err(|e| DecodeError::Invalid(B::BODY, e))?;
+        Ok(Signed {
+            body,
+            body_bytes: env.body,
+            signature: env.signature,
+        })
+    }
+
+    pub fn publisher(&self) -> PublicKey {
+        self.body.publisher_key()
+    }
+
+    /// Checks the signature, and that the publisher is trusted for `dataset`.
+    fn check(&self, what: &str, dataset: &str, trusted: &[TrustedKey]) -> Result<(), VerifyError> {
+        let publisher = self.publisher();
+        let ok = VerifyingKey::from_bytes(&publisher.0)
+            .ok()
+            .zip(Signature::from_slice(&self.signature).ok());
+        match ok {
+            Some((key, sig)) if key.verify(&self.body_bytes, &sig).is_ok() => {}
+            _ => return Err(VerifyError::BadSignature(what.to_string(), publisher)),
+        }
+        check_trust(what, dataset, publisher, trusted)
+    }
+
+    /// For tests that need a forged object: replaces the signature bytes.
+    #[doc(hidden)]
+    pub fn with_signature(mut self, signature: Vec<u8>) -> Signed<B> {
+        self.signature = signature;
+        self
+    }
 }
 
 /// A version that fails verification.
@@ -200,46 +312,6 @@ pub enum VerifyError {
 }
 
 impl SignedVersion {
-    pub fn sign(body: VersionBody, key: &SecretKey) -> SignedVersion {
-        let mut body = body;
-        body.publisher = key.public().0;
-        let body_bytes = format::encode(Kind::VersionBody, &body);
-        let signature = key.0.sign(&body_bytes).to_bytes().to_vec();
-        SignedVersion {
-            body,
-            body_bytes,
-            signature,
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        format::encode(
-            Kind::Version,
-            &Envelope {
-                body: self.body_bytes.clone(),
-                signature: self.signature.clone(),
-            },
-        )
-    }
-
-    /// Decodes a version object; the signature is checked separately by [`Self::verify`].
-    pub fn decode(bytes: &[u8]) -> Result<SignedVersion, DecodeError> {
-        let env: Envelope = format::decode(Kind::Version, bytes)?;
-        let body: VersionBody = format::decode(Kind::VersionBody, &env.body)?;
-        body.chunking
-            .validate()
-            .map_err(|e| DecodeError::Invalid(Kind::VersionBody, e.to_string()))?;
-        Ok(SignedVersion {
-            body,
-            body_bytes: env.body,
-            signature: env.signature,
-        })
-    }
-
-    pub fn publisher(&self) -> PublicKey {
-        PublicKey(self.body.publisher)
-    }
-
     /// Checks that the signature is valid, made by a trusted key, and that the version is the
     /// one that was asked for (`dataset@version`).
     pub fn verify(
@@ -255,27 +327,7 @@ impl SignedVersion {
                 found: name,
             });
         }
-        let publisher = self.publisher();
-        let ok = VerifyingKey::from_bytes(&self.body.publisher)
-            .ok()
-            .zip(Signature::from_slice(&self.signature).ok());
-        match ok {
-            Some((key, sig)) if key.verify(&self.body_bytes, &sig).is_ok() => {}
-            _ => {
-                return Err(VerifyError::BadSignature(
-                    format!("version {name}"),
-                    publisher,
-                ))
-            }
-        }
-        check_trust(&format!("version {name}"), dataset, publisher, trusted)
-    }
-
-    /// For tests that need a forged object: replaces the signature bytes.
-    #[doc(hidden)]
-    pub fn with_signature(mut self, signature: Vec<u8>) -> SignedVersion {
-        self.signature = signature;
-        self
+        self.check(&format!("version {name}"), dataset, trusted)
     }
 }
 
@@ -307,14 +359,6 @@ pub struct TagBody {
     pub seq: u64,
     pub updated_unix: u64,
     pub publisher: [u8; 32],
-}
-
-/// A signed tag as stored in an origin (`Kind::Tag`, format version 2).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignedTag {
-    pub body: TagBody,
-    body_bytes: Vec<u8>,
-    signature: Vec<u8>,
 }
 
 /// A tag object of either format.
@@ -351,43 +395,6 @@ impl AnyTag {
 }
 
 impl SignedTag {
-    pub fn sign(body: TagBody, key: &SecretKey) -> SignedTag {
-        let mut body = body;
-        body.publisher = key.public().0;
-        let body_bytes = format::encode_v(Kind::TagBody, format::V1, &body);
-        let signature = key.0.sign(&body_bytes).to_bytes().to_vec();
-        SignedTag {
-            body,
-            body_bytes,
-            signature,
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        format::encode_v(
-            Kind::Tag,
-            format::V2,
-            &Envelope {
-                body: self.body_bytes.clone(),
-                signature: self.signature.clone(),
-            },
-        )
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<SignedTag, DecodeError> {
-        let env: Envelope = format::decode_v(Kind::Tag, format::V2, bytes)?;
-        let body: TagBody = format::decode(Kind::TagBody, &env.body)?;
-        Ok(SignedTag {
-            body,
-            body_bytes: env.body,
-            signature: env.signature,
-        })
-    }
-
-    pub fn publisher(&self) -> PublicKey {
-        PublicKey(self.body.publisher)
-    }
-
     /// Checks that the tag is `dataset@tag`, signed validly by a key trusted for the dataset.
     pub fn verify(
         &self,
@@ -402,22 +409,7 @@ impl SignedTag {
                 found: name,
             });
         }
-        let publisher = self.publisher();
-        let ok = VerifyingKey::from_bytes(&self.body.publisher)
-            .ok()
-            .zip(Signature::from_slice(&self.signature).ok());
-        match ok {
-            Some((key, sig)) if key.verify(&self.body_bytes, &sig).is_ok() => {}
-            _ => return Err(VerifyError::BadSignature(name, publisher)),
-        }
-        check_trust(&name, dataset, publisher, trusted)
-    }
-
-    /// For tests that need a forged object: replaces the signature bytes.
-    #[doc(hidden)]
-    pub fn with_signature(mut self, signature: Vec<u8>) -> SignedTag {
-        self.signature = signature;
-        self
+        self.check(&name, dataset, trusted)
     }
 }
 
@@ -488,6 +480,36 @@ mod tests {
             Err(VerifyError::BadSignature(..))
         ));
     }
+
+    #[test]
+    fn golden_version_and_tag_encodings() {
+        // Pinned: signed objects must never change their bytes silently (ed25519 signing is
+        // deterministic, so the whole object is).
+        let key = SecretKey::from_bytes([1; 32]);
+        let v = SignedVersion::sign(body(), &key).encode();
+        assert_eq!(&v[..5], b"SHLV\x01");
+        let t = SignedTag::sign(
+            TagBody {
+                dataset: "imagenet".into(),
+                tag: "latest".into(),
+                version: "v1".into(),
+                seq: 1,
+                updated_unix: 2,
+                publisher: [0; 32],
+            },
+            &key,
+        )
+        .encode();
+        assert_eq!(
+            (
+                shoal_chunker::hash(&v).to_hex(),
+                shoal_chunker::hash(&t).to_hex()
+            ),
+            (GOLDEN_VERSION.to_string(), GOLDEN_TAG.to_string())
+        );
+    }
+    const GOLDEN_VERSION: &str = "f5529c3def3244773841335325f6e2da3b2aa7dc1bde7fa86ce9e8988f48f303";
+    const GOLDEN_TAG: &str = "4449697c8153177ac10e524367393616c93d13d3a240eaafb45911f66bd541af";
 
     #[test]
     fn scoped_keys_sign_only_their_datasets() {

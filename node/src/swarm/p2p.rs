@@ -280,7 +280,6 @@ pub async fn start(
         bootstrap: cfg.bootstrap.clone(),
         addrs: HashMap::new(),
         pending: HashMap::new(),
-        pending_ips: HashMap::new(),
     };
     tokio::spawn(async move { ev.run(cmd_rx).await });
     Ok(shared)
@@ -293,11 +292,10 @@ struct EventLoop {
     /// Addresses peers listen on (from their hellos and mDNS), for peer exchange; bounded by
     /// [`MAX_PEERS`].
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Peers connected but not admitted yet, and since when: dropped when they have not
-    /// proved the cluster key within the handshake deadline.
-    pending: HashMap<PeerId, Instant>,
-    /// Where each pending peer connected from (its admission may depend on it).
-    pending_ips: HashMap<PeerId, IpAddr>,
+    /// Peers connected but not admitted yet: since when (they are dropped when they have not
+    /// proved the cluster key within the handshake deadline) and from where. Bounded by the
+    /// connection limits.
+    pending: HashMap<PeerId, (Instant, Option<IpAddr>)>,
 }
 
 impl EventLoop {
@@ -444,7 +442,6 @@ impl EventLoop {
     /// recorded, told what this node holds, and its requests are answered.
     fn admit(&mut self, peer: PeerId, ip: Option<IpAddr>) {
         self.pending.remove(&peer);
-        self.pending_ips.remove(&peer);
         let new = self.shared.admitted.lock().expect("poisoned").insert(peer);
         {
             let mut peers = self.shared.peers.lock().expect("poisoned");
@@ -474,7 +471,6 @@ impl EventLoop {
     fn refuse(&mut self, peer: PeerId, why: &str) {
         tracing::warn!(%peer, "refusing peer: {why}");
         self.pending.remove(&peer);
-        self.pending_ips.remove(&peer);
         self.shared.admitted.lock().expect("poisoned").remove(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
@@ -556,7 +552,7 @@ impl EventLoop {
                     let late: Vec<PeerId> = self
                         .pending
                         .iter()
-                        .filter(|(_, since)| since.elapsed() > deadline)
+                        .filter(|(_, (since, _))| since.elapsed() > deadline)
                         .map(|(p, _)| *p)
                         .collect();
                     for p in late {
@@ -612,11 +608,9 @@ impl EventLoop {
                     Verdict::Admit => self.admit(peer_id, ip),
                     Verdict::Refuse(why) => self.refuse(peer_id, why),
                     Verdict::NeedProof => {
-                        self.pending.entry(peer_id).or_insert_with(Instant::now);
-                        if let Some(ip) = ip {
-                            // Kept aside (not in the peer table) until it is admitted.
-                            self.pending_ip(peer_id, ip);
-                        }
+                        self.pending
+                            .entry(peer_id)
+                            .or_insert_with(|| (Instant::now(), ip));
                         let proof = self
                             .shared
                             .admission
@@ -635,7 +629,6 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.pending.remove(&peer_id);
-                self.pending_ips.remove(&peer_id);
                 self.shared
                     .admitted
                     .lock()
@@ -697,9 +690,9 @@ impl EventLoop {
                 ..
             })) => {
                 let ip = self
-                    .pending_ips
+                    .pending
                     .get(&peer)
-                    .copied()
+                    .and_then(|(_, ip)| *ip)
                     .or_else(|| self.ip_of_peer(&peer));
                 match message {
                     request_response::Message::Request {
@@ -771,13 +764,6 @@ impl EventLoop {
         }
     }
 
-    /// Keeps the address a not-yet-admitted peer connected from (bounded like `pending`).
-    fn pending_ip(&mut self, peer: PeerId, ip: IpAddr) {
-        if self.pending_ips.len() < MAX_PEERS || self.pending_ips.contains_key(&peer) {
-            self.pending_ips.insert(peer, ip);
-        }
-    }
-
     fn on_have(&mut self, peer: PeerId, root: Hash, have: Option<(Holding, Option<HaveMap>)>) {
         let mut peers = self.shared.peers.lock().expect("poisoned");
         let Some(p) = peers.get_mut(&peer) else {
@@ -788,6 +774,9 @@ impl EventLoop {
                 p.versions.remove(&root);
             }
             Some((holding, map)) => {
+                if !p.versions.contains_key(&root) && p.versions.len() >= MAX_HELLO_VERSIONS {
+                    return; // no more versions kept for one peer than its hello may list
+                }
                 let now = Instant::now();
                 let count = map.as_ref().map(|m| m.count()).unwrap_or(0);
                 let v = p.versions.entry(root).or_insert(PeerVersion {
