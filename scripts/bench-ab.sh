@@ -22,7 +22,7 @@ export SHOAL_SHARED_BENCH="${SHOAL_SHARED_BENCH:-$(cd .. && pwd)/shared/bench}"
 for r in $(seq 1 "$rounds"); do
   for b in "$rev:$old" "HEAD+work:$new"; do
     name=${b%%:*} bin=${b#*:}
-    out=$(SHOAL_BENCH_BIN=$bin target/release/shoal-bench "$@")
+    out=$(SHOAL_BENCH_BIN=$bin target/release/shoal-bench "$@" | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))')
     echo "{\"build\":\"$name\",\"round\":$r,\"result\":$out}"
   done
 done
