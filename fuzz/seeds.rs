@@ -1,19 +1,14 @@
-//! Writes a seed corpus of valid inputs for every target into `<dir>/<target>/`.
+//! Writes a seed corpus of valid inputs for every target into `<dir>/<target>/`, each file
+//! named by a hash of its bytes.
 fn main() {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("usage: seeds DIR"));
     for (target, bytes) in shoal_testnet::fuzz::seeds() {
         let d = dir.join(target);
         std::fs::create_dir_all(&d).expect("corpus directory");
-        let name = blake3_name(&bytes);
-        std::fs::write(d.join(name), bytes).expect("seed file");
+        // FNV-1a: any stable name will do.
+        let h = bytes
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
+        std::fs::write(d.join(format!("seed-{h:016x}")), bytes).expect("seed file");
     }
-}
-
-fn blake3_name(b: &[u8]) -> String {
-    shoal_registry_hash(b)
-}
-
-fn shoal_registry_hash(b: &[u8]) -> String {
-    // Any stable name will do; the content's own hash keeps seeds distinct.
-    format!("seed-{:016x}", b.iter().fold(0xcbf29ce484222325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100000001b3)))
 }
