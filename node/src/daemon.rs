@@ -93,6 +93,8 @@ pub struct DaemonOptions {
 pub const MAX_REQUEST_LINE: usize = 1 << 20;
 /// How long a local client has to send its request after connecting.
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// Nodes kept for requests naming another origin or extra keys.
+const MAX_SIBLINGS: usize = 64;
 /// Notices (mount messages) queued for one client before more are dropped.
 const NOTICES: usize = 64;
 
@@ -380,6 +382,13 @@ impl Daemon {
             Origin::open(origin, false)?
         };
         let n = Arc::new(self.node.with_origin(origin).trusting(extra));
+        // Bounded: past this many origin/key combinations, one is forgotten (and reopened if
+        // asked for again).
+        if o.len() >= MAX_SIBLINGS {
+            if let Some(k) = o.keys().next().cloned() {
+                o.remove(&k);
+            }
+        }
         o.insert(key, n.clone());
         Ok(n)
     }
