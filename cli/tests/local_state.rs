@@ -240,3 +240,37 @@ fn gc_withdraws_what_a_node_can_no_longer_serve() {
     let rec = std::fs::read_to_string(env.home.join("held")).unwrap();
     assert!(!rec.contains("ds@v1") && rec.contains("ds@v2"), "{rec}");
 }
+
+#[test]
+fn local_clients_over_the_limit_are_told_so_and_the_daemon_goes_on() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.home).unwrap();
+    std::fs::write(
+        env.home.join("config.toml"),
+        "[node.limits]\nmax_local_clients = 2\n",
+    )
+    .unwrap();
+    let _d = start_daemon(&env, &[]);
+    let sock = env.home.join("node.sock");
+    // Two clients that connect and say nothing hold both places.
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = env.run(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("most local clients (2"),
+        "a client over the limit is told so: {err}"
+    );
+    // Once they leave (or after the 10 s request deadline), their places come back.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !env.run(&["status"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon serves again once clients leave"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
