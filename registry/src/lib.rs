@@ -6,7 +6,7 @@
 //! - [`version`]: signed versions, tags, dataset settings, publisher keys;
 //! - [`origin`]: where all of that is stored, through `object_store`.
 //!
-//! Every encoded object carries a format tag ([`format`]); decoding validates what it reads,
+//! Every encoded object carries a format tag ([`format`](mod@format)); decoding validates what it reads,
 //! since origins and peers are not trusted.
 
 pub mod format;

@@ -653,9 +653,9 @@ const META_POLL: (Duration, Duration) = (Duration::from_millis(5), Duration::fro
 /// from the origin and the others ask it, so a cold cluster reads the metadata once rather
 /// than once per node. Returns what the owner delivered, verified and stored, with the bytes;
 /// the caller reads the rest from the origin. Empty at once when this node is not pulling
-/// `root`, is the owner, or nobody else pulls it (after up to [`META_SETTLE`] for
+/// `root`, is the owner, or nobody else pulls it (after up to `META_SETTLE` for
 /// announcements of nodes starting together); the rest is left to the caller once the owner
-/// leaves or has sent nothing for [`META_WAIT`].
+/// leaves or has sent nothing for `META_WAIT`.
 pub async fn from_pulling_owner(
     swarm: &Arc<Swarm>,
     root: &Hash,
