@@ -46,7 +46,16 @@ impl Out {
     pub fn error(&self, e: &anyhow::Error) {
         let msg = format!("{e:#}");
         if self.json {
-            print(&serde_json::json!({ "error": msg }).to_string());
+            // The kind of the node's error, wherever it happened (here or in the daemon).
+            let kind = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<shoal_node::Error>())
+                .map(|n| n.kind());
+            let doc = match kind {
+                Some(k) => serde_json::json!({ "error": msg, "kind": k }),
+                None => serde_json::json!({ "error": msg }),
+            };
+            print(&doc.to_string());
         }
         let _ = writeln!(std::io::stderr(), "error: {msg}");
     }

@@ -274,3 +274,24 @@ fn local_clients_over_the_limit_are_told_so_and_the_daemon_goes_on() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_signature_failure_in_the_daemon_reaches_the_user_as_one() {
+    let env = Env::new();
+    let stranger = env.peer("stranger");
+    let src = env.path("src");
+    sample_tree(&src);
+    stranger.json(&["publish", src.to_str().unwrap(), "theirs@v1"]);
+    let _d = start_daemon(&env, &[]);
+    let out = env.run(&["--json", "pull", "theirs@v1", "--no-files"]);
+    assert!(!out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["kind"], "verify", "{doc}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("not a trusted key"),
+        "{doc}"
+    );
+    let out = env.run(&["--json", "pull", "theirs@nope", "--no-files"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["kind"], "not_found", "{doc}");
+}

@@ -4,7 +4,7 @@
 //! A request is one line (`{"op": "pull", ...}`); the daemon answers with any number of
 //! `{"progress": [phase, done, total]}` lines and then one `{"ok": ...}` or `{"error": "..."}`.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::limits::Limits;
 use crate::mount::MountSpec;
 use crate::progress::Progress;
@@ -77,7 +77,25 @@ enum Reply {
     /// A line for the user (e.g. "mounted ... at ...").
     Notice(String),
     Ok(serde_json::Value),
-    Error(String),
+    Error(ErrorReply),
+}
+
+/// A failure as the daemon sends it: `{"kind": "verify", "message": "..."}` (daemons before
+/// error kinds sent the message alone).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum ErrorReply {
+    Kind { kind: ErrorKind, message: String },
+    Message(String),
+}
+
+impl ErrorReply {
+    fn of(e: &Error) -> ErrorReply {
+        ErrorReply::Kind {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// How to run the daemon.
@@ -160,7 +178,10 @@ impl Client {
                 }
                 Reply::Notice(n) => notice(n),
                 Reply::Ok(v) => return Ok(v),
-                Reply::Error(e) => return Err(Error::Net(e)),
+                Reply::Error(ErrorReply::Kind { kind, message }) => {
+                    return Err(Error::Daemon { kind, message })
+                }
+                Reply::Error(ErrorReply::Message(m)) => return Err(Error::Net(m)),
             }
         }
     }
@@ -408,9 +429,9 @@ pub fn parse_request(line: &str) -> Result<(Request, Vec<TrustedKey>)> {
 
 /// Tells a client over the connection limit so, and closes.
 async fn refuse(mut stream: UnixStream, limit: usize) {
-    let reply = Reply::Error(format!(
+    let reply = Reply::Error(ErrorReply::of(&Error::Net(format!(
         "the node daemon is serving its most local clients ({limit}, [node.limits] max_local_clients); try again when some finish"
-    ));
+    ))));
     let mut l = serde_json::to_string(&reply).expect("serializes");
     l.push('\n');
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(l.as_bytes())).await;
@@ -451,9 +472,9 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
         Ok(Ok(None)) => return Ok(()),
         Ok(Ok(Some(line))) => line,
         Ok(Err(e)) => {
+            let bad = Error::Net(format!("bad request from the CLI: {e}"));
             let mut l =
-                serde_json::to_string(&Reply::Error(format!("bad request from the CLI: {e}")))
-                    .expect("serializes");
+                serde_json::to_string(&Reply::Error(ErrorReply::of(&bad))).expect("serializes");
             l.push('\n');
             let _ = w.write_all(l.as_bytes()).await;
             return Err(e);
@@ -501,7 +522,7 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
     };
     let reply = match reply {
         Ok(v) => Reply::Ok(v),
-        Err(e) => Reply::Error(e.to_string()),
+        Err(e) => Reply::Error(ErrorReply::of(&e)),
     };
     let mut l = serde_json::to_string(&reply).expect("serializes");
     l.push('\n');
@@ -624,4 +645,47 @@ async fn handle(
         }
     }
     .expect("reports serialize"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemon_protocol_is_pinned() {
+        // What a CLI and a daemon of different builds must agree on.
+        let req = Envelope {
+            request: Request::Pull {
+                reference: "ds@v1".into(),
+                to: Some("/data/ds".into()),
+                origin: "s3://b/p".into(),
+            },
+            trusted: vec!["ed25519:00 org/*".into()],
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"op":"pull","reference":"ds@v1","to":"/data/ds","origin":"s3://b/p","trusted":["ed25519:00 org/*"]}"#
+        );
+        let (r, keys) = parse_request(r#"{"op":"status"}"#).unwrap();
+        assert!(matches!(r, Request::Status) && keys.is_empty());
+        let lines = [
+            Reply::Progress("fetching".into(), 5, 10),
+            Reply::Notice("mounted".into()),
+            Reply::Ok(serde_json::json!({"a": 1})),
+            Reply::Error(ErrorReply::of(&Error::TagRefused("old".into()))),
+        ]
+        .map(|r| serde_json::to_string(&r).unwrap());
+        assert_eq!(
+            lines,
+            [
+                r#"{"progress":["fetching",5,10]}"#,
+                r#"{"notice":"mounted"}"#,
+                r#"{"ok":{"a":1}}"#,
+                r#"{"error":{"kind":"tag_refused","message":"old"}}"#,
+            ]
+        );
+        // A daemon from before error kinds: its message still reaches the user.
+        let old: Reply = serde_json::from_str(r#"{"error":"boom"}"#).unwrap();
+        assert!(matches!(old, Reply::Error(ErrorReply::Message(m)) if m == "boom"));
+    }
 }

@@ -43,6 +43,61 @@ pub enum Error {
     /// Refusing to write somewhere that is not safe.
     #[error("refusing to write {path}: {reason}")]
     Unsafe { path: PathBuf, reason: String },
+    /// An error the node daemon reported, with its kind as the daemon knew it.
+    #[error("{message}")]
+    Daemon { kind: ErrorKind, message: String },
+}
+
+/// What kind of failure an [`Error`] is, kept across the daemon's socket (so a signature
+/// failure reaches the user as one, not as a network error) and shown by `--json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The origin store failed or holds something wrong.
+    Origin,
+    /// The local store failed.
+    Store,
+    /// A version or tag failed signature, trust or scope checks.
+    Verify,
+    /// A malformed name or reference.
+    Name,
+    /// The directory being published.
+    Source,
+    /// A local file operation.
+    Io,
+    /// Data that fails verification or validation.
+    Corrupt,
+    /// Something that does not exist.
+    NotFound,
+    /// The daemon, its peers or its socket.
+    Net,
+    /// A mount point that could not be unmounted.
+    Unmount,
+    /// A tag refused as unsigned, rolled back or stale.
+    TagRefused,
+    /// A write refused as unsafe.
+    Unsafe,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Origin(shoal_registry::OriginError::NotFound { .. }) => ErrorKind::NotFound,
+            Error::Origin(_) => ErrorKind::Origin,
+            Error::Store(_) => ErrorKind::Store,
+            Error::Verify(_) => ErrorKind::Verify,
+            Error::Name(_) => ErrorKind::Name,
+            Error::Source { .. } => ErrorKind::Source,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Net(_) => ErrorKind::Net,
+            Error::Unmount { .. } => ErrorKind::Unmount,
+            Error::TagRefused(_) => ErrorKind::TagRefused,
+            Error::Unsafe { .. } => ErrorKind::Unsafe,
+            Error::Daemon { kind, .. } => *kind,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -23,7 +23,7 @@ mod walk;
 pub mod wholefiles;
 
 pub use cache::PinReport;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
 pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
 pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Passthrough, Prefetch};

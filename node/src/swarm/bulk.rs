@@ -195,18 +195,7 @@ impl Client {
         tokio::spawn(async move {
             let mut w = BufWriter::with_capacity(64 << 10, w);
             while let Some(req) = rx.recv().await {
-                let mut frame = Vec::with_capacity(36 + 32 * req.ids.len());
-                let n = req.ids.len() as u32;
-                match &req.through {
-                    Some(root) => {
-                        frame.extend_from_slice(&(n | THROUGH).to_be_bytes());
-                        frame.extend_from_slice(&root.0);
-                    }
-                    None => frame.extend_from_slice(&n.to_be_bytes()),
-                }
-                for id in &req.ids {
-                    frame.extend_from_slice(&id.0);
-                }
+                let frame = encode_request(&req.ids, req.through.as_ref());
                 let p = Pending {
                     ids: req.ids,
                     reply: req.reply,
@@ -401,8 +390,25 @@ struct Asked {
     through: Option<Hash>,
 }
 
-/// Reads one request frame: `u32 n` (top bit: a version root follows), then `n` ids. Fails on
-/// more than [`MAX_IDS`] ids.
+/// Encodes one request frame: `u32 n` (big-endian; top bit set when `through` is given, whose
+/// root comes next), then the `n` ids.
+pub fn encode_request(ids: &[Hash], through: Option<&Hash>) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(36 + 32 * ids.len());
+    let n = ids.len() as u32;
+    match through {
+        Some(root) => {
+            frame.extend_from_slice(&(n | THROUGH).to_be_bytes());
+            frame.extend_from_slice(&root.0);
+        }
+        None => frame.extend_from_slice(&n.to_be_bytes()),
+    }
+    for id in ids {
+        frame.extend_from_slice(&id.0);
+    }
+    frame
+}
+
+/// Reads one request frame (see [`encode_request`]). Fails on more than [`MAX_IDS`] ids.
 pub async fn read_request(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> std::io::Result<(Vec<Hash>, Option<Hash>)> {
@@ -816,4 +822,35 @@ async fn write_groups(
         .await
         .map_err(|_| Error::Net(format!("peer {peer} stopped reading; dropped")))?
         .map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_frames_are_pinned_and_round_trip() {
+        let ids = [Hash([1; 32]), Hash([2; 32])];
+        let plain = encode_request(&ids, None);
+        assert_eq!(&plain[..4], &[0, 0, 0, 2]);
+        assert_eq!(plain.len(), 4 + 64);
+        let through = encode_request(&ids[..1], Some(&Hash([9; 32])));
+        assert_eq!(
+            &through[..4],
+            &[0x80, 0, 0, 1],
+            "the top bit marks a through request"
+        );
+        assert_eq!(&through[4..36], &[9; 32]);
+        let mut both = plain.clone();
+        both.extend_from_slice(&through);
+        let mut r = both.as_slice();
+        assert_eq!(read_request(&mut r).await.unwrap(), (ids.to_vec(), None));
+        assert_eq!(
+            read_request(&mut r).await.unwrap(),
+            (vec![Hash([1; 32])], Some(Hash([9; 32])))
+        );
+        let mut over = ((MAX_IDS + 1) as u32).to_be_bytes().to_vec();
+        over.extend(vec![0; 32 * (MAX_IDS + 1)]);
+        assert!(read_request(&mut over.as_slice()).await.is_err());
+    }
 }
