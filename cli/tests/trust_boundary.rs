@@ -489,3 +489,71 @@ fn floods_and_clients_that_never_read_cost_bounded_memory_while_a_peer_pulls() {
         "status answers after the attack"
     );
 }
+
+#[test]
+fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
+    let rt = rt();
+    let mut c = Cluster::new(BIN);
+    let data = c.dir.path().join("data");
+    write_data(&data, 16, 2 << 20, 3); // 32 MiB
+    let v = c.publish(&data, "ds@v1");
+    let mut root = [0u8; 32];
+    hex::decode_to_slice(
+        v["root"].as_str().unwrap().trim_start_matches("b3:"),
+        &mut root,
+    )
+    .unwrap();
+    // How many unique chunks the version has (the length of its have-maps), from a machine
+    // with no daemon.
+    let probe = std::process::Command::new(BIN)
+        .args(["--json", "pull", "ds@v1", "--no-files"])
+        .env("SHOAL_HOME", c.home("probe"))
+        .env("SHOAL_ORIGIN", &c.origin)
+        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+        .output()
+        .unwrap();
+    assert!(probe.status.success());
+    let chunks = serde_json::from_slice::<serde_json::Value>(&probe.stdout).unwrap()["chunks"]
+        .as_u64()
+        .unwrap() as u32;
+
+    // A peer that says it pulls the version too, with a have-map that grows at every ask (so
+    // it looks like a puller making progress, and owns its share of the origin reads), and
+    // answers "not here" for everything.
+    let liar = rt.block_on(hostile::liar(root, chunks, 64, None));
+    let a = c.node("a", &["--bootstrap", &liar.addr.to_string()], &[]);
+    c.nodes[a].wait_peers(1);
+    let dest = c.dir.path().join("out");
+    let started = Instant::now();
+    let r = c.nodes[a].json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
+    let took = started.elapsed();
+    for i in 0..16 {
+        let name = format!("f{i:03}.bin");
+        assert!(
+            std::fs::read(data.join(&name)).unwrap() == std::fs::read(dest.join(&name)).unwrap(),
+            "{name} pulled exactly"
+        );
+    }
+    let asked = liar.asked.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked > 0, "the liar was believed at first (and asked)");
+    let log = c.nodes[a].log();
+    assert!(
+        log.contains("answers for chunks it advertised"),
+        "the lies are counted against the peer"
+    );
+    // Liveness, not speed: before lies counted, the liar owned half the runs and the pull
+    // never finished.
+    assert!(
+        took < Duration::from_secs(30),
+        "the pull took {took:?} with a liar in the swarm: {r}"
+    );
+    if std::env::var_os("SHOAL_TEST_DUMP_LOG").is_some() {
+        eprintln!("{log}");
+    }
+    eprintln!(
+        "pull with a lying puller: {:.1}s, {} bulk requests to the liar, {} from origin",
+        took.as_secs_f64(),
+        asked,
+        r["bytes_from_origin"]
+    );
+}

@@ -296,3 +296,185 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
     }
     report
 }
+
+/// A fake node that lies: it says it is pulling `root` (whose version has `chunks` unique
+/// chunks), answers have-map requests with a map that claims `grow` more chunks each time (so
+/// it looks like a puller making progress), and answers every bulk request "not here".
+pub struct Liar {
+    /// Its control address, for a node to bootstrap from.
+    pub addr: Multiaddr,
+    pub peer_id: PeerId,
+    /// Bulk requests it answered.
+    pub asked: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Liar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a [`Liar`] on loopback (with `key`'s proofs, if given) inside the current runtime.
+pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey>) -> Liar {
+    use libp2p::request_response::{self as rr, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    use shoal_node::swarm::{HaveMap, Holding};
+    let keypair = identity();
+    let me = keypair.public().to_peer_id();
+    // The bulk side: proofs, then "not here" for everything.
+    let bulk = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bulk listener");
+    let bulk_port = bulk.local_addr().expect("bulk address").port();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(Arc::new(wire::tls_server(&keypair).expect("TLS config")));
+    let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (bulk_key, bulk_asked) = (key.clone(), asked.clone());
+    let bulk_task = async move {
+        loop {
+            let Ok((tcp, _)) = bulk.accept().await else {
+                continue;
+            };
+            let (acceptor, key, asked) = (acceptor.clone(), bulk_key.clone(), bulk_asked.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Some(client) = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first().cloned())
+                    .and_then(|c| libp2p_tls_peer(&c))
+                else {
+                    return;
+                };
+                let mut theirs = [0u8; 32];
+                if tls.read_exact(&mut theirs).await.is_err() {
+                    return;
+                }
+                let mine = key.map_or([0; 32], |k| k.proof(Channel::Bulk, &me, &client));
+                if tls.write_all(&mine).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                while let Ok((ids, _)) = shoal_node::swarm::bulk::read_request(&mut tls).await {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let answer: Vec<u8> = ids.iter().flat_map(|_| u32::MAX.to_be_bytes()).collect();
+                    if tls.write_all(&answer).await.is_err() || tls.flush().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    };
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            (libp2p::tls::Config::new, libp2p::noise::Config::new),
+            libp2p::yamux::Config::default,
+        )
+        .expect("transport")
+        .with_behaviour(|_| Attacker {
+            auth: rr::cbor::Behaviour::new(
+                [(
+                    libp2p::StreamProtocol::new(wire::AUTH_PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
+                rr::Config::default(),
+            ),
+            ctl: rr::cbor::Behaviour::new(
+                [(
+                    libp2p::StreamProtocol::new(wire::PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
+                rr::Config::default(),
+            ),
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+        .build();
+    swarm
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr"))
+        .expect("listening");
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            break address;
+        }
+    };
+    let hello = wire::Hello {
+        labels: Default::default(),
+        bulk_port,
+        listen: vec![addr.to_string()],
+        versions: vec![(root, Holding::Pulling)],
+        peers: Vec::new(),
+    };
+    let ctl_task = async move {
+        let mut claimed = 0u32;
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    if let Some(k) = &key {
+                        let p = k.proof(Channel::Control, &me, &peer_id);
+                        swarm.behaviour_mut().auth.send_request(&peer_id, Auth(p));
+                    }
+                    swarm
+                        .behaviour_mut()
+                        .ctl
+                        .send_request(&peer_id, Req::Hello(hello.clone()));
+                }
+                SwarmEvent::Behaviour(AttackerEvent::Auth(rr::Event::Message {
+                    peer,
+                    message: rr::Message::Request { channel, .. },
+                    ..
+                })) => {
+                    let p = key
+                        .as_ref()
+                        .map_or([0; 32], |k| k.proof(Channel::Control, &me, &peer));
+                    let _ = swarm.behaviour_mut().auth.send_response(channel, Auth(p));
+                }
+                SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
+                    message:
+                        rr::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                })) => {
+                    let resp = match request {
+                        Req::Hello(_) => Resp::Hello(hello.clone()),
+                        Req::Have(r) if r == root => {
+                            // A map that grows at every ask, like a puller's.
+                            claimed = (claimed + grow).min(chunks);
+                            let mut map = HaveMap::new(chunks as usize);
+                            for i in 0..claimed as usize {
+                                map.set(i);
+                            }
+                            Resp::Have(r, Some((Holding::Pulling, Some(map))))
+                        }
+                        Req::Have(r) => Resp::Have(r, None),
+                    };
+                    let _ = swarm.behaviour_mut().ctl.send_response(channel, resp);
+                }
+                _ => {}
+            }
+        }
+    };
+    let peer_id = me;
+    let task = tokio::spawn(async move {
+        tokio::join!(bulk_task, ctl_task);
+    });
+    Liar {
+        addr,
+        peer_id,
+        asked,
+        task,
+    }
+}
+
+/// The peer id a libp2p TLS certificate proves.
+fn libp2p_tls_peer(cert: &rustls::pki_types::CertificateDer<'static>) -> Option<PeerId> {
+    libp2p_tls::certificate::parse(cert)
+        .ok()
+        .map(|c| c.peer_id())
+}

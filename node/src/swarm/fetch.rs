@@ -228,7 +228,9 @@ pub async fn fetch(
                         rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
                     }),
                     Holding::Pulling => {
-                        if v.grew.elapsed() < PULLER_IDLE {
+                        // A puller with faults (repeated "not here" for what it advertised, bad
+                        // bytes) reads nothing for the others: its runs are taken over.
+                        if v.grew.elapsed() < PULLER_IDLE && p.faults == 0 {
                             pullers.push((peer_seed(id), *id));
                         }
                         if let Some(h) = &v.have {
@@ -590,11 +592,28 @@ fn handle(
         }
         Outcome::Missing => {
             tracing::debug!(peer = %ev.peer, chunk = %ev.id, "peer does not have chunk");
-            // Its have-map was stale (or it evicted the chunk): forget that bit.
-            if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&ev.peer) {
-                if let Some(h) = p.versions.get_mut(&root).and_then(|v| v.have.as_mut()) {
-                    h.clear(i);
+            // It was asked because it said it had the chunk (whole version, or the bit in its
+            // have-map): a stale map now and then, a lie if it keeps happening. Forget that bit
+            // and count it against the peer.
+            let advertised = {
+                let mut peers = swarm.peers.lock().expect("poisoned");
+                match peers
+                    .get_mut(&ev.peer)
+                    .and_then(|p| p.versions.get_mut(&root))
+                {
+                    Some(v) => match v.have.as_mut() {
+                        Some(h) => {
+                            let had = h.get(i);
+                            h.clear(i);
+                            had
+                        }
+                        None => v.holding == Holding::Complete,
+                    },
+                    None => false,
                 }
+            };
+            if advertised {
+                swarm.miss(&ev.peer, &format!("chunk {}", ev.id));
             }
             avoid.entry(i).or_default().push(ev.peer);
             if state[i] != State::Done {
@@ -641,8 +660,10 @@ pub async fn from_complete_peers(
 /// whether they pull it too, it waits for their announcements before deciding who reads the
 /// version's metadata (nodes starting together hear of each other within milliseconds).
 const META_SETTLE: Duration = Duration::from_millis(250);
-/// How long a puller waits on the puller that reads the metadata without receiving anything.
-const META_WAIT: Duration = Duration::from_secs(10);
+/// How long a puller waits on the puller that reads the metadata without receiving anything
+/// (that puller is then passed over for metadata while it stays connected: a silent or lying
+/// owner costs a pull this once).
+const META_WAIT: Duration = Duration::from_secs(5);
 /// Between asks to that puller while it is still reading: from the first to the last, doubling
 /// while it has nothing new (its tree levels arrive one after another, each a few milliseconds
 /// after the last on a fast origin).
@@ -693,7 +714,17 @@ pub async fn from_pulling_owner(
                 continue;
             }
         }
-        let pullers = nodes_holding(swarm, root, Holding::Pulling);
+        let mut pullers = nodes_holding(swarm, root, Holding::Pulling);
+        {
+            // Pullers that let this node down before (faults, or metadata they owned and never
+            // sent) own no metadata.
+            let peers = swarm.peers.lock().expect("poisoned");
+            pullers.retain(|(_, id)| {
+                peers
+                    .get(id)
+                    .is_none_or(|p| p.faults == 0 && p.meta_stalls == 0)
+            });
+        }
         if pullers.len() < 2 {
             break;
         }
@@ -710,7 +741,14 @@ pub async fn from_pulling_owner(
         } else {
             pause = (pause * 2).min(META_POLL.1);
         }
-        if want.is_empty() || heard.elapsed() > META_WAIT {
+        if want.is_empty() {
+            break;
+        }
+        if heard.elapsed() > META_WAIT {
+            tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", META_WAIT.as_secs());
+            if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&owner) {
+                p.meta_stalls += 1;
+            }
             break;
         }
         tokio::time::sleep(pause).await;

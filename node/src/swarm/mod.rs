@@ -183,6 +183,10 @@ pub struct Peer {
     /// Chunks it sent that failed verification, and requests it let time out.
     pub faults: u32,
     pub stalls: u32,
+    /// "Not here" answers for chunks it said it had (a stale have-map, or a lie).
+    pub misses: u32,
+    /// Times it owned a version's metadata and sent none of it in time (since it connected).
+    pub meta_stalls: u32,
     pub bytes_received: u64,
     pub bytes_sent: u64,
 }
@@ -199,6 +203,8 @@ impl Peer {
             versions: HashMap::new(),
             faults: 0,
             stalls: 0,
+            misses: 0,
+            meta_stalls: 0,
             bytes_received: 0,
             bytes_sent: 0,
         }
@@ -243,6 +249,9 @@ pub(crate) enum Cmd {
 /// Peers remembered (connected or not) and bans kept: a node churning through identities
 /// cannot grow either without bound.
 pub const MAX_PEERS: usize = 4096;
+
+/// "Not here" answers for advertised chunks that count as one fault.
+pub const MISSES_PER_FAULT: u32 = 8;
 
 /// Faults after which a peer is disconnected and no longer used.
 pub const MAX_FAULTS: u32 = 3;
@@ -478,8 +487,34 @@ impl Swarm {
         }
     }
 
+    /// Counts a "not here" for a chunk `peer` advertised; every [`MISSES_PER_FAULT`] of them
+    /// are a fault. Returns the misses so far.
+    pub fn miss(&self, peer: &PeerId, what: &str) -> u32 {
+        if self.is_banned(peer) {
+            return 0;
+        }
+        let n = {
+            let mut peers = self.peers.lock().expect("poisoned");
+            let Some(p) = peers.get_mut(peer) else {
+                return 0;
+            };
+            p.misses += 1;
+            p.misses
+        };
+        if n % MISSES_PER_FAULT == 0 {
+            self.fault(
+                peer,
+                &format!("{n} \"not here\" answers for chunks it advertised (last: {what})"),
+            );
+        }
+        n
+    }
+
     /// Counts a fault against a peer; after [`MAX_FAULTS`] it is banned and disconnected.
     pub fn fault(&self, peer: &PeerId, what: &str) {
+        if self.is_banned(peer) {
+            return;
+        }
         let n = {
             let mut peers = self.peers.lock().expect("poisoned");
             let p = peers.entry(*peer).or_insert_with(Peer::new);

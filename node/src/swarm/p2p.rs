@@ -456,6 +456,15 @@ impl EventLoop {
             if let Some(ip) = ip {
                 p.ip = Some(ip);
             }
+            if new {
+                // A peer back from a restart may have lost what its old have-maps said: ask
+                // again rather than count its "not here" answers against it.
+                for v in p.versions.values_mut() {
+                    v.have = None;
+                    v.count = 0;
+                }
+                p.meta_stalls = 0;
+            }
         }
         if new {
             tracing::info!(%peer, "peer admitted");
