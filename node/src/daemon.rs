@@ -159,16 +159,22 @@ impl Client {
         };
         let mut line = serde_json::to_string(&envelope).expect("requests serialize");
         line.push('\n');
-        w.write_all(line.as_bytes())
-            .await
-            .map_err(|e| Error::Net(format!("sending to the node daemon: {e}")))?;
+        // A daemon that refuses a client (too many at once) replies and closes without
+        // reading, so the write can fail while its reply waits to be read: read it first.
+        let sent = w.write_all(line.as_bytes()).await;
+        let unsent = |e: Error| match &sent {
+            Err(s) => Error::Net(format!("sending to the node daemon: {s}")),
+            Ok(()) => e,
+        };
         let mut lines = BufReader::new(r).lines();
         loop {
             let line = lines
                 .next_line()
                 .await
-                .map_err(|e| Error::Net(format!("reading from the node daemon: {e}")))?
-                .ok_or_else(|| Error::Net("the node daemon closed the connection".into()))?;
+                .map_err(|e| unsent(Error::Net(format!("reading from the node daemon: {e}"))))?
+                .ok_or_else(|| {
+                    unsent(Error::Net("the node daemon closed the connection".into()))
+                })?;
             let reply: Reply = serde_json::from_str(&line)
                 .map_err(|e| Error::Net(format!("unexpected reply from the node daemon: {e}")))?;
             match reply {

@@ -605,7 +605,7 @@ fn handle(
                         Some(h) => {
                             let had = h.get(i);
                             h.clear(i);
-                            had
+                            had && v.fresh
                         }
                         None => v.holding == Holding::Complete,
                     },

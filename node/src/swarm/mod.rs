@@ -167,6 +167,9 @@ pub struct PeerVersion {
     /// stops growing is no longer counted on to fetch its share from the origin).
     pub count: u64,
     pub grew: Instant,
+    /// The have-map came over the current connection (one from before a reconnection may
+    /// claim chunks a restarted peer lost: used, but its misses are not held against it).
+    pub fresh: bool,
 }
 
 /// One known peer.

@@ -369,6 +369,7 @@ impl EventLoop {
                         have: None,
                         count: 0,
                         grew: now,
+                        fresh: false,
                     },
                 };
                 if holding == Holding::Pulling && pv.have.is_none() && fetching.contains(&root) {
@@ -457,11 +458,11 @@ impl EventLoop {
                 p.ip = Some(ip);
             }
             if new {
-                // A peer back from a restart may have lost what its old have-maps said: ask
-                // again rather than count its "not here" answers against it.
+                // A peer back from a restart may have lost some of what its old have-maps
+                // said: they stay in use (most of it is still there) until fresh ones come,
+                // but its "not here" answers meanwhile are not held against it.
                 for v in p.versions.values_mut() {
-                    v.have = None;
-                    v.count = 0;
+                    v.fresh = false;
                 }
                 p.meta_stalls = 0;
             }
@@ -793,7 +794,9 @@ impl EventLoop {
                     have: None,
                     count: 0,
                     grew: now,
+                    fresh: false,
                 });
+                v.fresh = true;
                 if count > v.count || holding != v.holding {
                     v.grew = now;
                 }
