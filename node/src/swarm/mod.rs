@@ -127,36 +127,7 @@ impl Drop for Mounted {
 }
 
 /// A bitmap over a version's unique chunks in walk order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HaveMap {
-    pub len: u32,
-    pub words: Vec<u64>,
-}
-
-impl HaveMap {
-    pub fn new(len: usize) -> HaveMap {
-        HaveMap {
-            len: len as u32,
-            words: vec![0; len.div_ceil(64)],
-        }
-    }
-    pub fn set(&mut self, i: usize) {
-        self.words[i / 64] |= 1 << (i % 64);
-    }
-    pub fn clear(&mut self, i: usize) {
-        if let Some(w) = self.words.get_mut(i / 64) {
-            *w &= !(1 << (i % 64));
-        }
-    }
-    pub fn get(&self, i: usize) -> bool {
-        self.words
-            .get(i / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
-    }
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.count_ones() as u64).sum()
-    }
-}
+pub use shoal_sched::HaveMap;
 
 /// What a peer holds of one version, as last heard.
 #[derive(Debug, Clone)]
@@ -170,6 +141,8 @@ pub struct PeerVersion {
     /// The have-map came over the current connection (one from before a reconnection may
     /// claim chunks a restarted peer lost: used, but its misses are not held against it).
     pub fresh: bool,
+    /// Bumped whenever `have` is replaced (so a pull hands only new maps to its scheduler).
+    pub gen: u64,
 }
 
 /// One known peer.

@@ -370,6 +370,7 @@ impl EventLoop {
                         count: 0,
                         grew: now,
                         fresh: false,
+                        gen: 0,
                     },
                 };
                 if holding == Holding::Pulling && pv.have.is_none() && fetching.contains(&root) {
@@ -795,8 +796,10 @@ impl EventLoop {
                     count: 0,
                     grew: now,
                     fresh: false,
+                    gen: 0,
                 });
                 v.fresh = true;
+                v.gen = v.gen.wrapping_add(1);
                 if count > v.count || holding != v.holding {
                     v.grew = now;
                 }

@@ -1,0 +1,696 @@
+//! The scheduler of one pull: which of a version's missing chunks to ask of which peer, and
+//! which to read from the origin.
+//!
+//! Every chunk goes to the best source that has it: peers first, ranked by locality (rack,
+//! zone, region), then by how soon they can deliver (bytes already queued to them over their
+//! measured throughput, plus RTT), each with a cap on bytes in flight. A chunk no peer has is
+//! read from the origin by one of the nodes pulling the version: chunks are grouped in runs of
+//! pack order and each run is assigned by rendezvous hashing over the live pullers, so a cold
+//! cluster reads each chunk from the origin about once and swaps the rest. A request that is
+//! late is re-issued to another source (the first good copy wins); a peer that stalls is
+//! given no more of that chunk; a "not here" for a chunk a peer advertised is reported so the
+//! driver can count it against the peer; a puller with faults, or whose have-map stopped
+//! growing, owns no runs (the others take them over).
+
+use crate::{owner_of, HaveMap, PeerKey};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// The scheduler's knobs. The defaults are what the node runs; each was measured (see
+/// `docs/swarm.md`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bytes in flight to one peer.
+    pub peer_window: u64,
+    /// One request to a peer: at most this many bytes and `peer_ids` chunks.
+    pub peer_batch: u64,
+    pub peer_ids: usize,
+    /// Chunks per run assigned to one origin reader (about 1.3 MiB at the default chunk size).
+    pub run: usize,
+    /// One origin read batch (about one run, so a reader's first chunks land early and its
+    /// peers see it make progress), and how many run at once: shared among the pullers that
+    /// still have runs to read (at least one each), so a cold cluster keeps about this many
+    /// reads on its origin however many nodes it has, and the last reader, when the others
+    /// are through their shares, gets them all. (8 nodes with 8 each put 64 flows on a 200
+    /// Mbit origin link: 1.5% of its bytes were TCP/IP headers of small segments, against
+    /// 0.1% for one flow. 8 nodes with 1 each left the link idle between one node's answer
+    /// and its next request: 45.5 s against 45.3-45.4 s with 2 each; 3 each, 45.6 s.)
+    pub origin_batch: u64,
+    pub origin_parallel: usize,
+    /// A puller whose have-map has not grown for this long is not waited for. Behind a slow
+    /// origin link a reader's first run can take seconds.
+    pub puller_idle: Duration,
+    /// How often have-maps are asked for while pulling; more often once this node has no
+    /// origin reads of its own left, when what it lacks is what the others are still reading
+    /// (at the end of a cold pull, half a poll is most of the time between the origin's last
+    /// byte and the last node done).
+    pub have_poll: Duration,
+    pub have_poll_waiting: Duration,
+    /// Attempts at the origin before a chunk fails the pull.
+    pub origin_tries: u32,
+    /// With peers connected, how long to let their announcements and have-maps arrive before
+    /// reading anything from the origin (nodes starting together, or one rejoining a running
+    /// pull): only until every peer that announced the version has sent its have-map.
+    pub settle: Duration,
+    /// A request past its deadline is re-issued elsewhere once its peer has also sent
+    /// nothing for this long.
+    pub quiet: Duration,
+    /// Slack on every peer request's deadline, on top of its queue at the peer's rate.
+    pub deadline_slack: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            peer_window: 32 << 20,
+            peer_batch: 4 << 20,
+            peer_ids: 1024,
+            run: 32,
+            origin_batch: 1 << 20,
+            origin_parallel: 16,
+            puller_idle: Duration::from_secs(20),
+            have_poll: Duration::from_millis(250),
+            have_poll_waiting: Duration::from_millis(50),
+            origin_tries: 3,
+            settle: Duration::from_secs(1),
+            quiet: Duration::from_secs(1),
+            deadline_slack: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The chunks of a version, as a pull sees them.
+#[derive(Debug, Clone)]
+pub struct Chunks {
+    /// Each unique chunk's length, in walk order (the index space of have-maps).
+    pub lens: Vec<u32>,
+    /// Each chunk's rendezvous key (the first 8 bytes of its hash, little-endian).
+    pub keys: Vec<u64>,
+    /// Every chunk index, in the order the origin stores them (origin reads follow it).
+    pub porder: Vec<usize>,
+}
+
+/// What a source says it holds of the version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Every chunk.
+    Complete,
+    /// A pull is filling it: what it has is its have-map.
+    Pulling,
+    /// A mount reads it on demand: nothing a pull can count on.
+    Mounted,
+}
+
+/// A peer that announced the version, as the driver knows it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Its rendezvous seed (the same on every node).
+    pub seed: u64,
+    /// Locality: 0 same rack, 1 same zone, 2 same region, 3 farther or unknown.
+    pub distance: u8,
+    pub holding: Holding,
+    /// Bytes per second measured from it (0 when not yet measured).
+    pub rate: f64,
+    /// Round-trip time in seconds.
+    pub rtt: f64,
+    /// When its have-map last grew.
+    pub grew: Instant,
+    /// Faults counted against it: a puller with any owns no origin runs.
+    pub faults: u32,
+}
+
+/// What became of one chunk asked of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Verified and stored: this many bytes.
+    Stored(u32),
+    /// Bytes that do not match the chunk.
+    Bad,
+    /// "Not here".
+    Missing,
+    /// The request failed (connection lost, refused).
+    Lost,
+}
+
+/// What the scheduler asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask this co-puller for its current have-map.
+    QueryHave(P),
+    /// Ask a peer for these chunks (indexes; `bytes` in all). Each comes back as an
+    /// [`Pull::on_peer`] outcome.
+    Request {
+        peer: P,
+        chunks: Vec<usize>,
+        bytes: u64,
+    },
+    /// Read these chunks from the origin; report with [`Pull::on_origin`].
+    ReadOrigin { chunks: Vec<usize>, bytes: u64 },
+    /// A request to this peer is late and was given to another source.
+    Stalled(P),
+}
+
+/// What an [`Pull::on_peer`] outcome meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The chunk is done now (this many bytes from a peer).
+    Done(u32),
+    /// The peer said "not here" for a chunk its current have-map (or its whole copy)
+    /// advertised: count it against the peer.
+    Missed,
+    /// Nothing new (a duplicate, a late answer, an outcome that only moved the chunk on).
+    Nothing,
+}
+
+/// The origin failed some chunk [`Config::origin_tries`] times: the pull cannot finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiveUp {
+    pub chunk: usize,
+}
+
+/// Bytes a pull took from where.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    pub from_peers: u64,
+    pub from_origin: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State<P> {
+    Want,
+    /// Requested from a peer; re-requested elsewhere once the deadline has passed and the
+    /// peer has gone quiet.
+    Peer(P, Instant),
+    Origin,
+    Done,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: Source,
+    have: Option<HaveMap>,
+    /// The have-map came over the current connection (one from before a reconnection may
+    /// claim chunks a restarted peer lost: used, but its misses are not held against it).
+    fresh: bool,
+}
+
+/// The scheduler of one pull. See the module documentation.
+#[derive(Debug)]
+pub struct Pull<P> {
+    cfg: Config,
+    me: P,
+    my_seed: u64,
+    lens: Vec<u32>,
+    /// Rendezvous key of each chunk's run (its first chunk's key, in pack order).
+    run_key: Vec<u64>,
+    /// Chunk indexes in pack order (origin reads follow it), and each chunk's run (position of
+    /// the run's first chunk in `porder`).
+    porder: Vec<usize>,
+    run_of: Vec<usize>,
+    state: Vec<State<P>>,
+    remaining: usize,
+    avoid: HashMap<usize, Vec<P>>,
+    origin_tries: HashMap<usize, u32>,
+    inflight: HashMap<P, u64>,
+    sent_to: HashSet<(usize, P)>,
+    origin_jobs: usize,
+    started: Instant,
+    last_poll: Option<Instant>,
+    /// How many pullers have runs left to read from the origin, as counted at the last poll.
+    readers: usize,
+    poll_every: Duration,
+    /// When each peer last delivered anything.
+    heard: HashMap<P, Instant>,
+    sources: BTreeMap<P, Entry>,
+    connected: usize,
+    /// The earliest late-request deadline seen by the last scan.
+    next_late: Option<Instant>,
+    fetched: Fetched,
+}
+
+impl<P: PeerKey> Pull<P> {
+    /// A pull by node `me` (with rendezvous seed `my_seed`) of the chunks `missing` of
+    /// `version`.
+    pub fn new(
+        cfg: Config,
+        me: P,
+        my_seed: u64,
+        version: Chunks,
+        missing: &[usize],
+        now: Instant,
+    ) -> Pull<P> {
+        let Chunks { lens, keys, porder } = version;
+        let n = lens.len();
+        assert_eq!(keys.len(), n, "a key per chunk");
+        assert_eq!(porder.len(), n, "pack order covers every chunk");
+        let mut state = vec![State::Done; n];
+        for &i in missing {
+            state[i] = State::Want;
+        }
+        let mut run_of = vec![0; n];
+        let mut run_key = vec![0; n];
+        for (pos, &i) in porder.iter().enumerate() {
+            let first = pos - pos % cfg.run;
+            run_of[i] = first;
+            run_key[i] = keys[porder[first]];
+        }
+        Pull {
+            me,
+            my_seed,
+            lens,
+            run_key,
+            porder,
+            run_of,
+            state,
+            remaining: missing.len(),
+            avoid: HashMap::new(),
+            origin_tries: HashMap::new(),
+            inflight: HashMap::new(),
+            sent_to: HashSet::new(),
+            origin_jobs: 0,
+            started: now,
+            last_poll: None,
+            readers: usize::MAX,
+            poll_every: cfg.have_poll,
+            heard: HashMap::new(),
+            sources: BTreeMap::new(),
+            connected: 0,
+            next_late: None,
+            fetched: Fetched::default(),
+            cfg,
+        }
+    }
+
+    /// Chunks still to fetch.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.remaining == 0
+    }
+
+    pub fn fetched(&self) -> Fetched {
+        self.fetched
+    }
+
+    /// How many peers are connected at all (with or without this version): while there are
+    /// some, a fresh pull first lets their announcements arrive.
+    pub fn set_connected(&mut self, n: usize) {
+        self.connected = n;
+    }
+
+    /// Adds a peer that announced the version, or updates what is known of it (its have-map
+    /// stays as it was).
+    pub fn set_source(&mut self, peer: P, info: Source) {
+        match self.sources.get_mut(&peer) {
+            Some(e) => e.info = info,
+            None => {
+                self.sources.insert(
+                    peer,
+                    Entry {
+                        info,
+                        have: None,
+                        fresh: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A have-map from `peer` (`fresh`: sent over its current connection). Ignored for
+    /// peers not added with [`Self::set_source`].
+    pub fn set_have(&mut self, peer: P, have: Option<HaveMap>, fresh: bool) {
+        if let Some(e) = self.sources.get_mut(&peer) {
+            e.have = have;
+            e.fresh = fresh;
+        }
+    }
+
+    /// A peer left (disconnected, banned, or withdrew the version). Its requests in flight
+    /// come back through [`Self::on_peer`] as the driver learns of them.
+    pub fn remove_source(&mut self, peer: &P) {
+        self.sources.remove(peer);
+    }
+
+    /// The sources now known, for drivers that sync a table into the scheduler.
+    pub fn sources(&self) -> impl Iterator<Item = &P> {
+        self.sources.keys()
+    }
+
+    /// When to call [`Self::poll`] next at the latest (it is also due after any input).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let Some(last) = self.last_poll else {
+            return Some(self.started);
+        };
+        let mut t = last + self.poll_every;
+        if let Some(late) = self.next_late {
+            t = t.min(late);
+        }
+        // The end of the settling period, when origin reads may start.
+        let settle_end = self.started + self.cfg.settle;
+        if self.connected > 0 && last < settle_end {
+            t = t.min(settle_end);
+        }
+        Some(t)
+    }
+
+    /// Decides what to do now: the actions to carry out, in order.
+    pub fn poll(&mut self, now: Instant) -> Vec<Action<P>> {
+        let mut out = Vec::new();
+        if self.remaining == 0 {
+            return out;
+        }
+        let cfg = &self.cfg;
+        let n = self.lens.len();
+        let polled = self
+            .last_poll
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.poll_every);
+        if polled {
+            self.last_poll = Some(now);
+            for (p, e) in &self.sources {
+                if e.info.holding == Holding::Pulling {
+                    out.push(Action::QueryHave(*p));
+                }
+            }
+        }
+
+        // Who has what, as last heard; who is pulling (for origin offload).
+        let mut views: Vec<(P, &Entry)> = Vec::new();
+        let mut pullers = vec![(self.my_seed, self.me)];
+        let (mut announced, mut unmapped) = (0, 0);
+        for (p, e) in &self.sources {
+            announced += 1;
+            match e.info.holding {
+                Holding::Complete => views.push((*p, e)),
+                Holding::Pulling => {
+                    if e.have.is_none() {
+                        unmapped += 1;
+                    }
+                    // A puller with faults (repeated "not here" for what it advertised, bad
+                    // bytes) reads nothing for the others: its runs are taken over.
+                    if now.saturating_duration_since(e.info.grew) < cfg.puller_idle
+                        && e.info.faults == 0
+                    {
+                        pullers.push((e.info.seed, *p));
+                    }
+                    if e.have.as_ref().is_some_and(|h| h.len as usize == n) {
+                        views.push((*p, e));
+                    }
+                }
+                Holding::Mounted => {}
+            }
+        }
+        pullers.sort_by_key(|p| p.1);
+        let settle = now.saturating_duration_since(self.started) < cfg.settle
+            && self.connected > 0
+            && (announced == 0 || unmapped > 0);
+
+        let has_chunk = |e: &Entry, i: usize| {
+            e.info.holding == Holding::Complete || e.have.as_ref().is_some_and(|h| h.get(i))
+        };
+        if polled {
+            let owners = origin_readers(
+                cfg.run,
+                &self.porder,
+                &self.state,
+                |i| views.iter().any(|(_, e)| has_chunk(e, i)),
+                |first| owner_of(&pullers, self.run_key[self.porder[first]]),
+            );
+            self.readers = owners.len();
+            self.poll_every = if owners.contains(&self.me) || pullers.len() == 1 {
+                cfg.have_poll
+            } else {
+                cfg.have_poll_waiting
+            };
+        }
+        let origin_free =
+            self.origin_jobs < (cfg.origin_parallel / self.readers.clamp(1, pullers.len())).max(1);
+
+        // Assign wanted chunks.
+        // Bytes queued to a peer: in flight, plus what this scan gives it.
+        let inflight = &self.inflight;
+        let queued = |p: &P, planned: &BTreeMap<P, u64>| {
+            inflight.get(p).copied().unwrap_or(0) + planned.get(p).copied().unwrap_or(0)
+        };
+        let mut planned: BTreeMap<P, u64> = BTreeMap::new();
+        let mut batches: BTreeMap<P, (Vec<usize>, u64)> = BTreeMap::new();
+        let mut full: Vec<(P, Vec<usize>, u64)> = Vec::new();
+        let mut stalled = Vec::new();
+        let mut next_late: Option<Instant> = None;
+        // Peers with room in their window: once there are none, the rest of the scan only
+        // looks for late requests.
+        let mut open = views
+            .iter()
+            .filter(|(p, _)| inflight.get(p).copied().unwrap_or(0) < cfg.peer_window)
+            .count();
+        for i in 0..n {
+            match self.state[i] {
+                State::Done | State::Origin => continue,
+                State::Peer(p, deadline) => {
+                    let quiet_until = self.heard.get(&p).map(|t| *t + cfg.quiet);
+                    let late_at = quiet_until.map_or(deadline, |q| q.max(deadline));
+                    if now < late_at {
+                        next_late = Some(next_late.map_or(late_at, |t| t.min(late_at)));
+                        continue;
+                    }
+                    // Late: ask someone else too; whichever good copy comes first wins.
+                    if !stalled.contains(&p) {
+                        stalled.push(p);
+                    }
+                    self.avoid.entry(i).or_default().push(p);
+                    self.state[i] = State::Want;
+                }
+                State::Want => {}
+            }
+            if open == 0 {
+                continue;
+            }
+            let avoided = self.avoid.get(&i);
+            let has = |p: &P, e: &Entry| has_chunk(e, i) && avoided.is_none_or(|a| !a.contains(p));
+            let Some(tier) = views
+                .iter()
+                .filter(|(p, e)| has(p, e))
+                .map(|(_, e)| e.info.distance)
+                .min()
+            else {
+                continue;
+            };
+            let cost = |p: &P, e: &Entry, planned: &BTreeMap<P, u64>| {
+                e.info.rtt + queued(p, planned) as f64 / e.info.rate.max(50e6)
+            };
+            let pick = views
+                .iter()
+                .filter(|(p, e)| {
+                    has(p, e) && e.info.distance == tier && queued(p, &planned) < cfg.peer_window
+                })
+                .min_by(|(a, ea), (b, eb)| cost(a, ea, &planned).total_cmp(&cost(b, eb, &planned)))
+                .map(|(p, e)| (*p, e.info.rate));
+            if let Some((p, rate)) = pick {
+                let b = batches.entry(p).or_default();
+                b.0.push(i);
+                b.1 += self.lens[i] as u64;
+                *planned.entry(p).or_default() += self.lens[i] as u64;
+                let q = queued(&p, &planned);
+                if q >= cfg.peer_window {
+                    open -= 1;
+                }
+                let deadline =
+                    now + cfg.deadline_slack + Duration::from_secs_f64(q as f64 / rate.max(20e6));
+                self.state[i] = State::Peer(p, deadline);
+                if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
+                    let (ids, bytes) = std::mem::take(b);
+                    full.push((p, ids, bytes));
+                }
+            }
+        }
+        self.next_late = next_late;
+
+        // Chunks no peer has: from the origin, if this node is their run's reader.
+        let mut origin_batch: Vec<usize> = Vec::new();
+        let mut origin_bytes = 0u64;
+        if !settle && origin_free {
+            let alone = pullers.len() == 1;
+            // With a peer holding the whole version, only chunks every such peer was found
+            // late on can need the origin: look at those, not at every chunk.
+            let late: Vec<usize>;
+            let candidates: &[usize] = if views
+                .iter()
+                .any(|(_, e)| e.info.holding == Holding::Complete)
+            {
+                let mut c: Vec<usize> = self.avoid.keys().copied().collect();
+                c.sort_by_key(|&i| (self.run_of[i], i));
+                late = c;
+                &late
+            } else {
+                &self.porder
+            };
+            for &i in candidates {
+                if origin_bytes >= cfg.origin_batch {
+                    break;
+                }
+                if self.state[i] != State::Want {
+                    continue;
+                }
+                let avoided = self.avoid.get(&i);
+                let on_peer = views
+                    .iter()
+                    .any(|(p, e)| has_chunk(e, i) && avoided.is_none_or(|a| !a.contains(p)));
+                if on_peer {
+                    continue;
+                }
+                if alone || owner_of(&pullers, self.run_key[i]) == self.me {
+                    self.state[i] = State::Origin;
+                    origin_batch.push(i);
+                    origin_bytes += self.lens[i] as u64;
+                }
+            }
+        }
+        drop(views);
+
+        for p in stalled {
+            out.push(Action::Stalled(p));
+        }
+        let batches = full
+            .into_iter()
+            .chain(batches.into_iter().map(|(p, (ids, bytes))| (p, ids, bytes)));
+        for (peer, chunks, bytes) in batches {
+            if chunks.is_empty() {
+                continue;
+            }
+            *self.inflight.entry(peer).or_default() += bytes;
+            for &i in &chunks {
+                self.sent_to.insert((i, peer));
+            }
+            out.push(Action::Request {
+                peer,
+                chunks,
+                bytes,
+            });
+        }
+        if !origin_batch.is_empty() {
+            self.origin_jobs += 1;
+            out.push(Action::ReadOrigin {
+                chunks: origin_batch,
+                bytes: origin_bytes,
+            });
+        }
+        out
+    }
+
+    /// What became of chunk `i` asked of `peer`.
+    pub fn on_peer(&mut self, now: Instant, peer: P, i: usize, outcome: Outcome) -> Delivery {
+        self.heard.insert(peer, now);
+        if i >= self.state.len() || !self.sent_to.remove(&(i, peer)) {
+            return Delivery::Nothing;
+        }
+        let len = self.lens[i] as u64;
+        if let Some(n) = self.inflight.get_mut(&peer) {
+            *n = n.saturating_sub(len);
+        }
+        let mut delivery = Delivery::Nothing;
+        match outcome {
+            Outcome::Stored(n) => {
+                if self.state[i] != State::Done {
+                    self.state[i] = State::Done;
+                    self.remaining -= 1;
+                    self.fetched.from_peers += n as u64;
+                    return Delivery::Done(n);
+                }
+                return Delivery::Nothing;
+            }
+            Outcome::Bad => {}
+            Outcome::Missing => {
+                // It was asked because it said it had the chunk (whole version, or the bit in
+                // its have-map): a stale map now and then, a lie if it keeps happening. Forget
+                // that bit; the driver counts it against the peer.
+                if let Some(e) = self.sources.get_mut(&peer) {
+                    let had = e.have.as_mut().is_some_and(|h| {
+                        let had = h.get(i);
+                        h.clear(i);
+                        had
+                    });
+                    if e.info.holding == Holding::Complete || (had && e.fresh) {
+                        delivery = Delivery::Missed;
+                    }
+                }
+            }
+            Outcome::Lost => {
+                self.inflight.remove(&peer);
+            }
+        }
+        self.avoid.entry(i).or_default().push(peer);
+        if self.state[i] != State::Done {
+            self.state[i] = State::Want;
+        }
+        delivery
+    }
+
+    /// An origin read of `chunks` (`bytes` in all) finished; `held(i)` says whether chunk `i`
+    /// is stored now (all of them when the read succeeded; on failure, part of a batch may
+    /// have landed). Returns the chunks newly done, or [`GiveUp`] once a chunk has failed
+    /// [`Config::origin_tries`] times.
+    pub fn on_origin(
+        &mut self,
+        chunks: &[usize],
+        bytes: u64,
+        ok: bool,
+        held: impl Fn(usize) -> bool,
+    ) -> Result<Vec<usize>, GiveUp> {
+        self.origin_jobs = self.origin_jobs.saturating_sub(1);
+        let mut done = Vec::new();
+        if ok {
+            self.fetched.from_origin += bytes;
+        }
+        for &i in chunks {
+            if i >= self.state.len() {
+                continue;
+            }
+            if ok || held(i) {
+                if self.state[i] != State::Done {
+                    self.state[i] = State::Done;
+                    self.remaining -= 1;
+                    done.push(i);
+                }
+                continue;
+            }
+            let n = self.origin_tries.entry(i).or_default();
+            *n += 1;
+            if *n >= self.cfg.origin_tries {
+                return Err(GiveUp { chunk: i });
+            }
+            if self.state[i] != State::Done {
+                self.state[i] = State::Want;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// The pullers that still have origin reads to do: the owners (`owner_of_run`, given a run's
+/// first position in `porder`) of runs with a chunk that is neither here, nor asked of a
+/// peer, nor (`on_peer`) on any peer.
+fn origin_readers<P: PeerKey>(
+    run: usize,
+    porder: &[usize],
+    state: &[State<P>],
+    on_peer: impl Fn(usize) -> bool,
+    owner_of_run: impl Fn(usize) -> P,
+) -> HashSet<P> {
+    let mut owners = HashSet::new();
+    for (k, chunks) in porder.chunks(run).enumerate() {
+        let open = chunks.iter().any(|&i| {
+            state[i] != State::Done && !matches!(state[i], State::Peer(..)) && !on_peer(i)
+        });
+        if open {
+            owners.insert(owner_of_run(k * run));
+        }
+    }
+    owners
+}
+
+#[cfg(test)]
+mod tests;

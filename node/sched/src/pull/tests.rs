@@ -1,0 +1,393 @@
+//! Every decision of the pull scheduler, in virtual time.
+
+use super::*;
+use crate::mix;
+
+const LEN: u32 = 40_000;
+
+fn t(base: Instant, ms: u64) -> Instant {
+    base + Duration::from_millis(ms)
+}
+
+/// A pull by node `me` of `n` chunks of [`LEN`] bytes, all missing, in pack order 0..n.
+fn pull(me: u32, n: usize, now: Instant) -> Pull<u32> {
+    let keys: Vec<u64> = (0..n as u64).map(mix).collect();
+    let missing: Vec<usize> = (0..n).collect();
+    Pull::new(
+        Config::default(),
+        me,
+        seed(me),
+        Chunks {
+            lens: vec![LEN; n],
+            keys,
+            porder: (0..n).collect(),
+        },
+        &missing,
+        now,
+    )
+}
+
+fn seed(p: u32) -> u64 {
+    mix(p as u64 ^ 0x5eed)
+}
+
+fn source(p: u32, holding: Holding, now: Instant) -> Source {
+    Source {
+        seed: seed(p),
+        distance: 1,
+        holding,
+        rate: 1e9,
+        rtt: 0.001,
+        grew: now,
+        faults: 0,
+    }
+}
+
+fn requests(actions: &[Action<u32>]) -> Vec<(u32, Vec<usize>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request { peer, chunks, .. } => Some((*peer, chunks.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn origin_reads(actions: &[Action<u32>]) -> Vec<Vec<usize>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReadOrigin { chunks, .. } => Some(chunks.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Alone, a node reads every chunk from the origin once, in pack order, in batches of about
+/// a run, at most `origin_parallel` at a time.
+#[test]
+fn alone_every_chunk_comes_from_the_origin_once_in_pack_order() {
+    let t0 = Instant::now();
+    let n = 2000;
+    let mut p = pull(1, n, t0);
+    let mut read = Vec::new();
+    let mut pending: Vec<Vec<usize>> = Vec::new();
+    let mut now = t0;
+    while !p.is_done() {
+        let a = p.poll(now);
+        assert!(requests(&a).is_empty());
+        for c in origin_reads(&a) {
+            assert!(c.len() as u64 * LEN as u64 <= (1 << 20) + LEN as u64);
+            pending.push(c);
+        }
+        assert!(
+            pending.len() <= 16,
+            "{} origin reads at once",
+            pending.len()
+        );
+        // The oldest read completes.
+        if !pending.is_empty() {
+            let c = pending.remove(0);
+            let done = p
+                .on_origin(&c, c.len() as u64 * LEN as u64, true, |_| true)
+                .unwrap();
+            assert_eq!(done, c);
+            read.extend(c);
+        }
+        now = t(now, 5);
+    }
+    assert_eq!(read, (0..n).collect::<Vec<_>>());
+    assert_eq!(p.fetched().from_origin, n as u64 * LEN as u64);
+    assert_eq!(p.poll_timeout(), None);
+}
+
+/// A peer holding the whole version serves every chunk; the origin serves none, and no more
+/// than the window is ever in flight to the peer.
+#[test]
+fn a_complete_peer_serves_everything_within_its_window() {
+    let t0 = Instant::now();
+    let n = 3000;
+    let mut p = pull(1, n, t0);
+    p.set_connected(1);
+    p.set_source(2, source(2, Holding::Complete, t0));
+    let mut inflight: Vec<usize> = Vec::new();
+    let mut now = t0;
+    let mut asked = 0;
+    while !p.is_done() {
+        let a = p.poll(now);
+        assert!(origin_reads(&a).is_empty(), "no origin read: {a:?}");
+        for (peer, c) in requests(&a) {
+            assert_eq!(peer, 2);
+            assert!(c.len() as u64 * LEN as u64 <= (4 << 20) + LEN as u64);
+            asked += c.len();
+            inflight.extend(c);
+        }
+        assert!(inflight.len() as u64 * LEN as u64 <= (32 << 20) + LEN as u64);
+        for i in inflight.drain(..inflight.len().min(200)) {
+            assert_eq!(
+                p.on_peer(now, 2, i, Outcome::Stored(LEN)),
+                Delivery::Done(LEN)
+            );
+        }
+        now = t(now, 10);
+    }
+    assert_eq!(asked, n, "each chunk asked once");
+    assert_eq!(p.fetched().from_peers, n as u64 * LEN as u64);
+}
+
+/// Two pullers of a cold version split the origin reads by runs, each reading only the runs
+/// rendezvous hashing gives it, and take the rest from each other once have-maps show it.
+#[test]
+fn co_pullers_split_the_origin_by_runs_and_swap_the_rest() {
+    let t0 = Instant::now();
+    let n = 32 * 40;
+    let mut a = pull(1, n, t0);
+    a.set_connected(1);
+    a.set_source(2, source(2, Holding::Pulling, t0));
+    // Until the co-puller's have-map arrives, nothing is read (the settling period).
+    let first = a.poll(t0);
+    assert!(first.contains(&Action::QueryHave(2)));
+    assert!(origin_reads(&first).is_empty());
+    a.set_have(2, Some(HaveMap::new(n)), true);
+    let pullers = [(seed(1), 1u32), (seed(2), 2u32)];
+    let keys: Vec<u64> = (0..n as u64).map(mix).collect();
+    let mine = |i: usize| owner_of(&pullers, keys[i - i % 32]) == 1;
+    let mut read = Vec::new();
+    let mut now = t(t0, 1);
+    loop {
+        let got = origin_reads(&a.poll(now));
+        if got.is_empty() {
+            break;
+        }
+        for c in got {
+            a.on_origin(&c, 0, true, |_| true).unwrap();
+            read.extend(c);
+        }
+        now = t(now, 1);
+    }
+    let expect: Vec<usize> = (0..n).filter(|&i| mine(i)).collect();
+    assert!(!expect.is_empty() && expect.len() < n, "both own runs");
+    assert_eq!(read, expect, "this node reads exactly its own runs");
+    // The other's runs arrive in its have-map: asked of it, not of the origin.
+    let mut h = HaveMap::new(n);
+    for i in (0..n).filter(|&i| !mine(i)) {
+        h.set(i);
+    }
+    a.set_have(2, Some(h), true);
+    now = t(now, 300);
+    let asked: Vec<usize> = requests(&a.poll(now))
+        .into_iter()
+        .flat_map(|(peer, c)| {
+            assert_eq!(peer, 2);
+            c
+        })
+        .collect();
+    assert_eq!(asked, (0..n).filter(|&i| !mine(i)).collect::<Vec<_>>());
+}
+
+/// A request past its deadline, to a peer that has also sent nothing for a while, goes to
+/// another source, and the late peer is reported as stalled.
+#[test]
+fn a_late_request_goes_to_another_source() {
+    let t0 = Instant::now();
+    let n = 10;
+    let mut p = pull(1, n, t0);
+    p.set_connected(2);
+    let mut slow = source(2, Holding::Complete, t0);
+    slow.rtt = 0.0; // the cheaper: asked first
+    p.set_source(2, slow);
+    p.set_source(3, source(3, Holding::Complete, t0));
+    let first = requests(&p.poll(t0));
+    assert_eq!(first, vec![(2, (0..n).collect())]);
+    // Not late yet: nothing moves, and the scheduler says when to look again.
+    let wake = p.poll_timeout().unwrap();
+    assert!(wake > t0 && wake <= t(t0, 250));
+    let a = p.poll(t(t0, 1500));
+    assert!(requests(&a).is_empty(), "{a:?}");
+    // Past the deadline (2 s slack): re-asked of the other peer.
+    let a = p.poll(t(t0, 2100));
+    assert!(a.contains(&Action::Stalled(2)), "{a:?}");
+    assert_eq!(requests(&a), vec![(3, (0..n).collect())]);
+    // The first good copy wins; the late one changes nothing.
+    for i in 0..n {
+        assert_eq!(
+            p.on_peer(t(t0, 2200), 3, i, Outcome::Stored(LEN)),
+            Delivery::Done(LEN)
+        );
+        assert_eq!(
+            p.on_peer(t(t0, 2300), 2, i, Outcome::Stored(LEN)),
+            Delivery::Nothing
+        );
+    }
+    assert!(p.is_done());
+}
+
+/// A peer still sending (heard from within `quiet`) is not late, even past the deadline.
+#[test]
+fn a_peer_still_delivering_is_not_late() {
+    let t0 = Instant::now();
+    let mut p = pull(1, 4, t0);
+    p.set_connected(2);
+    p.set_source(2, source(2, Holding::Complete, t0));
+    let mut far = source(3, Holding::Complete, t0);
+    far.rtt = 1.0; // the dearer: nothing asked of it at first
+    p.set_source(3, far);
+    let asked = requests(&p.poll(t0));
+    assert_eq!(asked.len(), 1);
+    let (peer, chunks) = asked[0].clone();
+    p.on_peer(t(t0, 2500), peer, chunks[0], Outcome::Stored(LEN));
+    let a = p.poll(t(t0, 3000));
+    assert!(requests(&a).is_empty() && !a.contains(&Action::Stalled(peer)));
+    let a = p.poll(t(t0, 3600));
+    assert!(a.contains(&Action::Stalled(peer)));
+}
+
+/// "Not here" for a chunk a fresh have-map advertised is reported (the driver counts it), the
+/// bit is forgotten, and the chunk goes elsewhere; a puller with faults owns no origin runs,
+/// so the rest of a lying puller's share is read by this node.
+#[test]
+fn a_lying_puller_is_reported_and_its_runs_taken_over() {
+    let t0 = Instant::now();
+    let n = 32 * 8;
+    let mut p = pull(1, n, t0);
+    p.set_connected(1);
+    p.set_source(2, source(2, Holding::Pulling, t0));
+    let mut all = HaveMap::new(n);
+    (0..n).for_each(|i| all.set(i));
+    p.set_have(2, Some(all.clone()), true);
+    let asked: Vec<usize> = requests(&p.poll(t0))
+        .into_iter()
+        .flat_map(|r| r.1)
+        .collect();
+    assert_eq!(
+        asked.len(),
+        n,
+        "everything asked of the peer that claims it"
+    );
+    let mut missed = 0;
+    for &i in &asked[..8] {
+        if p.on_peer(t(t0, 5), 2, i, Outcome::Missing) == Delivery::Missed {
+            missed += 1;
+        }
+    }
+    assert_eq!(missed, 8);
+    // The driver counted those as a fault; the liar still claims everything.
+    let mut liar = source(2, Holding::Pulling, t0);
+    liar.faults = 1;
+    p.set_source(2, liar);
+    p.set_have(2, Some(all), true);
+    // The chunks it denied: from the origin, by this node, now the only trusted puller.
+    let a = p.poll(t(t0, 300));
+    let read: Vec<usize> = origin_reads(&a).into_iter().flatten().collect();
+    assert_eq!(read, asked[..8].to_vec());
+    // A stale map (from before a reconnection) is used, but its misses are not reported.
+    let mut q = pull(1, n, t0);
+    q.set_connected(1);
+    q.set_source(2, source(2, Holding::Pulling, t0));
+    let mut some = HaveMap::new(n);
+    some.set(0);
+    q.set_have(2, Some(some), false);
+    assert_eq!(requests(&q.poll(t0)), vec![(2, vec![0])]);
+    assert_eq!(q.on_peer(t0, 2, 0, Outcome::Missing), Delivery::Nothing);
+}
+
+/// A co-puller whose have-map stopped growing is waited for `puller_idle`, then its runs are
+/// read here.
+#[test]
+fn an_idle_puller_loses_its_runs() {
+    let t0 = Instant::now();
+    let n = 32 * 20;
+    let mut p = pull(1, n, t0);
+    p.set_connected(1);
+    p.set_source(2, source(2, Holding::Pulling, t0));
+    p.set_have(2, Some(HaveMap::new(n)), true);
+    let drain = |p: &mut Pull<u32>, now: Instant| {
+        let mut read = Vec::new();
+        loop {
+            let got = origin_reads(&p.poll(now));
+            if got.is_empty() {
+                return read;
+            }
+            for c in got {
+                p.on_origin(&c, 0, true, |_| true).unwrap();
+                read.extend(c);
+            }
+        }
+    };
+    let early = drain(&mut p, t(t0, 1000));
+    assert!(!early.is_empty() && early.len() < n);
+    assert!(drain(&mut p, t(t0, 19_000)).is_empty(), "still waited for");
+    let late = drain(&mut p, t(t0, 20_500));
+    assert_eq!(
+        early.len() + late.len(),
+        n,
+        "the idle puller's runs read here"
+    );
+    assert!(p.is_done());
+}
+
+/// A failed origin read keeps what landed and retries the rest; a chunk that fails
+/// `origin_tries` times fails the pull.
+#[test]
+fn origin_failures_are_retried_then_give_up() {
+    let t0 = Instant::now();
+    let n = 4;
+    let mut p = pull(1, n, t0);
+    let c = origin_reads(&p.poll(t0)).remove(0);
+    assert_eq!(c, vec![0, 1, 2, 3]);
+    // Chunks 0 and 1 landed before the failure.
+    let done = p.on_origin(&c, 0, false, |i| i < 2).unwrap();
+    assert_eq!(done, vec![0, 1]);
+    let again = origin_reads(&p.poll(t(t0, 1))).remove(0);
+    assert_eq!(again, vec![2, 3]);
+    p.on_origin(&again, 0, false, |_| false).unwrap();
+    let again = origin_reads(&p.poll(t(t0, 2))).remove(0);
+    assert_eq!(
+        p.on_origin(&again, 0, false, |_| false),
+        Err(GiveUp { chunk: 2 })
+    );
+}
+
+/// A lost request (connection gone) frees the peer's window and the chunks go elsewhere.
+#[test]
+fn lost_requests_go_elsewhere() {
+    let t0 = Instant::now();
+    let mut p = pull(1, 3, t0);
+    p.set_connected(1);
+    p.set_source(2, source(2, Holding::Complete, t0));
+    let (_, chunks) = requests(&p.poll(t0)).remove(0);
+    for &i in &chunks {
+        assert_eq!(p.on_peer(t0, 2, i, Outcome::Lost), Delivery::Nothing);
+    }
+    p.remove_source(&2);
+    p.set_connected(0);
+    let a = p.poll(t(t0, 1));
+    assert_eq!(origin_reads(&a), vec![vec![0, 1, 2]]);
+    // Bad bytes: the chunk is not asked of that peer again.
+    let mut q = pull(1, 1, t0);
+    q.set_connected(2);
+    q.set_source(2, source(2, Holding::Complete, t0));
+    q.set_source(3, source(3, Holding::Complete, t0));
+    let (first, _) = requests(&q.poll(t0)).remove(0);
+    q.on_peer(t0, first, 0, Outcome::Bad);
+    let (second, _) = requests(&q.poll(t(t0, 1))).remove(0);
+    assert_ne!(first, second);
+}
+
+/// Nearer peers first: a same-zone peer is asked before a faster one farther away.
+#[test]
+fn locality_comes_before_speed() {
+    let t0 = Instant::now();
+    let mut p = pull(1, 50, t0);
+    p.set_connected(2);
+    let mut near = source(2, Holding::Complete, t0);
+    near.rate = 1e8;
+    let mut far = source(3, Holding::Complete, t0);
+    far.distance = 3;
+    far.rate = 1e10;
+    p.set_source(2, near);
+    p.set_source(3, far);
+    let asked = requests(&p.poll(t0));
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].0, 2);
+}
