@@ -105,6 +105,38 @@ enum Cmd {
         #[arg(long, default_value = "200mbit")]
         rate: String,
     },
+    /// A fleet in virtual time: NODES pull schedulers (the node's own) over a link model, in
+    /// one process (testnet/src/sim.rs). Prints completion p50/p99/last against the link
+    /// floor, origin egress, peers and control bytes per node, and the wall time it took.
+    Sim {
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        /// Bytes in the version.
+        #[arg(long, default_value_t = 1 << 30)]
+        size: u64,
+        /// Each node's link (up and down), and the origin's.
+        #[arg(long, default_value = "10gbit")]
+        node_rate: String,
+        #[arg(long, default_value = "10gbit")]
+        origin_rate: String,
+        #[arg(long, default_value_t = 1)]
+        zones: usize,
+        /// Round-trip times in milliseconds: within a zone, across zones, to the origin.
+        #[arg(long, default_value_t = 0.2)]
+        rtt_ms: f64,
+        #[arg(long, default_value_t = 2.0)]
+        zone_rtt_ms: f64,
+        #[arg(long, default_value_t = 5.0)]
+        origin_rtt_ms: f64,
+        /// Fraction of the nodes killed part-way (back 3 s later with what they stored).
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Fraction of the nodes that advertise every chunk and serve none.
+        #[arg(long, default_value_t = 0.0)]
+        liars: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
         #[arg(long, value_delimiter = ',', default_value = "shards,images")]
@@ -690,6 +722,23 @@ fn eviction_bench(blocks: u32, epochs: usize) -> Value {
     json!({ "benchmark": "eviction", "blocks": blocks, "epochs": epochs, "results": rows })
 }
 
+/// "200mbit", "10gbit", "1.5gbit", "800kbit" as bits per second.
+fn bits_per_second(s: &str) -> Result<f64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("rate {s:?}: expected a number and kbit, mbit or gbit"))?;
+    let k = match unit {
+        "gbit" => 1e9,
+        "mbit" => 1e6,
+        "kbit" => 1e3,
+        "bit" | "" => 1.0,
+        _ => bail!("rate {s:?}: expected a number and kbit, mbit or gbit"),
+    };
+    Ok(n * k)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let (name, result) = match &args.command {
@@ -703,6 +752,39 @@ fn main() -> Result<()> {
         ),
         Cmd::Chunking { datasets, avg_kib } => {
             ("chunking", chunking_bench(&args, datasets, avg_kib)?)
+        }
+        Cmd::Sim {
+            nodes,
+            size,
+            node_rate,
+            origin_rate,
+            zones,
+            rtt_ms,
+            zone_rtt_ms,
+            origin_rtt_ms,
+            churn,
+            liars,
+            seed,
+        } => {
+            let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
+            let setup = shoal_testnet::sim::Setup {
+                nodes: (*nodes).max(1),
+                size: *size,
+                node_bps: bits_per_second(node_rate)?,
+                origin_bps: bits_per_second(origin_rate)?,
+                zones: (*zones).max(1),
+                rtt: ms(*rtt_ms),
+                zone_rtt: ms(*zone_rtt_ms),
+                origin_rtt: ms(*origin_rtt_ms),
+                churn: *churn,
+                liars: *liars,
+                seed: *seed,
+                ..Default::default()
+            };
+            (
+                "sim",
+                serde_json::to_value(shoal_testnet::sim::run(&setup))?,
+            )
         }
         Cmd::Eviction { blocks, epochs } => ("eviction", eviction_bench(*blocks, *epochs)),
         Cmd::SwarmLo { runs, peers } => (
