@@ -208,6 +208,10 @@ pub struct Pull<P> {
     porder: Vec<usize>,
     run_of: Vec<usize>,
     state: Vec<State<P>>,
+    /// Chunks wanted or asked of a peer (the only ones a scan looks at), a bit each.
+    live: Vec<u64>,
+    /// The owner of each run (by run number), for the pullers it was worked out for.
+    owners: Option<(Vec<(u64, P)>, Vec<P>)>,
     remaining: usize,
     avoid: HashMap<usize, Vec<P>>,
     origin_tries: HashMap<usize, u32>,
@@ -244,8 +248,10 @@ impl<P: PeerKey> Pull<P> {
         assert_eq!(keys.len(), n, "a key per chunk");
         assert_eq!(porder.len(), n, "pack order covers every chunk");
         let mut state = vec![State::Done; n];
+        let mut live = vec![0u64; n.div_ceil(64)];
         for &i in missing {
             state[i] = State::Want;
+            live[i / 64] |= 1 << (i % 64);
         }
         let mut run_of = vec![0; n];
         let mut run_key = vec![0; n];
@@ -262,6 +268,8 @@ impl<P: PeerKey> Pull<P> {
             porder,
             run_of,
             state,
+            live,
+            owners: None,
             remaining: missing.len(),
             avoid: HashMap::new(),
             origin_tries: HashMap::new(),
@@ -412,14 +420,40 @@ impl<P: PeerKey> Pull<P> {
         let has_chunk = |e: &Entry, i: usize| {
             e.info.holding == Holding::Complete || e.have.as_ref().is_some_and(|h| h.get(i))
         };
+        // Which chunks some view has (before what is avoided): a scan skips the rest at once.
+        let union: Vec<u64> = if views
+            .iter()
+            .any(|(_, e)| e.info.holding == Holding::Complete)
+        {
+            vec![u64::MAX; self.live.len()]
+        } else {
+            let mut u = vec![0u64; self.live.len()];
+            for (_, e) in &views {
+                if let Some(h) = &e.have {
+                    u.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
+                }
+            }
+            u
+        };
+        let in_union = |i: usize| union[i / 64] & (1 << (i % 64)) != 0;
+        // Each run's owner, worked out again only when the pullers change.
+        if self
+            .owners
+            .as_ref()
+            .is_none_or(|(for_, _)| *for_ != pullers)
+        {
+            let owners = self
+                .porder
+                .chunks(cfg.run)
+                .map(|run| owner_of(&pullers, self.run_key[run[0]]))
+                .collect();
+            self.owners = Some((pullers.clone(), owners));
+        }
+        let run_owner = &self.owners.as_ref().expect("just set").1;
         if polled {
-            let owners = origin_readers(
-                cfg.run,
-                &self.porder,
-                &self.state,
-                |i| views.iter().any(|(_, e)| has_chunk(e, i)),
-                |first| owner_of(&pullers, self.run_key[self.porder[first]]),
-            );
+            let owners = origin_readers(cfg.run, &self.porder, &self.state, in_union, |first| {
+                run_owner[first / cfg.run]
+            });
             self.readers = owners.len();
             self.poll_every = if owners.contains(&self.me) || pullers.len() == 1 {
                 cfg.have_poll
@@ -447,7 +481,30 @@ impl<P: PeerKey> Pull<P> {
             .iter()
             .filter(|(p, _)| inflight.get(p).copied().unwrap_or(0) < cfg.peer_window)
             .count();
-        for i in 0..n {
+        // Requests can only be late from `next_late` on: before then the scan looks only at
+        // chunks wanted and on some peer (a word at a time), not at every chunk in flight.
+        let late_scan = self.next_late.is_none_or(|t| now >= t);
+        if !late_scan {
+            next_late = self.next_late;
+        }
+        let live: Vec<usize> = self
+            .live
+            .iter()
+            .zip(&union)
+            .map(|(&l, &u)| if late_scan { l } else { l & u })
+            .enumerate()
+            .flat_map(|(w, bits)| {
+                let mut bits = bits;
+                std::iter::from_fn(move || {
+                    (bits != 0).then(|| {
+                        let b = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        w * 64 + b
+                    })
+                })
+            })
+            .collect();
+        for i in live {
             match self.state[i] {
                 State::Done | State::Origin => continue,
                 State::Peer(p, deadline) => {
@@ -466,7 +523,7 @@ impl<P: PeerKey> Pull<P> {
                 }
                 State::Want => {}
             }
-            if open == 0 {
+            if open == 0 || !in_union(i) {
                 continue;
             }
             let avoided = self.avoid.get(&i);
@@ -501,6 +558,7 @@ impl<P: PeerKey> Pull<P> {
                 let deadline =
                     now + cfg.deadline_slack + Duration::from_secs_f64(q as f64 / rate.max(20e6));
                 self.state[i] = State::Peer(p, deadline);
+                next_late = Some(next_late.map_or(deadline, |t| t.min(deadline)));
                 if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
                     let (ids, bytes) = std::mem::take(b);
                     full.push((p, ids, bytes));
@@ -532,18 +590,23 @@ impl<P: PeerKey> Pull<P> {
                 if origin_bytes >= cfg.origin_batch {
                     break;
                 }
-                if self.state[i] != State::Want {
+                if self.state[i] != State::Want
+                    || !(alone || run_owner[self.run_of[i] / cfg.run] == self.me)
+                {
                     continue;
                 }
-                let avoided = self.avoid.get(&i);
-                let on_peer = views
-                    .iter()
-                    .any(|(p, e)| has_chunk(e, i) && avoided.is_none_or(|a| !a.contains(p)));
-                if on_peer {
-                    continue;
+                if in_union(i) {
+                    let avoided = self.avoid.get(&i);
+                    let on_peer = views
+                        .iter()
+                        .any(|(p, e)| has_chunk(e, i) && avoided.is_none_or(|a| !a.contains(p)));
+                    if on_peer {
+                        continue;
+                    }
                 }
-                if alone || owner_of(&pullers, self.run_key[i]) == self.me {
+                {
                     self.state[i] = State::Origin;
+                    self.live[i / 64] &= !(1 << (i % 64));
                     origin_batch.push(i);
                     origin_bytes += self.lens[i] as u64;
                 }
@@ -581,6 +644,16 @@ impl<P: PeerKey> Pull<P> {
         out
     }
 
+    /// Moves chunk `i` to `state`, keeping the scan's bitset in step.
+    fn set(&mut self, i: usize, state: State<P>) {
+        self.state[i] = state;
+        let bit = 1 << (i % 64);
+        match state {
+            State::Want | State::Peer(..) => self.live[i / 64] |= bit,
+            State::Done | State::Origin => self.live[i / 64] &= !bit,
+        }
+    }
+
     /// What became of chunk `i` asked of `peer`.
     pub fn on_peer(&mut self, now: Instant, peer: P, i: usize, outcome: Outcome) -> Delivery {
         self.heard.insert(peer, now);
@@ -595,7 +668,7 @@ impl<P: PeerKey> Pull<P> {
         match outcome {
             Outcome::Stored(n) => {
                 if self.state[i] != State::Done {
-                    self.state[i] = State::Done;
+                    self.set(i, State::Done);
                     self.remaining -= 1;
                     self.fetched.from_peers += n as u64;
                     return Delivery::Done(n);
@@ -624,7 +697,7 @@ impl<P: PeerKey> Pull<P> {
         }
         self.avoid.entry(i).or_default().push(peer);
         if self.state[i] != State::Done {
-            self.state[i] = State::Want;
+            self.set(i, State::Want);
         }
         delivery
     }
@@ -651,7 +724,7 @@ impl<P: PeerKey> Pull<P> {
             }
             if ok || held(i) {
                 if self.state[i] != State::Done {
-                    self.state[i] = State::Done;
+                    self.set(i, State::Done);
                     self.remaining -= 1;
                     done.push(i);
                 }
@@ -663,7 +736,7 @@ impl<P: PeerKey> Pull<P> {
                 return Err(GiveUp { chunk: i });
             }
             if self.state[i] != State::Done {
-                self.state[i] = State::Want;
+                self.set(i, State::Want);
             }
         }
         Ok(done)
