@@ -185,6 +185,9 @@ enum State<P> {
     Done,
 }
 
+/// Pullers (seed, key) and the owner of each run among them.
+type RunOwners<P> = (Vec<(u64, P)>, Vec<P>);
+
 #[derive(Debug)]
 struct Entry {
     info: Source,
@@ -211,7 +214,7 @@ pub struct Pull<P> {
     /// Chunks wanted or asked of a peer (the only ones a scan looks at), a bit each.
     live: Vec<u64>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
-    owners: Option<(Vec<(u64, P)>, Vec<P>)>,
+    owners: Option<RunOwners<P>>,
     remaining: usize,
     avoid: HashMap<usize, Vec<P>>,
     origin_tries: HashMap<usize, u32>,
