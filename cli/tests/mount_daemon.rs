@@ -328,3 +328,71 @@ fn nodes_mounting_one_cold_version_read_it_from_the_origin_about_once() {
     read_all(&mps[1..], &names[4..]);
     drop(mounts);
 }
+
+/// A node that announces a mount of the version and then answers nothing costs a reader of
+/// its runs one wait of seconds, not EIO and not a wait per read: its runs are read from the
+/// origin, and from then on shared out among the other mounting nodes.
+#[test]
+fn a_stalled_mount_owner_costs_one_wait_not_eio() {
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    // 16 files of 3 MiB: about 12 runs of 4 MiB, so the stalled node owns some (all but
+    // certainly: each is its by a coin toss).
+    let names: Vec<String> = (0..16).map(|i| format!("f{i:02}.bin")).collect();
+    for (i, n) in names.iter().enumerate() {
+        write(&src.join(n), &random_bytes(300 + i as u64, 3 << 20));
+    }
+    c.publish(&src, "ds@v1");
+    let s = c.node("stall", &[], &[("SHOAL_FAULT_INJECT", "stall")]);
+    let r = c.node("reader", &[], &[]);
+    c.nodes[r].wait_peers(1);
+    let mut mounts = Vec::new();
+    let mut mps = Vec::new();
+    for n in [s, r] {
+        let mp = c.dir.path().join(format!("mnt-{}", c.nodes[n].name));
+        std::fs::create_dir_all(&mp).unwrap();
+        let log = c.dir.path().join(format!("mount-{}.log", c.nodes[n].name));
+        // A read timeout under the old 30 s wait on an owner: with it, reads of the stalled
+        // node's runs failed.
+        mounts.push(MountCmd::start(
+            &c.nodes[n],
+            &[
+                "mount",
+                "ds@v1",
+                mp.to_str().unwrap(),
+                "--timeout",
+                "20",
+                "--prefetch",
+                "none",
+            ],
+            &mp,
+            &log,
+        ));
+        mps.push(mp);
+    }
+    wait_for(30, "the stalled node's mount to be announced", || {
+        (peers_mounting(&c.nodes[r]) == 1).then_some(())
+    });
+    let started = std::time::Instant::now();
+    for n in &names {
+        let t = std::time::Instant::now();
+        let got = std::fs::read(mps[1].join(n))
+            .unwrap_or_else(|e| panic!("reading {n} with a stalled mount owner: {e}"));
+        assert!(got == std::fs::read(src.join(n)).unwrap(), "{n} differs");
+        eprintln!("{n}: {:.2} s", t.elapsed().as_secs_f64());
+    }
+    eprintln!("all: {:.2} s", started.elapsed().as_secs_f64());
+    // The stalled node was waited on (it owned runs), but once or so, not once per read.
+    let st = c.nodes[r].status().unwrap();
+    let stalls: u64 = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["stalls"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        (1..=3).contains(&stalls),
+        "waits on the stalled owner: {stalls} ({st})"
+    );
+    drop(mounts);
+}

@@ -23,9 +23,13 @@ const ORIGIN_CONCURRENCY: usize = 8;
 /// Nodes mounting one version split its origin reads in runs of this many bytes of a pack.
 const MOUNT_RUN: u64 = 4 << 20;
 /// How long a mount waits for the peer that owns a run to deliver anything (while it stays
-/// connected) before reading the run from the origin itself. Long: an owner is slow when the
-/// origin link is busy, and reading its runs too would only make the link busier.
-const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// connected) before reading the run from the origin itself; an owner that sends nothing at
+/// all in that time owns no more runs for this node. Not short: an owner is slow when the
+/// origin link is busy, and reading its runs too would only make the link busier. Well under
+/// the mount's read timeout (30 s by default), so a stalled owner costs a read seconds, not
+/// EIO. (It was 30 s: with a stalled owner, every read of its runs waited that long and some
+/// failed.)
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One ranged read: a span of a pack and the blobs inside it (id, offset, len).
 struct RangeRead {
@@ -330,6 +334,12 @@ impl Blobs {
         let mut got =
             crate::swarm::fetch::ask_peer(swarm, peer, &ids, Some(*root), self.retain, OWNER_WAIT)
                 .await;
+        if got.is_empty() && !ids.is_empty() {
+            // Nothing at all within the wait: it owns no runs for this node any more (while
+            // it stays connected), so later reads do not wait on it too.
+            tracing::warn!(%peer, "sent none of the runs it owns for {}s; reading them from the origin, and its runs from now on are shared out among the other mounting nodes", OWNER_WAIT.as_secs());
+            crate::swarm::fetch::owner_stalled(swarm, &peer);
+        }
         if got.len() < ids.len() {
             tracing::info!(
                 %peer,

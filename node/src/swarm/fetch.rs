@@ -414,7 +414,7 @@ pub async fn from_pulling_owner(
             pullers.retain(|(_, id)| {
                 peers
                     .get(id)
-                    .is_none_or(|p| p.faults == 0 && p.meta_stalls == 0)
+                    .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
             });
         }
         if pullers.len() < 2 {
@@ -439,7 +439,7 @@ pub async fn from_pulling_owner(
         if heard.elapsed() > META_WAIT {
             tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", META_WAIT.as_secs());
             if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&owner) {
-                p.meta_stalls += 1;
+                p.owner_stalls += 1;
             }
             break;
         }
@@ -456,9 +456,25 @@ pub async fn from_pulling_owner(
 }
 
 /// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
-/// members with a bulk address that announced a mount of it.
+/// members with a bulk address that announced a mount of it, less those that let this node
+/// down before (faults, or runs they owned and never sent): their runs are shared out among
+/// the others.
 pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
-    nodes_holding(swarm, root, Holding::Mounted)
+    let mut nodes = nodes_holding(swarm, root, Holding::Mounted);
+    let peers = swarm.peers.lock().expect("poisoned");
+    nodes.retain(|(_, id)| {
+        peers
+            .get(id)
+            .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
+    });
+    nodes
+}
+
+/// Counts against `peer` that it owned what this node asked of it and sent none of it in time.
+pub fn owner_stalled(swarm: &Swarm, peer: &PeerId) {
+    if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(peer) {
+        p.owner_stalls += 1;
+    }
 }
 
 /// The nodes that announced `root` with `holding` (this one included), as (seed, id) for

@@ -161,8 +161,10 @@ pub struct Peer {
     pub stalls: u32,
     /// "Not here" answers for chunks it said it had (a stale have-map, or a lie).
     pub misses: u32,
-    /// Times it owned a version's metadata and sent none of it in time (since it connected).
-    pub meta_stalls: u32,
+    /// Times it owned something this node asked it for (a version's metadata, a mounted
+    /// version's runs) and sent none of it in time, since it connected: it owns nothing more
+    /// for this node while it stays connected.
+    pub owner_stalls: u32,
     pub bytes_received: u64,
     pub bytes_sent: u64,
 }
@@ -180,7 +182,7 @@ impl Peer {
             faults: 0,
             stalls: 0,
             misses: 0,
-            meta_stalls: 0,
+            owner_stalls: 0,
             bytes_received: 0,
             bytes_sent: 0,
         }

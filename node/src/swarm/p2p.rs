@@ -465,7 +465,7 @@ impl EventLoop {
                 for v in p.versions.values_mut() {
                     v.fresh = false;
                 }
-                p.meta_stalls = 0;
+                p.owner_stalls = 0;
             }
         }
         if new {
