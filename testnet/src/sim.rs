@@ -572,14 +572,19 @@ impl Sim {
         }
     }
 
+    /// Takes transfer `id` off the books; Some if its requester is still the node (not
+    /// killed since) that asked.
+    fn take(&mut self, id: u64) -> Option<Transfer> {
+        let t = self.transfers.remove(&id)?;
+        let n = &self.nodes[t.dst];
+        (n.alive && n.inc == t.dst_inc).then_some(t)
+    }
+
     fn delivered(&mut self, id: u64) {
-        let Some(t) = self.transfers.remove(&id) else {
+        let Some(t) = self.take(id) else {
             return;
         };
         let dst = t.dst;
-        if !self.nodes[dst].alive || self.nodes[dst].inc != t.dst_inc {
-            return;
-        }
         let now_i = self.at(self.now);
         let origin = t.src == self.s.nodes;
         let mut done = Vec::new();
@@ -652,13 +657,10 @@ impl Sim {
     }
 
     fn lost(&mut self, id: u64) {
-        let Some(t) = self.transfers.remove(&id) else {
+        let Some(t) = self.take(id) else {
             return;
         };
         let dst = t.dst;
-        if !self.nodes[dst].alive || self.nodes[dst].inc != t.dst_inc {
-            return;
-        }
         let now_i = self.at(self.now);
         if let Some(p) = self.nodes[dst].pull.as_mut() {
             for &i in &t.chunks {
