@@ -134,6 +134,9 @@ enum Cmd {
         /// Fraction of the nodes that advertise every chunk and serve none.
         #[arg(long, default_value_t = 0.0)]
         liars: f64,
+        /// Fraction of the nodes that advertise every chunk and never answer a request.
+        #[arg(long, default_value_t = 0.0)]
+        stallers: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -764,6 +767,7 @@ fn main() -> Result<()> {
             origin_rtt_ms,
             churn,
             liars,
+            stallers,
             seed,
         } => {
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
@@ -778,6 +782,7 @@ fn main() -> Result<()> {
                 origin_rtt: ms(*origin_rtt_ms),
                 churn: *churn,
                 liars: *liars,
+                stallers: *stallers,
                 seed: *seed,
                 ..Default::default()
             };

@@ -10,7 +10,8 @@
 //! request frame. Zones set the delay: `--rtt-ms` within a zone, `--zone-rtt-ms` across.
 //!
 //! Options: churn (a fraction of the nodes killed part-way, back a few seconds later with
-//! what they had stored, as `swarm-netns --kill` does), liars (nodes that advertise every
+//! what they had stored, as `swarm-netns --kill` does), stallers (nodes that advertise every
+//! chunk and never answer a request), liars (nodes that advertise every
 //! chunk and answer "not here" to everything), and the seed of every random choice. The
 //! drivers' penalties are those of the node: [`MISSES_PER_FAULT`] "not here" answers for
 //! advertised chunks are a fault, [`MAX_FAULTS`] faults a ban.
@@ -51,6 +52,9 @@ pub struct Setup {
     pub restart: Duration,
     /// Fraction of the nodes that lie (advertise everything, serve nothing).
     pub liars: f64,
+    /// Fraction of the nodes that advertise every chunk, take requests and never answer them
+    /// (their control plane alive: `SHOAL_FAULT_INJECT=stall`).
+    pub stallers: f64,
     pub seed: u64,
 }
 
@@ -69,6 +73,7 @@ impl Default for Setup {
             churn: 0.0,
             restart: Duration::from_secs(3),
             liars: 0.0,
+            stallers: 0.0,
             seed: 1,
         }
     }
@@ -85,8 +90,10 @@ pub struct Report {
     pub origin_gbit: f64,
     pub churn: f64,
     pub liars: f64,
+    pub stallers: f64,
     pub killed: usize,
     pub lying: usize,
+    pub stalling: usize,
     /// Completion time of the honest nodes (those that finished).
     pub p50_s: f64,
     pub p99_s: f64,
@@ -199,6 +206,7 @@ struct Node {
     alive: bool,
     inc: u32,
     liar: bool,
+    staller: bool,
     zone: usize,
     have: HaveMap,
     pull: Option<Pull<usize>>,
@@ -210,6 +218,13 @@ struct Node {
     down_free: Ns,
     control_sent: u64,
     stalls: u64,
+}
+
+impl Node {
+    /// A liar or a staller: not counted among the nodes that must finish.
+    fn hostile(&self) -> bool {
+        self.liar || self.staller
+    }
 }
 
 struct Sim {
@@ -406,7 +421,11 @@ impl Sim {
                     }
                 }
             }
-            if self.nodes.iter().all(|n| n.liar || n.done_at.is_some()) {
+            if self
+                .nodes
+                .iter()
+                .all(|n| n.hostile() || n.done_at.is_some())
+            {
                 break;
             }
         }
@@ -451,7 +470,7 @@ impl Sim {
         }
         // The answer: the map as it is when the query arrives.
         let there = self.now + self.delay(node, peer);
-        let map = if self.nodes[peer].liar {
+        let map = if self.nodes[peer].hostile() {
             let mut m = HaveMap::new(self.lens.len());
             (0..self.lens.len()).for_each(|i| m.set(i));
             m
@@ -475,6 +494,9 @@ impl Sim {
         let id = self.next_id;
         self.next_id += 1;
         let origin = src == self.s.nodes;
+        if !origin && self.nodes[src].staller {
+            return; // taken, never answered
+        }
         let present: Vec<bool> = if origin {
             vec![true; chunks.len()]
         } else {
@@ -807,13 +829,17 @@ pub fn run(s: &Setup) -> Report {
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
     }
+    let stalling = (s.nodes as f64 * s.stallers).round() as usize;
     let liars: Vec<usize> = order[..lying].to_vec();
-    let victims: Vec<usize> = order[lying..(lying + killed).min(s.nodes)].to_vec();
+    let stallers: Vec<usize> = order[lying..(lying + stalling).min(s.nodes)].to_vec();
+    let honest_from = (lying + stalling).min(s.nodes);
+    let victims: Vec<usize> = order[honest_from..(honest_from + killed).min(s.nodes)].to_vec();
     let nodes = (0..s.nodes)
         .map(|i| Node {
             alive: true,
             inc: 0,
             liar: liars.contains(&i),
+            staller: stallers.contains(&i),
             zone: i % s.zones.max(1),
             have: HaveMap::new(n),
             pull: None,
@@ -877,7 +903,7 @@ pub fn run(s: &Setup) -> Report {
         }
     }
     for i in 0..s.nodes {
-        if sim.nodes[i].liar {
+        if sim.nodes[i].hostile() {
             sim.nodes[i].holding = Some(Holding::Pulling);
             sim.nodes[i].done_at = None;
             continue;
@@ -899,11 +925,11 @@ pub fn run(s: &Setup) -> Report {
     let mut times: Vec<f64> = sim
         .nodes
         .iter()
-        .filter(|n| !n.liar)
+        .filter(|n| !n.hostile())
         .filter_map(|n| n.done_at.map(|t| t as f64 / 1e9))
         .collect();
     times.sort_by(f64::total_cmp);
-    let honest = s.nodes - lying;
+    let honest = s.nodes - lying - stalling;
     let control: Vec<u64> = sim.nodes.iter().map(|n| n.control_sent).collect();
     let p99 = quantile(&times, 0.99);
     Report {
@@ -915,8 +941,10 @@ pub fn run(s: &Setup) -> Report {
         origin_gbit: s.origin_bps / 1e9,
         churn: s.churn,
         liars: s.liars,
+        stallers: s.stallers,
         killed,
         lying,
+        stalling,
         p50_s: quantile(&times, 0.5),
         p99_s: p99,
         last_s: times.last().copied().unwrap_or(f64::NAN),
@@ -969,16 +997,22 @@ mod tests {
         );
     }
 
-    /// Killed nodes come back and finish; liars are banned and cost no pull.
+    /// Killed nodes come back and finish; liars are banned and stallers passed over, and
+    /// neither costs a pull.
     #[test]
-    fn churn_and_liars_cost_seconds_not_the_pull() {
+    fn churn_liars_and_stallers_cost_seconds_not_the_pull() {
         let r = run(&Setup {
             churn: 0.25,
             liars: 0.25,
+            stallers: 0.125,
             ..small()
         });
         assert_eq!(r.unfinished, 0, "{r:?}");
-        assert_eq!((r.killed, r.lying), (2, 2));
+        assert_eq!((r.killed, r.lying, r.stalling), (2, 2, 1));
+        assert!(
+            r.stalls > 0,
+            "requests to the staller were re-issued: {r:?}"
+        );
         assert!(
             r.bans >= 2,
             "every honest node bans the liars it asked: {r:?}"

@@ -228,6 +228,10 @@ pub struct Pull<P> {
     poll_every: Duration,
     /// When each peer last delivered anything.
     heard: HashMap<P, Instant>,
+    /// Peers with a request past its deadline that have answered nothing since: neither asked
+    /// for more nor counted on to have anything (nor to read runs from the origin) until they
+    /// answer. Without this, chunks only a silent peer advertises would wait for it forever.
+    silent: HashSet<P>,
     sources: BTreeMap<P, Entry>,
     connected: usize,
     /// The earliest late-request deadline seen by the last scan.
@@ -284,6 +288,7 @@ impl<P: PeerKey> Pull<P> {
             readers: usize::MAX,
             poll_every: cfg.have_poll,
             heard: HashMap::new(),
+            silent: HashSet::new(),
             sources: BTreeMap::new(),
             connected: 0,
             next_late: None,
@@ -342,6 +347,7 @@ impl<P: PeerKey> Pull<P> {
     /// come back through [`Self::on_peer`] as the driver learns of them.
     pub fn remove_source(&mut self, peer: &P) {
         self.sources.remove(peer);
+        self.silent.remove(peer);
     }
 
     /// The sources now known, for drivers that sync a table into the scheduler.
@@ -395,6 +401,9 @@ impl<P: PeerKey> Pull<P> {
         let (mut announced, mut unmapped) = (0, 0);
         for (p, e) in &self.sources {
             announced += 1;
+            if self.silent.contains(p) {
+                continue;
+            }
             match e.info.holding {
                 Holding::Complete => views.push((*p, e)),
                 Holding::Pulling => {
@@ -521,6 +530,7 @@ impl<P: PeerKey> Pull<P> {
                     if !stalled.contains(&p) {
                         stalled.push(p);
                     }
+                    self.silent.insert(p);
                     self.avoid.entry(i).or_default().push(p);
                     self.state[i] = State::Want;
                 }
@@ -660,6 +670,9 @@ impl<P: PeerKey> Pull<P> {
     /// What became of chunk `i` asked of `peer`.
     pub fn on_peer(&mut self, now: Instant, peer: P, i: usize, outcome: Outcome) -> Delivery {
         self.heard.insert(peer, now);
+        if outcome != Outcome::Lost {
+            self.silent.remove(&peer);
+        }
         if i >= self.state.len() || !self.sent_to.remove(&(i, peer)) {
             return Delivery::Nothing;
         }

@@ -391,3 +391,52 @@ fn locality_comes_before_speed() {
     assert_eq!(asked.len(), 1);
     assert_eq!(asked[0].0, 2);
 }
+
+/// A peer that advertises every chunk and never answers: once its requests are late it is
+/// counted on for nothing (not as a source, not as an origin reader) until it answers, so what
+/// only it claims is read from the origin instead of waiting for it forever. (Found by the
+/// simulator: a cluster with one such peer never finished.)
+#[test]
+fn a_silent_peer_is_counted_on_for_nothing_until_it_answers() {
+    let t0 = Instant::now();
+    let n = 32 * 4;
+    let mut p = pull(1, n, t0);
+    p.set_connected(1);
+    p.set_source(2, source(2, Holding::Pulling, t0));
+    let mut all = HaveMap::new(n);
+    (0..n).for_each(|i| all.set(i));
+    p.set_have(2, Some(all), true);
+    let asked: Vec<usize> = requests(&p.poll(t0))
+        .into_iter()
+        .flat_map(|r| r.1)
+        .collect();
+    assert_eq!(asked.len(), n);
+    // Nothing comes back. Past the deadline: every chunk from the origin, by this node.
+    let mut read = Vec::new();
+    let mut now = t(t0, 2500);
+    let a = p.poll(now);
+    assert!(a.contains(&Action::Stalled(2)), "{a:?}");
+    let mut got = origin_reads(&a);
+    loop {
+        if got.is_empty() {
+            break;
+        }
+        for c in got {
+            p.on_origin(&c, 0, true, |_| true).unwrap();
+            read.extend(c);
+        }
+        now = t(now, 1);
+        got = origin_reads(&p.poll(now));
+    }
+    assert!(p.is_done(), "{} chunks read from the origin", read.len());
+    assert_eq!(read.len(), n);
+    // Once it answers again it is a source again.
+    let mut q = pull(1, 4, t0);
+    q.set_connected(1);
+    q.set_source(2, source(2, Holding::Complete, t0));
+    let (_, c) = requests(&q.poll(t0)).remove(0);
+    assert!(q.poll(t(t0, 2500)).contains(&Action::Stalled(2)));
+    // (Re-asked of nobody: the only source is silent; the origin gets them.)
+    q.on_peer(t(t0, 2600), 2, c[0], Outcome::Stored(LEN));
+    assert_eq!(q.remaining(), 3);
+}
