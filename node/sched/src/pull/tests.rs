@@ -43,6 +43,27 @@ fn source(p: u32, holding: Holding, now: Instant) -> Source {
     }
 }
 
+/// Completes every origin read the pull asks for, starting with `pending`, polling at `now`
+/// until it asks for none; returns the chunks read, in order.
+fn drain_origin(p: &mut Pull<u32>, now: Instant, mut pending: Vec<Vec<usize>>) -> Vec<usize> {
+    let mut read = Vec::new();
+    while !pending.is_empty() {
+        for c in pending {
+            p.on_origin(&c, 0, true, |_| true).unwrap();
+            read.extend(c);
+        }
+        pending = origin_reads(&p.poll(now));
+    }
+    read
+}
+
+/// A have-map that claims every one of `n` chunks.
+fn claims_all(n: usize) -> HaveMap {
+    let mut all = HaveMap::new(n);
+    (0..n).for_each(|i| all.set(i));
+    all
+}
+
 fn requests(actions: &[Action<u32>]) -> Vec<(u32, Vec<usize>)> {
     actions
         .iter()
@@ -152,19 +173,9 @@ fn co_pullers_split_the_origin_by_runs_and_swap_the_rest() {
     let pullers = [(seed(1), 1u32), (seed(2), 2u32)];
     let keys: Vec<u64> = (0..n as u64).map(mix).collect();
     let mine = |i: usize| owner_of(&pullers, keys[i - i % 32]) == 1;
-    let mut read = Vec::new();
     let mut now = t(t0, 1);
-    loop {
-        let got = origin_reads(&a.poll(now));
-        if got.is_empty() {
-            break;
-        }
-        for c in got {
-            a.on_origin(&c, 0, true, |_| true).unwrap();
-            read.extend(c);
-        }
-        now = t(now, 1);
-    }
+    let first = origin_reads(&a.poll(now));
+    let read = drain_origin(&mut a, now, first);
     let expect: Vec<usize> = (0..n).filter(|&i| mine(i)).collect();
     assert!(!expect.is_empty() && expect.len() < n, "both own runs");
     assert_eq!(read, expect, "this node reads exactly its own runs");
@@ -252,8 +263,7 @@ fn a_lying_puller_is_reported_and_its_runs_taken_over() {
     let mut p = pull(1, n, t0);
     p.set_connected(1);
     p.set_source(2, source(2, Holding::Pulling, t0));
-    let mut all = HaveMap::new(n);
-    (0..n).for_each(|i| all.set(i));
+    let all = claims_all(n);
     p.set_have(2, Some(all.clone()), true);
     let asked: Vec<usize> = requests(&p.poll(t0))
         .into_iter()
@@ -302,17 +312,8 @@ fn an_idle_puller_loses_its_runs() {
     p.set_source(2, source(2, Holding::Pulling, t0));
     p.set_have(2, Some(HaveMap::new(n)), true);
     let drain = |p: &mut Pull<u32>, now: Instant| {
-        let mut read = Vec::new();
-        loop {
-            let got = origin_reads(&p.poll(now));
-            if got.is_empty() {
-                return read;
-            }
-            for c in got {
-                p.on_origin(&c, 0, true, |_| true).unwrap();
-                read.extend(c);
-            }
-        }
+        let first = origin_reads(&p.poll(now));
+        drain_origin(p, now, first)
     };
     let early = drain(&mut p, t(t0, 1000));
     assert!(!early.is_empty() && early.len() < n);
@@ -403,8 +404,7 @@ fn a_silent_peer_is_counted_on_for_nothing_until_it_answers() {
     let mut p = pull(1, n, t0);
     p.set_connected(1);
     p.set_source(2, source(2, Holding::Pulling, t0));
-    let mut all = HaveMap::new(n);
-    (0..n).for_each(|i| all.set(i));
+    let all = claims_all(n);
     p.set_have(2, Some(all), true);
     let asked: Vec<usize> = requests(&p.poll(t0))
         .into_iter()
@@ -412,22 +412,10 @@ fn a_silent_peer_is_counted_on_for_nothing_until_it_answers() {
         .collect();
     assert_eq!(asked.len(), n);
     // Nothing comes back. Past the deadline: every chunk from the origin, by this node.
-    let mut read = Vec::new();
-    let mut now = t(t0, 2500);
+    let now = t(t0, 2500);
     let a = p.poll(now);
     assert!(a.contains(&Action::Stalled(2)), "{a:?}");
-    let mut got = origin_reads(&a);
-    loop {
-        if got.is_empty() {
-            break;
-        }
-        for c in got {
-            p.on_origin(&c, 0, true, |_| true).unwrap();
-            read.extend(c);
-        }
-        now = t(now, 1);
-        got = origin_reads(&p.poll(now));
-    }
+    let read = drain_origin(&mut p, now, origin_reads(&a));
     assert!(p.is_done(), "{} chunks read from the origin", read.len());
     assert_eq!(read.len(), n);
     // Once it answers again it is a source again.
