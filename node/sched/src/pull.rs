@@ -493,9 +493,10 @@ impl<P: PeerKey> Pull<P> {
             .iter()
             .filter(|(p, _)| inflight.get(p).copied().unwrap_or(0) < cfg.peer_window)
             .count();
-        // Requests can only be late from `next_late` on: before then the scan looks only at
-        // chunks wanted and on some peer (a word at a time), not at every chunk in flight.
-        let late_scan = self.next_late.is_none_or(|t| now >= t);
+        // Requests can only be late from `next_late` on (None: no chunk is asked of a peer):
+        // before then the scan looks only at chunks wanted and on some peer (a word at a
+        // time), not at every chunk in flight.
+        let late_scan = self.next_late.is_some_and(|t| now >= t);
         if !late_scan {
             next_late = self.next_late;
         }
