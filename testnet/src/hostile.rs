@@ -171,14 +171,11 @@ struct Attacker {
     ctl: libp2p::request_response::cbor::Behaviour<Req, Resp>,
 }
 
-/// Connects to a node's control address with a fresh identity, presents `proof`, asks it for
-/// its hello and for `root`'s have-map, and reports what came back within `secs`.
-pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64) -> CtlReport {
+/// A libp2p swarm speaking the node's auth and control protocols with identity `key`, its
+/// connections kept for `idle` without traffic.
+fn attacker_swarm(key: libp2p::identity::Keypair, idle: Duration) -> libp2p::Swarm<Attacker> {
     use libp2p::request_response::{self as rr, ProtocolSupport};
-    use libp2p::swarm::SwarmEvent;
-    let key = identity();
-    let me = key.public().to_peer_id();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+    libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             libp2p::tcp::Config::default(),
@@ -203,8 +200,18 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
             ),
         })
         .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build()
+}
+
+/// Connects to a node's control address with a fresh identity, presents `proof`, asks it for
+/// its hello and for `root`'s have-map, and reports what came back within `secs`.
+pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64) -> CtlReport {
+    use libp2p::request_response as rr;
+    use libp2p::swarm::SwarmEvent;
+    let key = identity();
+    let me = key.public().to_peer_id();
+    let mut swarm = attacker_swarm(key, Duration::from_secs(60));
     let mut report = CtlReport::default();
     if swarm.dial(addr).is_err() {
         return report;
@@ -317,7 +324,7 @@ impl Drop for Liar {
 
 /// Starts a [`Liar`] on loopback (with `key`'s proofs, if given) inside the current runtime.
 pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey>) -> Liar {
-    use libp2p::request_response::{self as rr, ProtocolSupport};
+    use libp2p::request_response as rr;
     use libp2p::swarm::SwarmEvent;
     use shoal_node::swarm::{HaveMap, Holding};
     let keypair = identity();
@@ -368,33 +375,7 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
             });
         }
     };
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            (libp2p::tls::Config::new, libp2p::noise::Config::new),
-            libp2p::yamux::Config::default,
-        )
-        .expect("transport")
-        .with_behaviour(|_| Attacker {
-            auth: rr::cbor::Behaviour::new(
-                [(
-                    libp2p::StreamProtocol::new(wire::AUTH_PROTOCOL),
-                    ProtocolSupport::Full,
-                )],
-                rr::Config::default(),
-            ),
-            ctl: rr::cbor::Behaviour::new(
-                [(
-                    libp2p::StreamProtocol::new(wire::PROTOCOL),
-                    ProtocolSupport::Full,
-                )],
-                rr::Config::default(),
-            ),
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
-        .build();
+    let mut swarm = attacker_swarm(keypair, Duration::from_secs(600));
     swarm
         .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr"))
         .expect("listening");

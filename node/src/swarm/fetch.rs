@@ -142,6 +142,10 @@ pub async fn fetch(
         seeds: HashMap::new(),
         given: HashMap::new(),
     };
+    // Unbounded, but bounded by what was asked: one event per chunk requested, and the
+    // scheduler keeps at most its window (32 MiB) in flight to each peer. (The bulk client's
+    // reply type is unbounded: a bounded one could block its reader while this loop awaits a
+    // request send to that same client.)
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut origin_jobs = FuturesUnordered::new();
     tracing::debug!(
@@ -524,6 +528,7 @@ pub async fn ask_peer(
     let Ok(c) = swarm.client(peer).await else {
         return got;
     };
+    // Unbounded, but bounded by what was asked: one event per id in `ids`.
     let (tx, mut rx) = mpsc::unbounded_channel();
     // Several small requests rather than one large one: the peer streams the first while it
     // reads the next, and this side verifies as they come.
