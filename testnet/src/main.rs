@@ -137,6 +137,13 @@ enum Cmd {
         /// Fraction of the nodes that advertise every chunk and never answer a request.
         #[arg(long, default_value_t = 0.0)]
         stallers: f64,
+        /// Connections each node aims for; 0 for a full mesh with polled have-maps (the node
+        /// as it is today).
+        #[arg(long, default_value_t = 32)]
+        peers: usize,
+        /// Milliseconds a node gathers what it gains before pushing a have-delta.
+        #[arg(long, default_value_t = 5.0)]
+        delta_ms: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -768,6 +775,8 @@ fn main() -> Result<()> {
             churn,
             liars,
             stallers,
+            peers,
+            delta_ms,
             seed,
         } => {
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
@@ -783,6 +792,8 @@ fn main() -> Result<()> {
                 churn: *churn,
                 liars: *liars,
                 stallers: *stallers,
+                peers: *peers,
+                delta_every: ms(*delta_ms),
                 seed: *seed,
                 ..Default::default()
             };

@@ -9,6 +9,18 @@
 //! have-map queries and answers) take the path's delay and are counted in bytes, as is each
 //! request frame. Zones set the delay: `--rtt-ms` within a zone, `--zone-rtt-ms` across.
 //!
+//! Two ways for nodes to find each other. The mesh (`peers: 0`) is today's node: every node
+//! connects to every node it learns of, hears every co-puller's announcements and polls
+//! their whole have-maps, and the origin readers are worked out from the pullers it is
+//! connected to. The fleet (`peers: K`) is the design for hundreds of nodes and more: each
+//! node dials K/2 others (two in three in its own zone) and accepts up to K + K/2, so it has
+//! about K connections whatever N is; peers push the chunks they gain as have-deltas; and
+//! a content router (the provider records of the version's key: Kademlia, or a tracker)
+//! answers a lookup with the version's origin-reader candidates (the first
+//! `2 * origin_readers` pullers by rendezvous on the version key), takes `router_delay` to
+//! answer and to see a registration, pushes a new answer to the version's pullers when its
+//! candidates change, and drops a dead node `detect` after it died.
+//!
 //! Options: churn (a fraction of the nodes killed part-way, back a few seconds later with
 //! what they had stored, as `swarm-netns --kill` does), stallers (nodes that advertise every
 //! chunk and never answer a request), liars (nodes that advertise every
@@ -55,6 +67,14 @@ pub struct Setup {
     /// Fraction of the nodes that advertise every chunk, take requests and never answer them
     /// (their control plane alive: `SHOAL_FAULT_INJECT=stall`).
     pub stallers: f64,
+    /// Connections each node aims for (0: a full mesh, as the node is today).
+    pub peers: usize,
+    /// How long a node gathers the chunks it gains before it pushes them to its neighbours
+    /// as one have-delta.
+    pub delta_every: Duration,
+    /// The content router's lookup time, and how long until it drops a dead node.
+    pub router_delay: Duration,
+    pub detect: Duration,
     pub seed: u64,
 }
 
@@ -74,6 +94,10 @@ impl Default for Setup {
             restart: Duration::from_secs(3),
             liars: 0.0,
             stallers: 0.0,
+            peers: 32,
+            delta_every: Duration::from_millis(5),
+            router_delay: Duration::from_millis(10),
+            detect: Duration::from_secs(2),
             seed: 1,
         }
     }
@@ -105,9 +129,14 @@ pub struct Report {
     pub p99_over_floor: f64,
     /// Bytes the origin sent, as a multiple of the version.
     pub origin_egress: f64,
-    /// Peers each node is connected to (the node connects to every node it learns of).
+    /// When the origin's last answer landed.
+    pub origin_last_s: f64,
+    /// "mesh" or "fleet" (see the module documentation).
+    pub mode: &'static str,
+    /// Connections per node, the most any node had.
     pub max_peers_per_node: usize,
-    /// Control bytes sent per node: hellos, have-map queries and answers, request frames.
+    /// Control bytes sent per node: hellos, have-map queries, answers and deltas, router
+    /// lookups and updates, request frames.
     pub control_bytes_per_node: f64,
     pub max_control_bytes_per_node: u64,
     /// Requests re-issued because a peer was late, over all nodes.
@@ -146,6 +175,23 @@ enum Ev {
     Arrive(u64),
     /// The last slice of an answer is through the receiver's downlink.
     Delivered(u64),
+    /// Chunks `from` gained reach `to`.
+    Delta {
+        to: usize,
+        inc: u32,
+        from: usize,
+        chunks: Vec<usize>,
+    },
+    /// The router registers a puller, or drops a dead one.
+    Register(usize, u32),
+    /// A node pushes the chunks it gained since its last delta.
+    Flush(usize, u32),
+    Unregister(usize),
+    /// The router's answer (the version's origin-reader candidates) reaches a node.
+    Route {
+        to: usize,
+        inc: u32,
+    },
     /// A have-map answer reaches `to`.
     Have {
         to: usize,
@@ -214,8 +260,13 @@ struct Node {
     done_at: Option<Ns>,
     wake_at: Option<Ns>,
     known: BTreeMap<usize, Known>,
+    /// Whom it connects to (everyone else, in the mesh).
+    neighbours: Vec<usize>,
     banned: Vec<usize>,
     down_free: Ns,
+    /// Chunks gained since the last have-delta, and whether a flush is due.
+    gained: Vec<usize>,
+    flush_due: bool,
     control_sent: u64,
     stalls: u64,
 }
@@ -242,9 +293,14 @@ struct Sim {
     now: Ns,
     base: Instant,
     origin_sent: u64,
+    origin_last: Ns,
     events: u64,
     /// Virtual time after which a run is given up (a stuck pull).
     limit: Ns,
+    /// The pullers the content router knows, and its current answer.
+    registered: Vec<(u64, usize)>,
+    route: Vec<(u64, usize)>,
+    version_key: u64,
 }
 
 impl Sim {
@@ -281,7 +337,7 @@ impl Sim {
 
     fn source(&self, k: &Known, me: usize, peer: usize) -> Source {
         Source {
-            seed: mix(peer as u64 ^ 0x5eed),
+            seed: seed_of(peer),
             distance: if self.nodes[me].zone == self.nodes[peer].zone {
                 1
             } else {
@@ -313,12 +369,17 @@ impl Sim {
         200 + 48 * self.nodes[from].known.len() as u64
     }
 
-    /// `node` tells every live peer what it holds now.
+    fn fleet(&self) -> bool {
+        self.s.peers > 0
+    }
+
+    /// `node` tells every live peer it connects to what it holds now.
     fn announce(&mut self, node: usize) {
         let holding = self.nodes[node].holding;
         let bytes = self.hello_bytes(node);
-        for to in 0..self.s.nodes {
-            if to == node || !self.nodes[to].alive {
+        for k in 0..self.nodes[node].neighbours.len() {
+            let to = self.nodes[node].neighbours[k];
+            if !self.nodes[to].alive {
                 continue;
             }
             self.nodes[node].control_sent += bytes;
@@ -339,20 +400,28 @@ impl Sim {
     fn start_pull(&mut self, node: usize) {
         let n = self.lens.len();
         let missing: Vec<usize> = (0..n).filter(|&i| !self.nodes[node].have.get(i)).collect();
+        let cfg = pull::Config {
+            have_deltas: self.fleet(),
+            ..pull::Config::default()
+        };
         let mut p = Pull::new(
-            pull::Config::default(),
+            cfg,
             node,
-            mix(node as u64 ^ 0x5eed),
+            seed_of(node),
             Chunks {
                 lens: self.lens.clone(),
                 keys: self.keys.clone(),
                 porder: (0..n).collect(),
+                key: self.version_key,
             },
             &missing,
             self.at(self.now),
         );
         let connected = self.nodes[node].known.len();
         p.set_connected(connected);
+        if self.fleet() {
+            p.set_pullers(Some(self.route.clone()));
+        }
         self.nodes[node].pull = Some(p);
         self.nodes[node].holding = Some(Holding::Pulling);
         let peers: Vec<usize> = self.nodes[node].known.keys().copied().collect();
@@ -384,6 +453,32 @@ impl Sim {
                 Ev::Delivered(id) => self.delivered(id),
                 Ev::Lost(id) => self.lost(id),
                 Ev::Have { to, inc, from, map } => self.on_have(to, inc, from, map),
+                Ev::Delta {
+                    to,
+                    inc,
+                    from,
+                    chunks,
+                } => self.on_delta(to, inc, from, chunks),
+                Ev::Register(node, inc) => {
+                    if self.nodes[node].alive && self.nodes[node].inc == inc {
+                        self.registered.retain(|r| r.1 != node);
+                        self.registered.push((seed_of(node), node));
+                        self.reroute();
+                    }
+                }
+                Ev::Unregister(node) => {
+                    self.registered.retain(|r| r.1 != node);
+                    self.reroute();
+                }
+                Ev::Route { to, inc } => self.on_route(to, inc),
+                Ev::Flush(node, inc) => {
+                    let n = &mut self.nodes[node];
+                    if n.alive && n.inc == inc {
+                        n.flush_due = false;
+                        let chunks = std::mem::take(&mut n.gained);
+                        self.push_delta(node, chunks);
+                    }
+                }
                 Ev::Hello {
                     to,
                     inc,
@@ -393,8 +488,11 @@ impl Sim {
                 Ev::Kill(node) => self.kill(node),
                 Ev::Restart(node) => {
                     self.nodes[node].alive = true;
-                    let peers: Vec<usize> = (0..self.s.nodes)
-                        .filter(|&p| p != node && self.nodes[p].alive)
+                    let peers: Vec<usize> = self.nodes[node]
+                        .neighbours
+                        .iter()
+                        .copied()
+                        .filter(|&p| self.nodes[p].alive)
                         .collect();
                     for p in peers {
                         // Hellos from the others come back as they reconnect.
@@ -417,7 +515,11 @@ impl Sim {
                 }
                 Ev::StartPull(node) => {
                     if self.nodes[node].alive {
-                        self.start_pull(node);
+                        if self.fleet() {
+                            self.look_up(node);
+                        } else {
+                            self.start_pull(node);
+                        }
                     }
                 }
             }
@@ -613,8 +715,9 @@ impl Sim {
         let mut missed = 0;
         if origin {
             self.origin_sent += t.bytes;
+            self.origin_last = self.now;
             let p = self.nodes[dst].pull.as_mut().expect("pulling");
-            match p.on_origin(&t.chunks, t.bytes, true, |_| true) {
+            match p.on_origin(now_i, &t.chunks, t.bytes, true, |_| true) {
                 Ok(d) => done = d,
                 Err(_) => unreachable!("a read that succeeded gives up nothing"),
             }
@@ -655,8 +758,17 @@ impl Sim {
             }
             self.inform(dst, t.src);
         }
-        for i in done {
+        for &i in &done {
             self.nodes[dst].have.set(i);
+        }
+        if self.fleet() && !done.is_empty() {
+            let n = &mut self.nodes[dst];
+            n.gained.extend(done);
+            if !n.flush_due {
+                n.flush_due = true;
+                let inc = n.inc;
+                self.push(self.now + ns(self.s.delta_every), Ev::Flush(dst, inc));
+            }
         }
         self.check_done(dst);
         self.wake(dst, self.now);
@@ -722,6 +834,104 @@ impl Sim {
         self.wake(to, now);
     }
 
+    /// `node` tells the neighbours pulling the version which chunks it gained (a u32 each).
+    fn push_delta(&mut self, node: usize, chunks: Vec<usize>) {
+        let bytes = 16 + 4 * chunks.len() as u64;
+        let to: Vec<usize> = self.nodes[node]
+            .known
+            .iter()
+            .filter(|(_, k)| k.holding == Holding::Pulling)
+            .map(|(p, _)| *p)
+            .collect();
+        for to in to {
+            if !self.nodes[to].alive {
+                continue;
+            }
+            self.nodes[node].control_sent += bytes;
+            let t = self.now + self.delay(node, to);
+            let inc = self.nodes[to].inc;
+            self.push(
+                t,
+                Ev::Delta {
+                    to,
+                    inc,
+                    from: node,
+                    chunks: chunks.clone(),
+                },
+            );
+        }
+    }
+
+    fn on_delta(&mut self, to: usize, inc: u32, from: usize, chunks: Vec<usize>) {
+        if !self.nodes[to].alive || self.nodes[to].inc != inc {
+            return;
+        }
+        let now = self.now;
+        let Some(k) = self.nodes[to].known.get_mut(&from) else {
+            return;
+        };
+        k.count += chunks.len() as u64;
+        k.grew = now;
+        self.inform(to, from);
+        if let Some(p) = self.nodes[to].pull.as_mut() {
+            p.on_have(from, &chunks);
+        }
+        self.wake(to, now);
+    }
+
+    /// `node` registers as a puller of the version with the router and looks up the
+    /// version's origin-reader candidates; its pull starts with the answer.
+    fn look_up(&mut self, node: usize) {
+        let half = ns(self.s.router_delay) / 2;
+        let inc = self.nodes[node].inc;
+        self.nodes[node].control_sent += 2 * 100;
+        self.push(self.now + half, Ev::Register(node, inc));
+        self.push(self.now + 2 * half, Ev::Route { to: node, inc });
+    }
+
+    /// The router's candidates after a registration or a departure; the version's pullers
+    /// hear of a change.
+    fn reroute(&mut self) {
+        let key = self.version_key;
+        let mut r = self.registered.clone();
+        r.sort_by_key(|(seed, p)| (Reverse(mix(seed ^ key)), *p));
+        r.truncate(2 * pull::Config::default().origin_readers);
+        if r == self.route {
+            return;
+        }
+        self.route = r;
+        let half = ns(self.s.router_delay) / 2;
+        let to: Vec<(usize, u32)> = self
+            .registered
+            .iter()
+            .map(|(_, p)| (*p, self.nodes[*p].inc))
+            .collect();
+        for (to, inc) in to {
+            self.push(self.now + half, Ev::Route { to, inc });
+        }
+    }
+
+    fn on_route(&mut self, to: usize, inc: u32) {
+        let n = &self.nodes[to];
+        if !n.alive || n.inc != inc {
+            return;
+        }
+        // The answer: a header and the candidates.
+        self.nodes[to].control_sent += 64 + 48 * self.route.len() as u64;
+        if self.nodes[to].hostile() {
+            return;
+        }
+        let done = self.nodes[to].done_at.is_some();
+        match self.nodes[to].pull.as_mut() {
+            Some(p) => {
+                p.set_pullers(Some(self.route.clone()));
+                self.wake(to, self.now);
+            }
+            None if !done => self.start_pull(to),
+            None => {}
+        }
+    }
+
     fn on_hello(&mut self, to: usize, inc: u32, from: usize, holding: Option<Holding>) {
         if !self.nodes[to].alive
             || self.nodes[to].inc != inc
@@ -764,6 +974,8 @@ impl Sim {
         n.known.clear();
         n.wake_at = None;
         n.down_free = 0;
+        n.gained.clear();
+        n.flush_due = false;
         // Its answers in progress are lost to their requesters; answers to it are dropped.
         let ids: Vec<u64> = self
             .transfers
@@ -799,7 +1011,50 @@ impl Sim {
         }
         let back = self.now + ns(self.s.restart);
         self.push(back, Ev::Restart(node));
+        if self.fleet() {
+            let gone = self.now + ns(self.s.detect);
+            self.push(gone, Ev::Unregister(node));
+        }
     }
+}
+
+fn seed_of(node: usize) -> u64 {
+    mix(node as u64 ^ 0x5eed)
+}
+
+/// Whom each node connects to: everyone (`peers == 0`), or about `peers` each: every node
+/// dials `peers / 2` others (two in three in its own zone when it has enough), none taking
+/// more than `peers + peers / 2`.
+fn neighbours(nodes: usize, zones: usize, peers: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    if peers == 0 || peers + 1 >= nodes {
+        return (0..nodes)
+            .map(|i| (0..nodes).filter(|&j| j != i).collect())
+            .collect();
+    }
+    let zone = |i: usize| i % zones.max(1);
+    let cap = peers + peers / 2;
+    let mut adj: Vec<Vec<usize>> = vec![Vec::new(); nodes];
+    let mut order: Vec<usize> = (0..nodes).collect();
+    for i in (1..nodes).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for &i in &order {
+        let mut tries = 0;
+        while adj[i].len() < peers / 2 && tries < 50 * peers {
+            tries += 1;
+            let j = rng.below(nodes as u64) as usize;
+            let local = rng.below(3) < 2;
+            if j == i || adj[i].contains(&j) || adj[j].len() >= cap {
+                continue;
+            }
+            if local && zones > 1 && zone(j) != zone(i) && tries < 25 * peers {
+                continue;
+            }
+            adj[i].push(j);
+            adj[j].push(i);
+        }
+    }
+    adj
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -834,6 +1089,8 @@ pub fn run(s: &Setup) -> Report {
     let stallers: Vec<usize> = order[lying..(lying + stalling).min(s.nodes)].to_vec();
     let honest_from = (lying + stalling).min(s.nodes);
     let victims: Vec<usize> = order[honest_from..(honest_from + killed).min(s.nodes)].to_vec();
+    let mut adj = neighbours(s.nodes, s.zones, s.peers, &mut rng);
+    let version_key = rng.next();
     let nodes = (0..s.nodes)
         .map(|i| Node {
             alive: true,
@@ -847,8 +1104,11 @@ pub fn run(s: &Setup) -> Report {
             done_at: None,
             wake_at: None,
             known: BTreeMap::new(),
+            neighbours: std::mem::take(&mut adj[i]),
             banned: Vec::new(),
             down_free: 0,
+            gained: Vec::new(),
+            flush_due: false,
             control_sent: 0,
             stalls: 0,
         })
@@ -877,16 +1137,20 @@ pub fn run(s: &Setup) -> Report {
         now: 0,
         base: Instant::now(),
         origin_sent: 0,
+        origin_last: 0,
         events: 0,
         limit: 0,
+        registered: Vec::new(),
+        route: Vec::new(),
+        version_key,
     };
     let floor = (total as f64 * 8.0 / s.origin_bps).max(total as f64 * 8.0 / s.node_bps);
     sim.limit = ((floor * 10.0 + 120.0) * 1e9) as Ns;
-    // Everyone knows everyone (as nodes that found each other by mDNS or a bootstrap list);
-    // liars hold "a pull" whose map claims everything.
+    // Every node knows the nodes it connects to (found by mDNS or a bootstrap list, or from
+    // the router); liars hold "a pull" whose map claims everything.
     for i in 0..s.nodes {
-        for j in 0..s.nodes {
-            if i != j {
+        for j in sim.nodes[i].neighbours.clone() {
+            {
                 let holding = Holding::Pulling;
                 sim.nodes[i].known.insert(
                     j,
@@ -903,6 +1167,14 @@ pub fn run(s: &Setup) -> Report {
         }
     }
     for i in 0..s.nodes {
+        if sim.fleet() {
+            // Hostile nodes register too: a liar among the origin readers is the worst case.
+            if sim.nodes[i].hostile() {
+                sim.nodes[i].holding = Some(Holding::Pulling);
+            }
+            sim.look_up(i);
+            continue;
+        }
         if sim.nodes[i].hostile() {
             sim.nodes[i].holding = Some(Holding::Pulling);
             sim.nodes[i].done_at = None;
@@ -952,7 +1224,14 @@ pub fn run(s: &Setup) -> Report {
         link_floor_s: floor,
         p99_over_floor: p99 / floor,
         origin_egress: sim.origin_sent as f64 / total as f64,
-        max_peers_per_node: s.nodes - 1,
+        origin_last_s: sim.origin_last as f64 / 1e9,
+        mode: if sim.fleet() { "fleet" } else { "mesh" },
+        max_peers_per_node: sim
+            .nodes
+            .iter()
+            .map(|n| n.neighbours.len())
+            .max()
+            .unwrap_or(0),
         control_bytes_per_node: control.iter().sum::<u64>() as f64 / s.nodes as f64,
         max_control_bytes_per_node: control.iter().copied().max().unwrap_or(0),
         stalls: sim.nodes.iter().map(|n| n.stalls).sum(),

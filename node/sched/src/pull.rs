@@ -12,7 +12,7 @@
 //! driver can count it against the peer; a puller with faults, or whose have-map stopped
 //! growing, owns no runs (the others take them over).
 
-use crate::{owner_of, HaveMap, PeerKey};
+use crate::{mix, owner_of, HaveMap, PeerKey};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,20 @@ pub struct Config {
     pub quiet: Duration,
     /// Slack on every peer request's deadline, on top of its queue at the peer's rate.
     pub deadline_slack: Duration,
+    /// How many of the version's pullers read from the origin: the ones ranked first by
+    /// rendezvous on the version's key; the runs are shared among them. A bounded set keeps
+    /// the origin serving a few long sequential streams whatever the size of the fleet, so
+    /// each run is out of the origin in milliseconds and spreads through the swarm behind it
+    /// (1,000 readers of one run each would all finish at the end of the origin's time).
+    pub origin_readers: usize,
+    /// Peers push what they gain as have-deltas ([`Pull::on_have`]): their whole map is asked
+    /// for once, when they appear, not polled every [`Self::have_poll`].
+    pub have_deltas: bool,
+    /// A wanted chunk that no source in view holds is read from the origin by this node, its
+    /// owner or not, once nothing has landed for this long (or for four times the longest
+    /// wait between landings seen so far, if longer): the owner may be a lying or stalled
+    /// node this one cannot see, and a pull must end.
+    pub stuck: Duration,
 }
 
 impl Default for Config {
@@ -75,6 +89,9 @@ impl Default for Config {
             settle: Duration::from_secs(1),
             quiet: Duration::from_secs(1),
             deadline_slack: Duration::from_secs(2),
+            origin_readers: 8,
+            have_deltas: false,
+            stuck: Duration::from_secs(5),
         }
     }
 }
@@ -88,6 +105,9 @@ pub struct Chunks {
     pub keys: Vec<u64>,
     /// Every chunk index, in the order the origin stores them (origin reads follow it).
     pub porder: Vec<usize>,
+    /// The version's rendezvous key (the first 8 bytes of its root): which pullers read from
+    /// the origin.
+    pub key: u64,
 }
 
 /// What a source says it holds of the version.
@@ -211,8 +231,12 @@ pub struct Pull<P> {
     porder: Vec<usize>,
     run_of: Vec<usize>,
     state: Vec<State<P>>,
-    /// Chunks wanted or asked of a peer (the only ones a scan looks at), a bit each.
+    /// Chunks wanted or asked of a peer (the only ones a scan looks at), a bit each; and
+    /// those wanted (the only ones a scan between late deadlines looks at).
     live: Vec<u64>,
+    want: Vec<u64>,
+    /// Chunks wanted in each run (by run number): origin reads look only at runs with some.
+    run_want: Vec<u32>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
     owners: Option<RunOwners<P>>,
     remaining: usize,
@@ -237,6 +261,18 @@ pub struct Pull<P> {
     /// The earliest late-request deadline seen by the last scan.
     next_late: Option<Instant>,
     fetched: Fetched,
+    /// The version's rendezvous key.
+    key: u64,
+    /// The version's pullers as the driver's content routing knows them (None: the sources
+    /// that announced a pull are all there are).
+    members: Option<Vec<(u64, P)>>,
+    /// When a chunk last landed, and the longest wait between landings (below the stuck
+    /// threshold) seen so far.
+    last_done: Instant,
+    max_gap: Duration,
+    /// Runs (by first position in pack order) this node took over from an owner that let
+    /// them wait too long.
+    taken: HashSet<usize>,
 }
 
 impl<P: PeerKey> Pull<P> {
@@ -250,7 +286,12 @@ impl<P: PeerKey> Pull<P> {
         missing: &[usize],
         now: Instant,
     ) -> Pull<P> {
-        let Chunks { lens, keys, porder } = version;
+        let Chunks {
+            lens,
+            keys,
+            porder,
+            key,
+        } = version;
         let n = lens.len();
         assert_eq!(keys.len(), n, "a key per chunk");
         assert_eq!(porder.len(), n, "pack order covers every chunk");
@@ -262,10 +303,14 @@ impl<P: PeerKey> Pull<P> {
         }
         let mut run_of = vec![0; n];
         let mut run_key = vec![0; n];
+        let mut run_want = vec![0u32; n.div_ceil(cfg.run)];
         for (pos, &i) in porder.iter().enumerate() {
             let first = pos - pos % cfg.run;
             run_of[i] = first;
             run_key[i] = keys[porder[first]];
+            if state[i] == State::Want {
+                run_want[pos / cfg.run] += 1;
+            }
         }
         Pull {
             me,
@@ -275,7 +320,9 @@ impl<P: PeerKey> Pull<P> {
             porder,
             run_of,
             state,
+            want: live.clone(),
             live,
+            run_want,
             owners: None,
             remaining: missing.len(),
             avoid: HashMap::new(),
@@ -293,6 +340,11 @@ impl<P: PeerKey> Pull<P> {
             connected: 0,
             next_late: None,
             fetched: Fetched::default(),
+            key,
+            members: None,
+            last_done: now,
+            max_gap: Duration::ZERO,
+            taken: HashSet::new(),
             cfg,
         }
     }
@@ -343,6 +395,40 @@ impl<P: PeerKey> Pull<P> {
         }
     }
 
+    /// Chunks `peer` gained since its last have-map or delta ([`Config::have_deltas`]).
+    /// Ignored for peers not added with [`Self::set_source`]; before its whole map, starts one.
+    pub fn on_have(&mut self, peer: P, chunks: &[usize]) {
+        let n = self.lens.len();
+        if let Some(e) = self.sources.get_mut(&peer) {
+            let h = e.have.get_or_insert_with(|| HaveMap::new(n));
+            for &i in chunks.iter().filter(|&&i| i < n) {
+                h.set(i);
+            }
+        }
+    }
+
+    /// The version's pullers (seed, key) as the driver's content routing knows them, this
+    /// node among them or not: the origin readers are chosen from these rather than from the
+    /// sources alone, so nodes that see different neighbours agree on them. None: the
+    /// sources that announced a pull are all the pullers there are (a full mesh).
+    pub fn set_pullers(&mut self, pullers: Option<Vec<(u64, P)>>) {
+        self.members = pullers;
+    }
+
+    /// How long landings may pause before this node reads a wanted chunk nobody in view has.
+    fn stuck_after(&self) -> Duration {
+        self.cfg.stuck.max(self.max_gap * 4)
+    }
+
+    /// A chunk landed at `now`.
+    fn landed(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last_done);
+        if gap < self.stuck_after() {
+            self.max_gap = self.max_gap.max(gap);
+        }
+        self.last_done = self.last_done.max(now);
+    }
+
     /// A peer left (disconnected, banned, or withdrew the version). Its requests in flight
     /// come back through [`Self::on_peer`] as the driver learns of them.
     pub fn remove_source(&mut self, peer: &P) {
@@ -389,7 +475,7 @@ impl<P: PeerKey> Pull<P> {
         if polled {
             self.last_poll = Some(now);
             for (p, e) in &self.sources {
-                if e.info.holding == Holding::Pulling {
+                if e.info.holding == Holding::Pulling && (!cfg.have_deltas || e.have.is_none()) {
                     out.push(Action::QueryHave(*p));
                 }
             }
@@ -398,10 +484,13 @@ impl<P: PeerKey> Pull<P> {
         // Who has what, as last heard; who is pulling (for origin offload).
         let mut views: Vec<(P, &Entry)> = Vec::new();
         let mut pullers = vec![(self.my_seed, self.me)];
+        // Pullers seen to fail: they read nothing for the others (their runs are taken over).
+        let mut failing: Vec<P> = Vec::new();
         let (mut announced, mut unmapped) = (0, 0);
         for (p, e) in &self.sources {
             announced += 1;
             if self.silent.contains(p) {
+                failing.push(*p);
                 continue;
             }
             match e.info.holding {
@@ -411,11 +500,13 @@ impl<P: PeerKey> Pull<P> {
                         unmapped += 1;
                     }
                     // A puller with faults (repeated "not here" for what it advertised, bad
-                    // bytes) reads nothing for the others: its runs are taken over.
+                    // bytes) or whose map stopped growing reads nothing for the others.
                     if now.saturating_duration_since(e.info.grew) < cfg.puller_idle
                         && e.info.faults == 0
                     {
                         pullers.push((e.info.seed, *p));
+                    } else {
+                        failing.push(*p);
                     }
                     if e.have.as_ref().is_some_and(|h| h.len as usize == n) {
                         views.push((*p, e));
@@ -423,6 +514,21 @@ impl<P: PeerKey> Pull<P> {
                 }
                 Holding::Mounted => {}
             }
+        }
+        if let Some(members) = &self.members {
+            pullers = members
+                .iter()
+                .filter(|(_, p)| *p != self.me && !failing.contains(p))
+                .copied()
+                .chain([(self.my_seed, self.me)])
+                .collect();
+        }
+        let alone = pullers.len() == 1;
+        // The origin readers: the first few by rendezvous on the version.
+        if pullers.len() > cfg.origin_readers.max(1) {
+            let key = self.key;
+            pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
+            pullers.truncate(cfg.origin_readers.max(1));
         }
         pullers.sort_by_key(|p| p.1);
         let settle = now.saturating_duration_since(self.started) < cfg.settle
@@ -500,24 +606,24 @@ impl<P: PeerKey> Pull<P> {
         if !late_scan {
             next_late = self.next_late;
         }
-        let live: Vec<usize> = self
-            .live
-            .iter()
-            .zip(&union)
-            .map(|(&l, &u)| if late_scan { l } else { l & u })
-            .enumerate()
-            .flat_map(|(w, bits)| {
-                let mut bits = bits;
-                std::iter::from_fn(move || {
-                    (bits != 0).then(|| {
-                        let b = bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        w * 64 + b
-                    })
+        let words: Vec<u64> = if late_scan {
+            self.live.clone()
+        } else {
+            self.want.iter().zip(&union).map(|(&w, &u)| w & u).collect()
+        };
+        let chunks = words.into_iter().enumerate().flat_map(|(w, mut bits)| {
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    w * 64 + b
                 })
             })
-            .collect();
-        for i in live {
+        });
+        for i in chunks {
+            if open == 0 && !late_scan {
+                break;
+            }
             match self.state[i] {
                 State::Done | State::Origin => continue,
                 State::Peer(p, deadline) => {
@@ -534,6 +640,8 @@ impl<P: PeerKey> Pull<P> {
                     self.silent.insert(p);
                     self.avoid.entry(i).or_default().push(p);
                     self.state[i] = State::Want;
+                    self.want[i / 64] |= 1 << (i % 64);
+                    self.run_want[self.run_of[i] / cfg.run] += 1;
                 }
                 State::Want => {}
             }
@@ -572,6 +680,8 @@ impl<P: PeerKey> Pull<P> {
                 let deadline =
                     now + cfg.deadline_slack + Duration::from_secs_f64(q as f64 / rate.max(20e6));
                 self.state[i] = State::Peer(p, deadline);
+                self.want[i / 64] &= !(1 << (i % 64));
+                self.run_want[self.run_of[i] / cfg.run] -= 1;
                 next_late = Some(next_late.map_or(deadline, |t| t.min(deadline)));
                 if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
                     let (ids, bytes) = std::mem::take(b);
@@ -584,29 +694,62 @@ impl<P: PeerKey> Pull<P> {
         // Chunks no peer has: from the origin, if this node is their run's reader.
         let mut origin_batch: Vec<usize> = Vec::new();
         let mut origin_bytes = 0u64;
+        // Nothing landed for too long while chunks nobody in view has are wanted: their
+        // owner is not delivering (or not to anyone this node can see). Take its runs.
+        // (Before anything has landed, a slow origin's first reads may simply take long.)
+        let begun = self.fetched.from_peers + self.fetched.from_origin > 0
+            || now.saturating_duration_since(self.started) >= cfg.stuck * 4;
+        if !settle && begun && now.saturating_duration_since(self.last_done) >= self.stuck_after() {
+            let before = self.taken.len();
+            for (k, run) in self.porder.chunks(cfg.run).enumerate() {
+                let waiting = run
+                    .iter()
+                    .any(|&i| self.state[i] == State::Want && !in_union(i));
+                if waiting && run_owner[k] != self.me {
+                    self.taken.insert(k * cfg.run);
+                }
+            }
+            if self.taken.len() > before {
+                // Counted from now: the next takeover only after another quiet spell.
+                self.last_done = now;
+            }
+        }
         if !settle && origin_free {
-            let alone = pullers.len() == 1;
             // With a peer holding the whole version, only chunks every such peer was found
-            // late on can need the origin: look at those, not at every chunk.
-            let late: Vec<usize>;
-            let candidates: &[usize] = if views
+            // late on can need the origin: look at those, not at every chunk. Otherwise, the
+            // runs this node reads that still want a chunk, in pack order.
+            let complete = views
                 .iter()
-                .any(|(_, e)| e.info.holding == Holding::Complete)
-            {
+                .any(|(_, e)| e.info.holding == Holding::Complete);
+            let (late, runs): (Vec<usize>, Vec<usize>) = if complete {
                 let mut c: Vec<usize> = self.avoid.keys().copied().collect();
                 c.sort_by_key(|&i| (self.run_of[i], i));
-                late = c;
-                &late
+                (c, Vec::new())
             } else {
-                &self.porder
+                let runs = (0..self.run_want.len())
+                    .filter(|&k| {
+                        self.run_want[k] > 0
+                            && (alone
+                                || run_owner[k] == self.me
+                                || self.taken.contains(&(k * cfg.run)))
+                    })
+                    .collect();
+                (Vec::new(), runs)
             };
-            for &i in candidates {
+            let porder = &self.porder;
+            let candidates = late.into_iter().chain(
+                runs.into_iter()
+                    .flat_map(|k| k * cfg.run..((k + 1) * cfg.run).min(n))
+                    .map(|pos| porder[pos]),
+            );
+            for i in candidates {
                 if origin_bytes >= cfg.origin_batch {
                     break;
                 }
-                if self.state[i] != State::Want
-                    || !(alone || run_owner[self.run_of[i] / cfg.run] == self.me)
-                {
+                let mine = alone
+                    || run_owner[self.run_of[i] / cfg.run] == self.me
+                    || self.taken.contains(&self.run_of[i]);
+                if self.state[i] != State::Want || !mine {
                     continue;
                 }
                 if in_union(i) {
@@ -621,6 +764,8 @@ impl<P: PeerKey> Pull<P> {
                 {
                     self.state[i] = State::Origin;
                     self.live[i / 64] &= !(1 << (i % 64));
+                    self.want[i / 64] &= !(1 << (i % 64));
+                    self.run_want[self.run_of[i] / cfg.run] -= 1;
                     origin_batch.push(i);
                     origin_bytes += self.lens[i] as u64;
                 }
@@ -660,11 +805,27 @@ impl<P: PeerKey> Pull<P> {
 
     /// Moves chunk `i` to `state`, keeping the scan's bitset in step.
     fn set(&mut self, i: usize, state: State<P>) {
+        let run = self.run_of[i] / self.cfg.run;
+        match (self.state[i] == State::Want, state == State::Want) {
+            (true, false) => self.run_want[run] -= 1,
+            (false, true) => self.run_want[run] += 1,
+            _ => {}
+        }
         self.state[i] = state;
         let bit = 1 << (i % 64);
         match state {
-            State::Want | State::Peer(..) => self.live[i / 64] |= bit,
-            State::Done | State::Origin => self.live[i / 64] &= !bit,
+            State::Want => {
+                self.live[i / 64] |= bit;
+                self.want[i / 64] |= bit;
+            }
+            State::Peer(..) => {
+                self.live[i / 64] |= bit;
+                self.want[i / 64] &= !bit;
+            }
+            State::Done | State::Origin => {
+                self.live[i / 64] &= !bit;
+                self.want[i / 64] &= !bit;
+            }
         }
     }
 
@@ -688,6 +849,7 @@ impl<P: PeerKey> Pull<P> {
                     self.set(i, State::Done);
                     self.remaining -= 1;
                     self.fetched.from_peers += n as u64;
+                    self.landed(now);
                     return Delivery::Done(n);
                 }
                 return Delivery::Nothing;
@@ -719,12 +881,13 @@ impl<P: PeerKey> Pull<P> {
         delivery
     }
 
-    /// An origin read of `chunks` (`bytes` in all) finished; `held(i)` says whether chunk `i`
+    /// An origin read of `chunks` (`bytes` in all) finished at `now`; `held(i)` says whether chunk `i`
     /// is stored now (all of them when the read succeeded; on failure, part of a batch may
     /// have landed). Returns the chunks newly done, or [`GiveUp`] once a chunk has failed
     /// [`Config::origin_tries`] times.
     pub fn on_origin(
         &mut self,
+        now: Instant,
         chunks: &[usize],
         bytes: u64,
         ok: bool,
@@ -745,6 +908,7 @@ impl<P: PeerKey> Pull<P> {
                     self.remaining -= 1;
                     done.push(i);
                 }
+                self.landed(now);
                 continue;
             }
             let n = self.origin_tries.entry(i).or_default();

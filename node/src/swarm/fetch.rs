@@ -134,6 +134,7 @@ pub async fn fetch(
             lens: order.iter().map(|c| c.1).collect(),
             keys,
             porder,
+            key: key_of(&root),
         },
         &missing,
         started,
@@ -233,7 +234,7 @@ pub async fn fetch(
                     }
                 };
                 let pos: HashMap<usize, bool> = batch.iter().copied().zip(held).collect();
-                match sched.on_origin(&batch, bytes, r.is_ok(), |i| pos.get(&i).copied().unwrap_or(false)) {
+                match sched.on_origin(Instant::now(), &batch, bytes, r.is_ok(), |i| pos.get(&i).copied().unwrap_or(false)) {
                     Ok(newly) => newly.into_iter().for_each(done),
                     Err(_) => return Err(r.expect_err("only a failed read gives up")),
                 }

@@ -21,6 +21,7 @@ fn pull(me: u32, n: usize, now: Instant) -> Pull<u32> {
             lens: vec![LEN; n],
             keys,
             porder: (0..n).collect(),
+            key: 7,
         },
         &missing,
         now,
@@ -49,7 +50,7 @@ fn drain_origin(p: &mut Pull<u32>, now: Instant, mut pending: Vec<Vec<usize>>) -
     let mut read = Vec::new();
     while !pending.is_empty() {
         for c in pending {
-            p.on_origin(&c, 0, true, |_| true).unwrap();
+            p.on_origin(now, &c, 0, true, |_| true).unwrap();
             read.extend(c);
         }
         pending = origin_reads(&p.poll(now));
@@ -110,7 +111,7 @@ fn alone_every_chunk_comes_from_the_origin_once_in_pack_order() {
         if !pending.is_empty() {
             let c = pending.remove(0);
             let done = p
-                .on_origin(&c, c.len() as u64 * LEN as u64, true, |_| true)
+                .on_origin(now, &c, c.len() as u64 * LEN as u64, true, |_| true)
                 .unwrap();
             assert_eq!(done, c);
             read.extend(c);
@@ -337,14 +338,14 @@ fn origin_failures_are_retried_then_give_up() {
     let c = origin_reads(&p.poll(t0)).remove(0);
     assert_eq!(c, vec![0, 1, 2, 3]);
     // Chunks 0 and 1 landed before the failure.
-    let done = p.on_origin(&c, 0, false, |i| i < 2).unwrap();
+    let done = p.on_origin(t0, &c, 0, false, |i| i < 2).unwrap();
     assert_eq!(done, vec![0, 1]);
     let again = origin_reads(&p.poll(t(t0, 1))).remove(0);
     assert_eq!(again, vec![2, 3]);
-    p.on_origin(&again, 0, false, |_| false).unwrap();
+    p.on_origin(t(t0, 1), &again, 0, false, |_| false).unwrap();
     let again = origin_reads(&p.poll(t(t0, 2))).remove(0);
     assert_eq!(
-        p.on_origin(&again, 0, false, |_| false),
+        p.on_origin(t(t0, 2), &again, 0, false, |_| false),
         Err(GiveUp { chunk: 2 })
     );
 }
