@@ -68,8 +68,9 @@ pub struct Config {
     pub have_deltas: bool,
     /// A wanted chunk that no source in view holds is read from the origin by this node, its
     /// owner or not, once nothing has landed for this long (or for four times the longest
-    /// wait between landings seen so far, if longer): the owner may be a lying or stalled
-    /// node this one cannot see, and a pull must end.
+    /// wait between landings, or the longest origin read, seen so far, if longer): the owner
+    /// may be a lying or stalled node this one cannot see, and a pull must end. (See
+    /// [`Pull::poll`]: the next reader in line takes such runs first.)
     pub stuck: Duration,
 }
 
@@ -247,6 +248,8 @@ pub struct Pull<P> {
     origin_jobs: usize,
     started: Instant,
     last_poll: Option<Instant>,
+    /// When [`Self::poll`] was last called (have-maps asked for or not).
+    last_call: Option<Instant>,
     /// How many pullers have runs left to read from the origin, as counted at the last poll.
     readers: usize,
     poll_every: Duration,
@@ -266,10 +269,16 @@ pub struct Pull<P> {
     /// The version's pullers as the driver's content routing knows them (None: the sources
     /// that announced a pull are all there are).
     members: Option<Vec<(u64, P)>>,
+    /// Members this node was connected to and is not now (left, or banned by the driver):
+    /// they read nothing for it.
+    departed: HashSet<P>,
     /// When a chunk last landed, and the longest wait between landings (below the stuck
     /// threshold) seen so far.
     last_done: Instant,
     max_gap: Duration,
+    /// When the oldest origin read in flight was issued (its time, when it lands, is a
+    /// measure of how slow the origin is: learnt into `max_gap`).
+    origin_since: Option<Instant>,
     /// Runs (by first position in pack order) this node took over from an owner that let
     /// them wait too long.
     taken: HashSet<usize>,
@@ -332,6 +341,7 @@ impl<P: PeerKey> Pull<P> {
             origin_jobs: 0,
             started: now,
             last_poll: None,
+            last_call: None,
             readers: usize::MAX,
             poll_every: cfg.have_poll,
             heard: HashMap::new(),
@@ -342,8 +352,10 @@ impl<P: PeerKey> Pull<P> {
             fetched: Fetched::default(),
             key,
             members: None,
+            departed: HashSet::new(),
             last_done: now,
             max_gap: Duration::ZERO,
+            origin_since: None,
             taken: HashSet::new(),
             cfg,
         }
@@ -371,6 +383,7 @@ impl<P: PeerKey> Pull<P> {
     /// Adds a peer that announced the version, or updates what is known of it (its have-map
     /// stays as it was).
     pub fn set_source(&mut self, peer: P, info: Source) {
+        self.departed.remove(&peer);
         match self.sources.get_mut(&peer) {
             Some(e) => e.info = info,
             None => {
@@ -408,10 +421,16 @@ impl<P: PeerKey> Pull<P> {
     }
 
     /// The version's pullers (seed, key) as the driver's content routing knows them, this
-    /// node among them or not: the origin readers are chosen from these rather than from the
+    /// node among them or not, and those it banned too (the scheduler leaves out the members
+    /// it saw fail or leave, after choosing the readers, so that every node agrees on them): the origin readers are chosen from these rather than from the
     /// sources alone, so nodes that see different neighbours agree on them. None: the
     /// sources that announced a pull are all the pullers there are (a full mesh).
     pub fn set_pullers(&mut self, pullers: Option<Vec<(u64, P)>>) {
+        if let Some(m) = &pullers {
+            self.departed.retain(|d| m.iter().any(|(_, p)| p == d));
+        } else {
+            self.departed.clear();
+        }
         self.members = pullers;
     }
 
@@ -434,6 +453,11 @@ impl<P: PeerKey> Pull<P> {
     pub fn remove_source(&mut self, peer: &P) {
         self.sources.remove(peer);
         self.silent.remove(peer);
+        if let Some(m) = &self.members {
+            if m.iter().any(|(_, p)| p == peer) {
+                self.departed.insert(*peer);
+            }
+        }
     }
 
     /// The sources now known, for drivers that sync a table into the scheduler.
@@ -454,8 +478,10 @@ impl<P: PeerKey> Pull<P> {
             t = t.min(late);
         }
         // The end of the settling period, when origin reads may start.
+        // (Once: a poll at or after it has seen it; without this, a poll in between would
+        // be asked for again and again at that instant.)
         let settle_end = self.started + self.cfg.settle;
-        if self.connected > 0 && last < settle_end {
+        if self.connected > 0 && self.last_call.is_none_or(|c| c < settle_end) {
             t = t.min(settle_end);
         }
         Some(t)
@@ -467,6 +493,7 @@ impl<P: PeerKey> Pull<P> {
         if self.remaining == 0 {
             return out;
         }
+        self.last_call = Some(now);
         let cfg = &self.cfg;
         let n = self.lens.len();
         let polled = self
@@ -491,6 +518,9 @@ impl<P: PeerKey> Pull<P> {
             announced += 1;
             if self.silent.contains(p) {
                 failing.push(*p);
+                if e.info.holding == Holding::Pulling {
+                    pullers.push((e.info.seed, *p));
+                }
                 continue;
             }
             match e.info.holding {
@@ -501,11 +531,10 @@ impl<P: PeerKey> Pull<P> {
                     }
                     // A puller with faults (repeated "not here" for what it advertised, bad
                     // bytes) or whose map stopped growing reads nothing for the others.
-                    if now.saturating_duration_since(e.info.grew) < cfg.puller_idle
-                        && e.info.faults == 0
+                    pullers.push((e.info.seed, *p));
+                    if now.saturating_duration_since(e.info.grew) >= cfg.puller_idle
+                        || e.info.faults > 0
                     {
-                        pullers.push((e.info.seed, *p));
-                    } else {
                         failing.push(*p);
                     }
                     if e.have.as_ref().is_some_and(|h| h.len as usize == n) {
@@ -518,18 +547,25 @@ impl<P: PeerKey> Pull<P> {
         if let Some(members) = &self.members {
             pullers = members
                 .iter()
-                .filter(|(_, p)| *p != self.me && !failing.contains(p))
+                .filter(|(_, p)| *p != self.me)
                 .copied()
                 .chain([(self.my_seed, self.me)])
                 .collect();
         }
-        let alone = pullers.len() == 1;
-        // The origin readers: the first few by rendezvous on the version.
+        // The origin readers: the first few by rendezvous on the version, less those seen to
+        // fail (chosen before, not after, leaving those out: then only a failing reader's
+        // runs move, and nodes that saw it fail and nodes that did not still agree on the
+        // owner of every other run).
         if pullers.len() > cfg.origin_readers.max(1) {
             let key = self.key;
             pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
             pullers.truncate(cfg.origin_readers.max(1));
         }
+        pullers.retain(|(_, p)| !failing.contains(p) && !self.departed.contains(p));
+        if pullers.is_empty() {
+            pullers.push((self.my_seed, self.me));
+        }
+        let alone = pullers.len() == 1 && pullers[0].1 == self.me;
         pullers.sort_by_key(|p| p.1);
         let settle = now.saturating_duration_since(self.started) < cfg.settle
             && self.connected > 0
@@ -695,22 +731,45 @@ impl<P: PeerKey> Pull<P> {
         let mut origin_batch: Vec<usize> = Vec::new();
         let mut origin_bytes = 0u64;
         // Nothing landed for too long while chunks nobody in view has are wanted: their
-        // owner is not delivering (or not to anyone this node can see). Take its runs.
+        // owner is not delivering (or not to anyone this node can see). Its runs go to the
+        // next owner among the readers without it (the same node for everyone) after one such
+        // spell, to the one after that after two (the next owner failing too), and to
+        // everyone who waits for them after three.
         // (Before anything has landed, a slow origin's first reads may simply take long.)
-        let begun = self.fetched.from_peers + self.fetched.from_origin > 0
+        let begun = self.max_gap > Duration::ZERO
+            || self.last_done > self.started
             || now.saturating_duration_since(self.started) >= cfg.stuck * 4;
-        if !settle && begun && now.saturating_duration_since(self.last_done) >= self.stuck_after() {
-            let before = self.taken.len();
+        let quiet = now.saturating_duration_since(self.last_done);
+        if !settle && begun && quiet >= self.stuck_after() {
+            let spells = (quiet.as_secs_f64() / self.stuck_after().as_secs_f64()) as usize;
+            let mut took = false;
             for (k, run) in self.porder.chunks(cfg.run).enumerate() {
+                let owner = run_owner[k];
+                if owner == self.me || self.taken.contains(&(k * cfg.run)) {
+                    continue;
+                }
                 let waiting = run
                     .iter()
                     .any(|&i| self.state[i] == State::Want && !in_union(i));
-                if waiting && run_owner[k] != self.me {
+                if !waiting {
+                    continue;
+                }
+                // This node's place in the line of readers after the owner.
+                let mut rest: Vec<(u64, P)> =
+                    pullers.iter().copied().filter(|p| p.1 != owner).collect();
+                let key = self.run_key[run[0]];
+                rest.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
+                let place = rest
+                    .iter()
+                    .position(|p| p.1 == self.me)
+                    .unwrap_or(rest.len());
+                if spells > place.min(2) {
                     self.taken.insert(k * cfg.run);
+                    took = true;
                 }
             }
-            if self.taken.len() > before {
-                // Counted from now: the next takeover only after another quiet spell.
+            if took {
+                // Counted from now: more taken over only after another quiet spell.
                 self.last_done = now;
             }
         }
@@ -794,6 +853,9 @@ impl<P: PeerKey> Pull<P> {
             });
         }
         if !origin_batch.is_empty() {
+            if self.origin_jobs == 0 {
+                self.origin_since = Some(now);
+            }
             self.origin_jobs += 1;
             out.push(Action::ReadOrigin {
                 chunks: origin_batch,
@@ -894,6 +956,10 @@ impl<P: PeerKey> Pull<P> {
         held: impl Fn(usize) -> bool,
     ) -> Result<Vec<usize>, GiveUp> {
         self.origin_jobs = self.origin_jobs.saturating_sub(1);
+        if let Some(since) = self.origin_since {
+            self.max_gap = self.max_gap.max(now.saturating_duration_since(since));
+            self.origin_since = (self.origin_jobs > 0).then_some(now);
+        }
         let mut done = Vec::new();
         if ok {
             self.fetched.from_origin += bytes;

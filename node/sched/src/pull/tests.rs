@@ -302,8 +302,8 @@ fn a_lying_puller_is_reported_and_its_runs_taken_over() {
     assert_eq!(q.on_peer(t0, 2, 0, Outcome::Missing), Delivery::Nothing);
 }
 
-/// A co-puller whose have-map stopped growing is waited for `puller_idle`, then its runs are
-/// read here.
+/// A co-puller that delivers nothing is waited for one quiet spell (`stuck`: nothing has
+/// landed here for that long), then its runs are read here.
 #[test]
 fn an_idle_puller_loses_its_runs() {
     let t0 = Instant::now();
@@ -318,8 +318,8 @@ fn an_idle_puller_loses_its_runs() {
     };
     let early = drain(&mut p, t(t0, 1000));
     assert!(!early.is_empty() && early.len() < n);
-    assert!(drain(&mut p, t(t0, 19_000)).is_empty(), "still waited for");
-    let late = drain(&mut p, t(t0, 20_500));
+    assert!(drain(&mut p, t(t0, 5_900)).is_empty(), "still waited for");
+    let late = drain(&mut p, t(t0, 6_100));
     assert_eq!(
         early.len() + late.len(),
         n,
@@ -428,4 +428,68 @@ fn a_silent_peer_is_counted_on_for_nothing_until_it_answers() {
     // (Re-asked of nobody: the only source is silent; the origin gets them.)
     q.on_peer(t(t0, 2600), 2, c[0], Outcome::Stored(LEN));
     assert_eq!(q.remaining(), 3);
+}
+
+/// Of many pullers only the first [`Config::origin_readers`] by rendezvous on the version
+/// read from the origin, whoever this node is connected to; the others wait for the swarm.
+#[test]
+fn only_the_chosen_readers_read_from_the_origin() {
+    let t0 = Instant::now();
+    let n = 32 * 40;
+    let members: Vec<(u64, u32)> = (1..=20u32).map(|p| (seed(p), p)).collect();
+    let readers = Config::default().origin_readers;
+    let mut ranked = members.clone();
+    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
+    let chosen: Vec<u32> = ranked[..readers].iter().map(|m| m.1).collect();
+    for me in 1..=20u32 {
+        let mut p = pull(me, n, t0);
+        p.set_pullers(Some(members.clone()));
+        let read = origin_reads(&p.poll(t0)).concat();
+        assert_eq!(
+            !read.is_empty(),
+            chosen.contains(&me),
+            "node {me}: chosen readers {chosen:?}"
+        );
+    }
+}
+
+/// Once nothing has landed for the stuck threshold, the runs of an owner nobody hears from
+/// go to the next reader in line, not to every node that waits.
+#[test]
+fn a_silent_owners_runs_go_to_the_next_in_line() {
+    let t0 = Instant::now();
+    let n = 32 * 8;
+    let members: Vec<(u64, u32)> = (1..=3u32).map(|p| (seed(p), p)).collect();
+    let owner = |without: u32, run: usize| {
+        let rest: Vec<(u64, u32)> = members.iter().copied().filter(|m| m.1 != without).collect();
+        owner_of(&rest, mix(run as u64 * 32))
+    };
+    // Each node pulls alone, so for it the other two deliver nothing: after one quiet spell
+    // it reads the runs of each other owner for which it is next in line, and no others.
+    for me in [1u32, 2, 3] {
+        let mut p = pull(me, n, t0);
+        p.set_pullers(Some(members.clone()));
+        // Its own runs first; they land.
+        let first = origin_reads(&p.poll(t0));
+        let mine = drain_origin(&mut p, t(t0, 10), first);
+        assert!(mine.iter().all(|&i| owner(0, i / 32) == me));
+        let spell = Config::default().stuck;
+        let quiet = t0 + spell - Duration::from_millis(20);
+        assert!(origin_reads(&p.poll(quiet)).is_empty(), "waits one spell");
+        let at = t0 + spell + Duration::from_millis(20);
+        let first = origin_reads(&p.poll(at));
+        let taken = drain_origin(&mut p, at, first);
+        let expect: std::collections::BTreeSet<usize> = (0..8)
+            .filter(|&r| owner(0, r) != me && owner(owner(0, r), r) == me)
+            .collect();
+        assert!(!expect.is_empty() || me == 3);
+        assert_eq!(
+            taken
+                .iter()
+                .map(|i| i / 32)
+                .collect::<std::collections::BTreeSet<_>>(),
+            expect,
+            "node {me} takes exactly the runs it is next in line for"
+        );
+    }
 }
