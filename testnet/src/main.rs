@@ -139,7 +139,7 @@ enum Cmd {
         stallers: f64,
         /// Connections each node aims for; 0 for a full mesh with polled have-maps (the node
         /// as it is today).
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 8)]
         peers: usize,
         /// Milliseconds a node gathers what it gains before pushing a have-delta.
         #[arg(long, default_value_t = 5.0)]

@@ -94,7 +94,7 @@ impl Default for Setup {
             restart: Duration::from_secs(3),
             liars: 0.0,
             stallers: 0.0,
-            peers: 32,
+            peers: 8,
             delta_every: Duration::from_millis(5),
             router_delay: Duration::from_millis(10),
             detect: Duration::from_secs(2),
@@ -1304,7 +1304,7 @@ mod tests {
     /// neither costs a pull: in the mesh (the node today) and in the fleet design.
     #[test]
     fn churn_liars_and_stallers_cost_seconds_not_the_pull() {
-        for peers in [0, 32] {
+        for peers in [0, 8] {
             let r = run(&Setup {
                 churn: 0.25,
                 liars: 0.25,
