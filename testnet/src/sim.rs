@@ -184,9 +184,9 @@ enum Ev {
     },
     /// The router registers a puller, or drops a dead one.
     Register(usize, u32),
+    Unregister(usize),
     /// A node pushes the chunks it gained since its last delta.
     Flush(usize, u32),
-    Unregister(usize),
     /// The router's answer (the version's origin-reader candidates) reaches a node.
     Route {
         to: usize,
@@ -373,28 +373,31 @@ impl Sim {
         self.s.peers > 0
     }
 
+    /// `from` sends a control message of `bytes` to each live node of `to`: `ev` makes it,
+    /// given the receiver's incarnation.
+    fn tell(&mut self, from: usize, to: &[usize], bytes: u64, ev: impl Fn(usize, u32) -> Ev) {
+        for &to in to {
+            if !self.nodes[to].alive {
+                continue;
+            }
+            self.nodes[from].control_sent += bytes;
+            let t = self.now + self.delay(from, to);
+            let inc = self.nodes[to].inc;
+            self.push(t, ev(to, inc));
+        }
+    }
+
     /// `node` tells every live peer it connects to what it holds now.
     fn announce(&mut self, node: usize) {
         let holding = self.nodes[node].holding;
         let bytes = self.hello_bytes(node);
-        for k in 0..self.nodes[node].neighbours.len() {
-            let to = self.nodes[node].neighbours[k];
-            if !self.nodes[to].alive {
-                continue;
-            }
-            self.nodes[node].control_sent += bytes;
-            let t = self.now + self.delay(node, to);
-            let to_inc = self.nodes[to].inc;
-            self.push(
-                t,
-                Ev::Hello {
-                    to,
-                    inc: to_inc,
-                    from: node,
-                    holding,
-                },
-            );
-        }
+        let to = self.nodes[node].neighbours.clone();
+        self.tell(node, &to, bytes, |to, inc| Ev::Hello {
+            to,
+            inc,
+            from: node,
+            holding,
+        });
     }
 
     fn start_pull(&mut self, node: usize) {
@@ -420,7 +423,7 @@ impl Sim {
         let connected = self.nodes[node].known.len();
         p.set_connected(connected);
         if self.fleet() {
-            p.set_pullers(Some(self.pullers_for(node)));
+            p.set_pullers(Some(self.route.clone()));
         }
         self.nodes[node].pull = Some(p);
         self.nodes[node].holding = Some(Holding::Pulling);
@@ -844,23 +847,12 @@ impl Sim {
             .filter(|(_, k)| k.holding == Holding::Pulling)
             .map(|(p, _)| *p)
             .collect();
-        for to in to {
-            if !self.nodes[to].alive {
-                continue;
-            }
-            self.nodes[node].control_sent += bytes;
-            let t = self.now + self.delay(node, to);
-            let inc = self.nodes[to].inc;
-            self.push(
-                t,
-                Ev::Delta {
-                    to,
-                    inc,
-                    from: node,
-                    chunks: chunks.clone(),
-                },
-            );
-        }
+        self.tell(node, &to, bytes, |to, inc| Ev::Delta {
+            to,
+            inc,
+            from: node,
+            chunks: chunks.clone(),
+        });
     }
 
     fn on_delta(&mut self, to: usize, inc: u32, from: usize, chunks: Vec<usize>) {
@@ -912,20 +904,14 @@ impl Sim {
         }
     }
 
-    /// The router's candidates, as `node` is told them (its scheduler leaves out those it
-    /// saw fail or leave).
-    fn pullers_for(&self, _node: usize) -> Vec<(u64, usize)> {
-        self.route.clone()
-    }
-
-    /// Tells `node`'s scheduler its view of the pullers changed.
+    /// Tells `node`'s scheduler the router's candidates again (whole: it leaves out those it
+    /// saw fail or leave itself).
     fn repull(&mut self, node: usize) {
         if !self.fleet() {
             return;
         }
-        let pullers = self.pullers_for(node);
         if let Some(p) = self.nodes[node].pull.as_mut() {
-            p.set_pullers(Some(pullers));
+            p.set_pullers(Some(self.route.clone()));
         }
     }
 
@@ -939,15 +925,11 @@ impl Sim {
         if self.nodes[to].hostile() {
             return;
         }
-        let done = self.nodes[to].done_at.is_some();
-        let pullers = self.pullers_for(to);
-        match self.nodes[to].pull.as_mut() {
-            Some(p) => {
-                p.set_pullers(Some(pullers));
-                self.wake(to, self.now);
-            }
-            None if !done => self.start_pull(to),
-            None => {}
+        if self.nodes[to].pull.is_some() {
+            self.repull(to);
+            self.wake(to, self.now);
+        } else if self.nodes[to].done_at.is_none() {
+            self.start_pull(to);
         }
     }
 
@@ -1174,20 +1156,17 @@ pub fn run(s: &Setup) -> Report {
     // the router); liars hold "a pull" whose map claims everything.
     for i in 0..s.nodes {
         for j in sim.nodes[i].neighbours.clone() {
-            {
-                let holding = Holding::Pulling;
-                sim.nodes[i].known.insert(
-                    j,
-                    Known {
-                        holding,
-                        count: 0,
-                        grew: 0,
-                        rate: 0.0,
-                        misses: 0,
-                        faults: 0,
-                    },
-                );
-            }
+            sim.nodes[i].known.insert(
+                j,
+                Known {
+                    holding: Holding::Pulling,
+                    count: 0,
+                    grew: 0,
+                    rate: 0.0,
+                    misses: 0,
+                    faults: 0,
+                },
+            );
         }
     }
     for i in 0..s.nodes {

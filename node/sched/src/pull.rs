@@ -206,6 +206,46 @@ enum State<P> {
     Done,
 }
 
+/// Each chunk's state, with what the scans need kept in step with it: chunks wanted or asked
+/// of a peer (the only ones a scan looks at), a bit each; those wanted (the only ones a scan
+/// between late deadlines looks at); and how many are wanted in each run (origin reads look
+/// only at runs with some).
+#[derive(Debug)]
+struct Marks<P> {
+    state: Vec<State<P>>,
+    live: Vec<u64>,
+    want: Vec<u64>,
+    run_want: Vec<u32>,
+}
+
+impl<P: PeerKey> Marks<P> {
+    /// Moves chunk `i` (of run `run`) to `state`.
+    fn set(&mut self, i: usize, run: usize, state: State<P>) {
+        match (self.state[i] == State::Want, state == State::Want) {
+            (true, false) => self.run_want[run] -= 1,
+            (false, true) => self.run_want[run] += 1,
+            _ => {}
+        }
+        self.state[i] = state;
+        let (w, bit) = (i / 64, 1 << (i % 64));
+        let (live, want) = match state {
+            State::Want => (true, true),
+            State::Peer(..) => (true, false),
+            State::Done | State::Origin => (false, false),
+        };
+        if live {
+            self.live[w] |= bit;
+        } else {
+            self.live[w] &= !bit;
+        }
+        if want {
+            self.want[w] |= bit;
+        } else {
+            self.want[w] &= !bit;
+        }
+    }
+}
+
 /// Pullers (seed, key) and the owner of each run among them.
 type RunOwners<P> = (Vec<(u64, P)>, Vec<P>);
 
@@ -227,17 +267,11 @@ pub struct Pull<P> {
     lens: Vec<u32>,
     /// Rendezvous key of each chunk's run (its first chunk's key, in pack order).
     run_key: Vec<u64>,
-    /// Chunk indexes in pack order (origin reads follow it), and each chunk's run (position of
-    /// the run's first chunk in `porder`).
+    /// Chunk indexes in pack order (origin reads follow it), and each chunk's run (its
+    /// number: runs are `cfg.run` chunks of `porder`).
     porder: Vec<usize>,
     run_of: Vec<usize>,
-    state: Vec<State<P>>,
-    /// Chunks wanted or asked of a peer (the only ones a scan looks at), a bit each; and
-    /// those wanted (the only ones a scan between late deadlines looks at).
-    live: Vec<u64>,
-    want: Vec<u64>,
-    /// Chunks wanted in each run (by run number): origin reads look only at runs with some.
-    run_want: Vec<u32>,
+    marks: Marks<P>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
     owners: Option<RunOwners<P>>,
     remaining: usize,
@@ -279,8 +313,7 @@ pub struct Pull<P> {
     /// When the oldest origin read in flight was issued (its time, when it lands, is a
     /// measure of how slow the origin is: learnt into `max_gap`).
     origin_since: Option<Instant>,
-    /// Runs (by first position in pack order) this node took over from an owner that let
-    /// them wait too long.
+    /// Runs (by number) this node took over from an owner that let them wait too long.
     taken: HashSet<usize>,
 }
 
@@ -304,22 +337,20 @@ impl<P: PeerKey> Pull<P> {
         let n = lens.len();
         assert_eq!(keys.len(), n, "a key per chunk");
         assert_eq!(porder.len(), n, "pack order covers every chunk");
-        let mut state = vec![State::Done; n];
-        let mut live = vec![0u64; n.div_ceil(64)];
-        for &i in missing {
-            state[i] = State::Want;
-            live[i / 64] |= 1 << (i % 64);
-        }
         let mut run_of = vec![0; n];
         let mut run_key = vec![0; n];
-        let mut run_want = vec![0u32; n.div_ceil(cfg.run)];
         for (pos, &i) in porder.iter().enumerate() {
-            let first = pos - pos % cfg.run;
-            run_of[i] = first;
-            run_key[i] = keys[porder[first]];
-            if state[i] == State::Want {
-                run_want[pos / cfg.run] += 1;
-            }
+            run_of[i] = pos / cfg.run;
+            run_key[i] = keys[porder[pos - pos % cfg.run]];
+        }
+        let mut marks = Marks {
+            state: vec![State::Done; n],
+            live: vec![0u64; n.div_ceil(64)],
+            want: vec![0u64; n.div_ceil(64)],
+            run_want: vec![0u32; n.div_ceil(cfg.run)],
+        };
+        for &i in missing {
+            marks.set(i, run_of[i], State::Want);
         }
         Pull {
             me,
@@ -328,10 +359,7 @@ impl<P: PeerKey> Pull<P> {
             run_key,
             porder,
             run_of,
-            state,
-            want: live.clone(),
-            live,
-            run_want,
+            marks,
             owners: None,
             remaining: missing.len(),
             avoid: HashMap::new(),
@@ -421,10 +449,11 @@ impl<P: PeerKey> Pull<P> {
     }
 
     /// The version's pullers (seed, key) as the driver's content routing knows them, this
-    /// node among them or not, and those it banned too (the scheduler leaves out the members
-    /// it saw fail or leave, after choosing the readers, so that every node agrees on them): the origin readers are chosen from these rather than from the
-    /// sources alone, so nodes that see different neighbours agree on them. None: the
-    /// sources that announced a pull are all the pullers there are (a full mesh).
+    /// node among them or not. The origin readers are chosen from these rather than from the
+    /// sources in view, so nodes that see different neighbours agree on them; pass them
+    /// whole, the ones this node banned too (the scheduler leaves out those it saw fail or
+    /// leave only after choosing). None: the sources that announced a pull are all the
+    /// pullers there are (a full mesh).
     pub fn set_pullers(&mut self, pullers: Option<Vec<(u64, P)>>) {
         if let Some(m) = &pullers {
             self.departed.retain(|d| m.iter().any(|(_, p)| p == d));
@@ -579,9 +608,9 @@ impl<P: PeerKey> Pull<P> {
             .iter()
             .any(|(_, e)| e.info.holding == Holding::Complete)
         {
-            vec![u64::MAX; self.live.len()]
+            vec![u64::MAX; self.marks.live.len()]
         } else {
-            let mut u = vec![0u64; self.live.len()];
+            let mut u = vec![0u64; self.marks.live.len()];
             for (_, e) in &views {
                 if let Some(h) = &e.have {
                     u.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
@@ -605,8 +634,8 @@ impl<P: PeerKey> Pull<P> {
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
         if polled {
-            let owners = origin_readers(cfg.run, &self.porder, &self.state, in_union, |first| {
-                run_owner[first / cfg.run]
+            let owners = origin_readers(cfg.run, &self.porder, &self.marks.state, in_union, |k| {
+                run_owner[k]
             });
             self.readers = owners.len();
             self.poll_every = if owners.contains(&self.me) || pullers.len() == 1 {
@@ -643,9 +672,14 @@ impl<P: PeerKey> Pull<P> {
             next_late = self.next_late;
         }
         let words: Vec<u64> = if late_scan {
-            self.live.clone()
+            self.marks.live.clone()
         } else {
-            self.want.iter().zip(&union).map(|(&w, &u)| w & u).collect()
+            self.marks
+                .want
+                .iter()
+                .zip(&union)
+                .map(|(&w, &u)| w & u)
+                .collect()
         };
         let chunks = words.into_iter().enumerate().flat_map(|(w, mut bits)| {
             std::iter::from_fn(move || {
@@ -660,7 +694,7 @@ impl<P: PeerKey> Pull<P> {
             if open == 0 && !late_scan {
                 break;
             }
-            match self.state[i] {
+            match self.marks.state[i] {
                 State::Done | State::Origin => continue,
                 State::Peer(p, deadline) => {
                     let quiet_until = self.heard.get(&p).map(|t| *t + cfg.quiet);
@@ -675,9 +709,7 @@ impl<P: PeerKey> Pull<P> {
                     }
                     self.silent.insert(p);
                     self.avoid.entry(i).or_default().push(p);
-                    self.state[i] = State::Want;
-                    self.want[i / 64] |= 1 << (i % 64);
-                    self.run_want[self.run_of[i] / cfg.run] += 1;
+                    self.marks.set(i, self.run_of[i], State::Want);
                 }
                 State::Want => {}
             }
@@ -715,9 +747,7 @@ impl<P: PeerKey> Pull<P> {
                 }
                 let deadline =
                     now + cfg.deadline_slack + Duration::from_secs_f64(q as f64 / rate.max(20e6));
-                self.state[i] = State::Peer(p, deadline);
-                self.want[i / 64] &= !(1 << (i % 64));
-                self.run_want[self.run_of[i] / cfg.run] -= 1;
+                self.marks.set(i, self.run_of[i], State::Peer(p, deadline));
                 next_late = Some(next_late.map_or(deadline, |t| t.min(deadline)));
                 if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
                     let (ids, bytes) = std::mem::take(b);
@@ -745,12 +775,12 @@ impl<P: PeerKey> Pull<P> {
             let mut took = false;
             for (k, run) in self.porder.chunks(cfg.run).enumerate() {
                 let owner = run_owner[k];
-                if owner == self.me || self.taken.contains(&(k * cfg.run)) {
+                if owner == self.me || self.taken.contains(&k) || self.marks.run_want[k] == 0 {
                     continue;
                 }
                 let waiting = run
                     .iter()
-                    .any(|&i| self.state[i] == State::Want && !in_union(i));
+                    .any(|&i| self.marks.state[i] == State::Want && !in_union(i));
                 if !waiting {
                     continue;
                 }
@@ -764,7 +794,7 @@ impl<P: PeerKey> Pull<P> {
                     .position(|p| p.1 == self.me)
                     .unwrap_or(rest.len());
                 if spells > place.min(2) {
-                    self.taken.insert(k * cfg.run);
+                    self.taken.insert(k);
                     took = true;
                 }
             }
@@ -785,12 +815,10 @@ impl<P: PeerKey> Pull<P> {
                 c.sort_by_key(|&i| (self.run_of[i], i));
                 (c, Vec::new())
             } else {
-                let runs = (0..self.run_want.len())
+                let runs = (0..self.marks.run_want.len())
                     .filter(|&k| {
-                        self.run_want[k] > 0
-                            && (alone
-                                || run_owner[k] == self.me
-                                || self.taken.contains(&(k * cfg.run)))
+                        self.marks.run_want[k] > 0
+                            && (alone || run_owner[k] == self.me || self.taken.contains(&k))
                     })
                     .collect();
                 (Vec::new(), runs)
@@ -805,10 +833,9 @@ impl<P: PeerKey> Pull<P> {
                 if origin_bytes >= cfg.origin_batch {
                     break;
                 }
-                let mine = alone
-                    || run_owner[self.run_of[i] / cfg.run] == self.me
-                    || self.taken.contains(&self.run_of[i]);
-                if self.state[i] != State::Want || !mine {
+                let k = self.run_of[i];
+                let mine = alone || run_owner[k] == self.me || self.taken.contains(&k);
+                if self.marks.state[i] != State::Want || !mine {
                     continue;
                 }
                 if in_union(i) {
@@ -821,10 +848,7 @@ impl<P: PeerKey> Pull<P> {
                     }
                 }
                 {
-                    self.state[i] = State::Origin;
-                    self.live[i / 64] &= !(1 << (i % 64));
-                    self.want[i / 64] &= !(1 << (i % 64));
-                    self.run_want[self.run_of[i] / cfg.run] -= 1;
+                    self.marks.set(i, k, State::Origin);
                     origin_batch.push(i);
                     origin_bytes += self.lens[i] as u64;
                 }
@@ -865,30 +889,9 @@ impl<P: PeerKey> Pull<P> {
         out
     }
 
-    /// Moves chunk `i` to `state`, keeping the scan's bitset in step.
+    /// Moves chunk `i` to `state`.
     fn set(&mut self, i: usize, state: State<P>) {
-        let run = self.run_of[i] / self.cfg.run;
-        match (self.state[i] == State::Want, state == State::Want) {
-            (true, false) => self.run_want[run] -= 1,
-            (false, true) => self.run_want[run] += 1,
-            _ => {}
-        }
-        self.state[i] = state;
-        let bit = 1 << (i % 64);
-        match state {
-            State::Want => {
-                self.live[i / 64] |= bit;
-                self.want[i / 64] |= bit;
-            }
-            State::Peer(..) => {
-                self.live[i / 64] |= bit;
-                self.want[i / 64] &= !bit;
-            }
-            State::Done | State::Origin => {
-                self.live[i / 64] &= !bit;
-                self.want[i / 64] &= !bit;
-            }
-        }
+        self.marks.set(i, self.run_of[i], state);
     }
 
     /// What became of chunk `i` asked of `peer`.
@@ -897,7 +900,7 @@ impl<P: PeerKey> Pull<P> {
         if outcome != Outcome::Lost {
             self.silent.remove(&peer);
         }
-        if i >= self.state.len() || !self.sent_to.remove(&(i, peer)) {
+        if i >= self.marks.state.len() || !self.sent_to.remove(&(i, peer)) {
             return Delivery::Nothing;
         }
         let len = self.lens[i] as u64;
@@ -907,7 +910,7 @@ impl<P: PeerKey> Pull<P> {
         let mut delivery = Delivery::Nothing;
         match outcome {
             Outcome::Stored(n) => {
-                if self.state[i] != State::Done {
+                if self.marks.state[i] != State::Done {
                     self.set(i, State::Done);
                     self.remaining -= 1;
                     self.fetched.from_peers += n as u64;
@@ -937,15 +940,15 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         self.avoid.entry(i).or_default().push(peer);
-        if self.state[i] != State::Done {
+        if self.marks.state[i] != State::Done {
             self.set(i, State::Want);
         }
         delivery
     }
 
-    /// An origin read of `chunks` (`bytes` in all) finished at `now`; `held(i)` says whether chunk `i`
-    /// is stored now (all of them when the read succeeded; on failure, part of a batch may
-    /// have landed). Returns the chunks newly done, or [`GiveUp`] once a chunk has failed
+    /// An origin read of `chunks` (`bytes` in all) finished at `now`; `held(i)` says whether
+    /// chunk `i` is stored now (all of them when the read succeeded; on failure, part of a
+    /// batch may have landed). Returns the chunks newly done, or [`GiveUp`] once a chunk has failed
     /// [`Config::origin_tries`] times.
     pub fn on_origin(
         &mut self,
@@ -965,11 +968,11 @@ impl<P: PeerKey> Pull<P> {
             self.fetched.from_origin += bytes;
         }
         for &i in chunks {
-            if i >= self.state.len() {
+            if i >= self.marks.state.len() {
                 continue;
             }
             if ok || held(i) {
-                if self.state[i] != State::Done {
+                if self.marks.state[i] != State::Done {
                     self.set(i, State::Done);
                     self.remaining -= 1;
                     done.push(i);
@@ -982,7 +985,7 @@ impl<P: PeerKey> Pull<P> {
             if *n >= self.cfg.origin_tries {
                 return Err(GiveUp { chunk: i });
             }
-            if self.state[i] != State::Done {
+            if self.marks.state[i] != State::Done {
                 self.set(i, State::Want);
             }
         }
@@ -991,7 +994,7 @@ impl<P: PeerKey> Pull<P> {
 }
 
 /// The pullers that still have origin reads to do: the owners (`owner_of_run`, given a run's
-/// first position in `porder`) of runs with a chunk that is neither here, nor asked of a
+/// number) of runs with a chunk that is neither here, nor asked of a
 /// peer, nor (`on_peer`) on any peer.
 fn origin_readers<P: PeerKey>(
     run: usize,
@@ -1006,7 +1009,7 @@ fn origin_readers<P: PeerKey>(
             state[i] != State::Done && !matches!(state[i], State::Peer(..)) && !on_peer(i)
         });
         if open {
-            owners.insert(owner_of_run(k * run));
+            owners.insert(owner_of_run(k));
         }
     }
     owners

@@ -412,16 +412,7 @@ pub async fn from_pulling_owner(
             }
         }
         let mut pullers = nodes_holding(swarm, root, Holding::Pulling);
-        {
-            // Pullers that let this node down before (faults, or metadata they owned and never
-            // sent) own no metadata.
-            let peers = swarm.peers.lock().expect("poisoned");
-            pullers.retain(|(_, id)| {
-                peers
-                    .get(id)
-                    .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
-            });
-        }
+        without_failed_owners(swarm, &mut pullers);
         if pullers.len() < 2 {
             break;
         }
@@ -443,9 +434,7 @@ pub async fn from_pulling_owner(
         }
         if heard.elapsed() > META_WAIT {
             tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", META_WAIT.as_secs());
-            if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&owner) {
-                p.owner_stalls += 1;
-            }
+            owner_stalled(swarm, &owner);
             break;
         }
         tokio::time::sleep(pause).await;
@@ -466,13 +455,19 @@ pub async fn from_pulling_owner(
 /// the others.
 pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
     let mut nodes = nodes_holding(swarm, root, Holding::Mounted);
+    without_failed_owners(swarm, &mut nodes);
+    nodes
+}
+
+/// Leaves out of `nodes` the peers that let this node down before (faults, or something they
+/// owned and never sent): they own nothing for it while they stay connected.
+fn without_failed_owners(swarm: &Swarm, nodes: &mut Vec<(u64, PeerId)>) {
     let peers = swarm.peers.lock().expect("poisoned");
     nodes.retain(|(_, id)| {
         peers
             .get(id)
             .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
     });
-    nodes
 }
 
 /// Counts against `peer` that it owned what this node asked of it and sent none of it in time.
