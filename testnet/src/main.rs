@@ -146,6 +146,11 @@ enum Cmd {
         delta_ms: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Print the swarm's state (what nodes hold, busy uplinks, queued bytes, the three
+        /// slowest nodes and the fastest) to stderr every this many milliseconds of virtual
+        /// time.
+        #[arg(long, default_value_t = 0.0)]
+        trace_ms: f64,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -778,6 +783,7 @@ fn main() -> Result<()> {
             peers,
             delta_ms,
             seed,
+            trace_ms,
         } => {
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
             let setup = shoal_testnet::sim::Setup {
@@ -795,6 +801,7 @@ fn main() -> Result<()> {
                 peers: *peers,
                 delta_every: ms(*delta_ms),
                 seed: *seed,
+                trace_every: ms(*trace_ms),
                 ..Default::default()
             };
             (

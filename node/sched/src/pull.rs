@@ -13,15 +13,23 @@
 //! growing, owns no runs (the others take them over).
 
 use crate::{mix, owner_of, HaveMap, PeerKey};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// The scheduler's knobs. The defaults are what the node runs; each was measured (see
 /// `docs/swarm.md`).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Bytes in flight to one peer.
+    /// Bytes in flight to one peer: what it delivers in `window_time` at the rate measured
+    /// from it, within `peer_window_min..=peer_window` (the least until it is measured).
+    /// Enough to keep its link busy, and no more: a deep queue at one holder commits chunks
+    /// to it that a neighbour who gets them a moment later, with an idle uplink, could have
+    /// sent (simulated, 64 nodes with 8 peers each behind a 10 Gbit origin: p99 1.16 s
+    /// against 1.33 s with 32 MiB to every peer).
     pub peer_window: u64,
+    pub peer_window_min: u64,
+    pub window_time: Duration,
     /// One request to a peer: at most this many bytes and `peer_ids` chunks.
     pub peer_batch: u64,
     pub peer_ids: usize,
@@ -78,6 +86,8 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             peer_window: 32 << 20,
+            peer_window_min: 1 << 20,
+            window_time: Duration::from_millis(10),
             peer_batch: 4 << 20,
             peer_ids: 1024,
             run: 32,
@@ -362,29 +372,29 @@ impl<P: PeerKey> Pull<P> {
             marks,
             owners: None,
             remaining: missing.len(),
-            avoid: HashMap::new(),
-            origin_tries: HashMap::new(),
-            inflight: HashMap::new(),
-            sent_to: HashSet::new(),
+            avoid: HashMap::default(),
+            origin_tries: HashMap::default(),
+            inflight: HashMap::default(),
+            sent_to: HashSet::default(),
             origin_jobs: 0,
             started: now,
             last_poll: None,
             last_call: None,
             readers: usize::MAX,
             poll_every: cfg.have_poll,
-            heard: HashMap::new(),
-            silent: HashSet::new(),
+            heard: HashMap::default(),
+            silent: HashSet::default(),
             sources: BTreeMap::new(),
             connected: 0,
             next_late: None,
             fetched: Fetched::default(),
             key,
             members: None,
-            departed: HashSet::new(),
+            departed: HashSet::default(),
             last_done: now,
             max_gap: Duration::ZERO,
             origin_since: None,
-            taken: HashSet::new(),
+            taken: HashSet::default(),
             cfg,
         }
     }
@@ -461,6 +471,15 @@ impl<P: PeerKey> Pull<P> {
             self.departed.clear();
         }
         self.members = pullers;
+    }
+
+    /// Bytes that may be in flight to a peer measured at `rate` bytes per second.
+    fn window(&self, rate: f64) -> u64 {
+        let w = (rate * self.cfg.window_time.as_secs_f64()) as u64;
+        w.clamp(
+            self.cfg.peer_window_min,
+            self.cfg.peer_window.max(self.cfg.peer_window_min),
+        )
     }
 
     /// How long landings may pause before this node reads a wanted chunk nobody in view has.
@@ -660,10 +679,13 @@ impl<P: PeerKey> Pull<P> {
         let mut next_late: Option<Instant> = None;
         // Peers with room in their window: once there are none, the rest of the scan only
         // looks for late requests.
-        let mut open = views
+        let windows: BTreeMap<P, u64> = views
             .iter()
-            .filter(|(p, _)| inflight.get(p).copied().unwrap_or(0) < cfg.peer_window)
-            .count();
+            .map(|(p, e)| (*p, self.window(e.info.rate)))
+            .collect();
+        let room = |p: &P, planned: &BTreeMap<P, u64>| queued(p, planned) < windows[p];
+        let empty = BTreeMap::new();
+        let mut open = views.iter().filter(|(p, _)| room(p, &empty)).count();
         // Requests can only be late from `next_late` on (None: no chunk is asked of a peer):
         // before then the scan looks only at chunks wanted and on some peer (a word at a
         // time), not at every chunk in flight.
@@ -674,22 +696,49 @@ impl<P: PeerKey> Pull<P> {
         let words: Vec<u64> = if late_scan {
             self.marks.live.clone()
         } else {
+            // Wanted, and held by a peer with room (only those can be asked now).
+            let mut held = vec![0u64; self.marks.want.len()];
+            for (p, e) in &views {
+                if !room(p, &empty) {
+                    continue;
+                }
+                if e.info.holding == Holding::Complete {
+                    held.fill(u64::MAX);
+                    break;
+                }
+                if let Some(h) = &e.have {
+                    held.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
+                }
+            }
             self.marks
                 .want
                 .iter()
-                .zip(&union)
+                .zip(&held)
                 .map(|(&w, &u)| w & u)
                 .collect()
         };
-        let chunks = words.into_iter().enumerate().flat_map(|(w, mut bits)| {
-            std::iter::from_fn(move || {
-                (bits != 0).then(|| {
-                    let b = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    w * 64 + b
+        // Each node scans from its own place (by its seed): co-pullers ask their holders for
+        // different chunks first, so they soon hold different chunks to trade among
+        // themselves rather than all waiting on the same few holders (the diversity BitTorrent
+        // gets from rarest-first). Simulated, 64 nodes: p99 1.16 s against 1.53 s scanning
+        // from the start.
+        let nw = words.len();
+        let rot = (mix(self.my_seed) % nw.max(1) as u64) as usize;
+        let chunks = words
+            .into_iter()
+            .enumerate()
+            .cycle()
+            .skip(rot)
+            .take(nw)
+            .flat_map(|(w, mut bits)| {
+                std::iter::from_fn(move || {
+                    (bits != 0).then(|| {
+                        let b = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        w * 64 + b
+                    })
                 })
-            })
-        });
+            });
         for i in chunks {
             if open == 0 && !late_scan {
                 break;
@@ -731,9 +780,7 @@ impl<P: PeerKey> Pull<P> {
             };
             let pick = views
                 .iter()
-                .filter(|(p, e)| {
-                    has(p, e) && e.info.distance == tier && queued(p, &planned) < cfg.peer_window
-                })
+                .filter(|(p, e)| has(p, e) && e.info.distance == tier && room(p, &planned))
                 .min_by(|(a, ea), (b, eb)| cost(a, ea, &planned).total_cmp(&cost(b, eb, &planned)))
                 .map(|(p, e)| (*p, e.info.rate));
             if let Some((p, rate)) = pick {
@@ -742,7 +789,7 @@ impl<P: PeerKey> Pull<P> {
                 b.1 += self.lens[i] as u64;
                 *planned.entry(p).or_default() += self.lens[i] as u64;
                 let q = queued(&p, &planned);
-                if q >= cfg.peer_window {
+                if !room(&p, &planned) {
                     open -= 1;
                 }
                 let deadline =
@@ -1003,7 +1050,7 @@ fn origin_readers<P: PeerKey>(
     on_peer: impl Fn(usize) -> bool,
     owner_of_run: impl Fn(usize) -> P,
 ) -> HashSet<P> {
-    let mut owners = HashSet::new();
+    let mut owners = HashSet::default();
     for (k, chunks) in porder.chunks(run).enumerate() {
         let open = chunks.iter().any(|&i| {
             state[i] != State::Done && !matches!(state[i], State::Peer(..)) && !on_peer(i)
