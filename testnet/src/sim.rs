@@ -4,8 +4,9 @@
 //! The model: every node has an uplink and a downlink of its own rate; the origin has one
 //! uplink. An uplink sends the answers queued to it in slices of [`SLICE`] bytes, taking its
 //! destinations in turn (TCP's fair share, roughly); a slice then crosses the path's one-way
-//! delay and queues at the receiver's downlink. A request's answer is delivered whole, as the
-//! bulk channel delivers a batch, when its last slice is through. Control messages (hellos,
+//! delay and queues at the receiver's downlink. A peer's answer is handed to the requester
+//! chunk by chunk, each once the slice that completes it is through (the bulk channel streams
+//! and verifies a batch blob by blob); an origin read, whole. Control messages (hellos,
 //! have-map queries and answers) take the path's delay and are counted in bytes, as is each
 //! request frame. Zones set the delay: `--rtt-ms` within a zone, `--zone-rtt-ms` across.
 //!
@@ -13,8 +14,9 @@
 //! connects to every node it learns of, hears every co-puller's announcements and polls
 //! their whole have-maps, and the origin readers are worked out from the pullers it is
 //! connected to. The fleet (`peers: K`) is the design for hundreds of nodes and more: each
-//! node dials K/2 others (two in three in its own zone) and accepts up to K + K/2, so it has
-//! about K connections whatever N is; peers push the chunks they gain as have-deltas; and
+//! node dials others (two in three in its own zone) until it has K connections, as a
+//! connection manager's low watermark does, and accepts up to K + K/2, so it has K to 1.5 K
+//! connections whatever N is (dialling only K/2 left some nodes with 4, starved); peers push the chunks they gain as have-deltas; and
 //! a content router (the provider records of the version's key: Kademlia, or a tracker)
 //! answers a lookup with the version's origin-reader candidates (the first
 //! `2 * origin_readers` pullers by rendezvous on the version key), takes `router_delay` to
@@ -1126,8 +1128,8 @@ fn seed_of(node: usize) -> u64 {
 }
 
 /// Whom each node connects to: everyone (`peers == 0`), or about `peers` each: every node
-/// dials `peers / 2` others (two in three in its own zone when it has enough), none taking
-/// more than `peers + peers / 2`.
+/// dials others (two in three in its own zone when it has enough) until it has `peers`,
+/// none taking more than `peers + peers / 2`.
 fn neighbours(nodes: usize, zones: usize, peers: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
     if peers == 0 || peers + 1 >= nodes {
         return (0..nodes)
