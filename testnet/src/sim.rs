@@ -16,7 +16,8 @@
 //! connected to. The fleet (`peers: K`) is the design for hundreds of nodes and more: each
 //! node dials others (two in three in its own zone) until it has K connections, as a
 //! connection manager's low watermark does, and accepts up to K + K/2, so it has K to 1.5 K
-//! connections whatever N is (dialling only K/2 left some nodes with 4, starved); peers push the chunks they gain as have-deltas; and
+//! connections whatever N is (dialling only K/2 left some nodes with 4, starved); peers
+//! push the chunks they gain as have-deltas; and
 //! a content router (the provider records of the version's key: Kademlia, or a tracker)
 //! answers a lookup with the version's origin-reader candidates (the first
 //! `2 * origin_readers` pullers by rendezvous on the version key), takes `router_delay` to
@@ -759,10 +760,12 @@ impl Sim {
         t.left -= slice;
         t.started.get_or_insert(now);
         let finished = t.left == 0;
-        // The chunks this slice completes (a "not here" goes with the next chunk sent).
+        // The chunks this slice completes (a "not here" goes with the next chunk sent); an
+        // origin read is handed over whole.
+        let from_peer = l != self.s.nodes;
         let before = t.cut;
         let sent = t.size - t.left;
-        while t.cut < t.chunks.len() {
+        while from_peer && t.cut < t.chunks.len() {
             let len = if t.present[t.cut] {
                 self.lens[t.chunks[t.cut]] as u64
             } else {
@@ -775,7 +778,7 @@ impl Sim {
             t.cut += 1;
         }
         let cut = if finished { t.chunks.len() } else { t.cut };
-        let part = cut > before && l != self.s.nodes && std::env::var("SHOAL_NOPART").is_err();
+        let part = cut > before;
         let dur = (slice as f64 * 8.0 / link.bps * 1e9) as Ns;
         if finished {
             q.pop_front();
