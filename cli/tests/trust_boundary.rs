@@ -517,9 +517,9 @@ fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
         .as_u64()
         .unwrap() as u32;
 
-    // A peer that says it pulls the version too, with a have-map that grows at every ask (so
-    // it looks like a puller making progress, and owns its share of the origin reads), and
-    // answers "not here" for everything.
+    // A peer that says it pulls the version too, with a have-map that grows (pushed as
+    // have-deltas, so it looks like a puller making progress, and owns its share of the origin
+    // reads), and answers "not here" for everything.
     let liar = rt.block_on(hostile::liar(root, chunks, 64, None));
     let a = c.node("a", &["--bootstrap", &liar.addr.to_string()], &[]);
     c.nodes[a].wait_peers(1);

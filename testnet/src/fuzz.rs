@@ -94,8 +94,10 @@ pub fn ctl_message(data: &[u8]) {
             1 => {
                 let mut c = libp2p::request_response::cbor::codec::Codec::<Req, Resp>::default()
                     .set_response_size_maximum(10 << 20);
-                if let Ok(Resp::Have(_, Some((_, Some(map))))) =
-                    c.read_response(&proto, &mut io).await
+                if let Ok(Resp::Have(
+                    _,
+                    Some(shoal_node::swarm::wire::Held { map: Some(map), .. }),
+                )) = c.read_response(&proto, &mut io).await
                 {
                     // A have-map from a peer is used for bit lookups: none may panic.
                     for i in [0usize, 1, 63, 64, map.len as usize, usize::MAX / 2] {
@@ -234,7 +236,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     map.set(129);
     futures::executor::block_on(async {
         let mut c = libp2p::request_response::cbor::codec::Codec::<Req, Resp>::default();
-        for req in [Req::Hello(hello.clone()), Req::Have([2; 32])] {
+        let delta = shoal_node::swarm::wire::Delta {
+            root: [2; 32],
+            epoch: 7,
+            from: 0,
+            chunks: vec![3, 129],
+        };
+        for req in [
+            Req::Hello(hello.clone()),
+            Req::Have([2; 32]),
+            Req::HaveDelta(delta),
+        ] {
             let mut w = futures::io::Cursor::new(Vec::new());
             c.write_request(&proto, &mut w, req).await.ok();
             let mut buf = vec![0u8];
@@ -245,7 +257,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             Resp::Hello(hello),
             Resp::Have(
                 [2; 32],
-                Some((shoal_node::swarm::Holding::Pulling, Some(map))),
+                Some(shoal_node::swarm::wire::Held {
+                    holding: shoal_node::swarm::Holding::Pulling,
+                    map: Some(map),
+                    epoch: 7,
+                    upto: 2,
+                }),
             ),
         ] {
             let mut w = futures::io::Cursor::new(Vec::new());

@@ -297,6 +297,7 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
                         report.roots_learned.push(r);
                     }
                 }
+                Resp::Ack => {}
             },
             _ => {}
         }
@@ -305,8 +306,9 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
 }
 
 /// A fake node that lies: it says it is pulling `root` (whose version has `chunks` unique
-/// chunks), answers have-map requests with a map that claims `grow` more chunks each time (so
-/// it looks like a puller making progress), and answers every bulk request "not here".
+/// chunks), claims `grow` more chunks every 100 ms (pushed as have-deltas, and in the map it
+/// answers with, so it looks like a puller making progress), and answers every bulk request
+/// "not here".
 pub struct Liar {
     /// Its control address, for a node to bootstrap from.
     pub addr: Multiaddr,
@@ -392,10 +394,35 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
         peers: Vec::new(),
     };
     let ctl_task = async move {
+        // What it claims grows like a puller's: pushed as have-deltas every 100 ms to the
+        // peers it is connected to, and in the map it answers with.
         let mut claimed = 0u32;
+        let epoch = 7;
+        let mut peers = std::collections::HashSet::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
-            match swarm.select_next_some().await {
+            let ev = tokio::select! {
+                ev = swarm.select_next_some() => ev,
+                _ = tick.tick() => {
+                    let from = claimed;
+                    claimed = (claimed + grow).min(chunks);
+                    if claimed > from {
+                        for p in &peers {
+                            let d = wire::Delta {
+                                root,
+                                epoch,
+                                from: from as u64,
+                                chunks: (from..claimed).collect(),
+                            };
+                            swarm.behaviour_mut().ctl.send_request(p, Req::HaveDelta(d));
+                        }
+                    }
+                    continue;
+                }
+            };
+            match ev {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    peers.insert(peer_id);
                     if let Some(k) = &key {
                         let p = k.proof(Channel::Control, &me, &peer_id);
                         swarm.behaviour_mut().auth.send_request(&peer_id, Auth(p));
@@ -404,6 +431,13 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                         .behaviour_mut()
                         .ctl
                         .send_request(&peer_id, Req::Hello(hello.clone()));
+                }
+                SwarmEvent::ConnectionClosed {
+                    peer_id,
+                    num_established: 0,
+                    ..
+                } => {
+                    peers.remove(&peer_id);
                 }
                 SwarmEvent::Behaviour(AttackerEvent::Auth(rr::Event::Message {
                     peer,
@@ -425,15 +459,22 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                     let resp = match request {
                         Req::Hello(_) => Resp::Hello(hello.clone()),
                         Req::Have(r) if r == root => {
-                            // A map that grows at every ask, like a puller's.
-                            claimed = (claimed + grow).min(chunks);
                             let mut map = HaveMap::new(chunks as usize);
                             for i in 0..claimed as usize {
                                 map.set(i);
                             }
-                            Resp::Have(r, Some((Holding::Pulling, Some(map))))
+                            Resp::Have(
+                                r,
+                                Some(wire::Held {
+                                    holding: Holding::Pulling,
+                                    map: Some(map),
+                                    epoch,
+                                    upto: claimed as u64,
+                                }),
+                            )
                         }
                         Req::Have(r) => Resp::Have(r, None),
+                        Req::HaveDelta(_) => Resp::Ack,
                     };
                     let _ = swarm.behaviour_mut().ctl.send_response(channel, resp);
                 }

@@ -44,8 +44,9 @@ fn key_of(h: &Hash) -> u64 {
 /// The scheduler's view of the peers, and what of it was last handed over.
 struct Sync {
     seeds: HashMap<PeerId, u64>,
-    /// Per source: the have-map generation and freshness given to the scheduler.
-    given: HashMap<PeerId, (u64, bool)>,
+    /// Per source: the have-map generation and freshness given to the scheduler, and how
+    /// much of the deltas logged since.
+    given: HashMap<PeerId, (u64, bool, usize)>,
 }
 
 impl Sync {
@@ -79,12 +80,21 @@ impl Sync {
                     faults: p.faults,
                 },
             );
-            let now = (v.gen, v.fresh);
-            if self.given.get(id) != Some(&now) {
-                self.given.insert(*id, now);
-                // A map of another length (another version's index space) is no map.
-                let map = v.have.clone().filter(|h| h.len as usize == n);
-                sched.set_have(*id, map, v.fresh);
+            match self.given.get_mut(id) {
+                Some((gen, fresh, pos)) if (*gen, *fresh) == (v.gen, v.fresh) => {
+                    if v.log.len() > *pos {
+                        let chunks: Vec<usize> =
+                            v.log[*pos..].iter().map(|&i| i as usize).collect();
+                        sched.on_have(*id, &chunks);
+                        *pos = v.log.len();
+                    }
+                }
+                _ => {
+                    self.given.insert(*id, (v.gen, v.fresh, v.log.len()));
+                    // A map of another length (another version's index space) is no map.
+                    let map = v.have.clone().filter(|h| h.len as usize == n);
+                    sched.set_have(*id, map, v.fresh);
+                }
             }
             seen.push(*id);
         }
@@ -124,9 +134,11 @@ pub async fn fetch(
     // The node keeps 32 MiB in flight to every peer for now: with windows that follow the
     // measured rate (the scheduler's default, which the fleet simulation needs), one
     // swarm-lo run took 3.47 s, and 2.28 s with this fixed window (docs/swarm.md).
+    // Peers push what they gain (have-deltas, `p2p.rs`): a map is asked for once per peer.
     let cfg = pull::Config {
         peer_ids: bulk::MAX_IDS,
         peer_window_min: pull::Config::default().peer_window,
+        have_deltas: true,
         ..pull::Config::default()
     };
     let started = Instant::now();

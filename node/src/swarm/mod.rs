@@ -16,7 +16,7 @@ mod tls;
 
 /// The control protocol's messages, for tools and tests that speak it.
 pub mod wire {
-    pub use super::p2p::{Auth, Hello, Req, Resp, AUTH_PROTOCOL, PROTOCOL};
+    pub use super::p2p::{Auth, Delta, Held, Hello, Req, Resp, AUTH_PROTOCOL, MAX_DELTA, PROTOCOL};
     pub use super::tls::{client as tls_client, server as tls_server};
 }
 
@@ -143,6 +143,61 @@ pub struct PeerVersion {
     pub fresh: bool,
     /// Bumped whenever `have` is replaced (so a pull hands only new maps to its scheduler).
     pub gen: u64,
+    /// Chunks set in `have` by deltas since it was last replaced, in arrival order (a pull
+    /// hands its scheduler the part it has not seen). Bounded: past a thirty-second of the
+    /// map's length (the map's own size in bytes) it is cleared and `gen` bumped, so readers
+    /// take the whole map again.
+    pub log: Vec<u32>,
+    /// The peer's delta stream this map follows: its epoch, and the position in it up to
+    /// which the map is complete (None until a map arrived).
+    pub stream: Option<(u64, u64)>,
+    /// When this node last asked for the whole map because a delta did not follow on.
+    pub asked: Option<Instant>,
+}
+
+impl PeerVersion {
+    pub(crate) fn new(holding: Holding, now: Instant) -> PeerVersion {
+        PeerVersion {
+            holding,
+            have: None,
+            count: 0,
+            grew: now,
+            fresh: false,
+            gen: 0,
+            log: Vec::new(),
+            stream: None,
+            asked: None,
+        }
+    }
+
+    /// Applies a delta from the peer's stream `epoch`, chunks `from..` of it. Returns false
+    /// when it does not follow on from the map held (another epoch, or a gap): the whole map
+    /// must be asked for.
+    pub(crate) fn apply(&mut self, epoch: u64, from: u64, chunks: &[u32], now: Instant) -> bool {
+        let (Some(have), Some((e, upto))) = (self.have.as_mut(), self.stream.as_mut()) else {
+            return false;
+        };
+        if *e != epoch || from > *upto {
+            return false;
+        }
+        let (before, len) = (self.count, have.len);
+        for &i in chunks.iter().filter(|&&i| i < len) {
+            if !have.get(i as usize) {
+                have.set(i as usize);
+                self.count += 1;
+                self.log.push(i);
+            }
+        }
+        *upto = (*upto).max(from + chunks.len() as u64);
+        if self.count > before {
+            self.grew = now;
+        }
+        if self.log.len() > have.len as usize / 32 + 1024 {
+            self.log.clear();
+            self.gen = self.gen.wrapping_add(1);
+        }
+        true
+    }
 }
 
 /// One known peer.
@@ -201,6 +256,12 @@ pub struct LocalVersion {
     pub have: Option<HaveMap>,
     /// When this node first announced it with this holding.
     pub since: std::time::Instant,
+    /// The delta stream peers follow for `have` (see [`PeerVersion::apply`]): a random epoch
+    /// per map, how many chunks were marked in it, and those not yet sent (each chunk is
+    /// marked once, so at most the version's chunks).
+    pub epoch: u64,
+    pub marks: u64,
+    pub unsent: Vec<u32>,
 }
 
 /// Node-wide counters (also exported as Prometheus metrics).
@@ -374,6 +435,9 @@ impl Swarm {
                 holding,
                 have,
                 since,
+                epoch: rand::random(),
+                marks: 0,
+                unsent: Vec::new(),
             },
         );
         drop(local);
@@ -460,7 +524,11 @@ impl Swarm {
     pub fn mark(&self, root: &Hash, i: usize) {
         if let Some(v) = self.local.lock().expect("poisoned").get_mut(root) {
             if let Some(h) = v.have.as_mut() {
-                h.set(i);
+                if i < h.len as usize && !h.get(i) {
+                    h.set(i);
+                    v.marks += 1;
+                    v.unsent.push(i as u32);
+                }
             }
         }
     }
@@ -631,5 +699,54 @@ pub fn identity(home: &crate::Home) -> Result<Keypair> {
             }
         }
         Err(e) => Err(crate::error::io("reading", &path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_map(len: usize, epoch: u64, upto: u64) -> PeerVersion {
+        let mut v = PeerVersion::new(Holding::Pulling, Instant::now());
+        v.have = Some(HaveMap::new(len));
+        v.stream = Some((epoch, upto));
+        v
+    }
+
+    /// A delta applies only on the stream (epoch) of the map held and only without a gap;
+    /// overlaps and repeats are harmless, and out-of-range chunks are ignored.
+    #[test]
+    fn a_delta_applies_only_where_it_follows_on() {
+        let now = Instant::now();
+        let mut v = with_map(100, 7, 2);
+        assert!(v.apply(7, 0, &[0, 1, 5], now), "an overlap applies");
+        assert_eq!((v.count, v.stream), (3, Some((7, 3))));
+        assert!(
+            v.apply(7, 3, &[5, 6, 1000], now),
+            "a repeat and an out-of-range number"
+        );
+        assert_eq!(v.count, 4);
+        assert_eq!(v.log, vec![0, 1, 5, 6]);
+        assert!(!v.apply(7, 9, &[9], now), "a gap asks for the map");
+        assert!(
+            !v.apply(8, 6, &[9], now),
+            "another epoch (a restart) asks for the map"
+        );
+        assert!(!v.have.as_ref().unwrap().get(9));
+        let mut none = PeerVersion::new(Holding::Pulling, now);
+        assert!(!none.apply(7, 0, &[1], now), "no map yet");
+    }
+
+    /// The log of applied deltas stays bounded: past the map's size it is dropped and the
+    /// generation bumped, so readers take the whole map.
+    #[test]
+    fn the_delta_log_is_bounded() {
+        let now = Instant::now();
+        let mut v = with_map(100_000, 1, 0);
+        let gen = v.gen;
+        let all: Vec<u32> = (0..5000).collect();
+        assert!(v.apply(1, 0, &all, now));
+        assert!(v.log.is_empty() && v.gen != gen);
+        assert_eq!(v.count, 5000);
     }
 }

@@ -27,12 +27,22 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// The control protocol.
-pub const PROTOCOL: &str = "/shoal/ctl/2";
+pub const PROTOCOL: &str = "/shoal/ctl/3";
 /// The admission protocol: a proof of the cluster key each way.
 pub const AUTH_PROTOCOL: &str = "/shoal/auth/1";
 
-/// Largest control request (a hello lists the versions held and the peers known).
+/// Largest control request (a hello lists the versions held and the peers known; a delta at
+/// most [`MAX_DELTA`] chunk numbers of up to 5 bytes each).
 const MAX_CTL_REQUEST: u64 = 1 << 20;
+/// Chunk numbers in one have-delta (more are sent as several).
+pub const MAX_DELTA: usize = 64 * 1024;
+/// How often what this node gained is pushed to the peers pulling the same version: a chunk
+/// landed here is known to them within this (plus a round trip), where a polled map took a
+/// poll period (250 ms).
+const DELTA_EVERY: Duration = Duration::from_millis(20);
+/// A node asks a peer for its whole map again, after a delta that does not follow on from
+/// the one it holds, at most this often.
+const REASK: Duration = Duration::from_secs(2);
 /// Largest control response (a have-map: one bit per chunk, 80M chunks).
 const MAX_CTL_RESPONSE: u64 = 10 << 20;
 /// Control streams one connection may have open at once.
@@ -58,13 +68,39 @@ pub struct Hello {
 pub enum Req {
     Hello(Hello),
     Have([u8; 32]),
+    /// Pushed to peers pulling the same version: chunks the sender gained.
+    HaveDelta(Delta),
+}
+
+/// Chunks a node gained of a version it pulls: positions `from..from + chunks.len()` of its
+/// delta stream `epoch` (a new epoch with each new map, e.g. after a restart). A receiver
+/// holding that stream's map up to `from` or beyond applies it; otherwise it asks for the
+/// whole map again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delta {
+    pub root: [u8; 32],
+    pub epoch: u64,
+    pub from: u64,
+    pub chunks: Vec<u32>,
+}
+
+/// What a node holds of a version: how, and while pulling, its have-map with the delta
+/// stream it starts (`epoch`) and how far into that stream it is complete (`upto`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Held {
+    pub holding: Holding,
+    pub map: Option<HaveMap>,
+    pub epoch: u64,
+    pub upto: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Resp {
     Hello(Hello),
     /// The version, and None if this node does not hold or pull it.
-    Have([u8; 32], Option<(Holding, Option<HaveMap>)>),
+    Have([u8; 32], Option<Held>),
+    /// A delta was received.
+    Ack,
 }
 
 /// A proof of the cluster key (request and response alike).
@@ -364,14 +400,7 @@ impl EventLoop {
                         }
                         old
                     }
-                    None => PeerVersion {
-                        holding,
-                        have: None,
-                        count: 0,
-                        grew: now,
-                        fresh: false,
-                        gen: 0,
-                    },
+                    None => PeerVersion::new(holding, now),
                 };
                 if holding == Holding::Pulling && pv.have.is_none() && fetching.contains(&root) {
                     ask.push(root);
@@ -516,27 +545,120 @@ impl EventLoop {
         }
     }
 
-    fn have(&self, root: Hash) -> Option<(Holding, Option<HaveMap>)> {
+    fn have(&self, root: Hash) -> Option<Held> {
         let local = self.shared.local.lock().expect("poisoned");
         match local.get(&root) {
-            Some(v) => Some((
-                v.holding,
-                v.have.clone().filter(|_| v.holding == Holding::Pulling),
-            )),
+            Some(v) => Some(Held {
+                holding: v.holding,
+                map: v.have.clone().filter(|_| v.holding == Holding::Pulling),
+                epoch: v.epoch,
+                // Every mark is in the map, the unsent ones too.
+                upto: v.marks,
+            }),
             None => self
                 .shared
                 .through
                 .lock()
                 .expect("poisoned")
                 .contains_key(&root)
-                .then_some((Holding::Mounted, None)),
+                .then_some(Held {
+                    holding: Holding::Mounted,
+                    map: None,
+                    epoch: 0,
+                    upto: 0,
+                }),
+        }
+    }
+
+    /// Sends what this node gained since the last call, of every version it pulls, to the
+    /// connected peers pulling the same version.
+    fn push_deltas(&mut self) {
+        let mut out: Vec<Delta> = Vec::new();
+        for (root, v) in self.shared.local.lock().expect("poisoned").iter_mut() {
+            if v.unsent.is_empty() {
+                continue;
+            }
+            let chunks = std::mem::take(&mut v.unsent);
+            if v.holding != Holding::Pulling {
+                continue;
+            }
+            let mut from = v.marks - chunks.len() as u64;
+            for part in chunks.chunks(MAX_DELTA) {
+                out.push(Delta {
+                    root: root.0,
+                    epoch: v.epoch,
+                    from,
+                    chunks: part.to_vec(),
+                });
+                from += part.len() as u64;
+            }
+        }
+        if out.is_empty() {
+            return;
+        }
+        let to: Vec<(PeerId, Vec<usize>)> = {
+            let peers = self.shared.peers.lock().expect("poisoned");
+            peers
+                .iter()
+                .filter(|(id, p)| self.shared.can_ask(id, p))
+                .map(|(id, p)| {
+                    let wants = out
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| {
+                            p.versions
+                                .get(&Hash(d.root))
+                                .is_some_and(|v| v.holding == Holding::Pulling)
+                        })
+                        .map(|(i, _)| i)
+                        .collect();
+                    (*id, wants)
+                })
+                .collect()
+        };
+        for (peer, wants) in to {
+            for i in wants {
+                self.swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_request(&peer, Req::HaveDelta(out[i].clone()));
+            }
+        }
+    }
+
+    /// A delta from `peer`: applied to the map held, or the whole map asked for again.
+    fn on_delta(&mut self, peer: PeerId, d: Delta) {
+        let root = Hash(d.root);
+        let now = Instant::now();
+        let reask = {
+            let mut peers = self.shared.peers.lock().expect("poisoned");
+            let Some(v) = peers.get_mut(&peer).and_then(|p| p.versions.get_mut(&root)) else {
+                return; // not announced (yet): its map is asked for when it is
+            };
+            if v.apply(d.epoch, d.from, &d.chunks, now) {
+                return;
+            }
+            let due = v.asked.is_none_or(|t| now.duration_since(t) >= REASK);
+            if due {
+                v.asked = Some(now);
+            }
+            due
+        };
+        if reask {
+            self.swarm
+                .behaviour_mut()
+                .ctl
+                .send_request(&peer, Req::Have(d.root));
         }
     }
 
     async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         let mut redial = tokio::time::interval(Duration::from_secs(3));
+        let mut deltas = tokio::time::interval(DELTA_EVERY);
+        deltas.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = deltas.tick() => self.push_deltas(),
                 ev = self.swarm.select_next_some() => self.on_event(ev),
                 cmd = cmds.recv() => match cmd {
                     None => return,
@@ -757,12 +879,17 @@ impl EventLoop {
                                 Resp::Hello(self.hello())
                             }
                             Req::Have(root) => Resp::Have(root, self.have(Hash(root))),
+                            Req::HaveDelta(d) => {
+                                self.on_delta(peer, d);
+                                Resp::Ack
+                            }
                         };
                         let _ = self.swarm.behaviour_mut().ctl.send_response(channel, resp);
                     }
                     request_response::Message::Response { response, .. } => match response {
                         Resp::Hello(h) => self.on_hello(peer, h),
                         Resp::Have(root, h) => self.on_have(peer, Hash(root), h),
+                        Resp::Ack => {}
                     },
                 }
             }
@@ -775,7 +902,7 @@ impl EventLoop {
         }
     }
 
-    fn on_have(&mut self, peer: PeerId, root: Hash, have: Option<(Holding, Option<HaveMap>)>) {
+    fn on_have(&mut self, peer: PeerId, root: Hash, have: Option<Held>) {
         let mut peers = self.shared.peers.lock().expect("poisoned");
         let Some(p) = peers.get_mut(&peer) else {
             return;
@@ -784,22 +911,26 @@ impl EventLoop {
             None => {
                 p.versions.remove(&root);
             }
-            Some((holding, map)) => {
+            Some(Held {
+                holding,
+                map,
+                epoch,
+                upto,
+            }) => {
                 if !p.versions.contains_key(&root) && p.versions.len() >= MAX_HELLO_VERSIONS {
                     return; // no more versions kept for one peer than its hello may list
                 }
                 let now = Instant::now();
                 let count = map.as_ref().map(|m| m.count()).unwrap_or(0);
-                let v = p.versions.entry(root).or_insert(PeerVersion {
-                    holding,
-                    have: None,
-                    count: 0,
-                    grew: now,
-                    fresh: false,
-                    gen: 0,
-                });
+                let v = p
+                    .versions
+                    .entry(root)
+                    .or_insert_with(|| PeerVersion::new(holding, now));
                 v.fresh = true;
                 v.gen = v.gen.wrapping_add(1);
+                v.log.clear();
+                v.stream = map.is_some().then_some((epoch, upto));
+                v.asked = None;
                 if count > v.count || holding != v.holding {
                     v.grew = now;
                 }
@@ -854,17 +985,37 @@ mod tests {
             wire(Some(Req::Have([7; 32])), None),
             wire(
                 None,
-                Some(Resp::Have([7; 32], Some((Holding::Pulling, Some(map))))),
+                Some(Resp::Have(
+                    [7; 32],
+                    Some(Held {
+                        holding: Holding::Pulling,
+                        map: Some(map),
+                        epoch: 11,
+                        upto: 2,
+                    }),
+                )),
             ),
             wire(None, Some(Resp::Have([7; 32], None))),
+            wire(
+                Some(Req::HaveDelta(Delta {
+                    root: [7; 32],
+                    epoch: 11,
+                    from: 2,
+                    chunks: vec![5, 64, 69],
+                })),
+                None,
+            ),
+            wire(None, Some(Resp::Ack)),
         ]
         .map(|b| blake3::hash(&b).to_hex()[..16].to_string());
         assert_eq!(got, GOLDEN_CTL);
     }
-    const GOLDEN_CTL: [&str; 4] = [
+    const GOLDEN_CTL: [&str; 6] = [
         "ff0bc0f1994f9a0d",
         "4fb52b24d84ab801",
-        "b3eb6394e6ebe237",
+        "568add4115d5ebbc",
         "5bf6498c5d50b288",
+        "59ffeca77f9bc765",
+        "033453a08696d64a",
     ];
 }
