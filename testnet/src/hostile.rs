@@ -282,6 +282,17 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
                     .extend(h.versions.iter().map(|(r, _)| *r));
             }
             SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
+                message:
+                    rr::Message::Request {
+                        request: Req::Roster(list),
+                        ..
+                    },
+                ..
+            })) => {
+                // So do its rosters (who pulls and holds what).
+                report.roots_learned.extend(list.iter().map(|(r, _)| *r));
+            }
+            SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
                 message: rr::Message::Response { response, .. },
                 ..
             })) => match response {
@@ -308,7 +319,7 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
 /// A fake node that lies: it says it is pulling `root` (whose version has `chunks` unique
 /// chunks), claims `grow` more chunks every 100 ms (pushed as have-deltas, and in the map it
 /// answers with, so it looks like a puller making progress), and answers every bulk request
-/// "not here".
+/// "not here". It lists itself as a puller in the version's roster.
 pub struct Liar {
     /// Its control address, for a node to bootstrap from.
     pub addr: Multiaddr,
@@ -404,6 +415,17 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
             let ev = tokio::select! {
                 ev = swarm.select_next_some() => ev,
                 _ = tick.tick() => {
+                    // It lists itself as a puller (so it is among the origin readers).
+                    let listing = wire::Listing {
+                        peer: me.to_bytes(),
+                        holding: Holding::Pulling,
+                        addrs: hello.listen.clone(),
+                        age_ms: 0,
+                    };
+                    for p in &peers {
+                        let r = Req::Roster(vec![(root, vec![listing.clone()])]);
+                        swarm.behaviour_mut().ctl.send_request(p, r);
+                    }
                     let from = claimed;
                     claimed = (claimed + grow).min(chunks);
                     if claimed > from {
@@ -474,7 +496,7 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                             )
                         }
                         Req::Have(r) => Resp::Have(r, None),
-                        Req::HaveDelta(_) => Resp::Ack,
+                        Req::HaveDelta(_) | Req::Roster(_) => Resp::Ack,
                     };
                     let _ = swarm.behaviour_mut().ctl.send_response(channel, resp);
                 }

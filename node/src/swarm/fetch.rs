@@ -32,14 +32,7 @@ pub use shoal_sched::pull::Fetched;
 /// The driver re-reads the peer table (announcements, have-maps) at least this often.
 const SYNC: Duration = Duration::from_millis(20);
 
-fn peer_seed(p: &PeerId) -> u64 {
-    let h = blake3::hash(&p.to_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-fn key_of(h: &Hash) -> u64 {
-    u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"))
-}
+use super::roster::{key_of, peer_seed};
 
 /// The scheduler's view of the peers, and what of it was last handed over.
 struct Sync {
@@ -53,6 +46,10 @@ impl Sync {
     /// Hands the scheduler what changed in the peer table since the last call: sources
     /// that came or left, and have-maps that were replaced.
     fn run(&mut self, swarm: &Swarm, root: &Hash, n: usize, sched: &mut Pull<PeerId>) {
+        // The version's pullers across the fleet (the first few by rank: all the scheduler
+        // needs to agree with every other node on the origin readers).
+        let pullers = swarm.rosters.lock().expect("poisoned").pullers(root);
+        sched.set_pullers(Some(pullers));
         let peers = swarm.peers.lock().expect("poisoned");
         sched.set_connected(peers.values().filter(|p| p.connected).count());
         let mut seen = Vec::new();

@@ -12,11 +12,13 @@ pub mod fetch;
 mod gate;
 pub mod metrics;
 mod p2p;
+pub mod roster;
 mod tls;
 
 /// The control protocol's messages, for tools and tests that speak it.
 pub mod wire {
     pub use super::p2p::{Auth, Delta, Held, Hello, Req, Resp, AUTH_PROTOCOL, MAX_DELTA, PROTOCOL};
+    pub use super::roster::Listing;
     pub use super::tls::{client as tls_client, server as tls_server};
 }
 
@@ -321,6 +323,8 @@ pub struct Swarm {
     /// Versions mounted here, with what fetches their blobs for peers.
     pub(crate) through: Mutex<HashMap<Hash, Vec<MountEntry>>>,
     pub(crate) next_token: AtomicU64,
+    /// Who pulls and holds each version across the fleet, as far as this node has heard.
+    pub(crate) rosters: Mutex<roster::Rosters>,
 }
 
 impl std::fmt::Debug for Swarm {

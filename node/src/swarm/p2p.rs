@@ -7,6 +7,7 @@
 //! admitted learns nothing from this node but what the handshake shows (its peer id).
 
 use super::admission::{Channel, Proof, Verdict};
+use super::roster::{self, Listing};
 use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig, MAX_PEERS};
 use crate::error::{Error, Result};
 use crate::store::ChunkStore;
@@ -40,6 +41,9 @@ pub const MAX_DELTA: usize = 64 * 1024;
 /// landed here is known to them within this (plus a round trip), where a polled map took a
 /// poll period (250 ms).
 const DELTA_EVERY: Duration = Duration::from_millis(20);
+/// Rosters per message: 32 versions of up to 2 x 16 entries of ~150 bytes stay well within
+/// [`MAX_CTL_REQUEST`].
+const ROSTERS_PER_MESSAGE: usize = 32;
 /// A node asks a peer for its whole map again, after a delta that does not follow on from
 /// the one it holds, at most this often.
 const REASK: Duration = Duration::from_secs(2);
@@ -70,6 +74,9 @@ pub enum Req {
     Have([u8; 32]),
     /// Pushed to peers pulling the same version: chunks the sender gained.
     HaveDelta(Delta),
+    /// The sender's rosters of some versions (`roster.rs`): sent when they change and every
+    /// few seconds.
+    Roster(Vec<([u8; 32], Vec<Listing>)>),
 }
 
 /// Chunks a node gained of a version it pulls: positions `from..from + chunks.len()` of its
@@ -287,6 +294,7 @@ pub async fn start(
         fault: std::env::var("SHOAL_FAULT_INJECT").ok(),
         through: Mutex::default(),
         next_token: AtomicU64::new(0),
+        rosters: Mutex::default(),
     });
     let tls = super::tls::server(&shared.keypair)
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
@@ -545,6 +553,61 @@ impl EventLoop {
         }
     }
 
+    /// Lists this node in the rosters of the versions it pulls or holds (news of now).
+    fn list_self(&mut self) {
+        let me = self.shared.peer_id;
+        let addrs: Vec<Multiaddr> = self
+            .shared
+            .listen
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified()))
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        let holdings = self.shared.holdings();
+        let mut rosters = self.shared.rosters.lock().expect("poisoned");
+        for (root, holding) in holdings {
+            rosters.merge(root, me, holding, addrs.clone(), Duration::ZERO, now);
+        }
+    }
+
+    /// Sends the rosters of `roots` to every admitted peer (in parts that fit a request).
+    fn send_rosters(&mut self, roots: Vec<Hash>) {
+        if roots.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let parts: Vec<Vec<([u8; 32], Vec<Listing>)>> = {
+            let rosters = self.shared.rosters.lock().expect("poisoned");
+            roots
+                .chunks(ROSTERS_PER_MESSAGE)
+                .map(|part| {
+                    part.iter()
+                        .map(|r| (r.0, rosters.listings(r, now)))
+                        .filter(|(_, l)| !l.is_empty())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|p| !p.is_empty())
+                .collect()
+        };
+        let peers: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| self.shared.is_member(p))
+            .copied()
+            .collect();
+        for peer in peers {
+            for part in &parts {
+                self.swarm
+                    .behaviour_mut()
+                    .ctl
+                    .send_request(&peer, Req::Roster(part.clone()));
+            }
+        }
+    }
+
     fn have(&self, root: Hash) -> Option<Held> {
         let local = self.shared.local.lock().expect("poisoned");
         match local.get(&root) {
@@ -656,13 +719,30 @@ impl EventLoop {
         let mut redial = tokio::time::interval(Duration::from_secs(3));
         let mut deltas = tokio::time::interval(DELTA_EVERY);
         deltas.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval(roster::REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = deltas.tick() => self.push_deltas(),
+                _ = deltas.tick() => {
+                    self.push_deltas();
+                    let changed = self.shared.rosters.lock().expect("poisoned").take_changed();
+                    self.send_rosters(changed);
+                }
+                _ = refresh.tick() => {
+                    self.list_self();
+                    let all = {
+                        let mut r = self.shared.rosters.lock().expect("poisoned");
+                        r.expire(Instant::now());
+                        r.take_changed();
+                        r.versions()
+                    };
+                    self.send_rosters(all);
+                }
                 ev = self.swarm.select_next_some() => self.on_event(ev),
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(Cmd::Announce) => {
+                        self.list_self();
                         let hello = self.hello();
                         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                         for p in peers {
@@ -883,6 +963,18 @@ impl EventLoop {
                                 self.on_delta(peer, d);
                                 Resp::Ack
                             }
+                            Req::Roster(list) => {
+                                let now = Instant::now();
+                                let me = self.shared.peer_id.to_bytes();
+                                let mut rosters = self.shared.rosters.lock().expect("poisoned");
+                                for (root, listings) in list.iter().take(roster::MAX_VERSIONS) {
+                                    // What it says of this node is not news here.
+                                    let others: Vec<Listing> =
+                                        listings.iter().filter(|l| l.peer != me).cloned().collect();
+                                    rosters.merge_listings(Hash(*root), &others, now);
+                                }
+                                Resp::Ack
+                            }
                         };
                         let _ = self.swarm.behaviour_mut().ctl.send_response(channel, resp);
                     }
@@ -1006,16 +1098,29 @@ mod tests {
                 None,
             ),
             wire(None, Some(Resp::Ack)),
+            wire(
+                Some(Req::Roster(vec![(
+                    [7; 32],
+                    vec![Listing {
+                        peer: vec![0, 36, 8, 1],
+                        holding: Holding::Pulling,
+                        addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
+                        age_ms: 1500,
+                    }],
+                )])),
+                None,
+            ),
         ]
         .map(|b| blake3::hash(&b).to_hex()[..16].to_string());
         assert_eq!(got, GOLDEN_CTL);
     }
-    const GOLDEN_CTL: [&str; 6] = [
+    const GOLDEN_CTL: [&str; 7] = [
         "ff0bc0f1994f9a0d",
         "4fb52b24d84ab801",
         "568add4115d5ebbc",
         "5bf6498c5d50b288",
         "59ffeca77f9bc765",
         "033453a08696d64a",
+        "d9fb27a9ce595aba",
     ];
 }

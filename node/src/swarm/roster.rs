@@ -1,0 +1,393 @@
+//! Who pulls and who holds each version, beyond the peers this node is connected to: the
+//! content routing of the swarm.
+//!
+//! A pull needs two things from the rest of the fleet: its origin readers (the first
+//! [`shoal_sched::Config::origin_readers`] pullers by rendezvous on the version's key, which
+//! every node must agree on so that each run is read from the origin once), and, when none of
+//! its neighbours has the version, some node that does. Neither needs a list of every puller
+//! or holder: only the first few by that same rendezvous rank. So each node keeps, per
+//! version, a *roster*: the first [`ROSTER`] pullers and the first [`ROSTER`] holders by rank,
+//! each with where it listens and how old the news of it is. Nodes list themselves, and send
+//! their rosters to their peers when they change (and every [`REFRESH`] to keep them alive);
+//! a node merges what it hears, keeps the first by rank, and forwards its roster when that
+//! changed. Merging keeps the highest ranks, so every connected node ends with the same roster
+//! within a few hops' round trips; the age travels with each entry, so an entry whose node
+//! stopped listing itself (it died, or finished pulling) expires [`TTL`] after its last word
+//! everywhere at once.
+//!
+//! Why not a DHT of provider records: a Kademlia lookup returns providers in no useful order,
+//! capped per record (20 by default), so nodes would not agree on the readers; storing every
+//! puller per version costs O(pullers) at a few nodes. A roster is O([`ROSTER`]) per version
+//! at every node, exactly what the scheduler uses, and travels only over admitted control
+//! connections (an outsider learns nothing). Cost: per version and per peer, one message of
+//! at most 2 x [`ROSTER`] entries per change or per [`REFRESH`].
+//!
+//! A hostile member can list nodes that do not exist, ranked first: they become readers that
+//! never read, whose runs the scheduler takes over after its quiet spell (seconds), as with a
+//! reader that stalls. Ranks are worked out here from peer ids, never taken from the sender.
+
+use super::Holding;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use shoal_registry::Hash;
+use shoal_sched::mix;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Pullers (and, apart, holders) kept per version: twice the origin readers, so a reader that
+/// fails has a successor everyone knows.
+pub const ROSTER: usize = 16;
+/// How long an entry lives after its node last listed itself.
+pub const TTL: Duration = Duration::from_secs(10);
+/// How often a node lists itself and sends its rosters even when nothing changed.
+pub const REFRESH: Duration = Duration::from_secs(3);
+/// Versions whose rosters are kept (the most recently heard of).
+pub const MAX_VERSIONS: usize = 256;
+/// Addresses kept per entry.
+const MAX_ADDRS: usize = 2;
+
+/// One entry as it travels: a node, how it holds the version, where it listens, and how long
+/// ago it last listed itself (as the sender saw it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub peer: Vec<u8>,
+    pub holding: Holding,
+    pub addrs: Vec<String>,
+    pub age_ms: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    peer: PeerId,
+    rank: u64,
+    holding: Holding,
+    addrs: Vec<Multiaddr>,
+    expires: Instant,
+}
+
+/// A peer's rendezvous seed (the first 8 bytes of the BLAKE3 of its id), as the scheduler
+/// takes it.
+pub fn peer_seed(p: &PeerId) -> u64 {
+    let h = blake3::hash(&p.to_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// A version's rendezvous key (the first 8 bytes of its root).
+pub fn key_of(h: &Hash) -> u64 {
+    u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"))
+}
+
+/// Pullers or holders of a class: ranked first first.
+fn class(h: Holding) -> Option<usize> {
+    match h {
+        Holding::Pulling => Some(0),
+        Holding::Complete => Some(1),
+        Holding::Mounted => None,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Roster {
+    /// [pullers, holders], each at most [`ROSTER`], highest rank first.
+    lists: [Vec<Entry>; 2],
+    /// When it was last heard of (which versions to drop first).
+    touched: Option<Instant>,
+}
+
+/// Every version's roster at this node.
+#[derive(Debug, Default)]
+pub struct Rosters {
+    versions: HashMap<Hash, Roster>,
+    /// Versions whose roster changed since [`Rosters::take_changed`].
+    changed: HashSet<Hash>,
+}
+
+impl Rosters {
+    /// Adds or refreshes `peer` as holding `root` the way it says, news `age` old at `now`;
+    /// returns whether the roster changed (a new entry among the first, a holding changed).
+    /// A node is in one list per version: news of it as a holder removes it as a puller, and
+    /// the other way round, unless the news is older than what is kept.
+    pub fn merge(
+        &mut self,
+        root: Hash,
+        peer: PeerId,
+        holding: Holding,
+        addrs: Vec<Multiaddr>,
+        age: Duration,
+        now: Instant,
+    ) -> bool {
+        let Some(c) = class(holding) else {
+            return false;
+        };
+        if age >= TTL {
+            return false;
+        }
+        let expires = now + (TTL - age);
+        if !self.versions.contains_key(&root) && self.versions.len() >= MAX_VERSIONS {
+            // Full: the version heard of longest ago goes.
+            let oldest = self
+                .versions
+                .iter()
+                .min_by_key(|(_, r)| r.touched)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.versions.remove(&k);
+            }
+        }
+        let r = self.versions.entry(root).or_default();
+        r.touched = Some(now);
+        let rank = mix(peer_seed(&peer) ^ key_of(&root));
+        // Newer news of it in the other list moves it here; older news is ignored.
+        let other = &mut r.lists[1 - c];
+        if let Some(i) = other.iter().position(|e| e.peer == peer) {
+            if other[i].expires >= expires {
+                return false;
+            }
+            other.remove(i);
+        }
+        let list = &mut r.lists[c];
+        let mut addrs = addrs;
+        addrs.truncate(MAX_ADDRS);
+        let changed = match list.iter_mut().find(|e| e.peer == peer) {
+            Some(e) => {
+                if e.expires < expires {
+                    e.expires = expires;
+                    if !addrs.is_empty() {
+                        e.addrs = addrs;
+                    }
+                }
+                e.holding != holding
+            }
+            None => {
+                if list.len() >= ROSTER && list.last().is_some_and(|e| e.rank >= rank) {
+                    return false;
+                }
+                let at = list.partition_point(|e| e.rank > rank);
+                list.insert(
+                    at,
+                    Entry {
+                        peer,
+                        rank,
+                        holding,
+                        addrs,
+                        expires,
+                    },
+                );
+                list.truncate(ROSTER);
+                true
+            }
+        };
+        if changed {
+            self.changed.insert(root);
+        }
+        changed
+    }
+
+    /// Takes what a peer sent: its roster of `root`. Returns whether ours changed.
+    pub fn merge_listings(&mut self, root: Hash, listings: &[Listing], now: Instant) -> bool {
+        let mut changed = false;
+        for l in listings.iter().take(2 * ROSTER) {
+            let Ok(peer) = PeerId::from_bytes(&l.peer) else {
+                continue;
+            };
+            let addrs = l
+                .addrs
+                .iter()
+                .take(MAX_ADDRS)
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            let age = Duration::from_millis(l.age_ms as u64);
+            changed |= self.merge(root, peer, l.holding, addrs, age, now);
+        }
+        changed
+    }
+
+    /// Drops entries whose news is [`TTL`] old, and rosters left empty.
+    pub fn expire(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        for (root, r) in self.versions.iter_mut() {
+            let before = r.lists[0].len() + r.lists[1].len();
+            for l in r.lists.iter_mut() {
+                l.retain(|e| e.expires > now);
+            }
+            let after = r.lists[0].len() + r.lists[1].len();
+            if after == 0 {
+                gone.push(*root);
+            } else if after != before {
+                self.changed.insert(*root);
+            }
+        }
+        for root in gone {
+            self.versions.remove(&root);
+            self.changed.remove(&root);
+        }
+    }
+
+    /// `root`'s roster as it travels (ages as of `now`).
+    pub fn listings(&self, root: &Hash, now: Instant) -> Vec<Listing> {
+        let Some(r) = self.versions.get(root) else {
+            return Vec::new();
+        };
+        r.lists
+            .iter()
+            .flatten()
+            .filter(|e| e.expires > now)
+            .map(|e| Listing {
+                peer: e.peer.to_bytes(),
+                holding: e.holding,
+                addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+                age_ms: (TTL - e.expires.duration_since(now)).as_millis() as u32,
+            })
+            .collect()
+    }
+
+    /// Every version with a roster.
+    pub fn versions(&self) -> Vec<Hash> {
+        self.versions.keys().copied().collect()
+    }
+
+    /// Versions whose roster changed since the last call.
+    pub fn take_changed(&mut self) -> Vec<Hash> {
+        self.changed.drain().collect()
+    }
+
+    /// The pullers of `root` listed (seed, peer), for the scheduler's choice of origin
+    /// readers.
+    pub fn pullers(&self, root: &Hash) -> Vec<(u64, PeerId)> {
+        self.versions
+            .get(root)
+            .map(|r| {
+                r.lists[0]
+                    .iter()
+                    .map(|e| (peer_seed(&e.peer), e.peer))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The nodes listed for `root` (holders first), with where they listen.
+    pub fn nodes(&self, root: &Hash) -> Vec<(PeerId, Holding, Vec<Multiaddr>)> {
+        self.versions
+            .get(root)
+            .map(|r| {
+                r.lists[1]
+                    .iter()
+                    .chain(&r.lists[0])
+                    .map(|e| (e.peer, e.holding, e.addrs.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    /// Nodes that hear the same entries in any order, through any number of hops, end with
+    /// the same roster: the first [`ROSTER`] by rank.
+    #[test]
+    fn rosters_converge_on_the_first_by_rank_whatever_the_order() {
+        let root = Hash([3; 32]);
+        let peers = ids(100);
+        let now = Instant::now();
+        let mut a = Rosters::default();
+        let mut b = Rosters::default();
+        for p in &peers {
+            a.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, now);
+        }
+        // b hears them in reverse, half of them from a's roster.
+        for p in peers.iter().rev().take(50) {
+            b.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, now);
+        }
+        b.merge_listings(root, &a.listings(&root, now), now);
+        let mut want: Vec<(u64, PeerId)> = peers
+            .iter()
+            .map(|p| (mix(peer_seed(p) ^ key_of(&root)), *p))
+            .collect();
+        want.sort_by(|x, y| y.0.cmp(&x.0));
+        let want: Vec<PeerId> = want.iter().take(ROSTER).map(|x| x.1).collect();
+        let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(got(&a), want);
+        assert_eq!(got(&b), want);
+    }
+
+    /// News ages as it travels: an entry whose node stops listing itself expires everywhere
+    /// [`TTL`] after its last word, however often it is forwarded.
+    #[test]
+    fn entries_expire_after_their_nodes_last_word() {
+        let root = Hash([4; 32]);
+        let p = PeerId::random();
+        let t0 = Instant::now();
+        let mut a = Rosters::default();
+        a.merge(root, p, Holding::Pulling, vec![], Duration::ZERO, t0);
+        let mut b = Rosters::default();
+        // Forwarded back and forth every second, the age goes with it.
+        for s in 1..=12u64 {
+            let t = t0 + Duration::from_secs(s);
+            b.merge_listings(root, &a.listings(&root, t), t);
+            a.merge_listings(root, &b.listings(&root, t), t);
+            a.expire(t);
+            b.expire(t);
+            let alive = !b.pullers(&root).is_empty();
+            assert_eq!(alive, Duration::from_secs(s) < TTL, "second {s}");
+        }
+        assert!(a.versions().is_empty() && b.versions().is_empty());
+    }
+
+    /// A node that finished pulling moves from the pullers to the holders (newer news wins,
+    /// older news of it as a puller does not move it back).
+    #[test]
+    fn a_finished_puller_becomes_a_holder() {
+        let root = Hash([5; 32]);
+        let p = PeerId::random();
+        let t = Instant::now();
+        let mut r = Rosters::default();
+        r.merge(root, p, Holding::Pulling, vec![], Duration::from_secs(1), t);
+        assert!(r.merge(root, p, Holding::Complete, vec![], Duration::ZERO, t));
+        assert!(r.pullers(&root).is_empty());
+        assert!(!r.merge(root, p, Holding::Pulling, vec![], Duration::from_secs(2), t));
+        assert_eq!(r.nodes(&root)[0].1, Holding::Complete);
+        // Mounts are not listed.
+        assert!(!r.merge(
+            root,
+            PeerId::random(),
+            Holding::Mounted,
+            vec![],
+            Duration::ZERO,
+            t
+        ));
+    }
+
+    /// Bounded: at most [`ROSTER`] per list and [`MAX_VERSIONS`] versions, whatever is sent.
+    #[test]
+    fn rosters_are_bounded() {
+        let t = Instant::now();
+        let mut r = Rosters::default();
+        for v in 0..(MAX_VERSIONS + 10) {
+            let mut root = [0u8; 32];
+            root[..8].copy_from_slice(&(v as u64).to_le_bytes());
+            for p in ids(3) {
+                r.merge(Hash(root), p, Holding::Complete, vec![], Duration::ZERO, t);
+            }
+        }
+        assert_eq!(r.versions().len(), MAX_VERSIONS);
+        let root = Hash([9; 32]);
+        let flood: Vec<Listing> = ids(500)
+            .iter()
+            .map(|p| Listing {
+                peer: p.to_bytes(),
+                holding: Holding::Pulling,
+                addrs: vec!["/ip4/10.0.0.1/tcp/1".into(); 50],
+                age_ms: 0,
+            })
+            .collect();
+        r.merge_listings(root, &flood, t);
+        assert_eq!(r.pullers(&root).len(), ROSTER);
+        assert!(r.nodes(&root).iter().all(|n| n.2.len() <= MAX_ADDRS));
+    }
+}
