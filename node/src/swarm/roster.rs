@@ -309,7 +309,7 @@ mod tests {
             .iter()
             .map(|p| (mix(peer_seed(p) ^ key_of(&root)), *p))
             .collect();
-        want.sort_by(|x, y| y.0.cmp(&x.0));
+        want.sort_by_key(|x| std::cmp::Reverse(x.0));
         let want: Vec<PeerId> = want.iter().take(ROSTER).map(|x| x.1).collect();
         let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
         assert_eq!(got(&a), want);
