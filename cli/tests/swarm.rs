@@ -690,3 +690,49 @@ fn a_relative_origin_path_is_the_commands_not_the_daemons() {
     );
     assert!(u(&r, "bytes_from_origin") >= bytes, "{r}");
 }
+
+/// A fleet larger than its nodes' peer sets: ten nodes that keep 3 peers each (4 at most)
+/// all bootstrap from the first, which lets most of them go; each finds others through hellos.
+/// Pulling together, they agree on the origin readers through their rosters though none sees
+/// every puller, so the origin serves each chunk about once, and every pull is exact.
+#[test]
+fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let names: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+    let ids: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            write(
+                &c.home(n).join("config.toml"),
+                b"[node.limits]\npeers = 3\n",
+            );
+            c.node(n, &[], &[])
+        })
+        .collect();
+    // Bounded: past the 10 s grace, the first node lets all but 3 go, and nobody keeps more
+    // than 4; everyone still has a peer.
+    let mut seen = Vec::new();
+    wait_for(60, "every peer set to be bounded", || {
+        seen = ids.iter().map(|&i| c.nodes[i].connected()).collect();
+        seen.iter().all(|&n| (1..=4).contains(&n)).then_some(())
+    });
+    eprintln!("peers per node: {seen:?}");
+    let reports = pull_at_once(&c, &ids, "ds@v1", &src);
+    let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
+    let peers: u64 = reports.iter().map(|r| u(r, "bytes_from_peers")).sum();
+    eprintln!(
+        "origin {:.3}x the version, peers {:.1}x",
+        origin as f64 / bytes as f64,
+        peers as f64 / bytes as f64
+    );
+    assert!(
+        origin < bytes + bytes / 4,
+        "origin served {origin} bytes for a {bytes}-byte version to 10 nodes"
+    );
+    assert!(peers >= 7 * bytes, "peers served only {peers} bytes");
+    for &i in &ids {
+        let n = c.nodes[i].connected();
+        assert!(n <= 4, "{} has {n} peers after the pull", c.nodes[i].name);
+    }
+}

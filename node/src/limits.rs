@@ -35,6 +35,11 @@ pub struct Limits {
     pub max_local_clients: usize,
     /// Connections at once on the metrics endpoint.
     pub max_metrics_clients: usize,
+    /// The peer set: a node dials peers it learns of until it has this many, accepts those
+    /// that dial it, and past one and a half times this closes the connections it needs least
+    /// (down to this many). A cluster of up to this many nodes is a full mesh; a larger fleet
+    /// finds who pulls and holds a version through rosters (docs/swarm.md).
+    pub peers: usize,
 }
 
 /// The defaults: a cluster of hundreds of nodes holds one bulk connection per pair in use,
@@ -53,6 +58,7 @@ impl Default for Limits {
             conn_buffer: 4 << 20,
             max_local_clients: 256,
             max_metrics_clients: 16,
+            peers: 48,
         }
     }
 }
@@ -81,13 +87,22 @@ impl Limits {
         let peers = (avail - l.max_local_clients - l.max_metrics_clients) / 3;
         l.max_connections = l.max_connections.min(peers).max(8);
         l.max_per_ip = l.max_per_ip.min(l.max_connections);
+        l.peers = l.peers.min(l.max_connections * 2 / 3).max(1);
         l
+    }
+
+    /// Past this many peers, the ones needed least are let go (down to [`Self::peers`]).
+    pub fn peers_high(&self) -> usize {
+        self.peers + self.peers / 2
     }
 
     /// Why these limits cannot work, if they cannot.
     pub fn check(&self) -> Result<(), String> {
         if self.max_connections == 0 || self.max_per_ip == 0 || self.max_per_peer == 0 {
             return Err("connection limits must be at least 1".into());
+        }
+        if self.peers == 0 {
+            return Err("peers must be at least 1".into());
         }
         if self.max_local_clients == 0 {
             return Err("max_local_clients must be at least 1".into());

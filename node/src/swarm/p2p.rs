@@ -324,6 +324,8 @@ pub async fn start(
         bootstrap: cfg.bootstrap.clone(),
         addrs: HashMap::new(),
         pending: HashMap::new(),
+        since: HashMap::new(),
+        let_go: HashMap::new(),
     };
     tokio::spawn(async move { ev.run(cmd_rx).await });
     Ok(shared)
@@ -340,9 +342,145 @@ struct EventLoop {
     /// proved the cluster key within the handshake deadline) and from where. Bounded by the
     /// connection limits.
     pending: HashMap<PeerId, (Instant, Option<IpAddr>)>,
+    /// When each admitted peer was admitted (a new one is never let go before [`GRACE`]).
+    since: HashMap<PeerId, Instant>,
+    /// Peers this node let go to keep its peer set bounded, and when: not admitted again for
+    /// [`COOLDOWN`] while the set is full. Bounded by [`MAX_PEERS`].
+    let_go: HashMap<PeerId, Instant>,
 }
 
+/// A peer just admitted is not let go before this (it exchanges hellos and learns others).
+const GRACE: Duration = Duration::from_secs(10);
+/// A peer let go is not taken back for this long while the peer set is full.
+const COOLDOWN: Duration = Duration::from_secs(60);
+
 impl EventLoop {
+    /// Peers admitted now.
+    fn admitted(&self) -> usize {
+        self.shared.admitted.lock().expect("poisoned").len()
+    }
+
+    /// How many more peers this node may dial now: up to [`Limits::peers`] admitted or on
+    /// the way.
+    fn dial_budget(&self) -> usize {
+        let on_the_way = self.pending.len()
+            + self
+                .swarm
+                .network_info()
+                .connection_counters()
+                .num_pending_outgoing() as usize;
+        self.shared
+            .limits
+            .peers
+            .saturating_sub(self.admitted() + on_the_way)
+    }
+
+    /// Past the high mark, lets go of the admitted peers needed least, down to the peer set's
+    /// size: those past their grace, sharing no version with this node first, then the
+    /// farthest by labels.
+    fn trim(&mut self) {
+        let admitted: Vec<PeerId> = self
+            .shared
+            .admitted
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .copied()
+            .collect();
+        let limits = &self.shared.limits;
+        if admitted.len() <= limits.peers_high() {
+            return;
+        }
+        let excess = admitted.len() - limits.peers;
+        let now = Instant::now();
+        let mine: Vec<Hash> = self.shared.holdings().into_iter().map(|(r, _)| r).collect();
+        let mut victims: Vec<(bool, u8, u64, PeerId)> = {
+            let peers = self.shared.peers.lock().expect("poisoned");
+            admitted
+                .iter()
+                .filter(|p| {
+                    self.since
+                        .get(p)
+                        .is_some_and(|t| now.duration_since(*t) >= GRACE)
+                })
+                .map(|id| {
+                    let p = peers.get(id);
+                    let shares = p.is_some_and(|p| mine.iter().any(|r| p.versions.contains_key(r)));
+                    let distance = p.map_or(3, |p| self.shared.labels.distance(&p.labels));
+                    (shares, u8::MAX - distance, roster::peer_seed(id), *id)
+                })
+                .collect()
+        };
+        victims.sort();
+        for (_, _, _, peer) in victims.into_iter().take(excess) {
+            tracing::debug!(%peer, "letting go of a peer: the peer set is full");
+            if self.let_go.len() >= MAX_PEERS {
+                self.let_go.retain(|_, t| now.duration_since(*t) < COOLDOWN);
+            }
+            if self.let_go.len() < MAX_PEERS {
+                self.let_go.insert(peer, now);
+            }
+            self.shared.admitted.lock().expect("poisoned").remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Dials nodes the rosters list for versions this node pulls when none of its peers
+    /// holds or pulls them (they are outside its peer set): a few, past the dial budget if
+    /// need be, up to the high mark.
+    fn dial_for_rosters(&mut self) {
+        let pulling: Vec<Hash> = self
+            .shared
+            .local
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter(|(_, v)| v.holding == Holding::Pulling)
+            .map(|(r, _)| *r)
+            .collect();
+        let mut room = self
+            .shared
+            .limits
+            .peers_high()
+            .saturating_sub(self.admitted() + self.pending.len());
+        for root in pulling {
+            if room == 0 {
+                return;
+            }
+            let served = self
+                .shared
+                .peers
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .any(|(id, p)| {
+                    self.shared.can_ask(id, p)
+                        && p.versions
+                            .get(&root)
+                            .is_some_and(|v| v.holding != Holding::Mounted)
+                });
+            if served {
+                continue;
+            }
+            let nodes = self.shared.rosters.lock().expect("poisoned").nodes(&root);
+            for (peer, _, addrs) in nodes.into_iter().take(2) {
+                if room == 0 {
+                    return;
+                }
+                if peer == self.shared.peer_id
+                    || addrs.is_empty()
+                    || self.swarm.is_connected(&peer)
+                    || !self.shared.may_dial(&peer)
+                {
+                    continue;
+                }
+                self.remember(peer, addrs.clone());
+                dial_peer(&mut self.swarm, peer, addrs);
+                room -= 1;
+            }
+        }
+    }
+
     fn hello(&self) -> Hello {
         let s = &self.shared;
         let versions = s.holdings().into_iter().map(|(r, h)| (r.0, h)).collect();
@@ -436,7 +574,9 @@ impl EventLoop {
             }
             self.remember(peer, own);
         }
-        // Peer exchange: connect to peers of the swarm we do not know yet.
+        // Peer exchange: connect to peers of the swarm we do not know yet (while the peer
+        // set has room; all are remembered, for later).
+        let mut budget = self.dial_budget();
         for (id, addrs) in h.peers.into_iter().take(MAX_HELLO_PEERS) {
             let Ok(id) = id.parse::<PeerId>() else {
                 continue;
@@ -455,7 +595,13 @@ impl EventLoop {
             for a in &addrs {
                 self.swarm.add_peer_address(id, a.clone());
             }
-            dial_peer(&mut self.swarm, id, addrs);
+            if !self.addrs.contains_key(&id) {
+                self.remember(id, addrs.clone());
+            }
+            if budget > 0 {
+                budget -= 1;
+                dial_peer(&mut self.swarm, id, addrs);
+            }
         }
     }
 
@@ -482,6 +628,9 @@ impl EventLoop {
     fn admit(&mut self, peer: PeerId, ip: Option<IpAddr>) {
         self.pending.remove(&peer);
         let new = self.shared.admitted.lock().expect("poisoned").insert(peer);
+        if new {
+            self.since.insert(peer, Instant::now());
+        }
         {
             let mut peers = self.shared.peers.lock().expect("poisoned");
             if !peers.contains_key(&peer) && peers.len() >= MAX_PEERS {
@@ -778,15 +927,24 @@ impl EventLoop {
                             dial_addr(&mut self.swarm, &a);
                         }
                     }
+                    let now = Instant::now();
                     let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
                         .addrs
                         .iter()
-                        .filter(|(p, a)| !a.is_empty() && !self.swarm.is_connected(p) && self.shared.may_dial(p))
+                        .filter(|(p, a)| {
+                            !a.is_empty()
+                                && !self.swarm.is_connected(p)
+                                && self.shared.may_dial(p)
+                                && self.let_go.get(p).is_none_or(|t| now.duration_since(*t) >= COOLDOWN)
+                        })
                         .map(|(p, a)| (*p, a.clone()))
+                        .take(self.dial_budget())
                         .collect();
                     for (peer, addrs) in lost {
                         dial_peer(&mut self.swarm, peer, addrs);
                     }
+                    self.dial_for_rosters();
+                    self.trim();
                 }
             }
         }
@@ -811,6 +969,17 @@ impl EventLoop {
                 }
                 if self.shared.is_member(&peer_id) {
                     return; // a further connection of an admitted peer
+                }
+                let full = self.admitted() >= self.shared.limits.peers;
+                if full
+                    && self
+                        .let_go
+                        .get(&peer_id)
+                        .is_some_and(|t| t.elapsed() < COOLDOWN)
+                {
+                    tracing::debug!(peer = %peer_id, "not taken back: the peer set is full");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
                 }
                 let me = self.shared.peer_id;
                 match self
@@ -842,6 +1011,7 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.pending.remove(&peer_id);
+                self.since.remove(&peer_id);
                 self.shared
                     .admitted
                     .lock()
@@ -892,7 +1062,7 @@ impl EventLoop {
                         known.push(addr.clone());
                     }
                     self.remember(peer, known);
-                    if !self.swarm.is_connected(&peer) {
+                    if !self.swarm.is_connected(&peer) && self.dial_budget() > 0 {
                         dial_peer(&mut self.swarm, peer, vec![addr]);
                     }
                 }
