@@ -124,7 +124,7 @@ impl Drop for Mounted {
             }
         }
         drop(through);
-        self.swarm.send(Cmd::Announce);
+        self.swarm.announce();
     }
 }
 
@@ -276,11 +276,12 @@ pub struct Counters {
     pub active_pulls: AtomicU64,
 }
 
-/// Requests to the libp2p event loop.
+/// Requests to the libp2p event loop (through a bounded queue: one that is full drops a
+/// request, which is repeated anyway: a pull asks for a missing map at every poll, and the
+/// event loop disconnects banned peers it finds connected every few seconds). Announcements
+/// go through [`Swarm::announce`] instead, which coalesces.
 #[derive(Debug)]
 pub(crate) enum Cmd {
-    /// Tell every connected peer what this node now holds.
-    Announce,
     /// Ask a peer for its have-map of a version.
     QueryHave(PeerId, Hash),
     /// Drop a peer that misbehaved.
@@ -314,7 +315,10 @@ pub struct Swarm {
     pub bulk_addr: Mutex<Option<SocketAddr>>,
     pub banned: Mutex<HashSet<PeerId>>,
     pub counters: Counters,
-    pub(crate) cmd: mpsc::UnboundedSender<Cmd>,
+    pub(crate) cmd: mpsc::Sender<Cmd>,
+    /// Set when what this node holds changed: the event loop tells its peers (once for any
+    /// number of changes since it last did).
+    pub(crate) announce: tokio::sync::Notify,
     pub(crate) clients: Mutex<HashMap<PeerId, Arc<bulk::Client>>>,
     /// Where pack indexes are cached (served to peers like chunks: they are named by hash).
     pub(crate) pack_cache: std::path::PathBuf,
@@ -396,8 +400,17 @@ pub struct VersionStatus {
 }
 
 impl Swarm {
+    /// Queues a request to the event loop; never waits (see [`Cmd`] for why a full queue may
+    /// drop it).
     pub(crate) fn send(&self, cmd: Cmd) {
-        let _ = self.cmd.send(cmd);
+        if let Err(e) = self.cmd.try_send(cmd) {
+            tracing::debug!("swarm event loop busy, request dropped: {e}");
+        }
+    }
+
+    /// Tells the peers, soon, what this node now holds.
+    pub(crate) fn announce(&self) {
+        self.announce.notify_one();
     }
 
     /// Whether chunks can be asked of this peer now: connected, with a bulk address, admitted.
@@ -445,7 +458,7 @@ impl Swarm {
             },
         );
         drop(local);
-        self.send(Cmd::Announce);
+        self.announce();
     }
 
     /// Announces that a mount reads `root` here and can fetch its blobs for peers, until the
@@ -458,7 +471,7 @@ impl Swarm {
             .entry(root)
             .or_default()
             .push((token, fetcher));
-        self.send(Cmd::Announce);
+        self.announce();
         Mounted {
             swarm: self.clone(),
             root,
@@ -499,7 +512,7 @@ impl Swarm {
             local.remove(root);
         }
         drop(local);
-        self.send(Cmd::Announce);
+        self.announce();
     }
 
     /// Stops announcing a version held whole (it is no longer: gc or eviction took part of
@@ -510,7 +523,7 @@ impl Swarm {
             local.remove(root);
         }
         drop(local);
-        self.send(Cmd::Announce);
+        self.announce();
     }
 
     /// The versions announced as held whole.

@@ -41,6 +41,8 @@ pub const MAX_DELTA: usize = 64 * 1024;
 /// landed here is known to them within this (plus a round trip), where a polled map took a
 /// poll period (250 ms).
 const DELTA_EVERY: Duration = Duration::from_millis(20);
+/// Requests queued to the event loop (have-map queries, bans).
+const CMD_QUEUE: usize = 1024;
 /// Rosters per message: 32 versions of up to 2 x 16 entries of ~150 bytes stay well within
 /// [`MAX_CTL_REQUEST`].
 const ROSTERS_PER_MESSAGE: usize = 32;
@@ -273,7 +275,7 @@ pub async fn start(
         .local_addr()
         .map_err(|e| Error::Net(format!("bulk channel address: {e}")))?;
 
-    let (cmd, cmd_rx) = mpsc::unbounded_channel();
+    let (cmd, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let shared = Arc::new(Swarm {
         peer_id,
         labels: cfg.labels.clone(),
@@ -289,6 +291,7 @@ pub async fn start(
         banned: Mutex::new(Default::default()),
         counters: Default::default(),
         cmd,
+        announce: tokio::sync::Notify::new(),
         clients: Mutex::new(HashMap::new()),
         pack_cache,
         fault: std::env::var("SHOAL_FAULT_INJECT").ok(),
@@ -864,7 +867,9 @@ impl EventLoop {
         }
     }
 
-    async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    /// Runs until the swarm is dropped. Not cancel-safe (it owns the libp2p swarm): spawned
+    /// once, never raced.
+    async fn run(&mut self, mut cmds: mpsc::Receiver<Cmd>) {
         let mut redial = tokio::time::interval(Duration::from_secs(3));
         let mut deltas = tokio::time::interval(DELTA_EVERY);
         deltas.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -888,16 +893,22 @@ impl EventLoop {
                     self.send_rosters(all);
                 }
                 ev = self.swarm.select_next_some() => self.on_event(ev),
+                _ = self.shared.announce.notified() => {
+                    self.list_self();
+                    let hello = self.hello();
+                    // Admitted peers only: one still proving the cluster key learns nothing.
+                    let peers: Vec<PeerId> = self
+                        .swarm
+                        .connected_peers()
+                        .filter(|p| self.shared.is_member(p))
+                        .copied()
+                        .collect();
+                    for p in peers {
+                        self.swarm.behaviour_mut().ctl.send_request(&p, Req::Hello(hello.clone()));
+                    }
+                }
                 cmd = cmds.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Announce) => {
-                        self.list_self();
-                        let hello = self.hello();
-                        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-                        for p in peers {
-                            self.swarm.behaviour_mut().ctl.send_request(&p, Req::Hello(hello.clone()));
-                        }
-                    }
                     Some(Cmd::QueryHave(peer, root)) => {
                         if self.swarm.is_connected(&peer) {
                             self.swarm.behaviour_mut().ctl.send_request(&peer, Req::Have(root.0));
@@ -919,6 +930,17 @@ impl EventLoop {
                         .collect();
                     for p in late {
                         self.refuse(p, "did not prove the cluster key in time");
+                    }
+                    // Banned peers still connected (a ban request the full queue dropped).
+                    let banned: Vec<PeerId> = self
+                        .swarm
+                        .connected_peers()
+                        .filter(|p| self.shared.is_banned(p))
+                        .copied()
+                        .collect();
+                    for p in banned {
+                        self.swarm.behaviour_mut().banned.block_peer(p);
+                        self.refuse(p, "banned after repeated faults");
                     }
                     // Peers come back after restarts: redial the ones we knew, and the
                     // bootstrap addresses while we know nobody.
