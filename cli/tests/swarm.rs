@@ -3,63 +3,12 @@
 
 mod common;
 
-use common::{assert_same_tree, random_bytes, sample_tree, write, BIN};
+use common::cluster::{dataset, ok_json, pull_at_once, setup, u};
+use common::{assert_same_tree, random_bytes, write, BIN};
 use serde_json::Value;
 use shoal_testnet::{wait_for, Cluster};
 use std::path::Path;
 use std::process::Stdio;
-
-/// A dataset of ~12 MiB: several multi-chunk files plus the usual odd entries.
-fn dataset(root: &Path) -> u64 {
-    sample_tree(root);
-    for i in 0..4 {
-        write(
-            &root.join(format!("shards/s{i}")),
-            &random_bytes(900 + i, 2_500_000),
-        );
-    }
-    let mut n = 0;
-    for e in walk(root) {
-        n += e;
-    }
-    n
-}
-
-fn walk(root: &Path) -> Vec<u64> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(root).unwrap() {
-        let e = e.unwrap();
-        let m = std::fs::symlink_metadata(e.path()).unwrap();
-        if m.is_dir() {
-            v.extend(walk(&e.path()));
-        } else if m.is_file() {
-            v.push(m.len());
-        }
-    }
-    v
-}
-
-/// Runs a `shoal --json ...` command, asserts it succeeded (showing its stderr), parses stdout.
-fn ok_json(cmd: &mut std::process::Command) -> Value {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
-}
-
-fn setup(c: &Cluster) -> (std::path::PathBuf, u64) {
-    let src = c.dir.path().join("src");
-    let bytes = dataset(&src);
-    c.publish(&src, "ds@v1");
-    (src, bytes)
-}
 
 #[test]
 fn pulls_come_from_peers_and_status_reports_them() {
@@ -161,37 +110,6 @@ fn four_connected_nodes(c: &mut Cluster) -> Vec<usize> {
         c.nodes[i].wait_peers(3);
     }
     ids
-}
-
-/// Pulls `reference` on the nodes `ids` at once, each into its own directory; checks every
-/// pull succeeded with the tree of `src`; returns their reports.
-fn pull_at_once(c: &Cluster, ids: &[usize], reference: &str, src: &Path) -> Vec<Value> {
-    let children: Vec<_> = ids
-        .iter()
-        .map(|&i| {
-            let out = c.dir.path().join(format!("out{i}"));
-            c.nodes[i]
-                .cmd(&["--json", "pull", reference, "--to", out.to_str().unwrap()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .zip(ids)
-        .map(|(ch, i)| {
-            let out = ch.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_same_tree(src, &c.dir.path().join(format!("out{i}")));
-            serde_json::from_slice(&out.stdout).unwrap()
-        })
-        .collect()
 }
 
 #[test]
@@ -689,50 +607,4 @@ fn a_relative_origin_path_is_the_commands_not_the_daemons() {
             .env("SHOAL_ORIGIN", origin.file_name().unwrap()),
     );
     assert!(u(&r, "bytes_from_origin") >= bytes, "{r}");
-}
-
-/// A fleet larger than its nodes' peer sets: ten nodes that keep 3 peers each (4 at most)
-/// all bootstrap from the first, which lets most of them go; each finds others through hellos.
-/// Pulling together, they agree on the origin readers through their rosters though none sees
-/// every puller, so the origin serves each chunk about once, and every pull is exact.
-#[test]
-fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once() {
-    let mut c = Cluster::new(BIN);
-    let (src, bytes) = setup(&c);
-    let names: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
-    let ids: Vec<usize> = names
-        .iter()
-        .map(|n| {
-            write(
-                &c.home(n).join("config.toml"),
-                b"[node.limits]\npeers = 3\n",
-            );
-            c.node(n, &[], &[])
-        })
-        .collect();
-    // Bounded: past the 10 s grace, the first node lets all but 3 go, and nobody keeps more
-    // than 4; everyone still has a peer.
-    let mut seen = Vec::new();
-    wait_for(60, "every peer set to be bounded", || {
-        seen = ids.iter().map(|&i| c.nodes[i].connected()).collect();
-        seen.iter().all(|&n| (1..=4).contains(&n)).then_some(())
-    });
-    eprintln!("peers per node: {seen:?}");
-    let reports = pull_at_once(&c, &ids, "ds@v1", &src);
-    let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
-    let peers: u64 = reports.iter().map(|r| u(r, "bytes_from_peers")).sum();
-    eprintln!(
-        "origin {:.3}x the version, peers {:.1}x",
-        origin as f64 / bytes as f64,
-        peers as f64 / bytes as f64
-    );
-    assert!(
-        origin < bytes + bytes / 4,
-        "origin served {origin} bytes for a {bytes}-byte version to 10 nodes"
-    );
-    assert!(peers >= 7 * bytes, "peers served only {peers} bytes");
-    for &i in &ids {
-        let n = c.nodes[i].connected();
-        assert!(n <= 4, "{} has {n} peers after the pull", c.nodes[i].name);
-    }
 }

@@ -337,3 +337,4 @@ pub fn assert_eio_within(path: &Path, bound: std::time::Duration) {
         "the read waited {waited:?}, beyond the bound"
     );
 }
+pub mod cluster;

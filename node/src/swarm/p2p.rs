@@ -347,14 +347,16 @@ struct EventLoop {
     pending: HashMap<PeerId, (Instant, Option<IpAddr>)>,
     /// When each admitted peer was admitted (a new one is never let go before [`GRACE`]).
     since: HashMap<PeerId, Instant>,
-    /// Peers this node let go to keep its peer set bounded, and when: not admitted again for
-    /// [`COOLDOWN`] while the set is full. Bounded by [`MAX_PEERS`].
+    /// Peers this node let go to keep its peer set bounded, and when: not redialed by this
+    /// node for [`COOLDOWN`]. (One that dials back is admitted, and gets this node's hello
+    /// with its peers: a node let go by the only peer it knew finds others that way.)
+    /// Bounded by [`MAX_PEERS`].
     let_go: HashMap<PeerId, Instant>,
 }
 
 /// A peer just admitted is not let go before this (it exchanges hellos and learns others).
 const GRACE: Duration = Duration::from_secs(10);
-/// A peer let go is not taken back for this long while the peer set is full.
+/// A peer let go is not redialed by the node that let it go for this long.
 const COOLDOWN: Duration = Duration::from_secs(60);
 
 impl EventLoop {
@@ -991,17 +993,6 @@ impl EventLoop {
                 }
                 if self.shared.is_member(&peer_id) {
                     return; // a further connection of an admitted peer
-                }
-                let full = self.admitted() >= self.shared.limits.peers;
-                if full
-                    && self
-                        .let_go
-                        .get(&peer_id)
-                        .is_some_and(|t| t.elapsed() < COOLDOWN)
-                {
-                    tracing::debug!(peer = %peer_id, "not taken back: the peer set is full");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
-                    return;
                 }
                 let me = self.shared.peer_id;
                 match self

@@ -37,10 +37,14 @@ use std::time::{Duration, Instant};
 /// Pullers (and, apart, holders) kept per version: twice the origin readers, so a reader that
 /// fails has a successor everyone knows.
 pub const ROSTER: usize = 16;
-/// How long an entry lives after its node last listed itself.
-pub const TTL: Duration = Duration::from_secs(10);
-/// How often a node lists itself and sends its rosters even when nothing changed.
-pub const REFRESH: Duration = Duration::from_secs(3);
+/// How long an entry lives after its node last listed itself. A reader that dies among a
+/// node's peers is dropped at once (its connection closes); one elsewhere in the fleet has its
+/// runs taken over by the scheduler after its quiet spell (seconds) long before this.
+pub const TTL: Duration = Duration::from_secs(30);
+/// How often a node lists itself and sends its rosters even when nothing changed: every
+/// roster to every peer, so this sets the control traffic of rosters (at most 32 entries of
+/// ~130 bytes per version and peer).
+pub const REFRESH: Duration = Duration::from_secs(10);
 /// Versions whose rosters are kept (the most recently heard of).
 pub const MAX_VERSIONS: usize = 256;
 /// Addresses kept per entry.
@@ -327,7 +331,7 @@ mod tests {
         a.merge(root, p, Holding::Pulling, vec![], Duration::ZERO, t0);
         let mut b = Rosters::default();
         // Forwarded back and forth every second, the age goes with it.
-        for s in 1..=12u64 {
+        for s in 1..=(TTL.as_secs() + 2) {
             let t = t0 + Duration::from_secs(s);
             b.merge_listings(root, &a.listings(&root, t), t);
             a.merge_listings(root, &b.listings(&root, t), t);
