@@ -522,3 +522,97 @@ fn libp2p_tls_peer(cert: &rustls::pki_types::CertificateDer<'static>) -> Option<
         .ok()
         .map(|c| c.peer_id())
 }
+
+/// A member that floods rosters: once connected to a node (it dials `target`, proving
+/// `key` if given), it lists `phantoms` pullers of `root` that do not exist, picked to rank
+/// before any real node (rendezvous on the version's key), every 500 ms. Dropping it stops it.
+pub struct RosterFlooder {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RosterFlooder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a [`RosterFlooder`] inside the current runtime.
+pub fn roster_flooder(
+    target: Multiaddr,
+    root: [u8; 32],
+    phantoms: usize,
+    key: Option<ClusterKey>,
+) -> RosterFlooder {
+    use libp2p::request_response as rr;
+    use libp2p::swarm::SwarmEvent;
+    use shoal_node::swarm::roster::{key_of, peer_seed};
+    use shoal_node::swarm::Holding;
+    let keypair = identity();
+    let me = keypair.public().to_peer_id();
+    // Ids in the top 1/1000 of ranks: ahead of every node of a small cluster.
+    let k = key_of(&shoal_registry::Hash(root));
+    let listings: Vec<wire::Listing> = std::iter::repeat_with(PeerId::random)
+        .filter(|p| shoal_sched::mix(peer_seed(p) ^ k) > u64::MAX - u64::MAX / 1000)
+        .take(phantoms)
+        .map(|p| wire::Listing {
+            peer: p.to_bytes(),
+            holding: Holding::Pulling,
+            addrs: vec!["/ip4/127.0.0.1/tcp/9".into()],
+            age_ms: 0,
+        })
+        .collect();
+    let mut swarm = attacker_swarm(keypair, Duration::from_secs(600));
+    let task = tokio::spawn(async move {
+        let _ = swarm.dial(target);
+        let mut peers = std::collections::HashSet::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for p in &peers {
+                        let r = Req::Roster(vec![(root, listings.clone())]);
+                        swarm.behaviour_mut().ctl.send_request(p, r);
+                    }
+                }
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        peers.insert(peer_id);
+                        if let Some(k) = &key {
+                            let p = k.proof(Channel::Control, &me, &peer_id);
+                            swarm.behaviour_mut().auth.send_request(&peer_id, Auth(p));
+                        }
+                    }
+                    SwarmEvent::Behaviour(AttackerEvent::Auth(rr::Event::Message {
+                        peer,
+                        message: rr::Message::Request { channel, .. },
+                        ..
+                    })) => {
+                        let p = key
+                            .as_ref()
+                            .map_or([0; 32], |k| k.proof(Channel::Control, &me, &peer));
+                        let _ = swarm.behaviour_mut().auth.send_response(channel, Auth(p));
+                    }
+                    SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
+                        message: rr::Message::Request { request, channel, .. },
+                        ..
+                    })) => {
+                        let resp = match request {
+                            Req::Have(r) => Resp::Have(r, None),
+                            Req::Hello(_) => Resp::Hello(wire::Hello {
+                                labels: Default::default(),
+                                bulk_port: 1,
+                                listen: Vec::new(),
+                                versions: Vec::new(),
+                                peers: Vec::new(),
+                            }),
+                            Req::HaveDelta(_) | Req::Roster(_) => Resp::Ack,
+                        };
+                        let _ = swarm.behaviour_mut().ctl.send_response(channel, resp);
+                    }
+                    _ => {}
+                },
+            }
+        }
+    });
+    RosterFlooder { task }
+}

@@ -326,6 +326,16 @@ pub struct Pull<P> {
     origin_since: Option<Instant>,
     /// Runs (by number) this node took over from an owner that let them wait too long.
     taken: HashSet<usize>,
+    /// When each member (a puller the content routing lists) was first among the chosen
+    /// origin readers, and the members that showed a sign of life since (a chunk of a run it
+    /// owns held by a peer in view other than itself) or were judged dead: a reader that
+    /// shows none within a quiet spell of being chosen is left out *before* the readers are
+    /// chosen, by every node alike (a node that does not exist, listed by a hostile member,
+    /// shows none to anyone), and the next by rank reads in its place. Members judged dead
+    /// stay so (a later sign may be another node's takeover of its runs).
+    reader_since: HashMap<P, Instant>,
+    alive: HashSet<P>,
+    dead: HashSet<P>,
 }
 
 impl<P: PeerKey> Pull<P> {
@@ -396,6 +406,9 @@ impl<P: PeerKey> Pull<P> {
             max_gap: Duration::ZERO,
             origin_since: None,
             taken: HashSet::default(),
+            reader_since: HashMap::default(),
+            alive: HashSet::default(),
+            dead: HashSet::default(),
             cfg,
         }
     }
@@ -468,6 +481,11 @@ impl<P: PeerKey> Pull<P> {
     pub fn set_pullers(&mut self, pullers: Option<Vec<(u64, P)>>) {
         if let Some(m) = &pullers {
             self.departed.retain(|d| m.iter().any(|(_, p)| p == d));
+            // Bounded by what was listed lately (a roster of a few dozen).
+            if self.reader_since.len() > 4 * m.len() + 64 {
+                self.reader_since
+                    .retain(|k, _| m.iter().any(|(_, p)| p == k));
+            }
         } else {
             self.departed.clear();
         }
@@ -594,12 +612,34 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         if let Some(members) = &self.members {
-            pullers = members
+            // Readers with no sign of life a quiet spell after they were chosen are dead.
+            let spell = self.stuck_after();
+            for (_, p) in members {
+                if *p == self.me || self.alive.contains(p) || self.dead.contains(p) {
+                    continue;
+                }
+                if self
+                    .reader_since
+                    .get(p)
+                    .is_some_and(|t| now.saturating_duration_since(*t) >= spell)
+                {
+                    self.dead.insert(*p);
+                }
+            }
+            let dead = &self.dead;
+            let listed: Vec<(u64, P)> = members
                 .iter()
-                .filter(|(_, p)| *p != self.me)
+                .filter(|(_, p)| *p != self.me && !dead.contains(p))
                 .copied()
-                .chain([(self.my_seed, self.me)])
                 .collect();
+            // Every listed puller dead (a roster filled with nodes that do not exist): the
+            // pullers in view, as in a full mesh, rather than this node alone.
+            if !listed.is_empty() || members.iter().all(|(_, p)| *p == self.me) {
+                pullers = listed
+                    .into_iter()
+                    .chain([(self.my_seed, self.me)])
+                    .collect();
+            }
         }
         // The origin readers: the first few by rendezvous on the version, less those seen to
         // fail (chosen before, not after, leaving those out: then only a failing reader's
@@ -609,6 +649,13 @@ impl<P: PeerKey> Pull<P> {
             let key = self.key;
             pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
             pullers.truncate(cfg.origin_readers.max(1));
+        }
+        if self.members.is_some() {
+            for (_, p) in &pullers {
+                if *p != self.me {
+                    self.reader_since.entry(*p).or_insert(now);
+                }
+            }
         }
         pullers.retain(|(_, p)| !failing.contains(p) && !self.departed.contains(p));
         if pullers.is_empty() {
@@ -653,6 +700,39 @@ impl<P: PeerKey> Pull<P> {
             self.owners = Some((pullers.clone(), owners));
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
+        // Signs of life of the readers: a chunk of a run one owns, held by a peer other than
+        // itself (its own map may claim anything). Only while a reader is undecided.
+        if polled && self.members.is_some() {
+            let undecided: Vec<P> = pullers
+                .iter()
+                .map(|(_, p)| *p)
+                .filter(|p| *p != self.me && !self.alive.contains(p) && !self.dead.contains(p))
+                .collect();
+            for o in undecided {
+                let mut others = vec![0u64; self.marks.live.len()];
+                for (p, e) in &views {
+                    if *p == o {
+                        continue;
+                    }
+                    if e.info.holding == Holding::Complete {
+                        others.fill(u64::MAX);
+                        break;
+                    }
+                    if let Some(h) = &e.have {
+                        others.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
+                    }
+                }
+                let shown = self
+                    .porder
+                    .chunks(cfg.run)
+                    .enumerate()
+                    .filter(|(k, _)| run_owner[*k] == o)
+                    .any(|(_, run)| run.iter().any(|&i| others[i / 64] & (1 << (i % 64)) != 0));
+                if shown {
+                    self.alive.insert(o);
+                }
+            }
+        }
         if polled {
             let owners = origin_readers(cfg.run, &self.porder, &self.marks.state, in_union, |k| {
                 run_owner[k]

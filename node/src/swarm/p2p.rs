@@ -1149,11 +1149,30 @@ impl EventLoop {
                             Req::Roster(list) => {
                                 let now = Instant::now();
                                 let me = self.shared.peer_id.to_bytes();
+                                // What it says of this node is not news here; nodes this one
+                                // would not admit (banned, or off the members list of a
+                                // members-only node) are not listed.
+                                let admissible = |l: &Listing| {
+                                    l.peer != me
+                                        && PeerId::from_bytes(&l.peer).is_ok_and(|p| {
+                                            !self.shared.is_banned(&p)
+                                                && (self.shared.admission.key.is_some()
+                                                    || self
+                                                        .shared
+                                                        .admission
+                                                        .members
+                                                        .as_ref()
+                                                        .is_none_or(|m| m.contains(&p)))
+                                        })
+                                };
                                 let mut rosters = self.shared.rosters.lock().expect("poisoned");
                                 for (root, listings) in list.iter().take(roster::MAX_VERSIONS) {
-                                    // What it says of this node is not news here.
-                                    let others: Vec<Listing> =
-                                        listings.iter().filter(|l| l.peer != me).cloned().collect();
+                                    let others: Vec<Listing> = listings
+                                        .iter()
+                                        .take(2 * roster::ROSTER)
+                                        .filter(|l| admissible(l))
+                                        .cloned()
+                                        .collect();
                                     rosters.merge_listings(Hash(*root), &others, now);
                                 }
                                 Resp::Ack

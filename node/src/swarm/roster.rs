@@ -23,8 +23,9 @@
 //! at most 2 x [`ROSTER`] entries per change or per [`REFRESH`].
 //!
 //! A hostile member can list nodes that do not exist, ranked first: they become readers that
-//! never read, whose runs the scheduler takes over after its quiet spell (seconds), as with a
-//! reader that stalls. Ranks are worked out here from peer ids, never taken from the sender.
+//! never read, which the scheduler judges dead after a quiet spell with no sign of life and
+//! replaces by the next by rank (`shoal_sched::Pull`, `reader_since`). Ranks are worked out
+//! here from peer ids, never taken from the sender.
 
 use super::Holding;
 use libp2p::{Multiaddr, PeerId};

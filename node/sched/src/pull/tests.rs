@@ -474,14 +474,29 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
         let rest: Vec<(u64, u32)> = members.iter().copied().filter(|m| m.1 != without).collect();
         owner_of(&rest, mix(run as u64 * 32))
     };
-    // Each node pulls alone, so for it the other two deliver nothing: after one quiet spell
-    // it reads the runs of each other owner for which it is next in line, and no others.
+    // Each node pulls next to one peer (9) that got the first chunk of each other owner's
+    // first run (so those owners showed they read), and nothing more arrives: after one quiet
+    // spell it reads the runs of each other owner for which it is next in line, and no others.
     for me in [1u32, 2, 3] {
         let mut p = pull(me, n, t0);
         p.set_pullers(Some(members.clone()));
-        // Its own runs first; they land.
-        let first = origin_reads(&p.poll(t0));
-        let mine = drain_origin(&mut p, t(t0, 10), first);
+        let shown: Vec<usize> = [1u32, 2, 3]
+            .iter()
+            .filter(|&&m| m != me)
+            .map(|&m| (0..8).find(|&r| owner(0, r) == m).expect("owns a run") * 32)
+            .collect();
+        let mut map = HaveMap::new(n);
+        shown.iter().for_each(|&i| map.set(i));
+        p.set_source(9, source(9, Holding::Pulling, t0));
+        p.set_have(9, Some(map), true);
+        // Its own runs first, and the peer's chunks; they land.
+        let acts = p.poll(t0);
+        for (peer, chunks) in requests(&acts) {
+            for i in chunks {
+                p.on_peer(t(t0, 10), peer, i, Outcome::Stored(LEN));
+            }
+        }
+        let mine = drain_origin(&mut p, t(t0, 10), origin_reads(&acts));
         assert!(mine.iter().all(|&i| owner(0, i / 32) == me));
         let spell = Config::default().stuck;
         let quiet = t0 + spell - Duration::from_millis(20);
@@ -489,6 +504,7 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
         let at = t0 + spell + Duration::from_millis(20);
         let first = origin_reads(&p.poll(at));
         let taken = drain_origin(&mut p, at, first);
+        assert!(taken.iter().all(|i| !shown.contains(i)));
         let expect: std::collections::BTreeSet<usize> = (0..8)
             .filter(|&r| owner(0, r) != me && owner(owner(0, r), r) == me)
             .collect();
@@ -502,6 +518,66 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
             "node {me} takes exactly the runs it is next in line for"
         );
     }
+}
+
+/// Readers that do not exist (listed by a hostile member, ranked first) show no sign of
+/// life to anyone: a quiet spell after they were chosen, every node leaves them out before
+/// choosing, the next by rank read in their place, and the runs are shared among them as
+/// every node agrees (not read by every node that waits).
+#[test]
+fn readers_that_show_no_sign_of_life_are_replaced_by_the_next_by_rank() {
+    let t0 = Instant::now();
+    let n = 32 * 64;
+    let readers = Config::default().origin_readers;
+    // Members 1..=20 are real; the 8 phantoms 100.. are chosen to rank first.
+    let real: Vec<(u64, u32)> = (1..=20u32).map(|p| (seed(p), p)).collect();
+    let rank = |m: &(u64, u32)| mix(m.0 ^ 7);
+    let floor = real.iter().map(rank).max().unwrap();
+    let phantoms: Vec<(u64, u32)> = (100..100_000u32)
+        .map(|p| (seed(p), p))
+        .filter(|m| rank(m) > floor)
+        .take(readers)
+        .collect();
+    assert_eq!(phantoms.len(), readers);
+    let members: Vec<(u64, u32)> = real.iter().chain(&phantoms).copied().collect();
+    let mut ranked = real.clone();
+    ranked.sort_by_key(|m| std::cmp::Reverse(rank(m)));
+    let next: Vec<(u64, u32)> = ranked[..readers].to_vec();
+    let spell = Config::default().stuck;
+    let mut read_by: HashMap<usize, u32> = HashMap::default();
+    for &(_, me) in &real {
+        let mut p = pull(me, n, t0);
+        p.set_pullers(Some(members.clone()));
+        assert!(
+            origin_reads(&p.poll(t0)).is_empty(),
+            "node {me}: the phantoms are the readers at first"
+        );
+        let quiet = t0 + spell - Duration::from_millis(20);
+        p.set_pullers(Some(members.clone()));
+        assert!(
+            origin_reads(&p.poll(quiet)).is_empty(),
+            "node {me} waits a spell"
+        );
+        let at = t0 + spell + Duration::from_millis(20);
+        p.set_pullers(Some(members.clone()));
+        let first = origin_reads(&p.poll(at));
+        let read = drain_origin(&mut p, at, first);
+        assert_eq!(
+            !read.is_empty(),
+            next.iter().any(|m| m.1 == me),
+            "node {me}: the next {readers} by rank read"
+        );
+        for i in read {
+            assert!(
+                read_by.insert(i, me).is_none(),
+                "chunk {i} read by {me} and {:?}",
+                read_by.get(&i)
+            );
+            assert_eq!(owner_of(&next, mix(i as u64 / 32 * 32)), me);
+        }
+    }
+    // Every chunk read once, by its owner among the next readers.
+    assert_eq!(read_by.len(), n);
 }
 
 /// What is in flight to a peer follows the rate measured from it: the least window until it
