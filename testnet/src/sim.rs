@@ -10,10 +10,12 @@
 //! have-map queries and answers) take the path's delay and are counted in bytes, as is each
 //! request frame. Zones set the delay: `--rtt-ms` within a zone, `--zone-rtt-ms` across.
 //!
-//! Two ways for nodes to find each other. The mesh (`peers: 0`) is today's node: every node
-//! connects to every node it learns of, hears every co-puller's announcements and polls
-//! their whole have-maps, and the origin readers are worked out from the pullers it is
-//! connected to. The fleet (`peers: K`) is the design for hundreds of nodes and more: each
+//! Two ways for nodes to find each other. The mesh (`peers: 0`) is the node as it was before
+//! its fleet design landed: every node connects to every node it learns of, hears every
+//! co-puller's announcements and polls their whole have-maps, and the origin readers are
+//! worked out from the pullers it is connected to. The fleet (`peers: K`) is the node's
+//! design (bounded peer sets, pushed deltas, rosters, docs/swarm.md) for hundreds of nodes
+//! and more: each
 //! node dials others (two in three in its own zone) until it has K connections, as a
 //! connection manager's low watermark does, and accepts up to K + K/2, so it has K to 1.5 K
 //! connections whatever N is (dialling only K/2 left some nodes with 4, starved); peers
@@ -70,7 +72,7 @@ pub struct Setup {
     /// Fraction of the nodes that advertise every chunk, take requests and never answer them
     /// (their control plane alive: `SHOAL_FAULT_INJECT=stall`).
     pub stallers: f64,
-    /// Connections each node aims for (0: a full mesh, as the node is today).
+    /// Connections each node aims for (0: a full mesh with polled have-maps).
     pub peers: usize,
     /// How long a node gathers the chunks it gains before it pushes them to its neighbours
     /// as one have-delta.
@@ -1382,7 +1384,7 @@ mod tests {
     }
 
     /// Killed nodes come back and finish; liars are banned and stallers passed over, and
-    /// neither costs a pull: in the mesh (the node today) and in the fleet design.
+    /// neither costs a pull: in the mesh (polled maps) and in the fleet design.
     #[test]
     fn churn_liars_and_stallers_cost_seconds_not_the_pull() {
         for peers in [0, 8] {
