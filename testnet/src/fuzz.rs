@@ -236,12 +236,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     map.set(129);
     futures::executor::block_on(async {
         let mut c = libp2p::request_response::cbor::codec::Codec::<Req, Resp>::default();
-        let delta = shoal_node::swarm::wire::Delta {
-            root: [2; 32],
-            epoch: 7,
-            from: 0,
-            chunks: vec![3, 129],
-        };
+        let delta = shoal_node::swarm::wire::Delta::new([2; 32], 7, 0, &[3, 129]);
         for req in [
             Req::Hello(hello.clone()),
             Req::Have([2; 32]),

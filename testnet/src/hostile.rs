@@ -430,12 +430,8 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                     claimed = (claimed + grow).min(chunks);
                     if claimed > from {
                         for p in &peers {
-                            let d = wire::Delta {
-                                root,
-                                epoch,
-                                from: from as u64,
-                                chunks: (from..claimed).collect(),
-                            };
+                            let chunks: Vec<u32> = (from..claimed).collect();
+                            let d = wire::Delta::new(root, epoch, from as u64, &chunks);
                             swarm.behaviour_mut().ctl.send_request(p, Req::HaveDelta(d));
                         }
                     }

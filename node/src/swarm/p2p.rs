@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// The control protocol.
-pub const PROTOCOL: &str = "/shoal/ctl/3";
+pub const PROTOCOL: &str = "/shoal/ctl/4";
 /// The admission protocol: a proof of the cluster key each way.
 pub const AUTH_PROTOCOL: &str = "/shoal/auth/1";
 
@@ -81,16 +81,57 @@ pub enum Req {
     Roster(Vec<([u8; 32], Vec<Listing>)>),
 }
 
-/// Chunks a node gained of a version it pulls: positions `from..from + chunks.len()` of its
+/// Chunks a node gained of a version it pulls: positions `from..from + gaps.len()` of its
 /// delta stream `epoch` (a new epoch with each new map, e.g. after a restart). A receiver
 /// holding that stream's map up to `from` or beyond applies it; otherwise it asks for the
-/// whole map again.
+/// whole map again. The chunk numbers travel sorted, as the first and then the gaps between
+/// them: small numbers, which CBOR writes in 1-3 bytes rather than 5 (see
+/// `deltas_travel_as_gaps`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delta {
     pub root: [u8; 32],
     pub epoch: u64,
     pub from: u64,
-    pub chunks: Vec<u32>,
+    pub gaps: Vec<u32>,
+}
+
+impl Delta {
+    /// The delta of `chunks` (in any order) at positions `from..` of stream `epoch`.
+    pub fn new(root: [u8; 32], epoch: u64, from: u64, chunks: &[u32]) -> Delta {
+        let mut sorted = chunks.to_vec();
+        sorted.sort_unstable();
+        let mut last = 0;
+        let gaps = sorted
+            .into_iter()
+            .map(|c| {
+                let g = c - last;
+                last = c;
+                g
+            })
+            .collect();
+        Delta {
+            root,
+            epoch,
+            from,
+            gaps,
+        }
+    }
+
+    /// The chunk numbers (a sum past `u32::MAX`, which no honest sender makes, ends them).
+    pub fn chunks(&self) -> Vec<u32> {
+        let mut at = 0u32;
+        let mut out = Vec::with_capacity(self.gaps.len());
+        for &g in &self.gaps {
+            match at.checked_add(g) {
+                Some(c) => {
+                    at = c;
+                    out.push(c);
+                }
+                None => break,
+            }
+        }
+        out
+    }
 }
 
 /// What a node holds of a version: how, and while pulling, its have-map with the delta
@@ -801,12 +842,7 @@ impl EventLoop {
             }
             let mut from = v.marks - chunks.len() as u64;
             for part in chunks.chunks(MAX_DELTA) {
-                out.push(Delta {
-                    root: root.0,
-                    epoch: v.epoch,
-                    from,
-                    chunks: part.to_vec(),
-                });
+                out.push(Delta::new(root.0, v.epoch, from, part));
                 from += part.len() as u64;
             }
         }
@@ -852,7 +888,7 @@ impl EventLoop {
             let Some(v) = peers.get_mut(&peer).and_then(|p| p.versions.get_mut(&root)) else {
                 return; // not announced (yet): its map is asked for when it is
             };
-            if v.apply(d.epoch, d.from, &d.chunks, now) {
+            if v.apply(d.epoch, d.from, &d.chunks(), now) {
                 return;
             }
             let due = v.asked.is_none_or(|t| now.duration_since(t) >= REASK);
@@ -1291,12 +1327,7 @@ mod tests {
             ),
             wire(None, Some(Resp::Have([7; 32], None))),
             wire(
-                Some(Req::HaveDelta(Delta {
-                    root: [7; 32],
-                    epoch: 11,
-                    from: 2,
-                    chunks: vec![5, 64, 69],
-                })),
+                Some(Req::HaveDelta(Delta::new([7; 32], 11, 2, &[69, 5, 64]))),
                 None,
             ),
             wire(None, Some(Resp::Ack)),
@@ -1316,12 +1347,39 @@ mod tests {
         .map(|b| blake3::hash(&b).to_hex()[..16].to_string());
         assert_eq!(got, GOLDEN_CTL);
     }
+    /// Chunk numbers travel sorted, as gaps: a typical delta (what a 10 Gbit node gains in
+    /// 20 ms, ~600 chunks of a 1M-chunk version) is far smaller than as plain numbers, and
+    /// comes back exact.
+    #[test]
+    fn deltas_travel_as_gaps() {
+        let chunks: Vec<u32> = (0..600u64)
+            .map(|i| (shoal_sched::mix(i) % 1_000_000) as u32)
+            .collect();
+        let d = Delta::new([1; 32], 3, 0, &chunks);
+        let mut sorted = chunks.clone();
+        sorted.sort_unstable();
+        assert_eq!(d.chunks(), sorted);
+        let plain = Delta {
+            gaps: chunks.clone(),
+            ..d.clone()
+        };
+        let small = wire(Some(Req::HaveDelta(d)), None).len();
+        let big = wire(Some(Req::HaveDelta(plain)), None).len();
+        eprintln!("600 chunk numbers: {small} bytes as gaps, {big} as numbers");
+        assert!(small * 3 < big * 2, "{small} vs {big}");
+        // A sum past u32::MAX ends the list rather than wrapping.
+        let bad = Delta {
+            gaps: vec![u32::MAX, 1, 2],
+            ..Delta::new([1; 32], 3, 0, &[])
+        };
+        assert_eq!(bad.chunks(), vec![u32::MAX]);
+    }
     const GOLDEN_CTL: [&str; 7] = [
         "ff0bc0f1994f9a0d",
         "4fb52b24d84ab801",
         "568add4115d5ebbc",
         "5bf6498c5d50b288",
-        "59ffeca77f9bc765",
+        "affecc9146e7e467",
         "033453a08696d64a",
         "d9fb27a9ce595aba",
     ];
