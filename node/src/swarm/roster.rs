@@ -368,6 +368,57 @@ mod tests {
         ));
     }
 
+    /// Gossip over a fleet: 500 nodes, each connected to 8 random others, every node pulling
+    /// and listing itself; in rounds, each sends its roster to its neighbours (what a change
+    /// triggers). Every node holds the fleet's first [`ROSTER`] pullers by rank within a few
+    /// rounds (hops), though none is connected to most of them.
+    #[test]
+    fn a_fleet_agrees_on_its_roster_within_a_few_hops() {
+        let n = 500;
+        let root = Hash([8; 32]);
+        let t = Instant::now();
+        let peers = ids(n);
+        let mut nodes: Vec<Rosters> = (0..n).map(|_| Rosters::default()).collect();
+        for (i, r) in nodes.iter_mut().enumerate() {
+            r.merge(root, peers[i], Holding::Pulling, vec![], Duration::ZERO, t);
+        }
+        // A random graph: each node dials 8 others (links both ways).
+        let mut links: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for i in 0..n {
+            for k in 0..8u64 {
+                let j = (mix((i as u64) << 8 | k) % n as u64) as usize;
+                if j != i && !links[i].contains(&j) {
+                    links[i].push(j);
+                    links[j].push(i);
+                }
+            }
+        }
+        let mut want: Vec<(u64, PeerId)> = peers
+            .iter()
+            .map(|p| (mix(peer_seed(p) ^ key_of(&root)), *p))
+            .collect();
+        want.sort_by_key(|x| std::cmp::Reverse(x.0));
+        let want: Vec<PeerId> = want.iter().take(ROSTER).map(|x| x.1).collect();
+        let agreed = |nodes: &[Rosters]| {
+            nodes
+                .iter()
+                .all(|r| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>() == want)
+        };
+        let mut rounds = 0;
+        while !agreed(&nodes) {
+            rounds += 1;
+            assert!(rounds <= 8, "no agreement after {rounds} rounds");
+            let sent: Vec<Vec<Listing>> = nodes.iter().map(|r| r.listings(&root, t)).collect();
+            for (i, r) in nodes.iter_mut().enumerate() {
+                for &j in &links[i] {
+                    r.merge_listings(root, &sent[j], t);
+                }
+            }
+        }
+        eprintln!("500 nodes with 8+ links each agree after {rounds} rounds");
+        assert!(rounds >= 2, "most nodes are not next to the first by rank");
+    }
+
     /// Bounded: at most [`ROSTER`] per list and [`MAX_VERSIONS`] versions, whatever is sent.
     #[test]
     fn rosters_are_bounded() {
