@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cluster::{dataset, ok_json, pull_at_once, setup, u};
+use common::cluster::{dataset, four_connected_nodes, ok_json, pull_at_once, setup, u};
 use common::{assert_same_tree, random_bytes, write, BIN};
 use serde_json::Value;
 use shoal_testnet::{wait_for, Cluster};
@@ -98,18 +98,6 @@ fn pulls_come_from_peers_and_status_reports_them() {
     assert_eq!(v["versions"][0]["version"], "v1");
     let ls = c.nodes[b].json(&["ls", "ds@v1", "shards"]);
     assert_eq!(ls["entries"].as_array().unwrap().len(), 4);
-}
-
-/// Starts nodes a, b, d and e and waits until each is connected to the other three.
-fn four_connected_nodes(c: &mut Cluster) -> Vec<usize> {
-    let ids: Vec<usize> = ["a", "b", "d", "e"]
-        .iter()
-        .map(|n| c.node(n, &[], &[]))
-        .collect();
-    for &i in &ids {
-        c.nodes[i].wait_peers(3);
-    }
-    ids
 }
 
 #[test]

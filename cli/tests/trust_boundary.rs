@@ -4,6 +4,7 @@
 //! leave the daemon up, small, and serving its legitimate peer.
 
 mod common;
+use common::cluster::root_of;
 use common::{random_bytes, BIN};
 use shoal_node::swarm::admission::ClusterKey;
 use shoal_testnet::hostile::{self, Proof};
@@ -186,13 +187,7 @@ fn outsiders_get_nothing_in_every_private_mode_and_an_open_node_serves_them() {
     let data = c.dir.path().join("data");
     write_data(&data, 4, 300_000, 1);
     let v = c.publish(&data, "ds@v1");
-    let root_hex = v["root"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("b3:")
-        .to_string();
-    let mut root = [0u8; 32];
-    hex::decode_to_slice(&root_hex, &mut root).unwrap();
+    let root = root_of(&v);
     let ids = blob_ids(&c.origin);
     let key_file = c.dir.path().join("cluster.key");
     let key = keygen(&key_file);
@@ -310,13 +305,7 @@ fn floods_and_clients_that_never_read_cost_bounded_memory_while_a_peer_pulls() {
     let mut c = Cluster::new(BIN);
     let data = c.dir.path().join("data");
     write_data(&data, 24, 4 << 20, 2); // 96 MiB
-    let v = c.publish(&data, "big@v1");
-    let mut root = [0u8; 32];
-    hex::decode_to_slice(
-        v["root"].as_str().unwrap().trim_start_matches("b3:"),
-        &mut root,
-    )
-    .unwrap();
+    c.publish(&data, "big@v1");
     let ids = blob_ids(&c.origin);
     let key_file = c.dir.path().join("cluster.key");
     let key = keygen(&key_file);
@@ -497,12 +486,7 @@ fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
     let data = c.dir.path().join("data");
     write_data(&data, 16, 2 << 20, 3); // 32 MiB
     let v = c.publish(&data, "ds@v1");
-    let mut root = [0u8; 32];
-    hex::decode_to_slice(
-        v["root"].as_str().unwrap().trim_start_matches("b3:"),
-        &mut root,
-    )
-    .unwrap();
+    let root = root_of(&v);
     // How many unique chunks the version has (the length of its have-maps), from a machine
     // with no daemon.
     let probe = std::process::Command::new(BIN)

@@ -441,8 +441,8 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
             match ev {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                     peers.insert(peer_id);
-                    if let Some(k) = &key {
-                        let p = k.proof(Channel::Control, &me, &peer_id);
+                    if key.is_some() {
+                        let p = control_proof(key.as_ref(), &me, &peer_id);
                         swarm.behaviour_mut().auth.send_request(&peer_id, Auth(p));
                     }
                     swarm
@@ -462,9 +462,7 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                     message: rr::Message::Request { channel, .. },
                     ..
                 })) => {
-                    let p = key
-                        .as_ref()
-                        .map_or([0; 32], |k| k.proof(Channel::Control, &me, &peer));
+                    let p = control_proof(key.as_ref(), &me, &peer);
                     let _ = swarm.behaviour_mut().auth.send_response(channel, Auth(p));
                 }
                 SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {
@@ -512,6 +510,11 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
     }
 }
 
+/// The control channel's proof of `key` from `me` to `peer` (zeros without a key).
+fn control_proof(key: Option<&ClusterKey>, me: &PeerId, peer: &PeerId) -> [u8; 32] {
+    key.map_or([0; 32], |k| k.proof(Channel::Control, me, peer))
+}
+
 /// The peer id a libp2p TLS certificate proves.
 fn libp2p_tls_peer(cert: &rustls::pki_types::CertificateDer<'static>) -> Option<PeerId> {
     libp2p_tls::certificate::parse(cert)
@@ -541,14 +544,14 @@ pub fn roster_flooder(
 ) -> RosterFlooder {
     use libp2p::request_response as rr;
     use libp2p::swarm::SwarmEvent;
-    use shoal_node::swarm::roster::{key_of, peer_seed};
+    use shoal_node::swarm::roster::rank;
     use shoal_node::swarm::Holding;
     let keypair = identity();
     let me = keypair.public().to_peer_id();
     // Ids in the top 1/1000 of ranks: ahead of every node of a small cluster.
-    let k = key_of(&shoal_registry::Hash(root));
+    let version = shoal_registry::Hash(root);
     let listings: Vec<wire::Listing> = std::iter::repeat_with(PeerId::random)
-        .filter(|p| shoal_sched::mix(peer_seed(p) ^ k) > u64::MAX - u64::MAX / 1000)
+        .filter(|p| rank(p, &version) > u64::MAX - u64::MAX / 1000)
         .take(phantoms)
         .map(|p| wire::Listing {
             peer: p.to_bytes(),
@@ -573,8 +576,8 @@ pub fn roster_flooder(
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                         peers.insert(peer_id);
-                        if let Some(k) = &key {
-                            let p = k.proof(Channel::Control, &me, &peer_id);
+                        if key.is_some() {
+                            let p = control_proof(key.as_ref(), &me, &peer_id);
                             swarm.behaviour_mut().auth.send_request(&peer_id, Auth(p));
                         }
                     }
@@ -583,9 +586,7 @@ pub fn roster_flooder(
                         message: rr::Message::Request { channel, .. },
                         ..
                     })) => {
-                        let p = key
-                            .as_ref()
-                            .map_or([0; 32], |k| k.proof(Channel::Control, &me, &peer));
+                        let p = control_proof(key.as_ref(), &me, &peer);
                         let _ = swarm.behaviour_mut().auth.send_response(channel, Auth(p));
                     }
                     SwarmEvent::Behaviour(AttackerEvent::Ctl(rr::Event::Message {

@@ -88,3 +88,29 @@ pub fn pull_at_once(c: &Cluster, ids: &[usize], reference: &str, src: &Path) -> 
         })
         .collect()
 }
+
+/// The root of a version as `shoal publish --json` reports it (`b3:<hex>`), as bytes.
+pub fn root_of(published: &Value) -> [u8; 32] {
+    let mut root = [0u8; 32];
+    hex::decode_to_slice(
+        published["root"]
+            .as_str()
+            .expect("a root")
+            .trim_start_matches("b3:"),
+        &mut root,
+    )
+    .expect("a hex root");
+    root
+}
+
+/// Starts nodes a, b, d and e and waits until each is connected to the other three.
+pub fn four_connected_nodes(c: &mut Cluster) -> Vec<usize> {
+    let ids: Vec<usize> = ["a", "b", "d", "e"]
+        .iter()
+        .map(|n| c.node(n, &[], &[]))
+        .collect();
+    for &i in &ids {
+        c.nodes[i].wait_peers(3);
+    }
+    ids
+}

@@ -672,21 +672,9 @@ impl<P: PeerKey> Pull<P> {
             e.info.holding == Holding::Complete || e.have.as_ref().is_some_and(|h| h.get(i))
         };
         // Which chunks some view has (before what is avoided): a scan skips the rest at once.
-        let union: Vec<u64> = if views
-            .iter()
-            .any(|(_, e)| e.info.holding == Holding::Complete)
-        {
-            vec![u64::MAX; self.marks.live.len()]
-        } else {
-            let mut u = vec![0u64; self.marks.live.len()];
-            for (_, e) in &views {
-                if let Some(h) = &e.have {
-                    u.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
-                }
-            }
-            u
-        };
-        let in_union = |i: usize| union[i / 64] & (1 << (i % 64)) != 0;
+        let words = self.marks.live.len();
+        let union = held_by(words, views.iter().map(|(_, e)| *e));
+        let in_union = |i: usize| bit(&union, i);
         // Each run's owner, worked out again only when the pullers change.
         if self
             .owners
@@ -710,25 +698,16 @@ impl<P: PeerKey> Pull<P> {
                 .filter(|p| *p != self.me && !self.alive.contains(p) && !self.dead.contains(p))
                 .collect();
             for o in undecided {
-                let mut others = vec![0u64; self.marks.live.len()];
-                for (p, e) in &views {
-                    if *p == o {
-                        continue;
-                    }
-                    if e.info.holding == Holding::Complete {
-                        others.fill(u64::MAX);
-                        break;
-                    }
-                    if let Some(h) = &e.have {
-                        others.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
-                    }
-                }
+                let others = held_by(
+                    words,
+                    views.iter().filter(|(p, _)| *p != o).map(|(_, e)| *e),
+                );
                 let shown = self
                     .porder
                     .chunks(cfg.run)
                     .enumerate()
                     .filter(|(k, _)| run_owner[*k] == o)
-                    .any(|(_, run)| run.iter().any(|&i| others[i / 64] & (1 << (i % 64)) != 0));
+                    .any(|(_, run)| run.iter().any(|&i| bit(&others, i)));
                 if shown {
                     self.alive.insert(o);
                 }
@@ -779,19 +758,13 @@ impl<P: PeerKey> Pull<P> {
             self.marks.live.clone()
         } else {
             // Wanted, and held by a peer with room (only those can be asked now).
-            let mut held = vec![0u64; self.marks.want.len()];
-            for (p, e) in &views {
-                if !room(p, &empty) {
-                    continue;
-                }
-                if e.info.holding == Holding::Complete {
-                    held.fill(u64::MAX);
-                    break;
-                }
-                if let Some(h) = &e.have {
-                    held.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
-                }
-            }
+            let held = held_by(
+                self.marks.want.len(),
+                views
+                    .iter()
+                    .filter(|(p, _)| room(p, &empty))
+                    .map(|(_, e)| *e),
+            );
             self.marks
                 .want
                 .iter()
@@ -1125,6 +1098,27 @@ impl<P: PeerKey> Pull<P> {
 /// The pullers that still have origin reads to do: the owners (`owner_of_run`, given a run's
 /// number) of runs with a chunk that is neither here, nor asked of a
 /// peer, nor (`on_peer`) on any peer.
+/// The chunks (a bitset of `words` words) that any of `views` holds: all of them if one
+/// holds the whole version.
+fn held_by<'a>(words: usize, views: impl Iterator<Item = &'a Entry>) -> Vec<u64> {
+    let mut u = vec![0u64; words];
+    for e in views {
+        if e.info.holding == Holding::Complete {
+            u.fill(u64::MAX);
+            break;
+        }
+        if let Some(h) = &e.have {
+            u.iter_mut().zip(&h.words).for_each(|(u, w)| *u |= w);
+        }
+    }
+    u
+}
+
+/// Whether bit `i` of `set` is set.
+fn bit(set: &[u64], i: usize) -> bool {
+    set[i / 64] & (1 << (i % 64)) != 0
+}
+
 fn origin_readers<P: PeerKey>(
     run: usize,
     porder: &[usize],

@@ -407,7 +407,7 @@ pub async fn from_pulling_owner(
     if ids.is_empty() {
         return got;
     }
-    let key = u64::from_le_bytes(root.0[..8].try_into().expect("8 bytes"));
+    let key = key_of(root);
     let mut want: Vec<Hash> = ids.to_vec();
     let mut heard = Instant::now();
     let mut pause = META_POLL.0;

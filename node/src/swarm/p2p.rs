@@ -787,13 +787,7 @@ impl EventLoop {
                 .filter(|p| !p.is_empty())
                 .collect()
         };
-        let peers: Vec<PeerId> = self
-            .swarm
-            .connected_peers()
-            .filter(|p| self.shared.is_member(p))
-            .copied()
-            .collect();
-        for peer in peers {
+        for peer in self.admitted_peers() {
             for part in &parts {
                 self.swarm
                     .behaviour_mut()
@@ -879,6 +873,28 @@ impl EventLoop {
         }
     }
 
+    /// Rosters a peer sent, merged into this node's. What it says of this node is not news
+    /// here; nodes this one could not admit (banned, or off the members list of a
+    /// members-only node) are not listed.
+    fn on_roster(&mut self, list: &[([u8; 32], Vec<Listing>)]) {
+        let now = Instant::now();
+        let s = &self.shared;
+        let admit = |p: &PeerId| *p != s.peer_id && s.may_dial(p);
+        let mut rosters = s.rosters.lock().expect("poisoned");
+        for (root, listings) in list.iter().take(roster::MAX_VERSIONS) {
+            rosters.merge_listings(Hash(*root), listings, admit, now);
+        }
+    }
+
+    /// The connected peers admitted now (the only ones told anything).
+    fn admitted_peers(&self) -> Vec<PeerId> {
+        self.swarm
+            .connected_peers()
+            .filter(|p| self.shared.is_member(p))
+            .copied()
+            .collect()
+    }
+
     /// A delta from `peer`: applied to the map held, or the whole map asked for again.
     fn on_delta(&mut self, peer: PeerId, d: Delta) {
         let root = Hash(d.root);
@@ -935,13 +951,7 @@ impl EventLoop {
                     self.list_self();
                     let hello = self.hello();
                     // Admitted peers only: one still proving the cluster key learns nothing.
-                    let peers: Vec<PeerId> = self
-                        .swarm
-                        .connected_peers()
-                        .filter(|p| self.shared.is_member(p))
-                        .copied()
-                        .collect();
-                    for p in peers {
+                    for p in self.admitted_peers() {
                         self.swarm.behaviour_mut().ctl.send_request(&p, Req::Hello(hello.clone()));
                     }
                 }
@@ -1183,34 +1193,7 @@ impl EventLoop {
                                 Resp::Ack
                             }
                             Req::Roster(list) => {
-                                let now = Instant::now();
-                                let me = self.shared.peer_id.to_bytes();
-                                // What it says of this node is not news here; nodes this one
-                                // would not admit (banned, or off the members list of a
-                                // members-only node) are not listed.
-                                let admissible = |l: &Listing| {
-                                    l.peer != me
-                                        && PeerId::from_bytes(&l.peer).is_ok_and(|p| {
-                                            !self.shared.is_banned(&p)
-                                                && (self.shared.admission.key.is_some()
-                                                    || self
-                                                        .shared
-                                                        .admission
-                                                        .members
-                                                        .as_ref()
-                                                        .is_none_or(|m| m.contains(&p)))
-                                        })
-                                };
-                                let mut rosters = self.shared.rosters.lock().expect("poisoned");
-                                for (root, listings) in list.iter().take(roster::MAX_VERSIONS) {
-                                    let others: Vec<Listing> = listings
-                                        .iter()
-                                        .take(2 * roster::ROSTER)
-                                        .filter(|l| admissible(l))
-                                        .cloned()
-                                        .collect();
-                                    rosters.merge_listings(Hash(*root), &others, now);
-                                }
+                                self.on_roster(&list);
                                 Resp::Ack
                             }
                         };

@@ -82,6 +82,12 @@ pub fn key_of(h: &Hash) -> u64 {
     u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"))
 }
 
+/// A node's rank for a version: rendezvous on the version's key, the order the scheduler
+/// chooses origin readers in (highest first).
+pub fn rank(peer: &PeerId, root: &Hash) -> u64 {
+    mix(peer_seed(peer) ^ key_of(root))
+}
+
 /// Pullers or holders of a class: ranked first first.
 fn class(h: Holding) -> Option<usize> {
     match h {
@@ -141,7 +147,7 @@ impl Rosters {
         }
         let r = self.versions.entry(root).or_default();
         r.touched = Some(now);
-        let rank = mix(peer_seed(&peer) ^ key_of(&root));
+        let rank = rank(&peer, &root);
         // Newer news of it in the other list moves it here; older news is ignored.
         let other = &mut r.lists[1 - c];
         if let Some(i) = other.iter().position(|e| e.peer == peer) {
@@ -188,13 +194,23 @@ impl Rosters {
         changed
     }
 
-    /// Takes what a peer sent: its roster of `root`. Returns whether ours changed.
-    pub fn merge_listings(&mut self, root: Hash, listings: &[Listing], now: Instant) -> bool {
+    /// Takes what a peer sent: its roster of `root`, less the nodes `admit` refuses.
+    /// Returns whether ours changed.
+    pub fn merge_listings(
+        &mut self,
+        root: Hash,
+        listings: &[Listing],
+        admit: impl Fn(&PeerId) -> bool,
+        now: Instant,
+    ) -> bool {
         let mut changed = false;
         for l in listings.iter().take(2 * ROSTER) {
             let Ok(peer) = PeerId::from_bytes(&l.peer) else {
                 continue;
             };
+            if !admit(&peer) {
+                continue;
+            }
             let addrs = l
                 .addrs
                 .iter()
@@ -293,6 +309,18 @@ mod tests {
         (0..n).map(|_| PeerId::random()).collect()
     }
 
+    /// The first [`ROSTER`] of `peers` by rank for `root`.
+    fn first_by_rank(peers: &[PeerId], root: &Hash) -> Vec<PeerId> {
+        let mut ranked = peers.to_vec();
+        ranked.sort_by_key(|p| std::cmp::Reverse(rank(p, root)));
+        ranked.truncate(ROSTER);
+        ranked
+    }
+
+    fn all(_: &PeerId) -> bool {
+        true
+    }
+
     /// Nodes that hear the same entries in any order, through any number of hops, end with
     /// the same roster: the first [`ROSTER`] by rank.
     #[test]
@@ -309,13 +337,8 @@ mod tests {
         for p in peers.iter().rev().take(50) {
             b.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, now);
         }
-        b.merge_listings(root, &a.listings(&root, now), now);
-        let mut want: Vec<(u64, PeerId)> = peers
-            .iter()
-            .map(|p| (mix(peer_seed(p) ^ key_of(&root)), *p))
-            .collect();
-        want.sort_by_key(|x| std::cmp::Reverse(x.0));
-        let want: Vec<PeerId> = want.iter().take(ROSTER).map(|x| x.1).collect();
+        b.merge_listings(root, &a.listings(&root, now), all, now);
+        let want = first_by_rank(&peers, &root);
         let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
         assert_eq!(got(&a), want);
         assert_eq!(got(&b), want);
@@ -334,8 +357,8 @@ mod tests {
         // Forwarded back and forth every second, the age goes with it.
         for s in 1..=(TTL.as_secs() + 2) {
             let t = t0 + Duration::from_secs(s);
-            b.merge_listings(root, &a.listings(&root, t), t);
-            a.merge_listings(root, &b.listings(&root, t), t);
+            b.merge_listings(root, &a.listings(&root, t), all, t);
+            a.merge_listings(root, &b.listings(&root, t), all, t);
             a.expire(t);
             b.expire(t);
             let alive = !b.pullers(&root).is_empty();
@@ -393,12 +416,7 @@ mod tests {
                 }
             }
         }
-        let mut want: Vec<(u64, PeerId)> = peers
-            .iter()
-            .map(|p| (mix(peer_seed(p) ^ key_of(&root)), *p))
-            .collect();
-        want.sort_by_key(|x| std::cmp::Reverse(x.0));
-        let want: Vec<PeerId> = want.iter().take(ROSTER).map(|x| x.1).collect();
+        let want = first_by_rank(&peers, &root);
         let agreed = |nodes: &[Rosters]| {
             nodes
                 .iter()
@@ -411,7 +429,7 @@ mod tests {
             let sent: Vec<Vec<Listing>> = nodes.iter().map(|r| r.listings(&root, t)).collect();
             for (i, r) in nodes.iter_mut().enumerate() {
                 for &j in &links[i] {
-                    r.merge_listings(root, &sent[j], t);
+                    r.merge_listings(root, &sent[j], all, t);
                 }
             }
         }
@@ -442,7 +460,7 @@ mod tests {
                 age_ms: 0,
             })
             .collect();
-        r.merge_listings(root, &flood, t);
+        r.merge_listings(root, &flood, all, t);
         assert_eq!(r.pullers(&root).len(), ROSTER);
         assert!(r.nodes(&root).iter().all(|n| n.2.len() <= MAX_ADDRS));
     }
