@@ -122,8 +122,7 @@ impl Blobs {
             if !absent.is_empty() {
                 let root = &version.body.root;
                 let mut got =
-                    crate::swarm::fetch::from_complete_peers(swarm, root, &absent, Retain::Keep)
-                        .await;
+                    shoal_swarm::ask::from_complete_peers(swarm, root, &absent, Retain::Keep).await;
                 // At a cold start nobody holds the version yet: one of the nodes pulling it
                 // reads the indexes from the origin for all of them.
                 let rest: Vec<Hash> = absent
@@ -132,7 +131,7 @@ impl Blobs {
                     .copied()
                     .collect();
                 got.extend(
-                    crate::swarm::fetch::from_pulling_owner(swarm, root, &rest, Retain::Keep).await,
+                    shoal_swarm::ask::from_pulling_owner(swarm, root, &rest, Retain::Keep).await,
                 );
                 let cache = cache.to_path_buf();
                 tokio::task::spawn_blocking(move || {
@@ -238,10 +237,9 @@ impl Blobs {
     /// before cancellation stays stored and verified.
     pub async fn fetch(&self, mut ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
         if let Some((swarm, root)) = &self.peers {
-            let got =
-                crate::swarm::fetch::from_complete_peers(swarm, root, &ids, self.retain).await;
+            let got = shoal_swarm::ask::from_complete_peers(swarm, root, &ids, self.retain).await;
             ids.retain(|id| !got.contains_key(id));
-            let got = crate::swarm::fetch::from_pulling_owner(swarm, root, &ids, self.retain).await;
+            let got = shoal_swarm::ask::from_pulling_owner(swarm, root, &ids, self.retain).await;
             ids.retain(|id| !got.contains_key(id));
         }
         self.fetch_origin(ids, progress).await
@@ -265,8 +263,7 @@ impl Blobs {
         let Some((swarm, root)) = &self.peers else {
             return self.fetch_inner(ids, None, true).await;
         };
-        let mut out =
-            crate::swarm::fetch::from_complete_peers(swarm, root, &ids, self.retain).await;
+        let mut out = shoal_swarm::ask::from_complete_peers(swarm, root, &ids, self.retain).await;
         ids.retain(|id| !out.contains_key(id));
         if let Some((mine, others)) = self.split_by_owner(&ids) {
             let asks = others
@@ -290,7 +287,7 @@ impl Blobs {
     /// Whether a connected peer holds the whole version (then it is asked before anyone).
     pub fn complete_peer(&self) -> bool {
         self.peers.as_ref().is_some_and(|(swarm, root)| {
-            !crate::swarm::fetch::peers_holding(swarm, root, crate::swarm::Holding::Complete)
+            !shoal_swarm::ask::peers_holding(swarm, root, crate::swarm::Holding::Complete)
                 .is_empty()
         })
     }
@@ -300,7 +297,7 @@ impl Blobs {
     /// bytes, each owned by one mounting node (rendezvous hashing), which reads it from the
     /// origin for everyone. None when no other node mounts it.
     pub fn split_by_owner(&self, ids: &[Hash]) -> Option<(Vec<Hash>, ByOwner)> {
-        use crate::swarm::fetch;
+        use shoal_swarm::ask as fetch;
         let (swarm, root) = self.peers.as_ref()?;
         let nodes = fetch::mounting_nodes(swarm, root);
         if nodes.len() < 2 || ids.is_empty() {
@@ -332,13 +329,13 @@ impl Blobs {
             return self.fetch_origin_bytes(ids).await;
         };
         let mut got =
-            crate::swarm::fetch::ask_peer(swarm, peer, &ids, Some(*root), self.retain, OWNER_WAIT)
+            shoal_swarm::ask::ask_peer(swarm, peer, &ids, Some(*root), self.retain, OWNER_WAIT)
                 .await;
         if got.is_empty() && !ids.is_empty() {
             // Nothing at all within the wait: it owns no runs for this node any more (while
             // it stays connected), so later reads do not wait on it too.
             tracing::warn!(%peer, "sent none of the runs it owns for {}s; reading them from the origin, and its runs from now on are shared out among the other mounting nodes", OWNER_WAIT.as_secs());
-            crate::swarm::fetch::owner_stalled(swarm, &peer);
+            shoal_swarm::ask::owner_stalled(swarm, &peer);
         }
         if got.len() < ids.len() {
             tracing::info!(

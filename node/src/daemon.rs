@@ -231,7 +231,7 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         opts.swarm.limits = fitted;
     }
 
-    let keypair = swarm::identity(&home)?;
+    let keypair = crate::home::node_identity(&home)?;
     let store = node.store()?;
     let sw = swarm::start(keypair, store.clone(), home.pack_cache_dir(), opts.swarm).await?;
     // Only versions still whole are announced: a gc or eviction since the last run may have

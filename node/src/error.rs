@@ -2,7 +2,7 @@ use shoal_registry::version::VerifyError;
 use shoal_registry::{NameError, OriginError};
 use std::path::PathBuf;
 
-use crate::store::StoreError;
+use shoal_store::StoreError;
 
 /// A node operation that failed. Each message names the object and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +96,16 @@ impl Error {
             Error::TagRefused(_) => ErrorKind::TagRefused,
             Error::Unsafe { .. } => ErrorKind::Unsafe,
             Error::Daemon { kind, .. } => *kind,
+        }
+    }
+}
+
+impl From<shoal_swarm::Error> for Error {
+    fn from(e: shoal_swarm::Error) -> Error {
+        match e {
+            shoal_swarm::Error::Net(m) => Error::Net(m),
+            shoal_swarm::Error::Corrupt { what, reason } => Error::Corrupt { what, reason },
+            shoal_swarm::Error::Io { op, path, source } => Error::Io { op, path, source },
         }
     }
 }

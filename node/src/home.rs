@@ -336,6 +336,26 @@ impl Home {
 
 /// Creates `path` (mode 0600) with `bytes`, durably. Returns false, leaving it alone, when
 /// another process created it first.
+/// Loads or creates this node's libp2p identity (`node.key`, protobuf-encoded ed25519, 0600).
+pub fn node_identity(home: &Home) -> Result<shoal_swarm::Keypair> {
+    let path = home.root().join("node.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(shoal_swarm::decode_identity(
+            &bytes,
+            &format!("node key {}", path.display()),
+        )?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (key, bytes) = shoal_swarm::new_identity()?;
+            if write_private(home.root(), &path, &bytes)? {
+                Ok(key)
+            } else {
+                node_identity(home)
+            }
+        }
+        Err(e) => Err(io("reading", &path)(e)),
+    }
+}
+
 pub(crate) fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));

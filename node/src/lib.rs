@@ -2,25 +2,26 @@
 //!
 //! [`Node`] is the embedded node: it owns the local store (opened on first use, since sled
 //! allows one process at a time), talks to one origin, and knows which publisher keys it
-//! trusts. Only this crate knows sled and the store layout.
+//! trusts. The store is `shoal-store` and the peers are `shoal-swarm`; this crate drives them
+//! (publish, pull and its scheduler's driver, the mount's source, the daemon).
 
 mod blobs;
 mod cache;
 pub mod daemon;
 pub mod error;
+mod fetch;
 pub mod home;
 mod inspect;
-pub mod limits;
 pub mod mount;
-pub mod policy;
 pub mod progress;
 mod publish;
 mod pull;
-pub mod store;
-pub mod swarm;
-pub mod tiers;
 mod walk;
-pub mod wholefiles;
+
+pub use shoal_store as store;
+pub use shoal_store::{policy, tiers, wholefiles};
+pub use shoal_swarm as swarm;
+pub use shoal_swarm::limits;
 
 pub use cache::PinReport;
 pub use error::{Error, ErrorKind, Result};

@@ -6,9 +6,9 @@
 //! (written to a temporary name, then renamed).
 
 use crate::error::{io, Error, Result};
+use crate::fetch::Fetched;
 use crate::progress::Progress;
-use crate::swarm::fetch::Fetched;
-use crate::swarm::{self, HaveMap, Holding, Swarm};
+use crate::swarm::{HaveMap, Holding, Swarm};
 use crate::walk::{walk, WalkFile};
 use crate::Node;
 use rayon::prelude::*;
@@ -247,7 +247,7 @@ impl Node {
         let fetch_result = match self.swarm() {
             Some(sw) => {
                 sw.hold(root, &name, Holding::Pulling, Some(have));
-                swarm::fetch::fetch(sw, &blobs, root, &order, missing, progress).await
+                crate::fetch::fetch(sw, &blobs, root, &order, missing, progress).await
             }
             None => {
                 let ids = missing.iter().map(|&i| order[i].0).collect();

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// The scheduler's knobs. The defaults are what the simulator runs, and the node too but for
-/// `peer_window_min` (it keeps a fixed `peer_window`: see `swarm/fetch.rs`) and
+/// `peer_window_min` (it keeps a fixed `peer_window`: see the node's `fetch.rs`) and
 /// `have_deltas` (on in the node and the simulator's fleet, off in its mesh); each was
 /// measured (see `docs/swarm.md`).
 #[derive(Debug, Clone)]

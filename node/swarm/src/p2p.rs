@@ -10,7 +10,6 @@ use super::admission::{Channel, Proof, Verdict};
 use super::roster::{self, Listing};
 use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig, MAX_PEERS};
 use crate::error::{Error, Result};
-use crate::store::ChunkStore;
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
@@ -20,6 +19,7 @@ use libp2p::{
 };
 use serde::{Deserialize, Serialize};
 use shoal_registry::Hash;
+use shoal_store::ChunkStore;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;

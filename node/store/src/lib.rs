@@ -17,6 +17,10 @@
 //! With a capacity, the policy keeps live bytes at or under three quarters of it and
 //! compaction keeps the segment files under it; only pinned blobs can push usage beyond.
 
+pub mod policy;
+pub mod tiers;
+pub mod wholefiles;
+
 use crate::policy::{ClockLfu, Policy};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};

@@ -17,7 +17,7 @@
 //!   already verified.
 
 use crate::policy::{ClockLfu, Policy};
-use crate::store::{rate, CacheStats, ChunkStore, Retain, SegmentStore, StoreError, TierStats};
+use crate::{rate, CacheStats, ChunkStore, Retain, SegmentStore, StoreError, TierStats};
 use shoal_chunker::Hash;
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -68,17 +68,21 @@ const HEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves `/metrics` on `addr` (HTTP/1.1, one task per connection, at most `max_clients` at
 /// once: a scraper needs one; more are closed on accept).
-pub fn serve(swarm: Arc<Swarm>, addr: SocketAddr, max_clients: usize) -> crate::Result<SocketAddr> {
+pub fn serve(
+    swarm: Arc<Swarm>,
+    addr: SocketAddr,
+    max_clients: usize,
+) -> crate::error::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+        .map_err(|e| crate::error::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
     std_listener
         .set_nonblocking(true)
-        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+        .map_err(|e| crate::error::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
     let bound = std_listener
         .local_addr()
-        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+        .map_err(|e| crate::error::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
     let listener = tokio::net::TcpListener::from_std(std_listener)
-        .map_err(|e| crate::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
+        .map_err(|e| crate::error::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients.max(1)));
     tokio::spawn(async move {
         loop {

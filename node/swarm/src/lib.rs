@@ -7,9 +7,11 @@
 //! without a stream multiplexer in the way. `docs/swarm.md` has the measurements behind this.
 
 pub mod admission;
+pub mod ask;
 pub mod bulk;
-pub mod fetch;
+pub mod error;
 mod gate;
+pub mod limits;
 pub mod metrics;
 mod p2p;
 pub mod roster;
@@ -22,11 +24,10 @@ pub mod wire {
     pub use super::tls::{client as tls_client, server as tls_server};
 }
 
-use crate::error::{Error, Result};
-use crate::store::ChunkStore;
-use libp2p::identity::Keypair;
+pub use error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use shoal_registry::Hash;
+use shoal_store::ChunkStore;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+pub use libp2p::identity::Keypair;
 pub use libp2p::{Multiaddr, PeerId};
 pub use p2p::start;
 
@@ -408,13 +410,30 @@ impl Swarm {
         }
     }
 
+    /// Asks `peer`, soon, for its whole have-map of version `root` (the answer lands in the
+    /// peer table).
+    pub fn query_have(&self, peer: PeerId, root: Hash) {
+        self.send(Cmd::QueryHave(peer, root));
+    }
+
+    /// The store chunks are served from and fetched into.
+    pub fn store(&self) -> &Arc<dyn ChunkStore> {
+        &self.store
+    }
+
+    /// The first pullers of version `root` across the fleet with their rendezvous seeds, as
+    /// the rosters say.
+    pub fn pullers(&self, root: &Hash) -> Vec<(u64, PeerId)> {
+        self.rosters.lock().expect("poisoned").pullers(root)
+    }
+
     /// Tells the peers, soon, what this node now holds.
     pub(crate) fn announce(&self) {
         self.announce.notify_one();
     }
 
     /// Whether chunks can be asked of this peer now: connected, with a bulk address, admitted.
-    pub(crate) fn can_ask(&self, id: &PeerId, p: &Peer) -> bool {
+    pub fn can_ask(&self, id: &PeerId, p: &Peer) -> bool {
         p.connected && p.bulk_port.is_some() && self.is_member(id)
     }
 
@@ -674,7 +693,7 @@ impl Swarm {
     }
 
     /// The bulk client for a peer, connecting on first use.
-    pub(crate) async fn client(self: &Arc<Self>, peer: PeerId) -> Result<Arc<bulk::Client>> {
+    pub async fn client(self: &Arc<Self>, peer: PeerId) -> Result<Arc<bulk::Client>> {
         if let Some(c) = self.clients.lock().expect("poisoned").get(&peer) {
             if !c.is_closed() {
                 return Ok(c.clone());
@@ -696,27 +715,21 @@ impl Swarm {
     }
 }
 
-/// Loads or creates this node's libp2p identity (`node.key`, protobuf-encoded ed25519, 0600).
-pub fn identity(home: &crate::Home) -> Result<Keypair> {
-    let path = home.root().join("node.key");
-    match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| Error::Corrupt {
-            what: format!("node key {}", path.display()),
-            reason: e.to_string(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| Error::Net(format!("encoding node key: {e}")))?;
-            if crate::home::write_private(home.root(), &path, &bytes)? {
-                Ok(key)
-            } else {
-                identity(home)
-            }
-        }
-        Err(e) => Err(crate::error::io("reading", &path)(e)),
-    }
+/// A node's libp2p identity from its protobuf encoding (`what` names where it was read).
+pub fn decode_identity(bytes: &[u8], what: &str) -> Result<Keypair> {
+    Keypair::from_protobuf_encoding(bytes).map_err(|e| Error::Corrupt {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// A new ed25519 identity and its protobuf encoding, for the node to keep.
+pub fn new_identity() -> Result<(Keypair, Vec<u8>)> {
+    let key = Keypair::generate_ed25519();
+    let bytes = key
+        .to_protobuf_encoding()
+        .map_err(|e| Error::Net(format!("encoding node key: {e}")))?;
+    Ok((key, bytes))
 }
 
 #[cfg(test)]

@@ -5,22 +5,18 @@
 //! this module keeps it fed (the peers that announced the version, their have-maps, what
 //! arrived), carries out what it asks (requests over the bulk channel, origin reads, have-map
 //! queries) and reports to the rest of the node (progress, the have-map this node announces,
-//! faults and misses counted against peers). The other fetches here (metadata from the
-//! puller that reads it, blobs from peers holding a version whole) are still decided in
-//! place.
+//! faults and misses counted against peers). The other fetches from peers (metadata from the
+//! puller that reads it, blobs from peers holding a version whole, a mount's runs) are
+//! `shoal_swarm::ask`'s, still decided in place.
 
-use super::bulk::{self, Event, Outcome};
-use super::{Cmd, Holding, Swarm};
 use crate::blobs::Blobs;
 use crate::error::Result;
 use crate::progress::Progress;
-use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use libp2p::PeerId;
 use shoal_registry::Hash;
 use shoal_sched::pull::{self, Action, Delivery, Pull, Source};
-use shoal_sched::{mix, owner_of};
+use shoal_swarm::PeerId;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,7 +28,9 @@ pub use shoal_sched::pull::Fetched;
 /// The driver re-reads the peer table (announcements, have-maps) at least this often.
 const SYNC: Duration = Duration::from_millis(20);
 
-use super::roster::{key_of, peer_seed};
+use shoal_swarm::bulk::{self, Event, Outcome};
+use shoal_swarm::roster::{key_of, peer_seed};
+use shoal_swarm::{Holding, Swarm};
 
 /// The scheduler's view of the peers, and what of it was last handed over.
 struct Sync {
@@ -48,7 +46,7 @@ impl Sync {
     fn run(&mut self, swarm: &Swarm, root: &Hash, n: usize, sched: &mut Pull<PeerId>) {
         // The version's pullers across the fleet (the first few by rank: all the scheduler
         // needs to agree with every other node on the origin readers).
-        let pullers = swarm.rosters.lock().expect("poisoned").pullers(root);
+        let pullers = swarm.pullers(root);
         sched.set_pullers(Some(pullers));
         let peers = swarm.peers.lock().expect("poisoned");
         sched.set_connected(peers.values().filter(|p| p.connected).count());
@@ -182,7 +180,7 @@ pub async fn fetch(
             // Make progress durable now and then, so a killed pull resumes from near where it
             // stopped; in the background, so deliveries keep flowing meanwhile.
             last_flush = now;
-            let store = swarm.store.clone();
+            let store = swarm.store().clone();
             flushing = Some(tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.flush() {
                     tracing::warn!("flushing the store: {e}");
@@ -191,7 +189,7 @@ pub async fn fetch(
         }
         for action in sched.poll(now) {
             match action {
-                Action::QueryHave(p) => swarm.send(Cmd::QueryHave(p, root)),
+                Action::QueryHave(p) => swarm.query_have(p, root),
                 Action::Stalled(p) => {
                     tracing::debug!(peer = %p, "late, asking another source");
                     if let Some(pe) = swarm.peers.lock().expect("poisoned").get_mut(&p) {
@@ -239,7 +237,7 @@ pub async fn fetch(
                     Err(e) => {
                         // Part of the batch may be stored; the rest is wanted again.
                         tracing::warn!("origin read failed, retrying: {e}");
-                        let store = swarm.store.clone();
+                        let store = swarm.store().clone();
                         let ids: Vec<Hash> = batch.iter().map(|&i| order[i].0).collect();
                         tokio::task::spawn_blocking(move || {
                             ids.iter().map(|id| store.contains(id).unwrap_or(false)).collect()
@@ -276,7 +274,7 @@ async fn send(swarm: &Arc<Swarm>, peer: PeerId, ids: Vec<Hash>, tx: &mpsc::Unbou
                     reply: tx.clone(),
                     want_bytes: false,
                     through: None,
-                    retain: crate::store::Retain::Keep,
+                    retain: shoal_store::Retain::Keep,
                 },
             )
             .await
@@ -339,262 +337,4 @@ fn on_event(
         }
         Delivery::Nothing => {}
     }
-}
-
-/// Ids per request in [`from_complete_peers`]: about 5 MiB of chunks.
-const PEER_PART: usize = 128;
-
-/// Fetches blobs (tree nodes, pack indexes, a mount's chunks) from peers that hold the whole
-/// version; returns those that arrived, verified and stored, with their bytes. Never fails:
-/// the caller falls back to the origin for the rest.
-pub async fn from_complete_peers(
-    swarm: &Arc<Swarm>,
-    root: &Hash,
-    ids: &[Hash],
-    retain: crate::store::Retain,
-) -> HashMap<Hash, Bytes> {
-    let peers = peers_holding(swarm, root, Holding::Complete);
-    let mut want: Vec<Hash> = ids.to_vec();
-    let mut got = HashMap::new();
-    for (_, peer) in peers.into_iter().take(2) {
-        if want.is_empty() {
-            break;
-        }
-        got.extend(ask_peer(swarm, peer, &want, None, retain, Duration::from_secs(5)).await);
-        want.retain(|id| !got.contains_key(id));
-    }
-    got
-}
-
-/// For this long after a node starts pulling a version, while connected peers have not said
-/// whether they pull it too, it waits for their announcements before deciding who reads the
-/// version's metadata (nodes starting together hear of each other within milliseconds).
-const META_SETTLE: Duration = Duration::from_millis(250);
-/// How long a puller waits on the puller that reads the metadata without receiving anything
-/// (that puller is then passed over for metadata while it stays connected: a silent or lying
-/// owner costs a pull this once).
-const META_WAIT: Duration = Duration::from_secs(5);
-/// Between asks to that puller while it is still reading: from the first to the last, doubling
-/// while it has nothing new (its tree levels arrive one after another, each a few milliseconds
-/// after the last on a fast origin).
-const META_POLL: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(40));
-
-/// A version's metadata (pack indexes, tree nodes) for a node pulling it while others pull it
-/// too: one of the pullers, the owner of the version's root by rendezvous hashing, reads it
-/// from the origin and the others ask it, so a cold cluster reads the metadata once rather
-/// than once per node. Returns what the owner delivered, verified and stored, with the bytes;
-/// the caller reads the rest from the origin. Empty at once when this node is not pulling
-/// `root`, is the owner, or nobody else pulls it (after up to `META_SETTLE` for
-/// announcements of nodes starting together); the rest is left to the caller once the owner
-/// leaves or has sent nothing for `META_WAIT`.
-pub async fn from_pulling_owner(
-    swarm: &Arc<Swarm>,
-    root: &Hash,
-    ids: &[Hash],
-    retain: crate::store::Retain,
-) -> HashMap<Hash, Bytes> {
-    let mut got = HashMap::new();
-    let pulling_since = swarm
-        .local
-        .lock()
-        .expect("poisoned")
-        .get(root)
-        .filter(|v| v.holding == Holding::Pulling)
-        .map(|v| v.since);
-    let Some(since) = pulling_since else {
-        return got;
-    };
-    if ids.is_empty() {
-        return got;
-    }
-    let key = key_of(root);
-    let mut want: Vec<Hash> = ids.to_vec();
-    let mut heard = Instant::now();
-    let mut pause = META_POLL.0;
-    loop {
-        if since.elapsed() < META_SETTLE {
-            let undecided = swarm
-                .peers
-                .lock()
-                .expect("poisoned")
-                .iter()
-                .any(|(id, p)| swarm.can_ask(id, p) && !p.versions.contains_key(root));
-            if undecided {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        }
-        let mut pullers = nodes_holding(swarm, root, Holding::Pulling);
-        without_failed_owners(swarm, &mut pullers);
-        if pullers.len() < 2 {
-            break;
-        }
-        let owner = owner_of(&pullers, mix(key));
-        if owner == swarm.peer_id {
-            break;
-        }
-        let part = ask_peer(swarm, owner, &want, None, retain, Duration::from_secs(5)).await;
-        if !part.is_empty() {
-            heard = Instant::now();
-            pause = META_POLL.0;
-            want.retain(|id| !part.contains_key(id));
-            got.extend(part);
-        } else {
-            pause = (pause * 2).min(META_POLL.1);
-        }
-        if want.is_empty() {
-            break;
-        }
-        if heard.elapsed() > META_WAIT {
-            tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", META_WAIT.as_secs());
-            owner_stalled(swarm, &owner);
-            break;
-        }
-        tokio::time::sleep(pause).await;
-    }
-    if !got.is_empty() {
-        tracing::debug!(
-            blobs = got.len(),
-            of = ids.len(),
-            "metadata from the puller that reads it from the origin"
-        );
-    }
-    got
-}
-
-/// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
-/// members with a bulk address that announced a mount of it, less those that let this node
-/// down before (faults, or runs they owned and never sent): their runs are shared out among
-/// the others.
-pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
-    let mut nodes = nodes_holding(swarm, root, Holding::Mounted);
-    without_failed_owners(swarm, &mut nodes);
-    nodes
-}
-
-/// Leaves out of `nodes` the peers that let this node down before (faults, or something they
-/// owned and never sent): they own nothing for it while they stay connected.
-fn without_failed_owners(swarm: &Swarm, nodes: &mut Vec<(u64, PeerId)>) {
-    let peers = swarm.peers.lock().expect("poisoned");
-    nodes.retain(|(_, id)| {
-        peers
-            .get(id)
-            .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
-    });
-}
-
-/// Counts against `peer` that it owned what this node asked of it and sent none of it in time.
-pub fn owner_stalled(swarm: &Swarm, peer: &PeerId) {
-    if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(peer) {
-        p.owner_stalls += 1;
-    }
-}
-
-/// The nodes that announced `root` with `holding` (this one included), as (seed, id) for
-/// rendezvous hashing.
-fn nodes_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
-    let mut v: Vec<(u64, PeerId)> = peers_holding(swarm, root, holding)
-        .into_iter()
-        .map(|(_, id)| (peer_seed(&id), id))
-        .collect();
-    v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
-    v.sort_by_key(|n| n.1);
-    v
-}
-
-/// The connected members with a bulk address that announced `root` with `holding`, nearest
-/// first, as (locality distance, id).
-pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, PeerId)> {
-    let peers = swarm.peers.lock().expect("poisoned");
-    let mut v: Vec<(u8, PeerId)> = peers
-        .iter()
-        .filter(|(id, p)| {
-            swarm.can_ask(id, p) && p.versions.get(root).is_some_and(|v| v.holding == holding)
-        })
-        .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
-        .collect();
-    v.sort();
-    v
-}
-
-/// Which of the mounting `nodes` reads the run keyed `run` from the origin.
-pub fn mount_owner(nodes: &[(u64, PeerId)], run: u64) -> PeerId {
-    owner_of(nodes, mix(run))
-}
-
-/// Asks one peer for blobs (`through`: of that version, fetched from its origin if it lacks
-/// them); returns what arrived, verified and stored, with the bytes. Gives up on the rest once
-/// nothing has arrived for `wait`, or the peer disconnects.
-pub async fn ask_peer(
-    swarm: &Arc<Swarm>,
-    peer: PeerId,
-    ids: &[Hash],
-    through: Option<Hash>,
-    retain: crate::store::Retain,
-    wait: Duration,
-) -> HashMap<Hash, Bytes> {
-    let mut got = HashMap::new();
-    let Ok(c) = swarm.client(peer).await else {
-        return got;
-    };
-    // Unbounded, but bounded by what was asked: one event per id in `ids`.
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    // Several small requests rather than one large one: the peer streams the first while it
-    // reads the next, and this side verifies as they come.
-    for part in ids.chunks(PEER_PART) {
-        c.request(
-            peer,
-            bulk::Request {
-                ids: part.to_vec(),
-                reply: tx.clone(),
-                want_bytes: true,
-                through,
-                retain,
-            },
-        )
-        .await;
-    }
-    drop(tx);
-    let deadline = tokio::time::sleep(wait);
-    tokio::pin!(deadline);
-    let mut alive = tokio::time::interval(Duration::from_secs(1));
-    let mut n = 0;
-    loop {
-        tokio::select! {
-            _ = alive.tick() => {
-                let connected = swarm.peers.lock().expect("poisoned").get(&peer).is_some_and(|p| p.connected);
-                if !connected {
-                    break;
-                }
-            }
-            ev = rx.recv() => match ev {
-                None => break,
-                Some(ev) => {
-                    n += 1;
-                    deadline.as_mut().reset(tokio::time::Instant::now() + wait);
-                    match ev.outcome {
-                        Outcome::Stored(len) => {
-                            if let Some(b) = ev.bytes {
-                                got.insert(ev.id, b);
-                            }
-                            swarm.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
-                        }
-                        Outcome::Bad => {
-                            swarm.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
-                            swarm.fault(&peer, &format!("sent bytes for blob {} that do not match it", ev.id));
-                        }
-                        _ => {}
-                    }
-                    if n == ids.len() { break; }
-                }
-            },
-            _ = &mut deadline => {
-                if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
-                    p.stalls += 1;
-                }
-                break;
-            }
-        }
-    }
-    got
 }

@@ -1,0 +1,275 @@
+//! Asking peers for blobs outside a pull's scheduler: metadata (tree nodes, pack indexes) from
+//! peers holding a version whole or from the puller that reads it, and a mount's runs from
+//! the peer that owns them. These are still decided here in place; the pull's own decisions
+//! are `shoal_sched`'s, driven by the node.
+
+use crate::bulk::{self, Outcome};
+use crate::roster::{key_of, peer_seed};
+use crate::{Holding, Swarm};
+use bytes::Bytes;
+use libp2p::PeerId;
+use shoal_registry::Hash;
+use shoal_sched::{mix, owner_of};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Ids per request in [`from_complete_peers`]: about 5 MiB of chunks.
+const PEER_PART: usize = 128;
+
+/// Fetches blobs (tree nodes, pack indexes, a mount's chunks) from peers that hold the whole
+/// version; returns those that arrived, verified and stored, with their bytes. Never fails:
+/// the caller falls back to the origin for the rest.
+pub async fn from_complete_peers(
+    swarm: &Arc<Swarm>,
+    root: &Hash,
+    ids: &[Hash],
+    retain: shoal_store::Retain,
+) -> HashMap<Hash, Bytes> {
+    let peers = peers_holding(swarm, root, Holding::Complete);
+    let mut want: Vec<Hash> = ids.to_vec();
+    let mut got = HashMap::new();
+    for (_, peer) in peers.into_iter().take(2) {
+        if want.is_empty() {
+            break;
+        }
+        got.extend(ask_peer(swarm, peer, &want, None, retain, Duration::from_secs(5)).await);
+        want.retain(|id| !got.contains_key(id));
+    }
+    got
+}
+
+/// For this long after a node starts pulling a version, while connected peers have not said
+/// whether they pull it too, it waits for their announcements before deciding who reads the
+/// version's metadata (nodes starting together hear of each other within milliseconds).
+const META_SETTLE: Duration = Duration::from_millis(250);
+/// How long a puller waits on the puller that reads the metadata without receiving anything
+/// (that puller is then passed over for metadata while it stays connected: a silent or lying
+/// owner costs a pull this once).
+const META_WAIT: Duration = Duration::from_secs(5);
+/// Between asks to that puller while it is still reading: from the first to the last, doubling
+/// while it has nothing new (its tree levels arrive one after another, each a few milliseconds
+/// after the last on a fast origin).
+const META_POLL: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(40));
+
+/// A version's metadata (pack indexes, tree nodes) for a node pulling it while others pull it
+/// too: one of the pullers, the owner of the version's root by rendezvous hashing, reads it
+/// from the origin and the others ask it, so a cold cluster reads the metadata once rather
+/// than once per node. Returns what the owner delivered, verified and stored, with the bytes;
+/// the caller reads the rest from the origin. Empty at once when this node is not pulling
+/// `root`, is the owner, or nobody else pulls it (after up to `META_SETTLE` for
+/// announcements of nodes starting together); the rest is left to the caller once the owner
+/// leaves or has sent nothing for `META_WAIT`.
+pub async fn from_pulling_owner(
+    swarm: &Arc<Swarm>,
+    root: &Hash,
+    ids: &[Hash],
+    retain: shoal_store::Retain,
+) -> HashMap<Hash, Bytes> {
+    let mut got = HashMap::new();
+    let pulling_since = swarm
+        .local
+        .lock()
+        .expect("poisoned")
+        .get(root)
+        .filter(|v| v.holding == Holding::Pulling)
+        .map(|v| v.since);
+    let Some(since) = pulling_since else {
+        return got;
+    };
+    if ids.is_empty() {
+        return got;
+    }
+    let key = key_of(root);
+    let mut want: Vec<Hash> = ids.to_vec();
+    let mut heard = Instant::now();
+    let mut pause = META_POLL.0;
+    loop {
+        if since.elapsed() < META_SETTLE {
+            let undecided = swarm
+                .peers
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .any(|(id, p)| swarm.can_ask(id, p) && !p.versions.contains_key(root));
+            if undecided {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        }
+        let mut pullers = nodes_holding(swarm, root, Holding::Pulling);
+        without_failed_owners(swarm, &mut pullers);
+        if pullers.len() < 2 {
+            break;
+        }
+        let owner = owner_of(&pullers, mix(key));
+        if owner == swarm.peer_id {
+            break;
+        }
+        let part = ask_peer(swarm, owner, &want, None, retain, Duration::from_secs(5)).await;
+        if !part.is_empty() {
+            heard = Instant::now();
+            pause = META_POLL.0;
+            want.retain(|id| !part.contains_key(id));
+            got.extend(part);
+        } else {
+            pause = (pause * 2).min(META_POLL.1);
+        }
+        if want.is_empty() {
+            break;
+        }
+        if heard.elapsed() > META_WAIT {
+            tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", META_WAIT.as_secs());
+            owner_stalled(swarm, &owner);
+            break;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    if !got.is_empty() {
+        tracing::debug!(
+            blobs = got.len(),
+            of = ids.len(),
+            "metadata from the puller that reads it from the origin"
+        );
+    }
+    got
+}
+
+/// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
+/// members with a bulk address that announced a mount of it, less those that let this node
+/// down before (faults, or runs they owned and never sent): their runs are shared out among
+/// the others.
+pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
+    let mut nodes = nodes_holding(swarm, root, Holding::Mounted);
+    without_failed_owners(swarm, &mut nodes);
+    nodes
+}
+
+/// Leaves out of `nodes` the peers that let this node down before (faults, or something they
+/// owned and never sent): they own nothing for it while they stay connected.
+fn without_failed_owners(swarm: &Swarm, nodes: &mut Vec<(u64, PeerId)>) {
+    let peers = swarm.peers.lock().expect("poisoned");
+    nodes.retain(|(_, id)| {
+        peers
+            .get(id)
+            .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
+    });
+}
+
+/// Counts against `peer` that it owned what this node asked of it and sent none of it in time.
+pub fn owner_stalled(swarm: &Swarm, peer: &PeerId) {
+    if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(peer) {
+        p.owner_stalls += 1;
+    }
+}
+
+/// The nodes that announced `root` with `holding` (this one included), as (seed, id) for
+/// rendezvous hashing.
+fn nodes_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
+    let mut v: Vec<(u64, PeerId)> = peers_holding(swarm, root, holding)
+        .into_iter()
+        .map(|(_, id)| (peer_seed(&id), id))
+        .collect();
+    v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
+    v.sort_by_key(|n| n.1);
+    v
+}
+
+/// The connected members with a bulk address that announced `root` with `holding`, nearest
+/// first, as (locality distance, id).
+pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, PeerId)> {
+    let peers = swarm.peers.lock().expect("poisoned");
+    let mut v: Vec<(u8, PeerId)> = peers
+        .iter()
+        .filter(|(id, p)| {
+            swarm.can_ask(id, p) && p.versions.get(root).is_some_and(|v| v.holding == holding)
+        })
+        .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Which of the mounting `nodes` reads the run keyed `run` from the origin.
+pub fn mount_owner(nodes: &[(u64, PeerId)], run: u64) -> PeerId {
+    owner_of(nodes, mix(run))
+}
+
+/// Asks one peer for blobs (`through`: of that version, fetched from its origin if it lacks
+/// them); returns what arrived, verified and stored, with the bytes. Gives up on the rest once
+/// nothing has arrived for `wait`, or the peer disconnects.
+pub async fn ask_peer(
+    swarm: &Arc<Swarm>,
+    peer: PeerId,
+    ids: &[Hash],
+    through: Option<Hash>,
+    retain: shoal_store::Retain,
+    wait: Duration,
+) -> HashMap<Hash, Bytes> {
+    let mut got = HashMap::new();
+    let Ok(c) = swarm.client(peer).await else {
+        return got;
+    };
+    // Unbounded, but bounded by what was asked: one event per id in `ids`.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Several small requests rather than one large one: the peer streams the first while it
+    // reads the next, and this side verifies as they come.
+    for part in ids.chunks(PEER_PART) {
+        c.request(
+            peer,
+            bulk::Request {
+                ids: part.to_vec(),
+                reply: tx.clone(),
+                want_bytes: true,
+                through,
+                retain,
+            },
+        )
+        .await;
+    }
+    drop(tx);
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0;
+    loop {
+        tokio::select! {
+            _ = alive.tick() => {
+                let connected = swarm.peers.lock().expect("poisoned").get(&peer).is_some_and(|p| p.connected);
+                if !connected {
+                    break;
+                }
+            }
+            ev = rx.recv() => match ev {
+                None => break,
+                Some(ev) => {
+                    n += 1;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + wait);
+                    match ev.outcome {
+                        Outcome::Stored(len) => {
+                            if let Some(b) = ev.bytes {
+                                got.insert(ev.id, b);
+                            }
+                            swarm.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
+                        }
+                        Outcome::Bad => {
+                            swarm.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                            swarm.fault(&peer, &format!("sent bytes for blob {} that do not match it", ev.id));
+                        }
+                        _ => {}
+                    }
+                    if n == ids.len() { break; }
+                }
+            },
+            _ = &mut deadline => {
+                if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
+                    p.stalls += 1;
+                }
+                break;
+            }
+        }
+    }
+    got
+}
