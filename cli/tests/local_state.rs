@@ -39,7 +39,10 @@ fn start_daemon(env: &Env, args: &[&str]) -> Daemon {
     let log = std::fs::File::create(env.path("node.log")).unwrap();
     let mut child = env
         .cmd(&a)
-        .env("SHOAL_LOG", "warn,shoal_node=debug")
+        .env(
+            "SHOAL_LOG",
+            "warn,shoal_node=debug,shoal_swarm=debug,shoal_store=debug",
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

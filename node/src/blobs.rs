@@ -20,8 +20,6 @@ const COALESCE_GAP: u64 = 64 << 10;
 const MAX_RANGE: u64 = 16 << 20;
 /// Ranged reads in flight against the origin.
 const ORIGIN_CONCURRENCY: usize = 8;
-/// Nodes mounting one version split its origin reads in runs of this many bytes of a pack.
-const MOUNT_RUN: u64 = 4 << 20;
 /// How long a mount waits for the peer that owns a run to deliver anything (while it stays
 /// connected) before reading the run from the origin itself; an owner that sends nothing at
 /// all in that time owns no more runs for this node. Not short: an owner is slow when the
@@ -293,7 +291,7 @@ impl Blobs {
     }
 
     /// With other nodes mounting this version: `ids` split into those in runs this node owns
-    /// and those of each other owner. The version's packs are cut into runs of [`MOUNT_RUN`]
+    /// and those of each other owner. The version's packs are cut into runs of [`shoal_sched::owners::MOUNT_RUN`]
     /// bytes, each owned by one mounting node (rendezvous hashing), which reads it from the
     /// origin for everyone. None when no other node mounts it.
     pub fn split_by_owner(&self, ids: &[Hash]) -> Option<(Vec<Hash>, ByOwner)> {
@@ -307,10 +305,11 @@ impl Blobs {
         for id in ids {
             let run = self.locs.get(id).map_or(0, |l| {
                 let pack = &self.packs[l.pack as usize].0;
-                u64::from_le_bytes(pack[..8].try_into().expect("8 bytes")) ^ (l.offset / MOUNT_RUN)
+                let pack = u64::from_le_bytes(pack[..8].try_into().expect("8 bytes"));
+                shoal_sched::owners::mount_run(pack, l.offset)
             });
             by_owner
-                .entry(fetch::mount_owner(&nodes, run))
+                .entry(shoal_sched::owners::owner(&nodes, run))
                 .or_default()
                 .push(*id);
         }

@@ -204,9 +204,12 @@ impl NodeProc {
                 self.cmd(&refs)
             }
         };
-        c.env("SHOAL_LOG", "warn,shoal_node=debug")
-            .stdout(Stdio::null())
-            .stderr(log);
+        c.env(
+            "SHOAL_LOG",
+            "warn,shoal_node=debug,shoal_swarm=debug,shoal_store=debug",
+        )
+        .stdout(Stdio::null())
+        .stderr(log);
         self.child = Some(c.spawn().expect("starting shoal node run"));
         let s = wait_for(30, &format!("node {} to answer status", self.name), || {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {

@@ -1,5 +1,6 @@
 //! Shoal's swarm scheduler, sans I/O: it decides which source serves which chunk of a
-//! version, and does nothing else.
+//! version ([`pull`]), and who reads a version's metadata and a mount's runs from the origin
+//! for the others ([`owners`]), and does nothing else.
 //!
 //! quinn-proto is the model. A scheduler is a plain value; its driver (the node's swarm, or
 //! the simulator in `testnet/`) feeds it what happened (which sources there are and what they
@@ -11,6 +12,7 @@
 //! Peers are any `Copy + Ord + Hash` key (libp2p's `PeerId` in the node, a number in the
 //! simulator); each comes with a seed for rendezvous hashing, so both agree on who owns what.
 
+pub mod owners;
 pub mod pull;
 
 pub use pull::{Action, Chunks, Config, Holding, Outcome, Pull, Source};

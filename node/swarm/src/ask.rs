@@ -1,7 +1,8 @@
-//! Asking peers for blobs outside a pull's scheduler: metadata (tree nodes, pack indexes) from
-//! peers holding a version whole or from the puller that reads it, and a mount's runs from
-//! the peer that owns them. These are still decided here in place; the pull's own decisions
-//! are `shoal_sched`'s, driven by the node.
+//! Asking peers for blobs outside a pull's chunk scheduler: metadata (tree nodes, pack
+//! indexes) from peers holding a version whole or from the puller that reads it, and a mount's
+//! runs from the peer that owns them. Who owns what, and when to give up on an owner, is
+//! `shoal_sched::owners`'s decision; this module carries it out over the peer table and the
+//! bulk channel.
 
 use crate::bulk::{self, Outcome};
 use crate::roster::{key_of, peer_seed};
@@ -9,7 +10,7 @@ use crate::{Holding, Swarm};
 use bytes::Bytes;
 use libp2p::PeerId;
 use shoal_registry::Hash;
-use shoal_sched::{mix, owner_of};
+use shoal_sched::owners::{self, Candidate, MetaConfig, MetaFetch, MetaStep};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,19 +42,6 @@ pub async fn from_complete_peers(
     got
 }
 
-/// For this long after a node starts pulling a version, while connected peers have not said
-/// whether they pull it too, it waits for their announcements before deciding who reads the
-/// version's metadata (nodes starting together hear of each other within milliseconds).
-const META_SETTLE: Duration = Duration::from_millis(250);
-/// How long a puller waits on the puller that reads the metadata without receiving anything
-/// (that puller is then passed over for metadata while it stays connected: a silent or lying
-/// owner costs a pull this once).
-const META_WAIT: Duration = Duration::from_secs(5);
-/// Between asks to that puller while it is still reading: from the first to the last, doubling
-/// while it has nothing new (its tree levels arrive one after another, each a few milliseconds
-/// after the last on a fast origin).
-const META_POLL: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(40));
-
 /// A version's metadata (pack indexes, tree nodes) for a node pulling it while others pull it
 /// too: one of the pullers, the owner of the version's root by rendezvous hashing, reads it
 /// from the origin and the others ask it, so a cold cluster reads the metadata once rather
@@ -82,50 +70,41 @@ pub async fn from_pulling_owner(
     if ids.is_empty() {
         return got;
     }
-    let key = key_of(root);
     let mut want: Vec<Hash> = ids.to_vec();
-    let mut heard = Instant::now();
-    let mut pause = META_POLL.0;
+    let mut meta = MetaFetch::new(
+        MetaConfig::default(),
+        swarm.peer_id,
+        key_of(root),
+        since,
+        Instant::now(),
+    );
     loop {
-        if since.elapsed() < META_SETTLE {
-            let undecided = swarm
-                .peers
-                .lock()
-                .expect("poisoned")
-                .iter()
-                .any(|(id, p)| swarm.can_ask(id, p) && !p.versions.contains_key(root));
-            if undecided {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
+        let undecided = swarm
+            .peers
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .any(|(id, p)| swarm.can_ask(id, p) && !p.versions.contains_key(root));
+        let pullers = candidates(swarm, root, Holding::Pulling);
+        match meta.poll(Instant::now(), undecided, &pullers) {
+            MetaStep::Wait(d) => tokio::time::sleep(d).await,
+            MetaStep::Origin => break,
+            MetaStep::Stalled(owner) => {
+                tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", MetaConfig::default().wait.as_secs());
+                owner_stalled(swarm, &owner);
+                break;
+            }
+            MetaStep::Ask(owner) => {
+                let part =
+                    ask_peer(swarm, owner, &want, None, retain, Duration::from_secs(5)).await;
+                meta.on_answer(Instant::now(), part.len());
+                want.retain(|id| !part.contains_key(id));
+                got.extend(part);
+                if want.is_empty() {
+                    break;
+                }
             }
         }
-        let mut pullers = nodes_holding(swarm, root, Holding::Pulling);
-        without_failed_owners(swarm, &mut pullers);
-        if pullers.len() < 2 {
-            break;
-        }
-        let owner = owner_of(&pullers, mix(key));
-        if owner == swarm.peer_id {
-            break;
-        }
-        let part = ask_peer(swarm, owner, &want, None, retain, Duration::from_secs(5)).await;
-        if !part.is_empty() {
-            heard = Instant::now();
-            pause = META_POLL.0;
-            want.retain(|id| !part.contains_key(id));
-            got.extend(part);
-        } else {
-            pause = (pause * 2).min(META_POLL.1);
-        }
-        if want.is_empty() {
-            break;
-        }
-        if heard.elapsed() > META_WAIT {
-            tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", META_WAIT.as_secs());
-            owner_stalled(swarm, &owner);
-            break;
-        }
-        tokio::time::sleep(pause).await;
     }
     if !got.is_empty() {
         tracing::debug!(
@@ -137,25 +116,31 @@ pub async fn from_pulling_owner(
     got
 }
 
-/// The nodes mounting `root` (this one included), as (seed, id) for [`mount_owner`]: connected
-/// members with a bulk address that announced a mount of it, less those that let this node
-/// down before (faults, or runs they owned and never sent): their runs are shared out among
-/// the others.
+/// The nodes mounting `root` (this one included) that may own its runs, as (seed, id) for
+/// [`owners::owner`]: connected members with a bulk address that announced a mount of it,
+/// less those that let this node down before (faults, or runs they owned and never sent):
+/// their runs are shared out among the others.
 pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
-    let mut nodes = nodes_holding(swarm, root, Holding::Mounted);
-    without_failed_owners(swarm, &mut nodes);
-    nodes
+    candidates(swarm, root, Holding::Mounted)
 }
 
-/// Leaves out of `nodes` the peers that let this node down before (faults, or something they
-/// owned and never sent): they own nothing for it while they stay connected.
-fn without_failed_owners(swarm: &Swarm, nodes: &mut Vec<(u64, PeerId)>) {
+/// The nodes that announced `root` with `holding` (this one included) and may own units of
+/// it for this node (see [`owners::eligible`]).
+fn candidates(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
+    let holders = peers_holding(swarm, root, holding);
     let peers = swarm.peers.lock().expect("poisoned");
-    nodes.retain(|(_, id)| {
-        peers
-            .get(id)
-            .is_none_or(|p| p.faults == 0 && p.owner_stalls == 0)
+    let them = holders.into_iter().map(|(_, id)| Candidate {
+        seed: peer_seed(&id),
+        id,
+        failed: peers
+            .get(&id)
+            .is_some_and(|p| p.faults > 0 || p.owner_stalls > 0),
     });
+    owners::eligible(them.chain(std::iter::once(Candidate {
+        seed: peer_seed(&swarm.peer_id),
+        id: swarm.peer_id,
+        failed: false,
+    })))
 }
 
 /// Counts against `peer` that it owned what this node asked of it and sent none of it in time.
@@ -163,18 +148,6 @@ pub fn owner_stalled(swarm: &Swarm, peer: &PeerId) {
     if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(peer) {
         p.owner_stalls += 1;
     }
-}
-
-/// The nodes that announced `root` with `holding` (this one included), as (seed, id) for
-/// rendezvous hashing.
-fn nodes_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
-    let mut v: Vec<(u64, PeerId)> = peers_holding(swarm, root, holding)
-        .into_iter()
-        .map(|(_, id)| (peer_seed(&id), id))
-        .collect();
-    v.push((peer_seed(&swarm.peer_id), swarm.peer_id));
-    v.sort_by_key(|n| n.1);
-    v
 }
 
 /// The connected members with a bulk address that announced `root` with `holding`, nearest
@@ -190,11 +163,6 @@ pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, P
         .collect();
     v.sort();
     v
-}
-
-/// Which of the mounting `nodes` reads the run keyed `run` from the origin.
-pub fn mount_owner(nodes: &[(u64, PeerId)], run: u64) -> PeerId {
-    owner_of(nodes, mix(run))
 }
 
 /// Asks one peer for blobs (`through`: of that version, fetched from its origin if it lacks
