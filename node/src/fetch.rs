@@ -2,12 +2,12 @@
 //! scheduler.
 //!
 //! Which source serves which chunk is decided by [`shoal_sched::Pull`], which does no I/O;
-//! this module keeps it fed (the peers that announced the version, their have-maps, what
-//! arrived), carries out what it asks (requests over the bulk channel, origin reads, have-map
+//! this module keeps it fed (through the swarm's [`PullView`]: the peers that announced the
+//! version, their have-maps and deltas; and what arrived), carries out what it asks (requests over the bulk channel, origin reads, have-map
 //! queries) and reports to the rest of the node (progress, the have-map this node announces,
 //! faults and misses counted against peers). The other fetches from peers (metadata from the
 //! puller that reads it, blobs from peers holding a version whole, a mount's runs) are
-//! `shoal_swarm::ask`'s, still decided in place.
+//! `shoal_swarm::ask`'s, carrying out `shoal_sched::owners`.
 
 use crate::blobs::Blobs;
 use crate::error::Result;
@@ -15,7 +15,7 @@ use crate::progress::Progress;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use shoal_registry::Hash;
-use shoal_sched::pull::{self, Action, Delivery, Pull, Source};
+use shoal_sched::pull::{self, Action, Delivery, Pull};
 use shoal_swarm::PeerId;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -30,81 +30,7 @@ const SYNC: Duration = Duration::from_millis(20);
 
 use shoal_swarm::bulk::{self, Event, Outcome};
 use shoal_swarm::roster::{key_of, peer_seed};
-use shoal_swarm::{Holding, Swarm};
-
-/// The scheduler's view of the peers, and what of it was last handed over.
-struct Sync {
-    seeds: HashMap<PeerId, u64>,
-    /// Per source: the have-map generation and freshness given to the scheduler, and how
-    /// much of the deltas logged since.
-    given: HashMap<PeerId, (u64, bool, usize)>,
-}
-
-impl Sync {
-    /// Hands the scheduler what changed in the peer table since the last call: sources
-    /// that came or left, and have-maps that were replaced.
-    fn run(&mut self, swarm: &Swarm, root: &Hash, n: usize, sched: &mut Pull<PeerId>) {
-        // The version's pullers across the fleet (the first few by rank: all the scheduler
-        // needs to agree with every other node on the origin readers).
-        let pullers = swarm.pullers(root);
-        sched.set_pullers(Some(pullers));
-        let peers = swarm.peers.lock().expect("poisoned");
-        sched.set_connected(peers.values().filter(|p| p.connected).count());
-        let mut seen = Vec::new();
-        for (id, p) in peers.iter() {
-            if !swarm.can_ask(id, p) {
-                continue;
-            }
-            let Some(v) = p.versions.get(root) else {
-                continue;
-            };
-            let seed = *self.seeds.entry(*id).or_insert_with(|| peer_seed(id));
-            sched.set_source(
-                *id,
-                Source {
-                    seed,
-                    distance: swarm.labels.distance(&p.labels),
-                    holding: match v.holding {
-                        Holding::Complete => pull::Holding::Complete,
-                        Holding::Pulling => pull::Holding::Pulling,
-                        Holding::Mounted => pull::Holding::Mounted,
-                    },
-                    rate: p.throughput,
-                    rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
-                    grew: v.grew,
-                    faults: p.faults,
-                },
-            );
-            match self.given.get_mut(id) {
-                Some((gen, fresh, pos)) if (*gen, *fresh) == (v.gen, v.fresh) => {
-                    if v.log.len() > *pos {
-                        let chunks: Vec<usize> =
-                            v.log[*pos..].iter().map(|&i| i as usize).collect();
-                        sched.on_have(*id, &chunks);
-                        *pos = v.log.len();
-                    }
-                }
-                _ => {
-                    self.given.insert(*id, (v.gen, v.fresh, v.log.len()));
-                    // A map of another length (another version's index space) is no map.
-                    let map = v.have.clone().filter(|h| h.len as usize == n);
-                    sched.set_have(*id, map, v.fresh);
-                }
-            }
-            seen.push(*id);
-        }
-        drop(peers);
-        let gone: Vec<PeerId> = sched
-            .sources()
-            .filter(|p| !seen.contains(p))
-            .copied()
-            .collect();
-        for p in gone {
-            sched.remove_source(&p);
-            self.given.remove(&p);
-        }
-    }
-}
+use shoal_swarm::{PullView, Swarm};
 
 /// Fetches `order[i]` for every `i` in `missing` into the local store. `order` is the
 /// version's unique chunks in walk order (the index space of have-maps).
@@ -150,10 +76,7 @@ pub async fn fetch(
         &missing,
         started,
     );
-    let mut sync = Sync {
-        seeds: HashMap::new(),
-        given: HashMap::new(),
-    };
+    let mut sync = PullView::default();
     // Unbounded, but bounded by what was asked: one event per chunk requested, and the
     // scheduler keeps at most its window (32 MiB) in flight to each peer. (The bulk client's
     // reply type is unbounded: a bounded one could block its reader while this loop awaits a
@@ -192,9 +115,7 @@ pub async fn fetch(
                 Action::QueryHave(p) => swarm.query_have(p, root),
                 Action::Stalled(p) => {
                     tracing::debug!(peer = %p, "late, asking another source");
-                    if let Some(pe) = swarm.peers.lock().expect("poisoned").get_mut(&p) {
-                        pe.stalls += 1;
-                    }
+                    swarm.stalled(&p);
                 }
                 Action::Request {
                     peer,

@@ -49,13 +49,7 @@ impl<'a> PullGuard<'a> {
     fn new(swarm: Option<&'a Arc<Swarm>>, root: shoal_registry::Hash, name: &str) -> Self {
         if let Some(sw) = swarm {
             sw.counters.active_pulls.fetch_add(1, Ordering::Relaxed);
-            let already = sw
-                .local
-                .lock()
-                .expect("poisoned")
-                .get(&root)
-                .is_some_and(|v| v.holding == Holding::Complete);
-            if !already {
+            if sw.holding(&root) != Some(Holding::Complete) {
                 sw.hold(root, name, Holding::Pulling, None);
             }
         }

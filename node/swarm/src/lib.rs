@@ -16,6 +16,7 @@ pub mod metrics;
 mod p2p;
 pub mod roster;
 mod tls;
+mod view;
 
 /// The control protocol's messages, for tools and tests that speak it.
 pub mod wire {
@@ -38,6 +39,7 @@ use tokio::sync::mpsc;
 pub use libp2p::identity::Keypair;
 pub use libp2p::{Multiaddr, PeerId};
 pub use p2p::start;
+pub use view::PullView;
 
 /// Where a node sits: sources in the same rack are preferred, then zone, then region.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,11 +313,11 @@ pub struct Swarm {
     /// connected.
     pub(crate) admitted: Mutex<HashSet<PeerId>>,
     pub(crate) limits: crate::limits::Limits,
-    pub peers: Mutex<HashMap<PeerId, Peer>>,
-    pub local: Mutex<HashMap<Hash, LocalVersion>>,
-    pub listen: Mutex<Vec<Multiaddr>>,
-    pub bulk_addr: Mutex<Option<SocketAddr>>,
-    pub banned: Mutex<HashSet<PeerId>>,
+    pub(crate) peers: Mutex<HashMap<PeerId, Peer>>,
+    pub(crate) local: Mutex<HashMap<Hash, LocalVersion>>,
+    pub(crate) listen: Mutex<Vec<Multiaddr>>,
+    pub(crate) bulk_addr: Mutex<Option<SocketAddr>>,
+    pub(crate) banned: Mutex<HashSet<PeerId>>,
     pub counters: Counters,
     pub(crate) cmd: mpsc::Sender<Cmd>,
     /// Set when what this node holds changed: the event loop tells its peers (once for any
@@ -414,6 +416,13 @@ impl Swarm {
     /// peer table).
     pub fn query_have(&self, peer: PeerId, root: Hash) {
         self.send(Cmd::QueryHave(peer, root));
+    }
+
+    /// Counts against `peer` that it let a request of a pull go late (it was asked elsewhere).
+    pub fn stalled(&self, peer: &PeerId) {
+        if let Some(p) = self.peers.lock().expect("poisoned").get_mut(peer) {
+            p.stalls += 1;
+        }
     }
 
     /// The store chunks are served from and fetched into.
@@ -522,6 +531,15 @@ impl Swarm {
             }
         }
         out
+    }
+
+    /// How this node holds version `root`, if it announces it.
+    pub fn holding(&self, root: &Hash) -> Option<Holding> {
+        self.local
+            .lock()
+            .expect("poisoned")
+            .get(root)
+            .map(|v| v.holding)
     }
 
     /// Forgets a version this node was pulling (a failed pull) and tells the peers.
