@@ -78,6 +78,8 @@ fn cache_pack_index(cache: &Path, id: &Hash, bytes: &[u8]) {
 
 /// Reads a pack index from the local cache, or from the origin (then caches it); with the
 /// bytes read from the origin (0 from the cache).
+///
+/// Cancel-safe: an index is cached only once read whole and verified.
 pub(crate) async fn pack_index(
     origin: &Origin,
     cache: &Path,
@@ -102,6 +104,8 @@ pub(crate) async fn pack_index(
 
 impl Blobs {
     /// Loads the indexes of every pack the version names.
+    ///
+    /// Cancel-safe: it only reads (indexes it cached stay cached and valid).
     pub async fn load(
         origin: Origin,
         store: Arc<dyn ChunkStore>,
@@ -213,6 +217,8 @@ impl Blobs {
     }
 
     /// One blob, from the local store or else the origin.
+    ///
+    /// Cancel-safe: a blob is stored only once verified.
     pub async fn get(&self, id: &Hash) -> Result<Vec<u8>> {
         let store = self.store.clone();
         let key = *id;
@@ -244,6 +250,8 @@ impl Blobs {
     }
 
     /// Fetches blobs from the origin only.
+    ///
+    /// Cancel-safe, as [`Self::fetch`].
     pub async fn fetch_origin(&self, ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -257,6 +265,9 @@ impl Blobs {
     /// For a mount: after peers holding the whole version, peers mounting it too are asked
     /// for the runs they own (see [`Self::split_by_owner`]); this node reads the runs it owns,
     /// and any an owner did not deliver, from the origin.
+    ///
+    /// Cancel-safe: what arrived before cancellation stays stored and verified; the rest is
+    /// fetched again by whoever asks next.
     pub async fn fetch_bytes(&self, mut ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
         let Some((swarm, root)) = &self.peers else {
             return self.fetch_inner(ids, None, true).await;
@@ -319,6 +330,9 @@ impl Blobs {
 
     /// Asks the mounting peer that owns their runs for `ids` (it reads them from its origin if
     /// it lacks them); reads from the origin whatever it does not deliver.
+    ///
+    /// Cancel-safe, as [`Self::fetch_bytes`] (a stall is counted against the owner only when
+    /// its wait ran out).
     pub async fn fetch_from_owner(
         &self,
         peer: crate::swarm::PeerId,
@@ -350,6 +364,8 @@ impl Blobs {
     }
 
     /// Fetches blobs from the origin only, returning their verified bytes.
+    ///
+    /// Cancel-safe, as [`Self::fetch`].
     pub async fn fetch_origin_bytes(&self, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
@@ -362,6 +378,8 @@ impl Blobs {
         self.peers.as_ref()
     }
 
+    /// Ranged reads from the origin, verified and stored batch by batch. Cancel-safe: what was
+    /// stored stays stored and verified.
     async fn fetch_inner(
         &self,
         mut ids: Vec<Hash>,

@@ -21,6 +21,9 @@ pub struct PinReport {
 impl Node {
     /// Fetches whatever of `reference` is not local, then pins all of it (chunks and tree
     /// nodes) so that no cache pressure evicts it.
+    ///
+    /// Cancel-safe: the pin is one store transaction taken after every blob is local; a
+    /// cancelled pin leaves fetched blobs cached and nothing pinned.
     pub async fn pin(&self, reference: &DatasetRef, progress: &Progress) -> Result<PinReport> {
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
@@ -76,6 +79,8 @@ impl Node {
 
     /// Releases the pin of `reference`; false if it was not pinned. A version name is matched
     /// without asking the origin; a tag or root id is resolved first.
+    ///
+    /// Cancel-safe: the unpin is one store transaction.
     pub async fn unpin(&self, reference: &DatasetRef) -> Result<bool> {
         let store = self.store()?;
         if let Rev::Label(l) = &reference.rev {

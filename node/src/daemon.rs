@@ -124,6 +124,8 @@ pub struct Client {
 
 impl Client {
     /// Connects to the daemon of `home`, or None if none is running.
+    ///
+    /// Cancel-safe: nothing is sent before it returns.
     pub async fn connect(home: &Home) -> Option<Client> {
         UnixStream::connect(home.socket_path())
             .await
@@ -141,11 +143,17 @@ impl Client {
     }
 
     /// Sends one request; progress lines update `progress`; returns the result.
+    ///
+    /// Not cancel-safe for the request: once sent, the daemon carries it out whether or not the
+    /// reply is read (dropping the call only stops waiting; a mount asked this way is unmounted
+    /// when the connection closes).
     pub async fn call(self, req: &Request, progress: &Progress) -> Result<serde_json::Value> {
         self.call_with(req, progress, |_| {}).await
     }
 
     /// Like [`Self::call`], handing the daemon's notices to `notice` as they come.
+    ///
+    /// Cancel-safety as [`Self::call`].
     pub async fn call_with(
         self,
         req: &Request,
@@ -204,6 +212,9 @@ fn phase_name(s: &str) -> &'static str {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. `ready` is called once it listens.
+///
+/// Cancelling it stops serving without the orderly unmount and flush of a signal: run it to
+/// completion (it returns on SIGINT or SIGTERM).
 pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -> Result<()> {
     let home = node.home().clone();
     let sock = home.socket_path();
@@ -331,6 +342,8 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
 const HELD_CHECK: Duration = Duration::from_secs(5);
 
 /// Withdraws every version announced whole that no longer is.
+///
+/// Cancel-safe: it only withdraws announcements.
 async fn recheck_held(
     home: &Home,
     store: Arc<dyn crate::store::ChunkStore>,
@@ -355,6 +368,8 @@ async fn recheck_held(
 }
 
 /// Rechecks the versions announced whole whenever blobs have left the store.
+///
+/// Runs until the daemon ends; cancel-safe (it holds no state of its own between rechecks).
 async fn watch_held(home: Home, store: Arc<dyn crate::store::ChunkStore>, sw: Arc<swarm::Swarm>) {
     let mut seen = store.losses();
     loop {
@@ -434,6 +449,8 @@ pub fn parse_request(line: &str) -> Result<(Request, Vec<TrustedKey>)> {
 }
 
 /// Tells a client over the connection limit so, and closes.
+///
+/// Cancel-safe: the connection is closed either way.
 async fn refuse(mut stream: UnixStream, limit: usize) {
     let reply = Reply::Error(ErrorReply::of(&Error::Net(format!(
         "the node daemon is serving its most local clients ({limit}, [node.limits] max_local_clients); try again when some finish"
@@ -445,6 +462,9 @@ async fn refuse(mut stream: UnixStream, limit: usize) {
 
 /// Reads one request line of at most [`MAX_REQUEST_LINE`] bytes; None if the client closed
 /// first.
+///
+/// Not cancel-safe: a cancelled read may have consumed part of a line; the connection is then
+/// dropped, never read again.
 async fn read_request(
     r: &mut (impl tokio::io::AsyncBufRead + Unpin),
 ) -> std::io::Result<Option<String>> {
@@ -470,6 +490,8 @@ async fn read_request(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "request is not UTF-8"))
 }
 
+/// Serves one CLI connection until it closes; spawned per connection and never cancelled (a
+/// mount it serves ends through its `stop` future when the connection closes).
 async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -535,6 +557,7 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
     w.write_all(l.as_bytes()).await
 }
 
+/// Carries out one request. Cancel-safe as the operation it runs (pull, pin, mount: see each).
 async fn handle(
     daemon: Arc<Daemon>,
     line: String,

@@ -34,6 +34,9 @@ use shoal_swarm::{PullView, Swarm};
 
 /// Fetches `order[i]` for every `i` in `missing` into the local store. `order` is the
 /// version's unique chunks in walk order (the index space of have-maps).
+///
+/// Cancel-safe: chunks are stored only once verified and progress is made durable as it goes,
+/// so a rerun resumes; requests still in flight are answered into a closed channel and dropped.
 pub async fn fetch(
     swarm: &Arc<Swarm>,
     blobs: &Blobs,
@@ -185,6 +188,8 @@ pub async fn fetch(
 }
 
 /// Sends one request to a peer; a failure to reach it comes back as every chunk lost.
+///
+/// Cancel-safety as [`bulk::Client::request`]: a cancelled send reports nothing for its chunks.
 async fn send(swarm: &Arc<Swarm>, peer: PeerId, ids: Vec<Hash>, tx: &mpsc::UnboundedSender<Event>) {
     match swarm.client(peer).await {
         Ok(c) => {

@@ -85,6 +85,7 @@ fn files_of(e: &Entry) -> u64 {
     }
 }
 
+/// The chunk ids of a file (its chunk list, read through `blobs`). Cancel-safe: it only reads.
 async fn chunk_ids(
     blobs: &Blobs,
     content: &FileContent,
@@ -111,6 +112,8 @@ async fn chunk_ids(
 
 impl Node {
     /// Versions of a dataset with their tags.
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn versions(&self, name: &DatasetName) -> Result<Vec<VersionInfo>> {
         let trusted = self.trusted_keys()?;
         let mut tags: Vec<(String, String)> = Vec::new();
@@ -151,6 +154,8 @@ impl Node {
         Ok(out)
     }
 
+    /// Opens and verifies `reference` and loads its pack indexes. Cancel-safe: it only reads
+    /// (and caches verified indexes).
     async fn blobs_for(&self, reference: &DatasetRef) -> Result<(String, Blobs, Hash)> {
         let (version, signed) = self.open_version(reference).await?;
         let blobs = self.blobs(&signed).await?;
@@ -158,6 +163,8 @@ impl Node {
     }
 
     /// Entries of the directory at `path` inside a version (or the one entry, for a file).
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn ls(&self, reference: &DatasetRef, path: &str) -> Result<Vec<LsEntry>> {
         let (_, blobs, root) = self.blobs_for(reference).await?;
         let mut dir: Dir = load_dir(&blobs, &root, "").await?;
@@ -210,6 +217,8 @@ impl Node {
 
     /// Differences between two versions of the same dataset (or of two datasets in the same
     /// origin). Descends only into subtrees whose ids differ.
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn diff(&self, a: &DatasetRef, b: &DatasetRef) -> Result<DiffReport> {
         let (va, blobs_a, root_a) = self.blobs_for(a).await?;
         let (vb, blobs_b, root_b) = self.blobs_for(b).await?;

@@ -202,6 +202,8 @@ impl Node {
     /// (and the tag's, if a tag named it). When the origin cannot be reached, a version seen
     /// before on this machine (by version name or root id, not by tag) still opens from its
     /// cached, re-verified signed copy.
+    ///
+    /// Cancel-safe: it caches a signed copy only once verified.
     pub async fn open_version(&self, reference: &DatasetRef) -> Result<(String, SignedVersion)> {
         let dataset = reference.dataset.as_str();
         match self.origin.resolve(reference).await {
@@ -230,6 +232,8 @@ impl Node {
     }
 
     /// Where the blobs of a (verified) version are: the local store, then its packs.
+    ///
+    /// Cancel-safe, as [`blobs::Blobs::load`].
     pub(crate) async fn blobs(&self, signed: &SignedVersion) -> Result<blobs::Blobs> {
         blobs::Blobs::load(
             self.origin.clone(),
@@ -242,6 +246,9 @@ impl Node {
     }
 
     /// Points `tag` at an existing, trusted version.
+    ///
+    /// Cancel-safe: the tag is one conditional put; cancelled, it either landed whole or not at
+    /// all.
     pub async fn tag(&self, target: &VersionRef, tag: &shoal_registry::Label) -> Result<String> {
         let signed = self
             .origin
@@ -277,5 +284,57 @@ impl Node {
             "{}@{tag} -> {target} (sequence {seq})",
             target.dataset
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every async fn of the node's crates says whether it is cancel-safe (what a caller that
+    /// drops it half-way, in a `select!` or a timeout, is left with).
+    #[test]
+    fn every_async_fn_states_its_cancel_safety() {
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut missing = Vec::new();
+        for dir in ["src", "swarm/src", "store/src"] {
+            for e in std::fs::read_dir(here.join(dir)).unwrap() {
+                let path = e.unwrap().path();
+                if path.extension().is_none_or(|x| x != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let lines: Vec<&str> = text.lines().collect();
+                for (i, l) in lines.iter().enumerate() {
+                    if !l.contains("async fn ")
+                        || l.contains('"')
+                        || l.trim_start().starts_with("//")
+                    {
+                        continue;
+                    }
+                    let mut doc = String::new();
+                    let mut j = i;
+                    while j > 0 {
+                        let above = lines[j - 1].trim_start();
+                        if above.starts_with("///") || above.starts_with("#[") {
+                            doc.push_str(above);
+                            j -= 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    if doc.contains("#[tokio::test") || doc.contains("#[test") {
+                        continue;
+                    }
+                    if !doc.to_lowercase().contains("cancel") {
+                        missing.push(format!("{}:{}: {}", path.display(), i + 1, l.trim()));
+                    }
+                }
+            }
+        }
+        assert!(missing.len() < 200, "the scan found too much: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "no word on cancel-safety:\n{}",
+            missing.join("\n")
+        );
     }
 }

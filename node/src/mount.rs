@@ -74,6 +74,9 @@ impl Inner {
     /// Fetches the blobs not yet local, joining fetches already under way for any of them;
     /// returns the verified bytes of what it fetched or joined (the store may not keep them
     /// all under capacity pressure).
+    ///
+    /// Cancel-safe: the in-flight table holds weak references, so a fetch nobody waits for any
+    /// more is dropped, never left stale; what it stored stays verified.
     async fn fetch(self: &Arc<Self>, ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>, Arc<String>> {
         self.fetch_from(ids, false).await
     }
@@ -81,6 +84,8 @@ impl Inner {
     /// [`Self::fetch`]; with `for_peer` (a peer asked this node, as owner of their runs, to
     /// read them) from the origin only, joining only origin reads under way: a read that
     /// waits on other peers is never joined, so two owners can never wait on each other.
+    ///
+    /// Cancel-safe, as [`Self::fetch`].
     async fn fetch_from(
         self: &Arc<Self>,
         ids: Vec<Hash>,
@@ -477,6 +482,8 @@ pub struct Mountable {
 
 impl Node {
     /// Opens `reference` for mounting: resolves and verifies it, loads its pack indexes.
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn mountable(&self, reference: &DatasetRef, timeout: Duration) -> Result<Mountable> {
         let (version, signed) = self.open_version(reference).await?;
         let blobs = Arc::new(self.blobs(&signed).await?.for_cache_fill());
@@ -505,6 +512,9 @@ impl Node {
     /// Mounts `reference` at `spec.mountpoint` and serves it until it is unmounted (by anyone,
     /// e.g. `shoal unmount`) or `stop` completes (then it unmounts). `mounted` is called with
     /// a one-line notice once the mount is up.
+    ///
+    /// Not cancel-safe: cancelled, it leaves the mount up (its session runs on a thread of its
+    /// own) until someone unmounts it; end it through `stop`.
     pub async fn serve_mount(
         &self,
         reference: &DatasetRef,
@@ -659,6 +669,8 @@ impl MountSource {
     }
 }
 
+/// The chunk list of the file at `path`, fetched if need be; None if there is no such file.
+/// Cancel-safe: it only reads (and stores verified tree nodes).
 async fn file_chunks(inner: &Arc<Inner>, root: Hash, path: &str) -> Result<Option<Vec<ChunkRef>>> {
     let mut dir = load_dir(&inner.blobs, &root, "").await?;
     let parts: Vec<&str> = path
@@ -699,6 +711,8 @@ async fn file_chunks(inner: &Arc<Inner>, root: Hash, path: &str) -> Result<Optio
     Ok(None)
 }
 
+/// The prefetch of [`MountSource::spawn_background`]. Cancel-safe: what it fetched stays
+/// stored and verified.
 async fn background(
     inner: &Arc<Inner>,
     root: Hash,

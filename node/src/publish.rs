@@ -401,6 +401,8 @@ fn chunk_files(
 impl Node {
     /// Blob id -> pack id for everything the origin holds of this dataset: the packs of its
     /// versions signed by trusted keys (anything else is not deduplicated against).
+    ///
+    /// Cancel-safe: it only reads.
     async fn existing_blobs(
         &self,
         name: &shoal_registry::DatasetName,
@@ -432,6 +434,9 @@ impl Node {
     }
 
     /// Publishes `dir` as `target`. See the module docs for the write order.
+    ///
+    /// Cancel-safe as a publish: the version object is written last, so a cancelled publish
+    /// leaves no version, only packs no version names (collected by gc at the origin).
     pub async fn publish(
         &self,
         dir: &Path,

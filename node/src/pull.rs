@@ -169,6 +169,10 @@ fn write_file(
 
 impl Node {
     /// Pulls `reference` into the local store and, with `dest`, writes its files there.
+    ///
+    /// Cancel-safe: chunks are stored only once verified and a rerun resumes from them; files
+    /// are written in a staging directory and renamed into place, and a staging directory left
+    /// behind is removed by the next pull into `dest`.
     pub async fn pull(
         &self,
         reference: &DatasetRef,

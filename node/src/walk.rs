@@ -35,6 +35,8 @@ pub(crate) fn join(parent: &str, name: &str) -> String {
 }
 
 /// Reads and validates the directory node `id` found at `path`.
+///
+/// Cancel-safe: it only reads.
 pub async fn load_dir(blobs: &Blobs, id: &Hash, path: &str) -> Result<Dir> {
     let bytes = blobs.get(id).await?;
     Dir::decode(&bytes).map_err(|e| Error::Corrupt {
@@ -44,6 +46,8 @@ pub async fn load_dir(blobs: &Blobs, id: &Hash, path: &str) -> Result<Dir> {
 }
 
 /// Ensures every blob in `ids` is in the local store, fetching the missing ones in one batch.
+///
+/// Cancel-safe: a blob is stored only once verified.
 async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
     let store = blobs.store().clone();
     let missing = tokio::task::spawn_blocking(move || -> Result<Vec<Hash>> {
@@ -64,6 +68,8 @@ async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
 }
 
 /// Walks the whole tree under `root`.
+///
+/// Cancel-safe: it only reads (and stores verified tree nodes).
 pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
     let mut out = Walked::default();
     let mut level: Vec<(String, Hash, usize)> = vec![(String::new(), root, 0)];

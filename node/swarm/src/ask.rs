@@ -23,6 +23,8 @@ const PEER_PART: usize = 128;
 /// Fetches blobs (tree nodes, pack indexes, a mount's chunks) from peers that hold the whole
 /// version; returns those that arrived, verified and stored, with their bytes. Never fails:
 /// the caller falls back to the origin for the rest.
+///
+/// Cancel-safe: what arrived stays stored and verified.
 pub async fn from_complete_peers(
     swarm: &Arc<Swarm>,
     root: &Hash,
@@ -47,9 +49,12 @@ pub async fn from_complete_peers(
 /// from the origin and the others ask it, so a cold cluster reads the metadata once rather
 /// than once per node. Returns what the owner delivered, verified and stored, with the bytes;
 /// the caller reads the rest from the origin. Empty at once when this node is not pulling
-/// `root`, is the owner, or nobody else pulls it (after up to `META_SETTLE` for
+/// `root`, is the owner, or nobody else pulls it (after up to `MetaConfig::settle` for
 /// announcements of nodes starting together); the rest is left to the caller once the owner
-/// leaves or has sent nothing for `META_WAIT`.
+/// leaves or has sent nothing for `MetaConfig::wait`.
+///
+/// Cancel-safe: what arrived stays stored and verified (the owner is counted as stalled only
+/// when its quiet spell ran out).
 pub async fn from_pulling_owner(
     swarm: &Arc<Swarm>,
     root: &Hash,
@@ -168,6 +173,8 @@ pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, P
 /// Asks one peer for blobs (`through`: of that version, fetched from its origin if it lacks
 /// them); returns what arrived, verified and stored, with the bytes. Gives up on the rest once
 /// nothing has arrived for `wait`, or the peer disconnects.
+///
+/// Cancel-safe: what arrived stays stored and verified; answers still coming are dropped.
 pub async fn ask_peer(
     swarm: &Arc<Swarm>,
     peer: PeerId,

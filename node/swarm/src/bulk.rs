@@ -140,6 +140,8 @@ pub struct Client {
 
 impl Client {
     /// Connects and authenticates `peer` at `addr`.
+    ///
+    /// Cancel-safe: the half-open connection is dropped and nothing is registered.
     pub async fn connect(swarm: Arc<Swarm>, peer: PeerId, addr: SocketAddr) -> Result<Client> {
         let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
             .await
@@ -377,6 +379,9 @@ impl Client {
     }
 
     /// Queues a request; if the connection is gone, every blob is reported lost.
+    ///
+    /// Not cancel-safe: cancelled while the connection's queue is full, the request is dropped
+    /// and nothing is reported for its ids (callers that wait on `reply` do not cancel it).
     pub async fn request(&self, peer: PeerId, req: Request) {
         if let Err(e) = self.tx.send(req).await {
             lost_ids(e.0.ids, &e.0.reply, peer);
@@ -409,6 +414,9 @@ pub fn encode_request(ids: &[Hash], through: Option<&Hash>) -> Vec<u8> {
 }
 
 /// Reads one request frame (see [`encode_request`]). Fails on more than [`MAX_IDS`] ids.
+///
+/// Not cancel-safe: a cancelled read may have consumed part of a frame; the connection is then
+/// dropped.
 pub async fn read_request(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> std::io::Result<(Vec<Hash>, Option<Hash>)> {
@@ -485,6 +493,8 @@ fn read_cached_index(swarm: &Swarm, id: &Hash) -> Option<Bytes> {
 /// For a through request: fetches from the origin those blobs this node lacks, if it mounts
 /// `root`; what cannot be had within [`THROUGH_WAIT`] stays "not here". At most
 /// [`MAX_ANSWER`] bytes are kept.
+///
+/// Cancel-safe: what it fetched stays stored and verified; only the answer is lost.
 async fn fetch_through(
     swarm: Arc<Swarm>,
     peer: PeerId,
@@ -527,6 +537,8 @@ async fn fetch_through(
 
 /// Serves this node's store to admitted peers on `listener` until the process ends. Accept
 /// errors (descriptors or memory running out) never end it: it backs off and goes on.
+///
+/// Cancelling it stops accepting; connections already accepted run on their own tasks.
 pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::ServerConfig) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let gate = crate::limits::Gate::for_peers(&swarm.limits);
@@ -564,6 +576,8 @@ pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::Ser
 
 /// Completes the handshake and admission of one connection: the client's peer id and the
 /// TLS stream, or why it was refused.
+///
+/// Cancel-safe: the connection is dropped.
 async fn admit_conn(
     swarm: &Swarm,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -605,6 +619,8 @@ async fn admit_conn(
     }
 }
 
+/// Serves one admitted connection until it closes. Cancelling it closes the connection (the
+/// client reports what was in flight as lost).
 async fn serve_conn(
     swarm: Arc<Swarm>,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -715,6 +731,9 @@ async fn serve_conn(
 }
 
 /// Queues one answer for the writer, a group at a time, as the writer takes them.
+///
+/// Not cancel-safe: a cancelled answer leaves part of it with the writer; the connection is
+/// then closed.
 async fn stream_answer(
     swarm: &Arc<Swarm>,
     ids: Vec<Hash>,
@@ -763,6 +782,8 @@ async fn stream_answer(
 }
 
 /// Writes answer groups: per blob `u32 len` and the bytes, or `u32::MAX` for "not here".
+///
+/// Not cancel-safe: a cancelled write leaves a partial frame; the connection is then closed.
 async fn write_groups(
     swarm: Arc<Swarm>,
     peer: PeerId,

@@ -262,7 +262,7 @@ pub struct LocalVersion {
     pub have: Option<HaveMap>,
     /// When this node first announced it with this holding.
     pub since: std::time::Instant,
-    /// The delta stream peers follow for `have` (see [`PeerVersion::apply`]): a random epoch
+    /// The delta stream peers follow for `have` (see `PeerVersion::apply`): a random epoch
     /// per map, how many chunks were marked in it, and those not yet sent (each chunk is
     /// marked once, so at most the version's chunks).
     pub epoch: u64,
@@ -711,6 +711,8 @@ impl Swarm {
     }
 
     /// The bulk client for a peer, connecting on first use.
+    ///
+    /// Cancel-safe: a client is registered only once connected.
     pub async fn client(self: &Arc<Self>, peer: PeerId) -> Result<Arc<bulk::Client>> {
         if let Some(c) = self.clients.lock().expect("poisoned").get(&peer) {
             if !c.is_closed() {

@@ -201,6 +201,8 @@ use super::gate::ip_of;
 
 /// Starts the swarm: binds the libp2p listeners and the bulk server, dials the bootstrap
 /// addresses, and runs the event loop in the background.
+///
+/// Cancel-safe until it returns: listeners bound so far are dropped with it.
 pub async fn start(
     keypair: Keypair,
     store: Arc<dyn ChunkStore>,
