@@ -195,7 +195,7 @@ impl Config {
                 .map(|c| parse_size(&c, &format!("capacity of tier {}", t.path.display())))
                 .transpose()?;
             disk_tiers.push(tiers::DiskTier {
-                path: t.path,
+                path: home.join(t.path),
                 capacity,
             });
         }
@@ -208,13 +208,18 @@ impl Config {
         cache
             .check()
             .map_err(|e| anyhow::anyhow!("[cache] in {}: {e}", cfg_path.display()))?;
+        // Paths in the file are relative to the file's directory, like its origin: the same
+        // file means the same thing from any working directory (and to the daemon).
+        let mut node = file.node;
+        node.members = node.members.map(|p| home.join(p));
+        node.cluster_key = node.cluster_key.map(|p| home.join(p));
         Ok(Config {
             home,
             origin,
             trusted,
             max_tag_age,
             cache,
-            node: file.node,
+            node,
         })
     }
 }

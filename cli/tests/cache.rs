@@ -217,6 +217,19 @@ fn tiers_from_the_config_file_spill_down_and_keep_the_whole_version() {
     .unwrap();
     let err = env.fails(&["cache"]);
     assert!(err.contains("no capacity"), "{err}");
+    // A relative path in the file is relative to the file's directory, whatever the working
+    // directory of the command.
+    std::fs::write(
+        env.home.join("config.toml"),
+        "[cache]\ncapacity = \"6MiB\"\n\n[[cache.tier]]\npath = \"tier2\"\ncapacity = \"40MiB\"\n",
+    )
+    .unwrap();
+    let c = env.json(&["cache"]);
+    assert_eq!(
+        c["tiers"][2]["path"],
+        env.home.join("tier2").display().to_string(),
+        "{c}"
+    );
 }
 
 #[test]

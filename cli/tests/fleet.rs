@@ -51,7 +51,17 @@ fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     eprintln!("peers per node: {seen:?}");
+    let control = |c: &Cluster| -> Vec<u64> {
+        ids.iter()
+            .map(|&i| {
+                let s = c.nodes[i].status().expect("status");
+                u(&s, "control_bytes_sent")
+            })
+            .collect()
+    };
+    let before = control(&c);
     let reports = pull_at_once(&c, &ids, "ds@v1", &src);
+    let after = control(&c);
     let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
     let peers: u64 = reports.iter().map(|r| u(r, "bytes_from_peers")).sum();
     eprintln!(
@@ -68,6 +78,23 @@ fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once
         "origin served {origin} bytes for a {bytes}-byte version to 10 nodes"
     );
     assert!(peers >= 7 * bytes, "peers served only {peers} bytes");
+    // What the control plane cost each node (hellos, maps and deltas, rosters): during the
+    // pulls, and then idle with the version held (hellos and roster refreshes only).
+    let during: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let idle_from = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    let idle: Vec<u64> = control(&c).iter().zip(&after).map(|(a, b)| a - b).collect();
+    let secs = idle_from.elapsed().as_secs_f64();
+    eprintln!(
+        "control sent per node: during the pulls max {} B (mean {} B; the version is {bytes} B), idle max {:.0} B/s",
+        during.iter().max().unwrap(),
+        during.iter().sum::<u64>() / during.len() as u64,
+        *idle.iter().max().unwrap() as f64 / secs
+    );
+    assert!(
+        during.iter().all(|&d| d < bytes / 20),
+        "control traffic past 5% of the version: {during:?}"
+    );
     // Still bounded afterwards: a node may take one more in for its first seconds (it lets
     // the least needed go after a grace), never for long.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

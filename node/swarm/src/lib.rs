@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod ask;
 pub mod bulk;
+mod counted;
 pub mod error;
 mod gate;
 pub mod limits;
@@ -278,6 +279,8 @@ pub struct Counters {
     pub bytes_served: AtomicU64,
     pub verify_failures: AtomicU64,
     pub active_pulls: AtomicU64,
+    /// Bytes of the control protocols (hellos, have-maps, deltas, rosters, proofs).
+    pub control: Arc<counted::ControlBytes>,
 }
 
 /// Requests to the libp2p event loop (through a bounded queue: one that is full drops a
@@ -382,6 +385,12 @@ pub struct Status {
     pub bytes_served: u64,
     pub verify_failures: u64,
     pub active_pulls: u64,
+    /// Bytes of the control protocols sent and received (hellos, have-maps and deltas,
+    /// rosters, admission proofs; without libp2p's own framing).
+    #[serde(default)]
+    pub control_bytes_sent: u64,
+    #[serde(default)]
+    pub control_bytes_received: u64,
     /// Mounts the daemon serves now.
     #[serde(default)]
     pub mounts: Vec<MountStatus>,
@@ -706,6 +715,8 @@ impl Swarm {
             bytes_served: c.bytes_served.load(Ordering::Relaxed),
             verify_failures: c.verify_failures.load(Ordering::Relaxed),
             active_pulls: c.active_pulls.load(Ordering::Relaxed),
+            control_bytes_sent: c.control.sent.load(Ordering::Relaxed),
+            control_bytes_received: c.control.received.load(Ordering::Relaxed),
             mounts: Vec::new(),
         }
     }

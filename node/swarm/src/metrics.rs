@@ -47,6 +47,18 @@ pub fn render(swarm: &Swarm) -> String {
         "Chunks from peers whose bytes did not match their id",
         c.verify_failures.load(Ordering::Relaxed),
     );
+    counter(
+        &mut reg,
+        "control_bytes_sent",
+        "Bytes of the control protocols sent (hellos, have-maps and deltas, rosters, proofs)",
+        c.control.sent.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut reg,
+        "control_bytes_received",
+        "Bytes of the control protocols received",
+        c.control.received.load(Ordering::Relaxed),
+    );
     reg.register(
         "active_pulls",
         "Pulls in progress",

@@ -7,6 +7,7 @@
 //! admitted learns nothing from this node but what the handshake shows (its peer id).
 
 use super::admission::{Channel, Proof, Verdict};
+use super::counted::{ControlBytes, Counted};
 use super::roster::{self, Listing};
 use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig, MAX_PEERS};
 use crate::error::{Error, Result};
@@ -164,8 +165,8 @@ struct Behaviour {
     banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    auth: request_response::cbor::Behaviour<Auth, Auth>,
-    ctl: request_response::cbor::Behaviour<Req, Resp>,
+    auth: request_response::Behaviour<Counted<request_response::cbor::codec::Codec<Auth, Auth>>>,
+    ctl: request_response::Behaviour<Counted<request_response::cbor::codec::Codec<Req, Resp>>>,
 }
 
 fn net(what: &str) -> impl FnOnce(String) -> Error + '_ {
@@ -214,6 +215,7 @@ pub async fn start(
     let limits = cfg.limits.clone();
     let gate = crate::limits::Gate::for_peers(&limits);
     let loopback_only = cfg.admission.loopback_only();
+    let control = Arc::new(ControlBytes::default());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -239,12 +241,18 @@ pub async fn start(
             } else {
                 None
             };
-            let ctl_codec = request_response::cbor::codec::Codec::<Req, Resp>::default()
-                .set_request_size_maximum(MAX_CTL_REQUEST)
-                .set_response_size_maximum(MAX_CTL_RESPONSE);
-            let auth_codec = request_response::cbor::codec::Codec::<Auth, Auth>::default()
-                .set_request_size_maximum(1 << 10)
-                .set_response_size_maximum(1 << 10);
+            let ctl_codec = Counted {
+                inner: request_response::cbor::codec::Codec::<Req, Resp>::default()
+                    .set_request_size_maximum(MAX_CTL_REQUEST)
+                    .set_response_size_maximum(MAX_CTL_RESPONSE),
+                bytes: control.clone(),
+            };
+            let auth_codec = Counted {
+                inner: request_response::cbor::codec::Codec::<Auth, Auth>::default()
+                    .set_request_size_maximum(1 << 10)
+                    .set_response_size_maximum(1 << 10),
+                bytes: control.clone(),
+            };
             Ok(Behaviour {
                 gate: super::gate::Gatekeeper::new(gate, loopback_only),
                 limits: connection_limits::Behaviour::new(
@@ -332,7 +340,10 @@ pub async fn start(
         listen: Mutex::new(Vec::new()),
         bulk_addr: Mutex::new(Some(bulk_addr)),
         banned: Mutex::new(Default::default()),
-        counters: Default::default(),
+        counters: super::Counters {
+            control,
+            ..Default::default()
+        },
         cmd,
         announce: tokio::sync::Notify::new(),
         clients: Mutex::new(HashMap::new()),
