@@ -130,6 +130,10 @@ pub struct Report {
     pub p50_s: f64,
     pub p99_s: f64,
     pub last_s: f64,
+    /// p99 and last of the honest nodes never killed (a killed node's own time includes
+    /// its restart delay).
+    pub p99_kept_s: f64,
+    pub last_kept_s: f64,
     /// Honest nodes that did not finish (a stuck pull).
     pub unfinished: usize,
     /// The slower of: the origin sending the version once, a node receiving it once.
@@ -1308,6 +1312,14 @@ pub fn run(s: &Setup) -> Report {
         .filter_map(|n| n.done_at.map(|t| t as f64 / 1e9))
         .collect();
     times.sort_by(f64::total_cmp);
+    let mut kept: Vec<f64> = sim
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| !n.hostile() && !victims.contains(i))
+        .filter_map(|(_, n)| n.done_at.map(|t| t as f64 / 1e9))
+        .collect();
+    kept.sort_by(f64::total_cmp);
     let honest = s.nodes - lying - stalling;
     let control: Vec<u64> = sim.nodes.iter().map(|n| n.control_sent).collect();
     let p99 = quantile(&times, 0.99);
@@ -1327,6 +1339,8 @@ pub fn run(s: &Setup) -> Report {
         p50_s: quantile(&times, 0.5),
         p99_s: p99,
         last_s: times.last().copied().unwrap_or(f64::NAN),
+        p99_kept_s: quantile(&kept, 0.99),
+        last_kept_s: kept.last().copied().unwrap_or(f64::NAN),
         unfinished: honest - times.len(),
         link_floor_s: floor,
         p99_over_floor: p99 / floor,
