@@ -151,6 +151,10 @@ enum Cmd {
         /// time.
         #[arg(long, default_value_t = 0.0)]
         trace_ms: f64,
+        /// Honest nodes start their pulls spread at random over this many milliseconds
+        /// (completion times then count from each node's own start).
+        #[arg(long, default_value_t = 0.0)]
+        stagger_ms: f64,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -784,6 +788,7 @@ fn main() -> Result<()> {
             delta_ms,
             seed,
             trace_ms,
+            stagger_ms,
         } => {
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
             let setup = shoal_testnet::sim::Setup {
@@ -802,6 +807,7 @@ fn main() -> Result<()> {
                 delta_every: ms(*delta_ms),
                 seed: *seed,
                 trace_every: ms(*trace_ms),
+                stagger: ms(*stagger_ms),
                 ..Default::default()
             };
             (

@@ -83,6 +83,9 @@ pub struct Setup {
     pub seed: u64,
     /// Print the swarm's state to stderr at this interval of virtual time (zero: never).
     pub trace_every: Duration,
+    /// Honest nodes start their pulls spread evenly at random over this long (zero: all at
+    /// once); completion times are then counted from each node's own start.
+    pub stagger: Duration,
 }
 
 impl Default for Setup {
@@ -107,6 +110,7 @@ impl Default for Setup {
             detect: Duration::from_secs(2),
             seed: 1,
             trace_every: Duration::ZERO,
+            stagger: Duration::ZERO,
         }
     }
 }
@@ -279,6 +283,8 @@ struct Node {
     pull: Option<Pull<usize>>,
     holding: Option<Holding>,
     done_at: Option<Ns>,
+    /// When its pull started (the first one, before any kill).
+    started: Ns,
     wake_at: Option<Ns>,
     known: BTreeMap<usize, Known>,
     /// Whom it connects to (everyone else, in the mesh).
@@ -1216,6 +1222,11 @@ pub fn run(s: &Setup) -> Report {
             pull: None,
             holding: None,
             done_at: None,
+            started: if s.stagger.is_zero() || liars.contains(&i) || stallers.contains(&i) {
+                0
+            } else {
+                mix(s.seed ^ mix(i as u64 + 1)) % ns(s.stagger).max(1)
+            },
             wake_at: None,
             known: BTreeMap::new(),
             neighbours: std::mem::take(&mut adj[i]),
@@ -1278,6 +1289,10 @@ pub fn run(s: &Setup) -> Report {
         }
     }
     for i in 0..s.nodes {
+        if sim.nodes[i].started > 0 {
+            sim.push(sim.nodes[i].started, Ev::StartPull(i));
+            continue;
+        }
         if sim.fleet() {
             // Hostile nodes register too: a liar among the origin readers is the worst case.
             if sim.nodes[i].hostile() {
@@ -1309,7 +1324,7 @@ pub fn run(s: &Setup) -> Report {
         .nodes
         .iter()
         .filter(|n| !n.hostile())
-        .filter_map(|n| n.done_at.map(|t| t as f64 / 1e9))
+        .filter_map(|n| n.done_at.map(|t| (t - n.started) as f64 / 1e9))
         .collect();
     times.sort_by(f64::total_cmp);
     let mut kept: Vec<f64> = sim
@@ -1317,7 +1332,7 @@ pub fn run(s: &Setup) -> Report {
         .iter()
         .enumerate()
         .filter(|(i, n)| !n.hostile() && !victims.contains(i))
-        .filter_map(|(_, n)| n.done_at.map(|t| t as f64 / 1e9))
+        .filter_map(|(_, n)| n.done_at.map(|t| (t - n.started) as f64 / 1e9))
         .collect();
     kept.sort_by(f64::total_cmp);
     let honest = s.nodes - lying - stalling;
@@ -1439,6 +1454,37 @@ mod tests {
         assert!(r.origin_egress < 1.01, "{r:?}");
         assert!(r.last_s < r.link_floor_s * 1.9, "{r:?}");
         assert!(r.last_s < r.p50_s * 1.1, "{r:?}");
+    }
+
+    /// Pulls that start at different times (the usual case: jobs are not launched together)
+    /// all finish, each timed from its own start; the origin reads what the first pullers
+    /// read before the later ones could see it again (docs/swarm.md: 64 nodes over 2 s,
+    /// 1.37x), which this test measures rather than hides.
+    #[test]
+    fn staggered_pulls_finish_each_timed_from_its_own_start() {
+        let together = run(&Setup {
+            nodes: 32,
+            size: 128 << 20,
+            zones: 3,
+            ..Setup::default()
+        });
+        let staggered = run(&Setup {
+            nodes: 32,
+            size: 128 << 20,
+            zones: 3,
+            stagger: Duration::from_millis(300),
+            ..Setup::default()
+        });
+        assert_eq!(staggered.unfinished, 0, "{staggered:?}");
+        // Timed from each start, not from the first (the last starts near 0.3 s, so timed
+        // from the first it would take 0.45 s or more), and the fleet still reads the version
+        // at least once.
+        assert!(staggered.last_s < together.last_s * 1.5, "{staggered:?}");
+        assert!(staggered.origin_egress >= 1.0, "{staggered:?}");
+        eprintln!(
+            "together: last {:.3} s, origin {:.3}x; over 300 ms: last {:.3} s, origin {:.3}x",
+            together.last_s, together.origin_egress, staggered.last_s, staggered.origin_egress
+        );
     }
 
     /// A fleet where each node sees 8 of 64: connections stay bounded, and liars and
