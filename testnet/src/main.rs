@@ -155,6 +155,9 @@ enum Cmd {
         /// (completion times then count from each node's own start).
         #[arg(long, default_value_t = 0.0)]
         stagger_ms: f64,
+        /// Readers are the first pullers to start, not the first by rank (an experiment).
+        #[arg(long)]
+        readers_by_start: bool,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -789,6 +792,7 @@ fn main() -> Result<()> {
             seed,
             trace_ms,
             stagger_ms,
+            readers_by_start,
         } => {
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
             let setup = shoal_testnet::sim::Setup {
@@ -808,6 +812,7 @@ fn main() -> Result<()> {
                 seed: *seed,
                 trace_every: ms(*trace_ms),
                 stagger: ms(*stagger_ms),
+                readers_by_start: *readers_by_start,
                 ..Default::default()
             };
             (

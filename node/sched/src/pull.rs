@@ -73,6 +73,11 @@ pub struct Config {
     /// each run is out of the origin in milliseconds and spreads through the swarm behind it
     /// (1,000 readers of one run each would all finish at the end of the origin's time).
     pub origin_readers: usize,
+    /// The pullers given to [`Pull::set_pullers`] come in order of precedence (the first to
+    /// start first), and the readers are the first of them rather than the first by rank:
+    /// a puller that starts later never takes over runs the earlier readers may already
+    /// have read. (An experiment of the simulator's `--readers-by-start`; the node ranks.)
+    pub readers_in_order: bool,
     /// Peers push what they gain as have-deltas ([`Pull::on_have`]): their whole map is asked
     /// for once, when they appear, not polled every [`Self::have_poll`].
     pub have_deltas: bool,
@@ -103,6 +108,7 @@ impl Default for Config {
             quiet: Duration::from_secs(1),
             deadline_slack: Duration::from_secs(2),
             origin_readers: 8,
+            readers_in_order: false,
             have_deltas: false,
             stuck: Duration::from_secs(5),
         }
@@ -636,10 +642,22 @@ impl<P: PeerKey> Pull<P> {
             // Every listed puller dead (a roster filled with nodes that do not exist): the
             // pullers in view, as in a full mesh, rather than this node alone.
             if !listed.is_empty() || members.iter().all(|(_, p)| *p == self.me) {
-                pullers = listed
-                    .into_iter()
-                    .chain([(self.my_seed, self.me)])
-                    .collect();
+                pullers = if cfg.readers_in_order {
+                    let mut v: Vec<(u64, P)> = members
+                        .iter()
+                        .filter(|(_, p)| !dead.contains(p))
+                        .copied()
+                        .collect();
+                    if !v.iter().any(|(_, p)| *p == self.me) {
+                        v.push((self.my_seed, self.me));
+                    }
+                    v
+                } else {
+                    listed
+                        .into_iter()
+                        .chain([(self.my_seed, self.me)])
+                        .collect()
+                };
             }
         }
         // The origin readers: the first few by rendezvous on the version, less those seen to
@@ -648,7 +666,9 @@ impl<P: PeerKey> Pull<P> {
         // owner of every other run).
         if pullers.len() > cfg.origin_readers.max(1) {
             let key = self.key;
-            pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
+            if !(cfg.readers_in_order && self.members.is_some()) {
+                pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
+            }
             pullers.truncate(cfg.origin_readers.max(1));
         }
         if self.members.is_some() {
