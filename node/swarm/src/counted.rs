@@ -78,6 +78,8 @@ where
     type Request = C::Request;
     type Response = C::Response;
 
+    /// Counts what the inner codec moves. Cancel-safety is the inner codec's: libp2p drops
+    /// a stream whose read or write was cancelled, so a partial message is never reused.
     async fn read_request<T>(
         &mut self,
         protocol: &Self::Protocol,
@@ -94,6 +96,8 @@ where
         self.inner.read_request(protocol, &mut io).await
     }
 
+    /// Counts what the inner codec moves. Cancel-safety is the inner codec's: libp2p drops
+    /// a stream whose read or write was cancelled, so a partial message is never reused.
     async fn read_response<T>(
         &mut self,
         protocol: &Self::Protocol,
@@ -110,6 +114,8 @@ where
         self.inner.read_response(protocol, &mut io).await
     }
 
+    /// Counts what the inner codec moves. Cancel-safety is the inner codec's: libp2p drops
+    /// a stream whose read or write was cancelled, so a partial message is never reused.
     async fn write_request<T>(
         &mut self,
         protocol: &Self::Protocol,
@@ -124,6 +130,8 @@ where
         self.inner.write_request(protocol, &mut io, req).await
     }
 
+    /// Counts what the inner codec moves. Cancel-safety is the inner codec's: libp2p drops
+    /// a stream whose read or write was cancelled, so a partial message is never reused.
     async fn write_response<T>(
         &mut self,
         protocol: &Self::Protocol,
