@@ -29,7 +29,9 @@
 //! Options: churn (a fraction of the nodes killed part-way, back a few seconds later with
 //! what they had stored, as `swarm-netns --kill` does), stallers (nodes that advertise every
 //! chunk and never answer a request), liars (nodes that advertise every
-//! chunk and answer "not here" to everything), and the seed of every random choice. The
+//! chunk and answer "not here" to everything), staggered starts (pulls spread over a span,
+//! each timed from its own start), readers chosen by when they started rather than by rank
+//! (an experiment the node does not do), and the seed of every random choice. The
 //! drivers' penalties are those of the node: [`MISSES_PER_FAULT`] "not here" answers for
 //! advertised chunks are a fault, [`MAX_FAULTS`] faults a ban.
 
