@@ -1,6 +1,7 @@
 //! Who reads what from the origin for the others, outside a pull's chunk scheduler: a
 //! version's metadata (one of its pullers reads it, the others ask that puller) and a mount's
-//! runs (each run of the version's packs is read by one of the nodes mounting it).
+//! runs (each run of the version's packs is read by one of the nodes mounting it); and which
+//! peers holding a version whole are asked first ([`complete_sources`]).
 //!
 //! One ownership scheme serves these and the pull's runs ([`crate::pull`]): rendezvous hashing
 //! of a unit's key over the nodes that may read it, less those that let this node down
@@ -52,6 +53,22 @@ pub fn owner<P: PeerKey>(nodes: &[(u64, P)], unit: u64) -> P {
 /// key (the first 8 bytes of its id, little-endian) is `pack`.
 pub fn mount_run(pack: u64, offset: u64) -> u64 {
     pack ^ (offset / MOUNT_RUN)
+}
+
+/// Peers that hold a version whole, asked one after another for blobs outside a pull (tree
+/// nodes, pack indexes, a mount's chunks) before the origin.
+pub const COMPLETE_SOURCES: usize = 2;
+
+/// Which of the peers holding a version whole to ask, in order: the nearest
+/// [`COMPLETE_SOURCES`] by locality distance (0 same rack .. 3 elsewhere), ties by key so
+/// that the choice is stable.
+pub fn complete_sources<P: PeerKey>(holders: &[(u8, P)]) -> Vec<P> {
+    let mut v = holders.to_vec();
+    v.sort();
+    v.into_iter()
+        .take(COMPLETE_SOURCES)
+        .map(|(_, p)| p)
+        .collect()
 }
 
 /// Rules of [`MetaFetch`].
@@ -201,6 +218,17 @@ mod tests {
             .collect();
         assert!(owners.len() >= 4, "{owners:?}");
         assert_eq!(mount_run(7, MOUNT_RUN - 1), mount_run(7, 0));
+    }
+
+    /// The nearest holders first, two of them, whatever order they were listed in.
+    #[test]
+    fn complete_sources_are_the_nearest_two() {
+        assert_eq!(
+            complete_sources(&[(3, 1u32), (1, 9), (0, 7), (1, 2)]),
+            vec![7, 2]
+        );
+        assert_eq!(complete_sources(&[(2, 5u32)]), vec![5]);
+        assert!(complete_sources::<u32>(&[]).is_empty());
     }
 
     fn key_owned_by(pullers: &[(u64, u32)], who: u32) -> u64 {

@@ -31,10 +31,10 @@ pub async fn from_complete_peers(
     ids: &[Hash],
     retain: shoal_store::Retain,
 ) -> HashMap<Hash, Bytes> {
-    let peers = peers_holding(swarm, root, Holding::Complete);
+    let peers = owners::complete_sources(&peers_holding(swarm, root, Holding::Complete));
     let mut want: Vec<Hash> = ids.to_vec();
     let mut got = HashMap::new();
-    for (_, peer) in peers.into_iter().take(2) {
+    for peer in peers {
         if want.is_empty() {
             break;
         }
