@@ -334,8 +334,6 @@ impl Home {
     }
 }
 
-/// Creates `path` (mode 0600) with `bytes`, durably. Returns false, leaving it alone, when
-/// another process created it first.
 /// Loads or creates this node's libp2p identity (`node.key`, protobuf-encoded ed25519, 0600).
 pub fn node_identity(home: &Home) -> Result<shoal_swarm::Keypair> {
     let path = home.root().join("node.key");
@@ -356,6 +354,8 @@ pub fn node_identity(home: &Home) -> Result<shoal_swarm::Keypair> {
     }
 }
 
+/// Creates `path` (mode 0600) with `bytes`, durably. Returns false, leaving it alone, when
+/// another process created it first.
 pub(crate) fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));

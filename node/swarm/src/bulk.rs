@@ -189,6 +189,9 @@ impl Client {
             .map_err(|e| Error::Net(format!("bulk channel to peer {peer} at {addr}: {e}")))?;
         let (r, w) = tokio::io::split(tls);
         let (tx, mut rx) = mpsc::channel::<Request>(64);
+        // Requests written and not yet answered, in order. Unbounded, but bounded by what
+        // callers keep in flight: a pull's window per peer (32 MiB of chunks), a metadata
+        // or mount fetch's id list (at most one entry per request the writer sent).
         let (ptx, mut prx) = mpsc::unbounded_channel::<Pending>();
         let closed = Arc::new(AtomicBool::new(false));
 
