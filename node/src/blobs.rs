@@ -348,7 +348,7 @@ impl Blobs {
             // Nothing at all within the wait: it owns no runs for this node any more (while
             // it stays connected), so later reads do not wait on it too.
             tracing::warn!(%peer, "sent none of the runs it owns for {}s; reading them from the origin, and its runs from now on are shared out among the other mounting nodes", OWNER_WAIT.as_secs());
-            shoal_swarm::ask::owner_stalled(swarm, &peer);
+            swarm.report(peer, shoal_swarm::Report::OwnerStall).await;
         }
         if got.len() < ids.len() {
             tracing::info!(

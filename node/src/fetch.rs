@@ -25,12 +25,13 @@ use tokio::sync::mpsc;
 
 pub use shoal_sched::pull::Fetched;
 
-/// The driver re-reads the peer table (announcements, have-maps) at least this often.
+/// The driver asks the swarm what changed in its peer table (announcements, have-maps) at
+/// least this often.
 const SYNC: Duration = Duration::from_millis(20);
 
 use shoal_swarm::bulk::{self, Event, Outcome};
 use shoal_swarm::roster::{key_of, peer_seed};
-use shoal_swarm::{PullView, Swarm};
+use shoal_swarm::{PullView, Report, Swarm};
 
 /// Fetches `order[i]` for every `i` in `missing` into the local store. `order` is the
 /// version's unique chunks in walk order (the index space of have-maps).
@@ -98,7 +99,7 @@ pub async fn fetch(
     };
 
     while !sched.is_done() {
-        sync.run(swarm, &root, n, &mut sched);
+        sync.run(swarm, &root, n, &mut sched).await;
         let now = Instant::now();
         if now - last_flush >= Duration::from_secs(1)
             && flushing.as_ref().is_none_or(|f| f.is_finished())
@@ -118,7 +119,7 @@ pub async fn fetch(
                 Action::QueryHave(p) => swarm.query_have(p, root),
                 Action::Stalled(p) => {
                     tracing::debug!(peer = %p, "late, asking another source");
-                    swarm.stalled(&p);
+                    swarm.report(p, Report::Stall).await;
                 }
                 Action::Request {
                     peer,
@@ -149,9 +150,13 @@ pub async fn fetch(
         tokio::select! {
             ev = rx.recv() => {
                 let ev = ev.expect("sender held here");
-                on_event(swarm, &mut sched, ev, &index, &done);
+                let mut reports = Vec::new();
+                on_event(swarm, &mut sched, ev, &index, &done, &mut reports);
                 while let Ok(ev) = rx.try_recv() {
-                    on_event(swarm, &mut sched, ev, &index, &done);
+                    on_event(swarm, &mut sched, ev, &index, &done, &mut reports);
+                }
+                for (peer, what) in reports {
+                    swarm.report(peer, what).await;
                 }
             }
             Some((batch, bytes, r)) = origin_jobs.next(), if !origin_jobs.is_empty() => {
@@ -219,13 +224,15 @@ async fn send(swarm: &Arc<Swarm>, peer: PeerId, ids: Vec<Hash>, tx: &mpsc::Unbou
     }
 }
 
-/// Hands one peer answer to the scheduler and carries out what it means.
+/// Hands one peer answer to the scheduler and carries out what it means (what it says of
+/// the peer goes into `reports`, for the swarm).
 fn on_event(
     swarm: &Arc<Swarm>,
     sched: &mut Pull<PeerId>,
     ev: Event,
     index: &HashMap<Hash, usize>,
     done: &impl Fn(usize),
+    reports: &mut Vec<(PeerId, Report)>,
 ) {
     let Some(&i) = index.get(&ev.id) else { return };
     let outcome = match ev.outcome {
@@ -235,10 +242,13 @@ fn on_event(
                 .counters
                 .verify_failures
                 .fetch_add(1, Ordering::Relaxed);
-            swarm.fault(
-                &ev.peer,
-                &format!("sent bytes for chunk {} that do not match it", ev.id),
-            );
+            reports.push((
+                ev.peer,
+                Report::Fault(format!(
+                    "sent bytes for chunk {} that do not match it",
+                    ev.id
+                )),
+            ));
             pull::Outcome::Bad
         }
         Outcome::Missing => {
@@ -259,7 +269,7 @@ fn on_event(
             done(i);
         }
         Delivery::Missed => {
-            swarm.miss(&ev.peer, &format!("chunk {}", ev.id));
+            reports.push((ev.peer, Report::Miss(format!("chunk {}", ev.id))));
         }
         Delivery::Nothing => {}
     }

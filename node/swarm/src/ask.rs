@@ -6,7 +6,7 @@
 
 use crate::bulk::{self, Outcome};
 use crate::roster::{key_of, peer_seed};
-use crate::{Holding, Swarm};
+use crate::{Holding, Report, Swarm};
 use bytes::Bytes;
 use libp2p::PeerId;
 use shoal_registry::Hash;
@@ -84,19 +84,19 @@ pub async fn from_pulling_owner(
         Instant::now(),
     );
     loop {
-        let undecided = swarm
-            .peers
-            .lock()
-            .expect("poisoned")
-            .iter()
-            .any(|(id, p)| swarm.can_ask(id, p) && !p.versions.contains_key(root));
+        let undecided = {
+            let t = swarm.table();
+            t.peers
+                .iter()
+                .any(|(id, p)| t.can_ask(id, p) && !p.versions.contains_key(root))
+        };
         let pullers = candidates(swarm, root, Holding::Pulling);
         match meta.poll(Instant::now(), undecided, &pullers) {
             MetaStep::Wait(d) => tokio::time::sleep(d).await,
             MetaStep::Origin => break,
             MetaStep::Stalled(owner) => {
                 tracing::warn!(peer = %owner, "sent none of the metadata it reads for {}s; reading it from the origin", MetaConfig::default().wait.as_secs());
-                owner_stalled(swarm, &owner);
+                swarm.report(owner, Report::OwnerStall).await;
                 break;
             }
             MetaStep::Ask(owner) => {
@@ -133,7 +133,8 @@ pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
 /// it for this node (see [`owners::eligible`]).
 fn candidates(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
     let holders = peers_holding(swarm, root, holding);
-    let peers = swarm.peers.lock().expect("poisoned");
+    let t = swarm.table();
+    let peers = &t.peers;
     let them = holders.into_iter().map(|(_, id)| Candidate {
         seed: peer_seed(&id),
         id,
@@ -148,23 +149,14 @@ fn candidates(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)
     })))
 }
 
-/// Counts against `peer` that it owned what this node asked of it and sent none of it in time.
-pub fn owner_stalled(swarm: &Swarm, peer: &PeerId) {
-    if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(peer) {
-        p.owner_stalls += 1;
-    }
-}
-
 /// The connected members with a bulk address that announced `root` with `holding`, nearest
 /// first, as (locality distance, id).
 pub fn peers_holding(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u8, PeerId)> {
-    let peers = swarm.peers.lock().expect("poisoned");
-    let mut v: Vec<(u8, PeerId)> = peers
-        .iter()
-        .filter(|(id, p)| {
-            swarm.can_ask(id, p) && p.versions.get(root).is_some_and(|v| v.holding == holding)
-        })
-        .map(|(id, p)| (swarm.labels.distance(&p.labels), *id))
+    let mut v: Vec<(u8, PeerId)> = swarm
+        .table()
+        .holders(root)
+        .filter(|(_, _, h)| *h == holding)
+        .map(|(id, p, _)| (swarm.labels.distance(&p.labels), *id))
         .collect();
     v.sort();
     v
@@ -212,7 +204,7 @@ pub async fn ask_peer(
     loop {
         tokio::select! {
             _ = alive.tick() => {
-                let connected = swarm.peers.lock().expect("poisoned").get(&peer).is_some_and(|p| p.connected);
+                let connected = swarm.table.borrow().peers.get(&peer).is_some_and(|p| p.connected);
                 if !connected {
                     break;
                 }
@@ -231,7 +223,7 @@ pub async fn ask_peer(
                         }
                         Outcome::Bad => {
                             swarm.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
-                            swarm.fault(&peer, &format!("sent bytes for blob {} that do not match it", ev.id));
+                            swarm.report(peer, Report::Fault(format!("sent bytes for blob {} that do not match it", ev.id))).await;
                         }
                         _ => {}
                     }
@@ -239,9 +231,7 @@ pub async fn ask_peer(
                 }
             },
             _ = &mut deadline => {
-                if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
-                    p.stalls += 1;
-                }
+                swarm.report(peer, Report::Stall).await;
                 break;
             }
         }

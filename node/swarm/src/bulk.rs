@@ -22,7 +22,7 @@
 //! progress for [`Limits::write_secs`].
 
 use super::admission::{Channel, Verdict};
-use super::Swarm;
+use super::{Cmd, Report, Swarm};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use bytes::Bytes;
@@ -251,7 +251,8 @@ impl Client {
                         continue;
                     }
                     if len > MAX_BLOB {
-                        sw.fault(&peer, &format!("sent a {len}-byte blob"));
+                        sw.report(peer, Report::Fault(format!("sent a {len}-byte blob")))
+                            .await;
                         failed = true;
                         break;
                     }
@@ -350,15 +351,8 @@ impl Client {
                 if bytes > 0 {
                     let secs = start.elapsed().as_secs_f64().max(1e-4);
                     let rate = bytes as f64 / secs;
-                    let mut peers = swarm.peers.lock().expect("poisoned");
-                    if let Some(pe) = peers.get_mut(&peer) {
-                        pe.bytes_received += bytes;
-                        pe.throughput = if pe.throughput == 0.0 {
-                            rate
-                        } else {
-                            0.8 * pe.throughput + 0.2 * rate
-                        };
-                    }
+                    // A counter: dropped, not waited for, when the event loop is busy.
+                    swarm.send(Cmd::Report(peer, Report::Received { bytes, rate }));
                 }
                 for ((id, outcome), b) in p.ids.into_iter().zip(outcomes).zip(blobs) {
                     let bytes = match outcome {
@@ -838,9 +832,8 @@ async fn write_groups(
             .counters
             .bytes_served
             .fetch_add(sent, Ordering::Relaxed);
-        if let Some(p) = swarm.peers.lock().expect("poisoned").get_mut(&peer) {
-            p.bytes_sent += sent;
-        }
+        // A counter: dropped, not waited for, when the event loop is busy.
+        swarm.send(Cmd::Report(peer, Report::Sent(sent)));
     }
     tokio::time::timeout(deadline, w.shutdown())
         .await

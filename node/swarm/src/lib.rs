@@ -136,10 +136,10 @@ impl Drop for Mounted {
 /// A bitmap over a version's unique chunks in walk order.
 pub use shoal_sched::HaveMap;
 
-/// What a peer holds of one version, as last heard.
+/// What a peer holds of one version as far as its have-map goes, as last heard (how it holds
+/// it is in the [`Table`]'s [`Peer::versions`]). Only the event loop keeps these.
 #[derive(Debug, Clone)]
-pub struct PeerVersion {
-    pub holding: Holding,
+pub(crate) struct PeerVersion {
     pub have: Option<HaveMap>,
     /// How many chunks the have-map had, and when that count last grew (a puller whose count
     /// stops growing is no longer counted on to fetch its share from the origin).
@@ -163,9 +163,8 @@ pub struct PeerVersion {
 }
 
 impl PeerVersion {
-    pub(crate) fn new(holding: Holding, now: Instant) -> PeerVersion {
+    pub(crate) fn new(now: Instant) -> PeerVersion {
         PeerVersion {
-            holding,
             have: None,
             count: 0,
             grew: now,
@@ -207,8 +206,8 @@ impl PeerVersion {
     }
 }
 
-/// One known peer.
-#[derive(Debug)]
+/// One known peer, as the event loop last published it.
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub labels: Labels,
     pub ip: Option<IpAddr>,
@@ -217,7 +216,9 @@ pub struct Peer {
     pub rtt: Option<Duration>,
     /// Bytes per second received from this peer over the bulk channel (moving average).
     pub throughput: f64,
-    pub versions: HashMap<Hash, PeerVersion>,
+    /// The versions it announced, and how it holds each (shared between snapshots: replaced
+    /// whole when it announces again).
+    pub versions: Arc<HashMap<Hash, Holding>>,
     /// Chunks it sent that failed verification, and requests it let time out.
     pub faults: u32,
     pub stalls: u32,
@@ -232,7 +233,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    fn new() -> Peer {
+    pub(crate) fn new() -> Peer {
         Peer {
             labels: Labels::default(),
             ip: None,
@@ -240,7 +241,7 @@ impl Peer {
             connected: false,
             rtt: None,
             throughput: 0.0,
-            versions: HashMap::new(),
+            versions: Arc::default(),
             faults: 0,
             stalls: 0,
             misses: 0,
@@ -253,6 +254,68 @@ impl Peer {
     pub fn bulk_addr(&self) -> Option<SocketAddr> {
         Some(SocketAddr::new(self.ip?, self.bulk_port?))
     }
+}
+
+/// The peer table. The event loop owns it and is its only writer; everyone else reads the
+/// snapshot it last published ([`Swarm::table`]: a `watch`, never a lock held across work)
+/// and changes it by sending the loop a command ([`Swarm::report`]).
+///
+/// Bounded: at most [`MAX_PEERS`] peers remembered and bans kept. A snapshot shares each
+/// peer's entry with the one before (`Arc`), so publishing copies a pointer per peer.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    pub peers: HashMap<PeerId, Arc<Peer>>,
+    /// Peers admitted now (proved the cluster key on the control channel, or needed no
+    /// proof), while connected.
+    pub(crate) admitted: HashSet<PeerId>,
+    pub(crate) banned: HashSet<PeerId>,
+    /// Where the libp2p listeners are bound.
+    pub(crate) listen: Vec<Multiaddr>,
+}
+
+impl Table {
+    /// Whether `peer` is admitted now and not banned.
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        !self.banned.contains(peer) && self.admitted.contains(peer)
+    }
+
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.contains(peer)
+    }
+
+    /// Whether chunks can be asked of this peer now: connected, with a bulk address, admitted.
+    pub fn can_ask(&self, id: &PeerId, p: &Peer) -> bool {
+        p.connected && p.bulk_port.is_some() && self.is_member(id)
+    }
+
+    /// The peers chunks can be asked of now that announced `root`, with how they hold it.
+    pub fn holders<'a>(
+        &'a self,
+        root: &'a Hash,
+    ) -> impl Iterator<Item = (&'a PeerId, &'a Peer, Holding)> + 'a {
+        self.peers.iter().filter_map(move |(id, p)| {
+            let h = *p.versions.get(root)?;
+            self.can_ask(id, p).then_some((id, &**p, h))
+        })
+    }
+}
+
+/// What pulls and asks tell the event loop about a peer (through [`Swarm::report`]).
+#[derive(Debug)]
+pub enum Report {
+    /// It let a request go late (it was asked elsewhere).
+    Stall,
+    /// "Not here" for a chunk it advertised (what); every [`MISSES_PER_FAULT`] are a fault.
+    Miss(String),
+    /// It broke the protocol or sent bytes that do not match their id (what); after
+    /// [`MAX_FAULTS`] it is banned and disconnected.
+    Fault(String),
+    /// It owned what this node asked of it and sent none of it in time.
+    OwnerStall,
+    /// Verified bytes arrived from it, at this rate (bytes per second).
+    Received { bytes: u64, rate: f64 },
+    /// Bytes this node served it.
+    Sent(u64),
 }
 
 /// A version this node holds or is pulling.
@@ -283,16 +346,19 @@ pub struct Counters {
     pub control: Arc<counted::ControlBytes>,
 }
 
-/// Requests to the libp2p event loop (through a bounded queue: one that is full drops a
-/// request, which is repeated anyway: a pull asks for a missing map at every poll, and the
-/// event loop disconnects banned peers it finds connected every few seconds). Announcements
-/// go through [`Swarm::announce`] instead, which coalesces.
+/// Commands to the event loop, through a bounded queue ([`p2p::CMD_QUEUE`]). Those sent with
+/// [`Swarm::send`] never wait, and a full queue drops them: they are repeated anyway (a pull
+/// asks for a missing map at every poll). Reports and views wait for room ([`Swarm::report`],
+/// [`PullView::run`]): they are never dropped. Announcements go through [`Swarm::announce`]
+/// instead, which coalesces.
 #[derive(Debug)]
 pub(crate) enum Cmd {
     /// Ask a peer for its have-map of a version.
     QueryHave(PeerId, Hash),
-    /// Drop a peer that misbehaved.
-    Ban(PeerId),
+    /// Something a pull or an ask saw a peer do.
+    Report(PeerId, Report),
+    /// What changed for a pull since it last asked (answered on the reply channel).
+    View(view::Ask, tokio::sync::oneshot::Sender<view::Answer>),
 }
 
 /// Peers remembered (connected or not) and bans kept: a node churning through identities
@@ -312,15 +378,11 @@ pub struct Swarm {
     pub(crate) keypair: Keypair,
     pub(crate) store: Arc<dyn ChunkStore>,
     pub(crate) admission: admission::Admission,
-    /// Peers admitted on the control channel (proved the key, or needed no proof), while
-    /// connected.
-    pub(crate) admitted: Mutex<HashSet<PeerId>>,
     pub(crate) limits: crate::limits::Limits,
-    pub(crate) peers: Mutex<HashMap<PeerId, Peer>>,
+    /// The peer table as the event loop last published it.
+    pub(crate) table: tokio::sync::watch::Receiver<Arc<Table>>,
     pub(crate) local: Mutex<HashMap<Hash, LocalVersion>>,
-    pub(crate) listen: Mutex<Vec<Multiaddr>>,
-    pub(crate) bulk_addr: Mutex<Option<SocketAddr>>,
-    pub(crate) banned: Mutex<HashSet<PeerId>>,
+    pub(crate) bulk_addr: SocketAddr,
     pub counters: Counters,
     pub(crate) cmd: mpsc::Sender<Cmd>,
     /// Set when what this node holds changed: the event loop tells its peers (once for any
@@ -427,11 +489,18 @@ impl Swarm {
         self.send(Cmd::QueryHave(peer, root));
     }
 
-    /// Counts against `peer` that it let a request of a pull go late (it was asked elsewhere).
-    pub fn stalled(&self, peer: &PeerId) {
-        if let Some(p) = self.peers.lock().expect("poisoned").get_mut(peer) {
-            p.stalls += 1;
-        }
+    /// Tells the event loop what a peer did (counted in its entry of the table; faults and
+    /// misses may get it banned). Waits for room in the loop's queue: reports are never
+    /// dropped, and the queue stays bounded.
+    ///
+    /// Cancel-safe: a report cancelled before it was queued is not counted.
+    pub async fn report(&self, peer: PeerId, what: Report) {
+        let _ = self.cmd.send(Cmd::Report(peer, what)).await;
+    }
+
+    /// The peer table as the event loop last published it.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.borrow().clone()
     }
 
     /// The store chunks are served from and fetched into.
@@ -450,29 +519,14 @@ impl Swarm {
         self.announce.notify_one();
     }
 
-    /// Whether chunks can be asked of this peer now: connected, with a bulk address, admitted.
-    pub fn can_ask(&self, id: &PeerId, p: &Peer) -> bool {
-        p.connected && p.bulk_port.is_some() && self.is_member(id)
-    }
-
     /// Whether `peer` is admitted now (proved the cluster key on the control channel, or needs
     /// no proof) and not banned.
     pub fn is_member(&self, peer: &PeerId) -> bool {
-        !self.is_banned(peer) && self.admitted.lock().expect("poisoned").contains(peer)
+        self.table.borrow().is_member(peer)
     }
 
     pub fn is_banned(&self, peer: &PeerId) -> bool {
-        self.banned.lock().expect("poisoned").contains(peer)
-    }
-
-    /// Whether dialing `peer` (learned from a member or mDNS) could lead to its admission.
-    pub(crate) fn may_dial(&self, peer: &PeerId) -> bool {
-        let a = &self.admission;
-        !self.is_banned(peer)
-            && (a.open
-                || a.key.is_some()
-                || a.loopback_only()
-                || a.members.as_ref().is_some_and(|m| m.contains(peer)))
+        self.table.borrow().is_banned(peer)
     }
 
     /// Records that this node holds (or is pulling) a version, and tells the peers.
@@ -596,61 +650,10 @@ impl Swarm {
         }
     }
 
-    /// Counts a "not here" for a chunk `peer` advertised; every [`MISSES_PER_FAULT`] of them
-    /// are a fault. Returns the misses so far.
-    pub fn miss(&self, peer: &PeerId, what: &str) -> u32 {
-        if self.is_banned(peer) {
-            return 0;
-        }
-        let n = {
-            let mut peers = self.peers.lock().expect("poisoned");
-            let Some(p) = peers.get_mut(peer) else {
-                return 0;
-            };
-            p.misses += 1;
-            p.misses
-        };
-        if n % MISSES_PER_FAULT == 0 {
-            self.fault(
-                peer,
-                &format!("{n} \"not here\" answers for chunks it advertised (last: {what})"),
-            );
-        }
-        n
-    }
-
-    /// Counts a fault against a peer; after [`MAX_FAULTS`] it is banned and disconnected.
-    pub fn fault(&self, peer: &PeerId, what: &str) {
-        if self.is_banned(peer) {
-            return;
-        }
-        let n = {
-            let mut peers = self.peers.lock().expect("poisoned");
-            let p = peers.entry(*peer).or_insert_with(Peer::new);
-            p.faults += 1;
-            p.faults
-        };
-        tracing::warn!(%peer, faults = n, "peer fault: {what}");
-        if n >= MAX_FAULTS {
-            tracing::warn!(%peer, "banning peer after {n} faults");
-            {
-                let mut banned = self.banned.lock().expect("poisoned");
-                // Bounded: past this many, forgetting an old ban costs at most a re-ban.
-                if banned.len() >= MAX_PEERS {
-                    if let Some(old) = banned.iter().next().copied() {
-                        banned.remove(&old);
-                    }
-                }
-                banned.insert(*peer);
-            }
-            self.clients.lock().expect("poisoned").remove(peer);
-            self.send(Cmd::Ban(*peer));
-        }
-    }
-
     pub fn status(&self) -> Status {
-        let peers = self.peers.lock().expect("poisoned");
-        let mut list: Vec<PeerStatus> = peers
+        let table = self.table();
+        let mut list: Vec<PeerStatus> = table
+            .peers
             .iter()
             .map(|(id, p)| PeerStatus {
                 peer_id: id.to_string(),
@@ -663,7 +666,7 @@ impl Swarm {
                 versions: p
                     .versions
                     .iter()
-                    .map(|(r, v)| format!("b3:{r} ({:?})", v.holding).to_lowercase())
+                    .map(|(r, v)| format!("b3:{r} ({v:?})").to_lowercase())
                     .collect(),
                 faults: p.faults,
                 stalls: p.stalls,
@@ -688,18 +691,8 @@ impl Swarm {
         let c = &self.counters;
         Status {
             peer_id: self.peer_id.to_string(),
-            listen: self
-                .listen
-                .lock()
-                .expect("poisoned")
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
-            bulk_addr: self
-                .bulk_addr
-                .lock()
-                .expect("poisoned")
-                .map(|a| a.to_string()),
+            listen: table.listen.iter().map(|a| a.to_string()).collect(),
+            bulk_addr: Some(self.bulk_addr.to_string()),
             labels: self.labels.clone(),
             members_only: !self.admission.open,
             admission: self.admission.mode().to_string(),
@@ -731,9 +724,9 @@ impl Swarm {
             }
         }
         let addr = self
+            .table
+            .borrow()
             .peers
-            .lock()
-            .expect("poisoned")
             .get(&peer)
             .and_then(|p| p.bulk_addr())
             .ok_or_else(|| Error::Net(format!("peer {peer} has no known bulk address")))?;
@@ -768,7 +761,7 @@ mod tests {
     use super::*;
 
     fn with_map(len: usize, epoch: u64, upto: u64) -> PeerVersion {
-        let mut v = PeerVersion::new(Holding::Pulling, Instant::now());
+        let mut v = PeerVersion::new(Instant::now());
         v.have = Some(HaveMap::new(len));
         v.stream = Some((epoch, upto));
         v
@@ -794,7 +787,7 @@ mod tests {
             "another epoch (a restart) asks for the map"
         );
         assert!(!v.have.as_ref().unwrap().get(9));
-        let mut none = PeerVersion::new(Holding::Pulling, now);
+        let mut none = PeerVersion::new(now);
         assert!(!none.apply(7, 0, &[1], now), "no map yet");
     }
 

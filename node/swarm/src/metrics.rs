@@ -13,10 +13,10 @@ use std::sync::Arc;
 pub fn render(swarm: &Swarm) -> String {
     let c = &swarm.counters;
     let (peers, connected) = {
-        let p = swarm.peers.lock().expect("poisoned");
+        let t = swarm.table();
         (
-            p.len() as i64,
-            p.values().filter(|p| p.connected).count() as i64,
+            t.peers.len() as i64,
+            t.peers.values().filter(|p| p.connected).count() as i64,
         )
     };
     let mut reg = Registry::with_prefix("shoal");

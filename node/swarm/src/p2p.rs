@@ -9,7 +9,10 @@
 use super::admission::{Channel, Proof, Verdict};
 use super::counted::{ControlBytes, Counted};
 use super::roster::{self, Listing};
-use super::{Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Swarm, SwarmConfig, MAX_PEERS};
+use super::{
+    Cmd, HaveMap, Holding, Labels, Peer, PeerVersion, Report, Swarm, SwarmConfig, Table,
+    MAX_FAULTS, MAX_PEERS, MISSES_PER_FAULT,
+};
 use crate::error::{Error, Result};
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -26,7 +29,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// The control protocol.
 pub const PROTOCOL: &str = "/shoal/ctl/4";
@@ -42,8 +45,8 @@ pub const MAX_DELTA: usize = 64 * 1024;
 /// landed here is known to them within this (plus a round trip), where a polled map took a
 /// poll period (250 ms).
 const DELTA_EVERY: Duration = Duration::from_millis(20);
-/// Requests queued to the event loop (have-map queries, bans).
-const CMD_QUEUE: usize = 1024;
+/// Commands queued to the event loop (have-map queries, reports, pulls' views).
+pub(crate) const CMD_QUEUE: usize = 1024;
 /// Rosters per message: 32 versions of up to 2 x 16 entries of ~150 bytes stay well within
 /// [`MAX_CTL_REQUEST`].
 const ROSTERS_PER_MESSAGE: usize = 32;
@@ -326,6 +329,23 @@ pub async fn start(
         .local_addr()
         .map_err(|e| Error::Net(format!("bulk channel address: {e}")))?;
 
+    // Wait until the listeners are bound, so `status` can report them right away.
+    let mut bound = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bound.len() < listen.len() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(100), swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => bound.push(address),
+            Ok(SwarmEvent::ListenerError { error, .. }) => {
+                return Err(Error::Net(format!("listening: {error}")));
+            }
+            _ => {}
+        }
+    }
+    let table = Table {
+        listen: bound,
+        ..Table::default()
+    };
+    let (publish, table_rx) = watch::channel(Arc::new(table.clone()));
     let (cmd, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let shared = Arc::new(Swarm {
         peer_id,
@@ -333,13 +353,10 @@ pub async fn start(
         keypair,
         store,
         admission: cfg.admission.clone(),
-        admitted: Mutex::default(),
         limits: cfg.limits.clone(),
-        peers: Mutex::new(HashMap::new()),
+        table: table_rx,
         local: Mutex::new(HashMap::new()),
-        listen: Mutex::new(Vec::new()),
-        bulk_addr: Mutex::new(Some(bulk_addr)),
-        banned: Mutex::new(Default::default()),
+        bulk_addr,
         counters: super::Counters {
             control,
             ..Default::default()
@@ -357,20 +374,6 @@ pub async fn start(
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
     tokio::spawn(super::bulk::serve(shared.clone(), listener, tls));
 
-    // Wait until the listeners are bound, so `status` can report them right away.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while shared.listen.lock().expect("poisoned").len() < listen.len() && Instant::now() < deadline
-    {
-        match tokio::time::timeout(Duration::from_millis(100), swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
-                shared.listen.lock().expect("poisoned").push(address);
-            }
-            Ok(SwarmEvent::ListenerError { error, .. }) => {
-                return Err(Error::Net(format!("listening: {error}")));
-            }
-            _ => {}
-        }
-    }
     for a in &cfg.bootstrap {
         // Without /p2p/<id> the peer id is learned during the handshake.
         dial_addr(&mut swarm, a);
@@ -383,6 +386,11 @@ pub async fn start(
         pending: HashMap::new(),
         since: HashMap::new(),
         let_go: HashMap::new(),
+        table,
+        maps: HashMap::new(),
+        publish,
+        dirty: false,
+        stale: false,
     };
     tokio::spawn(async move { ev.run(cmd_rx).await });
     Ok(shared)
@@ -406,6 +414,16 @@ struct EventLoop {
     /// with its peers: a node let go by the only peer it knew finds others that way.)
     /// Bounded by [`MAX_PEERS`].
     let_go: HashMap<PeerId, Instant>,
+    /// The peer table: this loop is its only writer, and publishes it through `publish`.
+    table: Table,
+    /// Peers' have-maps, per version they announced (an entry for every version in their
+    /// [`Peer::versions`]; bounded like those).
+    maps: HashMap<PeerId, HashMap<Hash, PeerVersion>>,
+    publish: watch::Sender<Arc<Table>>,
+    /// The table changed in a way readers must see now (published after this event), or only
+    /// in its counters (published at the next delta tick).
+    dirty: bool,
+    stale: bool,
 }
 
 /// A peer just admitted is not let go before this (it exchanges hellos and learns others).
@@ -416,7 +434,106 @@ const COOLDOWN: Duration = Duration::from_secs(60);
 impl EventLoop {
     /// Peers admitted now.
     fn admitted(&self) -> usize {
-        self.shared.admitted.lock().expect("poisoned").len()
+        self.table.admitted.len()
+    }
+
+    /// Publishes the table as it is now to its readers.
+    fn publish(&mut self) {
+        self.publish.send_replace(Arc::new(self.table.clone()));
+        self.dirty = false;
+        self.stale = false;
+    }
+
+    /// A peer's entry, to change (copied first if a published snapshot still shares it).
+    /// The caller marks the table dirty or stale.
+    fn peer_mut(&mut self, peer: &PeerId) -> Option<&mut Peer> {
+        self.table.peers.get_mut(peer).map(Arc::make_mut)
+    }
+
+    /// Whether dialing `peer` (learned from a member or mDNS) could lead to its admission.
+    fn may_dial(&self, peer: &PeerId) -> bool {
+        let a = &self.shared.admission;
+        !self.table.is_banned(peer)
+            && (a.open
+                || a.key.is_some()
+                || a.loopback_only()
+                || a.members.as_ref().is_some_and(|m| m.contains(peer)))
+    }
+
+    /// Counts what a pull or an ask saw `peer` do.
+    fn on_report(&mut self, peer: PeerId, what: Report) {
+        if self.table.is_banned(&peer) {
+            return;
+        }
+        if let Report::Fault(why) = what {
+            return self.fault(peer, &why);
+        }
+        // Who may own what for this node reads owner stalls: seen at once. Counters wait for
+        // the next tick.
+        let urgent = matches!(what, Report::OwnerStall);
+        let Some(p) = self.peer_mut(&peer) else {
+            return;
+        };
+        let mut fault = None;
+        match what {
+            Report::Stall => p.stalls += 1,
+            Report::OwnerStall => p.owner_stalls += 1,
+            Report::Miss(why) => {
+                p.misses += 1;
+                if p.misses % MISSES_PER_FAULT == 0 {
+                    fault = Some(format!(
+                        "{} \"not here\" answers for chunks it advertised (last: {why})",
+                        p.misses
+                    ));
+                }
+            }
+            Report::Received { bytes, rate } => {
+                p.bytes_received += bytes;
+                p.throughput = if p.throughput == 0.0 {
+                    rate
+                } else {
+                    0.8 * p.throughput + 0.2 * rate
+                };
+            }
+            Report::Sent(n) => p.bytes_sent += n,
+            Report::Fault(_) => unreachable!("handled above"),
+        }
+        self.dirty |= urgent;
+        self.stale = true;
+        if let Some(why) = fault {
+            self.fault(peer, &why);
+        }
+    }
+
+    /// Counts a fault against a peer; after [`MAX_FAULTS`] it is banned and disconnected.
+    fn fault(&mut self, peer: PeerId, what: &str) {
+        if !self.table.peers.contains_key(&peer) && self.table.peers.len() >= MAX_PEERS {
+            return;
+        }
+        let p = Arc::make_mut(
+            self.table
+                .peers
+                .entry(peer)
+                .or_insert_with(|| Arc::new(Peer::new())),
+        );
+        p.faults += 1;
+        let n = p.faults;
+        self.dirty = true;
+        tracing::warn!(%peer, faults = n, "peer fault: {what}");
+        if n >= MAX_FAULTS {
+            tracing::warn!(%peer, "banning peer after {n} faults");
+            let banned = &mut self.table.banned;
+            // Bounded: past this many, forgetting an old ban costs at most a re-ban.
+            if banned.len() >= MAX_PEERS {
+                if let Some(old) = banned.iter().next().copied() {
+                    banned.remove(&old);
+                }
+            }
+            banned.insert(peer);
+            self.shared.clients.lock().expect("poisoned").remove(&peer);
+            self.swarm.behaviour_mut().banned.block_peer(peer);
+            self.refuse(peer, "banned after repeated faults");
+        }
     }
 
     /// How many more peers this node may dial now: up to [`Limits::peers`] admitted or on
@@ -438,14 +555,7 @@ impl EventLoop {
     /// size: those past their grace, sharing no version with this node first, then the
     /// farthest by labels.
     fn trim(&mut self) {
-        let admitted: Vec<PeerId> = self
-            .shared
-            .admitted
-            .lock()
-            .expect("poisoned")
-            .iter()
-            .copied()
-            .collect();
+        let admitted: Vec<PeerId> = self.table.admitted.iter().copied().collect();
         let limits = &self.shared.limits;
         if admitted.len() <= limits.peers_high() {
             return;
@@ -454,7 +564,7 @@ impl EventLoop {
         let now = Instant::now();
         let mine: Vec<Hash> = self.shared.holdings().into_iter().map(|(r, _)| r).collect();
         let mut victims: Vec<(bool, u8, u64, PeerId)> = {
-            let peers = self.shared.peers.lock().expect("poisoned");
+            let peers = &self.table.peers;
             admitted
                 .iter()
                 .filter(|p| {
@@ -479,7 +589,8 @@ impl EventLoop {
             if self.let_go.len() < MAX_PEERS {
                 self.let_go.insert(peer, now);
             }
-            self.shared.admitted.lock().expect("poisoned").remove(&peer);
+            self.table.admitted.remove(&peer);
+            self.dirty = true;
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
@@ -507,17 +618,9 @@ impl EventLoop {
                 return;
             }
             let served = self
-                .shared
-                .peers
-                .lock()
-                .expect("poisoned")
-                .iter()
-                .any(|(id, p)| {
-                    self.shared.can_ask(id, p)
-                        && p.versions
-                            .get(&root)
-                            .is_some_and(|v| v.holding != Holding::Mounted)
-                });
+                .table
+                .holders(&root)
+                .any(|(_, _, h)| h != Holding::Mounted);
             if served {
                 continue;
             }
@@ -529,7 +632,7 @@ impl EventLoop {
                 if peer == self.shared.peer_id
                     || addrs.is_empty()
                     || self.swarm.is_connected(&peer)
-                    || !self.shared.may_dial(&peer)
+                    || !self.may_dial(&peer)
                 {
                     continue;
                 }
@@ -546,14 +649,13 @@ impl EventLoop {
         let peers = self
             .addrs
             .iter()
-            .filter(|(p, _)| self.swarm.is_connected(p) && s.is_member(p))
+            .filter(|(p, _)| self.swarm.is_connected(p) && self.table.is_member(p))
             .take(MAX_HELLO_PEERS)
             .map(|(p, a)| (p.to_string(), a.iter().map(|a| a.to_string()).collect()))
             .collect();
-        let listen = s
+        let listen = self
+            .table
             .listen
-            .lock()
-            .expect("poisoned")
             .iter()
             .filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified()))
             .take(MAX_ADDRS)
@@ -562,12 +664,7 @@ impl EventLoop {
         Hello {
             labels: s.labels.clone(),
             listen,
-            bulk_port: s
-                .bulk_addr
-                .lock()
-                .expect("poisoned")
-                .map(|a| a.port())
-                .unwrap_or(0),
+            bulk_port: s.bulk_addr.port(),
             versions,
             peers,
         }
@@ -589,30 +686,33 @@ impl EventLoop {
                 .filter(|(_, v)| v.holding == Holding::Pulling && v.have.is_some())
                 .map(|(r, _)| *r)
                 .collect();
-            let mut peers = self.shared.peers.lock().expect("poisoned");
-            let p = peers.entry(peer).or_insert_with(Peer::new);
+            let p = Arc::make_mut(
+                self.table
+                    .peers
+                    .entry(peer)
+                    .or_insert_with(|| Arc::new(Peer::new())),
+            );
             p.labels = h.labels;
             p.bulk_port = Some(h.bulk_port);
             let now = Instant::now();
+            let mut old = self.maps.remove(&peer).unwrap_or_default();
             let mut versions = HashMap::new();
+            let mut maps = HashMap::new();
             for (root, holding) in h.versions.into_iter().take(MAX_HELLO_VERSIONS) {
                 let root = Hash(root);
-                let pv = match p.versions.remove(&root) {
-                    Some(mut old) => {
-                        if old.holding != holding {
-                            old.holding = holding;
-                            old.grew = now;
-                        }
-                        old
-                    }
-                    None => PeerVersion::new(holding, now),
-                };
+                let mut pv = old.remove(&root).unwrap_or_else(|| PeerVersion::new(now));
+                if p.versions.get(&root) != Some(&holding) {
+                    pv.grew = now;
+                }
                 if holding == Holding::Pulling && pv.have.is_none() && fetching.contains(&root) {
                     ask.push(root);
                 }
-                versions.insert(root, pv);
+                versions.insert(root, holding);
+                maps.insert(root, pv);
             }
-            p.versions = versions;
+            p.versions = Arc::new(versions);
+            self.maps.insert(peer, maps);
+            self.dirty = true;
         }
         for root in ask {
             self.swarm
@@ -640,10 +740,7 @@ impl EventLoop {
             let Ok(id) = id.parse::<PeerId>() else {
                 continue;
             };
-            if id == self.shared.peer_id
-                || self.swarm.is_connected(&id)
-                || !self.shared.may_dial(&id)
-            {
+            if id == self.shared.peer_id || self.swarm.is_connected(&id) || !self.may_dial(&id) {
                 continue;
             }
             let addrs: Vec<Multiaddr> = addrs
@@ -686,19 +783,20 @@ impl EventLoop {
     /// recorded, told what this node holds, and its requests are answered.
     fn admit(&mut self, peer: PeerId, ip: Option<IpAddr>) {
         self.pending.remove(&peer);
-        let new = self.shared.admitted.lock().expect("poisoned").insert(peer);
+        let new = self.table.admitted.insert(peer);
         if new {
             self.since.insert(peer, Instant::now());
         }
         {
-            let mut peers = self.shared.peers.lock().expect("poisoned");
+            let peers = &mut self.table.peers;
             if !peers.contains_key(&peer) && peers.len() >= MAX_PEERS {
                 let gone = peers.iter().find(|(_, p)| !p.connected).map(|(id, _)| *id);
                 if let Some(g) = gone {
                     peers.remove(&g);
+                    self.maps.remove(&g);
                 }
             }
-            let p = peers.entry(peer).or_insert_with(Peer::new);
+            let p = Arc::make_mut(peers.entry(peer).or_insert_with(|| Arc::new(Peer::new())));
             p.connected = true;
             if let Some(ip) = ip {
                 p.ip = Some(ip);
@@ -707,11 +805,12 @@ impl EventLoop {
                 // A peer back from a restart may have lost some of what its old have-maps
                 // said: they stay in use (most of it is still there) until fresh ones come,
                 // but its "not here" answers meanwhile are not held against it.
-                for v in p.versions.values_mut() {
+                for v in self.maps.entry(peer).or_default().values_mut() {
                     v.fresh = false;
                 }
                 p.owner_stalls = 0;
             }
+            self.dirty = true;
         }
         if new {
             tracing::info!(%peer, "peer admitted");
@@ -727,18 +826,14 @@ impl EventLoop {
     fn refuse(&mut self, peer: PeerId, why: &str) {
         tracing::warn!(%peer, "refusing peer: {why}");
         self.pending.remove(&peer);
-        self.shared.admitted.lock().expect("poisoned").remove(&peer);
+        self.table.admitted.remove(&peer);
+        self.dirty = true;
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     /// The remote IP of some connection to `peer`, as recorded when it connected.
     fn ip_of_peer(&self, peer: &PeerId) -> Option<IpAddr> {
-        self.shared
-            .peers
-            .lock()
-            .expect("poisoned")
-            .get(peer)
-            .and_then(|p| p.ip)
+        self.table.peers.get(peer).and_then(|p| p.ip)
     }
 
     /// Judges a proof `peer` presented on the control channel.
@@ -765,10 +860,8 @@ impl EventLoop {
     fn list_self(&mut self) {
         let me = self.shared.peer_id;
         let addrs: Vec<Multiaddr> = self
-            .shared
+            .table
             .listen
-            .lock()
-            .expect("poisoned")
             .iter()
             .filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified()))
             .cloned()
@@ -856,26 +949,21 @@ impl EventLoop {
         if out.is_empty() {
             return;
         }
-        let to: Vec<(PeerId, Vec<usize>)> = {
-            let peers = self.shared.peers.lock().expect("poisoned");
-            peers
-                .iter()
-                .filter(|(id, p)| self.shared.can_ask(id, p))
-                .map(|(id, p)| {
-                    let wants = out
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, d)| {
-                            p.versions
-                                .get(&Hash(d.root))
-                                .is_some_and(|v| v.holding == Holding::Pulling)
-                        })
-                        .map(|(i, _)| i)
-                        .collect();
-                    (*id, wants)
-                })
-                .collect()
-        };
+        let to: Vec<(PeerId, Vec<usize>)> = self
+            .table
+            .peers
+            .iter()
+            .filter(|(id, p)| self.table.can_ask(id, p))
+            .map(|(id, p)| {
+                let wants = out
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| p.versions.get(&Hash(d.root)) == Some(&Holding::Pulling))
+                    .map(|(i, _)| i)
+                    .collect();
+                (*id, wants)
+            })
+            .collect();
         for (peer, wants) in to {
             for i in wants {
                 self.swarm
@@ -892,7 +980,7 @@ impl EventLoop {
     fn on_roster(&mut self, list: &[([u8; 32], Vec<Listing>)]) {
         let now = Instant::now();
         let s = &self.shared;
-        let admit = |p: &PeerId| *p != s.peer_id && s.may_dial(p);
+        let admit = |p: &PeerId| *p != s.peer_id && self.may_dial(p);
         let mut rosters = s.rosters.lock().expect("poisoned");
         for (root, listings) in list.iter().take(roster::MAX_VERSIONS) {
             rosters.merge_listings(Hash(*root), listings, admit, now);
@@ -903,7 +991,7 @@ impl EventLoop {
     fn admitted_peers(&self) -> Vec<PeerId> {
         self.swarm
             .connected_peers()
-            .filter(|p| self.shared.is_member(p))
+            .filter(|p| self.table.is_member(p))
             .copied()
             .collect()
     }
@@ -913,8 +1001,7 @@ impl EventLoop {
         let root = Hash(d.root);
         let now = Instant::now();
         let reask = {
-            let mut peers = self.shared.peers.lock().expect("poisoned");
-            let Some(v) = peers.get_mut(&peer).and_then(|p| p.versions.get_mut(&root)) else {
+            let Some(v) = self.maps.get_mut(&peer).and_then(|m| m.get_mut(&root)) else {
                 return; // not announced (yet): its map is asked for when it is
             };
             if v.apply(d.epoch, d.from, &d.chunks(), now) {
@@ -945,6 +1032,9 @@ impl EventLoop {
         loop {
             tokio::select! {
                 _ = deltas.tick() => {
+                    if self.stale {
+                        self.publish();
+                    }
                     self.push_deltas();
                     let changed = self.shared.rosters.lock().expect("poisoned").take_changed();
                     self.send_rosters(changed);
@@ -975,9 +1065,9 @@ impl EventLoop {
                             self.swarm.behaviour_mut().ctl.send_request(&peer, Req::Have(root.0));
                         }
                     }
-                    Some(Cmd::Ban(peer)) => {
-                        self.swarm.behaviour_mut().banned.block_peer(peer);
-                        self.refuse(peer, "banned after repeated faults");
+                    Some(Cmd::Report(peer, what)) => self.on_report(peer, what),
+                    Some(Cmd::View(ask, reply)) => {
+                        let _ = reply.send(super::view::answer(&self.table, &self.maps, &self.shared.labels, ask));
                     }
                 },
                 _ = redial.tick() => {
@@ -991,17 +1081,6 @@ impl EventLoop {
                         .collect();
                     for p in late {
                         self.refuse(p, "did not prove the cluster key in time");
-                    }
-                    // Banned peers still connected (a ban request the full queue dropped).
-                    let banned: Vec<PeerId> = self
-                        .swarm
-                        .connected_peers()
-                        .filter(|p| self.shared.is_banned(p))
-                        .copied()
-                        .collect();
-                    for p in banned {
-                        self.swarm.behaviour_mut().banned.block_peer(p);
-                        self.refuse(p, "banned after repeated faults");
                     }
                     // Peers come back after restarts: redial the ones we knew, and the
                     // bootstrap addresses while we know nobody.
@@ -1017,7 +1096,7 @@ impl EventLoop {
                         .filter(|(p, a)| {
                             !a.is_empty()
                                 && !self.swarm.is_connected(p)
-                                && self.shared.may_dial(p)
+                                && self.may_dial(p)
                                 && self.let_go.get(p).is_none_or(|t| now.duration_since(*t) >= COOLDOWN)
                         })
                         .map(|(p, a)| (*p, a.clone()))
@@ -1030,27 +1109,28 @@ impl EventLoop {
                     self.trim();
                 }
             }
+            if self.dirty {
+                self.publish();
+            }
         }
     }
 
     fn on_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                let mut l = self.shared.listen.lock().expect("poisoned");
-                if !l.contains(&address) {
-                    l.push(address);
-                }
+            SwarmEvent::NewListenAddr { address, .. } if !self.table.listen.contains(&address) => {
+                self.table.listen.push(address);
+                self.dirty = true;
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
                 let ip = ip_of(endpoint.get_remote_address());
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connection established");
-                if self.shared.is_banned(&peer_id) {
+                if self.table.is_banned(&peer_id) {
                     self.refuse(peer_id, "banned");
                     return;
                 }
-                if self.shared.is_member(&peer_id) {
+                if self.table.is_member(&peer_id) {
                     return; // a further connection of an admitted peer
                 }
                 let me = self.shared.peer_id;
@@ -1084,20 +1164,11 @@ impl EventLoop {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.pending.remove(&peer_id);
                 self.since.remove(&peer_id);
-                self.shared
-                    .admitted
-                    .lock()
-                    .expect("poisoned")
-                    .remove(&peer_id);
-                if let Some(p) = self
-                    .shared
-                    .peers
-                    .lock()
-                    .expect("poisoned")
-                    .get_mut(&peer_id)
-                {
+                self.table.admitted.remove(&peer_id);
+                if let Some(p) = self.peer_mut(&peer_id) {
                     p.connected = false;
                 }
+                self.dirty = true;
                 self.shared
                     .clients
                     .lock()
@@ -1119,13 +1190,14 @@ impl EventLoop {
                 result: Ok(rtt),
                 ..
             })) => {
-                if let Some(p) = self.shared.peers.lock().expect("poisoned").get_mut(&peer) {
+                if let Some(p) = self.peer_mut(&peer) {
                     p.rtt = Some(rtt);
+                    self.stale = true;
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
-                    if peer == self.shared.peer_id || !self.shared.may_dial(&peer) {
+                    if peer == self.shared.peer_id || !self.may_dial(&peer) {
                         continue;
                     }
                     // Remembered, so the redial timer retries if this dial fails.
@@ -1157,7 +1229,7 @@ impl EventLoop {
                     } => {
                         // Answer with this node's own proof only once the peer's checked out:
                         // an outsider learns nothing, not even whether it got the key wrong.
-                        if self.shared.is_member(&peer) || self.judge(peer, &proof, ip) {
+                        if self.table.is_member(&peer) || self.judge(peer, &proof, ip) {
                             let me = self.shared.peer_id;
                             let mine = self.shared.admission.my_proof(Channel::Control, &me, &peer);
                             let _ = self
@@ -1171,7 +1243,7 @@ impl EventLoop {
                         response: Auth(proof),
                         ..
                     } => {
-                        if !self.shared.is_member(&peer) {
+                        if !self.table.is_member(&peer) {
                             self.judge(peer, &proof, ip);
                         }
                     }
@@ -1187,7 +1259,7 @@ impl EventLoop {
                 message,
                 ..
             })) => {
-                if !self.shared.is_member(&peer) {
+                if !self.table.is_member(&peer) {
                     // Not admitted: no answer at all (the stream is dropped).
                     return;
                 }
@@ -1229,13 +1301,18 @@ impl EventLoop {
     }
 
     fn on_have(&mut self, peer: PeerId, root: Hash, have: Option<Held>) {
-        let mut peers = self.shared.peers.lock().expect("poisoned");
-        let Some(p) = peers.get_mut(&peer) else {
+        let Some(p) = self.table.peers.get_mut(&peer).map(Arc::make_mut) else {
             return;
         };
         match have {
             None => {
-                p.versions.remove(&root);
+                if p.versions.contains_key(&root) {
+                    Arc::make_mut(&mut p.versions).remove(&root);
+                    self.dirty = true;
+                }
+                if let Some(m) = self.maps.get_mut(&peer) {
+                    m.remove(&root);
+                }
             }
             Some(Held {
                 holding,
@@ -1248,19 +1325,25 @@ impl EventLoop {
                 }
                 let now = Instant::now();
                 let count = map.as_ref().map(|m| m.count()).unwrap_or(0);
-                let v = p
-                    .versions
+                let changed = p.versions.get(&root) != Some(&holding);
+                if changed {
+                    Arc::make_mut(&mut p.versions).insert(root, holding);
+                    self.dirty = true;
+                }
+                let v = self
+                    .maps
+                    .entry(peer)
+                    .or_default()
                     .entry(root)
-                    .or_insert_with(|| PeerVersion::new(holding, now));
+                    .or_insert_with(|| PeerVersion::new(now));
                 v.fresh = true;
                 v.gen = v.gen.wrapping_add(1);
                 v.log.clear();
                 v.stream = map.is_some().then_some((epoch, upto));
                 v.asked = None;
-                if count > v.count || holding != v.holding {
+                if count > v.count || changed {
                     v.grew = now;
                 }
-                v.holding = holding;
                 v.count = count;
                 v.have = map;
             }

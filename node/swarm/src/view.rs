@@ -1,84 +1,156 @@
 //! What the peer table says to a pull's scheduler (`shoal_sched::Pull`): the sources that hold
 //! the version, their have-maps and the deltas since, the version's pullers across the fleet.
+//!
+//! The table is the event loop's: a pull asks it, with a bounded command and a reply channel,
+//! for what changed since its last ask ([`Ask`] carries where the pull is), and the loop
+//! answers from its own state ([`answer`]), copying only what the pull has not seen.
 
 use crate::roster::peer_seed;
-use crate::{Holding, PeerId, Swarm};
+use crate::{Cmd, Holding, PeerId, PeerVersion, Swarm, Table};
 use shoal_registry::Hash;
 use shoal_sched::pull::{self, Pull, Source};
+use shoal_sched::HaveMap;
 use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// A pull waits at most this long for the event loop's answer (it goes on with what it
+/// had; a loop that slow has bigger problems, logged).
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Per source: the have-map generation and freshness the pull was given, and how much of the
+/// deltas logged since.
+type Given = HashMap<PeerId, (u64, bool, usize)>;
+
+/// A pull's question to the event loop.
+#[derive(Debug)]
+pub(crate) struct Ask {
+    root: Hash,
+    /// The version's chunks (a map of another length is another version's index space).
+    n: usize,
+    given: Given,
+}
+
+/// What changed in a source's have-map since the pull last asked.
+#[derive(Debug)]
+enum Have {
+    Same,
+    /// Chunks it gained, by delta.
+    Gained(Vec<usize>),
+    /// A new map (none: not known yet), and whether it came over the current connection.
+    Map(Option<HaveMap>, bool),
+}
+
+/// The event loop's answer.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    connected: usize,
+    sources: Vec<(PeerId, Source, Have)>,
+    given: Given,
+}
+
+/// Answers a pull from the peer table and the have-maps the event loop keeps.
+pub(crate) fn answer(
+    table: &Table,
+    maps: &HashMap<PeerId, HashMap<Hash, PeerVersion>>,
+    me: &crate::Labels,
+    ask: Ask,
+) -> Answer {
+    let Ask { root, n, given } = ask;
+    let mut out = Answer {
+        connected: table.peers.values().filter(|p| p.connected).count(),
+        sources: Vec::new(),
+        given: HashMap::new(),
+    };
+    for (id, p, holding) in table.holders(&root) {
+        let Some(v) = maps.get(id).and_then(|m| m.get(&root)) else {
+            continue;
+        };
+        let source = Source {
+            seed: peer_seed(id),
+            distance: me.distance(&p.labels),
+            holding: match holding {
+                Holding::Complete => pull::Holding::Complete,
+                Holding::Pulling => pull::Holding::Pulling,
+                Holding::Mounted => pull::Holding::Mounted,
+            },
+            rate: p.throughput,
+            rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
+            grew: v.grew,
+            faults: p.faults,
+        };
+        let have = match given.get(id) {
+            Some(&(gen, fresh, pos)) if (gen, fresh) == (v.gen, v.fresh) => {
+                out.given.insert(*id, (gen, fresh, v.log.len()));
+                match v.log.get(pos..) {
+                    Some(new) if !new.is_empty() => {
+                        Have::Gained(new.iter().map(|&i| i as usize).collect())
+                    }
+                    _ => Have::Same,
+                }
+            }
+            _ => {
+                out.given.insert(*id, (v.gen, v.fresh, v.log.len()));
+                Have::Map(v.have.clone().filter(|h| h.len as usize == n), v.fresh)
+            }
+        };
+        out.sources.push((*id, source, have));
+    }
+    out
+}
 
 /// A pull scheduler's view of the peer table, and what of it was last handed over: the
-/// pull's driver calls [`PullView::run`] at every wake-up, and only the swarm reads the table.
+/// pull's driver calls [`PullView::run`] at every wake-up.
 #[derive(Debug, Default)]
 pub struct PullView {
-    seeds: HashMap<PeerId, u64>,
-    /// Per source: the have-map generation and freshness given to the scheduler, and how
-    /// much of the deltas logged since.
-    given: HashMap<PeerId, (u64, bool, usize)>,
+    given: Given,
 }
 
 impl PullView {
     /// Hands the scheduler what changed in the peer table since the last call: sources
-    /// that came or left, and have-maps that were replaced.
-    pub fn run(&mut self, swarm: &Swarm, root: &Hash, n: usize, sched: &mut Pull<PeerId>) {
+    /// that came or left, have-maps that were replaced, chunks gained by delta.
+    ///
+    /// Cancel-safe: a cancelled call hands over nothing, and the next one hands over every
+    /// source's whole map again.
+    pub async fn run(&mut self, swarm: &Swarm, root: &Hash, n: usize, sched: &mut Pull<PeerId>) {
         // The version's pullers across the fleet (the first few by rank: all the scheduler
         // needs to agree with every other node on the origin readers).
-        let pullers = swarm.pullers(root);
-        sched.set_pullers(Some(pullers));
-        let peers = swarm.peers.lock().expect("poisoned");
-        sched.set_connected(peers.values().filter(|p| p.connected).count());
-        let mut seen = Vec::new();
-        for (id, p) in peers.iter() {
-            if !swarm.can_ask(id, p) {
-                continue;
+        sched.set_pullers(Some(swarm.pullers(root)));
+        let (tx, rx) = oneshot::channel();
+        let ask = Ask {
+            root: *root,
+            n,
+            given: std::mem::take(&mut self.given),
+        };
+        let asked = async {
+            swarm.cmd.send(Cmd::View(ask, tx)).await.ok()?;
+            rx.await.ok()
+        };
+        let answer = match tokio::time::timeout(WAIT, asked).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return, // the event loop is gone: the swarm is shutting down
+            Err(_) => {
+                tracing::warn!("the swarm's event loop did not answer a pull in {WAIT:?}");
+                return;
             }
-            let Some(v) = p.versions.get(root) else {
-                continue;
-            };
-            let seed = *self.seeds.entry(*id).or_insert_with(|| peer_seed(id));
-            sched.set_source(
-                *id,
-                Source {
-                    seed,
-                    distance: swarm.labels.distance(&p.labels),
-                    holding: match v.holding {
-                        Holding::Complete => pull::Holding::Complete,
-                        Holding::Pulling => pull::Holding::Pulling,
-                        Holding::Mounted => pull::Holding::Mounted,
-                    },
-                    rate: p.throughput,
-                    rtt: p.rtt.map(|d| d.as_secs_f64()).unwrap_or(0.001),
-                    grew: v.grew,
-                    faults: p.faults,
-                },
-            );
-            match self.given.get_mut(id) {
-                Some((gen, fresh, pos)) if (*gen, *fresh) == (v.gen, v.fresh) => {
-                    if v.log.len() > *pos {
-                        let chunks: Vec<usize> =
-                            v.log[*pos..].iter().map(|&i| i as usize).collect();
-                        sched.on_have(*id, &chunks);
-                        *pos = v.log.len();
-                    }
-                }
-                _ => {
-                    self.given.insert(*id, (v.gen, v.fresh, v.log.len()));
-                    // A map of another length (another version's index space) is no map.
-                    let map = v.have.clone().filter(|h| h.len as usize == n);
-                    sched.set_have(*id, map, v.fresh);
-                }
+        };
+        sched.set_connected(answer.connected);
+        for (id, source, have) in answer.sources {
+            sched.set_source(id, source);
+            match have {
+                Have::Same => {}
+                Have::Gained(chunks) => sched.on_have(id, &chunks),
+                Have::Map(map, fresh) => sched.set_have(id, map, fresh),
             }
-            seen.push(*id);
         }
-        drop(peers);
         let gone: Vec<PeerId> = sched
             .sources()
-            .filter(|p| !seen.contains(p))
+            .filter(|p| !answer.given.contains_key(p))
             .copied()
             .collect();
         for p in gone {
             sched.remove_source(&p);
-            self.given.remove(&p);
         }
+        self.given = answer.given;
     }
 }
