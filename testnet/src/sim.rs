@@ -165,6 +165,8 @@ pub struct Report {
     pub stalls: u64,
     /// Peers banned, over all nodes.
     pub bans: u64,
+    /// Of those, bans of honest peers (not liars: a restarted node's stale map, say).
+    pub honest_bans: u64,
     pub events: u64,
     pub wall_s: f64,
 }
@@ -1381,6 +1383,12 @@ pub fn run(s: &Setup) -> Report {
         max_control_bytes_per_node: control.iter().copied().max().unwrap_or(0),
         stalls: sim.nodes.iter().map(|n| n.stalls).sum(),
         bans: sim.nodes.iter().map(|n| n.banned.len() as u64).sum(),
+        honest_bans: sim
+            .nodes
+            .iter()
+            .flat_map(|n| &n.banned)
+            .filter(|&&p| !sim.nodes[p].liar)
+            .count() as u64,
         events: sim.events,
         wall_s: wall.elapsed().as_secs_f64(),
     }
@@ -1443,6 +1451,7 @@ mod tests {
                 r.bans >= 2,
                 "every honest node bans the liars it asked: {r:?}"
             );
+            assert_eq!(r.honest_bans, 0, "a restarted node is not banned: {r:?}");
             assert!(r.origin_egress < 1.3, "{r:?}");
         }
     }

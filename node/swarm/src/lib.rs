@@ -396,8 +396,6 @@ pub struct Swarm {
     /// Versions mounted here, with what fetches their blobs for peers.
     pub(crate) through: Mutex<HashMap<Hash, Vec<MountEntry>>>,
     pub(crate) next_token: AtomicU64,
-    /// Who pulls and holds each version across the fleet, as far as this node has heard.
-    pub(crate) rosters: Mutex<roster::Rosters>,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -506,12 +504,6 @@ impl Swarm {
     /// The store chunks are served from and fetched into.
     pub fn store(&self) -> &Arc<dyn ChunkStore> {
         &self.store
-    }
-
-    /// The first pullers of version `root` across the fleet with their rendezvous seeds, as
-    /// the rosters say.
-    pub fn pullers(&self, root: &Hash) -> Vec<(u64, PeerId)> {
-        self.rosters.lock().expect("poisoned").pullers(root)
     }
 
     /// Tells the peers, soon, what this node now holds.

@@ -368,7 +368,6 @@ pub async fn start(
         fault: std::env::var("SHOAL_FAULT_INJECT").ok(),
         through: Mutex::default(),
         next_token: AtomicU64::new(0),
-        rosters: Mutex::default(),
     });
     let tls = super::tls::server(&shared.keypair)
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
@@ -386,6 +385,7 @@ pub async fn start(
         pending: HashMap::new(),
         since: HashMap::new(),
         let_go: HashMap::new(),
+        rosters: roster::Rosters::default(),
         table,
         maps: HashMap::new(),
         publish,
@@ -414,6 +414,9 @@ struct EventLoop {
     /// with its peers: a node let go by the only peer it knew finds others that way.)
     /// Bounded by [`MAX_PEERS`].
     let_go: HashMap<PeerId, Instant>,
+    /// Who pulls and holds each version across the fleet, as far as this node has heard
+    /// (bounded: see `roster::Rosters`).
+    rosters: roster::Rosters,
     /// The peer table: this loop is its only writer, and publishes it through `publish`.
     table: Table,
     /// Peers' have-maps, per version they announced (an entry for every version in their
@@ -624,7 +627,7 @@ impl EventLoop {
             if served {
                 continue;
             }
-            let nodes = self.shared.rosters.lock().expect("poisoned").nodes(&root);
+            let nodes = self.rosters.nodes(&root);
             for (peer, _, addrs) in nodes.into_iter().take(2) {
                 if room == 0 {
                     return;
@@ -868,9 +871,9 @@ impl EventLoop {
             .collect();
         let now = Instant::now();
         let holdings = self.shared.holdings();
-        let mut rosters = self.shared.rosters.lock().expect("poisoned");
         for (root, holding) in holdings {
-            rosters.merge(root, me, holding, addrs.clone(), Duration::ZERO, now);
+            self.rosters
+                .merge(root, me, holding, addrs.clone(), Duration::ZERO, now);
         }
     }
 
@@ -881,7 +884,7 @@ impl EventLoop {
         }
         let now = Instant::now();
         let parts: Vec<Vec<([u8; 32], Vec<Listing>)>> = {
-            let rosters = self.shared.rosters.lock().expect("poisoned");
+            let rosters = &self.rosters;
             roots
                 .chunks(ROSTERS_PER_MESSAGE)
                 .map(|part| {
@@ -979,12 +982,12 @@ impl EventLoop {
     /// members-only node) are not listed.
     fn on_roster(&mut self, list: &[([u8; 32], Vec<Listing>)]) {
         let now = Instant::now();
-        let s = &self.shared;
-        let admit = |p: &PeerId| *p != s.peer_id && self.may_dial(p);
-        let mut rosters = s.rosters.lock().expect("poisoned");
+        let mut rosters = std::mem::take(&mut self.rosters);
+        let admit = |p: &PeerId| *p != self.shared.peer_id && self.may_dial(p);
         for (root, listings) in list.iter().take(roster::MAX_VERSIONS) {
             rosters.merge_listings(Hash(*root), listings, admit, now);
         }
+        self.rosters = rosters;
     }
 
     /// The connected peers admitted now (the only ones told anything).
@@ -1036,13 +1039,13 @@ impl EventLoop {
                         self.publish();
                     }
                     self.push_deltas();
-                    let changed = self.shared.rosters.lock().expect("poisoned").take_changed();
+                    let changed = self.rosters.take_changed();
                     self.send_rosters(changed);
                 }
                 _ = refresh.tick() => {
                     self.list_self();
                     let all = {
-                        let mut r = self.shared.rosters.lock().expect("poisoned");
+                        let r = &mut self.rosters;
                         r.expire(Instant::now());
                         r.take_changed();
                         r.versions()
@@ -1067,7 +1070,7 @@ impl EventLoop {
                     }
                     Some(Cmd::Report(peer, what)) => self.on_report(peer, what),
                     Some(Cmd::View(ask, reply)) => {
-                        let _ = reply.send(super::view::answer(&self.table, &self.maps, &self.shared.labels, ask));
+                        let _ = reply.send(super::view::answer(&self.table, &self.maps, &self.rosters, &self.shared.labels, ask));
                     }
                 },
                 _ = redial.tick() => {

@@ -1,5 +1,6 @@
 //! What the peer table says to a pull's scheduler (`shoal_sched::Pull`): the sources that hold
-//! the version, their have-maps and the deltas since, the version's pullers across the fleet.
+//! the version, their have-maps and the deltas since, the version's pullers across the fleet
+//! (from the rosters, which the event loop owns too).
 //!
 //! The table is the event loop's: a pull asks it, with a bounded command and a reply channel,
 //! for what changed since its last ask ([`Ask`] carries where the pull is), and the loop
@@ -44,6 +45,9 @@ enum Have {
 /// The event loop's answer.
 #[derive(Debug)]
 pub(crate) struct Answer {
+    /// The version's first pullers across the fleet by rank, with their rendezvous seeds (all
+    /// the scheduler needs to agree with every other node on the origin readers).
+    pullers: Vec<(u64, PeerId)>,
     connected: usize,
     sources: Vec<(PeerId, Source, Have)>,
     given: Given,
@@ -53,11 +57,13 @@ pub(crate) struct Answer {
 pub(crate) fn answer(
     table: &Table,
     maps: &HashMap<PeerId, HashMap<Hash, PeerVersion>>,
+    rosters: &crate::roster::Rosters,
     me: &crate::Labels,
     ask: Ask,
 ) -> Answer {
     let Ask { root, n, given } = ask;
     let mut out = Answer {
+        pullers: rosters.pullers(&root),
         connected: table.peers.values().filter(|p| p.connected).count(),
         sources: Vec::new(),
         given: HashMap::new(),
@@ -113,9 +119,6 @@ impl PullView {
     /// Cancel-safe: a cancelled call hands over nothing, and the next one hands over every
     /// source's whole map again.
     pub async fn run(&mut self, swarm: &Swarm, root: &Hash, n: usize, sched: &mut Pull<PeerId>) {
-        // The version's pullers across the fleet (the first few by rank: all the scheduler
-        // needs to agree with every other node on the origin readers).
-        sched.set_pullers(Some(swarm.pullers(root)));
         let (tx, rx) = oneshot::channel();
         let ask = Ask {
             root: *root,
@@ -134,6 +137,7 @@ impl PullView {
                 return;
             }
         };
+        sched.set_pullers(Some(answer.pullers));
         sched.set_connected(answer.connected);
         for (id, source, have) in answer.sources {
             sched.set_source(id, source);
