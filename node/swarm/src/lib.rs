@@ -371,7 +371,11 @@ pub const MISSES_PER_FAULT: u32 = 8;
 /// Faults after which a peer is disconnected and no longer used.
 pub const MAX_FAULTS: u32 = 3;
 
-/// The swarm state shared by the libp2p loop, the bulk server and clients, and pulls.
+/// A handle on the swarm, shared by the bulk server and clients, pulls and mounts. The peer
+/// table and the rosters are the event loop's ([`Table`]: read as a published snapshot,
+/// changed by commands); what stays here behind locks is this node's own side: the versions
+/// it holds or pulls (`local`, marked chunk by chunk by its pulls), its mounts (`through`)
+/// and its bulk connections (`clients`), none held across an await.
 pub struct Swarm {
     pub peer_id: PeerId,
     pub labels: Labels,

@@ -158,3 +158,90 @@ impl PullView {
         self.given = answer.given;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Labels, Peer};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    fn ask(root: Hash, given: Given) -> Ask {
+        Ask {
+            root,
+            n: 100,
+            given,
+        }
+    }
+
+    /// A pull is handed each source's whole map once, then only what the peer gained since,
+    /// a new map when one replaced it, and nothing of peers it may not ask.
+    #[test]
+    fn a_pull_is_handed_only_what_it_has_not_seen() {
+        let root = Hash([7; 32]);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut table = Table::default();
+        for id in [a, b] {
+            let mut p = Peer::new();
+            p.connected = true;
+            p.bulk_port = Some(1);
+            p.versions = Arc::new([(root, Holding::Pulling)].into_iter().collect());
+            table.peers.insert(id, Arc::new(p));
+        }
+        table.admitted.insert(a); // b has not proved the cluster key
+        let now = Instant::now();
+        let mut v = PeerVersion::new(now);
+        v.have = Some(HaveMap::new(100));
+        v.stream = Some((1, 0));
+        let mut maps: HashMap<PeerId, HashMap<Hash, PeerVersion>> = HashMap::new();
+        maps.insert(a, [(root, v.clone())].into_iter().collect());
+        maps.insert(b, [(root, v)].into_iter().collect());
+        let rosters = crate::roster::Rosters::default();
+        let me = Labels::default();
+
+        let first = answer(&table, &maps, &rosters, &me, ask(root, Given::new()));
+        assert_eq!(first.sources.len(), 1, "only the admitted peer: {first:?}");
+        assert!(
+            matches!(&first.sources[0], (id, _, Have::Map(Some(m), false)) if *id == a && m.len == 100)
+        );
+
+        let again = answer(&table, &maps, &rosters, &me, ask(root, first.given));
+        assert!(matches!(again.sources[0].2, Have::Same), "{again:?}");
+
+        let pv = maps.get_mut(&a).unwrap().get_mut(&root).unwrap();
+        assert!(pv.apply(1, 0, &[3, 9], now));
+        let gained = answer(&table, &maps, &rosters, &me, ask(root, again.given));
+        assert!(
+            matches!(&gained.sources[0].2, Have::Gained(c) if c == &vec![3, 9]),
+            "{gained:?}"
+        );
+
+        // A map of the whole version again (a fresh one, over this connection).
+        let pv = maps.get_mut(&a).unwrap().get_mut(&root).unwrap();
+        pv.gen += 1;
+        pv.fresh = true;
+        pv.log.clear();
+        let replaced = answer(&table, &maps, &rosters, &me, ask(root, gained.given));
+        assert!(
+            matches!(replaced.sources[0].2, Have::Map(Some(_), true)),
+            "{replaced:?}"
+        );
+
+        // A map of another length is another version's index space: no map.
+        let other = answer(
+            &table,
+            &maps,
+            &rosters,
+            &me,
+            Ask {
+                root,
+                n: 50,
+                given: Given::new(),
+            },
+        );
+        assert!(
+            matches!(other.sources[0].2, Have::Map(None, true)),
+            "{other:?}"
+        );
+    }
+}
