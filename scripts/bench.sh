@@ -10,7 +10,7 @@
 #   scripts/bench.sh sim --nodes N [--size BYTES] [--churn F] [--liars F] [--stallers F] [--zones 3]
 #       [--node-rate 10gbit] [--origin-rate 10gbit] [--seed S]   (a fleet in virtual time)
 #       [--peers K (0: full mesh, polled have-maps)] [--delta-ms 5] [--trace-ms MS]
-#       [--stagger-ms MS (pulls start spread over MS)] [--readers-by-start (an experiment)]
+#       [--stagger-ms MS (pulls start spread over MS)] [--readers-by-rank (readers as before)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()

@@ -64,6 +64,8 @@ pub async fn fetch(
         peer_ids: bulk::MAX_IDS,
         peer_window_min: pull::Config::default().peer_window,
         have_deltas: true,
+        // The rosters list pullers in the order they started (`shoal_swarm::roster`).
+        readers_in_order: true,
         ..pull::Config::default()
     };
     let started = Instant::now();

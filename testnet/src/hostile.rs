@@ -421,6 +421,8 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                         holding: Holding::Pulling,
                         addrs: hello.listen.clone(),
                         age_ms: 0,
+                        // Started before anyone (so it is among the origin readers).
+                        started_ms: 1,
                     };
                     for p in &peers {
                         let r = Req::Roster(vec![(root, vec![listing.clone()])]);
@@ -558,6 +560,8 @@ pub fn roster_flooder(
             holding: Holding::Pulling,
             addrs: vec!["/ip4/127.0.0.1/tcp/9".into()],
             age_ms: 0,
+            // Started before anyone: first in line.
+            started_ms: 1,
         })
         .collect();
     let mut swarm = attacker_swarm(keypair, Duration::from_secs(600));

@@ -155,9 +155,10 @@ enum Cmd {
         /// (completion times then count from each node's own start).
         #[arg(long, default_value_t = 0.0)]
         stagger_ms: f64,
-        /// Readers are the first pullers to start, not the first by rank (an experiment).
+        /// Readers are the first pullers by rendezvous rank, not the first to start (the
+        /// node's way before the fourteenth session).
         #[arg(long)]
-        readers_by_start: bool,
+        readers_by_rank: bool,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -792,7 +793,7 @@ fn main() -> Result<()> {
             seed,
             trace_ms,
             stagger_ms,
-            readers_by_start,
+            readers_by_rank,
         } => {
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
             let setup = shoal_testnet::sim::Setup {
@@ -812,7 +813,7 @@ fn main() -> Result<()> {
                 seed: *seed,
                 trace_every: ms(*trace_ms),
                 stagger: ms(*stagger_ms),
-                readers_by_start: *readers_by_start,
+                readers_by_start: !*readers_by_rank,
                 ..Default::default()
             };
             (

@@ -89,7 +89,9 @@ pub struct Setup {
     /// once); completion times are then counted from each node's own start.
     pub stagger: Duration,
     /// The router lists pullers in the order they registered and the schedulers take the
-    /// first as readers (`pull::Config::readers_in_order`), instead of the first by rank.
+    /// first as readers (`pull::Config::readers_in_order`), as the node's rosters do (pullers
+    /// in the order they started); off, the first by rank (the node before the fourteenth
+    /// session).
     pub readers_by_start: bool,
 }
 
@@ -116,7 +118,7 @@ impl Default for Setup {
             seed: 1,
             trace_every: Duration::ZERO,
             stagger: Duration::ZERO,
-            readers_by_start: false,
+            readers_by_start: true,
         }
     }
 }
@@ -1491,6 +1493,7 @@ mod tests {
             size: 128 << 20,
             zones: 3,
             stagger: Duration::from_millis(300),
+            readers_by_start: false,
             ..Setup::default()
         });
         assert_eq!(staggered.unfinished, 0, "{staggered:?}");
@@ -1499,13 +1502,13 @@ mod tests {
         // at least once.
         assert!(staggered.last_s < together.last_s * 1.5, "{staggered:?}");
         assert!(staggered.origin_egress >= 1.0, "{staggered:?}");
-        // Readers chosen by when they started rather than by rank read less again.
+        // Readers chosen by when they started (the node's way) rather than by rank read less
+        // again.
         let by_start = run(&Setup {
             nodes: 32,
             size: 128 << 20,
             zones: 3,
             stagger: Duration::from_millis(300),
-            readers_by_start: true,
             ..Setup::default()
         });
         assert_eq!(by_start.unfinished, 0, "{by_start:?}");

@@ -76,7 +76,8 @@ pub struct Config {
     /// The pullers given to [`Pull::set_pullers`] come in order of precedence (the first to
     /// start first), and the readers are the first of them rather than the first by rank:
     /// a puller that starts later never takes over runs the earlier readers may already
-    /// have read. (An experiment of the simulator's `--readers-by-start`; the node ranks.)
+    /// have read. (The node's rosters give them so, `shoal_swarm::roster`; the simulator
+    /// does with `--readers-by-start`.)
     pub readers_in_order: bool,
     /// Peers push what they gain as have-deltas ([`Pull::on_have`]): their whole map is asked
     /// for once, when they appear, not polled every [`Self::have_poll`].

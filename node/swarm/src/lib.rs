@@ -324,8 +324,10 @@ pub struct LocalVersion {
     pub name: String,
     pub holding: Holding,
     pub have: Option<HaveMap>,
-    /// When this node first announced it with this holding.
+    /// When this node first announced it with this holding, and the same in milliseconds
+    /// since the Unix epoch (what the rosters say of when it started pulling).
     pub since: std::time::Instant,
+    pub since_ms: u64,
     /// The delta stream peers follow for `have` (see `PeerVersion::apply`): a random epoch
     /// per map, how many chunks were marked in it, and those not yet sent (each chunk is
     /// marked once, so at most the version's chunks).
@@ -528,10 +530,13 @@ impl Swarm {
     /// Records that this node holds (or is pulling) a version, and tells the peers.
     pub fn hold(&self, root: Hash, name: &str, holding: Holding, have: Option<HaveMap>) {
         let mut local = self.local.lock().expect("poisoned");
-        let since = local
+        let (since, since_ms) = local
             .get(&root)
             .filter(|v| v.holding == holding)
-            .map_or_else(std::time::Instant::now, |v| v.since);
+            .map_or_else(
+                || (std::time::Instant::now(), unix_ms()),
+                |v| (v.since, v.since_ms),
+            );
         local.insert(
             root,
             LocalVersion {
@@ -539,6 +544,7 @@ impl Swarm {
                 holding,
                 have,
                 since,
+                since_ms,
                 epoch: rand::random(),
                 marks: 0,
                 unsent: Vec::new(),
@@ -733,6 +739,13 @@ impl Swarm {
             .insert(peer, c.clone());
         Ok(c)
     }
+}
+
+/// Milliseconds since the Unix epoch now (0 on a clock set before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A node's libp2p identity from its protobuf encoding (`what` names where it was read).

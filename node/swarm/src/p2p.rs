@@ -870,10 +870,18 @@ impl EventLoop {
             .cloned()
             .collect();
         let now = Instant::now();
-        let holdings = self.shared.holdings();
-        for (root, holding) in holdings {
+        let started: HashMap<Hash, u64> = self
+            .shared
+            .local
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(r, v)| (*r, v.since_ms))
+            .collect();
+        for (root, holding) in self.shared.holdings() {
+            let at = started.get(&root).copied().unwrap_or(0);
             self.rosters
-                .merge(root, me, holding, addrs.clone(), Duration::ZERO, now);
+                .merge(root, me, holding, addrs.clone(), Duration::ZERO, at, now);
         }
     }
 
@@ -1421,6 +1429,7 @@ mod tests {
                         holding: Holding::Pulling,
                         addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
                         age_ms: 1500,
+                        started_ms: 1_796_000_000_000,
                     }],
                 )])),
                 None,
@@ -1463,6 +1472,6 @@ mod tests {
         "5bf6498c5d50b288",
         "affecc9146e7e467",
         "033453a08696d64a",
-        "d9fb27a9ce595aba",
+        "ae0e68e69f9c66b9",
     ];
 }

@@ -2,17 +2,22 @@
 //! content routing of the swarm.
 //!
 //! A pull needs two things from the rest of the fleet: its origin readers (the first
-//! [`shoal_sched::Config::origin_readers`] pullers by rendezvous on the version's key, which
-//! every node must agree on so that each run is read from the origin once), and, when none of
-//! its neighbours has the version, some node that does. Neither needs a list of every puller
-//! or holder: only the first few by that same rendezvous rank. So each node keeps, per
-//! version, a *roster*: the first [`ROSTER`] pullers and the first [`ROSTER`] holders by rank,
-//! each with where it listens and how old the news of it is. Nodes list themselves, and send
-//! their rosters to their peers when they change (and every [`REFRESH`] to keep them alive);
-//! a node merges what it hears, keeps the first by rank, and forwards its roster when that
-//! changed. Merging keeps the highest ranks, so every connected node ends with the same roster
-//! within a few hops' round trips; the age travels with each entry, so an entry whose node
-//! stopped listing itself (it died, or finished pulling) expires [`TTL`] after its last word
+//! [`shoal_sched::Config::origin_readers`] pullers in an order every node must agree on, so
+//! that each run is read from the origin once), and, when none of its neighbours has the
+//! version, some node that does. Neither needs a list of every puller or holder: only the
+//! first few. So each node keeps, per version, a *roster*: the first [`ROSTER`] pullers and
+//! the first [`ROSTER`] holders, each with where it listens and how old the news of it is.
+//! Pullers come in order of when they started their pull, as each said of itself (ties,
+//! such as nodes started together, by rendezvous rank on the version's key); holders by rank.
+//! The start time is data each node sends about itself, carried verbatim, so every node sorts
+//! the same way whatever its clock: a puller that starts later never takes over runs an
+//! earlier reader may already have read (the simulator's staggered starts: origin egress
+//! 1.37x by rank, 1.11x by start, docs/benchmarks.md). Nodes list themselves, and send their
+//! rosters to their peers when they change (and every [`REFRESH`] to keep them alive); a node
+//! merges what it hears, keeps the first, and forwards its roster when that changed. Merging
+//! keeps the first in that order, so every connected node ends with the same roster within a
+//! few hops' round trips; the age travels with each entry, so an entry whose node stopped
+//! listing itself (it died, or finished pulling) expires [`TTL`] after its last word
 //! everywhere at once.
 //!
 //! Why not a DHT of provider records: a Kademlia lookup returns providers in no useful order,
@@ -22,10 +27,10 @@
 //! connections (an outsider learns nothing). Cost: per version and per peer, one message of
 //! at most 2 x [`ROSTER`] entries per change or per [`REFRESH`].
 //!
-//! A hostile member can list nodes that do not exist, ranked first: they become readers that
-//! never read, which the scheduler judges dead after a quiet spell with no sign of life and
-//! replaces by the next by rank (`shoal_sched::Pull`, `reader_since`). Ranks are worked out
-//! here from peer ids, never taken from the sender.
+//! A hostile member can list nodes that do not exist, started first (or ranked first): they
+//! become readers that never read, which the scheduler judges dead after a quiet spell with no
+//! sign of life and replaces by the next in line (`shoal_sched::Pull`, `reader_since`). Ranks
+//! are worked out here from peer ids, never taken from the sender.
 
 use super::Holding;
 use libp2p::{Multiaddr, PeerId};
@@ -51,19 +56,25 @@ pub const MAX_VERSIONS: usize = 256;
 /// Addresses kept per entry.
 const MAX_ADDRS: usize = 2;
 
-/// One entry as it travels: a node, how it holds the version, where it listens, and how long
-/// ago it last listed itself (as the sender saw it).
+/// One entry as it travels: a node, how it holds the version, where it listens, how long
+/// ago it last listed itself (as the sender saw it), and when it started pulling (milliseconds
+/// since the Unix epoch, as the node itself said; 0 for holders, and from nodes that did not
+/// say).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listing {
     pub peer: Vec<u8>,
     pub holding: Holding,
     pub addrs: Vec<String>,
     pub age_ms: u32,
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Entry {
     peer: PeerId,
+    /// Its place: earlier start first, then higher rank.
+    started: u64,
     rank: u64,
     holding: Holding,
     addrs: Vec<Multiaddr>,
@@ -88,6 +99,11 @@ pub fn rank(peer: &PeerId, root: &Hash) -> u64 {
     mix(peer_seed(peer) ^ key_of(root))
 }
 
+/// An entry's place in its list, first first.
+fn place(started: u64, rank: u64) -> (u64, std::cmp::Reverse<u64>) {
+    (started, std::cmp::Reverse(rank))
+}
+
 /// Pullers or holders of a class: ranked first first.
 fn class(h: Holding) -> Option<usize> {
     match h {
@@ -99,7 +115,7 @@ fn class(h: Holding) -> Option<usize> {
 
 #[derive(Debug, Default)]
 struct Roster {
-    /// [pullers, holders], each at most [`ROSTER`], highest rank first.
+    /// [pullers, holders], each at most [`ROSTER`], first first (see [`place`]).
     lists: [Vec<Entry>; 2],
     /// When it was last heard of (which versions to drop first).
     touched: Option<Instant>,
@@ -114,10 +130,12 @@ pub struct Rosters {
 }
 
 impl Rosters {
-    /// Adds or refreshes `peer` as holding `root` the way it says, news `age` old at `now`;
-    /// returns whether the roster changed (a new entry among the first, a holding changed).
+    /// Adds or refreshes `peer` as holding `root` the way it says, news `age` old at `now`,
+    /// having started pulling at `started` (Unix milliseconds; ignored for holders); returns
+    /// whether the roster changed (a new entry among the first, a holding or start changed).
     /// A node is in one list per version: news of it as a holder removes it as a puller, and
     /// the other way round, unless the news is older than what is kept.
+    #[allow(clippy::too_many_arguments)]
     pub fn merge(
         &mut self,
         root: Hash,
@@ -125,11 +143,13 @@ impl Rosters {
         holding: Holding,
         addrs: Vec<Multiaddr>,
         age: Duration,
+        started: u64,
         now: Instant,
     ) -> bool {
         let Some(c) = class(holding) else {
             return false;
         };
+        let started = if c == 0 { started } else { 0 };
         if age >= TTL {
             return false;
         }
@@ -159,6 +179,15 @@ impl Rosters {
         let list = &mut r.lists[c];
         let mut addrs = addrs;
         addrs.truncate(MAX_ADDRS);
+        // Newer news of another start (the node restarted its pull): it takes its new place.
+        if let Some(i) = list
+            .iter()
+            .position(|e| e.peer == peer && e.started != started && e.expires < expires)
+        {
+            list.remove(i);
+            self.changed.insert(root);
+        }
+        let me = place(started, rank);
         let changed = match list.iter_mut().find(|e| e.peer == peer) {
             Some(e) => {
                 if e.expires < expires {
@@ -170,14 +199,17 @@ impl Rosters {
                 e.holding != holding
             }
             None => {
-                if list.len() >= ROSTER && list.last().is_some_and(|e| e.rank >= rank) {
+                if list.len() >= ROSTER
+                    && list.last().is_some_and(|e| place(e.started, e.rank) <= me)
+                {
                     return false;
                 }
-                let at = list.partition_point(|e| e.rank > rank);
+                let at = list.partition_point(|e| place(e.started, e.rank) < me);
                 list.insert(
                     at,
                     Entry {
                         peer,
+                        started,
                         rank,
                         holding,
                         addrs,
@@ -218,7 +250,7 @@ impl Rosters {
                 .filter_map(|a| a.parse().ok())
                 .collect();
             let age = Duration::from_millis(l.age_ms as u64);
-            changed |= self.merge(root, peer, l.holding, addrs, age, now);
+            changed |= self.merge(root, peer, l.holding, addrs, age, l.started_ms, now);
         }
         changed
     }
@@ -258,6 +290,7 @@ impl Rosters {
                 holding: e.holding,
                 addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
                 age_ms: (TTL - e.expires.duration_since(now)).as_millis() as u32,
+                started_ms: e.started,
             })
             .collect()
     }
@@ -272,8 +305,8 @@ impl Rosters {
         self.changed.drain().collect()
     }
 
-    /// The pullers of `root` listed (seed, peer), for the scheduler's choice of origin
-    /// readers.
+    /// The pullers of `root` listed (seed, peer), first first, for the scheduler's choice of
+    /// origin readers (`shoal_sched::pull::Config::readers_in_order`).
     pub fn pullers(&self, root: &Hash) -> Vec<(u64, PeerId)> {
         self.versions
             .get(root)
@@ -331,17 +364,112 @@ mod tests {
         let mut a = Rosters::default();
         let mut b = Rosters::default();
         for p in &peers {
-            a.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, now);
+            a.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, 0, now);
         }
         // b hears them in reverse, half of them from a's roster.
         for p in peers.iter().rev().take(50) {
-            b.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, now);
+            b.merge(root, *p, Holding::Pulling, vec![], Duration::ZERO, 0, now);
         }
         b.merge_listings(root, &a.listings(&root, now), all, now);
         let want = first_by_rank(&peers, &root);
         let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
         assert_eq!(got(&a), want);
         assert_eq!(got(&b), want);
+    }
+
+    /// Pullers come in the order they started, as each said, whatever order the news came
+    /// in: every node lists the same first pullers, a later starter never displaces an
+    /// earlier one (so it never becomes a reader in its place), ties go by rank, holders by
+    /// rank alone, and a node that restarts its pull takes its new place.
+    #[test]
+    fn pullers_line_up_in_the_order_they_started() {
+        let root = Hash([5; 32]);
+        let peers = ids(40);
+        let now = Instant::now();
+        // Started 10 ms apart, the last four together.
+        let started = |i: usize| 1_000 + 10 * i.min(36) as u64;
+        let mut a = Rosters::default();
+        let mut b = Rosters::default();
+        for (i, p) in peers.iter().enumerate() {
+            a.merge(
+                root,
+                *p,
+                Holding::Pulling,
+                vec![],
+                Duration::ZERO,
+                started(i),
+                now,
+            );
+        }
+        for (i, p) in peers.iter().enumerate().rev().take(30) {
+            b.merge(
+                root,
+                *p,
+                Holding::Pulling,
+                vec![],
+                Duration::ZERO,
+                started(i),
+                now,
+            );
+        }
+        b.merge_listings(root, &a.listings(&root, now), all, now);
+        let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(got(&a), peers[..ROSTER].to_vec());
+        assert_eq!(got(&b), got(&a));
+        // A latecomer is not listed; one that started with others goes by rank among them.
+        assert!(!a.merge(
+            root,
+            PeerId::random(),
+            Holding::Pulling,
+            vec![],
+            Duration::ZERO,
+            5_000,
+            now
+        ));
+        let mut c = Rosters::default();
+        let tied = &peers[36..];
+        for p in tied {
+            c.merge(
+                root,
+                *p,
+                Holding::Pulling,
+                vec![],
+                Duration::ZERO,
+                1_360,
+                now,
+            );
+        }
+        let mut by_rank = tied.to_vec();
+        by_rank.sort_by_key(|p| std::cmp::Reverse(rank(p, &root)));
+        assert_eq!(got(&c), by_rank);
+        // The first restarts its pull: newer news, a later start, a later place.
+        let later = now + Duration::from_secs(1);
+        assert!(a.merge(
+            root,
+            peers[0],
+            Holding::Pulling,
+            vec![],
+            Duration::ZERO,
+            1_155,
+            later
+        ));
+        assert_eq!(got(&a)[..ROSTER - 1], peers[1..ROSTER]);
+        assert_eq!(got(&a)[ROSTER - 1], peers[0]);
+        // Holders go by rank, whatever start they claim.
+        let mut h = Rosters::default();
+        for (i, p) in peers.iter().enumerate() {
+            h.merge(
+                root,
+                *p,
+                Holding::Complete,
+                vec![],
+                Duration::ZERO,
+                started(i),
+                now,
+            );
+        }
+        let holders: Vec<PeerId> = h.nodes(&root).iter().map(|n| n.0).collect();
+        assert_eq!(holders, first_by_rank(&peers, &root));
     }
 
     /// News ages as it travels: an entry whose node stops listing itself expires everywhere
@@ -352,7 +480,7 @@ mod tests {
         let p = PeerId::random();
         let t0 = Instant::now();
         let mut a = Rosters::default();
-        a.merge(root, p, Holding::Pulling, vec![], Duration::ZERO, t0);
+        a.merge(root, p, Holding::Pulling, vec![], Duration::ZERO, 0, t0);
         let mut b = Rosters::default();
         // Forwarded back and forth every second, the age goes with it.
         for s in 1..=(TTL.as_secs() + 2) {
@@ -375,10 +503,26 @@ mod tests {
         let p = PeerId::random();
         let t = Instant::now();
         let mut r = Rosters::default();
-        r.merge(root, p, Holding::Pulling, vec![], Duration::from_secs(1), t);
-        assert!(r.merge(root, p, Holding::Complete, vec![], Duration::ZERO, t));
+        r.merge(
+            root,
+            p,
+            Holding::Pulling,
+            vec![],
+            Duration::from_secs(1),
+            0,
+            t,
+        );
+        assert!(r.merge(root, p, Holding::Complete, vec![], Duration::ZERO, 0, t));
         assert!(r.pullers(&root).is_empty());
-        assert!(!r.merge(root, p, Holding::Pulling, vec![], Duration::from_secs(2), t));
+        assert!(!r.merge(
+            root,
+            p,
+            Holding::Pulling,
+            vec![],
+            Duration::from_secs(2),
+            0,
+            t
+        ));
         assert_eq!(r.nodes(&root)[0].1, Holding::Complete);
         // Mounts are not listed.
         assert!(!r.merge(
@@ -387,6 +531,7 @@ mod tests {
             Holding::Mounted,
             vec![],
             Duration::ZERO,
+            0,
             t
         ));
     }
@@ -403,7 +548,15 @@ mod tests {
         let peers = ids(n);
         let mut nodes: Vec<Rosters> = (0..n).map(|_| Rosters::default()).collect();
         for (i, r) in nodes.iter_mut().enumerate() {
-            r.merge(root, peers[i], Holding::Pulling, vec![], Duration::ZERO, t);
+            r.merge(
+                root,
+                peers[i],
+                Holding::Pulling,
+                vec![],
+                Duration::ZERO,
+                0,
+                t,
+            );
         }
         // A random graph: each node dials 8 others (links both ways).
         let mut links: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -446,7 +599,15 @@ mod tests {
             let mut root = [0u8; 32];
             root[..8].copy_from_slice(&(v as u64).to_le_bytes());
             for p in ids(3) {
-                r.merge(Hash(root), p, Holding::Complete, vec![], Duration::ZERO, t);
+                r.merge(
+                    Hash(root),
+                    p,
+                    Holding::Complete,
+                    vec![],
+                    Duration::ZERO,
+                    0,
+                    t,
+                );
             }
         }
         assert_eq!(r.versions().len(), MAX_VERSIONS);
@@ -458,6 +619,7 @@ mod tests {
                 holding: Holding::Pulling,
                 addrs: vec!["/ip4/10.0.0.1/tcp/1".into(); 50],
                 age_ms: 0,
+                started_ms: 0,
             })
             .collect();
         r.merge_listings(root, &flood, all, t);
