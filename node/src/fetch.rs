@@ -25,8 +25,8 @@ use tokio::sync::mpsc;
 
 pub use shoal_sched::pull::Fetched;
 
-/// The driver asks the swarm what changed in its peer table (announcements, have-maps) at
-/// least this often.
+/// The driver asks the swarm what changed in its peer table (announcements, have-maps) this
+/// often, and wakes at least this often to do so.
 const SYNC: Duration = Duration::from_millis(20);
 
 use shoal_swarm::bulk::{self, Event, Outcome};
@@ -100,8 +100,14 @@ pub async fn fetch(
         swarm.mark(&root, i);
     };
 
+    let mut viewed: Option<Instant> = None;
     while !sched.is_done() {
-        sync.run(swarm, &root, n, &mut sched).await;
+        // What changed in the peer table, every SYNC (a round trip to the swarm's event
+        // loop: not at every delivery, which at full speed come thousands a second).
+        if viewed.is_none_or(|t| t.elapsed() >= SYNC) {
+            sync.run(swarm, &root, n, &mut sched).await;
+            viewed = Some(Instant::now());
+        }
         let now = Instant::now();
         if now - last_flush >= Duration::from_secs(1)
             && flushing.as_ref().is_none_or(|f| f.is_finished())
