@@ -388,85 +388,40 @@ mod tests {
         let now = Instant::now();
         // Started 10 ms apart, the last four together.
         let started = |i: usize| 1_000 + 10 * i.min(36) as u64;
+        let add = |r: &mut Rosters, p: PeerId, h: Holding, at: u64, t: Instant| {
+            r.merge(root, p, h, vec![], Duration::ZERO, at, t)
+        };
         let mut a = Rosters::default();
         let mut b = Rosters::default();
         for (i, p) in peers.iter().enumerate() {
-            a.merge(
-                root,
-                *p,
-                Holding::Pulling,
-                vec![],
-                Duration::ZERO,
-                started(i),
-                now,
-            );
+            add(&mut a, *p, Holding::Pulling, started(i), now);
         }
         for (i, p) in peers.iter().enumerate().rev().take(30) {
-            b.merge(
-                root,
-                *p,
-                Holding::Pulling,
-                vec![],
-                Duration::ZERO,
-                started(i),
-                now,
-            );
+            add(&mut b, *p, Holding::Pulling, started(i), now);
         }
         b.merge_listings(root, &a.listings(&root, now), all, now);
         let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
         assert_eq!(got(&a), peers[..ROSTER].to_vec());
         assert_eq!(got(&b), got(&a));
         // A latecomer is not listed; one that started with others goes by rank among them.
-        assert!(!a.merge(
-            root,
-            PeerId::random(),
-            Holding::Pulling,
-            vec![],
-            Duration::ZERO,
-            5_000,
-            now
-        ));
+        assert!(!add(&mut a, PeerId::random(), Holding::Pulling, 5_000, now));
         let mut c = Rosters::default();
         let tied = &peers[36..];
         for p in tied {
-            c.merge(
-                root,
-                *p,
-                Holding::Pulling,
-                vec![],
-                Duration::ZERO,
-                1_360,
-                now,
-            );
+            add(&mut c, *p, Holding::Pulling, 1_360, now);
         }
         let mut by_rank = tied.to_vec();
         by_rank.sort_by_key(|p| std::cmp::Reverse(rank(p, &root)));
         assert_eq!(got(&c), by_rank);
         // The first restarts its pull: newer news, a later start, a later place.
         let later = now + Duration::from_secs(1);
-        assert!(a.merge(
-            root,
-            peers[0],
-            Holding::Pulling,
-            vec![],
-            Duration::ZERO,
-            1_155,
-            later
-        ));
+        assert!(add(&mut a, peers[0], Holding::Pulling, 1_155, later));
         assert_eq!(got(&a)[..ROSTER - 1], peers[1..ROSTER]);
         assert_eq!(got(&a)[ROSTER - 1], peers[0]);
         // Holders go by rank, whatever start they claim.
         let mut h = Rosters::default();
         for (i, p) in peers.iter().enumerate() {
-            h.merge(
-                root,
-                *p,
-                Holding::Complete,
-                vec![],
-                Duration::ZERO,
-                started(i),
-                now,
-            );
+            add(&mut h, *p, Holding::Complete, started(i), now);
         }
         let holders: Vec<PeerId> = h.nodes(&root).iter().map(|n| n.0).collect();
         assert_eq!(holders, first_by_rank(&peers, &root));
