@@ -67,7 +67,8 @@ pub struct Config {
     pub quiet: Duration,
     /// Slack on every peer request's deadline, on top of its queue at the peer's rate.
     pub deadline_slack: Duration,
-    /// How many of the version's pullers read from the origin: the ones ranked first by
+    /// How many of the version's pullers read from the origin: the first given (with
+    /// [`Self::readers_in_order`], as the node does) or else the ones ranked first by
     /// rendezvous on the version's key; the runs are shared among them. A bounded set keeps
     /// the origin serving a few long sequential streams whatever the size of the fleet, so
     /// each run is out of the origin in milliseconds and spreads through the swarm behind it
