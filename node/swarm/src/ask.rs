@@ -132,16 +132,15 @@ pub fn mounting_nodes(swarm: &Arc<Swarm>, root: &Hash) -> Vec<(u64, PeerId)> {
 /// The nodes that announced `root` with `holding` (this one included) and may own units of
 /// it for this node (see [`owners::eligible`]).
 fn candidates(swarm: &Swarm, root: &Hash, holding: Holding) -> Vec<(u64, PeerId)> {
-    let holders = peers_holding(swarm, root, holding);
     let t = swarm.table();
-    let peers = &t.peers;
-    let them = holders.into_iter().map(|(_, id)| Candidate {
-        seed: peer_seed(&id),
-        id,
-        failed: peers
-            .get(&id)
-            .is_some_and(|p| p.faults > 0 || p.owner_stalls > 0),
-    });
+    let them = t
+        .holders(root)
+        .filter(|(_, _, h)| *h == holding)
+        .map(|(id, p, _)| Candidate {
+            seed: peer_seed(id),
+            id: *id,
+            failed: p.faults > 0 || p.owner_stalls > 0,
+        });
     owners::eligible(them.chain(std::iter::once(Candidate {
         seed: peer_seed(&swarm.peer_id),
         id: swarm.peer_id,

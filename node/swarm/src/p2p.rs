@@ -870,18 +870,26 @@ impl EventLoop {
             .cloned()
             .collect();
         let now = Instant::now();
-        let started: HashMap<Hash, u64> = self
+        // What it holds or pulls, with when it started (versions only mounted here are not
+        // listed in rosters).
+        let mine: Vec<(Hash, Holding, u64)> = self
             .shared
             .local
             .lock()
             .expect("poisoned")
             .iter()
-            .map(|(r, v)| (*r, v.since_ms))
+            .map(|(r, v)| (*r, v.holding, v.since_ms))
             .collect();
-        for (root, holding) in self.shared.holdings() {
-            let at = started.get(&root).copied().unwrap_or(0);
-            self.rosters
-                .merge(root, me, holding, addrs.clone(), Duration::ZERO, at, now);
+        for (root, holding, started) in mine {
+            self.rosters.merge(
+                root,
+                me,
+                holding,
+                addrs.clone(),
+                Duration::ZERO,
+                started,
+                now,
+            );
         }
     }
 
