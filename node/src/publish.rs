@@ -182,7 +182,18 @@ impl Dedup {
     }
 }
 
-type BlobTx = std::sync::mpsc::SyncSender<(Hash, Bytes)>;
+/// New blobs on their way to the packer, in groups that go into a pack together.
+type BlobTx = std::sync::mpsc::SyncSender<Vec<(Hash, Bytes)>>;
+
+/// Bytes of one file's new chunks handed to the packer together, so that they lie next to
+/// each other in a pack although files are chunked in parallel (chunk by chunk, two files
+/// chunked at once alternated in the packs, and a mount reading one file asked the origin
+/// for one chunk per ranged read). The size of a mount's run
+/// ([`shoal_sched::owners::MOUNT_RUN`]), which a mount reads with one ranged read.
+const FILE_GROUP: u64 = shoal_sched::owners::MOUNT_RUN;
+/// Groups waiting for the packer (with one being built per chunking thread, this bounds the
+/// blobs publish holds in memory besides the pack being built).
+const GROUPS_QUEUED: usize = 4;
 
 /// Sent when the uploader has failed and stopped taking blobs.
 struct UploadStopped;
@@ -199,7 +210,7 @@ impl TreeBuild<'_> {
         self.referenced.push(id);
         if self.dedup.claim(&id) {
             self.tx
-                .send((id, bytes.into()))
+                .send(vec![(id, bytes.into())])
                 .map_err(|_| UploadStopped)?;
         }
         Ok(())
@@ -329,17 +340,19 @@ fn spawn_uploader(
 fn spawn_packer(
     packs: tokio::sync::mpsc::Sender<SealedPack>,
 ) -> (BlobTx, std::thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(Hash, Bytes)>(256);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Hash, Bytes)>>(GROUPS_QUEUED);
     let thread = std::thread::spawn(move || {
         let mut builder = PackBuilder::default();
-        for (id, bytes) in rx {
-            builder.push(id, bytes);
-            if builder.len() >= PACK_TARGET
-                && packs
-                    .blocking_send(std::mem::take(&mut builder).seal())
-                    .is_err()
-            {
-                return;
+        for group in rx {
+            for (id, bytes) in group {
+                builder.push(id, bytes);
+                if builder.len() >= PACK_TARGET
+                    && packs
+                        .blocking_send(std::mem::take(&mut builder).seal())
+                        .is_err()
+                {
+                    return;
+                }
             }
         }
         if !builder.is_empty() {
@@ -365,6 +378,8 @@ fn chunk_files(
             |(chunker, tx), (path, _)| {
                 let f = std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?;
                 let mut refs = Vec::new();
+                let mut group = Vec::new();
+                let mut grouped = 0u64;
                 chunker
                     .chunk(f, |c, bytes| {
                         refs.push(ChunkRef {
@@ -374,8 +389,13 @@ fn chunk_files(
                         progress.add(c.len as u64);
                         if dedup.claim(&c.id) {
                             dedup.new_chunks.fetch_add(1, Ordering::Relaxed);
-                            tx.send((c.id, Bytes::copy_from_slice(bytes)))
-                                .map_err(|_| UploadStopped)?;
+                            group.push((c.id, Bytes::copy_from_slice(bytes)));
+                            grouped += bytes.len() as u64;
+                            if grouped >= FILE_GROUP {
+                                grouped = 0;
+                                tx.send(std::mem::take(&mut group))
+                                    .map_err(|_| UploadStopped)?;
+                            }
                         }
                         Ok(())
                     })
@@ -383,6 +403,9 @@ fn chunk_files(
                         ChunkError::Read(e) => Some(io("reading", path)(e)),
                         ChunkError::Callback(UploadStopped) => None,
                     })?;
+                if !group.is_empty() {
+                    tx.send(group).map_err(|_| None)?;
+                }
                 Ok(refs)
             },
         )

@@ -159,6 +159,23 @@ enum Cmd {
         /// node's way before the fourteenth session).
         #[arg(long)]
         readers_by_rank: bool,
+        /// Nodes read the version through mounts, files one after another (`mount-netns`),
+        /// rather than pulling it; with `--peers 0` (the mesh), no churn, hostile nodes or
+        /// stagger.
+        #[arg(long)]
+        mount: bool,
+        /// With --mount: each node reads everything from the origin (`mount-netns
+        /// --isolated`).
+        #[arg(long)]
+        isolated: bool,
+        /// With --mount: bytes in each file read, and bytes fetched ahead of the reader.
+        #[arg(long, default_value_t = 128 << 20)]
+        file_size: u64,
+        #[arg(long, default_value_t = 32 << 20)]
+        readahead: u64,
+        /// Payload per byte on the wire (TCP over Ethernet, 1500-byte MTU: 1448/1514).
+        #[arg(long, default_value_t = 1448.0 / 1514.0)]
+        payload_per_wire: f64,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -794,7 +811,27 @@ fn main() -> Result<()> {
             trace_ms,
             stagger_ms,
             readers_by_rank,
+            mount,
+            isolated,
+            file_size,
+            readahead,
+            payload_per_wire,
         } => {
+            if *mount
+                && (*peers != 0
+                    || *churn > 0.0
+                    || *liars > 0.0
+                    || *stallers > 0.0
+                    || *stagger_ms > 0.0)
+            {
+                bail!("--mount is simulated with --peers 0, without --churn, --liars, --stallers or --stagger-ms");
+            }
+            if (*isolated || *file_size != 128 << 20 || *readahead != 32 << 20) && !*mount {
+                bail!("--isolated, --file-size and --readahead go with --mount");
+            }
+            if !(*payload_per_wire > 0.0 && *payload_per_wire <= 1.0) {
+                bail!("--payload-per-wire must be in (0, 1]");
+            }
             let ms = |m: f64| std::time::Duration::from_secs_f64(m / 1e3);
             let setup = shoal_testnet::sim::Setup {
                 nodes: (*nodes).max(1),
@@ -814,6 +851,12 @@ fn main() -> Result<()> {
                 trace_every: ms(*trace_ms),
                 stagger: ms(*stagger_ms),
                 readers_by_start: !*readers_by_rank,
+                payload_per_wire: *payload_per_wire,
+                mount: mount.then_some(shoal_testnet::sim::Mount {
+                    readahead: (*readahead).max(1),
+                    file: (*file_size).max(1),
+                    isolated: *isolated,
+                }),
                 ..Default::default()
             };
             (

@@ -37,7 +37,7 @@
 
 use serde::Serialize;
 use shoal_sched::pull::{self, Action, Chunks, Delivery, Holding, Outcome, Pull, Source};
-use shoal_sched::{mix, HaveMap};
+use shoal_sched::{mix, owners, HaveMap};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -93,7 +93,45 @@ pub struct Setup {
     /// in the order they started); off, the first by rank (the node before the fourteenth
     /// session).
     pub readers_by_start: bool,
+    /// Payload bytes per byte on the wire, on every link: the rates above are wire rates
+    /// (what `tc ... tbf` shapes), and TCP over Ethernet with a 1500-byte MTU carries 1448
+    /// bytes of payload (timestamps on) in a 1514-byte frame.
+    pub payload_per_wire: f64,
+    /// Nodes read the version through mounts rather than pulling it (see [`Mount`]).
+    pub mount: Option<Mount>,
 }
+
+/// Every node mounts the version and a reader reads its files one after another from start
+/// to end (`dd` in `mount-netns`), as the node's mount does it: the reader's next chunks,
+/// up to `readahead` bytes ahead within its file, are fetched once less than half of that is
+/// ahead (`shoal_fuse::MountOptions::readahead`); a fetch is cut into runs of
+/// [`shoal_sched::owners::MOUNT_RUN`] bytes of a pack; a run this node owns
+/// ([`shoal_sched::owners::owner`] over the mounting nodes) it reads from the origin, a run
+/// another node owns it asks that node for, and the owner reads what it lacks from the
+/// origin (joining its own origin reads under way) and then answers. Packs are
+/// `PACK_TARGET` (64 MiB) of chunks in version order. The mesh only (`peers: 0`), no
+/// hostile nodes, no churn.
+#[derive(Debug, Clone, Copy)]
+pub struct Mount {
+    /// Bytes fetched ahead of the reader.
+    pub readahead: u64,
+    /// Bytes in each file the reader reads (the readahead stops at a file's end).
+    pub file: u64,
+    /// Each node reads everything from the origin itself (`mount-netns --isolated`).
+    pub isolated: bool,
+}
+
+impl Default for Mount {
+    fn default() -> Mount {
+        Mount {
+            readahead: 32 << 20,
+            file: 128 << 20,
+            isolated: false,
+        }
+    }
+}
+
+const PACK: u64 = shoal_registry::pack::PACK_TARGET as u64;
 
 impl Default for Setup {
     fn default() -> Setup {
@@ -119,6 +157,8 @@ impl Default for Setup {
             trace_every: Duration::ZERO,
             stagger: Duration::ZERO,
             readers_by_start: true,
+            payload_per_wire: 1448.0 / 1514.0,
+            mount: None,
         }
     }
 }
@@ -155,7 +195,7 @@ pub struct Report {
     pub origin_egress: f64,
     /// When the origin's last answer landed.
     pub origin_last_s: f64,
-    /// "mesh" or "fleet" (see the module documentation).
+    /// "mesh" or "fleet" (see the module documentation), "mount" or "mount-isolated".
     pub mode: &'static str,
     /// Connections per node, the most any node had.
     pub max_peers_per_node: usize,
@@ -213,6 +253,13 @@ enum Ev {
     /// The router registers a puller, or drops a dead one.
     Register(usize, u32),
     Unregister(usize),
+    /// A mounting node's ask reaches the owner of the runs of `chunks`.
+    Ask {
+        owner: usize,
+        from: usize,
+        inc: u32,
+        chunks: Vec<usize>,
+    },
     /// A node pushes the chunks it gained since its last delta.
     Flush(usize, u32),
     /// The router's answer (the version's origin-reader candidates) reaches a node.
@@ -306,6 +353,33 @@ struct Node {
     flush_due: bool,
     control_sent: u64,
     stalls: u64,
+    /// Mounting: its reader, what it is fetching, and the answers it owes as a run's owner.
+    reader: Option<Reader>,
+    fetching: Vec<Fetching>,
+    owed: Vec<Owed>,
+}
+
+/// A mount's reader: the next chunk it reads, and how far its fetches reach.
+#[derive(Debug)]
+struct Reader {
+    pos: usize,
+    asked: usize,
+}
+
+/// Where a mounting node is fetching a chunk from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetching {
+    No,
+    Origin,
+    Owner,
+}
+
+/// Chunks a mounting node was asked for as their runs' owner, answered once it holds them.
+#[derive(Debug)]
+struct Owed {
+    to: usize,
+    inc: u32,
+    chunks: Vec<usize>,
 }
 
 impl Node {
@@ -338,6 +412,10 @@ struct Sim {
     registered: Vec<(u64, usize)>,
     route: Vec<(u64, usize)>,
     version_key: u64,
+    /// Where each chunk starts in the version (and its end last), and the key of the mount
+    /// run it is in.
+    starts: Vec<u64>,
+    runs: Vec<u64>,
 }
 
 impl Sim {
@@ -518,6 +596,12 @@ impl Sim {
                     self.reroute();
                 }
                 Ev::Route { to, inc } => self.on_route(to, inc),
+                Ev::Ask {
+                    owner,
+                    from,
+                    inc,
+                    chunks,
+                } => self.on_ask(owner, from, inc, chunks),
                 Ev::Flush(node, inc) => {
                     let n = &mut self.nodes[node];
                     if n.alive && n.inc == inc {
@@ -802,7 +886,7 @@ impl Sim {
         }
         let cut = if finished { t.chunks.len() } else { t.cut };
         let part = cut > before;
-        let dur = (slice as f64 * 8.0 / link.bps * 1e9) as Ns;
+        let dur = (slice as f64 * 8.0 / (link.bps * self.s.payload_per_wire) * 1e9) as Ns;
         if finished {
             q.pop_front();
         }
@@ -814,7 +898,7 @@ impl Sim {
         self.push(now + dur, Ev::Uplink(l));
         // Through the path and the receiver's downlink.
         let arrive = now + dur + self.delay(l, dst);
-        let down = (slice as f64 * 8.0 / self.s.node_bps * 1e9) as Ns;
+        let down = (slice as f64 * 8.0 / (self.s.node_bps * self.s.payload_per_wire) * 1e9) as Ns;
         let n = &mut self.nodes[dst];
         n.down_free = n.down_free.max(arrive) + down;
         if finished || part {
@@ -832,6 +916,10 @@ impl Sim {
     }
 
     fn delivered(&mut self, id: u64, upto: usize) {
+        if self.s.mount.is_some() {
+            self.mount_delivered(id, upto);
+            return;
+        }
         let Some(mut t) = self.take(id) else {
             return;
         };
@@ -900,6 +988,202 @@ impl Sim {
         }
         self.check_done(dst);
         self.wake(dst, self.now);
+    }
+
+    /// The nodes that own a mount's runs, as (seed, node): every live node mounts.
+    fn mounting(&self) -> Vec<(u64, usize)> {
+        owners::eligible(
+            (0..self.s.nodes)
+                .filter(|&i| self.nodes[i].alive)
+                .map(|i| owners::Candidate {
+                    seed: seed_of(i),
+                    id: i,
+                    failed: false,
+                }),
+        )
+    }
+
+    /// A mounting node's reader reads what is local and has the chunks ahead of it fetched,
+    /// as the mount's sequential readahead does (topped up once less than half is ahead).
+    fn read(&mut self, node: usize) {
+        let m = self.s.mount.expect("mounting");
+        let n = self.lens.len();
+        let starts = &self.starts;
+        let x = &mut self.nodes[node];
+        let Some(r) = x.reader.as_mut() else {
+            return;
+        };
+        while r.pos < n && x.have.get(r.pos) {
+            r.pos += 1;
+        }
+        if r.pos == n {
+            x.reader = None;
+            x.done_at = Some(self.now);
+            return;
+        }
+        let pos = r.pos;
+        let start = starts[pos];
+        let from = r.asked.max(pos);
+        let mut want = vec![pos];
+        if starts[from] - start < m.readahead / 2 {
+            let limit = (start + m.readahead).min((start / m.file + 1) * m.file);
+            let mut i = from;
+            while i < n && starts[i] < limit {
+                want.push(i);
+                i += 1;
+            }
+            r.asked = i;
+        }
+        want.sort_unstable();
+        want.dedup();
+        want.retain(|&i| !x.have.get(i) && x.fetching[i] == Fetching::No);
+        self.fetch(node, want);
+    }
+
+    /// A mounting node fetches `chunks` (in version order): runs it owns from the origin,
+    /// each run as one ranged read; the rest from their owners, one ask per owner.
+    fn fetch(&mut self, node: usize, chunks: Vec<usize>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let m = self.s.mount.expect("mounting");
+        let nodes = self.mounting();
+        let mut runs: Vec<(usize, u64, Vec<usize>)> = Vec::new();
+        for i in chunks {
+            let run = self.runs[i];
+            let o = if m.isolated || nodes.len() < 2 {
+                node
+            } else {
+                owners::owner(&nodes, run)
+            };
+            match runs.iter_mut().find(|(oo, rr, _)| *oo == o && *rr == run) {
+                Some(r) => r.2.push(i),
+                None => runs.push((o, run, vec![i])),
+            }
+        }
+        let mut asks: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (o, _, c) in runs {
+            if o == node {
+                self.read_origin(node, c);
+            } else {
+                match asks.iter_mut().find(|(oo, _)| *oo == o) {
+                    Some(a) => a.1.extend(c),
+                    None => asks.push((o, c)),
+                }
+            }
+        }
+        for (owner, chunks) in asks {
+            for &i in &chunks {
+                self.nodes[node].fetching[i] = Fetching::Owner;
+            }
+            self.nodes[node].control_sent += 16 + 32 * chunks.len() as u64;
+            let inc = self.nodes[node].inc;
+            let t = self.now + self.delay(node, owner);
+            self.push(
+                t,
+                Ev::Ask {
+                    owner,
+                    from: node,
+                    inc,
+                    chunks,
+                },
+            );
+        }
+    }
+
+    fn read_origin(&mut self, node: usize, chunks: Vec<usize>) {
+        for &i in &chunks {
+            self.nodes[node].fetching[i] = Fetching::Origin;
+        }
+        let bytes = chunks.iter().map(|&i| self.lens[i] as u64).sum();
+        self.request(node, self.s.nodes, chunks, bytes);
+    }
+
+    /// An ask reaches the owner of its runs: it reads from the origin what it lacks, joining
+    /// only its own origin reads under way (never a fetch that waits on another node, so
+    /// two owners never wait on each other), and answers once it holds everything asked.
+    fn on_ask(&mut self, owner: usize, from: usize, inc: u32, chunks: Vec<usize>) {
+        let x = &self.nodes[owner];
+        let lack: Vec<usize> = chunks
+            .iter()
+            .copied()
+            .filter(|&i| !x.have.get(i) && x.fetching[i] != Fetching::Origin)
+            .collect();
+        let mut runs: Vec<(u64, Vec<usize>)> = Vec::new();
+        for i in lack {
+            let run = self.runs[i];
+            match runs.iter_mut().find(|(r, _)| *r == run) {
+                Some(r) => r.1.push(i),
+                None => runs.push((run, vec![i])),
+            }
+        }
+        for (_, c) in runs {
+            self.read_origin(owner, c);
+        }
+        self.nodes[owner].owed.push(Owed {
+            to: from,
+            inc,
+            chunks,
+        });
+        self.settle(owner);
+    }
+
+    /// Sends the answers `node` owes once it holds all they ask for.
+    fn settle(&mut self, node: usize) {
+        let owed = std::mem::take(&mut self.nodes[node].owed);
+        let (ready, still): (Vec<Owed>, Vec<Owed>) = owed
+            .into_iter()
+            .partition(|o| o.chunks.iter().all(|&i| self.nodes[node].have.get(i)));
+        self.nodes[node].owed = still;
+        for o in ready {
+            if !self.nodes[o.to].alive || self.nodes[o.to].inc != o.inc {
+                continue;
+            }
+            let size: u64 = o.chunks.iter().map(|&i| self.lens[i] as u64).sum();
+            let id = self.next_id;
+            self.next_id += 1;
+            self.transfers.insert(
+                id,
+                Transfer {
+                    src: node,
+                    dst: o.to,
+                    dst_inc: o.inc,
+                    present: vec![true; o.chunks.len()],
+                    chunks: o.chunks,
+                    left: size,
+                    size,
+                    bytes: size,
+                    cut: 0,
+                    cut_bytes: 0,
+                    given: 0,
+                    started: None,
+                },
+            );
+            self.arrive(id);
+        }
+    }
+
+    /// Chunks reach a mounting node: its reader reads on, and it answers what it owed.
+    fn mount_delivered(&mut self, id: u64, upto: usize) {
+        let Some(mut t) = self.take(id) else {
+            return;
+        };
+        let from = t.given;
+        t.given = t.given.max(upto).min(t.chunks.len());
+        let dst = t.dst;
+        if t.src == self.s.nodes {
+            self.origin_sent += t.bytes;
+            self.origin_last = self.now;
+        }
+        for &i in &t.chunks[from..t.given] {
+            self.nodes[dst].have.set(i);
+            self.nodes[dst].fetching[i] = Fetching::No;
+        }
+        if t.given < t.chunks.len() {
+            self.transfers.insert(id, t);
+        }
+        self.settle(dst);
+        self.read(dst);
     }
 
     fn miss(&mut self, node: usize, peer: usize, n: u32) {
@@ -1249,6 +1533,9 @@ pub fn run(s: &Setup) -> Report {
             flush_due: false,
             control_sent: 0,
             stalls: 0,
+            reader: None,
+            fetching: Vec::new(),
+            owed: Vec::new(),
         })
         .collect();
     let mut links: Vec<Uplink> = (0..s.nodes)
@@ -1281,8 +1568,30 @@ pub fn run(s: &Setup) -> Report {
         registered: Vec::new(),
         route: Vec::new(),
         version_key,
+        starts: Vec::new(),
+        runs: Vec::new(),
     };
-    let floor = (total as f64 * 8.0 / s.origin_bps).max(total as f64 * 8.0 / s.node_bps);
+    let mut starts = Vec::with_capacity(n + 1);
+    let mut at = 0u64;
+    for &l in &sim.lens {
+        starts.push(at);
+        at += l as u64;
+    }
+    starts.push(at);
+    let runs: Vec<u64> = starts[..n]
+        .iter()
+        .map(|&a| owners::mount_run(mix(a / PACK), a % PACK))
+        .collect();
+    sim.starts = starts;
+    sim.runs = runs;
+    let payload = |bps: f64| bps * s.payload_per_wire;
+    let floor = (total as f64 * 8.0 / payload(s.origin_bps))
+        .max(total as f64 * 8.0 / payload(s.node_bps));
+    let floor = match s.mount {
+        // Every node reads the whole version from the origin.
+        Some(m) if m.isolated => floor.max(total as f64 * 8.0 * s.nodes as f64 / payload(s.origin_bps)),
+        _ => floor,
+    };
     sim.limit = ((floor * 10.0 + 120.0) * 1e9) as Ns;
     // Every node knows the nodes it connects to (found by mDNS or a bootstrap list, or from
     // the router); liars hold "a pull" whose map claims everything.
@@ -1301,7 +1610,23 @@ pub fn run(s: &Setup) -> Report {
             );
         }
     }
+    if s.mount.is_some() {
+        assert!(
+            s.peers == 0
+                && s.churn == 0.0
+                && s.liars == 0.0
+                && s.stallers == 0.0
+                && s.stagger.is_zero(),
+            "mounts are simulated in the mesh, without churn, hostile nodes or staggered starts"
+        );
+    }
     for i in 0..s.nodes {
+        if s.mount.is_some() {
+            sim.nodes[i].fetching = vec![Fetching::No; n];
+            sim.nodes[i].reader = Some(Reader { pos: 0, asked: 0 });
+            sim.read(i);
+            continue;
+        }
         if sim.nodes[i].started > 0 {
             sim.push(sim.nodes[i].started, Ev::StartPull(i));
             continue;
@@ -1374,7 +1699,12 @@ pub fn run(s: &Setup) -> Report {
         p99_over_floor: p99 / floor,
         origin_egress: sim.origin_sent as f64 / total as f64,
         origin_last_s: sim.origin_last as f64 / 1e9,
-        mode: if sim.fleet() { "fleet" } else { "mesh" },
+        mode: match s.mount {
+            Some(m) if m.isolated => "mount-isolated",
+            Some(_) => "mount",
+            None if sim.fleet() => "fleet",
+            None => "mesh",
+        },
         max_peers_per_node: sim
             .nodes
             .iter()

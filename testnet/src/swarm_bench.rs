@@ -635,6 +635,7 @@ impl LinkSampler {
 fn origin_requests(work: &Path) -> Value {
     let log = std::fs::read_to_string(work.join("nginx/logs/access.log")).unwrap_or_default();
     let (mut requests, mut body, mut cut, mut cut_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut sizes = Vec::new();
     for line in log.lines() {
         let mut f = line.split_whitespace();
         let (Some(_status), Some(sent)) = (f.next(), f.next().and_then(|b| b.parse::<u64>().ok()))
@@ -643,6 +644,7 @@ fn origin_requests(work: &Path) -> Value {
         };
         requests += 1;
         body += sent;
+        sizes.push(sent);
         // "bytes=START-END", inclusive.
         let asked = f
             .next()
@@ -654,7 +656,23 @@ fn origin_requests(work: &Path) -> Value {
             cut_bytes += sent;
         }
     }
-    json!({"requests": requests, "body_bytes": body, "cut_short": cut, "cut_short_body_bytes": cut_bytes})
+    sizes.sort_unstable();
+    let q = |f: f64| {
+        sizes
+            .get(((sizes.len() as f64 * f) as usize).min(sizes.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let small: Vec<u64> = sizes.iter().copied().filter(|&b| b < 1 << 20).collect();
+    json!({
+        "requests": requests,
+        "body_bytes": body,
+        "cut_short": cut,
+        "cut_short_body_bytes": cut_bytes,
+        "body_bytes_p10_p50_p90": [q(0.1), q(0.5), q(0.9)],
+        "requests_under_1mib": small.len(),
+        "body_bytes_under_1mib": small.iter().sum::<u64>(),
+    })
 }
 
 /// A running nginx master; dropping it stops nginx with SIGTERM, which stops the workers too
@@ -1153,6 +1171,17 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
     }
     let _ = Command::new("bash").arg(&netns).arg("down").status();
     let r = result?;
+    // The origin's access log, for a closer look at what the mounts asked it for.
+    let _ = std::fs::copy(
+        work.join("nginx/logs/access.log"),
+        args.bench_root.join("results/mount_netns_access.log"),
+    );
+    for i in 1..=nodes {
+        let _ = std::fs::copy(
+            work.join(format!("n{i}/node.log")),
+            args.bench_root.join(format!("results/mount_netns_node{i}.log")),
+        );
+    }
     let _ = std::fs::remove_dir_all(&work);
     Ok(r)
 }
