@@ -72,3 +72,59 @@ fn second_version_uploads_about_what_changed() {
         "changed bytes of the shard: {cb}"
     );
 }
+
+/// Files chunked in parallel still lie together in the packs: a file's new chunks go into a
+/// pack in groups of a mount's run (4 MiB), never alternating chunk by chunk with another
+/// file's (a mount reading one file would then ask the origin for one chunk per range).
+#[test]
+fn a_files_new_chunks_lie_together_in_the_packs() {
+    let env = Env::new();
+    let src = env.path("src");
+    let files: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(40 + i, 9 << 20)).collect();
+    let mut owner = std::collections::HashMap::new();
+    for (i, f) in files.iter().enumerate() {
+        write(&src.join(format!("shard-{i}.bin")), f);
+        let mut chunker = shoal_chunker::Chunker::new(shoal_registry::Params::default());
+        chunker
+            .chunk(&f[..], |c, _| {
+                owner.insert(c.id, i);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+    }
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    // Walk every pack in pack order: each stretch of one file's chunks, in bytes.
+    let mut stretches: Vec<(usize, u64)> = Vec::new();
+    let packs = std::path::Path::new(&env.origin).join("packs");
+    for e in std::fs::read_dir(&packs).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "idx") {
+            continue;
+        }
+        let idx = shoal_registry::pack::PackIndex::decode(&std::fs::read(&path).unwrap()).unwrap();
+        let mut last = None;
+        for entry in &idx.entries {
+            let Some(&file) = owner.get(&entry.id) else {
+                continue; // a tree node
+            };
+            match stretches.last_mut() {
+                Some((f, bytes)) if last == Some(file) && *f == file => *bytes += entry.len as u64,
+                _ => stretches.push((file, entry.len as u64)),
+            }
+            last = Some(file);
+        }
+    }
+    let chunked: u64 = stretches.iter().map(|s| s.1).sum();
+    assert_eq!(
+        chunked,
+        4 * (9 << 20),
+        "every byte of the files is packed once"
+    );
+    // 9 MiB a file: two whole groups and a tail each, plus any stretch a pack boundary cut.
+    let short = stretches.iter().filter(|s| s.1 < 4 << 20).count();
+    assert!(
+        stretches.len() <= 16 && short <= 8,
+        "a file's chunks are scattered over the packs: {} stretches, {short} under 4 MiB: {stretches:?}",
+        stretches.len()
+    );
+}

@@ -347,7 +347,11 @@ impl Source for MountSource {
             out.push(b.map(Bytes::from));
         }
         if !missing.is_empty() {
-            tracing::debug!(chunks = missing.len(), of = chunks.len(), "a read waits for chunks not local");
+            tracing::debug!(
+                chunks = missing.len(),
+                of = chunks.len(),
+                "a read waits for chunks not local"
+            );
             let first = missing[0];
             let mut got = self
                 .inner

@@ -992,15 +992,13 @@ impl Sim {
 
     /// The nodes that own a mount's runs, as (seed, node): every live node mounts.
     fn mounting(&self) -> Vec<(u64, usize)> {
-        owners::eligible(
-            (0..self.s.nodes)
-                .filter(|&i| self.nodes[i].alive)
-                .map(|i| owners::Candidate {
-                    seed: seed_of(i),
-                    id: i,
-                    failed: false,
-                }),
-        )
+        owners::eligible((0..self.s.nodes).filter(|&i| self.nodes[i].alive).map(|i| {
+            owners::Candidate {
+                seed: seed_of(i),
+                id: i,
+                failed: false,
+            }
+        }))
     }
 
     /// A mounting node's reader reads what is local and has the chunks ahead of it fetched,
@@ -1585,11 +1583,13 @@ pub fn run(s: &Setup) -> Report {
     sim.starts = starts;
     sim.runs = runs;
     let payload = |bps: f64| bps * s.payload_per_wire;
-    let floor = (total as f64 * 8.0 / payload(s.origin_bps))
-        .max(total as f64 * 8.0 / payload(s.node_bps));
+    let floor =
+        (total as f64 * 8.0 / payload(s.origin_bps)).max(total as f64 * 8.0 / payload(s.node_bps));
     let floor = match s.mount {
         // Every node reads the whole version from the origin.
-        Some(m) if m.isolated => floor.max(total as f64 * 8.0 * s.nodes as f64 / payload(s.origin_bps)),
+        Some(m) if m.isolated => {
+            floor.max(total as f64 * 8.0 * s.nodes as f64 / payload(s.origin_bps))
+        }
         _ => floor,
     };
     sim.limit = ((floor * 10.0 + 120.0) * 1e9) as Ns;
@@ -1748,6 +1748,39 @@ mod tests {
         assert_eq!(r.unfinished, 0, "{r:?}");
         assert!(r.origin_egress < 1.05, "{r:?}");
         assert!(r.last_s < r.link_floor_s * 1.3, "{r:?}");
+    }
+
+    /// Four nodes mounting a version behind a slow origin share its runs: every node has read
+    /// every file near the origin's floor, each byte read from the origin once; isolated, each
+    /// reads everything itself, four times the floor.
+    #[test]
+    fn mounting_nodes_share_the_origin_and_isolated_ones_do_not() {
+        let setup = |isolated| Setup {
+            nodes: 4,
+            size: 64 << 20,
+            peers: 0,
+            origin_bps: 200e6,
+            mount: Some(Mount {
+                file: 16 << 20,
+                isolated,
+                ..Mount::default()
+            }),
+            ..Setup::default()
+        };
+        let shared = run(&setup(false));
+        assert_eq!((shared.unfinished, shared.mode), (0, "mount"), "{shared:?}");
+        assert!(shared.origin_egress < 1.001, "{shared:?}");
+        assert!(shared.last_s < shared.link_floor_s * 1.05, "{shared:?}");
+        // Each asked the owners of the runs it does not own (asks count as control bytes).
+        assert!(shared.control_bytes_per_node > 0.0, "{shared:?}");
+        let alone = run(&setup(true));
+        assert_eq!(alone.unfinished, 0, "{alone:?}");
+        assert!((alone.origin_egress - 4.0).abs() < 1e-9, "{alone:?}");
+        assert!(
+            alone.link_floor_s > 3.9 * shared.link_floor_s
+                && alone.last_s < alone.link_floor_s * 1.05,
+            "{alone:?}"
+        );
     }
 
     /// The same seed gives the same run.

@@ -1179,7 +1179,8 @@ pub fn netns_mount(args: &Args, nodes: usize, rate: &str, isolated: bool) -> Res
     for i in 1..=nodes {
         let _ = std::fs::copy(
             work.join(format!("n{i}/node.log")),
-            args.bench_root.join(format!("results/mount_netns_node{i}.log")),
+            args.bench_root
+                .join(format!("results/mount_netns_node{i}.log")),
         );
     }
     let _ = std::fs::remove_dir_all(&work);
