@@ -160,8 +160,8 @@ enum Cmd {
         #[arg(long)]
         readers_by_rank: bool,
         /// Nodes read the version through mounts, files one after another (`mount-netns`),
-        /// rather than pulling it; with `--peers 0` (the mesh), no churn, hostile nodes or
-        /// stagger.
+        /// rather than pulling it; with `--peers 0` (the mesh), no churn, liars or stagger
+        /// (stallers mount and never answer).
         #[arg(long)]
         mount: bool,
         /// With --mount: each node reads everything from the origin (`mount-netns
@@ -817,14 +817,10 @@ fn main() -> Result<()> {
             readahead,
             payload_per_wire,
         } => {
-            if *mount
-                && (*peers != 0
-                    || *churn > 0.0
-                    || *liars > 0.0
-                    || *stallers > 0.0
-                    || *stagger_ms > 0.0)
-            {
-                bail!("--mount is simulated with --peers 0, without --churn, --liars, --stallers or --stagger-ms");
+            if *mount && (*peers != 0 || *churn > 0.0 || *liars > 0.0 || *stagger_ms > 0.0) {
+                bail!(
+                    "--mount is simulated with --peers 0, without --churn, --liars or --stagger-ms"
+                );
             }
             if (*isolated || *file_size != 128 << 20 || *readahead != 32 << 20) && !*mount {
                 bail!("--isolated, --file-size and --readahead go with --mount");

@@ -47,6 +47,8 @@ pub const SLICE: u64 = 256 << 10;
 /// As in the node (`shoal_node::swarm`).
 pub const MISSES_PER_FAULT: u32 = 8;
 pub const MAX_FAULTS: u32 = 3;
+/// As in the node (`shoal_node::blobs`): how long a mount waits on the owner of a run.
+pub const OWNER_WAIT: Duration = Duration::from_secs(10);
 
 /// One simulated run.
 #[derive(Debug, Clone)]
@@ -109,8 +111,10 @@ pub struct Setup {
 /// ([`shoal_sched::owners::owner`] over the mounting nodes) it reads from the origin, a run
 /// another node owns it asks that node for, and the owner reads what it lacks from the
 /// origin (joining its own origin reads under way) and then answers. Packs are
-/// `PACK_TARGET` (64 MiB) of chunks in version order. The mesh only (`peers: 0`), no
-/// hostile nodes, no churn.
+/// `PACK_TARGET` (64 MiB) of chunks in version order; an owner that sends nothing of an ask
+/// within [`OWNER_WAIT`] owns nothing for the asker from then on, which reads those chunks
+/// from the origin. The mesh only (`peers: 0`), no churn or liars; stallers mount (so own
+/// runs), read nothing, and never answer.
 #[derive(Debug, Clone, Copy)]
 pub struct Mount {
     /// Bytes fetched ahead of the reader.
@@ -253,6 +257,12 @@ enum Ev {
     /// The router registers a puller, or drops a dead one.
     Register(usize, u32),
     Unregister(usize),
+    /// A mounting node has waited [`OWNER_WAIT`] on the owner it asked for `chunks`.
+    OwnerWait {
+        node: usize,
+        owner: usize,
+        chunks: Vec<usize>,
+    },
     /// A mounting node's ask reaches the owner of the runs of `chunks`.
     Ask {
         owner: usize,
@@ -357,6 +367,8 @@ struct Node {
     reader: Option<Reader>,
     fetching: Vec<Fetching>,
     owed: Vec<Owed>,
+    /// Owners that sent nothing within [`OWNER_WAIT`]: they own nothing for this node.
+    failed_owners: Vec<usize>,
 }
 
 /// A mount's reader: the next chunk it reads, and how far its fetches reach.
@@ -602,6 +614,11 @@ impl Sim {
                     inc,
                     chunks,
                 } => self.on_ask(owner, from, inc, chunks),
+                Ev::OwnerWait {
+                    node,
+                    owner,
+                    chunks,
+                } => self.owner_wait(node, owner, chunks),
                 Ev::Flush(node, inc) => {
                     let n = &mut self.nodes[node];
                     if n.alive && n.inc == inc {
@@ -990,13 +1007,16 @@ impl Sim {
         self.wake(dst, self.now);
     }
 
-    /// The nodes that own a mount's runs, as (seed, node): every live node mounts.
-    fn mounting(&self) -> Vec<(u64, usize)> {
+    /// The nodes that own a mount's runs for `node`, as (seed, node): every live node
+    /// mounts, less those that let `node` down before (sent nothing it asked for within
+    /// [`OWNER_WAIT`]).
+    fn mounting(&self, node: usize) -> Vec<(u64, usize)> {
+        let failed = &self.nodes[node].failed_owners;
         owners::eligible((0..self.s.nodes).filter(|&i| self.nodes[i].alive).map(|i| {
             owners::Candidate {
                 seed: seed_of(i),
                 id: i,
-                failed: false,
+                failed: failed.contains(&i),
             }
         }))
     }
@@ -1045,7 +1065,7 @@ impl Sim {
             return;
         }
         let m = self.s.mount.expect("mounting");
-        let nodes = self.mounting();
+        let nodes = self.mounting(node);
         let mut runs: Vec<(usize, u64, Vec<usize>)> = Vec::new();
         for i in chunks {
             let run = self.runs[i];
@@ -1078,6 +1098,14 @@ impl Sim {
             let inc = self.nodes[node].inc;
             let t = self.now + self.delay(node, owner);
             self.push(
+                self.now + ns(OWNER_WAIT),
+                Ev::OwnerWait {
+                    node,
+                    owner,
+                    chunks: chunks.clone(),
+                },
+            );
+            self.push(
                 t,
                 Ev::Ask {
                     owner,
@@ -1086,6 +1114,36 @@ impl Sim {
                     chunks,
                 },
             );
+        }
+    }
+
+    /// [`OWNER_WAIT`] after `node` asked `owner` for `chunks`: what has not come it reads
+    /// from the origin; if nothing came, `owner` owns nothing for it from now on (as
+    /// `shoal_node::blobs::Blobs::fetch_from_owner` does).
+    fn owner_wait(&mut self, node: usize, owner: usize, chunks: Vec<usize>) {
+        let x = &self.nodes[node];
+        let late: Vec<usize> = chunks
+            .iter()
+            .copied()
+            .filter(|&i| !x.have.get(i) && x.fetching[i] == Fetching::Owner)
+            .collect();
+        if late.is_empty() {
+            return;
+        }
+        if late.len() == chunks.len() && !x.failed_owners.contains(&owner) {
+            self.nodes[node].failed_owners.push(owner);
+            self.nodes[node].stalls += 1;
+        }
+        let mut runs: Vec<(u64, Vec<usize>)> = Vec::new();
+        for i in late {
+            let run = self.runs[i];
+            match runs.iter_mut().find(|(r, _)| *r == run) {
+                Some(r) => r.1.push(i),
+                None => runs.push((run, vec![i])),
+            }
+        }
+        for (_, c) in runs {
+            self.read_origin(node, c);
         }
     }
 
@@ -1101,6 +1159,9 @@ impl Sim {
     /// only its own origin reads under way (never a fetch that waits on another node, so
     /// two owners never wait on each other), and answers once it holds everything asked.
     fn on_ask(&mut self, owner: usize, from: usize, inc: u32, chunks: Vec<usize>) {
+        if self.nodes[owner].staller {
+            return; // taken, never answered
+        }
         let x = &self.nodes[owner];
         let lack: Vec<usize> = chunks
             .iter()
@@ -1534,6 +1595,7 @@ pub fn run(s: &Setup) -> Report {
             reader: None,
             fetching: Vec::new(),
             owed: Vec::new(),
+            failed_owners: Vec::new(),
         })
         .collect();
     let mut links: Vec<Uplink> = (0..s.nodes)
@@ -1612,19 +1674,18 @@ pub fn run(s: &Setup) -> Report {
     }
     if s.mount.is_some() {
         assert!(
-            s.peers == 0
-                && s.churn == 0.0
-                && s.liars == 0.0
-                && s.stallers == 0.0
-                && s.stagger.is_zero(),
-            "mounts are simulated in the mesh, without churn, hostile nodes or staggered starts"
+            s.peers == 0 && s.churn == 0.0 && s.liars == 0.0 && s.stagger.is_zero(),
+            "mounts are simulated in the mesh, without churn, liars or staggered starts"
         );
     }
     for i in 0..s.nodes {
         if s.mount.is_some() {
             sim.nodes[i].fetching = vec![Fetching::No; n];
-            sim.nodes[i].reader = Some(Reader { pos: 0, asked: 0 });
-            sim.read(i);
+            // A staller mounts (so it owns runs) and reads nothing.
+            if !sim.nodes[i].staller {
+                sim.nodes[i].reader = Some(Reader { pos: 0, asked: 0 });
+                sim.read(i);
+            }
             continue;
         }
         if sim.nodes[i].started > 0 {
@@ -1773,6 +1834,23 @@ mod tests {
         assert!(shared.last_s < shared.link_floor_s * 1.05, "{shared:?}");
         // Each asked the owners of the runs it does not own (asks count as control bytes).
         assert!(shared.control_bytes_per_node > 0.0, "{shared:?}");
+        // One mounting node that never answers costs each of the others one wait on it, not
+        // the read: then its runs are shared out among the rest.
+        let stalled = run(&Setup {
+            stallers: 0.25,
+            ..setup(false)
+        });
+        assert_eq!(
+            (stalled.unfinished, stalled.stalling),
+            (0, 1),
+            "{stalled:?}"
+        );
+        assert_eq!(stalled.stalls, 3, "{stalled:?}");
+        assert!(
+            stalled.last_s < shared.last_s + OWNER_WAIT.as_secs_f64() * 1.2,
+            "{stalled:?}"
+        );
+        assert!(stalled.origin_egress < 1.5, "{stalled:?}");
         let alone = run(&setup(true));
         assert_eq!(alone.unfinished, 0, "{alone:?}");
         assert!((alone.origin_egress - 4.0).abs() < 1e-9, "{alone:?}");
