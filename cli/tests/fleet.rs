@@ -144,8 +144,12 @@ fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
         origin < bytes + bytes / 5,
         "origin served {origin} bytes for a {bytes}-byte version to 4 nodes"
     );
+    // A liveness bound, not a speed target: the spell stretches with the longest wait
+    // between landings seen (four times it), so a loaded machine stretches it too (40.6 s
+    // once, with a simulation running beside the suite). The rule edited out shows in the
+    // origin bound above, not in the time (20.4 s).
     assert!(
-        took < std::time::Duration::from_secs(30),
+        took < std::time::Duration::from_secs(90),
         "the pulls took {took:?}"
     );
 }
