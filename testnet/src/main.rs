@@ -176,6 +176,10 @@ enum Cmd {
         /// Payload per byte on the wire (TCP over Ethernet, 1500-byte MTU: 1448/1514).
         #[arg(long, default_value_t = 1448.0 / 1514.0)]
         payload_per_wire: f64,
+        /// Every node's uplink serves the peers asking it evenly, in turn (the node before
+        /// the seventeenth session), rather than the ones furthest behind first.
+        #[arg(long)]
+        fair_uplink: bool,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -816,6 +820,7 @@ fn main() -> Result<()> {
             file_size,
             readahead,
             payload_per_wire,
+            fair_uplink,
         } => {
             if *mount && (*peers != 0 || *churn > 0.0 || *liars > 0.0 || *stagger_ms > 0.0) {
                 bail!(
@@ -853,6 +858,7 @@ fn main() -> Result<()> {
                     file: (*file_size).max(1),
                     isolated: *isolated,
                 }),
+                fair_uplink: *fair_uplink,
                 ..Default::default()
             };
             (

@@ -37,7 +37,7 @@
 
 use serde::Serialize;
 use shoal_sched::pull::{self, Action, Chunks, Delivery, Holding, Outcome, Pull, Source};
-use shoal_sched::{mix, owners, HaveMap};
+use shoal_sched::{mix, owners, uplink, HaveMap};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -101,6 +101,9 @@ pub struct Setup {
     pub payload_per_wire: f64,
     /// Nodes read the version through mounts rather than pulling it (see [`Mount`]).
     pub mount: Option<Mount>,
+    /// Every node's uplink serves the peers asking it evenly, in turn (the node before the
+    /// seventeenth session), rather than the ones furthest behind first.
+    pub fair_uplink: bool,
 }
 
 /// Every node mounts the version and a reader reads its files one after another from start
@@ -163,6 +166,7 @@ impl Default for Setup {
             readers_by_start: true,
             payload_per_wire: 1448.0 / 1514.0,
             mount: None,
+            fair_uplink: false,
         }
     }
 }
@@ -872,8 +876,24 @@ impl Sim {
 
     fn uplink(&mut self, l: usize) {
         let now = self.now;
+        // A node's uplink serves the destinations in turn, among the SLOTS that lack most
+        // by its own view of their have-maps (`shoal_sched::uplink`: the node's writers take
+        // turns so); the origin, and with `fair_uplink` every node, serves all in turn.
+        let pick = if self.s.fair_uplink || l == self.s.nodes {
+            Some(0)
+        } else {
+            let (link, known) = (&self.links[l], &self.nodes[l].known);
+            let mut by: Vec<(u64, usize)> = link
+                .turn
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (known.get(d).map_or(u64::MAX, |k| k.count), i))
+                .collect();
+            by.sort_unstable();
+            by.iter().take(uplink::SLOTS).map(|&(_, i)| i).min()
+        };
         let link = &mut self.links[l];
-        let Some(dst) = link.turn.pop_front() else {
+        let Some(dst) = pick.and_then(|i| link.turn.remove(i)) else {
             link.busy = false;
             return;
         };

@@ -14,6 +14,7 @@
 
 pub mod owners;
 pub mod pull;
+pub mod uplink;
 
 pub use pull::{Action, Chunks, Config, Holding, Outcome, Pull, Source};
 

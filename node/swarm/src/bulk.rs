@@ -561,6 +561,8 @@ pub async fn serve(swarm: Arc<Swarm>, listener: TcpListener, config: rustls::Ser
             }
         };
         let _ = tcp.set_nodelay(true);
+        // Little unsent data in the kernel: the uplink's turns decide the order on the wire.
+        let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(crate::turns::NOT_SENT);
         let acceptor = acceptor.clone();
         let swarm = swarm.clone();
         tokio::spawn(async move {
@@ -804,11 +806,34 @@ async fn write_groups(
                 sent += b.len() as u64;
             }
         }
+        // A turn on the uplink first: the peers furthest behind are served first.
+        let behind = swarm
+            .table
+            .borrow()
+            .peers
+            .get(&peer)
+            .map_or(0.0, |p| p.behind);
+        let mut turn = Some(swarm.turns.take(behind).await);
+        let turn_ends = tokio::time::Instant::now() + crate::turns::TURN;
         // One vectored write per group: TLS records are filled from the blobs directly.
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
-            let n = tokio::time::timeout(deadline, w.write_vectored(rest))
-                .await
+            let write = tokio::time::timeout(deadline, w.write_vectored(rest));
+            let written = if turn.is_some() {
+                tokio::select! {
+                    r = write => r,
+                    // A peer that reads slowly, or not at all, keeps its turn no longer: it
+                    // goes on writing without one (a write that has not completed has
+                    // written nothing, TLS or not).
+                    _ = tokio::time::sleep_until(turn_ends) => {
+                        turn = None;
+                        continue;
+                    }
+                }
+            } else {
+                write.await
+            };
+            let n = written
                 .map_err(|_| {
                     Error::Net(format!(
                         "peer {peer} stopped reading (no progress for {}s); dropped",
@@ -821,6 +846,7 @@ async fn write_groups(
             }
             std::io::IoSlice::advance_slices(&mut rest, n);
         }
+        drop(turn);
         // Flushed only when nothing more is ready: a queued group goes out in the same write.
         if groups.is_empty() {
             tokio::time::timeout(deadline, w.flush())

@@ -17,6 +17,7 @@ pub mod metrics;
 mod p2p;
 pub mod roster;
 mod tls;
+mod turns;
 mod view;
 
 /// The control protocol's messages, for tools and tests that speak it.
@@ -230,6 +231,10 @@ pub struct Peer {
     pub owner_stalls: u32,
     pub bytes_received: u64,
     pub bytes_sent: u64,
+    /// The fraction of a version it pulls or mounts that it lacks, as far as its have-maps
+    /// go (the most of any such version; 0 when it sent none): its place in line for this
+    /// node's uplink ([`turns`]).
+    pub behind: f32,
 }
 
 impl Peer {
@@ -248,6 +253,7 @@ impl Peer {
             owner_stalls: 0,
             bytes_received: 0,
             bytes_sent: 0,
+            behind: 0.0,
         }
     }
 
@@ -402,6 +408,8 @@ pub struct Swarm {
     /// Versions mounted here, with what fetches their blobs for peers.
     pub(crate) through: Mutex<HashMap<Hash, Vec<MountEntry>>>,
     pub(crate) next_token: AtomicU64,
+    /// Whom the uplink serves next: the bulk writers take turns, neediest peer first.
+    pub(crate) turns: turns::Turns,
 }
 
 impl std::fmt::Debug for Swarm {

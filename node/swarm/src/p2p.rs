@@ -368,6 +368,7 @@ pub async fn start(
         fault: std::env::var("SHOAL_FAULT_INJECT").ok(),
         through: Mutex::default(),
         next_token: AtomicU64::new(0),
+        turns: super::turns::Turns::new(super::turns::SLOTS),
     });
     let tls = super::tls::server(&shared.keypair)
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
@@ -442,9 +443,34 @@ impl EventLoop {
 
     /// Publishes the table as it is now to its readers.
     fn publish(&mut self) {
+        self.update_behind();
         self.publish.send_replace(Arc::new(self.table.clone()));
         self.dirty = false;
         self.stale = false;
+    }
+
+    /// Each peer's place in line for the uplink, from its have-maps (changed entries only, so
+    /// a snapshot shares the rest).
+    fn update_behind(&mut self) {
+        for (id, p) in self.table.peers.iter_mut() {
+            let behind = self.maps.get(id).map_or(0.0, |m| {
+                m.iter()
+                    .filter(|(root, _)| {
+                        matches!(
+                            p.versions.get(*root),
+                            Some(Holding::Pulling | Holding::Mounted)
+                        )
+                    })
+                    .filter_map(|(_, v)| {
+                        let len = v.have.as_ref()?.len as u64;
+                        (len > 0).then(|| len.saturating_sub(v.count) as f32 / len as f32)
+                    })
+                    .fold(0.0f32, f32::max)
+            });
+            if (behind - p.behind).abs() > 1e-4 {
+                Arc::make_mut(p).behind = behind;
+            }
+        }
     }
 
     /// A peer's entry, to change (copied first if a published snapshot still shares it).
@@ -1024,6 +1050,8 @@ impl EventLoop {
                 return; // not announced (yet): its map is asked for when it is
             };
             if v.apply(d.epoch, d.from, &d.chunks(), now) {
+                // Published at the next delta tick: the peer's place in line moved.
+                self.stale = true;
                 return;
             }
             let due = v.asked.is_none_or(|t| now.duration_since(t) >= REASK);
@@ -1365,6 +1393,7 @@ impl EventLoop {
                 }
                 v.count = count;
                 v.have = map;
+                self.stale = true;
             }
         }
     }
