@@ -1945,6 +1945,23 @@ mod tests {
         assert!(r.last_s < r.p50_s * 1.1, "{r:?}");
     }
 
+    /// Uplinks that serve the peers furthest behind first keep the fleet together: with
+    /// even sharing, nodes with fewer peers than the others get less than their downlink and
+    /// never catch up (32 nodes, 128 MiB: last 0.200 s shared evenly, 0.184 s with turns; at
+    /// 64 nodes and 1 GiB, 1.217 s and 1.042 s, docs/benchmarks.md).
+    #[test]
+    fn uplinks_serving_the_furthest_behind_first_keep_the_fleet_together() {
+        let turns = run(&fast_fleet(Duration::ZERO, true));
+        let even = run(&Setup {
+            fair_uplink: true,
+            ..fast_fleet(Duration::ZERO, true)
+        });
+        assert_eq!((turns.unfinished, even.unfinished), (0, 0));
+        assert!(turns.last_s < even.last_s * 0.97, "{turns:?}\n{even:?}");
+        assert!(turns.p50_s < even.p50_s, "{turns:?}\n{even:?}");
+        assert!(turns.origin_egress < 1.01, "{turns:?}");
+    }
+
     /// Pulls that start at different times (the usual case: jobs are not launched together)
     /// all finish, each timed from its own start; the origin reads what the first pullers
     /// read before the later ones could see it again (64 nodes over 2 s: 1.37x with readers
