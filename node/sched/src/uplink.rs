@@ -5,12 +5,12 @@
 //! gets less than its downlink from each and falls behind for good: with a node's link as
 //! fast as the origin's, it can never catch up, and holding less than its neighbours it has
 //! nothing they want, so its own uplink idles. Serving the peer that lacks most first keeps
-//! the fleet together (the simulator, 64 nodes with 8 peers each, 1 GiB at 10 Gbit: p99
-//! 1.39x the link floor shared evenly, 1.19x with the two furthest behind served first).
+//! the fleet together (`shoal-bench sim --nodes 64 --zones 3`, 8 peers each, 1 GiB at
+//! 10 Gbit: p99 1.355x the link floor shared evenly with `--fair-uplink`, 1.160x so).
 //!
 //! The node's bulk writers ask [`Uplink`] for a turn before each group they write and give
 //! it back when the group is in the kernel (whose send queue is kept short, so the order
-//! the turns give is the order on the wire). At most [`Uplink::slots`] turns are out at a
+//! the turns give is the order on the wire). At most [`SLOTS`] turns are out at a
 //! time, one per writer: a peer that claims to lack everything takes at most one slot, never
 //! the uplink.
 
@@ -54,10 +54,6 @@ impl<K: Copy> Uplink<K> {
             waiting: BTreeMap::new(),
             seq: 0,
         }
-    }
-
-    pub fn slots(&self) -> usize {
-        self.slots
     }
 
     /// Writers waiting for a turn.

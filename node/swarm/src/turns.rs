@@ -86,7 +86,7 @@ impl Turns {
     /// meanwhile goes to the next).
     pub(crate) async fn take(&self, behind: f32) -> Turn<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let rx = {
+        let (rx, ticket) = {
             let mut s = self.lock();
             match s.0.ask(id, behind) {
                 Ok(()) => return Turn(self),
@@ -97,7 +97,6 @@ impl Turns {
                 }
             }
         };
-        let (rx, ticket) = rx;
         let mut waiting = Waiting {
             turns: self,
             id,
