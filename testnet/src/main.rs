@@ -915,6 +915,9 @@ fn main() -> Result<()> {
         .bench_root
         .join("results")
         .join(format!("shoal_{name}.json"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
     println!("{text}");
     eprintln!("results written to {}", path.display());

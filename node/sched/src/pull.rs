@@ -14,7 +14,8 @@
 
 use crate::{mix, owner_of, HaveMap, PeerKey};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
 /// The scheduler's knobs. The defaults are what the simulator runs, and the node too but for
@@ -236,6 +237,10 @@ struct Marks<P> {
     live: Vec<u64>,
     want: Vec<u64>,
     run_want: Vec<u32>,
+    /// A bit per word of `want`: set whenever that word may hold a chunk wanted and held by
+    /// a peer in view (set as bits are wanted or peers gain chunks, cleared by the scan when
+    /// it finds none), so a scan skips 4,096 chunks a bit.
+    hint: Vec<u64>,
 }
 
 impl<P: PeerKey> Marks<P> {
@@ -260,11 +265,16 @@ impl<P: PeerKey> Marks<P> {
         }
         if want {
             self.want[w] |= bit;
+            self.hint[w / 64] |= 1 << (w % 64);
         } else {
             self.want[w] &= !bit;
         }
     }
 }
+
+/// What a node's own runs were worked out for: the pullers, whether it reads alone, and how
+/// many runs it had taken over.
+type MyRunsFor<P> = (Vec<(u64, P)>, bool, usize);
 
 /// Pullers (seed, key) and the owner of each run among them.
 type RunOwners<P> = (Vec<(u64, P)>, Vec<P>);
@@ -315,8 +325,21 @@ pub struct Pull<P> {
     silent: HashSet<P>,
     sources: BTreeMap<P, Entry>,
     connected: usize,
-    /// The earliest late-request deadline seen by the last scan.
-    next_late: Option<Instant>,
+    /// Peer requests by when they may be late: (when, chunk, the request's deadline). An
+    /// entry whose chunk has moved on since (landed, or asked again with another deadline)
+    /// is dropped when its time comes; a request whose peer is still sending is put back at
+    /// the end of its quiet period. At most one entry per request made within the longest
+    /// deadline, so bounded by what is in flight. A poll looks only at the entries due,
+    /// never at every chunk in flight.
+    late: BinaryHeap<Reverse<(Instant, usize, Instant)>>,
+    /// The chunks any source in view holds, and the view it was worked out for (the sources,
+    /// how they hold the version): kept up to date by have-deltas, worked out again only when
+    /// the view changes or a bit is taken back. (A poll at 10 GiB and a dozen peers would
+    /// otherwise OR some 50,000 words.)
+    union: Option<(Vec<(P, Holding)>, Vec<u64>)>,
+    /// The runs this node reads from the origin (it owns them, took them over, or reads
+    /// alone), and what they were worked out for (the pullers, alone, how many taken).
+    my_runs: Option<(MyRunsFor<P>, Vec<usize>)>,
     fetched: Fetched,
     /// The version's rendezvous key.
     key: u64,
@@ -378,6 +401,7 @@ impl<P: PeerKey> Pull<P> {
             live: vec![0u64; n.div_ceil(64)],
             want: vec![0u64; n.div_ceil(64)],
             run_want: vec![0u32; n.div_ceil(cfg.run)],
+            hint: vec![0u64; n.div_ceil(64).div_ceil(64)],
         };
         for &i in missing {
             marks.set(i, run_of[i], State::Want);
@@ -406,7 +430,9 @@ impl<P: PeerKey> Pull<P> {
             silent: HashSet::default(),
             sources: BTreeMap::new(),
             connected: 0,
-            next_late: None,
+            late: BinaryHeap::new(),
+            union: None,
+            my_runs: None,
             fetched: Fetched::default(),
             key,
             members: None,
@@ -466,6 +492,7 @@ impl<P: PeerKey> Pull<P> {
         if let Some(e) = self.sources.get_mut(&peer) {
             e.have = have;
             e.fresh = fresh;
+            self.union = None;
         }
     }
 
@@ -477,6 +504,15 @@ impl<P: PeerKey> Pull<P> {
             let h = e.have.get_or_insert_with(|| HaveMap::new(n));
             for &i in chunks.iter().filter(|&&i| i < n) {
                 h.set(i);
+            }
+            // The union takes the new bits if this peer is in the view it was made for.
+            if let Some((view, u)) = &mut self.union {
+                if view.iter().any(|(p, _)| *p == peer) {
+                    for &i in chunks.iter().filter(|&&i| i < n) {
+                        u[i / 64] |= 1 << (i % 64);
+                        self.marks.hint[i / 4096] |= 1 << ((i / 64) % 64);
+                    }
+                }
             }
         }
     }
@@ -550,8 +586,8 @@ impl<P: PeerKey> Pull<P> {
             return Some(self.started);
         };
         let mut t = last + self.poll_every;
-        if let Some(late) = self.next_late {
-            t = t.min(late);
+        if let Some(Reverse((late, _, _))) = self.late.peek() {
+            t = t.min(*late);
         }
         // The end of the settling period, when origin reads may start.
         // (Once: a poll at or after it has seen it; without this, a poll in between would
@@ -695,7 +731,14 @@ impl<P: PeerKey> Pull<P> {
         };
         // Which chunks some view has (before what is avoided): a scan skips the rest at once.
         let words = self.marks.live.len();
-        let union = held_by(words, views.iter().map(|(_, e)| *e));
+        let view: Vec<(P, Holding)> = views.iter().map(|(p, e)| (*p, e.info.holding)).collect();
+        let union = match self.union.take() {
+            Some((v, u)) if v == view => u,
+            _ => {
+                self.marks.hint.fill(u64::MAX);
+                held_by(words, views.iter().map(|(_, e)| *e))
+            }
+        };
         let in_union = |i: usize| bit(&union, i);
         // Each run's owner, worked out again only when the pullers change.
         if self
@@ -758,128 +801,161 @@ impl<P: PeerKey> Pull<P> {
         let mut planned: BTreeMap<P, u64> = BTreeMap::new();
         let mut batches: BTreeMap<P, (Vec<usize>, u64)> = BTreeMap::new();
         let mut full: Vec<(P, Vec<usize>, u64)> = Vec::new();
+        // Requests past their deadline whose peer has also gone quiet: ask someone else too
+        // (whichever good copy comes first wins), and count nothing more on that peer until
+        // it answers.
         let mut stalled = Vec::new();
-        let mut next_late: Option<Instant> = None;
-        // Peers with room in their window: once there are none, the rest of the scan only
-        // looks for late requests.
+        while let Some(&Reverse((due, i, deadline))) = self.late.peek() {
+            if due > now {
+                break;
+            }
+            self.late.pop();
+            let State::Peer(p, d) = self.marks.state[i] else {
+                continue;
+            };
+            if d != deadline {
+                continue;
+            }
+            let quiet_until = self.heard.get(&p).map(|t| *t + cfg.quiet);
+            let late_at = quiet_until.map_or(deadline, |q| q.max(deadline));
+            if now < late_at {
+                self.late.push(Reverse((late_at, i, deadline)));
+                continue;
+            }
+            if !stalled.contains(&p) {
+                stalled.push(p);
+            }
+            self.silent.insert(p);
+            self.avoid.entry(i).or_default().push(p);
+            self.marks.set(i, self.run_of[i], State::Want);
+        }
+        // Peers with room in their window: once there are none, the scan stops.
         let windows: BTreeMap<P, u64> = views
             .iter()
             .map(|(p, e)| (*p, self.window(e.info.rate)))
             .collect();
         let room = |p: &P, planned: &BTreeMap<P, u64>| queued(p, planned) < windows[p];
-        let empty = BTreeMap::new();
-        let mut open = views.iter().filter(|(p, _)| room(p, &empty)).count();
-        // Requests can only be late from `next_late` on (None: no chunk is asked of a peer):
-        // before then the scan looks only at chunks wanted and on some peer (a word at a
-        // time), not at every chunk in flight.
-        let late_scan = self.next_late.is_some_and(|t| now >= t);
-        if !late_scan {
-            next_late = self.next_late;
+        let mut has_room: Vec<bool> = views.iter().map(|(p, _)| room(p, &planned)).collect();
+        let mut open = has_room.iter().filter(|r| **r).count();
+        // The views by locality, nearest first: a chunk goes to the nearest tier that holds
+        // it, so the scan need only look at chunks held by a peer with room and by none
+        // nearer (or at chunks some peer was passed over for, which may go further).
+        let mut tiers: Vec<(u8, Vec<usize>)> = Vec::new();
+        for (k, (_, e)) in views.iter().enumerate() {
+            match tiers.iter_mut().find(|(d, _)| *d == e.info.distance) {
+                Some((_, v)) => v.push(k),
+                None => tiers.push((e.info.distance, vec![k])),
+            }
         }
-        let words: Vec<u64> = if late_scan {
-            self.marks.live.clone()
-        } else {
-            // Wanted, and held by a peer with room (only those can be asked now).
-            let held = held_by(
-                self.marks.want.len(),
-                views
-                    .iter()
-                    .filter(|(p, _)| room(p, &empty))
-                    .map(|(_, e)| *e),
-            );
-            self.marks
-                .want
-                .iter()
-                .zip(&held)
-                .map(|(&w, &u)| w & u)
-                .collect()
+        tiers.sort_by_key(|(d, _)| *d);
+        let word_of = |e: &Entry, w: usize| match (&e.info.holding, &e.have) {
+            (Holding::Complete, _) => u64::MAX,
+            (_, Some(h)) => h.words.get(w).copied().unwrap_or(0),
+            _ => 0,
         };
+        let mut passed_over: HashMap<usize, u64> = HashMap::default();
+        for &i in self.avoid.keys() {
+            *passed_over.entry(i / 64).or_default() |= 1 << (i % 64);
+        }
         // Each node scans from its own place (by its seed): co-pullers ask their holders for
         // different chunks first, so they soon hold different chunks to trade among
         // themselves rather than all waiting on the same few holders (the diversity BitTorrent
         // gets from rarest-first). Simulated, 64 nodes with 1 MiB windows: p99 1.12 s against
         // 1.33 s scanning from the start.
-        let nw = words.len();
+        // A word at a time, with the peers' room as it is when the scan reaches that word:
+        // the work is a few operations per word and view, and then only the chunks that can
+        // be asked (not every chunk held by some peer: at 10 GiB, with the nearest peers'
+        // windows full, that was most of the simulator's time).
+        let nw = self.marks.want.len();
         let rot = (mix(self.my_seed) % nw.max(1) as u64) as usize;
-        let chunks = words
-            .into_iter()
-            .enumerate()
-            .cycle()
-            .skip(rot)
-            .take(nw)
-            .flat_map(|(w, mut bits)| {
-                std::iter::from_fn(move || {
-                    (bits != 0).then(|| {
-                        let b = bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        w * 64 + b
+        // Wanted and held by someone in view: in a cold pull, the few words between what the
+        // origin readers have and what this node has.
+        let mut at = rot;
+        let mut end = nw;
+        'scan: while open > 0 {
+            let w = match next_bit(&self.marks.hint, at, end) {
+                Some(w) => w,
+                None if end == nw && rot > 0 => {
+                    (at, end) = (0, rot);
+                    continue;
+                }
+                None => break,
+            };
+            at = w + 1;
+            let want = self.marks.want[w] & union[w];
+            if want == 0 {
+                self.marks.hint[w / 64] &= !(1 << (w % 64));
+                continue;
+            }
+            let (mut nearer, mut askable, mut any_room) = (0u64, 0u64, 0u64);
+            for (_, ks) in &tiers {
+                let (mut all, mut roomy) = (0u64, 0u64);
+                for &k in ks {
+                    let h = word_of(views[k].1, w);
+                    all |= h;
+                    if has_room[k] {
+                        roomy |= h;
+                    }
+                }
+                askable |= roomy & !nearer;
+                any_room |= roomy;
+                nearer |= all;
+            }
+            askable |= passed_over.get(&w).copied().unwrap_or(0) & any_room;
+            let mut bits = want & askable;
+            while bits != 0 {
+                let i = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if open == 0 {
+                    break 'scan;
+                }
+                if self.marks.state[i] != State::Want || !in_union(i) {
+                    continue;
+                }
+                let avoided = self.avoid.get(&i);
+                let has =
+                    |p: &P, e: &Entry| has_chunk(e, i) && avoided.is_none_or(|a| !a.contains(p));
+                let Some(tier) = views
+                    .iter()
+                    .filter(|(p, e)| has(p, e))
+                    .map(|(_, e)| e.info.distance)
+                    .min()
+                else {
+                    continue;
+                };
+                let cost = |p: &P, e: &Entry, planned: &BTreeMap<P, u64>| {
+                    e.info.rtt + queued(p, planned) as f64 / e.info.rate.max(50e6)
+                };
+                let pick = views
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, (p, e))| has(p, e) && e.info.distance == tier && has_room[*k])
+                    .min_by(|(_, (a, ea)), (_, (b, eb))| {
+                        cost(a, ea, &planned).total_cmp(&cost(b, eb, &planned))
                     })
-                })
-            });
-        for i in chunks {
-            if open == 0 && !late_scan {
-                break;
-            }
-            match self.marks.state[i] {
-                State::Done | State::Origin => continue,
-                State::Peer(p, deadline) => {
-                    let quiet_until = self.heard.get(&p).map(|t| *t + cfg.quiet);
-                    let late_at = quiet_until.map_or(deadline, |q| q.max(deadline));
-                    if now < late_at {
-                        next_late = Some(next_late.map_or(late_at, |t| t.min(late_at)));
-                        continue;
+                    .map(|(k, (p, e))| (k, *p, e.info.rate));
+                if let Some((k, p, rate)) = pick {
+                    let b = batches.entry(p).or_default();
+                    b.0.push(i);
+                    b.1 += self.lens[i] as u64;
+                    *planned.entry(p).or_default() += self.lens[i] as u64;
+                    let q = queued(&p, &planned);
+                    if !room(&p, &planned) {
+                        has_room[k] = false;
+                        open -= 1;
                     }
-                    // Late: ask someone else too; whichever good copy comes first wins.
-                    if !stalled.contains(&p) {
-                        stalled.push(p);
+                    let deadline = now
+                        + cfg.deadline_slack
+                        + Duration::from_secs_f64(q as f64 / rate.max(20e6));
+                    self.marks.set(i, self.run_of[i], State::Peer(p, deadline));
+                    self.late.push(Reverse((deadline, i, deadline)));
+                    if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
+                        let (ids, bytes) = std::mem::take(b);
+                        full.push((p, ids, bytes));
                     }
-                    self.silent.insert(p);
-                    self.avoid.entry(i).or_default().push(p);
-                    self.marks.set(i, self.run_of[i], State::Want);
-                }
-                State::Want => {}
-            }
-            if open == 0 || !in_union(i) {
-                continue;
-            }
-            let avoided = self.avoid.get(&i);
-            let has = |p: &P, e: &Entry| has_chunk(e, i) && avoided.is_none_or(|a| !a.contains(p));
-            let Some(tier) = views
-                .iter()
-                .filter(|(p, e)| has(p, e))
-                .map(|(_, e)| e.info.distance)
-                .min()
-            else {
-                continue;
-            };
-            let cost = |p: &P, e: &Entry, planned: &BTreeMap<P, u64>| {
-                e.info.rtt + queued(p, planned) as f64 / e.info.rate.max(50e6)
-            };
-            let pick = views
-                .iter()
-                .filter(|(p, e)| has(p, e) && e.info.distance == tier && room(p, &planned))
-                .min_by(|(a, ea), (b, eb)| cost(a, ea, &planned).total_cmp(&cost(b, eb, &planned)))
-                .map(|(p, e)| (*p, e.info.rate));
-            if let Some((p, rate)) = pick {
-                let b = batches.entry(p).or_default();
-                b.0.push(i);
-                b.1 += self.lens[i] as u64;
-                *planned.entry(p).or_default() += self.lens[i] as u64;
-                let q = queued(&p, &planned);
-                if !room(&p, &planned) {
-                    open -= 1;
-                }
-                let deadline =
-                    now + cfg.deadline_slack + Duration::from_secs_f64(q as f64 / rate.max(20e6));
-                self.marks.set(i, self.run_of[i], State::Peer(p, deadline));
-                next_late = Some(next_late.map_or(deadline, |t| t.min(deadline)));
-                if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
-                    let (ids, bytes) = std::mem::take(b);
-                    full.push((p, ids, bytes));
                 }
             }
         }
-        self.next_late = next_late;
 
         // Chunks no peer has: from the origin, if this node is their run's reader.
         let mut origin_batch: Vec<usize> = Vec::new();
@@ -939,11 +1015,17 @@ impl<P: PeerKey> Pull<P> {
                 c.sort_by_key(|&i| (self.run_of[i], i));
                 (c, Vec::new())
             } else {
-                let runs = (0..self.marks.run_want.len())
-                    .filter(|&k| {
-                        self.marks.run_want[k] > 0
-                            && (alone || run_owner[k] == self.me || self.taken.contains(&k))
-                    })
+                let key = (pullers.clone(), alone, self.taken.len());
+                if self.my_runs.as_ref().is_none_or(|(k, _)| *k != key) {
+                    let mine = (0..self.marks.run_want.len())
+                        .filter(|&k| alone || run_owner[k] == self.me || self.taken.contains(&k))
+                        .collect();
+                    self.my_runs = Some((key, mine));
+                }
+                let runs = self.my_runs.as_ref().expect("just set").1.iter();
+                let runs = runs
+                    .copied()
+                    .filter(|&k| self.marks.run_want[k] > 0)
                     .collect();
                 (Vec::new(), runs)
             };
@@ -979,6 +1061,7 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         drop(views);
+        self.union = Some((view, union));
 
         for p in stalled {
             out.push(Action::Stalled(p));
@@ -1054,6 +1137,9 @@ impl<P: PeerKey> Pull<P> {
                         h.clear(i);
                         had
                     });
+                    if had {
+                        self.union = None;
+                    }
                     if e.info.holding == Holding::Complete || (had && e.fresh) {
                         delivery = Delivery::Missed;
                     }
@@ -1134,6 +1220,20 @@ fn held_by<'a>(words: usize, views: impl Iterator<Item = &'a Entry>) -> Vec<u64>
         }
     }
     u
+}
+
+/// The first bit set in `from..to` of bitset `set`.
+fn next_bit(set: &[u64], from: usize, to: usize) -> Option<usize> {
+    let mut at = from;
+    while at < to {
+        let bits = set[at / 64] >> (at % 64);
+        if bits != 0 {
+            let i = at + bits.trailing_zeros() as usize;
+            return (i < to).then_some(i);
+        }
+        at = (at / 64 + 1) * 64;
+    }
+    None
 }
 
 /// Whether bit `i` of `set` is set.
