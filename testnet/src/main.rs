@@ -180,6 +180,9 @@ enum Cmd {
         /// the seventeenth session), rather than the ones furthest behind first.
         #[arg(long)]
         fair_uplink: bool,
+        /// How many pullers read from the origin (the node's default, 8).
+        #[arg(long, default_value_t = shoal_sched::pull::ORIGIN_READERS)]
+        origin_readers: usize,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -821,6 +824,7 @@ fn main() -> Result<()> {
             readahead,
             payload_per_wire,
             fair_uplink,
+            origin_readers,
         } => {
             if *mount && (*peers != 0 || *churn > 0.0 || *liars > 0.0 || *stagger_ms > 0.0) {
                 bail!(
@@ -859,6 +863,7 @@ fn main() -> Result<()> {
                     isolated: *isolated,
                 }),
                 fair_uplink: *fair_uplink,
+                origin_readers: (*origin_readers).max(1),
                 ..Default::default()
             };
             (

@@ -104,6 +104,8 @@ pub struct Setup {
     /// Every node's uplink serves the peers asking it evenly, in turn (the node before the
     /// seventeenth session), rather than the ones furthest behind first.
     pub fair_uplink: bool,
+    /// How many pullers read from the origin (`pull::Config::origin_readers`).
+    pub origin_readers: usize,
 }
 
 /// Every node mounts the version and a reader reads its files one after another from start
@@ -167,6 +169,7 @@ impl Default for Setup {
             payload_per_wire: 1448.0 / 1514.0,
             mount: None,
             fair_uplink: false,
+            origin_readers: pull::ORIGIN_READERS,
         }
     }
 }
@@ -537,6 +540,7 @@ impl Sim {
         let cfg = pull::Config {
             have_deltas: self.fleet(),
             readers_in_order: self.s.readers_by_start,
+            origin_readers: self.s.origin_readers,
             ..pull::Config::default()
         };
         let mut p = Pull::new(
@@ -1378,7 +1382,7 @@ impl Sim {
         if !self.s.readers_by_start {
             r.sort_by_key(|(seed, p)| (Reverse(mix(seed ^ key)), *p));
         }
-        r.truncate(2 * pull::Config::default().origin_readers);
+        r.truncate(2 * self.s.origin_readers);
         if r == self.route {
             return;
         }
@@ -1976,11 +1980,20 @@ mod tests {
         // Timed from each start, not from the first (the last starts near 0.3 s, so timed
         // from the first it would take 0.45 s or more), and the fleet still reads the version
         // at least once.
+        let by_start = run(&fast_fleet(spread, true));
+        eprintln!(
+            "together: last {:.3} s, origin {:.3}x; over 300 ms, readers by rank: last {:.3} s, origin {:.3}x; readers by start: last {:.3} s, origin {:.3}x",
+            together.last_s,
+            together.origin_egress,
+            staggered.last_s,
+            staggered.origin_egress,
+            by_start.last_s,
+            by_start.origin_egress
+        );
         assert!(staggered.last_s < together.last_s * 1.5, "{staggered:?}");
         assert!(staggered.origin_egress >= 1.0, "{staggered:?}");
         // Readers chosen by when they started (the node's way) rather than by rank read less
         // again.
-        let by_start = run(&fast_fleet(spread, true));
         assert_eq!(by_start.unfinished, 0, "{by_start:?}");
         eprintln!(
             "together: last {:.3} s, origin {:.3}x; over 300 ms, readers by rank: last {:.3} s, origin {:.3}x; readers by start: last {:.3} s, origin {:.3}x",

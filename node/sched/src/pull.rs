@@ -39,15 +39,21 @@ pub struct Config {
     /// Chunks per run assigned to one origin reader (about 1.3 MiB at the default chunk size).
     pub run: usize,
     /// One origin read batch (about one run, so a reader's first chunks land early and its
-    /// peers see it make progress), and how many run at once: shared among the pullers that
-    /// still have runs to read (at least one each), so a cold cluster keeps about this many
-    /// reads on its origin however many nodes it has, and the last reader, when the others
-    /// are through their shares, gets them all. (8 nodes with 8 each put 64 flows on a 200
-    /// Mbit origin link: 1.5% of its bytes were TCP/IP headers of small segments, against
-    /// 0.1% for one flow. 8 nodes with 1 each left the link idle between one node's answer
-    /// and its next request: 45.5 s against 45.3-45.4 s with 2 each; 3 each, 45.6 s.)
+    /// peers see it make progress), and how many run at once: `origin_parallel` shared among
+    /// the pullers that still have runs to read, so the last reader, when the others are
+    /// through their shares, gets them all; but at least `origin_per_reader` each, of at
+    /// least half a batch, when there are many readers. (8 nodes with 8 each put 64 flows on
+    /// a 200 Mbit origin link: 1.5% of its bytes were TCP/IP headers of small segments,
+    /// against 0.1% for one flow. 8 nodes with 1 each left the link idle between one node's
+    /// answer and its next request: 45.5 s against 45.3-45.4 s with 2 each; 3 each, 45.6 s.)
+    /// An origin shares its link among the reads in flight, so a batch lands only when all
+    /// of them have moved that much: 32 readers with one 1 MiB read each waited 45 ms for
+    /// their first chunks, and then a round trip between one read and the next; with two of
+    /// 512 KiB each, simulated at 64 nodes, p99 0.991 s against 1.002 s, 8 nodes unchanged
+    /// (two of 1 MiB each, as before; `docs/benchmarks.md`).
     pub origin_batch: u64,
     pub origin_parallel: usize,
+    pub origin_per_reader: usize,
     /// A puller whose have-map has not grown for this long is not waited for. Behind a slow
     /// origin link a reader's first run can take seconds.
     pub puller_idle: Duration,
@@ -74,6 +80,7 @@ pub struct Config {
     /// the origin serving a few long sequential streams whatever the size of the fleet, so
     /// each run is out of the origin in milliseconds and spreads through the swarm behind it
     /// (1,000 readers of one run each would all finish at the end of the origin's time).
+    /// [`ORIGIN_READERS`] by default.
     pub origin_readers: usize,
     /// The pullers given to [`Pull::set_pullers`] come in order of precedence (the first to
     /// start first), and the readers are the first of them rather than the first by rank:
@@ -92,6 +99,16 @@ pub struct Config {
     pub stuck: Duration,
 }
 
+/// How many of a version's pullers read from the origin, by default. Data enters the swarm at
+/// each reader, so more readers keep a fleet that starts together closer behind the origin
+/// (simulated, 64 nodes, 10 Gbit links and origin: p99 1.16x the link floor with 8, 1.12x
+/// with 16, 1.10x with 32); but pulls that start spread out, as jobs do, add readers as they
+/// start, and a run that moves to a newcomer who cannot see it was read is read again
+/// (starts spread over 2 s: origin egress 1.11x with 8, 1.21x with 16, 1.34x with 32;
+/// `docs/benchmarks.md`, eighteenth session). A node's rosters keep twice this many pullers
+/// (`shoal_swarm::roster::ROSTER`).
+pub const ORIGIN_READERS: usize = 8;
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -103,6 +120,7 @@ impl Default for Config {
             run: 32,
             origin_batch: 1 << 20,
             origin_parallel: 16,
+            origin_per_reader: 2,
             puller_idle: Duration::from_secs(20),
             have_poll: Duration::from_millis(250),
             have_poll_waiting: Duration::from_millis(50),
@@ -110,7 +128,7 @@ impl Default for Config {
             settle: Duration::from_secs(1),
             quiet: Duration::from_secs(1),
             deadline_slack: Duration::from_secs(2),
-            origin_readers: 8,
+            origin_readers: ORIGIN_READERS,
             readers_in_order: false,
             have_deltas: false,
             stuck: Duration::from_secs(5),
@@ -272,6 +290,9 @@ impl<P: PeerKey> Marks<P> {
     }
 }
 
+/// The sources in view and how they hold the version.
+type View<P> = Vec<(P, Holding)>;
+
 /// What a node's own runs were worked out for: the pullers, whether it reads alone, and how
 /// many runs it had taken over.
 type MyRunsFor<P> = (Vec<(u64, P)>, bool, usize);
@@ -336,7 +357,7 @@ pub struct Pull<P> {
     /// how they hold the version): kept up to date by have-deltas, worked out again only when
     /// the view changes or a bit is taken back. (A poll at 10 GiB and a dozen peers would
     /// otherwise OR some 50,000 words.)
-    union: Option<(Vec<(P, Holding)>, Vec<u64>)>,
+    union: Option<(View<P>, Vec<u64>)>,
     /// The runs this node reads from the origin (it owns them, took them over, or reads
     /// alone), and what they were worked out for (the pullers, alone, how many taken).
     my_runs: Option<(MyRunsFor<P>, Vec<usize>)>,
@@ -731,7 +752,7 @@ impl<P: PeerKey> Pull<P> {
         };
         // Which chunks some view has (before what is avoided): a scan skips the rest at once.
         let words = self.marks.live.len();
-        let view: Vec<(P, Holding)> = views.iter().map(|(p, e)| (*p, e.info.holding)).collect();
+        let view: View<P> = views.iter().map(|(p, e)| (*p, e.info.holding)).collect();
         let union = match self.union.take() {
             Some((v, u)) if v == view => u,
             _ => {
@@ -789,8 +810,14 @@ impl<P: PeerKey> Pull<P> {
                 cfg.have_poll_waiting
             };
         }
-        let origin_free =
-            self.origin_jobs < (cfg.origin_parallel / self.readers.clamp(1, pullers.len())).max(1);
+        // This reader's share of the origin: `origin_parallel` reads of `origin_batch` among
+        // the readers with runs left, in at least `origin_per_reader` reads of at least half a
+        // batch each.
+        let share = self.readers.clamp(1, pullers.len());
+        let jobs = (cfg.origin_parallel / share).max(cfg.origin_per_reader.max(1));
+        let batch_bytes = (cfg.origin_parallel as u64 * cfg.origin_batch / (share * jobs) as u64)
+            .clamp(cfg.origin_batch / 2, cfg.origin_batch.max(1));
+        let origin_free = self.origin_jobs < jobs;
 
         // Assign wanted chunks.
         // Bytes queued to a peer: in flight, plus what this scan gives it.
@@ -1036,7 +1063,7 @@ impl<P: PeerKey> Pull<P> {
                     .map(|pos| porder[pos]),
             );
             for i in candidates {
-                if origin_bytes >= cfg.origin_batch {
+                if origin_bytes >= batch_bytes {
                     break;
                 }
                 let k = self.run_of[i];

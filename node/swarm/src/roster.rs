@@ -42,14 +42,14 @@ use std::time::{Duration, Instant};
 
 /// Pullers (and, apart, holders) kept per version: twice the origin readers, so a reader that
 /// fails has a successor everyone knows.
-pub const ROSTER: usize = 16;
+pub const ROSTER: usize = 2 * shoal_sched::pull::ORIGIN_READERS;
 /// How long an entry lives after its node last listed itself. A reader that dies among a
 /// node's peers is dropped at once (its connection closes); one elsewhere in the fleet has its
 /// runs taken over by the scheduler after its quiet spell (seconds) long before this.
 pub const TTL: Duration = Duration::from_secs(30);
 /// How often a node lists itself and sends its rosters even when nothing changed: every
-/// roster to every peer, so this sets the control traffic of rosters (at most 32 entries of
-/// ~130 bytes per version and peer).
+/// roster to every peer, so this sets the control traffic of rosters (at most 2 x [`ROSTER`]
+/// entries of ~130 bytes per version and peer: 16.6 KB).
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// Versions whose rosters are kept (the most recently heard of).
 pub const MAX_VERSIONS: usize = 256;
@@ -384,10 +384,10 @@ mod tests {
     #[test]
     fn pullers_line_up_in_the_order_they_started() {
         let root = Hash([5; 32]);
-        let peers = ids(40);
+        let peers = ids(ROSTER + 24);
         let now = Instant::now();
         // Started 10 ms apart, the last four together.
-        let started = |i: usize| 1_000 + 10 * i.min(36) as u64;
+        let started = |i: usize| 1_000 + 10 * i.min(ROSTER + 20) as u64;
         let add = |r: &mut Rosters, p: PeerId, h: Holding, at: u64, t: Instant| {
             r.merge(root, p, h, vec![], Duration::ZERO, at, t)
         };
@@ -396,7 +396,7 @@ mod tests {
         for (i, p) in peers.iter().enumerate() {
             add(&mut a, *p, Holding::Pulling, started(i), now);
         }
-        for (i, p) in peers.iter().enumerate().rev().take(30) {
+        for (i, p) in peers.iter().enumerate().rev().take(ROSTER + 14) {
             add(&mut b, *p, Holding::Pulling, started(i), now);
         }
         b.merge_listings(root, &a.listings(&root, now), all, now);
@@ -406,16 +406,17 @@ mod tests {
         // A latecomer is not listed; one that started with others goes by rank among them.
         assert!(!add(&mut a, PeerId::random(), Holding::Pulling, 5_000, now));
         let mut c = Rosters::default();
-        let tied = &peers[36..];
+        let tied = &peers[ROSTER + 20..];
         for p in tied {
-            add(&mut c, *p, Holding::Pulling, 1_360, now);
+            add(&mut c, *p, Holding::Pulling, started(ROSTER + 20), now);
         }
         let mut by_rank = tied.to_vec();
         by_rank.sort_by_key(|p| std::cmp::Reverse(rank(p, &root)));
         assert_eq!(got(&c), by_rank);
         // The first restarts its pull: newer news, a later start, a later place.
         let later = now + Duration::from_secs(1);
-        assert!(add(&mut a, peers[0], Holding::Pulling, 1_155, later));
+        let between = started(ROSTER - 1) + 5;
+        assert!(add(&mut a, peers[0], Holding::Pulling, between, later));
         assert_eq!(got(&a)[..ROSTER - 1], peers[1..ROSTER]);
         assert_eq!(got(&a)[ROSTER - 1], peers[0]);
         // Holders go by rank, whatever start they claim.

@@ -445,13 +445,14 @@ fn a_silent_peer_is_counted_on_for_nothing_until_it_answers() {
 #[test]
 fn only_the_chosen_readers_read_from_the_origin() {
     let t0 = Instant::now();
-    let n = 32 * 40;
-    let members: Vec<(u64, u32)> = (1..=20u32).map(|p| (seed(p), p)).collect();
+    // Enough runs that every reader owns some.
+    let n = 32 * 400;
     let readers = Config::default().origin_readers;
+    let members: Vec<(u64, u32)> = (1..=readers as u32 + 12).map(|p| (seed(p), p)).collect();
     let mut ranked = members.clone();
     ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
     let chosen: Vec<u32> = ranked[..readers].iter().map(|m| m.1).collect();
-    for me in 1..=20u32 {
+    for &(_, me) in &members {
         let mut p = pull(me, n, t0);
         p.set_pullers(Some(members.clone()));
         let read = origin_reads(&p.poll(t0)).concat();
@@ -527,13 +528,13 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
 #[test]
 fn readers_that_show_no_sign_of_life_are_replaced_by_the_next_by_rank() {
     let t0 = Instant::now();
-    let n = 32 * 64;
+    let n = 32 * 400;
     let readers = Config::default().origin_readers;
-    // Members 1..=20 are real; the 8 phantoms 100.. are chosen to rank first.
-    let real: Vec<(u64, u32)> = (1..=20u32).map(|p| (seed(p), p)).collect();
+    // Members 1..=readers + 12 are real; as many phantoms (1000..) are chosen to rank first.
+    let real: Vec<(u64, u32)> = (1..=readers as u32 + 12).map(|p| (seed(p), p)).collect();
     let rank = |m: &(u64, u32)| mix(m.0 ^ 7);
     let floor = real.iter().map(rank).max().unwrap();
-    let phantoms: Vec<(u64, u32)> = (100..100_000u32)
+    let phantoms: Vec<(u64, u32)> = (1000..1_000_000u32)
         .map(|p| (seed(p), p))
         .filter(|m| rank(m) > floor)
         .take(readers)
