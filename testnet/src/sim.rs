@@ -1995,15 +1995,6 @@ mod tests {
         // Readers chosen by when they started (the node's way) rather than by rank read less
         // again.
         assert_eq!(by_start.unfinished, 0, "{by_start:?}");
-        eprintln!(
-            "together: last {:.3} s, origin {:.3}x; over 300 ms, readers by rank: last {:.3} s, origin {:.3}x; readers by start: last {:.3} s, origin {:.3}x",
-            together.last_s,
-            together.origin_egress,
-            staggered.last_s,
-            staggered.origin_egress,
-            by_start.last_s,
-            by_start.origin_egress
-        );
         assert!(
             by_start.origin_egress < staggered.origin_egress,
             "{by_start:?} {staggered:?}"
