@@ -49,8 +49,9 @@ pub struct Config {
     /// An origin shares its link among the reads in flight, so a batch lands only when all
     /// of them have moved that much: 32 readers with one 1 MiB read each waited 45 ms for
     /// their first chunks, and then a round trip between one read and the next; with two of
-    /// 512 KiB each, simulated at 64 nodes, p99 0.991 s against 1.002 s, 8 nodes unchanged
-    /// (two of 1 MiB each, as before; `docs/benchmarks.md`).
+    /// 512 KiB each, simulated at 64 nodes, p99 0.991 s (`sim --nodes 64 --zones 3
+    /// --origin-readers 32`) against 1.002 s with two of 1 MiB (a throwaway variant, not
+    /// kept), 8 nodes unchanged (two of 1 MiB each, as before; `docs/benchmarks.md`).
     pub origin_batch: u64,
     pub origin_parallel: usize,
     pub origin_per_reader: usize,
@@ -245,14 +246,12 @@ enum State<P> {
     Done,
 }
 
-/// Each chunk's state, with what the scans need kept in step with it: chunks wanted or asked
-/// of a peer (the only ones a scan looks at), a bit each; those wanted (the only ones a scan
-/// between late deadlines looks at); and how many are wanted in each run (origin reads look
-/// only at runs with some).
+/// Each chunk's state, with what the scans need kept in step with it: the chunks wanted (the
+/// only ones a scan looks at), a bit each; and how many are wanted in each run (origin reads
+/// look only at runs with some).
 #[derive(Debug)]
 struct Marks<P> {
     state: Vec<State<P>>,
-    live: Vec<u64>,
     want: Vec<u64>,
     run_want: Vec<u32>,
     /// A bit per word of `want`: set whenever that word may hold a chunk wanted and held by
@@ -271,22 +270,18 @@ impl<P: PeerKey> Marks<P> {
         }
         self.state[i] = state;
         let (w, bit) = (i / 64, 1 << (i % 64));
-        let (live, want) = match state {
-            State::Want => (true, true),
-            State::Peer(..) => (true, false),
-            State::Done | State::Origin => (false, false),
-        };
-        if live {
-            self.live[w] |= bit;
-        } else {
-            self.live[w] &= !bit;
-        }
-        if want {
+        if state == State::Want {
             self.want[w] |= bit;
-            self.hint[w / 64] |= 1 << (w % 64);
+            self.flag(i);
         } else {
             self.want[w] &= !bit;
         }
+    }
+
+    /// Flags the word of chunk `i` in `hint`: it may hold a chunk wanted and held.
+    fn flag(&mut self, i: usize) {
+        let w = i / 64;
+        self.hint[w / 64] |= 1 << (w % 64);
     }
 }
 
@@ -419,7 +414,6 @@ impl<P: PeerKey> Pull<P> {
         }
         let mut marks = Marks {
             state: vec![State::Done; n],
-            live: vec![0u64; n.div_ceil(64)],
             want: vec![0u64; n.div_ceil(64)],
             run_want: vec![0u32; n.div_ceil(cfg.run)],
             hint: vec![0u64; n.div_ceil(64).div_ceil(64)],
@@ -531,7 +525,7 @@ impl<P: PeerKey> Pull<P> {
                 if view.iter().any(|(p, _)| *p == peer) {
                     for &i in chunks.iter().filter(|&&i| i < n) {
                         u[i / 64] |= 1 << (i % 64);
-                        self.marks.hint[i / 4096] |= 1 << ((i / 64) % 64);
+                        self.marks.flag(i);
                     }
                 }
             }
@@ -751,7 +745,7 @@ impl<P: PeerKey> Pull<P> {
             e.info.holding == Holding::Complete || e.have.as_ref().is_some_and(|h| h.get(i))
         };
         // Which chunks some view has (before what is avoided): a scan skips the rest at once.
-        let words = self.marks.live.len();
+        let words = self.marks.want.len();
         let view: View<P> = views.iter().map(|(p, e)| (*p, e.info.holding)).collect();
         let union = match self.union.take() {
             Some((v, u)) if v == view => u,
@@ -936,7 +930,7 @@ impl<P: PeerKey> Pull<P> {
                 if open == 0 {
                     break 'scan;
                 }
-                if self.marks.state[i] != State::Want || !in_union(i) {
+                if self.marks.state[i] != State::Want {
                     continue;
                 }
                 let avoided = self.avoid.get(&i);
