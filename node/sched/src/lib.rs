@@ -16,7 +16,7 @@ pub mod owners;
 pub mod pull;
 pub mod uplink;
 
-pub use pull::{Action, Chunks, Config, Holding, Outcome, Pull, Source};
+pub use pull::{Action, Chunks, Config, Holding, Outcome, Pull, Puller, Source};
 
 use serde::{Deserialize, Serialize};
 

@@ -12,7 +12,7 @@
 //! driver can count it against the peer; a puller with faults, or whose have-map stopped
 //! growing, owns no runs (the others take them over).
 
-use crate::{mix, owner_of, HaveMap, PeerKey};
+use crate::{mix, HaveMap, PeerKey};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -89,6 +89,17 @@ pub struct Config {
     /// have read. (The node's rosters give them so, `shoal_swarm::roster`; the simulator
     /// does with `--readers-by-start`.)
     pub readers_in_order: bool,
+    /// The fastest the origin is taken to deliver a version to its readers together, in bytes
+    /// per second: a reader that started `t` after the first (by the start times the pullers
+    /// give, [`Puller::started_ms`]) owns no run that lies before `t` times this in pack
+    /// order. The readers read their runs in pack order, together at most at the origin's
+    /// rate, so by the time a reader starts every run before that point may have been read
+    /// and every run after it has not: a newcomer takes only runs nobody has read, and never
+    /// reads again what an earlier reader it cannot see has read (pulls that start spread out,
+    /// as jobs do, would otherwise cost origin egress with every reader that joins). Too low,
+    /// and a newcomer may read again what a faster origin already gave; too high, and fewer
+    /// readers share the start of the version. Only with [`Self::readers_in_order`].
+    pub origin_pace: u64,
     /// Peers push what they gain as have-deltas ([`Pull::on_have`]): their whole map is asked
     /// for once, when they appear, not polled every [`Self::have_poll`].
     pub have_deltas: bool,
@@ -131,10 +142,23 @@ impl Default for Config {
             deadline_slack: Duration::from_secs(2),
             origin_readers: ORIGIN_READERS,
             readers_in_order: false,
+            origin_pace: 2_000_000_000,
             have_deltas: false,
             stuck: Duration::from_secs(5),
         }
     }
+}
+
+/// A puller of the version as the driver's content routing lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Puller<P> {
+    /// Its rendezvous seed.
+    pub seed: u64,
+    pub id: P,
+    /// When it started pulling, in milliseconds on a scale every node shares: the puller's
+    /// own word, carried verbatim (since the Unix epoch, by its clock), so every node works
+    /// out the same thing from it whatever its own clock. 0 when unknown.
+    pub started_ms: u64,
 }
 
 /// The chunks of a version, as a pull sees them.
@@ -290,10 +314,13 @@ type View<P> = Vec<(P, Holding)>;
 
 /// What a node's own runs were worked out for: the pullers, whether it reads alone, and how
 /// many runs it had taken over.
-type MyRunsFor<P> = (Vec<(u64, P)>, bool, usize);
+type MyRunsFor<P> = (Readers<P>, bool, usize);
 
-/// Pullers (seed, key) and the owner of each run among them.
-type RunOwners<P> = (Vec<(u64, P)>, Vec<P>);
+/// The origin readers (seed, key, how far into the version in bytes its runs begin).
+type Readers<P> = Vec<(u64, P, u64)>;
+
+/// Readers and the owner of each run among them.
+type RunOwners<P> = (Readers<P>, Vec<P>);
 
 #[derive(Debug)]
 struct Entry {
@@ -317,6 +344,8 @@ pub struct Pull<P> {
     /// number: runs are `cfg.run` chunks of `porder`).
     porder: Vec<usize>,
     run_of: Vec<usize>,
+    /// Where each run begins in the version, in bytes in pack order.
+    run_pos: Vec<u64>,
     marks: Marks<P>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
     owners: Option<RunOwners<P>>,
@@ -361,7 +390,7 @@ pub struct Pull<P> {
     key: u64,
     /// The version's pullers as the driver's content routing knows them (None: the sources
     /// that announced a pull are all there are).
-    members: Option<Vec<(u64, P)>>,
+    members: Option<Vec<Puller<P>>>,
     /// Members this node was connected to and is not now (left, or banned by the driver):
     /// they read nothing for it.
     departed: HashSet<P>,
@@ -408,7 +437,13 @@ impl<P: PeerKey> Pull<P> {
         assert_eq!(porder.len(), n, "pack order covers every chunk");
         let mut run_of = vec![0; n];
         let mut run_key = vec![0; n];
+        let mut run_pos = Vec::with_capacity(n.div_ceil(cfg.run));
+        let mut at = 0u64;
         for (pos, &i) in porder.iter().enumerate() {
+            if pos % cfg.run == 0 {
+                run_pos.push(at);
+            }
+            at += lens[i] as u64;
             run_of[i] = pos / cfg.run;
             run_key[i] = keys[porder[pos - pos % cfg.run]];
         }
@@ -428,6 +463,7 @@ impl<P: PeerKey> Pull<P> {
             run_key,
             porder,
             run_of,
+            run_pos,
             marks,
             owners: None,
             remaining: missing.len(),
@@ -538,13 +574,13 @@ impl<P: PeerKey> Pull<P> {
     /// whole, the ones this node banned too (the scheduler leaves out those it saw fail or
     /// leave only after choosing). None: the sources that announced a pull are all the
     /// pullers there are (a full mesh).
-    pub fn set_pullers(&mut self, pullers: Option<Vec<(u64, P)>>) {
+    pub fn set_pullers(&mut self, pullers: Option<Vec<Puller<P>>>) {
         if let Some(m) = &pullers {
-            self.departed.retain(|d| m.iter().any(|(_, p)| p == d));
+            self.departed.retain(|d| m.iter().any(|p| p.id == *d));
             // Bounded by what was listed lately (a roster of a few dozen).
             if self.reader_since.len() > 4 * m.len() + 64 {
                 self.reader_since
-                    .retain(|k, _| m.iter().any(|(_, p)| p == k));
+                    .retain(|k, _| m.iter().any(|p| p.id == *k));
             }
         } else {
             self.departed.clear();
@@ -581,7 +617,7 @@ impl<P: PeerKey> Pull<P> {
         self.sources.remove(peer);
         self.silent.remove(peer);
         if let Some(m) = &self.members {
-            if m.iter().any(|(_, p)| p == peer) {
+            if m.iter().any(|p| p.id == *peer) {
                 self.departed.insert(*peer);
             }
         }
@@ -674,7 +710,7 @@ impl<P: PeerKey> Pull<P> {
         if let Some(members) = &self.members {
             // Readers with no sign of life a quiet spell after they were chosen are dead.
             let spell = self.stuck_after();
-            for (_, p) in members {
+            for Puller { id: p, .. } in members {
                 if *p == self.me || self.alive.contains(p) || self.dead.contains(p) {
                     continue;
                 }
@@ -689,17 +725,17 @@ impl<P: PeerKey> Pull<P> {
             let dead = &self.dead;
             let listed: Vec<(u64, P)> = members
                 .iter()
-                .filter(|(_, p)| *p != self.me && !dead.contains(p))
-                .copied()
+                .filter(|p| p.id != self.me && !dead.contains(&p.id))
+                .map(|p| (p.seed, p.id))
                 .collect();
             // Every listed puller dead (a roster filled with nodes that do not exist): the
             // pullers in view, as in a full mesh, rather than this node alone.
-            if !listed.is_empty() || members.iter().all(|(_, p)| *p == self.me) {
+            if !listed.is_empty() || members.iter().all(|p| p.id == self.me) {
                 pullers = if cfg.readers_in_order {
                     let mut v: Vec<(u64, P)> = members
                         .iter()
-                        .filter(|(_, p)| !dead.contains(p))
-                        .copied()
+                        .filter(|p| !dead.contains(&p.id))
+                        .map(|p| (p.seed, p.id))
                         .collect();
                     if !v.iter().any(|(_, p)| *p == self.me) {
                         v.push((self.my_seed, self.me));
@@ -724,16 +760,50 @@ impl<P: PeerKey> Pull<P> {
             }
             pullers.truncate(cfg.origin_readers.max(1));
         }
+        // Where each reader's runs may begin: a reader that started later than the first
+        // owns no run before what the origin could have given the readers since
+        // (`Config::origin_pace`). From the start times the pullers gave; worked out before
+        // leaving out those seen to fail, like the readers themselves, so that every node
+        // agrees whatever it saw.
+        let mut pullers: Readers<P> = match (&self.members, cfg.readers_in_order) {
+            (Some(members), true) => {
+                let start = |p: &P| members.iter().find(|m| m.id == *p).map(|m| m.started_ms);
+                // This node unlisted yet: it started after every puller listed.
+                let last = members.iter().map(|m| m.started_ms).max().unwrap_or(0);
+                let starts: Vec<u64> = pullers
+                    .iter()
+                    .map(|(_, p)| start(p).unwrap_or(last))
+                    .collect();
+                let first = starts.iter().copied().min().unwrap_or(0);
+                pullers
+                    .iter()
+                    .zip(starts)
+                    .map(|(&(seed, p), at)| {
+                        let ms = (at - first) as u128;
+                        let from = ms * cfg.origin_pace as u128 / 1000;
+                        (seed, p, from.min(u64::MAX as u128) as u64)
+                    })
+                    .collect()
+            }
+            _ => pullers.iter().map(|&(seed, p)| (seed, p, 0)).collect(),
+        };
         if self.members.is_some() {
-            for (_, p) in &pullers {
-                if *p != self.me {
+            // Only readers whose runs begin within the version can show a sign of life.
+            let size = self.run_pos.last().copied().unwrap_or(0);
+            for (_, p, from) in &pullers {
+                if *p != self.me && *from <= size {
                     self.reader_since.entry(*p).or_insert(now);
                 }
             }
         }
-        pullers.retain(|(_, p)| !failing.contains(p) && !self.departed.contains(p));
+        pullers.retain(|(_, p, _)| !failing.contains(p) && !self.departed.contains(p));
         if pullers.is_empty() {
-            pullers.push((self.my_seed, self.me));
+            pullers.push((self.my_seed, self.me, 0));
+        }
+        // The first of those left reads from the beginning.
+        let first = pullers.iter().map(|r| r.2).min().unwrap_or(0);
+        for r in &mut pullers {
+            r.2 -= first;
         }
         let alone = pullers.len() == 1 && pullers[0].1 == self.me;
         pullers.sort_by_key(|p| p.1);
@@ -764,7 +834,16 @@ impl<P: PeerKey> Pull<P> {
             let owners = self
                 .porder
                 .chunks(cfg.run)
-                .map(|run| owner_of(&pullers, self.run_key[run[0]]))
+                .zip(&self.run_pos)
+                .map(|(run, &at)| {
+                    let key = self.run_key[run[0]];
+                    pullers
+                        .iter()
+                        .filter(|r| r.2 <= at)
+                        .max_by_key(|(seed, _, _)| mix(seed ^ key))
+                        .map(|r| r.1)
+                        .expect("the first reader owns from the beginning")
+                })
                 .collect();
             self.owners = Some((pullers.clone(), owners));
         }
@@ -774,7 +853,7 @@ impl<P: PeerKey> Pull<P> {
         if polled && self.members.is_some() {
             let undecided: Vec<P> = pullers
                 .iter()
-                .map(|(_, p)| *p)
+                .map(|r| r.1)
                 .filter(|p| *p != self.me && !self.alive.contains(p) && !self.dead.contains(p))
                 .collect();
             for o in undecided {
@@ -1006,8 +1085,11 @@ impl<P: PeerKey> Pull<P> {
                     continue;
                 }
                 // This node's place in the line of readers after the owner.
-                let mut rest: Vec<(u64, P)> =
-                    pullers.iter().copied().filter(|p| p.1 != owner).collect();
+                let mut rest: Vec<(u64, P)> = pullers
+                    .iter()
+                    .filter(|r| r.1 != owner)
+                    .map(|r| (r.0, r.1))
+                    .collect();
                 let key = self.run_key[run[0]];
                 rest.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
                 let place = rest

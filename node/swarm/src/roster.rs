@@ -36,7 +36,7 @@ use super::Holding;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use shoal_registry::Hash;
-use shoal_sched::mix;
+use shoal_sched::{mix, Puller};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -305,15 +305,20 @@ impl Rosters {
         self.changed.drain().collect()
     }
 
-    /// The pullers of `root` listed (seed, peer), first first, for the scheduler's choice of
-    /// origin readers (`shoal_sched::pull::Config::readers_in_order`).
-    pub fn pullers(&self, root: &Hash) -> Vec<(u64, PeerId)> {
+    /// The pullers of `root` listed, first first, with when each said it started, for the
+    /// scheduler's choice of origin readers and of where their runs begin
+    /// (`shoal_sched::pull::Config::readers_in_order`, `origin_pace`).
+    pub fn pullers(&self, root: &Hash) -> Vec<Puller<PeerId>> {
         self.versions
             .get(root)
             .map(|r| {
                 r.lists[0]
                     .iter()
-                    .map(|e| (peer_seed(&e.peer), e.peer))
+                    .map(|e| Puller {
+                        seed: peer_seed(&e.peer),
+                        id: e.peer,
+                        started_ms: e.started,
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -372,7 +377,7 @@ mod tests {
         }
         b.merge_listings(root, &a.listings(&root, now), all, now);
         let want = first_by_rank(&peers, &root);
-        let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
+        let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.id).collect::<Vec<_>>();
         assert_eq!(got(&a), want);
         assert_eq!(got(&b), want);
     }
@@ -400,7 +405,7 @@ mod tests {
             add(&mut b, *p, Holding::Pulling, started(i), now);
         }
         b.merge_listings(root, &a.listings(&root, now), all, now);
-        let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>();
+        let got = |r: &Rosters| r.pullers(&root).iter().map(|x| x.id).collect::<Vec<_>>();
         assert_eq!(got(&a), peers[..ROSTER].to_vec());
         assert_eq!(got(&b), got(&a));
         // A latecomer is not listed; one that started with others goes by rank among them.
@@ -529,7 +534,7 @@ mod tests {
         let agreed = |nodes: &[Rosters]| {
             nodes
                 .iter()
-                .all(|r| r.pullers(&root).iter().map(|x| x.1).collect::<Vec<_>>() == want)
+                .all(|r| r.pullers(&root).iter().map(|x| x.id).collect::<Vec<_>>() == want)
         };
         let mut rounds = 0;
         while !agreed(&nodes) {

@@ -47,7 +47,7 @@ enum Have {
 pub(crate) struct Answer {
     /// The version's first pullers across the fleet by rank, with their rendezvous seeds (all
     /// the scheduler needs to agree with every other node on the origin readers).
-    pullers: Vec<(u64, PeerId)>,
+    pullers: Vec<shoal_sched::Puller<PeerId>>,
     connected: usize,
     sources: Vec<(PeerId, Source, Have)>,
     given: Given,

@@ -1,7 +1,7 @@
 //! Every decision of the pull scheduler, in virtual time.
 
 use super::*;
-use crate::mix;
+use crate::{mix, owner_of};
 
 const LEN: u32 = 40_000;
 
@@ -9,12 +9,28 @@ fn t(base: Instant, ms: u64) -> Instant {
     base + Duration::from_millis(ms)
 }
 
+/// Pullers as a content routing lists them, all started at once.
+fn listed(members: &[(u64, u32)]) -> Vec<Puller<u32>> {
+    members
+        .iter()
+        .map(|&(seed, id)| Puller {
+            seed,
+            id,
+            started_ms: 0,
+        })
+        .collect()
+}
+
 /// A pull by node `me` of `n` chunks of [`LEN`] bytes, all missing, in pack order 0..n.
 fn pull(me: u32, n: usize, now: Instant) -> Pull<u32> {
+    pull_with(Config::default(), me, n, now)
+}
+
+fn pull_with(cfg: Config, me: u32, n: usize, now: Instant) -> Pull<u32> {
     let keys: Vec<u64> = (0..n as u64).map(mix).collect();
     let missing: Vec<usize> = (0..n).collect();
     Pull::new(
-        Config::default(),
+        cfg,
         me,
         seed(me),
         Chunks {
@@ -454,7 +470,7 @@ fn only_the_chosen_readers_read_from_the_origin() {
     let chosen: Vec<u32> = ranked[..readers].iter().map(|m| m.1).collect();
     for &(_, me) in &members {
         let mut p = pull(me, n, t0);
-        p.set_pullers(Some(members.clone()));
+        p.set_pullers(Some(listed(&members)));
         let read = origin_reads(&p.poll(t0)).concat();
         assert_eq!(
             !read.is_empty(),
@@ -462,6 +478,57 @@ fn only_the_chosen_readers_read_from_the_origin() {
             "node {me}: chosen readers {chosen:?}"
         );
     }
+}
+
+/// Readers taken in the order they started: one that started later owns no run before what
+/// the origin could have given the readers since (`Config::origin_pace`), so it never takes
+/// over a run an earlier reader may have read; after that point the runs are shared as ever.
+/// Started together, they share every run.
+#[test]
+fn a_later_reader_owns_only_runs_the_origin_cannot_have_given_yet() {
+    let t0 = Instant::now();
+    // 512 MB in runs of 1.28 MB.
+    let n = 32 * 400;
+    let cfg = Config {
+        readers_in_order: true,
+        ..Config::default()
+    };
+    let reads = |gap_ms: u64| {
+        let members = vec![
+            Puller {
+                seed: seed(1),
+                id: 1,
+                started_ms: 1_000,
+            },
+            Puller {
+                seed: seed(2),
+                id: 2,
+                started_ms: 1_000 + gap_ms,
+            },
+        ];
+        let mut read = Vec::new();
+        for me in [1, 2] {
+            let mut p = pull_with(cfg.clone(), me, n, t0);
+            p.set_pullers(Some(members.clone()));
+            let first = origin_reads(&p.poll(t0));
+            let mut mine = drain_origin(&mut p, t0, first);
+            mine.sort();
+            read.push(mine);
+        }
+        assert_eq!(read[0].len() + read[1].len(), n, "every chunk once");
+        read
+    };
+    // 100 ms later at 2 GB/s: nothing of the first 200 MB.
+    let later = reads(100);
+    let from = (200_000_000 / LEN as usize).div_ceil(32) * 32;
+    assert_eq!(later[1][0], from, "the newcomer's first chunk");
+    assert!(later[0][..from].iter().copied().eq(0..from));
+    let after = |r: &[usize]| r.iter().filter(|&&i| i >= from).count() as f64;
+    let share = after(&later[1]) / (n - from) as f64;
+    assert!((0.35..0.65).contains(&share), "shares the rest: {share}");
+    // Together: the runs are shared from the start.
+    let together = reads(0);
+    assert!(together[1][0] < 32 * 8, "{:?}", &together[1][..4]);
 }
 
 /// Once nothing has landed for the stuck threshold, the runs of an owner nobody hears from
@@ -480,7 +547,7 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
     // spell it reads the runs of each other owner for which it is next in line, and no others.
     for me in [1u32, 2, 3] {
         let mut p = pull(me, n, t0);
-        p.set_pullers(Some(members.clone()));
+        p.set_pullers(Some(listed(&members)));
         let shown: Vec<usize> = [1u32, 2, 3]
             .iter()
             .filter(|&&m| m != me)
@@ -548,19 +615,19 @@ fn readers_that_show_no_sign_of_life_are_replaced_by_the_next_by_rank() {
     let mut read_by: HashMap<usize, u32> = HashMap::default();
     for &(_, me) in &real {
         let mut p = pull(me, n, t0);
-        p.set_pullers(Some(members.clone()));
+        p.set_pullers(Some(listed(&members)));
         assert!(
             origin_reads(&p.poll(t0)).is_empty(),
             "node {me}: the phantoms are the readers at first"
         );
         let quiet = t0 + spell - Duration::from_millis(20);
-        p.set_pullers(Some(members.clone()));
+        p.set_pullers(Some(listed(&members)));
         assert!(
             origin_reads(&p.poll(quiet)).is_empty(),
             "node {me} waits a spell"
         );
         let at = t0 + spell + Duration::from_millis(20);
-        p.set_pullers(Some(members.clone()));
+        p.set_pullers(Some(listed(&members)));
         let first = origin_reads(&p.poll(at));
         let read = drain_origin(&mut p, at, first);
         assert_eq!(
