@@ -114,12 +114,18 @@ pub struct Config {
 /// How many of a version's pullers read from the origin, by default. Data enters the swarm at
 /// each reader, so more readers keep a fleet that starts together closer behind the origin
 /// (simulated, 64 nodes, 10 Gbit links and origin: p99 1.16x the link floor with 8, 1.12x
-/// with 16, 1.10x with 32); but pulls that start spread out, as jobs do, add readers as they
-/// start, and a run that moves to a newcomer who cannot see it was read is read again
-/// (starts spread over 2 s: origin egress 1.11x with 8, 1.21x with 16, 1.34x with 32;
-/// `docs/benchmarks.md`, eighteenth session). A node's rosters keep twice this many pullers
-/// (`shoal_swarm::roster::ROSTER`).
-pub const ORIGIN_READERS: usize = 8;
+/// with 16, 1.10x with 32; 1,000 nodes: 1.27x with 8, 1.14x with 32). Pulls that start spread
+/// out, as jobs do, add readers as they start; a newcomer owns only runs the origin cannot
+/// have given yet ([`Config::origin_pace`]), so that costs no origin egress (starts spread
+/// over 2 s: 1.000x with 8 or 32; it was 1.11x and 1.34x when newcomers took over runs by
+/// rendezvous alone). `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader
+/// reads its share of `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of
+/// at least 512 KiB.
+pub const ORIGIN_READERS: usize = 32;
+
+/// Pullers a node's content routing lists per version beyond the origin readers, so that a
+/// reader that fails has a successor everyone knows (`shoal_swarm::roster::ROSTER`).
+pub const SPARE_READERS: usize = 16;
 
 impl Default for Config {
     fn default() -> Config {

@@ -40,16 +40,16 @@ use shoal_sched::{mix, Puller};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// Pullers (and, apart, holders) kept per version: twice the origin readers, so a reader that
-/// fails has a successor everyone knows.
-pub const ROSTER: usize = 2 * shoal_sched::pull::ORIGIN_READERS;
+/// Pullers (and, apart, holders) kept per version: the origin readers and some spares, so a
+/// reader that fails has a successor everyone knows.
+pub const ROSTER: usize = shoal_sched::pull::ORIGIN_READERS + shoal_sched::pull::SPARE_READERS;
 /// How long an entry lives after its node last listed itself. A reader that dies among a
 /// node's peers is dropped at once (its connection closes); one elsewhere in the fleet has its
 /// runs taken over by the scheduler after its quiet spell (seconds) long before this.
 pub const TTL: Duration = Duration::from_secs(30);
 /// How often a node lists itself and sends its rosters even when nothing changed: every
 /// roster to every peer, so this sets the control traffic of rosters (at most 2 x [`ROSTER`]
-/// entries of ~130 bytes per version and peer: 16.6 KB).
+/// entries of ~130 bytes per version and peer: 12.5 KB).
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// Versions whose rosters are kept (the most recently heard of).
 pub const MAX_VERSIONS: usize = 256;
