@@ -118,10 +118,14 @@ pub struct Config {
 /// out, as jobs do, add readers as they start; a newcomer owns only runs the origin cannot
 /// have given yet ([`Config::origin_pace`]), so that costs no origin egress (starts spread
 /// over 2 s: 1.000x with 8 or 32; it was 1.11x and 1.34x when newcomers took over runs by
-/// rendezvous alone). `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader
-/// reads its share of `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of
-/// at least 512 KiB.
-pub const ORIGIN_READERS: usize = 32;
+/// rendezvous alone). But a lying or silent reader costs every node whose peers do not
+/// include it a quiet spell (5 s) before its runs move, and more readers make one likelier
+/// (256 nodes with 3 liars: p50 1.05 s with 8, 5.1 s with 32, where one liar was a reader;
+/// with 5% killed too, 35 s), so the default stays 8 until a reader that falls behind the
+/// others is passed over sooner. `docs/benchmarks.md`, eighteenth and nineteenth sessions.
+/// Each reader reads its share of `origin_parallel` x `origin_batch` (16 MiB), in at least
+/// two reads of at least 512 KiB.
+pub const ORIGIN_READERS: usize = 8;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
 /// reader that fails has a successor everyone knows (`shoal_swarm::roster::ROSTER`).
