@@ -109,23 +109,29 @@ pub struct Config {
     /// may be a lying or stalled node this one cannot see, and a pull must end. (See
     /// [`Pull::poll`]: the next reader in line takes such runs first.)
     pub stuck: Duration,
+    /// A reader that shows no sign of life (a chunk of a run it owns held by a peer other
+    /// than itself) four times as long after it was chosen as the others typically took
+    /// (their median), and at least this long, is dead, once three or more have shown one:
+    /// honest readers read their shares side by side and show life within a poll or two of
+    /// each other, so one that lies about what it holds, or stalls, is passed over in about
+    /// a second at a fast origin rather than a quiet spell ([`Self::stuck`]).
+    pub reader_lag: Duration,
 }
 
 /// How many of a version's pullers read from the origin, by default. Data enters the swarm at
 /// each reader, so more readers keep a fleet that starts together closer behind the origin
-/// (simulated, 64 nodes, 10 Gbit links and origin: p99 1.16x the link floor with 8, 1.12x
-/// with 16, 1.10x with 32; 1,000 nodes: 1.27x with 8, 1.14x with 32). Pulls that start spread
-/// out, as jobs do, add readers as they start; a newcomer owns only runs the origin cannot
-/// have given yet ([`Config::origin_pace`]), so that costs no origin egress (starts spread
-/// over 2 s: 1.000x with 8 or 32; it was 1.11x and 1.34x when newcomers took over runs by
-/// rendezvous alone). But a lying or silent reader costs every node whose peers do not
-/// include it a quiet spell (5 s) before its runs move, and more readers make one likelier
-/// (256 nodes with 3 liars: p50 1.05 s with 8, 5.1 s with 32, where one liar was a reader;
-/// with 5% killed too, 35 s), so the default stays 8 until a reader that falls behind the
-/// others is passed over sooner. `docs/benchmarks.md`, eighteenth and nineteenth sessions.
+/// (simulated, 10 Gbit links and origin, 3 zones, 1 GiB: p99 1.16x the link floor at 64 nodes
+/// with 8, 1.12x with 16, 1.10x with 32; at 1,000 nodes 1.27x with 8, 1.14x with 32). Pulls
+/// that start spread out, as jobs do, add readers as they start; a newcomer owns only runs
+/// the origin cannot have given yet ([`Config::origin_pace`]), so that costs no origin egress
+/// (starts spread over 2 s: 1.000x with 8 or 32; 1.11x and 1.34x when newcomers took over
+/// runs by rendezvous alone). More readers make a lying or silent one likelier; one that
+/// shows no sign of life long after the others is passed over in about a second
+/// ([`Config::reader_lag`]; 256 nodes with 3 liars, one of them a reader: p99 1.10 s, 5.1 s
+/// when it took a quiet spell). `docs/benchmarks.md`, eighteenth and nineteenth sessions.
 /// Each reader reads its share of `origin_parallel` x `origin_batch` (16 MiB), in at least
 /// two reads of at least 512 KiB.
-pub const ORIGIN_READERS: usize = 8;
+pub const ORIGIN_READERS: usize = 32;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
 /// reader that fails has a successor everyone knows (`shoal_swarm::roster::ROSTER`).
@@ -155,6 +161,7 @@ impl Default for Config {
             origin_pace: 2_000_000_000,
             have_deltas: false,
             stuck: Duration::from_secs(5),
+            reader_lag: Duration::from_secs(1),
         }
     }
 }
@@ -416,12 +423,15 @@ pub struct Pull<P> {
     /// When each member (a puller the content routing lists) was first among the chosen
     /// origin readers, and the members that showed a sign of life since (a chunk of a run it
     /// owns held by a peer in view other than itself) or were judged dead: a reader that
-    /// shows none within a quiet spell of being chosen is left out *before* the readers are
-    /// chosen, by every node alike (a node that does not exist, listed by a hostile member,
-    /// shows none to anyone), and the next by rank reads in its place. Members judged dead
-    /// stay so (a later sign may be another node's takeover of its runs).
+    /// shows none within a quiet spell of being chosen (or, chosen as this pull began, within
+    /// four times the median the others took, `Config::reader_lag`) is left out *before* the
+    /// readers are chosen, by every node alike (a node that does not exist, listed by a
+    /// hostile member, shows none to anyone), and the next by rank reads in its place.
+    /// Members judged dead stay so (a later sign may be another node's takeover of its
+    /// runs). With each live one, how long it took to show life if it was chosen as this
+    /// pull began.
     reader_since: HashMap<P, Instant>,
-    alive: HashSet<P>,
+    alive: HashMap<P, Option<Duration>>,
     dead: HashSet<P>,
 }
 
@@ -503,7 +513,7 @@ impl<P: PeerKey> Pull<P> {
             origin_since: None,
             taken: HashSet::default(),
             reader_since: HashMap::default(),
-            alive: HashSet::default(),
+            alive: HashMap::default(),
             dead: HashSet::default(),
             cfg,
         }
@@ -718,17 +728,28 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         if let Some(members) = &self.members {
-            // Readers with no sign of life a quiet spell after they were chosen are dead.
+            // Readers with no sign of life a quiet spell after they were chosen are dead, or
+            // sooner, when they lag far behind the others (`Config::reader_lag`).
+            // (Only among the readers chosen as this pull began, all timed from the same
+            // moment: one chosen later may be a newcomer whose first reads take an origin's
+            // round, or one long under way whose runs show at once.)
             let spell = self.stuck_after();
+            let early = self.started + cfg.settle;
+            let mut took: Vec<Duration> = self.alive.values().filter_map(|t| *t).collect();
+            let lag = (took.len() >= 3).then(|| {
+                let mid = took.len() / 2;
+                let (_, median, _) = took.select_nth_unstable(mid);
+                spell.min((*median * 4).max(cfg.reader_lag))
+            });
             for Puller { id: p, .. } in members {
-                if *p == self.me || self.alive.contains(p) || self.dead.contains(p) {
+                if *p == self.me || self.alive.contains_key(p) || self.dead.contains(p) {
                     continue;
                 }
-                if self
-                    .reader_since
-                    .get(p)
-                    .is_some_and(|t| now.saturating_duration_since(*t) >= spell)
-                {
+                let Some(since) = self.reader_since.get(p) else {
+                    continue;
+                };
+                let waited = now.saturating_duration_since(*since);
+                if waited >= spell || (*since <= early && lag.is_some_and(|l| waited >= l)) {
                     self.dead.insert(*p);
                 }
             }
@@ -864,7 +885,7 @@ impl<P: PeerKey> Pull<P> {
             let undecided: Vec<P> = pullers
                 .iter()
                 .map(|r| r.1)
-                .filter(|p| *p != self.me && !self.alive.contains(p) && !self.dead.contains(p))
+                .filter(|p| *p != self.me && !self.alive.contains_key(p) && !self.dead.contains(p))
                 .collect();
             for o in undecided {
                 let others = held_by(
@@ -878,7 +899,10 @@ impl<P: PeerKey> Pull<P> {
                     .filter(|(k, _)| run_owner[*k] == o)
                     .any(|(_, run)| run.iter().any(|&i| bit(&others, i)));
                 if shown {
-                    self.alive.insert(o);
+                    let since = self.reader_since.get(&o).copied().unwrap_or(now);
+                    let early = since <= self.started + cfg.settle;
+                    let took = early.then(|| now.saturating_duration_since(since));
+                    self.alive.insert(o, took);
                 }
             }
         }

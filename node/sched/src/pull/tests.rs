@@ -648,6 +648,46 @@ fn readers_that_show_no_sign_of_life_are_replaced_by_the_next_by_rank() {
     assert_eq!(read_by.len(), n);
 }
 
+/// Readers chosen together show life within a poll or two of each other; one that has not
+/// after four times the others' median (at least `reader_lag`) is dead long before a quiet
+/// spell, and the next in line reads its runs.
+#[test]
+fn a_reader_far_behind_the_others_is_passed_over_in_about_a_second() {
+    let t0 = Instant::now();
+    let n = 32 * 400;
+    let cfg = Config {
+        origin_readers: 4,
+        ..Config::default()
+    };
+    let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
+    let mut ranked = members.clone();
+    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
+    let readers = ranked[..4].to_vec();
+    let (liar, me) = (readers[3].1, ranked[4].1);
+    // A co-puller in view holds every run of the three honest readers.
+    let run_of_liar = |i: usize| owner_of(&readers, mix(i as u64 / 32 * 32)) == liar;
+    let mut map = HaveMap::new(n);
+    (0..n).filter(|&i| !run_of_liar(i)).for_each(|i| map.set(i));
+    let mut p = pull_with(cfg, me, n, t0);
+    p.set_pullers(Some(listed(&members)));
+    p.set_source(50, source(50, Holding::Pulling, t0));
+    p.set_have(50, Some(map), true);
+    assert!(origin_reads(&p.poll(t0)).is_empty(), "not a reader");
+    // The three showed life at once (a median of 0): the liar has the least, 1 s.
+    assert!(origin_reads(&p.poll(t(t0, 300))).is_empty());
+    assert!(origin_reads(&p.poll(t(t0, 900))).is_empty(), "too soon");
+    let first = origin_reads(&p.poll(t(t0, 1_100)));
+    let read = drain_origin(&mut p, t(t0, 1_100), first);
+    assert!(
+        !read.is_empty(),
+        "the next in line reads in the liar's place"
+    );
+    assert!(
+        read.iter().all(|&i| run_of_liar(i)),
+        "only what nobody holds"
+    );
+}
+
 /// What is in flight to a peer follows the rate measured from it: the least window until it
 /// is measured, about `window_time` of its rate after, and never more than `peer_window`.
 #[test]
