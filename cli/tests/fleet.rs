@@ -112,12 +112,12 @@ fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once
 }
 
 /// A member that fills the version's roster with pullers that do not exist, started first
-/// (the worst a roster can be lied to: all its places, 48): they are the origin readers at
-/// first, 32 of them; a quiet spell after they were chosen every node sees they showed no
-/// sign of life, the other 16 and the real pullers are the readers, the phantoms die a
-/// spell later, and the pulls go on. The pulls finish exact in two spells and the pull,
-/// with the origin read about once (with 16 phantoms and 8 readers: 15.3 s, 1.002x; with
-/// the rule edited out, 20.4 s and 1.48x: this test's bound on the origin catches that).
+/// (the worst a roster can be lied to: all its places, 16): they are the origin readers at
+/// first, 8 at a time; a quiet spell after each 8 were chosen every node sees they showed no
+/// sign of life, and once all are dead falls back to the pullers it can see. The pulls
+/// finish exact in two spells and the pull, with the origin read about once (15.3 s,
+/// 1.002x; with the rule edited out, 20.4 s and 1.48x: this test's bound on the origin
+/// catches that).
 #[test]
 fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
     let _one = one_at_a_time();

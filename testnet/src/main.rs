@@ -183,6 +183,14 @@ enum Cmd {
         /// How many pullers read from the origin (the node's default, 8).
         #[arg(long, default_value_t = shoal_sched::pull::ORIGIN_READERS)]
         origin_readers: usize,
+        /// A reader that started t after the first owns no run before t x this many bytes
+        /// per second into the version (`pull::Config::origin_pace`; 0, the node's default:
+        /// off).
+        #[arg(long, default_value_t = 0)]
+        origin_pace: u64,
+        /// `pull::Config::reader_lag` in milliseconds (0: off, the node's default).
+        #[arg(long, default_value_t = 0)]
+        reader_lag_ms: u64,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -825,6 +833,8 @@ fn main() -> Result<()> {
             payload_per_wire,
             fair_uplink,
             origin_readers,
+            origin_pace,
+            reader_lag_ms,
         } => {
             if *mount && (*peers != 0 || *churn > 0.0 || *liars > 0.0 || *stagger_ms > 0.0) {
                 bail!(
@@ -864,6 +874,11 @@ fn main() -> Result<()> {
                 }),
                 fair_uplink: *fair_uplink,
                 origin_readers: (*origin_readers).max(1),
+                origin_pace: *origin_pace,
+                reader_lag: match *reader_lag_ms {
+                    0 => std::time::Duration::MAX,
+                    ms => std::time::Duration::from_millis(ms),
+                },
                 ..Default::default()
             };
             (

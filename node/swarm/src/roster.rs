@@ -49,7 +49,7 @@ pub const ROSTER: usize = shoal_sched::pull::ORIGIN_READERS + shoal_sched::pull:
 pub const TTL: Duration = Duration::from_secs(30);
 /// How often a node lists itself and sends its rosters even when nothing changed: every
 /// roster to every peer, so this sets the control traffic of rosters (at most 2 x [`ROSTER`]
-/// entries of ~130 bytes per version and peer: 12.5 KB).
+/// entries of ~130 bytes per version and peer: 4.2 KB).
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// Versions whose rosters are kept (the most recently heard of).
 pub const MAX_VERSIONS: usize = 256;

@@ -491,6 +491,7 @@ fn a_later_reader_owns_only_runs_the_origin_cannot_have_given_yet() {
     let n = 32 * 400;
     let cfg = Config {
         readers_in_order: true,
+        origin_pace: 2_000_000_000,
         ..Config::default()
     };
     let reads = |gap_ms: u64| {
@@ -657,6 +658,7 @@ fn a_reader_far_behind_the_others_is_passed_over_in_about_a_second() {
     let n = 32 * 400;
     let cfg = Config {
         origin_readers: 4,
+        reader_lag: Duration::from_secs(1),
         ..Config::default()
     };
     let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
