@@ -184,9 +184,9 @@ enum Cmd {
         #[arg(long, default_value_t = shoal_sched::pull::ORIGIN_READERS)]
         origin_readers: usize,
         /// A reader that started t after the first owns no run before t x this many bytes
-        /// per second into the version (`pull::Config::origin_pace`; 0, the node's default:
-        /// off).
-        #[arg(long, default_value_t = 0)]
+        /// per second into the version (`pull::Config::origin_pace`, the node's by default;
+        /// 0: off).
+        #[arg(long, default_value_t = shoal_sched::pull::Config::default().origin_pace)]
         origin_pace: u64,
         /// `pull::Config::reader_lag` in milliseconds (0: off, the node's default).
         #[arg(long, default_value_t = 0)]

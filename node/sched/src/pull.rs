@@ -92,19 +92,17 @@ pub struct Config {
     /// The fastest the origin is taken to deliver a version to its readers together, in bytes
     /// per second: a reader that started `t` after the first (by the start times the pullers
     /// give, [`Puller::started_ms`]) owns no run that lies before `t` times this in pack
-    /// order. The readers read their runs in pack order, together at most at the origin's
-    /// rate, so by the time a reader starts every run before that point may have been read
-    /// and every run after it has not: a newcomer takes only runs nobody has read, and never
-    /// reads again what an earlier reader it cannot see has read (pulls that start spread out,
-    /// as jobs do, would otherwise cost origin egress with every reader that joins). Too low,
-    /// and a newcomer may read again what a faster origin already gave; too high, and fewer
-    /// readers share the start of the version. Only with [`Self::readers_in_order`]; 0 (the
-    /// default) turns it off, every reader sharing every run. Off because of real processes:
-    /// in the ten-daemon fleet test (3-4 peers each) 2 GB/s raised origin egress to 1.6-2.0x
-    /// where the simulator shows 1.000x; not traced (a guess: a node that loses its
-    /// connection to the first reader counts it departed and takes over its whole head of
-    /// the version, where only its share moved before). `docs/benchmarks.md`, nineteenth
-    /// session.
+    /// order, nor (the `i`-th to start of `k` readers) before `i/k` of the version, so one
+    /// reader never owns more than a share of the head alone. The readers read their runs in
+    /// pack order, together at most at the origin's rate, so by the time a reader starts
+    /// every run before that point may have been read and every run after it has not: a
+    /// newcomer takes only runs nobody has read, and never reads again what an earlier reader
+    /// it cannot see has read (pulls that start spread out, as jobs do, would otherwise cost
+    /// origin egress with every reader that joins: 64 nodes over 2 s, 1.107x without, 1.000x
+    /// with). Too low, and a newcomer may read again what a faster origin already gave; too
+    /// high, and fewer readers share the start of the version. A run whose owner this node
+    /// saw fail goes to the others by rendezvous, ignoring this. Only with
+    /// [`Self::readers_in_order`]; 0 turns it off (every reader shares every run).
     pub origin_pace: u64,
     /// Peers push what they gain as have-deltas ([`Pull::on_have`]): their whole map is asked
     /// for once, when they appear, not polled every [`Self::have_poll`].
@@ -123,8 +121,8 @@ pub struct Config {
     /// a second at a fast origin rather than a quiet spell ([`Self::stuck`]). Off by default
     /// (`Duration::MAX`): at 1 s, the simulator's hostile fleet at a 200 Mbit origin (8
     /// readers, 5% liars, 3% stallers, 5% killed) read 1.13x the version, against under 1.1x
-    /// without it; at 10 Gbit with 32 readers it took a liar reader's cost from 5.1 s to
-    /// 0.1 s (`docs/benchmarks.md`, nineteenth session). Not yet understood.
+    /// without it (not traced); at 10 Gbit with 32 readers it took a liar reader's cost from
+    /// 5.1 s to 0.1 s (`docs/benchmarks.md`, nineteenth session).
     pub reader_lag: Duration,
 }
 
@@ -132,12 +130,13 @@ pub struct Config {
 /// each reader, so more readers keep a fleet that starts together closer behind the origin
 /// (simulated, 10 Gbit links and origin, 3 zones, 1 GiB: p99 1.16x the link floor at 64 nodes
 /// with 8, 1.12x with 16, 1.10x with 32; at 1,000 nodes 1.27x with 8, 1.14x with 32). But
-/// pulls that start spread out, as jobs do, add readers as they start, and a newcomer that
-/// takes over runs an earlier reader read and it cannot see reads them again (starts spread
-/// over 2 s: origin egress 1.11x with 8, 1.34x with 32). [`Config::origin_pace`] removes that
-/// in simulation (1.000x with either) but not yet with real processes, so the default stays
-/// 8. `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader reads its share
-/// of `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of at least 512 KiB.
+/// pulls that start spread out add readers as they start, and a newcomer's share of the head
+/// (bounded by [`Config::origin_pace`]) may have been read already: 64 nodes over 2 s cost
+/// 1.19x with 32 readers, 1.000x with 8. And a lying reader costs a quiet spell to every node
+/// outside its peers, likelier with more readers ([`Config::reader_lag`]). So the default
+/// stays 8. `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader reads its
+/// share of `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of at least
+/// 512 KiB.
 pub const ORIGIN_READERS: usize = 8;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
@@ -165,7 +164,7 @@ impl Default for Config {
             deadline_slack: Duration::from_secs(2),
             origin_readers: ORIGIN_READERS,
             readers_in_order: false,
-            origin_pace: 0,
+            origin_pace: 2_000_000_000,
             have_deltas: false,
             stuck: Duration::from_secs(5),
             reader_lag: Duration::MAX,
@@ -338,13 +337,13 @@ type View<P> = Vec<(P, Holding)>;
 
 /// What a node's own runs were worked out for: the pullers, whether it reads alone, and how
 /// many runs it had taken over.
-type MyRunsFor<P> = (Readers<P>, bool, usize);
+type MyRunsFor<P> = ((Readers<P>, Readers<P>), bool, usize);
 
 /// The origin readers (seed, key, how far into the version in bytes its runs begin).
 type Readers<P> = Vec<(u64, P, u64)>;
 
-/// Readers and the owner of each run among them.
-type RunOwners<P> = (Readers<P>, Vec<P>);
+/// The readers as chosen and as left, and the owner of each run among them.
+type RunOwners<P> = ((Readers<P>, Readers<P>), Vec<P>);
 
 #[derive(Debug)]
 struct Entry {
@@ -368,8 +367,9 @@ pub struct Pull<P> {
     /// number: runs are `cfg.run` chunks of `porder`).
     porder: Vec<usize>,
     run_of: Vec<usize>,
-    /// Where each run begins in the version, in bytes in pack order.
+    /// Where each run begins in the version, in bytes in pack order, and the version's size.
     run_pos: Vec<u64>,
+    size: u64,
     marks: Marks<P>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
     owners: Option<RunOwners<P>>,
@@ -491,6 +491,7 @@ impl<P: PeerKey> Pull<P> {
             porder,
             run_of,
             run_pos,
+            size: at,
             marks,
             owners: None,
             remaining: missing.len(),
@@ -803,8 +804,9 @@ impl<P: PeerKey> Pull<P> {
         // (`Config::origin_pace`). From the start times the pullers gave; worked out before
         // leaving out those seen to fail, like the readers themselves, so that every node
         // agrees whatever it saw.
+        let size = self.size;
         let mut pullers: Readers<P> = match (&self.members, cfg.readers_in_order) {
-            (Some(members), true) => {
+            (Some(members), true) if cfg.origin_pace > 0 => {
                 let start = |p: &P| members.iter().find(|m| m.id == *p).map(|m| m.started_ms);
                 // This node unlisted yet: it started after every puller listed.
                 let last = members.iter().map(|m| m.started_ms).max().unwrap_or(0);
@@ -813,35 +815,38 @@ impl<P: PeerKey> Pull<P> {
                     .map(|(_, p)| start(p).unwrap_or(last))
                     .collect();
                 let first = starts.iter().copied().min().unwrap_or(0);
+                let k = pullers.len() as u128;
+                // The i-th reader to start (from 0) begins no later than i/k into the
+                // version: one reader never owns more than its share of the head alone.
                 pullers
                     .iter()
                     .zip(starts)
-                    .map(|(&(seed, p), at)| {
+                    .enumerate()
+                    .map(|(i, (&(seed, p), at))| {
                         let ms = (at - first) as u128;
-                        let from = ms * cfg.origin_pace as u128 / 1000;
-                        (seed, p, from.min(u64::MAX as u128) as u64)
+                        let from =
+                            (ms * cfg.origin_pace as u128 / 1000).min(size as u128 * i as u128 / k);
+                        (seed, p, from as u64)
                     })
                     .collect()
             }
             _ => pullers.iter().map(|&(seed, p)| (seed, p, 0)).collect(),
         };
         if self.members.is_some() {
-            // Only readers whose runs begin within the version can show a sign of life.
-            let size = self.run_pos.last().copied().unwrap_or(0);
-            for (_, p, from) in &pullers {
-                if *p != self.me && *from <= size {
+            for (_, p, _) in &pullers {
+                if *p != self.me {
                     self.reader_since.entry(*p).or_insert(now);
                 }
             }
         }
+        // The readers as chosen, where their runs begin, before leaving out those this node
+        // saw fail: each run's owner is worked out among these (every node alike), and only
+        // the runs of one this node left out move, by rendezvous among the rest.
+        let mut chosen = pullers.clone();
+        chosen.sort_by_key(|p| p.1);
         pullers.retain(|(_, p, _)| !failing.contains(p) && !self.departed.contains(p));
         if pullers.is_empty() {
             pullers.push((self.my_seed, self.me, 0));
-        }
-        // The first of those left reads from the beginning.
-        let first = pullers.iter().map(|r| r.2).min().unwrap_or(0);
-        for r in &mut pullers {
-            r.2 -= first;
         }
         let alone = pullers.len() == 1 && pullers[0].1 == self.me;
         pullers.sort_by_key(|p| p.1);
@@ -863,11 +868,11 @@ impl<P: PeerKey> Pull<P> {
             }
         };
         let in_union = |i: usize| bit(&union, i);
-        // Each run's owner, worked out again only when the pullers change.
+        // Each run's owner, worked out again only when the readers change.
         if self
             .owners
             .as_ref()
-            .is_none_or(|(for_, _)| *for_ != pullers)
+            .is_none_or(|(for_, _)| for_.0 != chosen || for_.1 != pullers)
         {
             let owners = self
                 .porder
@@ -875,15 +880,25 @@ impl<P: PeerKey> Pull<P> {
                 .zip(&self.run_pos)
                 .map(|(run, &at)| {
                     let key = self.run_key[run[0]];
-                    pullers
+                    let rank = |r: &&(u64, P, u64)| mix(r.0 ^ key);
+                    let owner = chosen
                         .iter()
                         .filter(|r| r.2 <= at)
-                        .max_by_key(|(seed, _, _)| mix(seed ^ key))
+                        .max_by_key(rank)
                         .map(|r| r.1)
-                        .expect("the first reader owns from the beginning")
+                        .expect("the first reader owns from the beginning");
+                    if pullers.iter().any(|r| r.1 == owner) {
+                        owner
+                    } else {
+                        pullers
+                            .iter()
+                            .max_by_key(rank)
+                            .expect("at least this node")
+                            .1
+                    }
                 })
                 .collect();
-            self.owners = Some((pullers.clone(), owners));
+            self.owners = Some(((chosen.clone(), pullers.clone()), owners));
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
         // Signs of life of the readers: a chunk of a run one owns, held by a peer other than
@@ -1159,7 +1174,7 @@ impl<P: PeerKey> Pull<P> {
                 c.sort_by_key(|&i| (self.run_of[i], i));
                 (c, Vec::new())
             } else {
-                let key = (pullers.clone(), alone, self.taken.len());
+                let key = ((chosen.clone(), pullers.clone()), alone, self.taken.len());
                 if self.my_runs.as_ref().is_none_or(|(k, _)| *k != key) {
                     let mine = (0..self.marks.run_want.len())
                         .filter(|&k| alone || run_owner[k] == self.me || self.taken.contains(&k))

@@ -649,6 +649,52 @@ fn readers_that_show_no_sign_of_life_are_replaced_by_the_next_by_rank() {
     assert_eq!(read_by.len(), n);
 }
 
+/// The first reader to start owns the head of the version alone, but at most its share (the
+/// i-th of k readers begins no later than i/k in), and when a node sees it fail its runs go
+/// to the others by rendezvous: that node reads some of the head, not all of it.
+#[test]
+fn a_failing_first_readers_head_is_shared_by_the_rest() {
+    let t0 = Instant::now();
+    // 512 MB; readers 2 and 3 start 10 s after 1, far past the version at 2 GB/s.
+    let n = 32 * 400;
+    let cfg = Config {
+        readers_in_order: true,
+        origin_pace: 2_000_000_000,
+        ..Config::default()
+    };
+    let members: Vec<Puller<u32>> = [(1, 1_000), (2, 11_000), (3, 11_000)]
+        .iter()
+        .map(|&(id, started_ms)| Puller {
+            seed: seed(id),
+            id,
+            started_ms,
+        })
+        .collect();
+    let runs = |read: &[usize]| {
+        let mut r: Vec<usize> = read.iter().map(|i| i / 32).collect();
+        r.dedup();
+        r
+    };
+    // Reader 2 with 1 well: it owns nothing of the first third (its cap), some after.
+    let mut p = pull_with(cfg.clone(), 2, n, t0);
+    p.set_pullers(Some(members.clone()));
+    let first = origin_reads(&p.poll(t0));
+    let mine = runs(&drain_origin(&mut p, t0, first));
+    let third = 400usize.div_ceil(3);
+    assert!(mine.iter().all(|&k| k >= third), "{:?}", &mine[..4]);
+    assert!(!mine.is_empty());
+    // Reader 1 failing here (a fault): reader 2 reads about half its runs, not all of them.
+    let mut p = pull_with(cfg, 2, n, t0);
+    p.set_pullers(Some(members));
+    let mut one = source(1, Holding::Pulling, t0);
+    one.faults = 1;
+    p.set_source(1, one);
+    let first = origin_reads(&p.poll(t0));
+    let mine = runs(&drain_origin(&mut p, t0, first));
+    let head = mine.iter().filter(|&&k| k < third).count() as f64 / third as f64;
+    assert!((0.3..0.7).contains(&head), "reads {head} of the head");
+}
+
 /// Readers chosen together show life within a poll or two of each other; one that has not
 /// after four times the others' median (at least `reader_lag`) is dead long before a quiet
 /// spell, and the next in line reads its runs.
