@@ -480,6 +480,27 @@ fn only_the_chosen_readers_read_from_the_origin() {
     }
 }
 
+/// Readers in the order they started, and the origin taken to give them 2 GB/s.
+fn paced() -> Config {
+    Config {
+        readers_in_order: true,
+        origin_pace: 2_000_000_000,
+        ..Config::default()
+    }
+}
+
+/// Pullers (id, when it started, in ms), in that order.
+fn started(members: &[(u32, u64)]) -> Vec<Puller<u32>> {
+    members
+        .iter()
+        .map(|&(id, started_ms)| Puller {
+            seed: seed(id),
+            id,
+            started_ms,
+        })
+        .collect()
+}
+
 /// Readers taken in the order they started: one that started later owns no run before what
 /// the origin could have given the readers since (`Config::origin_pace`), so it never takes
 /// over a run an earlier reader may have read; after that point the runs are shared as ever.
@@ -489,24 +510,9 @@ fn a_later_reader_owns_only_runs_the_origin_cannot_have_given_yet() {
     let t0 = Instant::now();
     // 512 MB in runs of 1.28 MB.
     let n = 32 * 400;
-    let cfg = Config {
-        readers_in_order: true,
-        origin_pace: 2_000_000_000,
-        ..Config::default()
-    };
+    let cfg = paced();
     let reads = |gap_ms: u64| {
-        let members = vec![
-            Puller {
-                seed: seed(1),
-                id: 1,
-                started_ms: 1_000,
-            },
-            Puller {
-                seed: seed(2),
-                id: 2,
-                started_ms: 1_000 + gap_ms,
-            },
-        ];
+        let members = started(&[(1, 1_000), (2, 1_000 + gap_ms)]);
         let mut read = Vec::new();
         for me in [1, 2] {
             let mut p = pull_with(cfg.clone(), me, n, t0);
@@ -657,19 +663,8 @@ fn a_failing_first_readers_head_is_shared_by_the_rest() {
     let t0 = Instant::now();
     // 512 MB; readers 2 and 3 start 10 s after 1, far past the version at 2 GB/s.
     let n = 32 * 400;
-    let cfg = Config {
-        readers_in_order: true,
-        origin_pace: 2_000_000_000,
-        ..Config::default()
-    };
-    let members: Vec<Puller<u32>> = [(1, 1_000), (2, 11_000), (3, 11_000)]
-        .iter()
-        .map(|&(id, started_ms)| Puller {
-            seed: seed(id),
-            id,
-            started_ms,
-        })
-        .collect();
+    let cfg = paced();
+    let members = started(&[(1, 1_000), (2, 11_000), (3, 11_000)]);
     let runs = |read: &[usize]| {
         let mut r: Vec<usize> = read.iter().map(|i| i / 32).collect();
         r.dedup();
