@@ -188,9 +188,9 @@ enum Cmd {
         /// 0: off).
         #[arg(long, default_value_t = shoal_sched::pull::Config::default().origin_pace)]
         origin_pace: u64,
-        /// `pull::Config::reader_lag` in milliseconds (0: off, the node's default).
-        #[arg(long, default_value_t = 0)]
-        reader_lag_ms: u64,
+        /// `pull::Config::reader_lag` in milliseconds (the node's by default; 0: off).
+        #[arg(long)]
+        reader_lag_ms: Option<u64>,
     },
     /// Sweep chunk sizes: v2 upload / changed bytes against metadata size, per dataset.
     Chunking {
@@ -876,8 +876,9 @@ fn main() -> Result<()> {
                 origin_readers: (*origin_readers).max(1),
                 origin_pace: *origin_pace,
                 reader_lag: match *reader_lag_ms {
-                    0 => std::time::Duration::MAX,
-                    ms => std::time::Duration::from_millis(ms),
+                    None => shoal_sched::pull::Config::default().reader_lag,
+                    Some(0) => std::time::Duration::MAX,
+                    Some(ms) => std::time::Duration::from_millis(ms),
                 },
                 ..Default::default()
             };

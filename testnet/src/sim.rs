@@ -108,7 +108,7 @@ pub struct Setup {
     pub origin_readers: usize,
     /// `pull::Config::origin_pace` (the node's by default; 0: off).
     pub origin_pace: u64,
-    /// `pull::Config::reader_lag` (`Duration::MAX`: off, the node's default).
+    /// `pull::Config::reader_lag` (the node's by default; `Duration::MAX`: off).
     pub reader_lag: Duration,
 }
 
