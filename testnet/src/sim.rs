@@ -22,16 +22,18 @@
 //! push the chunks they gain as have-deltas; and
 //! a content router (the provider records of the version's key: Kademlia, or a tracker)
 //! answers a lookup with the version's origin-reader candidates (the first
-//! `origin_readers` + `SPARE_READERS` pullers by start, or by rendezvous on the version key), takes `router_delay` to
-//! answer and to see a registration, pushes a new answer to the version's pullers when its
+//! `origin_readers` + `SPARE_READERS` pullers by start, or by rendezvous on the version
+//! key), takes `router_delay` to answer and to see a registration, pushes a new answer to
+//! the version's pullers when its
 //! candidates change, and drops a dead node `detect` after it died.
 //!
 //! Options: churn (a fraction of the nodes killed part-way, back a few seconds later with
 //! what they had stored, as `swarm-netns --kill` does), stallers (nodes that advertise every
 //! chunk and never answer a request), liars (nodes that advertise every
 //! chunk and answer "not here" to everything), staggered starts (pulls spread over a span,
-//! each timed from its own start), readers chosen by when they started rather than by rank
-//! (an experiment the node does not do), and the seed of every random choice. The
+//! each timed from its own start), readers by rank rather than by when they started (the
+//! node's way before the fourteenth session), the origin pace and reader lag of the
+//! scheduler's [`pull::Config`], and the seed of every random choice. The
 //! drivers' penalties are those of the node: [`MISSES_PER_FAULT`] "not here" answers for
 //! advertised chunks are a fault, [`MAX_FAULTS`] faults a ban.
 
@@ -2002,13 +2004,15 @@ mod tests {
         });
         let paced = run(&fast_fleet(spread, true));
         eprintln!(
-            "together: last {:.3} s, origin {:.3}x; over 300 ms, readers by rank: last {:.3} s, origin {:.3}x; readers by start: last {:.3} s, origin {:.3}x",
+            "together: last {:.3} s, origin {:.3}x; over 300 ms, readers by rank: last {:.3} s, origin {:.3}x; by start without pace: last {:.3} s, origin {:.3}x; with pace: last {:.3} s, origin {:.3}x",
             together.last_s,
             together.origin_egress,
             staggered.last_s,
             staggered.origin_egress,
             by_start.last_s,
-            by_start.origin_egress
+            by_start.origin_egress,
+            paced.last_s,
+            paced.origin_egress
         );
         let from_first = spread.as_secs_f64() + together.link_floor_s;
         for r in [&staggered, &by_start, &paced] {

@@ -133,9 +133,9 @@ pub struct Config {
 /// pulls that start spread out add readers as they start, and a newcomer's share of the head
 /// (bounded by [`Config::origin_pace`]) may have been read already: 64 nodes over 2 s cost
 /// 1.19x with 32 readers, 1.000x with 8. So the default stays 8. (A lying reader, likelier
-/// with more readers, is passed over in about a second: [`Config::reader_lag`].) `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader reads its
-/// share of `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of at least
-/// 512 KiB.
+/// with more readers, is passed over in about a second: [`Config::reader_lag`].)
+/// `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader reads its share of
+/// `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of at least 512 KiB.
 pub const ORIGIN_READERS: usize = 8;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
@@ -430,8 +430,8 @@ pub struct Pull<P> {
     /// origin readers, and the members that showed a sign of life since (a chunk of a run it
     /// owns held by a peer in view other than itself) or were judged dead: a reader that
     /// shows none within a quiet spell of being chosen (or, chosen as this pull began, within
-    /// twice what the slowest of the others took, `Config::reader_lag`) is left out *before* the
-    /// readers are chosen, by every node alike (a node that does not exist, listed by a
+    /// twice what the slowest of the others took, `Config::reader_lag`) is left out *before*
+    /// the readers are chosen, by every node alike (a node that does not exist, listed by a
     /// hostile member, shows none to anyone), and the next by rank reads in its place.
     /// Members judged dead stay so (a later sign may be another node's takeover of its
     /// runs). With each live one, how long it took to show life if it was chosen as this
@@ -624,6 +624,12 @@ impl<P: PeerKey> Pull<P> {
         )
     }
 
+    /// Until when readers count as chosen as this pull began (its settling period): those
+    /// are all timed from the same moment (`Config::reader_lag`).
+    fn began(&self) -> Instant {
+        self.started + self.cfg.settle
+    }
+
     /// How long landings may pause before this node reads a wanted chunk nobody in view has.
     fn stuck_after(&self) -> Duration {
         self.cfg.stuck.max(self.max_gap * 4)
@@ -741,7 +747,7 @@ impl<P: PeerKey> Pull<P> {
             // moment: one chosen later may be a newcomer whose first reads take an origin's
             // round, or one long under way whose runs show at once.)
             let spell = self.stuck_after();
-            let early = self.started + cfg.settle;
+            let early = self.began();
             let shown = self.alive.values().filter(|t| t.is_some()).count();
             let slowest = self.alive.values().filter_map(|t| *t).max();
             let waiting = self
@@ -929,8 +935,8 @@ impl<P: PeerKey> Pull<P> {
                     .any(|(_, run)| run.iter().any(|&i| bit(&others, i)));
                 if shown {
                     let since = self.reader_since.get(&o).copied().unwrap_or(now);
-                    let early = since <= self.started + cfg.settle;
-                    let took = early.then(|| now.saturating_duration_since(since));
+                    let took =
+                        (since <= self.began()).then(|| now.saturating_duration_since(since));
                     self.alive.insert(o, took);
                 }
             }
