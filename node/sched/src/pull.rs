@@ -136,7 +136,7 @@ pub struct Config {
 /// with more readers, is passed over in about a second: [`Config::reader_lag`].)
 /// `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader reads its share of
 /// `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of at least 512 KiB.
-pub const ORIGIN_READERS: usize = 8;
+pub const ORIGIN_READERS: usize = 32;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
 /// reader that fails has a successor everyone knows (`shoal_swarm::roster::ROSTER`).
@@ -789,7 +789,14 @@ impl<P: PeerKey> Pull<P> {
                         .filter(|p| !dead.contains(&p.id))
                         .map(|p| (p.seed, p.id))
                         .collect();
-                    if !v.iter().any(|(_, p)| *p == self.me) {
+                    // Unlisted, this node started after every puller listed. With room in
+                    // the listing it is not listed yet, and comes next; with none, others
+                    // may have started before it that it cannot see (each such node taking
+                    // itself for the next reader would read what the others read: a roster
+                    // filled with early phantoms, 1.29x), so it reads only once every listed
+                    // puller is dead, with the pullers in view (above).
+                    let room = members.len() < cfg.origin_readers + SPARE_READERS;
+                    if room && !v.iter().any(|(_, p)| *p == self.me) {
                         v.push((self.my_seed, self.me));
                     }
                     v
@@ -828,17 +835,12 @@ impl<P: PeerKey> Pull<P> {
                     .map(|(_, p)| start(p).unwrap_or(last))
                     .collect();
                 let first = starts.iter().copied().min().unwrap_or(0);
-                let k = pullers.len() as u128;
-                // The i-th reader to start (from 0) begins no later than i/k into the
-                // version: one reader never owns more than its share of the head alone.
                 pullers
                     .iter()
                     .zip(starts)
-                    .enumerate()
-                    .map(|(i, (&(seed, p), at))| {
+                    .map(|(&(seed, p), at)| {
                         let ms = (at - first) as u128;
-                        let from =
-                            (ms * cfg.origin_pace as u128 / 1000).min(size as u128 * i as u128 / k);
+                        let from = (ms * cfg.origin_pace as u128 / 1000).min(size as u128);
                         (seed, p, from as u64)
                     })
                     .collect()
@@ -915,12 +917,23 @@ impl<P: PeerKey> Pull<P> {
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
         // Signs of life of the readers: a chunk of a run one owns, held by a peer other than
-        // itself (its own map may claim anything). Only while a reader is undecided.
+        // itself (its own map may claim anything). Only while a reader is undecided, and not
+        // in the last `settle` of its quiet spell: nodes that chose it a little earlier (their
+        // pulls began earlier) have judged it dead by then and read its runs themselves, and
+        // their reads would pass for its own (a roster of phantoms: one node of four kept six
+        // for alive and read nothing of its share until its next quiet spell).
         if polled && self.members.is_some() {
+            let spell = self.stuck_after();
+            let late = |p: &P| {
+                self.reader_since
+                    .get(p)
+                    .is_some_and(|t| now.saturating_duration_since(*t) + cfg.settle >= spell)
+            };
             let undecided: Vec<P> = pullers
                 .iter()
                 .map(|r| r.1)
                 .filter(|p| *p != self.me && !self.alive.contains_key(p) && !self.dead.contains(p))
+                .filter(|p| !late(p))
                 .collect();
             for o in undecided {
                 let others = held_by(
