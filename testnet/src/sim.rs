@@ -1993,18 +1993,23 @@ mod tests {
     fn staggered_pulls_finish_each_timed_from_its_own_start() {
         let spread = Duration::from_millis(300);
         let together = run(&fast_fleet(Duration::ZERO, true));
-        let staggered = run(&fast_fleet(spread, false));
+        // Fewer readers than nodes, for the two ways of choosing them to differ.
+        let eight = |s: Setup| Setup {
+            origin_readers: 8,
+            ..s
+        };
+        let staggered = run(&eight(fast_fleet(spread, false)));
         assert_eq!(staggered.unfinished, 0, "{staggered:?}");
         // Timed from each start, not from the first (the last starts near 0.3 s, so timed
         // from the first it would take 0.3 s plus the link floor or more), and the fleet
         // still reads the version at least once.
-        let by_start = run(&Setup {
+        let by_start = run(&eight(Setup {
             origin_pace: 0,
             ..fast_fleet(spread, true)
-        });
+        }));
         let paced = run(&fast_fleet(spread, true));
         eprintln!(
-            "together: last {:.3} s, origin {:.3}x; over 300 ms, readers by rank: last {:.3} s, origin {:.3}x; by start without pace: last {:.3} s, origin {:.3}x; with pace: last {:.3} s, origin {:.3}x",
+            "together: last {:.3} s, origin {:.3}x; over 300 ms, 8 readers by rank: last {:.3} s, origin {:.3}x; 8 by start without pace: last {:.3} s, origin {:.3}x; with pace (32): last {:.3} s, origin {:.3}x",
             together.last_s,
             together.origin_egress,
             staggered.last_s,
