@@ -92,16 +92,18 @@ pub struct Config {
     /// The fastest the origin is taken to deliver a version to its readers together, in bytes
     /// per second: a reader that started `t` after the first (by the start times the pullers
     /// give, [`Puller::started_ms`]) owns no run that lies before `t` times this in pack
-    /// order, nor (the `i`-th to start of `k` readers) before `i/k` of the version, so one
-    /// reader never owns more than a share of the head alone. The readers read their runs in
-    /// pack order, together at most at the origin's rate, so by the time a reader starts
-    /// every run before that point may have been read and every run after it has not: a
-    /// newcomer takes only runs nobody has read, and never reads again what an earlier reader
-    /// it cannot see has read (pulls that start spread out, as jobs do, would otherwise cost
-    /// origin egress with every reader that joins: 64 nodes over 2 s, 1.107x without, 1.000x
-    /// with). Too low, and a newcomer may read again what a faster origin already gave; too
-    /// high, and fewer readers share the start of the version. A run whose owner this node
-    /// saw fail goes to the others by rendezvous, ignoring this. Only with
+    /// order. The readers read their runs in pack order, together at most at the origin's
+    /// rate, so by the time a reader starts every run before that point may have been read
+    /// and every run after it has not: a newcomer takes only runs nobody has read, and never
+    /// reads again what an earlier reader it cannot see has read (pulls that start spread
+    /// out, as jobs do, would otherwise cost origin egress with every reader that joins: 64
+    /// nodes over 2 s, 1.107x without with 8 readers, 1.343x with 32; 1.000x with). Too low,
+    /// and a newcomer may read again what a faster origin already gave; too high, and fewer
+    /// readers share the start of the version (pulls started 20 ms apart leave the first
+    /// 40 MB to the first reader alone). A run whose owner this node saw fail goes to the
+    /// others by rendezvous, ignoring this (bounding each reader's head to its share instead,
+    /// as once, cost 1.19x over a 2 s spread with 32 readers: a later reader's share began
+    /// before what the origin had given by then). Only with
     /// [`Self::readers_in_order`]; 0 turns it off (every reader shares every run).
     pub origin_pace: u64,
     /// Peers push what they gain as have-deltas ([`Pull::on_have`]): their whole map is asked
@@ -129,13 +131,13 @@ pub struct Config {
 /// How many of a version's pullers read from the origin, by default. Data enters the swarm at
 /// each reader, so more readers keep a fleet that starts together closer behind the origin
 /// (simulated, 10 Gbit links and origin, 3 zones, 1 GiB: p99 1.16x the link floor at 64 nodes
-/// with 8, 1.12x with 16, 1.10x with 32; at 1,000 nodes 1.27x with 8, 1.14x with 32). But
-/// pulls that start spread out add readers as they start, and a newcomer's share of the head
-/// (bounded by [`Config::origin_pace`]) may have been read already: 64 nodes over 2 s cost
-/// 1.19x with 32 readers, 1.000x with 8. So the default stays 8. (A lying reader, likelier
-/// with more readers, is passed over in about a second: [`Config::reader_lag`].)
-/// `docs/benchmarks.md`, eighteenth and nineteenth sessions. Each reader reads its share of
-/// `origin_parallel` x `origin_batch` (16 MiB), in at least two reads of at least 512 KiB.
+/// with 8, 1.12x with 16, 1.10x with 32; at 1,000 nodes 1.27x with 8, 1.14x with 32). Pulls
+/// that start spread out add readers as they start; [`Config::origin_pace`] keeps each
+/// newcomer off what earlier readers may have read (64 nodes over 2 s: 1.000x with 32). A
+/// lying reader, likelier with more readers, is passed over in about a second
+/// ([`Config::reader_lag`]). `docs/benchmarks.md`, eighteenth to twentieth sessions. Each
+/// reader reads its share of `origin_parallel` x `origin_batch` (16 MiB), in at least two
+/// reads of at least 512 KiB.
 pub const ORIGIN_READERS: usize = 32;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
