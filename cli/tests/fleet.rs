@@ -155,3 +155,43 @@ fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
         "the pulls took {took:?}"
     );
 }
+
+/// A reader that never reads (a puller listed first that does not exist: the one a lying or
+/// stalled node nobody can see would be) is passed over in about a second once the other
+/// readers have shown life, not after a quiet spell (`reader_lag`): every pull reports it so.
+#[test]
+fn a_reader_that_never_reads_is_passed_over_once_the_others_show_life() {
+    let _one = one_at_a_time();
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    let bytes = common::cluster::dataset(&src);
+    let root = root_of(&c.publish(&src, "ds@v1"));
+    let ids = four_connected_nodes(&mut c);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let target: shoal_node::swarm::Multiaddr = c.nodes[ids[0]].addr.parse().unwrap();
+    let _flood =
+        rt.block_on(async { shoal_testnet::hostile::roster_flooder(target, root, 1, None) });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let reports = pull_at_once(&c, &ids, "ds@v1", &src);
+    let took = started.elapsed();
+    let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
+    let seconds: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{:.1}", r["seconds"].as_f64().unwrap()))
+        .collect();
+    eprintln!(
+        "4 pulls with a phantom reader listed first: {:.1} s ({} s each), origin {:.3}x the version",
+        took.as_secs_f64(),
+        seconds.join(", "),
+        origin as f64 / bytes as f64
+    );
+    for r in &reports {
+        assert_eq!(u(r, "readers_passed_over"), 1, "{r}");
+        assert_eq!(u(r, "readers_passed_over_by_lag"), 1, "{r}");
+    }
+    assert!(
+        origin < bytes + bytes / 5,
+        "origin served {origin} bytes for a {bytes}-byte version to 4 nodes"
+    );
+}

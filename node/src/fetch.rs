@@ -194,6 +194,8 @@ pub async fn fetch(
     tracing::info!(
         from_peers = got.from_peers,
         from_origin = got.from_origin,
+        readers_passed_over = got.readers_passed_over,
+        by_lag = got.readers_passed_over_by_lag,
         secs = started.elapsed().as_secs_f64(),
         "fetched"
     );

@@ -37,6 +37,13 @@ pub struct PullReport {
     pub bytes_from_peers: u64,
     pub bytes_already_local: u64,
     pub seconds: f64,
+    /// Origin readers this pull passed over for showing no sign of life, and of those, how
+    /// many within about a second of the others showing theirs (`reader_lag`) rather than
+    /// after a quiet spell.
+    #[serde(default)]
+    pub readers_passed_over: u64,
+    #[serde(default)]
+    pub readers_passed_over_by_lag: u64,
 }
 
 /// While a pull runs: counted as active; if it fails, peers are told it stopped.
@@ -253,8 +260,8 @@ impl Node {
                     .fetch_origin(ids, Some(progress))
                     .await
                     .map(|()| Fetched {
-                        from_peers: 0,
                         from_origin: need,
+                        ..Fetched::default()
                     })
             }
         };
@@ -329,6 +336,8 @@ impl Node {
             bytes_from_peers: fetched.from_peers,
             bytes_already_local: local_bytes,
             seconds: started.elapsed().as_secs_f64(),
+            readers_passed_over: fetched.readers_passed_over as u64,
+            readers_passed_over_by_lag: fetched.readers_passed_over_by_lag as u64,
         })
     }
 }

@@ -140,6 +140,18 @@ pub struct Config {
 /// reads of at least 512 KiB.
 pub const ORIGIN_READERS: usize = 32;
 
+/// A reader's runs begin at most this fraction of the rest of the version past the previous
+/// reader's (by start), whatever the gap between their starts ([`Config::origin_pace`]): a
+/// puller listed as started long before the others (a lying roster member's claim) owns a
+/// quarter of the version alone, not all of it, and every reader owns some of the tail, so
+/// the others own runs of their own, show life on them, and pass it over in about a second
+/// if it reads nothing ([`Config::reader_lag`]). (Bounding each reader to `i/k` of the
+/// version instead, the i-th of k to start, cost 1.19x the version from the origin over a
+/// 2 s spread with 32 readers: the shares began before what the origin had given by then.
+/// Gaps of a quarter of the rest at 2 GB/s, 134 ms at the start of 1 GiB, are rarer between
+/// consecutive readers.)
+pub const PACE_LEAD: u64 = 4;
+
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
 /// reader that fails has a successor everyone knows (`shoal_swarm::roster::ROSTER`).
 pub const SPARE_READERS: usize = 8;
@@ -282,6 +294,10 @@ pub struct GiveUp {
 pub struct Fetched {
     pub from_peers: u64,
     pub from_origin: u64,
+    /// Origin readers passed over for showing no sign of life (`Config::reader_lag` or a
+    /// quiet spell), and of those, how many by `reader_lag`.
+    pub readers_passed_over: u32,
+    pub readers_passed_over_by_lag: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -750,13 +766,21 @@ impl<P: PeerKey> Pull<P> {
             // round, or one long under way whose runs show at once.)
             let spell = self.stuck_after();
             let early = self.began();
+            // A reader that owns no run (its runs begin past the version's end, or it won
+            // none) cannot show life: it is neither waited for nor judged.
+            let owning: HashSet<P> = self
+                .owners
+                .as_ref()
+                .map(|(_, o)| o.iter().copied().collect())
+                .unwrap_or_default();
+            let owns = |p: &P| self.owners.is_none() || owning.contains(p);
             let shown = self.alive.values().filter(|t| t.is_some()).count();
             let slowest = self.alive.values().filter_map(|t| *t).max();
             let waiting = self
                 .reader_since
                 .iter()
                 .filter(|(p, t)| **t <= early && !self.alive.contains_key(p))
-                .filter(|(p, _)| !self.dead.contains(p))
+                .filter(|(p, _)| !self.dead.contains(p) && owns(p))
                 .count();
             // All but an eighth of them (at least one) have shown life: the rest have twice
             // what the slowest of those took (at least `reader_lag`). Readers served unevenly
@@ -765,14 +789,20 @@ impl<P: PeerKey> Pull<P> {
             let lag = (shown >= 3 && waiting <= (shown + waiting).div_ceil(8))
                 .then(|| spell.min((slowest.unwrap_or_default() * 2).max(cfg.reader_lag)));
             for Puller { id: p, .. } in members {
-                if *p == self.me || self.alive.contains_key(p) || self.dead.contains(p) {
+                if *p == self.me || self.alive.contains_key(p) || self.dead.contains(p) || !owns(p)
+                {
                     continue;
                 }
                 let Some(since) = self.reader_since.get(p) else {
                     continue;
                 };
                 let waited = now.saturating_duration_since(*since);
-                if waited >= spell || (*since <= early && lag.is_some_and(|l| waited >= l)) {
+                let by_lag = *since <= early && lag.is_some_and(|l| waited >= l);
+                if waited >= spell || by_lag {
+                    self.fetched.readers_passed_over += 1;
+                    if waited < spell {
+                        self.fetched.readers_passed_over_by_lag += 1;
+                    }
                     self.dead.insert(*p);
                 }
             }
@@ -836,15 +866,30 @@ impl<P: PeerKey> Pull<P> {
                     .iter()
                     .map(|(_, p)| start(p).unwrap_or(last))
                     .collect();
-                let first = starts.iter().copied().min().unwrap_or(0);
+                // In order of start: each reader's runs begin where the previous one's did,
+                // plus what the origin could give in between, but at most a `PACE_LEAD`th of
+                // what lies beyond (so every reader owns some of the tail).
+                let mut by_start: Vec<usize> = (0..starts.len()).collect();
+                by_start.sort_by_key(|&i| starts[i]);
+                let mut from = vec![0u64; starts.len()];
+                let mut prev: Option<(u64, u64)> = None;
+                for i in by_start {
+                    let at = starts[i];
+                    from[i] = match prev {
+                        None => 0,
+                        Some((at0, from0)) => {
+                            let ms = (at - at0) as u128;
+                            let gained = (ms * cfg.origin_pace as u128 / 1000)
+                                .min(((size - from0) / PACE_LEAD) as u128);
+                            from0 + gained as u64
+                        }
+                    };
+                    prev = Some((at, from[i]));
+                }
                 pullers
                     .iter()
-                    .zip(starts)
-                    .map(|(&(seed, p), at)| {
-                        let ms = (at - first) as u128;
-                        let from = (ms * cfg.origin_pace as u128 / 1000).min(size as u128);
-                        (seed, p, from as u64)
-                    })
+                    .zip(from)
+                    .map(|(&(seed, p), from)| (seed, p, from))
                     .collect()
             }
             _ => pullers.iter().map(|&(seed, p)| (seed, p, 0)).collect(),
