@@ -725,6 +725,8 @@ impl<P: PeerKey> Pull<P> {
         // Who has what, as last heard; who is pulling (for origin offload).
         let mut views: Vec<(P, &Entry)> = Vec::new();
         let mut pullers = vec![(self.my_seed, self.me)];
+        // Readers taken in order from the content routing's list, already bounded.
+        let mut ordered = false;
         // Pullers seen to fail: they read nothing for the others (their runs are taken over).
         let mut failing: Vec<P> = Vec::new();
         let (mut announced, mut unmapped) = (0, 0);
@@ -786,7 +788,7 @@ impl<P: PeerKey> Pull<P> {
             // what the slowest of those took (at least `reader_lag`). Readers served unevenly
             // by a slow origin show life at different times; the last few of an honest set
             // are not far behind the slowest that did.
-            let lag = (shown >= 3 && waiting <= (shown + waiting).div_ceil(8))
+            let lag = (shown >= 2 && waiting <= (shown + waiting).div_ceil(8))
                 .then(|| spell.min((slowest.unwrap_or_default() * 2).max(cfg.reader_lag)));
             for Puller { id: p, .. } in members {
                 if *p == self.me || self.alive.contains_key(p) || self.dead.contains(p) || !owns(p)
@@ -816,11 +818,20 @@ impl<P: PeerKey> Pull<P> {
             // pullers in view, as in a full mesh, rather than this node alone.
             if !listed.is_empty() || members.iter().all(|p| p.id == self.me) {
                 pullers = if cfg.readers_in_order {
-                    let mut v: Vec<(u64, P)> = members
-                        .iter()
-                        .filter(|p| !dead.contains(&p.id))
-                        .map(|p| (p.seed, p.id))
-                        .collect();
+                    // The first `origin_readers` listed that are not dead, with the dead met
+                    // on the way: those keep their place (where the runs of the others begin
+                    // does not move) and hand their runs to a successor.
+                    let mut v: Vec<(u64, P)> = Vec::new();
+                    let mut live = 0;
+                    for m in members {
+                        if live >= cfg.origin_readers.max(1) {
+                            break;
+                        }
+                        v.push((m.seed, m.id));
+                        if !dead.contains(&m.id) {
+                            live += 1;
+                        }
+                    }
                     // Unlisted, this node started after every puller listed. With room in
                     // the listing it is not listed yet, and comes next; with none, others
                     // may have started before it that it cannot see (each such node taking
@@ -828,9 +839,13 @@ impl<P: PeerKey> Pull<P> {
                     // filled with early phantoms, 1.29x), so it reads only once every listed
                     // puller is dead, with the pullers in view (above).
                     let room = members.len() < cfg.origin_readers + SPARE_READERS;
-                    if room && !v.iter().any(|(_, p)| *p == self.me) {
+                    if room
+                        && live < cfg.origin_readers.max(1)
+                        && !members.iter().any(|m| m.id == self.me)
+                    {
                         v.push((self.my_seed, self.me));
                     }
+                    ordered = true;
                     v
                 } else {
                     listed
@@ -844,7 +859,7 @@ impl<P: PeerKey> Pull<P> {
         // fail (chosen before, not after, leaving those out: then only a failing reader's
         // runs move, and nodes that saw it fail and nodes that did not still agree on the
         // owner of every other run).
-        if pullers.len() > cfg.origin_readers.max(1) {
+        if !ordered && pullers.len() > cfg.origin_readers.max(1) {
             let key = self.key;
             if !(cfg.readers_in_order && self.members.is_some()) {
                 pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
@@ -902,11 +917,13 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         // The readers as chosen, where their runs begin, before leaving out those this node
-        // saw fail: each run's owner is worked out among these (every node alike), and only
-        // the runs of one this node left out move, by rendezvous among the rest.
+        // saw fail or judged dead: each run's owner is worked out among these (every node
+        // alike), and only the runs of one this node left out move, all to one successor.
         let mut chosen = pullers.clone();
         chosen.sort_by_key(|p| p.1);
-        pullers.retain(|(_, p, _)| !failing.contains(p) && !self.departed.contains(p));
+        pullers.retain(|(_, p, _)| {
+            !failing.contains(p) && !self.departed.contains(p) && !self.dead.contains(p)
+        });
         if pullers.is_empty() {
             pullers.push((self.my_seed, self.me, 0));
         }
@@ -943,18 +960,25 @@ impl<P: PeerKey> Pull<P> {
                 .map(|(run, &at)| {
                     let key = self.run_key[run[0]];
                     let rank = |r: &&(u64, P, u64)| mix(r.0 ^ key);
-                    let owner = chosen
+                    let (seed, owner) = chosen
                         .iter()
                         .filter(|r| r.2 <= at)
                         .max_by_key(rank)
-                        .map(|r| r.1)
+                        .map(|r| (r.0, r.1))
                         .expect("the first reader owns from the beginning");
                     if pullers.iter().any(|r| r.1 == owner) {
                         owner
                     } else {
+                        // Its successor, by rendezvous on the reader rather than the run: one
+                        // node takes all its runs, so only that node's judgement matters. (Its
+                        // runs spread over the others, a node that judged it dead later than
+                        // another saw the other's reads of its runs first, took them for its
+                        // own, and read nothing of its share until a quiet spell: a phantom
+                        // reader cost real pulls 1.3 to 24 s.)
+                        let key = mix(seed ^ self.key);
                         pullers
                             .iter()
-                            .max_by_key(rank)
+                            .max_by_key(|r| mix(r.0 ^ key))
                             .expect("at least this node")
                             .1
                     }
