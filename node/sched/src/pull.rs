@@ -1007,16 +1007,23 @@ impl<P: PeerKey> Pull<P> {
                 .filter(|p| !late(p))
                 .collect();
             for o in undecided {
-                let others = held_by(
-                    words,
-                    views.iter().filter(|(p, _)| *p != o).map(|(_, e)| *e),
-                );
-                let shown = self
-                    .porder
-                    .chunks(cfg.run)
-                    .enumerate()
-                    .filter(|(k, _)| run_owner[*k] == o)
-                    .any(|(_, run)| run.iter().any(|&i| bit(&others, i)));
+                // In view with no fault caught, a reader is judged by what this node sees of
+                // it (faults, silence, a map that stops growing), not by signs through others:
+                // honest readers spend their first second settling, and seen through the
+                // others' maps only, one whose runs they fetched last showed life late enough
+                // to be passed over in a pull of a second (up to 1.5x the version read).
+                let in_view = views.iter().any(|(p, e)| *p == o && e.info.faults == 0);
+                let shown = in_view || {
+                    let others = held_by(
+                        words,
+                        views.iter().filter(|(p, _)| *p != o).map(|(_, e)| *e),
+                    );
+                    self.porder
+                        .chunks(cfg.run)
+                        .enumerate()
+                        .filter(|(k, _)| run_owner[*k] == o)
+                        .any(|(_, run)| run.iter().any(|&i| bit(&others, i)))
+                };
                 if shown {
                     let since = self.reader_since.get(&o).copied().unwrap_or(now);
                     let took =
