@@ -671,10 +671,10 @@ fn readers_that_show_no_sign_of_life_are_replaced_by_the_next_by_rank() {
 }
 
 /// The first reader to start owns what the origin could give before the others started, up
-/// to a quarter of the version (`PACE_LEAD`), and when nodes see it fail its runs go to one
-/// successor, the same for all of them: between them they read every run once.
+/// to a quarter of the version (`PACE_LEAD`), and when nodes see it fail (a fault) its runs
+/// are shared by the rest by rendezvous: between them they read every run once.
 #[test]
-fn a_failing_first_readers_runs_go_to_one_successor() {
+fn a_failing_first_readers_runs_are_shared_by_the_rest() {
     let t0 = Instant::now();
     // 512 MB; readers 2 and 3 start 10 s after 1, far past the version at 2 GB/s.
     let n = 32 * 400;
@@ -692,8 +692,8 @@ fn a_failing_first_readers_runs_go_to_one_successor() {
     let well = runs(&drain_origin(&mut p, t0, first));
     assert!(well.iter().all(|&k| k >= 100), "{:?}", &well[..4]);
     assert!(!well.is_empty());
-    // Reader 1 failing at 2 and 3 (a fault): one of them reads all its runs, the other none
-    // of them, and every run is read once.
+    // Reader 1 failing at 2 and 3 (a fault): each reads some of its runs, and every run is
+    // read once.
     let mut read = Vec::new();
     for me in [2, 3] {
         let mut p = pull_with(cfg.clone(), me, n, t0);
@@ -705,12 +705,52 @@ fn a_failing_first_readers_runs_go_to_one_successor() {
         read.push(runs(&drain_origin(&mut p, t0, first)));
     }
     let head = |r: &[usize]| r.iter().filter(|&&k| k < 100).count();
-    let mut heads = [head(&read[0]), head(&read[1])];
-    heads.sort();
-    assert_eq!(heads, [0, 100], "the first quarter's runs");
+    let heads = [head(&read[0]), head(&read[1])];
+    assert!(
+        heads.iter().all(|&h| (30..70).contains(&h)),
+        "the first quarter's runs: {heads:?}"
+    );
     let mut all: Vec<usize> = read.concat();
     all.sort();
     assert!(all.iter().copied().eq(0..400), "every run once");
+}
+
+/// A reader that shows no life hands all its runs to one successor, the same for every node
+/// (by rendezvous on the reader, not the run): only that node's judgement matters, and nodes
+/// that judged it later cannot take the successor's reads for its own.
+#[test]
+fn a_dead_readers_runs_all_go_to_one_successor() {
+    let t0 = Instant::now();
+    let n = 32 * 400;
+    let cfg = paced();
+    // 1 never reads; 2 and 3 see each other.
+    let members = started(&[(1, 1_000), (2, 1_000), (3, 1_000)]);
+    let runs = |read: &[usize]| {
+        let mut r: Vec<usize> = read.iter().map(|i| i / 32).collect();
+        r.dedup();
+        r
+    };
+    let mut read = Vec::new();
+    for (me, other) in [(2, 3), (3, 2)] {
+        let mut p = pull_with(cfg.clone(), me, n, t0);
+        p.set_pullers(Some(members.clone()));
+        p.set_source(other, source(other, Holding::Pulling, t0));
+        p.set_have(other, Some(HaveMap::new(n)), true);
+        let first = origin_reads(&p.poll(t0));
+        let mut mine = runs(&drain_origin(&mut p, t0, first));
+        // A quiet spell on, 1 is dead.
+        let first = origin_reads(&p.poll(t(t0, 6_000)));
+        mine.extend(runs(&drain_origin(&mut p, t(t0, 6_000), first)));
+        mine.sort();
+        read.push(mine);
+    }
+    let shares = [read[0].len(), read[1].len()];
+    let mut all = read.concat();
+    all.sort();
+    assert!(all.iter().copied().eq(0..400), "every run once: {shares:?}");
+    // One took 1's third whole: about two thirds against one.
+    let (lo, hi) = (shares[0].min(shares[1]), shares[0].max(shares[1]));
+    assert!(lo < 170 && hi > 230, "{shares:?}");
 }
 
 /// A roster full of pullers that started earlier (the most it lists) leaves out those that
