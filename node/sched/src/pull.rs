@@ -390,6 +390,8 @@ pub struct Pull<P> {
     marks: Marks<P>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
     owners: Option<RunOwners<P>>,
+    /// Per run: whether this node would read it if its owner were left out (its successor).
+    mine_if_out: Vec<bool>,
     remaining: usize,
     avoid: HashMap<usize, Vec<P>>,
     origin_tries: HashMap<usize, u32>,
@@ -511,6 +513,7 @@ impl<P: PeerKey> Pull<P> {
             size: at,
             marks,
             owners: None,
+            mine_if_out: Vec::new(),
             remaining: missing.len(),
             avoid: HashMap::default(),
             origin_tries: HashMap::default(),
@@ -727,6 +730,8 @@ impl<P: PeerKey> Pull<P> {
         let mut pullers = vec![(self.my_seed, self.me)];
         // Readers taken in order from the content routing's list, already bounded.
         let mut ordered = false;
+        // How long readers chosen as this pull began have to show life, once judged by it.
+        let mut frame_lag: Option<Duration> = None;
         // Pullers seen to fail: they read nothing for the others (their runs are taken over).
         let mut failing: Vec<P> = Vec::new();
         let (mut announced, mut unmapped) = (0, 0);
@@ -790,6 +795,7 @@ impl<P: PeerKey> Pull<P> {
             // are not far behind the slowest that did.
             let lag = (shown >= 3 && waiting <= (shown + waiting).div_ceil(8))
                 .then(|| spell.min((slowest.unwrap_or_default() * 2).max(cfg.reader_lag)));
+            frame_lag = lag;
             for Puller { id: p, .. } in members {
                 if *p == self.me || self.alive.contains_key(p) || self.dead.contains(p) || !owns(p)
                 {
@@ -953,6 +959,7 @@ impl<P: PeerKey> Pull<P> {
             .as_ref()
             .is_none_or(|(for_, _)| for_.0 != chosen || for_.1 != pullers)
         {
+            let mut mine_if_out = Vec::with_capacity(self.run_pos.len());
             let owners = self
                 .porder
                 .chunks(cfg.run)
@@ -960,38 +967,37 @@ impl<P: PeerKey> Pull<P> {
                 .map(|(run, &at)| {
                     let key = self.run_key[run[0]];
                     let rank = |r: &&(u64, P, u64)| mix(r.0 ^ key);
-                    let (seed, owner) = chosen
+                    let owner = chosen
                         .iter()
                         .filter(|r| r.2 <= at)
                         .max_by_key(rank)
-                        .map(|r| (r.0, r.1))
+                        .map(|r| r.1)
                         .expect("the first reader owns from the beginning");
+                    // Its successor among the rest, by rendezvous on the run (so the extra
+                    // reads of a reader that fails spread over all the others). Whether this
+                    // node would read it in the owner's place: among the rest, or as the
+                    // reader that comes in for the owner.
+                    let next = pullers
+                        .iter()
+                        .filter(|r| r.1 != owner)
+                        .max_by_key(rank)
+                        .map(|r| r.1);
+                    let me = (self.my_seed, self.me, 0);
+                    let instead = pullers
+                        .iter()
+                        .filter(|r| r.1 != owner)
+                        .chain(std::iter::once(&me))
+                        .max_by_key(rank)
+                        .map(|r| r.1);
+                    mine_if_out.push(instead == Some(self.me));
                     if pullers.iter().any(|r| r.1 == owner) {
                         owner
                     } else {
-                        // A reader with no sign of life: one successor (by rendezvous on the
-                        // reader rather than the run) takes all its runs, so only that node's
-                        // judgement matters. (Its runs spread over the others, a node that
-                        // judged it dead later than another saw the other's reads of its runs
-                        // first, took them for its own, and read nothing of its share until a
-                        // quiet spell: a phantom reader cost real pulls 1.3 to 24 s.) A failing
-                        // one (a fault, silence, gone), which the node saw for itself: by
-                        // rendezvous on the run among the rest, which spreads the extra reads
-                        // (one successor each read 1.12x the version in the simulator's hostile
-                        // fleet at 200 Mbit, against 1.1x allowed).
-                        let key = if self.dead.contains(&owner) {
-                            mix(seed ^ self.key)
-                        } else {
-                            key
-                        };
-                        pullers
-                            .iter()
-                            .max_by_key(|r| mix(r.0 ^ key))
-                            .expect("at least this node")
-                            .1
+                        next.unwrap_or(self.me)
                     }
                 })
                 .collect();
+            self.mine_if_out = mine_if_out;
             self.owners = Some(((chosen.clone(), pullers.clone()), owners));
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
@@ -1001,8 +1007,14 @@ impl<P: PeerKey> Pull<P> {
         // pulls began earlier) have judged it dead by then and read its runs themselves, and
         // their reads would pass for its own (a roster of phantoms: one node of four kept six
         // for alive and read nothing of its share until its next quiet spell).
-        if polled && self.members.is_some() {
+        if let (true, Some(members)) = (polled, &self.members) {
             let spell = self.stuck_after();
+            let early = self.began();
+            let start_of = |p: &P| members.iter().find(|m| m.id == *p).map(|m| m.started_ms);
+            let mine = start_of(&self.me);
+            let earliest = self.alive.keys().filter_map(start_of).chain(mine).min();
+            let ahead =
+                Duration::from_millis(mine.zip(earliest).map_or(0, |(m, e)| m.saturating_sub(e)));
             let late = |p: &P| {
                 self.reader_since
                     .get(p)
@@ -1021,6 +1033,18 @@ impl<P: PeerKey> Pull<P> {
                 // others' maps only, one whose runs they fetched last showed life late enough
                 // to be passed over in a pull of a second (up to 1.5x the version read).
                 let in_view = views.iter().any(|(p, e)| *p == o && e.info.faults == 0);
+                // Through the others, a run of its is its own sign only while nobody else
+                // can have read it in its place: a node whose pull began earlier judges it
+                // by the same rule, and once it has, its reads of the runs would pass for the
+                // reader's own here (a phantom reader cost real pulls 1.3 to 24 s that way).
+                // After that, only the runs this node would read in its place count (nobody
+                // else would). From the start times: this node began `ahead` after the
+                // earliest reader it knows to live.
+                let since = self.reader_since.get(&o).copied().unwrap_or(now);
+                let any_run = since > early
+                    || since
+                        .checked_add(frame_lag.unwrap_or(cfg.reader_lag))
+                        .is_none_or(|judged| now + ahead + cfg.settle / 10 < judged);
                 let shown = in_view || {
                     let others = held_by(
                         words,
@@ -1029,11 +1053,10 @@ impl<P: PeerKey> Pull<P> {
                     self.porder
                         .chunks(cfg.run)
                         .enumerate()
-                        .filter(|(k, _)| run_owner[*k] == o)
+                        .filter(|(k, _)| run_owner[*k] == o && (any_run || self.mine_if_out[*k]))
                         .any(|(_, run)| run.iter().any(|&i| bit(&others, i)))
                 };
                 if shown {
-                    let since = self.reader_since.get(&o).copied().unwrap_or(now);
                     let took =
                         (since <= self.began()).then(|| now.saturating_duration_since(since));
                     self.alive.insert(o, took);

@@ -715,42 +715,59 @@ fn a_failing_first_readers_runs_are_shared_by_the_rest() {
     assert!(all.iter().copied().eq(0..400), "every run once");
 }
 
-/// A reader that shows no life hands all its runs to one successor, the same for every node
-/// (by rendezvous on the reader, not the run): only that node's judgement matters, and nodes
-/// that judged it later cannot take the successor's reads for its own.
+/// Seen through the others, a run of a reader's is its sign of life only while nobody can
+/// have read it in its place (a node whose pull began earlier may have passed it over by
+/// then, and its reads would pass for the reader's own); after that only the runs this node
+/// would read in its place count.
 #[test]
-fn a_dead_readers_runs_all_go_to_one_successor() {
+fn a_readers_runs_read_by_others_in_its_place_are_not_its_sign_of_life() {
     let t0 = Instant::now();
     let n = 32 * 400;
-    let cfg = paced();
-    // 1 never reads; 2 and 3 see each other.
-    let members = started(&[(1, 1_000), (2, 1_000), (3, 1_000)]);
-    let runs = |read: &[usize]| {
-        let mut r: Vec<usize> = read.iter().map(|i| i / 32).collect();
-        r.dedup();
-        r
+    let cfg = Config {
+        origin_readers: 4,
+        ..Config::default()
     };
-    let mut read = Vec::new();
-    for (me, other) in [(2, 3), (3, 2)] {
+    let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
+    let mut ranked = members.clone();
+    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
+    let readers = ranked[..4].to_vec();
+    let (quiet, me) = (readers[3].1, ranked[4].1);
+    let key = |i: usize| mix(i as u64 / 32 * 32);
+    let run_of_quiet = |i: usize| owner_of(&readers, key(i)) == quiet;
+    // Who would read each of the quiet reader's runs in its place: the next by rank.
+    let mut rest = readers[..3].to_vec();
+    rest.push((seed(me), me));
+    let mine_in_its_place = |i: usize| owner_of(&rest, key(i)) == me;
+    let others_run = (0..n)
+        .find(|&i| run_of_quiet(i) && !mine_in_its_place(i))
+        .expect("a run another would read");
+    let my_run = (0..n)
+        .find(|&i| run_of_quiet(i) && mine_in_its_place(i))
+        .expect("a run this node would read");
+    let reads_at_1100 = |shows: usize| {
+        let mut map = HaveMap::new(n);
+        (0..n)
+            .filter(|&i| !run_of_quiet(i))
+            .for_each(|i| map.set(i));
         let mut p = pull_with(cfg.clone(), me, n, t0);
-        p.set_pullers(Some(members.clone()));
-        p.set_source(other, source(other, Holding::Pulling, t0));
-        p.set_have(other, Some(HaveMap::new(n)), true);
-        let first = origin_reads(&p.poll(t0));
-        let mut mine = runs(&drain_origin(&mut p, t0, first));
-        // A quiet spell on, 1 is dead.
-        let first = origin_reads(&p.poll(t(t0, 6_000)));
-        mine.extend(runs(&drain_origin(&mut p, t(t0, 6_000), first)));
-        mine.sort();
-        read.push(mine);
-    }
-    let shares = [read[0].len(), read[1].len()];
-    let mut all = read.concat();
-    all.sort();
-    assert!(all.iter().copied().eq(0..400), "every run once: {shares:?}");
-    // One took 1's third whole: about two thirds against one.
-    let (lo, hi) = (shares[0].min(shares[1]), shares[0].max(shares[1]));
-    assert!(lo < 170 && hi > 230, "{shares:?}");
+        p.set_pullers(Some(listed(&members)));
+        p.set_source(50, source(50, Holding::Pulling, t0));
+        p.set_have(50, Some(map), true);
+        assert!(origin_reads(&p.poll(t0)).is_empty(), "not a reader");
+        // The three others showed life at once; 950 ms in (past the 900 ms after which the
+        // quiet one's runs may have been read in its place), one chunk of its shows.
+        p.on_have(50, &[shows]);
+        assert!(origin_reads(&p.poll(t(t0, 950))).is_empty());
+        origin_reads(&p.poll(t(t0, 1_100)))
+    };
+    assert!(
+        !reads_at_1100(others_run).is_empty(),
+        "a run another may have read taken for its sign of life"
+    );
+    assert!(
+        reads_at_1100(my_run).is_empty(),
+        "a run only it would read not taken for its sign of life"
+    );
 }
 
 /// A roster full of pullers that started earlier (the most it lists) leaves out those that
