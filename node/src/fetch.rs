@@ -82,6 +82,11 @@ pub async fn fetch(
         &missing,
         started,
     );
+    // Listed as pulling since before the version's metadata was read: the readers' judgements
+    // are timed from the listings (`Pull::set_listed_at`).
+    if let Some(at) = swarm.pulling_since(&root) {
+        sched.set_listed_at(at);
+    }
     let mut sync = PullView::default();
     // Unbounded, but bounded by what was asked: one event per chunk requested, and the
     // scheduler keeps at most its window (32 MiB) in flight to each peer. (The bulk client's

@@ -392,6 +392,8 @@ pub struct Pull<P> {
     owners: Option<RunOwners<P>>,
     /// Per run: whether this node would read it if its owner were left out (its successor).
     mine_if_out: Vec<bool>,
+    /// When this node's listing says its pull began (its `started_ms`), as an instant.
+    listed_at: Instant,
     remaining: usize,
     avoid: HashMap<usize, Vec<P>>,
     origin_tries: HashMap<usize, u32>,
@@ -514,6 +516,7 @@ impl<P: PeerKey> Pull<P> {
             marks,
             owners: None,
             mine_if_out: Vec::new(),
+            listed_at: now,
             remaining: missing.len(),
             avoid: HashMap::default(),
             origin_tries: HashMap::default(),
@@ -614,6 +617,13 @@ impl<P: PeerKey> Pull<P> {
                 }
             }
         }
+    }
+
+    /// When this node's content routing listing says its pull began (the instant of its own
+    /// [`Puller::started_ms`]), if before this `Pull` was made (the version's metadata was
+    /// read first): other nodes' judgements of the readers are timed from their listings.
+    pub fn set_listed_at(&mut self, at: Instant) {
+        self.listed_at = at.min(self.started);
     }
 
     /// The version's pullers (seed, key) as the driver's content routing knows them, this
@@ -1042,7 +1052,8 @@ impl<P: PeerKey> Pull<P> {
                 // earliest reader it knows to live.
                 let since = self.reader_since.get(&o).copied().unwrap_or(now);
                 let any_run = since > early
-                    || since
+                    || self
+                        .listed_at
                         .checked_add(frame_lag.unwrap_or(cfg.reader_lag))
                         .is_none_or(|judged| now + ahead + cfg.settle / 10 < judged);
                 let shown = in_view || {

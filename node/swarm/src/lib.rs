@@ -535,6 +535,16 @@ impl Swarm {
         self.table.borrow().is_banned(peer)
     }
 
+    /// Since when this node has listed itself as pulling `root` (the instant of the start
+    /// time its rosters carry), if it is.
+    pub fn pulling_since(&self, root: &Hash) -> Option<std::time::Instant> {
+        let local = self.local.lock().expect("poisoned");
+        local
+            .get(root)
+            .filter(|v| v.holding == Holding::Pulling)
+            .map(|v| v.since)
+    }
+
     /// Records that this node holds (or is pulling) a version, and tells the peers.
     pub fn hold(&self, root: Hash, name: &str, holding: Holding, have: Option<HaveMap>) {
         let mut local = self.local.lock().expect("poisoned");
