@@ -783,6 +783,21 @@ impl<P: PeerKey> Pull<P> {
             // round, or one long under way whose runs show at once.)
             let spell = self.stuck_after();
             let early = self.began();
+            // Listed pullers in view with no fault caught are alive (judged by what this node
+            // sees of them), before anything is judged here: a node whose first poll comes
+            // after another node passed a reader over then judges by the same frame rather
+            // than take the other's reads for the reader's own (below).
+            for m in members {
+                if m.id != self.me
+                    && !self.alive.contains_key(&m.id)
+                    && !self.dead.contains(&m.id)
+                    && views.iter().any(|(p, e)| *p == m.id && e.info.faults == 0)
+                {
+                    let since = self.reader_since.get(&m.id).copied().unwrap_or(now);
+                    let took = (since <= early).then(|| now.saturating_duration_since(since));
+                    self.alive.insert(m.id, took);
+                }
+            }
             // A reader that owns no run (its runs begin past the version's end, or it won
             // none) cannot show life: it is neither waited for nor judged.
             let owning: HashSet<P> = self
@@ -1052,9 +1067,8 @@ impl<P: PeerKey> Pull<P> {
                 // earliest reader it knows to live.
                 let since = self.reader_since.get(&o).copied().unwrap_or(now);
                 let any_run = since > early
-                    || self
-                        .listed_at
-                        .checked_add(frame_lag.unwrap_or(cfg.reader_lag))
+                    || frame_lag
+                        .and_then(|l| self.listed_at.checked_add(l))
                         .is_none_or(|judged| now + ahead + cfg.settle / 10 < judged);
                 let shown = in_view || {
                     let others = held_by(
