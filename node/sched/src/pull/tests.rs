@@ -727,13 +727,11 @@ fn a_readers_runs_read_by_others_in_its_place_are_not_its_sign_of_life() {
         origin_readers: 4,
         ..Config::default()
     };
-    let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
-    let mut ranked = members.clone();
-    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
-    let readers = ranked[..4].to_vec();
+    let ranked = next_in_line(cfg.clone(), n, t0).1;
+    let readers = &ranked[..4];
     let (quiet, me) = (readers[3].1, ranked[4].1);
     let key = |i: usize| mix(i as u64 / 32 * 32);
-    let run_of_quiet = |i: usize| owner_of(&readers, key(i)) == quiet;
+    let run_of_quiet = |i: usize| owner_of(readers, key(i)) == quiet;
     // Who would read each of the quiet reader's runs in its place: the next by rank.
     let mut rest = readers[..3].to_vec();
     rest.push((seed(me), me));
@@ -745,15 +743,7 @@ fn a_readers_runs_read_by_others_in_its_place_are_not_its_sign_of_life() {
         .find(|&i| run_of_quiet(i) && mine_in_its_place(i))
         .expect("a run this node would read");
     let reads_at_1100 = |shows: usize| {
-        let mut map = HaveMap::new(n);
-        (0..n)
-            .filter(|&i| !run_of_quiet(i))
-            .for_each(|i| map.set(i));
-        let mut p = pull_with(cfg.clone(), me, n, t0);
-        p.set_pullers(Some(listed(&members)));
-        p.set_source(50, source(50, Holding::Pulling, t0));
-        p.set_have(50, Some(map), true);
-        assert!(origin_reads(&p.poll(t0)).is_empty(), "not a reader");
+        let mut p = next_in_line(cfg.clone(), n, t0).0;
         // The three others showed life at once; 950 ms in (past the 900 ms after which the
         // quiet one's runs may have been read in its place), one chunk of its shows.
         p.on_have(50, &[shows]);
@@ -830,6 +820,27 @@ fn runs_of(read: &[usize]) -> usize {
     r.len()
 }
 
+/// Six pullers listed together, four of them readers by rank; this node the fifth (the next
+/// in line) and a co-puller (50) in view holding every run of the first three readers from the
+/// start (they show life at once). The pull, polled once (not a reader), and the readers.
+fn next_in_line(cfg: Config, n: usize, t0: Instant) -> (Pull<u32>, Vec<(u64, u32)>) {
+    let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
+    let mut ranked = members.clone();
+    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
+    let readers = ranked[..4].to_vec();
+    let last = readers[3].1;
+    let mut map = HaveMap::new(n);
+    (0..n)
+        .filter(|&i| owner_of(&readers, mix(i as u64 / 32 * 32)) != last)
+        .for_each(|i| map.set(i));
+    let mut p = pull_with(cfg, ranked[4].1, n, t0);
+    p.set_pullers(Some(listed(&members)));
+    p.set_source(50, source(50, Holding::Pulling, t0));
+    p.set_have(50, Some(map), true);
+    assert!(origin_reads(&p.poll(t0)).is_empty(), "not a reader");
+    (p, ranked[..5].to_vec())
+}
+
 /// Readers chosen together show life within a poll or two of each other; one that has not
 /// after four times the others' median (at least `reader_lag`) is dead long before a quiet
 /// spell, and the next in line reads its runs.
@@ -842,20 +853,10 @@ fn a_reader_far_behind_the_others_is_passed_over_in_about_a_second() {
         reader_lag: Duration::from_secs(1),
         ..Config::default()
     };
-    let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
-    let mut ranked = members.clone();
-    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
-    let readers = ranked[..4].to_vec();
-    let (liar, me) = (readers[3].1, ranked[4].1);
-    // A co-puller in view holds every run of the three honest readers.
-    let run_of_liar = |i: usize| owner_of(&readers, mix(i as u64 / 32 * 32)) == liar;
-    let mut map = HaveMap::new(n);
-    (0..n).filter(|&i| !run_of_liar(i)).for_each(|i| map.set(i));
-    let mut p = pull_with(cfg, me, n, t0);
-    p.set_pullers(Some(listed(&members)));
-    p.set_source(50, source(50, Holding::Pulling, t0));
-    p.set_have(50, Some(map), true);
-    assert!(origin_reads(&p.poll(t0)).is_empty(), "not a reader");
+    let (mut p, ranked) = next_in_line(cfg, n, t0);
+    let readers = &ranked[..4];
+    let liar = readers[3].1;
+    let run_of_liar = |i: usize| owner_of(readers, mix(i as u64 / 32 * 32)) == liar;
     // The three showed life at once (a median of 0): the liar has the least, 1 s.
     assert!(origin_reads(&p.poll(t(t0, 300))).is_empty());
     assert!(origin_reads(&p.poll(t(t0, 900))).is_empty(), "too soon");
@@ -884,22 +885,10 @@ fn a_readers_runs_showing_only_as_its_spell_ends_are_not_a_sign_of_life() {
         reader_lag: Duration::MAX,
         ..Config::default()
     };
-    let members: Vec<(u64, u32)> = (1..=6u32).map(|p| (seed(p), p)).collect();
-    let mut ranked = members.clone();
-    ranked.sort_by_key(|(s, p)| (std::cmp::Reverse(mix(s ^ 7)), *p));
-    let readers = ranked[..4].to_vec();
-    let (quiet, me) = (readers[3].1, ranked[4].1);
-    let run_of_quiet = |i: usize| owner_of(&readers, mix(i as u64 / 32 * 32)) == quiet;
-    // A co-puller holds every run of the other three from the start.
-    let mut map = HaveMap::new(n);
-    (0..n)
-        .filter(|&i| !run_of_quiet(i))
-        .for_each(|i| map.set(i));
-    let mut p = pull_with(cfg, me, n, t0);
-    p.set_pullers(Some(listed(&members)));
-    p.set_source(50, source(50, Holding::Pulling, t0));
-    p.set_have(50, Some(map), true);
-    assert!(origin_reads(&p.poll(t0)).is_empty(), "not a reader");
+    let (mut p, ranked) = next_in_line(cfg, n, t0);
+    let readers = &ranked[..4];
+    let quiet = readers[3].1;
+    let run_of_quiet = |i: usize| owner_of(readers, mix(i as u64 / 32 * 32)) == quiet;
     // 4.5 s in (the spell is 5 s), one chunk of the quiet reader's runs shows at the peer.
     let one = (0..n).find(|&i| run_of_quiet(i)).expect("a run of its own");
     p.on_have(50, &[one]);
