@@ -116,8 +116,9 @@ pub struct Config {
     /// [`Pull::poll`]: the next reader in line takes such runs first.)
     pub stuck: Duration,
     /// Among the readers chosen as a pull began, once all but an eighth of them (at least
-    /// one, and three or more shown) have shown a sign of life (a chunk of a run it owns held
-    /// by a peer other than itself), the rest are dead if they show none within twice what
+    /// one, and three or more shown) have shown a sign of life (in view with no fault caught,
+    /// or, out of view, a chunk of a run it owns held by a peer other than itself while nobody
+    /// else can have read it in its place), the rest are dead if they show none within twice what
     /// the slowest of those took, and at least this long. A lying or stalled reader is then
     /// passed over in about a second rather than a quiet spell ([`Self::stuck`]): 256
     /// simulated nodes with 3 liars and 32 readers, one liar among them, p99 1.10 s against
@@ -851,7 +852,7 @@ impl<P: PeerKey> Pull<P> {
                 pullers = if cfg.readers_in_order {
                     // The first `origin_readers` listed that are not dead, with the dead met
                     // on the way: those keep their place (where the runs of the others begin
-                    // does not move) and hand their runs to a successor.
+                    // does not move) and their runs go to the others, by rendezvous.
                     let mut v: Vec<(u64, P)> = Vec::new();
                     let mut live = 0;
                     for m in members {
@@ -949,7 +950,8 @@ impl<P: PeerKey> Pull<P> {
         }
         // The readers as chosen, where their runs begin, before leaving out those this node
         // saw fail or judged dead: each run's owner is worked out among these (every node
-        // alike), and only the runs of one this node left out move, all to one successor.
+        // alike), and only the runs of one this node left out move, by rendezvous among the
+        // rest.
         let mut chosen = pullers.clone();
         chosen.sort_by_key(|p| p.1);
         pullers.retain(|(_, p, _)| {
@@ -1026,8 +1028,9 @@ impl<P: PeerKey> Pull<P> {
             self.owners = Some(((chosen.clone(), pullers.clone()), owners));
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
-        // Signs of life of the readers: a chunk of a run one owns, held by a peer other than
-        // itself (its own map may claim anything). Only while a reader is undecided, and not
+        // Signs of life of the readers out of view: a chunk of a run one owns, held by a peer
+        // other than itself (its own map may claim anything). Only while a reader is
+        // undecided, and not
         // in the last `settle` of its quiet spell: nodes that chose it a little earlier (their
         // pulls began earlier) have judged it dead by then and read its runs themselves, and
         // their reads would pass for its own (a roster of phantoms: one node of four kept six
