@@ -141,6 +141,12 @@ pub async fn status(home: &Home, out: &Out) -> Result<()> {
                 s.active_pulls
             ),
         ];
+        if s.readers_passed_over > 0 {
+            lines.push(format!(
+                "  passed over {} origin reader(s) for no sign of life ({} within about a second)",
+                s.readers_passed_over, s.readers_passed_over_by_lag
+            ));
+        }
         for v in &s.versions {
             lines.push(format!("  holds {} ({}, {:?})", v.name, v.root, v.holding));
         }

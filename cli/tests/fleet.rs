@@ -113,8 +113,16 @@ fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once
 
 /// Four connected nodes with `ds@v1` published, `phantoms` pullers that do not exist listed
 /// first in its roster by a hostile member (carried to every node before the pulls), the
-/// pulls started together; with the version's size, each pull's report and how long they took.
-fn pull_with_phantoms(phantoms: usize) -> (u64, Vec<serde_json::Value>, std::time::Duration) {
+/// pulls started together; with the version's size, each pull's report, how long they took,
+/// and each node's status afterwards.
+type Pulled = (
+    u64,
+    Vec<serde_json::Value>,
+    std::time::Duration,
+    Vec<serde_json::Value>,
+);
+
+fn pull_with_phantoms(phantoms: usize) -> Pulled {
     let mut c = Cluster::new(BIN);
     let src = c.dir.path().join("src");
     let bytes = common::cluster::dataset(&src);
@@ -127,7 +135,12 @@ fn pull_with_phantoms(phantoms: usize) -> (u64, Vec<serde_json::Value>, std::tim
     std::thread::sleep(std::time::Duration::from_secs(2));
     let started = std::time::Instant::now();
     let reports = pull_at_once(&c, &ids, "ds@v1", &src);
-    (bytes, reports, started.elapsed())
+    let took = started.elapsed();
+    let status = ids
+        .iter()
+        .map(|&i| c.nodes[i].status().expect("status"))
+        .collect();
+    (bytes, reports, took, status)
 }
 
 /// A member that fills the version's roster with pullers that do not exist, started first
@@ -141,7 +154,7 @@ fn pull_with_phantoms(phantoms: usize) -> (u64, Vec<serde_json::Value>, std::tim
 fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
     let _one = one_at_a_time();
     let phantoms = shoal_node::swarm::roster::ROSTER;
-    let (bytes, reports, took) = pull_with_phantoms(phantoms);
+    let (bytes, reports, took, _) = pull_with_phantoms(phantoms);
     let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
     eprintln!(
         "4 pulls with {phantoms} phantom pullers listed: {:.1} s, origin {:.3}x the version",
@@ -168,7 +181,7 @@ fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
 #[test]
 fn a_reader_that_never_reads_is_passed_over_once_the_others_show_life() {
     let _one = one_at_a_time();
-    let (bytes, reports, took) = pull_with_phantoms(1);
+    let (bytes, reports, took, status) = pull_with_phantoms(1);
     let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
     let each: Vec<String> = reports
         .iter()
@@ -193,6 +206,15 @@ fn a_reader_that_never_reads_is_passed_over_once_the_others_show_life() {
     // readers are judged by what a node sees of them).
     for r in &reports {
         assert_eq!(u(r, "readers_passed_over"), 1, "{r}");
+    }
+    // The daemons count them too (`shoal_origin_readers_passed_over_total`).
+    for (s, r) in status.iter().zip(&reports) {
+        assert_eq!(u(s, "readers_passed_over"), 1, "{s}");
+        assert_eq!(
+            u(s, "readers_passed_over_by_lag"),
+            u(r, "readers_passed_over_by_lag"),
+            "{s}"
+        );
     }
     assert!(
         reports

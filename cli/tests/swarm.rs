@@ -92,6 +92,7 @@ fn pulls_come_from_peers_and_status_reports_them() {
     assert!(served >= bytes / 2);
     assert!(text.contains("shoal_bytes_from_origin_total"));
     assert!(text.contains("shoal_chunk_verify_failures_total 0"));
+    assert!(text.contains("shoal_origin_readers_passed_over_total 0"));
 
     // versions and ls go through the daemon and agree with the embedded node.
     let v = c.nodes[b].json(&["versions", "ds"]);

@@ -196,6 +196,11 @@ pub async fn fetch(
         }
     }
     let got = sched.fetched();
+    let c = &swarm.counters;
+    c.readers_passed_over
+        .fetch_add(got.readers_passed_over as u64, Ordering::Relaxed);
+    c.readers_passed_over_by_lag
+        .fetch_add(got.readers_passed_over_by_lag as u64, Ordering::Relaxed);
     tracing::info!(
         from_peers = got.from_peers,
         from_origin = got.from_origin,

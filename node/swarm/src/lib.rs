@@ -352,6 +352,10 @@ pub struct Counters {
     pub active_pulls: AtomicU64,
     /// Bytes of the control protocols (hellos, have-maps, deltas, rosters, proofs).
     pub control: Arc<counted::ControlBytes>,
+    /// Origin readers pulls passed over for showing no sign of life, and of those, how many
+    /// by `reader_lag` (about a second) rather than a quiet spell.
+    pub readers_passed_over: AtomicU64,
+    pub readers_passed_over_by_lag: AtomicU64,
 }
 
 /// Commands to the event loop, through a bounded queue ([`p2p::CMD_QUEUE`]). Those sent with
@@ -465,6 +469,12 @@ pub struct Status {
     pub control_bytes_sent: u64,
     #[serde(default)]
     pub control_bytes_received: u64,
+    /// Origin readers this node's pulls passed over for showing no sign of life, and of those,
+    /// how many by `reader_lag`.
+    #[serde(default)]
+    pub readers_passed_over: u64,
+    #[serde(default)]
+    pub readers_passed_over_by_lag: u64,
     /// Mounts the daemon serves now.
     #[serde(default)]
     pub mounts: Vec<MountStatus>,
@@ -730,6 +740,8 @@ impl Swarm {
             active_pulls: c.active_pulls.load(Ordering::Relaxed),
             control_bytes_sent: c.control.sent.load(Ordering::Relaxed),
             control_bytes_received: c.control.received.load(Ordering::Relaxed),
+            readers_passed_over: c.readers_passed_over.load(Ordering::Relaxed),
+            readers_passed_over_by_lag: c.readers_passed_over_by_lag.load(Ordering::Relaxed),
             mounts: Vec::new(),
         }
     }

@@ -59,6 +59,18 @@ pub fn render(swarm: &Swarm) -> String {
         "Bytes of the control protocols received",
         c.control.received.load(Ordering::Relaxed),
     );
+    counter(
+        &mut reg,
+        "origin_readers_passed_over",
+        "Origin readers pulls passed over for showing no sign of life",
+        c.readers_passed_over.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut reg,
+        "origin_readers_passed_over_by_lag",
+        "Of those, passed over within about a second of the other readers showing theirs",
+        c.readers_passed_over_by_lag.load(Ordering::Relaxed),
+    );
     reg.register(
         "active_pulls",
         "Pulls in progress",
