@@ -90,12 +90,13 @@ pub struct Config {
     /// does with `--readers-by-start`.)
     pub readers_in_order: bool,
     /// The fastest the origin is taken to deliver a version to its readers together, in bytes
-    /// per second: a reader that started `t` after the first (by the start times the pullers
-    /// give, [`Puller::started_ms`]) owns no run that lies before `t` times this in pack
-    /// order. The readers read their runs in pack order, together at most at the origin's
-    /// rate, so by the time a reader starts every run before that point may have been read
-    /// and every run after it has not: a newcomer takes only runs nobody has read, and never
-    /// reads again what an earlier reader it cannot see has read (pulls that start spread
+    /// per second: a reader that started `t` after the one before it (by the start times the
+    /// pullers give, [`Puller::started_ms`]) owns no run that lies, in pack order, before
+    /// where that one's runs begin plus `t` times this (plus a quarter of the version at
+    /// most, [`PACE_LEAD`]). The readers read their runs in pack order, together at most at
+    /// the origin's rate, so by the time a reader starts every run before that point may have
+    /// been read and every run after it has not: a newcomer takes only runs nobody has read,
+    /// and never reads again what an earlier reader it cannot see has read (pulls that start spread
     /// out, as jobs do, would otherwise cost origin egress with every reader that joins: 64
     /// nodes over 2 s, 1.107x without with 8 readers, 1.343x with 32; 1.000x with). Too low,
     /// and a newcomer may read again what a faster origin already gave; too high, and fewer
@@ -141,16 +142,17 @@ pub struct Config {
 /// reads of at least 512 KiB.
 pub const ORIGIN_READERS: usize = 32;
 
-/// A reader's runs begin at most this fraction of the rest of the version past the previous
-/// reader's (by start), whatever the gap between their starts ([`Config::origin_pace`]): a
-/// puller listed as started long before the others (a lying roster member's claim) owns a
-/// quarter of the version alone, not all of it, and every reader owns some of the tail, so
-/// the others own runs of their own, show life on them, and pass it over in about a second
-/// if it reads nothing ([`Config::reader_lag`]). (Bounding each reader to `i/k` of the
-/// version instead, the i-th of k to start, cost 1.19x the version from the origin over a
-/// 2 s spread with 32 readers: the shares began before what the origin had given by then.
-/// Gaps of a quarter of the rest at 2 GB/s, 134 ms at the start of 1 GiB, are rarer between
-/// consecutive readers.)
+/// A reader's runs begin at most this fraction of the version past the previous reader's
+/// (by start), whatever the gap between their starts ([`Config::origin_pace`]): a puller
+/// listed as started long before the others (a lying roster member's claim) owns a quarter
+/// of the version alone, not all of it, so the others own runs of their own, show life on
+/// them, and pass it over in about a second if it reads nothing ([`Config::reader_lag`]);
+/// readers whose runs would begin past the end own none and are not judged. (Bounding each
+/// reader to `i/k` of the version instead, the i-th of k to start, cost 1.19x the version
+/// from the origin over a 2 s spread with 32 readers: the shares began before what the origin
+/// had given by then. A quarter of the rest rather than of the version bound at 300 ms over
+/// 32 nodes of 128 MiB: 1.023x. Gaps of a quarter of the version at 2 GB/s, 134 ms for 1 GiB,
+/// are rare between consecutive readers.)
 pub const PACE_LEAD: u64 = 4;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
