@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::cluster::{four_connected_nodes, pull_at_once, root_of, setup, u};
+use common::cluster::{four_connected_nodes, pull_at_once, pull_spread, root_of, setup, u};
 use common::{write, BIN};
 use shoal_testnet::Cluster;
 
@@ -113,8 +113,8 @@ fn a_fleet_larger_than_its_peer_sets_reads_each_chunk_from_the_origin_about_once
 
 /// Four connected nodes with `ds@v1` published, `phantoms` pullers that do not exist listed
 /// first in its roster by a hostile member (carried to every node before the pulls), the
-/// pulls started together; with the version's size, each pull's report, how long they took,
-/// and each node's status afterwards.
+/// pulls started `gap` apart; with the version's size, each pull's report, how long they
+/// took, and each node's status afterwards.
 type Pulled = (
     u64,
     Vec<serde_json::Value>,
@@ -122,7 +122,7 @@ type Pulled = (
     Vec<serde_json::Value>,
 );
 
-fn pull_with_phantoms(phantoms: usize) -> Pulled {
+fn pull_with_phantoms(phantoms: usize, gap: std::time::Duration) -> Pulled {
     let mut c = Cluster::new(BIN);
     let src = c.dir.path().join("src");
     let bytes = common::cluster::dataset(&src);
@@ -134,7 +134,7 @@ fn pull_with_phantoms(phantoms: usize) -> Pulled {
         rt.block_on(async { shoal_testnet::hostile::roster_flooder(target, root, phantoms, None) });
     std::thread::sleep(std::time::Duration::from_secs(2));
     let started = std::time::Instant::now();
-    let reports = pull_at_once(&c, &ids, "ds@v1", &src);
+    let reports = pull_spread(&c, &ids, "ds@v1", &src, gap);
     let took = started.elapsed();
     let status = ids
         .iter()
@@ -154,7 +154,7 @@ fn pull_with_phantoms(phantoms: usize) -> Pulled {
 fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
     let _one = one_at_a_time();
     let phantoms = shoal_node::swarm::roster::ROSTER;
-    let (bytes, reports, took, _) = pull_with_phantoms(phantoms);
+    let (bytes, reports, took, _) = pull_with_phantoms(phantoms, std::time::Duration::ZERO);
     let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
     eprintln!(
         "4 pulls with {phantoms} phantom pullers listed: {:.1} s, origin {:.3}x the version",
@@ -181,7 +181,17 @@ fn pullers_that_do_not_exist_cost_a_quiet_spell_not_the_origin() {
 #[test]
 fn a_reader_that_never_reads_is_passed_over_once_the_others_show_life() {
     let _one = one_at_a_time();
-    let (bytes, reports, took, status) = pull_with_phantoms(1);
+    // Started together, and 700 ms apart (the first node sees the others come in after it
+    // began: counting only readers chosen as its pull began, it judged nobody by lag, took
+    // the others' reads of the phantom's runs for the phantom's own, and the pulls took
+    // 31-33 s; now 1.0-3.2 s, each timed from its own start).
+    for gap in [0, 700] {
+        phantom_reader(std::time::Duration::from_millis(gap));
+    }
+}
+
+fn phantom_reader(gap: std::time::Duration) {
+    let (bytes, reports, took, status) = pull_with_phantoms(1, gap);
     let origin: u64 = reports.iter().map(|r| u(r, "bytes_from_origin")).sum();
     let each: Vec<String> = reports
         .iter()
@@ -196,7 +206,7 @@ fn a_reader_that_never_reads_is_passed_over_once_the_others_show_life() {
         })
         .collect();
     eprintln!(
-        "4 pulls with a phantom reader listed first: {:.1} s, origin {:.3}x the version; each: {}",
+        "4 pulls {gap:?} apart with a phantom reader listed first: {:.1} s, origin {:.3}x the version; each: {}",
         took.as_secs_f64(),
         origin as f64 / bytes as f64,
         each.join("; ")

@@ -61,16 +61,29 @@ pub fn setup(c: &Cluster) -> (std::path::PathBuf, u64) {
 /// Pulls `reference` on the nodes `ids` at once, each into its own directory; checks every
 /// pull succeeded with the tree of `src`; returns their reports.
 pub fn pull_at_once(c: &Cluster, ids: &[usize], reference: &str, src: &Path) -> Vec<Value> {
+    pull_spread(c, ids, reference, src, std::time::Duration::ZERO)
+}
+
+/// As [`pull_at_once`], each pull started `gap` after the one before.
+pub fn pull_spread(
+    c: &Cluster,
+    ids: &[usize],
+    reference: &str,
+    src: &Path,
+    gap: std::time::Duration,
+) -> Vec<Value> {
     let children: Vec<_> = ids
         .iter()
         .map(|&i| {
             let out = c.dir.path().join(format!("out{i}"));
-            c.nodes[i]
+            let child = c.nodes[i]
                 .cmd(&["--json", "pull", reference, "--to", out.to_str().unwrap()])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            std::thread::sleep(gap);
+            child
         })
         .collect();
     children
