@@ -211,15 +211,19 @@ fn phantom_reader(gap: std::time::Duration) {
         origin as f64 / bytes as f64,
         each.join("; ")
     );
-    // Every node passes the phantom over, by `reader_lag` where the others' reads of its runs
-    // did not pass for its own (six runs: every node, 1.5-1.6 s), and nobody honest (in view,
-    // readers are judged by what a node sees of them).
+    // The phantom is passed over by `reader_lag` (six runs: every node, 1.5-1.6 s; a node
+    // whose peers had given it everything before it judged need not), and nobody honest
+    // is (in view, readers are judged by what a node sees of them).
     for r in &reports {
-        assert_eq!(u(r, "readers_passed_over"), 1, "{r}");
+        assert!(u(r, "readers_passed_over") <= 1, "{r}");
     }
-    // The daemons count them too (`shoal_origin_readers_passed_over_total`).
+    // The daemons count what their pulls report (`shoal_origin_readers_passed_over_total`).
     for (s, r) in status.iter().zip(&reports) {
-        assert_eq!(u(s, "readers_passed_over"), 1, "{s}");
+        assert_eq!(
+            u(s, "readers_passed_over"),
+            u(r, "readers_passed_over"),
+            "{s}"
+        );
         assert_eq!(
             u(s, "readers_passed_over_by_lag"),
             u(r, "readers_passed_over_by_lag"),
@@ -235,5 +239,11 @@ fn phantom_reader(gap: std::time::Duration) {
     assert!(
         origin < bytes + bytes / 5,
         "origin served {origin} bytes for a {bytes}-byte version to 4 nodes"
+    );
+    // A liveness bound, not a speed target (a quiet spell is 5 s and stretches under load):
+    // with the first node judging nobody by lag, pulls 700 ms apart took 31-33 s.
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the pulls took {took:?}"
     );
 }
