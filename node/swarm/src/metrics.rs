@@ -20,57 +20,52 @@ pub fn render(swarm: &Swarm) -> String {
         )
     };
     let mut reg = Registry::with_prefix("shoal");
-    let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let counters: [(&str, &str, u64); 8] = [
+        (
+            "bytes_from_peers",
+            "Chunk bytes received from peers, verified",
+            load(&c.bytes_from_peers),
+        ),
+        (
+            "bytes_from_origin",
+            "Chunk bytes read from origin stores",
+            load(&c.bytes_from_origin),
+        ),
+        (
+            "bytes_served",
+            "Chunk bytes served to peers",
+            load(&c.bytes_served),
+        ),
+        (
+            "chunk_verify_failures",
+            "Chunks from peers whose bytes did not match their id",
+            load(&c.verify_failures),
+        ),
+        (
+            "control_bytes_sent",
+            "Bytes of the control protocols sent (hellos, have-maps and deltas, rosters, proofs)",
+            load(&c.control.sent),
+        ),
+        (
+            "control_bytes_received",
+            "Bytes of the control protocols received",
+            load(&c.control.received),
+        ),
+        (
+            "origin_readers_passed_over",
+            "Origin readers pulls passed over for showing no sign of life",
+            load(&c.readers_passed_over),
+        ),
+        (
+            "origin_readers_passed_over_by_lag",
+            "Of those, passed over within about a second of the other readers showing theirs",
+            load(&c.readers_passed_over_by_lag),
+        ),
+    ];
+    for (name, help, v) in counters {
         reg.register(name, help, ConstCounter::new(v));
-    };
-    counter(
-        &mut reg,
-        "bytes_from_peers",
-        "Chunk bytes received from peers, verified",
-        c.bytes_from_peers.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "bytes_from_origin",
-        "Chunk bytes read from origin stores",
-        c.bytes_from_origin.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "bytes_served",
-        "Chunk bytes served to peers",
-        c.bytes_served.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "chunk_verify_failures",
-        "Chunks from peers whose bytes did not match their id",
-        c.verify_failures.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "control_bytes_sent",
-        "Bytes of the control protocols sent (hellos, have-maps and deltas, rosters, proofs)",
-        c.control.sent.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "control_bytes_received",
-        "Bytes of the control protocols received",
-        c.control.received.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "origin_readers_passed_over",
-        "Origin readers pulls passed over for showing no sign of life",
-        c.readers_passed_over.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut reg,
-        "origin_readers_passed_over_by_lag",
-        "Of those, passed over within about a second of the other readers showing theirs",
-        c.readers_passed_over_by_lag.load(Ordering::Relaxed),
-    );
+    }
     reg.register(
         "active_pulls",
         "Pulls in progress",
