@@ -197,14 +197,9 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     output::bytes(r.bytes_from_peers),
                     output::bytes(r.bytes_already_local),
                     r.seconds
-                ) + &if r.readers_passed_over > 0 {
-                    format!(
-                        "\n  {} origin reader(s) passed over for no sign of life ({} within about a second)",
-                        r.readers_passed_over, r.readers_passed_over_by_lag
-                    )
-                } else {
-                    String::new()
-                }
+                ) + &output::passed_over(r.readers_passed_over, r.readers_passed_over_by_lag)
+                    .map(|l| format!("\n  {l}"))
+                    .unwrap_or_default()
             })
         }
         Command::Key => {

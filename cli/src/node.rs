@@ -141,11 +141,8 @@ pub async fn status(home: &Home, out: &Out) -> Result<()> {
                 s.active_pulls
             ),
         ];
-        if s.readers_passed_over > 0 {
-            lines.push(format!(
-                "  passed over {} origin reader(s) for no sign of life ({} within about a second)",
-                s.readers_passed_over, s.readers_passed_over_by_lag
-            ));
+        if let Some(l) = output::passed_over(s.readers_passed_over, s.readers_passed_over_by_lag) {
+            lines.push(format!("  {l}"));
         }
         for v in &s.versions {
             lines.push(format!("  holds {} ({}, {:?})", v.name, v.root, v.holding));

@@ -12,6 +12,14 @@ pub struct Out {
     json: bool,
 }
 
+/// The line saying how many origin readers were passed over for no sign of life, if any
+/// (a pull's report, a node's status).
+pub fn passed_over(readers: u64, by_lag: u64) -> Option<String> {
+    (readers > 0).then(|| {
+        format!("{readers} origin reader(s) passed over for no sign of life ({by_lag} within about a second)")
+    })
+}
+
 pub fn bytes(n: u64) -> String {
     HumanBytes(n).to_string()
 }

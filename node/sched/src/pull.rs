@@ -117,16 +117,16 @@ pub struct Config {
     /// [`Pull::poll`]: the next reader in line takes such runs first.)
     pub stuck: Duration,
     /// Among the readers chosen as a pull began, once all but an eighth of them (at least
-    /// one, and three or more shown) have shown a sign of life (in view with no fault caught,
-    /// or, out of view, a chunk of a run it owns held by a peer other than itself while nobody
-    /// else can have read it in its place), the rest are dead if they show none within twice what
-    /// the slowest of those took, and at least this long. A lying or stalled reader is then
-    /// passed over in about a second rather than a quiet spell ([`Self::stuck`]): 256
-    /// simulated nodes with 3 liars and 32 readers, one liar among them, p99 1.10 s against
-    /// 5.10 s (`docs/benchmarks.md`, nineteenth session). (Four times the median, the first
-    /// form, judged honest readers dead at a slow origin that served them unevenly: the
-    /// simulator's hostile fleet at 200 Mbit read 1.13x the version.) `Duration::MAX` turns
-    /// it off.
+    /// one, and three or more readers shown, those chosen since counted too) have shown a
+    /// sign of life (in view with no fault caught, or, out of view, a chunk of a run it owns
+    /// held by a peer other than itself while nobody else can have read it in its place), the
+    /// rest are dead if they show none within twice what the slowest of those took, and at
+    /// least this long. A lying or stalled reader is then passed over in about a second
+    /// rather than a quiet spell ([`Self::stuck`]): 256 simulated nodes with 3 liars and 32
+    /// readers, one liar among them, p99 1.10 s against 5.10 s (`docs/benchmarks.md`,
+    /// nineteenth session). (Four times the median, the first form, judged honest readers
+    /// dead at a slow origin that served them unevenly: the simulator's hostile fleet at
+    /// 200 Mbit read 1.13x the version.) `Duration::MAX` turns it off.
     pub reader_lag: Duration,
 }
 
@@ -150,9 +150,9 @@ pub const ORIGIN_READERS: usize = 32;
 /// readers whose runs would begin past the end own none and are not judged. (Bounding each
 /// reader to `i/k` of the version instead, the i-th of k to start, cost 1.19x the version
 /// from the origin over a 2 s spread with 32 readers: the shares began before what the origin
-/// had given by then. A quarter of the rest rather than of the version bound at 300 ms over
-/// 32 nodes of 128 MiB: 1.023x. Gaps of a quarter of the version at 2 GB/s, 134 ms for 1 GiB,
-/// are rare between consecutive readers.)
+/// had given by then. A quarter of the rest rather than of the version, ff4e88e, bound at
+/// 300 ms over 32 nodes of 128 MiB: 1.023x. Gaps of a quarter of the version at 2 GB/s,
+/// 134 ms for 1 GiB, are rare between consecutive readers.)
 pub const PACE_LEAD: u64 = 4;
 
 /// Pullers a node's content routing lists per version beyond the origin readers, so that a
@@ -395,6 +395,8 @@ pub struct Pull<P> {
     owners: Option<RunOwners<P>>,
     /// Per run: whether this node would read it if its owner were left out (its successor).
     mine_if_out: Vec<bool>,
+    /// The readers that own some run, worked out with `owners`.
+    owning: HashSet<P>,
     /// When this node's listing says its pull began (its `started_ms`), as an instant.
     listed_at: Instant,
     remaining: usize,
@@ -519,6 +521,7 @@ impl<P: PeerKey> Pull<P> {
             marks,
             owners: None,
             mine_if_out: Vec::new(),
+            owning: HashSet::default(),
             listed_at: now,
             remaining: missing.len(),
             avoid: HashMap::default(),
@@ -803,12 +806,7 @@ impl<P: PeerKey> Pull<P> {
             }
             // A reader that owns no run (its runs begin past the version's end, or it won
             // none) cannot show life: it is neither waited for nor judged.
-            let owning: HashSet<P> = self
-                .owners
-                .as_ref()
-                .map(|(_, o)| o.iter().copied().collect())
-                .unwrap_or_default();
-            let owns = |p: &P| self.owners.is_none() || owning.contains(p);
+            let owns = |p: &P| self.owners.is_none() || self.owning.contains(p);
             // Shown: every reader alive, chosen as the pull began or since (a node whose pull
             // began before the others sees them come in later; counting only the first, it
             // judged nobody by lag, took others' reads of a phantom's runs for the phantom's
@@ -921,7 +919,7 @@ impl<P: PeerKey> Pull<P> {
                     .collect();
                 // In order of start: each reader's runs begin where the previous one's did,
                 // plus what the origin could give in between, but at most a `PACE_LEAD`th of
-                // what lies beyond (so every reader owns some of the tail).
+                // the version further on (past the end, it owns none).
                 let mut by_start: Vec<usize> = (0..starts.len()).collect();
                 by_start.sort_by_key(|&i| starts[i]);
                 let mut from = vec![0u64; starts.len()];
@@ -993,7 +991,7 @@ impl<P: PeerKey> Pull<P> {
             .is_none_or(|(for_, _)| for_.0 != chosen || for_.1 != pullers)
         {
             let mut mine_if_out = Vec::with_capacity(self.run_pos.len());
-            let owners = self
+            let owners: Vec<P> = self
                 .porder
                 .chunks(cfg.run)
                 .zip(&self.run_pos)
@@ -1008,39 +1006,31 @@ impl<P: PeerKey> Pull<P> {
                         .expect("the first reader owns from the beginning");
                     // Its successor among the rest, by rendezvous on the run (so the extra
                     // reads of a reader that fails spread over all the others). Whether this
-                    // node would read it in the owner's place: among the rest, or as the
-                    // reader that comes in for the owner.
-                    let next = pullers
-                        .iter()
-                        .filter(|r| r.1 != owner)
-                        .max_by_key(rank)
-                        .map(|r| r.1);
-                    let me = (self.my_seed, self.me, 0);
-                    let instead = pullers
-                        .iter()
-                        .filter(|r| r.1 != owner)
-                        .chain(std::iter::once(&me))
-                        .max_by_key(rank)
-                        .map(|r| r.1);
-                    mine_if_out.push(instead == Some(self.me));
+                    // node would read it in the owner's place: as that successor, or as the
+                    // reader that comes in for the owner, ranking above it.
+                    let next = pullers.iter().filter(|r| r.1 != owner).max_by_key(rank);
+                    mine_if_out.push(next.is_none_or(|n| {
+                        n.1 == self.me || mix(self.my_seed ^ key) >= mix(n.0 ^ key)
+                    }));
                     if pullers.iter().any(|r| r.1 == owner) {
                         owner
                     } else {
-                        next.unwrap_or(self.me)
+                        next.map_or(self.me, |n| n.1)
                     }
                 })
                 .collect();
             self.mine_if_out = mine_if_out;
+            self.owning = owners.iter().copied().collect();
             self.owners = Some(((chosen.clone(), pullers.clone()), owners));
         }
         let run_owner = &self.owners.as_ref().expect("just set").1;
         // Signs of life of the readers out of view: a chunk of a run one owns, held by a peer
         // other than itself (its own map may claim anything). Only while a reader is
-        // undecided, and not
-        // in the last `settle` of its quiet spell: nodes that chose it a little earlier (their
-        // pulls began earlier) have judged it dead by then and read its runs themselves, and
-        // their reads would pass for its own (a roster of phantoms: one node of four kept six
-        // for alive and read nothing of its share until its next quiet spell).
+        // undecided, and not in the last `settle` of its quiet spell: nodes that chose it a
+        // little earlier (their pulls began earlier) have judged it dead by then and read its
+        // runs themselves, and their reads would pass for its own (a roster of phantoms: one
+        // node of four kept six for alive and read nothing of its share until its next quiet
+        // spell).
         if let (true, Some(members)) = (polled, &self.members) {
             let spell = self.stuck_after();
             let early = self.began();
