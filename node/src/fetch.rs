@@ -69,19 +69,14 @@ pub async fn fetch(
         ..pull::Config::default()
     };
     let started = Instant::now();
-    let mut sched = Pull::new(
-        cfg,
-        me,
-        peer_seed(&me),
-        pull::Chunks {
-            lens: order.iter().map(|c| c.1).collect(),
-            keys,
-            porder,
-            key: key_of(&root),
-        },
-        &missing,
-        started,
-    );
+    let version = pull::Chunks {
+        lens: order.iter().map(|c| c.1).collect(),
+        keys,
+        porder,
+        key: key_of(&root),
+    };
+    let layout = Arc::new(pull::Layout::new(version, cfg.run));
+    let mut sched = Pull::new(cfg, me, peer_seed(&me), layout, &missing, started);
     // Listed as pulling since before the version's metadata was read: the readers' judgements
     // are timed from the listings (`Pull::set_listed_at`).
     if let Some(at) = swarm.pulling_since(&root) {

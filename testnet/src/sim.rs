@@ -38,10 +38,13 @@
 //! advertised chunks are a fault, [`MAX_FAULTS`] faults a ban.
 
 use serde::Serialize;
-use shoal_sched::pull::{self, Action, Chunks, Delivery, Holding, Outcome, Pull, Puller, Source};
+use shoal_sched::pull::{
+    self, Action, Chunks, Delivery, Holding, Layout, Outcome, Pull, Puller, Source,
+};
 use shoal_sched::{mix, owners, uplink, HaveMap};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes an uplink sends before it turns to its next destination.
@@ -419,7 +422,9 @@ impl Node {
 struct Sim {
     s: Setup,
     lens: Vec<u32>,
-    keys: Vec<u64>,
+    /// The version as every pull lays it out (shared: one per node would hold some 20 bytes a
+    /// chunk per node, 5 GB at 1,000 nodes and 10 GiB).
+    layout: Arc<Layout>,
     nodes: Vec<Node>,
     links: Vec<Uplink>,
     transfers: HashMap<u64, Transfer>,
@@ -559,12 +564,7 @@ impl Sim {
             cfg,
             node,
             seed_of(node),
-            Chunks {
-                lens: self.lens.clone(),
-                keys: self.keys.clone(),
-                porder: (0..n).collect(),
-                key: self.version_key,
-            },
+            self.layout.clone(),
             &missing,
             self.at(self.now),
         );
@@ -1648,10 +1648,17 @@ pub fn run(s: &Setup) -> Report {
         bps: s.origin_bps,
         ..Uplink::default()
     });
+    let version = Chunks {
+        lens: lens.clone(),
+        keys,
+        porder: (0..n).collect(),
+        key: version_key,
+    };
+    let layout = Arc::new(Layout::new(version, pull::Config::default().run));
     let mut sim = Sim {
         s: s.clone(),
         lens,
-        keys,
+        layout,
         nodes,
         links,
         transfers: HashMap::new(),

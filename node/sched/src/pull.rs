@@ -16,6 +16,7 @@ use crate::{mix, HaveMap, PeerKey};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The scheduler's knobs. The defaults are what the simulator runs, and the node too but for
@@ -214,6 +215,68 @@ pub struct Chunks {
     pub key: u64,
 }
 
+/// A version's chunks laid out for pulls (runs of `run` chunks in pack order): worked out once
+/// and shared by every pull of the version (a fleet simulation runs one per node).
+#[derive(Debug)]
+pub struct Layout {
+    run: usize,
+    lens: Vec<u32>,
+    /// Chunk indexes in pack order (origin reads follow it), and each chunk's run (its
+    /// number: runs are `run` chunks of `porder`).
+    porder: Vec<usize>,
+    run_of: Vec<usize>,
+    /// Rendezvous key of each run (its first chunk's key), and where it begins in the version
+    /// (in bytes, in pack order).
+    run_key: Vec<u64>,
+    run_pos: Vec<u64>,
+    /// The version's size, and its rendezvous key.
+    size: u64,
+    key: u64,
+}
+
+impl Layout {
+    /// `version` cut into runs of `run` chunks (`Config::run` of the pulls that share it).
+    pub fn new(version: Chunks, run: usize) -> Layout {
+        let Chunks {
+            lens,
+            keys,
+            porder,
+            key,
+        } = version;
+        let n = lens.len();
+        assert!(run > 0, "a run holds some chunk");
+        assert_eq!(keys.len(), n, "a key per chunk");
+        assert_eq!(porder.len(), n, "pack order covers every chunk");
+        let mut run_of = vec![0; n];
+        let mut run_key = Vec::with_capacity(n.div_ceil(run));
+        let mut run_pos = Vec::with_capacity(n.div_ceil(run));
+        let mut at = 0u64;
+        for (pos, &i) in porder.iter().enumerate() {
+            if pos % run == 0 {
+                run_pos.push(at);
+                run_key.push(keys[i]);
+            }
+            at += lens[i] as u64;
+            run_of[i] = pos / run;
+        }
+        Layout {
+            run,
+            lens,
+            porder,
+            run_of,
+            run_key,
+            run_pos,
+            size: at,
+            key,
+        }
+    }
+
+    /// How many chunks the version has.
+    pub fn chunks(&self) -> usize {
+        self.lens.len()
+    }
+}
+
 /// What a source says it holds of the version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holding {
@@ -313,12 +376,25 @@ enum State<P> {
     Done,
 }
 
+/// A chunk's state as stored (`State` without the peer's request).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tag {
+    Want,
+    Peer,
+    Origin,
+    Done,
+}
+
 /// Each chunk's state, with what the scans need kept in step with it: the chunks wanted (the
 /// only ones a scan looks at), a bit each; and how many are wanted in each run (origin reads
 /// look only at runs with some).
 #[derive(Debug)]
 struct Marks<P> {
-    state: Vec<State<P>>,
+    /// Each chunk's state, a byte each (a fleet simulation holds one per chunk per node); the
+    /// peer and deadline of the chunks asked of a peer are in `asked`, bounded by the
+    /// requests in flight.
+    state: Vec<Tag>,
+    asked: HashMap<usize, (P, Instant)>,
     want: Vec<u64>,
     run_want: Vec<u32>,
     /// A bit per word of `want`: set whenever that word may hold a chunk wanted and held by
@@ -330,18 +406,43 @@ struct Marks<P> {
 impl<P: PeerKey> Marks<P> {
     /// Moves chunk `i` (of run `run`) to `state`.
     fn set(&mut self, i: usize, run: usize, state: State<P>) {
-        match (self.state[i] == State::Want, state == State::Want) {
+        let tag = match state {
+            State::Want => Tag::Want,
+            State::Peer(p, d) => {
+                self.asked.insert(i, (p, d));
+                Tag::Peer
+            }
+            State::Origin => Tag::Origin,
+            State::Done => Tag::Done,
+        };
+        if self.state[i] == Tag::Peer && tag != Tag::Peer {
+            self.asked.remove(&i);
+        }
+        match (self.state[i] == Tag::Want, tag == Tag::Want) {
             (true, false) => self.run_want[run] -= 1,
             (false, true) => self.run_want[run] += 1,
             _ => {}
         }
-        self.state[i] = state;
+        self.state[i] = tag;
         let (w, bit) = (i / 64, 1 << (i % 64));
         if state == State::Want {
             self.want[w] |= bit;
             self.flag(i);
         } else {
             self.want[w] &= !bit;
+        }
+    }
+
+    /// Chunk `i`'s state.
+    fn get(&self, i: usize) -> State<P> {
+        match self.state[i] {
+            Tag::Want => State::Want,
+            Tag::Peer => {
+                let (p, d) = self.asked[&i];
+                State::Peer(p, d)
+            }
+            Tag::Origin => State::Origin,
+            Tag::Done => State::Done,
         }
     }
 
@@ -380,16 +481,7 @@ pub struct Pull<P> {
     cfg: Config,
     me: P,
     my_seed: u64,
-    lens: Vec<u32>,
-    /// Rendezvous key of each chunk's run (its first chunk's key, in pack order).
-    run_key: Vec<u64>,
-    /// Chunk indexes in pack order (origin reads follow it), and each chunk's run (its
-    /// number: runs are `cfg.run` chunks of `porder`).
-    porder: Vec<usize>,
-    run_of: Vec<usize>,
-    /// Where each run begins in the version, in bytes in pack order, and the version's size.
-    run_pos: Vec<u64>,
-    size: u64,
+    layout: Arc<Layout>,
     marks: Marks<P>,
     /// The owner of each run (by run number), for the pullers it was worked out for.
     owners: Option<RunOwners<P>>,
@@ -436,8 +528,6 @@ pub struct Pull<P> {
     /// alone), and what they were worked out for (the pullers, alone, how many taken).
     my_runs: Option<(MyRunsFor<P>, Vec<usize>)>,
     fetched: Fetched,
-    /// The version's rendezvous key.
-    key: u64,
     /// The version's pullers as the driver's content routing knows them (None: the sources
     /// that announced a pull are all there are).
     members: Option<Vec<Puller<P>>>,
@@ -469,55 +559,32 @@ pub struct Pull<P> {
 }
 
 impl<P: PeerKey> Pull<P> {
-    /// A pull by node `me` (with rendezvous seed `my_seed`) of the chunks `missing` of
-    /// `version`.
+    /// A pull by node `me` (with rendezvous seed `my_seed`) of the chunks `missing` of the
+    /// version laid out in `layout` (cut into runs of `cfg.run` chunks).
     pub fn new(
         cfg: Config,
         me: P,
         my_seed: u64,
-        version: Chunks,
+        layout: Arc<Layout>,
         missing: &[usize],
         now: Instant,
     ) -> Pull<P> {
-        let Chunks {
-            lens,
-            keys,
-            porder,
-            key,
-        } = version;
-        let n = lens.len();
-        assert_eq!(keys.len(), n, "a key per chunk");
-        assert_eq!(porder.len(), n, "pack order covers every chunk");
-        let mut run_of = vec![0; n];
-        let mut run_key = vec![0; n];
-        let mut run_pos = Vec::with_capacity(n.div_ceil(cfg.run));
-        let mut at = 0u64;
-        for (pos, &i) in porder.iter().enumerate() {
-            if pos % cfg.run == 0 {
-                run_pos.push(at);
-            }
-            at += lens[i] as u64;
-            run_of[i] = pos / cfg.run;
-            run_key[i] = keys[porder[pos - pos % cfg.run]];
-        }
+        assert_eq!(layout.run, cfg.run, "the layout's runs are the pull's");
+        let n = layout.chunks();
         let mut marks = Marks {
-            state: vec![State::Done; n],
+            state: vec![Tag::Done; n],
+            asked: HashMap::default(),
             want: vec![0u64; n.div_ceil(64)],
             run_want: vec![0u32; n.div_ceil(cfg.run)],
             hint: vec![0u64; n.div_ceil(64).div_ceil(64)],
         };
         for &i in missing {
-            marks.set(i, run_of[i], State::Want);
+            marks.set(i, layout.run_of[i], State::Want);
         }
         Pull {
             me,
             my_seed,
-            lens,
-            run_key,
-            porder,
-            run_of,
-            run_pos,
-            size: at,
+            layout,
             marks,
             owners: None,
             mine_if_out: Vec::new(),
@@ -542,7 +609,6 @@ impl<P: PeerKey> Pull<P> {
             union: None,
             my_runs: None,
             fetched: Fetched::default(),
-            key,
             members: None,
             departed: HashSet::default(),
             last_done: now,
@@ -607,7 +673,7 @@ impl<P: PeerKey> Pull<P> {
     /// Chunks `peer` gained since its last have-map or delta ([`Config::have_deltas`]).
     /// Ignored for peers not added with [`Self::set_source`]; before its whole map, starts one.
     pub fn on_have(&mut self, peer: P, chunks: &[usize]) {
-        let n = self.lens.len();
+        let n = self.layout.lens.len();
         if let Some(e) = self.sources.get_mut(&peer) {
             let h = e.have.get_or_insert_with(|| HaveMap::new(n));
             for &i in chunks.iter().filter(|&&i| i < n) {
@@ -728,7 +794,7 @@ impl<P: PeerKey> Pull<P> {
         }
         self.last_call = Some(now);
         let cfg = &self.cfg;
-        let n = self.lens.len();
+        let n = self.layout.lens.len();
         let polled = self
             .last_poll
             .is_none_or(|t| now.saturating_duration_since(t) >= self.poll_every);
@@ -896,7 +962,7 @@ impl<P: PeerKey> Pull<P> {
         // runs move, and nodes that saw it fail and nodes that did not still agree on the
         // owner of every other run).
         if !ordered && pullers.len() > cfg.origin_readers.max(1) {
-            let key = self.key;
+            let key = self.layout.key;
             if !(cfg.readers_in_order && self.members.is_some()) {
                 pullers.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
             }
@@ -907,7 +973,7 @@ impl<P: PeerKey> Pull<P> {
         // (`Config::origin_pace`). From the start times the pullers gave; worked out before
         // leaving out those seen to fail, like the readers themselves, so that every node
         // agrees whatever it saw.
-        let size = self.size;
+        let size = self.layout.size;
         let mut pullers: Readers<P> = match (&self.members, cfg.readers_in_order) {
             (Some(members), true) if cfg.origin_pace > 0 => {
                 let start = |p: &P| members.iter().find(|m| m.id == *p).map(|m| m.started_ms);
@@ -990,13 +1056,10 @@ impl<P: PeerKey> Pull<P> {
             .as_ref()
             .is_none_or(|(for_, _)| for_.0 != chosen || for_.1 != pullers)
         {
-            let mut mine_if_out = Vec::with_capacity(self.run_pos.len());
-            let owners: Vec<P> = self
-                .porder
-                .chunks(cfg.run)
-                .zip(&self.run_pos)
-                .map(|(run, &at)| {
-                    let key = self.run_key[run[0]];
+            let mut mine_if_out = Vec::with_capacity(self.layout.run_pos.len());
+            let layout = &self.layout;
+            let owners: Vec<P> = (layout.run_key.iter().zip(&layout.run_pos))
+                .map(|(&key, &at)| {
                     let rank = |r: &&(u64, P, u64)| mix(r.0 ^ key);
                     let owner = chosen
                         .iter()
@@ -1074,7 +1137,8 @@ impl<P: PeerKey> Pull<P> {
                         words,
                         views.iter().filter(|(p, _)| *p != o).map(|(_, e)| *e),
                     );
-                    self.porder
+                    self.layout
+                        .porder
                         .chunks(cfg.run)
                         .enumerate()
                         .filter(|(k, _)| run_owner[*k] == o && (any_run || self.mine_if_out[*k]))
@@ -1088,9 +1152,13 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         if polled {
-            let owners = origin_readers(cfg.run, &self.porder, &self.marks.state, in_union, |k| {
-                run_owner[k]
-            });
+            let owners = origin_readers(
+                cfg.run,
+                &self.layout.porder,
+                &self.marks.state,
+                in_union,
+                |k| run_owner[k],
+            );
             self.readers = owners.len();
             self.poll_every = if owners.contains(&self.me) || pullers.len() == 1 {
                 cfg.have_poll
@@ -1125,7 +1193,7 @@ impl<P: PeerKey> Pull<P> {
                 break;
             }
             self.late.pop();
-            let State::Peer(p, d) = self.marks.state[i] else {
+            let State::Peer(p, d) = self.marks.get(i) else {
                 continue;
             };
             if d != deadline {
@@ -1142,7 +1210,7 @@ impl<P: PeerKey> Pull<P> {
             }
             self.silent.insert(p);
             self.avoid.entry(i).or_default().push(p);
-            self.marks.set(i, self.run_of[i], State::Want);
+            self.marks.set(i, self.layout.run_of[i], State::Want);
         }
         // Peers with room in their window: once there are none, the scan stops.
         let windows: BTreeMap<P, u64> = views
@@ -1224,7 +1292,7 @@ impl<P: PeerKey> Pull<P> {
                 if open == 0 {
                     break 'scan;
                 }
-                if self.marks.state[i] != State::Want {
+                if self.marks.state[i] != Tag::Want {
                     continue;
                 }
                 let avoided = self.avoid.get(&i);
@@ -1252,8 +1320,8 @@ impl<P: PeerKey> Pull<P> {
                 if let Some((k, p, rate)) = pick {
                     let b = batches.entry(p).or_default();
                     b.0.push(i);
-                    b.1 += self.lens[i] as u64;
-                    *planned.entry(p).or_default() += self.lens[i] as u64;
+                    b.1 += self.layout.lens[i] as u64;
+                    *planned.entry(p).or_default() += self.layout.lens[i] as u64;
                     let q = queued(&p, &planned);
                     if !room(&p, &planned) {
                         has_room[k] = false;
@@ -1262,7 +1330,8 @@ impl<P: PeerKey> Pull<P> {
                     let deadline = now
                         + cfg.deadline_slack
                         + Duration::from_secs_f64(q as f64 / rate.max(20e6));
-                    self.marks.set(i, self.run_of[i], State::Peer(p, deadline));
+                    self.marks
+                        .set(i, self.layout.run_of[i], State::Peer(p, deadline));
                     self.late.push(Reverse((deadline, i, deadline)));
                     if b.0.len() >= cfg.peer_ids || b.1 >= cfg.peer_batch {
                         let (ids, bytes) = std::mem::take(b);
@@ -1288,14 +1357,14 @@ impl<P: PeerKey> Pull<P> {
         if !settle && begun && quiet >= self.stuck_after() {
             let spells = (quiet.as_secs_f64() / self.stuck_after().as_secs_f64()) as usize;
             let mut took = false;
-            for (k, run) in self.porder.chunks(cfg.run).enumerate() {
+            for (k, run) in self.layout.porder.chunks(cfg.run).enumerate() {
                 let owner = run_owner[k];
                 if owner == self.me || self.taken.contains(&k) || self.marks.run_want[k] == 0 {
                     continue;
                 }
                 let waiting = run
                     .iter()
-                    .any(|&i| self.marks.state[i] == State::Want && !in_union(i));
+                    .any(|&i| self.marks.state[i] == Tag::Want && !in_union(i));
                 if !waiting {
                     continue;
                 }
@@ -1305,7 +1374,7 @@ impl<P: PeerKey> Pull<P> {
                     .filter(|r| r.1 != owner)
                     .map(|r| (r.0, r.1))
                     .collect();
-                let key = self.run_key[run[0]];
+                let key = self.layout.run_key[k];
                 rest.sort_by_key(|(seed, p)| (std::cmp::Reverse(mix(seed ^ key)), *p));
                 let place = rest
                     .iter()
@@ -1330,7 +1399,7 @@ impl<P: PeerKey> Pull<P> {
                 .any(|(_, e)| e.info.holding == Holding::Complete);
             let (late, runs): (Vec<usize>, Vec<usize>) = if complete {
                 let mut c: Vec<usize> = self.avoid.keys().copied().collect();
-                c.sort_by_key(|&i| (self.run_of[i], i));
+                c.sort_by_key(|&i| (self.layout.run_of[i], i));
                 (c, Vec::new())
             } else {
                 let key = ((chosen.clone(), pullers.clone()), alone, self.taken.len());
@@ -1347,7 +1416,7 @@ impl<P: PeerKey> Pull<P> {
                     .collect();
                 (Vec::new(), runs)
             };
-            let porder = &self.porder;
+            let porder = &self.layout.porder;
             let candidates = late.into_iter().chain(
                 runs.into_iter()
                     .flat_map(|k| k * cfg.run..((k + 1) * cfg.run).min(n))
@@ -1357,9 +1426,9 @@ impl<P: PeerKey> Pull<P> {
                 if origin_bytes >= batch_bytes {
                     break;
                 }
-                let k = self.run_of[i];
+                let k = self.layout.run_of[i];
                 let mine = alone || run_owner[k] == self.me || self.taken.contains(&k);
-                if self.marks.state[i] != State::Want || !mine {
+                if self.marks.state[i] != Tag::Want || !mine {
                     continue;
                 }
                 if in_union(i) {
@@ -1374,7 +1443,7 @@ impl<P: PeerKey> Pull<P> {
                 {
                     self.marks.set(i, k, State::Origin);
                     origin_batch.push(i);
-                    origin_bytes += self.lens[i] as u64;
+                    origin_bytes += self.layout.lens[i] as u64;
                 }
             }
         }
@@ -1385,7 +1454,7 @@ impl<P: PeerKey> Pull<P> {
         // would wake the node once at its deadline for nothing: thousands a second at
         // 10 Gbit).
         while let Some(&Reverse((_, i, deadline))) = self.late.peek() {
-            if matches!(self.marks.state[i], State::Peer(_, d) if d == deadline) {
+            if matches!(self.marks.get(i), State::Peer(_, d) if d == deadline) {
                 break;
             }
             self.late.pop();
@@ -1426,7 +1495,7 @@ impl<P: PeerKey> Pull<P> {
 
     /// Moves chunk `i` to `state`.
     fn set(&mut self, i: usize, state: State<P>) {
-        self.marks.set(i, self.run_of[i], state);
+        self.marks.set(i, self.layout.run_of[i], state);
     }
 
     /// What became of chunk `i` asked of `peer`.
@@ -1438,14 +1507,14 @@ impl<P: PeerKey> Pull<P> {
         if i >= self.marks.state.len() || !self.sent_to.remove(&(i, peer)) {
             return Delivery::Nothing;
         }
-        let len = self.lens[i] as u64;
+        let len = self.layout.lens[i] as u64;
         if let Some(n) = self.inflight.get_mut(&peer) {
             *n = n.saturating_sub(len);
         }
         let mut delivery = Delivery::Nothing;
         match outcome {
             Outcome::Stored(n) => {
-                if self.marks.state[i] != State::Done {
+                if self.marks.state[i] != Tag::Done {
                     self.set(i, State::Done);
                     self.remaining -= 1;
                     self.fetched.from_peers += n as u64;
@@ -1478,7 +1547,7 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         self.avoid.entry(i).or_default().push(peer);
-        if self.marks.state[i] != State::Done {
+        if self.marks.state[i] != Tag::Done {
             self.set(i, State::Want);
         }
         delivery
@@ -1510,7 +1579,7 @@ impl<P: PeerKey> Pull<P> {
                 continue;
             }
             if ok || held(i) {
-                if self.marks.state[i] != State::Done {
+                if self.marks.state[i] != Tag::Done {
                     self.set(i, State::Done);
                     self.remaining -= 1;
                     done.push(i);
@@ -1523,7 +1592,7 @@ impl<P: PeerKey> Pull<P> {
             if *n >= self.cfg.origin_tries {
                 return Err(GiveUp { chunk: i });
             }
-            if self.marks.state[i] != State::Done {
+            if self.marks.state[i] != Tag::Done {
                 self.set(i, State::Want);
             }
         }
@@ -1572,15 +1641,15 @@ fn bit(set: &[u64], i: usize) -> bool {
 fn origin_readers<P: PeerKey>(
     run: usize,
     porder: &[usize],
-    state: &[State<P>],
+    state: &[Tag],
     on_peer: impl Fn(usize) -> bool,
     owner_of_run: impl Fn(usize) -> P,
 ) -> HashSet<P> {
     let mut owners = HashSet::default();
     for (k, chunks) in porder.chunks(run).enumerate() {
-        let open = chunks.iter().any(|&i| {
-            state[i] != State::Done && !matches!(state[i], State::Peer(..)) && !on_peer(i)
-        });
+        let open = chunks
+            .iter()
+            .any(|&i| matches!(state[i], Tag::Want | Tag::Origin) && !on_peer(i));
         if open {
             owners.insert(owner_of_run(k));
         }

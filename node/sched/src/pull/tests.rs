@@ -29,19 +29,14 @@ fn pull(me: u32, n: usize, now: Instant) -> Pull<u32> {
 fn pull_with(cfg: Config, me: u32, n: usize, now: Instant) -> Pull<u32> {
     let keys: Vec<u64> = (0..n as u64).map(mix).collect();
     let missing: Vec<usize> = (0..n).collect();
-    Pull::new(
-        cfg,
-        me,
-        seed(me),
-        Chunks {
-            lens: vec![LEN; n],
-            keys,
-            porder: (0..n).collect(),
-            key: 7,
-        },
-        &missing,
-        now,
-    )
+    let version = Chunks {
+        lens: vec![LEN; n],
+        keys,
+        porder: (0..n).collect(),
+        key: 7,
+    };
+    let layout = Arc::new(Layout::new(version, cfg.run));
+    Pull::new(cfg, me, seed(me), layout, &missing, now)
 }
 
 fn seed(p: u32) -> u64 {
