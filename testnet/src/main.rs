@@ -180,7 +180,7 @@ enum Cmd {
         /// the seventeenth session), rather than the ones furthest behind first.
         #[arg(long)]
         fair_uplink: bool,
-        /// How many pullers read from the origin (the node's default, 8).
+        /// How many pullers read from the origin (the node's default, `pull::Config::origin_readers`).
         #[arg(long, default_value_t = shoal_sched::pull::ORIGIN_READERS)]
         origin_readers: usize,
         /// A reader that started t after the first owns no run before t x this many bytes

@@ -543,6 +543,11 @@ pub struct Pull<P> {
     origin_since: Option<Instant>,
     /// Runs (by number) this node took over from an owner that let them wait too long.
     taken: HashSet<usize>,
+    /// Quiet spells seen in earlier stalls of this pull, and in the current one: a stall
+    /// after a stall goes further down the line of readers at once (the landings of others'
+    /// takeovers end a stall without ending the wait for runs nobody took).
+    stalls: usize,
+    stall_spells: usize,
     /// When each member (a puller the content routing lists) was first among the chosen
     /// origin readers, and the members that showed a sign of life since (a chunk of a run it
     /// owns held by a peer in view other than itself) or were judged dead: a reader that
@@ -615,6 +620,8 @@ impl<P: PeerKey> Pull<P> {
             max_gap: Duration::ZERO,
             origin_since: None,
             taken: HashSet::default(),
+            stalls: 0,
+            stall_spells: 0,
             reader_since: HashMap::default(),
             alive: HashMap::default(),
             dead: HashSet::default(),
@@ -738,13 +745,18 @@ impl<P: PeerKey> Pull<P> {
         self.cfg.stuck.max(self.max_gap * 4)
     }
 
-    /// A chunk landed at `now`.
+    /// A chunk landed at `now`. The pause before it is learnt when under half the stuck
+    /// threshold: a longer one most likely ended with another node's takeover after its own
+    /// quiet spell (about as long as this node's), and learnt, it stretched the next spell
+    /// fourfold, the one after that again (staggered pulls with liars among the readers took
+    /// 17-31 s, each spell longer than the last).
     fn landed(&mut self, now: Instant) {
         let gap = now.saturating_duration_since(self.last_done);
-        if gap < self.stuck_after() {
+        if gap < self.stuck_after() / 2 {
             self.max_gap = self.max_gap.max(gap);
         }
         self.last_done = self.last_done.max(now);
+        self.stalls += std::mem::take(&mut self.stall_spells);
     }
 
     /// A peer left (disconnected, banned, or withdrew the version). Its requests in flight
@@ -1348,7 +1360,8 @@ impl<P: PeerKey> Pull<P> {
         // owner is not delivering (or not to anyone this node can see). Its runs go to the
         // next owner among the readers without it (the same node for everyone) after one such
         // spell, to the one after that after two (the next owner failing too), and to
-        // everyone who waits for them after three.
+        // everyone who waits for them after three, the spells of earlier stalls counted in
+        // (landings of others' takeovers end a stall, not the wait for runs nobody took).
         // (Before anything has landed, a slow origin's first reads may simply take long.)
         let begun = self.max_gap > Duration::ZERO
             || self.last_done > self.started
@@ -1380,14 +1393,16 @@ impl<P: PeerKey> Pull<P> {
                     .iter()
                     .position(|p| p.1 == self.me)
                     .unwrap_or(rest.len());
-                if spells > place.min(2) {
+                if self.stalls + spells > place.min(2) {
                     self.taken.insert(k);
                     took = true;
                 }
             }
+            self.stall_spells = self.stall_spells.max(spells);
             if took {
                 // Counted from now: more taken over only after another quiet spell.
                 self.last_done = now;
+                self.stalls += std::mem::take(&mut self.stall_spells);
             }
         }
         if !settle && origin_free {

@@ -605,6 +605,84 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
     }
 }
 
+/// A pause that ended with another node's takeover (about a quiet spell) is no measure of the
+/// swarm's pace: the next spell is not stretched by it. And a stall after a stall goes further
+/// down the line at once: the runs this node is second in line for are its own after one
+/// more spell, not two (staggered pulls with liars among the readers took 17-31 s, each
+/// spell longer than the last).
+#[test]
+fn a_stall_after_a_stall_is_neither_stretched_nor_waited_out_again() {
+    let t0 = Instant::now();
+    let n = 32 * 8;
+    let members: Vec<(u64, u32)> = (1..=3u32).map(|p| (seed(p), p)).collect();
+    let owner = |without: u32, run: usize| {
+        let rest: Vec<(u64, u32)> = members.iter().copied().filter(|m| m.1 != without).collect();
+        owner_of(&rest, mix(run as u64 * 32))
+    };
+    let spell = Config::default().stuck;
+    let ms = Duration::from_millis;
+    for me in [1u32, 2, 3] {
+        let mut p = pull(me, n, t0);
+        p.set_pullers(Some(listed(&members)));
+        // A peer holds the first chunk of each other owner's first run (they showed life).
+        let theirs: Vec<usize> = (0..8).filter(|&r| owner(0, r) != me).collect();
+        let mut map = HaveMap::new(n);
+        let shown: Vec<usize> = [1u32, 2, 3]
+            .iter()
+            .filter(|&&m| m != me)
+            .map(|&m| (0..8).find(|&r| owner(0, r) == m).expect("owns a run") * 32)
+            .collect();
+        shown.iter().for_each(|&i| map.set(i));
+        p.set_source(9, source(9, Holding::Pulling, t0));
+        p.set_have(9, Some(map), true);
+        let acts = p.poll(t0);
+        for (peer, chunks) in requests(&acts) {
+            for i in chunks {
+                p.on_peer(t(t0, 10), peer, i, Outcome::Stored(LEN));
+            }
+        }
+        drain_origin(&mut p, t(t0, 10), origin_reads(&acts));
+        // Just before a spell passes, the peer gains a chunk of another's run (another node's
+        // takeover) and it lands: a pause of nearly a spell, not learnt.
+        let other = theirs[0] * 32 + 1;
+        let late = t0 + spell - ms(100);
+        p.on_have(9, &[other]);
+        for (peer, chunks) in requests(&p.poll(late)) {
+            for i in chunks {
+                p.on_peer(late, peer, i, Outcome::Stored(LEN));
+            }
+        }
+        // One spell after that landing: the runs it is next in line for.
+        let at = late + spell + ms(20);
+        let reads = origin_reads(&p.poll(at));
+        let first = drain_origin(&mut p, at, reads);
+        let runs = |read: &[usize]| {
+            read.iter()
+                .map(|i| i / 32)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let next: std::collections::BTreeSet<usize> = theirs
+            .iter()
+            .copied()
+            .filter(|&r| owner(owner(0, r), r) == me)
+            .collect();
+        assert_eq!(runs(&first), next, "node {me}: one spell, not four");
+        // One more spell: the rest of the others' runs, second in line as it is.
+        let rest: std::collections::BTreeSet<usize> = theirs
+            .iter()
+            .copied()
+            .filter(|r| !next.contains(r))
+            .collect();
+        let before = at + spell - ms(20);
+        assert!(origin_reads(&p.poll(before)).is_empty(), "waits a spell");
+        let again = at + spell + ms(20);
+        let reads = origin_reads(&p.poll(again));
+        let second = drain_origin(&mut p, again, reads);
+        assert_eq!(runs(&second), rest, "node {me}: one more spell, not two");
+        assert!(p.is_done(), "node {me}");
+    }
+}
+
 /// Readers that do not exist (listed by a hostile member, ranked first) show no sign of
 /// life to anyone: a quiet spell after they were chosen, every node leaves them out before
 /// choosing, the next by rank read in their place, and the runs are shared among them as
