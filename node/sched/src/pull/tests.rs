@@ -548,41 +548,62 @@ fn a_later_reader_owns_only_runs_the_origin_cannot_have_given_yet() {
     assert!(together[1][0] < 32 * 8, "{:?}", &together[1][..4]);
 }
 
+/// Three readers listed; the owner of each of 8 runs of 32 among them less `without` (0:
+/// none).
+fn three_readers() -> (Vec<(u64, u32)>, impl Fn(u32, usize) -> u32) {
+    let members: Vec<(u64, u32)> = (1..=3u32).map(|p| (seed(p), p)).collect();
+    let all = members.clone();
+    let owner = move |without: u32, run: usize| {
+        let rest: Vec<(u64, u32)> = all.iter().copied().filter(|m| m.1 != without).collect();
+        owner_of(&rest, mix(run as u64 * 32))
+    };
+    (members, owner)
+}
+
+/// Node `me` of [`three_readers`] pulls 8 runs next to one peer (9) that got the first chunk
+/// of each other owner's first run (so those owners showed they read); its own runs and the
+/// peer's chunks land at 10 ms, and nothing more arrives. Returns the pull and the chunks
+/// the peer had.
+fn beside_quiet_owners(me: u32, t0: Instant) -> (Pull<u32>, Vec<usize>) {
+    let n = 32 * 8;
+    let (members, owner) = three_readers();
+    let mut p = pull(me, n, t0);
+    p.set_pullers(Some(listed(&members)));
+    let shown: Vec<usize> = [1u32, 2, 3]
+        .iter()
+        .filter(|&&m| m != me)
+        .map(|&m| (0..8).find(|&r| owner(0, r) == m).expect("owns a run") * 32)
+        .collect();
+    let mut map = HaveMap::new(n);
+    shown.iter().for_each(|&i| map.set(i));
+    p.set_source(9, source(9, Holding::Pulling, t0));
+    p.set_have(9, Some(map), true);
+    let acts = p.poll(t0);
+    for (peer, chunks) in requests(&acts) {
+        for i in chunks {
+            p.on_peer(t(t0, 10), peer, i, Outcome::Stored(LEN));
+        }
+    }
+    let mine = drain_origin(&mut p, t(t0, 10), origin_reads(&acts));
+    assert!(mine.iter().all(|&i| owner(0, i / 32) == me));
+    (p, shown)
+}
+
+/// The runs the chunks `read` are in.
+fn runs_read(read: &[usize]) -> std::collections::BTreeSet<usize> {
+    read.iter().map(|i| i / 32).collect()
+}
+
 /// Once nothing has landed for the stuck threshold, the runs of an owner nobody hears from
 /// go to the next reader in line, not to every node that waits.
 #[test]
 fn a_silent_owners_runs_go_to_the_next_in_line() {
     let t0 = Instant::now();
-    let n = 32 * 8;
-    let members: Vec<(u64, u32)> = (1..=3u32).map(|p| (seed(p), p)).collect();
-    let owner = |without: u32, run: usize| {
-        let rest: Vec<(u64, u32)> = members.iter().copied().filter(|m| m.1 != without).collect();
-        owner_of(&rest, mix(run as u64 * 32))
-    };
-    // Each node pulls next to one peer (9) that got the first chunk of each other owner's
-    // first run (so those owners showed they read), and nothing more arrives: after one quiet
-    // spell it reads the runs of each other owner for which it is next in line, and no others.
+    let (_, owner) = three_readers();
+    // After one quiet spell each node reads the runs of each other owner for which it is
+    // next in line, and no others.
     for me in [1u32, 2, 3] {
-        let mut p = pull(me, n, t0);
-        p.set_pullers(Some(listed(&members)));
-        let shown: Vec<usize> = [1u32, 2, 3]
-            .iter()
-            .filter(|&&m| m != me)
-            .map(|&m| (0..8).find(|&r| owner(0, r) == m).expect("owns a run") * 32)
-            .collect();
-        let mut map = HaveMap::new(n);
-        shown.iter().for_each(|&i| map.set(i));
-        p.set_source(9, source(9, Holding::Pulling, t0));
-        p.set_have(9, Some(map), true);
-        // Its own runs first, and the peer's chunks; they land.
-        let acts = p.poll(t0);
-        for (peer, chunks) in requests(&acts) {
-            for i in chunks {
-                p.on_peer(t(t0, 10), peer, i, Outcome::Stored(LEN));
-            }
-        }
-        let mine = drain_origin(&mut p, t(t0, 10), origin_reads(&acts));
-        assert!(mine.iter().all(|&i| owner(0, i / 32) == me));
+        let (mut p, shown) = beside_quiet_owners(me, t0);
         let spell = Config::default().stuck;
         let quiet = t0 + spell - Duration::from_millis(20);
         assert!(origin_reads(&p.poll(quiet)).is_empty(), "waits one spell");
@@ -595,10 +616,7 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
             .collect();
         assert!(!expect.is_empty() || me == 3);
         assert_eq!(
-            taken
-                .iter()
-                .map(|i| i / 32)
-                .collect::<std::collections::BTreeSet<_>>(),
+            runs_read(&taken),
             expect,
             "node {me} takes exactly the runs it is next in line for"
         );
@@ -613,35 +631,12 @@ fn a_silent_owners_runs_go_to_the_next_in_line() {
 #[test]
 fn a_stall_after_a_stall_is_neither_stretched_nor_waited_out_again() {
     let t0 = Instant::now();
-    let n = 32 * 8;
-    let members: Vec<(u64, u32)> = (1..=3u32).map(|p| (seed(p), p)).collect();
-    let owner = |without: u32, run: usize| {
-        let rest: Vec<(u64, u32)> = members.iter().copied().filter(|m| m.1 != without).collect();
-        owner_of(&rest, mix(run as u64 * 32))
-    };
+    let (_, owner) = three_readers();
     let spell = Config::default().stuck;
     let ms = Duration::from_millis;
     for me in [1u32, 2, 3] {
-        let mut p = pull(me, n, t0);
-        p.set_pullers(Some(listed(&members)));
-        // A peer holds the first chunk of each other owner's first run (they showed life).
+        let (mut p, _) = beside_quiet_owners(me, t0);
         let theirs: Vec<usize> = (0..8).filter(|&r| owner(0, r) != me).collect();
-        let mut map = HaveMap::new(n);
-        let shown: Vec<usize> = [1u32, 2, 3]
-            .iter()
-            .filter(|&&m| m != me)
-            .map(|&m| (0..8).find(|&r| owner(0, r) == m).expect("owns a run") * 32)
-            .collect();
-        shown.iter().for_each(|&i| map.set(i));
-        p.set_source(9, source(9, Holding::Pulling, t0));
-        p.set_have(9, Some(map), true);
-        let acts = p.poll(t0);
-        for (peer, chunks) in requests(&acts) {
-            for i in chunks {
-                p.on_peer(t(t0, 10), peer, i, Outcome::Stored(LEN));
-            }
-        }
-        drain_origin(&mut p, t(t0, 10), origin_reads(&acts));
         // Just before a spell passes, the peer gains a chunk of another's run (another node's
         // takeover) and it lands: a pause of nearly a spell, not learnt.
         let other = theirs[0] * 32 + 1;
@@ -656,17 +651,12 @@ fn a_stall_after_a_stall_is_neither_stretched_nor_waited_out_again() {
         let at = late + spell + ms(20);
         let reads = origin_reads(&p.poll(at));
         let first = drain_origin(&mut p, at, reads);
-        let runs = |read: &[usize]| {
-            read.iter()
-                .map(|i| i / 32)
-                .collect::<std::collections::BTreeSet<_>>()
-        };
         let next: std::collections::BTreeSet<usize> = theirs
             .iter()
             .copied()
             .filter(|&r| owner(owner(0, r), r) == me)
             .collect();
-        assert_eq!(runs(&first), next, "node {me}: one spell, not four");
+        assert_eq!(runs_read(&first), next, "node {me}: one spell, not four");
         // One more spell: the rest of the others' runs, second in line as it is.
         let rest: std::collections::BTreeSet<usize> = theirs
             .iter()
@@ -678,7 +668,11 @@ fn a_stall_after_a_stall_is_neither_stretched_nor_waited_out_again() {
         let again = at + spell + ms(20);
         let reads = origin_reads(&p.poll(again));
         let second = drain_origin(&mut p, again, reads);
-        assert_eq!(runs(&second), rest, "node {me}: one more spell, not two");
+        assert_eq!(
+            runs_read(&second),
+            rest,
+            "node {me}: one more spell, not two"
+        );
         assert!(p.is_done(), "node {me}");
     }
 }
