@@ -559,6 +559,9 @@ pub struct Pull<P> {
     /// runs). With each live one, how long it took to show life if it was chosen as this
     /// pull began.
     reader_since: HashMap<P, Instant>,
+    /// Readers out of view whose runs have stayed mostly unread while the others' were read,
+    /// and since when.
+    behind: HashMap<P, Instant>,
     alive: HashMap<P, Option<Duration>>,
     dead: HashSet<P>,
 }
@@ -623,6 +626,7 @@ impl<P: PeerKey> Pull<P> {
             stalls: 0,
             stall_spells: 0,
             reader_since: HashMap::default(),
+            behind: HashMap::default(),
             alive: HashMap::default(),
             dead: HashSet::default(),
             cfg,
@@ -1160,6 +1164,42 @@ impl<P: PeerKey> Pull<P> {
                     let took =
                         (since <= self.began()).then(|| now.saturating_duration_since(since));
                     self.alive.insert(o, took);
+                }
+            }
+            // Readers out of view judged alive through the others' maps may owe that to
+            // nodes that saw them fail and read their runs in their place (a liar among the
+            // readers: the nodes in its view catch its faults at once). Such a reader's share
+            // stays mostly unread while the others' is read: once the other readers' runs are
+            // nine tenths here and a quarter of its own are not, for `reader_lag`, it is passed
+            // over (64 nodes with six liars, 1,000 with ten and churn: pulls of 16-20 s; with
+            // `reader_lag` zero, off like the rest of the lag rule).
+            let mut left: HashMap<P, (u64, u64)> = HashMap::default();
+            let wanted = self.marks.run_want.iter().zip(run_owner);
+            for (k, (&want, owner)) in wanted.enumerate() {
+                let e = left.entry(*owner).or_default();
+                e.0 += want as u64;
+                e.1 += cfg.run.min(n - k * cfg.run) as u64;
+            }
+            let (want, all) = left
+                .iter()
+                .filter(|(p, _)| **p != self.me)
+                .fold((0, 0), |(w, a), (_, (x, y))| (w + x, a + y));
+            for (&o, &(want_o, all_o)) in &left {
+                let behind = o != self.me
+                    && !cfg.reader_lag.is_zero()
+                    && !views.iter().any(|(p, _)| *p == o)
+                    && self.reader_since.get(&o).is_some_and(|t| *t <= early)
+                    && want_o * 4 >= all_o
+                    && (want - want_o) * 10 <= all - all_o;
+                if !behind {
+                    self.behind.remove(&o);
+                    continue;
+                }
+                let since = *self.behind.entry(o).or_insert(now);
+                if now.saturating_duration_since(since) >= cfg.reader_lag && self.dead.insert(o) {
+                    self.alive.remove(&o);
+                    self.fetched.readers_passed_over += 1;
+                    self.fetched.readers_passed_over_by_lag += 1;
                 }
             }
         }

@@ -677,6 +677,81 @@ fn a_stall_after_a_stall_is_neither_stretched_nor_waited_out_again() {
     }
 }
 
+/// A reader out of view taken for alive through others' maps (nodes that saw it lie read
+/// some of its runs in its place) whose share stays mostly unread while the other readers'
+/// is read is passed over after `reader_lag`, and this node reads the runs it is next in
+/// line for, not a quiet spell later (64 nodes with six liars: 16 s; 1,000 with ten and
+/// churn: 20-36 s).
+#[test]
+fn a_reader_whose_share_stays_unread_while_the_others_is_read_is_passed_over() {
+    let t0 = Instant::now();
+    let runs = 64;
+    let n = 32 * runs;
+    let members: Vec<(u64, u32)> = (1..=4u32).map(|p| (seed(p), p)).collect();
+    let mut all = members.clone();
+    all.push((seed(5), 5));
+    let owner = |pullers: &[(u64, u32)], run: usize| owner_of(pullers, mix(run as u64 * 32));
+    let without_4: Vec<(u64, u32)> = all.iter().copied().filter(|m| m.1 != 4).collect();
+    let fours: Vec<usize> = (0..runs).filter(|&r| owner(&all, r) == 4).collect();
+    assert!(fours.len() >= 6, "{fours:?}");
+    // A co-puller in view holds every run of readers 1 to 3 and a third of reader 4's.
+    let shown = fours.len() / 3;
+    let mut map = HaveMap::new(n);
+    let theirs = (0..runs).filter(|&r| matches!(owner(&all, r), 1..=3));
+    for r in theirs.chain(fours[..shown].iter().copied()) {
+        (r * 32..(r + 1) * 32).for_each(|i| map.set(i));
+    }
+    let mut p = pull(5, n, t0);
+    p.set_pullers(Some(listed(&members)));
+    p.set_source(9, source(9, Holding::Pulling, t0));
+    p.set_have(9, Some(map), true);
+    // Whatever is asked lands at once, for three seconds.
+    let mut read: Vec<(Instant, usize)> = Vec::new();
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(3) {
+        loop {
+            let acts = p.poll(now);
+            let (asked, reads) = (requests(&acts), origin_reads(&acts));
+            if asked.is_empty() && reads.is_empty() {
+                break;
+            }
+            for (peer, chunks) in asked {
+                for i in chunks {
+                    p.on_peer(now, peer, i, Outcome::Stored(LEN));
+                }
+            }
+            for c in reads {
+                p.on_origin(now, &c, 0, true, |_| true).unwrap();
+                read.extend(c.into_iter().map(|i| (now, i)));
+            }
+        }
+        now += Duration::from_millis(50);
+    }
+    let lag = Config::default().reader_lag;
+    let instead: std::collections::BTreeSet<usize> = fours[shown..]
+        .iter()
+        .copied()
+        .filter(|&r| owner(&without_4, r) == 5)
+        .collect();
+    assert!(!instead.is_empty());
+    let of_4: Vec<(Instant, usize)> = read
+        .iter()
+        .copied()
+        .filter(|(_, i)| owner(&all, i / 32) == 4)
+        .collect();
+    assert!(
+        of_4.iter().all(|(at, _)| *at >= t0 + lag),
+        "passed over only after reader_lag"
+    );
+    let runs_4: Vec<usize> = of_4.iter().map(|(_, i)| *i).collect();
+    assert_eq!(
+        runs_read(&runs_4),
+        instead,
+        "the runs it is next in line for"
+    );
+    assert_eq!(p.fetched().readers_passed_over_by_lag, 1);
+}
+
 /// Readers that do not exist (listed by a hostile member, ranked first) show no sign of
 /// life to anyone: a quiet spell after they were chosen, every node leaves them out before
 /// choosing, the next by rank read in their place, and the runs are shared among them as
