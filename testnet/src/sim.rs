@@ -421,9 +421,8 @@ impl Node {
 
 struct Sim {
     s: Setup,
-    lens: Vec<u32>,
-    /// The version as every pull lays it out (shared: one per node would hold some 20 bytes a
-    /// chunk per node, 5 GB at 1,000 nodes and 10 GiB).
+    /// The version (its chunks' lengths too) as every pull lays it out (shared: one per node
+    /// would hold some 20 bytes a chunk per node, 5 GB at 1,000 nodes and 10 GiB).
     layout: Arc<Layout>,
     nodes: Vec<Node>,
     links: Vec<Uplink>,
@@ -550,7 +549,7 @@ impl Sim {
     }
 
     fn start_pull(&mut self, node: usize) {
-        let n = self.lens.len();
+        let n = self.layout.lens().len();
         let missing: Vec<usize> = (0..n).filter(|&i| !self.nodes[node].have.get(i)).collect();
         let cfg = pull::Config {
             have_deltas: self.fleet(),
@@ -709,7 +708,7 @@ impl Sim {
     /// uplinks, the most destinations one uplink serves, what the origin sent), then one per
     /// node for the three that hold least and the one that holds most.
     fn trace(&self) {
-        let n = self.lens.len() as f64;
+        let n = self.layout.lens().len() as f64;
         let nodes = self.s.nodes;
         let held: Vec<f64> = self
             .nodes
@@ -799,8 +798,8 @@ impl Sim {
         // The answer: the map as it is when the query arrives.
         let there = self.now + self.delay(node, peer);
         let map = if self.nodes[peer].hostile() {
-            let mut m = HaveMap::new(self.lens.len());
-            (0..self.lens.len()).for_each(|i| m.set(i));
+            let mut m = HaveMap::new(self.layout.lens().len());
+            (0..self.layout.lens().len()).for_each(|i| m.set(i));
             m
         } else {
             self.nodes[peer].have.clone()
@@ -838,7 +837,7 @@ impl Sim {
             .iter()
             .zip(&present)
             .filter(|(_, &p)| p)
-            .map(|(&i, _)| self.lens[i] as u64)
+            .map(|(&i, _)| self.layout.lens()[i] as u64)
             .sum();
         self.transfers.insert(
             id,
@@ -931,7 +930,7 @@ impl Sim {
         let sent = t.size - t.left;
         while from_peer && t.cut < t.chunks.len() {
             let len = if t.present[t.cut] {
-                self.lens[t.chunks[t.cut]] as u64
+                self.layout.lens()[t.chunks[t.cut]] as u64
             } else {
                 0
             };
@@ -1002,7 +1001,7 @@ impl Sim {
             let part = from..t.given;
             for (&i, &here) in t.chunks[part.clone()].iter().zip(&t.present[part]) {
                 let o = if here {
-                    Outcome::Stored(self.lens[i])
+                    Outcome::Stored(self.layout.lens()[i])
                 } else {
                     Outcome::Missing
                 };
@@ -1065,7 +1064,7 @@ impl Sim {
     /// as the mount's sequential readahead does (topped up once less than half is ahead).
     fn read(&mut self, node: usize) {
         let m = self.s.mount.expect("mounting");
-        let n = self.lens.len();
+        let n = self.layout.lens().len();
         let starts = &self.starts;
         let x = &mut self.nodes[node];
         let Some(r) = x.reader.as_mut() else {
@@ -1191,7 +1190,7 @@ impl Sim {
         for &i in &chunks {
             self.nodes[node].fetching[i] = Fetching::Origin;
         }
-        let bytes = chunks.iter().map(|&i| self.lens[i] as u64).sum();
+        let bytes = chunks.iter().map(|&i| self.layout.lens()[i] as u64).sum();
         self.request(node, self.s.nodes, chunks, bytes);
     }
 
@@ -1238,7 +1237,7 @@ impl Sim {
             if !self.nodes[o.to].alive || self.nodes[o.to].inc != o.inc {
                 continue;
             }
-            let size: u64 = o.chunks.iter().map(|&i| self.lens[i] as u64).sum();
+            let size: u64 = o.chunks.iter().map(|&i| self.layout.lens()[i] as u64).sum();
             let id = self.next_id;
             self.next_id += 1;
             self.transfers.insert(
@@ -1649,7 +1648,7 @@ pub fn run(s: &Setup) -> Report {
         ..Uplink::default()
     });
     let version = Chunks {
-        lens: lens.clone(),
+        lens,
         keys,
         porder: (0..n).collect(),
         key: version_key,
@@ -1657,7 +1656,6 @@ pub fn run(s: &Setup) -> Report {
     let layout = Arc::new(Layout::new(version, pull::Config::default().run));
     let mut sim = Sim {
         s: s.clone(),
-        lens,
         layout,
         nodes,
         links,
@@ -1680,7 +1678,7 @@ pub fn run(s: &Setup) -> Report {
     };
     let mut starts = Vec::with_capacity(n + 1);
     let mut at = 0u64;
-    for &l in &sim.lens {
+    for &l in sim.layout.lens() {
         starts.push(at);
         at += l as u64;
     }

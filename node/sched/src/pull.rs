@@ -113,9 +113,10 @@ pub struct Config {
     pub have_deltas: bool,
     /// A wanted chunk that no source in view holds is read from the origin by this node, its
     /// owner or not, once nothing has landed for this long (or for four times the longest
-    /// wait between landings, or the longest origin read, seen so far, if longer): the owner
-    /// may be a lying or stalled node this one cannot see, and a pull must end. (See
-    /// [`Pull::poll`]: the next reader in line takes such runs first.)
+    /// wait between landings under half the threshold, or the longest origin read, seen so
+    /// far, if longer): the owner may be a lying or stalled node this one cannot see, and a
+    /// pull must end. (See [`Pull::poll`]: the next reader in line takes such runs first, and
+    /// the spells of earlier stalls count toward how far down the line a stall reaches.)
     pub stuck: Duration,
     /// Among the readers chosen as a pull began, once all but an eighth of them (at least
     /// one, and three or more readers shown, those chosen since counted too) have shown a
@@ -127,7 +128,9 @@ pub struct Config {
     /// readers, one liar among them, p99 1.10 s against 5.10 s (`docs/benchmarks.md`,
     /// nineteenth session). (Four times the median, the first form, judged honest readers
     /// dead at a slow origin that served them unevenly: the simulator's hostile fleet at
-    /// 200 Mbit read 1.13x the version.) `Duration::MAX` turns it off.
+    /// 200 Mbit read 1.13x the version.) A reader out of view whose share stays a quarter
+    /// unread while nine tenths of the other readers' are here is also passed over after this
+    /// long. `Duration::MAX` turns both off.
     pub reader_lag: Duration,
 }
 
@@ -274,6 +277,11 @@ impl Layout {
     /// How many chunks the version has.
     pub fn chunks(&self) -> usize {
         self.lens.len()
+    }
+
+    /// Each chunk's length, in walk order.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
     }
 }
 
@@ -1171,8 +1179,8 @@ impl<P: PeerKey> Pull<P> {
             // readers: the nodes in its view catch its faults at once). Such a reader's share
             // stays mostly unread while the others' is read: once the other readers' runs are
             // nine tenths here and a quarter of its own are not, for `reader_lag`, it is passed
-            // over (64 nodes with six liars, 1,000 with ten and churn: pulls of 16-20 s; with
-            // `reader_lag` zero, off like the rest of the lag rule).
+            // over (64 nodes with six liars, 1,000 with ten and churn: pulls of 16-36 s;
+            // `Duration::MAX` turns it off with the rest of the lag rule).
             let mut left: HashMap<P, (u64, u64)> = HashMap::default();
             let wanted = self.marks.run_want.iter().zip(run_owner);
             for (k, (&want, owner)) in wanted.enumerate() {
@@ -1186,7 +1194,6 @@ impl<P: PeerKey> Pull<P> {
                 .fold((0, 0), |(w, a), (_, (x, y))| (w + x, a + y));
             for (&o, &(want_o, all_o)) in &left {
                 let behind = o != self.me
-                    && !cfg.reader_lag.is_zero()
                     && !views.iter().any(|(p, _)| *p == o)
                     && self.reader_since.get(&o).is_some_and(|t| *t <= early)
                     && want_o * 4 >= all_o
