@@ -147,6 +147,19 @@ pub enum Command {
         /// Tag name.
         tag: String,
     },
+    /// Copy versions to another origin: what it lacks of their packs, indexes and version
+    /// objects, and the tags that point at them; verified, resumable, incremental.
+    Replicate {
+        /// Versions to copy (NAME@VERSION, NAME@TAG, NAME@b3:<root>); with --all, dataset names.
+        #[arg(required = true, value_name = "REF")]
+        refs: Vec<String>,
+        /// The origin to copy into: a path, file://, s3://, gs:// or az://.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Copy every version of the datasets named.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

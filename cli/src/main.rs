@@ -604,5 +604,43 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let msg = open(false)?.tag(&target, &tag).await?;
             out.report(&serde_json::json!({ "tag": format!("{}@{tag}", target.dataset), "version": target.to_string() }), || msg.clone())
         }
+        Command::Replicate { refs, to, all } => {
+            let (mut versions, mut datasets) = (Vec::new(), Vec::new());
+            for r in &refs {
+                if all {
+                    let name: DatasetName = r.parse().with_context(|| {
+                        format!("with --all, {r:?} must be a dataset name (every version of it is copied)")
+                    })?;
+                    datasets.push(name);
+                } else {
+                    versions.push(r.parse::<DatasetRef>()?);
+                }
+            }
+            let target = Origin::open(&to, true)?;
+            let progress = Arc::new(Progress::default());
+            let bar = out.progress(progress.clone());
+            let r = open(false)?
+                .replicate(&versions, &datasets, &target, &progress)
+                .await;
+            bar.finish();
+            let r = r?;
+            out.report(&r, || {
+                let created = r.versions.iter().filter(|v| v.created).count();
+                format!(
+                    "replicated {} version{} from {} to {} ({} new there)\n  packs: {} copied ({}), {} already there; {} written, {:.1}s{}",
+                    r.versions.len(),
+                    if r.versions.len() == 1 { "" } else { "s" },
+                    r.from,
+                    r.to,
+                    created,
+                    r.packs_copied,
+                    output::bytes(r.pack_bytes_copied),
+                    r.packs_present,
+                    output::bytes(r.bytes_written),
+                    r.seconds,
+                    if r.tags.is_empty() { String::new() } else { format!("\n  tags: {}", r.tags.join(", ")) }
+                )
+            })
+        }
     }
 }

@@ -2,74 +2,7 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not start listening on port {port} within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A raw HTTP request; returns the status line.
-fn http(port: u16, method: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp.lines().next().unwrap_or_default().to_string()
-}
-
-/// Starts moto_server on a free port with one bucket; returns the guard and the env vars
-/// that point shoal at it.
-fn moto() -> (Server, Vec<(String, String)>) {
-    let port = free_port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start moto_server ({e}); the README's test command installs it (pip install 'moto[server]')"));
-    let server = Server(child);
-    wait_for_port(port, "moto_server");
-    assert!(
-        http(port, "PUT", "/shoal-test").contains("200"),
-        "creating the test bucket failed"
-    );
-    let env = vec![
-        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
-        ("AWS_REGION".into(), "us-east-1".into()),
-        (
-            "AWS_ENDPOINT_URL".into(),
-            format!("http://127.0.0.1:{port}"),
-        ),
-    ];
-    (server, env)
-}
+use std::process::Stdio;
 
 #[test]
 fn s3_publish_pull_dedup_and_tags() {

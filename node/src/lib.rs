@@ -16,6 +16,7 @@ pub mod mount;
 pub mod progress;
 mod publish;
 mod pull;
+mod replicate;
 mod walk;
 
 pub use shoal_store as store;
@@ -31,6 +32,7 @@ pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Passthr
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport};
 pub use pull::PullReport;
+pub use replicate::{ReplicateReport, ReplicatedVersion};
 
 use shoal_registry::{AnyTag, DatasetRef, Origin, SignedVersion, TrustedKey, VersionRef};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -548,13 +548,32 @@ impl Origin {
         format!("packs/{id}.{ext}")
     }
 
-    /// Uploads a pack and then its index.
-    pub async fn put_pack(
-        &self,
-        id: &Hash,
-        parts: Vec<Bytes>,
-        index: Bytes,
-    ) -> Result<(), OriginError> {
+    /// The size of an object, or None if there is none.
+    async fn size_of(&self, key: &Path) -> Result<Option<u64>, OriginError> {
+        match self.store.head(key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err("checking", key, e)),
+        }
+    }
+
+    /// Whether a pack's index is here: it is written after its pack, so the pack is whole.
+    pub async fn has_pack(&self, id: &Hash) -> Result<bool, OriginError> {
+        Ok(self
+            .size_of(&self.key(&Self::pack_key(id, "idx")))
+            .await?
+            .is_some())
+    }
+
+    /// The size of a pack object without its index (a copy cut short after the pack was
+    /// written), or None. A put is atomic on every store (a local directory writes a staging
+    /// file and renames it), so a pack of the size its index gives is whole.
+    pub async fn pack_size(&self, id: &Hash) -> Result<Option<u64>, OriginError> {
+        self.size_of(&self.key(&Self::pack_key(id, "pack"))).await
+    }
+
+    /// Writes a pack's bytes (without its index: see [`Self::put_pack_index`]).
+    pub async fn put_pack_data(&self, id: &Hash, parts: Vec<Bytes>) -> Result<(), OriginError> {
         let key = self.key(&Self::pack_key(id, "pack"));
         self.store
             .put_opts(
@@ -563,13 +582,91 @@ impl Origin {
                 PutOptions::from(PutMode::Overwrite),
             )
             .await
-            .map_err(|e| self.store_err("writing", &key, e))?;
+            .map(|_| ())
+            .map_err(|e| self.store_err("writing", &key, e))
+    }
+
+    /// Writes a pack's index, once its pack is whole.
+    pub async fn put_pack_index(&self, id: &Hash, index: Bytes) -> Result<(), OriginError> {
         self.put(
             &self.key(&Self::pack_key(id, "idx")),
             index,
             PutMode::Overwrite,
         )
         .await
+    }
+
+    /// Puts a signed tag made elsewhere (another origin's) unless this origin's copy is as
+    /// new or newer (by sequence), with the same compare-and-swap as [`Self::set_tag`]. Returns
+    /// whether it was written, and the sequence this origin's tag has now.
+    pub async fn copy_tag(
+        &self,
+        name: &DatasetName,
+        tag: &SignedTag,
+    ) -> Result<(bool, u64), OriginError> {
+        let path = self.key(&Self::dataset_key(name, &format!("_tags/{}", tag.body.tag)));
+        let body: Bytes = tag.encode().into();
+        for _ in 0..10 {
+            let current = self.get_opt(&path, "tag object", MAX_SMALL_OBJECT).await?;
+            let seq = current
+                .as_ref()
+                .and_then(|(b, _)| AnyTag::decode(b).ok())
+                .map(|t| t.seq());
+            if let Some(seq) = seq.filter(|s| *s >= tag.body.seq) {
+                return Ok((false, seq));
+            }
+            let mode = match current {
+                None => PutMode::Create,
+                Some((_, v)) => PutMode::Update(v),
+            };
+            match self
+                .store
+                .put_opts(
+                    &path,
+                    PutPayload::from_bytes(body.clone()),
+                    PutOptions::from(mode),
+                )
+                .await
+            {
+                Ok(_) => return Ok((true, tag.body.seq)),
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. },
+                ) => continue,
+                Err(object_store::Error::NotImplemented) => {
+                    return self
+                        .put(&path, body, PutMode::Overwrite)
+                        .await
+                        .map(|()| (true, tag.body.seq));
+                }
+                Err(e) => return Err(self.store_err("writing", &path, e)),
+            }
+        }
+        Err(OriginError::Store {
+            origin: self.url.clone(),
+            op: "copying tag",
+            key: path.to_string(),
+            source: Box::new(object_store::Error::Generic {
+                store: "shoal",
+                source: "tag kept changing under us after 10 attempts".into(),
+            }),
+        })
+    }
+
+    /// Whether this origin takes writes: plain HTTP(S) origins are read-only.
+    pub fn writable(&self) -> bool {
+        !(self.url.starts_with("http://") || self.url.starts_with("https://"))
+    }
+
+    /// Uploads a pack and then its index.
+    pub async fn put_pack(
+        &self,
+        id: &Hash,
+        parts: Vec<Bytes>,
+        index: Bytes,
+    ) -> Result<(), OriginError> {
+        self.put_pack_data(id, parts).await?;
+        self.put_pack_index(id, index).await
     }
 
     /// Reads a pack index and checks it against the pack's id. Returns the raw bytes too, for
