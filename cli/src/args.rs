@@ -13,9 +13,11 @@ pub struct Args {
     pub json: bool,
 
     /// Origin store: a path, file://, s3://bucket/prefix, gs://, az:// or http(s):// (read-only).
-    /// Default: $SHOAL_ORIGIN, then `origin` in the config file, then $SHOAL_HOME/origin.
+    /// Repeat for several (reads go to the nearest holding a version; publishes and tags to
+    /// the first). Default: $SHOAL_ORIGIN (comma-separated), then `origin` or `[[origin]]` in
+    /// the config file, then $SHOAL_HOME/origin.
     #[arg(long, global = true, value_name = "URL")]
-    pub origin: Option<String>,
+    pub origin: Vec<String>,
 
     /// Log more (repeat for more detail); SHOAL_LOG=<filter> gives full control.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

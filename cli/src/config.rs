@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use shoal_node::tiers::{self, CacheLayout};
+use shoal_node::OriginSpec;
 use shoal_registry::{PublicKey, TrustedKey};
 use std::path::{Path, PathBuf};
 
@@ -10,8 +11,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// Origin URL or path.
-    pub origin: Option<String>,
+    /// The origins: a URL or path (`origin = "s3://..."`), or `[[origin]]` tables with `url`,
+    /// `region`, `zone` and `max_requests`, nearest or primary first (publishes and tags go to
+    /// the first).
+    pub origin: Option<OneOrMany>,
     /// Extra publisher keys to trust: `KEY`, or `KEY PATTERN,...` to trust it only for the
     /// datasets whose names match.
     #[serde(default)]
@@ -25,6 +28,14 @@ pub struct FileConfig {
     /// The node daemon (`shoal node run`); its flags override these.
     #[serde(default)]
     pub node: NodeConfig,
+}
+
+/// `origin = "URL"` or `[[origin]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<OriginSpec>),
 }
 
 /// `[node]` in the config file.
@@ -99,7 +110,8 @@ fn parse_size(s: &str, what: &str) -> Result<u64> {
 #[derive(Debug)]
 pub struct Config {
     pub home: PathBuf,
-    pub origin: String,
+    /// The origins, the primary (where publishes and tags go) first.
+    pub origins: Vec<OriginSpec>,
     pub trusted: Vec<TrustedKey>,
     pub max_tag_age: Option<std::time::Duration>,
     pub cache: CacheLayout,
@@ -142,8 +154,15 @@ fn parse_keys(list: impl IntoIterator<Item = String>, source: &str) -> Result<Ve
 }
 
 impl Config {
-    /// Flag, then `SHOAL_ORIGIN`, then the config file, then `$SHOAL_HOME/origin`.
-    pub fn load(origin_flag: Option<String>) -> Result<Config> {
+    /// The primary origin's URL (where publishes and tags go).
+    pub fn origin(&self) -> &str {
+        &self.origins[0].url
+    }
+
+    /// The origins: `--origin` flags, then `SHOAL_ORIGIN` (comma-separated), then the config
+    /// file, then `$SHOAL_HOME/origin`. An origin named by a flag or the environment takes
+    /// its labels from the config file's `[[origin]]` of the same URL, if any.
+    pub fn load(origin_flags: Vec<String>) -> Result<Config> {
         let home = home_dir()?;
         let cfg_path = home.join("config.toml");
         let file = read_file_config(&cfg_path)?;
@@ -151,17 +170,50 @@ impl Config {
         // config file's directory for the file's setting): a node daemon serving this command
         // runs elsewhere.
         let cwd = std::env::current_dir().context("the current directory")?;
-        let origin = match origin_flag
-            .or_else(|| std::env::var("SHOAL_ORIGIN").ok().filter(|o| !o.is_empty()))
-        {
-            Some(o) => absolute_local(o, &cwd),
-            None => match file.origin {
-                Some(o) => absolute_local(o, &home),
-                None => home.join("origin").display().to_string(),
-            },
+        let from_file: Vec<OriginSpec> = match file.origin {
+            None => Vec::new(),
+            Some(OneOrMany::One(url)) => vec![OriginSpec::new(absolute_local(url, &home))],
+            Some(OneOrMany::Many(list)) => list
+                .into_iter()
+                .map(|o| OriginSpec {
+                    url: absolute_local(o.url, &home),
+                    ..o
+                })
+                .collect(),
         };
-        if origin.trim().is_empty() {
-            bail!("the origin is empty; pass --origin or set SHOAL_ORIGIN");
+        let named: Vec<String> = if !origin_flags.is_empty() {
+            origin_flags
+        } else {
+            std::env::var("SHOAL_ORIGIN")
+                .ok()
+                .map(|o| {
+                    o.split(',')
+                        .map(str::trim)
+                        .filter(|o| !o.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let origins: Vec<OriginSpec> = if !named.is_empty() {
+            named
+                .into_iter()
+                .map(|url| {
+                    let url = absolute_local(url, &cwd);
+                    from_file
+                        .iter()
+                        .find(|o| o.url == url)
+                        .cloned()
+                        .unwrap_or_else(|| OriginSpec::new(url))
+                })
+                .collect()
+        } else if !from_file.is_empty() {
+            from_file
+        } else {
+            vec![OriginSpec::new(home.join("origin").display().to_string())]
+        };
+        if let Some(o) = origins.iter().find(|o| o.url.trim().is_empty()) {
+            bail!("an origin is empty ({o:?}); pass --origin or set SHOAL_ORIGIN");
         }
         let mut trusted = parse_keys(file.trusted_keys, &cfg_path.display().to_string())?;
         if let Ok(env) = std::env::var("SHOAL_TRUSTED_KEYS") {
@@ -215,7 +267,7 @@ impl Config {
         node.cluster_key = node.cluster_key.map(|p| home.join(p));
         Ok(Config {
             home,
-            origin,
+            origins,
             trusted,
             max_tag_age,
             cache,

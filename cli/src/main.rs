@@ -12,7 +12,7 @@ use clap::Parser;
 use config::Config;
 use output::Out;
 use shoal_node::daemon::{Client, Request};
-use shoal_node::{Home, Node, Progress, PublishOptions};
+use shoal_node::{Home, Node, Origins, Progress, PublishOptions};
 use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -78,7 +78,7 @@ fn init_tracing(verbose: u8) {
 async fn daemon(home: &Home, cfg: &Config) -> Option<Client> {
     Client::connect(home)
         .await
-        .map(|c| c.trusting(&cfg.trusted))
+        .map(|c| c.trusting(&cfg.trusted).with_origins(&cfg.origins))
 }
 
 fn parse_chunking(s: &str) -> Result<Params> {
@@ -96,12 +96,13 @@ fn parse_chunking(s: &str) -> Result<Params> {
 async fn run(args: Args, out: &Out) -> Result<()> {
     let cfg = Config::load(args.origin)?;
     let home = Home::new(&cfg.home);
-    let open = |create: bool| -> Result<Node> {
-        let origin = Origin::open(&cfg.origin, create)?;
-        Ok(Node::new(home.clone(), origin, cfg.trusted.clone())
+    let open_at = |create: bool, region: Option<&str>, zone: Option<&str>| -> Result<Node> {
+        let origins = Origins::open(cfg.origins.clone(), create, region, zone)?;
+        Ok(Node::new(home.clone(), origins, cfg.trusted.clone())
             .with_cache(cfg.cache.clone())
             .with_max_tag_age(cfg.max_tag_age))
     };
+    let open = |create: bool| open_at(create, cfg.node.region.as_deref(), cfg.node.zone.as_deref());
     match args.command {
         Command::Publish {
             dir,
@@ -170,7 +171,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     let req = Request::Pull {
                         reference: reference.to_string(),
                         to,
-                        origin: cfg.origin.clone(),
+                        origin: cfg.origin().to_string(),
                     };
                     daemon
                         .call(&req, &progress)
@@ -244,7 +245,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         .call(
                             &Request::Versions {
                                 name: name.to_string(),
-                                origin: cfg.origin.clone(),
+                                origin: cfg.origin().to_string(),
                             },
                             &Progress::default(),
                         )
@@ -293,7 +294,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                             &Request::Ls {
                                 reference: reference.to_string(),
                                 path: path.clone(),
-                                origin: cfg.origin.clone(),
+                                origin: cfg.origin().to_string(),
                             },
                             &Progress::default(),
                         )
@@ -382,7 +383,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             };
             let r = mount::run(
                 daemon(&home, &cfg).await,
-                &cfg.origin,
+                cfg.origin(),
                 || open(false),
                 &reference,
                 args,
@@ -409,7 +410,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 Some(daemon) => {
                     let req = Request::Pin {
                         reference: reference.to_string(),
-                        origin: cfg.origin.clone(),
+                        origin: cfg.origin().to_string(),
                     };
                     daemon
                         .call(&req, &progress)
@@ -445,7 +446,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 Some(daemon) => {
                     let req = Request::Unpin {
                         reference: reference.to_string(),
-                        origin: cfg.origin.clone(),
+                        origin: cfg.origin().to_string(),
                     };
                     serde_json::from_value(daemon.call(&req, &Progress::default()).await?)?
                 }
@@ -565,6 +566,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     no_mdns,
                 },
         } => {
+            let node = open_at(
+                true,
+                region.as_deref().or(cfg.node.region.as_deref()),
+                zone.as_deref().or(cfg.node.zone.as_deref()),
+            )?;
             let flags = config::NodeConfig {
                 listen,
                 bootstrap,
@@ -580,7 +586,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             };
             // A node may serve peers before anything is published to a local default origin:
             // create the directory rather than refuse to start.
-            node::run(open(true)?, &cfg.node, flags, out).await
+            node::run(node, &cfg.node, flags, out).await
         }
         Command::Node {
             command: NodeCommand::Keygen { file },

@@ -273,3 +273,234 @@ fn replicate_every_version_into_s3_and_pull_from_there() {
         2
     );
 }
+
+/// Writes a reader's config file naming its origins, nearest first.
+fn config_origins(env: &Env, origins: &[(&str, Option<&str>)]) {
+    let mut text = String::from("[node]\nregion = \"eu\"\nzone = \"eu-a\"\n");
+    for (url, zone) in origins {
+        text.push_str(&format!("\n[[origin]]\nurl = \"{url}\"\n"));
+        if let Some(z) = zone {
+            text.push_str(&format!("region = \"eu\"\nzone = \"{z}\"\n"));
+        }
+    }
+    write(&env.home.join("config.toml"), text.as_bytes());
+}
+
+fn origin_bytes(report: &serde_json::Value, url: &str) -> u64 {
+    report["origins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["origin"] == url)
+        .unwrap_or_else(|| panic!("no {url} in {report}"))["bytes"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn three_origins_at_once_each_alone_all_together_and_the_nearest_stopped_mid_pull() {
+    let (_server, vars) = moto();
+    let mut env = Env::new();
+    env.extra_env = vars.clone();
+    let src = env.path("src");
+    for i in 0..12u64 {
+        write(
+            &src.join(format!("d{}/f{i}", i % 3)),
+            &random_bytes(500 + i, 4 << 20),
+        );
+    }
+    env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v1",
+        "--tag",
+        "latest",
+    ]);
+    // Publish to the local directory, replicate to S3 and to a directory nginx serves.
+    let s3 = "s3://shoal-test/mirror";
+    let web_dir = env.path("web");
+    env.json(&["replicate", "demo@v1", "--to", s3]);
+    env.json(&["replicate", "demo@v1", "--to", web_dir.to_str().unwrap()]);
+    // The nearest origin is slow (4 MB/s a connection), so a pull is still under way when
+    // it stops.
+    let nginx = Nginx::start_with(web_dir.to_str().unwrap(), env.dir.path(), "limit_rate 4m;");
+    let web = nginx.url();
+    let local = env.origin.clone();
+
+    // Each alone.
+    for (i, origin) in [local.as_str(), s3, web.as_str()].iter().enumerate() {
+        let r = reader(&env, &format!("alone{i}"), origin);
+        let dest = env.path(&format!("alone{i}"));
+        let p = r.json(&["pull", "demo@latest", "--to", dest.to_str().unwrap()]);
+        assert_eq!(p["origins"].as_array().unwrap().len(), 1, "{p}");
+        assert!(origin_bytes(&p, origin) >= 48 << 20, "{p}");
+        assert_same_tree(&src, &dest);
+    }
+
+    // All three, from the config file, nginx labelled as in this node's zone: it serves
+    // first; stopped once bytes arrive, the others finish the pull, exactly.
+    let all = reader(&env, "all", "");
+    config_origins(&all, &[(&web, Some("eu-a")), (s3, None), (&local, None)]);
+    let mut all = all;
+    all.origin = String::new();
+    let dest = env.path("all");
+    let child = all
+        .cmd(&["--json", "pull", "demo@v1", "--to", dest.to_str().unwrap()])
+        .env_remove("SHOAL_ORIGIN")
+        .env("SHOAL_LOG", "shoal_node::origins=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stopped once reads of it are under way (the pull logs each origin read).
+    let mut child = child;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let web_url = web.clone();
+    let log = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        let mut told = false;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if !told && line.contains("origin read") && line.contains(&web_url) {
+                let _ = tx.send(());
+                told = true;
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("no read of the nearest origin within 60 s");
+    std::thread::sleep(Duration::from_millis(500));
+    nginx.stop();
+    let out = child.wait_with_output().unwrap();
+    let log = log.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the pull failed when its nearest origin stopped: {log}"
+    );
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_same_tree(&src, &dest);
+    assert!(
+        log.contains("reading the range from another origin"),
+        "reads under way at the stopped origin moved to another: {log}"
+    );
+    let (w, s, l) = (
+        origin_bytes(&p, &web),
+        origin_bytes(&p, s3),
+        origin_bytes(&p, &local),
+    );
+    eprintln!(
+        "nearest stopped mid-pull: nginx {w}, s3 {s}, local {l} bytes, {} s",
+        p["seconds"]
+    );
+    assert!(
+        s + l >= (48 << 20) - w.min(48 << 20),
+        "the others finished the pull: {p}"
+    );
+    assert!(
+        w + s + l <= p["bytes"].as_u64().unwrap() * 11 / 10,
+        "each chunk read about once in all: {p}"
+    );
+}
+
+#[test]
+fn the_newest_valid_tag_of_any_origin_wins_and_bad_origins_get_one_line_each() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v1",
+        "--tag",
+        "latest",
+    ]);
+    let mirror = env.path("mirror");
+    let m = mirror.to_str().unwrap();
+    env.json(&["replicate", "demo@latest", "--to", m]);
+    // The tag moves on at the primary; the mirror still says v1.
+    write(&src.join("a/b/c.txt"), b"v2\n");
+    env.json(&[
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v2",
+        "--tag",
+        "latest",
+    ]);
+
+    let r = reader(&env, "r", "");
+    let nearest_first = ["--origin", m, "--origin", &env.origin];
+    let mut args = nearest_first.to_vec();
+    args.extend(["pull", "demo@latest", "--no-files"]);
+    let p = r.json(&args);
+    assert_eq!(
+        p["version"], "demo@v2",
+        "the newest tag wins, wherever it is: {p}"
+    );
+    // v2 is only at the primary: the mirror, though nearer, served none of it.
+    assert_eq!(origin_bytes(&p, m), 0, "{p}");
+    let mut args = nearest_first.to_vec();
+    args.extend(["versions", "demo"]);
+    let v = r.json(&args);
+    let listed: Vec<&str> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["v1", "v2"], "{v}");
+    assert_eq!(v["versions"][1]["tags"][0], "latest", "{v}");
+
+    // An unreachable origin beside a good one: the pull goes on.
+    let dead = "http://127.0.0.1:9/";
+    let p = r.json(&[
+        "--origin",
+        dead,
+        "--origin",
+        &env.origin,
+        "pull",
+        "demo@v1",
+        "--no-files",
+    ]);
+    assert_eq!(p["version"], "demo@v1");
+    // Unreachable alone, misconfigured, listed twice, read-only: one line naming it.
+    // (A node that never had the version: one that had it opens its kept signed copy.)
+    let fresh = reader(&env, "fresh", "");
+    let err = fresh.fails(&["--origin", dead, "pull", "demo@v1", "--no-files"]);
+    assert!(
+        err.contains("127.0.0.1:9") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let err = r.fails(&["--origin", "ftp://x/y", "pull", "demo@v1"]);
+    assert!(
+        err.contains("ftp://x/y") && err.contains("unsupported scheme"),
+        "{err}"
+    );
+    let err = r.fails(&["--origin", m, "--origin", m, "pull", "demo@v1"]);
+    assert!(err.contains(m) && err.contains("listed twice"), "{err}");
+    let nginx = Nginx::start(m, env.dir.path());
+    let err = env.fails(&[
+        "--origin",
+        &nginx.url(),
+        "publish",
+        src.to_str().unwrap(),
+        "demo@v3",
+    ]);
+    assert!(
+        err.contains(&nginx.url()) && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let bad = reader(&env, "bad", "");
+    write(
+        &bad.home.join("config.toml"),
+        format!("[[origin]]\nurl = \"{m}\"\nmax_requests = 0\n").as_bytes(),
+    );
+    let mut bad = bad;
+    bad.origin = String::new();
+    let err = bad.fails(&["versions", "demo"]);
+    assert!(err.contains(m) && err.contains("max_requests"), "{err}");
+}

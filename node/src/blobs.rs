@@ -2,6 +2,7 @@
 //! blob verified against its id before it is stored or used.
 
 use crate::error::{Error, Result};
+use crate::origins::{Holders, Origins};
 use crate::progress::Progress;
 use crate::store::{ChunkStore, Retain};
 use crate::swarm::Swarm;
@@ -50,7 +51,11 @@ pub type ByOwner = HashMap<crate::swarm::PeerId, Vec<Hash>>;
 /// Where each blob of a version lives, and how to get it.
 pub struct Blobs {
     store: Arc<dyn ChunkStore>,
-    origin: Origin,
+    origins: Arc<Origins>,
+    /// The origins that hold the version.
+    holders: Holders,
+    /// Bytes each origin sent for this version.
+    per_origin: Vec<AtomicU64>,
     packs: Vec<Hash>,
     locs: HashMap<Hash, Loc>,
     from_origin: AtomicU64,
@@ -76,7 +81,16 @@ fn cache_pack_index(cache: &Path, id: &Hash, bytes: &[u8]) {
     }
 }
 
-/// Reads a pack index from the local cache, or from the origin (then caches it); with the
+/// A pack index from the local cache, if it is there and intact.
+fn cached_pack_index(cache: &Path, id: &Hash) -> Option<PackIndex> {
+    let bytes = std::fs::read(cache.join(format!("{id}.idx"))).ok()?;
+    if !id.verify(&bytes) {
+        return None;
+    }
+    PackIndex::decode(&bytes).ok()
+}
+
+/// Reads a pack index from the local cache, or from `origin` (then caches it); with the
 /// bytes read from the origin (0 from the cache).
 ///
 /// Cancel-safe: an index is cached only once read whole and verified.
@@ -85,21 +99,49 @@ pub(crate) async fn pack_index(
     cache: &Path,
     id: &Hash,
 ) -> Result<(PackIndex, u64)> {
-    let path = cache.join(format!("{id}.idx"));
-    if let Ok(bytes) = tokio::fs::read(&path).await {
-        if id.verify(&bytes) {
-            if let Ok(idx) = PackIndex::decode(&bytes) {
-                return Ok((idx, 0));
-            }
-        }
+    let (c, i) = (cache.to_path_buf(), *id);
+    if let Some(idx) = tokio::task::spawn_blocking(move || cached_pack_index(&c, &i))
+        .await
+        .expect("cache task panicked")
+    {
+        return Ok((idx, 0));
     }
     let (idx, bytes) = origin.pack_index(id).await?;
     let read = bytes.len() as u64;
+    keep_pack_index(cache, id, bytes).await;
+    Ok((idx, read))
+}
+
+/// Like [`pack_index`], from whichever origin holding the version has it.
+///
+/// Cancel-safe, as [`pack_index`].
+async fn pack_index_any(
+    origins: &Origins,
+    holders: Holders,
+    cache: &Path,
+    id: &Hash,
+) -> Result<(PackIndex, u64)> {
+    let (c, i) = (cache.to_path_buf(), *id);
+    if let Some(idx) = tokio::task::spawn_blocking(move || cached_pack_index(&c, &i))
+        .await
+        .expect("cache task panicked")
+    {
+        return Ok((idx, 0));
+    }
+    let (idx, bytes) = origins.pack_index(holders, id).await?;
+    let read = bytes.len() as u64;
+    keep_pack_index(cache, id, bytes).await;
+    Ok((idx, read))
+}
+
+/// Caches a verified pack index (see [`cache_pack_index`]) off the async threads.
+///
+/// Cancel-safe: the file is renamed into place whole, or not at all.
+async fn keep_pack_index(cache: &Path, id: &Hash, bytes: bytes::Bytes) {
     let (cache, id) = (cache.to_path_buf(), *id);
     tokio::task::spawn_blocking(move || cache_pack_index(&cache, &id, &bytes))
         .await
-        .expect("cache task panicked");
-    Ok((idx, read))
+        .expect("cache task panicked")
 }
 
 impl Blobs {
@@ -107,7 +149,8 @@ impl Blobs {
     ///
     /// Cancel-safe: it only reads (indexes it cached stay cached and valid).
     pub async fn load(
-        origin: Origin,
+        origins: Arc<Origins>,
+        holders: Holders,
         store: Arc<dyn ChunkStore>,
         cache: &Path,
         version: &SignedVersion,
@@ -147,8 +190,8 @@ impl Blobs {
         }
         let indexes: Vec<(PackIndex, u64)> = futures::stream::iter(packs.clone())
             .map(|id| {
-                let (origin, cache) = (origin.clone(), cache.to_path_buf());
-                async move { pack_index(&origin, &cache, &id).await }
+                let (origins, cache) = (&origins, cache.to_path_buf());
+                async move { pack_index_any(origins, holders, &cache, &id).await }
             })
             .buffered(8)
             .try_collect()
@@ -176,7 +219,9 @@ impl Blobs {
         }
         Ok(Blobs {
             store,
-            origin,
+            per_origin: (0..origins.len()).map(|_| AtomicU64::new(0)).collect(),
+            origins,
+            holders,
             packs,
             locs,
             from_origin: AtomicU64::new(index_bytes),
@@ -202,9 +247,23 @@ impl Blobs {
         self
     }
 
-    /// Bytes read from the origin so far.
+    /// Bytes read from the origins so far.
     pub fn bytes_from_origin(&self) -> u64 {
         self.from_origin.load(Ordering::Relaxed)
+    }
+
+    /// Pack bytes each origin sent so far (by origin URL; pack indexes not included).
+    pub fn bytes_per_origin(&self) -> Vec<(String, u64)> {
+        self.per_origin
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (
+                    self.origins.get(i).url().to_string(),
+                    n.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// Where a blob sits in the origin: (pack number in the version, offset).
@@ -391,7 +450,7 @@ impl Blobs {
         let mut wanted: Vec<(Loc, Hash)> = Vec::with_capacity(ids.len());
         for id in ids {
             let loc = self.locs.get(&id).ok_or_else(|| Error::Corrupt {
-                what: format!("version in origin {}", self.origin.url()),
+                what: format!("version in origin {}", self.origins.urls()),
                 reason: format!("blob {id} is in none of the version's packs"),
             })?;
             wanted.push((*loc, id));
@@ -423,9 +482,13 @@ impl Blobs {
             .map(|RangeRead { pack, start, stop, blobs }| async move {
                 let pack_id = self.packs[pack as usize];
                 let slot = self.origin_slots.acquire().await.expect("never closed");
-                let data = self.origin.read_pack(&pack_id, start..stop).await?;
+                let (data, from) = self
+                    .origins
+                    .read_pack(self.holders, &pack_id, start..stop)
+                    .await?;
                 drop(slot);
                 self.from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.per_origin[from].fetch_add(data.len() as u64, Ordering::Relaxed);
                 if let Some((swarm, _)) = &self.peers {
                     // What the origin sent, gaps between wanted blobs included.
                     swarm
@@ -433,15 +496,10 @@ impl Blobs {
                         .bytes_from_origin
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                if data.len() as u64 != stop - start {
-                    return Err(Error::Corrupt {
-                        what: format!("pack {}", self.origin.pack_path(&pack_id)),
-                        reason: format!("range {start}..{stop} returned {} bytes", data.len()),
-                    });
-                }
                 let store = self.store.clone();
                 let (durable, retain) = (self.durable, self.retain);
-                let pack_path = self.origin.pack_path(&pack_id);
+                let origin = self.origins.get(from);
+                let pack_path = format!("{} in origin {}", origin.pack_path(&pack_id), origin.url());
                 let (stored, got) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(Hash, Bytes)>)> {
                     let mut batch = Vec::with_capacity(blobs.len());
                     let mut n = 0;
@@ -479,7 +537,14 @@ impl Blobs {
                     }
                 })
                 .await
-                .expect("verify task panicked")?;
+                .expect("verify task panicked")
+                .inspect_err(|e| {
+                    if matches!(e, Error::Corrupt { .. }) {
+                        // Bytes that do not match their ids: that origin is left out for a
+                        // while, so the retry reads them from another.
+                        self.origins.blame(from);
+                    }
+                })?;
                 if let Some(p) = progress {
                     p.add(stored);
                 }

@@ -7,11 +7,12 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::Limits;
 use crate::mount::MountSpec;
+use crate::origins::{OriginSpec, Origins};
 use crate::progress::Progress;
 use crate::swarm::{self, Holding, Status, SwarmConfig};
 use crate::{Home, Node};
 use serde::{Deserialize, Serialize};
-use shoal_registry::{DatasetName, DatasetRef, Origin, TrustedKey};
+use shoal_registry::{DatasetName, DatasetRef, TrustedKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,10 @@ struct Envelope {
     request: Request,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     trusted: Vec<String>,
+    /// Every origin the CLI is configured with, when more than the request's `origin` (the
+    /// first of them) or with labels; a daemon from before several origins reads `origin`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    origins: Vec<OriginSpec>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -120,6 +125,7 @@ const NOTICES: usize = 64;
 pub struct Client {
     stream: UnixStream,
     trusted: Vec<String>,
+    origins: Vec<OriginSpec>,
 }
 
 impl Client {
@@ -133,12 +139,21 @@ impl Client {
             .map(|stream| Client {
                 stream,
                 trusted: Vec::new(),
+                origins: Vec::new(),
             })
     }
 
     /// Has the daemon also trust these publisher keys for this client's requests.
     pub fn trusting(mut self, keys: &[TrustedKey]) -> Client {
         self.trusted = keys.iter().map(|k| k.to_string()).collect();
+        self
+    }
+
+    /// Has the daemon read from these origins for this client's requests (all of the CLI's,
+    /// with their labels; a single unlabelled one is the request's `origin` alone).
+    pub fn with_origins(mut self, origins: &[OriginSpec]) -> Client {
+        let plain = origins.len() == 1 && origins[0] == OriginSpec::new(origins[0].url.clone());
+        self.origins = if plain { Vec::new() } else { origins.to_vec() };
         self
     }
 
@@ -164,6 +179,7 @@ impl Client {
         let envelope = Envelope {
             request: req.clone(),
             trusted: self.trusted.clone(),
+            origins: self.origins.clone(),
         };
         let mut line = serde_json::to_string(&envelope).expect("requests serialize");
         line.push('\n');
@@ -392,9 +408,14 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// The node for a request's origin and extra trusted keys: the daemon's own, or a sibling
-    /// sharing store and swarm.
-    fn node_for(&self, origin: &str, trusted: &[TrustedKey]) -> Result<Arc<Node>> {
+    /// The node for a request's origins (`origins`, or `origin` alone when that is empty) and
+    /// extra trusted keys: the daemon's own, or a sibling sharing store and swarm.
+    fn node_for(
+        &self,
+        origin: &str,
+        origins: &[OriginSpec],
+        trusted: &[TrustedKey],
+    ) -> Result<Arc<Node>> {
         let own = if trusted.is_empty() {
             Vec::new()
         } else {
@@ -405,11 +426,19 @@ impl Daemon {
             .filter(|k| !own.contains(k))
             .cloned()
             .collect();
-        let same_origin = origin == self.node.origin().url() || origin.is_empty();
-        if same_origin && extra.is_empty() {
+        let mine = self.node.origins();
+        let specs: Vec<OriginSpec> = if !origins.is_empty() {
+            origins.to_vec()
+        } else if origin.is_empty() || origin == mine.primary().url() {
+            mine.specs().to_vec()
+        } else {
+            vec![OriginSpec::new(origin)]
+        };
+        let same_origins = specs == mine.specs();
+        if same_origins && extra.is_empty() {
             return Ok(self.node.clone());
         }
-        let mut key = origin.to_string();
+        let mut key = serde_json::to_string(&specs).expect("specs serialize");
         for k in &extra {
             key.push(' ');
             key.push_str(&k.to_string());
@@ -418,12 +447,13 @@ impl Daemon {
         if let Some(n) = o.get(&key) {
             return Ok(n.clone());
         }
-        let origin = if same_origin {
-            self.node.origin().clone()
+        let origins = if same_origins {
+            mine.clone()
         } else {
-            Origin::open(origin, false)?
+            let (region, zone) = mine.node_labels();
+            Arc::new(Origins::open(specs, false, region, zone)?)
         };
-        let n = Arc::new(self.node.with_origin(origin).trusting(extra));
+        let n = Arc::new(self.node.with_origins(origins).trusting(extra));
         // Bounded: past this many origin/key combinations, one is forgotten (and reopened if
         // asked for again).
         if o.len() >= MAX_SIBLINGS {
@@ -437,15 +467,26 @@ impl Daemon {
 }
 
 /// Decodes one request line: the operation and the extra keys the client trusts.
-pub fn parse_request(line: &str) -> Result<(Request, Vec<TrustedKey>)> {
-    let Envelope { request, trusted } = serde_json::from_str(line)
+pub fn parse_request(line: &str) -> Result<(Request, Vec<TrustedKey>, Vec<OriginSpec>)> {
+    let Envelope {
+        request,
+        trusted,
+        origins,
+    } = serde_json::from_str(line)
         .map_err(|e| Error::Net(format!("bad request from the CLI: {e}")))?;
     let trusted = trusted
         .iter()
         .map(|k| TrustedKey::parse_line(k))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Net(format!("bad trusted key from the CLI: {e}")))?;
-    Ok((request, trusted))
+    if origins.len() > crate::origins::MAX_ORIGINS {
+        return Err(Error::Net(format!(
+            "the CLI named {} origins; at most {} may be configured",
+            origins.len(),
+            crate::origins::MAX_ORIGINS
+        )));
+    }
+    Ok((request, trusted, origins))
 }
 
 /// Tells a client over the connection limit so, and closes.
@@ -565,7 +606,7 @@ async fn handle(
     notices: tokio::sync::mpsc::Sender<String>,
     gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<serde_json::Value> {
-    let (request, trusted) = parse_request(&line)?;
+    let (request, trusted, origins) = parse_request(&line)?;
     Ok(match request {
         Request::Status => {
             let mut status = daemon.node.swarm().expect("attached").status();
@@ -588,13 +629,13 @@ async fn handle(
             to,
             origin,
         } => {
-            let n = daemon.node_for(&origin, &trusted)?;
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             let r = n.pull(&reference, to.as_deref(), &progress).await?;
             serde_json::to_value(r)
         }
         Request::Versions { name, origin } => {
-            let n = daemon.node_for(&origin, &trusted)?;
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
             let name: DatasetName = name.parse()?;
             let list = n.versions(&name).await?;
             serde_json::to_value(list)
@@ -604,19 +645,19 @@ async fn handle(
             path,
             origin,
         } => {
-            let n = daemon.node_for(&origin, &trusted)?;
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.ls(&reference, &path).await?)
         }
         Request::Pin { reference, origin } => {
-            let n = daemon.node_for(&origin, &trusted)?;
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             let r = n.pin(&reference, &progress).await?;
             n.store()?.flush()?;
             serde_json::to_value(r)
         }
         Request::Unpin { reference, origin } => {
-            let n = daemon.node_for(&origin, &trusted)?;
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.unpin(&reference).await?)
         }
@@ -645,7 +686,7 @@ async fn handle(
             origin,
             spec,
         } => {
-            let n = daemon.node_for(&origin, &trusted)?;
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             let mp = spec.mountpoint.clone();
             {
@@ -690,13 +731,37 @@ mod tests {
                 origin: "s3://b/p".into(),
             },
             trusted: vec!["ed25519:00 org/*".into()],
+            origins: Vec::new(),
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"op":"pull","reference":"ds@v1","to":"/data/ds","origin":"s3://b/p","trusted":["ed25519:00 org/*"]}"#
         );
-        let (r, keys) = parse_request(r#"{"op":"status"}"#).unwrap();
-        assert!(matches!(r, Request::Status) && keys.is_empty());
+        let (r, keys, origins) = parse_request(r#"{"op":"status"}"#).unwrap();
+        assert!(matches!(r, Request::Status) && keys.is_empty() && origins.is_empty());
+        // Several origins, with labels, ride along with the request.
+        let req = Envelope {
+            request: Request::Versions {
+                name: "ds".into(),
+                origin: "/o1".into(),
+            },
+            trusted: Vec::new(),
+            origins: vec![
+                OriginSpec::new("/o1"),
+                OriginSpec {
+                    url: "s3://b/p".into(),
+                    region: Some("eu".into()),
+                    zone: None,
+                    max_requests: Some(4),
+                },
+            ],
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"versions","name":"ds","origin":"/o1","origins":[{"url":"/o1"},{"url":"s3://b/p","region":"eu","max_requests":4}]}"#
+        );
+        assert_eq!(parse_request(&line).unwrap().2, req.origins);
         let lines = [
             Reply::Progress("fetching".into(), 5, 10),
             Reply::Notice("mounted".into()),

@@ -117,21 +117,36 @@ impl Node {
     pub async fn versions(&self, name: &DatasetName) -> Result<Vec<VersionInfo>> {
         let trusted = self.trusted_keys()?;
         let mut tags: Vec<(String, String)> = Vec::new();
-        // Only tags that verify are shown (an unsigned or forged one points nowhere).
-        for t in self.origin.list_tags(name).await? {
-            match self.origin.tag(name, &t).await {
-                Ok(Some(shoal_registry::AnyTag::Signed(tag))) => {
-                    if tag.verify(name.as_str(), &t, &trusted).is_ok() {
-                        tags.push((t, tag.body.version));
-                    }
+        let origins = self.origins();
+        // Only tags that verify are shown (an unsigned or forged one points nowhere); with
+        // several origins, each tag's newest valid one.
+        for t in origins.list_union(|o| o.list_tags(name)).await? {
+            let (found, errors) = origins.tags_named(name, &t).await;
+            for e in errors {
+                tracing::warn!("{e}; tag not listed from there");
+            }
+            let valid = found.into_iter().find_map(|(_, tag)| match tag {
+                shoal_registry::AnyTag::Signed(tag)
+                    if tag.verify(name.as_str(), &t, &trusted).is_ok() =>
+                {
+                    Some(tag)
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("{e}; tag not listed"),
+                _ => None,
+            });
+            if let Some(tag) = valid {
+                tags.push((t, tag.body.version));
             }
         }
         let mut out = Vec::new();
-        for v in self.origin.list_versions(name).await? {
-            let Some(sv) = self.origin.version(name, &v).await? else {
+        for v in origins.list_union(|o| o.list_versions(name)).await? {
+            let (found, _) = origins.versions_named(name, &v).await;
+            // The one that verifies, if any does; else the first, shown as untrusted.
+            let Some(sv) = found
+                .iter()
+                .find(|(_, sv)| sv.verify(name.as_str(), &v, &trusted).is_ok())
+                .or(found.first())
+                .map(|(_, sv)| sv.clone())
+            else {
                 continue;
             };
             out.push(VersionInfo {

@@ -13,6 +13,7 @@ mod fetch;
 pub mod home;
 mod inspect;
 pub mod mount;
+pub mod origins;
 pub mod progress;
 mod publish;
 mod pull;
@@ -29,12 +30,18 @@ pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
 pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
 pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Passthrough, Prefetch};
+pub use origins::{OriginSpec, Origins};
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport};
-pub use pull::PullReport;
+pub use pull::{OriginBytes, PullReport};
 pub use replicate::{ReplicateReport, ReplicatedVersion};
 
-use shoal_registry::{AnyTag, DatasetRef, Origin, SignedVersion, TrustedKey, VersionRef};
+use origins::Holders;
+use shoal_registry::{
+    AnyTag, DatasetName, DatasetRef, Hash, Origin, OriginError, Rev, SignedVersion, TrustedKey,
+    VersionRef,
+};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use store::ChunkStore;
 use swarm::Swarm;
@@ -46,10 +53,15 @@ pub fn open_store(home: &Home, layout: &CacheLayout) -> Result<Arc<dyn ChunkStor
     Ok(Arc::new(TieredStore::open(&home.store_dir(), layout)?))
 }
 
-/// An embedded node: state directory, local store, origin and trust settings.
+/// Versions whose holders a node remembers (the origins that had them when last resolved).
+const MAX_HOLDERS: usize = 4096;
+
+/// An embedded node: state directory, local store, origins and trust settings.
 pub struct Node {
     home: Home,
-    origin: Origin,
+    origins: Arc<Origins>,
+    /// Which origins held each version (by root) when it was last resolved.
+    holders: Mutex<HashMap<Hash, Holders>>,
     extra_trusted: Vec<TrustedKey>,
     max_tag_age: Option<std::time::Duration>,
     cache: CacheLayout,
@@ -59,12 +71,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node over `home` talking to `origin`. `extra_trusted` adds keys (from the config file
-    /// or the environment) to this machine's own key and those added with `shoal trust`.
-    pub fn new(home: Home, origin: Origin, extra_trusted: Vec<TrustedKey>) -> Node {
+    /// A node over `home` reading from `origins` (publishing to the first). `extra_trusted`
+    /// adds keys (from the config file or the environment) to this machine's own key and
+    /// those added with `shoal trust`.
+    pub fn new(home: Home, origins: Origins, extra_trusted: Vec<TrustedKey>) -> Node {
         Node {
             home,
-            origin,
+            origins: Arc::new(origins),
+            holders: Mutex::default(),
             extra_trusted,
             max_tag_age: None,
             cache: CacheLayout::default(),
@@ -74,11 +88,12 @@ impl Node {
         }
     }
 
-    /// The same node (store, swarm, trust) talking to another origin.
-    pub fn with_origin(&self, origin: Origin) -> Node {
+    /// The same node (store, swarm, trust) with other origins.
+    pub fn with_origins(&self, origins: Arc<Origins>) -> Node {
         let n = Node {
             home: self.home.clone(),
-            origin,
+            origins,
+            holders: Mutex::default(),
             extra_trusted: self.extra_trusted.clone(),
             max_tag_age: self.max_tag_age,
             cache: self.cache.clone(),
@@ -135,8 +150,14 @@ impl Node {
         &self.home
     }
 
+    /// The origin publishes and tags write to (the first configured).
     pub fn origin(&self) -> &Origin {
-        &self.origin
+        self.origins.primary()
+    }
+
+    /// Every origin this node reads from.
+    pub fn origins(&self) -> &Arc<Origins> {
+        &self.origins
     }
 
     /// The local store, opened on first use.
@@ -166,11 +187,9 @@ impl Node {
         self
     }
 
-    /// Checks a tag that named a version: signed by a key trusted for the dataset, not older
-    /// than a tag this node accepted before (rollback), not older than the maximum tag age
-    /// (freeze). Remembers its sequence number.
-    fn check_tag(&self, dataset: &str, name: &str, tag: &AnyTag) -> Result<()> {
-        let where_ = self.origin.url();
+    /// Checks a tag read from origin `where_`: signed by a key trusted for the dataset, not
+    /// older than the maximum tag age (freeze). The rollback check is [`Self::accept_tag`].
+    fn check_tag(&self, dataset: &str, name: &str, tag: &AnyTag, where_: &str) -> Result<()> {
         let signed = match tag {
             AnyTag::Signed(t) => t,
             AnyTag::Unsigned(_) => {
@@ -191,13 +210,188 @@ impl Node {
                 )));
             }
         }
-        if let Err(seen) = self.home.accept_tag(dataset, name, signed.body.seq)? {
+        Ok(())
+    }
+
+    /// Accepts a checked tag unless it is older than one this node accepted before (a
+    /// rollback); remembers its sequence number.
+    fn accept_tag(&self, dataset: &str, name: &str, tag: &AnyTag, where_: &str) -> Result<()> {
+        if let Err(seen) = self.home.accept_tag(dataset, name, tag.seq())? {
             return Err(Error::TagRefused(format!(
                 "tag {dataset}@{name} in origin {where_} has sequence {}, older than sequence {seen} this node accepted before: the origin may have been rolled back (an old tag object put back); refusing it",
-                signed.body.seq
+                tag.seq()
             )));
         }
         Ok(())
+    }
+
+    /// Of the objects the origins hold for `name@version` (`found`, in the origins' order),
+    /// the first whose signature verifies, and which origins hold that very object. An error
+    /// if some were found and none verifies.
+    fn pick_version(
+        &self,
+        name: &DatasetName,
+        version: &str,
+        found: &[(usize, SignedVersion)],
+        trusted: &[TrustedKey],
+    ) -> Result<Option<(SignedVersion, Holders)>> {
+        let mut refused = None;
+        for (i, v) in found {
+            match v.verify(name.as_str(), version, trusted) {
+                Ok(()) => {
+                    let bytes = v.encode();
+                    let holders = found
+                        .iter()
+                        .filter(|(_, w)| w.encode() == bytes)
+                        .fold(Holders(0), |h, (j, _)| Holders(h.0 | 1 << j));
+                    return Ok(Some((v.clone(), holders)));
+                }
+                Err(e) => {
+                    if self.origins.len() > 1 {
+                        tracing::warn!(
+                            "version {name}@{version} in origin {}: {e}",
+                            self.origins.get(*i).url()
+                        );
+                    }
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        match refused {
+            Some(e) => Err(e.into()),
+            None => Ok(None),
+        }
+    }
+
+    /// The version `name@version` as the origins hold it (see [`Self::pick_version`]); an
+    /// error if no origin could answer.
+    ///
+    /// Cancel-safe: it only reads.
+    async fn find_version(
+        &self,
+        name: &DatasetName,
+        version: &str,
+        trusted: &[TrustedKey],
+    ) -> Result<Option<(SignedVersion, Holders)>> {
+        let (found, errors) = self.origins.versions_named(name, version).await;
+        let picked = self.pick_version(name, version, &found, trusted)?;
+        if picked.is_none() && errors.len() == self.origins.len() {
+            return Err(errors
+                .into_iter()
+                .next()
+                .expect("an error per origin")
+                .into());
+        }
+        Ok(picked)
+    }
+
+    /// Resolves `name@label` (a version, else a tag: the newest valid one of any origin).
+    ///
+    /// Cancel-safe: it only reads (a tag's sequence is remembered once accepted).
+    async fn resolve_label(
+        &self,
+        name: &DatasetName,
+        label: &str,
+        trusted: &[TrustedKey],
+    ) -> Result<(String, SignedVersion, Holders)> {
+        let (found, errors) = self.origins.versions_named(name, label).await;
+        if let Some((v, holders)) = self.pick_version(name, label, &found, trusted)? {
+            return Ok((label.to_string(), v, holders));
+        }
+        let (tags, tag_errors) = self.origins.tags_named(name, label).await;
+        let mut refused = None;
+        for (i, tag) in &tags {
+            let where_ = self.origins.get(*i).url();
+            match self.check_tag(name.as_str(), label, tag, where_) {
+                Ok(()) => {
+                    self.accept_tag(name.as_str(), label, tag, where_)?;
+                    let target = tag.version();
+                    return match self.find_version(name, target, trusted).await? {
+                        Some((v, holders)) => Ok((target.to_string(), v, holders)),
+                        None => Err(OriginError::NotFound {
+                            origin: self.origins.urls(),
+                            what: format!("version {name}@{target} (tag {label} points to it)"),
+                        }
+                        .into()),
+                    };
+                }
+                Err(e) => {
+                    if self.origins.len() > 1 {
+                        tracing::warn!("{e}; trying the tag in the other origins");
+                    }
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        // Nothing anywhere: an error, not "not found", if no origin could answer.
+        let n = self.origins.len();
+        if errors.len() == n && tag_errors.len() == n {
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e.into());
+            }
+        }
+        Err(OriginError::NotFound {
+            origin: self.origins.urls(),
+            what: format!("version or tag {name}@{label}"),
+        }
+        .into())
+    }
+
+    /// Resolves `name@b3:<root>`: the first origin (in the origins' order) with a version of
+    /// that root whose signature verifies.
+    ///
+    /// Cancel-safe: it only reads.
+    async fn resolve_root(
+        &self,
+        r: &DatasetRef,
+        trusted: &[TrustedKey],
+    ) -> Result<(String, SignedVersion, Holders)> {
+        let mut first_err = None;
+        let mut failed = 0;
+        for (i, got) in self.origins.ask_all(|o| o.resolve(r)).await {
+            match got {
+                Ok(found) => {
+                    if found
+                        .signed
+                        .verify(r.dataset.as_str(), &found.version, trusted)
+                        .is_ok()
+                    {
+                        let holders = match self
+                            .find_version(&r.dataset, &found.version, trusted)
+                            .await?
+                        {
+                            Some((_, h)) => h,
+                            None => Holders(1 << i),
+                        };
+                        return Ok((found.version, found.signed, holders));
+                    }
+                }
+                Err(e) => {
+                    if !e.is_not_found() {
+                        failed += 1;
+                    }
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if failed == self.origins.len() => Err(e.into()),
+            _ => Err(OriginError::NotFound {
+                origin: self.origins.urls(),
+                what: format!(
+                    "a version of {} with root b3:{}",
+                    r.dataset,
+                    match &r.rev {
+                        Rev::Root(root) => root.to_string(),
+                        Rev::Label(l) => l.to_string(),
+                    }
+                ),
+            }
+            .into()),
+        }
     }
 
     /// Resolves a reference and verifies the version's signature against the trusted keys
@@ -208,28 +402,36 @@ impl Node {
     /// Cancel-safe: it caches a signed copy only once verified.
     pub async fn open_version(&self, reference: &DatasetRef) -> Result<(String, SignedVersion)> {
         let dataset = reference.dataset.as_str();
-        match self.origin.resolve(reference).await {
-            Ok(r) => {
-                if let Some((name, tag)) = &r.tag {
-                    self.check_tag(dataset, name, tag)?;
-                }
-                r.signed
-                    .verify(dataset, &r.version, &self.trusted_keys()?)?;
-                self.home.remember_version(dataset, &r.version, &r.signed);
-                Ok((r.version, r.signed))
+        let trusted = self.trusted_keys()?;
+        let found = match &reference.rev {
+            Rev::Label(label) => {
+                self.resolve_label(&reference.dataset, label.as_str(), &trusted)
+                    .await
             }
-            Err(e @ shoal_registry::OriginError::Store { .. }) => {
+            Rev::Root(_) => self.resolve_root(reference, &trusted).await,
+        };
+        match found {
+            Ok((version, signed, holders)) => {
+                self.home.remember_version(dataset, &version, &signed);
+                let mut h = self.holders.lock().expect("holders poisoned");
+                if h.len() >= MAX_HOLDERS {
+                    h.clear();
+                }
+                h.insert(signed.body.root, holders);
+                Ok((version, signed))
+            }
+            Err(Error::Origin(e @ (OriginError::Store { .. } | OriginError::Timeout { .. }))) => {
                 let Some((version, signed)) = self.home.cached_version(dataset, &reference.rev)?
                 else {
                     return Err(e.into());
                 };
-                signed.verify(dataset, &version, &self.trusted_keys()?)?;
+                signed.verify(dataset, &version, &trusted)?;
                 tracing::warn!(
                     "{e}; using the signed copy of {dataset}@{version} this machine kept"
                 );
                 Ok((version, signed))
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 
@@ -237,8 +439,16 @@ impl Node {
     ///
     /// Cancel-safe, as [`blobs::Blobs::load`].
     pub(crate) async fn blobs(&self, signed: &SignedVersion) -> Result<blobs::Blobs> {
+        let holders = self
+            .holders
+            .lock()
+            .expect("holders poisoned")
+            .get(&signed.body.root)
+            .copied()
+            .unwrap_or(Holders::all(self.origins.len()));
         blobs::Blobs::load(
-            self.origin.clone(),
+            self.origins.clone(),
+            holders,
             self.store()?,
             &self.home.pack_cache_dir(),
             signed,
@@ -253,13 +463,13 @@ impl Node {
     /// all.
     pub async fn tag(&self, target: &VersionRef, tag: &shoal_registry::Label) -> Result<String> {
         let signed = self
-            .origin
+            .origin()
             .version(&target.dataset, target.version.as_str())
             .await?
             .ok_or_else(|| {
                 Error::NotFound(format!(
-                    "no version {target} in origin {}",
-                    self.origin.url()
+                    "no version {target} in origin {} (tags are written to the first origin configured)",
+                    self.origin().url()
                 ))
             })?;
         signed.verify(
@@ -269,7 +479,7 @@ impl Node {
         )?;
         let key = self.home.secret_key()?;
         let seq = self
-            .origin
+            .origin()
             .set_tag(
                 &target.dataset,
                 tag.as_str(),

@@ -430,7 +430,7 @@ impl Node {
         &self,
         name: &shoal_registry::DatasetName,
     ) -> Result<HashMap<Hash, Hash>> {
-        let origin = &self.origin;
+        let origin = self.origin();
         let trusted = self.trusted_keys()?;
         let mut existing = HashMap::new();
         let mut packs_seen = HashSet::new();
@@ -468,7 +468,14 @@ impl Node {
         progress: &Progress,
     ) -> Result<PublishReport> {
         let started = Instant::now();
-        let origin = &self.origin;
+        let origin = self.origin();
+        if !origin.writable() {
+            return Err(shoal_registry::OriginError::BadUrl {
+                url: origin.url().to_string(),
+                reason: "an http(s) origin is read-only; publish to a path, s3://, gs:// or az:// (the first origin configured), and serve that over HTTP".into(),
+            }
+            .into());
+        }
         let name = &target.dataset;
         let version = target.version.as_str();
         if origin.version_exists(name, version).await? {

@@ -44,6 +44,16 @@ pub struct PullReport {
     pub readers_passed_over: u64,
     #[serde(default)]
     pub readers_passed_over_by_lag: u64,
+    /// Pack bytes each origin sent (every origin configured, in order).
+    #[serde(default)]
+    pub origins: Vec<OriginBytes>,
+}
+
+/// What one origin sent for a pull.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OriginBytes {
+    pub origin: String,
+    pub bytes: u64,
 }
 
 /// While a pull runs: counted as active; if it fails, peers are told it stopped.
@@ -338,6 +348,11 @@ impl Node {
             seconds: started.elapsed().as_secs_f64(),
             readers_passed_over: fetched.readers_passed_over as u64,
             readers_passed_over_by_lag: fetched.readers_passed_over_by_lag as u64,
+            origins: blobs
+                .bytes_per_origin()
+                .into_iter()
+                .map(|(origin, bytes)| OriginBytes { origin, bytes })
+                .collect(),
         })
     }
 }

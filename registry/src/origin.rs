@@ -42,6 +42,12 @@ pub enum OriginError {
     NotFound { origin: String, what: String },
     #[error("{what} already exists in origin {origin}")]
     AlreadyExists { origin: String, what: String },
+    #[error("origin {origin}: {what} got no answer within {secs:.1} s")]
+    Timeout {
+        origin: String,
+        what: String,
+        secs: f64,
+    },
     #[error("origin {origin}: {key} is larger than a {kind} may be ({limit} bytes); refusing to read it")]
     TooLarge {
         origin: String,
@@ -49,6 +55,14 @@ pub enum OriginError {
         kind: &'static str,
         limit: u64,
     },
+}
+
+impl OriginError {
+    /// Whether the object asked for is not there (as opposed to an origin that failed).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, OriginError::NotFound { .. })
+            || matches!(self, OriginError::Store { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
+    }
 }
 
 /// Largest version object read (a body naming hundreds of thousands of packs fits).

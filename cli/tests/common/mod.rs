@@ -238,6 +238,11 @@ pub struct Nginx {
 impl Nginx {
     /// Serves `root`, keeping nginx's files under `dir`.
     pub fn start(root: &str, dir: &Path) -> Nginx {
+        Self::start_with(root, dir, "")
+    }
+
+    /// Serves `root` with extra directives in its `server` block (e.g. `limit_rate 4m;`).
+    pub fn start_with(root: &str, dir: &Path, directives: &str) -> Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -250,7 +255,7 @@ impl Nginx {
                 "daemon off; master_process off; worker_processes 1; pid {d}/nginx-{port}.pid; error_log {d}/nginx-{port}.err;\n\
                  events {{ worker_connections 64; }}\n\
                  http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
+                 server {{ listen 127.0.0.1:{port}; root {root}; {directives} }} }}\n",
                 d = dir.display()
             ),
         )

@@ -12,6 +12,7 @@
 //! Peers are any `Copy + Ord + Hash` key (libp2p's `PeerId` in the node, a number in the
 //! simulator); each comes with a seed for rendezvous hashing, so both agree on who owns what.
 
+pub mod origins;
 pub mod owners;
 pub mod pull;
 pub mod uplink;
