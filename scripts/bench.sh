@@ -6,6 +6,7 @@
 #   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
+#   scripts/bench.sh origins-netns [--rates 100mbit,300mbit] [--no-peers]   (two origins, one node)
 #   scripts/bench.sh mount-netns [--nodes 4] [--rate 200mbit] [--isolated]
 #   scripts/bench.sh sim --nodes N [--size BYTES] [--churn F] [--liars F] [--stallers F] [--zones 3]
 #       [--node-rate 10gbit] [--origin-rate 10gbit] [--seed S]   (a fleet in virtual time)

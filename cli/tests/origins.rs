@@ -455,6 +455,22 @@ fn the_newest_valid_tag_of_any_origin_wins_and_bad_origins_get_one_line_each() {
     assert_eq!(listed, ["v1", "v2"], "{v}");
     assert_eq!(v["versions"][1]["tags"][0], "latest", "{v}");
 
+    // The nearest origin's pack damaged: what does not verify is read again from the other.
+    let pack = first_pack(m);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&pack, bytes).unwrap();
+    let mut damaged = reader(&env, "damaged", "");
+    config_origins(&damaged, &[(m, Some("eu-a")), (&env.origin, None)]);
+    damaged.origin = String::new();
+    let dest = env.path("from-damaged");
+    let p = damaged.json(&["pull", "demo@v1", "--to", dest.to_str().unwrap()]);
+    let v1 = env.path("v1");
+    env.json(&["pull", "demo@v1", "--to", v1.to_str().unwrap()]);
+    assert_same_tree(&v1, &dest);
+    assert!(origin_bytes(&p, m) > 0, "the nearest was read first: {p}");
+    assert!(origin_bytes(&p, &env.origin) > 0, "the damaged range came from the other: {p}");
+
     // An unreachable origin beside a good one: the pull goes on.
     let dead = "http://127.0.0.1:9/";
     let p = r.json(&[

@@ -481,10 +481,14 @@ impl Blobs {
         futures::stream::iter(ranges)
             .map(|RangeRead { pack, start, stop, blobs }| async move {
                 let pack_id = self.packs[pack as usize];
+                // The origins still to try for this range: a holder whose bytes do not verify
+                // is left out, and the range read again from another.
+                let mut holders = self.holders;
+                loop {
                 let slot = self.origin_slots.acquire().await.expect("never closed");
                 let (data, from) = self
                     .origins
-                    .read_pack(self.holders, &pack_id, start..stop)
+                    .read_pack(holders, &pack_id, start..stop)
                     .await?;
                 drop(slot);
                 self.from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -500,7 +504,8 @@ impl Blobs {
                 let (durable, retain) = (self.durable, self.retain);
                 let origin = self.origins.get(from);
                 let pack_path = format!("{} in origin {}", origin.pack_path(&pack_id), origin.url());
-                let (stored, got) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(Hash, Bytes)>)> {
+                let blobs = blobs.clone();
+                let verified = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(Hash, Bytes)>)> {
                     let mut batch = Vec::with_capacity(blobs.len());
                     let mut n = 0;
                     let mut bad = None;
@@ -537,18 +542,27 @@ impl Blobs {
                     }
                 })
                 .await
-                .expect("verify task panicked")
-                .inspect_err(|e| {
-                    if matches!(e, Error::Corrupt { .. }) {
+                .expect("verify task panicked");
+                match verified {
+                    Err(e @ Error::Corrupt { .. }) => {
                         // Bytes that do not match their ids: that origin is left out for a
-                        // while, so the retry reads them from another.
+                        // while (also for later reads), and this range read from another.
                         self.origins.blame(from);
+                        holders.0 &= !(1 << from);
+                        if holders.0 == 0 {
+                            return Err(e);
+                        }
+                        tracing::warn!("{e}; reading the range from another origin");
                     }
-                })?;
-                if let Some(p) = progress {
-                    p.add(stored);
+                    Err(e) => return Err(e),
+                    Ok((stored, got)) => {
+                        if let Some(p) = progress {
+                            p.add(stored);
+                        }
+                        return Ok(got);
+                    }
                 }
-                Ok(got)
+                }
             })
             .buffer_unordered(ORIGIN_CONCURRENCY)
             .try_collect::<Vec<Vec<(Hash, Bytes)>>>()

@@ -139,7 +139,12 @@ impl Node {
         }
         let mut out = Vec::new();
         for v in origins.list_union(|o| o.list_versions(name)).await? {
-            let (found, _) = origins.versions_named(name, &v).await;
+            let (found, errors) = origins.versions_named(name, &v).await;
+            if found.is_empty() {
+                if let Some(e) = errors.into_iter().next() {
+                    return Err(e.into());
+                }
+            }
             // The one that verifies, if any does; else the first, shown as untrusted.
             let Some(sv) = found
                 .iter()

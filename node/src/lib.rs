@@ -275,14 +275,11 @@ impl Node {
     ) -> Result<Option<(SignedVersion, Holders)>> {
         let (found, errors) = self.origins.versions_named(name, version).await;
         let picked = self.pick_version(name, version, &found, trusted)?;
-        if picked.is_none() && errors.len() == self.origins.len() {
-            return Err(errors
-                .into_iter()
-                .next()
-                .expect("an error per origin")
-                .into());
+        match errors.into_iter().next() {
+            // None holds it, and one could not say (unreachable, or what it holds is broken).
+            Some(e) if picked.is_none() => Err(e.into()),
+            _ => Ok(picked),
         }
-        Ok(picked)
     }
 
     /// Resolves `name@label` (a version, else a tag: the newest valid one of any origin).
@@ -326,12 +323,10 @@ impl Node {
         if let Some(e) = refused {
             return Err(e);
         }
-        // Nothing anywhere: an error, not "not found", if no origin could answer.
-        let n = self.origins.len();
-        if errors.len() == n && tag_errors.len() == n {
-            if let Some(e) = errors.into_iter().next() {
-                return Err(e.into());
-            }
+        // Nothing anywhere: an origin that could not say (unreachable, or holding something
+        // broken: too large, corrupt) is the answer rather than "not found".
+        if let Some(e) = errors.into_iter().chain(tag_errors).next() {
+            return Err(e.into());
         }
         Err(OriginError::NotFound {
             origin: self.origins.urls(),
@@ -349,36 +344,42 @@ impl Node {
         r: &DatasetRef,
         trusted: &[TrustedKey],
     ) -> Result<(String, SignedVersion, Holders)> {
-        let mut first_err = None;
-        let mut failed = 0;
+        let mut failure = None;
+        let mut refused = None;
         for (i, got) in self.origins.ask_all(|o| o.resolve(r)).await {
             match got {
                 Ok(found) => {
-                    if found
+                    match found
                         .signed
                         .verify(r.dataset.as_str(), &found.version, trusted)
-                        .is_ok()
                     {
-                        let holders = match self
-                            .find_version(&r.dataset, &found.version, trusted)
-                            .await?
-                        {
-                            Some((_, h)) => h,
-                            None => Holders(1 << i),
-                        };
-                        return Ok((found.version, found.signed, holders));
+                        Ok(()) => {
+                            // Which origins hold it (this one at least, whatever the others say).
+                            let holders = match self
+                                .find_version(&r.dataset, &found.version, trusted)
+                                .await
+                            {
+                                Ok(Some((_, h))) if h.has(i) => h,
+                                _ => Holders(1 << i),
+                            };
+                            return Ok((found.version, found.signed, holders));
+                        }
+                        Err(e) => {
+                            refused.get_or_insert(e);
+                        }
                     }
                 }
+                Err(e) if e.is_not_found() => {}
                 Err(e) => {
-                    if !e.is_not_found() {
-                        failed += 1;
-                    }
-                    first_err.get_or_insert(e);
+                    failure.get_or_insert(e);
                 }
             }
         }
-        match first_err {
-            Some(e) if failed == self.origins.len() => Err(e.into()),
+        if let Some(e) = refused {
+            return Err(e.into());
+        }
+        match failure {
+            Some(e) => Err(e.into()),
             _ => Err(OriginError::NotFound {
                 origin: self.origins.urls(),
                 what: format!(

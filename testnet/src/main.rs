@@ -100,6 +100,15 @@ enum Cmd {
         #[arg(long)]
         isolated: bool,
     },
+    /// Several origins: two nginx origins behind shaped links, one node pulling from both
+    /// (against the combined link floor), and aria2c from the same two mirrors.
+    OriginsNetns {
+        /// The two origins' link rates.
+        #[arg(long, value_delimiter = ',', default_value = "100mbit,300mbit")]
+        rates: Vec<String>,
+        #[arg(long)]
+        no_peers: bool,
+    },
     /// Scenario 3: two zones joined by a shaped link; bytes received by source zone.
     SwarmZones {
         #[arg(long, default_value = "200mbit")]
@@ -918,6 +927,10 @@ fn main() -> Result<()> {
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
         ),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
+        Cmd::OriginsNetns { rates, no_peers } => (
+            "origins_netns",
+            swarm_bench::origins(&args, rates, !*no_peers)?,
+        ),
         Cmd::MountPeer { datasets, runs } => (
             "mount_peer",
             swarm_bench::mount_from_peer(&args, datasets, (*runs).max(1))?,

@@ -1194,3 +1194,200 @@ fn supports_cluster_key() -> Result<bool> {
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).contains("--cluster-key"))
 }
+
+/// Several origins: two nginx origins in namespaces of their own, behind links of `rates[0]`
+/// and `rates[1]`, holding the same version (the second a `shoal replicate` of the first); one
+/// node in a third namespace pulls it from both. Beside it, aria2c downloads the same files
+/// from the same two servers (two mirrors per file, its multi-source download).
+pub fn origins(args: &Args, rates: &[String], peers: bool) -> Result<Value> {
+    if rates.len() != 2 {
+        bail!("--rates takes two link rates, e.g. 100mbit,300mbit");
+    }
+    let data = ensure_data(args)?;
+    let shards = data.join("shards_v1");
+    let files = files_under(&shards)?;
+    let bytes: u64 = files.values().sum();
+    let work = args.bench_root.join("work/origins-netns");
+    std::fs::create_dir_all(&work)?;
+    // Each server's root holds a Shoal origin and the raw files (for aria2c).
+    let (root1, root2) = (work.join("o1"), work.join("o2"));
+    let origin1 = root1.join("shoal").display().to_string();
+    let origin2 = root2.join("shoal");
+    let trusted = publisher(&work, &origin1, &shards)?;
+    let out = Command::new(shoal_bin()?)
+        .args(["replicate", "shards@v1", "--to"])
+        .arg(&origin2)
+        .env("SHOAL_HOME", work.join("publisher"))
+        .env("SHOAL_ORIGIN", &origin1)
+        .output()?;
+    if !out.status.success() {
+        bail!("replicate failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for root in [&root1, &root2] {
+        let raw = root.join("raw");
+        if !raw.exists() {
+            std::fs::create_dir_all(&raw)?;
+            for name in files.keys() {
+                let to = raw.join(name);
+                std::fs::create_dir_all(to.parent().context("a file's parent")?)?;
+                if std::fs::hard_link(shards.join(name), &to).is_err() {
+                    std::fs::copy(shards.join(name), &to)?;
+                }
+            }
+        }
+    }
+    let hosts = [("mo-o1", 1), ("mo-o2", 2), ("mo-n", 10)];
+    let down = || {
+        for (n, _) in hosts.iter().chain(&[("mo-sw", 0)]) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
+        }
+    };
+    down();
+    let setup = || -> Result<()> {
+        ns(&["netns", "add", "mo-sw"])?;
+        ns(&["-n", "mo-sw", "link", "add", "br0", "type", "bridge"])?;
+        ns(&["-n", "mo-sw", "link", "set", "br0", "up"])?;
+        for (i, (h, k)) in hosts.iter().enumerate() {
+            ns(&["netns", "add", h])?;
+            ns(&["-n", h, "link", "set", "lo", "up"])?;
+            let (v, p) = (format!("v-{h}"), format!("p-{h}"));
+            ns(&["link", "add", &v, "type", "veth", "peer", "name", &p])?;
+            ns(&["link", "set", &v, "netns", h])?;
+            ns(&["link", "set", &p, "netns", "mo-sw"])?;
+            ns(&["-n", h, "link", "set", &v, "name", "eth0"])?;
+            ns(&[
+                "-n",
+                h,
+                "addr",
+                "add",
+                &format!("10.79.0.{k}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ns(&["-n", h, "link", "set", "eth0", "up"])?;
+            ns(&["-n", "mo-sw", "link", "set", &p, "master", "br0"])?;
+            ns(&["-n", "mo-sw", "link", "set", &p, "up"])?;
+            if let Some(rate) = rates.get(i) {
+                // What an origin sends, shaped at its own interface.
+                ns(&[
+                    "netns", "exec", h, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                    rate, "burst", "256kb", "latency", "50ms",
+                ])?;
+            }
+        }
+        Ok(())
+    };
+    let result = (|| -> Result<Value> {
+        setup()?;
+        let _n1 = nginx(&root1.join("nginx-run"), "mo-o1", "10.79.0.1:8080", &root1)?;
+        let _n2 = nginx(&root2.join("nginx-run"), "mo-o2", "10.79.0.2:8080", &root2)?;
+        let (u1, u2) = (
+            "http://10.79.0.1:8080/shoal/".to_string(),
+            "http://10.79.0.2:8080/shoal/".to_string(),
+        );
+        // The link floor: every byte over both links at once.
+        let rate_bps = |r: &str| -> Result<f64> {
+            let r = r.to_lowercase();
+            let (n, mult) = if let Some(n) = r.strip_suffix("gbit") {
+                (n, 1e9)
+            } else if let Some(n) = r.strip_suffix("mbit") {
+                (n, 1e6)
+            } else {
+                bail!("rate {r:?}: use mbit or gbit")
+            };
+            Ok(n.parse::<f64>()? * mult)
+        };
+        let combined = rate_bps(&rates[0])? + rate_bps(&rates[1])?;
+        let floor = bytes as f64 * 8.0 / combined;
+        let pull = |label: &str, origins: &[&str]| -> Result<(f64, Value)> {
+            let home = work.join(format!("node-{label}"));
+            let _ = std::fs::remove_dir_all(&home);
+            let dest = work.join(format!("dest-{label}"));
+            let _ = std::fs::remove_dir_all(&dest);
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", "mo-n"]).arg(shoal_bin()?);
+            c.arg("--json");
+            for o in origins {
+                c.args(["--origin", o]);
+            }
+            c.args(["pull", "shards@v1", "--to"])
+                .arg(&dest)
+                .env("SHOAL_HOME", &home)
+                .env("SHOAL_TRUSTED_KEYS", &trusted)
+                .env_remove("SHOAL_ORIGIN")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let r = wait_pull(c.spawn()?)?;
+            let got = files_under(&dest)?;
+            if got != files {
+                bail!("pull {label}: the files differ from the dataset");
+            }
+            let _ = std::fs::remove_dir_all(&dest);
+            let _ = std::fs::remove_dir_all(&home);
+            Ok(r)
+        };
+        let (both_s, both) = pull("both", &[&u1, &u2])?;
+        let (fast_s, _) = pull("fast-only", &[&u2])?;
+        let per_origin = both["origins"].clone();
+        let sent: u64 = per_origin
+            .as_array()
+            .map(|a| a.iter().filter_map(|o| o["bytes"].as_u64()).sum())
+            .unwrap_or(0);
+        let mut out = json!({
+            "scenario": "two nginx origins behind shaped links (the second a shoal replicate of the first); one node pulls shards_v1 from both",
+            "rates": rates,
+            "bytes": bytes,
+            "link_floor_s": floor,
+            "shoal_seconds": both_s,
+            "shoal_over_floor": both_s / floor,
+            "shoal_bytes_per_origin": per_origin,
+            "shoal_origin_egress": sent as f64 / bytes as f64,
+            "shoal_fast_origin_only_seconds": fast_s,
+        });
+        if peers && which("aria2c") {
+            // aria2c, every file from both mirrors at once (split into pieces across them).
+            let list = work.join("aria2.txt");
+            let dest = work.join("dest-aria2");
+            let _ = std::fs::remove_dir_all(&dest);
+            let mut text = String::new();
+            for name in files.keys() {
+                text.push_str(&format!(
+                    "http://10.79.0.1:8080/raw/{name}\thttp://10.79.0.2:8080/raw/{name}\n  out={name}\n"
+                ));
+            }
+            std::fs::write(&list, text)?;
+            let t = Instant::now();
+            let st = Command::new("ip")
+                .args(["netns", "exec", "mo-n", "aria2c", "-q", "-i"])
+                .arg(&list)
+                .arg("-d")
+                .arg(&dest)
+                .args([
+                    "-j",
+                    "8",
+                    "-x",
+                    "8",
+                    "-s",
+                    "8",
+                    "--min-split-size=4M",
+                    "--file-allocation=none",
+                    "--allow-overwrite=true",
+                ])
+                .status()?;
+            let secs = t.elapsed().as_secs_f64();
+            if !st.success() || files_under(&dest)? != files {
+                bail!("aria2c did not download the files whole");
+            }
+            let _ = std::fs::remove_dir_all(&dest);
+            out["aria2_seconds"] = json!(secs);
+            out["aria2_over_floor"] = json!(secs / floor);
+            out["shoal_over_aria2"] = json!(both_s / secs);
+        }
+        Ok(out)
+    })();
+    down();
+    result
+}
