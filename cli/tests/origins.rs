@@ -469,7 +469,10 @@ fn the_newest_valid_tag_of_any_origin_wins_and_bad_origins_get_one_line_each() {
     env.json(&["pull", "demo@v1", "--to", v1.to_str().unwrap()]);
     assert_same_tree(&v1, &dest);
     assert!(origin_bytes(&p, m) > 0, "the nearest was read first: {p}");
-    assert!(origin_bytes(&p, &env.origin) > 0, "the damaged range came from the other: {p}");
+    assert!(
+        origin_bytes(&p, &env.origin) > 0,
+        "the damaged range came from the other: {p}"
+    );
 
     // An unreachable origin beside a good one: the pull goes on.
     let dead = "http://127.0.0.1:9/";
