@@ -31,8 +31,9 @@ pub struct Args {
 pub enum Command {
     /// Publish a directory as a new version: `shoal publish ./data imagenet@v3`.
     Publish {
-        /// Directory to publish.
-        dir: PathBuf,
+        /// Directory to publish, or an object store URL (s3://bucket/prefix, gs://, az://):
+        /// every object under it, its keys' `/` as directories.
+        source: String,
         /// NAME@VERSION to create; fails if it already exists.
         target: String,
         /// Point this tag at the new version (repeatable), e.g. --tag latest.

@@ -12,7 +12,7 @@ use clap::Parser;
 use config::Config;
 use output::Out;
 use shoal_node::daemon::{Client, Request};
-use shoal_node::{Home, Node, Origins, Progress, PublishOptions};
+use shoal_node::{Home, Node, Origins, Progress, PublishOptions, PublishSource};
 use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -105,7 +105,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
     let open = |create: bool| open_at(create, cfg.node.region.as_deref(), cfg.node.zone.as_deref());
     match args.command {
         Command::Publish {
-            dir,
+            source,
             target,
             tags,
             chunking,
@@ -119,8 +119,14 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let node = open(true)?;
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
+            let source = PublishSource::parse(&source);
             let report = node
-                .publish(&dir, &target, &PublishOptions { tags, params }, &progress)
+                .publish_from(
+                    &source,
+                    &target,
+                    &PublishOptions { tags, params },
+                    &progress,
+                )
                 .await;
             bar.finish();
             let r = report?;

@@ -523,3 +523,82 @@ fn the_newest_valid_tag_of_any_origin_wins_and_bad_origins_get_one_line_each() {
     let err = bad.fails(&["versions", "demo"]);
     assert!(err.contains(m) && err.contains("max_requests"), "{err}");
 }
+
+/// Puts an object into moto with boto3 (installed with moto), signed as any S3 client does.
+fn put_object(vars: &[(String, String)], bucket_key: &str, body: &[u8]) {
+    let (bucket, key) = bucket_key.split_once('/').unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), body).unwrap();
+    let script = "import sys, boto3\n\
+        boto3.client('s3').upload_file(sys.argv[1], sys.argv[2], sys.argv[3])";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(file.path())
+        .args([bucket, key])
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "putting {bucket_key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn publish_from_an_object_store_prefix_then_pull_exact() {
+    let (_server, vars) = moto();
+    let mut env = Env::new();
+    env.extra_env = vars.clone();
+    // The same files locally, to compare with what is pulled.
+    let want = env.path("want");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("a.bin", random_bytes(1, 3_000_000)),
+        ("b/c.txt", b"hello from s3\n".to_vec()),
+        ("b/d/e.bin", random_bytes(2, 200_000)),
+        ("empty", Vec::new()),
+    ];
+    for (k, b) in &files {
+        write(&want.join(k), b);
+        put_object(&vars, &format!("shoal-test/raw/train/{k}"), b);
+    }
+    // A console's "folder" marker is not a file.
+    put_object(&vars, "shoal-test/raw/train/b/", b"");
+    let r = env.json(&["publish", "s3://shoal-test/raw/train", "ds@v1"]);
+    assert_eq!(r["files"], 4, "{r}");
+    assert_eq!(r["bytes"], 3_200_014, "{r}");
+    let dest = env.path("dest");
+    env.json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&want, &dest);
+
+    // One object changes: the next version uploads about that much.
+    let edited = random_bytes(3, 200_000);
+    put_object(&vars, "shoal-test/raw/train/b/d/e.bin", &edited);
+    write(&want.join("b/d/e.bin"), &edited);
+    let r2 = env.json(&["publish", "s3://shoal-test/raw/train", "ds@v2"]);
+    assert!(r2["new_bytes_uploaded"].as_u64().unwrap() < 400_000, "{r2}");
+    let dest2 = env.path("dest2");
+    env.json(&["pull", "ds@v2", "--to", dest2.to_str().unwrap()]);
+    assert_same_tree(&want, &dest2);
+
+    // Nothing there, and a key that is both a file and a directory: one line naming it.
+    let err = env.fails(&["publish", "s3://shoal-test/nothing-here", "ds@v3"]);
+    assert!(
+        err.contains("s3://shoal-test/nothing-here") && err.contains("no objects"),
+        "{err}"
+    );
+    put_object(&vars, "shoal-test/raw/bad/x", b"1");
+    put_object(&vars, "shoal-test/raw/bad/x/y", b"2");
+    let err = env.fails(&["publish", "s3://shoal-test/raw/bad", "ds@v3"]);
+    assert!(
+        err.contains("bad/x") && err.contains("cannot also be a directory"),
+        "{err}"
+    );
+    assert_eq!(
+        env.json(&["versions", "ds"])["versions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}

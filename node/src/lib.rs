@@ -32,7 +32,7 @@ pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
 pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Passthrough, Prefetch};
 pub use origins::{OriginSpec, Origins};
 pub use progress::Progress;
-pub use publish::{PublishOptions, PublishReport};
+pub use publish::{PublishOptions, PublishReport, PublishSource};
 pub use pull::{OriginBytes, PullReport};
 pub use replicate::{ReplicateReport, ReplicatedVersion};
 

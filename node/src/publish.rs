@@ -1,4 +1,4 @@
-//! Publishing a directory as a new version.
+//! Publishing a directory, or every object under an object store prefix, as a new version.
 //!
 //! Order of writes, which is what makes a crash harmless: packs (each pack before its index),
 //! then the version object with a create-only put, then tags. Until the version object exists
@@ -62,7 +62,7 @@ fn source_err(path: &Path, reason: impl Into<String>) -> Error {
 
 /// Walks the source directory, validating every name and type. Files are appended to
 /// `files` (path, size); entries come back sorted by name.
-fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec<ScanEntry>> {
+fn scan(dir: &Path, depth: usize, files: &mut Vec<(SrcFile, u64)>) -> Result<Vec<ScanEntry>> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
     let mut out = Vec::new();
@@ -81,7 +81,7 @@ fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec
         let ft = meta.file_type();
         let mode = meta.permissions().mode() & 0o777;
         let kind = if ft.is_file() {
-            files.push((path.clone(), meta.len()));
+            files.push((SrcFile::Local(path.clone()), meta.len()));
             ScanKind::File {
                 index: files.len() - 1,
             }
@@ -116,6 +116,209 @@ fn scan(dir: &Path, depth: usize, files: &mut Vec<(PathBuf, u64)>) -> Result<Vec
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// Where a publish reads its files from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishSource {
+    /// A local directory: modes and symlinks are kept.
+    Dir(PathBuf),
+    /// Every object under an object store URL (`s3://bucket/prefix`, `gs://`, `az://`, any URL
+    /// an origin may have), its keys' `/` read as directories; files get mode 0644.
+    Store(String),
+}
+
+impl PublishSource {
+    /// A URL with a scheme other than `file://` is an object store; anything else a directory.
+    pub fn parse(s: &str) -> PublishSource {
+        match url::Url::parse(s) {
+            Ok(u) if u.scheme() == "file" => match u.to_file_path() {
+                Ok(p) => PublishSource::Dir(p),
+                Err(()) => PublishSource::Dir(PathBuf::from(s)),
+            },
+            Ok(u) if u.scheme().len() > 1 => PublishSource::Store(s.to_string()),
+            _ => PublishSource::Dir(PathBuf::from(s)),
+        }
+    }
+}
+
+impl std::fmt::Display for PublishSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishSource::Dir(p) => write!(f, "{}", p.display()),
+            PublishSource::Store(u) => f.write_str(u),
+        }
+    }
+}
+
+/// Most objects a publish from an object store lists (each costs about a kilobyte while the
+/// tree is built).
+pub const MAX_SOURCE_OBJECTS: usize = 10_000_000;
+
+/// One file to chunk: a local path, or an object of the source store.
+#[derive(Debug, Clone)]
+enum SrcFile {
+    Local(PathBuf),
+    Object { key: String, e_tag: Option<String> },
+}
+
+/// The directory tree over a store's keys: files in `files`, entries sorted by name. A key
+/// ending in `/` (a console's "folder" marker) is skipped; a key that is both a file and a
+/// prefix of others, or has a name the tree refuses, is an error naming it.
+fn scan_objects(
+    url: &str,
+    objects: Vec<shoal_registry::ObjectEntry>,
+    files: &mut Vec<(SrcFile, u64)>,
+) -> Result<Vec<ScanEntry>> {
+    enum Node {
+        File(usize),
+        Dir(std::collections::BTreeMap<String, Node>),
+    }
+    let at = |key: &str| PathBuf::from(format!("{}/{key}", url.trim_end_matches('/')));
+    let mut root: std::collections::BTreeMap<String, Node> = Default::default();
+    // Every key's directories: an empty object named like one is a console's "folder" marker
+    // (the store may list `b/` as `b`), not a file.
+    let mut dirs: HashSet<&str> = HashSet::new();
+    for o in &objects {
+        let mut at = 0;
+        while let Some(i) = o.key[at..].find('/') {
+            dirs.insert(&o.key[..at + i]);
+            at += i + 1;
+        }
+    }
+    let markers: HashSet<String> = objects
+        .iter()
+        .filter(|o| o.size == 0 && dirs.contains(o.key.trim_end_matches('/')))
+        .map(|o| o.key.clone())
+        .collect();
+    for o in objects {
+        if o.key.ends_with('/') || o.key.is_empty() || markers.contains(&o.key) {
+            continue;
+        }
+        let parts: Vec<&str> = o.key.split('/').collect();
+        for p in &parts {
+            tree::check_name(p).map_err(|r| source_err(&at(&o.key), r))?;
+        }
+        let mut dir = &mut root;
+        for p in &parts[..parts.len() - 1] {
+            let node = dir
+                .entry(p.to_string())
+                .or_insert_with(|| Node::Dir(Default::default()));
+            dir = match node {
+                Node::Dir(d) => d,
+                Node::File(_) => {
+                    return Err(source_err(
+                        &at(&o.key),
+                        format!("{p:?} is an object and also a prefix of this key; a file cannot also be a directory"),
+                    ))
+                }
+            };
+        }
+        let name = parts[parts.len() - 1].to_string();
+        if dir.contains_key(&name) {
+            return Err(source_err(
+                &at(&o.key),
+                "is an object and also a prefix of other keys; a file cannot also be a directory",
+            ));
+        }
+        files.push((
+            SrcFile::Object {
+                key: o.key.clone(),
+                e_tag: o.e_tag.clone(),
+            },
+            o.size,
+        ));
+        dir.insert(name, Node::File(files.len() - 1));
+    }
+    fn entries(dir: std::collections::BTreeMap<String, Node>) -> Vec<ScanEntry> {
+        dir.into_iter()
+            .map(|(name, node)| match node {
+                Node::File(index) => ScanEntry {
+                    name,
+                    mode: 0o644,
+                    kind: ScanKind::File { index },
+                },
+                Node::Dir(d) => ScanEntry {
+                    name,
+                    mode: 0o755,
+                    kind: ScanKind::Dir(entries(d)),
+                },
+            })
+            .collect()
+    }
+    Ok(entries(root))
+}
+
+/// Bytes of one ranged read of a source object, and how many run ahead of the chunker.
+const OBJECT_PIECE: u64 = 8 << 20;
+const OBJECT_AHEAD: usize = 4;
+/// Longest wait for one piece of a source object.
+const OBJECT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A source object read as a byte stream by the chunker (on a blocking thread): ranged reads
+/// of [`OBJECT_PIECE`] on the runtime, [`OBJECT_AHEAD`] ahead, each checked against the ETag
+/// the listing gave, so an object replaced mid-publish fails it rather than mixing versions.
+struct ObjectReader {
+    origin: Origin,
+    key: String,
+    e_tag: Option<String>,
+    size: u64,
+    handle: tokio::runtime::Handle,
+    next: u64,
+    pending: std::collections::VecDeque<(
+        u64,
+        std::sync::mpsc::Receiver<Result<Bytes, shoal_registry::OriginError>>,
+    )>,
+    cur: Bytes,
+}
+
+impl ObjectReader {
+    fn fill(&mut self) {
+        while self.pending.len() < OBJECT_AHEAD && self.next < self.size {
+            let range = self.next..(self.next + OBJECT_PIECE).min(self.size);
+            self.next = range.end;
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let (origin, key, e_tag) = (self.origin.clone(), self.key.clone(), self.e_tag.clone());
+            let want = range.end - range.start;
+            self.handle.spawn(async move {
+                let r = origin.read_object(&key, range, e_tag.as_deref()).await;
+                let _ = tx.send(r);
+            });
+            self.pending.push_back((want, rx));
+        }
+    }
+}
+
+impl std::io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            self.fill();
+            let Some((want, rx)) = self.pending.pop_front() else {
+                return Ok(0);
+            };
+            let got = rx
+                .recv_timeout(OBJECT_WAIT)
+                .map_err(|_| {
+                    std::io::Error::other(format!(
+                        "no answer for {} within {} s",
+                        self.key,
+                        OBJECT_WAIT.as_secs()
+                    ))
+                })?
+                .map_err(std::io::Error::other)?;
+            if got.len() as u64 != want {
+                return Err(std::io::Error::other(format!(
+                    "a ranged read returned {} bytes, not {want}; the object changed or the store is broken",
+                    got.len()
+                )));
+            }
+            self.cur = got;
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
 }
 
 /// Refuses a source whose symlinks, followed through one another, lead outside it (each was
@@ -365,18 +568,47 @@ fn spawn_packer(
 /// Chunks every file on all cores, sending new chunks to the packer. `Ok(None)` means the
 /// uploader stopped (its own error says why).
 fn chunk_files(
-    files: &[(PathBuf, u64)],
+    files: &[(SrcFile, u64)],
+    store: Option<&Origin>,
     params: Params,
     dedup: &Dedup,
     tx: &BlobTx,
     progress: &Progress,
 ) -> Result<Option<Vec<Vec<ChunkRef>>>> {
+    let handle = tokio::runtime::Handle::current();
     let chunked: Vec<Result<Vec<ChunkRef>, Option<Error>>> = files
         .par_iter()
         .map_init(
             || (Chunker::new(params), tx.clone()),
-            |(chunker, tx), (path, _)| {
-                let f = std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?;
+            |(chunker, tx), (file, size)| {
+                let (f, path): (Box<dyn std::io::Read>, PathBuf) = match (file, store) {
+                    (SrcFile::Local(path), _) => (
+                        Box::new(
+                            std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?,
+                        ),
+                        path.clone(),
+                    ),
+                    (SrcFile::Object { key, e_tag }, Some(origin)) => (
+                        Box::new(ObjectReader {
+                            origin: origin.clone(),
+                            key: key.clone(),
+                            e_tag: e_tag.clone(),
+                            size: *size,
+                            handle: handle.clone(),
+                            next: 0,
+                            pending: Default::default(),
+                            cur: Bytes::new(),
+                        }),
+                        PathBuf::from(format!("{}/{key}", origin.url().trim_end_matches('/'))),
+                    ),
+                    (SrcFile::Object { key, .. }, None) => {
+                        return Err(Some(source_err(
+                            Path::new(key),
+                            "an object without its store",
+                        )))
+                    }
+                };
+                let path = &path;
                 let mut refs = Vec::new();
                 let mut group = Vec::new();
                 let mut grouped = 0u64;
@@ -467,6 +699,26 @@ impl Node {
         opts: &PublishOptions,
         progress: &Progress,
     ) -> Result<PublishReport> {
+        self.publish_from(
+            &PublishSource::Dir(dir.to_path_buf()),
+            target,
+            opts,
+            progress,
+        )
+        .await
+    }
+
+    /// Publishes a directory or every object under an object store URL as `target`. See the
+    /// module docs for the write order.
+    ///
+    /// Cancel-safe as [`Self::publish`].
+    pub async fn publish_from(
+        &self,
+        source: &PublishSource,
+        target: &VersionRef,
+        opts: &PublishOptions,
+        progress: &Progress,
+    ) -> Result<PublishReport> {
         let started = Instant::now();
         let origin = self.origin();
         if !origin.writable() {
@@ -485,22 +737,39 @@ impl Node {
             }
             .into());
         }
-        let meta = std::fs::metadata(dir).map_err(|e| source_err(dir, e.to_string()))?;
-        if !meta.is_dir() {
-            return Err(source_err(dir, "not a directory"));
-        }
         let key = self.home.secret_key()?;
-
         progress.phase("scanning", 0);
-        let root_dir = dir.to_path_buf();
-        let (entries, files) = tokio::task::spawn_blocking(move || {
-            let mut files = Vec::new();
-            let entries = scan(&root_dir, 0, &mut files)?;
-            check_links(&root_dir, &entries)?;
-            Ok::<_, Error>((entries, files))
-        })
-        .await
-        .expect("scan task panicked")?;
+        let (entries, files, store) = match source {
+            PublishSource::Dir(dir) => {
+                let meta = std::fs::metadata(dir).map_err(|e| source_err(dir, e.to_string()))?;
+                if !meta.is_dir() {
+                    return Err(source_err(dir, "not a directory"));
+                }
+                let root_dir = dir.to_path_buf();
+                let (entries, files) = tokio::task::spawn_blocking(move || {
+                    let mut files = Vec::new();
+                    let entries = scan(&root_dir, 0, &mut files)?;
+                    check_links(&root_dir, &entries)?;
+                    Ok::<_, Error>((entries, files))
+                })
+                .await
+                .expect("scan task panicked")?;
+                (entries, files, None)
+            }
+            PublishSource::Store(url) => {
+                let store = Origin::open(url, false)?;
+                let objects = store.list_objects(MAX_SOURCE_OBJECTS).await?;
+                if objects.is_empty() {
+                    return Err(source_err(
+                        Path::new(url),
+                        "no objects under this URL (check the bucket and prefix)",
+                    ));
+                }
+                let mut files = Vec::new();
+                let entries = scan_objects(url, objects, &mut files)?;
+                (entries, files, Some(store))
+            }
+        };
 
         let params = match origin.dataset_config(name).await? {
             Some(c) => c.chunking,
@@ -523,7 +792,9 @@ impl Node {
         let (blob_tx, packer) = spawn_packer(pack_tx);
         progress.phase("chunking", files.iter().map(|f| f.1).sum());
         let built = tokio::task::block_in_place(|| -> Result<Option<Built>> {
-            let Some(chunks) = chunk_files(&files, params, &dedup, &blob_tx, progress)? else {
+            let Some(chunks) =
+                chunk_files(&files, store.as_ref(), params, &dedup, &blob_tx, progress)?
+            else {
                 return Ok(None);
             };
             let mut tb = TreeBuild {

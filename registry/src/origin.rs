@@ -42,6 +42,8 @@ pub enum OriginError {
     NotFound { origin: String, what: String },
     #[error("{what} already exists in origin {origin}")]
     AlreadyExists { origin: String, what: String },
+    #[error("origin {origin}: {key} changed while it was being read (its ETag moved); run again")]
+    Changed { origin: String, key: String },
     #[error("origin {origin}: {what} got no answer within {secs:.1} s")]
     Timeout {
         origin: String,
@@ -79,6 +81,16 @@ pub struct Resolved {
     pub version: String,
     pub signed: SignedVersion,
     pub tag: Option<(String, AnyTag)>,
+}
+
+/// An object listed under an origin's root (see [`Origin::list_objects`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectEntry {
+    /// Its key, relative to the root.
+    pub key: String,
+    pub size: u64,
+    pub e_tag: Option<String>,
+    pub version: Option<String>,
 }
 
 /// A handle on one origin. Cheap to clone.
@@ -665,6 +677,76 @@ impl Origin {
                 source: "tag kept changing under us after 10 attempts".into(),
             }),
         })
+    }
+
+    /// Every object under this origin's root, as a source to publish from (not a Shoal
+    /// origin's own layout): keys relative to the root, sorted. Refused past `limit` objects.
+    pub async fn list_objects(&self, limit: usize) -> Result<Vec<ObjectEntry>, OriginError> {
+        use futures::StreamExt;
+        let root = if self.root.as_ref().is_empty() {
+            None
+        } else {
+            Some(&self.root)
+        };
+        let mut stream = self.store.list(root);
+        let mut out = Vec::new();
+        while let Some(meta) = stream.next().await {
+            let meta = meta.map_err(|e| self.store_err("listing", &self.root, e))?;
+            let full = meta.location.as_ref();
+            let key = match root {
+                None => full,
+                Some(r) => full
+                    .strip_prefix(r.as_ref())
+                    .map(|k| k.trim_start_matches('/'))
+                    .unwrap_or(full),
+            };
+            if out.len() >= limit {
+                return Err(OriginError::TooLarge {
+                    origin: self.url.clone(),
+                    key: self.root.to_string(),
+                    kind: "listing to publish",
+                    limit: limit as u64,
+                });
+            }
+            out.push(ObjectEntry {
+                key: key.to_string(),
+                size: meta.size,
+                e_tag: meta.e_tag,
+                version: meta.version,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Reads `range` of the object at `key` (relative to the root), refusing it if the object
+    /// no longer has the ETag given (it changed since it was listed).
+    pub async fn read_object(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        e_tag: Option<&str>,
+    ) -> Result<Bytes, OriginError> {
+        let path = self.key(key);
+        let opts = object_store::GetOptions {
+            range: Some(range.into()),
+            if_match: e_tag.map(str::to_string),
+            ..Default::default()
+        };
+        let r = self
+            .store
+            .get_opts(&path, opts)
+            .await
+            .map_err(|e| match e {
+                object_store::Error::Precondition { .. } => OriginError::Changed {
+                    origin: self.url.clone(),
+                    key: path.to_string(),
+                },
+                e => self.store_err("reading", &path, e),
+            })?;
+        r.bytes()
+            .await
+            .map_err(|e| self.store_err("reading", &path, e))
     }
 
     /// Whether this origin takes writes: plain HTTP(S) origins are read-only.
