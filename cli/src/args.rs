@@ -43,6 +43,11 @@ pub enum Command {
         /// reuse what the dataset recorded).
         #[arg(long, value_name = "MIN,AVG,MAX")]
         chunking: Option<String>,
+        /// Leave the files where they are: record them as ranges of their source objects (only
+        /// the tree, indexes and the signed version are written to the origin). Reads of a
+        /// file whose source changed later fail, naming it; `shoal verify` lists them.
+        #[arg(long)]
+        in_place: bool,
     },
     /// Fetch a version (NAME@VERSION, NAME@TAG or NAME@b3:<root>) and write its files.
     Pull {

@@ -109,6 +109,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             target,
             tags,
             chunking,
+            in_place,
         } => {
             let target: VersionRef = target.parse()?;
             let tags = tags
@@ -124,7 +125,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 .publish_from(
                     &source,
                     &target,
-                    &PublishOptions { tags, params },
+                    &PublishOptions { tags, params, in_place },
                     &progress,
                 )
                 .await;

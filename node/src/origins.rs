@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use shoal_registry::pack::PackIndex;
+use shoal_registry::pack::AnyIndex;
 use shoal_registry::{AnyTag, DatasetName, Hash, Origin, OriginError, SignedVersion};
 use shoal_sched::origins::{OriginInfo, OriginReport, OriginSet};
 use std::ops::Range;
@@ -320,7 +320,7 @@ impl Origins {
     /// A pack's index from the first origin holding the version that has it intact.
     ///
     /// Cancel-safe: it only reads.
-    pub async fn pack_index(&self, holders: Holders, id: &Hash) -> Result<(PackIndex, Bytes)> {
+    pub async fn pack_index(&self, holders: Holders, id: &Hash) -> Result<(AnyIndex, Bytes)> {
         let mut last = None;
         for i in self.order().into_iter().filter(|&i| holders.has(i)) {
             let t = Instant::now();

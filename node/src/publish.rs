@@ -12,7 +12,9 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
-use shoal_registry::pack::{PackBuilder, SealedPack, PACK_TARGET};
+use shoal_registry::pack::{
+    AnyIndex, ExternalEntry, ExternalIndex, PackBuilder, SealedPack, SourceObject, PACK_TARGET,
+};
 use shoal_registry::tree::{self, ChunkRef, Dir, Entry, EntryKind};
 use shoal_registry::{
     DatasetConfig, Hash, Label, Origin, Params, SignedVersion, Stats, VersionBody, VersionRef,
@@ -321,6 +323,123 @@ impl std::io::Read for ObjectReader {
     }
 }
 
+/// Blobs per external index (about 60 bytes each encoded: a few MiB per index).
+const EXTERNAL_ENTRIES: usize = 100_000;
+
+/// For an in-place publish: the source's URL (a local directory as its absolute path), the
+/// store it is read through, and each file's object as it is before it is read.
+///
+/// Cancel-safe: it only reads.
+async fn in_place_source(
+    source: &PublishSource,
+    files: &[(SrcFile, u64)],
+) -> Result<(String, Origin, Vec<shoal_registry::ObjectEntry>)> {
+    let url = match source {
+        PublishSource::Dir(dir) => std::fs::canonicalize(dir)
+            .map_err(|e| source_err(dir, e.to_string()))?
+            .display()
+            .to_string(),
+        PublishSource::Store(url) => url.clone(),
+    };
+    let store = Origin::open(&url, false)?;
+    let states = object_states(&store, source, files).await?;
+    Ok((url, store, states))
+}
+
+/// Each file's object under `store` as the store describes it now (key, size, ETag).
+///
+/// Cancel-safe: it only reads.
+async fn object_states(
+    store: &Origin,
+    source: &PublishSource,
+    files: &[(SrcFile, u64)],
+) -> Result<Vec<shoal_registry::ObjectEntry>> {
+    use futures::{StreamExt, TryStreamExt};
+    // Local files are named as the scan found them: under the directory as it was given.
+    let base = match source {
+        PublishSource::Dir(dir) => dir.clone(),
+        PublishSource::Store(url) => PathBuf::from(url),
+    };
+    futures::stream::iter(files.iter())
+        .map(|(f, size)| {
+            let base = &base;
+            async move {
+                let key = match f {
+                    SrcFile::Local(path) => path
+                        .strip_prefix(base)
+                        .map_err(|_| source_err(path, "not under the directory being published"))?
+                        .to_str()
+                        .ok_or_else(|| source_err(path, "name is not valid UTF-8"))?
+                        .to_string(),
+                    SrcFile::Object { key, e_tag } => {
+                        // Listed, and read against this ETag: that is its state.
+                        return Ok(shoal_registry::ObjectEntry {
+                            key: key.clone(),
+                            size: *size,
+                            e_tag: e_tag.clone(),
+                            version: None,
+                        });
+                    }
+                };
+                store.head_object(&key).await?.ok_or_else(|| {
+                    source_err(&base.join(&key), "disappeared while it was being published")
+                })
+            }
+        })
+        .buffered(32)
+        .try_collect()
+        .await
+}
+
+/// The external indexes of an in-place version: each non-empty file as one source object,
+/// its chunks back to back; at most [`EXTERNAL_ENTRIES`] blobs per index.
+fn external_indexes(
+    url: &str,
+    objects: &[shoal_registry::ObjectEntry],
+    chunks: &[Vec<ChunkRef>],
+) -> Vec<ExternalIndex> {
+    let mut out = Vec::new();
+    let mut cur = ExternalIndex {
+        source: url.to_string(),
+        ..Default::default()
+    };
+    for (o, refs) in objects.iter().zip(chunks) {
+        if refs.is_empty() {
+            continue;
+        }
+        if !cur.entries.is_empty() && cur.entries.len() + refs.len() > EXTERNAL_ENTRIES {
+            out.push(std::mem::replace(
+                &mut cur,
+                ExternalIndex {
+                    source: url.to_string(),
+                    ..Default::default()
+                },
+            ));
+        }
+        let object = cur.objects.len() as u32;
+        cur.objects.push(SourceObject {
+            key: o.key.clone(),
+            size: o.size,
+            e_tag: o.e_tag.clone(),
+            version: o.version.clone(),
+        });
+        let mut offset = 0u64;
+        for c in refs {
+            cur.entries.push(ExternalEntry {
+                id: c.id,
+                object,
+                offset,
+                len: c.len,
+            });
+            offset += c.len as u64;
+        }
+    }
+    if !cur.entries.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 /// Refuses a source whose symlinks, followed through one another, lead outside it (each was
 /// checked alone while scanning).
 fn check_links(root: &Path, entries: &[ScanEntry]) -> Result<()> {
@@ -487,6 +606,9 @@ pub struct PublishOptions {
     /// Chunking parameters for a dataset's first version (later versions reuse the recorded
     /// ones).
     pub params: Option<Params>,
+    /// Leave file bytes where they are: record each file as ranges of its source object
+    /// (external packs) instead of copying it into packs.
+    pub in_place: bool,
 }
 
 /// A pack the uploader stored: its id, the blobs in it and its size with the index.
@@ -570,6 +692,7 @@ fn spawn_packer(
 fn chunk_files(
     files: &[(SrcFile, u64)],
     store: Option<&Origin>,
+    in_place: bool,
     params: Params,
     dedup: &Dedup,
     tx: &BlobTx,
@@ -619,7 +742,7 @@ fn chunk_files(
                             len: c.len,
                         });
                         progress.add(c.len as u64);
-                        if dedup.claim(&c.id) {
+                        if !in_place && dedup.claim(&c.id) {
                             dedup.new_chunks.fetch_add(1, Ordering::Relaxed);
                             group.push((c.id, Bytes::copy_from_slice(bytes)));
                             grouped += bytes.len() as u64;
@@ -675,12 +798,13 @@ impl Node {
             }
             for p in sv.body.packs {
                 if packs_seen.insert(p) {
-                    for e in pack_index(origin, &self.home.pack_cache_dir(), &p)
-                        .await?
-                        .0
-                        .entries
+                    // Only packed blobs: a new version never leans on another's source objects.
+                    if let AnyIndex::Packed(idx) =
+                        pack_index(origin, &self.home.pack_cache_dir(), &p).await?.0
                     {
-                        existing.insert(e.id, p);
+                        for e in idx.entries {
+                            existing.insert(e.id, p);
+                        }
                     }
                 }
             }
@@ -771,6 +895,12 @@ impl Node {
             }
         };
 
+        // In place: where the bytes stay, and each file's object as it is before it is read.
+        let in_place = if opts.in_place {
+            Some(in_place_source(source, &files).await?)
+        } else {
+            None
+        };
         let params = match origin.dataset_config(name).await? {
             Some(c) => c.chunking,
             None => {
@@ -793,7 +923,15 @@ impl Node {
         progress.phase("chunking", files.iter().map(|f| f.1).sum());
         let built = tokio::task::block_in_place(|| -> Result<Option<Built>> {
             let Some(chunks) =
-                chunk_files(&files, store.as_ref(), params, &dedup, &blob_tx, progress)?
+                chunk_files(
+                    &files,
+                    store.as_ref(),
+                    opts.in_place,
+                    params,
+                    &dedup,
+                    &blob_tx,
+                    progress,
+                )?
             else {
                 return Ok(None);
             };
@@ -827,10 +965,39 @@ impl Node {
             });
         };
 
+        // In place: the files' chunks as ranges of their source objects, in external packs,
+        // once each object is seen unchanged by the read.
+        let mut external_bytes = 0u64;
+        let mut external_packs = Vec::new();
+        if let Some((url, src, before)) = &in_place {
+            progress.phase("recording sources", 0);
+            let after = object_states(src, source, &files).await?;
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                if b != a {
+                    return Err(source_err(
+                        &PathBuf::from(format!("{}/{}", url.trim_end_matches('/'), a.key)),
+                        "changed while it was being published; publish again",
+                    ));
+                }
+                debug_assert_eq!(files[i].1, a.size);
+            }
+            for x in external_indexes(url, &after, &built.chunks) {
+                let bytes = x.encode();
+                let id = shoal_chunker::hash(&bytes);
+                external_bytes += bytes.len() as u64;
+                origin.put_pack_index(&id, bytes.into()).await?;
+                external_packs.push((id, x));
+            }
+        }
         // The version names every pack that holds one of its blobs.
         let new_pack_of: HashMap<Hash, Hash> = uploaded
             .iter()
             .flat_map(|u| u.ids.iter().map(|id| (*id, u.pack)))
+            .chain(
+                external_packs
+                    .iter()
+                    .flat_map(|(p, x)| x.entries.iter().map(|e| (e.id, *p))),
+            )
             .collect();
         let chunk_count = built.chunks.iter().map(|c| c.len() as u64).sum();
         let mut packs = HashSet::new();
@@ -887,6 +1054,7 @@ impl Node {
             chunks: chunk_count,
             new_chunks: dedup.new_chunks.load(Ordering::Relaxed),
             new_bytes_uploaded: uploaded.iter().map(|u| u.bytes).sum::<u64>()
+                + external_bytes
                 + signed.encode().len() as u64,
             packs_uploaded: uploaded.len() as u64,
             tags,

@@ -15,7 +15,7 @@ use crate::progress::Progress;
 use crate::Node;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use shoal_registry::pack::PackIndex;
+use shoal_registry::pack::{AnyIndex, PackIndex};
 use shoal_registry::{AnyTag, DatasetName, DatasetRef, Hash, Origin, SignedVersion};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,8 +59,19 @@ pub struct ReplicatedVersion {
 /// A pack's index, read and verified from the source, for a pack the target lacks.
 struct Missing {
     id: Hash,
-    index: PackIndex,
+    index: AnyIndex,
     index_bytes: Bytes,
+}
+
+impl Missing {
+    /// The pack's size: 0 for an external pack (its bytes stay in their source objects; the
+    /// target names the same objects).
+    fn pack_len(&self) -> u64 {
+        match &self.index {
+            AnyIndex::Packed(idx) => idx.pack_len(),
+            AnyIndex::External(_) => 0,
+        }
+    }
 }
 
 impl Node {
@@ -165,7 +176,7 @@ impl Node {
             .try_collect()
             .await?;
         let missing: Vec<Missing> = missing.into_iter().flatten().collect();
-        let total: u64 = missing.iter().map(|m| m.index.pack_len()).sum();
+        let total: u64 = missing.iter().map(Missing::pack_len).sum();
         progress.phase("copying", total);
         let copied = AtomicU64::new(0);
         let packs_copied = AtomicU64::new(0);
@@ -173,16 +184,18 @@ impl Node {
             .map(|m| {
                 let (copied, packs_copied, written) = (&copied, &packs_copied, &written);
                 async move {
-                    let len = m.index.pack_len();
-                    if to.pack_size(&m.id).await? != Some(len) {
-                        let parts = read_pack(from, &m, progress).await?;
-                        to.put_pack_data(&m.id, parts).await?;
-                        copied.fetch_add(len, Ordering::Relaxed);
-                        written.fetch_add(len, Ordering::Relaxed);
-                        packs_copied.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        tracing::info!(pack = %m.id, "pack already at the target without its index (a copy cut short): writing the index only");
-                        progress.add(len);
+                    let len = m.pack_len();
+                    if let AnyIndex::Packed(idx) = &m.index {
+                        if to.pack_size(&m.id).await? == Some(len) {
+                            tracing::info!(pack = %m.id, "pack already at the target without its index (a copy cut short): writing the index only");
+                            progress.add(len);
+                        } else {
+                            let parts = read_pack(from, &m.id, idx, progress).await?;
+                            to.put_pack_data(&m.id, parts).await?;
+                            copied.fetch_add(len, Ordering::Relaxed);
+                            written.fetch_add(len, Ordering::Relaxed);
+                            packs_copied.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     let n = m.index_bytes.len() as u64;
                     to.put_pack_index(&m.id, m.index_bytes).await?;
@@ -276,29 +289,34 @@ impl Node {
 
 /// Reads a pack from the source in pieces cut at blob boundaries, checking every blob against
 /// its id. Cancel-safe: it only reads.
-async fn read_pack(from: &Origin, m: &Missing, progress: &Progress) -> Result<Vec<Bytes>> {
+async fn read_pack(
+    from: &Origin,
+    id: &Hash,
+    index: &PackIndex,
+    progress: &Progress,
+) -> Result<Vec<Bytes>> {
     // Pieces of whole blobs, about READ_PIECE each (one larger blob is a piece of its own).
     let mut pieces: Vec<std::ops::Range<usize>> = Vec::new();
     let mut start = 0;
-    for (i, e) in m.index.entries.iter().enumerate() {
-        let first = &m.index.entries[start];
+    for (i, e) in index.entries.iter().enumerate() {
+        let first = &index.entries[start];
         if i > start && e.offset + e.len as u64 - first.offset > READ_PIECE {
             pieces.push(start..i);
             start = i;
         }
     }
-    if start < m.index.entries.len() {
-        pieces.push(start..m.index.entries.len());
+    if start < index.entries.len() {
+        pieces.push(start..index.entries.len());
     }
     futures::stream::iter(pieces)
         .map(|piece| async move {
-            let entries = &m.index.entries[piece];
+            let entries = &index.entries[piece];
             let (first, last) = (entries[0], entries[entries.len() - 1]);
             let range = first.offset..last.offset + last.len as u64;
-            let data = from.read_pack(&m.id, range.clone()).await?;
+            let data = from.read_pack(id, range.clone()).await?;
             if data.len() as u64 != range.end - range.start {
                 return Err(Error::Corrupt {
-                    what: format!("pack {} in origin {}", from.pack_path(&m.id), from.url()),
+                    what: format!("pack {} in origin {}", from.pack_path(id), from.url()),
                     reason: format!(
                         "range {}..{} returned {} bytes",
                         range.start,
@@ -308,7 +326,7 @@ async fn read_pack(from: &Origin, m: &Missing, progress: &Progress) -> Result<Ve
                 });
             }
             let entries = entries.to_vec();
-            let (path, url) = (from.pack_path(&m.id), from.url().to_string());
+            let (path, url) = (from.pack_path(id), from.url().to_string());
             let data = tokio::task::spawn_blocking(move || {
                 for e in &entries {
                     let at = (e.offset - first.offset) as usize;

@@ -14,6 +14,8 @@ pub enum Kind {
     Dir = b'D',
     ChunkList = b'L',
     PackIndex = b'I',
+    /// The index of a pack whose bytes stay in their source objects (an in-place version).
+    ExternalIndex = b'X',
     VersionBody = b'B',
     Version = b'V',
     Tag = b'T',

@@ -10,7 +10,7 @@
 
 use crate::format::DecodeError;
 use crate::names::{DatasetName, DatasetRef, Label, Rev};
-use crate::pack::PackIndex;
+use crate::pack::AnyIndex;
 use crate::version::{AnyTag, DatasetConfig, SecretKey, SignedTag, SignedVersion, TagBody};
 use bytes::Bytes;
 use object_store::path::Path;
@@ -765,9 +765,9 @@ impl Origin {
         self.put_pack_index(id, index).await
     }
 
-    /// Reads a pack index and checks it against the pack's id. Returns the raw bytes too, for
-    /// caching.
-    pub async fn pack_index(&self, id: &Hash) -> Result<(PackIndex, Bytes), OriginError> {
+    /// Reads a pack's index (of a packed or an external pack) and checks it against the pack's
+    /// id. Returns the raw bytes too, for caching.
+    pub async fn pack_index(&self, id: &Hash) -> Result<(AnyIndex, Bytes), OriginError> {
         let key = self.key(&Self::pack_key(id, "idx"));
         let (bytes, _) = self
             .get_opt(&key, "pack index", MAX_PACK_INDEX)
@@ -779,8 +779,24 @@ impl Origin {
         if shoal_chunker::hash(&bytes) != *id {
             return Err(self.corrupt(&key, "content does not match its id"));
         }
-        let idx = PackIndex::decode(&bytes).map_err(|e: DecodeError| self.corrupt(&key, e))?;
+        let idx = AnyIndex::decode(&bytes).map_err(|e: DecodeError| self.corrupt(&key, e))?;
         Ok((idx, bytes))
+    }
+
+    /// What the store says of the object at `key` (relative to the root) now: None if it is
+    /// gone.
+    pub async fn head_object(&self, key: &str) -> Result<Option<ObjectEntry>, OriginError> {
+        let path = self.key(key);
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Some(ObjectEntry {
+                key: key.to_string(),
+                size: meta.size,
+                e_tag: meta.e_tag,
+                version: meta.version,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err("checking", &path, e)),
+        }
     }
 
     /// Reads one byte range of a pack.

@@ -54,6 +54,121 @@ impl PackIndex {
     }
 }
 
+/// A pack whose bytes stay where they were published from (an in-place version): its blobs are
+/// ranges of objects in a source store, each object as it was at publish (size, ETag or
+/// version). Named, like any pack, by the BLAKE3 of this index, and named by the version like
+/// any pack, so the signed version covers which objects, and which ranges of them, it reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalIndex {
+    /// The source store's URL (a path, s3://bucket/prefix, ...: any origin URL).
+    pub source: String,
+    pub objects: Vec<SourceObject>,
+    /// Each object's chunks back to back from offset 0 to its size, objects in order.
+    pub entries: Vec<ExternalEntry>,
+}
+
+/// One source object of an [`ExternalIndex`], as it was when published.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceObject {
+    /// Its key under the source URL (`/`-separated, as the version's tree names the file).
+    pub key: String,
+    pub size: u64,
+    /// What the store said of it when it was read: an ETag, and an object version where the
+    /// store keeps them. A read that finds another refuses the object (it changed).
+    pub e_tag: Option<String>,
+    pub version: Option<String>,
+}
+
+/// Where a blob of an [`ExternalIndex`] sits: object number and offset in that object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalEntry {
+    pub id: Hash,
+    pub object: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl ExternalIndex {
+    pub fn encode(&self) -> Vec<u8> {
+        format::encode(Kind::ExternalIndex, self)
+    }
+
+    /// Decodes an index and checks its layout: entries in object order, each object's chunks
+    /// back to back from 0 to its size, every object with at least one chunk, keys that
+    /// cannot climb out of the source.
+    pub fn decode(bytes: &[u8]) -> Result<ExternalIndex, DecodeError> {
+        let idx: ExternalIndex = format::decode(Kind::ExternalIndex, bytes)?;
+        let bad = |m: String| DecodeError::Invalid(Kind::ExternalIndex, m);
+        if idx.source.is_empty() {
+            return Err(bad("no source URL".into()));
+        }
+        for o in &idx.objects {
+            if o.key.is_empty()
+                || o.key.starts_with('/')
+                || o.key.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                return Err(bad(format!("object key {:?} is not a plain relative key", o.key)));
+            }
+        }
+        let (mut object, mut next) = (0u32, 0u64);
+        let mut seen_any = false;
+        for e in &idx.entries {
+            if e.len == 0 {
+                return Err(bad(format!("blob {} is empty", e.id)));
+            }
+            if e.object != object || !seen_any {
+                // The previous object is done: it must have been covered whole.
+                if seen_any && next != idx.objects[object as usize].size {
+                    return Err(bad(format!("object {} is not covered whole", idx.objects[object as usize].key)));
+                }
+                if (seen_any && e.object != object + 1) || (!seen_any && e.object != 0) {
+                    return Err(bad(format!("blob {} is out of object order", e.id)));
+                }
+                object = e.object;
+                next = 0;
+                seen_any = true;
+            }
+            if object as usize >= idx.objects.len() || e.offset != next {
+                return Err(bad(format!("blob {} at offset {} breaks the layout", e.id, e.offset)));
+            }
+            next = e.offset + e.len as u64;
+        }
+        let covered = if seen_any { object as usize + 1 } else { 0 };
+        if covered != idx.objects.len()
+            || (seen_any && next != idx.objects[object as usize].size)
+        {
+            return Err(bad("objects not covered whole by their blobs".into()));
+        }
+        Ok(idx)
+    }
+}
+
+/// A pack's index of either kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyIndex {
+    Packed(PackIndex),
+    External(ExternalIndex),
+}
+
+impl AnyIndex {
+    /// Decodes whichever kind `bytes` holds.
+    pub fn decode(bytes: &[u8]) -> Result<AnyIndex, DecodeError> {
+        if bytes.len() > 3 && bytes[3] == Kind::ExternalIndex as u8 {
+            ExternalIndex::decode(bytes).map(AnyIndex::External)
+        } else {
+            PackIndex::decode(bytes).map(AnyIndex::Packed)
+        }
+    }
+
+    /// (id, len) of every blob.
+    pub fn blobs(&self) -> Vec<(Hash, u32)> {
+        match self {
+            AnyIndex::Packed(p) => p.entries.iter().map(|e| (e.id, e.len)).collect(),
+            AnyIndex::External(x) => x.entries.iter().map(|e| (e.id, e.len)).collect(),
+        }
+    }
+}
+
 /// Accumulates blobs into a pack in memory, without copying them into one buffer.
 #[derive(Debug, Default)]
 pub struct PackBuilder {
@@ -137,5 +252,48 @@ mod tests {
         let mut bad = idx.clone();
         bad.entries[1].offset = 2;
         assert!(PackIndex::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn external_indexes_cover_each_object_whole_in_order() {
+        let h = |b: &[u8]| shoal_chunker::hash(b);
+        let obj = |key: &str, size| SourceObject {
+            key: key.into(),
+            size,
+            e_tag: Some("e".into()),
+            version: None,
+        };
+        let entry = |id, object, offset, len| ExternalEntry {
+            id,
+            object,
+            offset,
+            len,
+        };
+        let good = ExternalIndex {
+            source: "s3://b/p".into(),
+            objects: vec![obj("a/x.bin", 8), obj("y", 3)],
+            entries: vec![
+                entry(h(b"1"), 0, 0, 5),
+                entry(h(b"2"), 0, 5, 3),
+                entry(h(b"3"), 1, 0, 3),
+            ],
+        };
+        let bytes = good.encode();
+        assert_eq!(ExternalIndex::decode(&bytes).unwrap(), good);
+        assert!(matches!(AnyIndex::decode(&bytes).unwrap(), AnyIndex::External(_)));
+        let check = |f: &dyn Fn(&mut ExternalIndex)| {
+            let mut bad = good.clone();
+            f(&mut bad);
+            ExternalIndex::decode(&bad.encode())
+        };
+        assert!(check(&|_| {}).is_ok());
+        assert!(check(&|x| x.objects[0].size = 9).is_err(), "a gap at the end");
+        assert!(check(&|x| x.entries[1].offset = 6).is_err(), "a gap inside");
+        assert!(check(&|x| x.entries[2].object = 2).is_err(), "no such object");
+        assert!(check(&|x| x.entries.truncate(2)).is_err(), "an object not covered");
+        assert!(check(&|x| x.objects[1].key = "../etc/passwd".into()).is_err());
+        assert!(check(&|x| x.objects[1].key = "/abs".into()).is_err());
+        assert!(check(&|x| x.source.clear()).is_err());
+        assert!(check(&|x| x.entries.swap(0, 2)).is_err(), "out of object order");
     }
 }
