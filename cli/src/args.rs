@@ -155,6 +155,12 @@ pub enum Command {
         /// Tag name.
         tag: String,
     },
+    /// Read every blob of a version where it lives and check it against its id; names every
+    /// missing or damaged object, and every in-place file whose source changed (exit 1 if any).
+    Verify {
+        /// The version.
+        reference: String,
+    },
     /// Copy versions to another origin: what it lacks of their packs, indexes and version
     /// objects, and the tags that point at them; verified, resumable, incremental.
     Replicate {

@@ -125,7 +125,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 .publish_from(
                     &source,
                     &target,
-                    &PublishOptions { tags, params, in_place },
+                    &PublishOptions {
+                        tags,
+                        params,
+                        in_place,
+                    },
                     &progress,
                 )
                 .await;
@@ -616,6 +620,41 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let tag: Label = tag.parse()?;
             let msg = open(false)?.tag(&target, &tag).await?;
             out.report(&serde_json::json!({ "tag": format!("{}@{tag}", target.dataset), "version": target.to_string() }), || msg.clone())
+        }
+        Command::Verify { reference } => {
+            let reference: DatasetRef = reference.parse()?;
+            let progress = Arc::new(Progress::default());
+            let bar = out.progress(progress.clone());
+            let r = open(false)?.verify(&reference, &progress).await;
+            bar.finish();
+            let r = r?;
+            if !r.ok() {
+                let mut lines: Vec<String> = r
+                    .changed
+                    .iter()
+                    .map(|k| format!("{k}: its source object changed since it was published"))
+                    .collect();
+                lines.extend(r.problems.iter().cloned());
+                let msg = format!(
+                    "{} has {} problem(s): {}",
+                    r.version,
+                    lines.len(),
+                    lines.join("; ")
+                );
+                return Err(
+                    anyhow::Error::new(output::Failed(serde_json::to_value(&r)?)).context(msg),
+                );
+            }
+            out.report(&r, || {
+                format!(
+                    "{}: every blob verified ({} blobs in {} packs, {} read, {:.1}s)",
+                    r.version,
+                    r.blobs,
+                    r.packs,
+                    output::bytes(r.bytes_read),
+                    r.seconds
+                )
+            })
         }
         Command::Replicate { refs, to, all } => {
             let (mut versions, mut datasets) = (Vec::new(), Vec::new());

@@ -7,6 +7,19 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A command whose report is a failure (`verify` finding problems): with --json the report
+/// is printed once, with the error in it.
+#[derive(Debug)]
+pub struct Failed(pub serde_json::Value);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the check failed")
+    }
+}
+
+impl std::error::Error for Failed {}
+
 /// Where results and errors go.
 pub struct Out {
     json: bool,
@@ -53,7 +66,12 @@ impl Out {
     /// `{"error": ...}` on stdout.
     pub fn error(&self, e: &anyhow::Error) {
         let msg = format!("{e:#}");
-        if self.json {
+        if let (true, Some(Failed(report))) = (self.json, e.downcast_ref::<Failed>()) {
+            // A report that is itself the failure: one document, the report and the error.
+            let mut doc = report.clone();
+            doc["error"] = serde_json::Value::String(msg.clone());
+            print(&serde_json::to_string_pretty(&doc).unwrap_or_default());
+        } else if self.json {
             // The kind of the node's error, wherever it happened (here or in the daemon).
             let kind = e
                 .chain()

@@ -5,61 +5,8 @@ use common::*;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A running `shoal mount`; unmounted and reaped on drop, pass or fail.
-struct Mounted {
-    child: Option<Child>,
-    mp: PathBuf,
-}
-
-impl Mounted {
-    fn start(env: &Env, reference: &str, mp: &Path, extra: &[&str]) -> Mounted {
-        std::fs::create_dir_all(mp).unwrap();
-        let mut args = vec!["--json", "mount", reference, mp.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let log = std::fs::File::create(env.path("mount.log")).unwrap();
-        let child = env
-            .cmd(&args)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let m = Mounted {
-            child: Some(child),
-            mp: mp.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(mp) {
-            assert!(
-                Instant::now() < deadline,
-                "not mounted within 30 s: {}",
-                std::fs::read_to_string(env.path("mount.log")).unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    /// Unmounts with `shoal unmount` and returns the mount's JSON report.
-    fn stop(mut self, env: &Env) -> serde_json::Value {
-        env.json(&["unmount", self.mp.to_str().unwrap()]);
-        let out = self.child.take().unwrap().wait_with_output().unwrap();
-        assert!(out.status.success(), "mount process failed");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Publishes `src` as demo@v1 from `env`, returns a second machine that trusts it (so nothing
 /// is local there yet).

@@ -602,3 +602,101 @@ fn publish_from_an_object_store_prefix_then_pull_exact() {
         2
     );
 }
+
+/// Bytes of pack objects (not indexes) in a local origin.
+fn pack_bytes(origin: &Path) -> u64 {
+    packs_in(origin)
+        .iter()
+        .filter(|(n, _)| n.ends_with(".pack"))
+        .map(|(_, s)| s)
+        .sum()
+}
+
+#[test]
+fn in_place_from_a_directory_reads_the_files_where_they_are_and_names_a_changed_one() {
+    let env = Env::new();
+    let data = env.path("data");
+    for i in 0..6u64 {
+        write(
+            &data.join(format!("f{i}.bin")),
+            &random_bytes(40 + i, 1_000_000),
+        );
+    }
+    write(&data.join("sub/g.txt"), b"text kept where it is\n");
+    write(&data.join("empty"), b"");
+    let r = env.json(&["publish", data.to_str().unwrap(), "ip@v1", "--in-place"]);
+    let bytes = r["bytes"].as_u64().unwrap();
+    assert_eq!(bytes, 6_000_022, "{r}");
+    assert!(
+        r["new_bytes_uploaded"].as_u64().unwrap() < bytes / 100,
+        "only metadata is written to the origin: {r}"
+    );
+    assert!(pack_bytes(Path::new(&env.origin)) < bytes / 100);
+
+    // Another machine pulls and mounts it: the bytes come from the directory, verified.
+    let other = reader(&env, "other", &env.origin);
+    let dest = env.path("dest");
+    other.json(&["pull", "ip@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&data, &dest);
+
+    // One source file changes after publish.
+    write(&data.join("f3.bin"), &random_bytes(99, 1_000_000));
+    let fresh = reader(&env, "fresh", &env.origin);
+    let err = fresh.fails(&["pull", "ip@v1", "--no-files"]);
+    assert!(
+        err.contains("f3.bin") && err.contains("ip@v1") && err.contains("changed"),
+        "{err}"
+    );
+    // Mounted, the changed file fails to read; the others read exactly.
+    let mounter = reader(&env, "mounter", &env.origin);
+    let mp = env.path("mp");
+    let m = Mounted::start(&mounter, "ip@v1", &mp, &["--timeout", "5"]);
+    assert_eq!(
+        std::fs::read(mp.join("f0.bin")).unwrap(),
+        std::fs::read(data.join("f0.bin")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(mp.join("sub/g.txt")).unwrap(),
+        b"text kept where it is\n"
+    );
+    let e = std::fs::read(mp.join("f3.bin")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(5), "EIO for the changed file: {e}");
+    m.stop(&mounter);
+    let log = std::fs::read_to_string(mounter.path("mount.log")).unwrap();
+    assert!(log.contains("f3.bin") && log.contains("changed"), "{log}");
+
+    // verify names it, and only it.
+    let err = env.fails(&["verify", "ip@v1"]);
+    assert!(err.contains("f3.bin") && !err.contains("f0.bin"), "{err}");
+    let v = env.run(&["--json", "verify", "ip@v1"]);
+    let doc: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(doc["changed"], serde_json::json!(["f3.bin"]), "{doc}");
+}
+
+#[test]
+fn in_place_from_s3_then_an_overwritten_object_is_refused_by_name() {
+    let (_server, vars) = moto();
+    let mut env = Env::new();
+    env.extra_env = vars.clone();
+    let want = env.path("want");
+    for (k, b) in [
+        ("a.bin", random_bytes(7, 2_000_000)),
+        ("d/b.bin", random_bytes(8, 300_000)),
+    ] {
+        write(&want.join(k), &b);
+        put_object(&vars, &format!("shoal-test/data/{k}"), &b);
+    }
+    let r = env.json(&["publish", "s3://shoal-test/data", "s3ip@v1", "--in-place"]);
+    assert!(r["new_bytes_uploaded"].as_u64().unwrap() < 23_000, "{r}");
+    let other = reader(&env, "other", &env.origin);
+    let dest = env.path("dest");
+    other.json(&["pull", "s3ip@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&want, &dest);
+    put_object(&vars, "shoal-test/data/d/b.bin", &random_bytes(9, 300_000));
+    let fresh = reader(&env, "fresh", &env.origin);
+    let err = fresh.fails(&["pull", "s3ip@v1", "--no-files"]);
+    assert!(
+        err.contains("s3://shoal-test/data/d/b.bin") && err.contains("s3ip@v1"),
+        "{err}"
+    );
+}

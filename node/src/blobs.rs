@@ -565,8 +565,22 @@ impl Blobs {
             self.count_origin_bytes(data.len() as u64);
             self.per_origin[from].fetch_add(data.len() as u64, Ordering::Relaxed);
             let origin = self.origins.get(from);
-            let label = format!("pack {} in origin {}", origin.pack_path(&pack_id), origin.url());
-            match self.keep_range(data, r.start, r.blobs.clone(), want, label, "the origin's copy is damaged or was tampered with").await {
+            let label = format!(
+                "pack {} in origin {}",
+                origin.pack_path(&pack_id),
+                origin.url()
+            );
+            match self
+                .keep_range(
+                    data,
+                    r.start,
+                    r.blobs.clone(),
+                    want,
+                    label,
+                    "the origin's copy is damaged or was tampered with",
+                )
+                .await
+            {
                 Err(e @ Error::Corrupt { .. }) => {
                     self.origins.blame(from);
                     holders.0 &= !(1 << from);
@@ -614,12 +628,19 @@ impl Blobs {
         if data.len() as u64 != r.stop - r.start {
             return Err(changed());
         }
-        self.keep_range(data, r.start, r.blobs, want, format!("source object {at} of {}", self.version_name), "the object changed since the version was published")
-            .await
-            .map_err(|e| match e {
-                Error::Corrupt { .. } => changed(),
-                e => e,
-            })
+        self.keep_range(
+            data,
+            r.start,
+            r.blobs,
+            want,
+            format!("source object {at} of {}", self.version_name),
+            "the object changed since the version was published",
+        )
+        .await
+        .map_err(|e| match e {
+            Error::Corrupt { .. } => changed(),
+            e => e,
+        })
     }
 
     /// A source store of an in-place version, opened once.

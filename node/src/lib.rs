@@ -18,6 +18,7 @@ pub mod progress;
 mod publish;
 mod pull;
 mod replicate;
+mod verify;
 mod walk;
 
 pub use shoal_store as store;
@@ -35,6 +36,7 @@ pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport, PublishSource};
 pub use pull::{OriginBytes, PullReport};
 pub use replicate::{ReplicateReport, ReplicatedVersion};
+pub use verify::VerifyReport;
 
 use origins::Holders;
 use shoal_registry::{
@@ -436,17 +438,22 @@ impl Node {
         }
     }
 
+    /// The origins that held the version of `root` when it was last resolved (all of them,
+    /// if it was not).
+    pub(crate) fn holders_of(&self, root: &Hash) -> Holders {
+        self.holders
+            .lock()
+            .expect("holders poisoned")
+            .get(root)
+            .copied()
+            .unwrap_or(Holders::all(self.origins.len()))
+    }
+
     /// Where the blobs of a (verified) version are: the local store, then its packs.
     ///
     /// Cancel-safe, as [`blobs::Blobs::load`].
     pub(crate) async fn blobs(&self, signed: &SignedVersion) -> Result<blobs::Blobs> {
-        let holders = self
-            .holders
-            .lock()
-            .expect("holders poisoned")
-            .get(&signed.body.root)
-            .copied()
-            .unwrap_or(Holders::all(self.origins.len()));
+        let holders = self.holders_of(&signed.body.root);
         blobs::Blobs::load(
             self.origins.clone(),
             holders,

@@ -922,16 +922,15 @@ impl Node {
         let (blob_tx, packer) = spawn_packer(pack_tx);
         progress.phase("chunking", files.iter().map(|f| f.1).sum());
         let built = tokio::task::block_in_place(|| -> Result<Option<Built>> {
-            let Some(chunks) =
-                chunk_files(
-                    &files,
-                    store.as_ref(),
-                    opts.in_place,
-                    params,
-                    &dedup,
-                    &blob_tx,
-                    progress,
-                )?
+            let Some(chunks) = chunk_files(
+                &files,
+                store.as_ref(),
+                opts.in_place,
+                params,
+                &dedup,
+                &blob_tx,
+                progress,
+            )?
             else {
                 return Ok(None);
             };

@@ -105,9 +105,14 @@ impl ExternalIndex {
         for o in &idx.objects {
             if o.key.is_empty()
                 || o.key.starts_with('/')
-                || o.key.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+                || o.key
+                    .split('/')
+                    .any(|p| p.is_empty() || p == "." || p == "..")
             {
-                return Err(bad(format!("object key {:?} is not a plain relative key", o.key)));
+                return Err(bad(format!(
+                    "object key {:?} is not a plain relative key",
+                    o.key
+                )));
             }
         }
         let (mut object, mut next) = (0u32, 0u64);
@@ -119,7 +124,10 @@ impl ExternalIndex {
             if e.object != object || !seen_any {
                 // The previous object is done: it must have been covered whole.
                 if seen_any && next != idx.objects[object as usize].size {
-                    return Err(bad(format!("object {} is not covered whole", idx.objects[object as usize].key)));
+                    return Err(bad(format!(
+                        "object {} is not covered whole",
+                        idx.objects[object as usize].key
+                    )));
                 }
                 if (seen_any && e.object != object + 1) || (!seen_any && e.object != 0) {
                     return Err(bad(format!("blob {} is out of object order", e.id)));
@@ -129,14 +137,15 @@ impl ExternalIndex {
                 seen_any = true;
             }
             if object as usize >= idx.objects.len() || e.offset != next {
-                return Err(bad(format!("blob {} at offset {} breaks the layout", e.id, e.offset)));
+                return Err(bad(format!(
+                    "blob {} at offset {} breaks the layout",
+                    e.id, e.offset
+                )));
             }
             next = e.offset + e.len as u64;
         }
         let covered = if seen_any { object as usize + 1 } else { 0 };
-        if covered != idx.objects.len()
-            || (seen_any && next != idx.objects[object as usize].size)
-        {
+        if covered != idx.objects.len() || (seen_any && next != idx.objects[object as usize].size) {
             return Err(bad("objects not covered whole by their blobs".into()));
         }
         Ok(idx)
@@ -280,20 +289,35 @@ mod tests {
         };
         let bytes = good.encode();
         assert_eq!(ExternalIndex::decode(&bytes).unwrap(), good);
-        assert!(matches!(AnyIndex::decode(&bytes).unwrap(), AnyIndex::External(_)));
+        assert!(matches!(
+            AnyIndex::decode(&bytes).unwrap(),
+            AnyIndex::External(_)
+        ));
         let check = |f: &dyn Fn(&mut ExternalIndex)| {
             let mut bad = good.clone();
             f(&mut bad);
             ExternalIndex::decode(&bad.encode())
         };
         assert!(check(&|_| {}).is_ok());
-        assert!(check(&|x| x.objects[0].size = 9).is_err(), "a gap at the end");
+        assert!(
+            check(&|x| x.objects[0].size = 9).is_err(),
+            "a gap at the end"
+        );
         assert!(check(&|x| x.entries[1].offset = 6).is_err(), "a gap inside");
-        assert!(check(&|x| x.entries[2].object = 2).is_err(), "no such object");
-        assert!(check(&|x| x.entries.truncate(2)).is_err(), "an object not covered");
+        assert!(
+            check(&|x| x.entries[2].object = 2).is_err(),
+            "no such object"
+        );
+        assert!(
+            check(&|x| x.entries.truncate(2)).is_err(),
+            "an object not covered"
+        );
         assert!(check(&|x| x.objects[1].key = "../etc/passwd".into()).is_err());
         assert!(check(&|x| x.objects[1].key = "/abs".into()).is_err());
         assert!(check(&|x| x.source.clear()).is_err());
-        assert!(check(&|x| x.entries.swap(0, 2)).is_err(), "out of object order");
+        assert!(
+            check(&|x| x.entries.swap(0, 2)).is_err(),
+            "out of object order"
+        );
     }
 }

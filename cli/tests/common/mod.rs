@@ -409,3 +409,59 @@ pub fn moto() -> (Server, Vec<(String, String)>) {
     ];
     (server, env)
 }
+
+/// A running `shoal mount`; unmounted and reaped on drop, pass or fail.
+pub struct Mounted {
+    pub child: Option<std::process::Child>,
+    pub mp: PathBuf,
+}
+
+impl Mounted {
+    pub fn start(env: &Env, reference: &str, mp: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(mp).unwrap();
+        let mut args = vec!["--json", "mount", reference, mp.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let log = std::fs::File::create(env.path("mount.log")).unwrap();
+        let child = env
+            .cmd(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let m = Mounted {
+            child: Some(child),
+            mp: mp.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !is_mounted(mp) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not mounted within 30 s: {}",
+                std::fs::read_to_string(env.path("mount.log")).unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        m
+    }
+
+    /// Unmounts with `shoal unmount` and returns the mount's JSON report.
+    pub fn stop(mut self, env: &Env) -> serde_json::Value {
+        env.json(&["unmount", self.mp.to_str().unwrap()]);
+        let out = self.child.take().unwrap().wait_with_output().unwrap();
+        assert!(out.status.success(), "mount process failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mp)
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

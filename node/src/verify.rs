@@ -1,0 +1,228 @@
+//! `shoal verify`: reads every blob of a version where it lives (its packs at the origins that
+//! hold it, the source objects of an in-place version) and checks each against its id, naming
+//! every object that is missing or damaged and every in-place file whose source changed.
+
+use crate::error::Result;
+use crate::progress::Progress;
+use crate::Node;
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_registry::pack::AnyIndex;
+use shoal_registry::{DatasetRef, Hash};
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+/// Bytes of one read while verifying.
+const PIECE: u64 = 16 << 20;
+/// Reads in flight while verifying.
+const READS: usize = 4;
+
+/// What `shoal verify` found.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub version: String,
+    pub packs: u64,
+    pub blobs: u64,
+    pub bytes_read: u64,
+    /// Files of an in-place version whose source object changed or is gone (by key).
+    pub changed: Vec<String>,
+    /// Every other problem, one line each, naming the object.
+    pub problems: Vec<String>,
+    pub seconds: f64,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.changed.is_empty() && self.problems.is_empty()
+    }
+}
+
+/// Blobs of one read: (id, offset, len), back to back.
+type Piece = Vec<(Hash, u64, u32)>;
+
+/// Cuts blobs laid back to back into reads of about [`PIECE`] bytes.
+fn pieces(blobs: impl IntoIterator<Item = (Hash, u64, u32)>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    for b in blobs {
+        match out.last_mut() {
+            Some(p) if b.1 + b.2 as u64 - p[0].1 <= PIECE => p.push(b),
+            _ => out.push(vec![b]),
+        }
+    }
+    out
+}
+
+/// The blobs of `piece` in `data` (read from the piece's first offset) that do not match
+/// their ids.
+fn bad_blobs(piece: &Piece, data: &Bytes) -> Vec<Hash> {
+    let start = piece[0].1;
+    piece
+        .iter()
+        .filter(|(id, off, len)| {
+            let at = (off - start) as usize;
+            data.get(at..at + *len as usize)
+                .is_none_or(|bytes| !id.verify(bytes))
+        })
+        .map(|(id, _, _)| *id)
+        .collect()
+}
+
+impl Node {
+    /// Verifies every blob of `reference` where it lives: see the module docs.
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn verify(
+        &self,
+        reference: &DatasetRef,
+        progress: &Progress,
+    ) -> Result<VerifyReport> {
+        let started = Instant::now();
+        let (version, signed) = self.open_version(reference).await?;
+        let holders = self.holders_of(&signed.body.root);
+        let origins = self.origins().clone();
+        let mut report = VerifyReport {
+            reference: reference.to_string(),
+            version: format!("{}@{version}", reference.dataset),
+            packs: signed.body.packs.len() as u64,
+            ..Default::default()
+        };
+        let mut changed = BTreeSet::new();
+        progress.phase("verifying", 0);
+        for pack in &signed.body.packs {
+            let index = match origins.pack_index(holders, pack).await {
+                Ok((idx, _)) => idx,
+                Err(e) => {
+                    report.problems.push(format!("pack index {pack}: {e}"));
+                    continue;
+                }
+            };
+            match index {
+                AnyIndex::Packed(idx) => {
+                    report.blobs += idx.entries.len() as u64;
+                    let reads = pieces(idx.entries.iter().map(|e| (e.id, e.offset, e.len)));
+                    let results: Vec<(Piece, std::result::Result<Bytes, String>)> =
+                        futures::stream::iter(reads)
+                            .map(|p| {
+                                let origins = &origins;
+                                async move {
+                                    let last = p[p.len() - 1];
+                                    let r = origins
+                                        .read_pack(holders, pack, p[0].1..last.1 + last.2 as u64)
+                                        .await
+                                        .map(|(d, _)| d)
+                                        .map_err(|e| e.to_string());
+                                    (p, r)
+                                }
+                            })
+                            .buffered(READS)
+                            .collect()
+                            .await;
+                    for (p, r) in results {
+                        match r {
+                            Ok(data) => {
+                                report.bytes_read += data.len() as u64;
+                                progress.add(data.len() as u64);
+                                for id in bad_blobs(&p, &data) {
+                                    report.problems.push(format!(
+                                        "pack {pack}: blob {id} does not match its id (the origin's copy is damaged)"
+                                    ));
+                                }
+                            }
+                            Err(e) => report.problems.push(format!("pack {pack}: {e}")),
+                        }
+                    }
+                }
+                AnyIndex::External(x) => {
+                    report.blobs += x.entries.len() as u64;
+                    let source = match shoal_registry::Origin::open(&x.source, false) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            report.problems.push(format!("source of pack {pack}: {e}"));
+                            continue;
+                        }
+                    };
+                    for (n, object) in x.objects.iter().enumerate() {
+                        let now = match source.head_object(&object.key).await {
+                            Ok(now) => now,
+                            Err(e) => {
+                                report.problems.push(e.to_string());
+                                continue;
+                            }
+                        };
+                        let same = now.as_ref().is_some_and(|m| {
+                            m.size == object.size
+                                && (object.e_tag.is_none() || m.e_tag == object.e_tag)
+                        });
+                        if !same {
+                            changed.insert(object.key.clone());
+                            continue;
+                        }
+                        let blobs = x
+                            .entries
+                            .iter()
+                            .filter(|e| e.object as usize == n)
+                            .map(|e| (e.id, e.offset, e.len));
+                        let reads: Vec<(Piece, std::result::Result<Bytes, String>)> =
+                            futures::stream::iter(pieces(blobs))
+                                .map(|p| {
+                                    let (source, key, e_tag) =
+                                        (&source, &object.key, object.e_tag.as_deref());
+                                    async move {
+                                        let last = p[p.len() - 1];
+                                        let r = source
+                                            .read_object(key, p[0].1..last.1 + last.2 as u64, e_tag)
+                                            .await
+                                            .map_err(|e| e.to_string());
+                                        (p, r)
+                                    }
+                                })
+                                .buffered(READS)
+                                .collect()
+                                .await;
+                        for (p, r) in reads {
+                            match r {
+                                Ok(data) => {
+                                    report.bytes_read += data.len() as u64;
+                                    progress.add(data.len() as u64);
+                                    if !bad_blobs(&p, &data).is_empty() {
+                                        changed.insert(object.key.clone());
+                                    }
+                                }
+                                Err(_) => {
+                                    changed.insert(object.key.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        report.changed = changed.into_iter().collect();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cut_back_to_back_blobs_and_bad_ones_are_found() {
+        let a = shoal_chunker::hash(b"aaaa");
+        let b = shoal_chunker::hash(b"bb");
+        let p = pieces([(a, 0, 4), (b, 4, 2)]);
+        assert_eq!(p.len(), 1);
+        assert!(bad_blobs(&p[0], &Bytes::from_static(b"aaaabb")).is_empty());
+        assert_eq!(bad_blobs(&p[0], &Bytes::from_static(b"aaaabc")), vec![b]);
+        assert_eq!(
+            bad_blobs(&p[0], &Bytes::from_static(b"aaaa")),
+            vec![b],
+            "short read"
+        );
+        let big = pieces((0..5).map(|i| (a, i * (6 << 20), 6 << 20)));
+        assert_eq!(big.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
+    }
+}
