@@ -703,7 +703,8 @@ impl Blobs {
             if durable {
                 store.flush()?;
             }
-            tracing::debug!(what = %label, start, blobs = batch.len(), durable, "range stored");
+            let stop = start + data.len() as u64;
+            tracing::debug!(what = %label, start, stop, blobs = batch.len(), durable, "origin range stored");
             let got = if want {
                 blobs
                     .iter()
