@@ -7,6 +7,7 @@
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
 #   scripts/bench.sh origins-netns [--rates 100mbit,300mbit] [--no-peers]   (two origins, one node)
+#   scripts/bench.sh origins-data [--no-peers]   (in-place vs packed publish; replicate vs rclone, aws s3 sync)
 #   scripts/bench.sh mount-netns [--nodes 4] [--rate 200mbit] [--isolated]
 #   scripts/bench.sh sim --nodes N [--size BYTES] [--churn F] [--liars F] [--stallers F] [--zones 3]
 #       [--node-rate 10gbit] [--origin-rate 10gbit] [--seed S]   (a fleet in virtual time)
@@ -28,6 +29,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v squashfuse_ll >/dev/null || need+=(squashfuse)
 command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v tc >/dev/null || need+=(iproute2)
+command -v rclone >/dev/null || need+=(rclone)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --locked -p shoal-cli -p shoal-testnet
 export SHOAL_SHARED_BENCH="${SHOAL_SHARED_BENCH:-$(cd .. && pwd)/shared/bench}"

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod origins_bench;
 mod swarm_bench;
 
 #[derive(Parser)]
@@ -106,6 +107,12 @@ enum Cmd {
         /// The two origins' link rates.
         #[arg(long, value_delimiter = ',', default_value = "100mbit,300mbit")]
         rates: Vec<String>,
+        #[arg(long)]
+        no_peers: bool,
+    },
+    /// Data where it lives and copies between origins: in-place against packed publish (from
+    /// a directory and from moto), replicate v1 then v2 against rclone and aws s3 sync.
+    OriginsData {
         #[arg(long)]
         no_peers: bool,
     },
@@ -927,6 +934,7 @@ fn main() -> Result<()> {
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
         ),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
+        Cmd::OriginsData { no_peers } => ("origins_data", origins_bench::run(&args, !*no_peers)?),
         Cmd::OriginsNetns { rates, no_peers } => (
             "origins_netns",
             swarm_bench::origins(&args, rates, !*no_peers)?,
