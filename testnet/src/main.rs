@@ -90,6 +90,9 @@ enum Cmd {
         kill: usize,
         #[arg(long)]
         no_peers: bool,
+        /// A second origin (a replica of the first) behind a link of this rate.
+        #[arg(long, value_name = "RATE")]
+        second_origin: Option<String>,
     },
     /// N nodes behind a shaped origin link mount shards_v1 through their daemons and read all
     /// of it at once (`--isolated`: the daemons do not know each other, the baseline).
@@ -913,13 +916,21 @@ fn main() -> Result<()> {
             rate,
             kill,
             no_peers,
+            second_origin,
         } => (
             if *kill > 0 {
                 "swarm_churn"
             } else {
                 "swarm_netns"
             },
-            swarm_bench::netns(&args, *nodes, rate, *kill, !*no_peers)?,
+            swarm_bench::netns(
+                &args,
+                *nodes,
+                rate,
+                *kill,
+                !*no_peers,
+                second_origin.as_deref(),
+            )?,
         ),
         Cmd::MountNetns {
             nodes,

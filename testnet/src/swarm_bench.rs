@@ -774,7 +774,18 @@ fn netns_daemons(
 
 /// Scenario 2 (and 4 with `kill > 0`): N nodes behind one shaped origin link pull shards_v1 at
 /// once; with churn, `kill` of them are killed -9 mid-pull and restarted.
-pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) -> Result<Value> {
+///
+/// With `second` (a link rate), a second origin joins: a `shoal replicate` of the first, served
+/// by nginx in `bl-seed2` (10.77.0.9) behind a link of that rate; every node is configured with
+/// both, and the egress of each is reported.
+pub fn netns(
+    args: &Args,
+    nodes: usize,
+    rate: &str,
+    kill: usize,
+    peers: bool,
+    second: Option<&str>,
+) -> Result<Value> {
     let data = ensure_data(args)?;
     link_scripts(args)?;
     let shards = data.join("shards_v1");
@@ -799,9 +810,53 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
     let netns = netns_up(args, nodes, rate)?;
     let result = (|| -> Result<Value> {
         let ng = nginx(&work, "bl-seed", "10.77.0.10:18080", &work)?;
-        let origin = "http://10.77.0.10:18080/origin".to_string();
+        let mut origin = "http://10.77.0.10:18080/origin".to_string();
+        let ng2 = match second {
+            Some(rate2) => {
+                let work2 = work.join("second");
+                let out = Command::new(shoal_bin()?)
+                    .args(["replicate", "shards@v1", "--to"])
+                    .arg(work2.join("origin"))
+                    .env("SHOAL_HOME", work.join("publisher"))
+                    .env("SHOAL_ORIGIN", &origin_dir)
+                    .output()?;
+                if !out.status.success() {
+                    bail!("replicate failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                ns(&["netns", "add", "bl-seed2"])?;
+                ns(&["-n", "bl-seed2", "link", "set", "lo", "up"])?;
+                ns(&[
+                    "link", "add", "v-seed2", "type", "veth", "peer", "name", "p-seed2",
+                ])?;
+                ns(&["link", "set", "v-seed2", "netns", "bl-seed2"])?;
+                ns(&["link", "set", "p-seed2", "netns", "bl-sw"])?;
+                ns(&["-n", "bl-seed2", "link", "set", "v-seed2", "name", "eth0"])?;
+                ns(&[
+                    "-n",
+                    "bl-seed2",
+                    "addr",
+                    "add",
+                    "10.77.0.9/24",
+                    "dev",
+                    "eth0",
+                ])?;
+                ns(&["-n", "bl-seed2", "link", "set", "eth0", "up"])?;
+                ns(&["-n", "bl-sw", "link", "set", "p-seed2", "master", "br0"])?;
+                ns(&["-n", "bl-sw", "link", "set", "p-seed2", "up"])?;
+                for (n, dev) in [("bl-seed2", "eth0"), ("bl-sw", "p-seed2")] {
+                    ns(&[
+                        "netns", "exec", n, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                        "rate", rate2, "burst", "256kb", "latency", "50ms",
+                    ])?;
+                }
+                origin.push_str(",http://10.77.0.9:18080/origin");
+                Some(nginx(&work2, "bl-seed2", "10.77.0.9:18080", &work2)?)
+            }
+            None => None,
+        };
         let mut ds = netns_daemons(&work, nodes, &origin, &trusted, true)?;
         let tx0 = ng.tx_bytes()?;
+        let tx2_0 = ng2.as_ref().map(|n| n.tx_bytes()).transpose()?;
         let retrans0 = retrans_segs("bl-seed")?;
         let t0 = Instant::now();
         let sampler = LinkSampler::start(ng.0.id(), t0);
@@ -858,6 +913,11 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
         }
         let link = sampler.finish();
         let egress = ng.tx_bytes()? - tx0;
+        let egress2 = match (&ng2, tx2_0) {
+            (Some(n), Some(t)) => Some(n.tx_bytes()? - t),
+            _ => None,
+        };
+        drop(ng2);
         let retransmitted = retrans_segs("bl-seed")? - retrans0;
         drop(ng);
         let per_node: Vec<Value> = done
@@ -884,6 +944,9 @@ pub fn netns(args: &Args, nodes: usize, rate: &str, kill: usize, peers: bool) ->
             "all_done_s": last,
             "origin_egress_bytes": egress,
             "origin_egress_x_dataset": egress as f64 / bytes as f64,
+            "second_origin_rate": second,
+            "second_origin_egress_bytes": egress2,
+            "origins_total_egress_x_dataset": (egress + egress2.unwrap_or(0)) as f64 / bytes as f64,
             "origin_link_mbit_per_s": link.per_s,
             "origin_first_mib_out_s": link.first,
             "origin_last_byte_out_s": link.last,
