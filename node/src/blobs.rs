@@ -115,17 +115,7 @@ pub(crate) async fn pack_index(
     cache: &Path,
     id: &Hash,
 ) -> Result<(AnyIndex, u64)> {
-    let (c, i) = (cache.to_path_buf(), *id);
-    if let Some(idx) = tokio::task::spawn_blocking(move || cached_pack_index(&c, &i))
-        .await
-        .expect("cache task panicked")
-    {
-        return Ok((idx, 0));
-    }
-    let (idx, bytes) = origin.pack_index(id).await?;
-    let read = bytes.len() as u64;
-    keep_pack_index(cache, id, bytes).await;
-    Ok((idx, read))
+    cached_or_read(cache, id, async { Ok(origin.pack_index(id).await?) }).await
 }
 
 /// Like [`pack_index`], from whichever origin holding the version has it.
@@ -137,6 +127,18 @@ async fn pack_index_any(
     cache: &Path,
     id: &Hash,
 ) -> Result<(AnyIndex, u64)> {
+    cached_or_read(cache, id, origins.pack_index(holders, id)).await
+}
+
+/// A pack index from the local cache, else from `read` (verified there), then cached; with
+/// the bytes `read` took (0 from the cache).
+///
+/// Cancel-safe: an index is cached only once read whole and verified.
+async fn cached_or_read(
+    cache: &Path,
+    id: &Hash,
+    read: impl std::future::Future<Output = Result<(AnyIndex, Bytes)>>,
+) -> Result<(AnyIndex, u64)> {
     let (c, i) = (cache.to_path_buf(), *id);
     if let Some(idx) = tokio::task::spawn_blocking(move || cached_pack_index(&c, &i))
         .await
@@ -144,10 +146,10 @@ async fn pack_index_any(
     {
         return Ok((idx, 0));
     }
-    let (idx, bytes) = origins.pack_index(holders, id).await?;
-    let read = bytes.len() as u64;
+    let (idx, bytes) = read.await?;
+    let n = bytes.len() as u64;
     keep_pack_index(cache, id, bytes).await;
-    Ok((idx, read))
+    Ok((idx, n))
 }
 
 /// Caches a verified pack index (see [`cache_pack_index`]) off the async threads.

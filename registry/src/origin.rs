@@ -450,19 +450,12 @@ impl Origin {
         now: u64,
         key: &SecretKey,
     ) -> Result<u64, OriginError> {
-        let path = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
-        for _ in 0..10 {
-            let current = self.get_opt(&path, "tag object", MAX_SMALL_OBJECT).await?;
+        self.swap_tag(name, tag, "moving tag", |current| {
             // At least the signing time in seconds: a tag an attacker deleted or replaced
             // (with an unsigned or undecodable object) still moves forward when re-signed,
             // past any sequence a node saw before.
-            let seq = (current
-                .as_ref()
-                .and_then(|(b, _)| AnyTag::decode(b).ok())
-                .map_or(0, |t| t.seq())
-                + 1)
-            .max(now);
-            let body: Bytes = SignedTag::sign(
+            let seq = (current.map_or(0, AnyTag::seq) + 1).max(now);
+            let body = SignedTag::sign(
                 TagBody {
                     dataset: name.to_string(),
                     tag: tag.to_string(),
@@ -473,8 +466,31 @@ impl Origin {
                 },
                 key,
             )
-            .encode()
-            .into();
+            .encode();
+            Ok((body.into(), seq))
+        })
+        .await
+    }
+
+    /// The compare-and-swap every tag write goes through: reads the tag, asks `next` what to
+    /// write over it (`Err(t)`: nothing, return `t`), and puts it on the condition that the
+    /// tag is still as read, again on conflict, at most 10 times. A store without conditional
+    /// update (a local directory) falls back to its atomic overwrite.
+    async fn swap_tag<T>(
+        &self,
+        name: &DatasetName,
+        tag: &str,
+        op: &'static str,
+        mut next: impl FnMut(Option<&AnyTag>) -> Result<(Bytes, T), T>,
+    ) -> Result<T, OriginError> {
+        let path = self.key(&Self::dataset_key(name, &format!("_tags/{tag}")));
+        for _ in 0..10 {
+            let current = self.get_opt(&path, "tag object", MAX_SMALL_OBJECT).await?;
+            let decoded = current.as_ref().and_then(|(b, _)| AnyTag::decode(b).ok());
+            let (body, out) = match next(decoded.as_ref()) {
+                Ok(write) => write,
+                Err(out) => return Ok(out),
+            };
             let mode = match current {
                 None => PutMode::Create,
                 Some((_, v)) => PutMode::Update(v),
@@ -488,7 +504,7 @@ impl Origin {
                 )
                 .await
             {
-                Ok(_) => return Ok(seq),
+                Ok(_) => return Ok(out),
                 Err(
                     object_store::Error::Precondition { .. }
                     | object_store::Error::AlreadyExists { .. },
@@ -497,14 +513,14 @@ impl Origin {
                     return self
                         .put(&path, body, PutMode::Overwrite)
                         .await
-                        .map(|()| seq);
+                        .map(|()| out);
                 }
                 Err(e) => return Err(self.store_err("writing", &path, e)),
             }
         }
         Err(OriginError::Store {
             origin: self.url.clone(),
-            op: "moving tag",
+            op,
             key: path.to_string(),
             source: Box::new(object_store::Error::Generic {
                 store: "shoal",
@@ -630,53 +646,16 @@ impl Origin {
         name: &DatasetName,
         tag: &SignedTag,
     ) -> Result<(bool, u64), OriginError> {
-        let path = self.key(&Self::dataset_key(name, &format!("_tags/{}", tag.body.tag)));
         let body: Bytes = tag.encode().into();
-        for _ in 0..10 {
-            let current = self.get_opt(&path, "tag object", MAX_SMALL_OBJECT).await?;
-            let seq = current
-                .as_ref()
-                .and_then(|(b, _)| AnyTag::decode(b).ok())
-                .map(|t| t.seq());
-            if let Some(seq) = seq.filter(|s| *s >= tag.body.seq) {
-                return Ok((false, seq));
-            }
-            let mode = match current {
-                None => PutMode::Create,
-                Some((_, v)) => PutMode::Update(v),
-            };
-            match self
-                .store
-                .put_opts(
-                    &path,
-                    PutPayload::from_bytes(body.clone()),
-                    PutOptions::from(mode),
-                )
-                .await
-            {
-                Ok(_) => return Ok((true, tag.body.seq)),
-                Err(
-                    object_store::Error::Precondition { .. }
-                    | object_store::Error::AlreadyExists { .. },
-                ) => continue,
-                Err(object_store::Error::NotImplemented) => {
-                    return self
-                        .put(&path, body, PutMode::Overwrite)
-                        .await
-                        .map(|()| (true, tag.body.seq));
-                }
-                Err(e) => return Err(self.store_err("writing", &path, e)),
-            }
-        }
-        Err(OriginError::Store {
-            origin: self.url.clone(),
-            op: "copying tag",
-            key: path.to_string(),
-            source: Box::new(object_store::Error::Generic {
-                store: "shoal",
-                source: "tag kept changing under us after 10 attempts".into(),
-            }),
+        let seq = tag.body.seq;
+        self.swap_tag(name, &tag.body.tag, "copying tag", |current| match current
+            .map(AnyTag::seq)
+            .filter(|s| *s >= seq)
+        {
+            Some(theirs) => Err((false, theirs)),
+            None => Ok((body.clone(), (true, seq))),
         })
+        .await
     }
 
     /// Every object under this origin's root, as a source to publish from (not a Shoal
