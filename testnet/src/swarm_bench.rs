@@ -257,6 +257,22 @@ fn ns(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A new namespace `host` whose eth0 (address `addr`, e.g. 10.78.0.11/24) is plugged into
+/// `bridge` in namespace `sw`; the switch side is `p-<host>`, to shape if wanted.
+fn plug(sw: &str, bridge: &str, host: &str, addr: &str) -> Result<()> {
+    ns(&["netns", "add", host])?;
+    ns(&["-n", host, "link", "set", "lo", "up"])?;
+    let (v, p) = (format!("v-{host}"), format!("p-{host}"));
+    ns(&["link", "add", &v, "type", "veth", "peer", "name", &p])?;
+    ns(&["link", "set", &v, "netns", host])?;
+    ns(&["link", "set", &p, "netns", sw])?;
+    ns(&["-n", host, "link", "set", &v, "name", "eth0"])?;
+    ns(&["-n", host, "addr", "add", addr, "dev", "eth0"])?;
+    ns(&["-n", host, "link", "set", "eth0", "up"])?;
+    ns(&["-n", sw, "link", "set", &p, "master", bridge])?;
+    ns(&["-n", sw, "link", "set", &p, "up"])
+}
+
 fn peer_medians(raw: &Path, skip: usize) -> Result<serde_json::Map<String, Value>> {
     let rows = raw_rows(raw, skip)?;
     Ok(rows
@@ -823,27 +839,8 @@ pub fn netns(
                 if !out.status.success() {
                     bail!("replicate failed: {}", String::from_utf8_lossy(&out.stderr));
                 }
-                ns(&["netns", "add", "bl-seed2"])?;
-                ns(&["-n", "bl-seed2", "link", "set", "lo", "up"])?;
-                ns(&[
-                    "link", "add", "v-seed2", "type", "veth", "peer", "name", "p-seed2",
-                ])?;
-                ns(&["link", "set", "v-seed2", "netns", "bl-seed2"])?;
-                ns(&["link", "set", "p-seed2", "netns", "bl-sw"])?;
-                ns(&["-n", "bl-seed2", "link", "set", "v-seed2", "name", "eth0"])?;
-                ns(&[
-                    "-n",
-                    "bl-seed2",
-                    "addr",
-                    "add",
-                    "10.77.0.9/24",
-                    "dev",
-                    "eth0",
-                ])?;
-                ns(&["-n", "bl-seed2", "link", "set", "eth0", "up"])?;
-                ns(&["-n", "bl-sw", "link", "set", "p-seed2", "master", "br0"])?;
-                ns(&["-n", "bl-sw", "link", "set", "p-seed2", "up"])?;
-                for (n, dev) in [("bl-seed2", "eth0"), ("bl-sw", "p-seed2")] {
+                plug("bl-sw", "br0", "bl-seed2", "10.77.0.9/24")?;
+                for (n, dev) in [("bl-seed2", "eth0"), ("bl-sw", "p-bl-seed2")] {
                     ns(&[
                         "netns", "exec", n, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                         "rate", rate2, "burst", "256kb", "latency", "50ms",
@@ -1023,34 +1020,12 @@ pub fn locality(args: &Args, rate: &str) -> Result<Value> {
             ])?;
         }
         for (h, z, k) in hosts {
-            let nsn = format!("zl-{h}");
-            ns(&["netns", "add", &nsn])?;
-            ns(&["-n", &nsn, "link", "set", "lo", "up"])?;
-            let (v, p) = (format!("v-{h}"), format!("p-{h}"));
-            ns(&["link", "add", &v, "type", "veth", "peer", "name", &p])?;
-            ns(&["link", "set", &v, "netns", &nsn])?;
-            ns(&["link", "set", &p, "netns", "zl-sw"])?;
-            ns(&["-n", &nsn, "link", "set", &v, "name", "eth0"])?;
-            ns(&[
-                "-n",
-                &nsn,
-                "addr",
-                "add",
-                &format!("10.78.0.{k}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ns(&["-n", &nsn, "link", "set", "eth0", "up"])?;
-            ns(&[
-                "-n",
+            plug(
                 "zl-sw",
-                "link",
-                "set",
-                &p,
-                "master",
                 &format!("br{z}"),
-            ])?;
-            ns(&["-n", "zl-sw", "link", "set", &p, "up"])?;
+                &format!("zl-{h}"),
+                &format!("10.78.0.{k}/24"),
+            )?;
         }
         Ok(())
     };
@@ -1314,25 +1289,7 @@ pub fn origins(args: &Args, rates: &[String], peers: bool) -> Result<Value> {
         ns(&["-n", "mo-sw", "link", "add", "br0", "type", "bridge"])?;
         ns(&["-n", "mo-sw", "link", "set", "br0", "up"])?;
         for (i, (h, k)) in hosts.iter().enumerate() {
-            ns(&["netns", "add", h])?;
-            ns(&["-n", h, "link", "set", "lo", "up"])?;
-            let (v, p) = (format!("v-{h}"), format!("p-{h}"));
-            ns(&["link", "add", &v, "type", "veth", "peer", "name", &p])?;
-            ns(&["link", "set", &v, "netns", h])?;
-            ns(&["link", "set", &p, "netns", "mo-sw"])?;
-            ns(&["-n", h, "link", "set", &v, "name", "eth0"])?;
-            ns(&[
-                "-n",
-                h,
-                "addr",
-                "add",
-                &format!("10.79.0.{k}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ns(&["-n", h, "link", "set", "eth0", "up"])?;
-            ns(&["-n", "mo-sw", "link", "set", &p, "master", "br0"])?;
-            ns(&["-n", "mo-sw", "link", "set", &p, "up"])?;
+            plug("mo-sw", "br0", h, &format!("10.79.0.{k}/24"))?;
             if let Some(rate) = rates.get(i) {
                 // What an origin sends, shaped at its own interface.
                 ns(&[
