@@ -137,8 +137,7 @@ impl Origins {
         let set = OriginSet::new(specs.iter().map(|s| OriginInfo {
             rank: shoal_sched::origins::rank(s.region.as_deref(), s.zone.as_deref(), region, zone),
             max_requests: s.max_requests.unwrap_or(DEFAULT_MAX_REQUESTS),
-        }))
-        .with_salt(rand::random());
+        }));
         Origins {
             list,
             specs,
@@ -361,7 +360,7 @@ impl Origins {
         let mut last: Option<OriginError> = None;
         loop {
             let pick = {
-                let mut set = self.set.lock().expect("origin set poisoned");
+                let set = self.set.lock().expect("origin set poisoned");
                 let allowed = |i: usize| holders.has(i) && !tried.has(i);
                 if !(0..self.list.len()).any(allowed) {
                     return Err(last.map(Error::from).unwrap_or_else(|| {

@@ -103,10 +103,6 @@ pub struct OriginReport {
 #[derive(Debug, Clone)]
 pub struct OriginSet {
     origins: Vec<State>,
-    /// Seeds the jitter of [`Self::pick`]: nodes given different salts spread their reads
-    /// rather than all choosing the same origin at once.
-    salt: u64,
-    picks: u64,
 }
 
 impl OriginSet {
@@ -130,15 +126,7 @@ impl OriginSet {
                     errors: 0,
                 })
                 .collect(),
-            salt: 0,
-            picks: 0,
         }
-    }
-
-    /// The same set, its picks jittered from `salt` (each node its own: see [`Self::pick`]).
-    pub fn with_salt(mut self, salt: u64) -> OriginSet {
-        self.salt = salt;
-        self
     }
 
     pub fn len(&self) -> usize {
@@ -182,18 +170,7 @@ impl OriginSet {
     /// first, leaving out origins in their backoff unless all of the allowed ones are. None
     /// when no origin is allowed, or all allowed are at their request limit (then wait for a
     /// read to finish).
-    ///
-    /// Each origin's expected time is stretched by up to half, by a hash of the set's salt, the
-    /// pick's number and the origin: near-equal origins are then taken about evenly, by each
-    /// node on its own, rather than all nodes piling onto the one that looked fastest a
-    /// moment ago (each node sees only its own reads, not the other nodes' on the same link).
-    pub fn pick(
-        &mut self,
-        bytes: u64,
-        allowed: impl Fn(usize) -> bool,
-        now: Instant,
-    ) -> Option<usize> {
-        self.picks += 1;
+    pub fn pick(&self, bytes: u64, allowed: impl Fn(usize) -> bool, now: Instant) -> Option<usize> {
         let allowed: Vec<usize> = (0..self.origins.len()).filter(|&i| allowed(i)).collect();
         let up: Vec<usize> = allowed
             .iter()
@@ -211,19 +188,9 @@ impl OriginSet {
         } else {
             up
         };
-        let jitter = |i: usize| {
-            let h = crate::mix(self.salt ^ crate::mix(self.picks) ^ i as u64);
-            1.0 + (h % 1024) as f64 / 2048.0
-        };
         pool.into_iter()
             .filter(|&i| self.origins[i].in_flight < self.origins[i].info.max_requests)
-            .min_by_key(|&i| {
-                (
-                    self.expected(i, bytes).mul_f64(jitter(i)),
-                    self.origins[i].info.rank,
-                    i,
-                )
-            })
+            .min_by_key(|&i| (self.expected(i, bytes), self.origins[i].info.rank, i))
     }
 
     /// Origins in the order small requests (version objects, tags, indexes) try them: up
@@ -429,24 +396,6 @@ mod tests {
             (0.6..0.9).contains(&fast),
             "the 300 Mbit origin served {fast:.2} of the bytes"
         );
-    }
-
-    /// Nodes that each measured two origins alike do not all pick the same one.
-    #[test]
-    fn nodes_with_their_own_salts_spread_over_equal_origins() {
-        let now = Instant::now();
-        let picks: Vec<usize> = (0..16u64)
-            .map(|salt| {
-                let mut s = set(&[2, 2]).with_salt(salt);
-                for i in 0..2 {
-                    s.started(i, 16 * MB);
-                    s.finished(i, 16 * MB, Duration::from_millis(500));
-                }
-                s.pick(4 * MB, |_| true, now).unwrap()
-            })
-            .collect();
-        let second = picks.iter().filter(|&&i| i == 1).count();
-        assert!((4..=12).contains(&second), "{picks:?}");
     }
 
     #[test]
