@@ -226,34 +226,19 @@ impl Blobs {
         let mut external = HashMap::new();
         for (i, (idx, _)) in indexes.into_iter().enumerate() {
             let pack = i as u32;
-            match idx {
-                AnyIndex::Packed(idx) => {
-                    for e in &idx.entries {
-                        locs.insert(
-                            e.id,
-                            Loc {
-                                pack,
-                                object: 0,
-                                offset: e.offset,
-                                len: e.len,
-                            },
-                        );
-                    }
-                }
-                AnyIndex::External(x) => {
-                    for e in &x.entries {
-                        locs.insert(
-                            e.id,
-                            Loc {
-                                pack,
-                                object: e.object,
-                                offset: e.offset,
-                                len: e.len,
-                            },
-                        );
-                    }
-                    external.insert(pack, Arc::new(x));
-                }
+            for (id, object, offset, len) in idx.locations() {
+                locs.insert(
+                    id,
+                    Loc {
+                        pack,
+                        object,
+                        offset,
+                        len,
+                    },
+                );
+            }
+            if let AnyIndex::External(x) = idx {
+                external.insert(pack, Arc::new(x));
             }
         }
         Ok(Blobs {

@@ -191,7 +191,14 @@ impl Node {
 
     /// Checks a tag read from origin `where_`: signed by a key trusted for the dataset, not
     /// older than the maximum tag age (freeze). The rollback check is [`Self::accept_tag`].
-    fn check_tag(&self, dataset: &str, name: &str, tag: &AnyTag, where_: &str) -> Result<()> {
+    fn check_tag(
+        &self,
+        dataset: &str,
+        name: &str,
+        tag: &AnyTag,
+        where_: &str,
+        trusted: &[TrustedKey],
+    ) -> Result<()> {
         let signed = match tag {
             AnyTag::Signed(t) => t,
             AnyTag::Unsigned(_) => {
@@ -201,7 +208,7 @@ impl Node {
                 )))
             }
         };
-        signed.verify(dataset, name, &self.trusted_keys()?)?;
+        signed.verify(dataset, name, trusted)?;
         if let Some(max) = self.max_tag_age {
             let age = publish::now_unix().saturating_sub(signed.body.updated_unix);
             if age > max.as_secs() {
@@ -301,7 +308,7 @@ impl Node {
         let mut refused = None;
         for (i, tag) in &tags {
             let where_ = self.origins.get(*i).url();
-            match self.check_tag(name.as_str(), label, tag, where_) {
+            match self.check_tag(name.as_str(), label, tag, where_, trusted) {
                 Ok(()) => {
                     self.accept_tag(name.as_str(), label, tag, where_)?;
                     let target = tag.version();

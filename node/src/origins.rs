@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use bytes::Bytes;
 use shoal_registry::pack::AnyIndex;
 use shoal_registry::{AnyTag, DatasetName, Hash, Origin, OriginError, SignedVersion};
-use shoal_sched::origins::{OriginInfo, OriginReport, OriginSet};
+use shoal_sched::origins::{OriginInfo, OriginSet};
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -122,12 +122,6 @@ impl Origins {
         Ok(Self::from_parts(list, specs, region, zone))
     }
 
-    /// One origin, unlabelled.
-    pub fn single(origin: Origin) -> Origins {
-        let spec = OriginSpec::new(origin.url());
-        Self::from_parts(vec![origin], vec![spec], None, None)
-    }
-
     fn from_parts(
         list: Vec<Origin>,
         specs: Vec<OriginSpec>,
@@ -180,16 +174,6 @@ impl Origins {
             .map(|o| o.url())
             .collect::<Vec<_>>()
             .join(", ")
-    }
-
-    /// What each origin served so far.
-    pub fn reports(&self) -> Vec<(String, OriginReport)> {
-        let set = self.set.lock().expect("origin set poisoned");
-        self.list
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.url().to_string(), set.report(i)))
-            .collect()
     }
 
     fn order(&self) -> Vec<usize> {

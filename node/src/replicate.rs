@@ -24,8 +24,6 @@ use std::time::Instant;
 /// Packs copied at once. Each is held whole in memory between its read and its put (about
 /// `PACK_TARGET`, 64 MiB), so this bounds the copy's memory.
 const PACKS_AT_ONCE: usize = 4;
-/// One ranged read of a pack being copied.
-const READ_PIECE: u64 = 16 << 20;
 
 /// What `shoal replicate` did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -295,24 +293,11 @@ async fn read_pack(
     index: &PackIndex,
     progress: &Progress,
 ) -> Result<Vec<Bytes>> {
-    // Pieces of whole blobs, about READ_PIECE each (one larger blob is a piece of its own).
-    let mut pieces: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut start = 0;
-    for (i, e) in index.entries.iter().enumerate() {
-        let first = &index.entries[start];
-        if i > start && e.offset + e.len as u64 - first.offset > READ_PIECE {
-            pieces.push(start..i);
-            start = i;
-        }
-    }
-    if start < index.entries.len() {
-        pieces.push(start..index.entries.len());
-    }
-    futures::stream::iter(pieces)
+    let reads = crate::verify::pieces(index.entries.iter().map(|e| (e.id, e.offset, e.len)));
+    futures::stream::iter(reads)
         .map(|piece| async move {
-            let entries = &index.entries[piece];
-            let (first, last) = (entries[0], entries[entries.len() - 1]);
-            let range = first.offset..last.offset + last.len as u64;
+            let (first, last) = (piece[0], piece[piece.len() - 1]);
+            let range = first.1..last.1 + last.2 as u64;
             let data = from.read_pack(id, range.clone()).await?;
             if data.len() as u64 != range.end - range.start {
                 return Err(Error::Corrupt {
@@ -325,22 +310,18 @@ async fn read_pack(
                     ),
                 });
             }
-            let entries = entries.to_vec();
-            let (path, url) = (from.pack_path(id), from.url().to_string());
-            let data = tokio::task::spawn_blocking(move || {
-                for e in &entries {
-                    let at = (e.offset - first.offset) as usize;
-                    if !e.id.verify(&data[at..at + e.len as usize]) {
-                        return Err(Error::Corrupt {
-                            what: format!("blob {} in pack {path} at offset {} in origin {url}", e.id, e.offset),
-                            reason: "its bytes do not match its id; the origin's copy is damaged or was tampered with, and nothing of this pack was written".into(),
-                        });
-                    }
-                }
-                Ok(data)
+            let (data, bad) = tokio::task::spawn_blocking(move || {
+                let bad = crate::verify::bad_blobs(&piece, &data);
+                (data, bad)
             })
             .await
-            .expect("verify task panicked")?;
+            .expect("verify task panicked");
+            if let Some(blob) = bad.first() {
+                return Err(Error::Corrupt {
+                    what: format!("blob {blob} in pack {} in origin {}", from.pack_path(id), from.url()),
+                    reason: "its bytes do not match its id; the origin's copy is damaged or was tampered with, and nothing of this pack was written".into(),
+                });
+            }
             progress.add(data.len() as u64);
             Ok(data)
         })

@@ -40,10 +40,10 @@ impl VerifyReport {
 }
 
 /// Blobs of one read: (id, offset, len), back to back.
-type Piece = Vec<(Hash, u64, u32)>;
+pub(crate) type Piece = Vec<(Hash, u64, u32)>;
 
 /// Cuts blobs laid back to back into reads of about [`PIECE`] bytes.
-fn pieces(blobs: impl IntoIterator<Item = (Hash, u64, u32)>) -> Vec<Piece> {
+pub(crate) fn pieces(blobs: impl IntoIterator<Item = (Hash, u64, u32)>) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
     for b in blobs {
         match out.last_mut() {
@@ -56,7 +56,7 @@ fn pieces(blobs: impl IntoIterator<Item = (Hash, u64, u32)>) -> Vec<Piece> {
 
 /// The blobs of `piece` in `data` (read from the piece's first offset) that do not match
 /// their ids.
-fn bad_blobs(piece: &Piece, data: &Bytes) -> Vec<Hash> {
+pub(crate) fn bad_blobs(piece: &Piece, data: &Bytes) -> Vec<Hash> {
     let start = piece[0].1;
     piece
         .iter()
@@ -102,24 +102,22 @@ impl Node {
                 AnyIndex::Packed(idx) => {
                     report.blobs += idx.entries.len() as u64;
                     let reads = pieces(idx.entries.iter().map(|e| (e.id, e.offset, e.len)));
-                    let results: Vec<(Piece, std::result::Result<Bytes, String>)> =
-                        futures::stream::iter(reads)
-                            .map(|p| {
-                                let origins = &origins;
-                                async move {
-                                    let last = p[p.len() - 1];
-                                    let r = origins
-                                        .read_pack(holders, pack, p[0].1..last.1 + last.2 as u64)
-                                        .await
-                                        .map(|(d, _)| d)
-                                        .map_err(|e| e.to_string());
-                                    (p, r)
-                                }
-                            })
-                            .buffered(READS)
-                            .collect()
-                            .await;
-                    for (p, r) in results {
+                    let mut results = std::pin::pin!(futures::stream::iter(reads)
+                        .map(|p| {
+                            let origins = &origins;
+                            async move {
+                                let last = p[p.len() - 1];
+                                let r = origins
+                                    .read_pack(holders, pack, p[0].1..last.1 + last.2 as u64)
+                                    .await
+                                    .map(|(d, _)| d)
+                                    .map_err(|e| e.to_string());
+                                (p, r)
+                            }
+                        })
+                        .buffered(READS));
+                    // Checked as they come: at most READS pieces held at once.
+                    while let Some((p, r)) = results.next().await {
                         match r {
                             Ok(data) => {
                                 report.bytes_read += data.len() as u64;
@@ -164,24 +162,21 @@ impl Node {
                             .iter()
                             .filter(|e| e.object as usize == n)
                             .map(|e| (e.id, e.offset, e.len));
-                        let reads: Vec<(Piece, std::result::Result<Bytes, String>)> =
-                            futures::stream::iter(pieces(blobs))
-                                .map(|p| {
-                                    let (source, key, e_tag) =
-                                        (&source, &object.key, object.e_tag.as_deref());
-                                    async move {
-                                        let last = p[p.len() - 1];
-                                        let r = source
-                                            .read_object(key, p[0].1..last.1 + last.2 as u64, e_tag)
-                                            .await
-                                            .map_err(|e| e.to_string());
-                                        (p, r)
-                                    }
-                                })
-                                .buffered(READS)
-                                .collect()
-                                .await;
-                        for (p, r) in reads {
+                        let mut reads = std::pin::pin!(futures::stream::iter(pieces(blobs))
+                            .map(|p| {
+                                let (source, key, e_tag) =
+                                    (&source, &object.key, object.e_tag.as_deref());
+                                async move {
+                                    let last = p[p.len() - 1];
+                                    let r = source
+                                        .read_object(key, p[0].1..last.1 + last.2 as u64, e_tag)
+                                        .await
+                                        .map_err(|e| e.to_string());
+                                    (p, r)
+                                }
+                            })
+                            .buffered(READS));
+                        while let Some((p, r)) = reads.next().await {
                             match r {
                                 Ok(data) => {
                                     report.bytes_read += data.len() as u64;

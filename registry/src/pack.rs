@@ -169,11 +169,14 @@ impl AnyIndex {
         }
     }
 
-    /// (id, len) of every blob.
-    pub fn blobs(&self) -> Vec<(Hash, u32)> {
+    /// Where every blob is: (id, source object, offset, len); the object is 0 in a packed
+    /// pack.
+    pub fn locations(&self) -> Box<dyn Iterator<Item = (Hash, u32, u64, u32)> + '_> {
         match self {
-            AnyIndex::Packed(p) => p.entries.iter().map(|e| (e.id, e.len)).collect(),
-            AnyIndex::External(x) => x.entries.iter().map(|e| (e.id, e.len)).collect(),
+            AnyIndex::Packed(p) => Box::new(p.entries.iter().map(|e| (e.id, 0, e.offset, e.len))),
+            AnyIndex::External(x) => {
+                Box::new(x.entries.iter().map(|e| (e.id, e.object, e.offset, e.len)))
+            }
         }
     }
 }

@@ -319,12 +319,23 @@ fn warm(dir: &Path) -> Result<()> {
 
 /// Runs shoal with --json; returns (wall seconds, the JSON document).
 fn shoal(home: &Path, origin: &Path, args: &[&str]) -> Result<(f64, Value)> {
+    shoal_with(home, origin.as_os_str(), &[], args)
+}
+
+/// Like [`shoal`], with more environment (`env`) and any origin setting (a list, a URL).
+fn shoal_with(
+    home: &Path,
+    origin: &std::ffi::OsStr,
+    env: &[(String, String)],
+    args: &[&str],
+) -> Result<(f64, Value)> {
     let t = Instant::now();
     let out = Command::new(shoal_bin()?)
         .arg("--json")
         .args(args)
         .env("SHOAL_HOME", home)
         .env("SHOAL_ORIGIN", origin)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()
         .context("running shoal")?;
     let secs = t.elapsed().as_secs_f64();

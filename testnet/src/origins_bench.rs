@@ -3,7 +3,7 @@
 //! (moto); `shoal replicate` of a version and then the next, between two local origins and into
 //! S3, against `rclone sync` and `aws s3 sync` of the same origin directory.
 
-use super::{ensure_data, files_under, shoal_bin, Args};
+use super::{ensure_data, files_under, Args};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -15,31 +15,14 @@ fn du(dir: &Path) -> u64 {
     files_under(dir).map(|f| f.values().sum()).unwrap_or(0)
 }
 
-/// Runs `shoal --json ARGS` with `home` and `origin`; returns the seconds and the report.
+/// [`super::shoal_with`] with the origin as a string (a path or a URL).
 fn shoal(
     home: &Path,
     origin: &str,
     env: &[(String, String)],
     args: &[&str],
 ) -> Result<(f64, Value)> {
-    let t = Instant::now();
-    let out = Command::new(shoal_bin()?)
-        .arg("--json")
-        .args(args)
-        .env("SHOAL_HOME", home)
-        .env("SHOAL_ORIGIN", origin)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "shoal {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok((
-        t.elapsed().as_secs_f64(),
-        serde_json::from_slice(&out.stdout)?,
-    ))
+    super::shoal_with(home, origin.as_ref(), env, args)
 }
 
 /// moto's S3 server on a free port with one bucket, killed on drop.

@@ -257,6 +257,16 @@ fn ns(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Removes these namespaces, those that exist.
+fn ns_del(names: &[&str]) {
+    for n in names {
+        let _ = Command::new("ip")
+            .args(["netns", "del", n])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A new namespace `host` whose eth0 (address `addr`, e.g. 10.78.0.11/24) is plugged into
 /// `bridge` in namespace `sw`; the switch side is `p-<host>`, to shape if wanted.
 fn plug(sw: &str, bridge: &str, host: &str, addr: &str) -> Result<()> {
@@ -991,14 +1001,7 @@ pub fn locality(args: &Args, rate: &str) -> Result<Value> {
     let origin = work.join("origin").display().to_string();
     let trusted = publisher(&work, &origin, &shards)?;
     let hosts = [("a1", "a", 11), ("a2", "a", 12), ("b1", "b", 21)];
-    let down = || {
-        for n in ["zl-sw", "zl-a1", "zl-a2", "zl-b1"] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-    };
+    let down = || ns_del(&["zl-sw", "zl-a1", "zl-a2", "zl-b1"]);
     down();
     let setup = || -> Result<()> {
         ns(&["netns", "add", "zl-sw"])?;
@@ -1275,14 +1278,7 @@ pub fn origins(args: &Args, rates: &[String], peers: bool) -> Result<Value> {
         }
     }
     let hosts = [("mo-o1", 1), ("mo-o2", 2), ("mo-n", 10)];
-    let down = || {
-        for (n, _) in hosts.iter().chain(&[("mo-sw", 0)]) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-    };
+    let down = || ns_del(&["mo-o1", "mo-o2", "mo-n", "mo-sw"]);
     down();
     let setup = || -> Result<()> {
         ns(&["netns", "add", "mo-sw"])?;
