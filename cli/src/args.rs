@@ -173,6 +173,10 @@ pub enum Command {
         /// Copy every version of the datasets named.
         #[arg(long)]
         all: bool,
+        /// Also copy the bytes of in-place versions into packs at the target (by default the
+        /// target names the same source objects); readers there then need not reach them.
+        #[arg(long)]
+        copy_sources: bool,
     },
 }
 

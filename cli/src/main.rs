@@ -656,7 +656,12 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 )
             })
         }
-        Command::Replicate { refs, to, all } => {
+        Command::Replicate {
+            refs,
+            to,
+            all,
+            copy_sources,
+        } => {
             let (mut versions, mut datasets) = (Vec::new(), Vec::new());
             for r in &refs {
                 if all {
@@ -668,18 +673,46 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     versions.push(r.parse::<DatasetRef>()?);
                 }
             }
+            // A path as the daemon would see it from anywhere.
+            let to = if to.contains("://") {
+                to
+            } else {
+                std::path::absolute(&to)
+                    .with_context(|| format!("--to {to:?}"))?
+                    .display()
+                    .to_string()
+            };
             let target = Origin::open(&to, true)?;
+            let options = shoal_node::ReplicateOptions { copy_sources };
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let r = open(false)?
-                .replicate(&versions, &datasets, &target, &progress)
-                .await;
+            // Through the daemon if one runs: it reads what its store and its peers hold.
+            let r = match daemon(&home, &cfg).await {
+                Some(daemon) => {
+                    let req = Request::Replicate {
+                        refs: versions.iter().map(|r| r.to_string()).collect(),
+                        all: datasets.iter().map(|d| d.to_string()).collect(),
+                        to: target.url().to_string(),
+                        options,
+                        origin: cfg.origin().to_string(),
+                    };
+                    daemon
+                        .call(&req, &progress)
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|v| Ok(serde_json::from_value::<shoal_node::ReplicateReport>(v)?))
+                }
+                None => open(false)?
+                    .replicate(&versions, &datasets, &target, &options, &progress)
+                    .await
+                    .map_err(anyhow::Error::from),
+            };
             bar.finish();
             let r = r?;
             out.report(&r, || {
                 let created = r.versions.iter().filter(|v| v.created).count();
                 format!(
-                    "replicated {} version{} from {} to {} ({} new there)\n  packs: {} copied ({}), {} already there; {} written, {:.1}s{}",
+                    "replicated {} version{} from {} to {} ({} new there)\n  packs: {} copied ({}: {} local, {} from peers, {} from origins), {} already there; {} written, {:.1}s{}",
                     r.versions.len(),
                     if r.versions.len() == 1 { "" } else { "s" },
                     r.from,
@@ -687,6 +720,9 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     created,
                     r.packs_copied,
                     output::bytes(r.pack_bytes_copied),
+                    output::bytes(r.bytes_local),
+                    output::bytes(r.bytes_from_peers),
+                    output::bytes(r.origins.iter().map(|o| o.bytes).sum()),
                     r.packs_present,
                     output::bytes(r.bytes_written),
                     r.seconds,

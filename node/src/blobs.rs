@@ -37,6 +37,7 @@ const ORIGIN_CONCURRENCY: usize = 8;
 const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One ranged read: a span of a pack and the blobs inside it (id, offset, len).
+#[derive(Clone)]
 struct RangeRead {
     pack: u32,
     /// The source object, in an external pack (0 in a packed one).
@@ -70,6 +71,10 @@ pub struct Blobs {
     locs: HashMap<Hash, Loc>,
     /// The version's external packs (an in-place version's source objects), by pack number.
     external: HashMap<u32, Arc<ExternalIndex>>,
+    /// External packs that origins holding the version also keep as packs (copied there by
+    /// `replicate --copy-sources`): which origins, and where each source object starts in
+    /// the copy. Read there first; the source objects are the fallback.
+    copies: HashMap<u32, (Holders, Arc<Vec<u64>>)>,
     /// Source stores of external packs, opened on first read.
     sources: std::sync::Mutex<HashMap<String, Origin>>,
     /// NAME@VERSION, for errors.
@@ -162,6 +167,39 @@ async fn keep_pack_index(cache: &Path, id: &Hash, bytes: bytes::Bytes) {
         .expect("cache task panicked")
 }
 
+/// Of the external packs, those that origins holding the version keep copies of (a pack
+/// object the size of all its source objects together): which origins, and where each
+/// source object starts in the copy.
+///
+/// Cancel-safe: it only reads.
+async fn copies_of(
+    origins: &Origins,
+    holders: Holders,
+    packs: &[Hash],
+    external: &HashMap<u32, Arc<ExternalIndex>>,
+) -> HashMap<u32, (Holders, Arc<Vec<u64>>)> {
+    let mut copies = HashMap::new();
+    for (&pack, x) in external {
+        let id = packs[pack as usize];
+        let mut starts = Vec::with_capacity(x.objects.len());
+        let mut total = 0u64;
+        for o in &x.objects {
+            starts.push(total);
+            total += o.size;
+        }
+        let mut with = Holders(0);
+        for (i, r) in origins.ask_all(|o| o.pack_size(&id)).await {
+            if holders.has(i) && matches!(r, Ok(Some(n)) if n == total) {
+                with.0 |= 1 << i;
+            }
+        }
+        if with.0 != 0 {
+            copies.insert(pack, (with, Arc::new(starts)));
+        }
+    }
+    copies
+}
+
 impl Blobs {
     /// Loads the indexes of every pack the version names.
     ///
@@ -241,9 +279,11 @@ impl Blobs {
                 external.insert(pack, Arc::new(x));
             }
         }
+        let copies = copies_of(&origins, holders, &packs, &external).await;
         Ok(Blobs {
             store,
             external,
+            copies,
             sources: Default::default(),
             version_name: format!("{}@{}", version.body.dataset, version.body.version),
             per_origin: (0..origins.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -540,13 +580,27 @@ impl Blobs {
     ///
     /// Cancel-safe, as [`Self::fetch_inner`].
     async fn packed_range(&self, r: RangeRead, want: bool) -> Result<(u64, Vec<(Hash, Bytes)>)> {
+        self.pack_range(self.holders, 0, r, want).await
+    }
+
+    /// [`Self::packed_range`] from the origins in `holders`, of a pack whose bytes for the
+    /// range start `shift` bytes later than the range's offsets say (the start of the source
+    /// object in a copy of an external pack; 0 in a packed one).
+    ///
+    /// Cancel-safe, as [`Self::fetch_inner`].
+    async fn pack_range(
+        &self,
+        mut holders: Holders,
+        shift: u64,
+        r: RangeRead,
+        want: bool,
+    ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
         let pack_id = self.packs[r.pack as usize];
-        let mut holders = self.holders;
         loop {
             let slot = self.origin_slots.acquire().await.expect("never closed");
             let (data, from) = self
                 .origins
-                .read_pack(holders, &pack_id, r.start..r.stop)
+                .read_pack(holders, &pack_id, shift + r.start..shift + r.stop)
                 .await?;
             drop(slot);
             self.count_origin_bytes(data.len() as u64);
@@ -592,6 +646,13 @@ impl Blobs {
         r: RangeRead,
         want: bool,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
+        if let Some((copies, starts)) = self.copies.get(&r.pack) {
+            let shift = starts[r.object as usize];
+            match self.pack_range(*copies, shift, r.clone(), want).await {
+                Ok(got) => return Ok(got),
+                Err(e) => tracing::warn!("{e}; reading the range from its source object"),
+            }
+        }
         let object = &x.objects[r.object as usize];
         let source = self.source(&x.source)?;
         let at = format!("{}/{}", x.source.trim_end_matches('/'), object.key);

@@ -53,6 +53,17 @@ pub enum Request {
     Cache,
     /// Drop everything no pin needs.
     Gc,
+    /// Copy versions to another origin (`shoal replicate`), reading what this node's store
+    /// and its peers hold before the origins.
+    Replicate {
+        refs: Vec<String>,
+        /// Datasets every version of which is copied.
+        all: Vec<String>,
+        to: String,
+        #[serde(default)]
+        options: crate::ReplicateOptions,
+        origin: String,
+    },
     /// Mount a version and serve it until it is unmounted or this connection closes.
     Mount {
         reference: String,
@@ -660,6 +671,26 @@ async fn handle(
             let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.unpin(&reference).await?)
+        }
+        Request::Replicate {
+            refs,
+            all,
+            to,
+            options,
+            origin,
+        } => {
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
+            let refs = refs
+                .iter()
+                .map(|r| r.parse::<DatasetRef>())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let all = all
+                .iter()
+                .map(|r| r.parse::<DatasetName>())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let to = shoal_registry::Origin::open(&to, true)?;
+            let r = n.replicate(&refs, &all, &to, &options, &progress).await?;
+            serde_json::to_value(r)
         }
         Request::Cache => {
             let store = daemon.node.store()?;

@@ -35,7 +35,7 @@ pub use origins::{OriginSpec, Origins};
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport, PublishSource};
 pub use pull::{OriginBytes, PullReport};
-pub use replicate::{ReplicateReport, ReplicatedVersion};
+pub use replicate::{ReplicateOptions, ReplicateReport, ReplicatedVersion};
 pub use verify::VerifyReport;
 
 use origins::Holders;

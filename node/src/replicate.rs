@@ -9,26 +9,51 @@
 //! written whole by a copy killed before the index (puts are atomic) and only its index is
 //! written. So a copy killed at any point and run again copies no pack twice, and a second
 //! version moves only the packs the first did not have.
+//!
+//! Where the bytes come from: each blob from the local store if this node has it, else from
+//! peers holding the whole version (when the copy runs in the daemon), else from the nearest
+//! origin holding the version, another one taking over a read that fails or stalls; every
+//! blob is checked against its id before it is written. Packs are rebuilt from their blobs
+//! (a pack is its blobs back to back) and streamed to the target part by part.
+//!
+//! An in-place version's external packs name source objects, which the target names too;
+//! with `copy_sources` their bytes are also written to the target as a pack under the
+//! external index's id (the objects back to back in index order), which readers holding the
+//! version there read first, so the copy serves even if a source object later changes or
+//! cannot be reached.
 
+use crate::blobs::Blobs;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+use crate::pull::OriginBytes;
 use crate::Node;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
-use shoal_registry::pack::{AnyIndex, PackIndex};
+use shoal_registry::pack::AnyIndex;
 use shoal_registry::{AnyTag, DatasetName, DatasetRef, Hash, Origin, SignedVersion};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Packs copied at once. Each is held whole in memory between its read and its put (about
-/// `PACK_TARGET`, 64 MiB), so this bounds the copy's memory.
+/// Packs copied at once. Each holds at most a few pieces ([`crate::verify`]'s 16 MiB) and the
+/// writer's parts in memory, so this bounds the copy's memory (about 200 MiB).
 const PACKS_AT_ONCE: usize = 4;
+
+/// Pieces of one pack read ahead of the one being written.
+const PIECES_AHEAD: usize = 2;
+
+/// How `shoal replicate` copies.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReplicateOptions {
+    /// Also write the bytes of in-place versions' source objects to the target, as packs.
+    #[serde(default)]
+    pub copy_sources: bool,
+}
 
 /// What `shoal replicate` did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReplicateReport {
-    /// Where the versions were copied from and to.
+    /// Where the versions were copied from (the origins holding them) and to.
     pub from: String,
     pub to: String,
     /// The versions asked for, as NAME@VERSION, each with whether this run created it at the
@@ -38,8 +63,18 @@ pub struct ReplicateReport {
     pub packs: u64,
     pub packs_copied: u64,
     pub packs_present: u64,
-    /// Pack bytes read from the source and written to the target by this run.
+    /// Of the packs written, copies of in-place versions' source objects.
+    #[serde(default)]
+    pub sources_copied: u64,
+    /// Pack bytes read and written to the target by this run.
     pub pack_bytes_copied: u64,
+    /// Where those bytes came from: this node's store, peers, each origin.
+    #[serde(default)]
+    pub bytes_local: u64,
+    #[serde(default)]
+    pub bytes_from_peers: u64,
+    #[serde(default)]
+    pub origins: Vec<OriginBytes>,
     /// Every byte written to the target (packs, indexes, versions, tags, settings).
     pub bytes_written: u64,
     /// Tags written at the target (NAME@TAG -> VERSION).
@@ -54,28 +89,78 @@ pub struct ReplicatedVersion {
     pub created: bool,
 }
 
-/// A pack's index, read and verified from the source, for a pack the target lacks.
+/// A pack the target lacks (its index, its bytes, or both), with its index read and verified.
 struct Missing {
     id: Hash,
     index: AnyIndex,
     index_bytes: Bytes,
+    /// Its bytes must be written (a packed pack not there whole; with `copy_sources`, an
+    /// external pack's copy).
+    data: bool,
+    /// Its index must be written.
+    index_missing: bool,
 }
 
 impl Missing {
-    /// The pack's size: 0 for an external pack (its bytes stay in their source objects; the
-    /// target names the same objects).
+    /// The pack's blobs in the order they lie in it (id, offset, len), back to back from 0:
+    /// an external pack's are its objects' chunks, the objects one after the other.
+    fn layout(&self) -> Result<Vec<(Hash, u64, u32)>> {
+        let blobs: Vec<(Hash, u64, u32)> = match &self.index {
+            AnyIndex::Packed(idx) => {
+                let mut v: Vec<_> = idx.entries.iter().map(|e| (e.id, e.offset, e.len)).collect();
+                v.sort_unstable_by_key(|b| b.1);
+                v
+            }
+            AnyIndex::External(x) => {
+                let mut starts = Vec::with_capacity(x.objects.len());
+                let mut at = 0u64;
+                for o in &x.objects {
+                    starts.push(at);
+                    at += o.size;
+                }
+                x.entries
+                    .iter()
+                    .map(|e| (e.id, starts[e.object as usize] + e.offset, e.len))
+                    .collect()
+            }
+        };
+        let mut end = 0u64;
+        for (id, offset, len) in &blobs {
+            if *offset != end {
+                return Err(Error::Corrupt {
+                    what: format!("pack index {}", self.id),
+                    reason: format!(
+                        "blob {id} starts at {offset}, not where the one before it ends ({end}); \
+                         only packs of blobs back to back can be copied"
+                    ),
+                });
+            }
+            end += *len as u64;
+        }
+        Ok(blobs)
+    }
+
+    /// The size of the pack object it needs at the target.
     fn pack_len(&self) -> u64 {
         match &self.index {
             AnyIndex::Packed(idx) => idx.pack_len(),
-            AnyIndex::External(_) => 0,
+            AnyIndex::External(x) => x.objects.iter().map(|o| o.size).sum(),
         }
     }
 }
 
+/// Pack bytes of a copy by where they came from.
+#[derive(Default)]
+struct Sources {
+    local: AtomicU64,
+    fetched: AtomicU64,
+}
+
 impl Node {
     /// Copies the versions `refs` names (and every version of the datasets in `all`) from this
-    /// node's origin to `to`: see the module docs. Every version must verify against this
-    /// node's trusted keys; every blob is checked against its id before it is written.
+    /// node's origins (or its store, or peers) to `to`: see the module docs. Every version
+    /// must verify against this node's trusted keys; every blob is checked against its id
+    /// before it is written.
     ///
     /// Cancel-safe: what was written is whole and in order (see the module docs); the next
     /// run goes on from there.
@@ -84,17 +169,17 @@ impl Node {
         refs: &[DatasetRef],
         all: &[DatasetName],
         to: &Origin,
+        options: &ReplicateOptions,
         progress: &Progress,
     ) -> Result<ReplicateReport> {
         let started = Instant::now();
-        let from = self.origin();
         if !to.writable() {
             return Err(Error::Origin(shoal_registry::OriginError::BadUrl {
                 url: to.url().to_string(),
                 reason: "an http(s) origin is read-only; replicate to a path, s3://, gs:// or az://, and serve that over HTTP".into(),
             }));
         }
-        if from.url() == to.url() {
+        if self.origins.len() == 1 && self.origin().url() == to.url() {
             return Err(Error::Origin(shoal_registry::OriginError::BadUrl {
                 url: to.url().to_string(),
                 reason: "it is the origin the versions are read from".into(),
@@ -111,11 +196,11 @@ impl Node {
                 .insert(version, signed);
         }
         for name in all {
-            let listed = from.list_versions(name).await?;
+            let listed = self.origins.list_union(|o| o.list_versions(name)).await?;
             if listed.is_empty() {
                 return Err(Error::NotFound(format!(
                     "dataset {name} has no versions in origin {}",
-                    from.url()
+                    self.origins.urls()
                 )));
             }
             for v in listed {
@@ -131,12 +216,18 @@ impl Node {
 
         // The datasets' settings first, as a publish writes them.
         for name in versions.keys() {
-            let cfg = from.dataset_config(name).await?.ok_or_else(|| {
-                Error::NotFound(format!(
-                    "dataset {name} has no settings object in origin {}",
-                    from.url()
-                ))
-            })?;
+            let cfg = self
+                .origins
+                .ask_all(|o| o.dataset_config(name))
+                .await
+                .into_iter()
+                .find_map(|(_, r)| r.ok().flatten())
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "dataset {name} has no settings object in origin {}",
+                        self.origins.urls()
+                    ))
+                })?;
             let there = to.create_dataset_config(name, cfg.clone()).await?;
             if there.chunking != cfg.chunking {
                 return Err(Error::Corrupt {
@@ -149,61 +240,83 @@ impl Node {
             }
         }
 
-        // Which packs the target lacks, with their indexes from the source.
-        let packs: BTreeSet<Hash> = versions
-            .values()
-            .flat_map(|vs| vs.values())
-            .flat_map(|v| v.body.packs.iter().copied())
-            .collect();
-        progress.phase("checking", packs.len() as u64);
-        let missing: Vec<Option<Missing>> = futures::stream::iter(packs.iter().copied())
-            .map(|id| async move {
-                let present = to.has_pack(&id).await?;
-                progress.add(1);
-                if present {
-                    return Ok::<_, Error>(None);
-                }
-                let (index, index_bytes) = from.pack_index(&id).await?;
-                Ok(Some(Missing {
-                    id,
-                    index,
-                    index_bytes,
-                }))
-            })
-            .buffered(16)
-            .try_collect()
-            .await?;
-        let missing: Vec<Missing> = missing.into_iter().flatten().collect();
-        let total: u64 = missing.iter().map(Missing::pack_len).sum();
+        // Which packs the target lacks, with their indexes, each under the first version
+        // that names it (its bytes are read through that version).
+        let mut by_version: Vec<(&SignedVersion, Vec<Hash>)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for v in versions.values().flat_map(|vs| vs.values()) {
+            let new: Vec<Hash> = v.body.packs.iter().filter(|id| seen.insert(**id)).copied().collect();
+            by_version.push((v, new));
+        }
+        let packs = seen.len() as u64;
+        progress.phase("checking", packs);
+        let mut work: Vec<(&SignedVersion, Vec<Missing>)> = Vec::new();
+        for (v, ids) in by_version {
+            let holders = self.holders_of(&v.body.root);
+            let missing: Vec<Option<Missing>> = futures::stream::iter(ids)
+                .map(|id| async move {
+                    let m = self.missing_at(to, holders, id, options).await;
+                    progress.add(1);
+                    m
+                })
+                .buffered(16)
+                .try_collect()
+                .await?;
+            work.push((v, missing.into_iter().flatten().collect()));
+        }
+        let total: u64 = work
+            .iter()
+            .flat_map(|(_, ms)| ms)
+            .filter(|m| m.data)
+            .map(Missing::pack_len)
+            .sum();
         progress.phase("copying", total);
         let copied = AtomicU64::new(0);
-        let packs_copied = AtomicU64::new(0);
-        futures::stream::iter(missing)
-            .map(|m| {
-                let (copied, packs_copied, written) = (&copied, &packs_copied, &written);
-                async move {
-                    let len = m.pack_len();
-                    if let AnyIndex::Packed(idx) = &m.index {
-                        if to.pack_size(&m.id).await? == Some(len) {
-                            tracing::info!(pack = %m.id, "pack already at the target without its index (a copy cut short): writing the index only");
-                            progress.add(len);
-                        } else {
-                            let parts = read_pack(from, &m.id, idx, progress).await?;
-                            to.put_pack_data(&m.id, parts).await?;
+        let (packs_copied, sources_copied) = (AtomicU64::new(0), AtomicU64::new(0));
+        let sources = Sources::default();
+        let mut per_origin: Vec<u64> = vec![0; self.origins.len()];
+        for (v, missing) in work {
+            if missing.is_empty() {
+                continue;
+            }
+            let blobs = if missing.iter().any(|m| m.data) {
+                Some(self.blobs(v).await?.for_cache_fill())
+            } else {
+                None
+            };
+            let store = self.store()?;
+            futures::stream::iter(missing)
+                .map(|m| {
+                    let (copied, packs_copied, sources_copied, written) =
+                        (&copied, &packs_copied, &sources_copied, &written);
+                    let (blobs, store, sources) = (&blobs, &store, &sources);
+                    async move {
+                        if let (true, Some(blobs)) = (m.data, blobs) {
+                            let len = copy_pack(&m, blobs, store, to, sources, progress).await?;
                             copied.fetch_add(len, Ordering::Relaxed);
                             written.fetch_add(len, Ordering::Relaxed);
                             packs_copied.fetch_add(1, Ordering::Relaxed);
+                            if matches!(m.index, AnyIndex::External(_)) {
+                                sources_copied.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
+                        if m.index_missing {
+                            let n = m.index_bytes.len() as u64;
+                            to.put_pack_index(&m.id, m.index_bytes).await?;
+                            written.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Ok::<_, Error>(())
                     }
-                    let n = m.index_bytes.len() as u64;
-                    to.put_pack_index(&m.id, m.index_bytes).await?;
-                    written.fetch_add(n, Ordering::Relaxed);
-                    Ok::<_, Error>(())
+                })
+                .buffer_unordered(PACKS_AT_ONCE)
+                .try_collect::<Vec<()>>()
+                .await?;
+            if let Some(blobs) = &blobs {
+                for (n, (_, b)) in per_origin.iter_mut().zip(blobs.bytes_per_origin()) {
+                    *n += b;
                 }
-            })
-            .buffer_unordered(PACKS_AT_ONCE)
-            .try_collect::<Vec<()>>()
-            .await?;
+            }
+        }
 
         // The version objects, once everything they name is there.
         progress.phase("versions", 0);
@@ -246,18 +359,25 @@ impl Node {
         }
 
         // Tags last: every signed, trusted tag of these datasets whose version the target
-        // now holds, unless the target's is as new.
+        // now holds, unless the target's is as new. Of a tag several origins hold, the
+        // newest valid one.
         let trusted = self.trusted_keys()?;
         let mut tags = Vec::new();
         for name in versions.keys() {
-            for tag in from.list_tags(name).await? {
-                let Some(AnyTag::Signed(t)) = from.tag(name, &tag).await? else {
-                    continue;
-                };
-                if let Err(e) = t.verify(name.as_str(), &tag, &trusted) {
-                    tracing::warn!("not copying tag {name}@{tag}: {e}");
-                    continue;
-                }
+            let tag_names = self.origins.list_union(|o| o.list_tags(name)).await?;
+            for tag in tag_names {
+                let (found, _) = self.origins.tags_named(name, &tag).await;
+                let newest = found.into_iter().find_map(|(_, t)| match t {
+                    AnyTag::Signed(t) => match t.verify(name.as_str(), &tag, &trusted) {
+                        Ok(()) => Some(t),
+                        Err(e) => {
+                            tracing::warn!("not copying tag {name}@{tag}: {e}");
+                            None
+                        }
+                    },
+                    _ => None,
+                });
+                let Some(t) = newest else { continue };
                 if !to.version_exists(name, &t.body.version).await? {
                     continue;
                 }
@@ -270,62 +390,168 @@ impl Node {
         }
 
         let packs_copied = packs_copied.into_inner();
+        let origins: Vec<OriginBytes> = per_origin
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| OriginBytes {
+                origin: self.origins.get(i).url().to_string(),
+                bytes: *n,
+            })
+            .collect();
+        let from_origins: u64 = per_origin.iter().sum();
+        let fetched = sources.fetched.into_inner();
         Ok(ReplicateReport {
-            from: from.url().to_string(),
+            from: self.origins.urls(),
             to: to.url().to_string(),
             versions: report_versions,
-            packs: packs.len() as u64,
+            packs,
             packs_copied,
-            packs_present: packs.len() as u64 - packs_copied,
+            packs_present: packs - packs_copied,
+            sources_copied: sources_copied.into_inner(),
             pack_bytes_copied: copied.into_inner(),
+            bytes_local: sources.local.into_inner(),
+            bytes_from_peers: fetched.saturating_sub(from_origins),
+            origins,
             bytes_written: written.into_inner(),
             tags,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+
+    /// What of pack `id` the target lacks, if anything, with its index from the origins
+    /// holding the version (nearest first).
+    ///
+    /// Cancel-safe: it only reads.
+    async fn missing_at(
+        &self,
+        to: &Origin,
+        holders: crate::origins::Holders,
+        id: Hash,
+        options: &ReplicateOptions,
+    ) -> Result<Option<Missing>> {
+        let index_missing = !to.has_pack(&id).await?;
+        if !index_missing && !options.copy_sources {
+            return Ok(None);
+        }
+        let (index, index_bytes) = self.origins.pack_index(holders, &id).await?;
+        let mut m = Missing {
+            id,
+            index,
+            index_bytes,
+            data: false,
+            index_missing,
+        };
+        let external = matches!(m.index, AnyIndex::External(_));
+        if external && !options.copy_sources {
+            return Ok(index_missing.then_some(m));
+        }
+        let len = m.pack_len();
+        if len == 0 {
+            // An in-place version of empty files only: nothing to copy.
+            return Ok(index_missing.then_some(m));
+        }
+        if to.pack_size(&id).await? == Some(len) {
+            if index_missing {
+                tracing::info!(pack = %id, "pack already at the target without its index (a copy cut short): writing the index only");
+            }
+        } else {
+            m.data = true;
+        }
+        Ok((m.data || m.index_missing).then_some(m))
+    }
 }
 
-/// Reads a pack from the source in pieces cut at blob boundaries, checking every blob against
-/// its id. Cancel-safe: it only reads.
-async fn read_pack(
-    from: &Origin,
-    id: &Hash,
-    index: &PackIndex,
+/// Writes pack `m` to the target from its blobs, read piece by piece from the local store or
+/// else through `blobs` (peers, then the origins), each checked against its id. Returns the
+/// bytes written.
+///
+/// Cancel-safe: the pack appears at the target only whole (an upload dropped half-way is
+/// abandoned).
+async fn copy_pack(
+    m: &Missing,
+    blobs: &Blobs,
+    store: &std::sync::Arc<dyn shoal_store::ChunkStore>,
+    to: &Origin,
+    sources: &Sources,
     progress: &Progress,
-) -> Result<Vec<Bytes>> {
-    let reads = crate::verify::pieces(index.entries.iter().map(|e| (e.id, e.offset, e.len)));
-    futures::stream::iter(reads)
-        .map(|piece| async move {
-            let (first, last) = (piece[0], piece[piece.len() - 1]);
-            let range = first.1..last.1 + last.2 as u64;
-            let data = from.read_pack(id, range.clone()).await?;
-            if data.len() as u64 != range.end - range.start {
-                return Err(Error::Corrupt {
-                    what: format!("pack {} in origin {}", from.pack_path(id), from.url()),
-                    reason: format!(
-                        "range {}..{} returned {} bytes",
-                        range.start,
-                        range.end,
-                        data.len()
-                    ),
-                });
+) -> Result<u64> {
+    let layout = m.layout()?;
+    let pieces = crate::verify::pieces(layout);
+    let mut reads = futures::stream::iter(pieces)
+        .map(|piece| read_piece(piece, blobs, store, sources))
+        .buffered(PIECES_AHEAD);
+    let mut writer = to.pack_writer(&m.id).await?;
+    while let Some(piece) = reads.next().await {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                writer.abort().await;
+                return Err(e);
             }
-            let (data, bad) = tokio::task::spawn_blocking(move || {
-                let bad = crate::verify::bad_blobs(&piece, &data);
-                (data, bad)
-            })
-            .await
-            .expect("verify task panicked");
-            if let Some(blob) = bad.first() {
-                return Err(Error::Corrupt {
-                    what: format!("blob {blob} in pack {} in origin {}", from.pack_path(id), from.url()),
-                    reason: "its bytes do not match its id; the origin's copy is damaged or was tampered with, and nothing of this pack was written".into(),
-                });
+        };
+        let n = piece.len() as u64;
+        if let Err(e) = writer.put(piece).await {
+            writer.abort().await;
+            return Err(e.into());
+        }
+        progress.add(n);
+    }
+    let len = writer.finish().await?;
+    if len != m.pack_len() {
+        return Err(Error::Corrupt {
+            what: format!("pack {} written to origin {}", m.id, to.url()),
+            reason: format!("{len} bytes written, its index gives {}", m.pack_len()),
+        });
+    }
+    Ok(len)
+}
+
+/// The bytes of a piece of blobs laid back to back: those the local store has, the rest
+/// fetched (verified) through `blobs`.
+///
+/// Cancel-safe: it only reads (blobs fetched may stay in the store's cache).
+async fn read_piece(
+    piece: crate::verify::Piece,
+    blobs: &Blobs,
+    store: &std::sync::Arc<dyn shoal_store::ChunkStore>,
+    sources: &Sources,
+) -> Result<Bytes> {
+    let ids: Vec<Hash> = piece.iter().map(|b| b.0).collect();
+    let store = store.clone();
+    let mut got: HashMap<Hash, Bytes> = tokio::task::spawn_blocking(move || {
+        let mut got = HashMap::new();
+        for id in ids {
+            if let Ok(Some(b)) = store.get(&id) {
+                got.insert(id, Bytes::from(b));
             }
-            progress.add(data.len() as u64);
-            Ok(data)
-        })
-        .buffered(2)
-        .try_collect()
-        .await
+        }
+        got
+    })
+    .await
+    .expect("store task panicked");
+    let local: u64 = got.values().map(|b| b.len() as u64).sum();
+    sources.local.fetch_add(local, Ordering::Relaxed);
+    let rest: Vec<Hash> = piece
+        .iter()
+        .map(|b| b.0)
+        .filter(|id| !got.contains_key(id))
+        .collect();
+    if !rest.is_empty() {
+        let fetched = blobs.fetch_bytes(rest).await?;
+        sources.fetched.fetch_add(
+            fetched.values().map(|b| b.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        got.extend(fetched);
+    }
+    let len: u64 = piece.iter().map(|b| b.2 as u64).sum();
+    let mut out = BytesMut::with_capacity(len as usize);
+    for (id, _, _) in &piece {
+        let b = got.get(id).ok_or_else(|| {
+            Error::NotFound(format!("blob {id} was returned by no peer and no origin"))
+        })?;
+        out.extend_from_slice(b);
+    }
+    Ok(out.freeze())
 }

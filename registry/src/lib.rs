@@ -18,7 +18,7 @@ pub mod version;
 
 pub use format::DecodeError;
 pub use names::{DatasetName, DatasetRef, Label, NameError, Rev, VersionRef};
-pub use origin::{ObjectEntry, Origin, OriginError};
+pub use origin::{ObjectEntry, Origin, OriginError, PackWriter};
 pub use shoal_chunker::{Hash, Params};
 pub use version::{
     AnyTag, DatasetConfig, PublicKey, SecretKey, SignedTag, SignedVersion, Stats, Tag, TagBody,

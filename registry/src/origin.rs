@@ -628,6 +628,28 @@ impl Origin {
             .map_err(|e| self.store_err("writing", &key, e))
     }
 
+    /// Starts writing a pack too large to hold in memory (a copy of an in-place version's
+    /// source objects): its parts are uploaded as they come (a multipart upload; on a local
+    /// directory, a staging file), and the pack appears whole, or not at all, at
+    /// [`PackWriter::finish`].
+    pub async fn pack_writer(&self, id: &Hash) -> Result<PackWriter, OriginError> {
+        let key = self.key(&Self::pack_key(id, "pack"));
+        let upload = self
+            .store
+            .put_multipart(&key)
+            .await
+            .map_err(|e| self.store_err("writing", &key, e))?;
+        Ok(PackWriter {
+            origin: self.clone(),
+            key,
+            upload: Some(object_store::WriteMultipart::new_with_chunk_size(
+                upload,
+                PACK_WRITER_PART,
+            )),
+            written: 0,
+        })
+    }
+
     /// Writes a pack's index, once its pack is whole.
     pub async fn put_pack_index(&self, id: &Hash, index: Bytes) -> Result<(), OriginError> {
         self.put(
@@ -790,5 +812,55 @@ impl Origin {
     /// Key of a pack object, for error messages.
     pub fn pack_path(&self, id: &Hash) -> String {
         self.key(&Self::pack_key(id, "pack")).to_string()
+    }
+}
+
+/// Parts of a [`PackWriter`]'s upload (S3 takes 5 MiB and up, except the last).
+const PACK_WRITER_PART: usize = 8 << 20;
+
+/// Parts of a [`PackWriter`] uploading at once (with one part being filled, the writer holds
+/// at most this many plus one in memory).
+const PACK_WRITER_PARTS_AT_ONCE: usize = 4;
+
+/// A pack being written part by part (see [`Origin::pack_writer`]). Dropped without
+/// [`Self::finish`], the upload is abandoned and nothing appears at the pack's key (a store
+/// may keep the parts until its own expiry; a local directory, a staging file).
+pub struct PackWriter {
+    origin: Origin,
+    key: Path,
+    upload: Option<object_store::WriteMultipart>,
+    written: u64,
+}
+
+impl PackWriter {
+    /// Appends bytes, waiting while too many parts are in flight.
+    ///
+    /// Not cancel-safe: a writer whose `put` was dropped half-way must be abandoned.
+    pub async fn put(&mut self, bytes: Bytes) -> Result<(), OriginError> {
+        let upload = self.upload.as_mut().expect("used after finish");
+        if let Err(e) = upload.wait_for_capacity(PACK_WRITER_PARTS_AT_ONCE).await {
+            return Err(self.origin.store_err("writing", &self.key, e));
+        }
+        self.written += bytes.len() as u64;
+        upload.put(bytes);
+        Ok(())
+    }
+
+    /// Completes the upload: the pack is visible, whole, from here on. Returns its size.
+    pub async fn finish(mut self) -> Result<u64, OriginError> {
+        let upload = self.upload.take().expect("finished twice");
+        match upload.finish().await {
+            Ok(_) => Ok(self.written),
+            Err(e) => Err(self.origin.store_err("writing", &self.key, e)),
+        }
+    }
+
+    /// Abandons the upload (its parts are deleted where the store allows).
+    pub async fn abort(mut self) {
+        if let Some(upload) = self.upload.take() {
+            if let Err(e) = upload.abort().await {
+                tracing::warn!("abandoning the upload of {} in origin {}: {e}", self.key, self.origin.url());
+            }
+        }
     }
 }
