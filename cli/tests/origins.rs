@@ -700,3 +700,80 @@ fn in_place_from_s3_then_an_overwritten_object_is_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn replicate_copy_sources_turns_an_in_place_version_into_packs_that_outlive_its_source() {
+    let env = Env::new();
+    let data = env.path("data");
+    for i in 0..4u64 {
+        write(
+            &data.join(format!("f{i}.bin")),
+            &random_bytes(60 + i, 1_500_000),
+        );
+    }
+    write(&data.join("sub/t.txt"), b"kept where it lives\n");
+    let r = env.json(&["publish", data.to_str().unwrap(), "ip@v1", "--in-place"]);
+    let bytes = r["bytes"].as_u64().unwrap();
+    let kept = env.path("kept");
+    for rel in all_paths(&data) {
+        let (from, to) = (data.join(&rel), kept.join(&rel));
+        if from.is_file() {
+            write(&to, &std::fs::read(&from).unwrap());
+        }
+    }
+    let mirror = env.path("mirror");
+    let to = mirror.to_str().unwrap();
+
+    // Without --copy-sources the mirror names the same source objects: the version's
+    // metadata pack and the indexes only.
+    let r = env.json(&["replicate", "ip@v1", "--to", to]);
+    assert_eq!(r["versions"][0]["created"], true, "{r}");
+    assert_eq!(r["sources_copied"], 0, "{r}");
+    assert!(
+        r["pack_bytes_copied"].as_u64().unwrap() < bytes / 100,
+        "{r}"
+    );
+    let pack_count = |m: &Path| packs_in(m).keys().filter(|n| n.ends_with(".pack")).count();
+    assert_eq!(pack_count(&mirror), 1);
+
+    // With it, the source bytes become a pack there, read from the source and verified;
+    // nothing else is written again.
+    let r = env.json(&["replicate", "ip@v1", "--to", to, "--copy-sources"]);
+    assert_eq!(r["versions"][0]["created"], false, "{r}");
+    assert_eq!(r["sources_copied"], 1, "{r}");
+    assert_eq!(r["pack_bytes_copied"].as_u64().unwrap(), bytes, "{r}");
+    let canonical = std::fs::canonicalize(&data).unwrap();
+    assert_eq!(
+        r["origins"][0]["origin"],
+        canonical.to_str().unwrap(),
+        "{r}"
+    );
+    assert_eq!(r["origins"][0]["bytes"].as_u64().unwrap(), bytes, "{r}");
+    assert_eq!(pack_count(&mirror), 2);
+    let again = env.json(&["replicate", "ip@v1", "--to", to, "--copy-sources"]);
+    assert_eq!(again["bytes_written"], 0, "idempotent: {again}");
+
+    // A source file changes: the original origin refuses it by name, the mirror still
+    // serves the version exactly (pull and mount), from its copy.
+    write(&data.join("f2.bin"), &random_bytes(99, 1_500_000));
+    let fresh = reader(&env, "fresh", &env.origin);
+    let err = fresh.fails(&["pull", "ip@v1", "--no-files"]);
+    assert!(err.contains("f2.bin") && err.contains("changed"), "{err}");
+    let far = reader(&env, "far", to);
+    let dest = env.path("dest");
+    let p = far.json(&["pull", "ip@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&kept, &dest);
+    assert_eq!(p["origins"][0]["origin"], to, "{p}");
+    assert!(
+        p["origins"][0]["bytes"].as_u64().unwrap() >= bytes,
+        "every byte from the mirror's copy: {p}"
+    );
+    let mounter = reader(&env, "mounter", to);
+    let mp = env.path("mp");
+    let m = Mounted::start(&mounter, "ip@v1", &mp, &["--timeout", "5"]);
+    assert_eq!(
+        std::fs::read(mp.join("f2.bin")).unwrap(),
+        std::fs::read(kept.join("f2.bin")).unwrap()
+    );
+    m.stop(&mounter);
+}

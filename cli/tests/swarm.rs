@@ -597,3 +597,67 @@ fn a_relative_origin_path_is_the_commands_not_the_daemons() {
     );
     assert!(u(&r, "bytes_from_origin") >= bytes, "{r}");
 }
+
+#[test]
+fn replicate_through_a_daemon_reads_its_store_then_its_peers_before_the_origin() {
+    let mut c = Cluster::new(BIN);
+    let (src, _) = setup(&c);
+    let a = c.node("a", &[], &[]);
+    let b = c.node("b", &[], &[]);
+    c.nodes[a].wait_peers(1);
+    c.nodes[b].wait_peers(1);
+    c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    // The origin's pack objects go away (their indexes stay): every byte a copy writes must
+    // come from a node's store or a peer.
+    let packs = Path::new(&c.origin).join("packs");
+    let hidden = c.dir.path().join("hidden-packs");
+    std::fs::create_dir_all(&hidden).unwrap();
+    let mut moved = Vec::new();
+    for e in std::fs::read_dir(&packs).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().ends_with(".pack") {
+            std::fs::rename(e.path(), hidden.join(e.file_name())).unwrap();
+            moved.push(e.file_name());
+        }
+    }
+    assert!(!moved.is_empty());
+
+    // a holds the version: it copies from its own store.
+    let m1 = c.dir.path().join("m1");
+    let r = c.nodes[a].json(&["replicate", "ds@v1", "--to", m1.to_str().unwrap()]);
+    let copied = u(&r, "pack_bytes_copied");
+    assert!(copied > 0, "{r}");
+    assert_eq!(u(&r, "bytes_local"), copied, "{r}");
+    assert_eq!(r["origins"], serde_json::json!([]), "{r}");
+
+    // b holds nothing: it copies from a, its peer.
+    let m2 = c.dir.path().join("m2");
+    let r = c.nodes[b].json(&["replicate", "ds@v1", "--to", m2.to_str().unwrap()]);
+    assert_eq!(u(&r, "pack_bytes_copied"), copied, "{r}");
+    assert_eq!(u(&r, "bytes_from_peers"), copied, "{r}");
+    assert_eq!(u(&r, "bytes_local"), 0, "{r}");
+
+    // Both mirrors serve the version exactly to a reader that knows only them.
+    for m in [&m1, &m2] {
+        let out = c
+            .dir
+            .path()
+            .join(format!("from-{}", m.file_name().unwrap().to_string_lossy()));
+        ok_json(
+            std::process::Command::new(BIN)
+                .args(["--json", "pull", "ds@v1", "--to", out.to_str().unwrap()])
+                .env(
+                    "SHOAL_HOME",
+                    c.dir
+                        .path()
+                        .join(format!("h-{}", m.display()).replace('/', "_")),
+                )
+                .env("SHOAL_ORIGIN", m)
+                .env("SHOAL_TRUSTED_KEYS", &c.trusted),
+        );
+        assert_same_tree(&src, &out);
+    }
+    for n in moved {
+        std::fs::rename(hidden.join(&n), packs.join(&n)).unwrap();
+    }
+}

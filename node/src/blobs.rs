@@ -75,6 +75,8 @@ pub struct Blobs {
     /// `replicate --copy-sources`): which origins, and where each source object starts in
     /// the copy. Read there first; the source objects are the fallback.
     copies: HashMap<u32, (Holders, Arc<Vec<u64>>)>,
+    /// Bytes read from each source store of external packs, by URL.
+    per_source: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Source stores of external packs, opened on first read.
     sources: std::sync::Mutex<HashMap<String, Origin>>,
     /// NAME@VERSION, for errors.
@@ -284,6 +286,7 @@ impl Blobs {
             store,
             external,
             copies,
+            per_source: Default::default(),
             sources: Default::default(),
             version_name: format!("{}@{}", version.body.dataset, version.body.version),
             per_origin: (0..origins.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -319,9 +322,11 @@ impl Blobs {
         self.from_origin.load(Ordering::Relaxed)
     }
 
-    /// Pack bytes each origin sent so far (by origin URL; pack indexes not included).
+    /// Pack bytes each origin sent so far (by origin URL; pack indexes not included), then
+    /// those each source store of an in-place version sent.
     pub fn bytes_per_origin(&self) -> Vec<(String, u64)> {
-        self.per_origin
+        let mut out: Vec<(String, u64)> = self
+            .per_origin
             .iter()
             .enumerate()
             .map(|(i, n)| {
@@ -330,7 +335,15 @@ impl Blobs {
                     n.load(Ordering::Relaxed),
                 )
             })
-            .collect()
+            .collect();
+        out.extend(
+            self.per_source
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .map(|(url, n)| (url.clone(), *n)),
+        );
+        out
     }
 
     /// Where a blob sits in the origin: (pack number in the version, offset).
@@ -673,6 +686,12 @@ impl Blobs {
         };
         drop(slot);
         self.count_origin_bytes(data.len() as u64);
+        *self
+            .per_source
+            .lock()
+            .expect("poisoned")
+            .entry(x.source.clone())
+            .or_default() += data.len() as u64;
         if data.len() as u64 != r.stop - r.start {
             return Err(changed());
         }

@@ -68,7 +68,8 @@ pub struct ReplicateReport {
     pub sources_copied: u64,
     /// Pack bytes read and written to the target by this run.
     pub pack_bytes_copied: u64,
-    /// Where those bytes came from: this node's store, peers, each origin.
+    /// Where those bytes came from: this node's store, peers, each origin (and each source
+    /// store of in-place versions).
     #[serde(default)]
     pub bytes_local: u64,
     #[serde(default)]
@@ -107,7 +108,11 @@ impl Missing {
     fn layout(&self) -> Result<Vec<(Hash, u64, u32)>> {
         let blobs: Vec<(Hash, u64, u32)> = match &self.index {
             AnyIndex::Packed(idx) => {
-                let mut v: Vec<_> = idx.entries.iter().map(|e| (e.id, e.offset, e.len)).collect();
+                let mut v: Vec<_> = idx
+                    .entries
+                    .iter()
+                    .map(|e| (e.id, e.offset, e.len))
+                    .collect();
                 v.sort_unstable_by_key(|b| b.1);
                 v
             }
@@ -245,7 +250,13 @@ impl Node {
         let mut by_version: Vec<(&SignedVersion, Vec<Hash>)> = Vec::new();
         let mut seen = BTreeSet::new();
         for v in versions.values().flat_map(|vs| vs.values()) {
-            let new: Vec<Hash> = v.body.packs.iter().filter(|id| seen.insert(**id)).copied().collect();
+            let new: Vec<Hash> = v
+                .body
+                .packs
+                .iter()
+                .filter(|id| seen.insert(**id))
+                .copied()
+                .collect();
             by_version.push((v, new));
         }
         let packs = seen.len() as u64;
@@ -274,7 +285,7 @@ impl Node {
         let copied = AtomicU64::new(0);
         let (packs_copied, sources_copied) = (AtomicU64::new(0), AtomicU64::new(0));
         let sources = Sources::default();
-        let mut per_origin: Vec<u64> = vec![0; self.origins.len()];
+        let mut per_origin: BTreeMap<String, u64> = BTreeMap::new();
         for (v, missing) in work {
             if missing.is_empty() {
                 continue;
@@ -312,8 +323,8 @@ impl Node {
                 .try_collect::<Vec<()>>()
                 .await?;
             if let Some(blobs) = &blobs {
-                for (n, (_, b)) in per_origin.iter_mut().zip(blobs.bytes_per_origin()) {
-                    *n += b;
+                for (url, n) in blobs.bytes_per_origin() {
+                    *per_origin.entry(url).or_default() += n;
                 }
             }
         }
@@ -391,15 +402,11 @@ impl Node {
 
         let packs_copied = packs_copied.into_inner();
         let origins: Vec<OriginBytes> = per_origin
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| OriginBytes {
-                origin: self.origins.get(i).url().to_string(),
-                bytes: *n,
-            })
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(origin, bytes)| OriginBytes { origin, bytes })
             .collect();
-        let from_origins: u64 = per_origin.iter().sum();
+        let from_origins: u64 = origins.iter().map(|o| o.bytes).sum();
         let fetched = sources.fetched.into_inner();
         Ok(ReplicateReport {
             from: self.origins.urls(),

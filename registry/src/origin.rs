@@ -859,7 +859,11 @@ impl PackWriter {
     pub async fn abort(mut self) {
         if let Some(upload) = self.upload.take() {
             if let Err(e) = upload.abort().await {
-                tracing::warn!("abandoning the upload of {} in origin {}: {e}", self.key, self.origin.url());
+                tracing::warn!(
+                    "abandoning the upload of {} in origin {}: {e}",
+                    self.key,
+                    self.origin.url()
+                );
             }
         }
     }
