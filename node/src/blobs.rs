@@ -84,6 +84,9 @@ pub struct Blobs {
     from_origin: AtomicU64,
     durable: bool,
     retain: Retain,
+    /// Whether blobs read from origins are put in the local store (not for a copy passing
+    /// through this node: `replicate`).
+    keep: bool,
     /// Peers to ask first for small fetches (tree nodes), with the version's root.
     peers: Option<(Arc<Swarm>, Hash)>,
     /// Ranged reads in flight against the origin, across every fetch of this version (a
@@ -297,6 +300,7 @@ impl Blobs {
             from_origin: AtomicU64::new(index_bytes),
             durable: true,
             retain: Retain::Keep,
+            keep: true,
             peers: swarm.map(|s| (s.clone(), version.body.root)),
             origin_slots: tokio::sync::Semaphore::new(ORIGIN_CONCURRENCY),
             coalesce_gap: COALESCE_GAP,
@@ -315,6 +319,14 @@ impl Blobs {
         self.retain = Retain::Cache;
         self.coalesce_gap = 0;
         self
+    }
+
+    /// For bytes passing through this node (`replicate`): read from origins without being
+    /// stored, from peers as a cache fill, without reading over gaps.
+    pub fn passing_through(self) -> Blobs {
+        let mut b = self.for_cache_fill();
+        b.keep = false;
+        b
     }
 
     /// Bytes read from the origins so far.
@@ -733,7 +745,7 @@ impl Blobs {
     }
 
     /// Verifies the blobs of a range read (`data`, starting at `start`) and stores the good
-    /// ones; returns the bytes stored and (with `want`) the blobs. A blob that does not match
+    /// ones (unless passing through); returns the bytes stored and (with `want`) the blobs. A blob that does not match
     /// its id is an error naming it (`label`, and `why` it would not match), after the good
     /// ones were kept, so a retry fetches only the bad ones.
     ///
@@ -748,7 +760,7 @@ impl Blobs {
         why: &'static str,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
         let store = self.store.clone();
-        let (durable, retain) = (self.durable, self.retain);
+        let (durable, retain, keep) = (self.durable, self.retain, self.keep);
         tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(Hash, Bytes)>)> {
             let mut batch = Vec::with_capacity(blobs.len());
             let mut n = 0;
@@ -766,9 +778,11 @@ impl Blobs {
                 batch.push((*id, bytes));
                 n += *len as u64;
             }
-            store.put_batch(&batch, retain)?;
-            if durable {
-                store.flush()?;
+            if keep {
+                store.put_batch(&batch, retain)?;
+                if durable {
+                    store.flush()?;
+                }
             }
             let stop = start + data.len() as u64;
             tracing::debug!(what = %label, start, stop, blobs = batch.len(), durable, "origin range stored");

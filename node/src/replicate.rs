@@ -35,9 +35,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Packs copied at once. Each holds at most a few pieces ([`crate::verify`]'s 16 MiB) and the
-/// writer's parts in memory, so this bounds the copy's memory (about 200 MiB).
+/// Packs copied at once. Each holds at most [`ONE_PUT`] bytes, or a few pieces
+/// ([`crate::verify`]'s 16 MiB) and the writer's parts, in memory: this bounds the copy's
+/// memory (about 320 MiB).
 const PACKS_AT_ONCE: usize = 4;
+
+/// Packs up to this size are written in one put (held whole in memory: the packs a publish
+/// writes are at most `PACK_TARGET`, 64 MiB, and a blob); larger ones (copies of external
+/// packs) part by part.
+const ONE_PUT: u64 = 80 << 20;
 
 /// Pieces of one pack read ahead of the one being written.
 const PIECES_AHEAD: usize = 2;
@@ -291,7 +297,7 @@ impl Node {
                 continue;
             }
             let blobs = if missing.iter().any(|m| m.data) {
-                Some(self.blobs(v).await?.for_cache_fill())
+                Some(self.blobs(v).await?.passing_through())
             } else {
                 None
             };
@@ -488,6 +494,16 @@ async fn copy_pack(
     let mut reads = futures::stream::iter(pieces)
         .map(|piece| read_piece(piece, blobs, store, sources))
         .buffered(PIECES_AHEAD);
+    if m.pack_len() <= ONE_PUT {
+        // One put: on S3 several times faster than a multipart upload of a pack this size.
+        let parts: Vec<Bytes> = reads
+            .inspect_ok(|p| progress.add(p.len() as u64))
+            .try_collect()
+            .await?;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        to.put_pack_data(&m.id, parts).await?;
+        return Ok(len);
+    }
     let mut writer = to.pack_writer(&m.id).await?;
     while let Some(piece) = reads.next().await {
         let piece = match piece {

@@ -231,6 +231,64 @@ pub fn run(args: &Args, peers: bool) -> Result<Value> {
         rep[step] = row;
     }
     out["replicate_shards"] = rep;
+
+    // Where a copy reads: a node holding the version copies from its store; an in-place
+    // version's source bytes copied into a pack at the target (`--copy-sources`), beside
+    // rclone copying the same source directory.
+    let puller = work.join("puller");
+    let (_, key) = shoal(&home, &at(a.clone()), &[], &["key"])?;
+    let key = key["public_key"].as_str().context("shoal key")?.to_string();
+    shoal(&puller, &at(a.clone()), &[], &["trust", &key])?;
+    shoal(
+        &puller,
+        &at(a.clone()),
+        &[],
+        &["pull", "shards@v1", "--no-files"],
+    )?;
+    let (secs, r) = shoal(
+        &puller,
+        &at(a.clone()),
+        &[],
+        &[
+            "replicate",
+            "shards@v1",
+            "--to",
+            &at(work.join("from-store")),
+        ],
+    )?;
+    out["replicate_from_store"] = json!({
+        "seconds": secs,
+        "pack_bytes_copied": r["pack_bytes_copied"],
+        "bytes_local": r["bytes_local"],
+        "origins": r["origins"],
+    });
+    let in_place = work.join("in_place-shards_v1");
+    let (secs, r) = shoal(
+        &home,
+        &at(in_place),
+        &[],
+        &[
+            "replicate",
+            "shards@v1",
+            "--to",
+            &at(work.join("sources-copied")),
+            "--copy-sources",
+        ],
+    )?;
+    let mut row = json!({
+        "seconds": secs,
+        "pack_bytes_copied": r["pack_bytes_copied"],
+        "sources_copied": r["sources_copied"],
+        "bytes_written": r["bytes_written"],
+        "dataset_bytes": du(&shards),
+    });
+    if peers {
+        let (rs, rb) = rclone_sync(&shards, &work.join("rclone-shards"))?;
+        row["rclone_sync_seconds"] = json!(rs);
+        row["rclone_sync_bytes"] = json!(rb);
+        row["seconds_over_rclone"] = json!(secs / rs);
+    }
+    out["replicate_copy_sources"] = row;
     drop(m);
     let _ = std::fs::remove_dir_all(&work);
     Ok(out)
