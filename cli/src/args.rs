@@ -59,6 +59,13 @@ pub enum Command {
         /// Only fetch into the local store; write no files.
         #[arg(long, conflicts_with = "to")]
         no_files: bool,
+        /// Only files matching this glob, from the version's root ('*.jpg', 'train/', 'shards/s[0-3]';
+        /// `*` crosses '/'; a directory takes what is under it). Repeatable.
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        /// Leave out files matching this glob (or under a directory it matches). Repeatable.
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
     },
     /// Print this machine's publisher public key.
     Key,
@@ -131,6 +138,13 @@ pub enum Command {
     Pin {
         /// The version to pin.
         reference: String,
+        /// Only files matching this glob, from the version's root ('*.jpg', 'train/', 'shards/s[0-3]';
+        /// `*` crosses '/'; a directory takes what is under it). Repeatable.
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
+        /// Leave out files matching this glob (or under a directory it matches). Repeatable.
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
     },
     /// Let a pinned version be evicted again.
     Unpin {

@@ -155,8 +155,12 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             reference,
             to,
             no_files,
+            include,
+            exclude,
         } => {
             let reference: DatasetRef = reference.parse()?;
+            let select = shoal_node::Selection { include, exclude };
+            select.matcher()?;
             let dest = if no_files {
                 None
             } else {
@@ -183,6 +187,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         reference: reference.to_string(),
                         to,
                         origin: cfg.origin().to_string(),
+                        select,
                     };
                     daemon
                         .call(&req, &progress)
@@ -191,7 +196,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         .and_then(|v| Ok(serde_json::from_value::<shoal_node::PullReport>(v)?))
                 }
                 None => open(false)?
-                    .pull(&reference, dest.as_deref(), &progress)
+                    .pull_select(&reference, dest.as_deref(), &select, &progress)
                     .await
                     .map_err(anyhow::Error::from),
             };
@@ -203,7 +208,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     r.version,
                     r.root,
                     r.destination.as_ref().map(|d| format!(" into {d}")).unwrap_or_default(),
-                    r.files,
+                    if r.partial {
+                        format!("{} of {}", r.files, r.files_in_version)
+                    } else {
+                        r.files.to_string()
+                    },
                     output::bytes(r.bytes),
                     output::bytes(r.bytes_from_origin),
                     output::bytes(r.bytes_from_peers),
@@ -413,8 +422,14 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 )
             })
         }
-        Command::Pin { reference } => {
+        Command::Pin {
+            reference,
+            include,
+            exclude,
+        } => {
             let reference: DatasetRef = reference.parse()?;
+            let select = shoal_node::Selection { include, exclude };
+            select.matcher()?;
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
             let r = match daemon(&home, &cfg).await {
@@ -422,6 +437,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     let req = Request::Pin {
                         reference: reference.to_string(),
                         origin: cfg.origin().to_string(),
+                        select,
                     };
                     daemon
                         .call(&req, &progress)
@@ -431,7 +447,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 }
                 None => {
                     let node = open(false)?;
-                    let r = node.pin(&reference, &progress).await;
+                    let r = node.pin_select(&reference, &select, &progress).await;
                     if r.is_ok() {
                         node.store()?.flush()?;
                     }

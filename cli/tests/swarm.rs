@@ -661,3 +661,118 @@ fn replicate_through_a_daemon_reads_its_store_then_its_peers_before_the_origin()
         std::fs::rename(hidden.join(&n), packs.join(&n)).unwrap();
     }
 }
+
+#[test]
+fn partial_pulls_and_pins_take_only_the_files_selected_from_peers_or_origin() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    // Embedded: two shards by a character class; nothing else is fetched or written.
+    let embedded = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("SHOAL_HOME", c.home("embedded"))
+            .env("SHOAL_ORIGIN", &c.origin)
+            .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+            .output()
+            .unwrap()
+    };
+    let two = c.dir.path().join("two");
+    let out = embedded(&[
+        "--json",
+        "pull",
+        "ds@v1",
+        "--include",
+        "shards/s[0-1]",
+        "--to",
+        two.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["partial"], true, "{r}");
+    assert_eq!(u(&r, "files"), 2, "{r}");
+    assert!(u(&r, "files_in_version") > 6, "{r}");
+    assert_eq!(u(&r, "bytes"), 5_000_000, "{r}");
+    assert!(
+        u(&r, "bytes_from_origin") < 5_600_000,
+        "only those files' chunks: {r}"
+    );
+    assert_eq!(
+        common::all_paths(&two),
+        vec!["shards", "shards/s0", "shards/s1"]
+    );
+    for f in ["shards/s0", "shards/s1"] {
+        assert_eq!(
+            std::fs::read(two.join(f)).unwrap(),
+            std::fs::read(src.join(f)).unwrap()
+        );
+    }
+    // Bad patterns and empty selections: one line naming them.
+    let out = embedded(&["pull", "ds@v1", "--include", "a[", "--no-files"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--include") && err.contains("a["),
+        "{err}"
+    );
+    let out = embedded(&["pull", "ds@v1", "--include", "*.nothing", "--no-files"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("no file of ds@v1")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
+    // Through daemons: a holds the version whole; b takes everything but the shards from it.
+    let a = c.node("a", &[], &[]);
+    let b = c.node("b", &[], &[]);
+    c.nodes[a].wait_peers(1);
+    c.nodes[b].wait_peers(1);
+    c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    let rest = c.dir.path().join("rest");
+    let r = c.nodes[b].json(&[
+        "pull",
+        "ds@v1",
+        "--exclude",
+        "shards/",
+        "--to",
+        rest.to_str().unwrap(),
+    ]);
+    assert_eq!(r["partial"], true, "{r}");
+    let want: Vec<String> = common::all_paths(&src)
+        .into_iter()
+        .filter(|p| !p.starts_with("shards"))
+        .collect();
+    assert_eq!(common::all_paths(&rest), want);
+    let small = u(&r, "bytes");
+    assert_eq!(small + 10_000_000, bytes, "all but the four shards: {r}");
+    assert_eq!(
+        u(&r, "bytes_from_peers"),
+        small,
+        "from the peer holding it: {r}"
+    );
+    // b holds part of the version: it does not tell peers it holds it.
+    let s = c.nodes[b].status().unwrap();
+    assert!(
+        s["versions"].as_array().is_none_or(|v| v.is_empty()),
+        "a partial pull is not announced: {s}"
+    );
+
+    // A partial pin pins those files' chunks (and the tree); the whole pin replaces it.
+    let p = c.nodes[b].json(&["pin", "ds@v1", "--include", "shards/s3"]);
+    assert_eq!(u(&p, "files"), 1, "{p}");
+    let partial_bytes = u(&p, "bytes");
+    assert!(
+        partial_bytes > 2_500_000 && partial_bytes < 2_600_000,
+        "{p}"
+    );
+    let cache = c.nodes[b].json(&["cache"]);
+    assert_eq!(u(&cache, "pinned_bytes"), partial_bytes, "{cache}");
+    let p = c.nodes[b].json(&["pin", "ds@v1"]);
+    assert!(u(&p, "bytes") > bytes, "{p}");
+    let cache = c.nodes[b].json(&["cache"]);
+    assert_eq!(u(&cache, "pinned_bytes"), u(&p, "bytes"), "{cache}");
+}

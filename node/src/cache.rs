@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 use crate::progress::Progress;
+use crate::select::Selection;
 use crate::walk::walk;
 use crate::Node;
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ pub struct PinReport {
     pub blobs: u64,
     pub bytes: u64,
     pub bytes_from_origin: u64,
+    /// Files pinned (of a partial pin, those selected).
+    #[serde(default)]
+    pub files: u64,
 }
 
 impl Node {
@@ -25,10 +29,36 @@ impl Node {
     /// Cancel-safe: the pin is one store transaction taken after every blob is local; a
     /// cancelled pin leaves fetched blobs cached and nothing pinned.
     pub async fn pin(&self, reference: &DatasetRef, progress: &Progress) -> Result<PinReport> {
+        self.pin_select(reference, &Selection::default(), progress)
+            .await
+    }
+
+    /// [`Self::pin`] of the files `select` takes (and every tree node of the version, so
+    /// that listing it never needs the network). The pin replaces an earlier one of the same
+    /// version.
+    ///
+    /// Cancel-safe, as [`Self::pin`].
+    pub async fn pin_select(
+        &self,
+        reference: &DatasetRef,
+        select: &Selection,
+        progress: &Progress,
+    ) -> Result<PinReport> {
+        let matcher = select.matcher()?;
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
         let blobs = self.blobs(&signed).await?;
-        let tree = walk(&blobs, signed.body.root).await?;
+        let mut tree = walk(&blobs, signed.body.root).await?;
+        if !select.is_all() {
+            tree = matcher.select(tree);
+            if tree.files.is_empty() {
+                return Err(crate::Error::NotFound(format!(
+                    "no file of {}@{version} matches {}",
+                    reference.dataset,
+                    select.describe()
+                )));
+            }
+        }
         let mut seen = HashSet::new();
         let mut all: Vec<(shoal_registry::Hash, u32)> = tree.nodes.clone();
         all.extend(
@@ -65,15 +95,20 @@ impl Node {
         let name = format!("{}@{version}", reference.dataset);
         let s = store.clone();
         let (n, list) = (name.clone(), all.clone());
-        tokio::task::spawn_blocking(move || s.pin(&n, &list))
-            .await
-            .expect("store task panicked")?;
+        // A pin of the same version (whole or another selection) is replaced.
+        tokio::task::spawn_blocking(move || {
+            s.unpin(&n)?;
+            s.pin(&n, &list)
+        })
+        .await
+        .expect("store task panicked")?;
         Ok(PinReport {
             pinned: name,
             root: format!("b3:{}", signed.body.root),
             blobs: all.len() as u64,
             bytes,
             bytes_from_origin: blobs.bytes_from_origin(),
+            files: tree.files.len() as u64,
         })
     }
 

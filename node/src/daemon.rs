@@ -9,6 +9,7 @@ use crate::limits::Limits;
 use crate::mount::MountSpec;
 use crate::origins::{OriginSpec, Origins};
 use crate::progress::Progress;
+use crate::select::Selection;
 use crate::swarm::{self, Holding, Status, SwarmConfig};
 use crate::{Home, Node};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,9 @@ pub enum Request {
         reference: String,
         to: Option<PathBuf>,
         origin: String,
+        /// Only some files (`--include`, `--exclude`).
+        #[serde(default, skip_serializing_if = "Selection::is_all")]
+        select: Selection,
     },
     Status,
     Versions {
@@ -44,6 +48,8 @@ pub enum Request {
     Pin {
         reference: String,
         origin: String,
+        #[serde(default, skip_serializing_if = "Selection::is_all")]
+        select: Selection,
     },
     Unpin {
         reference: String,
@@ -639,10 +645,13 @@ async fn handle(
             reference,
             to,
             origin,
+            select,
         } => {
             let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
-            let r = n.pull(&reference, to.as_deref(), &progress).await?;
+            let r = n
+                .pull_select(&reference, to.as_deref(), &select, &progress)
+                .await?;
             serde_json::to_value(r)
         }
         Request::Versions { name, origin } => {
@@ -660,10 +669,14 @@ async fn handle(
             let reference: DatasetRef = reference.parse()?;
             serde_json::to_value(n.ls(&reference, &path).await?)
         }
-        Request::Pin { reference, origin } => {
+        Request::Pin {
+            reference,
+            origin,
+            select,
+        } => {
             let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
-            let r = n.pin(&reference, &progress).await?;
+            let r = n.pin_select(&reference, &select, &progress).await?;
             n.store()?.flush()?;
             serde_json::to_value(r)
         }
@@ -760,6 +773,7 @@ mod tests {
                 reference: "ds@v1".into(),
                 to: Some("/data/ds".into()),
                 origin: "s3://b/p".into(),
+                select: Selection::default(),
             },
             trusted: vec!["ed25519:00 org/*".into()],
             origins: Vec::new(),
@@ -767,6 +781,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"op":"pull","reference":"ds@v1","to":"/data/ds","origin":"s3://b/p","trusted":["ed25519:00 org/*"]}"#
+        );
+        // A partial pull's selection rides along only when there is one.
+        let (r, _, _) = parse_request(
+            r#"{"op":"pull","reference":"ds@v1","to":null,"origin":"/o","select":{"include":["*.jpg"]}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(&r, Request::Pull { select, .. } if select.include == ["*.jpg"] && select.exclude.is_empty())
         );
         let (r, keys, origins) = parse_request(r#"{"op":"status"}"#).unwrap();
         assert!(matches!(r, Request::Status) && keys.is_empty() && origins.is_empty());

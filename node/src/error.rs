@@ -43,6 +43,9 @@ pub enum Error {
     /// Refusing to write somewhere that is not safe.
     #[error("refusing to write {path}: {reason}")]
     Unsafe { path: PathBuf, reason: String },
+    /// A malformed request (a bad pattern, too many of them).
+    #[error("{0}")]
+    Usage(String),
     /// An error the node daemon reported, with its kind as the daemon knew it.
     #[error("{message}")]
     Daemon { kind: ErrorKind, message: String },
@@ -77,6 +80,8 @@ pub enum ErrorKind {
     TagRefused,
     /// A write refused as unsafe.
     Unsafe,
+    /// A malformed request.
+    Usage,
 }
 
 impl Error {
@@ -95,6 +100,7 @@ impl Error {
             Error::Unmount { .. } => ErrorKind::Unmount,
             Error::TagRefused(_) => ErrorKind::TagRefused,
             Error::Unsafe { .. } => ErrorKind::Unsafe,
+            Error::Usage(_) => ErrorKind::Usage,
             Error::Daemon { kind, .. } => *kind,
         }
     }

@@ -18,6 +18,7 @@ pub mod progress;
 mod publish;
 mod pull;
 mod replicate;
+pub mod select;
 mod verify;
 mod walk;
 
@@ -36,6 +37,7 @@ pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport, PublishSource};
 pub use pull::{OriginBytes, PullReport};
 pub use replicate::{ReplicateOptions, ReplicateReport, ReplicatedVersion};
+pub use select::Selection;
 pub use verify::VerifyReport;
 
 use origins::Holders;

@@ -8,6 +8,7 @@
 use crate::error::{io, Error, Result};
 use crate::fetch::Fetched;
 use crate::progress::Progress;
+use crate::select::Selection;
 use crate::swarm::{HaveMap, Holding, Swarm};
 use crate::walk::{walk, WalkFile};
 use crate::Node;
@@ -30,7 +31,13 @@ pub struct PullReport {
     pub version: String,
     pub root: String,
     pub destination: Option<String>,
+    /// Files pulled (of a partial pull, those selected), of the version's `files_in_version`.
     pub files: u64,
+    #[serde(default)]
+    pub files_in_version: u64,
+    /// Only the files `--include` / `--exclude` selected.
+    #[serde(default)]
+    pub partial: bool,
     pub bytes: u64,
     pub chunks: u64,
     pub bytes_from_origin: u64,
@@ -44,7 +51,8 @@ pub struct PullReport {
     pub readers_passed_over: u64,
     #[serde(default)]
     pub readers_passed_over_by_lag: u64,
-    /// Pack bytes each origin sent (every origin configured, in order).
+    /// Pack bytes each origin sent (every origin configured, in order), then each source
+    /// store of an in-place version.
     #[serde(default)]
     pub origins: Vec<OriginBytes>,
 }
@@ -196,7 +204,25 @@ impl Node {
         dest: Option<&Path>,
         progress: &Progress,
     ) -> Result<PullReport> {
+        self.pull_select(reference, dest, &Selection::default(), progress)
+            .await
+    }
+
+    /// [`Self::pull`] of the files `select` takes (a partial pull: see [`crate::select`]).
+    /// A partial pull reads from peers holding the whole version and from the origins, and
+    /// does not tell peers it holds the version (it does not, whole).
+    ///
+    /// Cancel-safe, as [`Self::pull`].
+    pub async fn pull_select(
+        &self,
+        reference: &DatasetRef,
+        dest: Option<&Path>,
+        select: &Selection,
+        progress: &Progress,
+    ) -> Result<PullReport> {
         let started = Instant::now();
+        let matcher = select.matcher()?;
+        let partial = !select.is_all();
         progress.phase("resolving", 0);
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
@@ -204,10 +230,21 @@ impl Node {
         let name = format!("{}@{}", reference.dataset, version);
         // Tell peers right away that this node is pulling, so that nodes starting together
         // split the origin reads between them.
-        let _guard = PullGuard::new(self.swarm(), root, &name);
+        let swarm = if partial { None } else { self.swarm() };
+        let _guard = PullGuard::new(swarm, root, &name);
         let blobs = self.blobs(&signed).await?;
         progress.phase("reading tree", 0);
-        let tree = walk(&blobs, root).await?;
+        let mut tree = walk(&blobs, root).await?;
+        let files_in_version = tree.files.len() as u64;
+        if partial {
+            tree = matcher.select(tree);
+            if tree.files.is_empty() && tree.symlinks.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "no file of {name} matches {}",
+                    select.describe()
+                )));
+            }
+        }
 
         // Unique chunks in walk order (the index space of have-maps), and which are here.
         let mut seen = HashSet::new();
@@ -259,10 +296,24 @@ impl Node {
             ms = started.elapsed().as_millis() as u64,
             "version resolved and its tree read"
         );
-        let fetch_result = match self.swarm() {
+        let fetch_result = match swarm {
             Some(sw) => {
                 sw.hold(root, &name, Holding::Pulling, Some(have));
                 crate::fetch::fetch(sw, &blobs, root, &order, missing, progress).await
+            }
+            None if partial && self.swarm().is_some() => {
+                // Peers holding the whole version, then the origins.
+                let ids = missing.iter().map(|&i| order[i].0).collect();
+                let before: u64 = blobs.bytes_per_origin().iter().map(|o| o.1).sum();
+                blobs.fetch(ids, Some(progress)).await.map(|()| {
+                    let from_origin =
+                        blobs.bytes_per_origin().iter().map(|o| o.1).sum::<u64>() - before;
+                    Fetched {
+                        from_origin,
+                        from_peers: need.saturating_sub(from_origin),
+                        ..Fetched::default()
+                    }
+                })
             }
             None => {
                 let ids = missing.iter().map(|&i| order[i].0).collect();
@@ -278,9 +329,11 @@ impl Node {
         // Make what was stored durable even when the fetch failed part-way, so a retry resumes.
         store.flush()?;
         let fetched = fetch_result?;
-        self.home.record_held(&root, &name)?;
-        if let Some(sw) = self.swarm() {
-            sw.hold(root, &name, Holding::Complete, None);
+        if !partial {
+            self.home.record_held(&root, &name)?;
+            if let Some(sw) = self.swarm() {
+                sw.hold(root, &name, Holding::Complete, None);
+            }
         }
 
         let total: u64 = tree.files.iter().map(|f| f.size).sum();
@@ -340,6 +393,8 @@ impl Node {
             root: format!("b3:{}", signed.body.root),
             destination: dest.map(|d| PathBuf::from(d).display().to_string()),
             files: tree.files.len() as u64,
+            files_in_version,
+            partial,
             bytes: total,
             chunks: seen.len() as u64,
             bytes_from_origin: blobs.bytes_from_origin(),
