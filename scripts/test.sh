@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with a Rust toolchain. Installs what the
 # tests need first (idempotent): fuse3, nginx (HTTP origin), moto_server (S3 origin),
-# pyarrow (a real Parquet reader through the mount), curl (the metrics endpoint).
+# pyarrow (a real Parquet reader through the mount), curl (the metrics endpoint), man-db
+# (the generated man pages rendered).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v mkfifo >/dev/null || need+=(coreutils)
 command -v curl >/dev/null || need+=(curl)
+command -v man >/dev/null || need+=(man-db)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -192,7 +192,20 @@ pub enum Command {
         #[arg(long)]
         copy_sources: bool,
     },
+    /// Print a shell completion script: `shoal completions bash > /etc/bash_completion.d/shoal`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: Shell,
+    },
+    /// Write man pages (shoal.1 and one per command, e.g. shoal-pull.1) into DIR.
+    Man {
+        /// Where to write them, e.g. /usr/local/share/man/man1 (created if absent).
+        dir: PathBuf,
+    },
 }
+
+/// `shoal completions` shells.
+pub use clap_complete::Shell;
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
@@ -206,11 +219,15 @@ pub enum NodeCommand {
         /// A peer to connect to (repeatable); /p2p/<peer id> is optional.
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<String>,
-        #[arg(long)]
+        /// This node's region label (e.g. eu-west-1): peers and origins in the same region
+        /// are preferred over others.
+        #[arg(long, value_name = "NAME")]
         region: Option<String>,
-        #[arg(long)]
+        /// This node's zone label (e.g. eu-west-1a), preferred over region.
+        #[arg(long, value_name = "NAME")]
         zone: Option<String>,
-        #[arg(long)]
+        /// This node's rack label, preferred over zone: peers on the same rack first.
+        #[arg(long, value_name = "NAME")]
         rack: Option<String>,
         /// A file of allowed peer ids, one per line. With --cluster-key too, either admits.
         #[arg(long, value_name = "FILE")]
@@ -252,4 +269,35 @@ pub enum PassthroughArg {
     Auto,
     On,
     Off,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::CommandFactory;
+
+    /// Every command and every flag a user can type says what it does (`--help`, man pages,
+    /// completions with descriptions).
+    #[test]
+    fn every_command_and_flag_has_help_text() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() {
+                missing.push(format!("command `{path}`"));
+            }
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && !a.is_hide_set() {
+                    missing.push(format!("`{path}` argument {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Args::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        check(&cmd, "shoal", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+        cmd.debug_assert();
+    }
 }

@@ -37,6 +37,30 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(args.verbose);
     let out = Out::new(args.json);
+    // Generated from the argument definitions; no state, config or runtime needed.
+    match &args.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "shoal", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            return match man_pages(dir) {
+                Ok(n) => {
+                    let _ = out.report(
+                        &serde_json::json!({ "dir": dir.display().to_string(), "pages": n }),
+                        || format!("wrote {n} man pages to {}", dir.display()),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    out.error(&e);
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -54,6 +78,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `shoal.1` and a page per command (`shoal-node-run.1` for nested ones) into `dir`;
+/// returns how many.
+fn man_pages(dir: &std::path::Path) -> Result<usize> {
+    fn write(dir: &std::path::Path, cmd: clap::Command, name: String) -> Result<usize> {
+        let cmd = cmd.name(name.clone()).bin_name(name.replace('-', " "));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
+        let mut n = 1;
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() != "help" {
+                n += write(dir, sub.clone(), format!("{name}-{}", sub.get_name()))?;
+            }
+        }
+        Ok(n)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = <Args as clap::CommandFactory>::command();
+    cmd.build();
+    write(dir, cmd, "shoal".into())
 }
 
 fn init_tracing(verbose: u8) {
@@ -631,6 +678,8 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             )
         }
         Command::Status => node::status(&home, out).await,
+        // Handled in `main`, before anything is opened.
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Tag { target, tag } => {
             let target: VersionRef = target.parse()?;
             let tag: Label = tag.parse()?;

@@ -273,3 +273,62 @@ fn config_file_sets_origin_and_trusted_keys() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn completions_complete_in_a_real_shell_and_man_pages_render() {
+    let env = Env::new();
+    // bash, loading the script as a user's profile would, completes a command and a flag.
+    let script = env.run(&["completions", "bash"]);
+    assert!(script.status.success());
+    let path = env.path("shoal.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    let complete = |words: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 )); \
+                 COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; _shoal shoal \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+                 printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                path.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let got = complete("shoal rep");
+    assert_eq!(got.trim(), "replicate", "{got}");
+    let got = complete("shoal pull --inc");
+    assert_eq!(got.trim(), "--include", "{got}");
+    for shell in ["zsh", "fish"] {
+        let out = env.run(&["completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
+    }
+
+    // Man pages: one per command, rendered by man itself with the flags' help.
+    let dir = env.path("man1");
+    let r = env.json(&["man", dir.to_str().unwrap()]);
+    assert!(r["pages"].as_u64().unwrap() >= 20, "{r}");
+    let out = std::process::Command::new("man")
+        .arg("-l")
+        .arg(dir.join("shoal-pull.1"))
+        .env("MANWIDTH", "100")
+        .env("MANPAGER", "cat")
+        .output()
+        .unwrap();
+    // Justified: words joined by runs of spaces.
+    let text = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        out.status.success()
+            && text.contains("--include <GLOB>")
+            && text.contains("Only files matching this glob"),
+        "{text}"
+    );
+}
