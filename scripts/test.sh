@@ -2,7 +2,7 @@
 # The whole test suite, on a fresh Debian machine with a Rust toolchain. Installs what the
 # tests need first (idempotent): fuse3, nginx (HTTP origin), moto_server (S3 origin),
 # pyarrow (a real Parquet reader through the mount), curl (the metrics endpoint), man-db
-# (the generated man pages rendered).
+# (the generated man pages rendered), systemd-analyze (the unit file checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v mkfifo >/dev/null || need+=(coreutils)
 command -v curl >/dev/null || need+=(curl)
 command -v man >/dev/null || need+=(man-db)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

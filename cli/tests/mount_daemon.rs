@@ -396,3 +396,99 @@ fn a_stalled_mount_owner_costs_one_wait_not_eio() {
     );
     drop(mounts);
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_its_sandbox_still_mounts() {
+    let unit_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/shoal.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in the unit"))
+            .to_string()
+    };
+    // A mount made in a private mount namespace is invisible to the machine: none of the
+    // options that give the service one.
+    for key in [
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ReadOnlyPaths",
+        "ReadWritePaths",
+        "InaccessiblePaths",
+        "TemporaryFileSystem",
+        "BindPaths",
+        "BindReadOnlyPaths",
+        "ProtectKernelModules",
+        "ProtectKernelTunables",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "MountFlags",
+        "RootDirectory",
+        "RootImage",
+        "DevicePolicy",
+        "DeviceAllow",
+        "ProtectClock",
+    ] {
+        assert!(
+            !unit.lines().any(|l| l.starts_with(&format!("{key}="))),
+            "{key}= would hide the daemon's mounts"
+        );
+    }
+    assert_eq!(value("Restart"), "on-failure");
+    assert!(value("LimitNOFILE").parse::<u64>().unwrap() >= 65536);
+
+    // systemd's own checker accepts it (with the binary built here as ExecStart).
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("shoal.service");
+    std::fs::write(&local, unit.replace("/usr/local/bin/shoal", BIN)).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The daemon under the unit's capability bounding set and no_new_privs mounts a version
+    // and serves it exactly.
+    let caps: Vec<String> = value("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert_eq!(value("NoNewPrivileges"), "yes");
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    let bytes = random_bytes(31, 3_000_000);
+    write(&src.join("d/shard"), &bytes);
+    c.publish(&src, "ds@v1");
+    let a = c.node("a", &[], &[]);
+    c.nodes[a].stop();
+    c.nodes[a].wrap = vec![
+        "setpriv".into(),
+        format!("--bounding-set=-all,{}", caps.join(",")),
+        "--no-new-privs".into(),
+        "--".into(),
+    ];
+    c.nodes[a].start();
+    let pid = c.nodes[a].child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let mp = c.dir.path().join("mp");
+    std::fs::create_dir_all(&mp).unwrap();
+    let log = c.dir.path().join("mount.log");
+    let m = MountCmd::start(
+        &c.nodes[a],
+        &["mount", "ds@v1", mp.to_str().unwrap()],
+        &mp,
+        &log,
+    );
+    assert_eq!(std::fs::read(mp.join("d/shard")).unwrap(), bytes);
+    drop(m);
+}
