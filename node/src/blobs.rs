@@ -186,12 +186,7 @@ async fn copies_of(
     let mut copies = HashMap::new();
     for (&pack, x) in external {
         let id = packs[pack as usize];
-        let mut starts = Vec::with_capacity(x.objects.len());
-        let mut total = 0u64;
-        for o in &x.objects {
-            starts.push(total);
-            total += o.size;
-        }
+        let (starts, total) = x.object_starts();
         let mut with = Holders(0);
         for (i, r) in origins.ask_all(|o| o.pack_size(&id)).await {
             if holders.has(i) && matches!(r, Ok(Some(n)) if n == total) {

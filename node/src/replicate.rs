@@ -123,12 +123,7 @@ impl Missing {
                 v
             }
             AnyIndex::External(x) => {
-                let mut starts = Vec::with_capacity(x.objects.len());
-                let mut at = 0u64;
-                for o in &x.objects {
-                    starts.push(at);
-                    at += o.size;
-                }
+                let (starts, _) = x.object_starts();
                 x.entries
                     .iter()
                     .map(|e| (e.id, starts[e.object as usize] + e.offset, e.len))
@@ -155,7 +150,7 @@ impl Missing {
     fn pack_len(&self) -> u64 {
         match &self.index {
             AnyIndex::Packed(idx) => idx.pack_len(),
-            AnyIndex::External(x) => x.objects.iter().map(|o| o.size).sum(),
+            AnyIndex::External(x) => x.object_starts().1,
         }
     }
 }

@@ -89,6 +89,18 @@ pub struct ExternalEntry {
 }
 
 impl ExternalIndex {
+    /// Where each object starts, and the total size, with the objects laid back to back in
+    /// index order (the layout of a copy of this external pack as one pack).
+    pub fn object_starts(&self) -> (Vec<u64>, u64) {
+        let mut starts = Vec::with_capacity(self.objects.len());
+        let mut total = 0u64;
+        for o in &self.objects {
+            starts.push(total);
+            total += o.size;
+        }
+        (starts, total)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         format::encode(Kind::ExternalIndex, self)
     }
