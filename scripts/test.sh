@@ -2,7 +2,9 @@
 # The whole test suite, on a fresh Debian machine with a Rust toolchain. Installs what the
 # tests need first (idempotent): fuse3, nginx (HTTP origin), moto_server (S3 origin),
 # pyarrow (a real Parquet reader through the mount), curl (the metrics endpoint), man-db
-# (the generated man pages rendered), systemd-analyze (the unit file checked).
+# (the generated man pages rendered), systemd-analyze (the unit file checked),
+# kubernetes-validate (the Kubernetes manifests checked against the API's schemas), podman
+# (the container image run as three nodes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,11 @@ command -v mkfifo >/dev/null || need+=(coreutils)
 command -v curl >/dev/null || need+=(curl)
 command -v man >/dev/null || need+=(man-db)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The container test: podman with runc (crun refuses cgroup v1 hosts), its network stack,
+# and busybox for the image's shell (scripts/image.sh).
+command -v podman >/dev/null || need+=(podman netavark aardvark-dns)
+command -v runc >/dev/null || [ -x /usr/sbin/runc ] || need+=(runc)
+[ -x /bin/busybox ] || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -26,12 +33,13 @@ export PATH="$PATH:/usr/sbin"
 pips=()
 command -v moto_server >/dev/null || pips+=('moto[server]>=5.0.15')
 python3 -c 'import pyarrow' 2>/dev/null || pips+=('pyarrow')
+command -v kubernetes-validate >/dev/null || pips+=('kubernetes-validate>=1.31')
 if [ ${#pips[@]} -gt 0 ]; then
-  echo "installing: ${pips[*]} (S3 server for origin tests; Parquet reader for mount tests)"
+  echo "installing: ${pips[*]} (S3 server for origin tests; Parquet reader for mount tests; Kubernetes schemas)"
   python3 -m pip install --quiet --disable-pip-version-check "${pips[@]}"
   hash -r
 fi
-command -v moto_server >/dev/null || export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+{ command -v moto_server && command -v kubernetes-validate; } >/dev/null || export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod ask;
+pub mod bootstrap;
 pub mod bulk;
 mod counted;
 pub mod error;

@@ -374,14 +374,40 @@ pub async fn start(
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
     tokio::spawn(super::bulk::serve(shared.clone(), listener, tls));
 
-    for a in &cfg.bootstrap {
+    // Names resolved to every address they have (super::bootstrap), again every 30 s.
+    let first = super::bootstrap::resolve(&cfg.bootstrap, true).await;
+    for a in &first {
         // Without /p2p/<id> the peer id is learned during the handshake.
         dial_addr(&mut swarm, a);
+    }
+    let (boot_tx, bootstrap) = watch::channel(first);
+    let lookup = Arc::new(tokio::sync::Notify::new());
+    if cfg
+        .bootstrap
+        .iter()
+        .any(|a| super::bootstrap::name_of(a).is_some())
+    {
+        let names = cfg.bootstrap.clone();
+        let again = lookup.clone();
+        tokio::spawn(async move {
+            loop {
+                // Every 30 s, and at each redial while the node knows nobody.
+                tokio::select! {
+                    _ = tokio::time::sleep(super::bootstrap::REFRESH) => {}
+                    _ = again.notified() => {}
+                }
+                let now = super::bootstrap::resolve(&names, false).await;
+                if boot_tx.send(now).is_err() {
+                    return;
+                }
+            }
+        });
     }
     let mut ev = EventLoop {
         swarm,
         shared: shared.clone(),
-        bootstrap: cfg.bootstrap.clone(),
+        bootstrap,
+        lookup,
         addrs: HashMap::new(),
         pending: HashMap::new(),
         since: HashMap::new(),
@@ -400,7 +426,10 @@ pub async fn start(
 struct EventLoop {
     swarm: libp2p::Swarm<Behaviour>,
     shared: Arc<Swarm>,
-    bootstrap: Vec<Multiaddr>,
+    /// The bootstrap addresses to dial, names resolved (refreshed in the background).
+    bootstrap: watch::Receiver<Vec<Multiaddr>>,
+    /// Asks for the bootstrap names to be looked up again (a node that knows nobody).
+    lookup: Arc<tokio::sync::Notify>,
     /// Addresses peers listen on (from their hellos and mDNS), for peer exchange; bounded by
     /// [`MAX_PEERS`].
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
@@ -1132,8 +1161,10 @@ impl EventLoop {
                     // Peers come back after restarts: redial the ones we knew, and the
                     // bootstrap addresses while we know nobody.
                     if self.swarm.connected_peers().next().is_none() {
-                        for a in self.bootstrap.clone() {
-                            dial_addr(&mut self.swarm, &a);
+                        self.lookup.notify_one();
+                        let now: Vec<Multiaddr> = self.bootstrap.borrow().clone();
+                        for a in now.iter().filter(|a| !self.table.listen.contains(a)) {
+                            dial_addr(&mut self.swarm, a);
                         }
                     }
                     let now = Instant::now();
