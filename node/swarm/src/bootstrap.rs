@@ -74,6 +74,8 @@ pub fn expand(addr: &Multiaddr, ips: &[IpAddr]) -> Vec<Multiaddr> {
 /// What to dial for `bootstrap`: IP addresses as they are, each name resolved and expanded,
 /// up to [`PICK`] per name at random. A name that does not resolve is left out (logged at
 /// `warn` when `loud`, at `debug` on later lookups, which are every [`REFRESH`]).
+///
+/// Cancel-safe: it only looks names up.
 pub async fn resolve(bootstrap: &[Multiaddr], loud: bool) -> Vec<Multiaddr> {
     let mut out = Vec::new();
     for addr in bootstrap {
