@@ -207,6 +207,8 @@ pub enum Command {
 /// `shoal completions` shells.
 pub use clap_complete::Shell;
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Run the daemon in the foreground until SIGINT/SIGTERM. CLI commands on this machine
@@ -246,6 +248,17 @@ pub enum NodeCommand {
         /// Do not discover peers on the LAN with mDNS.
         #[arg(long)]
         no_mdns: bool,
+        /// Most bytes per second read from the origins, all together (e.g. 100MB; 0:
+        /// unlimited). Overrides `[rates] origin`.
+        #[arg(long, value_name = "RATE")]
+        origin_rate: Option<String>,
+        /// Most bytes per second sent to peers, all together. Overrides `[rates] upload`.
+        #[arg(long, value_name = "RATE")]
+        upload_rate: Option<String>,
+        /// Most bytes per second received from peers, all together. Overrides `[rates]
+        /// download`.
+        #[arg(long, value_name = "RATE")]
+        download_rate: Option<String>,
     },
     /// Write a new cluster key to FILE (mode 0600): give the same file to every node of the
     /// cluster (`shoal node run --cluster-key FILE`).

@@ -28,6 +28,22 @@ pub struct FileConfig {
     /// The node daemon (`shoal node run`); its flags override these.
     #[serde(default)]
     pub node: NodeConfig,
+    /// Bytes per second this machine may move (`shoal node run`'s rate flags override these).
+    #[serde(default)]
+    pub rates: RatesConfig,
+}
+
+/// `[rates]` in the config file: bytes per second, e.g. "100MB" or "1GiB/s"; absent or "0"
+/// is unlimited.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatesConfig {
+    /// Read from the origins, all together (by the daemon, or by a command run without it).
+    pub origin: Option<String>,
+    /// Sent to peers by the daemon, all together.
+    pub upload: Option<String>,
+    /// Received from peers by the daemon, all together.
+    pub download: Option<String>,
 }
 
 /// `origin = "URL"` or `[[origin]]` tables.
@@ -99,6 +115,15 @@ fn cache_size(env: &str, from_file: Option<String>, key: &str) -> Result<Option<
         .transpose()
 }
 
+/// A rate in bytes per second: a size ("100MB", "1.5GiB"), optionally followed by "/s".
+pub fn parse_rate(s: &str, what: &str) -> Result<u64> {
+    let bare = s.trim();
+    let bare = bare.strip_suffix("/s").unwrap_or(bare);
+    parse_size(bare, what).map_err(|_| {
+        anyhow::anyhow!("{what} {s:?}: expected bytes per second, e.g. \"100MB\" or \"1GiB/s\"")
+    })
+}
+
 fn parse_size(s: &str, what: &str) -> Result<u64> {
     s.trim()
         .parse::<bytesize::ByteSize>()
@@ -116,6 +141,7 @@ pub struct Config {
     pub max_tag_age: Option<std::time::Duration>,
     pub cache: CacheLayout,
     pub node: NodeConfig,
+    pub rates: shoal_node::swarm::rate::RateLimits,
 }
 
 pub fn home_dir() -> Result<PathBuf> {
@@ -262,6 +288,17 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("[cache] in {}: {e}", cfg_path.display()))?;
         // Paths in the file are relative to the file's directory, like its origin: the same
         // file means the same thing from any working directory (and to the daemon).
+        let rate = |v: Option<String>, key: &str| -> Result<Option<u64>> {
+            let what = format!("[rates] {key} in {}", cfg_path.display());
+            Ok(v.map(|v| parse_rate(&v, &what))
+                .transpose()?
+                .filter(|&r| r > 0))
+        };
+        let rates = shoal_node::swarm::rate::RateLimits {
+            origin: rate(file.rates.origin, "origin")?,
+            upload: rate(file.rates.upload, "upload")?,
+            download: rate(file.rates.download, "download")?,
+        };
         let mut node = file.node;
         node.members = node.members.map(|p| home.join(p));
         node.cluster_key = node.cluster_key.map(|p| home.join(p));
@@ -272,6 +309,7 @@ impl Config {
             max_tag_age,
             cache,
             node,
+            rates,
         })
     }
 }

@@ -12,6 +12,7 @@ use clap::Parser;
 use config::Config;
 use output::Out;
 use shoal_node::daemon::{Client, Request};
+use shoal_node::swarm::rate::Rate;
 use shoal_node::{Home, Node, Origins, Progress, PublishOptions, PublishSource};
 use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef};
 use std::process::ExitCode;
@@ -143,11 +144,19 @@ fn parse_chunking(s: &str) -> Result<Params> {
 async fn run(args: Args, out: &Out) -> Result<()> {
     let cfg = Config::load(args.origin)?;
     let home = Home::new(&cfg.home);
-    let open_at = |create: bool, region: Option<&str>, zone: Option<&str>| -> Result<Node> {
-        let origins = Origins::open(cfg.origins.clone(), create, region, zone)?;
+    let open_with = |create: bool,
+                     region: Option<&str>,
+                     zone: Option<&str>,
+                     origin_rate: Option<u64>|
+     -> Result<Node> {
+        let origins = Origins::open(cfg.origins.clone(), create, region, zone)?
+            .with_rate(origin_rate.and_then(Rate::new).map(Arc::new));
         Ok(Node::new(home.clone(), origins, cfg.trusted.clone())
             .with_cache(cfg.cache.clone())
             .with_max_tag_age(cfg.max_tag_age))
+    };
+    let open_at = |create: bool, region: Option<&str>, zone: Option<&str>| {
+        open_with(create, region, zone, cfg.rates.origin)
     };
     let open = |create: bool| open_at(create, cfg.node.region.as_deref(), cfg.node.zone.as_deref());
     match args.command {
@@ -638,12 +647,27 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     open: open_swarm,
                     metrics,
                     no_mdns,
+                    origin_rate,
+                    upload_rate,
+                    download_rate,
                 },
         } => {
-            let node = open_at(
+            let flag = |v: Option<String>, name: &str, file: Option<u64>| -> Result<Option<u64>> {
+                match v {
+                    Some(v) => Ok(Some(config::parse_rate(&v, name)?).filter(|&r| r > 0)),
+                    None => Ok(file),
+                }
+            };
+            let rates = shoal_node::swarm::rate::RateLimits {
+                origin: flag(origin_rate, "--origin-rate", cfg.rates.origin)?,
+                upload: flag(upload_rate, "--upload-rate", cfg.rates.upload)?,
+                download: flag(download_rate, "--download-rate", cfg.rates.download)?,
+            };
+            let node = open_with(
                 true,
                 region.as_deref().or(cfg.node.region.as_deref()),
                 zone.as_deref().or(cfg.node.zone.as_deref()),
+                rates.origin,
             )?;
             let flags = config::NodeConfig {
                 listen,
@@ -660,7 +684,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             };
             // A node may serve peers before anything is published to a local default origin:
             // create the directory rather than refuse to start.
-            node::run(node, &cfg.node, flags, out).await
+            node::run(node, &cfg.node, flags, rates, out).await
         }
         Command::Node {
             command: NodeCommand::Keygen { file },

@@ -4,6 +4,7 @@ use crate::config::NodeConfig;
 use crate::output::{self, Out};
 use anyhow::{Context, Result};
 use shoal_node::daemon::{self, Client, DaemonOptions, Request};
+use shoal_node::swarm::rate::RateLimits;
 use shoal_node::swarm::{self, Labels, Status, SwarmConfig};
 use shoal_node::{Home, Node, Progress};
 use std::collections::HashSet;
@@ -32,7 +33,13 @@ fn members(path: &std::path::Path) -> Result<HashSet<swarm::PeerId>> {
         .collect()
 }
 
-pub async fn run(node: Node, file: &NodeConfig, flags: NodeConfig, out: &Out) -> Result<()> {
+pub async fn run(
+    node: Node,
+    file: &NodeConfig,
+    flags: NodeConfig,
+    rates: RateLimits,
+    out: &Out,
+) -> Result<()> {
     let pick = |a: &Vec<String>, b: &Vec<String>| if a.is_empty() { b.clone() } else { a.clone() };
     let listen = multiaddrs(&pick(&flags.listen, &file.listen), "listen address")?;
     let bootstrap = multiaddrs(
@@ -85,6 +92,7 @@ pub async fn run(node: Node, file: &NodeConfig, flags: NodeConfig, out: &Out) ->
                 .unwrap_or(!admission.loopback_only()),
             admission,
             limits: file.limits.clone(),
+            rates,
         },
         metrics,
         limits: file.limits.clone(),
@@ -143,6 +151,19 @@ pub async fn status(home: &Home, out: &Out) -> Result<()> {
         ];
         if let Some(l) = output::passed_over(s.readers_passed_over, s.readers_passed_over_by_lag) {
             lines.push(format!("  {l}"));
+        }
+        let r = &s.rates;
+        if r.origin.or(r.upload).or(r.download).is_some() {
+            let rate = |v: Option<u64>| {
+                v.map(|b| format!("{:.1} MB/s", b as f64 / 1e6))
+                    .unwrap_or_else(|| "unlimited".into())
+            };
+            lines.push(format!(
+                "  rates: origin {}, upload {}, download {}",
+                rate(r.origin),
+                rate(r.upload),
+                rate(r.download)
+            ));
         }
         for v in &s.versions {
             lines.push(format!("  holds {} ({}, {:?})", v.name, v.root, v.holding));

@@ -776,3 +776,87 @@ fn partial_pulls_and_pins_take_only_the_files_selected_from_peers_or_origin() {
     let cache = c.nodes[b].json(&["cache"]);
     assert_eq!(u(&cache, "pinned_bytes"), u(&p, "bytes"), "{cache}");
 }
+
+/// `--origin-rate`, `--download-rate` and `--upload-rate` each hold what a node moves (from
+/// its origins, from its peers, to its peers) to the rate set (each measured over the whole command, so a loaded machine only makes it look
+/// slower); unlimited, the same pulls take a small fraction of that time on loopback. The
+/// benchmark (`scripts/bench.sh rates`) measures how close to the rate they run.
+#[test]
+fn rate_limits_hold_origin_reads_downloads_and_uploads() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let rate = 4_000_000f64;
+    // What a limit lets through in `secs`: the rate, plus its bucket (100 ms of it) and 5 %.
+    let within = |moved: u64, secs: f64, what: &str| {
+        let most = rate * (secs + 0.1) * 1.05 + 65536.0;
+        assert!(
+            moved as f64 <= most,
+            "{what}: {moved} bytes in {secs:.2} s, over the 4 MB/s limit ({most:.0} at most)"
+        );
+        eprintln!(
+            "{what}: {moved} bytes in {secs:.2} s = {:.2} MB/s (limit 4 MB/s)",
+            moved as f64 / secs / 1e6
+        );
+    };
+    let a = c.node("a", &["--origin-rate", "4MB"], &[]);
+    let b = c.node("b", &["--download-rate", "4MB/s"], &[]);
+    let s = c.node("s", &["--upload-rate", "4000000"], &[]);
+    for i in [a, b, s] {
+        c.nodes[i].wait_peers(2);
+    }
+    let sa = c.nodes[a].status().unwrap();
+    assert_eq!(sa["rates"]["origin"], 4_000_000, "{sa}");
+    assert_eq!(sa["rates"]["upload"], Value::Null, "{sa}");
+    let text = c.nodes[s].run(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("rates: origin unlimited, upload 4.0 MB/s, download unlimited"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    // From the origin, within a's origin rate.
+    let t = std::time::Instant::now();
+    let r = c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    let from_origin = u(&r, "bytes_from_origin");
+    assert!(from_origin >= bytes, "{r}");
+    within(from_origin, t.elapsed().as_secs_f64(), "origin reads");
+
+    // From a (not limited), within b's download rate; exact.
+    let out = c.dir.path().join("out_b");
+    let t = std::time::Instant::now();
+    let r = c.nodes[b].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    // The download rate is the peers' share: b may read from the origin what its peers
+    // cannot send in time (the origin rate is the limit there).
+    let from_peers = u(&r, "bytes_from_peers");
+    assert!(from_peers >= bytes / 3, "{r}");
+    within(from_peers, t.elapsed().as_secs_f64(), "downloads");
+    assert_same_tree(&src, &out);
+
+    // s fetches it fast from a and b, which then leave: a new node's pull is served by s
+    // within s's upload rate (and whatever it reads from the origin meanwhile).
+    c.nodes[s].json(&["pull", "ds@v1", "--no-files"]);
+    c.nodes[a].stop();
+    c.nodes[b].stop();
+    let s_addr = c.nodes[s].addr.clone();
+    let d = c.node("d", &["--bootstrap", &s_addr], &[]);
+    c.nodes[d].wait_peers(1);
+    let served = u(&c.nodes[s].status().unwrap(), "bytes_served");
+    let out = c.dir.path().join("out_d");
+    let t = std::time::Instant::now();
+    let r = c.nodes[d].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    let secs = t.elapsed().as_secs_f64();
+    assert_same_tree(&src, &out);
+    let served = u(&c.nodes[s].status().unwrap(), "bytes_served") - served;
+    assert!(served >= bytes / 2, "s served {served} of {bytes}: {r}");
+    within(served, secs, "uploads");
+
+    // Bad rates: one line naming the flag.
+    let bad = c.nodes[d].run(&["node", "run", "--upload-rate", "fast"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("--upload-rate \"fast\": expected bytes per second"),
+        "{err}"
+    );
+}

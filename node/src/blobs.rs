@@ -683,6 +683,7 @@ impl Blobs {
                 .into(),
         };
         let slot = self.origin_slots.acquire().await.expect("never closed");
+        self.origins.throttle(r.stop - r.start).await;
         let data = match source
             .read_object(&object.key, r.start..r.stop, object.e_tag.as_deref())
             .await

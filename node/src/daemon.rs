@@ -468,7 +468,8 @@ impl Daemon {
             mine.clone()
         } else {
             let (region, zone) = mine.node_labels();
-            Arc::new(Origins::open(specs, false, region, zone)?)
+            // Other origins, the same machine: within the same origin rate.
+            Arc::new(Origins::open(specs, false, region, zone)?.with_rate(mine.rate()))
         };
         let n = Arc::new(self.node.with_origins(origins).trusting(extra));
         // Bounded: past this many origin/key combinations, one is forgotten (and reopened if
@@ -639,6 +640,7 @@ async fn handle(
                 .collect();
             mounts.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
             status.mounts = mounts;
+            status.rates.origin = daemon.node.origins().rate().map(|r| r.per_second());
             serde_json::to_value(status)
         }
         Request::Pull {

@@ -14,8 +14,9 @@ use bytes::Bytes;
 use shoal_registry::pack::AnyIndex;
 use shoal_registry::{AnyTag, DatasetName, Hash, Origin, OriginError, SignedVersion};
 use shoal_sched::origins::{OriginInfo, OriginSet};
+use shoal_swarm::rate::Rate;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Most origins a node may be configured with.
@@ -72,6 +73,8 @@ pub struct Origins {
     set: Mutex<OriginSet>,
     /// Woken whenever a read ends, for reads waiting on a request limit.
     freed: tokio::sync::Notify,
+    /// Bytes per second this node reads from its origins together (`[rates] origin`).
+    rate: Option<Arc<Rate>>,
 }
 
 impl std::fmt::Debug for Origins {
@@ -138,6 +141,27 @@ impl Origins {
             labels: (region.map(str::to_string), zone.map(str::to_string)),
             set: Mutex::new(set),
             freed: tokio::sync::Notify::new(),
+            rate: None,
+        }
+    }
+
+    /// These origins read within `rate` (shared with other `Origins` of the same node).
+    pub fn with_rate(mut self, rate: Option<Arc<Rate>>) -> Origins {
+        self.rate = rate;
+        self
+    }
+
+    /// The origin rate these origins read within, to share with others of the node.
+    pub fn rate(&self) -> Option<Arc<Rate>> {
+        self.rate.clone()
+    }
+
+    /// Waits until `bytes` more may be read from the origins within the node's rate.
+    ///
+    /// Cancel-safe: see [`Rate::take`].
+    pub async fn throttle(&self, bytes: u64) {
+        if let Some(r) = &self.rate {
+            r.take(bytes).await;
         }
     }
 
@@ -343,6 +367,8 @@ impl Origins {
         let mut tried = Holders(0);
         let mut last: Option<OriginError> = None;
         loop {
+            // Every attempt reads the bytes again: each is within the node's origin rate.
+            self.throttle(bytes).await;
             let pick = {
                 let set = self.set.lock().expect("origin set poisoned");
                 let allowed = |i: usize| holders.has(i) && !tried.has(i);

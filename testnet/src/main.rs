@@ -119,6 +119,12 @@ enum Cmd {
         #[arg(long)]
         no_peers: bool,
     },
+    /// Rate limits: origin reads, downloads and uploads each limited to MB MB/s while a node
+    /// pulls shards_v1 on loopback; the steady rate against the rate set.
+    Rates {
+        #[arg(long, default_value_t = 100.0)]
+        mb: f64,
+    },
     /// Scenario 3: two zones joined by a shaped link; bytes received by source zone.
     SwarmZones {
         #[arg(long, default_value = "200mbit")]
@@ -955,6 +961,7 @@ fn main() -> Result<()> {
             },
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
         ),
+        Cmd::Rates { mb } => ("rates", swarm_bench::rates(&args, *mb)?),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
         Cmd::OriginsData { no_peers } => ("origins_data", origins_bench::run(&args, !*no_peers)?),
         Cmd::OriginsNetns { rates, no_peers } => (

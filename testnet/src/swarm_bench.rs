@@ -1407,3 +1407,167 @@ pub fn origins(args: &Args, rates: &[String], peers: bool) -> Result<Value> {
     down();
     result
 }
+
+/// A pull's report, its wall time, and a counter sampled as it ran: (seconds since the
+/// start, bytes since the start).
+type Sampled = (Value, f64, Vec<(f64, u64)>);
+
+/// Samples `counter` of `node`'s status every 100 ms while `pull` runs.
+fn sample_pull(node: &Daemon, pull: Child, counter: &str) -> Result<Sampled> {
+    let read = |d: &Daemon| d.status().and_then(|s| s[counter].as_u64());
+    let base = read(node).context("status before the pull")?;
+    let t = Instant::now();
+    let mut pull = pull;
+    let mut samples = vec![(0.0, 0)];
+    loop {
+        if let Some(v) = read(node) {
+            samples.push((t.elapsed().as_secs_f64(), v - base));
+        }
+        if pull.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let out = pull.wait_with_output()?;
+    if !out.status.success() {
+        bail!("pull failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    if let Some(v) = read(node) {
+        samples.push((secs, v - base));
+    }
+    Ok((serde_json::from_slice(&out.stdout)?, secs, samples))
+}
+
+/// The rate between the samples where the counter first passed 10 % and 90 % of its total:
+/// the steady rate, without the pull's start (metadata, the bucket's first burst) and end.
+fn steady_rate(samples: &[(f64, u64)]) -> Option<f64> {
+    let total = samples.last()?.1 as f64;
+    let at = |f: f64| samples.iter().find(|s| s.1 as f64 >= total * f);
+    let (a, b) = (at(0.1)?, at(0.9)?);
+    (b.0 > a.0).then(|| (b.1 - a.1) as f64 / (b.0 - a.0))
+}
+
+/// Rate limits: a node's origin reads, a leecher's downloads and a seeder's uploads, each
+/// limited to `mb` MB/s, measured while it pulls shards_v1 on loopback (unlimited, the same
+/// pulls run at 1 GB/s or more here). Reports the steady rate (10 % to 90 % of the bytes)
+/// and the rate over the whole pull, against the rate set.
+pub fn rates(args: &Args, mb: f64) -> Result<Value> {
+    let data = ensure_data(args)?;
+    let shards = data.join("shards_v1");
+    let bytes: u64 = files_under(&shards)?.values().sum();
+    let work = args.bench_root.join("work/rates");
+    let origin = work.join("origin").display().to_string();
+    std::fs::create_dir_all(&work)?;
+    let trusted = publisher(&work, &origin, &shards)?;
+    let set = format!("{}", (mb * 1e6) as u64);
+    let lo = vec!["--listen".to_string(), "/ip4/127.0.0.1/tcp/0".to_string()];
+    let fresh = |name: &str| {
+        let home = work.join(name);
+        let _ = std::fs::remove_dir_all(&home);
+        home
+    };
+    let mut rows = Vec::new();
+    let mut row = |what: &str,
+                   counter: &str,
+                   (report, secs, samples): (Value, f64, Vec<(f64, u64)>)| {
+        let moved = samples.last().map_or(0, |s| s.1);
+        let steady = steady_rate(&samples).unwrap_or(f64::NAN);
+        eprintln!(
+            "{what}: {moved} bytes in {secs:.2} s; steady {:.2} MB/s, whole {:.2} MB/s, set {mb} MB/s",
+            steady / 1e6,
+            moved as f64 / secs / 1e6
+        );
+        rows.push(json!({
+            "limit": what,
+            "counter": counter,
+            "set_bytes_per_s": mb * 1e6,
+            "bytes": moved,
+            "seconds": secs,
+            "steady_bytes_per_s": steady,
+            "steady_over_set": steady / (mb * 1e6),
+            "whole_pull_bytes_per_s": moved as f64 / secs,
+            "whole_over_set": moved as f64 / secs / (mb * 1e6),
+            "report": report,
+        }));
+    };
+
+    // Origin reads.
+    let mut a_args = lo.clone();
+    a_args.extend(["--origin-rate".into(), set.clone()]);
+    let a = Daemon::start(fresh("origin-limited"), None, a_args, &origin, &trusted)?;
+    row(
+        "origin",
+        "bytes_from_origin",
+        sample_pull(&a, a.pull("shards@v1")?, "bytes_from_origin")?,
+    );
+    drop(a);
+
+    // A seeder with the version, unlimited, and one with an upload limit.
+    let seed = Daemon::start(fresh("seed"), None, lo.clone(), &origin, &trusted)?;
+    wait_pull(seed.pull("shards@v1")?)?;
+    let seed_addr = seed.status().context("seed status")?["listen"][0]
+        .as_str()
+        .context("seed address")?
+        .to_string();
+    // Leechers read the origin at 1 MB/s at most: the peers are what they pull from.
+    let leech_args = |extra: &[&str], addr: &str| {
+        let mut v = lo.clone();
+        v.extend([
+            "--bootstrap".into(),
+            addr.to_string(),
+            "--origin-rate".into(),
+            "1MB".into(),
+        ]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let l = Daemon::start(
+        fresh("download-limited"),
+        None,
+        leech_args(&["--download-rate", &set], &seed_addr),
+        &origin,
+        &trusted,
+    )?;
+    wait_connected(&[&l], 1)?;
+    row(
+        "download",
+        "bytes_from_peers",
+        sample_pull(&l, l.pull("shards@v1")?, "bytes_from_peers")?,
+    );
+    drop(l);
+    drop(seed);
+
+    let mut u_args = lo.clone();
+    u_args.extend(["--upload-rate".into(), set.clone()]);
+    let up = Daemon::start(fresh("upload-limited"), None, u_args, &origin, &trusted)?;
+    wait_pull(up.pull("shards@v1")?)?;
+    let up_addr = up.status().context("seeder status")?["listen"][0]
+        .as_str()
+        .context("seeder address")?
+        .to_string();
+    let m = Daemon::start(
+        fresh("leech"),
+        None,
+        leech_args(&[], &up_addr),
+        &origin,
+        &trusted,
+    )?;
+    wait_connected(&[&m], 1)?;
+    row(
+        "upload",
+        "bytes_served",
+        sample_pull(&up, m.pull("shards@v1")?, "bytes_served")?,
+    );
+    drop(m);
+    drop(up);
+
+    Ok(json!({
+        "benchmark": "rates",
+        "dataset": "shards_v1",
+        "bytes": bytes,
+        "set_mb_per_s": mb,
+        "goal": "steady rate within 5% of the rate set",
+        "results": rows,
+    }))
+}

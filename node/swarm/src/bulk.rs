@@ -256,6 +256,11 @@ impl Client {
                         failed = true;
                         break;
                     }
+                    // Within the node's download rate: the blob stays in the socket (and the
+                    // sender's window fills) until it may be read.
+                    if let Some(rate) = &sw.download {
+                        rate.take(len as u64).await;
+                    }
                     // Bytes handed back to a reader get their own allocation: a slice would
                     // keep its whole pool buffer alive for as long as the reader holds it.
                     let mut own = bytes::BytesMut::new();
@@ -806,7 +811,11 @@ async fn write_groups(
                 sent += b.len() as u64;
             }
         }
-        // A turn on the uplink first: the peers furthest behind are served first.
+        // Within the node's upload rate, then a turn on the uplink: the peers furthest
+        // behind are served first.
+        if let Some(rate) = &swarm.upload {
+            rate.take(sent).await;
+        }
         let behind = swarm
             .table
             .borrow()

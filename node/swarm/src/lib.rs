@@ -16,6 +16,7 @@ mod gate;
 pub mod limits;
 pub mod metrics;
 mod p2p;
+pub mod rate;
 pub mod roster;
 mod tls;
 mod turns;
@@ -85,6 +86,8 @@ pub struct SwarmConfig {
     pub mdns: bool,
     /// Connection and buffer bounds of the listeners.
     pub limits: crate::limits::Limits,
+    /// Upload and download rates (the origin rate is the node's: `shoal_node::origins`).
+    pub rates: rate::RateLimits,
 }
 
 /// What a node says about one version.
@@ -415,6 +418,9 @@ pub struct Swarm {
     pub(crate) next_token: AtomicU64,
     /// Whom the uplink serves next: the bulk writers take turns, neediest peer first.
     pub(crate) turns: turns::Turns,
+    /// What this node sends its peers, and receives from them, per second at most.
+    pub(crate) upload: Option<rate::Rate>,
+    pub(crate) download: Option<rate::Rate>,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -479,6 +485,9 @@ pub struct Status {
     /// Mounts the daemon serves now.
     #[serde(default)]
     pub mounts: Vec<MountStatus>,
+    /// The node's rate limits, bytes per second (null: unlimited).
+    #[serde(default)]
+    pub rates: rate::RateLimits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -744,6 +753,11 @@ impl Swarm {
             readers_passed_over: c.readers_passed_over.load(Ordering::Relaxed),
             readers_passed_over_by_lag: c.readers_passed_over_by_lag.load(Ordering::Relaxed),
             mounts: Vec::new(),
+            rates: rate::RateLimits {
+                origin: None,
+                upload: self.upload.as_ref().map(rate::Rate::per_second),
+                download: self.download.as_ref().map(rate::Rate::per_second),
+            },
         }
     }
 

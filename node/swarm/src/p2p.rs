@@ -369,6 +369,8 @@ pub async fn start(
         through: Mutex::default(),
         next_token: AtomicU64::new(0),
         turns: super::turns::Turns::new(super::turns::SLOTS),
+        upload: cfg.rates.upload.and_then(super::rate::Rate::new),
+        download: cfg.rates.download.and_then(super::rate::Rate::new),
     });
     let tls = super::tls::server(&shared.keypair)
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
