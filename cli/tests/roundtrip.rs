@@ -233,6 +233,46 @@ fn unreachable_origins_fail_quickly_and_clearly() {
     assert!(err.contains("unsupported scheme"), "{err}");
 }
 
+/// `[rates] origin` holds a command run without a daemon too; a bad rate is one line naming
+/// the key and the file.
+#[test]
+fn config_file_rates_hold_a_pull_without_a_daemon() {
+    let env = Env::new();
+    let src = env.path("src");
+    write(&src.join("big"), &random_bytes(7, 6_000_000));
+    env.json(&["publish", src.to_str().unwrap(), "demo@v1"]);
+    let other = env.peer("other");
+    std::fs::create_dir_all(&other.home).unwrap();
+    let config = other.home.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trusted_keys = [{:?}]\n[rates]\norigin = \"2MB/s\"\n",
+            env.key()
+        ),
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let r = other.json(&["pull", "demo@v1", "--no-files"]);
+    let secs = t.elapsed().as_secs_f64();
+    let moved = r["bytes_from_origin"].as_u64().unwrap();
+    assert!(moved >= 6_000_000, "{r}");
+    // The rate, its 100 ms bucket, 5 %: 6 MB take at least 2.7 s.
+    assert!(
+        moved as f64 <= 2e6 * (secs + 0.1) * 1.05 + 65536.0,
+        "{moved} bytes in {secs:.2} s, over 2 MB/s"
+    );
+
+    std::fs::write(&config, "[rates]\nupload = \"lots\"\n").unwrap();
+    let err = other.fails(&["versions", "demo"]);
+    assert!(
+        err.contains("[rates] upload in ")
+            && err.contains("config.toml \"lots\": expected bytes per second"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn config_file_sets_origin_and_trusted_keys() {
     let env = Env::new();
