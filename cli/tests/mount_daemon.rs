@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{assert_eio_within, is_mounted, random_bytes, write, Nginx, BIN};
+use common::cluster::setup;
+use common::{assert_eio_within, assert_same_tree, is_mounted, random_bytes, write, Nginx, BIN};
 use serde_json::Value;
 use shoal_testnet::{wait_for, Cluster};
 use std::path::Path;
@@ -491,4 +492,159 @@ fn the_systemd_unit_verifies_and_its_sandbox_still_mounts() {
     );
     assert_eq!(std::fs::read(mp.join("d/shard")).unwrap(), bytes);
     drop(m);
+}
+
+/// Every series the Grafana dashboard (deploy/grafana/shoal.json) plots is on a node's
+/// `/metrics` while it pulls from a peer in its zone and serves a mount: scraped for real,
+/// with the values that say what happened.
+#[test]
+fn every_dashboard_panel_has_its_series_during_a_real_pull_and_mount() {
+    let mut c = Cluster::new(BIN);
+    let (src, bytes) = setup(&c);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let b = c.node("b", &["--zone", "z1"], &[]);
+    // Slow enough to be scraped while it pulls.
+    let a = c.node(
+        "a",
+        &[
+            "--zone",
+            "z1",
+            "--metrics",
+            &metrics,
+            "--download-rate",
+            "3MB",
+        ],
+        &[],
+    );
+    c.nodes[a].wait_peers(1);
+    c.nodes[b].json(&["pull", "ds@v1", "--no-files"]);
+
+    let scrape = || -> String {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", &format!("http://{metrics}/metrics")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scraping {metrics}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Series seen with a sample (name and labels), and the last value of each.
+    let mut seen: std::collections::HashMap<String, f64> = Default::default();
+    let mut take = |text: &str| {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            seen.insert(series.to_string(), value.parse().unwrap());
+        }
+    };
+    let mut pull = c.nodes[a]
+        .cmd(&["--json", "pull", "ds@v1", "--no-files"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut during = 0;
+    while pull.try_wait().unwrap().is_none() {
+        let text = scrape();
+        if text.contains("shoal_pull_done_bytes{") {
+            during += 1;
+        }
+        take(&text);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = pull.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(during > 0, "no scrape saw the pull under way");
+
+    let mp = c.dir.path().join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let log = c.dir.path().join("mount.log");
+    let m = MountCmd::start(
+        &c.nodes[a],
+        &["mount", "ds@v1", mp.to_str().unwrap(), "--prefetch", "none"],
+        &mp,
+        &log,
+    );
+    assert_same_tree(&src, &mp);
+    take(&scrape());
+    drop(m);
+
+    let names: std::collections::HashSet<&str> =
+        seen.keys().map(|s| s.split('{').next().unwrap()).collect();
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/shoal.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 15);
+    for p in panels {
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let used = metric_names(expr);
+            assert!(
+                !used.is_empty(),
+                "panel {}: no shoal metric in {expr}",
+                p["title"]
+            );
+            for name in used {
+                assert!(
+                    names.contains(name.as_str()),
+                    "panel {} plots {name}, which /metrics did not have; it had {names:?}",
+                    p["title"]
+                );
+            }
+        }
+    }
+    // The values say what happened: a's chunks came from a peer in its zone, some origin
+    // requests (the version's metadata) were made and timed, the mount's reads were timed.
+    // (with its download rate, a reads from the origin what b cannot send in time).
+    let zone = seen[r#"shoal_bytes_received_by_source_total{source="zone"}"#];
+    let origin = seen[r#"shoal_bytes_received_by_source_total{source="origin"}"#];
+    let rack = seen[r#"shoal_bytes_received_by_source_total{source="rack"}"#];
+    assert!(
+        zone >= bytes as f64 / 3.0 && zone + origin >= bytes as f64 && rack == 0.0,
+        "{zone} bytes from the zone, {origin} from the origin, {rack} from the rack, of {bytes}"
+    );
+    let reads = seen["shoal_mount_read_seconds_count"];
+    assert!(reads > 0.0, "no mount read timed");
+    assert!(
+        seen.iter()
+            .any(|(k, v)| k.starts_with("shoal_origin_requests_total{") && *v > 0.0),
+        "no origin request counted"
+    );
+    assert!(
+        seen.iter()
+            .any(|(k, v)| k.starts_with("shoal_cache_hits_total{") && *v > 0.0),
+        "no cache hit counted"
+    );
+}
+
+/// The `shoal_*` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("shoal_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
 }

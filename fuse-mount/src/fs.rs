@@ -40,6 +40,18 @@ pub struct MountOptions {
     pub gid: u32,
     /// Modification time shown for every file (the version's creation time).
     pub mtime: SystemTime,
+    /// Told of every read the mount answers: how long it took, and whether it failed.
+    pub observe_reads: Option<ReadObserver>,
+}
+
+/// Called with each read's duration and whether it failed (for a latency histogram).
+#[derive(Clone)]
+pub struct ReadObserver(pub Arc<dyn Fn(Duration, bool) + Send + Sync>);
+
+impl std::fmt::Debug for ReadObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadObserver")
+    }
 }
 
 impl Default for MountOptions {
@@ -54,6 +66,7 @@ impl Default for MountOptions {
             uid: 0,
             gid: 0,
             mtime: SystemTime::UNIX_EPOCH,
+            observe_reads: None,
         }
     }
 }
@@ -558,17 +571,23 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         reply: ReplyData,
     ) {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        match self.read_at(ino.0, offset, size) {
+        let started = std::time::Instant::now();
+        let failed = match self.read_at(ino.0, offset, size) {
             Ok(data) => {
                 self.stats
                     .bytes_read
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                reply.data(&data)
+                reply.data(&data);
+                false
             }
             Err(e) => {
                 self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                reply.error(errno(e))
+                reply.error(errno(e));
+                true
             }
+        };
+        if let Some(o) = &self.opts.observe_reads {
+            (o.0)(started.elapsed(), failed);
         }
     }
 

@@ -14,7 +14,9 @@ pub mod layout;
 pub mod model;
 pub mod push;
 
-pub use fs::{raise_readahead, spawn, MountConfig, MountOptions, MountStats, ShoalFs};
+pub use fs::{
+    raise_readahead, spawn, MountConfig, MountOptions, MountStats, ReadObserver, ShoalFs,
+};
 pub use fuser::BackgroundSession;
 pub use layout::{FileLayout, Piece};
 pub use model::{Attr, Inodes, Kind, Source, SourceError};

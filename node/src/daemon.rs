@@ -298,9 +298,17 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         }
     }
     node.attach_swarm(sw.clone());
+    let node = Arc::new(node);
     tokio::spawn(watch_held(home.clone(), store.clone(), sw.clone()));
     if let Some(addr) = opts.metrics {
-        let bound = swarm::metrics::serve(sw.clone(), addr, opts.limits.max_metrics_clients)?;
+        let n = node.clone();
+        let extra: swarm::metrics::Extra = Arc::new(move |reg| n.metrics().register(&n, reg));
+        let bound = swarm::metrics::serve(
+            sw.clone(),
+            addr,
+            opts.limits.max_metrics_clients,
+            Some(extra),
+        )?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
     // The state directory is 0700 (checked above), so the socket is out of other users'
@@ -315,7 +323,7 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
     ready(&sw.status());
 
     let daemon = Arc::new(Daemon {
-        node: Arc::new(node),
+        node,
         others: Mutex::default(),
         mounts: Mutex::default(),
     });
@@ -651,6 +659,7 @@ async fn handle(
         } => {
             let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
+            let _listed = n.metrics().pull(&reference.to_string(), progress.clone());
             let r = n
                 .pull_select(&reference, to.as_deref(), &select, &progress)
                 .await?;
@@ -678,6 +687,7 @@ async fn handle(
         } => {
             let n = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
+            let _listed = n.metrics().pull(&reference.to_string(), progress.clone());
             let r = n.pin_select(&reference, &select, &progress).await?;
             n.store()?.flush()?;
             serde_json::to_value(r)

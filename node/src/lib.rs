@@ -12,6 +12,7 @@ pub mod error;
 mod fetch;
 pub mod home;
 mod inspect;
+pub mod metrics;
 pub mod mount;
 pub mod origins;
 pub mod progress;
@@ -72,6 +73,8 @@ pub struct Node {
     store: Mutex<Option<Arc<TieredStore>>>,
     swarm: OnceLock<Arc<Swarm>>,
     whole_files: Arc<OnceLock<Option<Arc<wholefiles::WholeFiles>>>>,
+    /// Mount latency and pulls under way, for the metrics endpoint (shared with siblings).
+    metrics: Arc<metrics::NodeMetrics>,
 }
 
 impl Node {
@@ -89,6 +92,7 @@ impl Node {
             store: Mutex::new(None),
             swarm: OnceLock::new(),
             whole_files: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -104,6 +108,7 @@ impl Node {
             store: Mutex::new(self.store.lock().expect("store slot poisoned").clone()),
             swarm: OnceLock::new(),
             whole_files: self.whole_files.clone(),
+            metrics: self.metrics.clone(),
         };
         if let Some(s) = self.swarm.get() {
             let _ = n.swarm.set(s.clone());
@@ -124,6 +129,11 @@ impl Node {
 
     pub fn swarm(&self) -> Option<&Arc<Swarm>> {
         self.swarm.get()
+    }
+
+    /// Mount latency and pulls under way (what `shoal node run --metrics` adds to the swarm's).
+    pub fn metrics(&self) -> &Arc<metrics::NodeMetrics> {
+        &self.metrics
     }
 
     /// How the local cache is laid out: memory, the primary store's capacity, more disk tiers.

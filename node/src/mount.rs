@@ -584,6 +584,7 @@ impl Node {
             uid: meta.uid(),
             gid: meta.gid(),
             mtime: UNIX_EPOCH + Duration::from_secs(m.created_unix),
+            observe_reads: Some(self.metrics().read_observer()),
             ..defaults
         };
         let root = m.root;

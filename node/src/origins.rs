@@ -11,6 +11,10 @@
 
 use crate::error::{Error, Result};
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use shoal_registry::pack::AnyIndex;
 use shoal_registry::{AnyTag, DatasetName, Hash, Origin, OriginError, SignedVersion};
 use shoal_sched::origins::{OriginInfo, OriginSet};
@@ -75,6 +79,57 @@ pub struct Origins {
     freed: tokio::sync::Notify,
     /// Bytes per second this node reads from its origins together (`[rates] origin`).
     rate: Option<Arc<Rate>>,
+    /// Requests, bytes, errors and latency per origin, for the metrics endpoint.
+    metrics: OriginMetrics,
+}
+
+/// Per-origin counters and a latency histogram, labelled by the origin's URL.
+#[derive(Debug, Clone)]
+pub struct OriginMetrics {
+    requests: Family<Vec<(String, String)>, Counter>,
+    errors: Family<Vec<(String, String)>, Counter>,
+    bytes: Family<Vec<(String, String)>, Counter>,
+    seconds: Family<Vec<(String, String)>, Histogram>,
+}
+
+impl Default for OriginMetrics {
+    fn default() -> Self {
+        OriginMetrics {
+            requests: Family::default(),
+            errors: Family::default(),
+            bytes: Family::default(),
+            // 1 ms to 33 s.
+            seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+        }
+    }
+}
+
+impl OriginMetrics {
+    /// Registers the families (shared: the registry is built afresh on every scrape).
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "origin_requests",
+            "Requests made to each origin (ranged pack reads, pack indexes)",
+            self.requests.clone(),
+        );
+        reg.register(
+            "origin_errors",
+            "Origin requests that failed, timed out or returned a wrong length",
+            self.errors.clone(),
+        );
+        reg.register(
+            "origin_read_bytes",
+            "Bytes of packs read from each origin",
+            self.bytes.clone(),
+        );
+        reg.register(
+            "origin_request_seconds",
+            "How long each origin request took (ended ones, failed or not)",
+            self.seconds.clone(),
+        );
+    }
 }
 
 impl std::fmt::Debug for Origins {
@@ -142,7 +197,29 @@ impl Origins {
             set: Mutex::new(set),
             freed: tokio::sync::Notify::new(),
             rate: None,
+            metrics: OriginMetrics::default(),
         }
+    }
+
+    /// Per-origin requests, errors, bytes and latency.
+    pub fn metrics(&self) -> &OriginMetrics {
+        &self.metrics
+    }
+
+    /// Counts one ended request at origin `i`.
+    fn count(&self, i: usize, took: Duration, bytes: u64, failed: bool) {
+        let label = vec![("origin".to_string(), self.list[i].url().to_string())];
+        let m = &self.metrics;
+        m.requests.get_or_create(&label).inc();
+        // Created at 0 with the first request: a dashboard shows "no errors", not "no data".
+        let errors = m.errors.get_or_create(&label);
+        if failed {
+            errors.inc();
+        }
+        if bytes > 0 {
+            m.bytes.get_or_create(&label).inc_by(bytes);
+        }
+        m.seconds.get_or_create(&label).observe(took.as_secs_f64());
     }
 
     /// These origins read within `rate` (shared with other `Origins` of the same node).
@@ -241,6 +318,7 @@ impl Origins {
     }
 
     fn small_done<T>(&self, i: usize, took: Duration, r: &Result<T, OriginError>) {
+        self.count(i, took, 0, matches!(r, Err(e) if !e.is_not_found()));
         let mut set = self.set.lock().expect("origin set poisoned");
         match r {
             Ok(_) => set.answered(i, took),
@@ -408,6 +486,11 @@ impl Origins {
             let t = Instant::now();
             let r = tokio::time::timeout(deadline, self.list[i].read_pack(id, range.clone())).await;
             guard.done = true;
+            let took = t.elapsed();
+            match &r {
+                Ok(Ok(data)) => self.count(i, took, data.len() as u64, data.len() as u64 != bytes),
+                _ => self.count(i, took, 0, true),
+            }
             let mut set = self.set.lock().expect("origin set poisoned");
             match r {
                 Ok(Ok(data)) if data.len() as u64 == bytes => {

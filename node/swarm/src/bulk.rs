@@ -354,6 +354,14 @@ impl Client {
                     })
                     .sum();
                 if bytes > 0 {
+                    let distance = swarm
+                        .table
+                        .borrow()
+                        .peers
+                        .get(&peer)
+                        .map_or(3, |p| swarm.labels.distance(&p.labels));
+                    swarm.counters.bytes_from_peers_by_distance[(distance as usize).min(3)]
+                        .fetch_add(bytes, Ordering::Relaxed);
                     let secs = start.elapsed().as_secs_f64().max(1e-4);
                     let rate = bytes as f64 / secs;
                     // A counter: dropped, not waited for, when the event loop is busy.

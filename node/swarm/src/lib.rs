@@ -360,6 +360,9 @@ pub struct Counters {
     /// by `reader_lag` (about a second) rather than a quiet spell.
     pub readers_passed_over: AtomicU64,
     pub readers_passed_over_by_lag: AtomicU64,
+    /// Chunk bytes received from peers, verified, by the peer's distance: same rack, same
+    /// zone, same region, farther (or unlabelled).
+    pub bytes_from_peers_by_distance: [AtomicU64; 4],
 }
 
 /// Commands to the event loop, through a bounded queue ([`p2p::CMD_QUEUE`]). Those sent with

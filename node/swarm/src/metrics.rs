@@ -2,15 +2,19 @@
 
 use super::Swarm;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// More metrics, registered by the node on every scrape (cache tiers, mounts, origins, pulls).
+pub type Extra = Arc<dyn Fn(&mut Registry) + Send + Sync>;
+
 /// Renders the node's counters in the Prometheus text format.
-pub fn render(swarm: &Swarm) -> String {
+pub fn render(swarm: &Swarm, extra: Option<&Extra>) -> String {
     let c = &swarm.counters;
     let (peers, connected) = {
         let t = swarm.table();
@@ -77,6 +81,25 @@ pub fn render(swarm: &Swarm) -> String {
         ConstGauge::new(connected),
     );
     reg.register("peers_known", "Peers ever seen", ConstGauge::new(peers));
+    // Where received chunk bytes came from, by class: peers by distance, then the origins.
+    let by_source = Family::<Vec<(String, String)>, Counter>::default();
+    let classes = ["rack", "zone", "region", "farther"];
+    for (class, n) in classes.iter().zip(&c.bytes_from_peers_by_distance) {
+        by_source
+            .get_or_create(&vec![("source".into(), class.to_string())])
+            .inc_by(load(n));
+    }
+    by_source
+        .get_or_create(&vec![("source".into(), "origin".into())])
+        .inc_by(load(&c.bytes_from_origin));
+    reg.register(
+        "bytes_received_by_source",
+        "Chunk bytes received, by source: peers in the same rack, zone, region, or farther; origins",
+        by_source,
+    );
+    if let Some(extra) = extra {
+        extra(&mut reg);
+    }
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
@@ -91,6 +114,7 @@ pub fn serve(
     swarm: Arc<Swarm>,
     addr: SocketAddr,
     max_clients: usize,
+    extra: Option<Extra>,
 ) -> crate::error::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)
         .map_err(|e| crate::error::Error::Net(format!("metrics endpoint on {addr}: {e}")))?;
@@ -117,10 +141,12 @@ pub fn serve(
                 continue; // dropped: closes the connection
             };
             let swarm = swarm.clone();
+            let extra = extra.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         let swarm = swarm.clone();
+                        let extra = extra.clone();
                         async move {
                             let resp = if req.uri().path() == "/metrics" {
                                 hyper::Response::builder()
@@ -130,6 +156,7 @@ pub fn serve(
                                     )
                                     .body(http_body_util::Full::new(bytes::Bytes::from(render(
                                         &swarm,
+                                        extra.as_ref(),
                                     ))))
                             } else {
                                 hyper::Response::builder().status(404).body(
