@@ -4,7 +4,7 @@
 # pyarrow (a real Parquet reader through the mount), curl (the metrics endpoint), man-db
 # (the generated man pages rendered), systemd-analyze (the unit file checked),
 # kubernetes-validate (the Kubernetes manifests checked against the API's schemas), podman
-# (the container image run as three nodes).
+# (the container image run as three nodes), the repository's Python package (fsspec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +39,8 @@ if [ ${#pips[@]} -gt 0 ]; then
   python3 -m pip install --quiet --disable-pip-version-check "${pips[@]}"
   hash -r
 fi
+# The repository's Python package (and fsspec with it), as a user installs it.
+python3 -m pip install --quiet --disable-pip-version-check ./python
 { command -v moto_server && command -v kubernetes-validate; } >/dev/null || export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 
 cargo fmt --all -- --check

@@ -648,3 +648,123 @@ fn metric_names(expr: &str) -> Vec<String> {
     }
     out
 }
+
+/// The Python package (`python/`, fsspec) reads a version through the daemon without a mount:
+/// pyarrow reads a Parquet file's row groups in random order, four forked loader processes
+/// read every small file, and the epoch order helper hands the daemon its order; every byte
+/// checked against the source in Python.
+#[test]
+fn python_reads_versions_through_the_daemon_without_a_mount() {
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    for i in 0..300u64 {
+        write(
+            &src.join(format!("img/{:02}/{i:04}.jpg", i % 17)),
+            &random_bytes(5000 + i, 1000 + (i as usize * 37) % 9000),
+        );
+    }
+    let py = |script: &str, env: &[(&str, &std::path::Path)]| {
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", script])
+            .env(
+                "PYTHONPATH",
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
+            )
+            .env("SRC", &src);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("python3");
+        assert!(
+            out.status.success(),
+            "python: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // A real Parquet file of several row groups, written by pyarrow.
+    py(
+        "import os, pyarrow as pa, pyarrow.parquet as pq\n\
+         n = 200_000\n\
+         t = pa.table({'id': pa.array(range(n), pa.int64()), \
+                       'text': pa.array([f'row {i} ' * (i % 7) for i in range(n)])})\n\
+         pq.write_table(t, os.path.join(os.environ['SRC'], 'table.parquet'), row_group_size=20_000)\n",
+        &[],
+    );
+    c.publish(&src, "ds@v1");
+    let a = c.node("a", &[], &[]);
+    let home = c.nodes[a].home.clone();
+    let out = py(
+        r#"
+import hashlib, os, random, multiprocessing as mp
+import fsspec, pyarrow.parquet as pq
+import shoalfs
+src = os.environ["SRC"]
+fs = fsspec.filesystem("shoal")
+assert isinstance(fs, shoalfs.ShoalFileSystem)
+
+# Parquet row groups in random order, against the source file.
+local = pq.ParquetFile(os.path.join(src, "table.parquet"))
+with fs.open("shoal://ds@v1/table.parquet", "rb") as f:
+    remote = pq.ParquetFile(f)
+    groups = list(range(remote.num_row_groups))
+    assert len(groups) == 10, groups
+    random.Random(7).shuffle(groups)
+    for g in groups:
+        assert remote.read_row_group(g).equals(local.read_row_group(g)), g
+print("parquet row groups", len(groups))
+
+# Every small file, by forked loader workers (each opens its own connection).
+files = sorted(p for p in fs.find("ds@v1/img"))
+assert len(files) == 300, len(files)
+rel = [p[len("ds@v1/"):] for p in files]
+order = shoalfs.EpochOrder(fs, "ds@v1", rel, seed=3)
+idx = order.epoch(0)
+assert sorted(idx) == list(range(300))
+
+def digest(path):
+    return path, hashlib.sha256(fsspec.filesystem("shoal").cat_file("shoal://ds@v1/" + path)).hexdigest()
+
+with mp.get_context("fork").Pool(4) as pool:
+    got = dict(pool.map(digest, [rel[i] for i in idx], chunksize=8))
+for p in rel:
+    want = hashlib.sha256(open(os.path.join(src, p), "rb").read()).hexdigest()
+    assert got[p] == want, p
+print("files", len(got))
+
+# Errors a reader meets: one line each, the right exception.
+try:
+    fs.info("ds@v1/img/nope.jpg")
+    raise SystemExit("no error for a missing file")
+except FileNotFoundError as e:
+    assert "nope.jpg" in str(e), e
+try:
+    fs.ls("ds@v9")
+    raise SystemExit("no error for a missing version")
+except shoalfs.ShoalError as e:
+    assert "ds@v9" in str(e), e
+print("errors ok")
+"#,
+        &[("SHOAL_HOME", &home)],
+    );
+    assert!(out.contains("parquet row groups 10"), "{out}");
+    assert!(out.contains("files 300"), "{out}");
+    assert!(out.contains("errors ok"), "{out}");
+    // With no daemon: one clear line.
+    c.nodes[a].stop();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import fsspec\ntry:\n  fsspec.filesystem('shoal').ls('ds@v1')\nexcept OSError as e:\n  print(e)",
+        ])
+        .env(
+            "PYTHONPATH",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python"),
+        )
+        .env("SHOAL_HOME", &home)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no shoal node daemon at"), "{text}");
+}

@@ -182,6 +182,55 @@ impl<S: Source> ShoalFs<S> {
         self.stats.clone()
     }
 
+    /// The inode at `path` ("a/b/c", relative to the root; "" is the root), following no
+    /// symlinks. For readers that do not go through the kernel (the daemon's file protocol).
+    pub fn resolve(&self, path: &str) -> Result<u64, ModelErrno> {
+        let mut ino = ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if part == ".." {
+                return Err(ModelErrno::NotFound);
+            }
+            ino = self.inodes.lookup(ino, part)?;
+        }
+        Ok(ino)
+    }
+
+    /// What `stat` shows for `ino`.
+    pub fn attr(&self, ino: u64) -> Result<Attr, ModelErrno> {
+        self.inodes.attr(ino)
+    }
+
+    /// A directory's entries with their attributes, in name order.
+    pub fn list(&self, ino: u64) -> Result<Vec<(String, Attr)>, ModelErrno> {
+        let children = self.inodes.children(ino)?;
+        children
+            .iter()
+            .map(|(name, child)| Ok((name.clone(), self.inodes.attr(*child)?)))
+            .collect()
+    }
+
+    /// Up to `size` bytes of file `ino` from `offset`, as a kernel read would get them (the
+    /// same prefetch, statistics and observer); blocks until they are fetched.
+    pub fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let r = self.read_at(ino, offset, size);
+        match &r {
+            Ok(data) => {
+                self.stats
+                    .bytes_read
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(o) = &self.opts.observe_reads {
+            (o.0)(started.elapsed(), r.is_err());
+        }
+        r
+    }
+
     fn file_attr(&self, a: &Attr) -> FileAttr {
         let kind = match a.kind {
             Kind::Dir { .. } => FileType::Directory,

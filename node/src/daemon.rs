@@ -76,6 +76,11 @@ pub enum Request {
         origin: String,
         spec: MountSpec,
     },
+    /// Read a version's files over this connection (`crate::files`: the Python package).
+    Files {
+        reference: String,
+        origin: String,
+    },
 }
 
 /// A request as sent: the operation, and publisher keys the CLI trusts (its config file and
@@ -326,6 +331,7 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
         node,
         others: Mutex::default(),
         mounts: Mutex::default(),
+        readers: Default::default(),
     });
     let clients = Arc::new(tokio::sync::Semaphore::new(opts.limits.max_local_clients));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -430,6 +436,8 @@ struct Daemon {
     others: Mutex<HashMap<String, Arc<Node>>>,
     /// Mount points served now, with the reference each serves.
     mounts: Mutex<HashMap<PathBuf, String>>,
+    /// Versions open for file sessions.
+    readers: crate::files::Readers,
 }
 
 impl Daemon {
@@ -532,7 +540,7 @@ async fn refuse(mut stream: UnixStream, limit: usize) {
 ///
 /// Not cancel-safe: a cancelled read may have consumed part of a line; the connection is then
 /// dropped, never read again.
-async fn read_request(
+pub(crate) async fn read_line(
     r: &mut (impl tokio::io::AsyncBufRead + Unpin),
 ) -> std::io::Result<Option<String>> {
     let mut buf = Vec::new();
@@ -562,7 +570,7 @@ async fn read_request(
 async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    let line = match tokio::time::timeout(REQUEST_WAIT, read_request(&mut r)).await {
+    let line = match tokio::time::timeout(REQUEST_WAIT, read_line(&mut r)).await {
         Err(_) => return Ok(()),
         Ok(Ok(None)) => return Ok(()),
         Ok(Ok(Some(line))) => line,
@@ -575,6 +583,21 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
             return Err(e);
         }
     };
+    // A file session keeps the connection: one operation per line.
+    if let Ok((Request::Files { reference, origin }, trusted, origins)) = parse_request(&line) {
+        let session = async {
+            let node = daemon.node_for(&origin, &origins, &trusted)?;
+            let reference: DatasetRef = reference.parse()?;
+            crate::files::serve(&daemon.readers, &node, &reference, &mut r, &mut w).await
+        };
+        if let Err(e) = session.await {
+            let mut l =
+                serde_json::to_string(&Reply::Error(ErrorReply::of(&e))).expect("serializes");
+            l.push('\n');
+            let _ = w.write_all(l.as_bytes()).await;
+        }
+        return Ok(());
+    }
     // One request per connection: the client closing its end means it went away. Whatever
     // else it sends is read and dropped, a buffer at a time.
     let gone = async move {
@@ -634,6 +657,12 @@ async fn handle(
 ) -> Result<serde_json::Value> {
     let (request, trusted, origins) = parse_request(&line)?;
     Ok(match request {
+        // Served by `serve` before it gets here.
+        Request::Files { .. } => {
+            return Err(Error::Net(
+                "a file session is served on its own connection".into(),
+            ))
+        }
         Request::Status => {
             let mut status = daemon.node.swarm().expect("attached").status();
             let mut mounts: Vec<swarm::MountStatus> = daemon

@@ -10,6 +10,7 @@ mod cache;
 pub mod daemon;
 pub mod error;
 mod fetch;
+pub mod files;
 pub mod home;
 mod inspect;
 pub mod metrics;

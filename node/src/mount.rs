@@ -53,6 +53,7 @@ struct Inflight {
 }
 
 /// Blob access for a mount: bounded waits, de-duplicated fetches, background prefetch.
+#[derive(Clone)]
 pub struct MountSource {
     inner: Arc<Inner>,
 }
@@ -455,6 +456,12 @@ pub enum Passthrough {
     Auto,
     On,
     Off,
+}
+
+impl MountSpec {
+    /// How far a read order is fetched ahead of the reader unless asked otherwise (as
+    /// `shoal mount --read-ahead`'s default).
+    pub const DEFAULT_READ_AHEAD: u64 = 512 << 20;
 }
 
 /// How to mount a version: what `shoal mount` asks for, in-process or of the daemon.
