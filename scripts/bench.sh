@@ -6,6 +6,7 @@
 #   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers] [--second-origin 200mbit]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
+#   scripts/bench.sh python [--workers 8]   (shoalfs/fsspec against the FUSE mount, warm)
 #   scripts/bench.sh rates [--mb 100]   (origin, download and upload limits against the rate set)
 #   scripts/bench.sh origins-netns [--rates 100mbit,300mbit] [--no-peers]   (two origins, one node)
 #   scripts/bench.sh origins-data [--no-peers]   (in-place vs packed publish; replicate vs rclone, aws s3 sync)

@@ -583,20 +583,33 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
             return Err(e);
         }
     };
-    // A file session keeps the connection: one operation per line.
+    // A file session keeps the connection, served on a blocking thread of its own.
     if let Ok((Request::Files { reference, origin }, trusted, origins)) = parse_request(&line) {
-        let session = async {
+        let opened = async {
             let node = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
-            crate::files::serve(&daemon.readers, &node, &reference, &mut r, &mut w).await
+            crate::files::open(&daemon.readers, &node, &reference).await
         };
-        if let Err(e) = session.await {
-            let mut l =
-                serde_json::to_string(&Reply::Error(ErrorReply::of(&e))).expect("serializes");
-            l.push('\n');
-            let _ = w.write_all(l.as_bytes()).await;
-        }
-        return Ok(());
+        let session = match opened.await {
+            Ok(s) => s,
+            Err(e) => {
+                let mut l = serde_json::to_string(&serde_json::json!({ "error": e.to_string() }))
+                    .expect("serializes");
+                l.push('\n');
+                return w.write_all(l.as_bytes()).await;
+            }
+        };
+        let buffered = r.buffer().to_vec();
+        let stream = r
+            .into_inner()
+            .reunite(w)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .into_std()?;
+        return tokio::task::spawn_blocking(move || {
+            crate::files::serve_blocking(session, stream, buffered)
+        })
+        .await
+        .unwrap_or(Ok(()));
     }
     // One request per connection: the client closing its end means it went away. Whatever
     // else it sends is read and dropped, a buffer at a time.

@@ -27,7 +27,6 @@ use shoal_registry::DatasetRef;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt};
 
 /// Most bytes one read may ask for.
 pub const MAX_READ: u32 = 64 << 20;
@@ -140,138 +139,135 @@ impl Readers {
     }
 }
 
-/// Serves one file session on a connection whose first line asked for `reference`.
+/// A session's version, opened.
+pub struct Session {
+    reader: Arc<Reader>,
+    source: MountSource,
+    version: String,
+    root: shoal_registry::Hash,
+}
+
+/// Opens `reference` for a session (resolved and verified at `node`'s origins).
 ///
-/// Cancel-safe: dropping it closes the session; reads under way finish on their threads.
-pub async fn serve(
-    readers: &Readers,
-    node: &Node,
-    reference: &DatasetRef,
-    r: &mut (impl AsyncBufRead + Unpin),
-    w: &mut (impl AsyncWrite + Unpin),
-) -> Result<()> {
-    let io = |e: std::io::Error| Error::Net(format!("file session: {e}"));
-    let (Opened { reader, source, .. }, version, root) = match readers.open(node, reference).await {
-        Ok(x) => x,
-        Err(e) => {
-            line(w, &serde_json::json!({ "error": e.to_string() }))
-                .await
-                .map_err(io)?;
-            return Ok(());
-        }
-    };
-    line(
-        w,
-        &serde_json::json!({ "ok": { "version": version, "root": root } }),
-    )
-    .await
-    .map_err(io)?;
-    let root_hash: shoal_registry::Hash = root
+/// Cancel-safe: it only reads; a reader opened is kept for later sessions.
+pub async fn open(readers: &Readers, node: &Node, reference: &DatasetRef) -> Result<Session> {
+    let (Opened { reader, source, .. }, version, root) = readers.open(node, reference).await?;
+    let root = root
         .trim_start_matches("b3:")
         .parse()
         .map_err(|_| Error::Net("file session: bad root".into()))?;
+    Ok(Session {
+        reader,
+        source,
+        version,
+        root,
+    })
+}
+
+/// Serves a session on `stream` until the client closes it or is silent for [`IDLE`], on the
+/// calling thread (a blocking one: every operation blocks until its bytes are fetched, and no
+/// hand-off between threads per operation). `buffered` is what was read past the first line.
+pub fn serve_blocking(
+    session: Session,
+    stream: std::os::unix::net::UnixStream,
+    buffered: Vec<u8>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, Read, Write};
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IDLE))?;
+    let mut r = std::io::BufReader::with_capacity(
+        64 << 10,
+        std::io::Cursor::new(buffered).chain(stream.try_clone()?),
+    );
+    let mut w = std::io::BufWriter::with_capacity(256 << 10, stream);
+    let put = |w: &mut std::io::BufWriter<_>, v: &serde_json::Value| -> std::io::Result<()> {
+        serde_json::to_writer(&mut *w, v)?;
+        w.write_all(b"\n")
+    };
+    put(
+        &mut w,
+        &serde_json::json!({ "ok": { "version": session.version, "root": format!("b3:{}", session.root) } }),
+    )?;
+    w.flush()?;
+    let rd = &session.reader;
+    let mut text = Vec::new();
     loop {
-        let text = match tokio::time::timeout(IDLE, crate::daemon::read_line(r)).await {
-            Err(_) | Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(t))) => t,
-            Ok(Err(e)) => {
-                let _ = line(
-                    w,
-                    &serde_json::json!({ "error": format!("bad request: {e}") }),
-                )
-                .await;
-                return Ok(());
-            }
-        };
-        let op: Op = match serde_json::from_str(&text) {
+        text.clear();
+        let n = (&mut r)
+            .take(crate::daemon::MAX_REQUEST_LINE as u64 + 1)
+            .read_until(b'\n', &mut text)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if text.last() != Some(&b'\n') {
+            put(
+                &mut w,
+                &serde_json::json!({ "error": "bad request: too long or cut short" }),
+            )?;
+            return w.flush();
+        }
+        let op: Op = match serde_json::from_slice(&text) {
             Ok(op) => op,
             Err(e) => {
-                line(
-                    w,
+                put(
+                    &mut w,
                     &serde_json::json!({ "error": format!("bad request: {e}") }),
-                )
-                .await
-                .map_err(io)?;
+                )?;
+                w.flush()?;
                 continue;
             }
         };
         match op {
             Op::Order { paths } => {
                 let n = paths.len();
-                source.spawn_background(root_hash, paths, false, MountSpec::DEFAULT_READ_AHEAD);
-                line(w, &serde_json::json!({ "ok": n })).await.map_err(io)?;
+                session.source.spawn_background(
+                    session.root,
+                    paths,
+                    false,
+                    MountSpec::DEFAULT_READ_AHEAD,
+                );
+                put(&mut w, &serde_json::json!({ "ok": n }))?;
             }
             Op::Stat { path } => {
-                let rd = reader.clone();
-                let p = path.clone();
-                let got = tokio::task::spawn_blocking(move || {
-                    let ino = rd.resolve(&p)?;
-                    rd.attr(ino)
-                })
-                .await
-                .map_err(|e| Error::Net(format!("file session: {e}")))?;
                 let name = path.rsplit('/').next().unwrap_or("").to_string();
-                let v = match got {
+                let v = match rd.resolve(&path).and_then(|ino| rd.attr(ino)) {
                     Ok(a) => serde_json::json!({ "ok": entry(name, &a) }),
                     Err(e) => errno_reply(&e, &path),
                 };
-                line(w, &v).await.map_err(io)?;
+                put(&mut w, &v)?;
             }
             Op::Ls { path } => {
-                let rd = reader.clone();
-                let p = path.clone();
-                let got = tokio::task::spawn_blocking(move || {
-                    let ino = rd.resolve(&p)?;
-                    rd.list(ino)
-                })
-                .await
-                .map_err(|e| Error::Net(format!("file session: {e}")))?;
-                let v = match got {
+                let v = match rd.resolve(&path).and_then(|ino| rd.list(ino)) {
                     Ok(list) => serde_json::json!({
                         "ok": list.into_iter().map(|(n, a)| entry(n, &a)).collect::<Vec<_>>()
                     }),
                     Err(e) => errno_reply(&e, &path),
                 };
-                line(w, &v).await.map_err(io)?;
+                put(&mut w, &v)?;
             }
             Op::Read { path, offset, len } => {
                 if len > MAX_READ {
-                    line(
-                        w,
+                    put(
+                        &mut w,
                         &serde_json::json!({ "error": format!("read of {len} bytes: at most {MAX_READ} at once"), "errno": "EINVAL" }),
-                    )
-                    .await
-                    .map_err(io)?;
-                    continue;
-                }
-                let rd = reader.clone();
-                let p = path.clone();
-                let got = tokio::task::spawn_blocking(move || {
-                    let ino = rd.resolve(&p)?;
-                    rd.read_file(ino, offset, len)
-                })
-                .await
-                .map_err(|e| Error::Net(format!("file session: {e}")))?;
-                match got {
-                    Ok(data) => {
-                        line(w, &serde_json::json!({ "ok": { "len": data.len() } }))
-                            .await
-                            .map_err(io)?;
-                        w.write_all(&data).await.map_err(io)?;
+                    )?;
+                } else {
+                    match rd
+                        .resolve(&path)
+                        .and_then(|ino| rd.read_file(ino, offset, len))
+                    {
+                        Ok(data) => {
+                            put(&mut w, &serde_json::json!({ "ok": { "len": data.len() } }))?;
+                            w.write_all(&data)?;
+                        }
+                        Err(e) => put(&mut w, &errno_reply(&e, &path))?,
                     }
-                    Err(e) => line(w, &errno_reply(&e, &path)).await.map_err(io)?,
                 }
             }
         }
-        w.flush().await.map_err(io)?;
+        // Answers of operations already sent go out together.
+        if r.buffer().is_empty() {
+            w.flush()?;
+        }
     }
-}
-
-/// Writes one JSON line.
-///
-/// Not cancel-safe: a cancelled write leaves part of the line; the session is then closed.
-async fn line(w: &mut (impl AsyncWrite + Unpin), v: &serde_json::Value) -> std::io::Result<()> {
-    let mut l = serde_json::to_vec(v).expect("serializes");
-    l.push(b'\n');
-    w.write_all(&l).await
 }

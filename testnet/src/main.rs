@@ -125,6 +125,12 @@ enum Cmd {
         #[arg(long, default_value_t = 100.0)]
         mb: f64,
     },
+    /// Python without FUSE: shoalfs (fsspec) against the FUSE mount of the same daemon, warm,
+    /// 1 and WORKERS reader processes, shards_v1 and images_v1.
+    Python {
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+    },
     /// Scenario 3: two zones joined by a shaped link; bytes received by source zone.
     SwarmZones {
         #[arg(long, default_value = "200mbit")]
@@ -961,6 +967,7 @@ fn main() -> Result<()> {
             },
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
         ),
+        Cmd::Python { workers } => ("python", swarm_bench::python_vs_mount(&args, *workers)?),
         Cmd::Rates { mb } => ("rates", swarm_bench::rates(&args, *mb)?),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
         Cmd::OriginsData { no_peers } => ("origins_data", origins_bench::run(&args, !*no_peers)?),

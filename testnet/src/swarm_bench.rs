@@ -1571,3 +1571,87 @@ pub fn rates(args: &Args, mb: f64) -> Result<Value> {
         "results": rows,
     }))
 }
+
+/// Python without FUSE against the mount: the same daemon serves a version both through a FUSE
+/// mount and through `shoalfs` (fsspec); `testnet/bench_python.py` reads every file whole,
+/// warm, by 1 and by `workers` processes, through each. shards_v1 (large files) and images_v1
+/// (20,000 small files).
+pub fn python_vs_mount(args: &Args, workers: usize) -> Result<Value> {
+    let data = ensure_data(args)?;
+    let work = args.bench_root.join("work/python");
+    std::fs::create_dir_all(&work)?;
+    let origin = work.join("origin").display().to_string();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut out = serde_json::Map::new();
+    for ds in ["shards", "images"] {
+        let reference = format!("{ds}@v1");
+        let trusted = publish(&work, &origin, &data.join(format!("{ds}_v1")), &reference)?;
+        let d = Daemon::start(
+            {
+                let h = work.join(format!("node-{ds}"));
+                let _ = std::fs::remove_dir_all(&h);
+                h
+            },
+            None,
+            vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+            &origin,
+            &trusted,
+        )?;
+        wait_pull(d.pull(&reference)?)?;
+        let mp = work.join(format!("mnt-{ds}"));
+        std::fs::create_dir_all(&mp)?;
+        let mut mount = d
+            .shoal()?
+            .args(["mount", &reference])
+            .arg(&mp)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.home.join("mount.log"))?)
+            .spawn()?;
+        let t = Instant::now();
+        let pid = d.child.as_ref().context("daemon running")?.id();
+        while !mounted_in(pid, &mp) {
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = mount.kill();
+                bail!(
+                    "the mount did not come up: see {}",
+                    d.home.join("mount.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let r = Command::new("python3")
+            .arg(repo.join("testnet/bench_python.py"))
+            .arg("--mount")
+            .arg(&mp)
+            .args(["--ref", &reference, "--workers", &format!("1,{workers}")])
+            .env("PYTHONPATH", repo.join("python"))
+            .env("SHOAL_HOME", &d.home)
+            .stderr(Stdio::inherit())
+            .output();
+        let _ = d.shoal()?.args(["unmount"]).arg(&mp).status();
+        let _ = mount.wait();
+        let r = r?;
+        if !r.status.success() {
+            bail!("bench_python.py failed");
+        }
+        let v: Value = serde_json::from_slice(&r.stdout)?;
+        for run in v["runs"].as_array().into_iter().flatten() {
+            eprintln!(
+                "{reference} {} workers: mount {:.0} MB/s {:.0} files/s, fsspec {:.0} MB/s {:.0} files/s ({:.2}x)",
+                run["workers"],
+                run["mount"]["mb_per_s"].as_f64().unwrap_or(0.0),
+                run["mount"]["files_per_s"].as_f64().unwrap_or(0.0),
+                run["fsspec"]["mb_per_s"].as_f64().unwrap_or(0.0),
+                run["fsspec"]["files_per_s"].as_f64().unwrap_or(0.0),
+                run["fsspec_over_mount"].as_f64().unwrap_or(0.0),
+            );
+        }
+        out.insert(ds.to_string(), v);
+        drop(d);
+    }
+    Ok(json!({
+        "benchmark": "python",
+        "goal": "fsspec warm throughput at least 0.8x the mount's, large and small files",
+        "datasets": out,
+    }))
+}
