@@ -663,6 +663,8 @@ fn python_reads_versions_through_the_daemon_without_a_mount() {
             &random_bytes(5000 + i, 1000 + (i as usize * 37) % 9000),
         );
     }
+    // A large file: read through the daemon's whole local copy once it keeps one.
+    write(&src.join("big/shard.bin"), &random_bytes(77, 40_000_000));
     let py = |script: &str, env: &[(&str, &std::path::Path)]| {
         let mut cmd = std::process::Command::new("python3");
         cmd.args(["-c", script])
@@ -733,6 +735,27 @@ for p in rel:
     assert got[p] == want, p
 print("files", len(got))
 
+# A large file: streamed, then (once the daemon made its local copy) from a descriptor of it.
+want = open(os.path.join(src, "big/shard.bin"), "rb").read()
+assert fs.cat_file("shoal://ds@v1/big/shard.bin") == want
+import time
+session = fs.session("ds@v1")
+fd = None
+for _ in range(100):
+    fd = session.fd("big/shard.bin")
+    if fd is not None:
+        break
+    time.sleep(0.1)
+assert fd is not None, "no local copy of the large file after 10 s"
+os.close(fd)
+assert fs.cat_file("shoal://ds@v1/big/shard.bin") == want
+with fs.open("shoal://ds@v1/big/shard.bin", "rb") as f:
+    f.seek(33_000_000)
+    assert f.read(100_000) == want[33_000_000:33_100_000]
+    assert f._fd is not None, "the open file did not use the local copy"
+assert session.fd("img/00/0000.jpg") is None
+print("large file ok")
+
 # Errors a reader meets: one line each, the right exception.
 try:
     fs.info("ds@v1/img/nope.jpg")
@@ -751,6 +774,7 @@ print("errors ok")
     assert!(out.contains("parquet row groups 10"), "{out}");
     assert!(out.contains("files 300"), "{out}");
     assert!(out.contains("errors ok"), "{out}");
+    assert!(out.contains("large file ok"), "{out}");
     // With no daemon: one clear line.
     c.nodes[a].stop();
     let out = std::process::Command::new("python3")

@@ -209,6 +209,31 @@ impl<S: Source> ShoalFs<S> {
             .collect()
     }
 
+    /// A local file holding exactly the bytes of file `ino`, if one is kept (files larger
+    /// than `small_file`: see [`Source::whole_file`]); what passthrough hands the kernel, for
+    /// readers outside the kernel. A file whose chunks are all local and has no copy yet gets
+    /// one made in the background.
+    pub fn whole_copy(&self, ino: u64) -> Result<Option<(std::fs::File, u64)>, ModelErrno> {
+        let (size, content) = match self.inodes.kind(ino)? {
+            Kind::File { size, content } => (size, content),
+            Kind::Dir { .. } => return Err(ModelErrno::IsDir),
+            Kind::Symlink { .. } => return Err(ModelErrno::NotFound),
+        };
+        if size <= self.opts.small_file {
+            return Ok(None);
+        }
+        let source = self.inodes.source();
+        let chunks = source.chunks(&content).map_err(ModelErrno::Io)?;
+        if let Some(f) = source.whole_file(&chunks, size) {
+            return Ok(Some((f, size)));
+        }
+        if source.is_local(&chunks) {
+            // Made in the background, as after a mount's read: later asks get it.
+            source.keep_whole_file(chunks, size);
+        }
+        Ok(None)
+    }
+
     /// Up to `size` bytes of file `ino` from `offset`, as a kernel read would get them (the
     /// same prefetch, statistics and observer); blocks until they are fetched.
     pub fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {

@@ -59,10 +59,24 @@ struct Opened {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Op {
-    Stat { path: String },
-    Ls { path: String },
-    Read { path: String, offset: u64, len: u32 },
-    Order { paths: Vec<String> },
+    Stat {
+        path: String,
+    },
+    Ls {
+        path: String,
+    },
+    Read {
+        path: String,
+        offset: u64,
+        len: u32,
+    },
+    Order {
+        paths: Vec<String>,
+    },
+    /// A descriptor of the file's whole local copy, if it has one (large files).
+    Fd {
+        path: String,
+    },
 }
 
 /// A file or directory as `stat` and `ls` show it.
@@ -245,6 +259,21 @@ pub fn serve_blocking(
                 };
                 put(&mut w, &v)?;
             }
+            Op::Fd { path } => {
+                match rd.resolve(&path).and_then(|ino| rd.whole_copy(ino)) {
+                    Ok(Some((file, size))) => {
+                        // The answer and the descriptor in one message, after what is queued.
+                        w.flush()?;
+                        let mut l = serde_json::to_vec(
+                            &serde_json::json!({ "ok": { "fd": true, "size": size } }),
+                        )?;
+                        l.push(b'\n');
+                        send_with_fd(w.get_ref(), &l, &file)?;
+                    }
+                    Ok(None) => put(&mut w, &serde_json::json!({ "ok": { "fd": false } }))?,
+                    Err(e) => put(&mut w, &errno_reply(&e, &path))?,
+                }
+            }
             Op::Read { path, offset, len } => {
                 if len > MAX_READ {
                     put(
@@ -270,4 +299,29 @@ pub fn serve_blocking(
             w.flush()?;
         }
     }
+}
+
+/// Writes `line` with `file`'s descriptor attached (SCM_RIGHTS): the client gets its own
+/// read-only descriptor of the copy and reads it from the page cache without the daemon.
+fn send_with_fd(
+    stream: &std::os::unix::net::UnixStream,
+    line: &[u8],
+    file: &std::fs::File,
+) -> std::io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let fds = [file.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let n = sendmsg(
+        stream,
+        &[std::io::IoSlice::new(line)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    // The descriptor went with the first byte; the rest of the line, if any, follows.
+    let mut rest = stream;
+    rest.write_all(&line[n..])
 }

@@ -24,6 +24,9 @@ __all__ = ["ShoalFileSystem", "ShoalError", "EpochOrder", "default_socket"]
 
 # Most bytes one read asks the daemon for (its limit is 64 MiB).
 MAX_READ = 16 << 20
+# A whole-file read asks for this much first: all of a small file; a larger one is then read
+# from the daemon's local copy of it when it keeps one.
+FIRST_READ = 4 << 20
 
 
 class ShoalError(OSError):
@@ -151,6 +154,30 @@ class _Session:
                     asked = []
         return b"".join(out) if len(out) != 1 else bytes(out[0])
 
+    def fd(self, path):
+        """A read-only descriptor of the file's whole local copy, or None (small files, or no
+        copy kept): reads from it go to the page cache without the daemon."""
+        with self.lock:
+            self._send({"op": "fd", "path": path})
+            # The answer carries the descriptor: received from the socket itself (nothing
+            # else is buffered, since every earlier answer was read whole).
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 1)
+            while not data.endswith(b"\n"):
+                more = self.sock.recv(65536)
+                if not more:
+                    raise ShoalError(5, "the shoal daemon closed the connection")
+                data += more
+        reply = json.loads(data)
+        if "ok" not in reply:
+            for f in fds:
+                os.close(f)
+            _raise(reply, path)
+        if not reply["ok"].get("fd"):
+            return None
+        if len(fds) != 1:
+            raise ShoalError(5, "the shoal daemon promised a descriptor and sent none")
+        return fds[0]
+
     def close(self):
         try:
             self.r.close()
@@ -225,8 +252,29 @@ class ShoalFileSystem(AbstractFileSystem):
         path = self._strip_protocol(path)
         ref, rest = self._split(path)
         if (start is None or start == 0) and end is None:
-            # The whole file in one round trip (no stat first).
-            return self.session(ref).read(rest, 0, None)
+            # The whole file in one round trip (no stat first); a large one from its local
+            # copy when the daemon keeps one.
+            s = self.session(ref)
+            first = s.read(rest, 0, FIRST_READ)
+            if len(first) < FIRST_READ:
+                return first
+            fd = s.fd(rest)
+            if fd is None:
+                return first + s.read(rest, FIRST_READ, None)
+            try:
+                # The whole copy read in one piece: one copy, page cache to the result.
+                size = os.fstat(fd).st_size
+                parts = []
+                at = 0
+                while at < size:
+                    b = os.pread(fd, size - at, at)
+                    if not b:
+                        raise ShoalError(5, f"{path}: its local copy ended early")
+                    parts.append(b)
+                    at += len(b)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            finally:
+                os.close(fd)
         size = None
         if start is None or start < 0 or end is None or end < 0:
             size = self.info(path)["size"]
@@ -259,9 +307,25 @@ class ShoalFileSystem(AbstractFileSystem):
 
 
 class ShoalFile(AbstractBufferedFile):
+    # Files larger than this are read from the daemon's whole local copy when it keeps one.
+    LOCAL_COPY_OVER = 4 << 20
+
     def _fetch_range(self, start, end):
         ref, rest = self.fs._split(self.fs._strip_protocol(self.path))
+        if not hasattr(self, "_fd"):
+            self._fd = None
+            if self.size > self.LOCAL_COPY_OVER:
+                self._fd = self.fs.session(ref).fd(rest)
+        if self._fd is not None:
+            return os.pread(self._fd, end - start, start)
         return self.fs.session(ref).read(rest, start, end - start)
+
+    def close(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
+            os.close(fd)
+        super().close()
 
 
 class EpochOrder:

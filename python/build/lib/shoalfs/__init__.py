@@ -96,25 +96,60 @@ class _Session:
             _raise(reply, path)
         return reply["ok"]
 
-    def read(self, path, offset, length):
+    def _recv_exact(self, buf):
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = self.r.readinto(view[got:])
+            if not n:
+                raise ShoalError(5, "the shoal daemon closed the connection mid-read")
+            got += n
+
+    def read(self, path, offset, length=None):
+        """`length` bytes from `offset` (to the end of the file when None). Large reads are
+        asked for several pieces at a time (the daemon answers in order)."""
         out = []
-        while length > 0:
-            n = min(length, MAX_READ)
-            with self.lock:
-                self._send({"op": "read", "path": path, "offset": offset, "len": n})
+        ahead = 4
+        done = False
+        with self.lock:
+            asked = []
+            while not done or asked:
+                while not done and len(asked) < ahead:
+                    n = MAX_READ if length is None else min(length, MAX_READ)
+                    if n <= 0:
+                        done = True
+                        break
+                    self._send({"op": "read", "path": path, "offset": offset, "len": n})
+                    asked.append(n)
+                    offset += n
+                    if length is not None:
+                        length -= n
+                    if length is None and len(asked) == 1 and not out:
+                        # The first piece tells whether there is more: do not ask ahead
+                        # of a small file's only read.
+                        break
+                if not asked:
+                    break
+                n = asked.pop(0)
                 reply = self._reply()
                 if "ok" not in reply:
+                    # Drain the answers already asked for, then raise.
+                    for _ in asked:
+                        r = self._reply()
+                        if "ok" in r:
+                            self._recv_exact(bytearray(r["ok"]["len"]))
                     _raise(reply, path)
-                got = reply["ok"]["len"]
-                data = self.r.read(got)
-            if len(data) != got:
-                raise ShoalError(5, "the shoal daemon closed the connection mid-read")
-            out.append(data)
-            if got < n:
-                break
-            offset += got
-            length -= got
-        return b"".join(out)
+                buf = bytearray(reply["ok"]["len"])
+                self._recv_exact(buf)
+                out.append(buf)
+                if len(buf) < n:
+                    done = True
+                    for _ in asked:
+                        r = self._reply()
+                        if "ok" in r:
+                            self._recv_exact(bytearray(r["ok"]["len"]))
+                    asked = []
+        return b"".join(out) if len(out) != 1 else bytes(out[0])
 
     def close(self):
         try:
@@ -189,6 +224,9 @@ class ShoalFileSystem(AbstractFileSystem):
     def cat_file(self, path, start=None, end=None, **kwargs):
         path = self._strip_protocol(path)
         ref, rest = self._split(path)
+        if (start is None or start == 0) and end is None:
+            # The whole file in one round trip (no stat first).
+            return self.session(ref).read(rest, 0, None)
         size = None
         if start is None or start < 0 or end is None or end < 0:
             size = self.info(path)["size"]
@@ -254,3 +292,9 @@ class EpochOrder:
 
     def __len__(self):
         return len(self.files)
+
+
+# `fsspec.filesystem("shoal")` works once this module is imported, installed or not.
+import fsspec as _fsspec  # noqa: E402
+
+_fsspec.register_implementation("shoal", ShoalFileSystem, clobber=True)
