@@ -95,12 +95,7 @@ fn the_image_runs_a_private_cluster_that_pulls_from_peers_and_mounts() {
     let trusted = env.key();
     let keys = env.path("cluster");
     std::fs::create_dir_all(&keys).unwrap();
-    let out = Command::new(BIN)
-        .args(["node", "keygen"])
-        .arg(keys.join("cluster.key"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    common::keygen(&keys.join("cluster.key"));
 
     ok(&["network", "create", &tag]);
     let ulimits = [

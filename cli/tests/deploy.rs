@@ -289,16 +289,7 @@ fn kubernetes_manifests_validate_agree_and_run() {
     let cluster_dir = dir.path().join("cluster");
     std::fs::create_dir_all(&cluster_dir).unwrap();
     let key_local = cluster_dir.join(&key_file);
-    let out = Command::new(BIN)
-        .args(["node", "keygen"])
-        .arg(&key_local)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::keygen(&key_local);
     let (p2p_local, metrics_local) = (common::free_port(), common::free_port());
     let mut local = replace_once(
         &config,

@@ -487,12 +487,7 @@ fn nodes_on_a_lan_find_each_other_by_mdns() {
     let lan = Lan::new(2);
     // Nodes on a LAN share a cluster key (without one they admit only their own machine).
     let key = c.dir.path().join("cluster.key");
-    let out = std::process::Command::new(BIN)
-        .args(["node", "keygen"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    common::keygen(&key);
     let mut daemons = Vec::new();
     for h in 0..2 {
         let home = c.home(&format!("m{h}"));

@@ -34,16 +34,7 @@ fn write_data(dir: &Path, files: usize, size: usize, seed: u64) {
 
 /// A new cluster key file (`shoal node keygen`), loaded.
 fn keygen(path: &Path) -> ClusterKey {
-    let out = std::process::Command::new(BIN)
-        .args(["node", "keygen"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::keygen(path);
     ClusterKey::load(path).unwrap()
 }
 

@@ -384,6 +384,20 @@ pub fn http(port: u16, method: &str, path: &str) -> String {
 
 /// Starts moto_server on a free port with one bucket; returns the guard and the env vars
 /// that point shoal at it.
+/// Writes a new cluster key file at `path` (`shoal node keygen`).
+pub fn keygen(path: &Path) {
+    let out = Command::new(BIN)
+        .args(["node", "keygen"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shoal node keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn moto() -> (Server, Vec<(String, String)>) {
     let port = free_port();
     let child = Command::new("moto_server")
