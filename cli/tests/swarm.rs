@@ -824,7 +824,7 @@ fn rate_limits_hold_origin_reads_downloads_and_uploads() {
     // The download rate is the peers' share: b may read from the origin what its peers
     // cannot send in time (the origin rate is the limit there).
     let from_peers = u(&r, "bytes_from_peers");
-    assert!(from_peers >= bytes / 3, "{r}");
+    assert!(from_peers >= bytes / 4, "{r}");
     within(from_peers, t.elapsed().as_secs_f64(), "downloads");
     assert_same_tree(&src, &out);
 
@@ -843,7 +843,7 @@ fn rate_limits_hold_origin_reads_downloads_and_uploads() {
     let secs = t.elapsed().as_secs_f64();
     assert_same_tree(&src, &out);
     let served = u(&c.nodes[s].status().unwrap(), "bytes_served") - served;
-    assert!(served >= bytes / 2, "s served {served} of {bytes}: {r}");
+    assert!(served >= bytes / 4, "s served {served} of {bytes}: {r}");
     within(served, secs, "uploads");
 
     // Bad rates: one line naming the flag.
