@@ -234,8 +234,8 @@ impl<S: Source> ShoalFs<S> {
         Ok(None)
     }
 
-    /// Up to `size` bytes of file `ino` from `offset`, as a kernel read would get them (the
-    /// same prefetch, statistics and observer); blocks until they are fetched.
+    /// Up to `size` bytes of file `ino` from `offset`, counted and observed: what a kernel
+    /// read gets, and what readers outside the kernel get; blocks until they are fetched.
     pub fn read_file(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, ModelErrno> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
@@ -644,24 +644,9 @@ impl<S: Source> Filesystem for ShoalFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        let failed = match self.read_at(ino.0, offset, size) {
-            Ok(data) => {
-                self.stats
-                    .bytes_read
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                reply.data(&data);
-                false
-            }
-            Err(e) => {
-                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                reply.error(errno(e));
-                true
-            }
-        };
-        if let Some(o) = &self.opts.observe_reads {
-            (o.0)(started.elapsed(), failed);
+        match self.read_file(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
         }
     }
 

@@ -588,7 +588,7 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
         let opened = async {
             let node = daemon.node_for(&origin, &origins, &trusted)?;
             let reference: DatasetRef = reference.parse()?;
-            crate::files::open(&daemon.readers, &node, &reference).await
+            daemon.readers.open(&node, &reference).await
         };
         let session = match opened.await {
             Ok(s) => s,

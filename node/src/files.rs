@@ -9,7 +9,9 @@
 //!   `{"error":..,"errno":"ENOENT"}`);
 //! - `{"op":"read","path":"a/b","offset":0,"len":65536}`: `{"ok":{"len":N}}` and N raw bytes;
 //! - `{"op":"order","paths":[...]}`: files to fetch in this order ahead of the reader (an
-//!   epoch's shuffled order; several lines append), answered `{"ok":N}`.
+//!   epoch's shuffled order; several lines append), answered `{"ok":N}`;
+//! - `{"op":"fd","path":"a/b"}`: `{"ok":{"fd":true,"size":N}}` with a read-only descriptor of
+//!   the file's whole local copy attached (SCM_RIGHTS), or `{"ok":{"fd":false}}`.
 //!
 //! Reads go through the same path as a mount's (`shoal_fuse::ShoalFs` without a kernel
 //! session): local store, then peers holding the version, then the origins, every chunk
@@ -17,7 +19,7 @@
 //! share one reader (its inode table and fetches). Every line and read is bounded, and a
 //! session silent for [`IDLE`] is closed.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mount::{MountSource, MountSpec};
 use crate::Node;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,7 @@ use shoal_fuse::model::Errno;
 use shoal_fuse::{Kind, ShoalFs};
 use shoal_registry::DatasetRef;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,11 +46,10 @@ pub type Reader = ShoalFs<MountSource>;
 #[derive(Default)]
 pub struct Readers {
     open: Mutex<HashMap<String, Opened>>,
-    uses: std::sync::atomic::AtomicU64,
+    uses: AtomicU64,
 }
 
 /// A version open for sessions.
-#[derive(Clone)]
 struct Opened {
     reader: Arc<Reader>,
     source: MountSource,
@@ -116,40 +118,51 @@ fn errno_reply(e: &Errno, path: &str) -> serde_json::Value {
 }
 
 impl Readers {
-    /// The reader of `reference` at `node`'s origins, opened on first use.
+    /// A session of `reference` at `node`'s origins: the version resolved and verified each
+    /// time (a tag may have moved), its reader opened on first use and shared after (its pack
+    /// indexes loaded once).
     ///
     /// Cancel-safe: it only reads; a reader opened is kept.
-    async fn open(&self, node: &Node, reference: &DatasetRef) -> Result<(Opened, String, String)> {
-        let m = node.mountable(reference, READ_WAIT).await?;
-        let key = format!("{} {}", m.root, node.origins().urls());
-        let uses = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut open = self.open.lock().expect("readers poisoned");
-        if let Some(o) = open.get_mut(&key) {
+    pub async fn open(&self, node: &Node, reference: &DatasetRef) -> Result<Session> {
+        let (version, signed) = node.open_version(reference).await?;
+        let root = signed.body.root;
+        let key = format!("{root} {}", node.origins().urls());
+        let session = |o: &Opened| Session {
+            reader: o.reader.clone(),
+            source: o.source.clone(),
+            version: format!("{}@{version}", reference.dataset),
+            root,
+        };
+        let uses = self.uses.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = self.open.lock().expect("readers poisoned").get_mut(&key) {
             o.used = uses;
-            return Ok((o.clone(), m.version, format!("b3:{}", m.root)));
+            return Ok(session(o));
         }
-        if open.len() >= READERS {
-            if let Some(oldest) = open.iter().min_by_key(|e| e.1.used).map(|e| e.0.clone()) {
-                open.remove(&oldest);
-            }
-        }
+        let m = node
+            .mountable_version(reference, &version, &signed, READ_WAIT)
+            .await?;
         let opts = shoal_fuse::MountOptions {
             mtime: std::time::UNIX_EPOCH + Duration::from_secs(m.created_unix),
             observe_reads: Some(node.metrics().read_observer()),
             ..Default::default()
         };
-        let source = m.source.clone();
-        let reader = Arc::new(ShoalFs::new(
-            shoal_fuse::Inodes::new(m.source, m.root, 0o755),
-            opts,
-        ));
         let o = Opened {
-            reader,
-            source,
+            source: m.source.clone(),
+            reader: Arc::new(ShoalFs::new(
+                shoal_fuse::Inodes::new(m.source, m.root, 0o755),
+                opts,
+            )),
             used: uses,
         };
-        open.insert(key, o.clone());
-        Ok((o, m.version, format!("b3:{}", m.root)))
+        let mut open = self.open.lock().expect("readers poisoned");
+        if open.len() >= READERS && !open.contains_key(&key) {
+            if let Some(oldest) = open.iter().min_by_key(|e| e.1.used).map(|e| e.0.clone()) {
+                open.remove(&oldest);
+            }
+        }
+        // Two sessions opening it at once: the first one stored is shared.
+        let o = open.entry(key).or_insert(o);
+        Ok(session(o))
     }
 }
 
@@ -159,23 +172,6 @@ pub struct Session {
     source: MountSource,
     version: String,
     root: shoal_registry::Hash,
-}
-
-/// Opens `reference` for a session (resolved and verified at `node`'s origins).
-///
-/// Cancel-safe: it only reads; a reader opened is kept for later sessions.
-pub async fn open(readers: &Readers, node: &Node, reference: &DatasetRef) -> Result<Session> {
-    let (Opened { reader, source, .. }, version, root) = readers.open(node, reference).await?;
-    let root = root
-        .trim_start_matches("b3:")
-        .parse()
-        .map_err(|_| Error::Net("file session: bad root".into()))?;
-    Ok(Session {
-        reader,
-        source,
-        version,
-        root,
-    })
 }
 
 /// Serves a session on `stream` until the client closes it or is silent for [`IDLE`], on the

@@ -522,7 +522,21 @@ impl Node {
     /// Cancel-safe: it only reads.
     pub async fn mountable(&self, reference: &DatasetRef, timeout: Duration) -> Result<Mountable> {
         let (version, signed) = self.open_version(reference).await?;
-        let blobs = Arc::new(self.blobs(&signed).await?.for_cache_fill());
+        self.mountable_version(reference, &version, &signed, timeout)
+            .await
+    }
+
+    /// [`Self::mountable`] of a version already resolved and verified.
+    ///
+    /// Cancel-safe: it only reads.
+    pub(crate) async fn mountable_version(
+        &self,
+        reference: &DatasetRef,
+        version: &str,
+        signed: &shoal_registry::SignedVersion,
+        timeout: Duration,
+    ) -> Result<Mountable> {
+        let blobs = Arc::new(self.blobs(signed).await?.for_cache_fill());
         let inner = Arc::new(Inner {
             blobs,
             whole_files: self.whole_files(),

@@ -111,7 +111,7 @@ impl OriginMetrics {
     pub fn register(&self, reg: &mut Registry) {
         reg.register(
             "origin_requests",
-            "Requests made to each origin (ranged pack reads, pack indexes)",
+            "Requests made to each origin (ranged pack reads, pack indexes, versions, tags, listings)",
             self.requests.clone(),
         );
         reg.register(
