@@ -134,6 +134,17 @@ pub enum Command {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// Serve the Kubernetes CSI node plugin (`csi.shoal.dev`) on a Unix socket: pods' inline
+    /// volumes with `volumeAttributes: {ref: NAME@VERSION}` are mounted by the local node
+    /// daemon at the pod's path. Runs until SIGINT or SIGTERM, then unmounts its volumes.
+    Csi {
+        /// The socket kubelet calls, `unix:///csi/csi.sock` or a path.
+        #[arg(long, env = "CSI_ENDPOINT", value_name = "ENDPOINT")]
+        endpoint: String,
+        /// This node's name as Kubernetes knows it (`spec.nodeName`; default: the host name).
+        #[arg(long, env = "NODE_ID", value_name = "NAME")]
+        node_id: Option<String>,
+    },
     /// Fetch a version into the local store and keep it from eviction.
     Pin {
         /// The version to pin.

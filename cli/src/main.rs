@@ -627,6 +627,27 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 format!("freed {}", output::bytes(freed))
             })
         }
+        Command::Csi { endpoint, node_id } => {
+            let socket =
+                std::path::PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(&endpoint));
+            let node_id = match node_id {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("reading the host name for --node-id")?
+                    .trim()
+                    .to_string(),
+            };
+            let opts = shoal_csi::Options {
+                home: cfg.home.clone(),
+                node_id,
+            };
+            shoal_csi::serve(&socket, opts, mount::interrupted())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            out.report(&serde_json::json!({ "stopped": socket }), || {
+                format!("CSI plugin on {} stopped", socket.display())
+            })
+        }
         Command::Unmount { mountpoint } => {
             shoal_node::unmount(&mountpoint)?;
             out.report(

@@ -51,7 +51,7 @@ impl MountArgs {
 /// SIGINT or SIGTERM. The handlers are installed when this is called, not when the future is
 /// first polled: a signal that arrives while the mount is being set up must not kill the
 /// process (which may be waiting on a request to its own mount then).
-fn interrupted() -> impl std::future::Future<Output = ()> {
+pub fn interrupted() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());

@@ -57,6 +57,13 @@ fn kind<'a>(all: &'a [(String, Value)], kind: &str) -> &'a Value {
     found[0]
 }
 
+fn in_file<'a>(all: &'a [(String, Value)], file: &str) -> &'a Value {
+    &all.iter()
+        .find(|(f, _)| f == file)
+        .unwrap_or_else(|| panic!("deploy/kubernetes/{file}"))
+        .1
+}
+
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
@@ -124,7 +131,8 @@ fn kubernetes_manifests_validate_agree_and_run() {
     let all = manifests();
     let ns = s(&kind(&all, "Namespace")["metadata"]["name"]).to_string();
     for (file, d) in &all {
-        if d["kind"] != "Namespace" && file != "training-pod.yaml" {
+        let cluster_scoped = ["Namespace", "CSIDriver"].contains(&s(&d["kind"]));
+        if !cluster_scoped && !file.starts_with("training-pod") {
             assert_eq!(d["metadata"]["namespace"], ns.as_str(), "{file}: namespace");
         }
     }
@@ -227,12 +235,84 @@ fn kubernetes_manifests_validate_agree_and_run() {
         .find(|v| v["name"] == "mounts")
         .unwrap()["hostPath"]["path"])
     .to_string();
-    let train = kind(&all, "Pod");
+    let train = in_file(&all, "training-pod.yaml");
     let first_ref = mounts_list.lines().next().unwrap().trim().to_string();
     assert_eq!(
         train["spec"]["volumes"][0]["hostPath"]["path"],
         format!("{host_mounts}/{first_ref}").as_str()
     );
+
+    // The CSI driver: the plugin's socket where the registrar looks and registers it with
+    // kubelet (the plugin dir's host path), the driver's name as pods spell it, pods' volume
+    // paths at the host's own path in both containers that touch them, propagated both ways.
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    let container = |name: &str| -> &Value {
+        containers
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("a {name} container"))
+    };
+    let (csi, registrar) = (container("csi"), container("registrar"));
+    let host_path = |vol: &str| -> String {
+        s(&pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vol)
+            .unwrap_or_else(|| panic!("a {vol} volume"))["hostPath"]["path"])
+        .to_string()
+    };
+    let driver = kind(&all, "CSIDriver");
+    assert_eq!(driver["metadata"]["name"], shoal_csi::DRIVER_NAME);
+    assert_eq!(driver["spec"]["volumeLifecycleModes"][0], "Ephemeral");
+    assert_eq!(driver["spec"]["attachRequired"], false);
+    let csi_pod = in_file(&all, "training-pod-csi.yaml");
+    let csi_volume = &csi_pod["spec"]["volumes"][0]["csi"];
+    assert_eq!(csi_volume["driver"], shoal_csi::DRIVER_NAME);
+    assert_eq!(csi["args"][0], "csi");
+    let endpoint = env_of(csi, "CSI_ENDPOINT");
+    let sock = endpoint
+        .strip_prefix("unix://")
+        .expect("a unix:// endpoint");
+    let sock_name = Path::new(sock).file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        Path::new(sock).parent().unwrap().to_str().unwrap(),
+        volume_path(csi, "plugin-dir")
+    );
+    let flag = |c: &Value, name: &str| -> String {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|a| s(a).strip_prefix(&format!("--{name}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("{} has no --{name}", c["name"]))
+    };
+    assert_eq!(
+        flag(registrar, "csi-address"),
+        format!("{}/{sock_name}", volume_path(registrar, "plugin-dir"))
+    );
+    assert_eq!(
+        flag(registrar, "kubelet-registration-path"),
+        format!("{}/{sock_name}", host_path("plugin-dir"))
+    );
+    assert!(host_path("plugin-dir").ends_with(shoal_csi::DRIVER_NAME));
+    for c in [node, csi] {
+        let m = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "kubelet-pods")
+            .unwrap_or_else(|| panic!("{} does not mount kubelet-pods", c["name"]));
+        assert_eq!(
+            m["mountPath"],
+            host_path("kubelet-pods").as_str(),
+            "{}",
+            c["name"]
+        );
+        assert_eq!(m["mountPropagation"], "Bidirectional", "{}", c["name"]);
+    }
+    assert_eq!(env_of(csi, "SHOAL_HOME"), home);
+    assert_eq!(volume_path(csi, "state"), home);
 
     // The config as the node container sees it: the cluster key where the Secret is
     // mounted, peers found through the headless Service's name on its p2p port.
@@ -424,6 +504,83 @@ fn kubernetes_manifests_validate_agree_and_run() {
     common::assert_same_tree(&data, &mp);
     drop(group);
     assert!(!is_mounted(&mp));
+
+    // The csi container's command against the same daemon, its socket moved here; kubelet's
+    // call for the CSI training pod's volume mounts the version at the pod's path.
+    let local_sock = dir
+        .path()
+        .join("plugins")
+        .join(shoal_csi::DRIVER_NAME)
+        .join(sock_name);
+    let local_pods = dir.path().join("kubelet/pods");
+    let target = local_pods.join("uid-1/volumes/kubernetes.io~csi/imagenet/mount");
+    let csi_args: Vec<String> = csi["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| s(a).to_string())
+        .collect();
+    let plugin = Command::new(BIN)
+        .args(&csi_args)
+        .env("SHOAL_HOME", &state)
+        .env("CSI_ENDPOINT", format!("unix://{}", local_sock.display()))
+        .env("NODE_ID", "node-1")
+        .env_remove("SHOAL_ORIGIN")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut plugin = Group {
+        child: plugin,
+        mounts: vec![target.clone()],
+    };
+    shoal_testnet::wait_for(20, "the CSI socket", || {
+        assert!(
+            plugin.child.try_wait().unwrap().is_none(),
+            "shoal csi exited"
+        );
+        local_sock.exists().then_some(())
+    });
+    let attributes: std::collections::HashMap<String, String> = csi_volume["volumeAttributes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), s(v).to_string()))
+        .collect();
+    assert_eq!(attributes["ref"], first_ref);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use shoal_csi::proto::{node_client::NodeClient, *};
+        let mut node = NodeClient::new(shoal_csi::connect(&local_sock).await.unwrap());
+        let mut volume_context = attributes.clone();
+        volume_context.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+        node.node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "csi-0123".into(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+                access_mode: Some(volume_capability::AccessMode {
+                    mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                }),
+            }),
+            readonly: csi_volume["readOnly"] == true,
+            volume_context,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(is_mounted(&target));
+        common::assert_same_tree(&data, &target);
+        node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "csi-0123".into(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+        assert!(!is_mounted(&target) && !target.exists());
+    });
+    let _ = Command::new("kill")
+        .arg(plugin.child.id().to_string())
+        .status();
+    assert!(plugin.child.wait().unwrap().success());
 }
 
 fn replace_all(text: &str, from: &str, to: &str) -> String {

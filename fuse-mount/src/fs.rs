@@ -807,31 +807,52 @@ pub fn spawn<S: Source>(
 /// found in `/proc/self/mountinfo`, not by `stat`ing the mount point: the process serving a
 /// mount never makes requests to it (one killed mid-request could never be answered).
 pub fn raise_readahead(mountpoint: &std::path::Path, kib: u32) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Some(found) = find_mount(mountpoint) else {
         return;
     };
-    // The parent resolved (it is not on the mount; the mount point itself is never looked at).
-    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
-        return;
-    };
-    let Ok(parent) = std::fs::canonicalize(parent) else {
-        return;
-    };
-    let want = parent.join(name).to_string_lossy().into_owned();
-    // Fields: id, parent id, major:minor, root, mount point (spaces escaped as \040), ...
-    let dev = info.lines().rev().find_map(|line| {
-        let mut f = line.split(' ');
-        let dev = f.nth(2)?;
-        let mp = f.nth(1)?;
-        (unescape_mountinfo(mp) == want).then(|| dev.to_string())
-    });
-    let Some(dev) = dev else {
-        return;
-    };
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", found.dev);
     if let Err(e) = std::fs::write(&path, kib.to_string()) {
         tracing::debug!(path, error = %e, "could not raise the mount's readahead");
     }
+}
+
+/// A mount as `/proc/self/mountinfo` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// The device, `major:minor`.
+    pub dev: String,
+    /// `fuse.shoal` for a mount this crate made (`fuse` on kernels without subtypes).
+    pub fstype: String,
+    /// The mount's source (`shoal:NAME@VERSION` for ours).
+    pub source: String,
+}
+
+/// The mount whose mount point is `mountpoint`, the last one mounted there, if any. Read from
+/// `/proc/self/mountinfo` without looking at the mount point itself: the process serving a
+/// mount may never make requests to it (one killed mid-request could never be answered), and
+/// a dead mount answers ENOTCONN.
+pub fn find_mount(mountpoint: &std::path::Path) -> Option<MountInfo> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The parent resolved (it is not on the mount; the mount point itself is never looked at).
+    let (parent, name) = (mountpoint.parent()?, mountpoint.file_name()?);
+    let want = std::fs::canonicalize(parent).ok()?.join(name);
+    let want = want.to_string_lossy();
+    // Fields: id, parent id, major:minor, root, mount point (spaces escaped as \040),
+    // options, optional fields..., "-", fstype, source, super options.
+    info.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        if unescape_mountinfo(mp) != want {
+            return None;
+        }
+        let mut rest = f.skip_while(|x| *x != "-").skip(1);
+        Some(MountInfo {
+            dev: dev.to_string(),
+            fstype: rest.next().unwrap_or_default().to_string(),
+            source: unescape_mountinfo(rest.next().unwrap_or_default()),
+        })
+    })
 }
 
 /// A mountinfo path field with its octal escapes (`\040` for a space) decoded.

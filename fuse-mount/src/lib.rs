@@ -15,7 +15,8 @@ pub mod model;
 pub mod push;
 
 pub use fs::{
-    raise_readahead, spawn, MountConfig, MountOptions, MountStats, ReadObserver, ShoalFs,
+    find_mount, raise_readahead, spawn, MountConfig, MountInfo, MountOptions, MountStats,
+    ReadObserver, ShoalFs,
 };
 pub use fuser::BackgroundSession;
 pub use layout::{FileLayout, Piece};

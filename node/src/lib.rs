@@ -33,7 +33,9 @@ pub use cache::PinReport;
 pub use error::{Error, ErrorKind, Result};
 pub use home::Home;
 pub use inspect::{DiffEntry, DiffReport, LsEntry, VersionInfo};
-pub use mount::{unmount, MountReport, MountSource, MountSpec, Mountable, Passthrough, Prefetch};
+pub use mount::{
+    unmount, unmount_lazy, MountReport, MountSource, MountSpec, Mountable, Passthrough, Prefetch,
+};
 pub use origins::{OriginSpec, Origins};
 pub use progress::Progress;
 pub use publish::{PublishOptions, PublishReport, PublishSource};

@@ -680,7 +680,7 @@ pub fn unmount(mp: &Path) -> Result<()> {
 }
 
 /// Detaches a busy mount now; the kernel frees it when its last reader closes.
-fn unmount_lazy(mp: &Path) -> Result<()> {
+pub fn unmount_lazy(mp: &Path) -> Result<()> {
     run_unmount(mp, &[("fusermount3", &["-uz"]), ("umount", &["-l"])])
 }
 
