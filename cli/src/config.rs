@@ -31,6 +31,39 @@ pub struct FileConfig {
     /// Bytes per second this machine may move (`shoal node run`'s rate flags override these).
     #[serde(default)]
     pub rates: RatesConfig,
+    /// Traces to an OpenTelemetry collector (off unless set). Read early by [`telemetry`];
+    /// parsed here too so that a full load checks its keys.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]` in the config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// An OTLP/gRPC collector, e.g. "http://otel-collector:4317"; the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` overrides it.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the spans (default "shoal"; `OTEL_SERVICE_NAME` overrides it).
+    pub service_name: Option<String>,
+}
+
+/// The config file's `[telemetry]`, read before anything else (the tracing it configures
+/// covers the rest). A file that does not parse gives the default here: loading the config
+/// reports it properly a moment later.
+pub fn telemetry() -> TelemetryConfig {
+    #[derive(Default, Deserialize)]
+    struct Only {
+        #[serde(default)]
+        telemetry: TelemetryConfig,
+    }
+    home_dir()
+        .ok()
+        .and_then(|h| std::fs::read_to_string(h.join("config.toml")).ok())
+        .and_then(|t| toml::from_str::<Only>(&t).ok())
+        .unwrap_or_default()
+        .telemetry
 }
 
 /// `[rates]` in the config file: bytes per second, e.g. "100MB" or "1GiB/s"; absent or "0"

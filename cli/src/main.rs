@@ -5,6 +5,7 @@ mod config;
 mod mount;
 mod node;
 mod output;
+mod telemetry;
 
 use anyhow::{Context, Result};
 use args::{Args, Command, NodeCommand};
@@ -17,6 +18,7 @@ use shoal_node::{Home, Node, Origins, Progress, PublishOptions, PublishSource};
 use shoal_registry::{DatasetName, DatasetRef, Label, Origin, Params, VersionRef};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// glibc serves every allocation over its mmap threshold (128 KiB, rising only as large blocks
 /// are freed) with a fresh mapping, page-faulted and zeroed on first touch and unmapped on
@@ -36,7 +38,6 @@ fn tune_malloc() {
 fn main() -> ExitCode {
     tune_malloc();
     let args = Args::parse();
-    init_tracing(args.verbose);
     let out = Out::new(args.json);
     // Generated from the argument definitions; no state, config or runtime needed.
     match &args.command {
@@ -72,7 +73,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, &out)) {
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        telemetry::init(args.verbose, &config::telemetry())
+    };
+    let command = command_name(&args.command);
+    let result = runtime
+        .block_on(run(args, &out).instrument(tracing::info_span!("shoal", command = command)));
+    // The last spans go out while the runtime still runs the exporter's channel.
+    drop(telemetry);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             out.error(&e);
@@ -104,22 +114,18 @@ fn man_pages(dir: &std::path::Path) -> Result<usize> {
     write(dir, cmd, "shoal".into())
 }
 
-fn init_tracing(verbose: u8) {
-    // fuser warns when its own unmount at the end finds the mount gone, which is how every
-    // mount ends here (`shoal unmount` or ours on Ctrl-C unmount first): not worth a warning.
-    let default = match verbose {
-        0 => "warn,fuser::mnt=error",
-        1 => "info,shoal=info,fuser::mnt=error",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: logs redirected to files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+/// The command's name for its root span: `publish`, `pull`, `node` ...
+fn command_name(c: &Command) -> String {
+    let debug = format!("{c:?}");
+    let variant = debug.split([' ', '{', '(']).next().unwrap_or_default();
+    let mut name = String::new();
+    for (i, ch) in variant.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            name.push('-');
+        }
+        name.push(ch.to_ascii_lowercase());
+    }
+    name
 }
 
 /// The running node daemon of `home`, told which keys this command trusts; None if none runs.

@@ -83,6 +83,25 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The operation's name, for logs and traces.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Pull { .. } => "pull",
+            Request::Status => "status",
+            Request::Versions { .. } => "versions",
+            Request::Ls { .. } => "ls",
+            Request::Pin { .. } => "pin",
+            Request::Unpin { .. } => "unpin",
+            Request::Cache => "cache",
+            Request::Gc => "gc",
+            Request::Replicate { .. } => "replicate",
+            Request::Mount { .. } => "mount",
+            Request::Files { .. } => "files",
+        }
+    }
+}
+
 /// A request as sent: the operation, and publisher keys the CLI trusts (its config file and
 /// `SHOAL_TRUSTED_KEYS`) on top of the daemon's own.
 #[derive(Debug, Serialize, Deserialize)]
@@ -661,6 +680,7 @@ async fn serve(daemon: Arc<Daemon>, stream: UnixStream) -> std::io::Result<()> {
 }
 
 /// Carries out one request. Cancel-safe as the operation it runs (pull, pin, mount: see each).
+#[tracing::instrument(name = "daemon.request", skip_all, fields(op))]
 async fn handle(
     daemon: Arc<Daemon>,
     line: String,
@@ -669,6 +689,7 @@ async fn handle(
     gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<serde_json::Value> {
     let (request, trusted, origins) = parse_request(&line)?;
+    tracing::Span::current().record("op", request.op());
     Ok(match request {
         // Served by `serve` before it gets here.
         Request::Files { .. } => {

@@ -38,6 +38,7 @@ use shoal_swarm::{PullView, Report, Swarm};
 ///
 /// Cancel-safe: chunks are stored only once verified and progress is made durable as it goes,
 /// so a rerun resumes; requests still in flight are answered into a closed channel and dropped.
+#[tracing::instrument(name = "fetch", skip_all, fields(chunks = missing.len(), unique = order.len()))]
 pub async fn fetch(
     swarm: &Arc<Swarm>,
     blobs: &Blobs,

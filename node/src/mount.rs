@@ -565,6 +565,7 @@ impl Node {
     ///
     /// Not cancel-safe: cancelled, it leaves the mount up (its session runs on a thread of its
     /// own) until someone unmounts it; end it through `stop`.
+    #[tracing::instrument(name = "mount", skip_all, fields(reference = %reference, at = %spec.mountpoint.display()))]
     pub async fn serve_mount(
         &self,
         reference: &DatasetRef,

@@ -22,6 +22,7 @@ use shoal_swarm::rate::Rate;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Most origins a node may be configured with.
 pub const MAX_ORIGINS: usize = 32;
@@ -484,7 +485,16 @@ impl Origins {
                 done: false,
             };
             let t = Instant::now();
-            let r = tokio::time::timeout(deadline, self.list[i].read_pack(id, range.clone())).await;
+            let span = tracing::info_span!(
+                "origin.read",
+                origin = self.list[i].url(),
+                key = self.list[i].pack_path(id),
+                offset = range.start,
+                bytes
+            );
+            let r = tokio::time::timeout(deadline, self.list[i].read_pack(id, range.clone()))
+                .instrument(span)
+                .await;
             guard.done = true;
             let took = t.elapsed();
             match &r {

@@ -836,6 +836,7 @@ impl Node {
     /// module docs for the write order.
     ///
     /// Cancel-safe as [`Self::publish`].
+    #[tracing::instrument(name = "publish", skip_all, fields(target = %target))]
     pub async fn publish_from(
         &self,
         source: &PublishSource,

@@ -213,6 +213,7 @@ impl Node {
     /// does not tell peers it holds the version (it does not, whole).
     ///
     /// Cancel-safe, as [`Self::pull`].
+    #[tracing::instrument(name = "pull", skip_all, fields(reference = %reference, partial = !select.is_all()))]
     pub async fn pull_select(
         &self,
         reference: &DatasetRef,

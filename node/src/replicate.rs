@@ -170,6 +170,7 @@ impl Node {
     ///
     /// Cancel-safe: what was written is whole and in order (see the module docs); the next
     /// run goes on from there.
+    #[tracing::instrument(name = "replicate", skip_all)]
     pub async fn replicate(
         &self,
         refs: &[DatasetRef],

@@ -70,6 +70,7 @@ async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
 /// Walks the whole tree under `root`.
 ///
 /// Cancel-safe: it only reads (and stores verified tree nodes).
+#[tracing::instrument(name = "read tree", skip_all)]
 pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
     let mut out = Walked::default();
     let mut level: Vec<(String, Hash, usize)> = vec![(String::new(), root, 0)];
