@@ -735,6 +735,32 @@ for p in rel:
     assert got[p] == want, p
 print("files", len(got))
 
+# In one process: small local files straight from the store's files, each chunk verified here.
+single = fsspec.filesystem("shoal", skip_instance_cache=True)
+s = single.session("ds@v1")
+for p in rel:
+    want = open(os.path.join(src, p), "rb").read()
+    assert single.cat_file("shoal://ds@v1/" + p) == want, p
+    with single.open("shoal://ds@v1/" + p, "rb") as f:
+        assert f.read() == want, p
+local = [p for p in rel if s.local.files.get(p)]
+assert len(local) == 300, f"only {len(local)} of 300 files read from the store's files"
+assert 0 < len(s.local.fds) <= shoalfs.MAX_SEG_FDS, len(s.local.fds)
+# The store's file rots under the reader: the chunk fails verification here, and the file is
+# read through the daemon instead (which finds the chunk bad, drops it, fetches it again).
+victim = rel[5]
+size, chunks = s.local.files[victim]
+seg, off, ln, cid = chunks[0]
+with open(seg, "r+b") as f:
+    f.seek(off)
+    b = f.read(1)
+    f.seek(off)
+    f.write(bytes([b[0] ^ 0xFF]))
+want = open(os.path.join(src, victim), "rb").read()
+assert single.cat_file("shoal://ds@v1/" + victim) == want
+assert single.cat_file("shoal://ds@v1/" + victim) == want
+print("extents ok")
+
 # A large file: streamed, then (once the daemon made its local copy) from a descriptor of it.
 want = open(os.path.join(src, "big/shard.bin"), "rb").read()
 assert fs.cat_file("shoal://ds@v1/big/shard.bin") == want
@@ -773,6 +799,7 @@ print("errors ok")
     );
     assert!(out.contains("parquet row groups 10"), "{out}");
     assert!(out.contains("files 300"), "{out}");
+    assert!(out.contains("extents ok"), "{out}");
     assert!(out.contains("errors ok"), "{out}");
     assert!(out.contains("large file ok"), "{out}");
     // With no daemon: one clear line.

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+/// A small file's chunks and size (see [`ShoalFs::small_file_chunks`]).
+pub type SmallFile = (Arc<Vec<ChunkRef>>, u64);
+
 /// Knobs of the mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -232,6 +235,36 @@ impl<S: Source> ShoalFs<S> {
             source.keep_whole_file(chunks, size);
         }
         Ok(None)
+    }
+
+    /// The chunks of file `ino` when it is a small file (at most `small_file` bytes, which
+    /// readers outside the kernel may read chunk by chunk from the store's files), with its
+    /// size; None for a larger file.
+    pub fn small_file_chunks(&self, ino: u64) -> Result<Option<SmallFile>, ModelErrno> {
+        let (size, content) = match self.inodes.kind(ino)? {
+            Kind::File { size, content } => (size, content),
+            Kind::Dir { .. } => return Err(ModelErrno::IsDir),
+            Kind::Symlink { .. } => return Err(ModelErrno::NotFound),
+        };
+        if size > self.opts.small_file {
+            return Ok(None);
+        }
+        let chunks = self
+            .inodes
+            .source()
+            .chunks(&content)
+            .map_err(ModelErrno::Io)?;
+        Ok(Some((chunks, size)))
+    }
+
+    /// Tells the source that a reader outside the kernel read file `ino` whole by itself (its
+    /// place in a read order, the counters).
+    pub fn read_elsewhere(&self, ino: u64, bytes: u64) {
+        self.stats.files_read.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        if let Ok(path) = self.inodes.path(ino) {
+            self.inodes.source().opened(&path);
+        }
     }
 
     /// Up to `size` bytes of file `ino` from `offset`, counted and observed: what a kernel

@@ -11,7 +11,17 @@
 //! - `{"op":"order","paths":[...]}`: files to fetch in this order ahead of the reader (an
 //!   epoch's shuffled order; several lines append), answered `{"ok":N}`;
 //! - `{"op":"fd","path":"a/b"}`: `{"ok":{"fd":true,"size":N}}` with a read-only descriptor of
-//!   the file's whole local copy attached (SCM_RIGHTS), or `{"ok":{"fd":false}}`.
+//!   the file's whole local copy attached (SCM_RIGHTS), or `{"ok":{"fd":false}}`;
+//! - `{"op":"extents","dir":"a","from":0}`: where the bytes of the directory's small files lie
+//!   in the store's segment files, for the client to read from the page cache and verify
+//!   itself: `{"ok":{"files":[[name,size,[[seg,offset,len,"<chunk id hex>"],...]],...],
+//!   "segs":[path,...],"next":N|null}}` with a read-only descriptor of each segment listed
+//!   attached, in order (SCM_RIGHTS). `seg` indexes `segs`; a file not wholly local (or larger
+//!   than the small-file bound) has `null` for its chunks and is read with `read`/`fd`. At most
+//!   [`EXTENT_FILES`] files, [`EXTENT_CHUNKS`] chunks and [`EXTENT_SEGS`] segments a reply;
+//!   `next` is where the next page starts;
+//! - `{"op":"opened","paths":[...]}`: files the client read whole by itself (from extents),
+//!   for the read order's position and the counters; answered `{"ok":N}`.
 //!
 //! Reads go through the same path as a mount's (`shoal_fuse::ShoalFs` without a kernel
 //! session): local store, then peers holding the version, then the origins, every chunk
@@ -33,6 +43,10 @@ use std::time::Duration;
 
 /// Most bytes one read may ask for.
 pub const MAX_READ: u32 = 64 << 20;
+/// Most files, chunks and segment descriptors in one `extents` reply.
+pub const EXTENT_FILES: usize = 1024;
+pub const EXTENT_CHUNKS: usize = 16 * 1024;
+pub const EXTENT_SEGS: usize = 32;
 /// A session with no request for this long is closed.
 const IDLE: Duration = Duration::from_secs(600);
 /// Versions kept open for sessions (each a reader with its inode table).
@@ -78,6 +92,16 @@ enum Op {
     /// A descriptor of the file's whole local copy, if it has one (large files).
     Fd {
         path: String,
+    },
+    /// Where the bytes of a directory's small local files lie.
+    Extents {
+        dir: String,
+        #[serde(default)]
+        from: usize,
+    },
+    /// Files the client read whole from extents.
+    Opened {
+        paths: Vec<String>,
     },
 }
 
@@ -270,6 +294,32 @@ pub fn serve_blocking(
                     Err(e) => put(&mut w, &errno_reply(&e, &path))?,
                 }
             }
+            Op::Extents { dir, from } => {
+                match rd
+                    .resolve(&dir)
+                    .and_then(|ino| extents(&session, ino, from))
+                {
+                    Ok((reply, files)) => {
+                        w.flush()?;
+                        let mut l = serde_json::to_vec(&serde_json::json!({ "ok": reply }))?;
+                        l.push(b'\n');
+                        let fds: Vec<&std::fs::File> = files.iter().map(|f| &**f).collect();
+                        send_with_fds(w.get_ref(), &l, &fds)?;
+                    }
+                    Err(e) => put(&mut w, &errno_reply(&e, &dir))?,
+                }
+            }
+            Op::Opened { paths } => {
+                let mut n = 0;
+                for p in &paths {
+                    if let Ok(ino) = rd.resolve(p) {
+                        let size = rd.attr(ino).map(|a| a.size).unwrap_or(0);
+                        rd.read_elsewhere(ino, size);
+                        n += 1;
+                    }
+                }
+                put(&mut w, &serde_json::json!({ "ok": n }))?;
+            }
             Op::Read { path, offset, len } => {
                 if len > MAX_READ {
                     put(
@@ -297,6 +347,85 @@ pub fn serve_blocking(
     }
 }
 
+/// One page of an `extents` reply for directory `ino` from entry `from`, and the segment
+/// files it names (their descriptors go with it).
+fn extents(
+    session: &Session,
+    ino: u64,
+    from: usize,
+) -> std::result::Result<(serde_json::Value, Vec<Arc<std::fs::File>>), Errno> {
+    let rd = &session.reader;
+    let list = rd.list(ino)?;
+    let mut segs: Vec<std::path::PathBuf> = Vec::new();
+    let mut files: Vec<Arc<std::fs::File>> = Vec::new();
+    let mut out = Vec::new();
+    let mut chunks_listed = 0;
+    let mut next = None;
+    for (i, (name, attr)) in list.iter().enumerate().skip(from) {
+        if !matches!(attr.kind, Kind::File { .. }) {
+            continue;
+        }
+        if out.len() >= EXTENT_FILES {
+            next = Some(i);
+            break;
+        }
+        let Some((chunks, size)) = rd.small_file_chunks(attr.ino)? else {
+            out.push(serde_json::json!([name, attr.size, null]));
+            continue;
+        };
+        if chunks_listed + chunks.len() > EXTENT_CHUNKS && !out.is_empty() {
+            next = Some(i);
+            break;
+        }
+        // Every chunk local, in the primary tier's segments; else the file is read the usual
+        // way (which fetches what is missing).
+        let mut located = Vec::with_capacity(chunks.len());
+        let mut new_segs = Vec::new();
+        for c in chunks.iter() {
+            let Some(at) = session.source.locate(&c.id) else {
+                break;
+            };
+            let seg = match segs.iter().chain(&new_segs).position(|p| *p == at.path) {
+                Some(s) => s,
+                None => {
+                    new_segs.push(at.path.clone());
+                    files.push(at.file.clone());
+                    segs.len() + new_segs.len() - 1
+                }
+            };
+            located.push(serde_json::json!([
+                seg,
+                at.offset,
+                at.len,
+                c.id.to_string()
+            ]));
+        }
+        if located.len() < chunks.len() {
+            files.truncate(segs.len());
+            out.push(serde_json::json!([name, size, null]));
+            continue;
+        }
+        if segs.len() + new_segs.len() > EXTENT_SEGS {
+            files.truncate(segs.len());
+            if out.is_empty() {
+                // Spread over more segments than one reply may carry: read the usual way.
+                out.push(serde_json::json!([name, size, null]));
+                continue;
+            }
+            next = Some(i);
+            break;
+        }
+        segs.extend(new_segs);
+        chunks_listed += chunks.len();
+        out.push(serde_json::json!([name, size, located]));
+    }
+    let segs: Vec<String> = segs.iter().map(|p| p.display().to_string()).collect();
+    Ok((
+        serde_json::json!({ "files": out, "segs": segs, "next": next }),
+        files,
+    ))
+}
+
 /// Writes `line` with `file`'s descriptor attached (SCM_RIGHTS): the client gets its own
 /// read-only descriptor of the copy and reads it from the page cache without the daemon.
 fn send_with_fd(
@@ -304,13 +433,29 @@ fn send_with_fd(
     line: &[u8],
     file: &std::fs::File,
 ) -> std::io::Result<()> {
+    send_with_fds(stream, line, &[file])
+}
+
+/// Writes `line` with these descriptors attached, in order (SCM_RIGHTS; at most
+/// [`EXTENT_SEGS`]).
+fn send_with_fds(
+    stream: &std::os::unix::net::UnixStream,
+    line: &[u8],
+    files: &[&std::fs::File],
+) -> std::io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     use std::io::Write;
     use std::os::fd::AsFd;
-    let fds = [file.as_fd()];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    assert!(
+        files.len() <= EXTENT_SEGS,
+        "at most EXTENT_SEGS descriptors"
+    );
+    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(EXTENT_SEGS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
+    if !fds.is_empty() {
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
     let n = sendmsg(
         stream,
         &[std::io::IoSlice::new(line)],

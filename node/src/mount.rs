@@ -252,11 +252,17 @@ impl Inner {
         self.blobs.store().contains(id).unwrap_or(false)
     }
 
+    /// A local chunk, verified; None when it is not local, or was and failed verification
+    /// (the store drops it: the caller fetches it again, and the reader never sees the error).
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, SourceError> {
-        self.blobs
-            .store()
-            .get(id)
-            .map_err(|e| SourceError(e.to_string()))
+        match self.blobs.store().get(id) {
+            Ok(b) => Ok(b),
+            Err(e @ shoal_store::StoreError::Corrupt { .. }) => {
+                tracing::warn!("{e}");
+                Ok(None)
+            }
+            Err(e) => Err(SourceError(e.to_string())),
+        }
     }
 
     fn blob(self: &Arc<Self>, id: &Hash, what: &str) -> Result<Vec<u8>, SourceError> {
@@ -301,6 +307,14 @@ impl crate::swarm::Through for ForPeers {
             Ok(got)
         }
         .boxed()
+    }
+}
+
+impl MountSource {
+    /// Where a local chunk's bytes lie in the store's files (see
+    /// [`shoal_store::ChunkStore::locate`]); None when it is not in the primary disk tier.
+    pub fn locate(&self, id: &Hash) -> Option<shoal_store::Located> {
+        self.inner.blobs.store().locate(id).ok().flatten()
     }
 }
 

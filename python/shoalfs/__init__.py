@@ -17,6 +17,13 @@ import json
 import os
 import socket
 import threading
+import time
+from collections import OrderedDict
+
+try:  # Chunk ids are BLAKE3: with it, small files are read from the store's files directly.
+    from blake3 import blake3 as _blake3
+except ImportError:  # pragma: no cover
+    _blake3 = None
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
@@ -27,6 +34,18 @@ MAX_READ = 16 << 20
 # A whole-file read asks for this much first: all of a small file; a larger one is then read
 # from the daemon's local copy of it when it keeps one.
 FIRST_READ = 4 << 20
+
+
+# Small files' extents kept per session (about 200 bytes each), store files kept open.
+MAX_EXTENTS = 200_000
+MAX_SEG_FDS = 256
+# Files read from extents are reported to the daemon (read order, counters) this many at once.
+OPENED_BATCH = 256
+# A directory whose files were not all local is asked again at most this often (seconds).
+REASK = 1.0
+# Descriptors one `extents` answer carries at most (the daemon's EXTENT_SEGS).
+EXTENT_SEGS = 32
+_UNKNOWN = object()
 
 
 class ShoalError(OSError):
@@ -72,6 +91,7 @@ class _Session:
                 f"no shoal node daemon at {sock_path} ({e.strerror}); start one with "
                 "`shoal node run`, or set SHOAL_HOME",
             ) from None
+        self.local = None
         self.r = self.sock.makefile("rb", buffering=1 << 20)
         self.lock = threading.Lock()
         self._send({"op": "files", "reference": reference, "origin": origin})
@@ -81,6 +101,7 @@ class _Session:
             raise ShoalError(5, f"{reference}: {hello.get('error') or hello}")
         self.version = hello["ok"]["version"]
         self.root = hello["ok"]["root"]
+        self.local = _Local(self) if _blake3 is not None else None
 
     def _send(self, obj):
         self.sock.sendall(json.dumps(obj).encode() + b"\n")
@@ -154,20 +175,28 @@ class _Session:
                     asked = []
         return b"".join(out) if len(out) != 1 else bytes(out[0])
 
+    def _reply_with_fds(self, maxfds):
+        """An answer line and the descriptors that came with it. Received from the socket
+        itself: nothing else is buffered, since every earlier answer was read whole."""
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, maxfds)
+        if not data:
+            raise ShoalError(5, "the shoal daemon closed the connection")
+        parts = [data]
+        while not parts[-1].endswith(b"\n"):
+            more = self.sock.recv(1 << 20)
+            if not more:
+                for f in fds:
+                    os.close(f)
+                raise ShoalError(5, "the shoal daemon closed the connection")
+            parts.append(more)
+        return json.loads(b"".join(parts)), fds
+
     def fd(self, path):
         """A read-only descriptor of the file's whole local copy, or None (small files, or no
         copy kept): reads from it go to the page cache without the daemon."""
         with self.lock:
             self._send({"op": "fd", "path": path})
-            # The answer carries the descriptor: received from the socket itself (nothing
-            # else is buffered, since every earlier answer was read whole).
-            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 1)
-            while not data.endswith(b"\n"):
-                more = self.sock.recv(65536)
-                if not more:
-                    raise ShoalError(5, "the shoal daemon closed the connection")
-                data += more
-        reply = json.loads(data)
+            reply, fds = self._reply_with_fds(1)
         if "ok" not in reply:
             for f in fds:
                 os.close(f)
@@ -178,11 +207,120 @@ class _Session:
             raise ShoalError(5, "the shoal daemon promised a descriptor and sent none")
         return fds[0]
 
+    def extents(self, directory, start):
+        """One page of where the directory's small local files lie: the answer and the store
+        files' descriptors, in the order of its `segs`."""
+        with self.lock:
+            self._send({"op": "extents", "dir": directory, "from": start})
+            reply, fds = self._reply_with_fds(EXTENT_SEGS)
+        if "ok" not in reply or len(fds) != len(reply["ok"]["segs"]):
+            for f in fds:
+                os.close(f)
+            if "ok" in reply:
+                raise ShoalError(5, "the shoal daemon sent the wrong number of descriptors")
+            _raise(reply, directory)
+        return reply["ok"], fds
+
     def close(self):
+        if self.local is not None:
+            self.local.close()
         try:
             self.r.close()
         finally:
             self.sock.close()
+
+
+class _Local:
+    """Small files read straight from the daemon's store files, for readers of many small
+    files: the daemon says once per directory where each file's chunks lie in its segment
+    files (append-only: the bytes at an offset never change while open) and hands over
+    read-only descriptors; each file is then read from the page cache with `pread` and every
+    chunk verified here against its id (BLAKE3), with no round trip to the daemon. A chunk
+    that does not verify, or a file not local when asked, is read through the daemon.
+
+    Each process asks for every directory it reads from: one reader of a version asks once
+    per directory, but N loader workers each ask for all of them (N times the work; see
+    docs/python.md)."""
+
+    def __init__(self, session):
+        self.s = session
+        self.lk = threading.Lock()
+        self.files = OrderedDict()  # path -> (size, [(segment, offset, len, id)]) or None
+        self.fds = OrderedDict()  # segment path -> descriptor
+        self.asked = {}  # directory -> when asked
+        self.opened = []
+
+    def _ask(self, directory):
+        start = 0
+        while start is not None:
+            page, fds = self.s.extents(directory, start)
+            segs = page["segs"]
+            prefix = directory + "/" if directory else ""
+            with self.lk:
+                for seg, fd in zip(segs, fds):
+                    if seg in self.fds:
+                        os.close(fd)
+                        self.fds.move_to_end(seg)
+                    else:
+                        self.fds[seg] = fd
+                while len(self.fds) > MAX_SEG_FDS:
+                    _, fd = self.fds.popitem(last=False)
+                    os.close(fd)
+                for name, size, chunks in page["files"]:
+                    self.files[prefix + name] = None if chunks is None else (
+                        size,
+                        [(segs[i], off, ln, bytes.fromhex(h)) for i, off, ln, h in chunks],
+                    )
+                    self.files.move_to_end(prefix + name)
+                while len(self.files) > MAX_EXTENTS:
+                    self.files.popitem(last=False)
+                self.asked[directory] = time.monotonic()
+            start = page["next"]
+
+    def read(self, path):
+        """The file's bytes, verified, or None: read it through the daemon."""
+        with self.lk:
+            e = self.files.get(path, _UNKNOWN)
+        if e is _UNKNOWN or e is None:
+            directory = path.rpartition("/")[0]
+            when = self.asked.get(directory)
+            if when is not None and time.monotonic() - when < REASK:
+                return None
+            try:
+                self._ask(directory)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+            with self.lk:
+                e = self.files.get(path)
+            if e is None:
+                return None
+        size, chunks = e
+        parts = []
+        for seg, off, ln, cid in chunks:
+            with self.lk:
+                fd = self.fds.get(seg)
+            b = os.pread(fd, ln, off) if fd is not None else b""
+            if len(b) != ln or _blake3(b).digest() != cid:
+                # Evicted descriptor, or bytes that are not the chunk: the daemon reads it
+                # (and drops what its store holds wrong).
+                with self.lk:
+                    self.files.pop(path, None)
+                return None
+            parts.append(b)
+        with self.lk:
+            self.opened.append(path)
+            report = self.opened if len(self.opened) >= OPENED_BATCH else None
+            if report is not None:
+                self.opened = []
+        if report is not None:
+            self.s.call({"op": "opened", "paths": report})
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self):
+        with self.lk:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
 
 
 class ShoalFileSystem(AbstractFileSystem):
@@ -252,9 +390,13 @@ class ShoalFileSystem(AbstractFileSystem):
         path = self._strip_protocol(path)
         ref, rest = self._split(path)
         if (start is None or start == 0) and end is None:
-            # The whole file in one round trip (no stat first); a large one from its local
-            # copy when the daemon keeps one.
+            # A small local file from the store's files; else the whole file in one round
+            # trip (no stat first); a large one from its local copy when the daemon keeps one.
             s = self.session(ref)
+            if s.local is not None:
+                data = s.local.read(rest)
+                if data is not None:
+                    return data
             first = s.read(rest, 0, FIRST_READ)
             if len(first) < FIRST_READ:
                 return first
@@ -312,6 +454,13 @@ class ShoalFile(AbstractBufferedFile):
 
     def _fetch_range(self, start, end):
         ref, rest = self.fs._split(self.fs._strip_protocol(self.path))
+        if self.size <= FIRST_READ:
+            # A small file whole, from the store's files when it is local.
+            if not hasattr(self, "_whole"):
+                local = self.fs.session(ref).local
+                self._whole = local.read(rest) if local is not None else None
+            if self._whole is not None:
+                return self._whole[start:end]
         if not hasattr(self, "_fd"):
             self._fd = None
             if self.size > self.LOCAL_COPY_OVER:

@@ -140,10 +140,30 @@ pub trait ChunkStore: Send + Sync {
     fn unpin(&self, name: &str) -> Result<bool, StoreError>;
     /// Drops every blob no pin needs and compacts; returns the disk bytes freed.
     fn gc(&self) -> Result<u64, StoreError>;
+    /// Where the blob's bytes lie in a file of this store, for a reader that reads them from
+    /// the page cache itself and verifies them against `id` (the Python file sessions): the
+    /// file, open read-only, its name, the offset and the length. Segment files are append-only
+    /// and replaced whole by compaction, so the bytes at a location never change while the
+    /// file is open. Counts as a read for the eviction policy. None when the blob is absent,
+    /// or in no file (the memory tier).
+    fn locate(&self, id: &Hash) -> Result<Option<Located>, StoreError> {
+        let _ = id;
+        Ok(None)
+    }
     /// Counts blobs that left this store for good since it was opened (evicted from its last
     /// tier, collected, dropped as corrupt): when it changes, a version held whole may no
     /// longer be.
     fn losses(&self) -> u64;
+}
+
+/// Where a blob's bytes lie in a file of the store (see [`ChunkStore::locate`]).
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub file: Arc<File>,
+    /// The file's path (names it across calls: the same path is the same file while open).
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u32,
 }
 
 /// Where a live blob is in its segment, the CRC32 of its bytes (none in entries written
@@ -953,6 +973,38 @@ impl ChunkStore for SegmentStore {
 
     fn get_for_peer(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(id, Check::AtRest)
+    }
+
+    fn locate(&self, id: &Hash) -> Result<Option<Located>, StoreError> {
+        let found = {
+            let mut st = self.lock();
+            let found = st.seg_of.get(id).and_then(|&seg| {
+                st.segs
+                    .get(&seg)
+                    .and_then(|s| s.live.get(id))
+                    .map(|&loc| (seg, loc))
+            });
+            st.policy.access(id);
+            match found {
+                Some(_) => st.hits += 1,
+                None => st.misses += 1,
+            }
+            found
+        };
+        let Some((seg, loc)) = found else {
+            return Ok(None);
+        };
+        match self.reader(seg) {
+            Ok(file) => Ok(Some(Located {
+                file,
+                path: self.seg_path(seg),
+                offset: loc.off,
+                len: loc.len,
+            })),
+            // Compacted away since the lookup: the reader asks again, or reads it the usual way.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err(seg)(e)),
+        }
     }
 
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {

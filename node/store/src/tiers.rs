@@ -210,6 +210,11 @@ impl ChunkStore for TieredStore {
         Ok(None)
     }
 
+    fn locate(&self, id: &Hash) -> Result<Option<crate::Located>, StoreError> {
+        // The primary tier only: a blob in a slower tier is read (and promoted) the usual way.
+        self.disks[0].locate(id)
+    }
+
     fn get_for_peer(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         // Serving peers neither counts as a read here nor fills the memory tier: it is kept
         // for this node's own readers.
