@@ -568,26 +568,29 @@ impl SegmentStore {
         Ok(())
     }
 
+    /// Where a live blob is, counted as an access (for the eviction policy) and a hit or miss.
+    fn lookup(&self, id: &Hash) -> Option<(u32, Loc)> {
+        let mut st = self.lock();
+        let found = st.seg_of.get(id).and_then(|&seg| {
+            st.segs
+                .get(&seg)
+                .and_then(|s| s.live.get(id))
+                .map(|&loc| (seg, loc))
+        });
+        st.policy.access(id);
+        match found {
+            Some(_) => st.hits += 1,
+            None => st.misses += 1,
+        }
+        found
+    }
+
     /// Reads a blob, checked as `check` says; a blob that fails the check is dropped (and
     /// reported corrupt).
     fn read(&self, id: &Hash, check: Check) -> Result<Option<Vec<u8>>, StoreError> {
         // Twice at most: a compaction may move the blob between the lookup and the read.
         for _ in 0..2 {
-            let found = {
-                let mut st = self.lock();
-                let found = st.seg_of.get(id).and_then(|&seg| {
-                    st.segs
-                        .get(&seg)
-                        .and_then(|s| s.live.get(id))
-                        .map(|&loc| (seg, loc))
-                });
-                st.policy.access(id);
-                match found {
-                    Some(_) => st.hits += 1,
-                    None => st.misses += 1,
-                }
-                found
-            };
+            let found = self.lookup(id);
             let Some((seg, loc)) = found else {
                 return Ok(None);
             };
@@ -976,22 +979,7 @@ impl ChunkStore for SegmentStore {
     }
 
     fn locate(&self, id: &Hash) -> Result<Option<Located>, StoreError> {
-        let found = {
-            let mut st = self.lock();
-            let found = st.seg_of.get(id).and_then(|&seg| {
-                st.segs
-                    .get(&seg)
-                    .and_then(|s| s.live.get(id))
-                    .map(|&loc| (seg, loc))
-            });
-            st.policy.access(id);
-            match found {
-                Some(_) => st.hits += 1,
-                None => st.misses += 1,
-            }
-            found
-        };
-        let Some((seg, loc)) = found else {
+        let Some((seg, loc)) = self.lookup(id) else {
             return Ok(None);
         };
         match self.reader(seg) {
