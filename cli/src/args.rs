@@ -115,10 +115,10 @@ pub enum Command {
         #[arg(long, default_value = "512MiB", value_name = "SIZE")]
         read_ahead: String,
         /// Seconds a read waits for a missing chunk before failing with EIO.
-        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        #[arg(long, default_value_t = shoal_node::MountSpec::DEFAULT_TIMEOUT_SECS, value_name = "SECS")]
         timeout: u64,
         /// FUSE worker threads.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = shoal_node::MountSpec::DEFAULT_THREADS)]
         threads: usize,
         /// Bypass the kernel page cache (for measurements).
         #[arg(long, hide = true)]

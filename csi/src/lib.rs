@@ -218,47 +218,39 @@ impl Driver {
         }
         let want = volume_request(&req.volume_context).map_err(Status::invalid_argument)?;
         let before = self.claim(id)?;
-        let (state, result) = match before {
-            Some(Volume::Mounted {
-                target: t,
-                reference,
-                served,
-            }) => {
-                // Published before: the same again is success, anything else a conflict.
-                let same = t == target && reference == want.reference && !served.is_finished();
-                let r = if same {
-                    Ok(())
-                } else if served.is_finished() {
-                    Err(Status::failed_precondition(format!(
-                        "volume {id}'s mount at {} has ended; unpublish it first",
-                        t.display()
-                    )))
-                } else {
-                    Err(Status::already_exists(format!(
-                        "volume {id} is published at {} with {reference}",
-                        t.display()
-                    )))
-                };
-                (
-                    Some(Volume::Mounted {
-                        target: t,
-                        reference,
-                        served,
-                    }),
-                    r,
-                )
-            }
-            _ => match self.mount(&target, &want).await {
-                Ok(served) => (
-                    Some(Volume::Mounted {
-                        target: target.clone(),
-                        reference: want.reference.clone(),
-                        served,
-                    }),
-                    Ok(()),
-                ),
-                Err(e) => (None, Err(e)),
-            },
+        if let Some(Volume::Mounted {
+            target: t,
+            reference,
+            served,
+        }) = &before
+        {
+            // Published before: the same again is success, anything else a conflict.
+            let r = if served.is_finished() {
+                Err(Status::failed_precondition(format!(
+                    "volume {id}'s mount at {} has ended; unpublish it first",
+                    t.display()
+                )))
+            } else if *t == target && *reference == want.reference {
+                Ok(())
+            } else {
+                Err(Status::already_exists(format!(
+                    "volume {id} is published at {} with {reference}",
+                    t.display()
+                )))
+            };
+            self.release(id, before);
+            return r;
+        }
+        let (state, result) = match self.mount(&target, &want).await {
+            Ok(served) => (
+                Some(Volume::Mounted {
+                    target,
+                    reference: want.reference,
+                    served,
+                }),
+                Ok(()),
+            ),
+            Err(e) => (None, Err(e)),
         };
         self.release(id, state);
         result
@@ -282,9 +274,9 @@ impl Driver {
                 mountpoint: target.to_path_buf(),
                 prefetch: want.prefetch,
                 read_order: Vec::new(),
-                read_ahead: 512 << 20,
-                timeout_secs: 30,
-                threads: 2,
+                read_ahead: MountSpec::DEFAULT_READ_AHEAD,
+                timeout_secs: MountSpec::DEFAULT_TIMEOUT_SECS,
+                threads: MountSpec::DEFAULT_THREADS,
                 direct_io: false,
                 passthrough: want.passthrough,
             },

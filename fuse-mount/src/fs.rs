@@ -10,7 +10,7 @@ use fuser::{
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
-use shoal_registry::tree::ChunkRef;
+use shoal_registry::tree::{ChunkRef, FileContent};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -217,11 +217,7 @@ impl<S: Source> ShoalFs<S> {
     /// readers outside the kernel. A file whose chunks are all local and has no copy yet gets
     /// one made in the background.
     pub fn whole_copy(&self, ino: u64) -> Result<Option<(std::fs::File, u64)>, ModelErrno> {
-        let (size, content) = match self.inodes.kind(ino)? {
-            Kind::File { size, content } => (size, content),
-            Kind::Dir { .. } => return Err(ModelErrno::IsDir),
-            Kind::Symlink { .. } => return Err(ModelErrno::NotFound),
-        };
+        let (size, content) = self.file(ino)?;
         if size <= self.opts.small_file {
             return Ok(None);
         }
@@ -241,11 +237,7 @@ impl<S: Source> ShoalFs<S> {
     /// readers outside the kernel may read chunk by chunk from the store's files), with its
     /// size; None for a larger file.
     pub fn small_file_chunks(&self, ino: u64) -> Result<Option<SmallFile>, ModelErrno> {
-        let (size, content) = match self.inodes.kind(ino)? {
-            Kind::File { size, content } => (size, content),
-            Kind::Dir { .. } => return Err(ModelErrno::IsDir),
-            Kind::Symlink { .. } => return Err(ModelErrno::NotFound),
-        };
+        let (size, content) = self.file(ino)?;
         if size > self.opts.small_file {
             return Ok(None);
         }
@@ -257,14 +249,30 @@ impl<S: Source> ShoalFs<S> {
         Ok(Some((chunks, size)))
     }
 
-    /// Tells the source that a reader outside the kernel read file `ino` whole by itself (its
-    /// place in a read order, the counters).
-    pub fn read_elsewhere(&self, ino: u64, bytes: u64) {
+    /// A file's size and content; for a directory or symlink the error a read of it gets.
+    fn file(&self, ino: u64) -> Result<(u64, FileContent), ModelErrno> {
+        match self.inodes.kind(ino)? {
+            Kind::File { size, content } => Ok((size, content)),
+            Kind::Dir { .. } => Err(ModelErrno::IsDir),
+            Kind::Symlink { .. } => Err(ModelErrno::NotFound),
+        }
+    }
+
+    /// Tells the source that a reader outside the kernel read the file at `path` whole by
+    /// itself (its place in a read order, the counters); false if there is no such file.
+    pub fn read_elsewhere(&self, path: &str) -> bool {
+        let Ok((ino, (size, _))) = self
+            .resolve(path)
+            .and_then(|ino| Ok((ino, self.file(ino)?)))
+        else {
+            return false;
+        };
         self.stats.files_read.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(size, Ordering::Relaxed);
         if let Ok(path) = self.inodes.path(ino) {
             self.inodes.source().opened(&path);
         }
+        true
     }
 
     /// Up to `size` bytes of file `ino` from `offset`, counted and observed: what a kernel

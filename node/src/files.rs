@@ -279,45 +279,29 @@ pub fn serve_blocking(
                 };
                 put(&mut w, &v)?;
             }
-            Op::Fd { path } => {
-                match rd.resolve(&path).and_then(|ino| rd.whole_copy(ino)) {
-                    Ok(Some((file, size))) => {
-                        // The answer and the descriptor in one message, after what is queued.
-                        w.flush()?;
-                        let mut l = serde_json::to_vec(
-                            &serde_json::json!({ "ok": { "fd": true, "size": size } }),
-                        )?;
-                        l.push(b'\n');
-                        send_with_fd(w.get_ref(), &l, &file)?;
-                    }
-                    Ok(None) => put(&mut w, &serde_json::json!({ "ok": { "fd": false } }))?,
-                    Err(e) => put(&mut w, &errno_reply(&e, &path))?,
-                }
-            }
+            Op::Fd { path } => match rd.resolve(&path).and_then(|ino| rd.whole_copy(ino)) {
+                Ok(Some((file, size))) => send_with_fds(
+                    &mut w,
+                    &serde_json::json!({ "ok": { "fd": true, "size": size } }),
+                    &[&file],
+                )?,
+                Ok(None) => put(&mut w, &serde_json::json!({ "ok": { "fd": false } }))?,
+                Err(e) => put(&mut w, &errno_reply(&e, &path))?,
+            },
             Op::Extents { dir, from } => {
                 match rd
                     .resolve(&dir)
                     .and_then(|ino| extents(&session, ino, from))
                 {
                     Ok((reply, files)) => {
-                        w.flush()?;
-                        let mut l = serde_json::to_vec(&serde_json::json!({ "ok": reply }))?;
-                        l.push(b'\n');
                         let fds: Vec<&std::fs::File> = files.iter().map(|f| &**f).collect();
-                        send_with_fds(w.get_ref(), &l, &fds)?;
+                        send_with_fds(&mut w, &serde_json::json!({ "ok": reply }), &fds)?;
                     }
                     Err(e) => put(&mut w, &errno_reply(&e, &dir))?,
                 }
             }
             Op::Opened { paths } => {
-                let mut n = 0;
-                for p in &paths {
-                    if let Ok(ino) = rd.resolve(p) {
-                        let size = rd.attr(ino).map(|a| a.size).unwrap_or(0);
-                        rd.read_elsewhere(ino, size);
-                        n += 1;
-                    }
-                }
+                let n = paths.iter().filter(|p| rd.read_elsewhere(p)).count();
                 put(&mut w, &serde_json::json!({ "ok": n }))?;
             }
             Op::Read { path, offset, len } => {
@@ -426,26 +410,22 @@ fn extents(
     ))
 }
 
-/// Writes `line` with `file`'s descriptor attached (SCM_RIGHTS): the client gets its own
-/// read-only descriptor of the copy and reads it from the page cache without the daemon.
-fn send_with_fd(
-    stream: &std::os::unix::net::UnixStream,
-    line: &[u8],
-    file: &std::fs::File,
-) -> std::io::Result<()> {
-    send_with_fds(stream, line, &[file])
-}
-
-/// Writes `line` with these descriptors attached, in order (SCM_RIGHTS; at most
-/// [`EXTENT_SEGS`]).
+/// Writes `reply` as a line with these descriptors attached, in order (SCM_RIGHTS; at most
+/// [`EXTENT_SEGS`]), after the answers queued before it: the client gets its own read-only
+/// descriptors and reads from the page cache without the daemon.
 fn send_with_fds(
-    stream: &std::os::unix::net::UnixStream,
-    line: &[u8],
+    w: &mut std::io::BufWriter<std::os::unix::net::UnixStream>,
+    reply: &serde_json::Value,
     files: &[&std::fs::File],
 ) -> std::io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     use std::io::Write;
     use std::os::fd::AsFd;
+    w.flush()?;
+    let stream = w.get_ref();
+    let mut line = serde_json::to_vec(reply)?;
+    line.push(b'\n');
+    let line = &line[..];
     assert!(
         files.len() <= EXTENT_SEGS,
         "at most EXTENT_SEGS descriptors"

@@ -316,9 +316,7 @@ impl MountSource {
     pub fn locate(&self, id: &Hash) -> Option<shoal_store::Located> {
         self.inner.blobs.store().locate(id).ok().flatten()
     }
-}
 
-impl MountSource {
     /// Announces the mount to the swarm (if this node has one) and reads from the origin, for
     /// the other nodes mounting the version, the runs this node owns; until dropped.
     pub fn announce(&self) -> Option<crate::swarm::Mounted> {
@@ -476,6 +474,10 @@ impl MountSpec {
     /// How far a read order is fetched ahead of the reader unless asked otherwise (as
     /// `shoal mount --read-ahead`'s default).
     pub const DEFAULT_READ_AHEAD: u64 = 512 << 20;
+    /// Seconds a read waits for a missing chunk unless asked otherwise (`--timeout`).
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+    /// FUSE worker threads unless asked otherwise (`--threads`).
+    pub const DEFAULT_THREADS: usize = 2;
 }
 
 /// How to mount a version: what `shoal mount` asks for, in-process or of the daemon.
