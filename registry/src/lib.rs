@@ -9,6 +9,7 @@
 //! Every encoded object carries a format tag ([`format`](mod@format)); decoding validates what it reads,
 //! since origins and peers are not trusted.
 
+pub mod dirs;
 pub mod format;
 pub mod names;
 pub mod origin;

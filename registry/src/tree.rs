@@ -240,37 +240,43 @@ impl Dir {
     }
 
     fn validate(&self) -> Result<(), String> {
-        for (i, e) in self.entries.iter().enumerate() {
-            check_name(&e.name).map_err(|r| format!("entry {:?}: {r}", e.name))?;
-            if i > 0 && self.entries[i - 1].name >= e.name {
-                return Err(format!("entries not sorted and unique at {:?}", e.name));
-            }
-            if e.mode & !0o777 != 0 {
+        validate_entries(&self.entries)
+    }
+}
+
+/// Checks a run of directory entries: valid unique names in order, modes, sizes that match
+/// the chunks.
+pub(crate) fn validate_entries(entries: &[Entry]) -> Result<(), String> {
+    for (i, e) in entries.iter().enumerate() {
+        check_name(&e.name).map_err(|r| format!("entry {:?}: {r}", e.name))?;
+        if i > 0 && entries[i - 1].name >= e.name {
+            return Err(format!("entries not sorted and unique at {:?}", e.name));
+        }
+        if e.mode & !0o777 != 0 {
+            return Err(format!(
+                "entry {:?}: mode {:o} has bits beyond 0o777",
+                e.name, e.mode
+            ));
+        }
+        if let EntryKind::File { size, content } = &e.kind {
+            let sum: u64 = match content {
+                FileContent::Chunks(c) => {
+                    if let Some(bad) = c.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
+                        return Err(format!("entry {:?}: chunk of {} bytes", e.name, bad.len));
+                    }
+                    c.iter().map(|c| c.len as u64).sum()
+                }
+                FileContent::Lists(l) => l.iter().map(|l| l.bytes).sum(),
+            };
+            if sum != *size {
                 return Err(format!(
-                    "entry {:?}: mode {:o} has bits beyond 0o777",
-                    e.name, e.mode
+                    "entry {:?}: size {size} but chunks add up to {sum}",
+                    e.name
                 ));
             }
-            if let EntryKind::File { size, content } = &e.kind {
-                let sum: u64 = match content {
-                    FileContent::Chunks(c) => {
-                        if let Some(bad) = c.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
-                            return Err(format!("entry {:?}: chunk of {} bytes", e.name, bad.len));
-                        }
-                        c.iter().map(|c| c.len as u64).sum()
-                    }
-                    FileContent::Lists(l) => l.iter().map(|l| l.bytes).sum(),
-                };
-                if sum != *size {
-                    return Err(format!(
-                        "entry {:?}: size {size} but chunks add up to {sum}",
-                        e.name
-                    ));
-                }
-            }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl ChunkList {
@@ -306,7 +312,16 @@ impl ChunkList {
 /// Builds a file's content from its chunks, splitting long lists into chunk-list nodes.
 /// Returns the content and the list nodes to store (id, encoded bytes).
 pub fn file_content(chunks: Vec<ChunkRef>) -> (FileContent, Vec<(Hash, Vec<u8>)>) {
-    if chunks.len() <= INLINE_CHUNKS {
+    file_content_inline(chunks, INLINE_CHUNKS)
+}
+
+/// [`file_content`] with files of up to `inline` chunks listed inline (v2 directories:
+/// [`crate::dirs::INLINE_CHUNKS`]).
+pub fn file_content_inline(
+    chunks: Vec<ChunkRef>,
+    inline: usize,
+) -> (FileContent, Vec<(Hash, Vec<u8>)>) {
+    if chunks.len() <= inline {
         return (FileContent::Chunks(chunks), Vec::new());
     }
     let mut refs = Vec::new();
