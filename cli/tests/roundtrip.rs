@@ -372,3 +372,91 @@ fn completions_complete_in_a_real_shell_and_man_pages_render() {
         "{text}"
     );
 }
+
+/// The publisher of `tests/fixtures/format-v1` (see its README).
+const V1_PUBLISHER: &str =
+    "ed25519:7b13513cf5e44c5d64ea685adcea1513f0516a148cbe67ab1280d9eccab1d518";
+
+/// A dataset whose first version was published in format v1 (by the release before v2, kept
+/// as a fixture) stays pullable and listable; versions published on top are v2, and diff
+/// between the two formats reports only real changes. In v2 a change in a directory of
+/// 20,000 files uploads its path in the directory's tree, not the directory.
+#[test]
+fn format_v1_versions_stay_readable_next_to_v2() {
+    let env = Env::new();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v1");
+    let cp = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(fixture.join("origin"))
+        .arg(&env.origin)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    assert!(env.run(&["trust", V1_PUBLISHER]).status.success());
+    let v1_src = fixture.join("src");
+    let out = env.path("v1");
+    env.json(&["pull", "fmt@v1", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&v1_src, &out);
+    let ls = env.json(&["ls", "fmt@latest", "sub"]);
+    let names: Vec<&str> = ls["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b.bin", "deep"]);
+    assert_eq!(ls["entries"][0]["chunks"], 32, "{ls}");
+
+    // v2 on top: one file changed, a wide directory added.
+    let src = env.path("src");
+    let cp = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(&v1_src)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    write(&src.join("many/f05"), b"changed in v2\n");
+    for i in 0..20_000 {
+        write(
+            &src.join(format!("wide/img_{i:05}.txt")),
+            format!("image {i}\n").as_bytes(),
+        );
+    }
+    env.json(&["publish", src.to_str().unwrap(), "fmt@v2"]);
+    let d = env.json(&["diff", "fmt@v1", "fmt@v2"]);
+    assert_eq!(d["changed_files"], 1, "{d}");
+    assert_eq!(d["added_files"], 20_000, "{d}");
+    assert_eq!(d["removed_files"], 0, "{d}");
+    let paths: Vec<&str> = d["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["many/f05", "wide"],
+        "sub/b.bin moved from inline chunks to a chunk list: the same file"
+    );
+    let out2 = env.path("v2");
+    env.json(&["pull", "fmt@v2", "--to", out2.to_str().unwrap()]);
+    assert_same_tree(&src, &out2);
+
+    // One file of the 20,000 changes: the upload is the file, its leaf and the nodes above.
+    write(&src.join("wide/img_12345.txt"), b"retouched\n");
+    let p = env.json(&["publish", src.to_str().unwrap(), "fmt@v3"]);
+    let uploaded = p["new_bytes_uploaded"].as_u64().unwrap();
+    assert!(
+        uploaded < 64 << 10,
+        "{uploaded} bytes uploaded for one change: {p}"
+    );
+    let d = env.json(&["diff", "fmt@v2", "fmt@v3"]);
+    assert_eq!(d["changed_files"], 1, "{d}");
+    assert_eq!(d["entries"][0]["path"], "wide/img_12345.txt", "{d}");
+    let read = d["nodes_read"].as_u64().unwrap();
+    assert!(read <= 8, "diff read {read} nodes: {d}");
+    let out3 = env.path("v3");
+    env.json(&["pull", "fmt@v3", "--to", out3.to_str().unwrap()]);
+    assert_same_tree(&src, &out3);
+}

@@ -128,6 +128,7 @@ struct Opens {
 pub struct MountStats {
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
+    /// Reads that failed, and opens that failed for want of a file's chunk list.
     pub read_errors: AtomicU64,
     /// Reads that started a file at its first byte (files opened and read, as far as the
     /// mount can tell: the kernel serves opens itself, and re-reads from its page cache).
@@ -587,7 +588,11 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             Some((c, _)) => c,
             None => match source.chunks(&content) {
                 Ok(c) => c,
-                Err(e) => return reply.error(errno(ModelErrno::Io(e))),
+                Err(e) => {
+                    // The reader meets it as a failed read of the file: counted as one.
+                    self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    return reply.error(errno(ModelErrno::Io(e)));
+                }
             },
         };
         let copy = source.whole_file(&chunks, size);

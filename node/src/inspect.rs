@@ -2,7 +2,7 @@
 
 use crate::blobs::Blobs;
 use crate::error::{Error, Result};
-use crate::walk::{join, load_dir};
+use crate::walk::{join, load_dir, load_dir_pair};
 use crate::Node;
 use serde::{Deserialize, Serialize};
 use shoal_registry::tree::{ChunkList, Dir, Entry, EntryKind, FileContent};
@@ -252,9 +252,8 @@ impl Node {
             if ida == idb {
                 continue;
             }
-            report.nodes_read += 2;
-            let da = load_dir(&blobs_a, &ida, &path).await?;
-            let db = load_dir(&blobs_b, &idb, &path).await?;
+            let (da, db, read) = load_dir_pair((&blobs_a, ida), (&blobs_b, idb), &path).await?;
+            report.nodes_read += read;
             let (mut i, mut j) = (0, 0);
             while i < da.entries.len() || j < db.entries.len() {
                 let ea = da.entries.get(i);
@@ -292,20 +291,23 @@ impl Node {
                                     content: cb,
                                 },
                             ) => {
-                                if ca != cb || x.mode != y.mode {
-                                    let old: HashSet<Hash> =
-                                        chunk_ids(&blobs_a, ca, &p, &mut report.nodes_read)
-                                            .await?
-                                            .into_iter()
-                                            .map(|c| c.0)
-                                            .collect();
-                                    let changed: u64 =
-                                        chunk_ids(&blobs_b, cb, &p, &mut report.nodes_read)
-                                            .await?
-                                            .into_iter()
-                                            .filter(|c| !old.contains(&c.0))
-                                            .map(|c| c.1 as u64)
-                                            .sum();
+                                // Equal contents may be written differently (inline
+                                // or in chunk lists, by format version).
+                                let (la, lb) = if ca != cb {
+                                    (
+                                        chunk_ids(&blobs_a, ca, &p, &mut report.nodes_read).await?,
+                                        chunk_ids(&blobs_b, cb, &p, &mut report.nodes_read).await?,
+                                    )
+                                } else {
+                                    Default::default()
+                                };
+                                if la != lb || x.mode != y.mode {
+                                    let old: HashSet<Hash> = la.iter().map(|c| c.0).collect();
+                                    let changed: u64 = lb
+                                        .iter()
+                                        .filter(|c| !old.contains(&c.0))
+                                        .map(|c| c.1 as u64)
+                                        .sum();
                                     report.changed_files += 1;
                                     report.changed_bytes += changed;
                                     report.entries.push(DiffEntry {

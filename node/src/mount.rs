@@ -265,6 +265,37 @@ impl Inner {
         }
     }
 
+    /// Blobs `ids`, in order: the local ones from the store, the others in one fetch.
+    fn blobs(self: &Arc<Self>, ids: &[Hash], what: &str) -> Result<Vec<Vec<u8>>, SourceError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            let b = self.get(id)?;
+            if b.is_none() {
+                missing.push(*id);
+            }
+            out.push(b);
+        }
+        let mut got = if missing.is_empty() {
+            HashMap::new()
+        } else {
+            let n = missing.len();
+            self.block_on_fetch(missing, || format!("{n} {what}s"))?
+        };
+        ids.iter()
+            .zip(out)
+            .map(|(id, b)| match b {
+                Some(b) => Ok(b),
+                None => match got.remove(id) {
+                    Some(b) => Ok(b.to_vec()),
+                    None => self.get(id)?.ok_or_else(|| {
+                        SourceError(format!("{what} {id} vanished from the local store"))
+                    }),
+                },
+            })
+            .collect()
+    }
+
     fn blob(self: &Arc<Self>, id: &Hash, what: &str) -> Result<Vec<u8>, SourceError> {
         if let Some(b) = self.get(id)? {
             return Ok(b);
@@ -327,10 +358,13 @@ impl MountSource {
 
 impl Source for MountSource {
     fn dir(&self, id: &Hash) -> Result<Arc<Dir>, SourceError> {
-        let bytes = self.inner.blob(id, "directory node")?;
-        Dir::decode(&bytes)
-            .map(Arc::new)
-            .map_err(|e| SourceError(format!("directory node {id}: {e}")))
+        // A level of the directory's nodes at a time, each level in one fetch.
+        match shoal_registry::dirs::load(*id, |ids| self.inner.blobs(ids, "directory node"))? {
+            Ok(dir) => Ok(Arc::new(dir)),
+            Err((node, e)) => Err(SourceError(format!(
+                "directory node {node} (of directory {id}): {e}"
+            ))),
+        }
     }
 
     fn chunks(&self, content: &FileContent) -> Result<Arc<Vec<ChunkRef>>, SourceError> {

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use rayon::prelude::*;
 use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
+use shoal_registry::dirs::{self, DirBuilder};
 use shoal_registry::pack::{
     AnyIndex, ExternalEntry, ExternalIndex, PackBuilder, SealedPack, SourceObject, PACK_TARGET,
 };
-use shoal_registry::tree::{self, ChunkRef, Dir, Entry, EntryKind};
+use shoal_registry::tree::{self, ChunkRef, Entry, EntryKind};
 use shoal_registry::{
     DatasetConfig, Hash, Label, Origin, Params, SignedVersion, Stats, VersionBody, VersionRef,
 };
@@ -538,16 +539,16 @@ impl TreeBuild<'_> {
         Ok(())
     }
 
-    /// Builds the directory node for `entries`; returns (id, files, bytes).
+    /// Builds the directory's nodes (format v2) for `entries`; returns (id, files, bytes).
     fn dir(&mut self, entries: &[ScanEntry]) -> Result<(Hash, u64, u64), UploadStopped> {
-        let mut dir = Dir::default();
+        let mut dir = DirBuilder::new();
         let (mut files, mut bytes) = (0, 0);
         for e in entries {
             let kind = match &e.kind {
                 ScanKind::File { index } => {
                     let chunks = self.chunks[*index].clone();
                     let size: u64 = chunks.iter().map(|c| c.len as u64).sum();
-                    let (content, lists) = tree::file_content(chunks);
+                    let (content, lists) = tree::file_content_inline(chunks, dirs::INLINE_CHUNKS);
                     for (id, b) in lists {
                         self.emit(id, b)?;
                     }
@@ -569,16 +570,28 @@ impl TreeBuild<'_> {
                     target: target.clone(),
                 },
             };
-            dir.entries.push(Entry {
+            let entry = Entry {
                 name: e.name.clone(),
                 mode: e.mode,
                 kind,
-            });
+            };
+            dir.push(entry, &mut |id, b| self.emit(id, b))
+                .map_err(Self::stopped)?;
         }
-        let encoded = dir.encode();
-        let id = shoal_chunker::hash(&encoded);
-        self.emit(id, encoded)?;
-        Ok((id, files, bytes))
+        let top = dir
+            .finish(&mut |id, b| self.emit(id, b))
+            .map_err(Self::stopped)?;
+        Ok((top.id, files, bytes))
+    }
+
+    /// Scanned entries come sorted and unique, so building only stops when uploading did.
+    fn stopped(e: dirs::BuildError<UploadStopped>) -> UploadStopped {
+        match e {
+            dirs::BuildError::Emit(stop) => stop,
+            dirs::BuildError::Unsorted(name) => {
+                unreachable!("scanned entries are sorted and unique, {name:?} was not")
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::blobs::Blobs;
 use crate::error::{Error, Result};
+use shoal_registry::dirs::{DirLoad, DirNode, Span};
 use shoal_registry::tree::{self, ChunkList, ChunkRef, Dir, EntryKind, FileContent};
 use shoal_registry::Hash;
 
@@ -34,15 +35,61 @@ pub(crate) fn join(parent: &str, name: &str) -> String {
     }
 }
 
-/// Reads and validates the directory node `id` found at `path`.
+/// Reads and validates the whole directory whose top node is `id`, found at `path`: its
+/// nodes a level at a time, each level fetched in one batch.
 ///
-/// Cancel-safe: it only reads.
+/// Cancel-safe: it only reads (and stores verified tree nodes).
 pub async fn load_dir(blobs: &Blobs, id: &Hash, path: &str) -> Result<Dir> {
-    let bytes = blobs.get(id).await?;
-    Dir::decode(&bytes).map_err(|e| Error::Corrupt {
-        what: format!("directory node {id} for '/{path}'"),
+    let mut load = DirLoad::new(*id);
+    while !load.done() {
+        fill_level(blobs, &mut load, path).await?;
+    }
+    Ok(load.finish())
+}
+
+/// Reads the nodes `load` needs next, in one batch; returns how many.
+///
+/// Cancel-safe: it only reads (and stores verified tree nodes).
+async fn fill_level(blobs: &Blobs, load: &mut DirLoad, path: &str) -> Result<usize> {
+    let ids = load.pending();
+    ensure_local(blobs, ids.clone()).await?;
+    let mut nodes = Vec::with_capacity(ids.len());
+    for id in &ids {
+        nodes.push(blobs.get(id).await?);
+    }
+    load.fill(nodes).map_err(|(node, e)| Error::Corrupt {
+        what: format!("directory node {node} for '/{path}'"),
         reason: e.to_string(),
-    })
+    })?;
+    Ok(ids.len())
+}
+
+/// Two versions of the directory at `path` (top nodes `a` and `b`), read side by side
+/// without the nodes they share: the entries of each that are not in a shared node (so every
+/// difference is among them), and how many nodes were read.
+///
+/// Cancel-safe: it only reads (and stores verified tree nodes).
+pub async fn load_dir_pair(
+    (blobs_a, a): (&Blobs, Hash),
+    (blobs_b, b): (&Blobs, Hash),
+    path: &str,
+) -> Result<(Dir, Dir, u64)> {
+    let (mut la, mut lb) = (DirLoad::new(a), DirLoad::new(b));
+    let mut read = 0;
+    loop {
+        la.skip_shared(&mut lb);
+        let level = la.next_level().max(lb.next_level());
+        if level.is_none() {
+            break;
+        }
+        if la.next_level() == level {
+            read += fill_level(blobs_a, &mut la, path).await? as u64;
+        }
+        if lb.next_level() == level {
+            read += fill_level(blobs_b, &mut lb, path).await? as u64;
+        }
+    }
+    Ok((la.finish(), lb.finish(), read))
 }
 
 /// Ensures every blob in `ids` is in the local store, fetching the missing ones in one batch.
@@ -73,24 +120,35 @@ async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
 #[tracing::instrument(name = "read tree", skip_all)]
 pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
     let mut out = Walked::default();
-    let mut level: Vec<(String, Hash, usize)> = vec![(String::new(), root, 0)];
+    // (path, node, depth, what its parent node said of it: None for a directory's top node)
+    let mut level: Vec<(String, Hash, usize, Option<Span>)> = vec![(String::new(), root, 0, None)];
     while !level.is_empty() {
         ensure_local(blobs, level.iter().map(|l| l.1).collect()).await?;
         let mut next = Vec::new();
         let mut lists: Vec<(usize, Vec<tree::ListRef>)> = Vec::new();
-        for (path, id, depth) in level {
+        for (path, id, depth, span) in level {
             let bytes = blobs.get(&id).await?;
             out.nodes.push((id, bytes.len() as u32));
-            let dir = Dir::decode(&bytes).map_err(|e| Error::Corrupt {
+            let node = DirNode::decode(&bytes, span.as_ref()).map_err(|e| Error::Corrupt {
                 what: format!("directory node {id} for '/{path}'"),
                 reason: e.to_string(),
             })?;
-            for e in dir.entries {
+            let entries = match node {
+                DirNode::Leaf(entries) => entries,
+                inner => {
+                    // More of the same directory, one level down.
+                    for (child, span) in inner.spans(span.as_ref()) {
+                        next.push((path.clone(), child, depth, Some(span)));
+                    }
+                    continue;
+                }
+            };
+            for e in entries {
                 let p = join(&path, &e.name);
                 match e.kind {
                     EntryKind::Dir { id, .. } => {
                         out.dirs.push((p.clone(), e.mode));
-                        next.push((p, id, depth + 1));
+                        next.push((p, id, depth + 1, None));
                     }
                     EntryKind::File { size, content } => {
                         let chunks = match content {
@@ -181,19 +239,31 @@ fn check_links(tree: &Walked) -> Result<()> {
 /// Whether every blob of the version under `root` (tree nodes and chunks) is in `store` now,
 /// read from the store alone. A node announces a version as complete only while this holds.
 pub fn complete_locally(store: &dyn crate::store::ChunkStore, root: Hash) -> Result<bool> {
-    let mut level = vec![root];
+    let mut level = vec![(root, None)];
     while !level.is_empty() {
         let mut next = Vec::new();
-        for id in level {
+        for (id, span) in level {
             let Some(bytes) = store.get(&id)? else {
                 return Ok(false);
             };
-            let Ok(dir) = Dir::decode(&bytes) else {
+            let Ok(node) = DirNode::decode(&bytes, span.as_ref()) else {
                 return Ok(false);
             };
-            for e in dir.entries {
+            let entries = match node {
+                DirNode::Leaf(entries) => entries,
+                inner => {
+                    next.extend(
+                        inner
+                            .spans(span.as_ref())
+                            .into_iter()
+                            .map(|(id, s)| (id, Some(s))),
+                    );
+                    continue;
+                }
+            };
+            for e in entries {
                 match e.kind {
-                    EntryKind::Dir { id, .. } => next.push(id),
+                    EntryKind::Dir { id, .. } => next.push((id, None)),
                     EntryKind::File { content, .. } => {
                         let chunks = match content {
                             FileContent::Chunks(c) => c,

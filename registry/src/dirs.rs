@@ -435,6 +435,40 @@ impl DirLoad {
         self.slots.iter().all(|s| matches!(s, Slot::Done(_)))
     }
 
+    /// The highest level among the nodes needed next (a top node, whose level is not known
+    /// before it is read, counts as the highest); None when done.
+    pub fn next_level(&self) -> Option<u8> {
+        self.slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Want(_, span) => Some(span.as_ref().map_or(u8::MAX, |s| s.level)),
+                Slot::Done(_) => None,
+            })
+            .max()
+    }
+
+    /// Drops the nodes that both this load and `other` still need: a node (by id) holds the
+    /// same entries wherever it is, so comparing two directories need not read it. Two
+    /// versions of a directory read side by side, a level at a time from the higher one
+    /// down (see [`DirLoad::next_level`]), meet their shared nodes at the same level, and a
+    /// diff reads only the nodes on the paths to what changed. Returns how many were dropped
+    /// from each.
+    pub fn skip_shared(&mut self, other: &mut DirLoad) -> usize {
+        let mine: std::collections::HashSet<Hash> = self.pending().into_iter().collect();
+        let shared: std::collections::HashSet<Hash> = other
+            .pending()
+            .into_iter()
+            .filter(|id| mine.contains(id))
+            .collect();
+        if shared.is_empty() {
+            return 0;
+        }
+        let keep = |s: &Slot| !matches!(s, Slot::Want(id, _) if shared.contains(id));
+        self.slots.retain(keep);
+        other.slots.retain(keep);
+        shared.len()
+    }
+
     /// Takes the bytes of the nodes [`DirLoad::pending`] named, in its order. On error, the
     /// id of the node that was refused and why.
     pub fn fill<B: AsRef<[u8]>>(&mut self, nodes: Vec<B>) -> Result<(), (Hash, DecodeError)> {
@@ -492,11 +526,13 @@ pub fn load<B: AsRef<[u8]>, E>(
     Ok(Ok(load.finish()))
 }
 
+/// Encoded nodes by id.
+pub type Nodes = std::collections::HashMap<Hash, Vec<u8>>;
+
 /// Builds a directory's nodes from `entries` (in name order) into a map: for tests and tools.
 pub fn build_all(
     entries: impl IntoIterator<Item = Entry>,
-) -> Result<(Built, std::collections::HashMap<Hash, Vec<u8>>), BuildError<std::convert::Infallible>>
-{
+) -> Result<(Built, Nodes), BuildError<std::convert::Infallible>> {
     let mut nodes = std::collections::HashMap::new();
     let mut emit = |id, bytes| {
         nodes.insert(id, bytes);
@@ -618,6 +654,43 @@ mod tests {
     }
 
     #[test]
+    fn side_by_side_reads_skip_shared_nodes() {
+        let entries = files(100_000);
+        let (top, before) = build_all(entries.clone()).unwrap();
+        let mut changed = entries.clone();
+        changed[70_000] = file(changed[70_000].name.clone(), 5);
+        changed.push(file("zzz".into(), 6));
+        let (top2, after) = build_all(changed).unwrap();
+        let (mut a, mut b) = (DirLoad::new(top.id), DirLoad::new(top2.id));
+        let mut read = 0;
+        loop {
+            a.skip_shared(&mut b);
+            let level = a.next_level().max(b.next_level());
+            if level.is_none() {
+                break;
+            }
+            for (load, nodes) in [(&mut a, &before), (&mut b, &after)] {
+                if load.next_level() == level {
+                    let ids = load.pending();
+                    read += ids.len();
+                    load.fill(ids.iter().map(|id| nodes[id].clone()).collect())
+                        .unwrap();
+                }
+            }
+        }
+        let (a, b) = (a.finish().entries, b.finish().entries);
+        assert!(read <= 8, "{read} nodes read to compare");
+        assert!(a.iter().any(|e| e.name == entries[70_000].name));
+        assert!(b.iter().any(|e| e.name == "zzz"));
+        assert!(
+            a.len() < 2_000 && b.len() < 2_000,
+            "{} / {}",
+            a.len(),
+            b.len()
+        );
+    }
+
+    #[test]
     fn large_entries_split_by_bytes() {
         // Entries near the largest a v2 leaf holds inline: long names, 16 chunks each.
         let entries: Vec<Entry> = (0..6000u32)
@@ -686,7 +759,8 @@ mod tests {
             panic!("3000 entries make an inner node")
         };
         assert_eq!(level, 1);
-        let lies: Vec<(&str, Box<dyn Fn(&mut Vec<Child>)>)> = vec![
+        type Lie = Box<dyn Fn(&mut Vec<Child>)>;
+        let lies: Vec<(&str, Lie)> = vec![
             ("entries", Box::new(|c| c[1].entries += 1)),
             (
                 "starts at",

@@ -4,6 +4,7 @@
 //! beyond that is written next to it.
 
 use shoal_node::swarm::wire::{Auth, Req, Resp};
+use shoal_registry::dirs::DirNode;
 use shoal_registry::pack::PackIndex;
 use shoal_registry::tree::{ChunkList, Dir, ListRef};
 use shoal_registry::{AnyTag, Hash, SecretKey, SignedVersion};
@@ -27,14 +28,19 @@ fn trusted() -> Vec<shoal_registry::TrustedKey> {
     vec![SecretKey::from_bytes([7; 32]).public().into()]
 }
 
-/// A directory node: whatever decodes survives a round trip through its encoding.
+/// A directory node of either format: whatever decodes survives a round trip through the v2
+/// encoding, and an inner node's children's spans follow one another.
 pub fn tree_dir(data: &[u8]) {
-    if let Ok(d) = Dir::decode(data) {
+    if let Ok(d) = DirNode::decode(data, None) {
         assert_eq!(
-            Dir::decode(&d.encode()).ok(),
-            Some(d),
-            "a decoded directory round-trips"
+            DirNode::decode(&d.encode(), None).ok(),
+            Some(d.clone()),
+            "a decoded directory node round-trips"
         );
+        let spans = d.spans(None);
+        assert!(spans
+            .windows(2)
+            .all(|w| w[0].1.next.as_ref() == Some(&w[1].1.first)));
     }
 }
 
@@ -204,8 +210,21 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     bulk.extend_from_slice(&(1u32 | 1 << 31).to_be_bytes());
     bulk.extend_from_slice(&[2; 64]);
     let daemon = br#"{"op":"pull","reference":"ds@v1","to":null,"origin":"/tmp/o","trusted":["ed25519:ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c org/*"]}"#.to_vec();
+    // v2 nodes: a leaf and an inner node over leaves.
+    let many = (0..600).map(|i| Entry {
+        name: format!("f{i:04}"),
+        mode: 0o644,
+        kind: EntryKind::File {
+            size: 100,
+            content: FileContent::Chunks(vec![chunk]),
+        },
+    });
+    let (top, nodes) = shoal_registry::dirs::build_all(many).expect("sorted names");
+    let leaf = DirNode::Leaf(dir.entries.clone()).encode();
     let mut out = vec![
         ("tree_dir", dir.encode()),
+        ("tree_dir", leaf),
+        ("tree_dir", nodes[&top.id].clone()),
         ("chunk_list", list_seed),
         ("pack_index", idx),
         ("version", version),
