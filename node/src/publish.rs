@@ -14,7 +14,7 @@ use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
 use shoal_registry::dirs::{self, DirBuilder};
 use shoal_registry::pack::{
-    AnyIndex, ExternalEntry, ExternalIndex, PackBuilder, SealedPack, SourceObject, PACK_TARGET,
+    AnyIndex, ExternalEntry, ExternalIndex, PackBuilder, SealedPack, SourceObject,
 };
 use shoal_registry::tree::{self, ChunkRef, Entry, EntryKind};
 use shoal_registry::{
@@ -673,7 +673,8 @@ fn spawn_uploader(
     (tx, task)
 }
 
-/// Groups new blobs into packs of about [`PACK_TARGET`] bytes; the last pack is sealed when
+/// Groups new blobs into packs of about [`shoal_registry::pack::PACK_TARGET`] bytes (or
+/// [`shoal_registry::pack::PACK_MAX_BLOBS`] blobs); the last pack is sealed when
 /// every sender is gone.
 fn spawn_packer(
     packs: tokio::sync::mpsc::Sender<SealedPack>,
@@ -684,7 +685,7 @@ fn spawn_packer(
         for group in rx {
             for (id, bytes) in group {
                 builder.push(id, bytes);
-                if builder.len() >= PACK_TARGET
+                if builder.full()
                     && packs
                         .blocking_send(std::mem::take(&mut builder).seal())
                         .is_err()

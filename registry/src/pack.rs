@@ -9,6 +9,10 @@ use shoal_chunker::Hash;
 
 /// Target size of a pack before it is sealed and uploaded.
 pub const PACK_TARGET: usize = 64 << 20;
+/// Most blobs in one pack: its index (about 40 bytes a blob) stays near 10 MiB, far under
+/// what an origin read or a peer may send ([`crate::origin::MAX_PACK_INDEX`]), however
+/// small the files.
+pub const PACK_MAX_BLOBS: usize = 256 << 10;
 
 /// Where a blob sits inside its pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +247,11 @@ impl PackBuilder {
         self.len
     }
 
+    /// Whether the pack should be sealed: [`PACK_TARGET`] bytes or [`PACK_MAX_BLOBS`] blobs.
+    pub fn full(&self) -> bool {
+        self.len >= PACK_TARGET || self.index.entries.len() >= PACK_MAX_BLOBS
+    }
+
     pub fn is_empty(&self) -> bool {
         self.index.entries.is_empty()
     }
@@ -276,6 +285,20 @@ mod tests {
         let mut bad = idx.clone();
         bad.entries[1].offset = 2;
         assert!(PackIndex::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn packs_of_tiny_blobs_seal_by_count_under_the_index_limit() {
+        let mut b = PackBuilder::default();
+        let mut n = 0u64;
+        while !b.full() {
+            let bytes = Bytes::from(n.to_string());
+            b.push(shoal_chunker::hash(&bytes), bytes);
+            n += 1;
+        }
+        assert_eq!(n as usize, PACK_MAX_BLOBS);
+        let sealed = b.seal();
+        assert!((sealed.index_bytes.len() as u64) < crate::origin::MAX_PACK_INDEX / 4);
     }
 
     #[test]
