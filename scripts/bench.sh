@@ -6,6 +6,8 @@
 #   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers] [--second-origin 200mbit]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
+#   scripts/bench.sh scale [--entries 1000000] [--width 1000] [--real-files] [--no-pull]
+#       (N tiny files generated into an origin: pull RSS, cold mount, first stat, find, ls)
 #   scripts/bench.sh python [--workers 8]   (shoalfs/fsspec against the FUSE mount, warm)
 #   scripts/bench.sh rates [--mb 100]   (origin, download and upload limits against the rate set)
 #   scripts/bench.sh origins-netns [--rates 100mbit,300mbit] [--no-peers]   (two origins, one node)
@@ -32,6 +34,7 @@ command -v squashfuse_ll >/dev/null || need+=(squashfuse)
 command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v tc >/dev/null || need+=(iproute2)
 command -v rclone >/dev/null || need+=(rclone)
+[ -x /usr/bin/time ] || need+=(time)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --locked -p shoal-cli -p shoal-testnet
 export SHOAL_SHARED_BENCH="${SHOAL_SHARED_BENCH:-$(cd .. && pwd)/shared/bench}"

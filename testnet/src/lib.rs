@@ -7,6 +7,7 @@
 
 pub mod fuzz;
 pub mod hostile;
+pub mod scale;
 pub mod sim;
 
 use serde_json::Value;

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 mod origins_bench;
+mod scale_bench;
 mod swarm_bench;
 
 #[derive(Parser)]
@@ -124,6 +125,22 @@ enum Cmd {
     Rates {
         #[arg(long, default_value_t = 100.0)]
         mb: f64,
+    },
+    /// A version of N tiny files generated straight into an origin: pull (max RSS), cold mount
+    /// (ready, RSS, first stat, find), ls; with --real-files also publish and squashfuse_ll.
+    Scale {
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
+        /// Files per directory, and directories per parent.
+        #[arg(long, default_value_t = 1000)]
+        width: u64,
+        /// Also write the tree to disk: publish it (max RSS, time) and mount it with
+        /// squashfuse_ll beside Shoal.
+        #[arg(long)]
+        real_files: bool,
+        /// Skip the pull (it writes every file: 100M is more inodes than most disks have).
+        #[arg(long)]
+        no_pull: bool,
     },
     /// Python without FUSE: shoalfs (fsspec) against the FUSE mount of the same daemon, warm,
     /// 1 and WORKERS reader processes, shards_v1 and images_v1.
@@ -966,6 +983,15 @@ fn main() -> Result<()> {
                 "mount_netns"
             },
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
+        ),
+        Cmd::Scale {
+            entries,
+            width,
+            real_files,
+            no_pull,
+        } => (
+            "scale",
+            scale_bench::run(&args, *entries, *width, *real_files, !*no_pull)?,
         ),
         Cmd::Python { workers } => ("python", swarm_bench::python_vs_mount(&args, *workers)?),
         Cmd::Rates { mb } => ("rates", swarm_bench::rates(&args, *mb)?),

@@ -1,0 +1,269 @@
+//! `shoal-bench scale --entries N`: a version of N tiny files generated straight into an
+//! origin (`shoal_testnet::scale`), then pulled (max RSS), mounted cold (ready time, RSS, first
+//! `stat` of the deepest file, `find` over everything cold and warm), listed with `shoal ls`;
+//! with `--real-files`, the same tree written to disk, published (max RSS, time) and mounted
+//! with squashfuse_ll from a `mksquashfs` image beside the Shoal mount.
+
+use super::{is_mounted, shoal, shoal_bin, Args};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use shoal_testnet::scale;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `cmd` under GNU time: (seconds, max RSS in bytes, stdout).
+fn timed_rss(cmd: &[&str], env: &[(&str, &Path)]) -> Result<(f64, u64, Vec<u8>)> {
+    let t = Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("maxrss_kb=%M")
+        .args(cmd)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .output()
+        .context("running /usr/bin/time (apt install time)")?;
+    let secs = t.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {err}");
+    }
+    let kb: u64 = err
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("maxrss_kb="))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no max RSS from /usr/bin/time")?;
+    Ok((secs, kb * 1024, out.stdout))
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Waits until `mp` is a mount point (or `child` ended): seconds taken.
+fn wait_mounted(child: &mut Child, mp: &Path, what: &str) -> Result<f64> {
+    let t = Instant::now();
+    while !is_mounted(mp) {
+        if t.elapsed() > Duration::from_secs(600) || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            bail!("{what} did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `find mp` twice (cold, then warm): (entries, cold seconds, warm seconds).
+fn find_twice(mp: &Path) -> Result<(u64, f64, f64)> {
+    let mut times = Vec::new();
+    let mut count = 0;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let out = Command::new("find").arg(mp).output()?;
+        times.push(t.elapsed().as_secs_f64());
+        if !out.status.success() {
+            bail!("find {} failed", mp.display());
+        }
+        count = out.stdout.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    Ok((count, times[0], times[1]))
+}
+
+fn stat_secs(path: &Path) -> Result<f64> {
+    let t = Instant::now();
+    std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn unmount(mp: &Path, child: &mut Child) {
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(mp)
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(mp)
+        .stderr(Stdio::null())
+        .status();
+    let t = Instant::now();
+    while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Writes the generated tree's files to `dir` (for publish and squashfuse).
+fn write_files(dir: &Path, entries: u64, width: u64) -> Result<()> {
+    let mut made = String::new();
+    for i in 0..entries {
+        let p = scale::path_of(i, width);
+        let path = dir.join(&p);
+        let parent = p.rsplit_once('/').map(|x| x.0).unwrap_or_default();
+        if parent != made {
+            std::fs::create_dir_all(path.parent().expect("a parent"))?;
+            made = parent.to_string();
+        }
+        std::fs::write(&path, scale::content_of(i))?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) -> Result<Value> {
+    let work = args.bench_root.join(format!("work/scale-{entries}"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let origin = work.join("origin");
+    let key = shoal_registry::SecretKey::generate()?;
+    let publisher = key.public().to_string();
+    eprintln!("generating {entries} entries into {}", origin.display());
+    let t = Instant::now();
+    let g = scale::generate(
+        origin.to_str().context("UTF-8 path")?,
+        &key,
+        "scale",
+        "v1",
+        entries,
+        width,
+    )?;
+    let generate_s = t.elapsed().as_secs_f64();
+    let mut out = json!({
+        "entries": entries,
+        "width": width,
+        "generate_s": generate_s,
+        "packs": g.packs,
+        "origin_bytes": super::files_under(&origin)?.values().sum::<u64>(),
+    });
+    let bin = shoal_bin()?;
+    let bin = bin.to_str().context("UTF-8 path")?;
+
+    if pull {
+        let home = work.join("home-pull");
+        shoal(&home, &origin, &["trust", &publisher])?;
+        let dest = work.join("out");
+        eprintln!("pulling into {}", dest.display());
+        let (secs, rss, stdout) = timed_rss(
+            &[
+                bin,
+                "--json",
+                "pull",
+                "scale@v1",
+                "--to",
+                dest.to_str().unwrap(),
+            ],
+            &[("SHOAL_HOME", &home), ("SHOAL_ORIGIN", &origin)],
+        )?;
+        let report: Value = serde_json::from_slice(&stdout)?;
+        if report["files"] != json!(entries) {
+            bail!("pull wrote {} files, not {entries}", report["files"]);
+        }
+        out["pull_s"] = json!(secs);
+        out["pull_max_rss_bytes"] = json!(rss);
+        let _ = std::fs::remove_dir_all(&dest);
+        let _ = std::fs::remove_dir_all(&home);
+    }
+
+    // The mount, cold: a fresh state directory, everything from the origin.
+    let home = work.join("home-mount");
+    shoal(&home, &origin, &["trust", &publisher])?;
+    let mp = work.join("mnt");
+    std::fs::create_dir_all(&mp)?;
+    eprintln!("mounting at {}", mp.display());
+    let mut child = Command::new(bin)
+        .args(["mount", "scale@v1", mp.to_str().unwrap()])
+        .env("SHOAL_HOME", &home)
+        .env("SHOAL_ORIGIN", &origin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let measured = (|| -> Result<()> {
+        out["mount_ready_s"] = json!(wait_mounted(&mut child, &mp, "shoal mount")?);
+        out["mount_rss_bytes"] = json!(rss_bytes(child.id()));
+        out["first_stat_s"] = json!(stat_secs(&mp.join(&g.last_path))?);
+        let (n, cold, warm) = find_twice(&mp)?;
+        out["find_entries"] = json!(n);
+        out["find_cold_s"] = json!(cold);
+        out["find_warm_s"] = json!(warm);
+        out["find_entries_per_s"] = json!(n as f64 / warm);
+        out["mount_rss_after_find_bytes"] = json!(rss_bytes(child.id()));
+        Ok(())
+    })();
+    unmount(&mp, &mut child);
+    measured?;
+    let leaf = g
+        .last_path
+        .rsplit_once('/')
+        .map(|x| x.0)
+        .unwrap_or_default();
+    let (ls_s, _) = shoal(&home, &origin, &["ls", "scale@v1", leaf])?;
+    out["ls_s"] = json!(ls_s);
+
+    if real_files {
+        let src = work.join("src");
+        eprintln!("writing {entries} files under {}", src.display());
+        write_files(&src, entries, width)?;
+        super::drop_caches();
+        let home = work.join("home-publish");
+        let porigin = work.join("origin-publish");
+        let (secs, rss, _) = timed_rss(
+            &[bin, "--json", "publish", src.to_str().unwrap(), "real@v1"],
+            &[("SHOAL_HOME", &home), ("SHOAL_ORIGIN", &porigin)],
+        )?;
+        out["publish_s"] = json!(secs);
+        out["publish_max_rss_bytes"] = json!(rss);
+
+        // squashfuse_ll over the same tree.
+        let img = work.join("tree.squashfs");
+        let t = Instant::now();
+        super::time_cmd(Command::new("mksquashfs").arg(&src).arg(&img).args([
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+            // Uncompressed, as the shared squashfs benchmark's nocomp image: the tree is
+            // metadata, and gzip only slows the image's making.
+            "-noD",
+            "-noF",
+            "-noX",
+        ]))?;
+        let mksquashfs_s = t.elapsed().as_secs_f64();
+        let smp = work.join("squash-mnt");
+        std::fs::create_dir_all(&smp)?;
+        super::drop_caches();
+        let mut sq = Command::new("squashfuse_ll")
+            .args(["-f"])
+            .arg(&img)
+            .arg(&smp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running squashfuse_ll")?;
+        let squash = (|| -> Result<Value> {
+            let ready = wait_mounted(&mut sq, &smp, "squashfuse_ll")?;
+            let rss = rss_bytes(sq.id());
+            let first = stat_secs(&smp.join(&g.last_path))?;
+            let (n, cold, warm) = find_twice(&smp)?;
+            Ok(json!({
+                "mksquashfs_s": mksquashfs_s,
+                "mount_ready_s": ready,
+                "mount_rss_bytes": rss,
+                "first_stat_s": first,
+                "find_entries": n,
+                "find_cold_s": cold,
+                "find_warm_s": warm,
+                "find_entries_per_s": n as f64 / warm,
+                "mount_rss_after_find_bytes": rss_bytes(sq.id()),
+            }))
+        })();
+        unmount(&smp, &mut sq);
+        out["squashfuse_ll"] = squash?;
+        let _ = std::fs::remove_dir_all(&src);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(out)
+}
