@@ -48,6 +48,11 @@ pub enum Command {
         /// file whose source changed later fail, naming it; `shoal verify` lists them.
         #[arg(long)]
         in_place: bool,
+        /// Read every file. By default a file the last publish of this directory from this
+        /// machine saw with the same size, mtime, ctime and inode (and whose chunks the origin
+        /// still holds) is taken as it was, unread.
+        #[arg(long)]
+        rehash: bool,
     },
     /// Fetch a version (NAME@VERSION, NAME@TAG or NAME@b3:<root>) and write its files.
     Pull {

@@ -172,6 +172,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             tags,
             chunking,
             in_place,
+            rehash,
         } => {
             let target: VersionRef = target.parse()?;
             let tags = tags
@@ -191,6 +192,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         tags,
                         params,
                         in_place,
+                        rehash,
                     },
                     &progress,
                 )
@@ -199,10 +201,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let r = report?;
             out.report(&r, || {
                 format!(
-                    "published {} ({})\n  {} files, {} in {} chunks\n  uploaded {} ({} new chunks, {} packs) in {:.1}s{}",
+                    "published {} ({})\n  {} files ({} unchanged, not read), {} in {} chunks\n  uploaded {} ({} new chunks, {} packs) in {:.1}s{}",
                     r.reference,
                     r.root,
                     r.files,
+                    r.files_unchanged,
                     output::bytes(r.bytes),
                     r.chunks,
                     output::bytes(r.new_bytes_uploaded),

@@ -460,3 +460,83 @@ fn format_v1_versions_stay_readable_next_to_v2() {
     env.json(&["pull", "fmt@v3", "--to", out3.to_str().unwrap()]);
     assert_same_tree(&src, &out3);
 }
+
+/// A publish of a directory published before from this machine takes the files it finds in
+/// the same state (size, mtime, ctime, inode) as they were, unread; an edit that restores the
+/// file's size and mtime is still seen (its ctime moved), and `--rehash` reads everything.
+#[test]
+fn unchanged_files_are_not_read_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..200 {
+        write(
+            &src.join(format!("d{}/f{i:03}", i % 4)),
+            &random_bytes(i, 3000 + i as usize),
+        );
+    }
+    // Files modified within 2 s of a publish's scan are read again next time (a change in
+    // the same timestamp tick would not show): let these settle.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let s = src.to_str().unwrap();
+    let p = env.json(&["publish", s, "ds@v1"]);
+    assert_eq!(p["files_unchanged"], 0, "{p}");
+    let state = env.home.join("publish/ds.state");
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let p = env.json(&["publish", s, "ds@v2"]);
+    assert_eq!(p["files_unchanged"], 200, "{p}");
+    assert_eq!(p["new_chunks"], 0, "{p}");
+    let v1 = env.json(&["versions", "ds"]);
+    assert!(
+        v1.to_string().contains(p["root"].as_str().unwrap()),
+        "same tree: {v1}"
+    );
+
+    // Same size, mtime put back: only the ctime says it changed.
+    let f = src.join("d1/f005");
+    let before = std::fs::metadata(&f).unwrap();
+    let reference = env.path("mtime-ref");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let ok = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{args:?}");
+    };
+    run(&[
+        "cp".as_ref(),
+        "--preserve=timestamps".as_ref(),
+        f.as_os_str(),
+        reference.as_os_str(),
+    ]);
+    let mut edited = std::fs::read(&f).unwrap();
+    edited[0] ^= 0xff;
+    std::fs::write(&f, &edited).unwrap();
+    run(&[
+        "touch".as_ref(),
+        "-m".as_ref(),
+        "-r".as_ref(),
+        reference.as_os_str(),
+        f.as_os_str(),
+    ]);
+    let after = std::fs::metadata(&f).unwrap();
+    assert_eq!(
+        (after.modified().unwrap(), after.len()),
+        (before.modified().unwrap(), before.len())
+    );
+    let p = env.json(&["publish", s, "ds@v3"]);
+    assert_eq!(p["files_unchanged"], 199, "{p}");
+    let d = env.json(&["diff", "ds@v2", "ds@v3"]);
+    assert_eq!(d["changed_files"], 1, "{d}");
+    assert_eq!(d["entries"][0]["path"], "d1/f005", "{d}");
+    let out = env.path("v3");
+    env.json(&["pull", "ds@v3", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+
+    // The edited file is recent: read once more, then known again.
+    let p = env.json(&["publish", s, "ds@v4", "--rehash"]);
+    assert_eq!(p["files_unchanged"], 0, "{p}");
+    assert_eq!(p["new_chunks"], 0, "{p}");
+}

@@ -6,6 +6,7 @@
 
 use crate::blobs::pack_index;
 use crate::error::{io, Error, Result};
+use crate::known::{self, FileStat, Known};
 use crate::progress::Progress;
 use crate::Node;
 use bytes::Bytes;
@@ -39,6 +40,9 @@ pub struct PublishReport {
     pub new_chunks: u64,
     pub new_bytes_uploaded: u64,
     pub packs_uploaded: u64,
+    /// Files taken unread from the last publish of this directory (same size, mtime, ctime
+    /// and inode; every chunk still in the origin).
+    pub files_unchanged: u64,
     pub tags: Vec<String>,
     pub publisher: String,
     pub seconds: f64,
@@ -84,7 +88,14 @@ fn scan(dir: &Path, depth: usize, files: &mut Vec<(SrcFile, u64)>) -> Result<Vec
         let ft = meta.file_type();
         let mode = meta.permissions().mode() & 0o777;
         let kind = if ft.is_file() {
-            files.push((SrcFile::Local(path.clone()), meta.len()));
+            let stat = FileStat::of(&meta);
+            files.push((
+                SrcFile::Local {
+                    path: path.clone(),
+                    stat,
+                },
+                meta.len(),
+            ));
             ScanKind::File {
                 index: files.len() - 1,
             }
@@ -161,8 +172,15 @@ pub const MAX_SOURCE_OBJECTS: usize = 10_000_000;
 /// One file to chunk: a local path, or an object of the source store.
 #[derive(Debug, Clone)]
 enum SrcFile {
-    Local(PathBuf),
-    Object { key: String, e_tag: Option<String> },
+    /// A file of a local directory, and its state when the scan saw it.
+    Local {
+        path: PathBuf,
+        stat: FileStat,
+    },
+    Object {
+        key: String,
+        e_tag: Option<String>,
+    },
 }
 
 /// The directory tree over a store's keys: files in `files`, entries sorted by name. A key
@@ -366,7 +384,7 @@ async fn object_states(
             let base = &base;
             async move {
                 let key = match f {
-                    SrcFile::Local(path) => path
+                    SrcFile::Local { path, .. } => path
                         .strip_prefix(base)
                         .map_err(|_| source_err(path, "not under the directory being published"))?
                         .to_str()
@@ -622,6 +640,8 @@ pub struct PublishOptions {
     /// Leave file bytes where they are: record each file as ranges of its source object
     /// (external packs) instead of copying it into packs.
     pub in_place: bool,
+    /// Read every file, even those the last publish of the directory saw in the same state.
+    pub rehash: bool,
 }
 
 /// A pack the uploader stored: its id, the blobs in it and its size with the index.
@@ -701,14 +721,36 @@ fn spawn_packer(
     (tx, thread)
 }
 
-/// Chunks every file on all cores, sending new chunks to the packer. `Ok(None)` means the
-/// uploader stopped (its own error says why).
+/// Files a publish may take as they were without reading them, and how many it did.
+struct Unchanged {
+    known: Known,
+    taken: AtomicU64,
+}
+
+impl Unchanged {
+    /// The chunks of `path` if it is in the state a previous publish recorded and the origin
+    /// holds every one of them (else it must be read: its new chunks go into packs).
+    fn take(&self, path: &Path, stat: &FileStat, dedup: &Dedup) -> Option<Vec<ChunkRef>> {
+        let chunks = self.known.get(path.to_str()?, stat)?;
+        if !chunks.iter().all(|c| dedup.existing.contains_key(&c.id)) {
+            return None;
+        }
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        Some(chunks.to_vec())
+    }
+}
+
+/// Chunks every file on all cores, sending new chunks to the packer; a local file in the
+/// state `unchanged` knows is taken from there unread. `Ok(None)` means the uploader stopped
+/// (its own error says why).
+#[allow(clippy::too_many_arguments)]
 fn chunk_files(
     files: &[(SrcFile, u64)],
     store: Option<&Origin>,
     in_place: bool,
     params: Params,
     dedup: &Dedup,
+    unchanged: &Unchanged,
     tx: &BlobTx,
     progress: &Progress,
 ) -> Result<Option<Vec<Vec<ChunkRef>>>> {
@@ -718,8 +760,14 @@ fn chunk_files(
         .map_init(
             || (Chunker::new(params), tx.clone()),
             |(chunker, tx), (file, size)| {
+                if let (SrcFile::Local { path, stat }, false) = (file, in_place) {
+                    if let Some(chunks) = unchanged.take(path, stat, dedup) {
+                        progress.add(*size);
+                        return Ok(chunks);
+                    }
+                }
                 let (f, path): (Box<dyn std::io::Read>, PathBuf) = match (file, store) {
-                    (SrcFile::Local(path), _) => (
+                    (SrcFile::Local { path, .. }, _) => (
                         Box::new(
                             std::fs::File::open(path).map_err(|e| Some(io("reading", path)(e)))?,
                         ),
@@ -878,6 +926,10 @@ impl Node {
         }
         let key = self.home.secret_key()?;
         progress.phase("scanning", 0);
+        let scanned_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
         let (entries, files, store) = match source {
             PublishSource::Dir(dir) => {
                 let meta = std::fs::metadata(dir).map_err(|e| source_err(dir, e.to_string()))?;
@@ -932,6 +984,23 @@ impl Node {
             claimed: Mutex::default(),
             new_chunks: Default::default(),
         };
+        // What the last publish of this directory saw of its files.
+        let state = match (source, opts.in_place) {
+            (PublishSource::Dir(dir), false) => std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|d| d.to_str().map(str::to_string))
+                .map(|d| (known::state_path(self.home.root(), name.as_str()), d)),
+            _ => None,
+        };
+        let unchanged = Unchanged {
+            known: match &state {
+                Some((path, dir)) if !opts.rehash => {
+                    tokio::task::block_in_place(|| Known::load(path, dir, params))
+                }
+                _ => Known::default(),
+            },
+            taken: AtomicU64::new(0),
+        };
 
         let (pack_tx, uploader) = spawn_uploader(origin.clone());
         let (blob_tx, packer) = spawn_packer(pack_tx);
@@ -943,6 +1012,7 @@ impl Node {
                 opts.in_place,
                 params,
                 &dedup,
+                &unchanged,
                 &blob_tx,
                 progress,
             )?
@@ -1051,6 +1121,43 @@ impl Node {
         };
         let signed = SignedVersion::sign(body, &key);
         origin.create_version(name, &signed).await?;
+        let unchanged_taken = unchanged.taken.load(Ordering::Relaxed);
+        drop(unchanged);
+        if let Some((path, dir)) = &state {
+            // Files are recorded under the directory as canonicalised, as the next publish
+            // looks them up: the scan named them under the directory as it was given.
+            let given = match source {
+                PublishSource::Dir(d) => d.as_path(),
+                PublishSource::Store(_) => unreachable!("state is kept for directories only"),
+            };
+            let records: Vec<(String, &FileStat, &[ChunkRef])> = files
+                .iter()
+                .zip(&built.chunks)
+                .filter_map(|((f, _), chunks)| match f {
+                    SrcFile::Local { path, stat } => {
+                        let rel = path.strip_prefix(given).ok()?;
+                        let full = Path::new(dir).join(rel);
+                        Some((full.to_str()?.to_string(), stat, chunks.as_slice()))
+                    }
+                    SrcFile::Object { .. } => None,
+                })
+                .collect();
+            let saved = tokio::task::block_in_place(|| {
+                Known::save(
+                    path,
+                    dir,
+                    params,
+                    scanned_ns,
+                    records.iter().map(|(p, s, c)| (p.as_str(), *s, *c)),
+                )
+            });
+            if let Err(e) = saved {
+                tracing::warn!(
+                    "recording the files published in {}: {e}; the next publish reads every file",
+                    path.display()
+                );
+            }
+        }
 
         let mut tags = Vec::new();
         for t in &opts.tags {
@@ -1071,6 +1178,7 @@ impl Node {
                 + external_bytes
                 + signed.encode().len() as u64,
             packs_uploaded: uploaded.len() as u64,
+            files_unchanged: unchanged_taken,
             tags,
             publisher: key.public().to_string(),
             seconds: started.elapsed().as_secs_f64(),
