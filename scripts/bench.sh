@@ -8,6 +8,7 @@
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
 #   scripts/bench.sh scale [--entries 1000000] [--width 1000] [--real-files] [--no-pull]
 #       (N tiny files generated into an origin: pull RSS, cold mount, first stat, find, ls)
+#   scripts/bench.sh scale-gen --entries N --origin DIR [--target NAME@VERSION]   (generate only)
 #   scripts/bench.sh python [--workers 8]   (shoalfs/fsspec against the FUSE mount, warm)
 #   scripts/bench.sh rates [--mb 100]   (origin, download and upload limits against the rate set)
 #   scripts/bench.sh origins-netns [--rates 100mbit,300mbit] [--no-peers]   (two origins, one node)

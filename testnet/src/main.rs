@@ -142,6 +142,19 @@ enum Cmd {
         #[arg(long)]
         no_pull: bool,
     },
+    /// Only writes a version of N tiny files into an origin (a path or URL) and prints its
+    /// reference and publisher key (trust it with `shoal trust KEY`).
+    ScaleGen {
+        #[arg(long)]
+        entries: u64,
+        #[arg(long, default_value_t = 1000)]
+        width: u64,
+        #[arg(long)]
+        origin: String,
+        /// NAME@VERSION to write.
+        #[arg(long, default_value = "scale@v1")]
+        target: String,
+    },
     /// Python without FUSE: shoalfs (fsspec) against the FUSE mount of the same daemon, warm,
     /// 1 and WORKERS reader processes, shards_v1 and images_v1.
     Python {
@@ -993,6 +1006,30 @@ fn main() -> Result<()> {
             "scale",
             scale_bench::run(&args, *entries, *width, *real_files, !*no_pull)?,
         ),
+        Cmd::ScaleGen {
+            entries,
+            width,
+            origin,
+            target,
+        } => {
+            let (dataset, version) = target.split_once('@').context("--target is NAME@VERSION")?;
+            let key = shoal_registry::SecretKey::generate()?;
+            let t = Instant::now();
+            let g =
+                shoal_testnet::scale::generate(origin, &key, dataset, version, *entries, *width)?;
+            (
+                "scale_gen",
+                json!({
+                    "ref": target,
+                    "root": format!("b3:{}", g.root),
+                    "entries": g.files,
+                    "packs": g.packs,
+                    "last_path": g.last_path,
+                    "publisher": key.public().to_string(),
+                    "seconds": t.elapsed().as_secs_f64(),
+                }),
+            )
+        }
         Cmd::Python { workers } => ("python", swarm_bench::python_vs_mount(&args, *workers)?),
         Cmd::Rates { mb } => ("rates", swarm_bench::rates(&args, *mb)?),
         Cmd::SwarmZones { rate } => ("swarm_zones", swarm_bench::locality(&args, rate)?),
