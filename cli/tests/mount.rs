@@ -478,3 +478,54 @@ fn read_order_is_fetched_ahead_of_the_reader_not_all_at_once() {
     m.stop(&reader);
     assert!(stored_bytes(&reader.home) >= 16 << 20);
 }
+
+/// Inodes the mount made for what was listed are freed when the kernel forgets them
+/// (`drop_caches`), and the same paths read exactly again; a listing resumed at an offset
+/// (a directory larger than one readdir reply) returns every name once.
+#[test]
+fn inodes_are_freed_when_the_kernel_forgets_them() {
+    let env = Env::new();
+    let src = env.path("src");
+    for i in 0..3000 {
+        write(
+            &src.join(format!("d{}/f{i:04}.txt", i % 3)),
+            format!("file {i}\n").as_bytes(),
+        );
+    }
+    let reader = publish_and_peer(&env, &src);
+    let mp = env.path("mnt");
+    let m = Mounted::start(&reader, "demo@v1", &mp, &[]);
+    // statfs reports the inodes alive as the filesystem's inode count.
+    let alive = |mp: &Path| -> u64 {
+        let out = Command::new("stat")
+            .args(["-f", "-c", "%c"])
+            .arg(mp)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let mut names: Vec<String> = std::fs::read_dir(mp.join("d1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 1000, "every name once, across readdir replies");
+    assert_same_tree(&src, &mp);
+    let listed = alive(&mp);
+    assert!(listed > 3000, "{listed} inodes after reading everything");
+    // The kernel drops its dentries and inodes, and forgets them.
+    let t = Instant::now();
+    let mut now = listed;
+    while now > 100 && t.elapsed() < Duration::from_secs(20) {
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        now = alive(&mp);
+    }
+    assert!(
+        now <= 100,
+        "{now} of {listed} inodes still alive after drop_caches"
+    );
+    assert_same_tree(&src, &mp);
+    m.stop(&reader);
+}

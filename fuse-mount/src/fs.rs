@@ -3,7 +3,7 @@
 //! EROFS) and its content immutable, so entries, attributes and pages are cached for long.
 
 use crate::layout::FileLayout;
-use crate::model::{Attr, Children, Errno as ModelErrno, Inodes, Kind, Source, ROOT};
+use crate::model::{Attr, Errno as ModelErrno, Inodes, Kind, Listing, Source, ROOT};
 use crate::push::{Job, Pusher};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -151,6 +151,8 @@ pub struct ShoalFs<S> {
     opens: Mutex<std::collections::HashMap<u64, Opens>>,
     /// The kernel accepted passthrough (and this process may use it).
     passthrough: std::sync::atomic::AtomicBool,
+    /// Readers outside the kernel holding inode numbers (see [`ShoalFs::hold`]).
+    external: std::sync::RwLock<()>,
 }
 
 fn errno(e: ModelErrno) -> Errno {
@@ -176,6 +178,7 @@ impl<S: Source> ShoalFs<S> {
             files: Mutex::new(hashlink::LruCache::new(FILES_TRACKED)),
             next_stream: AtomicU64::new(1),
             stats,
+            external: Default::default(),
             opens: Mutex::default(),
             passthrough: std::sync::atomic::AtomicBool::new(false),
         }
@@ -199,6 +202,25 @@ impl<S: Source> ShoalFs<S> {
         Ok(ino)
     }
 
+    /// Inodes alive, and [`Inodes::trim`]: for readers outside the kernel, whose inodes
+    /// are never forgotten.
+    pub fn inodes_alive(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Held by a reader outside the kernel while it uses inode numbers it resolved.
+    pub fn hold(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.external.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Frees the inodes the kernel does not hold, unless a reader outside it holds some now
+    /// (then later: this never waits).
+    pub fn trim_inodes(&self) {
+        if let Ok(_none_held) = self.external.try_write() {
+            self.inodes.trim()
+        }
+    }
+
     /// What `stat` shows for `ino`.
     pub fn attr(&self, ino: u64) -> Result<Attr, ModelErrno> {
         self.inodes.attr(ino)
@@ -206,10 +228,17 @@ impl<S: Source> ShoalFs<S> {
 
     /// A directory's entries with their attributes, in name order.
     pub fn list(&self, ino: u64) -> Result<Vec<(String, Attr)>, ModelErrno> {
-        let children = self.inodes.children(ino)?;
-        children
+        let listing = self.inodes.listing(ino)?;
+        listing
+            .entries
             .iter()
-            .map(|(name, child)| Ok((name.clone(), self.inodes.attr(*child)?)))
+            .enumerate()
+            .map(|(i, e)| {
+                Ok((
+                    e.name.clone(),
+                    self.inodes.attr(self.inodes.child(ino, i)?)?,
+                ))
+            })
             .collect()
     }
 
@@ -332,8 +361,8 @@ impl<S: Source> ShoalFs<S> {
     }
 
     /// A directory's entries (loaded if need be) and its parent.
-    fn listing(&self, ino: u64) -> Result<(Children, u64), ModelErrno> {
-        let children = self.inodes.children(ino)?;
+    fn listing(&self, ino: u64) -> Result<(Listing, u64), ModelErrno> {
+        let children = self.inodes.listing(ino)?;
         let parent = if ino == ROOT {
             ROOT
         } else {
@@ -457,12 +486,12 @@ impl<S: Source> ShoalFs<S> {
             if let Some(job) = rest {
                 self.pusher.push(job);
             }
-            if let Ok((dir, index, children)) = self.inodes.position(ino) {
+            if let Ok((dir, index, listing)) = self.inodes.position(ino) {
                 let ahead = self.pusher.started(
                     &self.inodes,
                     dir,
                     index,
-                    &children,
+                    &listing,
                     self.opts.small_file,
                     self.opts.sequential_prefetch,
                 );
@@ -537,9 +566,17 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             .lookup(parent.0, name)
             .and_then(|ino| self.inodes.attr(ino))
         {
-            Ok(a) => reply.entry(&self.opts.ttl, &self.file_attr(&a), Generation(0)),
+            Ok(a) => {
+                self.inodes.remember(a.ino);
+                reply.entry(&self.opts.ttl, &self.file_attr(&a), Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// (fuser's `batch_forget` calls this for each inode of a batch.)
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -697,7 +734,7 @@ impl<S: Source> Filesystem for ShoalFs<S> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.inodes.children(ino.0) {
+        match self.inodes.listing(ino.0) {
             Ok(_) => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
@@ -719,9 +756,12 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             Err(e) => return reply.error(errno(e)),
         };
         for (off, name, child) in listed(ino.0, parent, &children, offset) {
-            let kind = match self.inodes.kind(child) {
-                Ok(k) => Self::kind_of(&k),
-                Err(e) => return reply.error(errno(e)),
+            let (child, kind) = match child {
+                Listed::Dot(i) => (i, FileType::Directory),
+                Listed::Entry(i) => match self.inodes.child(ino.0, i) {
+                    Ok(c) => (c, Self::kind_of(&Kind::of_entry(&children.entries[i]))),
+                    Err(e) => return reply.error(errno(e)),
+                },
             };
             if reply.add(INodeNo(child), off, kind, name) {
                 break;
@@ -743,6 +783,13 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             Err(e) => return reply.error(errno(e)),
         };
         for (off, name, child) in listed(ino.0, parent, &children, offset) {
+            let (child, counted) = match child {
+                Listed::Dot(i) => (i, false),
+                Listed::Entry(i) => match self.inodes.child(ino.0, i) {
+                    Ok(c) => (c, true),
+                    Err(e) => return reply.error(errno(e)),
+                },
+            };
             // A subdirectory not listed yet is not loaded for its link count here (a cold `ls`
             // of a thousand class directories would fetch them all): it is sent with
             // attributes the kernel must not keep, and looked up when used.
@@ -760,6 +807,10 @@ impl<S: Source> Filesystem for ShoalFs<S> {
                 Generation(0),
             ) {
                 break;
+            }
+            // The kernel holds every entry but "." and ".." a readdirplus reply carries.
+            if counted {
+                self.inodes.remember(child);
             }
         }
         reply.ok();
@@ -789,20 +840,38 @@ impl<S: Source> Filesystem for ShoalFs<S> {
     }
 }
 
+/// An item of a listing: "." or ".." (with its inode), or the entry at an index.
+enum Listed {
+    Dot(u64),
+    Entry(usize),
+}
+
 /// A listing as readdir serves it, from `offset` on: ".", "..", then the entries, each with the
-/// offset at which the next read continues (its index + 1).
+/// offset at which the next read continues (its index + 1). Resuming at an offset skips to it
+/// directly.
 fn listed<'a>(
     ino: u64,
     parent: u64,
-    children: &'a Children,
+    listing: &'a Listing,
     offset: u64,
-) -> impl Iterator<Item = (u64, &'a str, u64)> + 'a {
-    [(".", ino), ("..", parent)]
+) -> impl Iterator<Item = (u64, &'a str, Listed)> + 'a {
+    let dots = [(".", Listed::Dot(ino)), ("..", Listed::Dot(parent))]
         .into_iter()
-        .chain(children.iter().map(|(n, i)| (n.as_str(), *i)))
         .enumerate()
         .skip(offset as usize)
-        .map(|(n, (name, child))| (n as u64 + 1, name, child))
+        .map(|(n, (name, l))| (n as u64 + 1, name, l));
+    let from = (offset as usize).saturating_sub(2);
+    let entries = listing.entries[from.min(listing.entries.len())..]
+        .iter()
+        .enumerate()
+        .map(move |(i, e)| {
+            (
+                (from + i) as u64 + 3,
+                e.name.as_str(),
+                Listed::Entry(from + i),
+            )
+        });
+    dots.chain(entries)
 }
 
 /// How to attach a [`ShoalFs`] to the kernel.

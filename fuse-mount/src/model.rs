@@ -1,9 +1,15 @@
 //! The inode table of a mounted version. Directories are loaded on first use, so mounting a
-//! version with millions of files reads only the directories someone looks at. Inode numbers
-//! are handed out on first sight of a path and stay the same for the life of the mount.
+//! version with millions of files reads only the directories someone looks at. An inode is
+//! made on first sight of a path and lives while the kernel holds it (its lookups not yet
+//! forgotten) or while something below it lives; then it is freed, with its directory's
+//! listing, and the path gets a new number if it is seen again (FUSE allows this once the
+//! kernel forgot the old one). So a mount's memory follows what the kernel keeps cached, not
+//! everything that was ever read.
 
 use bytes::Bytes;
-use shoal_registry::tree::{resolve_symlink, ChunkRef, Dir, EntryKind, FileContent, PathKind};
+use shoal_registry::tree::{
+    resolve_symlink, ChunkRef, Dir, Entry, EntryKind, FileContent, PathKind,
+};
 use shoal_registry::Hash;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +21,7 @@ pub struct SourceError(pub String);
 
 /// Where the mount gets its (verified) data. Calls may block up to the source's own deadline.
 pub trait Source: Send + Sync + 'static {
-    /// A directory node.
+    /// A directory's entries, whole (all of its nodes read).
     fn dir(&self, id: &Hash) -> Result<Arc<Dir>, SourceError>;
     /// A file's full chunk list (loads chunk-list nodes when the file has them).
     fn chunks(&self, content: &FileContent) -> Result<Arc<Vec<ChunkRef>>, SourceError>;
@@ -39,8 +45,8 @@ pub trait Source: Send + Sync + 'static {
     fn keep_whole_file(&self, _chunks: Arc<Vec<ChunkRef>>, _size: u64) {}
 }
 
-/// A directory's entries in name order: (name, inode).
-pub type Children = Arc<Vec<(String, u64)>>;
+/// A directory's entries in name order, as its inode keeps them once loaded.
+pub type Listing = Arc<Dir>;
 
 /// What an inode is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,15 +56,45 @@ pub enum Kind {
     Symlink { target: String },
 }
 
+impl Kind {
+    /// What the entry `e` is.
+    pub fn of_entry(e: &Entry) -> Kind {
+        Kind::of(e)
+    }
+
+    fn of(e: &Entry) -> Kind {
+        match &e.kind {
+            EntryKind::Dir { id, .. } => Kind::Dir { id: *id },
+            EntryKind::File { size, content } => Kind::File {
+                size: *size,
+                content: content.clone(),
+            },
+            EntryKind::Symlink { target } => Kind::Symlink {
+                target: target.clone(),
+            },
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inode {
     parent: u64,
-    name: String,
-    mode: u32,
-    kind: Kind,
-    /// Children in name order, once the directory was loaded.
-    children: Option<Children>,
+    /// Where the inode's entry is: its parent's listing and its index there (None for the
+    /// root).
+    at: Option<(Listing, u32)>,
+    /// The directory's entries, once loaded.
+    listing: Option<Listing>,
     subdirs: u32,
+    /// Lookups the kernel holds (lookup and readdirplus replies, less forgets).
+    lookups: u64,
+    /// Inodes alive below this one: a directory is not freed before them.
+    below: u32,
+}
+
+impl Inode {
+    fn entry(&self) -> Option<&Entry> {
+        self.at.as_ref().map(|(l, i)| &l.entries[*i as usize])
+    }
 }
 
 /// Attributes of an inode, as `stat` shows them.
@@ -77,37 +113,63 @@ pub const ROOT: u64 = 1;
 /// The inode table: inode numbers, parent links and loaded directories.
 pub struct Inodes<S> {
     source: S,
+    root: (Hash, u32),
     state: Mutex<State>,
 }
 
-#[derive(Default)]
 struct State {
-    inodes: Vec<Inode>,
-    by_name: HashMap<(u64, String), u64>,
+    inodes: HashMap<u64, Inode>,
+    /// (parent, index of the entry in its listing) -> inode.
+    by_entry: HashMap<(u64, u32), u64>,
+    next: u64,
 }
 
 impl State {
     fn get(&self, ino: u64) -> Option<&Inode> {
-        ino.checked_sub(1).and_then(|i| self.inodes.get(i as usize))
+        self.inodes.get(&ino)
+    }
+
+    /// Frees `ino` if nothing holds it (no kernel lookup, nothing alive below), and then its
+    /// parent if that was all that held it.
+    fn release(&mut self, mut ino: u64) {
+        while ino != ROOT {
+            let Some(n) = self.inodes.get(&ino) else {
+                return;
+            };
+            if n.lookups > 0 || n.below > 0 {
+                return;
+            }
+            let n = self.inodes.remove(&ino).expect("present");
+            if let Some((_, i)) = n.at {
+                self.by_entry.remove(&(n.parent, i));
+            }
+            let Some(p) = self.inodes.get_mut(&n.parent) else {
+                return;
+            };
+            p.below -= 1;
+            ino = n.parent;
+        }
     }
 }
 
 impl<S: Source> Inodes<S> {
     /// A table whose root is the directory node `root` (with mode `root_mode`).
     pub fn new(source: S, root: Hash, root_mode: u32) -> Inodes<S> {
-        let root = Inode {
+        let node = Inode {
             parent: ROOT,
-            name: String::new(),
-            mode: root_mode,
-            kind: Kind::Dir { id: root },
-            children: None,
+            at: None,
+            listing: None,
             subdirs: 0,
+            lookups: 0,
+            below: 0,
         };
         Inodes {
             source,
+            root: (root, root_mode),
             state: Mutex::new(State {
-                inodes: vec![root],
-                by_name: HashMap::new(),
+                inodes: HashMap::from([(ROOT, node)]),
+                by_entry: HashMap::new(),
+                next: ROOT + 1,
             }),
         }
     }
@@ -120,80 +182,119 @@ impl<S: Source> Inodes<S> {
         self.state.lock().expect("inode table poisoned")
     }
 
-    /// Loads a directory's entries (once) and returns its children.
-    pub fn children(&self, ino: u64) -> Result<Children, Errno> {
+    /// Loads a directory's entries (once, while its inode lives) and returns them.
+    pub fn listing(&self, ino: u64) -> Result<Listing, Errno> {
         let id = {
             let st = self.lock();
             let node = st.get(ino).ok_or(Errno::NotFound)?;
-            if let Some(c) = &node.children {
-                return Ok(c.clone());
+            if let Some(l) = &node.listing {
+                return Ok(l.clone());
             }
-            match node.kind {
-                Kind::Dir { id } => id,
-                _ => return Err(Errno::NotDir),
+            match node.entry().map(|e| &e.kind) {
+                None => self.root.0,
+                Some(EntryKind::Dir { id, .. }) => *id,
+                Some(_) => return Err(Errno::NotDir),
             }
         };
         // Load outside the lock: it may wait on the network.
         let dir = self.source.dir(&id).map_err(Errno::Io)?;
+        let subdirs = dir
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Dir { .. }))
+            .count() as u32;
         let mut st = self.lock();
-        if let Some(c) = &st.get(ino).expect("inode exists").children {
-            return Ok(c.clone());
+        let node = st.inodes.get_mut(&ino).ok_or(Errno::NotFound)?;
+        if node.listing.is_none() {
+            node.subdirs = subdirs;
+            node.listing = Some(dir);
         }
-        let mut children = Vec::with_capacity(dir.entries.len());
-        let mut subdirs = 0;
-        for e in &dir.entries {
-            let kind = match &e.kind {
-                EntryKind::Dir { id, .. } => {
-                    subdirs += 1;
-                    Kind::Dir { id: *id }
-                }
-                EntryKind::File { size, content } => Kind::File {
-                    size: *size,
-                    content: content.clone(),
-                },
-                EntryKind::Symlink { target } => Kind::Symlink {
-                    target: target.clone(),
-                },
-            };
-            let key = (ino, e.name.clone());
-            let child = match st.by_name.get(&key) {
-                Some(c) => *c,
-                None => {
-                    st.inodes.push(Inode {
-                        parent: ino,
-                        name: e.name.clone(),
-                        mode: e.mode,
-                        kind,
-                        children: None,
-                        subdirs: 0,
-                    });
-                    let c = st.inodes.len() as u64;
-                    st.by_name.insert(key, c);
-                    c
-                }
-            };
-            children.push((e.name.clone(), child));
+        Ok(node.listing.clone().expect("just set"))
+    }
+
+    /// The inode of entry `index` of directory `parent`'s listing (made if need be).
+    pub fn child(&self, parent: u64, index: usize) -> Result<u64, Errno> {
+        let listing = self.listing(parent)?;
+        if index >= listing.entries.len() {
+            return Err(Errno::NotFound);
         }
-        let children = Arc::new(children);
-        let node = &mut st.inodes[(ino - 1) as usize];
-        node.children = Some(children.clone());
-        node.subdirs = subdirs;
-        Ok(children)
+        let key = (parent, index as u32);
+        let mut st = self.lock();
+        if let Some(c) = st.by_entry.get(&key) {
+            return Ok(*c);
+        }
+        let p = st.inodes.get_mut(&parent).ok_or(Errno::NotFound)?;
+        p.below += 1;
+        let ino = st.next;
+        st.next += 1;
+        st.inodes.insert(
+            ino,
+            Inode {
+                parent,
+                at: Some((listing, index as u32)),
+                listing: None,
+                subdirs: 0,
+                lookups: 0,
+                below: 0,
+            },
+        );
+        st.by_entry.insert(key, ino);
+        Ok(ino)
     }
 
     /// The child of `parent` called `name`.
     pub fn lookup(&self, parent: u64, name: &str) -> Result<u64, Errno> {
-        let children = self.children(parent)?;
-        children
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .map(|i| children[i].1)
-            .map_err(|_| Errno::NotFound)
+        let listing = self.listing(parent)?;
+        let i = listing
+            .entries
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .map_err(|_| Errno::NotFound)?;
+        self.child(parent, i)
+    }
+
+    /// The kernel was handed `ino` (a lookup or readdirplus reply): it lives until forgotten.
+    pub fn remember(&self, ino: u64) {
+        if let Some(n) = self.lock().inodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+    }
+
+    /// The kernel dropped `n` of its lookups of `ino`: at none (and nothing alive below),
+    /// the inode is freed.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.lock();
+        let Some(node) = st.inodes.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(n);
+        st.release(ino);
+    }
+
+    /// Frees `ino` if nothing holds it (made for a reader outside the kernel, which never
+    /// forgets it), and its parents that only it held.
+    pub fn release(&self, ino: u64) {
+        self.lock().release(ino);
+    }
+
+    /// Frees every inode the kernel does not hold (for readers outside the kernel: the
+    /// daemon's file protocol trims its table when it grows).
+    pub fn trim(&self) {
+        let mut st = self.lock();
+        let idle: Vec<u64> = st
+            .inodes
+            .iter()
+            .filter(|(i, n)| **i != ROOT && n.lookups == 0 && n.below == 0)
+            .map(|(i, _)| *i)
+            .collect();
+        for ino in idle {
+            st.release(ino);
+        }
     }
 
     /// Attributes; a directory is loaded so that its link count (2 + subdirectories) is right.
     pub fn attr(&self, ino: u64) -> Result<Attr, Errno> {
         if matches!(self.kind(ino)?, Kind::Dir { .. }) {
-            self.children(ino)?;
+            self.listing(ino)?;
         }
         Ok(self.attr_known(ino)?.0)
     }
@@ -203,29 +304,35 @@ impl<S: Source> Inodes<S> {
     pub fn attr_known(&self, ino: u64) -> Result<(Attr, bool), Errno> {
         let st = self.lock();
         let n = st.get(ino).ok_or(Errno::NotFound)?;
-        let (size, nlink) = match &n.kind {
+        let (mode, kind) = match n.entry() {
+            Some(e) => (e.mode, Kind::of(e)),
+            None => (self.root.1, Kind::Dir { id: self.root.0 }),
+        };
+        let (size, nlink) = match &kind {
             Kind::Dir { .. } => (4096, 2 + n.subdirs),
             Kind::File { size, .. } => (*size, 1),
             Kind::Symlink { target } => (target.len() as u64, 1),
         };
-        let complete = !matches!(n.kind, Kind::Dir { .. }) || n.children.is_some();
+        let complete = !matches!(kind, Kind::Dir { .. }) || n.listing.is_some();
         Ok((
             Attr {
                 ino,
                 size,
-                mode: n.mode,
+                mode,
                 nlink,
-                kind: n.kind.clone(),
+                kind,
             },
             complete,
         ))
     }
 
     pub fn kind(&self, ino: u64) -> Result<Kind, Errno> {
-        self.lock()
-            .get(ino)
-            .map(|n| n.kind.clone())
-            .ok_or(Errno::NotFound)
+        let st = self.lock();
+        let n = st.get(ino).ok_or(Errno::NotFound)?;
+        Ok(match n.entry() {
+            Some(e) => Kind::of(e),
+            None => Kind::Dir { id: self.root.0 },
+        })
     }
 
     /// The path of an inode relative to the root (`a/b/c.txt`; empty for the root).
@@ -235,7 +342,7 @@ impl<S: Source> Inodes<S> {
         let mut at = ino;
         while at != ROOT {
             let n = st.get(at).ok_or(Errno::NotFound)?;
-            parts.push(n.name.clone());
+            parts.push(n.entry().map(|e| e.name.as_str()).unwrap_or_default());
             at = n.parent;
         }
         parts.reverse();
@@ -243,17 +350,13 @@ impl<S: Source> Inodes<S> {
     }
 
     /// The directory holding `ino`, the index of `ino` among its entries, and the entries.
-    pub fn position(&self, ino: u64) -> Result<(u64, usize, Children), Errno> {
-        let (parent, name) = {
-            let st = self.lock();
-            let n = st.get(ino).ok_or(Errno::NotFound)?;
-            (n.parent, n.name.clone())
-        };
-        let children = self.children(parent)?;
-        let i = children
-            .binary_search_by(|(n, _)| n.as_str().cmp(&name))
-            .map_err(|_| Errno::NotFound)?;
-        Ok((parent, i, children))
+    pub fn position(&self, ino: u64) -> Result<(u64, usize, Listing), Errno> {
+        let st = self.lock();
+        let n = st.get(ino).ok_or(Errno::NotFound)?;
+        match &n.at {
+            Some((listing, i)) => Ok((n.parent, *i as usize, listing.clone())),
+            None => Err(Errno::NotFound),
+        }
     }
 
     /// A symlink's target, once its whole chain (through the version's other links) is known
@@ -266,15 +369,26 @@ impl<S: Source> Inodes<S> {
         let path = self.path(ino)?;
         let parts: Vec<&str> = path.split('/').collect();
         let verdict = resolve_symlink(&parts, &target, |q| {
-            let mut at = ROOT;
+            // Walked by name through the directories, making no inodes.
+            let mut kind = Kind::Dir { id: self.root.0 };
             for name in q {
-                at = match self.lookup(at, name) {
-                    Ok(c) => c,
-                    Err(Errno::NotFound | Errno::NotDir) => return Ok(PathKind::Missing),
-                    Err(e) => return Err(e),
+                let Kind::Dir { id } = kind else {
+                    return Ok(PathKind::Missing);
                 };
+                let listing = if id == self.root.0 {
+                    self.listing(ROOT)?
+                } else {
+                    self.source.dir(&id).map_err(Errno::Io)?
+                };
+                let Ok(i) = listing
+                    .entries
+                    .binary_search_by(|e| e.name.as_str().cmp(name))
+                else {
+                    return Ok(PathKind::Missing);
+                };
+                kind = Kind::of(&listing.entries[i]);
             }
-            Ok(match self.kind(at)? {
+            Ok(match kind {
                 Kind::Dir { .. } => PathKind::Dir,
                 Kind::File { .. } => PathKind::File,
                 Kind::Symlink { target } => PathKind::Symlink(target),
@@ -295,7 +409,7 @@ impl<S: Source> Inodes<S> {
             .ok_or(Errno::NotFound)
     }
 
-    /// Number of inodes handed out so far (for tests and stats).
+    /// Inodes alive now (for tests and stats).
     pub fn len(&self) -> usize {
         self.lock().inodes.len()
     }
@@ -420,6 +534,52 @@ mod tests {
         assert_eq!(t.path(ROOT).unwrap(), "");
         assert!(matches!(t.lookup(ROOT, "nope"), Err(Errno::NotFound)));
         assert!(matches!(t.lookup(x, "y"), Err(Errno::NotDir)));
+    }
+
+    #[test]
+    fn inodes_live_while_the_kernel_holds_them() {
+        let (mem, root) = tree();
+        let t = Inodes::new(mem.clone(), root, 0o755);
+        let a = t.lookup(ROOT, "a").unwrap();
+        let x = t.lookup(a, "x").unwrap();
+        t.remember(a);
+        t.remember(x);
+        t.remember(x);
+        assert_eq!(t.len(), 3);
+        // The directory is forgotten first: it stays while its child lives.
+        t.forget(a, 1);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.path(x).unwrap(), "a/x");
+        t.forget(x, 1);
+        assert_eq!(t.len(), 3, "one lookup of x left");
+        t.forget(x, 1);
+        assert_eq!(t.len(), 1, "x, then a, freed: only the root is left");
+        assert!(matches!(t.kind(x), Err(Errno::NotFound)));
+        // Seen again: new numbers, the directory loaded again.
+        let loads = mem.loads.load(Ordering::SeqCst);
+        let a2 = t.lookup(ROOT, "a").unwrap();
+        let x2 = t.lookup(a2, "x").unwrap();
+        assert!(a2 != a && x2 != x);
+        assert_eq!(mem.loads.load(Ordering::SeqCst), loads + 1);
+        assert_eq!(t.path(x2).unwrap(), "a/x");
+        // Forgetting what the kernel never held, or twice, changes nothing.
+        t.forget(12345, 1);
+        t.remember(a2);
+        t.forget(a2, 5);
+        assert_eq!(t.len(), 3, "x2 (never handed to the kernel) holds a2");
+        t.release(x2);
+        assert_eq!(t.len(), 1);
+        let b = t.lookup(ROOT, "b").unwrap();
+        t.lookup(ROOT, "f").unwrap();
+        let x3 = t.lookup(t.lookup(ROOT, "a").unwrap(), "x").unwrap();
+        t.remember(x3);
+        t.trim();
+        assert_eq!(t.len(), 3, "root, a and the x the kernel holds");
+        assert!(matches!(t.kind(b), Err(Errno::NotFound)));
+        // The root is never freed.
+        t.remember(ROOT);
+        t.forget(ROOT, 1);
+        assert_eq!(t.attr(ROOT).unwrap().mode, 0o755);
     }
 
     #[test]

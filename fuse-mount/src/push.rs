@@ -94,7 +94,7 @@ impl Pusher {
         inodes: &Inodes<S>,
         dir: u64,
         index: usize,
-        children: &[(String, u64)],
+        listing: &crate::model::Listing,
         small_file: u64,
         fetch_ahead: bool,
     ) -> Vec<ChunkRef> {
@@ -133,8 +133,10 @@ impl Pusher {
         let mut fetch = Vec::new();
         // Pushed: the local files from `from` on, up to the first one that is not local.
         let mut pushed_to = None;
-        while i < children.len() && bytes < PUSH_AHEAD {
-            let ino = children[i].1;
+        while i < listing.entries.len() && bytes < PUSH_AHEAD {
+            let Ok(ino) = inodes.child(dir, i) else {
+                break;
+            };
             if let Ok(Kind::File {
                 size,
                 content: FileContent::Chunks(chunks),

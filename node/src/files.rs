@@ -45,6 +45,9 @@ use std::time::Duration;
 pub const MAX_READ: u32 = 64 << 20;
 /// Most files, chunks and segment descriptors in one `extents` reply.
 pub const EXTENT_FILES: usize = 1024;
+/// Inodes a version's reader keeps (paths resolved, directories listed) before it frees them
+/// all: no kernel forgets them.
+pub const MAX_INODES: usize = 1 << 20;
 pub const EXTENT_CHUNKS: usize = 16 * 1024;
 pub const EXTENT_SEGS: usize = 32;
 /// A session with no request for this long is closed.
@@ -251,6 +254,7 @@ pub fn serve_blocking(
                 continue;
             }
         };
+        let held = rd.hold();
         match op {
             Op::Order { paths } => {
                 let n = paths.len();
@@ -323,6 +327,11 @@ pub fn serve_blocking(
                     }
                 }
             }
+        }
+        drop(held);
+        // No kernel forgets this table's inodes: it is emptied when it grows.
+        if rd.inodes_alive() > MAX_INODES {
+            rd.trim_inodes();
         }
         // Answers of operations already sent go out together.
         if r.buffer().is_empty() {
