@@ -771,10 +771,36 @@ impl MountSource {
     }
 }
 
-/// The chunk list of the file at `path`, fetched if need be; None if there is no such file.
+/// Directories a read order's walk keeps decoded (a shuffled order visits each directory
+/// many times).
+const ORDER_DIRS: usize = 256;
+
+/// The directory whose top node is `id`, from `cache` or read (and kept there).
 /// Cancel-safe: it only reads (and stores verified tree nodes).
-async fn file_chunks(inner: &Arc<Inner>, root: Hash, path: &str) -> Result<Option<Vec<ChunkRef>>> {
-    let mut dir = load_dir(&inner.blobs, &root, "").await?;
+async fn cached_dir(
+    inner: &Arc<Inner>,
+    cache: &mut hashlink::LruCache<Hash, Arc<Dir>>,
+    id: Hash,
+    path: &str,
+) -> Result<Arc<Dir>> {
+    if let Some(d) = cache.get(&id) {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(load_dir(&inner.blobs, &id, path).await?);
+    cache.insert(id, d.clone());
+    Ok(d)
+}
+
+/// The chunk list of the file at `path`, fetched if need be; None if there is no such file.
+/// Directories on the way come from `dirs` when it has them.
+/// Cancel-safe: it only reads (and stores verified tree nodes).
+async fn file_chunks(
+    inner: &Arc<Inner>,
+    dirs: &mut hashlink::LruCache<Hash, Arc<Dir>>,
+    root: Hash,
+    path: &str,
+) -> Result<Option<Vec<ChunkRef>>> {
+    let mut dir = cached_dir(inner, dirs, root, "").await?;
     let parts: Vec<&str> = path
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
@@ -785,7 +811,7 @@ async fn file_chunks(inner: &Arc<Inner>, root: Hash, path: &str) -> Result<Optio
         };
         match e.kind {
             EntryKind::Dir { id, .. } if i + 1 < parts.len() => {
-                dir = load_dir(&inner.blobs, &id, path).await?
+                dir = cached_dir(inner, dirs, id, path).await?
             }
             EntryKind::File { content, .. } if i + 1 == parts.len() => {
                 return Ok(Some(match content {
@@ -839,6 +865,7 @@ async fn background(
     };
     // Bytes of the read order before each entry, to measure how far ahead of the reader we are.
     let mut before: Vec<u64> = vec![0];
+    let mut dirs = hashlink::LruCache::new(ORDER_DIRS);
     for (i, p) in paths.iter().enumerate() {
         // Stay within `lookahead` bytes of the file the reader opened last; skip what it has
         // already passed.
@@ -854,7 +881,7 @@ async fn background(
                 .await;
         }
         let cursor = inner.order.lock().expect("read order poisoned").cursor;
-        let chunks = match file_chunks(inner, root, p).await? {
+        let chunks = match file_chunks(inner, &mut dirs, root, p).await? {
             Some(chunks) => chunks,
             None => {
                 tracing::warn!(path = %p, "read-order entry is not a file of this version; skipped");
