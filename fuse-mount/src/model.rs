@@ -130,25 +130,28 @@ impl State {
     }
 
     /// Frees `ino` if nothing holds it (no kernel lookup, nothing alive below), and then its
-    /// parent if that was all that held it.
-    fn release(&mut self, mut ino: u64) {
+    /// parent if that was all that held it. Returns how many were freed.
+    fn release(&mut self, mut ino: u64) -> usize {
+        let mut freed = 0;
         while ino != ROOT {
             let Some(n) = self.inodes.get(&ino) else {
-                return;
+                return freed;
             };
             if n.lookups > 0 || n.below > 0 {
-                return;
+                return freed;
             }
+            freed += 1;
             let n = self.inodes.remove(&ino).expect("present");
             if let Some((_, i)) = n.at {
                 self.by_entry.remove(&(n.parent, i));
             }
             let Some(p) = self.inodes.get_mut(&n.parent) else {
-                return;
+                return freed;
             };
             p.below -= 1;
             ino = n.parent;
         }
+        freed
     }
 }
 
@@ -260,14 +263,14 @@ impl<S: Source> Inodes<S> {
     }
 
     /// The kernel dropped `n` of its lookups of `ino`: at none (and nothing alive below),
-    /// the inode is freed.
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// the inode is freed. Returns how many inodes were freed.
+    pub fn forget(&self, ino: u64, n: u64) -> usize {
         let mut st = self.lock();
         let Some(node) = st.inodes.get_mut(&ino) else {
-            return;
+            return 0;
         };
         node.lookups = node.lookups.saturating_sub(n);
-        st.release(ino);
+        st.release(ino)
     }
 
     /// Frees `ino` if nothing holds it (made for a reader outside the kernel, which never
