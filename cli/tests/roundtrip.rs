@@ -118,12 +118,7 @@ fn versions_ls_tag_and_diff() {
 
     env.json(&["tag", "org/demo@v1", "stable"]);
     let ls = env.json(&["ls", "org/demo@stable", "a"]);
-    let entries: Vec<&str> = ls["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
+    let entries = strs(&ls["entries"], "name");
     assert_eq!(entries, ["b", "link", "readonly.dat", "run.sh"]);
     let file = env.json(&["ls", "org/demo@v1", "a/run.sh"]);
     assert_eq!(file["entries"][0]["mode"], "755");
@@ -136,12 +131,7 @@ fn versions_ls_tag_and_diff() {
     assert_eq!(d["removed_files"], 1);
     assert_eq!(d["changed_files"], 1);
     assert_eq!(d["changed_bytes"], 9);
-    let paths: Vec<&str> = d["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
+    let paths = strs(&d["entries"], "path");
     assert_eq!(paths, ["added", "many/f03", "many/f04"]);
     // Only the root, `many` and nothing else was read: unchanged subtrees are skipped by id.
     assert_eq!(d["nodes_read"], 4);
@@ -398,12 +388,7 @@ fn format_v1_versions_stay_readable_next_to_v2() {
     env.json(&["pull", "fmt@v1", "--to", out.to_str().unwrap()]);
     assert_same_tree(&v1_src, &out);
     let ls = env.json(&["ls", "fmt@latest", "sub"]);
-    let names: Vec<&str> = ls["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
+    let names = strs(&ls["entries"], "name");
     assert_eq!(names, ["b.bin", "deep"]);
     assert_eq!(ls["entries"][0]["chunks"], 32, "{ls}");
 
@@ -428,12 +413,7 @@ fn format_v1_versions_stay_readable_next_to_v2() {
     assert_eq!(d["changed_files"], 1, "{d}");
     assert_eq!(d["added_files"], 20_000, "{d}");
     assert_eq!(d["removed_files"], 0, "{d}");
-    let paths: Vec<&str> = d["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
+    let paths = strs(&d["entries"], "path");
     assert_eq!(
         paths,
         ["many/f05", "wide"],

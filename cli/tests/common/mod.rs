@@ -154,6 +154,20 @@ pub fn sample_tree(root: &Path) {
     }
 }
 
+/// The string field `field` of every object in the JSON array `list`.
+pub fn strs(list: &Value, field: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .map(|e| {
+            e[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {field}: {e}"))
+                .to_string()
+        })
+        .collect()
+}
+
 /// Asserts that two trees hold the same names, kinds, bytes, modes and link targets.
 pub fn assert_same_tree(a: &Path, b: &Path) {
     let list = |root: &Path| {
