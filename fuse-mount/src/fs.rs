@@ -157,6 +157,18 @@ pub struct ShoalFs<S> {
     freed: AtomicU64,
 }
 
+/// Asks the C allocator to return its free memory to the system: after a large structure
+/// was freed (glibc keeps freed memory in the middle of its heap otherwise; a process that
+/// freed hundreds of MB kept its peak RSS). Walks the heap: for occasional use.
+#[allow(unsafe_code)]
+pub fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Inodes freed between two trims of the C allocator.
 const TRIM_AFTER: u64 = 64 << 10;
 
@@ -211,15 +223,10 @@ impl<S: Source> ShoalFs<S> {
     /// Counts freed inodes; past [`TRIM_AFTER`] of them the C allocator is asked to return
     /// its free memory to the system (glibc keeps it otherwise, and a mount whose million
     /// inodes were forgotten kept its peak RSS).
-    #[allow(unsafe_code)]
     fn freed_since_trim(&self, n: u64) {
         let total = self.freed.fetch_add(n, Ordering::Relaxed) + n;
         if total >= TRIM_AFTER && self.freed.swap(0, Ordering::Relaxed) >= TRIM_AFTER {
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            // SAFETY: malloc_trim only walks and releases the allocator's free memory.
-            unsafe {
-                libc::malloc_trim(0);
-            }
+            trim_allocator();
         }
     }
 

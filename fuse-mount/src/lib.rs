@@ -15,8 +15,8 @@ pub mod model;
 pub mod push;
 
 pub use fs::{
-    find_mount, raise_readahead, spawn, MountConfig, MountInfo, MountOptions, MountStats,
-    ReadObserver, ShoalFs,
+    find_mount, raise_readahead, spawn, trim_allocator, MountConfig, MountInfo, MountOptions,
+    MountStats, ReadObserver, ShoalFs,
 };
 pub use fuser::BackgroundSession;
 pub use layout::{FileLayout, Piece};

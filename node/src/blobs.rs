@@ -47,6 +47,11 @@ struct RangeRead {
     blobs: Vec<(Hash, u64, u32)>,
 }
 
+/// Blob id -> where it lies. Ids are BLAKE3 outputs, so FxHash over them is as good as
+/// SipHash and several times cheaper: building this over ten million blobs is most of what
+/// opening a version of them costs.
+type Locator = rustc_hash::FxHashMap<Hash, Loc>;
+
 #[derive(Clone, Copy)]
 struct Loc {
     pack: u32,
@@ -68,7 +73,7 @@ pub struct Blobs {
     /// Bytes each origin sent for this version.
     per_origin: Vec<AtomicU64>,
     packs: Vec<Hash>,
-    locs: HashMap<Hash, Loc>,
+    locs: Locator,
     /// The version's external packs (an in-place version's source objects), by pack number.
     external: HashMap<u32, Arc<ExternalIndex>>,
     /// External packs that origins holding the version also keep as packs (copied there by
@@ -244,27 +249,26 @@ impl Blobs {
                 .expect("cache task panicked");
             }
         }
-        let indexes: Vec<(AnyIndex, u64)> = futures::stream::iter(packs.clone())
-            .map(|id| {
-                let (origins, cache) = (&origins, cache.to_path_buf());
-                async move { pack_index_any(origins, holders, &cache, &id).await }
-            })
-            .buffered(8)
-            .try_collect()
-            .await?;
-        // Index bytes read from the origin count as the version's origin reads.
-        let index_bytes: u64 = indexes.iter().map(|(_, n)| n).sum();
-        if let Some(swarm) = swarm {
-            swarm
-                .counters
-                .bytes_from_origin
-                .fetch_add(index_bytes, Ordering::Relaxed);
-        }
-        let mut locs = HashMap::new();
+        // Each index goes into the locator as it arrives (in pack order), so that only a few
+        // decoded indexes are held at once beside it.
+        let mut indexes = Box::pin(
+            futures::stream::iter(packs.clone())
+                .map(|id| {
+                    let (origins, cache) = (&origins, cache.to_path_buf());
+                    async move { pack_index_any(origins, holders, &cache, &id).await }
+                })
+                .buffered(8),
+        );
+        let mut locs: Locator = Locator::default();
         let mut external = HashMap::new();
-        for (i, (idx, _)) in indexes.into_iter().enumerate() {
-            let pack = i as u32;
-            for (id, object, offset, len) in idx.locations() {
+        let mut index_bytes = 0u64;
+        let mut pack = 0u32;
+        while let Some(r) = indexes.next().await {
+            let (idx, n) = r?;
+            index_bytes += n;
+            let entries = idx.locations();
+            locs.reserve(entries.size_hint().0);
+            for (id, object, offset, len) in entries {
                 locs.insert(
                     id,
                     Loc {
@@ -278,6 +282,19 @@ impl Blobs {
             if let AnyIndex::External(x) = idx {
                 external.insert(pack, Arc::new(x));
             }
+            pack += 1;
+        }
+        drop(indexes);
+        if locs.len() > 1 << 16 {
+            // The decoded indexes are gone; their memory need not stay with the process.
+            shoal_fuse::trim_allocator();
+        }
+        // Index bytes read from the origin count as the version's origin reads.
+        if let Some(swarm) = swarm {
+            swarm
+                .counters
+                .bytes_from_origin
+                .fetch_add(index_bytes, Ordering::Relaxed);
         }
         let copies = copies_of(&origins, holders, &packs, &external).await;
         Ok(Blobs {
