@@ -792,7 +792,7 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             let (child, kind) = match child {
                 Listed::Dot(i) => (i, FileType::Directory),
                 Listed::Entry(i) => match self.inodes.child(ino.0, i) {
-                    Ok(c) => (c, Self::kind_of(&Kind::of_entry(&children.entries[i]))),
+                    Ok(c) => (c, Self::kind_of(&Kind::of(&children.entries[i]))),
                     Err(e) => return reply.error(errno(e)),
                 },
             };

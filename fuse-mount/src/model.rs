@@ -58,11 +58,7 @@ pub enum Kind {
 
 impl Kind {
     /// What the entry `e` is.
-    pub fn of_entry(e: &Entry) -> Kind {
-        Kind::of(e)
-    }
-
-    fn of(e: &Entry) -> Kind {
+    pub fn of(e: &Entry) -> Kind {
         match &e.kind {
             EntryKind::Dir { id, .. } => Kind::Dir { id: *id },
             EntryKind::File { size, content } => Kind::File {

@@ -117,14 +117,6 @@ impl Known {
         Ok(Known { files })
     }
 
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-
     /// The chunks of the file at `path` if it was recorded in exactly this state.
     pub fn get(&self, path: &str, stat: &FileStat) -> Option<&[ChunkRef]> {
         match self.files.get(&key(path)) {

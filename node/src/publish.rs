@@ -989,12 +989,12 @@ impl Node {
             (PublishSource::Dir(dir), false) => std::fs::canonicalize(dir)
                 .ok()
                 .and_then(|d| d.to_str().map(str::to_string))
-                .map(|d| (known::state_path(self.home.root(), name.as_str()), d)),
+                .map(|d| (known::state_path(self.home.root(), name.as_str()), d, dir)),
             _ => None,
         };
         let unchanged = Unchanged {
             known: match &state {
-                Some((path, dir)) if !opts.rehash => {
+                Some((path, dir, _)) if !opts.rehash => {
                     tokio::task::block_in_place(|| Known::load(path, dir, params))
                 }
                 _ => Known::default(),
@@ -1123,13 +1123,9 @@ impl Node {
         origin.create_version(name, &signed).await?;
         let unchanged_taken = unchanged.taken.load(Ordering::Relaxed);
         drop(unchanged);
-        if let Some((path, dir)) = &state {
+        if let Some((path, dir, given)) = &state {
             // Files are recorded under the directory as canonicalised, as the next publish
             // looks them up: the scan named them under the directory as it was given.
-            let given = match source {
-                PublishSource::Dir(d) => d.as_path(),
-                PublishSource::Store(_) => unreachable!("state is kept for directories only"),
-            };
             let records: Vec<(String, &FileStat, &[ChunkRef])> = files
                 .iter()
                 .zip(&built.chunks)
