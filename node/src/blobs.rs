@@ -8,7 +8,7 @@ use crate::store::{ChunkStore, Retain};
 use crate::swarm::Swarm;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use shoal_registry::pack::{AnyIndex, ExternalIndex};
+use shoal_registry::pack::{AnyIndex, ExternalIndex, Frames};
 use shoal_registry::{Hash, Origin, SignedVersion};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +27,8 @@ const MAX_RANGE: u64 = 16 << 20;
 const MAX_RANGE_SPREAD: u64 = 4 << 20;
 /// Ranged reads in flight against the origin.
 const ORIGIN_CONCURRENCY: usize = 8;
+/// Compressed frames kept decoded (each about [`shoal_registry::pack::FRAME_TARGET`] bytes).
+const FRAMES_CACHED: usize = 32;
 /// How long a mount waits for the peer that owns a run to deliver anything (while it stays
 /// connected) before reading the run from the origin itself; an owner that sends nothing at
 /// all in that time owns no more runs for this node. Not short: an owner is slow when the
@@ -46,6 +48,9 @@ struct RangeRead {
     stop: u64,
     blobs: Vec<(Hash, u64, u32)>,
 }
+
+/// A blob and where it lies in its pack's raw bytes: (id, offset, len).
+type Placed = (Hash, u64, u32);
 
 /// Blob id -> where it lies. Ids are BLAKE3 outputs, so FxHash over them is as good as
 /// SipHash and several times cheaper: building this over ten million blobs is most of what
@@ -76,6 +81,14 @@ pub struct Blobs {
     locs: Locator,
     /// The version's external packs (an in-place version's source objects), by pack number.
     external: HashMap<u32, Arc<ExternalIndex>>,
+    /// The frames of the version's packs that have compressed ones, by pack number (offsets
+    /// in the locator are raw: these say what to read for them).
+    frames: HashMap<u32, Arc<Frames>>,
+    /// Compressed frames decoded lately, by (pack number, raw start): a frame holds many
+    /// small blobs that readers ask for a few at a time (a mount reading a directory's files
+    /// one by one, a walk reading a tree level by level), and each would otherwise read and
+    /// decompress the whole frame again.
+    decoded: std::sync::Mutex<hashlink::LruCache<(u32, u64), Bytes>>,
     /// External packs that origins holding the version also keep as packs (copied there by
     /// `replicate --copy-sources`): which origins, and where each source object starts in
     /// the copy. Read there first; the source objects are the fallback.
@@ -261,6 +274,7 @@ impl Blobs {
         );
         let mut locs: Locator = Locator::default();
         let mut external = HashMap::new();
+        let mut frames = HashMap::new();
         let mut index_bytes = 0u64;
         let mut pack = 0u32;
         while let Some(r) = indexes.next().await {
@@ -279,8 +293,14 @@ impl Blobs {
                     },
                 );
             }
-            if let AnyIndex::External(x) = idx {
-                external.insert(pack, Arc::new(x));
+            match idx {
+                AnyIndex::External(x) => {
+                    external.insert(pack, Arc::new(x));
+                }
+                AnyIndex::Packed(p) if !p.frames.is_plain() => {
+                    frames.insert(pack, Arc::new(p.frames));
+                }
+                AnyIndex::Packed(_) => {}
             }
             pack += 1;
         }
@@ -300,6 +320,8 @@ impl Blobs {
         Ok(Blobs {
             store,
             external,
+            frames,
+            decoded: std::sync::Mutex::new(hashlink::LruCache::new(FRAMES_CACHED)),
             copies,
             per_source: Default::default(),
             sources: Default::default(),
@@ -377,6 +399,14 @@ impl Blobs {
         self.locs
             .get(id)
             .map(|l| (l.pack, ((l.object as u64) << 40) | l.offset))
+    }
+
+    /// The compressed frame a blob lies in, if it does: (pack number, where the frame begins
+    /// in the pack's raw bytes). Blobs of one frame are read together.
+    pub fn frame_of(&self, id: &Hash) -> Option<(u32, u64)> {
+        let l = self.locs.get(id)?;
+        let at = self.frames.get(&l.pack)?.compressed_at(l.offset)?;
+        Some((l.pack, at))
     }
 
     pub fn store(&self) -> &Arc<dyn ChunkStore> {
@@ -564,6 +594,29 @@ impl Blobs {
             })?;
             wanted.push((*loc, id));
         }
+        // Blobs of compressed frames decoded lately are taken from there.
+        let mut cached: HashMap<(u32, u64), (Bytes, Vec<Placed>)> = HashMap::new();
+        if !self.frames.is_empty() {
+            let mut decoded = self.decoded.lock().expect("poisoned");
+            wanted.retain(|(l, id)| {
+                let Some(at) = self
+                    .frames
+                    .get(&l.pack)
+                    .and_then(|f| f.compressed_at(l.offset))
+                else {
+                    return true;
+                };
+                let Some(frame) = decoded.get(&(l.pack, at)) else {
+                    return true;
+                };
+                cached
+                    .entry((l.pack, at))
+                    .or_insert_with(|| (frame.clone(), Vec::new()))
+                    .1
+                    .push((*id, l.offset, l.len));
+                false
+            });
+        }
         wanted.sort_unstable_by_key(|(l, _)| (l.pack, l.object, l.offset));
         let max_range = if self.holders.0.count_ones() > 1 {
             MAX_RANGE_SPREAD
@@ -573,27 +626,50 @@ impl Blobs {
         // Group into ranges.
         let mut ranges: Vec<RangeRead> = Vec::new();
         for (loc, id) in wanted {
-            let end = loc.offset + loc.len as u64;
+            // In a compressed frame, what is read is the whole frame: blobs sharing one are
+            // read together, whatever the gap between them.
+            let (start, end) = match self.frames.get(&loc.pack) {
+                Some(f) => {
+                    let span = f.span(loc.offset..loc.offset + loc.len as u64);
+                    (span.raw.start, span.raw.end)
+                }
+                None => (loc.offset, loc.offset + loc.len as u64),
+            };
             match ranges.last_mut() {
                 Some(r)
                     if r.pack == loc.pack
                         && r.object == loc.object
-                        && loc.offset >= r.stop
-                        && loc.offset - r.stop <= self.coalesce_gap
-                        && end - r.start <= max_range =>
+                        && (start < r.stop
+                            || (start - r.stop <= self.coalesce_gap
+                                && end - r.start <= max_range)) =>
                 {
-                    r.stop = end;
+                    r.stop = r.stop.max(end);
                     r.blobs.push((id, loc.offset, loc.len));
                 }
                 _ => ranges.push(RangeRead {
                     pack: loc.pack,
                     object: loc.object,
-                    start: loc.offset,
+                    start,
                     stop: end,
                     blobs: vec![(id, loc.offset, loc.len)],
                 }),
             }
         }
+        let from_cache =
+            futures::stream::iter(cached).map(|((pack, at), (frame, blobs))| async move {
+                let label = format!("a decoded frame of pack {}", self.packs[pack as usize]);
+                let kept = self
+                    .keep_range(frame, at, blobs, want, label, "it was damaged in memory")
+                    .await;
+                if kept.is_err() {
+                    self.decoded.lock().expect("poisoned").remove(&(pack, at));
+                }
+                let (stored, got) = kept?;
+                if let Some(p) = progress {
+                    p.add(stored);
+                }
+                Ok::<_, Error>(got)
+            });
         futures::stream::iter(ranges)
             .map(|r| async move {
                 let (stored, got) = match self.external.get(&r.pack) {
@@ -606,6 +682,7 @@ impl Blobs {
                 Ok(got)
             })
             .buffer_unordered(ORIGIN_CONCURRENCY)
+            .chain(from_cache.buffer_unordered(2))
             .try_collect::<Vec<Vec<(Hash, Bytes)>>>()
             .await
             .map(|v| v.into_iter().flatten().collect())
@@ -633,11 +710,18 @@ impl Blobs {
         want: bool,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
         let pack_id = self.packs[r.pack as usize];
+        // A pack with compressed frames: whole frames are read and decompressed.
+        let frames = self.frames.get(&r.pack).filter(|_| shift == 0);
+        let span = frames.map(|f| f.span(r.start..r.stop));
+        let (stored, start) = match &span {
+            Some(s) => (s.stored.clone(), s.raw.start),
+            None => (shift + r.start..shift + r.stop, r.start),
+        };
         loop {
             let slot = self.origin_slots.acquire().await.expect("never closed");
             let (data, from) = self
                 .origins
-                .read_pack(holders, &pack_id, shift + r.start..shift + r.stop)
+                .read_pack(holders, &pack_id, stored.clone())
                 .await?;
             drop(slot);
             self.count_origin_bytes(data.len() as u64);
@@ -648,17 +732,56 @@ impl Blobs {
                 origin.pack_path(&pack_id),
                 origin.url()
             );
-            match self
-                .keep_range(
-                    data,
-                    r.start,
-                    r.blobs.clone(),
-                    want,
-                    label,
-                    "the origin's copy is damaged or was tampered with",
-                )
-                .await
-            {
+            // The compressed frames decoded, kept for later reads once their blobs verified.
+            let mut decoded: Vec<(u64, Bytes)> = Vec::new();
+            let data = match (frames, &span) {
+                (Some(f), Some(span)) => {
+                    let (f, span) = (f.clone(), span.clone());
+                    tokio::task::spawn_blocking(move || {
+                        f.decode(&span, data)
+                            .map(|raw| (raw.clone(), f.compressed_in(&span), span.raw.start))
+                    })
+                    .await
+                    .expect("decompression task panicked")
+                    .map(|(raw, frames, at)| {
+                        // Copies: a slice would hold the whole range in memory.
+                        decoded = frames
+                            .into_iter()
+                            .map(|fr| {
+                                let piece = &raw[(fr.start - at) as usize..(fr.end - at) as usize];
+                                (fr.start, Bytes::copy_from_slice(piece))
+                            })
+                            .collect();
+                        raw
+                    })
+                    .map_err(|e| Error::Corrupt {
+                        what: label.clone(),
+                        reason: format!("{e}; the origin's copy is damaged or was tampered with"),
+                    })
+                }
+                _ => Ok(data),
+            };
+            let kept = match data {
+                Ok(data) => {
+                    self.keep_range(
+                        data,
+                        start,
+                        r.blobs.clone(),
+                        want,
+                        label,
+                        "the origin's copy is damaged or was tampered with",
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if kept.is_ok() && !decoded.is_empty() {
+                let mut cache = self.decoded.lock().expect("poisoned");
+                for (at, frame) in decoded {
+                    cache.insert((r.pack, at), frame);
+                }
+            }
+            match kept {
                 Err(e @ Error::Corrupt { .. }) => {
                     self.origins.blame(from);
                     holders.0 &= !(1 << from);
@@ -733,6 +856,19 @@ impl Blobs {
             Error::Corrupt { .. } => changed(),
             e => e,
         })
+    }
+
+    /// Bytes of pack `pack` as the origins holding the version store them (`range` in the pack
+    /// object, not raw offsets), unverified: the caller checks them.
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn read_stored(&self, pack: &Hash, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let slot = self.origin_slots.acquire().await.expect("never closed");
+        let (data, from) = self.origins.read_pack(self.holders, pack, range).await?;
+        drop(slot);
+        self.count_origin_bytes(data.len() as u64);
+        self.per_origin[from].fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
     }
 
     /// A source store of an in-place version, opened once.

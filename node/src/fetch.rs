@@ -55,6 +55,15 @@ pub async fn fetch(
     // tens of milliseconds before the first read.)
     let mut porder: Vec<usize> = (0..n).collect();
     porder.sort_by_cached_key(|&i| blobs.locate(&order[i].0).unwrap_or((u32::MAX, 0)));
+    // Chunks sharing a compressed frame are tied: read in one run, so the frame is read once.
+    let frames: Vec<Option<(u32, u64)>> = porder
+        .iter()
+        .map(|&i| blobs.frame_of(&order[i].0))
+        .collect();
+    let tied: Vec<bool> = (0..n)
+        .map(|pos| pos > 0 && frames[pos].is_some() && frames[pos] == frames[pos - 1])
+        .collect();
+    drop(frames);
     let keys: Vec<u64> = order.iter().map(|c| key_of(&c.0)).collect();
     let me = swarm.peer_id;
     // The node keeps 32 MiB in flight to every peer for now: with windows that follow the
@@ -75,6 +84,7 @@ pub async fn fetch(
         keys,
         porder,
         key: key_of(&root),
+        tied,
     };
     let layout = Arc::new(pull::Layout::new(version, cfg.run));
     let mut sched = Pull::new(cfg, me, peer_seed(&me), layout, &missing, started);

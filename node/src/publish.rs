@@ -651,14 +651,15 @@ struct Uploaded {
     bytes: u64,
 }
 
-/// Uploads sealed packs, at most two at a time; returns what it stored.
+/// Seals packs (compressing their frames) and uploads them, at most two at a time (on two
+/// cores, compression of text runs at about 2 x 350 MB/s); returns what it stored.
 fn spawn_uploader(
     origin: Origin,
 ) -> (
-    tokio::sync::mpsc::Sender<SealedPack>,
+    tokio::sync::mpsc::Sender<PackBuilder>,
     tokio::task::JoinHandle<Result<Vec<Uploaded>>>,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<PackBuilder>(1);
     let task = tokio::spawn(async move {
         let mut uploaded = Vec::new();
         let mut running = tokio::task::JoinSet::new();
@@ -674,6 +675,9 @@ fn spawn_uploader(
             }
             let o = origin.clone();
             running.spawn(async move {
+                let pack: SealedPack = tokio::task::spawn_blocking(move || pack.seal())
+                    .await
+                    .expect("sealing task panicked");
                 let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
                 let bytes = pack.len() + pack.index_bytes.len() as u64;
                 o.put_pack(&pack.id, pack.parts, pack.index_bytes.into())
@@ -697,7 +701,7 @@ fn spawn_uploader(
 /// [`shoal_registry::pack::PACK_MAX_BLOBS`] blobs); the last pack is sealed when
 /// every sender is gone.
 fn spawn_packer(
-    packs: tokio::sync::mpsc::Sender<SealedPack>,
+    packs: tokio::sync::mpsc::Sender<PackBuilder>,
 ) -> (BlobTx, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Hash, Bytes)>>(GROUPS_QUEUED);
     let thread = std::thread::spawn(move || {
@@ -705,20 +709,60 @@ fn spawn_packer(
         for group in rx {
             for (id, bytes) in group {
                 builder.push(id, bytes);
-                if builder.full()
-                    && packs
-                        .blocking_send(std::mem::take(&mut builder).seal())
-                        .is_err()
-                {
+                if builder.full() && packs.blocking_send(std::mem::take(&mut builder)).is_err() {
                     return;
                 }
             }
         }
         if !builder.is_empty() {
-            let _ = packs.blocking_send(builder.seal());
+            let _ = packs.blocking_send(builder);
         }
     });
     (tx, thread)
+}
+
+/// The new blobs of one chunking worker, sent to the packer in groups of consecutive files
+/// of about [`FILE_GROUP`] bytes, so that a pack holds runs of files in the order they were
+/// read although several workers chunk at once: a file's chunks lie together (one ranged read
+/// for a mount), and so do small neighbouring files, which compress together in a frame
+/// (a publish of a source tree whose workers alternated file by file in the packs compressed
+/// to 1.20x its `tar | zstd -3` size; in runs of files, ...).
+struct Lane {
+    tx: BlobTx,
+    group: Vec<(Hash, Bytes)>,
+    grouped: u64,
+}
+
+impl Lane {
+    fn new(tx: BlobTx) -> Lane {
+        Lane {
+            tx,
+            group: Vec::new(),
+            grouped: 0,
+        }
+    }
+
+    fn push(&mut self, id: Hash, bytes: Bytes) -> Result<(), UploadStopped> {
+        self.grouped += bytes.len() as u64;
+        self.group.push((id, bytes));
+        if self.grouped >= FILE_GROUP {
+            self.grouped = 0;
+            self.tx
+                .send(std::mem::take(&mut self.group))
+                .map_err(|_| UploadStopped)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lane {
+    /// The worker is done: its last group goes (if the packer is gone, the publish failed
+    /// and says so elsewhere).
+    fn drop(&mut self) {
+        if !self.group.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.group));
+        }
+    }
 }
 
 /// Files a publish may take as they were without reading them, and how many it did.
@@ -758,8 +802,8 @@ fn chunk_files(
     let chunked: Vec<Result<Vec<ChunkRef>, Option<Error>>> = files
         .par_iter()
         .map_init(
-            || (Chunker::new(params), tx.clone()),
-            |(chunker, tx), (file, size)| {
+            || (Chunker::new(params), Lane::new(tx.clone())),
+            |(chunker, lane), (file, size)| {
                 if let (SrcFile::Local { path, stat }, false) = (file, in_place) {
                     if let Some(chunks) = unchanged.take(path, stat, dedup) {
                         progress.add(*size);
@@ -795,8 +839,6 @@ fn chunk_files(
                 };
                 let path = &path;
                 let mut refs = Vec::new();
-                let mut group = Vec::new();
-                let mut grouped = 0u64;
                 chunker
                     .chunk(f, |c, bytes| {
                         refs.push(ChunkRef {
@@ -806,13 +848,7 @@ fn chunk_files(
                         progress.add(c.len as u64);
                         if !in_place && dedup.claim(&c.id) {
                             dedup.new_chunks.fetch_add(1, Ordering::Relaxed);
-                            group.push((c.id, Bytes::copy_from_slice(bytes)));
-                            grouped += bytes.len() as u64;
-                            if grouped >= FILE_GROUP {
-                                grouped = 0;
-                                tx.send(std::mem::take(&mut group))
-                                    .map_err(|_| UploadStopped)?;
-                            }
+                            lane.push(c.id, Bytes::copy_from_slice(bytes))?;
                         }
                         Ok(())
                     })
@@ -820,9 +856,6 @@ fn chunk_files(
                         ChunkError::Read(e) => Some(io("reading", path)(e)),
                         ChunkError::Callback(UploadStopped) => None,
                     })?;
-                if !group.is_empty() {
-                    tx.send(group).map_err(|_| None)?;
-                }
                 Ok(refs)
             },
         )

@@ -29,7 +29,7 @@ use crate::pull::OriginBytes;
 use crate::Node;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
-use shoal_registry::pack::AnyIndex;
+use shoal_registry::pack::{AnyIndex, Codec, Frame, ZSTD_LEVEL};
 use shoal_registry::{AnyTag, DatasetName, DatasetRef, Hash, Origin, SignedVersion};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -485,10 +485,16 @@ async fn copy_pack(
     sources: &Sources,
     progress: &Progress,
 ) -> Result<u64> {
-    let layout = m.layout()?;
-    let pieces = crate::verify::pieces(layout);
-    let mut reads = futures::stream::iter(pieces)
-        .map(|piece| read_piece(piece, blobs, store, sources))
+    let mut reads = futures::stream::iter(units(m)?)
+        .map(|unit| async move {
+            match unit {
+                Unit::Raw(piece) => read_piece(piece, blobs, store, sources).await,
+                Unit::Zstd(piece, frame, at) => {
+                    let raw = read_piece(piece, blobs, store, sources).await?;
+                    compress_frame(raw, frame, at, m.id, blobs).await
+                }
+            }
+        })
         .buffered(PIECES_AHEAD);
     if m.pack_len() <= ONE_PUT {
         // One put: on S3 several times faster than a multipart upload of a pack this size.
@@ -524,6 +530,82 @@ async fn copy_pack(
         });
     }
     Ok(len)
+}
+
+/// What a copy of a pack writes, in order: pieces of blobs stored as they are, and
+/// compressed frames (their blobs, the frame, and where it starts in the pack object).
+enum Unit {
+    Raw(crate::verify::Piece),
+    Zstd(crate::verify::Piece, Frame, u64),
+}
+
+/// The units of pack `m`: pieces of about 16 MiB of raw blobs, and each compressed frame.
+fn units(m: &Missing) -> Result<Vec<Unit>> {
+    let layout = m.layout()?;
+    let frames = match &m.index {
+        AnyIndex::Packed(idx) if !idx.frames.is_plain() => idx.frames.frames().to_vec(),
+        _ => {
+            return Ok(crate::verify::pieces(layout)
+                .into_iter()
+                .map(Unit::Raw)
+                .collect())
+        }
+    };
+    let mut out = Vec::new();
+    let mut blobs = layout.into_iter().peekable();
+    let (mut raw_at, mut stored_at) = (0u64, 0u64);
+    for f in frames {
+        let end = raw_at + f.raw_len;
+        let mut piece = Vec::new();
+        while let Some(b) = blobs.next_if(|b| b.1 < end) {
+            piece.push(b);
+        }
+        match f.codec {
+            Codec::Raw => out.extend(crate::verify::pieces(piece).into_iter().map(Unit::Raw)),
+            Codec::Zstd => out.push(Unit::Zstd(piece, f, stored_at)),
+        }
+        raw_at = end;
+        stored_at += f.stored_len;
+    }
+    Ok(out)
+}
+
+/// A compressed frame of pack `pack` (at `at` in the pack object) from its verified raw
+/// bytes: compressed again as it was published, or, where this build's zstd compresses them
+/// to another size than the index records, the origin's stored frame, checked by
+/// decompressing it back to `raw`.
+async fn compress_frame(
+    raw: Bytes,
+    frame: Frame,
+    at: u64,
+    pack: Hash,
+    blobs: &Blobs,
+) -> Result<Bytes> {
+    let again = {
+        let raw = raw.clone();
+        tokio::task::spawn_blocking(move || zstd::bulk::compress(&raw, ZSTD_LEVEL))
+            .await
+            .expect("compression task panicked")
+    };
+    if let Ok(out) = again {
+        if out.len() as u64 == frame.stored_len {
+            return Ok(out.into());
+        }
+    }
+    let stored = blobs.read_stored(&pack, at..at + frame.stored_len).await?;
+    let check = stored.clone();
+    let same = tokio::task::spawn_blocking(move || {
+        zstd::bulk::decompress(&check, frame.raw_len as usize).is_ok_and(|d| d == raw)
+    })
+    .await
+    .expect("decompression task panicked");
+    if !same {
+        return Err(Error::Corrupt {
+            what: format!("pack {pack}: compressed frame at {at}"),
+            reason: "it does not decompress to its blobs; the origin's copy is damaged".into(),
+        });
+    }
+    Ok(stored)
 }
 
 /// The bytes of a piece of blobs laid back to back: those the local store has, the rest

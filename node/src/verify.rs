@@ -102,16 +102,31 @@ impl Node {
                 AnyIndex::Packed(idx) => {
                     report.blobs += idx.entries.len() as u64;
                     let reads = pieces(idx.entries.iter().map(|e| (e.id, e.offset, e.len)));
+                    let frames = std::sync::Arc::new(idx.frames);
                     let mut results = std::pin::pin!(futures::stream::iter(reads)
                         .map(|p| {
-                            let origins = &origins;
+                            let (origins, frames) = (&origins, frames.clone());
                             async move {
+                                // Compressed frames are read whole and decompressed.
                                 let last = p[p.len() - 1];
-                                let r = origins
-                                    .read_pack(holders, pack, p[0].1..last.1 + last.2 as u64)
+                                let span = frames.span(p[0].1..last.1 + last.2 as u64);
+                                let r = match origins
+                                    .read_pack(holders, pack, span.stored.clone())
                                     .await
-                                    .map(|(d, _)| d)
-                                    .map_err(|e| e.to_string());
+                                {
+                                    Ok((d, _)) => {
+                                        let n = d.len() as u64;
+                                        let skip = (p[0].1 - span.raw.start) as usize;
+                                        tokio::task::spawn_blocking(move || {
+                                            frames.decode(&span, d).map(|raw| raw.slice(skip..))
+                                        })
+                                        .await
+                                        .expect("decompression task panicked")
+                                        .map(|raw| (n, raw))
+                                        .map_err(|e| format!("{e} (the origin's copy is damaged)"))
+                                    }
+                                    Err(e) => Err(e.to_string()),
+                                };
                                 (p, r)
                             }
                         })
@@ -119,9 +134,9 @@ impl Node {
                     // Checked as they come: at most READS pieces held at once.
                     while let Some((p, r)) = results.next().await {
                         match r {
-                            Ok(data) => {
-                                report.bytes_read += data.len() as u64;
-                                progress.add(data.len() as u64);
+                            Ok((n, data)) => {
+                                report.bytes_read += n;
+                                progress.add(n);
                                 for id in bad_blobs(&p, &data) {
                                     report.problems.push(format!(
                                         "pack {pack}: blob {id} does not match its id (the origin's copy is damaged)"

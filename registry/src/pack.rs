@@ -6,6 +6,7 @@ use crate::format::{self, DecodeError, Kind};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_chunker::Hash;
+use std::ops::Range;
 
 /// Target size of a pack before it is sealed and uploaded.
 pub const PACK_TARGET: usize = 64 << 20;
@@ -14,7 +15,22 @@ pub const PACK_TARGET: usize = 64 << 20;
 /// small the files.
 pub const PACK_MAX_BLOBS: usize = 256 << 10;
 
-/// Where a blob sits inside its pack.
+/// Raw bytes a compressed frame holds at least: consecutive blobs of a pack are compressed
+/// together until a frame reaches this size. Measured on a real source tree (Django 4.2.20,
+/// 6,729 files, 42.7 MB) against `tar | zstd -3` of it (9.45 MB), the whole origin (packs,
+/// indexes, tree nodes) at zstd level 3: frames of 128 KiB 1.21x, 256 KiB 1.17x, 512 KiB
+/// 1.12x, 1 MiB 1.08x (level 6 would reach 1.06x at 256 KiB, but compresses at a third of
+/// the speed). A cold random read of a compressible pack reads and decompresses one frame
+/// (about 0.7 ms of CPU for 1 MiB); warm reads come from the local store, raw.
+pub const FRAME_TARGET: usize = 1 << 20;
+/// Largest raw size of a compressed frame (a blob larger than this is stored raw): what one
+/// decompression may produce, whatever an index says.
+pub const MAX_ZSTD_FRAME: u64 = 16 << 20;
+/// The zstd level packs are compressed at.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Where a blob sits inside its pack: `offset` counts raw bytes (the blobs back to back, as
+/// they are before compression).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackEntry {
     pub id: Hash,
@@ -22,35 +38,296 @@ pub struct PackEntry {
     pub len: u32,
 }
 
+/// How a frame's bytes are stored in the pack object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// As they are: any part of the frame can be read alone.
+    Raw,
+    /// One zstd frame: read and decompressed whole.
+    Zstd,
+}
+
+/// A run of consecutive whole blobs of a pack, stored one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub codec: Codec,
+    pub raw_len: u64,
+    pub stored_len: u64,
+}
+
+/// A pack's frames, with where each starts in the raw stream and in the pack object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frames {
+    frames: Vec<Frame>,
+    /// Start of each frame, and the end (one more than frames), raw and stored.
+    raw: Vec<u64>,
+    stored: Vec<u64>,
+}
+
+/// A read of a pack: the bytes of the pack object to read, and the raw bytes they decode to
+/// (whole compressed frames, so possibly wider than what was asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub stored: Range<u64>,
+    pub raw: Range<u64>,
+    /// The frames it touches.
+    frames: Range<usize>,
+}
+
+/// Why the bytes read for a [`Span`] do not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FrameError(String);
+
+impl Frames {
+    pub fn new(frames: Vec<Frame>) -> Frames {
+        let (mut raw, mut stored) = (vec![0u64], vec![0u64]);
+        for f in &frames {
+            raw.push(raw.last().expect("non-empty") + f.raw_len);
+            stored.push(stored.last().expect("non-empty") + f.stored_len);
+        }
+        Frames {
+            frames,
+            raw,
+            stored,
+        }
+    }
+
+    /// A pack stored as it is (a format v1 pack): one raw frame.
+    pub fn plain(len: u64) -> Frames {
+        Frames::new(if len == 0 {
+            Vec::new()
+        } else {
+            vec![Frame {
+                codec: Codec::Raw,
+                raw_len: len,
+                stored_len: len,
+            }]
+        })
+    }
+
+    pub fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+
+    /// Whether no frame is compressed.
+    pub fn is_plain(&self) -> bool {
+        self.frames.iter().all(|f| f.codec == Codec::Raw)
+    }
+
+    pub fn raw_len(&self) -> u64 {
+        *self.raw.last().expect("non-empty")
+    }
+
+    pub fn stored_len(&self) -> u64 {
+        *self.stored.last().expect("non-empty")
+    }
+
+    /// Where the compressed frame holding raw offset `at` begins (raw), if that frame is
+    /// compressed.
+    pub fn compressed_at(&self, at: u64) -> Option<u64> {
+        let f = self.raw.partition_point(|s| *s <= at).checked_sub(1)?;
+        (self.frames.get(f)?.codec == Codec::Zstd).then_some(self.raw[f])
+    }
+
+    /// What to read for the raw bytes `raw` (within the pack): raw frames only where they
+    /// overlap it, compressed frames whole.
+    pub fn span(&self, raw: Range<u64>) -> Span {
+        assert!(
+            raw.start < raw.end && raw.end <= self.raw_len(),
+            "a span inside the pack"
+        );
+        let first = self.raw.partition_point(|s| *s <= raw.start) - 1;
+        let last = self.raw.partition_point(|s| *s < raw.end) - 1;
+        let (stored_start, raw_start) = match self.frames[first].codec {
+            Codec::Raw => (self.stored[first] + raw.start - self.raw[first], raw.start),
+            Codec::Zstd => (self.stored[first], self.raw[first]),
+        };
+        let (stored_end, raw_end) = match self.frames[last].codec {
+            Codec::Raw => (self.stored[last] + raw.end - self.raw[last], raw.end),
+            Codec::Zstd => (self.stored[last + 1], self.raw[last + 1]),
+        };
+        Span {
+            stored: stored_start..stored_end,
+            raw: raw_start..raw_end,
+            frames: first..last + 1,
+        }
+    }
+
+    /// The raw ranges of the compressed frames `span` covers.
+    pub fn compressed_in(&self, span: &Span) -> Vec<Range<u64>> {
+        span.frames
+            .clone()
+            .filter(|&i| self.frames[i].codec == Codec::Zstd)
+            .map(|i| self.raw[i]..self.raw[i + 1])
+            .collect()
+    }
+
+    /// The raw bytes of `span` from `data`, the pack object's bytes at `span.stored`. Each
+    /// compressed frame is decompressed into at most its declared size, and must fill it
+    /// exactly.
+    pub fn decode(&self, span: &Span, data: bytes::Bytes) -> Result<bytes::Bytes, FrameError> {
+        let want = span.stored.end - span.stored.start;
+        if data.len() as u64 != want {
+            return Err(FrameError(format!(
+                "{} bytes read at {}..{}, not {want}",
+                data.len(),
+                span.stored.start,
+                span.stored.end
+            )));
+        }
+        let frames = &self.frames[span.frames.clone()];
+        if frames.iter().all(|f| f.codec == Codec::Raw) {
+            return Ok(data);
+        }
+        let mut out = Vec::with_capacity((span.raw.end - span.raw.start) as usize);
+        let mut at = 0usize;
+        for (i, f) in span.frames.clone().zip(frames) {
+            let stored_end = (self.stored[i + 1].min(span.stored.end) - span.stored.start) as usize;
+            let piece = &data[at..stored_end];
+            at = stored_end;
+            match f.codec {
+                Codec::Raw => out.extend_from_slice(piece),
+                Codec::Zstd => {
+                    let start = out.len();
+                    out.resize(start + f.raw_len as usize, 0);
+                    let n = zstd::bulk::decompress_to_buffer(piece, &mut out[start..]).map_err(
+                        |e| {
+                            FrameError(format!(
+                                "compressed frame at {} does not decompress: {e}",
+                                self.stored[i]
+                            ))
+                        },
+                    )?;
+                    if n as u64 != f.raw_len {
+                        return Err(FrameError(format!(
+                            "compressed frame at {} holds {n} bytes, not {}",
+                            self.stored[i], f.raw_len
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(out.into())
+    }
+}
+
 /// The index of one pack, in pack order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PackIndex {
     pub entries: Vec<PackEntry>,
+    /// How the blobs are stored: one raw frame in a format v1 pack.
+    pub frames: Frames,
+}
+
+/// A format v1 index: blobs stored as they are.
+#[derive(Serialize, Deserialize)]
+struct IndexV1 {
+    entries: Vec<PackEntry>,
+}
+
+/// A format v2 index: blobs in frames, some compressed.
+#[derive(Serialize, Deserialize)]
+struct IndexV2 {
+    entries: Vec<PackEntry>,
+    frames: Vec<Frame>,
 }
 
 impl PackIndex {
+    /// A v1 index when no frame is compressed (what any release reads), else v2.
     pub fn encode(&self) -> Vec<u8> {
-        format::encode(Kind::PackIndex, self)
+        // The bodies borrow nothing: cloning the entries keeps the frozen types simple, and
+        // an index is encoded once per pack.
+        if self.frames.is_plain() {
+            format::encode(
+                Kind::PackIndex,
+                &IndexV1 {
+                    entries: self.entries.clone(),
+                },
+            )
+        } else {
+            format::encode_v(
+                Kind::PackIndex,
+                format::V2,
+                &IndexV2 {
+                    entries: self.entries.clone(),
+                    frames: self.frames.frames.clone(),
+                },
+            )
+        }
     }
 
-    /// Decodes an index and checks that its blobs are laid out back to back without overlap.
+    /// Decodes an index and checks that its blobs are laid out back to back without overlap,
+    /// and that its frames hold whole blobs and cover them exactly.
     pub fn decode(bytes: &[u8]) -> Result<PackIndex, DecodeError> {
-        let idx: PackIndex = format::decode(Kind::PackIndex, bytes)?;
+        let bad = |m: String| DecodeError::Invalid(Kind::PackIndex, m);
+        let (entries, frames) = match format::version_of(Kind::PackIndex, bytes)? {
+            format::V2 => {
+                let b: IndexV2 = format::decode_v(Kind::PackIndex, format::V2, bytes)?;
+                (b.entries, Some(b.frames))
+            }
+            _ => {
+                let b: IndexV1 = format::decode(Kind::PackIndex, bytes)?;
+                (b.entries, None)
+            }
+        };
         let mut next = 0u64;
-        for e in &idx.entries {
+        for e in &entries {
             if e.offset != next || e.len == 0 {
-                return Err(DecodeError::Invalid(
-                    Kind::PackIndex,
-                    format!("blob {} at offset {} breaks the layout", e.id, e.offset),
-                ));
+                return Err(bad(format!(
+                    "blob {} at offset {} breaks the layout",
+                    e.id, e.offset
+                )));
             }
             next = e.offset + e.len as u64;
         }
-        Ok(idx)
+        let frames = match frames {
+            None => Frames::plain(next),
+            Some(frames) => {
+                // Each frame ends where a blob ends, and the last where the last blob does.
+                let mut blob = 0usize;
+                let mut end = 0u64;
+                for f in &frames {
+                    let ok = f.raw_len > 0
+                        && f.stored_len > 0
+                        && match f.codec {
+                            Codec::Raw => f.stored_len == f.raw_len,
+                            Codec::Zstd => f.raw_len <= MAX_ZSTD_FRAME,
+                        };
+                    if !ok {
+                        return Err(bad(format!(
+                            "frame at raw offset {end} has sizes {f:?} its codec cannot have"
+                        )));
+                    }
+                    end += f.raw_len;
+                    while blob < entries.len() && entries[blob].offset < end {
+                        blob += 1;
+                    }
+                    let blob_end = blob
+                        .checked_sub(1)
+                        .map(|b| entries[b].offset + entries[b].len as u64);
+                    if blob_end != Some(end) {
+                        return Err(bad(format!(
+                            "frame ending at raw offset {end} cuts a blob or holds none"
+                        )));
+                    }
+                }
+                if end != next {
+                    return Err(bad(format!("frames cover {end} bytes, the blobs {next}")));
+                }
+                Frames::new(frames)
+            }
+        };
+        Ok(PackIndex { entries, frames })
     }
 
-    /// Total size of the pack object this index describes.
+    /// Size of the pack object this index describes (its stored bytes).
     pub fn pack_len(&self) -> u64 {
+        self.frames.stored_len()
+    }
+
+    /// Size of its blobs, back to back.
+    pub fn raw_len(&self) -> u64 {
         self.entries
             .last()
             .map(|e| e.offset + e.len as u64)
@@ -197,19 +474,38 @@ impl AnyIndex {
     }
 }
 
-/// Accumulates blobs into a pack in memory, without copying them into one buffer.
-#[derive(Debug, Default)]
+/// Accumulates blobs into a pack in memory, without copying them into one buffer: frames are
+/// cut as blobs come, and compressed when the pack is sealed.
+#[derive(Debug)]
 pub struct PackBuilder {
     parts: Vec<Bytes>,
     len: usize,
-    index: PackIndex,
+    entries: Vec<PackEntry>,
+    /// Where each closed frame ends, in parts.
+    cuts: Vec<usize>,
+    /// Raw bytes in the frame still open.
+    open: usize,
+    compress: bool,
+}
+
+impl Default for PackBuilder {
+    fn default() -> Self {
+        PackBuilder {
+            parts: Vec::new(),
+            len: 0,
+            entries: Vec::new(),
+            cuts: Vec::new(),
+            open: 0,
+            compress: true,
+        }
+    }
 }
 
 /// A sealed pack ready to upload.
 #[derive(Debug)]
 pub struct SealedPack {
     pub id: Hash,
-    /// The pack's bytes, blob after blob.
+    /// The pack object's bytes, frame after frame.
     pub parts: Vec<Bytes>,
     pub index: PackIndex,
     pub index_bytes: Vec<u8>,
@@ -231,15 +527,77 @@ impl SealedPack {
     }
 }
 
+/// Bytes of each sample [`compressed`] takes to guess whether a frame compresses.
+const PROBE: usize = 2 << 10;
+
+/// `frame` (its parts) compressed, if that saves at least 3% of it. Frames that do not look
+/// compressible are not tried: a zstd pass over samples from four places in the frame (8 KiB
+/// of it) must save a tenth first, so random and already compressed data (JPEG, gzip) costs a
+/// few percent of one compression.
+fn compressed(z: &mut zstd::bulk::Compressor<'_>, frame: &[Bytes]) -> Option<Vec<u8>> {
+    let len: usize = frame.iter().map(Bytes::len).sum();
+    if len < 64 {
+        return None;
+    }
+    // The bytes at raw offset `at` of the frame, at most `n` of them, from one part.
+    let at = |mut at: usize, n: usize| -> &[u8] {
+        for p in frame {
+            if at < p.len() {
+                return &p[at..(at + n).min(p.len())];
+            }
+            at -= p.len();
+        }
+        &[]
+    };
+    if len > 8 * PROBE {
+        let mut sample = Vec::with_capacity(4 * PROBE);
+        for q in 0..4 {
+            sample.extend_from_slice(at(q * len / 4, PROBE));
+        }
+        let small = z.compress(&sample).ok()?;
+        if small.len() * 10 > sample.len() * 9 {
+            return None;
+        }
+    }
+    let whole: std::borrow::Cow<'_, [u8]> = match frame {
+        [one] => one.as_ref().into(),
+        _ => frame.concat().into(),
+    };
+    let out = z.compress(&whole).ok()?;
+    (out.len() * 100 <= len * 97).then_some(out)
+}
+
 impl PackBuilder {
+    /// A builder that stores every blob as it is (a format v1 pack).
+    pub fn plain() -> PackBuilder {
+        PackBuilder {
+            compress: false,
+            ..Default::default()
+        }
+    }
+
     pub fn push(&mut self, id: Hash, bytes: Bytes) {
-        self.index.entries.push(PackEntry {
+        let n = bytes.len();
+        if n as u64 > MAX_ZSTD_FRAME && self.open > 0 {
+            // Too large to compress: a raw frame of its own.
+            self.cut();
+        }
+        self.entries.push(PackEntry {
             id,
             offset: self.len as u64,
-            len: bytes.len() as u32,
+            len: n as u32,
         });
-        self.len += bytes.len();
+        self.len += n;
+        self.open += n;
         self.parts.push(bytes);
+        if self.open >= FRAME_TARGET {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        self.cuts.push(self.parts.len());
+        self.open = 0;
     }
 
     /// Bytes so far.
@@ -249,20 +607,68 @@ impl PackBuilder {
 
     /// Whether the pack should be sealed: [`PACK_TARGET`] bytes or [`PACK_MAX_BLOBS`] blobs.
     pub fn full(&self) -> bool {
-        self.len >= PACK_TARGET || self.index.entries.len() >= PACK_MAX_BLOBS
+        self.len >= PACK_TARGET || self.entries.len() >= PACK_MAX_BLOBS
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.entries.is_empty()
+        self.entries.is_empty()
     }
 
-    /// Seals the pack: encodes the index and names the pack by its hash.
-    pub fn seal(self) -> SealedPack {
-        let index_bytes = self.index.encode();
+    /// Seals the pack: compresses the frames that pay for it (CPU-bound: about 3 ms per
+    /// MiB of text, a few percent of that for incompressible data), encodes the index and
+    /// names the pack by its hash.
+    pub fn seal(mut self) -> SealedPack {
+        if self.open > 0 {
+            self.cut();
+        }
+        let mut parts: Vec<Bytes> = Vec::with_capacity(self.parts.len());
+        let mut frames: Vec<Frame> = Vec::new();
+        let mut z = if self.compress {
+            zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()
+        } else {
+            None
+        };
+        let mut from = 0usize;
+        let mut raw = std::mem::take(&mut self.parts).into_iter();
+        for cut in std::mem::take(&mut self.cuts) {
+            let frame: Vec<Bytes> = raw.by_ref().take(cut - from).collect();
+            from = cut;
+            let raw_len: u64 = frame.iter().map(|p| p.len() as u64).sum();
+            match z.as_mut().and_then(|z| compressed(z, &frame)) {
+                Some(out) => {
+                    frames.push(Frame {
+                        codec: Codec::Zstd,
+                        raw_len,
+                        stored_len: out.len() as u64,
+                    });
+                    parts.push(out.into());
+                }
+                None => {
+                    // Consecutive raw frames are one: any part of it can be read alone.
+                    match frames.last_mut() {
+                        Some(f) if f.codec == Codec::Raw => {
+                            f.raw_len += raw_len;
+                            f.stored_len += raw_len;
+                        }
+                        _ => frames.push(Frame {
+                            codec: Codec::Raw,
+                            raw_len,
+                            stored_len: raw_len,
+                        }),
+                    }
+                    parts.extend(frame);
+                }
+            }
+        }
+        let index = PackIndex {
+            entries: self.entries,
+            frames: Frames::new(frames),
+        };
+        let index_bytes = index.encode();
         SealedPack {
             id: shoal_chunker::hash(&index_bytes),
-            parts: self.parts,
-            index: self.index,
+            parts,
+            index,
             index_bytes,
         }
     }
@@ -357,5 +763,203 @@ mod tests {
             check(&|x| x.entries.swap(0, 2)).is_err(),
             "out of object order"
         );
+    }
+
+    /// Text-like blobs: lines of words and numbers, compressible about 3-5x like code.
+    fn text(seed: u64, len: usize) -> Bytes {
+        let words = [
+            "fn", "let", "self", "return", "match", "impl", "struct", "pub", "use",
+        ];
+        let mut s = String::new();
+        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        while s.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.push_str(words[(x % words.len() as u64) as usize]);
+            s.push_str(&format!(" {} ", x % 1000));
+            if x % 7 == 0 {
+                s.push('\n');
+            }
+        }
+        s.truncate(len);
+        Bytes::from(s)
+    }
+
+    fn random(seed: u64, len: usize) -> Bytes {
+        let mut x = seed.wrapping_mul(0x2545F4914F6CDD1D) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    /// Every blob of `sealed`, read through spans of one to five blobs from its stored bytes.
+    fn read_back(sealed: &SealedPack, blobs: &[Bytes]) {
+        let idx = PackIndex::decode(&sealed.index_bytes).unwrap();
+        assert_eq!(idx, sealed.index);
+        let stored = Bytes::from(sealed.to_vec());
+        assert_eq!(stored.len() as u64, idx.pack_len());
+        for width in 1..=5usize {
+            for group in idx.entries.chunks(width) {
+                let (first, last) = (group[0], group[group.len() - 1]);
+                let span = idx.frames.span(first.offset..last.offset + last.len as u64);
+                assert!(span.raw.start <= first.offset);
+                let data = stored.slice(span.stored.start as usize..span.stored.end as usize);
+                let raw = idx.frames.decode(&span, data).unwrap();
+                assert_eq!(raw.len() as u64, span.raw.end - span.raw.start);
+                for e in group {
+                    let at = (e.offset - span.raw.start) as usize;
+                    let bytes = &raw[at..at + e.len as usize];
+                    assert!(e.id.verify(bytes));
+                    assert!(blobs.iter().any(|b| b.as_ref() == bytes));
+                }
+            }
+        }
+    }
+
+    fn build(blobs: &[Bytes]) -> SealedPack {
+        let mut b = PackBuilder::default();
+        for x in blobs {
+            b.push(shoal_chunker::hash(x), x.clone());
+        }
+        b.seal()
+    }
+
+    #[test]
+    fn compressible_blobs_are_stored_in_zstd_frames_and_read_back_from_any_span() {
+        let blobs: Vec<Bytes> = (0..500)
+            .map(|i| text(i, 700 + (i as usize * 37) % 9000))
+            .collect();
+        let sealed = build(&blobs);
+        let raw: u64 = blobs.iter().map(|b| b.len() as u64).sum();
+        assert_eq!(sealed.index.raw_len(), raw);
+        assert!(
+            sealed.len() * 2 < raw,
+            "text compresses: {} of {raw}",
+            sealed.len()
+        );
+        assert_eq!(sealed.index_bytes[4], format::V2);
+        let frames = sealed.index.frames.frames();
+        assert!(frames.iter().all(|f| f.codec == Codec::Zstd));
+        assert!(frames.len() >= 2);
+        assert!(frames
+            .iter()
+            .all(|f| f.raw_len < (FRAME_TARGET + 10_000) as u64));
+        read_back(&sealed, &blobs);
+    }
+
+    #[test]
+    fn random_blobs_stay_raw_in_a_v1_pack_and_mixed_packs_read_back() {
+        let blobs: Vec<Bytes> = (0..40).map(|i| random(i, 30_000)).collect();
+        let sealed = build(&blobs);
+        assert_eq!(
+            sealed.index_bytes[4],
+            format::V1,
+            "nothing compressed: a v1 index"
+        );
+        assert_eq!(sealed.len(), sealed.index.raw_len());
+        assert_eq!(sealed.to_vec(), blobs.concat());
+        read_back(&sealed, &blobs);
+        // Random, text, random: raw frames around a compressed one, each read alone.
+        let mut mixed: Vec<Bytes> = (0..40).map(|i| random(100 + i, 40_000)).collect();
+        mixed.extend((0..300).map(|i| text(i, 5_000)));
+        mixed.extend((0..40).map(|i| random(200 + i, 40_000)));
+        let sealed = build(&mixed);
+        let codecs: Vec<Codec> = sealed
+            .index
+            .frames
+            .frames()
+            .iter()
+            .map(|f| f.codec)
+            .collect();
+        assert_eq!(codecs.first(), Some(&Codec::Raw));
+        assert_eq!(codecs.last(), Some(&Codec::Raw));
+        assert!(codecs.contains(&Codec::Zstd));
+        // A blob inside a raw frame is read alone, not with its frame.
+        let e = sealed.index.entries[3];
+        let span = sealed.index.frames.span(e.offset..e.offset + e.len as u64);
+        assert_eq!(span.stored.end - span.stored.start, e.len as u64);
+        read_back(&sealed, &mixed);
+        // A plain builder never compresses.
+        let mut p = PackBuilder::plain();
+        for x in &mixed {
+            p.push(shoal_chunker::hash(x), x.clone());
+        }
+        assert!(p.seal().index.frames.is_plain());
+    }
+
+    #[test]
+    fn lying_frames_are_refused_and_decompression_is_bounded() {
+        let blobs: Vec<Bytes> = (0..400).map(|i| text(i, 6_000)).collect();
+        let sealed = build(&blobs);
+        let frames = sealed.index.frames.frames().to_vec();
+        assert!(frames.len() >= 2);
+        let with = |f: &dyn Fn(&mut Vec<Frame>)| {
+            let mut fr = frames.clone();
+            f(&mut fr);
+            let bytes = format::encode_v(
+                Kind::PackIndex,
+                format::V2,
+                &IndexV2 {
+                    entries: sealed.index.entries.clone(),
+                    frames: fr,
+                },
+            );
+            PackIndex::decode(&bytes)
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(with(&|f| f[0].raw_len += 1).is_err(), "cuts a blob");
+        assert!(
+            with(&|f| {
+                f.pop();
+            })
+            .is_err(),
+            "covers less than the blobs"
+        );
+        assert!(with(&|f| f[0].stored_len = 0).is_err());
+        assert!(
+            with(&|f| f[0].codec = Codec::Raw).is_err(),
+            "raw of another size"
+        );
+        assert!(with(&|f| {
+            let all: u64 = f.iter().map(|x| x.raw_len).sum();
+            *f = vec![Frame {
+                codec: Codec::Zstd,
+                raw_len: all,
+                stored_len: 1,
+            }];
+        })
+        .is_ok());
+        // An index that says a frame holds less than it does: the decompression stops at
+        // the declared size and fails, it does not grow.
+        let mut idx = sealed.index.clone();
+        let mut fr = frames.clone();
+        fr[0].raw_len -= 1;
+        idx.frames = Frames::new(fr);
+        let span = idx.frames.span(0..1);
+        let stored = Bytes::from(sealed.to_vec());
+        let data = stored.slice(span.stored.start as usize..span.stored.end as usize);
+        assert!(idx.frames.decode(&span, data).is_err());
+        // A bomb: 16 MiB of zeros in a frame that claims 1 KiB.
+        let bomb = zstd::bulk::compress(&vec![0u8; 16 << 20], 3).unwrap();
+        let f = Frames::new(vec![Frame {
+            codec: Codec::Zstd,
+            raw_len: 1024,
+            stored_len: bomb.len() as u64,
+        }]);
+        let span = f.span(0..1024);
+        assert!(f.decode(&span, bomb.into()).is_err());
+        // Bytes of the wrong length, or not zstd at all.
+        let span = sealed.index.frames.span(0..10);
+        let short = stored.slice(0..(span.stored.end - 1) as usize);
+        assert!(sealed.index.frames.decode(&span, short).is_err());
+        let junk = Bytes::from(vec![7u8; span.stored.end as usize]);
+        assert!(sealed.index.frames.decode(&span, junk).is_err());
     }
 }

@@ -1652,6 +1652,7 @@ pub fn run(s: &Setup) -> Report {
         keys,
         porder: (0..n).collect(),
         key: version_key,
+        tied: Vec::new(),
     };
     let layout = Arc::new(Layout::new(version, pull::Config::default().run));
     let mut sim = Sim {

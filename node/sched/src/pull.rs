@@ -216,6 +216,10 @@ pub struct Chunks {
     /// The version's rendezvous key (the first 8 bytes of its root): which pullers read from
     /// the origin.
     pub key: u64,
+    /// By position in `porder`: whether the chunk must be read with the one before it (they
+    /// share a compressed frame of a pack, which is read whole), so that no run boundary
+    /// falls between them and no frame is read from the origin twice. Empty: none is.
+    pub tied: Vec<bool>,
 }
 
 /// A version's chunks laid out for pulls (runs of `run` chunks in pack order): worked out once
@@ -225,9 +229,11 @@ pub struct Layout {
     run: usize,
     lens: Vec<u32>,
     /// Chunk indexes in pack order (origin reads follow it), and each chunk's run (its
-    /// number: runs are `run` chunks of `porder`).
+    /// number: runs are `run` chunks of `porder`, more where chunks are tied).
     porder: Vec<usize>,
     run_of: Vec<usize>,
+    /// Where each run begins in `porder`, and its end.
+    starts: Vec<usize>,
     /// Rendezvous key of each run (its first chunk's key), and where it begins in the version
     /// (in bytes, in pack order).
     run_key: Vec<u64>,
@@ -245,28 +251,38 @@ impl Layout {
             keys,
             porder,
             key,
+            tied,
         } = version;
         let n = lens.len();
         assert!(run > 0, "a run holds some chunk");
         assert_eq!(keys.len(), n, "a key per chunk");
         assert_eq!(porder.len(), n, "pack order covers every chunk");
+        assert!(
+            tied.is_empty() || tied.len() == n,
+            "tied: none, or by position"
+        );
         let mut run_of = vec![0; n];
+        let mut starts = Vec::with_capacity(n.div_ceil(run) + 1);
         let mut run_key = Vec::with_capacity(n.div_ceil(run));
         let mut run_pos = Vec::with_capacity(n.div_ceil(run));
         let mut at = 0u64;
         for (pos, &i) in porder.iter().enumerate() {
-            if pos % run == 0 {
+            let full = starts.last().is_none_or(|s| pos - s >= run);
+            if full && !tied.get(pos).is_some_and(|t| *t && pos > 0) {
+                starts.push(pos);
                 run_pos.push(at);
                 run_key.push(keys[i]);
             }
             at += lens[i] as u64;
-            run_of[i] = pos / run;
+            run_of[i] = starts.len() - 1;
         }
+        starts.push(n);
         Layout {
             run,
             lens,
             porder,
             run_of,
+            starts,
             run_key,
             run_pos,
             size: at,
@@ -277,6 +293,21 @@ impl Layout {
     /// How many chunks the version has.
     pub fn chunks(&self) -> usize {
         self.lens.len()
+    }
+
+    /// How many runs it is cut into.
+    pub fn runs(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    /// Positions in pack order of run `k`'s chunks.
+    fn run_span(&self, k: usize) -> std::ops::Range<usize> {
+        self.starts[k]..self.starts[k + 1]
+    }
+
+    /// Each run's chunks, in pack order.
+    fn run_chunks(&self) -> impl Iterator<Item = &[usize]> + '_ {
+        self.starts.windows(2).map(|w| &self.porder[w[0]..w[1]])
     }
 
     /// Each chunk's length, in walk order.
@@ -591,7 +622,7 @@ impl<P: PeerKey> Pull<P> {
             state: vec![Tag::Done; n],
             asked: HashMap::default(),
             want: vec![0u64; n.div_ceil(64)],
-            run_want: vec![0u32; n.div_ceil(cfg.run)],
+            run_want: vec![0u32; layout.runs()],
             hint: vec![0u64; n.div_ceil(64).div_ceil(64)],
         };
         for &i in missing {
@@ -1162,8 +1193,7 @@ impl<P: PeerKey> Pull<P> {
                         views.iter().filter(|(p, _)| *p != o).map(|(_, e)| *e),
                     );
                     self.layout
-                        .porder
-                        .chunks(cfg.run)
+                        .run_chunks()
                         .enumerate()
                         .filter(|(k, _)| run_owner[*k] == o && (any_run || self.mine_if_out[*k]))
                         .any(|(_, run)| run.iter().any(|&i| bit(&others, i)))
@@ -1186,7 +1216,7 @@ impl<P: PeerKey> Pull<P> {
             for (k, (&want, owner)) in wanted.enumerate() {
                 let e = left.entry(*owner).or_default();
                 e.0 += want as u64;
-                e.1 += cfg.run.min(n - k * cfg.run) as u64;
+                e.1 += self.layout.run_span(k).len() as u64;
             }
             let (want, all) = left
                 .iter()
@@ -1211,13 +1241,8 @@ impl<P: PeerKey> Pull<P> {
             }
         }
         if polled {
-            let owners = origin_readers(
-                cfg.run,
-                &self.layout.porder,
-                &self.marks.state,
-                in_union,
-                |k| run_owner[k],
-            );
+            let owners =
+                origin_readers(&self.layout, &self.marks.state, in_union, |k| run_owner[k]);
             self.readers = owners.len();
             self.poll_every = if owners.contains(&self.me) || pullers.len() == 1 {
                 cfg.have_poll
@@ -1417,7 +1442,7 @@ impl<P: PeerKey> Pull<P> {
         if !settle && begun && quiet >= self.stuck_after() {
             let spells = (quiet.as_secs_f64() / self.stuck_after().as_secs_f64()) as usize;
             let mut took = false;
-            for (k, run) in self.layout.porder.chunks(cfg.run).enumerate() {
+            for (k, run) in self.layout.run_chunks().enumerate() {
                 let owner = run_owner[k];
                 if owner == self.me || self.taken.contains(&k) || self.marks.run_want[k] == 0 {
                     continue;
@@ -1481,7 +1506,7 @@ impl<P: PeerKey> Pull<P> {
             let porder = &self.layout.porder;
             let candidates = late.into_iter().chain(
                 runs.into_iter()
-                    .flat_map(|k| k * cfg.run..((k + 1) * cfg.run).min(n))
+                    .flat_map(|k| self.layout.run_span(k))
                     .map(|pos| porder[pos]),
             );
             for i in candidates {
@@ -1701,14 +1726,13 @@ fn bit(set: &[u64], i: usize) -> bool {
 }
 
 fn origin_readers<P: PeerKey>(
-    run: usize,
-    porder: &[usize],
+    layout: &Layout,
     state: &[Tag],
     on_peer: impl Fn(usize) -> bool,
     owner_of_run: impl Fn(usize) -> P,
 ) -> HashSet<P> {
     let mut owners = HashSet::default();
-    for (k, chunks) in porder.chunks(run).enumerate() {
+    for (k, chunks) in layout.run_chunks().enumerate() {
         let open = chunks
             .iter()
             .any(|&i| matches!(state[i], Tag::Want | Tag::Origin) && !on_peer(i));

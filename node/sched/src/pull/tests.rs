@@ -34,6 +34,7 @@ fn pull_with(cfg: Config, me: u32, n: usize, now: Instant) -> Pull<u32> {
         keys,
         porder: (0..n).collect(),
         key: 7,
+        tied: Vec::new(),
     };
     let layout = Arc::new(Layout::new(version, cfg.run));
     Pull::new(cfg, me, seed(me), layout, &missing, now)
@@ -1089,4 +1090,35 @@ fn co_pullers_ask_for_different_chunks_first() {
     };
     let starts: HashSet<usize> = (1..=8).map(first).collect();
     assert!(starts.len() >= 6, "{starts:?}");
+}
+
+#[test]
+fn tied_chunks_share_a_run_and_runs_stay_near_their_size() {
+    // Chunks 0-99 in pack order 99..0; every chunk 5k+1..5k+4 tied to the one before (frames
+    // of five chunks), but chunks 40..=79 all one frame.
+    let n = 100;
+    let porder: Vec<usize> = (0..n).rev().collect();
+    let tied: Vec<bool> = (0..n)
+        .map(|pos| pos % 5 != 0 || (41..80).contains(&pos))
+        .collect();
+    let version = Chunks {
+        lens: vec![LEN; n],
+        keys: (0..n as u64).map(mix).collect(),
+        porder: porder.clone(),
+        key: 7,
+        tied: tied.clone(),
+    };
+    let layout = Layout::new(version, 8);
+    let runs: Vec<&[usize]> = layout.run_chunks().collect();
+    assert_eq!(runs.iter().map(|r| r.len()).sum::<usize>(), n);
+    for pos in 1..n {
+        let (a, b) = (porder[pos - 1], porder[pos]);
+        if tied[pos] {
+            assert_eq!(layout.run_of[a], layout.run_of[b], "tied at {pos}");
+        }
+    }
+    // Runs of 8 rounded up to the frame (10), and the 40-chunk frame one run.
+    let lens: Vec<usize> = runs.iter().map(|r| r.len()).collect();
+    assert_eq!(lens, vec![10, 10, 10, 10, 40, 10, 10]);
+    assert_eq!(layout.runs(), 7);
 }
