@@ -8,6 +8,8 @@
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
 #   scripts/bench.sh scale [--entries 1000000] [--width 1000] [--real-files] [--no-pull]
 #       (N tiny files generated into an origin: pull RSS, cold mount, first stat, find, ls)
+#   scripts/bench.sh compress [--runs 3]   (two Django releases: origin bytes vs tar | zstd -3,
+#       upload vs rsync literal data, with and without compression; shards_v1 publish both ways)
 #   scripts/bench.sh scale-gen --entries N --origin DIR [--target NAME@VERSION]   (generate only)
 #   scripts/bench.sh python [--workers 8]   (shoalfs/fsspec against the FUSE mount, warm)
 #   scripts/bench.sh rates [--mb 100]   (origin, download and upload limits against the rate set)
@@ -36,6 +38,7 @@ command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v tc >/dev/null || need+=(iproute2)
 command -v rclone >/dev/null || need+=(rclone)
 [ -x /usr/bin/time ] || need+=(time)
+command -v zstd >/dev/null || need+=(zstd)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --locked -p shoal-cli -p shoal-testnet
 export SHOAL_SHARED_BENCH="${SHOAL_SHARED_BENCH:-$(cd .. && pwd)/shared/bench}"

@@ -26,6 +26,7 @@ image="${SHOAL_IMAGE:-shoal:latest}"
 need=()
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || [ -x /usr/sbin/runc ] || need+=(runc)
+command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need+=(iptables)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx sh || need+=(busybox-static)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then

@@ -18,6 +18,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 # The container test: podman with runc (crun refuses cgroup v1 hosts), its network stack,
 # and busybox for the image's shell (scripts/image.sh).
 command -v podman >/dev/null || need+=(podman netavark aardvark-dns)
+# netavark sets up container networks with iptables, which it only recommends.
+command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v runc >/dev/null || [ -x /usr/sbin/runc ] || need+=(runc)
 [ -x /bin/busybox ] || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then

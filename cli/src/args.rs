@@ -53,6 +53,10 @@ pub enum Command {
         /// still holds) is taken as it was, unread.
         #[arg(long)]
         rehash: bool,
+        /// How packs store blobs: `zstd` compresses runs of blobs where that saves space
+        /// (incompressible data is detected and stored raw), `none` stores every blob raw.
+        #[arg(long, value_name = "zstd|none", default_value = "zstd", value_parser = ["zstd", "none"])]
+        compression: String,
     },
     /// Fetch a version (NAME@VERSION, NAME@TAG or NAME@b3:<root>) and write its files.
     Pull {

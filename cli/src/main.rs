@@ -173,6 +173,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             chunking,
             in_place,
             rehash,
+            compression,
         } => {
             let target: VersionRef = target.parse()?;
             let tags = tags
@@ -193,6 +194,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         params,
                         in_place,
                         rehash,
+                        uncompressed: compression == "none",
                     },
                     &progress,
                 )

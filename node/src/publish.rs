@@ -642,6 +642,8 @@ pub struct PublishOptions {
     pub in_place: bool,
     /// Read every file, even those the last publish of the directory saw in the same state.
     pub rehash: bool,
+    /// Store every blob raw (v1 packs only), not compressed where it pays.
+    pub uncompressed: bool,
 }
 
 /// A pack the uploader stored: its id, the blobs in it and its size with the index.
@@ -702,14 +704,26 @@ fn spawn_uploader(
 /// every sender is gone.
 fn spawn_packer(
     packs: tokio::sync::mpsc::Sender<PackBuilder>,
+    compress: bool,
 ) -> (BlobTx, std::thread::JoinHandle<()>) {
+    let new = move || {
+        if compress {
+            PackBuilder::default()
+        } else {
+            PackBuilder::plain()
+        }
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Hash, Bytes)>>(GROUPS_QUEUED);
     let thread = std::thread::spawn(move || {
-        let mut builder = PackBuilder::default();
+        let mut builder = new();
         for group in rx {
             for (id, bytes) in group {
                 builder.push(id, bytes);
-                if builder.full() && packs.blocking_send(std::mem::take(&mut builder)).is_err() {
+                if builder.full()
+                    && packs
+                        .blocking_send(std::mem::replace(&mut builder, new()))
+                        .is_err()
+                {
                     return;
                 }
             }
@@ -1036,7 +1050,7 @@ impl Node {
         };
 
         let (pack_tx, uploader) = spawn_uploader(origin.clone());
-        let (blob_tx, packer) = spawn_packer(pack_tx);
+        let (blob_tx, packer) = spawn_packer(pack_tx, !opts.uncompressed);
         progress.phase("chunking", files.iter().map(|f| f.1).sum());
         let built = tokio::task::block_in_place(|| -> Result<Option<Built>> {
             let Some(chunks) = chunk_files(

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod compress_bench;
 mod origins_bench;
 mod scale_bench;
 mod swarm_bench;
@@ -125,6 +126,14 @@ enum Cmd {
     Rates {
         #[arg(long, default_value_t = 100.0)]
         mb: f64,
+    },
+    /// Compression and small-file dedup on real data (two Django releases from PyPI): origin
+    /// bytes against `tar | zstd -3`, upload against rsync's literal data, publish, pull and
+    /// cold random reads with and without compression; shards_v1 publish with and without.
+    Compress {
+        /// Timed runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// A version of N tiny files generated straight into an origin: pull (max RSS), cold mount
     /// (ready, RSS, first stat, find), ls; with --real-files also publish and squashfuse_ll.
@@ -997,6 +1006,7 @@ fn main() -> Result<()> {
             },
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
         ),
+        Cmd::Compress { runs } => ("compress", compress_bench::run(&args, (*runs).max(1))?),
         Cmd::Scale {
             entries,
             width,
