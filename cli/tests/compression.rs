@@ -82,7 +82,7 @@ fn compressed_packs_pull_mount_verify_and_replicate_exactly() {
         .sum();
     let read = p["bytes_from_origin"].as_u64().unwrap();
     assert!(
-        read <= origin_bytes + 512 << 10,
+        read <= origin_bytes + (512 << 10),
         "each frame read once: {read} read, packs hold {origin_bytes}"
     );
 
