@@ -174,6 +174,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             in_place,
             rehash,
             compression,
+            small_files,
         } => {
             let target: VersionRef = target.parse()?;
             let tags = tags
@@ -195,6 +196,11 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         in_place,
                         rehash,
                         uncompressed: compression == "none",
+                        small: match small_files.as_str() {
+                            "on" => shoal_node::SmallChoice::On,
+                            "off" => shoal_node::SmallChoice::Off,
+                            _ => shoal_node::SmallChoice::Auto,
+                        },
                     },
                     &progress,
                 )

@@ -187,3 +187,72 @@ fn a_damaged_compressed_frame_is_named_and_never_served() {
         "{doc}"
     );
 }
+
+/// The dataset's settings object, as the origin holds it.
+fn dataset_settings(origin: &str, name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(origin)
+            .join("datasets")
+            .join(name)
+            .join("_dataset"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn small_text_files_get_small_chunks_and_an_edit_uploads_little() {
+    let env = Env::new();
+    let src = env.path("src");
+    real_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "code@v1"]);
+    let settings = dataset_settings(&env.origin, "code");
+    let cfg = shoal_registry::DatasetConfig::decode(&settings).unwrap();
+    assert_eq!(
+        cfg.small,
+        Some(shoal_registry::SmallFiles::DEFAULT),
+        "text: on"
+    );
+    // One line changed in the middle of the largest small source file.
+    let rel = all_paths(&src)
+        .into_iter()
+        .filter(|p| p.ends_with(".rs"))
+        .max_by_key(|p| std::fs::metadata(src.join(p)).unwrap().len())
+        .unwrap();
+    let path = src.join(&rel);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let size = text.len();
+    let at = text[size / 2..].find('\n').unwrap() + size / 2;
+    text.insert_str(at, "\n// one line added in v2");
+    std::fs::write(&path, &text).unwrap();
+    let r = env.json(&["publish", src.to_str().unwrap(), "code@v2"]);
+    let uploaded = r["new_bytes_uploaded"].as_u64().unwrap();
+    assert!(
+        uploaded < 24 << 10,
+        "one line added to {rel} ({size} bytes) uploaded {uploaded} bytes"
+    );
+    let other = env.peer("other");
+    assert!(other.run(&["trust", &env.key()]).status.success());
+    let out = other.path("out");
+    other.json(&["pull", "code@v2", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&src, &out);
+
+    // Random small files: left at the default chunking, and v1 settings.
+    let media = Env::new();
+    let dir = media.path("media");
+    for i in 0..40 {
+        write(&dir.join(format!("img{i}.jpg")), &random_bytes(i, 30_000));
+    }
+    media.json(&["publish", dir.to_str().unwrap(), "img@v1"]);
+    let settings = dataset_settings(&media.origin, "img");
+    assert_eq!(settings[4], 1);
+    // Asked for: on.
+    let forced = Env::new();
+    forced.json(&[
+        "publish",
+        dir.to_str().unwrap(),
+        "img@v1",
+        "--small-files",
+        "on",
+    ]);
+    assert_eq!(dataset_settings(&forced.origin, "img")[4], 2);
+}

@@ -39,7 +39,7 @@ pub use mount::{
 };
 pub use origins::{OriginSpec, Origins};
 pub use progress::Progress;
-pub use publish::{PublishOptions, PublishReport, PublishSource};
+pub use publish::{PublishOptions, PublishReport, PublishSource, SmallChoice};
 pub use pull::{OriginBytes, PullReport};
 pub use replicate::{ReplicateOptions, ReplicateReport, ReplicatedVersion};
 pub use select::Selection;

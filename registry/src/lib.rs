@@ -22,6 +22,6 @@ pub use names::{DatasetName, DatasetRef, Label, NameError, Rev, VersionRef};
 pub use origin::{ObjectEntry, Origin, OriginError, PackWriter};
 pub use shoal_chunker::{Hash, Params};
 pub use version::{
-    AnyTag, DatasetConfig, PublicKey, SecretKey, SignedTag, SignedVersion, Stats, Tag, TagBody,
-    TrustedKey, VersionBody,
+    AnyTag, DatasetConfig, PublicKey, SecretKey, SignedTag, SignedVersion, SmallFiles, Stats, Tag,
+    TagBody, TrustedKey, VersionBody,
 };

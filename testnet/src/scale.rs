@@ -179,6 +179,7 @@ pub fn generate(
         DatasetConfig {
             chunking,
             created_unix: now,
+            small: None,
         },
     ))?;
     let body = VersionBody {
