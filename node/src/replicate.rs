@@ -574,6 +574,8 @@ fn units(m: &Missing) -> Result<Vec<Unit>> {
 /// bytes: compressed again as it was published, or, where this build's zstd compresses them
 /// to another size than the index records, the origin's stored frame, checked by
 /// decompressing it back to `raw`.
+///
+/// Cancel-safe: it only reads.
 async fn compress_frame(
     raw: Bytes,
     frame: Frame,
