@@ -514,7 +514,10 @@ impl Blobs {
             let run = self.locs.get(id).map_or(0, |l| {
                 let pack = &self.packs[l.pack as usize].0;
                 let pack = u64::from_le_bytes(pack[..8].try_into().expect("8 bytes"));
-                shoal_sched::owners::mount_run(pack, ((l.object as u64) << 40) | l.offset)
+                // A blob of a compressed frame goes with the frame's start: a frame is read
+                // whole, so it belongs to one owner.
+                let at = self.frame_of(id).map_or(l.offset, |f| f.1);
+                shoal_sched::owners::mount_run(pack, ((l.object as u64) << 40) | at)
             });
             by_owner
                 .entry(shoal_sched::owners::owner(&nodes, run))

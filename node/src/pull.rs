@@ -161,7 +161,10 @@ fn write_file(
             .create_new(true)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        // A buffer the file's size, up to 1 MiB: a 1 MiB buffer for every small file cost a
+        // fresh mapping each, and 6,729 Django files took 4.2 s to write (cp: 0.9 s).
+        let mut w =
+            std::io::BufWriter::with_capacity((f.size as usize).clamp(4 << 10, 1 << 20), file);
         for c in &f.chunks {
             let bytes = node_store.get(&c.id)?.ok_or_else(|| {
                 Error::NotFound(format!(
