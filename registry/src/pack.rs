@@ -4,6 +4,7 @@
 
 use crate::format::{self, DecodeError, Kind};
 use bytes::Bytes;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shoal_chunker::Hash;
 use std::ops::Range;
@@ -26,8 +27,12 @@ pub const FRAME_TARGET: usize = 1 << 20;
 /// Largest raw size of a compressed frame (a blob larger than this is stored raw): what one
 /// decompression may produce, whatever an index says.
 pub const MAX_ZSTD_FRAME: u64 = 16 << 20;
-/// The zstd level packs are compressed at.
-pub const ZSTD_LEVEL: i32 = 3;
+/// The zstd level packs are compressed at. Measured on the packs of Django 4.2.20 (1 MiB
+/// frames, one core): level 3 10.26 MB at 289 MB/s, 4 10.25 MB, 5 9.64 MB at 126 MB/s, 6
+/// 9.37 MB at 97 MB/s, 9 9.20 MB at 71 MB/s; with the indexes and tree, level 3 put the
+/// origin at 1.149x `tar | zstd -3`, level 5 at about 1.08x. Decompression runs at over
+/// 1 GB/s a core whatever the level; compression runs once, at publish, on every core.
+pub const ZSTD_LEVEL: i32 = 5;
 
 /// Where a blob sits inside its pack: `offset` counts raw bytes (the blobs back to back, as
 /// they are before compression).
@@ -631,18 +636,36 @@ impl PackBuilder {
         }
         let mut parts: Vec<Bytes> = Vec::with_capacity(self.parts.len());
         let mut frames: Vec<Frame> = Vec::new();
-        let mut z = if self.compress {
-            zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()
-        } else {
-            None
-        };
+        // The frames, then each compressed (or not) on the rayon pool: a pack's frames
+        // compress in parallel, so publish of text keeps up on machines of many cores.
         let mut from = 0usize;
         let mut raw = std::mem::take(&mut self.parts).into_iter();
-        for cut in std::mem::take(&mut self.cuts) {
-            let frame: Vec<Bytes> = raw.by_ref().take(cut - from).collect();
-            from = cut;
+        let raw_frames: Vec<Vec<Bytes>> = std::mem::take(&mut self.cuts)
+            .into_iter()
+            .map(|cut| {
+                let frame: Vec<Bytes> = raw.by_ref().take(cut - from).collect();
+                from = cut;
+                frame
+            })
+            .collect();
+        let compress = self.compress;
+        let done: Vec<(Vec<Bytes>, Option<Vec<u8>>)> = raw_frames
+            .into_par_iter()
+            .map_init(
+                || {
+                    compress
+                        .then(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).ok())
+                        .flatten()
+                },
+                |z, frame| {
+                    let out = z.as_mut().and_then(|z| compressed(z, &frame));
+                    (frame, out)
+                },
+            )
+            .collect();
+        for (frame, out) in done {
             let raw_len: u64 = frame.iter().map(|p| p.len() as u64).sum();
-            match z.as_mut().and_then(|z| compressed(z, &frame)) {
+            match out {
                 Some(out) => {
                     frames.push(Frame {
                         codec: Codec::Zstd,
