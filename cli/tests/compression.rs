@@ -256,3 +256,43 @@ fn small_text_files_get_small_chunks_and_an_edit_uploads_little() {
     ]);
     assert_eq!(dataset_settings(&forced.origin, "img")[4], 2);
 }
+
+#[test]
+fn a_publish_of_many_packs_does_not_wait_on_itself() {
+    // Sealing (compression) once ran on the pool whose threads chunk files, and those block
+    // when the packer falls behind: a publish of more than two packs never finished.
+    let env = Env::new();
+    let src = env.path("src");
+    real_tree(&src);
+    // More than the pipeline holds before the chunking threads block (the packer's queue,
+    // a pack being built, one queued, two sealing: about 270 MiB).
+    for i in 0..6 {
+        write(
+            &src.join(format!("big/{i}.bin")),
+            &random_bytes(100 + i, 64 << 20),
+        );
+    }
+    let mut child = env
+        .cmd(&["--json", "publish", src.to_str().unwrap(), "many@v1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the publish did not finish in 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["packs_uploaded"].as_u64().unwrap() >= 6, "{r}");
+    let other = env.peer("other");
+    assert!(other.run(&["trust", &env.key()]).status.success());
+    let dest = other.path("out");
+    other.json(&["pull", "many@v1", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+}

@@ -532,6 +532,19 @@ impl SealedPack {
     }
 }
 
+/// The threads that compress frames: a pool of their own, not rayon's global one, whose
+/// threads may all be waiting on whoever seals packs (publish chunks files on the global pool
+/// and its workers block when the packer falls behind: sealing there deadlocked).
+fn sealing_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("shoal-seal-{i}"))
+            .build()
+            .expect("starting the sealing threads")
+    })
+}
+
 /// Bytes of each sample [`compressed`] takes to guess whether a frame compresses.
 const PROBE: usize = 2 << 10;
 
@@ -649,20 +662,22 @@ impl PackBuilder {
             })
             .collect();
         let compress = self.compress;
-        let done: Vec<(Vec<Bytes>, Option<Vec<u8>>)> = raw_frames
-            .into_par_iter()
-            .map_init(
-                || {
-                    compress
-                        .then(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).ok())
-                        .flatten()
-                },
-                |z, frame| {
-                    let out = z.as_mut().and_then(|z| compressed(z, &frame));
-                    (frame, out)
-                },
-            )
-            .collect();
+        let done: Vec<(Vec<Bytes>, Option<Vec<u8>>)> = sealing_pool().install(|| {
+            raw_frames
+                .into_par_iter()
+                .map_init(
+                    || {
+                        compress
+                            .then(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).ok())
+                            .flatten()
+                    },
+                    |z, frame| {
+                        let out = z.as_mut().and_then(|z| compressed(z, &frame));
+                        (frame, out)
+                    },
+                )
+                .collect()
+        });
         for (frame, out) in done {
             let raw_len: u64 = frame.iter().map(|p| p.len() as u64).sum();
             match out {
