@@ -8,6 +8,8 @@
 //!   trees (goal: <= 1.5x).
 //! - Throughput: publish and cold pull of the release with and without compression; publish
 //!   of `shards_v1` (random) with and without (goal: within 5%, and the same bytes).
+//! - A second corpus: a Debian package of text (`perl-modules-5.36`), origin bytes against
+//!   `tar | zstd -3`.
 //! - A random read: a cold mount of the release reading files in a random order, compressed
 //!   packs (a whole frame read and decompressed per file at first) against uncompressed ones.
 
@@ -58,6 +60,65 @@ fn django(args: &Args) -> Result<(PathBuf, PathBuf)> {
         dirs.push(dir);
     }
     Ok((dirs.remove(0), dirs.remove(0)))
+}
+
+/// A second real corpus: a Debian package of text (Perl's modules), extracted under
+/// `$BENCH_ROOT/real/deb` (downloaded once with apt-get).
+const DEB: &str = "perl-modules-5.36";
+
+fn debian(args: &Args) -> Result<PathBuf> {
+    let dir = args.bench_root.join("real/deb");
+    let tree = dir.join("tree");
+    if tree.join("usr").exists() {
+        return Ok(tree);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let ok = Command::new("apt-get")
+        .args(["download", DEB])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running apt-get download")?
+        .success();
+    let deb = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"));
+    let (true, Some(deb)) = (ok, deb) else {
+        bail!("apt-get download {DEB} failed");
+    };
+    let ok = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&tree)
+        .status()?
+        .success();
+    if !ok {
+        bail!("dpkg-deb -x {}", deb.display());
+    }
+    Ok(tree)
+}
+
+/// The Debian corpus published alone (default settings): its origin against `tar | zstd -3`.
+fn debian_origin(args: &Args, work: &Path) -> Result<Value> {
+    let tree = debian(args)?;
+    let tar_zstd3 = tar_zstd(&tree)?;
+    let (home, origin) = fresh(work, "debian")?;
+    let (secs, _) = shoal(
+        &home,
+        &origin,
+        &["publish", tree.to_str().context("path")?, "deb@v1"],
+    )?;
+    let origin_bytes = du(&origin)?;
+    Ok(json!({
+        "package": DEB,
+        "files": files_under(&tree)?.len(),
+        "bytes": du(&tree)?,
+        "tar_zstd3_bytes": tar_zstd3,
+        "origin_bytes": origin_bytes,
+        "origin_vs_tar_zstd3": origin_bytes as f64 / tar_zstd3 as f64,
+        "publish_s": secs,
+    }))
 }
 
 /// Bytes of every file under `dir`.
@@ -277,6 +338,10 @@ pub fn run(args: &Args, runs: usize) -> Result<Value> {
     )?;
     let uploaded = report["new_bytes_uploaded"].as_u64().unwrap_or(0);
 
+    // A second corpus, from Debian; its failure (no apt, another release) is reported, not
+    // fatal.
+    let debian = debian_origin(args, &work).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+
     // Random data: compression must cost nothing but its probe.
     let data = super::ensure_data(args)?;
     let shards = data.join("shards_v1");
@@ -333,6 +398,7 @@ pub fn run(args: &Args, runs: usize) -> Result<Value> {
             "shoal_uploaded_bytes": uploaded,
             "shoal_vs_rsync": uploaded as f64 / literal as f64,
         },
+        "debian": debian,
         "random": {
             "dataset": "shards_v1",
             "bytes": shard_bytes,
