@@ -401,6 +401,11 @@ impl Blobs {
             .map(|l| (l.pack, ((l.object as u64) << 40) | l.offset))
     }
 
+    /// Whether any of the version's packs has compressed frames.
+    pub fn has_compressed(&self) -> bool {
+        !self.frames.is_empty()
+    }
+
     /// The compressed frame a blob lies in, if it does: (pack number, where the frame begins
     /// in the pack's raw bytes). Blobs of one frame are read together.
     pub fn frame_of(&self, id: &Hash) -> Option<(u32, u64)> {

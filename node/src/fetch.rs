@@ -56,14 +56,18 @@ pub async fn fetch(
     let mut porder: Vec<usize> = (0..n).collect();
     porder.sort_by_cached_key(|&i| blobs.locate(&order[i].0).unwrap_or((u32::MAX, 0)));
     // Chunks sharing a compressed frame are tied: read in one run, so the frame is read once.
-    let frames: Vec<Option<(u32, u64)>> = porder
-        .iter()
-        .map(|&i| blobs.frame_of(&order[i].0))
-        .collect();
-    let tied: Vec<bool> = (0..n)
-        .map(|pos| pos > 0 && frames[pos].is_some() && frames[pos] == frames[pos - 1])
-        .collect();
-    drop(frames);
+    // (None are where no pack is compressed: no second lookup per chunk then.)
+    let tied: Vec<bool> = if blobs.has_compressed() {
+        let frames: Vec<Option<(u32, u64)>> = porder
+            .iter()
+            .map(|&i| blobs.frame_of(&order[i].0))
+            .collect();
+        (0..n)
+            .map(|pos| pos > 0 && frames[pos].is_some() && frames[pos] == frames[pos - 1])
+            .collect()
+    } else {
+        Vec::new()
+    };
     let keys: Vec<u64> = order.iter().map(|c| key_of(&c.0)).collect();
     let me = swarm.peer_id;
     // The node keeps 32 MiB in flight to every peer for now: with windows that follow the

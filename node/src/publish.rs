@@ -797,7 +797,7 @@ fn spawn_packer(
 /// read although several workers chunk at once: a file's chunks lie together (one ranged read
 /// for a mount), and so do small neighbouring files, which compress together in a frame
 /// (a publish of a source tree whose workers alternated file by file in the packs compressed
-/// to 1.20x its `tar | zstd -3` size; in runs of files, ...).
+/// to 1.20x its `tar | zstd -3` size, in runs of files 1.15x: Django 4.2.20, zstd level 3).
 struct Lane {
     tx: BlobTx,
     group: Vec<(Hash, Bytes)>,
