@@ -8,6 +8,7 @@ use crate::store::{ChunkStore, Retain};
 use crate::swarm::Swarm;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use crate::locator::{Loc, Locator};
 use shoal_registry::pack::{AnyIndex, ExternalIndex, Frames};
 use shoal_registry::{Hash, Origin, SignedVersion};
 use std::collections::HashMap;
@@ -52,20 +53,6 @@ struct RangeRead {
 /// A blob and where it lies in its pack's raw bytes: (id, offset, len).
 type Placed = (Hash, u64, u32);
 
-/// Blob id -> where it lies. Ids are BLAKE3 outputs, so FxHash over them is as good as
-/// SipHash and several times cheaper: building this over ten million blobs is most of what
-/// opening a version of them costs.
-type Locator = rustc_hash::FxHashMap<Hash, Loc>;
-
-#[derive(Clone, Copy)]
-struct Loc {
-    pack: u32,
-    /// The source object, in an external pack (0 in a packed one).
-    object: u32,
-    offset: u64,
-    len: u32,
-}
-
 /// Blobs grouped by the mounting peer that owns their runs.
 pub type ByOwner = HashMap<crate::swarm::PeerId, Vec<Hash>>;
 
@@ -77,22 +64,14 @@ pub struct Blobs {
     holders: Holders,
     /// Bytes each origin sent for this version.
     per_origin: Vec<AtomicU64>,
-    packs: Vec<Hash>,
-    locs: Locator,
-    /// The version's external packs (an in-place version's source objects), by pack number.
-    external: HashMap<u32, Arc<ExternalIndex>>,
-    /// The frames of the version's packs that have compressed ones, by pack number (offsets
-    /// in the locator are raw: these say what to read for them).
-    frames: HashMap<u32, Arc<Frames>>,
+    /// Where each blob is, and each pack's frames (offsets in the locator are raw: frames
+    /// say what to read for them), read from disk as lookups need them.
+    locator: Arc<Locator>,
     /// Compressed frames decoded lately, by (pack number, raw start): a frame holds many
     /// small blobs that readers ask for a few at a time (a mount reading a directory's files
     /// one by one, a walk reading a tree level by level), and each would otherwise read and
     /// decompress the whole frame again.
     decoded: std::sync::Mutex<hashlink::LruCache<(u32, u64), Bytes>>,
-    /// External packs that origins holding the version also keep as packs (copied there by
-    /// `replicate --copy-sources`): which origins, and where each source object starts in
-    /// the copy. Read there first; the source objects are the fallback.
-    copies: HashMap<u32, (Holders, Arc<Vec<u64>>)>,
     /// Bytes read from each source store of external packs, by URL.
     per_source: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Source stores of external packs, opened on first read.
@@ -149,7 +128,7 @@ pub(crate) async fn pack_index(
 /// Like [`pack_index`], from whichever origin holding the version has it.
 ///
 /// Cancel-safe, as [`pack_index`].
-async fn pack_index_any(
+pub(crate) async fn pack_index_any(
     origins: &Origins,
     holders: Holders,
     cache: &Path,
@@ -188,34 +167,6 @@ async fn keep_pack_index(cache: &Path, id: &Hash, bytes: bytes::Bytes) {
     tokio::task::spawn_blocking(move || cache_pack_index(&cache, &id, &bytes))
         .await
         .expect("cache task panicked")
-}
-
-/// Of the external packs, those that origins holding the version keep copies of (a pack
-/// object the size of all its source objects together): which origins, and where each
-/// source object starts in the copy.
-///
-/// Cancel-safe: it only reads.
-async fn copies_of(
-    origins: &Origins,
-    holders: Holders,
-    packs: &[Hash],
-    external: &HashMap<u32, Arc<ExternalIndex>>,
-) -> HashMap<u32, (Holders, Arc<Vec<u64>>)> {
-    let mut copies = HashMap::new();
-    for (&pack, x) in external {
-        let id = packs[pack as usize];
-        let (starts, total) = x.object_starts();
-        let mut with = Holders(0);
-        for (i, r) in origins.ask_all(|o| o.pack_size(&id)).await {
-            if holders.has(i) && matches!(r, Ok(Some(n)) if n == total) {
-                with.0 |= 1 << i;
-            }
-        }
-        if with.0 != 0 {
-            copies.insert(pack, (with, Arc::new(starts)));
-        }
-    }
-    copies
 }
 
 impl Blobs {
@@ -262,76 +213,24 @@ impl Blobs {
                 .expect("cache task panicked");
             }
         }
-        // Each index goes into the locator as it arrives (in pack order), so that only a few
-        // decoded indexes are held at once beside it.
-        let mut indexes = Box::pin(
-            futures::stream::iter(packs.clone())
-                .map(|id| {
-                    let (origins, cache) = (&origins, cache.to_path_buf());
-                    async move { pack_index_any(origins, holders, &cache, &id).await }
-                })
-                .buffered(8),
-        );
-        let mut locs: Locator = Locator::default();
-        let mut external = HashMap::new();
-        let mut frames = HashMap::new();
-        let mut index_bytes = 0u64;
-        let mut pack = 0u32;
-        while let Some(r) = indexes.next().await {
-            let (idx, n) = r?;
-            index_bytes += n;
-            let entries = idx.locations();
-            locs.reserve(entries.size_hint().0);
-            for (id, object, offset, len) in entries {
-                locs.insert(
-                    id,
-                    Loc {
-                        pack,
-                        object,
-                        offset,
-                        len,
-                    },
-                );
-            }
-            match idx {
-                AnyIndex::External(x) => {
-                    external.insert(pack, Arc::new(x));
-                }
-                AnyIndex::Packed(p) if !p.frames.is_plain() => {
-                    frames.insert(pack, Arc::new(p.frames));
-                }
-                AnyIndex::Packed(_) => {}
-            }
-            pack += 1;
-        }
-        drop(indexes);
-        if locs.len() > 1 << 16 {
-            // The decoded indexes are gone; their memory need not stay with the process.
-            shoal_fuse::trim_allocator();
-        }
-        // Index bytes read from the origin count as the version's origin reads.
-        if let Some(swarm) = swarm {
-            swarm
-                .counters
-                .bytes_from_origin
-                .fetch_add(index_bytes, Ordering::Relaxed);
-        }
-        let copies = copies_of(&origins, holders, &packs, &external).await;
+        let locator = Arc::new(Locator::new(
+            origins.clone(),
+            holders,
+            cache,
+            packs,
+            swarm.cloned(),
+        ));
         Ok(Blobs {
             store,
-            external,
-            frames,
+            locator,
             decoded: std::sync::Mutex::new(hashlink::LruCache::new(FRAMES_CACHED)),
-            copies,
             per_source: Default::default(),
             sources: Default::default(),
             version_name: format!("{}@{}", version.body.dataset, version.body.version),
             per_origin: (0..origins.len()).map(|_| AtomicU64::new(0)).collect(),
             origins,
             holders,
-            packs,
-            locs,
-            from_origin: AtomicU64::new(index_bytes),
+            from_origin: AtomicU64::new(0),
             durable: true,
             retain: Retain::Keep,
             keep: true,
@@ -365,7 +264,7 @@ impl Blobs {
 
     /// Bytes read from the origins so far.
     pub fn bytes_from_origin(&self) -> u64 {
-        self.from_origin.load(Ordering::Relaxed)
+        self.from_origin.load(Ordering::Relaxed) + self.locator.index_bytes()
     }
 
     /// Pack bytes each origin sent so far (by origin URL; pack indexes not included), then
@@ -395,22 +294,52 @@ impl Blobs {
     /// Where a blob sits in the origin: (pack number in the version, offset).
     /// (In an external pack, the offset is the object's number in the top 24 bits above its
     /// offset in the object: an order, not a byte position.)
+    /// Looks among the packs whose locators are open: see [`Self::open_all`] and
+    /// [`Self::prepare`].
     pub fn locate(&self, id: &Hash) -> Option<(u32, u64)> {
-        self.locs
-            .get(id)
+        self.locator
+            .find(id)
             .map(|l| (l.pack, ((l.object as u64) << 40) | l.offset))
     }
 
-    /// Whether any of the version's packs has compressed frames.
+    /// Opens the locator of every pack of the version (before looking up all its blobs).
+    ///
+    /// Cancel-safe: it only reads, and writes locator files whole.
+    pub async fn open_all(&self) -> Result<()> {
+        self.locator.open_all().await
+    }
+
+    /// Opens pack locators until each of `ids` is found (or every pack's is open).
+    ///
+    /// Cancel-safe, as [`Self::open_all`].
+    pub async fn prepare(&self, ids: &[Hash]) -> Result<()> {
+        self.locator.prepare(ids).await
+    }
+
+    /// Opens the locators of the version's packs in the background while `self` lives (a
+    /// mount: its reads of old packs then seldom wait for them).
+    pub fn open_in_background(&self) {
+        Locator::open_in_background(&self.locator)
+    }
+
+    /// Whether any of the version's packs opened so far has compressed frames.
     pub fn has_compressed(&self) -> bool {
-        !self.frames.is_empty()
+        self.locator.has_compressed()
+    }
+
+    fn frames(&self, pack: u32) -> Option<&Arc<Frames>> {
+        self.locator.pack(pack)?.frames.as_ref()
+    }
+
+    fn pack_id(&self, pack: u32) -> Hash {
+        self.locator.packs()[pack as usize]
     }
 
     /// The compressed frame a blob lies in, if it does: (pack number, where the frame begins
     /// in the pack's raw bytes). Blobs of one frame are read together.
     pub fn frame_of(&self, id: &Hash) -> Option<(u32, u64)> {
-        let l = self.locs.get(id)?;
-        let at = self.frames.get(&l.pack)?.compressed_at(l.offset)?;
+        let l = self.locator.find(id)?;
+        let at = self.frames(l.pack)?.compressed_at(l.offset)?;
         Some((l.pack, at))
     }
 
@@ -516,8 +445,8 @@ impl Blobs {
         }
         let mut by_owner = ByOwner::new();
         for id in ids {
-            let run = self.locs.get(id).map_or(0, |l| {
-                let pack = &self.packs[l.pack as usize].0;
+            let run = self.locator.find(id).map_or(0, |l| {
+                let pack = &self.pack_id(l.pack).0;
                 let pack = u64::from_le_bytes(pack[..8].try_into().expect("8 bytes"));
                 // A blob of a compressed frame goes with the frame's start: a frame is read
                 // whole, so it belongs to one owner.
@@ -594,22 +523,22 @@ impl Blobs {
     ) -> Result<HashMap<Hash, Bytes>> {
         ids.sort_unstable();
         ids.dedup();
+        self.locator.prepare(&ids).await?;
         let mut wanted: Vec<(Loc, Hash)> = Vec::with_capacity(ids.len());
         for id in ids {
-            let loc = self.locs.get(&id).ok_or_else(|| Error::Corrupt {
+            let loc = self.locator.find(&id).ok_or_else(|| Error::Corrupt {
                 what: format!("version in origin {}", self.origins.urls()),
                 reason: format!("blob {id} is in none of the version's packs"),
             })?;
-            wanted.push((*loc, id));
+            wanted.push((loc, id));
         }
         // Blobs of compressed frames decoded lately are taken from there.
         let mut cached: HashMap<(u32, u64), (Bytes, Vec<Placed>)> = HashMap::new();
-        if !self.frames.is_empty() {
+        if self.locator.has_compressed() {
             let mut decoded = self.decoded.lock().expect("poisoned");
             wanted.retain(|(l, id)| {
                 let Some(at) = self
-                    .frames
-                    .get(&l.pack)
+                    .frames(l.pack)
                     .and_then(|f| f.compressed_at(l.offset))
                 else {
                     return true;
@@ -636,7 +565,7 @@ impl Blobs {
         for (loc, id) in wanted {
             // In a compressed frame, what is read is the whole frame: blobs sharing one are
             // read together, whatever the gap between them.
-            let (start, end) = match self.frames.get(&loc.pack) {
+            let (start, end) = match self.frames(loc.pack) {
                 Some(f) => {
                     let span = f.span(loc.offset..loc.offset + loc.len as u64);
                     (span.raw.start, span.raw.end)
@@ -665,7 +594,7 @@ impl Blobs {
         }
         let from_cache =
             futures::stream::iter(cached).map(|((pack, at), (frame, blobs))| async move {
-                let label = format!("a decoded frame of pack {}", self.packs[pack as usize]);
+                let label = format!("a decoded frame of pack {}", self.pack_id(pack));
                 let kept = self
                     .keep_range(frame, at, blobs, want, label, "it was damaged in memory")
                     .await;
@@ -680,8 +609,12 @@ impl Blobs {
             });
         futures::stream::iter(ranges)
             .map(|r| async move {
-                let (stored, got) = match self.external.get(&r.pack) {
-                    Some(x) => self.external_range(x, r, want).await?,
+                let external = self
+                    .locator
+                    .pack(r.pack)
+                    .and_then(|p| Some((p.external.clone()?, p.copies.clone())));
+                let (stored, got) = match external {
+                    Some((x, copies)) => self.external_range(&x, copies, r, want).await?,
                     None => self.packed_range(r, want).await?,
                 };
                 if let Some(p) = progress {
@@ -717,9 +650,9 @@ impl Blobs {
         r: RangeRead,
         want: bool,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
-        let pack_id = self.packs[r.pack as usize];
+        let pack_id = self.pack_id(r.pack);
         // A pack with compressed frames: whole frames are read and decompressed.
-        let frames = self.frames.get(&r.pack).filter(|_| shift == 0);
+        let frames = self.frames(r.pack).filter(|_| shift == 0);
         let span = frames.map(|f| f.span(r.start..r.stop));
         let (stored, start) = match &span {
             Some(s) => (s.stored.clone(), s.raw.start),
@@ -811,12 +744,13 @@ impl Blobs {
     async fn external_range(
         &self,
         x: &ExternalIndex,
+        copies: Option<(Holders, Arc<Vec<u64>>)>,
         r: RangeRead,
         want: bool,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
-        if let Some((copies, starts)) = self.copies.get(&r.pack) {
+        if let Some((copies, starts)) = copies {
             let shift = starts[r.object as usize];
-            match self.pack_range(*copies, shift, r.clone(), want).await {
+            match self.pack_range(copies, shift, r.clone(), want).await {
                 Ok(got) => return Ok(got),
                 Err(e) => tracing::warn!("{e}; reading the range from its source object"),
             }

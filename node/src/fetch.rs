@@ -48,6 +48,8 @@ pub async fn fetch(
     progress: &Progress,
 ) -> Result<Fetched> {
     let entered = Instant::now();
+    // Every chunk is looked up below.
+    blobs.open_all().await?;
     let n = order.len();
     let index: HashMap<Hash, usize> = order.iter().enumerate().map(|(i, c)| (c.0, i)).collect();
     // Origin reads go in pack order, so each reader's ranges are long and contiguous. (One

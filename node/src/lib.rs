@@ -13,6 +13,7 @@ mod fetch;
 pub mod files;
 pub mod home;
 mod inspect;
+mod locator;
 pub mod known;
 pub mod metrics;
 pub mod mount;

@@ -107,6 +107,11 @@ impl Inner {
         if missing.is_empty() {
             return Ok(got);
         }
+        // Located before `start` splits them by the owners of their runs.
+        self.blobs
+            .prepare(&missing)
+            .await
+            .map_err(|e| Arc::new(e.to_string()))?;
         let waits = self.start(&missing, for_peer);
         let missing: std::collections::HashSet<Hash> = missing.into_iter().collect();
         for w in futures::future::join_all(waits).await {
@@ -587,6 +592,7 @@ impl Node {
         timeout: Duration,
     ) -> Result<Mountable> {
         let blobs = Arc::new(self.blobs(signed).await?.for_cache_fill());
+        blobs.open_in_background();
         let inner = Arc::new(Inner {
             blobs,
             whole_files: self.whole_files(),

@@ -1,0 +1,558 @@
+//! Where each blob of a version lies in its packs, read from disk as lookups need it.
+//!
+//! A version names its packs; each pack's index says where its blobs are. Opening a version
+//! used to decode every index into one map in memory (~70 bytes a blob: 0.7 GB and 5 s
+//! before a mount of ten million files served anything). Now each pack's index is turned,
+//! once per machine, into a *locator file* beside the cached index (`PACK.loc`): its
+//! entries sorted by id, fixed-size, memory-mapped. A lookup searches the packs whose file
+//! is open, the pack of the previous hit first, then from the newest pack back (a version's
+//! directories are written after their files, so its root and top directories sit in its
+//! last packs); packs not yet open are opened (built from their index when there is no file
+//! yet) only when a lookup has not found its blob in those that are. Opening a version
+//! costs nothing per blob, and memory holds a few mapped pages, not the entries.
+//!
+//! Locator files are derived data in this machine's private cache, written whole and renamed
+//! into place, never changed in place, checked for their header and size when opened (a
+//! damaged one is rebuilt). A wrong entry in one could only send a read to the wrong bytes,
+//! which then fail their BLAKE3 check: no blob is used unverified.
+
+use crate::error::{Error, Result};
+use crate::origins::{Holders, Origins};
+use futures::StreamExt;
+use shoal_registry::pack::{AnyIndex, Codec, ExternalIndex, Frame, Frames};
+use shoal_registry::Hash;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Where a blob lies: pack number in the version, source object (external packs; 0
+/// otherwise), offset in the pack's raw bytes (in the object, for an external pack), length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub pack: u32,
+    pub object: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+const MAGIC: &[u8; 8] = b"SHOALOC1";
+/// Magic, the pack's id, blob count, frame count, kind (0 packed, 1 external).
+const HEADER: usize = 8 + 32 + 8 + 8 + 8;
+/// Codec (1, padded to 8), raw length, stored length.
+const FRAME: usize = 24;
+/// Id, offset, length, source object.
+const RECORD: usize = 32 + 8 + 4 + 4;
+/// Packs opened at once when a lookup has to open more.
+const OPEN_AT_ONCE: usize = 8;
+
+/// One pack's locator file, open.
+pub(crate) struct PackLoc {
+    map: memmap2::Mmap,
+    /// Where the records start in `map`.
+    start: usize,
+    count: usize,
+    /// The pack's frames, when some are compressed.
+    pub frames: Option<Arc<Frames>>,
+    /// Whether the pack is an external pack (its index then goes in `external`).
+    is_external: bool,
+    /// The pack's index, when it is an external pack (its source objects are needed to read
+    /// it).
+    pub external: Option<Arc<ExternalIndex>>,
+    /// For an external pack: the origins that keep a copy of it as one pack, and where each
+    /// source object starts in the copy.
+    pub copies: Option<(Holders, Arc<Vec<u64>>)>,
+}
+
+impl PackLoc {
+    fn id_at(&self, i: usize) -> &[u8] {
+        let at = self.start + i * RECORD;
+        &self.map[at..at + 32]
+    }
+
+    /// The record of `id`: (source object, offset, length).
+    fn find(&self, id: &Hash) -> Option<(u32, u64, u32)> {
+        let n = self.count;
+        if n == 0 {
+            return None;
+        }
+        let key = id.as_bytes().as_slice();
+        // Ids are BLAKE3 outputs, uniform: the first guess is where the id would sit among n
+        // uniform values, off by about sqrt(n) at most. The window around it is widened
+        // until it brackets the id, then searched.
+        let top = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+        let guess = ((top as u128 * n as u128) >> 64) as usize;
+        let (mut lo, mut step) = (guess, 64usize);
+        while lo > 0 && self.id_at(lo) > key {
+            lo = lo.saturating_sub(step);
+            step *= 2;
+        }
+        let (mut hi, mut step) = (guess + 1, 64usize);
+        while hi < n && self.id_at(hi - 1) < key {
+            hi = (hi + step).min(n);
+            step *= 2;
+        }
+        let (mut a, mut b) = (lo, hi);
+        while a < b {
+            let mid = (a + b) / 2;
+            match self.id_at(mid).cmp(key) {
+                std::cmp::Ordering::Less => a = mid + 1,
+                std::cmp::Ordering::Greater => b = mid,
+                std::cmp::Ordering::Equal => {
+                    let r = &self.map[self.start + mid * RECORD + 32..][..16];
+                    return Some((
+                        u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
+                        u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
+                        u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+fn loc_path(cache: &Path, pack: &Hash) -> PathBuf {
+    cache.join(format!("{pack}.loc"))
+}
+
+/// Writes the locator file of `pack` from its (verified) index, whole, then renames it into
+/// place.
+fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
+    let mut entries: Vec<(Hash, u32, u64, u32)> = idx.locations().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let frames: &[Frame] = match idx {
+        AnyIndex::Packed(p) if !p.frames.is_plain() => p.frames.frames(),
+        _ => &[],
+    };
+    std::fs::create_dir_all(cache)?;
+    let tmp = cache.join(format!(".{pack}.loc.{}.tmp", std::process::id()));
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    let written = (|| {
+        w.write_all(MAGIC)?;
+        w.write_all(pack.as_bytes())?;
+        w.write_all(&(entries.len() as u64).to_le_bytes())?;
+        w.write_all(&(frames.len() as u64).to_le_bytes())?;
+        let kind = matches!(idx, AnyIndex::External(_)) as u64;
+        w.write_all(&kind.to_le_bytes())?;
+        for f in frames {
+            let mut b = [0u8; FRAME];
+            b[0] = match f.codec {
+                Codec::Raw => 0,
+                Codec::Zstd => 1,
+            };
+            b[8..16].copy_from_slice(&f.raw_len.to_le_bytes());
+            b[16..24].copy_from_slice(&f.stored_len.to_le_bytes());
+            w.write_all(&b)?;
+        }
+        for (id, object, offset, len) in &entries {
+            w.write_all(id.as_bytes())?;
+            w.write_all(&offset.to_le_bytes())?;
+            w.write_all(&len.to_le_bytes())?;
+            w.write_all(&object.to_le_bytes())?;
+        }
+        w.flush()
+    })();
+    drop(w);
+    match written.and_then(|()| std::fs::rename(&tmp, loc_path(cache, pack))) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Opens the locator file of `pack`, if there is one whose header names the pack and whose
+/// size matches its counts.
+fn open_loc(cache: &Path, pack: &Hash) -> Option<PackLoc> {
+    let file = std::fs::File::open(loc_path(cache, pack)).ok()?;
+    // SAFETY: locator files are this machine's derived data, written whole under another
+    // name and renamed into place, never written in place (only replaced or removed, which
+    // leaves this mapping intact); every read through the map is bounds-checked.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    if map.len() < HEADER || &map[..8] != MAGIC || &map[8..40] != pack.as_bytes() {
+        return None;
+    }
+    let count = usize::try_from(u64::from_le_bytes(map[40..48].try_into().ok()?)).ok()?;
+    let nframes = usize::try_from(u64::from_le_bytes(map[48..56].try_into().ok()?)).ok()?;
+    let external = match u64::from_le_bytes(map[56..64].try_into().ok()?) {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let start = nframes.checked_mul(FRAME)?.checked_add(HEADER)?;
+    if count.checked_mul(RECORD)?.checked_add(start)? != map.len() {
+        return None;
+    }
+    let frames = if nframes == 0 {
+        None
+    } else {
+        let mut v = Vec::with_capacity(nframes);
+        for f in map[HEADER..start].chunks_exact(FRAME) {
+            v.push(Frame {
+                codec: match f[0] {
+                    0 => Codec::Raw,
+                    1 => Codec::Zstd,
+                    _ => return None,
+                },
+                raw_len: u64::from_le_bytes(f[8..16].try_into().ok()?),
+                stored_len: u64::from_le_bytes(f[16..24].try_into().ok()?),
+            });
+        }
+        Some(Arc::new(Frames::new(v)))
+    };
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::Random);
+    Some(PackLoc {
+        map,
+        start,
+        count,
+        frames,
+        is_external: external,
+        external: None,
+        copies: None,
+    })
+}
+
+/// The locations of a version's blobs (see the module's documentation).
+pub(crate) struct Locator {
+    origins: Arc<Origins>,
+    holders: Holders,
+    cache: PathBuf,
+    packs: Vec<Hash>,
+    slots: Vec<tokio::sync::OnceCell<PackLoc>>,
+    /// Slots open so far.
+    open: AtomicUsize,
+    /// The pack of the last hit: the next blob asked for is most often in it too.
+    hint: AtomicU32,
+    /// Index bytes read from origins.
+    index_bytes: AtomicU64,
+    /// Where those bytes are also counted (the swarm's origin-read counter).
+    swarm: Option<Arc<crate::swarm::Swarm>>,
+}
+
+impl Locator {
+    pub fn new(
+        origins: Arc<Origins>,
+        holders: Holders,
+        cache: &Path,
+        packs: Vec<Hash>,
+        swarm: Option<Arc<crate::swarm::Swarm>>,
+    ) -> Locator {
+        Locator {
+            origins,
+            holders,
+            cache: cache.to_path_buf(),
+            slots: packs.iter().map(|_| tokio::sync::OnceCell::new()).collect(),
+            packs,
+            open: AtomicUsize::new(0),
+            hint: AtomicU32::new(u32::MAX),
+            index_bytes: AtomicU64::new(0),
+            swarm,
+        }
+    }
+
+    pub fn packs(&self) -> &[Hash] {
+        &self.packs
+    }
+
+    /// Index bytes read from the origins so far.
+    pub fn index_bytes(&self) -> u64 {
+        self.index_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A pack already open (any pack a [`Loc`] came from is).
+    pub fn pack(&self, pack: u32) -> Option<&PackLoc> {
+        self.slots.get(pack as usize)?.get()
+    }
+
+    /// Whether any pack opened so far has compressed frames.
+    pub fn has_compressed(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.get().is_some_and(|p| p.frames.is_some()))
+    }
+
+    fn all_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) == self.slots.len()
+    }
+
+    /// Where `id` is, among the packs open so far (the last hit's pack first, then newest to
+    /// oldest).
+    pub fn find(&self, id: &Hash) -> Option<Loc> {
+        let hint = self.hint.load(Ordering::Relaxed);
+        let at = |pack: u32| -> Option<Loc> {
+            let (object, offset, len) = self.pack(pack)?.find(id)?;
+            Some(Loc {
+                pack,
+                object,
+                offset,
+                len,
+            })
+        };
+        if let Some(l) = at(hint) {
+            return Some(l);
+        }
+        let found = (0..self.slots.len() as u32)
+            .rev()
+            .filter(|&p| p != hint)
+            .find_map(at)?;
+        self.hint.store(found.pack, Ordering::Relaxed);
+        Some(found)
+    }
+
+    /// Opens packs, newest first, until each of `ids` is found or every pack is open.
+    ///
+    /// Cancel-safe: a pack is open once its file is whole; cancelled, the rest stay closed.
+    pub async fn prepare(&self, ids: &[Hash]) -> Result<()> {
+        let mut missing: Vec<Hash> = Vec::new();
+        loop {
+            missing.clear();
+            missing.extend(ids.iter().filter(|id| self.find(id).is_none()));
+            if missing.is_empty() || self.all_open() {
+                return Ok(());
+            }
+            let closed: Vec<u32> = (0..self.slots.len() as u32)
+                .rev()
+                .filter(|&p| self.pack(p).is_none())
+                .take(OPEN_AT_ONCE)
+                .collect();
+            self.open_packs(closed).await?;
+        }
+    }
+
+    /// Opens every pack (a pull looks up every blob).
+    ///
+    /// Cancel-safe, as [`Self::prepare`].
+    pub async fn open_all(&self) -> Result<()> {
+        let closed: Vec<u32> = (0..self.slots.len() as u32)
+            .rev()
+            .filter(|&p| self.pack(p).is_none())
+            .collect();
+        self.open_packs(closed).await
+    }
+
+    /// Opens packs in the background, newest first, a few at a time, for as long as the
+    /// locator lives (a mount: so that its first reads of old packs do not wait for them).
+    pub fn open_in_background(me: &Arc<Locator>) {
+        let weak = Arc::downgrade(me);
+        tokio::spawn(async move {
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let Some(p) = (0..me.slots.len() as u32)
+                    .rev()
+                    .find(|&p| me.pack(p).is_none())
+                else {
+                    return;
+                };
+                if let Err(e) = me.open_packs(vec![p]).await {
+                    tracing::debug!("opening the locator of pack {}: {e}", me.packs[p as usize]);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Cancel-safe, as [`Self::prepare`].
+    async fn open_packs(&self, packs: Vec<u32>) -> Result<()> {
+        let mut opening = futures::stream::iter(packs)
+            .map(|p| self.open_pack(p))
+            .buffer_unordered(OPEN_AT_ONCE);
+        while let Some(r) = opening.next().await {
+            r?;
+        }
+        drop(opening);
+        if self.all_open() && self.slots.len() > 16 {
+            // The decoded indexes are gone; their memory need not stay with the process.
+            shoal_fuse::trim_allocator();
+        }
+        Ok(())
+    }
+
+    /// Cancel-safe, as [`Self::prepare`].
+    async fn open_pack(&self, pack: u32) -> Result<()> {
+        let slot = &self.slots[pack as usize];
+        let mut opened = false;
+        slot.get_or_try_init(|| async {
+            let p = self.load_pack(pack).await?;
+            opened = true;
+            Ok::<_, Error>(p)
+        })
+        .await?;
+        if opened {
+            self.open.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Opens the locator file of one pack, building it from the pack's index first if there
+    /// is none (or a damaged one).
+    ///
+    /// Cancel-safe: the file is renamed into place whole, or not at all.
+    async fn load_pack(&self, pack: u32) -> Result<PackLoc> {
+        let id = self.packs[pack as usize];
+        let cache = self.cache.clone();
+        let existing = tokio::task::spawn_blocking(move || open_loc(&cache, &id))
+            .await
+            .expect("locator task panicked");
+        let existing = match existing {
+            Some(p) if !p.is_external => return Ok(p),
+            other => other,
+        };
+        // No file yet (or an external pack, whose index is needed in memory).
+        let (idx, n) =
+            crate::blobs::pack_index_any(&self.origins, self.holders, &self.cache, &id).await?;
+        self.index_bytes.fetch_add(n, Ordering::Relaxed);
+        if let Some(s) = &self.swarm {
+            s.counters.bytes_from_origin.fetch_add(n, Ordering::Relaxed);
+        }
+        let (mut p, idx) = match existing {
+            Some(p) => (p, idx),
+            None => {
+                let cache = self.cache.clone();
+                let (p, idx) = tokio::task::spawn_blocking(move || {
+                    let p = write_loc(&cache, &id, &idx).map(|()| open_loc(&cache, &id));
+                    (p, idx)
+                })
+                .await
+                .expect("locator task panicked");
+                let p = p.and_then(|p| {
+                    p.ok_or_else(|| std::io::Error::other("it does not read back as written"))
+                });
+                match p {
+                    Ok(p) => (p, idx),
+                    Err(source) => {
+                        return Err(Error::Io {
+                            op: "writing the blob locator of a pack to",
+                            path: loc_path(&self.cache, &id),
+                            source,
+                        })
+                    }
+                }
+            }
+        };
+        if let AnyIndex::External(x) = idx {
+            p.copies = copy_of(&self.origins, self.holders, &id, &x).await;
+            p.external = Some(Arc::new(x));
+        }
+        Ok(p)
+    }
+}
+
+/// For an external pack: the origins holding the version that also keep it as one pack
+/// object (copied there by `replicate --copy-sources`), and where each source object starts
+/// in the copy. Read there first; the source objects are the fallback.
+///
+/// Cancel-safe: it only reads.
+async fn copy_of(
+    origins: &Origins,
+    holders: Holders,
+    id: &Hash,
+    x: &ExternalIndex,
+) -> Option<(Holders, Arc<Vec<u64>>)> {
+    let (starts, total) = x.object_starts();
+    let mut with = Holders(0);
+    for (i, r) in origins.ask_all(|o| o.pack_size(id)).await {
+        if holders.has(i) && matches!(r, Ok(Some(n)) if n == total) {
+            with.0 |= 1 << i;
+        }
+    }
+    (with.0 != 0).then(|| (with, Arc::new(starts)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_registry::pack::{PackEntry, PackIndex};
+
+    fn index(n: usize, seed: u8) -> PackIndex {
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        for i in 0..n {
+            let len = 1 + (i as u32 % 700);
+            entries.push(PackEntry {
+                id: shoal_chunker::hash(&[seed, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                offset,
+                len,
+            });
+            offset += len as u64;
+        }
+        PackIndex {
+            entries,
+            frames: Frames::plain(offset),
+        }
+    }
+
+    #[test]
+    fn every_blob_is_found_where_its_index_puts_it_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [0usize, 1, 2, 3, 100, 5000, 70_000] {
+            let idx = index(n, 1);
+            let pack = shoal_chunker::hash(&n.to_le_bytes());
+            write_loc(dir.path(), &pack, &AnyIndex::Packed(idx.clone())).unwrap();
+            let p = open_loc(dir.path(), &pack).expect("opens");
+            assert_eq!(p.count, n);
+            assert!(p.frames.is_none());
+            for e in &idx.entries {
+                assert_eq!(p.find(&e.id), Some((0, e.offset, e.len)), "n = {n}");
+            }
+            for i in 0..200u64 {
+                assert_eq!(p.find(&shoal_chunker::hash(&i.to_le_bytes())), None);
+            }
+            // The smallest and largest ids there can be, absent.
+            assert_eq!(p.find(&Hash([0; 32])), None);
+            assert_eq!(p.find(&Hash([0xff; 32])), None);
+        }
+    }
+
+    #[test]
+    fn compressed_frames_survive_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = index(10, 2);
+        let total = idx.raw_len();
+        let first = idx.entries[5].offset;
+        idx.frames = Frames::new(vec![
+            Frame {
+                codec: Codec::Zstd,
+                raw_len: first,
+                stored_len: 100,
+            },
+            Frame {
+                codec: Codec::Raw,
+                raw_len: total - first,
+                stored_len: total - first,
+            },
+        ]);
+        let pack = Hash([7; 32]);
+        write_loc(dir.path(), &pack, &AnyIndex::Packed(idx.clone())).unwrap();
+        let p = open_loc(dir.path(), &pack).unwrap();
+        assert_eq!(p.frames.as_deref(), Some(&idx.frames));
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_file_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = AnyIndex::Packed(index(1000, 3));
+        let pack = Hash([9; 32]);
+        write_loc(dir.path(), &pack, &idx).unwrap();
+        let path = loc_path(dir.path(), &pack);
+        let whole = std::fs::read(&path).unwrap();
+        // Cut short.
+        std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
+        assert!(open_loc(dir.path(), &pack).is_none());
+        // Another pack's file under this pack's name.
+        let other = Hash([8; 32]);
+        write_loc(dir.path(), &other, &idx).unwrap();
+        std::fs::copy(loc_path(dir.path(), &other), &path).unwrap();
+        assert!(open_loc(dir.path(), &pack).is_none());
+        // A count that does not match the size.
+        let mut bad = whole.clone();
+        bad[40] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(open_loc(dir.path(), &pack).is_none());
+        std::fs::write(&path, &whole).unwrap();
+        assert!(open_loc(dir.path(), &pack).is_some());
+    }
+}
