@@ -188,6 +188,10 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
         out["mount_ready_s"] = json!(wait_mounted(&mut child, &mp, "shoal mount")?);
         out["mount_rss_bytes"] = json!(rss_bytes(child.id()));
         out["first_stat_s"] = json!(stat_secs(&mp.join(&g.last_path))?);
+        // The first file's directories were written first: in the version's oldest packs,
+        // which a lookup reaches last.
+        out["first_stat_oldest_s"] =
+            json!(stat_secs(&mp.join(scale::path_of(0, width.max(2))))?);
         let (n, cold, warm) = find_twice(&mp)?;
         out["find_entries"] = json!(n);
         out["find_cold_s"] = json!(cold);
@@ -209,6 +213,30 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
         .unwrap_or_default();
     let (ls_s, _) = shoal(&home, &origin, &["ls", "scale@v1", leaf])?;
     out["ls_s"] = json!(ls_s);
+    // `ls` on a machine that never opened the version.
+    let fresh = work.join("home-ls");
+    shoal(&fresh, &origin, &["trust", &publisher])?;
+    let (ls_cold_s, _) = shoal(&fresh, &origin, &["ls", "scale@v1", leaf])?;
+    out["ls_cold_s"] = json!(ls_cold_s);
+    let _ = std::fs::remove_dir_all(&fresh);
+    // The same mount again, on the machine that has mounted it: its locator files and tree
+    // nodes are local.
+    let mut child = Command::new(bin)
+        .args(["mount", "scale@v1", mp.to_str().unwrap()])
+        .env("SHOAL_HOME", &home)
+        .env("SHOAL_ORIGIN", &origin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let measured = (|| -> Result<()> {
+        out["mount_warm_ready_s"] = json!(wait_mounted(&mut child, &mp, "shoal mount")?);
+        out["mount_warm_rss_bytes"] = json!(rss_bytes(child.id()));
+        out["first_stat_warm_oldest_s"] =
+            json!(stat_secs(&mp.join(scale::path_of(0, width.max(2))))?);
+        Ok(())
+    })();
+    unmount(&mp, &mut child);
+    measured?;
     eprintln!("so far: {out}");
 
     if real_files {
