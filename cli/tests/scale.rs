@@ -40,3 +40,87 @@ fn a_generated_version_pulls_exactly() {
     assert_eq!(ls["entries"].as_array().unwrap().len(), 2, "{ls}");
     assert_eq!(ls["entries"][1]["files"], 50, "{ls}");
 }
+
+/// Locator files of the version's packs (blob -> where in which pack) in `home`.
+fn locators(home: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let dir = home.join("cache/packs");
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "loc"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn blob_locations_are_opened_pack_by_pack_as_lookups_need_them() {
+    let env = Env::new();
+    let key = shoal_registry::SecretKey::generate().unwrap();
+    // 60 parents of 100 leaves of 100 files: three packs (262,144 blobs each at most), the
+    // last parent's directories in the last one, the first parent's in the first.
+    let entries = 600_000;
+    let g = scale::generate(&env.origin, &key, "scale", "v1", entries, 100).unwrap();
+    assert_eq!(g.packs, 3);
+    assert!(env
+        .run(&["trust", &key.public().to_string()])
+        .status
+        .success());
+    let names = |ls: &serde_json::Value| -> Vec<String> { strs(&ls["entries"], "name") };
+    let expect = |parent: u64, leaf: u64| -> Vec<String> {
+        (0..100)
+            .map(|f| {
+                let p = scale::path_of(parent * 10_000 + leaf * 100 + f, 100);
+                p.rsplit('/').next().unwrap().to_string()
+            })
+            .collect()
+    };
+    // A directory written last: not every pack's locator is built (the root directory's
+    // first nodes were written with the first parents, so `ls`, which reads each directory
+    // on the path whole, opens more than the last pack).
+    let ls = env.json(&["ls", "scale@v1", "p59/l99"]);
+    assert_eq!(names(&ls), expect(59, 99), "{ls}");
+    assert!(locators(&env.home).len() < 3);
+    // One written first: the others are opened too, and it lists exactly.
+    let ls = env.json(&["ls", "scale@v1", "p00/l00"]);
+    assert_eq!(names(&ls), expect(0, 0), "{ls}");
+    let locs = locators(&env.home);
+    assert_eq!(locs.len(), 3);
+    // Damaged locator files (cut short, emptied) are rebuilt, not trusted: with the tree
+    // nodes gone from the store, listing needs every lookup again.
+    let whole: Vec<u64> = locs
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    let f = std::fs::OpenOptions::new().write(true).open(&locs[0]).unwrap();
+    f.set_len(whole[0] / 2).unwrap();
+    std::fs::write(&locs[1], b"").unwrap();
+    std::fs::write(&locs[2], b"SHOALOC1 but nothing else").unwrap();
+    std::fs::remove_dir_all(env.home.join("store")).unwrap();
+    let ls = env.json(&["ls", "scale@v1", "p00/l00"]);
+    assert_eq!(names(&ls), expect(0, 0), "{ls}");
+    let again: Vec<u64> = locators(&env.home)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    assert_eq!(again, whole);
+    // A pull of files from the first and the last pack, from the files already built.
+    let out = env.path("out");
+    let r = env.json(&[
+        "pull",
+        "scale@v1",
+        "--include",
+        "p00/l00/*",
+        "--include",
+        "p59/l99/*",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r["files"], 200, "{r}");
+    for i in [0, 99, entries - 100, entries - 1] {
+        let p = scale::path_of(i, 100);
+        assert_eq!(std::fs::read(out.join(&p)).unwrap(), scale::content_of(i));
+    }
+}

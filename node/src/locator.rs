@@ -398,6 +398,7 @@ impl Locator {
         .await?;
         if opened {
             self.open.fetch_add(1, Ordering::AcqRel);
+            tracing::debug!(pack, of = self.slots.len(), "pack locator opened");
         }
         Ok(())
     }
