@@ -205,7 +205,9 @@ struct State {
     /// what makes it durable).
     seg_of: FxHashMap<Hash, u32>,
     file: File,
-    policy: ClockLfu<Hash>,
+    /// The eviction policy, with a capacity only: without one nothing is evicted, and
+    /// keeping its state (about 100 bytes a blob) would only cost memory.
+    policy: Option<ClockLfu<Hash>>,
     segs: BTreeMap<u32, Seg>,
     hits: u64,
     misses: u64,
@@ -425,15 +427,16 @@ impl SegmentStore {
             }
         }
         // Live bytes stay under 3/4 of the capacity; the rest absorbs garbage between compactions.
-        let policy_cap = capacity.map(|c| c / 4 * 3).unwrap_or(u64::MAX);
-        let mut policy = ClockLfu::new(policy_cap);
-        for kv in pinned.iter() {
-            let (k, _) = kv.map_err(|source| StoreError::Db {
-                path: db_path.clone(),
-                source,
-            })?;
-            if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
-                policy.set_pinned(Hash(id), true);
+        let mut policy = capacity.map(|c| ClockLfu::new(c / 4 * 3));
+        if let Some(policy) = &mut policy {
+            for kv in pinned.iter() {
+                let (k, _) = kv.map_err(|source| StoreError::Db {
+                    path: db_path.clone(),
+                    source,
+                })?;
+                if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
+                    policy.set_pinned(Hash(id), true);
+                }
             }
         }
         let mut stale = Vec::new();
@@ -462,7 +465,9 @@ impl SegmentStore {
                 s.live.insert(id, loc);
                 seg_of.insert(id, seg);
                 // A capacity lowered since the last run: trim below.
-                victims.extend(policy.insert_forced(id, loc.len as u64));
+                if let Some(policy) = &mut policy {
+                    victims.extend(policy.insert_forced(id, loc.len as u64));
+                }
             }
         }
         for k in stale {
@@ -563,7 +568,9 @@ impl SegmentStore {
         self.records
             .apply_batch(batch)
             .map_err(|e| self.db_err(e))?;
-        st.policy.remove(id);
+        if let Some(p) = &mut st.policy {
+            p.remove(id);
+        }
         st.dropped += 1;
         Ok(())
     }
@@ -577,7 +584,9 @@ impl SegmentStore {
                 .and_then(|s| s.live.get(id))
                 .map(|&loc| (seg, loc))
         });
-        st.policy.access(id);
+        if let Some(p) = &mut st.policy {
+            p.access(id);
+        }
         match found {
             Some(_) => st.hits += 1,
             None => st.misses += 1,
@@ -862,13 +871,17 @@ impl SegmentStore {
             if st.seg_of.contains_key(id) || admitted.iter().any(|(a, _)| a == id) {
                 continue;
             }
+            let Some(policy) = &mut st.policy else {
+                admitted.push((*id, *bytes));
+                continue;
+            };
             match retain {
                 Retain::Keep => {
-                    evicted.extend(st.policy.insert_forced(*id, bytes.len() as u64));
+                    evicted.extend(policy.insert_forced(*id, bytes.len() as u64));
                     admitted.push((*id, *bytes));
                 }
                 Retain::Cache => {
-                    let a = st.policy.insert(*id, bytes.len() as u64);
+                    let a = policy.insert(*id, bytes.len() as u64);
                     evicted.extend(a.evicted);
                     if a.admitted {
                         admitted.push((*id, *bytes));
@@ -1097,8 +1110,10 @@ impl ChunkStore for SegmentStore {
             pins.insert(name, list.as_slice())?;
             Ok(())
         })?;
-        for (id, _) in blobs {
-            st.policy.set_pinned(*id, true);
+        if let Some(p) = &mut st.policy {
+            for (id, _) in blobs {
+                p.set_pinned(*id, true);
+            }
         }
         self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
     }
@@ -1135,8 +1150,10 @@ impl ChunkStore for SegmentStore {
             pins.remove(name)?;
             Ok(())
         })?;
-        for id in released {
-            st.policy.set_pinned(id, false);
+        if let Some(p) = &mut st.policy {
+            for id in released {
+                p.set_pinned(id, false);
+            }
         }
         self.db.flush().map_err(|e| self.db_err(e))?;
         Ok(true)
@@ -1145,7 +1162,22 @@ impl ChunkStore for SegmentStore {
     fn gc(&self) -> Result<u64, StoreError> {
         let mut st = self.lock();
         let before: u64 = st.segs.values().map(|s| s.size).sum();
-        let drop: Vec<Hash> = st.policy.clear_unpinned();
+        let drop: Vec<Hash> = match &mut st.policy {
+            Some(p) => p.clear_unpinned(),
+            None => {
+                let mut drop = Vec::new();
+                for id in st.seg_of.keys() {
+                    let pinned = self
+                        .pinned
+                        .contains_key(id.as_bytes())
+                        .map_err(|e| self.db_err(e))?;
+                    if !pinned {
+                        drop.push(*id);
+                    }
+                }
+                drop
+            }
+        };
         st.dropped += drop.len() as u64;
         let mut batch = sled::Batch::default();
         self.unindex(&mut st, &drop, &mut batch)?;

@@ -212,6 +212,38 @@ fn pins_survive_pressure_and_gc_frees_the_rest() {
     assert_eq!(s.stats().unwrap().blobs, 0);
 }
 
+/// Without a capacity the store keeps no eviction state: cache fills are all admitted,
+/// nothing is evicted, and gc still keeps exactly what pins hold.
+#[test]
+fn without_a_capacity_everything_is_kept_and_gc_keeps_the_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SegmentStore::open(dir.path(), None).unwrap();
+    let keep: Vec<_> = (0..4).map(|i| blob(2000 + i, 30_000)).collect();
+    put(&s, &keep, Retain::Keep);
+    let cached: Vec<_> = (0..200).map(|i| blob(3000 + i, 20_000)).collect();
+    for c in cached.chunks(7) {
+        put(&s, c, Retain::Cache);
+    }
+    for (h, b) in keep.iter().chain(&cached) {
+        assert_eq!(&s.get(h).unwrap().expect("kept"), b);
+    }
+    let list: Vec<(Hash, u32)> = keep.iter().map(|(h, b)| (*h, b.len() as u32)).collect();
+    s.pin("demo@v1", &list).unwrap();
+    assert!(s.gc().unwrap() > 0);
+    let st = s.stats().unwrap();
+    assert_eq!((st.blobs, st.live_bytes), (4, 120_000));
+    for (h, b) in &keep {
+        assert_eq!(&s.get(h).unwrap().expect("pinned"), b);
+    }
+    assert!(s.get(&cached[0].0).unwrap().is_none());
+    drop(s);
+    let s = SegmentStore::open(dir.path(), None).unwrap();
+    assert_eq!(s.stats().unwrap().blobs, 4);
+    assert!(s.unpin("demo@v1").unwrap());
+    s.gc().unwrap();
+    assert_eq!(s.stats().unwrap().blobs, 0);
+}
+
 #[test]
 fn cache_fills_keep_a_stable_part_of_a_cyclic_workload() {
     let dir = tempfile::tempdir().unwrap();
