@@ -94,7 +94,10 @@ fn blob_locations_are_opened_pack_by_pack_as_lookups_need_them() {
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .collect();
-    let f = std::fs::OpenOptions::new().write(true).open(&locs[0]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&locs[0])
+        .unwrap();
     f.set_len(whole[0] / 2).unwrap();
     std::fs::write(&locs[1], b"").unwrap();
     std::fs::write(&locs[2], b"SHOALOC1 but nothing else").unwrap();

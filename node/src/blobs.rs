@@ -2,13 +2,13 @@
 //! blob verified against its id before it is stored or used.
 
 use crate::error::{Error, Result};
+use crate::locator::{Loc, Locator};
 use crate::origins::{Holders, Origins};
 use crate::progress::Progress;
 use crate::store::{ChunkStore, Retain};
 use crate::swarm::Swarm;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use crate::locator::{Loc, Locator};
 use shoal_registry::pack::{AnyIndex, ExternalIndex, Frames};
 use shoal_registry::{Hash, Origin, SignedVersion};
 use std::collections::HashMap;
@@ -537,10 +537,7 @@ impl Blobs {
         if self.locator.has_compressed() {
             let mut decoded = self.decoded.lock().expect("poisoned");
             wanted.retain(|(l, id)| {
-                let Some(at) = self
-                    .frames(l.pack)
-                    .and_then(|f| f.compressed_at(l.offset))
-                else {
+                let Some(at) = self.frames(l.pack).and_then(|f| f.compressed_at(l.offset)) else {
                     return true;
                 };
                 let Some(frame) = decoded.get(&(l.pack, at)) else {

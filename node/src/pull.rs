@@ -259,6 +259,8 @@ impl Node {
             .filter(|c| seen.insert(c.id))
             .map(|c| (c.id, c.len))
             .collect();
+        // Not kept through the fetch: it is as large as the order itself.
+        drop(seen);
         let order = std::sync::Arc::new(order);
         let store2 = store.clone();
         let order2 = order.clone();
@@ -400,7 +402,7 @@ impl Node {
             files_in_version,
             partial,
             bytes: total,
-            chunks: seen.len() as u64,
+            chunks: order.len() as u64,
             bytes_from_origin: blobs.bytes_from_origin(),
             bytes_from_peers: fetched.from_peers,
             bytes_already_local: local_bytes,

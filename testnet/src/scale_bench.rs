@@ -190,8 +190,7 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
         out["first_stat_s"] = json!(stat_secs(&mp.join(&g.last_path))?);
         // The first file's directories were written first: in the version's oldest packs,
         // which a lookup reaches last.
-        out["first_stat_oldest_s"] =
-            json!(stat_secs(&mp.join(scale::path_of(0, width.max(2))))?);
+        out["first_stat_oldest_s"] = json!(stat_secs(&mp.join(scale::path_of(0, width.max(2))))?);
         let (n, cold, warm) = find_twice(&mp)?;
         out["find_entries"] = json!(n);
         out["find_cold_s"] = json!(cold);

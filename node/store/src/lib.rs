@@ -178,14 +178,28 @@ struct Loc {
     rec: u64,
 }
 
+/// A segment file: its size, and how much of it live blobs hold (which blobs those are is
+/// in [`State::index`]).
+#[derive(Default)]
 struct Seg {
     size: u64,
-    live: HashMap<Hash, Loc>,
+    live_bytes: u64,
+    live_blobs: u64,
 }
 
 impl Seg {
     fn live_bytes(&self) -> u64 {
-        self.live.values().map(|l| l.len as u64).sum()
+        self.live_bytes
+    }
+
+    fn add(&mut self, loc: &Loc) {
+        self.live_bytes += loc.len as u64;
+        self.live_blobs += 1;
+    }
+
+    fn sub(&mut self, loc: &Loc) {
+        self.live_bytes -= loc.len as u64;
+        self.live_blobs -= 1;
     }
 }
 
@@ -201,9 +215,9 @@ enum Check {
 
 struct State {
     active: u32,
-    /// Which segment holds each live blob (with `Seg::live`, the index in memory; sled is
-    /// what makes it durable).
-    seg_of: FxHashMap<Hash, u32>,
+    /// Where each live blob is (the index in memory; sled is what makes it durable): one
+    /// map, so a blob costs one entry (~80 bytes) here.
+    index: FxHashMap<Hash, (u32, Loc)>,
     file: File,
     /// The eviction policy, with a capacity only: without one nothing is evicted, and
     /// keeping its state (about 100 bytes a blob) would only cost memory.
@@ -421,7 +435,7 @@ impl SegmentStore {
                     n,
                     Seg {
                         size,
-                        live: HashMap::new(),
+                        ..Seg::default()
                     },
                 );
             }
@@ -441,7 +455,7 @@ impl SegmentStore {
         }
         let mut stale = Vec::new();
         let mut victims = Vec::new();
-        let mut seg_of: FxHashMap<Hash, u32> = FxHashMap::default();
+        let mut index: FxHashMap<Hash, (u32, Loc)> = FxHashMap::default();
         for kv in records.iter() {
             let (k, v) = kv.map_err(|source| StoreError::Db {
                 path: db_path.clone(),
@@ -459,11 +473,11 @@ impl SegmentStore {
             for (id, loc) in entries {
                 // Listed twice (which the store never writes: a put skips stored blobs, and a
                 // compaction swaps records atomically): the first wins, the other is inert.
-                if seg_of.contains_key(&id) {
+                if index.contains_key(&id) {
                     continue;
                 }
-                s.live.insert(id, loc);
-                seg_of.insert(id, seg);
+                s.add(&loc);
+                index.insert(id, (seg, loc));
                 // A capacity lowered since the last run: trim below.
                 if let Some(policy) = &mut policy {
                     victims.extend(policy.insert_forced(id, loc.len as u64));
@@ -489,11 +503,11 @@ impl SegmentStore {
             .map_err(|source| StoreError::Io { path, source })?;
         segs.entry(active).or_insert(Seg {
             size: file.metadata().map(|m| m.len()).unwrap_or(0),
-            live: HashMap::new(),
+            ..Seg::default()
         });
         let state = State {
             active,
-            seg_of,
+            index,
             file,
             policy,
             segs,
@@ -578,12 +592,7 @@ impl SegmentStore {
     /// Where a live blob is, counted as an access (for the eviction policy) and a hit or miss.
     fn lookup(&self, id: &Hash) -> Option<(u32, Loc)> {
         let mut st = self.lock();
-        let found = st.seg_of.get(id).and_then(|&seg| {
-            st.segs
-                .get(&seg)
-                .and_then(|s| s.live.get(id))
-                .map(|&loc| (seg, loc))
-        });
+        let found = st.index.get(id).copied();
         if let Some(p) = &mut st.policy {
             p.access(id);
         }
@@ -621,7 +630,12 @@ impl SegmentStore {
             };
             if !good {
                 // Moved by a compaction since the lookup? Look again before calling it corrupt.
-                if self.lock().seg_of.get(id).is_some_and(|&now| now != seg) {
+                if self
+                    .lock()
+                    .index
+                    .get(id)
+                    .is_some_and(|&(now, _)| now != seg)
+                {
                     continue;
                 }
                 self.drop_entry(&mut self.lock(), id)?;
@@ -703,19 +717,27 @@ impl SegmentStore {
             );
         }
         for (id, seg, loc) in out {
-            st.seg_of.insert(id, seg);
-            st.segs
-                .get_mut(&seg)
-                .expect("appended segment")
-                .live
-                .insert(id, loc);
+            st.segs.get_mut(&seg).expect("appended segment").add(&loc);
+            if let Some((was, old)) = st.index.insert(id, (seg, loc)) {
+                // A compaction's copy replacing the original.
+                if let Some(s) = st.segs.get_mut(&was) {
+                    s.sub(&old);
+                }
+            }
         }
         Ok(batch)
     }
 
     /// Copies a segment's live blobs forward, repoints the index, then deletes the segment.
     fn compact(&self, st: &mut State, seg: u32) -> Result<(), StoreError> {
-        let live: Vec<(Hash, Loc)> = st.segs[&seg].live.iter().map(|(k, v)| (*k, *v)).collect();
+        // One pass over the index: compaction is rare, and a list per segment would cost
+        // every blob a second entry.
+        let live: Vec<(Hash, Loc)> = st
+            .index
+            .iter()
+            .filter(|(_, (s, _))| *s == seg)
+            .map(|(k, (_, l))| (*k, *l))
+            .collect();
         let mut copies = Vec::with_capacity(live.len());
         if !live.is_empty() {
             let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
@@ -812,7 +834,7 @@ impl SegmentStore {
             next,
             Seg {
                 size: 0,
-                live: HashMap::new(),
+                ..Seg::default()
             },
         );
         Ok(())
@@ -868,7 +890,7 @@ impl SegmentStore {
         let mut evicted = Vec::new();
         let mut declined = Vec::new();
         for (id, bytes) in blobs {
-            if st.seg_of.contains_key(id) || admitted.iter().any(|(a, _)| a == id) {
+            if st.index.contains_key(id) || admitted.iter().any(|(a, _)| a == id) {
                 continue;
             }
             let Some(policy) = &mut st.policy else {
@@ -898,10 +920,7 @@ impl SegmentStore {
         let mut demoted = declined;
         if collect {
             for id in &evicted {
-                let stored = st
-                    .seg_of
-                    .get(id)
-                    .and_then(|&seg| Some((seg, *st.segs.get(&seg)?.live.get(id)?)));
+                let stored = st.index.get(id).copied();
                 match stored {
                     Some((seg, loc)) => {
                         let read = self.reader(seg).and_then(|f| read_at(&f, loc.off, loc.len));
@@ -980,7 +999,7 @@ impl ChunkStore for SegmentStore {
     }
 
     fn contains(&self, id: &Hash) -> Result<bool, StoreError> {
-        Ok(self.lock().seg_of.contains_key(id))
+        Ok(self.lock().index.contains_key(id))
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1046,15 +1065,14 @@ impl ChunkStore for SegmentStore {
             let (k, _) = kv.map_err(|e| self.db_err(e))?;
             if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
                 pinned_bytes += st
-                    .segs
-                    .values()
-                    .find_map(|s| s.live.get(&Hash(id)))
-                    .map(|l| l.len as u64)
+                    .index
+                    .get(&Hash(id))
+                    .map(|(_, l)| l.len as u64)
                     .unwrap_or(0);
             }
         }
         let live: u64 = st.segs.values().map(Seg::live_bytes).sum();
-        let blobs = st.segs.values().map(|s| s.live.len() as u64).sum();
+        let blobs = st.segs.values().map(|s| s.live_blobs).sum();
         Ok(CacheStats {
             path: self.dir.display().to_string(),
             capacity: self.capacity,
@@ -1088,7 +1106,7 @@ impl ChunkStore for SegmentStore {
             return Ok(());
         }
         for (id, _) in blobs {
-            if !st.seg_of.contains_key(id) {
+            if !st.index.contains_key(id) {
                 return Err(StoreError::NotLocal {
                     name: name.to_string(),
                     id: *id,
@@ -1166,7 +1184,7 @@ impl ChunkStore for SegmentStore {
             Some(p) => p.clear_unpinned(),
             None => {
                 let mut drop = Vec::new();
-                for id in st.seg_of.keys() {
+                for id in st.index.keys() {
                     let pinned = self
                         .pinned
                         .contains_key(id.as_bytes())
@@ -1240,8 +1258,10 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Removes a blob from the index in memory; returns where it was.
 fn forget_live(st: &mut State, id: &Hash) -> Option<(u32, Loc)> {
-    let seg = st.seg_of.remove(id)?;
-    let loc = st.segs.get_mut(&seg)?.live.remove(id)?;
+    let (seg, loc) = st.index.remove(id)?;
+    if let Some(s) = st.segs.get_mut(&seg) {
+        s.sub(&loc);
+    }
     Some((seg, loc))
 }
 
@@ -1287,7 +1307,7 @@ fn migrate(legacy: &sled::Tree, records: &sled::Tree) -> sled::Result<()> {
 fn drop_unused(st: &mut State) {
     let active = st.active;
     st.segs
-        .retain(|n, s| *n == active || s.size > 0 || !s.live.is_empty());
+        .retain(|n, s| *n == active || s.size > 0 || s.live_blobs > 0);
 }
 
 #[cfg(test)]

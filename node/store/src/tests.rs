@@ -285,7 +285,23 @@ fn index_records_follow_evictions_corruption_compaction_and_reopen() {
         ids
     }
     fn held(s: &SegmentStore) -> Vec<Hash> {
-        let mut ids: Vec<Hash> = s.lock().seg_of.keys().copied().collect();
+        let st = s.lock();
+        // Each segment's live counts are those of the index's entries in it.
+        let mut counted: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for (seg, loc) in st.index.values() {
+            let c = counted.entry(*seg).or_default();
+            c.0 += loc.len as u64;
+            c.1 += 1;
+        }
+        for (n, seg) in &st.segs {
+            let c = counted.remove(n).unwrap_or_default();
+            assert_eq!((seg.live_bytes, seg.live_blobs), c, "segment {n}");
+        }
+        assert!(
+            counted.is_empty(),
+            "entries in segments unknown: {counted:?}"
+        );
+        let mut ids: Vec<Hash> = st.index.keys().copied().collect();
         ids.sort();
         ids
     }
@@ -301,11 +317,7 @@ fn index_records_follow_evictions_corruption_compaction_and_reopen() {
         assert!(s.stats().unwrap().evictions > 0);
         // Corrupt one held blob on disk: dropped from its record, the rest of it kept.
         let victim = *held(&s).first().unwrap();
-        let (seg, loc) = {
-            let st = s.lock();
-            let seg = st.seg_of[&victim];
-            (seg, st.segs[&seg].live[&victim])
-        };
+        let (seg, loc) = s.lock().index[&victim];
         let f = OpenOptions::new()
             .write(true)
             .open(s.seg_path(seg))
