@@ -153,7 +153,7 @@ fn write_file(
     index: usize,
     f: &WalkFile,
 ) -> Result<()> {
-    let path = dest.join(&f.path);
+    let path = dest.join(&*f.path);
     let tmp = staging.join(index.to_string());
     let result = (|| -> Result<()> {
         let file = std::fs::OpenOptions::new()
@@ -356,7 +356,7 @@ impl Node {
                     .dirs
                     .iter()
                     .map(|(p, _)| p.as_str())
-                    .chain(tree.files.iter().map(|f| f.path.as_str()))
+                    .chain(tree.files.iter().map(|f| &*f.path))
                     .chain(tree.symlinks.iter().map(|(p, _)| p.as_str()))
                     .filter(|p| !p.contains('/'))
                     .collect();

@@ -108,7 +108,7 @@ impl Matcher {
         let mut parents: BTreeSet<&str> = BTreeSet::new();
         for p in files
             .iter()
-            .map(|f| f.path.as_str())
+            .map(|f| &*f.path)
             .chain(symlinks.iter().map(|(p, _)| p.as_str()))
         {
             parents.extend(p.match_indices('/').map(|(i, _)| &p[..i]));

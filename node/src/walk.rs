@@ -7,13 +7,15 @@ use shoal_registry::dirs::{DirLoad, DirNode, Span};
 use shoal_registry::tree::{self, ChunkList, ChunkRef, Dir, EntryKind, FileContent};
 use shoal_registry::Hash;
 
-/// A file of the version, with its full chunk list.
+/// A file of the version, with its full chunk list. (A pull holds one per file of the
+/// version: its path is boxed to its length, and a file of one chunk, the common small
+/// file, keeps it inline rather than in an allocation of its own.)
 #[derive(Debug, Clone)]
 pub struct WalkFile {
-    pub path: String,
+    pub path: Box<str>,
     pub mode: u32,
     pub size: u64,
-    pub chunks: Vec<ChunkRef>,
+    pub chunks: smallvec::SmallVec<[ChunkRef; 1]>,
 }
 
 /// Everything in a version, paths relative to its root, parents before children.
@@ -152,14 +154,14 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
                     }
                     EntryKind::File { size, content } => {
                         let chunks = match content {
-                            FileContent::Chunks(c) => c,
+                            FileContent::Chunks(c) => c.into_iter().collect(),
                             FileContent::Lists(l) => {
                                 lists.push((out.files.len(), l));
-                                Vec::new()
+                                smallvec::SmallVec::new()
                             }
                         };
                         out.files.push(WalkFile {
-                            path: p,
+                            path: p.into_boxed_str(),
                             mode: e.mode,
                             size,
                             chunks,
