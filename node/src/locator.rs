@@ -389,6 +389,7 @@ impl Locator {
     /// Cancel-safe, as [`Self::prepare`].
     async fn open_pack(&self, pack: u32) -> Result<()> {
         let slot = &self.slots[pack as usize];
+        let started = std::time::Instant::now();
         let mut opened = false;
         slot.get_or_try_init(|| async {
             let p = self.load_pack(pack).await?;
@@ -398,7 +399,12 @@ impl Locator {
         .await?;
         if opened {
             self.open.fetch_add(1, Ordering::AcqRel);
-            tracing::debug!(pack, of = self.slots.len(), "pack locator opened");
+            tracing::debug!(
+                pack,
+                of = self.slots.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "pack locator opened"
+            );
         }
         Ok(())
     }
@@ -418,8 +424,15 @@ impl Locator {
             other => other,
         };
         // No file yet (or an external pack, whose index is needed in memory).
+        let t = std::time::Instant::now();
         let (idx, n) =
             crate::blobs::pack_index_any(&self.origins, self.holders, &self.cache, &id).await?;
+        tracing::debug!(
+            pack,
+            bytes = n,
+            ms = t.elapsed().as_millis() as u64,
+            "pack index read"
+        );
         self.index_bytes.fetch_add(n, Ordering::Relaxed);
         if let Some(s) = &self.swarm {
             s.counters.bytes_from_origin.fetch_add(n, Ordering::Relaxed);

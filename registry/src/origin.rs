@@ -8,7 +8,6 @@
 //!   put), written after everything they reference;
 //! - `datasets/<name>/_tags/<tag>`: tags, moved with a conditional put where the store has one.
 
-use crate::format::DecodeError;
 use crate::names::{DatasetName, DatasetRef, Label, Rev};
 use crate::pack::AnyIndex;
 use crate::version::{AnyTag, DatasetConfig, SecretKey, SignedTag, SignedVersion, TagBody};
@@ -777,11 +776,21 @@ impl Origin {
                 origin: self.url.clone(),
                 what: format!("pack index {key}"),
             })?;
-        if shoal_chunker::hash(&bytes) != *id {
-            return Err(self.corrupt(&key, "content does not match its id"));
+        // Hashing and decoding megabytes of index: off the async threads.
+        let (id, b) = (*id, bytes.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            if shoal_chunker::hash(&b) != id {
+                return Err(None);
+            }
+            AnyIndex::decode(&b).map_err(Some)
+        })
+        .await
+        .expect("pack index task panicked");
+        match checked {
+            Ok(idx) => Ok((idx, bytes)),
+            Err(None) => Err(self.corrupt(&key, "content does not match its id")),
+            Err(Some(e)) => Err(self.corrupt(&key, e)),
         }
-        let idx = AnyIndex::decode(&bytes).map_err(|e: DecodeError| self.corrupt(&key, e))?;
-        Ok((idx, bytes))
     }
 
     /// What the store says of the object at `key` (relative to the root) now: None if it is
