@@ -171,11 +171,20 @@ pub struct Located {
 /// record lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Loc {
-    off: u64,
+    /// Offsets in a segment fit 32 bits: segments roll at [`SEGMENT_MAX`] (256 MiB) and a
+    /// blob is at most 64 MiB. (In memory only: records keep 64 bits. The index holds one
+    /// entry per blob: 56 bytes with these, 72 with 64-bit offsets.)
+    off: u32,
     len: u32,
     crc: Option<u32>,
     /// The record's key within the segment (the offset of its first blob).
-    rec: u64,
+    rec: u32,
+}
+
+impl Loc {
+    fn off(&self) -> u64 {
+        self.off as u64
+    }
 }
 
 /// A segment file: its size, and how much of it live blobs hold (which blobs those are is
@@ -285,7 +294,7 @@ fn encode_record<'a>(entries: impl Iterator<Item = (&'a Hash, &'a Loc)>) -> Vec<
             v[0] = REC_NO_CRC;
         }
         v.extend_from_slice(id.as_bytes());
-        v.extend_from_slice(&loc.off.to_be_bytes());
+        v.extend_from_slice(&loc.off().to_be_bytes());
         v.extend_from_slice(&loc.len.to_be_bytes());
         v.extend_from_slice(&loc.crc.unwrap_or(0).to_be_bytes());
     }
@@ -302,11 +311,11 @@ fn decode_record(v: &[u8], rec: u64) -> Option<Vec<(Hash, Loc)>> {
             Some((
                 Hash(e[..32].try_into().ok()?),
                 Loc {
-                    off: u64::from_be_bytes(e[32..40].try_into().ok()?),
+                    off: u32::try_from(u64::from_be_bytes(e[32..40].try_into().ok()?)).ok()?,
                     len: u32::from_be_bytes(e[40..44].try_into().ok()?),
                     crc: (kind == REC_CRC)
                         .then(|| u32::from_be_bytes(e[44..48].try_into().expect("4 bytes"))),
-                    rec,
+                    rec: u32::try_from(rec).ok()?,
                 },
             ))
         })
@@ -320,7 +329,7 @@ fn decode_record(v: &[u8], rec: u64) -> Option<Vec<(Hash, Loc)>> {
 fn encode_loc(seg: u32, loc: Loc) -> [u8; 20] {
     let mut v = [0u8; 20];
     v[..4].copy_from_slice(&seg.to_be_bytes());
-    v[4..12].copy_from_slice(&loc.off.to_be_bytes());
+    v[4..12].copy_from_slice(&loc.off().to_be_bytes());
     v[12..16].copy_from_slice(&loc.len.to_be_bytes());
     v[16..].copy_from_slice(&loc.crc.unwrap_or(0).to_be_bytes());
     v
@@ -337,7 +346,7 @@ fn decode_loc(v: &[u8]) -> Option<(u32, Loc)> {
     Some((
         u32::from_be_bytes(v[..4].try_into().ok()?),
         Loc {
-            off: u64::from_be_bytes(v[4..12].try_into().ok()?),
+            off: u32::try_from(u64::from_be_bytes(v[4..12].try_into().ok()?)).ok()?,
             len: u32::from_be_bytes(v[12..16].try_into().ok()?),
             crc,
             rec: 0,
@@ -612,7 +621,10 @@ impl SegmentStore {
             let Some((seg, loc)) = found else {
                 return Ok(None);
             };
-            let buf = match self.reader(seg).and_then(|f| read_at(&f, loc.off, loc.len)) {
+            let buf = match self
+                .reader(seg)
+                .and_then(|f| read_at(&f, loc.off(), loc.len))
+            {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -693,7 +705,10 @@ impl SegmentStore {
                 flush(st, &mut pending, &mut pending_len)?;
                 self.roll(st)?;
             }
-            let off = st.segs[&st.active].size + pending_len;
+            // Segments roll well before 4 GiB (see `Loc`).
+            let off = u32::try_from(st.segs[&st.active].size + pending_len).map_err(|_| {
+                self.io_err(st.active)(std::io::Error::other("segment beyond 4 GiB"))
+            })?;
             if pending.is_empty() {
                 rec = off;
             }
@@ -710,7 +725,7 @@ impl SegmentStore {
         flush(st, &mut pending, &mut pending_len)?;
         let mut batch = sled::Batch::default();
         for group in out.chunk_by(|a, b| (a.1, a.2.rec) == (b.1, b.2.rec)) {
-            let (seg, rec) = (group[0].1, group[0].2.rec);
+            let (seg, rec) = (group[0].1, group[0].2.rec as u64);
             batch.insert(
                 &record_key(seg, rec),
                 encode_record(group.iter().map(|(id, _, loc)| (id, loc))),
@@ -742,7 +757,7 @@ impl SegmentStore {
         if !live.is_empty() {
             let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
             for (id, loc) in live {
-                match read_at(&f, loc.off, loc.len) {
+                match read_at(&f, loc.off(), loc.len) {
                     Ok(b) if id.verify(&b) => copies.push((id, b)),
                     _ => {
                         tracing::warn!(blob = %id, segment = seg, "dropping a corrupt blob found while compacting");
@@ -797,7 +812,7 @@ impl SegmentStore {
         let mut touched: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
         for id in ids {
             if let Some((seg, loc)) = forget_live(st, id) {
-                touched.entry((seg, loc.rec)).or_default().push(*id);
+                touched.entry((seg, loc.rec as u64)).or_default().push(*id);
             }
         }
         for ((seg, rec), gone) in touched {
@@ -923,7 +938,9 @@ impl SegmentStore {
                 let stored = st.index.get(id).copied();
                 match stored {
                     Some((seg, loc)) => {
-                        let read = self.reader(seg).and_then(|f| read_at(&f, loc.off, loc.len));
+                        let read = self
+                            .reader(seg)
+                            .and_then(|f| read_at(&f, loc.off(), loc.len));
                         if let Some(buf) = read.ok().filter(|b| id.verify(b)) {
                             demoted.push((*id, buf));
                         }
@@ -1018,7 +1035,7 @@ impl ChunkStore for SegmentStore {
             Ok(file) => Ok(Some(Located {
                 file,
                 path: self.seg_path(seg),
-                offset: loc.off,
+                offset: loc.off(),
                 len: loc.len,
             })),
             // Compacted away since the lookup: the reader asks again, or reads it the usual way.
@@ -1291,7 +1308,7 @@ fn migrate(legacy: &sled::Tree, records: &sled::Tree) -> sled::Result<()> {
                 l.rec = rec;
             }
             batch.insert(
-                &record_key(seg, rec),
+                &record_key(seg, rec as u64),
                 encode_record(chunk.iter().map(|(id, l)| (id, l))),
             );
         }
