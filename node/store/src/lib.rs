@@ -32,6 +32,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+/// sled's page cache: the records are read whole once when the store opens, then only those
+/// of batches being evicted, dropped or compacted.
+const SLED_CACHE: u64 = 32 << 20;
+
 /// Segments are rolled over at this size, or at a sixteenth of the capacity if smaller.
 const SEGMENT_MAX: u64 = 256 << 20;
 
@@ -393,6 +397,9 @@ impl SegmentStore {
         let db = sled::Config::new()
             .path(&db_path)
             .mode(sled::Mode::HighThroughput)
+            // sled's page cache (1 GiB by default) filled with every record as the store
+            // opened: 320 MB resident for a store of a million blobs.
+            .cache_capacity(SLED_CACHE)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(ref ioe)
