@@ -116,6 +116,17 @@ fn write_files(dir: &Path, entries: u64, width: u64) -> Result<()> {
     Ok(())
 }
 
+/// `shoal mount scale@v1 MP` with this state directory and origin, in the background.
+fn spawn_mount(bin: &str, home: &Path, origin: &Path, mp: &Path) -> Result<Child> {
+    Ok(Command::new(bin)
+        .args(["mount", "scale@v1", mp.to_str().context("UTF-8 path")?])
+        .env("SHOAL_HOME", home)
+        .env("SHOAL_ORIGIN", origin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
 pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) -> Result<Value> {
     let work = args.bench_root.join(format!("work/scale-{entries}"));
     let _ = std::fs::remove_dir_all(&work);
@@ -177,13 +188,7 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
     let mp = work.join("mnt");
     std::fs::create_dir_all(&mp)?;
     eprintln!("mounting at {}", mp.display());
-    let mut child = Command::new(bin)
-        .args(["mount", "scale@v1", mp.to_str().unwrap()])
-        .env("SHOAL_HOME", &home)
-        .env("SHOAL_ORIGIN", &origin)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut child = spawn_mount(bin, &home, &origin, &mp)?;
     let measured = (|| -> Result<()> {
         out["mount_ready_s"] = json!(wait_mounted(&mut child, &mp, "shoal mount")?);
         out["mount_rss_bytes"] = json!(rss_bytes(child.id()));
@@ -220,13 +225,7 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
     let _ = std::fs::remove_dir_all(&fresh);
     // The same mount again, on the machine that has mounted it: its locator files and tree
     // nodes are local.
-    let mut child = Command::new(bin)
-        .args(["mount", "scale@v1", mp.to_str().unwrap()])
-        .env("SHOAL_HOME", &home)
-        .env("SHOAL_ORIGIN", &origin)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut child = spawn_mount(bin, &home, &origin, &mp)?;
     let measured = (|| -> Result<()> {
         out["mount_warm_ready_s"] = json!(wait_mounted(&mut child, &mp, "shoal mount")?);
         out["mount_warm_rss_bytes"] = json!(rss_bytes(child.id()));
