@@ -170,7 +170,8 @@ async fn keep_pack_index(cache: &Path, id: &Hash, bytes: bytes::Bytes) {
 }
 
 impl Blobs {
-    /// Loads the indexes of every pack the version names.
+    /// Where the version's blobs are: nothing is read per pack here (see [`Locator`]); the
+    /// pack indexes peers hold are fetched from them first, when this node has a swarm.
     ///
     /// Cancel-safe: it only reads (indexes it cached stay cached and valid).
     pub async fn load(
@@ -294,6 +295,7 @@ impl Blobs {
     /// Where a blob sits in the origin: (pack number in the version, offset).
     /// (In an external pack, the offset is the object's number in the top 24 bits above its
     /// offset in the object: an order, not a byte position.)
+    ///
     /// Looks among the packs whose locators are open: see [`Self::open_all`] and
     /// [`Self::prepare`].
     pub fn locate(&self, id: &Hash) -> Option<(u32, u64)> {
@@ -405,6 +407,8 @@ impl Blobs {
         };
         let mut out = shoal_swarm::ask::from_complete_peers(swarm, root, &ids, self.retain).await;
         ids.retain(|id| !out.contains_key(id));
+        // Located before they are split by the owners of their runs.
+        self.prepare(&ids).await?;
         if let Some((mine, others)) = self.split_by_owner(&ids) {
             let asks = others
                 .into_iter()

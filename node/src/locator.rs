@@ -324,14 +324,13 @@ impl Locator {
     ///
     /// Cancel-safe: a pack is open once its file is whole; cancelled, the rest stay closed.
     pub async fn prepare(&self, ids: &[Hash]) -> Result<()> {
-        let mut missing: Vec<Hash> = Vec::new();
+        let mut missing: Vec<&Hash> = ids.iter().collect();
         // One pack first (most lookups are of blobs in the newest packs, or in the pack of
         // the last hit), then twice as many each round: an old blob in a version of
         // hundreds of packs is found in a few rounds, a new one without opening the rest.
         let mut batch = 1;
         loop {
-            missing.clear();
-            missing.extend(ids.iter().filter(|id| self.find(id).is_none()));
+            missing.retain(|id| self.find(id).is_none());
             if missing.is_empty() || self.all_open() {
                 return Ok(());
             }
@@ -379,6 +378,9 @@ impl Locator {
 
     /// Cancel-safe, as [`Self::prepare`].
     async fn open_packs(&self, packs: Vec<u32>) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
         let mut opening = futures::stream::iter(packs)
             .map(|p| self.open_pack(p))
             .buffer_unordered(OPEN_AT_ONCE);
