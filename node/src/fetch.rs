@@ -273,7 +273,7 @@ struct ById<'a> {
 impl ById<'_> {
     fn get(&self, id: &Hash) -> Option<usize> {
         let at = |i: usize| self.order[self.by_id[i] as usize].0.as_bytes().as_slice();
-        crate::locator::find_sorted(self.by_id.len(), at, id).map(|i| self.by_id[i] as usize)
+        shoal_store::sorted::find(self.by_id.len(), at, id).map(|i| self.by_id[i] as usize)
     }
 }
 

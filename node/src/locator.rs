@@ -21,6 +21,7 @@ use crate::origins::{Holders, Origins};
 use futures::StreamExt;
 use shoal_registry::pack::{AnyIndex, Codec, ExternalIndex, Frame, Frames};
 use shoal_registry::Hash;
+use shoal_store::sorted::{find, prefix};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -72,7 +73,7 @@ impl PackLoc {
 
     /// The record of `id`: (source object, offset, length).
     fn find(&self, id: &Hash) -> Option<(u32, u64, u32)> {
-        let i = find_sorted(self.count, |i| self.id_at(i), id)?;
+        let i = find(self.count, |i| self.id_at(i), id)?;
         let r = &self.map[self.start + i * RECORD + 32..][..16];
         Some((
             u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
@@ -80,48 +81,6 @@ impl PackLoc {
             u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
         ))
     }
-}
-
-/// Where `id` is among `n` ids sorted ascending (`id_at(i)` is the i-th): ids are BLAKE3
-/// outputs, uniform, so the first guess is where the id would sit among n uniform values,
-/// off by about sqrt(n) at most; the window around it is widened until it brackets the id,
-/// then searched. A few probes near one place, where a binary search would make about
-/// log2(n) scattered ones.
-pub(crate) fn find_sorted<'a>(
-    n: usize,
-    id_at: impl Fn(usize) -> &'a [u8],
-    id: &Hash,
-) -> Option<usize> {
-    if n == 0 {
-        return None;
-    }
-    let key = id.as_bytes().as_slice();
-    let guess = ((prefix(id) as u128 * n as u128) >> 64) as usize;
-    let (mut lo, mut step) = (guess, 64usize);
-    while lo > 0 && id_at(lo) > key {
-        lo = lo.saturating_sub(step);
-        step *= 2;
-    }
-    let (mut hi, mut step) = (guess + 1, 64usize);
-    while hi < n && id_at(hi - 1) < key {
-        hi = (hi + step).min(n);
-        step *= 2;
-    }
-    let (mut a, mut b) = (lo, hi);
-    while a < b {
-        let mid = (a + b) / 2;
-        match id_at(mid).cmp(key) {
-            std::cmp::Ordering::Less => a = mid + 1,
-            std::cmp::Ordering::Greater => b = mid,
-            std::cmp::Ordering::Equal => return Some(mid),
-        }
-    }
-    None
-}
-
-/// An id's first 8 bytes, big-endian: ids sort as these do, ties aside.
-fn prefix(id: &Hash) -> u64 {
-    u64::from_be_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 fn loc_path(cache: &Path, pack: &Hash) -> PathBuf {

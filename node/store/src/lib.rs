@@ -18,23 +18,30 @@
 //! compaction keeps the segment files under it; only pinned blobs can push usage beyond.
 
 pub mod policy;
+mod runs;
+pub mod sorted;
 pub mod tiers;
 pub mod wholefiles;
 
 use crate::policy::{ClockLfu, Policy};
-use rustc_hash::FxHashMap;
+use crate::runs::{Index, Run, DELTA_MAX};
 use serde::{Deserialize, Serialize};
 use shoal_chunker::Hash;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-/// sled's page cache: the records are read whole once when the store opens, then only those
-/// of batches being evicted, dropped or compacted.
+/// sled's page cache: records are read when blobs are evicted, dropped or compacted, and
+/// those written since the last checkpoint when the store opens.
 const SLED_CACHE: u64 = 32 << 20;
+
+/// A flush checkpoints the index when its delta holds this many entries (fewer are replayed
+/// from the records when the store is next opened, about a microsecond each, unless it is
+/// dropped cleanly, which checkpoints whatever there is).
+const FLUSH_CHECKPOINT: usize = 65_536;
 
 /// Segments are rolled over at this size, or at a sixteenth of the capacity if smaller.
 const SEGMENT_MAX: u64 = 256 << 20;
@@ -174,15 +181,15 @@ pub struct Located {
 /// before checksums were kept: reads for peers verify those against the id), and which index
 /// record lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Loc {
+pub(crate) struct Loc {
     /// Offsets in a segment fit 32 bits: segments roll at [`SEGMENT_MAX`] (256 MiB) and a
     /// blob is at most 64 MiB. (In memory only: records keep 64 bits. The index holds one
     /// entry per blob: 56 bytes with these, 72 with 64-bit offsets.)
-    off: u32,
-    len: u32,
-    crc: Option<u32>,
+    pub off: u32,
+    pub len: u32,
+    pub crc: Option<u32>,
     /// The record's key within the segment (the offset of its first blob).
-    rec: u32,
+    pub rec: u32,
 }
 
 impl Loc {
@@ -228,9 +235,11 @@ enum Check {
 
 struct State {
     active: u32,
-    /// Where each live blob is (the index in memory; sled is what makes it durable): one
-    /// map, so a blob costs one entry (56 bytes, in a table of a power of two of buckets).
-    index: FxHashMap<Hash, (u32, Loc)>,
+    /// Where each live blob is: runs on disk and recent changes in memory (see [`runs`]),
+    /// derived from the records in sled. An entry naming a segment that is gone is not live.
+    index: Index,
+    /// What the runs and the records agreed on when the index was last checkpointed.
+    ckpt: Ckpt,
     file: File,
     /// The eviction policy, with a capacity only: without one nothing is evicted, and
     /// keeping its state (about 100 bytes a blob) would only cost memory.
@@ -241,6 +250,132 @@ struct State {
     evictions: u64,
     /// Blobs dropped (collected or corrupt) since the store was opened.
     dropped: u64,
+    /// How the index was brought up to date when the store opened: entries replayed after
+    /// the checkpoint, or (`None`) rebuilt from every record.
+    replayed: Option<u64>,
+}
+
+impl State {
+    /// Where a live blob is.
+    fn live(&self, id: &Hash) -> Option<(u32, Loc)> {
+        self.index
+            .get(id)
+            .filter(|(seg, _)| self.segs.contains_key(seg))
+    }
+
+    /// Records `id` as stored at `loc` in `seg` (moved there, if it was live elsewhere).
+    fn place(&mut self, id: Hash, seg: u32, loc: Loc) {
+        if let Some((was, old)) = self.live(&id) {
+            if let Some(s) = self.segs.get_mut(&was) {
+                s.sub(&old);
+            }
+        }
+        if let Some(s) = self.segs.get_mut(&seg) {
+            s.add(&loc);
+        }
+        self.index.set(id, Some((seg, loc)));
+    }
+
+    fn live_segs(&self) -> BTreeSet<u32> {
+        self.segs.keys().copied().collect()
+    }
+}
+
+/// A checkpoint of the index (kept in sled's `meta` tree under [`MANIFEST`]): its runs, and
+/// what they reflect: every record before the watermark (a record key: blobs appended since
+/// have keys at or after it) less the removals journaled under generations before `gen`, and
+/// the segments' live counts then. Opening a store loads the runs and replays what came
+/// after: the removals journaled under `gen`, then the records from the watermark on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ckpt {
+    gen: u64,
+    /// Segment and offset: the key of the first record not reflected.
+    wm: (u32, u64),
+    /// The highest segment number ever used (numbers are never reused: the runs may still
+    /// name a deleted segment).
+    max_seg: u32,
+    runs: Vec<(u64, usize)>,
+    /// Segment, live bytes, live blobs.
+    counts: Vec<(u32, u64, u64)>,
+}
+
+const MANIFEST: &str = "index-runs";
+const CKPT_VERSION: u8 = 1;
+
+impl Ckpt {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64 + 16 * self.runs.len() + 20 * self.counts.len());
+        v.push(CKPT_VERSION);
+        v.extend_from_slice(&self.gen.to_le_bytes());
+        v.extend_from_slice(&self.wm.0.to_le_bytes());
+        v.extend_from_slice(&self.wm.1.to_le_bytes());
+        v.extend_from_slice(&self.max_seg.to_le_bytes());
+        v.extend_from_slice(&(self.runs.len() as u32).to_le_bytes());
+        for (no, count) in &self.runs {
+            v.extend_from_slice(&no.to_le_bytes());
+            v.extend_from_slice(&(*count as u64).to_le_bytes());
+        }
+        v.extend_from_slice(&(self.counts.len() as u32).to_le_bytes());
+        for (seg, bytes, blobs) in &self.counts {
+            v.extend_from_slice(&seg.to_le_bytes());
+            v.extend_from_slice(&bytes.to_le_bytes());
+            v.extend_from_slice(&blobs.to_le_bytes());
+        }
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Ckpt> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let b = v.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(b)
+        };
+        let u32_ = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let u64_ = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        if take(1)? != [CKPT_VERSION] {
+            return None;
+        }
+        let gen = u64_(take(8)?);
+        let wm = (u32_(take(4)?), u64_(take(8)?));
+        let max_seg = u32_(take(4)?);
+        let nruns = u32_(take(4)?) as usize;
+        let mut runs = Vec::with_capacity(nruns.min(1024));
+        for _ in 0..nruns {
+            runs.push((u64_(take(8)?), usize::try_from(u64_(take(8)?)).ok()?));
+        }
+        let nsegs = u32_(take(4)?) as usize;
+        let mut counts = Vec::with_capacity(nsegs.min(1 << 16));
+        for _ in 0..nsegs {
+            counts.push((u32_(take(4)?), u64_(take(8)?), u64_(take(8)?)));
+        }
+        take(1).is_none().then_some(Ckpt {
+            gen,
+            wm,
+            max_seg,
+            runs,
+            counts,
+        })
+    }
+}
+
+/// Journal keys (in the records tree, so that a removal and the rewrite of its record commit
+/// in one batch): this prefix (a segment number never used), the generation, the blob.
+const JOURNAL: [u8; 4] = [0xff; 4];
+
+fn journal_key(gen: u64, id: &Hash) -> [u8; 44] {
+    let mut k = [0u8; 44];
+    k[..4].copy_from_slice(&JOURNAL);
+    k[4..12].copy_from_slice(&gen.to_be_bytes());
+    k[12..].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn journal_prefix(gen: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&JOURNAL);
+    k[4..].copy_from_slice(&gen.to_be_bytes());
+    k
 }
 
 /// [`ChunkStore`] over sled and append-only segment files.
@@ -256,6 +391,9 @@ pub struct SegmentStore {
     seg_max: u64,
     state: Mutex<State>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
+    /// Set by tests to drop the store as a killed process would leave it.
+    #[cfg(test)]
+    crashed: std::sync::atomic::AtomicBool,
 }
 
 fn seg_name(n: u32) -> String {
@@ -457,57 +595,31 @@ impl SegmentStore {
                 );
             }
         }
-        // Live bytes stay under 3/4 of the capacity; the rest absorbs garbage between compactions.
-        let mut policy = capacity.map(|c| ClockLfu::new(c / 4 * 3));
-        if let Some(policy) = &mut policy {
-            for kv in pinned.iter() {
-                let (k, _) = kv.map_err(|source| StoreError::Db {
-                    path: db_path.clone(),
-                    source,
-                })?;
-                if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
-                    policy.set_pinned(Hash(id), true);
-                }
-            }
-        }
-        let mut stale = Vec::new();
-        let mut victims = Vec::new();
-        let mut index: FxHashMap<Hash, (u32, Loc)> = FxHashMap::default();
-        for kv in records.iter() {
-            let (k, v) = kv.map_err(|source| StoreError::Db {
-                path: db_path.clone(),
-                source,
-            })?;
-            let found = parse_record_key(&k).and_then(|(seg, rec)| {
-                Some((seg, decode_record(&v, rec)?)).filter(|_| segs.contains_key(&seg))
+        let runs_dir = dir.join("runs");
+        private_dir(&runs_dir).map_err(io)?;
+        let db_err = |source| StoreError::Db {
+            path: db_path.clone(),
+            source,
+        };
+        // The runs of the last checkpoint, if its record is readable and every run opens.
+        let loaded = meta
+            .get(MANIFEST)
+            .map_err(db_err)?
+            .and_then(|v| Ckpt::decode(&v))
+            .and_then(|ck| {
+                let runs = ck
+                    .runs
+                    .iter()
+                    .map(|&(no, count)| Run::open(&runs_dir, no, count))
+                    .collect::<Option<Vec<Run>>>()?;
+                Some((ck, runs))
             });
-            let Some((seg, entries)) = found else {
-                // Unreadable, or its segment is gone.
-                stale.push(k);
-                continue;
-            };
-            let s = segs.get_mut(&seg).expect("checked above");
-            for (id, loc) in entries {
-                // Listed twice (which the store never writes: a put skips stored blobs, and a
-                // compaction swaps records atomically): the first wins, the other is inert.
-                if index.contains_key(&id) {
-                    continue;
-                }
-                s.add(&loc);
-                index.insert(id, (seg, loc));
-                // A capacity lowered since the last run: trim below.
-                if let Some(policy) = &mut policy {
-                    victims.extend(policy.insert_forced(id, loc.len as u64));
-                }
-            }
-        }
-        for k in stale {
-            records.remove(k).map_err(|source| StoreError::Db {
-                path: db_path.clone(),
-                source,
-            })?;
-        }
-        let active = segs.keys().next_back().copied().unwrap_or(1);
+        // Segment numbers are never reused (see `Ckpt::max_seg`).
+        let max_seg = loaded.as_ref().map(|(ck, _)| ck.max_seg).unwrap_or(0);
+        let active = match segs.keys().next_back().copied() {
+            Some(n) if n >= max_seg => n,
+            _ => max_seg + 1,
+        };
         let seg_max = capacity
             .map(|c| (c / 16).clamp(64 << 10, SEGMENT_MAX))
             .unwrap_or(SEGMENT_MAX);
@@ -522,16 +634,20 @@ impl SegmentStore {
             size: file.metadata().map(|m| m.len()).unwrap_or(0),
             ..Seg::default()
         });
+        let (ckpt, runs) = loaded.unwrap_or_default();
+        let rebuild = ckpt == Ckpt::default();
         let state = State {
             active,
-            index,
+            index: Index::new(runs_dir, runs),
+            ckpt,
             file,
-            policy,
+            policy: None,
             segs,
             hits: counter(&meta, "hits"),
             misses: counter(&meta, "misses"),
             evictions: counter(&meta, "evictions"),
             dropped: 0,
+            replayed: None,
         };
         let store = SegmentStore {
             dir: dir.to_path_buf(),
@@ -544,18 +660,248 @@ impl SegmentStore {
             seg_max,
             state: Mutex::new(state),
             readers: RwLock::default(),
+            #[cfg(test)]
+            crashed: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let mut st = store.lock();
-            let mut batch = sled::Batch::default();
-            store.unindex(&mut st, &victims, &mut batch)?;
-            store
-                .records
-                .apply_batch(batch)
-                .map_err(|e| store.db_err(e))?;
-            store.compact_to_capacity(&mut st)?;
+            if rebuild {
+                store.rebuild(&mut st)?;
+            } else {
+                store.replay(&mut st)?;
+            }
+            // Live bytes stay under 3/4 of the capacity; the rest absorbs garbage between
+            // compactions.
+            if let Some(cap) = capacity {
+                let victims = store.load_policy(&mut st, ClockLfu::new(cap / 4 * 3))?;
+                let mut batch = sled::Batch::default();
+                store.unindex(&mut st, &victims, &mut batch)?;
+                store
+                    .records
+                    .apply_batch(batch)
+                    .map_err(|e| store.db_err(e))?;
+                store.compact_to_capacity(&mut st)?;
+            }
+            store.maintain(&mut st, false)?;
         }
         Ok(store)
+    }
+
+    /// Builds the index anew from every record (a store without a checkpoint, from before
+    /// runs, or whose runs are damaged or missing), then checkpoints it.
+    fn rebuild(&self, st: &mut State) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        // Nothing may name the runs written below until they are complete: the old
+        // checkpoint goes first.
+        self.meta.remove(MANIFEST).map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        st.index.cancel_merge();
+        st.index = Index::new(self.dir.join("runs"), Vec::new());
+        st.index.remove_strays();
+        for s in st.segs.values_mut() {
+            s.live_bytes = 0;
+            s.live_blobs = 0;
+        }
+        let mut stale = Vec::new();
+        let mut n = 0u64;
+        for kv in self.records.iter() {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            if k.starts_with(&JOURNAL) {
+                // Removals already reflected in the records.
+                stale.push(k);
+                continue;
+            }
+            let found = parse_record_key(&k).and_then(|(seg, rec)| {
+                Some((seg, decode_record(&v, rec)?)).filter(|_| st.segs.contains_key(&seg))
+            });
+            let Some((seg, entries)) = found else {
+                // Unreadable, or its segment is gone.
+                stale.push(k);
+                continue;
+            };
+            for (id, loc) in entries {
+                n += 1;
+                st.place(id, seg, loc);
+            }
+            if st.index.delta_len() >= DELTA_MAX {
+                let live = st.live_segs();
+                let retired = st.index.write_delta(&live).map_err(self.runs_err())?;
+                self.remove_runs(&retired);
+            }
+        }
+        for k in stale {
+            self.records.remove(k).map_err(|e| self.db_err(e))?;
+        }
+        self.checkpoint(st)?;
+        tracing::info!(
+            blobs = n,
+            secs = started.elapsed().as_secs_f64(),
+            "rebuilt the store's index from its records"
+        );
+        Ok(())
+    }
+
+    /// Brings the checkpointed runs up to the records: the removals journaled since, then
+    /// the records appended since.
+    fn replay(&self, st: &mut State) -> Result<(), StoreError> {
+        for &(seg, bytes, blobs) in &st.ckpt.counts {
+            if let Some(s) = st.segs.get_mut(&seg) {
+                s.live_bytes = bytes;
+                s.live_blobs = blobs;
+            }
+        }
+        // Journals of older generations (left by a process killed after a checkpoint).
+        let mut n = 0u64;
+        let mut old = sled::Batch::default();
+        for kv in self.records.range(JOURNAL.to_vec()..journal_prefix(st.ckpt.gen).to_vec()) {
+            old.remove(kv.map_err(|e| self.db_err(e))?.0);
+        }
+        self.records.apply_batch(old).map_err(|e| self.db_err(e))?;
+        for kv in self.records.scan_prefix(journal_prefix(st.ckpt.gen)) {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            let Ok(id) = <[u8; 32]>::try_from(&k[12..]) else {
+                continue;
+            };
+            let id = Hash(id);
+            n += 1;
+            forget_live(st, &id);
+        }
+        let (seg, off) = st.ckpt.wm;
+        let mut stale = Vec::new();
+        for kv in self.records.range(record_key(seg, off).to_vec()..JOURNAL.to_vec()) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let found = parse_record_key(&k).and_then(|(seg, rec)| {
+                Some((seg, decode_record(&v, rec)?)).filter(|_| st.segs.contains_key(&seg))
+            });
+            let Some((seg, entries)) = found else {
+                stale.push(k);
+                continue;
+            };
+            for (id, loc) in entries {
+                n += 1;
+                if st.live(&id).is_some_and(|(s, l)| (s, l.off) == (seg, loc.off)) {
+                    continue;
+                }
+                st.place(id, seg, loc);
+            }
+        }
+        for k in stale {
+            self.records.remove(k).map_err(|e| self.db_err(e))?;
+        }
+        st.replayed = Some(n);
+        tracing::debug!(entries = n, "replayed the store's records since its checkpoint");
+        Ok(())
+    }
+
+    /// Fills `policy` with every live blob (and the pins); returns the blobs it evicts at
+    /// once (a capacity lowered since the last run).
+    fn load_policy(
+        &self,
+        st: &mut State,
+        mut policy: ClockLfu<Hash>,
+    ) -> Result<Vec<Hash>, StoreError> {
+        for kv in self.pinned.iter() {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
+                policy.set_pinned(Hash(id), true);
+            }
+        }
+        let mut victims = Vec::new();
+        self.each_live(st, |id, _, loc| {
+            victims.extend(policy.insert_forced(id, loc.len as u64));
+        })?;
+        st.policy = Some(policy);
+        Ok(victims)
+    }
+
+    /// Calls `f` with every live blob (from the records, each checked against the index),
+    /// segment by segment.
+    fn each_live(
+        &self,
+        st: &State,
+        mut f: impl FnMut(Hash, u32, Loc),
+    ) -> Result<(), StoreError> {
+        for kv in self.records.range(record_key(0, 0).to_vec()..JOURNAL.to_vec()) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let Some((seg, entries)) =
+                parse_record_key(&k).and_then(|(seg, rec)| Some((seg, decode_record(&v, rec)?)))
+            else {
+                continue;
+            };
+            for (id, loc) in entries {
+                if st.live(&id).is_some_and(|(s, l)| (s, l.off) == (seg, loc.off)) {
+                    f(id, seg, loc);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn runs_err(&self) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            path: self.dir.join("runs"),
+            source,
+        }
+    }
+
+    fn remove_runs(&self, nos: &[u64]) {
+        for no in nos {
+            let _ = std::fs::remove_file(runs::run_path(&self.dir.join("runs"), *no));
+        }
+    }
+
+    /// Writes the index's delta as a run and records the checkpoint (see [`Ckpt`]).
+    fn checkpoint(&self, st: &mut State) -> Result<(), StoreError> {
+        let live = st.live_segs();
+        let mut retired = st.index.write_delta(&live).map_err(self.runs_err())?;
+        retired.extend(st.index.finish_merge(false, &live).map_err(self.runs_err())?);
+        let old_gen = st.ckpt.gen;
+        st.ckpt = Ckpt {
+            gen: old_gen + 1,
+            wm: (st.active, st.segs[&st.active].size),
+            max_seg: st.ckpt.max_seg.max(st.active),
+            runs: st.index.runs(),
+            counts: st
+                .segs
+                .iter()
+                .map(|(n, s)| (*n, s.live_bytes, s.live_blobs))
+                .collect(),
+        };
+        self.meta
+            .insert(MANIFEST, st.ckpt.encode())
+            .map_err(|e| self.db_err(e))?;
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        // The journal of the generation just closed, now reflected in the runs.
+        let mut done = sled::Batch::default();
+        for kv in self.records.scan_prefix(journal_prefix(old_gen)) {
+            done.remove(kv.map_err(|e| self.db_err(e))?.0);
+        }
+        self.records.apply_batch(done).map_err(|e| self.db_err(e))?;
+        self.remove_runs(&retired);
+        Ok(())
+    }
+
+    /// Checkpoints when the delta is full; takes in a finished merge (waiting for it with
+    /// `wait`) and starts one that is due.
+    fn maintain(&self, st: &mut State, wait: bool) -> Result<(), StoreError> {
+        if st.index.delta_len() >= DELTA_MAX {
+            return self.checkpoint(st);
+        }
+        if !st.index.merge_pending(wait) {
+            return Ok(());
+        }
+        let live = st.live_segs();
+        let retired = st.index.finish_merge(wait, &live).map_err(self.runs_err())?;
+        if !retired.is_empty() {
+            // The checkpoint names the merged run instead of its inputs from now on.
+            st.ckpt.runs = st.index.runs();
+            self.meta
+                .insert(MANIFEST, st.ckpt.encode())
+                .map_err(|e| self.db_err(e))?;
+            self.db.flush().map_err(|e| self.db_err(e))?;
+            self.remove_runs(&retired);
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -609,7 +955,7 @@ impl SegmentStore {
     /// Where a live blob is, counted as an access (for the eviction policy) and a hit or miss.
     fn lookup(&self, id: &Hash) -> Option<(u32, Loc)> {
         let mut st = self.lock();
-        let found = st.index.get(id).copied();
+        let found = st.live(id);
         if let Some(p) = &mut st.policy {
             p.access(id);
         }
@@ -650,11 +996,7 @@ impl SegmentStore {
             };
             if !good {
                 // Moved by a compaction since the lookup? Look again before calling it corrupt.
-                if self
-                    .lock()
-                    .index
-                    .get(id)
-                    .is_some_and(|&(now, _)| now != seg)
+                if self.lock().live(id).is_some_and(|(now, _)| now != seg)
                 {
                     continue;
                 }
@@ -740,27 +1082,28 @@ impl SegmentStore {
             );
         }
         for (id, seg, loc) in out {
-            st.segs.get_mut(&seg).expect("appended segment").add(&loc);
-            if let Some((was, old)) = st.index.insert(id, (seg, loc)) {
-                // A compaction's copy replacing the original.
-                if let Some(s) = st.segs.get_mut(&was) {
-                    s.sub(&old);
-                }
-            }
+            // (A compaction's copy replaces the original.)
+            st.place(id, seg, loc);
         }
         Ok(batch)
     }
 
     /// Copies a segment's live blobs forward, repoints the index, then deletes the segment.
     fn compact(&self, st: &mut State, seg: u32) -> Result<(), StoreError> {
-        // One pass over the index: compaction is rare, and a list per segment would cost
-        // every blob a second entry.
-        let live: Vec<(Hash, Loc)> = st
-            .index
-            .iter()
-            .filter(|(_, (s, _))| *s == seg)
-            .map(|(k, (_, l))| (*k, *l))
-            .collect();
+        // The segment's records list its blobs; those the index still places there are live.
+        let mut live: Vec<(Hash, Loc)> = Vec::new();
+        for kv in self.records.scan_prefix(seg.to_be_bytes()) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let Some(entries) = parse_record_key(&k).and_then(|(_, rec)| decode_record(&v, rec))
+            else {
+                continue;
+            };
+            for (id, loc) in entries {
+                if st.live(&id).is_some_and(|(s, l)| (s, l.off) == (seg, loc.off)) {
+                    live.push((id, loc));
+                }
+            }
+        }
         let mut copies = Vec::with_capacity(live.len());
         if !live.is_empty() {
             let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
@@ -821,6 +1164,8 @@ impl SegmentStore {
         for id in ids {
             if let Some((seg, loc)) = forget_live(st, id) {
                 touched.entry((seg, loc.rec as u64)).or_default().push(*id);
+                // Journaled, for a store opened before the next checkpoint (see `Ckpt`).
+                batch.insert(journal_key(st.ckpt.gen, id).as_slice(), &[]);
             }
         }
         for ((seg, rec), gone) in touched {
@@ -913,7 +1258,7 @@ impl SegmentStore {
         let mut evicted = Vec::new();
         let mut declined = Vec::new();
         for (id, bytes) in blobs {
-            if st.index.contains_key(id) || admitted.iter().any(|(a, _)| a == id) {
+            if st.live(id).is_some() || admitted.iter().any(|(a, _)| a == id) {
                 continue;
             }
             let Some(policy) = &mut st.policy else {
@@ -943,7 +1288,7 @@ impl SegmentStore {
         let mut demoted = declined;
         if collect {
             for id in &evicted {
-                let stored = st.index.get(id).copied();
+                let stored = st.live(id);
                 match stored {
                     Some((seg, loc)) => {
                         let read = self
@@ -971,6 +1316,7 @@ impl SegmentStore {
         if !evicted.is_empty() {
             self.compact_to_capacity(&mut st)?;
         }
+        self.maintain(&mut st, false)?;
         Ok(demoted)
     }
 
@@ -1017,6 +1363,26 @@ impl SegmentStore {
     }
 }
 
+impl Drop for SegmentStore {
+    /// Checkpoints what the index's delta holds (so that the next open has nothing to
+    /// replay) and stops a merge under way (the next store to open starts it again).
+    fn drop(&mut self) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        st.index.cancel_merge();
+        #[cfg(test)]
+        if self.crashed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if st.index.delta_len() > 0 {
+            if let Err(e) = self.checkpoint(&mut st) {
+                tracing::warn!("checkpointing the store's index: {e}");
+            }
+        }
+    }
+}
+
 impl ChunkStore for SegmentStore {
     fn losses(&self) -> u64 {
         let (evicted, dropped) = self.loss_counts();
@@ -1024,7 +1390,7 @@ impl ChunkStore for SegmentStore {
     }
 
     fn contains(&self, id: &Hash) -> Result<bool, StoreError> {
-        Ok(self.lock().index.contains_key(id))
+        Ok(self.lock().live(id).is_some())
     }
 
     fn get(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1069,6 +1435,14 @@ impl ChunkStore for SegmentStore {
                     .map_err(|e| self.db_err(e))?;
             }
         }
+        {
+            let mut st = self.lock();
+            if st.index.delta_len() >= FLUSH_CHECKPOINT {
+                // (Syncs sled too.)
+                return self.checkpoint(&mut st);
+            }
+            self.maintain(&mut st, false)?;
+        }
         self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
     }
 
@@ -1089,11 +1463,7 @@ impl ChunkStore for SegmentStore {
         for kv in self.pinned.iter() {
             let (k, _) = kv.map_err(|e| self.db_err(e))?;
             if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
-                pinned_bytes += st
-                    .index
-                    .get(&Hash(id))
-                    .map(|(_, l)| l.len as u64)
-                    .unwrap_or(0);
+                pinned_bytes += st.live(&Hash(id)).map(|(_, l)| l.len as u64).unwrap_or(0);
             }
         }
         let live: u64 = st.segs.values().map(Seg::live_bytes).sum();
@@ -1131,7 +1501,7 @@ impl ChunkStore for SegmentStore {
             return Ok(());
         }
         for (id, _) in blobs {
-            if !st.index.contains_key(id) {
+            if st.live(id).is_none() {
                 return Err(StoreError::NotLocal {
                     name: name.to_string(),
                     id: *id,
@@ -1208,14 +1578,16 @@ impl ChunkStore for SegmentStore {
         let drop: Vec<Hash> = match &mut st.policy {
             Some(p) => p.clear_unpinned(),
             None => {
+                let mut live = Vec::new();
+                self.each_live(&st, |id, _, _| live.push(id))?;
                 let mut drop = Vec::new();
-                for id in st.index.keys() {
+                for id in live {
                     let pinned = self
                         .pinned
                         .contains_key(id.as_bytes())
                         .map_err(|e| self.db_err(e))?;
                     if !pinned {
-                        drop.push(*id);
+                        drop.push(id);
                     }
                 }
                 drop
@@ -1241,7 +1613,7 @@ impl ChunkStore for SegmentStore {
         }
         let after: u64 = st.segs.values().map(|s| s.size).sum();
         drop_unused(&mut st);
-        self.db.flush().map_err(|e| self.db_err(e))?;
+        self.checkpoint(&mut st)?;
         Ok(before.saturating_sub(after))
     }
 }
@@ -1281,9 +1653,10 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Removes a blob from the index in memory; returns where it was.
+/// Removes a blob from the index; returns where it was.
 fn forget_live(st: &mut State, id: &Hash) -> Option<(u32, Loc)> {
-    let (seg, loc) = st.index.remove(id)?;
+    let (seg, loc) = st.live(id)?;
+    st.index.set(*id, None);
     if let Some(s) = st.segs.get_mut(&seg) {
         s.sub(&loc);
     }
