@@ -1,5 +1,6 @@
 //! `shoal-bench scale --entries N`: a version of N tiny files generated straight into an
-//! origin (`shoal_testnet::scale`), then pulled (max RSS), mounted cold (ready time, RSS, first
+//! origin (`shoal_testnet::scale`), then pulled (max RSS; then `shoal cache` over the filled
+//! store: time and max RSS of opening it), mounted cold (ready time, RSS, first
 //! `stat` of the deepest file, `find` over everything cold and warm), listed with `shoal ls`;
 //! with `--real-files`, the same tree written to disk, published (max RSS, time; again
 //! unchanged; again with one file changed) and mounted with squashfuse_ll from a `mksquashfs`
@@ -177,6 +178,14 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
         }
         out["pull_s"] = json!(secs);
         out["pull_max_rss_bytes"] = json!(rss);
+        // A command that opens the store the pull filled (and reads its stats): what every
+        // later command pays before doing anything.
+        let (secs, rss, _) = timed_rss(
+            &[bin, "--json", "cache"],
+            &[("SHOAL_HOME", &home), ("SHOAL_ORIGIN", &origin)],
+        )?;
+        out["store_open_s"] = json!(secs);
+        out["store_open_max_rss_bytes"] = json!(rss);
         let _ = std::fs::remove_dir_all(&dest);
         let _ = std::fs::remove_dir_all(&home);
         eprintln!("so far: {out}");

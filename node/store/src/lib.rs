@@ -1,5 +1,6 @@
-//! The local chunk store: blob bytes appended to segment files, the index in sled, an optional
-//! capacity enforced by the [`ClockLfu`] policy, and pins.
+//! The local chunk store: blob bytes appended to segment files, the index in sled (records,
+//! the source of truth) and in sorted runs on disk derived from them (what lookups search,
+//! see [`runs`]), an optional capacity enforced by the [`ClockLfu`] policy, and pins.
 //!
 //! Crash safety comes from ordering and verification. A batch of blobs is appended to a
 //! segment before its index record is inserted (with any evictions, in the same atomic sled
@@ -753,7 +754,10 @@ impl SegmentStore {
         // Journals of older generations (left by a process killed after a checkpoint).
         let mut n = 0u64;
         let mut old = sled::Batch::default();
-        for kv in self.records.range(JOURNAL.to_vec()..journal_prefix(st.ckpt.gen).to_vec()) {
+        for kv in self
+            .records
+            .range(JOURNAL.to_vec()..journal_prefix(st.ckpt.gen).to_vec())
+        {
             old.remove(kv.map_err(|e| self.db_err(e))?.0);
         }
         self.records.apply_batch(old).map_err(|e| self.db_err(e))?;
@@ -768,7 +772,10 @@ impl SegmentStore {
         }
         let (seg, off) = st.ckpt.wm;
         let mut stale = Vec::new();
-        for kv in self.records.range(record_key(seg, off).to_vec()..JOURNAL.to_vec()) {
+        for kv in self
+            .records
+            .range(record_key(seg, off).to_vec()..JOURNAL.to_vec())
+        {
             let (k, v) = kv.map_err(|e| self.db_err(e))?;
             let found = parse_record_key(&k).and_then(|(seg, rec)| {
                 Some((seg, decode_record(&v, rec)?)).filter(|_| st.segs.contains_key(&seg))
@@ -779,7 +786,10 @@ impl SegmentStore {
             };
             for (id, loc) in entries {
                 n += 1;
-                if st.live(&id).is_some_and(|(s, l)| (s, l.off) == (seg, loc.off)) {
+                if st
+                    .live(&id)
+                    .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
+                {
                     continue;
                 }
                 st.place(id, seg, loc);
@@ -789,7 +799,10 @@ impl SegmentStore {
             self.records.remove(k).map_err(|e| self.db_err(e))?;
         }
         st.replayed = Some(n);
-        tracing::debug!(entries = n, "replayed the store's records since its checkpoint");
+        tracing::debug!(
+            entries = n,
+            "replayed the store's records since its checkpoint"
+        );
         Ok(())
     }
 
@@ -816,12 +829,11 @@ impl SegmentStore {
 
     /// Calls `f` with every live blob (from the records, each checked against the index),
     /// segment by segment.
-    fn each_live(
-        &self,
-        st: &State,
-        mut f: impl FnMut(Hash, u32, Loc),
-    ) -> Result<(), StoreError> {
-        for kv in self.records.range(record_key(0, 0).to_vec()..JOURNAL.to_vec()) {
+    fn each_live(&self, st: &State, mut f: impl FnMut(Hash, u32, Loc)) -> Result<(), StoreError> {
+        for kv in self
+            .records
+            .range(record_key(0, 0).to_vec()..JOURNAL.to_vec())
+        {
             let (k, v) = kv.map_err(|e| self.db_err(e))?;
             let Some((seg, entries)) =
                 parse_record_key(&k).and_then(|(seg, rec)| Some((seg, decode_record(&v, rec)?)))
@@ -829,7 +841,10 @@ impl SegmentStore {
                 continue;
             };
             for (id, loc) in entries {
-                if st.live(&id).is_some_and(|(s, l)| (s, l.off) == (seg, loc.off)) {
+                if st
+                    .live(&id)
+                    .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
+                {
                     f(id, seg, loc);
                 }
             }
@@ -854,7 +869,11 @@ impl SegmentStore {
     fn checkpoint(&self, st: &mut State) -> Result<(), StoreError> {
         let live = st.live_segs();
         let mut retired = st.index.write_delta(&live).map_err(self.runs_err())?;
-        retired.extend(st.index.finish_merge(false, &live).map_err(self.runs_err())?);
+        retired.extend(
+            st.index
+                .finish_merge(false, &live)
+                .map_err(self.runs_err())?,
+        );
         let old_gen = st.ckpt.gen;
         st.ckpt = Ckpt {
             gen: old_gen + 1,
@@ -891,7 +910,10 @@ impl SegmentStore {
             return Ok(());
         }
         let live = st.live_segs();
-        let retired = st.index.finish_merge(wait, &live).map_err(self.runs_err())?;
+        let retired = st
+            .index
+            .finish_merge(wait, &live)
+            .map_err(self.runs_err())?;
         if !retired.is_empty() {
             // The checkpoint names the merged run instead of its inputs from now on.
             st.ckpt.runs = st.index.runs();
@@ -996,8 +1018,7 @@ impl SegmentStore {
             };
             if !good {
                 // Moved by a compaction since the lookup? Look again before calling it corrupt.
-                if self.lock().live(id).is_some_and(|(now, _)| now != seg)
-                {
+                if self.lock().live(id).is_some_and(|(now, _)| now != seg) {
                     continue;
                 }
                 self.drop_entry(&mut self.lock(), id)?;
@@ -1099,7 +1120,10 @@ impl SegmentStore {
                 continue;
             };
             for (id, loc) in entries {
-                if st.live(&id).is_some_and(|(s, l)| (s, l.off) == (seg, loc.off)) {
+                if st
+                    .live(&id)
+                    .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
+                {
                     live.push((id, loc));
                 }
             }

@@ -359,7 +359,11 @@ impl Index {
         wait: bool,
         live_segs: &BTreeSet<u32>,
     ) -> std::io::Result<Vec<u64>> {
-        if !self.merge.as_ref().is_some_and(|m| wait || m.handle.is_finished()) {
+        if !self
+            .merge
+            .as_ref()
+            .is_some_and(|m| wait || m.handle.is_finished())
+        {
             self.start_merge(live_segs);
             return Ok(Vec::new());
         }

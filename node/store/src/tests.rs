@@ -441,5 +441,8 @@ fn the_index_is_reopened_from_its_runs_and_replays_only_what_came_after() {
     assert_eq!(s.lock().replayed, None);
     assert_eq!(held(&s), ids);
     let again = s.stats().unwrap();
-    assert_eq!((again.blobs, again.live_bytes), (stats.blobs, stats.live_bytes));
+    assert_eq!(
+        (again.blobs, again.live_bytes),
+        (stats.blobs, stats.live_bytes)
+    );
 }
