@@ -41,6 +41,53 @@ fn a_generated_version_pulls_exactly() {
     assert_eq!(ls["entries"][1]["files"], 50, "{ls}");
 }
 
+/// A pull without a daemon reads, fetches and writes a version a batch of files at a time
+/// (65,536 files a batch): a version of several batches pulls exactly, reports what it took,
+/// and a second pull takes everything from the store.
+#[test]
+fn a_version_of_several_pull_batches_pulls_exactly() {
+    let env = Env::new();
+    let key = shoal_registry::SecretKey::generate().unwrap();
+    let entries = 70_000;
+    let g = scale::generate(&env.origin, &key, "scale", "v1", entries, 400).unwrap();
+    assert!(env
+        .run(&["trust", &key.public().to_string()])
+        .status
+        .success());
+    let out = env.path("out");
+    let r = env.json(&["pull", "scale@v1", "--to", out.to_str().unwrap()]);
+    assert_eq!(r["files"], entries, "{r}");
+    assert_eq!(r["files_in_version"], entries, "{r}");
+    assert_eq!(
+        r["chunks"], entries,
+        "every file is one distinct chunk: {r}"
+    );
+    assert_eq!(r["bytes_already_local"], 0, "{r}");
+    let bytes: u64 = (0..entries)
+        .map(|i| scale::content_of(i).len() as u64)
+        .sum();
+    assert_eq!(r["bytes"], bytes, "{r}");
+    let written = all_paths(&out)
+        .iter()
+        .filter(|p| p.matches('/').count() == 2)
+        .count();
+    assert_eq!(written as u64, entries);
+    for i in [0, 65_535, 65_536, 65_537, entries - 1] {
+        let p = scale::path_of(i, 400);
+        assert_eq!(
+            std::fs::read(out.join(&p)).unwrap(),
+            scale::content_of(i),
+            "{p}"
+        );
+    }
+    assert_eq!(g.last_path, scale::path_of(entries - 1, 400));
+    // Again (into the store only): nothing from the origin.
+    let r = env.json(&["pull", "scale@v1", "--no-files"]);
+    assert_eq!(r["bytes_from_origin"], 0, "{r}");
+    assert_eq!(r["bytes_already_local"], bytes, "{r}");
+    assert_eq!(r["files"], entries, "{r}");
+}
+
 /// Locator files of the version's packs (blob -> where in which pack) in `home`.
 fn locators(home: &std::path::Path) -> Vec<std::path::PathBuf> {
     let dir = home.join("cache/packs");

@@ -195,6 +195,21 @@ fn write_file(
     result
 }
 
+/// Creates the symlink at `path` (replacing a file or link there, never a directory).
+fn place_symlink(path: &Path, target: &str) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            return Err(Error::Unsafe {
+                path: path.to_path_buf(),
+                reason: "a directory is in the way of a symlink".into(),
+            })
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(io("replacing", path))?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(target, path).map_err(io("creating symlink", path))
+}
+
 impl Node {
     /// Pulls `reference` into the local store and, with `dest`, writes its files there.
     ///
@@ -237,6 +252,18 @@ impl Node {
         let swarm = if partial { None } else { self.swarm() };
         let _guard = PullGuard::new(swarm, root, &name);
         let blobs = self.blobs(&signed).await?;
+        if self.swarm().is_none() && self.cache.disk_capacity().is_none() {
+            // Origin reads only, into a store that keeps everything: a batch of files at a
+            // time, in memory bounded whatever the version's size.
+            let name = format!("{}@{}", reference.dataset, version);
+            return self
+                .pull_streaming(reference, &name, &signed, &blobs, dest, select, progress)
+                .await
+                .map(|r| PullReport {
+                    seconds: started.elapsed().as_secs_f64(),
+                    ..r
+                });
+        }
         progress.phase("reading tree", 0);
         let mut tree = walk(&blobs, root).await?;
         let files_in_version = tree.files.len() as u64;
@@ -369,19 +396,7 @@ impl Node {
                 let _ = std::fs::remove_dir_all(&staging);
                 written?;
                 for (p, target) in &tree.symlinks {
-                    let path = dest.join(p);
-                    match std::fs::symlink_metadata(&path) {
-                        Ok(m) if m.is_dir() => {
-                            return Err(Error::Unsafe {
-                                path,
-                                reason: "a directory is in the way of a symlink".into(),
-                            })
-                        }
-                        Ok(_) => std::fs::remove_file(&path).map_err(io("replacing", &path))?,
-                        Err(_) => {}
-                    }
-                    std::os::unix::fs::symlink(target, &path)
-                        .map_err(io("creating symlink", &path))?;
+                    place_symlink(&dest.join(p), target)?;
                 }
                 // Modes last, deepest first, so a read-only directory does not block its own
                 // contents.
@@ -415,5 +430,328 @@ impl Node {
                 .map(|(origin, bytes)| OriginBytes { origin, bytes })
                 .collect(),
         })
+    }
+}
+
+/// Files a streaming pull reads from the tree at a time.
+const STREAM_FILES: usize = 65_536;
+/// Chunks it fetches (then writes the files of) at a time.
+const STREAM_CHUNKS: usize = 262_144;
+
+/// Ids (their first 8 bytes) of the chunks a streaming pull has met, sorted: 8 bytes a chunk
+/// so that a chunk in several batches counts once in the report. (Two chunks sharing their
+/// first 8 bytes, about 1 in 10^5 among ten million, would only make the counts one short.)
+#[derive(Default)]
+struct Met(Vec<u64>);
+
+impl Met {
+    fn contains(&self, id: &shoal_registry::Hash) -> bool {
+        self.0
+            .binary_search(&shoal_store::sorted::prefix(id))
+            .is_ok()
+    }
+
+    fn extend(&mut self, ids: impl Iterator<Item = u64>) {
+        let start = self.0.len();
+        self.0.extend(ids);
+        self.0[start..].sort_unstable();
+        // Two sorted runs: merged in place by a stable sort (which finds the runs).
+        self.0.sort();
+        self.0.dedup();
+    }
+}
+
+impl Node {
+    /// [`Node::pull_select`] from the origins into a store without a capacity, in bounded
+    /// memory: the tree is read a batch of files at a time, and each batch's missing chunks
+    /// fetched (a group of at most [`STREAM_CHUNKS`] at a time); once every chunk is stored and
+    /// every symlink checked, the tree is read again (from the store now) and the files
+    /// written a batch at a time. Only directories, symlinks and 8 bytes a chunk are kept for
+    /// the whole version; as with every pull, nothing is written unless all of it verified.
+    ///
+    /// Cancel-safe, as [`Node::pull`].
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_streaming(
+        &self,
+        reference: &DatasetRef,
+        name: &str,
+        signed: &shoal_registry::SignedVersion,
+        blobs: &crate::blobs::Blobs,
+        dest: Option<&Path>,
+        select: &Selection,
+        progress: &Progress,
+    ) -> Result<PullReport> {
+        let store = self.store()?;
+        let root = signed.body.root;
+        let matcher = &select.matcher()?;
+        let partial = !select.is_all();
+        progress.phase(
+            "fetching",
+            if partial { 0 } else { signed.body.stats.bytes },
+        );
+        let (walked, fetched) = self.stream_fetch(blobs, root, matcher, progress).await;
+        // Make what was stored durable even when the fetch failed part-way, so a retry resumes.
+        store.flush()?;
+        let (tree, counts) = fetched?;
+        if partial && counts.files == 0 && counts.symlinks == 0 {
+            return Err(Error::NotFound(format!(
+                "no file of {name} matches {}",
+                select.describe()
+            )));
+        }
+        if !partial {
+            self.home.record_held(&root, name)?;
+        }
+        if let Some(dest) = dest {
+            progress.phase("writing files", counts.bytes);
+            self.stream_write(blobs, root, &tree, dest, matcher, progress)
+                .await?;
+        }
+        Ok(PullReport {
+            reference: reference.to_string(),
+            version: name.to_string(),
+            root: format!("b3:{root}"),
+            destination: dest.map(|d| PathBuf::from(d).display().to_string()),
+            files: counts.files,
+            files_in_version: walked,
+            partial,
+            bytes: counts.bytes,
+            chunks: counts.chunks,
+            bytes_from_origin: blobs.bytes_from_origin(),
+            bytes_from_peers: 0,
+            bytes_already_local: counts.local_bytes,
+            seconds: 0.0,
+            readers_passed_over: 0,
+            readers_passed_over_by_lag: 0,
+            origins: blobs
+                .bytes_per_origin()
+                .into_iter()
+                .map(|(origin, bytes)| OriginBytes { origin, bytes })
+                .collect(),
+        })
+    }
+
+    /// The fetching pass of [`Node::pull_streaming`]: files in the version (so far), the
+    /// tree's directories and symlinks (checked), and what the selection took.
+    ///
+    /// Cancel-safe, as [`Node::pull_streaming`].
+    async fn stream_fetch(
+        &self,
+        blobs: &crate::blobs::Blobs,
+        root: shoal_registry::Hash,
+        matcher: &crate::select::Matcher,
+        progress: &Progress,
+    ) -> (u64, Result<(crate::walk::Walked, StreamCounts)>) {
+        let mut walker = crate::walk::Walker::new(blobs, root);
+        let mut counts = StreamCounts::default();
+        let fetched = async {
+            let store = self.store()?;
+            let mut met = Met::default();
+            while let Some(mut files) = walker.next_files(STREAM_FILES).await? {
+                if !matcher.takes_all() {
+                    files.retain(|f| matcher.takes(&f.path));
+                }
+                counts.files += files.len() as u64;
+                counts.bytes += files.iter().map(|f| f.size).sum::<u64>();
+                for group in groups(&files) {
+                    let mut ids: Vec<(shoal_registry::Hash, u32)> = group
+                        .iter()
+                        .flat_map(|f| f.chunks.iter().map(|c| (c.id, c.len)))
+                        .filter(|(id, _)| !met.contains(id))
+                        .collect();
+                    ids.sort_unstable_by_key(|a| a.0);
+                    ids.dedup_by(|a, b| a.0 == b.0);
+                    met.extend(ids.iter().map(|(id, _)| shoal_store::sorted::prefix(id)));
+                    counts.chunks += ids.len() as u64;
+                    let store2 = store.clone();
+                    let (missing, local) = tokio::task::spawn_blocking(move || -> Result<_> {
+                        let mut missing = Vec::new();
+                        let mut local = 0u64;
+                        for (id, len) in ids {
+                            if store2.contains(&id)? {
+                                local += len as u64;
+                            } else {
+                                missing.push(id);
+                            }
+                        }
+                        Ok((missing, local))
+                    })
+                    .await
+                    .expect("store task panicked")?;
+                    counts.local_bytes += local;
+                    progress.add(local);
+                    blobs.fetch_origin(missing, Some(progress)).await?;
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let walked = walker.files;
+        let tree = fetched.and_then(|()| walker.finish()).map(|t| {
+            counts.symlinks = t.symlinks.iter().filter(|(p, _)| matcher.takes(p)).count() as u64;
+            (t, counts)
+        });
+        (walked, tree)
+    }
+
+    /// The writing pass of [`Node::pull_streaming`]: the tree read again (every node and
+    /// chunk is local now), its files written a batch at a time through a staging directory,
+    /// then the directories the selection takes themselves, the symlinks, and the modes.
+    ///
+    /// Cancel-safe, as [`Node::pull_streaming`].
+    async fn stream_write(
+        &self,
+        blobs: &crate::blobs::Blobs,
+        root: shoal_registry::Hash,
+        tree: &crate::walk::Walked,
+        dest: &Path,
+        matcher: &crate::select::Matcher,
+        progress: &Progress,
+    ) -> Result<()> {
+        let store = self.store()?;
+        let top = crate::walk::load_dir(blobs, &root, "").await?;
+        let top: HashSet<&str> = top.entries.iter().map(|e| e.name.as_str()).collect();
+        std::fs::create_dir_all(dest).map_err(io("creating directory", dest))?;
+        let staging = staging_dir(dest, &top)?;
+        let mut made: HashSet<String> = HashSet::new();
+        let written = async {
+            let mut walker = crate::walk::Walker::new(blobs, root);
+            let mut index = 0usize;
+            while let Some(mut files) = walker.next_files(STREAM_FILES).await? {
+                if !matcher.takes_all() {
+                    files.retain(|f| matcher.takes(&f.path));
+                }
+                tokio::task::block_in_place(|| -> Result<()> {
+                    for f in &files {
+                        make_parents(dest, &f.path, &mut made)?;
+                    }
+                    files.par_iter().enumerate().try_for_each(|(i, f)| {
+                        write_file(store.as_ref(), dest, &staging, index + i, f)?;
+                        progress.add(f.size);
+                        Ok(())
+                    })
+                })?;
+                index += files.len();
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&staging);
+        written?;
+        tokio::task::block_in_place(|| -> Result<()> {
+            // Directories the selection takes themselves (empty ones too), then links.
+            for (d, _) in &tree.dirs {
+                if matcher.takes(d) && !made.contains(d.as_str()) {
+                    make_parents(dest, d, &mut made)?;
+                    make_dir(&dest.join(d))?;
+                    made.insert(d.clone());
+                }
+            }
+            for (p, target) in tree.symlinks.iter().filter(|(p, _)| matcher.takes(p)) {
+                make_parents(dest, p, &mut made)?;
+                place_symlink(&dest.join(p), target)?;
+            }
+            // Modes last, deepest first, so a read-only directory does not block its own
+            // contents.
+            for (d, mode) in tree.dirs.iter().rev() {
+                if made.contains(d.as_str()) {
+                    let path = dest.join(d);
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+                        .map_err(io("setting mode of", &path))?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `files` cut into groups of at most [`STREAM_CHUNKS`] chunks (a file with more is a group
+/// of its own).
+fn groups(files: &[WalkFile]) -> impl Iterator<Item = &[WalkFile]> {
+    let mut rest = files;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut n, mut chunks) = (0, 0);
+        while n < rest.len() && (n == 0 || chunks + rest[n].chunks.len() <= STREAM_CHUNKS) {
+            chunks += rest[n].chunks.len();
+            n += 1;
+        }
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some(group)
+    })
+}
+
+/// What a streaming pull took.
+#[derive(Default)]
+struct StreamCounts {
+    files: u64,
+    symlinks: u64,
+    bytes: u64,
+    chunks: u64,
+    local_bytes: u64,
+}
+
+/// Makes the directories above `path` (relative to `dest`) that `made` does not list yet.
+fn make_parents(dest: &Path, path: &str, made: &mut HashSet<String>) -> Result<()> {
+    for (i, _) in path.match_indices('/') {
+        let d = &path[..i];
+        if !made.contains(d) {
+            make_dir(&dest.join(d))?;
+            made.insert(d.to_string());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_registry::tree::ChunkRef;
+
+    fn id(i: u64) -> shoal_registry::Hash {
+        shoal_chunker::hash(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn chunks_met_in_earlier_batches_are_known_and_counted_once() {
+        let mut met = Met::default();
+        met.extend((0..1000).map(|i| shoal_store::sorted::prefix(&id(i))));
+        met.extend((500..1500).map(|i| shoal_store::sorted::prefix(&id(i))));
+        assert_eq!(met.0.len(), 1500);
+        assert!(met.0.windows(2).all(|w| w[0] < w[1]));
+        assert!((0..1500).all(|i| met.contains(&id(i))));
+        assert!(!(1500..3000).any(|i| met.contains(&id(i))));
+    }
+
+    #[test]
+    fn groups_hold_at_most_their_chunks_and_every_file_once() {
+        let file = |n: usize| WalkFile {
+            path: format!("f{n}").into_boxed_str(),
+            mode: 0o644,
+            size: 0,
+            chunks: (0..n as u64)
+                .map(|i| ChunkRef { id: id(i), len: 1 })
+                .collect(),
+        };
+        let files: Vec<WalkFile> = [1, STREAM_CHUNKS - 1, 1, 1, STREAM_CHUNKS + 5, 0, 3]
+            .into_iter()
+            .map(file)
+            .collect();
+        let g: Vec<Vec<usize>> = groups(&files)
+            .map(|g| g.iter().map(|f| f.chunks.len()).collect())
+            .collect();
+        assert_eq!(
+            g,
+            vec![
+                vec![1, STREAM_CHUNKS - 1],
+                vec![1, 1],
+                vec![STREAM_CHUNKS + 5],
+                vec![0, 3]
+            ]
+        );
+        assert_eq!(groups(&[]).count(), 0);
     }
 }

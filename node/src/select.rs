@@ -78,6 +78,11 @@ pub struct Matcher {
 }
 
 impl Matcher {
+    /// Whether every path is taken (no pattern given).
+    pub fn takes_all(&self) -> bool {
+        self.include.is_none() && self.exclude.is_empty()
+    }
+
     /// Whether the file at `path` is taken.
     pub fn takes(&self, path: &str) -> bool {
         let mut prefixes = path

@@ -121,16 +121,70 @@ async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
 /// Cancel-safe: it only reads (and stores verified tree nodes).
 #[tracing::instrument(name = "read tree", skip_all)]
 pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
-    let mut out = Walked::default();
-    // (path, node, depth, what its parent node said of it: None for a directory's top node)
-    let mut level: Vec<(String, Hash, usize, Option<Span>)> = vec![(String::new(), root, 0, None)];
-    while !level.is_empty() {
-        ensure_local(blobs, level.iter().map(|l| l.1).collect()).await?;
-        let mut next = Vec::new();
+    let mut walker = Walker::new(blobs, root);
+    let mut files = Vec::new();
+    while let Some(batch) = walker.next_files(usize::MAX).await? {
+        files.extend(batch);
+    }
+    let mut out = walker.finish()?;
+    out.files = files;
+    Ok(out)
+}
+
+/// A node still to read: (path, node, depth, what its parent node said of it: None for a
+/// directory's top node).
+type Pending = (String, Hash, usize, Option<Span>);
+
+/// The tree under a root, read a level at a time (each level's nodes fetched in one batch)
+/// and handed out a batch of files at a time, so that a caller can act on a version's files
+/// without holding them all: directories, symlinks and tree nodes (far fewer) are kept.
+pub struct Walker<'a> {
+    blobs: &'a Blobs,
+    /// What is left of the level being read (its nodes are local).
+    level: std::vec::IntoIter<Pending>,
+    next: Vec<Pending>,
+    /// Directories, parents before children.
+    pub dirs: Vec<(String, u32)>,
+    pub symlinks: Vec<(String, String)>,
+    /// Every tree node read (directories and chunk lists) with its size.
+    pub nodes: Vec<(Hash, u32)>,
+    /// Files handed out so far.
+    pub files: u64,
+}
+
+impl<'a> Walker<'a> {
+    pub fn new(blobs: &'a Blobs, root: Hash) -> Walker<'a> {
+        Walker {
+            blobs,
+            level: Vec::new().into_iter(),
+            next: vec![(String::new(), root, 0, None)],
+            dirs: Vec::new(),
+            symlinks: Vec::new(),
+            nodes: Vec::new(),
+            files: 0,
+        }
+    }
+
+    /// The next files (about `max` at most: every file of a node read is included), with
+    /// their full chunk lists; `None` when every file was handed out.
+    ///
+    /// Cancel-safe: it only reads (and stores verified tree nodes); a walker cancelled
+    /// mid-call must not be used again.
+    pub async fn next_files(&mut self, max: usize) -> Result<Option<Vec<WalkFile>>> {
+        let mut files: Vec<WalkFile> = Vec::new();
         let mut lists: Vec<(usize, Vec<tree::ListRef>)> = Vec::new();
-        for (path, id, depth, span) in level {
-            let bytes = blobs.get(&id).await?;
-            out.nodes.push((id, bytes.len() as u32));
+        while files.len() < max {
+            let Some((path, id, depth, span)) = self.level.next() else {
+                if self.next.is_empty() {
+                    break;
+                }
+                let level = std::mem::take(&mut self.next);
+                ensure_local(self.blobs, level.iter().map(|l| l.1).collect()).await?;
+                self.level = level.into_iter();
+                continue;
+            };
+            let bytes = self.blobs.get(&id).await?;
+            self.nodes.push((id, bytes.len() as u32));
             let node = DirNode::decode(&bytes, span.as_ref()).map_err(|e| Error::Corrupt {
                 what: format!("directory node {id} for '/{path}'"),
                 reason: e.to_string(),
@@ -140,7 +194,7 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
                 inner => {
                     // More of the same directory, one level down.
                     for (child, span) in inner.spans(span.as_ref()) {
-                        next.push((path.clone(), child, depth, Some(span)));
+                        self.next.push((path.clone(), child, depth, Some(span)));
                     }
                     continue;
                 }
@@ -149,18 +203,18 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
                 let p = join(&path, &e.name);
                 match e.kind {
                     EntryKind::Dir { id, .. } => {
-                        out.dirs.push((p.clone(), e.mode));
-                        next.push((p, id, depth + 1, None));
+                        self.dirs.push((p.clone(), e.mode));
+                        self.next.push((p, id, depth + 1, None));
                     }
                     EntryKind::File { size, content } => {
                         let chunks = match content {
                             FileContent::Chunks(c) => c.into_iter().collect(),
                             FileContent::Lists(l) => {
-                                lists.push((out.files.len(), l));
+                                lists.push((files.len(), l));
                                 smallvec::SmallVec::new()
                             }
                         };
-                        out.files.push(WalkFile {
+                        files.push(WalkFile {
                             path: p.into_boxed_str(),
                             mode: e.mode,
                             size,
@@ -172,14 +226,14 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
                             what: format!("directory node {id} for '/{path}'"),
                             reason: format!("symlink {:?} -> {target:?}: {r}", e.name),
                         })?;
-                        out.symlinks.push((p, target));
+                        self.symlinks.push((p, target));
                     }
                 }
             }
         }
         if !lists.is_empty() {
             ensure_local(
-                blobs,
+                self.blobs,
                 lists
                     .iter()
                     .flat_map(|(_, l)| l.iter().map(|r| r.id))
@@ -188,20 +242,35 @@ pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
             .await?;
             for (file, refs) in lists {
                 for r in refs {
-                    let bytes = blobs.get(&r.id).await?;
-                    out.nodes.push((r.id, bytes.len() as u32));
+                    let bytes = self.blobs.get(&r.id).await?;
+                    self.nodes.push((r.id, bytes.len() as u32));
                     let list = ChunkList::decode(&bytes, &r).map_err(|e| Error::Corrupt {
-                        what: format!("chunk list {} of '/{}'", r.id, out.files[file].path),
+                        what: format!("chunk list {} of '/{}'", r.id, files[file].path),
                         reason: e.to_string(),
                     })?;
-                    out.files[file].chunks.extend(list.chunks);
+                    files[file].chunks.extend(list.chunks);
                 }
             }
         }
-        level = next;
+        if files.is_empty() && self.next.is_empty() && self.level.len() == 0 {
+            return Ok(None);
+        }
+        self.files += files.len() as u64;
+        Ok(Some(files))
     }
-    check_links(&out)?;
-    Ok(out)
+
+    /// The directories, symlinks and nodes of the tree (its files were handed out), once
+    /// every symlink's chain is checked; call after [`Walker::next_files`] returned `None`.
+    pub fn finish(self) -> Result<Walked> {
+        let out = Walked {
+            dirs: self.dirs,
+            files: Vec::new(),
+            symlinks: self.symlinks,
+            nodes: self.nodes,
+        };
+        check_links(&out)?;
+        Ok(out)
+    }
 }
 
 /// Refuses a tree with a symlink whose chain (through the tree's other links) leads outside

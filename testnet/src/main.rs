@@ -150,6 +150,10 @@ enum Cmd {
         /// Skip the pull (it writes every file: 100M is more inodes than most disks have).
         #[arg(long)]
         no_pull: bool,
+        /// Pull into the store only (`shoal pull --no-files`): the pull's memory without
+        /// writing N files (10M tiny files take 40 GB of 4 KiB blocks).
+        #[arg(long, conflicts_with = "no_pull")]
+        pull_no_files: bool,
     },
     /// Only writes a version of N tiny files into an origin (a path or URL) and prints its
     /// reference and publisher key (trust it with `shoal trust KEY`).
@@ -1012,9 +1016,20 @@ fn main() -> Result<()> {
             width,
             real_files,
             no_pull,
+            pull_no_files,
         } => (
             "scale",
-            scale_bench::run(&args, *entries, *width, *real_files, !*no_pull)?,
+            scale_bench::run(
+                &args,
+                *entries,
+                *width,
+                *real_files,
+                match (*no_pull, *pull_no_files) {
+                    (true, _) => scale_bench::Pull::No,
+                    (false, true) => scale_bench::Pull::StoreOnly,
+                    (false, false) => scale_bench::Pull::Files,
+                },
+            )?,
         ),
         Cmd::ScaleGen {
             entries,

@@ -128,7 +128,17 @@ fn spawn_mount(bin: &str, home: &Path, origin: &Path, mp: &Path) -> Result<Child
         .spawn()?)
 }
 
-pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) -> Result<Value> {
+/// Whether and how the scale bench pulls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Pull {
+    No,
+    /// Into the store only (`--no-files`).
+    StoreOnly,
+    /// Writing every file.
+    Files,
+}
+
+pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: Pull) -> Result<Value> {
     let work = args.bench_root.join(format!("work/scale-{entries}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -156,26 +166,23 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: bool) 
     let bin = shoal_bin()?;
     let bin = bin.to_str().context("UTF-8 path")?;
 
-    if pull {
+    if pull != Pull::No {
         let home = work.join("home-pull");
         shoal(&home, &origin, &["trust", &publisher])?;
         let dest = work.join("out");
         eprintln!("pulling into {}", dest.display());
-        let (secs, rss, stdout) = timed_rss(
-            &[
-                bin,
-                "--json",
-                "pull",
-                "scale@v1",
-                "--to",
-                dest.to_str().unwrap(),
-            ],
-            &[("SHOAL_HOME", &home), ("SHOAL_ORIGIN", &origin)],
-        )?;
+        let mut cmd = vec![bin, "--json", "pull", "scale@v1"];
+        match pull {
+            Pull::StoreOnly => cmd.push("--no-files"),
+            _ => cmd.extend(["--to", dest.to_str().unwrap()]),
+        }
+        let (secs, rss, stdout) =
+            timed_rss(&cmd, &[("SHOAL_HOME", &home), ("SHOAL_ORIGIN", &origin)])?;
         let report: Value = serde_json::from_slice(&stdout)?;
         if report["files"] != json!(entries) {
             bail!("pull wrote {} files, not {entries}", report["files"]);
         }
+        out["pull_wrote_files"] = json!(pull == Pull::Files);
         out["pull_s"] = json!(secs);
         out["pull_max_rss_bytes"] = json!(rss);
         // A command that opens the store the pull filled (and reads its stats): what every
