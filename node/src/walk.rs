@@ -119,7 +119,6 @@ async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
 /// Walks the whole tree under `root`.
 ///
 /// Cancel-safe: it only reads (and stores verified tree nodes).
-#[tracing::instrument(name = "read tree", skip_all)]
 pub async fn walk(blobs: &Blobs, root: Hash) -> Result<Walked> {
     let mut walker = Walker::new(blobs, root);
     let mut files = Vec::new();
@@ -170,6 +169,7 @@ impl<'a> Walker<'a> {
     ///
     /// Cancel-safe: it only reads (and stores verified tree nodes); a walker cancelled
     /// mid-call must not be used again.
+    #[tracing::instrument(name = "read tree", skip_all)]
     pub async fn next_files(&mut self, max: usize) -> Result<Option<Vec<WalkFile>>> {
         let mut files: Vec<WalkFile> = Vec::new();
         let mut lists: Vec<(usize, Vec<tree::ListRef>)> = Vec::new();
