@@ -92,11 +92,26 @@ fn loc_path(cache: &Path, pack: &Hash) -> PathBuf {
 fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
     // Sorted by the ids' first 8 bytes, then the whole id: comparing two u64s is most of
     // what sorting a pack's entries costs (memcmp of whole ids was a fifth of opening one).
-    let mut entries: Vec<(u64, Hash, u32, u64, u32)> = idx
+    // The sort moves 12 bytes an entry (the prefix and the entry's place), not the entries.
+    let at = |i: u32| -> (Hash, u32, u64, u32) {
+        match idx {
+            AnyIndex::Packed(p) => {
+                let e = &p.entries[i as usize];
+                (e.id, 0, e.offset, e.len)
+            }
+            AnyIndex::External(x) => {
+                let e = &x.entries[i as usize];
+                (e.id, e.object, e.offset, e.len)
+            }
+        }
+    };
+    let mut order: Vec<(u64, u32)> = idx
         .locations()
-        .map(|(id, object, offset, len)| (prefix(&id), id, object, offset, len))
+        .enumerate()
+        .map(|(i, (id, ..))| (prefix(&id), i as u32))
         .collect();
-    entries.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| at(a.1).0.cmp(&at(b.1).0)));
+    let entries = order.iter().map(|&(_, i)| at(i));
     let frames: &[Frame] = match idx {
         AnyIndex::Packed(p) if !p.frames.is_plain() => p.frames.frames(),
         _ => &[],
@@ -107,7 +122,7 @@ fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
     let written = (|| {
         w.write_all(MAGIC)?;
         w.write_all(pack.as_bytes())?;
-        w.write_all(&(entries.len() as u64).to_le_bytes())?;
+        w.write_all(&(order.len() as u64).to_le_bytes())?;
         w.write_all(&(frames.len() as u64).to_le_bytes())?;
         let kind = matches!(idx, AnyIndex::External(_)) as u64;
         w.write_all(&kind.to_le_bytes())?;
@@ -121,7 +136,7 @@ fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
             b[16..24].copy_from_slice(&f.stored_len.to_le_bytes());
             w.write_all(&b)?;
         }
-        for (_, id, object, offset, len) in &entries {
+        for (id, object, offset, len) in entries {
             w.write_all(id.as_bytes())?;
             w.write_all(&offset.to_le_bytes())?;
             w.write_all(&len.to_le_bytes())?;
@@ -347,10 +362,6 @@ impl Locator {
             r?;
         }
         drop(opening);
-        if self.all_open() && self.slots.len() > 16 {
-            // The decoded indexes are gone; their memory need not stay with the process.
-            shoal_fuse::trim_allocator();
-        }
         Ok(())
     }
 
@@ -358,13 +369,18 @@ impl Locator {
     async fn open_pack(&self, pack: u32) -> Result<()> {
         let slot = &self.slots[pack as usize];
         let started = std::time::Instant::now();
-        let mut opened = false;
+        let (mut opened, mut built) = (false, false);
         slot.get_or_try_init(|| async {
-            let p = self.load_pack(pack).await?;
-            opened = true;
+            let (p, b) = self.load_pack(pack).await?;
+            (opened, built) = (true, b);
             Ok::<_, Error>(p)
         })
         .await?;
+        if built {
+            // The decoded index (tens of MB for a full pack) is gone; glibc would keep its
+            // memory with the process otherwise (a pull of 3M entries held ~500 MB of it).
+            let _ = tokio::task::spawn_blocking(shoal_fuse::trim_allocator).await;
+        }
         if opened {
             self.open.fetch_add(1, Ordering::AcqRel);
             tracing::debug!(
@@ -378,17 +394,17 @@ impl Locator {
     }
 
     /// Opens the locator file of one pack, building it from the pack's index first if there
-    /// is none (or a damaged one).
+    /// is none (or a damaged one); with whether the index was read (and decoded).
     ///
     /// Cancel-safe: the file is renamed into place whole, or not at all.
-    async fn load_pack(&self, pack: u32) -> Result<PackLoc> {
+    async fn load_pack(&self, pack: u32) -> Result<(PackLoc, bool)> {
         let id = self.packs[pack as usize];
         let cache = self.cache.clone();
         let existing = tokio::task::spawn_blocking(move || open_loc(&cache, &id))
             .await
             .expect("locator task panicked");
         let existing = match existing {
-            Some(p) if !p.is_external => return Ok(p),
+            Some(p) if !p.is_external => return Ok((p, false)),
             other => other,
         };
         // No file yet (or an external pack, whose index is needed in memory).
@@ -434,7 +450,7 @@ impl Locator {
             p.copies = copy_of(&self.origins, self.holders, &id, &x).await;
             p.external = Some(Arc::new(x));
         }
-        Ok(p)
+        Ok((p, true))
     }
 }
 
