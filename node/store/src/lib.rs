@@ -413,6 +413,12 @@ fn record_key(seg: u32, rec: u64) -> [u8; 12] {
     k
 }
 
+/// A record's segment and entries, if it decodes and its segment is still there.
+fn live_record(st: &State, k: &[u8], v: &[u8]) -> Option<(u32, Vec<(Hash, Loc)>)> {
+    let (seg, rec) = parse_record_key(k)?;
+    Some((seg, decode_record(v, rec)?)).filter(|_| st.segs.contains_key(&seg))
+}
+
 fn parse_record_key(k: &[u8]) -> Option<(u32, u64)> {
     Some((
         u32::from_be_bytes(k.get(..4)?.try_into().ok()?),
@@ -712,10 +718,7 @@ impl SegmentStore {
                 stale.push(k);
                 continue;
             }
-            let found = parse_record_key(&k).and_then(|(seg, rec)| {
-                Some((seg, decode_record(&v, rec)?)).filter(|_| st.segs.contains_key(&seg))
-            });
-            let Some((seg, entries)) = found else {
+            let Some((seg, entries)) = live_record(st, &k, &v) else {
                 // Unreadable, or its segment is gone.
                 stale.push(k);
                 continue;
@@ -777,10 +780,7 @@ impl SegmentStore {
             .range(record_key(seg, off).to_vec()..JOURNAL.to_vec())
         {
             let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let found = parse_record_key(&k).and_then(|(seg, rec)| {
-                Some((seg, decode_record(&v, rec)?)).filter(|_| st.segs.contains_key(&seg))
-            });
-            let Some((seg, entries)) = found else {
+            let Some((seg, entries)) = live_record(st, &k, &v) else {
                 stale.push(k);
                 continue;
             };
