@@ -32,13 +32,13 @@ use tracing::Instrument;
 /// have not been measured with fewer arenas.
 #[allow(unsafe_code)]
 fn tune_malloc(few_arenas: bool) {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
     // exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
         if few_arenas {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
             libc::mallopt(libc::M_ARENA_MAX, cores.clamp(2, 64) as libc::c_int);
         }
     }

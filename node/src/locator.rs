@@ -93,18 +93,7 @@ fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
     // Sorted by the ids' first 8 bytes, then the whole id: comparing two u64s is most of
     // what sorting a pack's entries costs (memcmp of whole ids was a fifth of opening one).
     // The sort moves 12 bytes an entry (the prefix and the entry's place), not the entries.
-    let at = |i: u32| -> (Hash, u32, u64, u32) {
-        match idx {
-            AnyIndex::Packed(p) => {
-                let e = &p.entries[i as usize];
-                (e.id, 0, e.offset, e.len)
-            }
-            AnyIndex::External(x) => {
-                let e = &x.entries[i as usize];
-                (e.id, e.object, e.offset, e.len)
-            }
-        }
-    };
+    let at = |i: u32| idx.location(i as usize);
     let mut order: Vec<(u64, u32)> = idx
         .locations()
         .enumerate()
@@ -362,6 +351,10 @@ impl Locator {
             r?;
         }
         drop(opening);
+        if self.all_open() && self.slots.len() > 16 {
+            // The decoded indexes are gone; their memory need not stay with the process.
+            shoal_fuse::trim_allocator();
+        }
         Ok(())
     }
 
@@ -369,18 +362,13 @@ impl Locator {
     async fn open_pack(&self, pack: u32) -> Result<()> {
         let slot = &self.slots[pack as usize];
         let started = std::time::Instant::now();
-        let (mut opened, mut built) = (false, false);
+        let mut opened = false;
         slot.get_or_try_init(|| async {
-            let (p, b) = self.load_pack(pack).await?;
-            (opened, built) = (true, b);
+            let p = self.load_pack(pack).await?;
+            opened = true;
             Ok::<_, Error>(p)
         })
         .await?;
-        if built {
-            // The decoded index (tens of MB for a full pack) is gone; glibc would keep its
-            // memory with the process otherwise (a pull of 3M entries held ~500 MB of it).
-            let _ = tokio::task::spawn_blocking(shoal_fuse::trim_allocator).await;
-        }
         if opened {
             self.open.fetch_add(1, Ordering::AcqRel);
             tracing::debug!(
@@ -394,17 +382,17 @@ impl Locator {
     }
 
     /// Opens the locator file of one pack, building it from the pack's index first if there
-    /// is none (or a damaged one); with whether the index was read (and decoded).
+    /// is none (or a damaged one).
     ///
     /// Cancel-safe: the file is renamed into place whole, or not at all.
-    async fn load_pack(&self, pack: u32) -> Result<(PackLoc, bool)> {
+    async fn load_pack(&self, pack: u32) -> Result<PackLoc> {
         let id = self.packs[pack as usize];
         let cache = self.cache.clone();
         let existing = tokio::task::spawn_blocking(move || open_loc(&cache, &id))
             .await
             .expect("locator task panicked");
         let existing = match existing {
-            Some(p) if !p.is_external => return Ok((p, false)),
+            Some(p) if !p.is_external => return Ok(p),
             other => other,
         };
         // No file yet (or an external pack, whose index is needed in memory).
@@ -450,7 +438,7 @@ impl Locator {
             p.copies = copy_of(&self.origins, self.holders, &id, &x).await;
             p.external = Some(Arc::new(x));
         }
-        Ok((p, true))
+        Ok(p)
     }
 }
 

@@ -468,15 +468,37 @@ impl AnyIndex {
         }
     }
 
-    /// Where every blob is: (id, source object, offset, len); the object is 0 in a packed
-    /// pack.
-    pub fn locations(&self) -> Box<dyn Iterator<Item = (Hash, u32, u64, u32)> + '_> {
+    /// How many blobs the index places.
+    pub fn len(&self) -> usize {
         match self {
-            AnyIndex::Packed(p) => Box::new(p.entries.iter().map(|e| (e.id, 0, e.offset, e.len))),
+            AnyIndex::Packed(p) => p.entries.len(),
+            AnyIndex::External(x) => x.entries.len(),
+        }
+    }
+
+    /// Whether the index places no blob.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where the `i`th blob is: (id, source object, offset, len); the object is 0 in a
+    /// packed pack. Panics past [`Self::len`].
+    pub fn location(&self, i: usize) -> (Hash, u32, u64, u32) {
+        match self {
+            AnyIndex::Packed(p) => {
+                let e = &p.entries[i];
+                (e.id, 0, e.offset, e.len)
+            }
             AnyIndex::External(x) => {
-                Box::new(x.entries.iter().map(|e| (e.id, e.object, e.offset, e.len)))
+                let e = &x.entries[i];
+                (e.id, e.object, e.offset, e.len)
             }
         }
+    }
+
+    /// Where every blob is, in index order (see [`Self::location`]).
+    pub fn locations(&self) -> impl Iterator<Item = (Hash, u32, u64, u32)> + '_ {
+        (0..self.len()).map(|i| self.location(i))
     }
 }
 
