@@ -1,11 +1,13 @@
-//! The local chunk store: blob bytes appended to segment files, the index in sled (records,
-//! the source of truth) and in sorted runs on disk derived from them (what lookups search,
-//! see [`runs`]), an optional capacity enforced by the [`ClockLfu`] policy, and pins.
+//! The local chunk store: blob bytes appended to segment files, which blobs each segment
+//! holds in a record log beside it (the source of truth, see [`reclog`]), the index by blob
+//! id in sorted runs on disk derived from the logs (what lookups search, see [`runs`]), an
+//! optional capacity enforced by the [`ClockLfu`] policy, and pins, counters and the index's
+//! checkpoint in sled.
 //!
 //! Crash safety comes from ordering and verification. A batch of blobs is appended to a
-//! segment before its index record is inserted (with any evictions, in the same atomic sled
-//! batch), so after a killed process every entry points at complete bytes (the page cache
-//! outlives the process). Segment data is not `fsync`ed per batch: after a power cut an entry
+//! segment before its record is appended to the segment's log (and evictions after it), so
+//! after a killed process every record points at complete bytes (the page cache outlives the
+//! process). Segment data is not `fsync`ed per batch: after a power cut an entry
 //! may point at bytes that never reached the disk, and since every read is verified, such an
 //! entry is detected, dropped and the blob fetched again. Local reads are verified against the
 //! blob's id (BLAKE3); reads for a peer, which verifies them against the id itself, are checked
@@ -19,6 +21,7 @@
 //! compaction keeps the segment files under it; only pinned blobs can push usage beyond.
 
 pub mod policy;
+mod reclog;
 mod runs;
 pub mod sorted;
 pub mod tiers;
@@ -35,9 +38,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-/// sled's page cache: records are read when blobs are evicted, dropped or compacted, and
-/// those written since the last checkpoint when the store opens.
-const SLED_CACHE: u64 = 32 << 20;
+/// sled's page cache (sled holds pins, counters, the checkpoint and the removals journaled
+/// since it, not the records).
+const SLED_CACHE: u64 = 16 << 20;
 
 /// A flush checkpoints the index when its delta holds this many entries (fewer are replayed
 /// from the records when the store is next opened, about a microsecond each, unless it is
@@ -57,6 +60,11 @@ pub enum StoreError {
     },
     #[error("local store index {path}: {source}")]
     Db { path: PathBuf, source: sled::Error },
+    #[error("local store record log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("local store {path} is in use by another shoal process (a pull, mount or node); wait for it or stop it")]
     Locked { path: PathBuf },
     #[error("blob {id} in local store segment {path} is corrupt (its bytes do not match its id); it was dropped and will be fetched again")]
@@ -139,8 +147,8 @@ pub trait ChunkStore: Send + Sync {
     /// checksum kept since it was stored rather than re-hashed, and without effect on what a
     /// faster tier keeps for local readers.
     fn get_for_peer(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Stores verified blobs. They survive the process being killed once [`Self::flush`] has
-    /// returned (sled also flushes on its own every half second).
+    /// Stores verified blobs. They survive the process being killed once this returns, and a
+    /// power cut once [`Self::flush`] has returned.
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError>;
     /// Makes every index update so far durable.
     fn flush(&self) -> Result<(), StoreError>;
@@ -237,11 +245,15 @@ enum Check {
 struct State {
     active: u32,
     /// Where each live blob is: runs on disk and recent changes in memory (see [`runs`]),
-    /// derived from the records in sled. An entry naming a segment that is gone is not live.
+    /// derived from the segments' record logs. An entry naming a segment that is gone is not
+    /// live.
     index: Index,
     /// What the runs and the records agreed on when the index was last checkpointed.
     ckpt: Ckpt,
     file: File,
+    /// The active segment's record log, and its length up to its last whole frame.
+    log: File,
+    log_len: u64,
     /// The eviction policy, with a capacity only: without one nothing is evicted, and
     /// keeping its state (about 100 bytes a blob) would only cost memory.
     policy: Option<ClockLfu<Hash>>,
@@ -252,7 +264,7 @@ struct State {
     /// Blobs dropped (collected or corrupt) since the store was opened.
     dropped: u64,
     /// How the index was brought up to date when the store opened: entries replayed after
-    /// the checkpoint, or (`None`) rebuilt from every record.
+    /// the checkpoint, or (`None`) rebuilt from every log.
     replayed: Option<u64>,
 }
 
@@ -283,14 +295,14 @@ impl State {
 }
 
 /// A checkpoint of the index (kept in sled's `meta` tree under [`MANIFEST`]): its runs, and
-/// what they reflect: every record before the watermark (a record key: blobs appended since
-/// have keys at or after it) less the removals journaled under generations before `gen`, and
+/// what they reflect: every record before the watermark (a segment and offset: blobs appended
+/// since are at or after it) less the removals journaled under generations before `gen`, and
 /// the segments' live counts then. Opening a store loads the runs and replays what came
 /// after: the removals journaled under `gen`, then the records from the watermark on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Ckpt {
     gen: u64,
-    /// Segment and offset: the key of the first record not reflected.
+    /// Segment and offset: the first record not reflected.
     wm: (u32, u64),
     /// The highest segment number ever used (numbers are never reused: the runs may still
     /// name a deleted segment).
@@ -360,31 +372,22 @@ impl Ckpt {
     }
 }
 
-/// Journal keys (in the records tree, so that a removal and the rewrite of its record commit
-/// in one batch): this prefix (a segment number never used), the generation, the blob.
-const JOURNAL: [u8; 4] = [0xff; 4];
-
-fn journal_key(gen: u64, id: &Hash) -> [u8; 44] {
-    let mut k = [0u8; 44];
-    k[..4].copy_from_slice(&JOURNAL);
-    k[4..12].copy_from_slice(&gen.to_be_bytes());
-    k[12..].copy_from_slice(id.as_bytes());
+/// Journal keys (sled tree "journal"): the generation, the blob. A removal is journaled after
+/// its frame reaches the segment's log; the journal of a generation is what the next open
+/// replays of removals made since the checkpoint.
+fn journal_key(gen: u64, id: &Hash) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&gen.to_be_bytes());
+    k[8..].copy_from_slice(id.as_bytes());
     k
 }
 
-fn journal_prefix(gen: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&JOURNAL);
-    k[4..].copy_from_slice(&gen.to_be_bytes());
-    k
-}
-
-/// [`ChunkStore`] over sled and append-only segment files.
+/// [`ChunkStore`] over append-only segment files, their record logs, index runs and sled.
 pub struct SegmentStore {
     dir: PathBuf,
     db: sled::Db,
-    /// One record per appended batch (see [`encode_record`]).
-    records: sled::Tree,
+    /// Removals since the checkpoint (see [`journal_key`]).
+    journal: sled::Tree,
     pins: sled::Tree,
     pinned: sled::Tree,
     meta: sled::Tree,
@@ -401,22 +404,17 @@ fn seg_name(n: u32) -> String {
     format!("{n:08}.seg")
 }
 
-/// The index: one sled record per batch of blobs appended together, keyed by segment and the
-/// batch's offset in it (12 bytes, big-endian), listing each blob's id, offset, length and
-/// CRC32. One record per batch (a 4 MiB batch holds ~64 blobs) rather than one entry per blob
-/// saved the receiver of a 1 GiB pull 0.1-0.15 CPU s (`shoal-bench swarm-lo`, docs/swarm.md);
-/// removing single blobs (eviction, a corrupt read) rewrites their record.
+/// Stores before record logs kept one sled record per batch of blobs appended together (tree
+/// "records"), keyed by segment and the batch's offset in it (12 bytes, big-endian), listing
+/// each blob's id, offset, length and CRC32; [`migrate`] moves them into logs. (One record per
+/// batch rather than one entry per blob saved the receiver of a 1 GiB pull 0.1-0.15 CPU s,
+/// `shoal-bench swarm-lo`, docs/swarm.md: the logs keep that.)
+#[cfg(test)]
 fn record_key(seg: u32, rec: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&seg.to_be_bytes());
     k[4..].copy_from_slice(&rec.to_be_bytes());
     k
-}
-
-/// A record's segment and entries, if it decodes and its segment is still there.
-fn live_record(st: &State, k: &[u8], v: &[u8]) -> Option<(u32, Vec<(Hash, Loc)>)> {
-    let (seg, rec) = parse_record_key(k)?;
-    Some((seg, decode_record(v, rec)?)).filter(|_| st.segs.contains_key(&seg))
 }
 
 fn parse_record_key(k: &[u8]) -> Option<(u32, u64)> {
@@ -427,14 +425,14 @@ fn parse_record_key(k: &[u8]) -> Option<(u32, u64)> {
     .filter(|_| k.len() == 12)
 }
 
-/// A record's first byte: its entries carry CRCs, or (migrated from before checksums were
-/// kept) do not.
-const REC_CRC: u8 = 1;
-const REC_NO_CRC: u8 = 2;
+/// A sled record's first byte: its entries carry CRCs, or (migrated from before checksums
+/// were kept) do not.
+use reclog::{REC_CRC, REC_NO_CRC};
 /// Per blob: id (32), offset (8), length (4), CRC32 (4; zero without).
 const REC_ENTRY: usize = 48;
 
-/// A record of blobs that all have CRCs or all have none.
+/// A sled record of blobs that all have CRCs or all have none.
+#[cfg(test)]
 fn encode_record<'a>(entries: impl Iterator<Item = (&'a Hash, &'a Loc)>) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + 64 * REC_ENTRY);
     v.push(REC_CRC);
@@ -542,9 +540,7 @@ impl SegmentStore {
         let db = sled::Config::new()
             .path(&db_path)
             .mode(sled::Mode::HighThroughput)
-            // sled's page cache is 1 GiB by default: every record a pull writes could stay
-            // cached. (It is not what a store of a million blobs costs when opened: 278 MB
-            // resident with 32 MiB as with 1 GiB, nearly all of it `State::index`.)
+            // (sled's page cache is 1 GiB by default.)
             .cache_capacity(SLED_CACHE)
             .open()
             .map_err(|e| match e {
@@ -567,24 +563,31 @@ impl SegmentStore {
                 source,
             })
         };
-        let (records, pins, pinned, meta) = (
-            tree("records")?,
+        let (journal, pins, pinned, meta) = (
+            tree("journal")?,
             tree("pins")?,
             tree("pinned")?,
             tree("meta")?,
         );
-        migrate(&tree("blobs")?, &records).map_err(|source| StoreError::Db {
+        migrate(&db, &segs_dir, &meta).map_err(|source| StoreError::Db {
             path: db_path.clone(),
             source,
         })?;
 
         let mut segs: BTreeMap<u32, Seg> = BTreeMap::new();
+        let mut logs = Vec::new();
         for e in std::fs::read_dir(&segs_dir).map_err(io)? {
             let e = e.map_err(io)?;
-            let n = e
-                .file_name()
-                .to_str()
-                .and_then(|s| s.strip_suffix(".seg"))
+            let name = e.file_name();
+            let name = name.to_str().unwrap_or_default();
+            if let Some(n) = name
+                .strip_suffix(".rec")
+                .and_then(|s| s.parse::<u32>().ok())
+            {
+                logs.push(n);
+            }
+            let n = name
+                .strip_suffix(".seg")
                 .and_then(|s| s.parse::<u32>().ok());
             if let Some(n) = n {
                 let meta = e.metadata().map_err(io)?;
@@ -601,6 +604,10 @@ impl SegmentStore {
                     },
                 );
             }
+        }
+        // The log of a segment compaction deleted (a process killed between the two).
+        for n in logs.into_iter().filter(|n| !segs.contains_key(n)) {
+            let _ = std::fs::remove_file(segs_dir.join(seg_name(n)).with_extension("rec"));
         }
         let runs_dir = dir.join("runs");
         private_dir(&runs_dir).map_err(io)?;
@@ -641,6 +648,11 @@ impl SegmentStore {
             size: file.metadata().map(|m| m.len()).unwrap_or(0),
             ..Seg::default()
         });
+        let log_path = reclog::log_path(&segs_dir.join(seg_name(active)));
+        let (log, log_len) = reclog::open_append(&log_path).map_err(|source| StoreError::Log {
+            path: log_path,
+            source,
+        })?;
         let (ckpt, runs) = loaded.unwrap_or_default();
         let rebuild = ckpt == Ckpt::default();
         let state = State {
@@ -648,6 +660,8 @@ impl SegmentStore {
             index: Index::new(runs_dir, runs),
             ckpt,
             file,
+            log,
+            log_len,
             policy: None,
             segs,
             hits: counter(&meta, "hits"),
@@ -659,7 +673,7 @@ impl SegmentStore {
         let store = SegmentStore {
             dir: dir.to_path_buf(),
             db,
-            records,
+            journal,
             pins,
             pinned,
             meta,
@@ -681,12 +695,7 @@ impl SegmentStore {
             // compactions.
             if let Some(cap) = capacity {
                 let victims = store.load_policy(&mut st, ClockLfu::new(cap / 4 * 3))?;
-                let mut batch = sled::Batch::default();
-                store.unindex(&mut st, &victims, &mut batch)?;
-                store
-                    .records
-                    .apply_batch(batch)
-                    .map_err(|e| store.db_err(e))?;
+                store.unindex(&mut st, &victims)?;
                 store.compact_to_capacity(&mut st)?;
             }
             store.maintain(&mut st, false)?;
@@ -694,8 +703,8 @@ impl SegmentStore {
         Ok(store)
     }
 
-    /// Builds the index anew from every record (a store without a checkpoint, from before
-    /// runs, or whose runs are damaged or missing), then checkpoints it.
+    /// Builds the index anew from every segment's log (a store without a checkpoint, from
+    /// before runs, or whose runs are damaged or missing), then checkpoints it.
     fn rebuild(&self, st: &mut State) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         // Nothing may name the runs written below until they are complete: the old
@@ -709,44 +718,42 @@ impl SegmentStore {
             s.live_bytes = 0;
             s.live_blobs = 0;
         }
-        let mut stale = Vec::new();
         let mut n = 0u64;
-        for kv in self.records.iter() {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            if k.starts_with(&JOURNAL) {
-                // Removals already reflected in the records.
-                stale.push(k);
-                continue;
-            }
-            let Some((seg, entries)) = live_record(st, &k, &v) else {
-                // Unreadable, or its segment is gone.
-                stale.push(k);
-                continue;
-            };
-            for (id, loc) in entries {
-                n += 1;
-                st.place(id, seg, loc);
-            }
-            if st.index.delta_len() >= DELTA_MAX {
-                let live = st.live_segs();
-                let retired = st.index.write_delta(&live).map_err(self.runs_err())?;
-                self.remove_runs(&retired);
+        for seg in st.live_segs() {
+            let mut failed = None;
+            self.scan_log(seg, 0, |_, entries| {
+                if failed.is_some() {
+                    return;
+                }
+                for (id, loc) in entries {
+                    n += 1;
+                    st.place(id, seg, loc);
+                }
+                if st.index.delta_len() >= DELTA_MAX {
+                    let live = st.live_segs();
+                    match st.index.write_delta(&live) {
+                        Ok(retired) => self.remove_runs(&retired),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(self.runs_err()(e));
             }
         }
-        for k in stale {
-            self.records.remove(k).map_err(|e| self.db_err(e))?;
-        }
+        // Removals journaled are reflected in the logs.
+        self.journal.clear().map_err(|e| self.db_err(e))?;
         self.checkpoint(st)?;
         tracing::info!(
             blobs = n,
             secs = started.elapsed().as_secs_f64(),
-            "rebuilt the store's index from its records"
+            "rebuilt the store's index from its record logs"
         );
         Ok(())
     }
 
-    /// Brings the checkpointed runs up to the records: the removals journaled since, then
-    /// the records appended since.
+    /// Brings the checkpointed runs up to the logs: the removals journaled since, then the
+    /// records appended since.
     fn replay(&self, st: &mut State) -> Result<(), StoreError> {
         for &(seg, bytes, blobs) in &st.ckpt.counts {
             if let Some(s) = st.segs.get_mut(&seg) {
@@ -757,53 +764,51 @@ impl SegmentStore {
         // Journals of older generations (left by a process killed after a checkpoint).
         let mut n = 0u64;
         let mut old = sled::Batch::default();
-        for kv in self
-            .records
-            .range(JOURNAL.to_vec()..journal_prefix(st.ckpt.gen).to_vec())
-        {
+        for kv in self.journal.range(..st.ckpt.gen.to_be_bytes().to_vec()) {
             old.remove(kv.map_err(|e| self.db_err(e))?.0);
         }
-        self.records.apply_batch(old).map_err(|e| self.db_err(e))?;
-        for kv in self.records.scan_prefix(journal_prefix(st.ckpt.gen)) {
+        self.journal.apply_batch(old).map_err(|e| self.db_err(e))?;
+        for kv in self.journal.scan_prefix(st.ckpt.gen.to_be_bytes()) {
             let (k, _) = kv.map_err(|e| self.db_err(e))?;
-            let Ok(id) = <[u8; 32]>::try_from(&k[12..]) else {
+            let Ok(id) = <[u8; 32]>::try_from(&k[8..]) else {
                 continue;
             };
-            let id = Hash(id);
             n += 1;
-            forget_live(st, &id);
+            forget_live(st, &Hash(id));
         }
-        let (seg, off) = st.ckpt.wm;
-        let mut stale = Vec::new();
-        for kv in self
-            .records
-            .range(record_key(seg, off).to_vec()..JOURNAL.to_vec())
-        {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let Some((seg, entries)) = live_record(st, &k, &v) else {
-                stale.push(k);
-                continue;
-            };
-            for (id, loc) in entries {
-                n += 1;
-                if st
-                    .live(&id)
-                    .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
-                {
-                    continue;
+        let (wseg, woff) = st.ckpt.wm;
+        for seg in st.live_segs().into_iter().filter(|s| *s >= wseg) {
+            let from = if seg == wseg { woff } else { 0 };
+            self.scan_log(seg, from, |_, entries| {
+                for (id, loc) in entries {
+                    n += 1;
+                    if st
+                        .live(&id)
+                        .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
+                    {
+                        continue;
+                    }
+                    st.place(id, seg, loc);
                 }
-                st.place(id, seg, loc);
-            }
-        }
-        for k in stale {
-            self.records.remove(k).map_err(|e| self.db_err(e))?;
+            })?;
         }
         st.replayed = Some(n);
         tracing::debug!(
             entries = n,
-            "replayed the store's records since its checkpoint"
+            "replayed the store's record logs since its checkpoint"
         );
         Ok(())
+    }
+
+    /// [`reclog::scan`] of segment `seg`'s log.
+    fn scan_log(
+        &self,
+        seg: u32,
+        from: u64,
+        f: impl FnMut(u64, Vec<(Hash, Loc)>),
+    ) -> Result<(), StoreError> {
+        let path = reclog::log_path(&self.seg_path(seg));
+        reclog::scan(&path, from, f).map_err(|source| StoreError::Log { path, source })
     }
 
     /// Fills `policy` with every live blob (and the pins); returns the blobs it evicts at
@@ -827,27 +832,20 @@ impl SegmentStore {
         Ok(victims)
     }
 
-    /// Calls `f` with every live blob (from the records, each checked against the index),
+    /// Calls `f` with every live blob (from the logs, each checked against the index),
     /// segment by segment.
     fn each_live(&self, st: &State, mut f: impl FnMut(Hash, u32, Loc)) -> Result<(), StoreError> {
-        for kv in self
-            .records
-            .range(record_key(0, 0).to_vec()..JOURNAL.to_vec())
-        {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let Some((seg, entries)) =
-                parse_record_key(&k).and_then(|(seg, rec)| Some((seg, decode_record(&v, rec)?)))
-            else {
-                continue;
-            };
-            for (id, loc) in entries {
-                if st
-                    .live(&id)
-                    .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
-                {
-                    f(id, seg, loc);
+        for seg in st.live_segs() {
+            self.scan_log(seg, 0, |_, entries| {
+                for (id, loc) in entries {
+                    if st
+                        .live(&id)
+                        .is_some_and(|(s, l)| (s, l.off) == (seg, loc.off))
+                    {
+                        f(id, seg, loc);
+                    }
                 }
-            }
+            })?;
         }
         Ok(())
     }
@@ -874,6 +872,8 @@ impl SegmentStore {
                 .finish_merge(false, &live)
                 .map_err(self.runs_err())?,
         );
+        // The records the runs reflect reach the disk before the checkpoint says so.
+        st.log.sync_data().map_err(self.log_err(st.active))?;
         let old_gen = st.ckpt.gen;
         st.ckpt = Ckpt {
             gen: old_gen + 1,
@@ -892,10 +892,10 @@ impl SegmentStore {
         self.db.flush().map_err(|e| self.db_err(e))?;
         // The journal of the generation just closed, now reflected in the runs.
         let mut done = sled::Batch::default();
-        for kv in self.records.scan_prefix(journal_prefix(old_gen)) {
+        for kv in self.journal.scan_prefix(old_gen.to_be_bytes()) {
             done.remove(kv.map_err(|e| self.db_err(e))?.0);
         }
-        self.records.apply_batch(done).map_err(|e| self.db_err(e))?;
+        self.journal.apply_batch(done).map_err(|e| self.db_err(e))?;
         self.remove_runs(&retired);
         Ok(())
     }
@@ -953,6 +953,13 @@ impl SegmentStore {
         }
     }
 
+    fn log_err(&self, seg: u32) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Log {
+            path: reclog::log_path(&self.seg_path(seg)),
+            source,
+        }
+    }
+
     fn io_err(&self, seg: u32) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         move |source| StoreError::Io {
             path: self.seg_path(seg),
@@ -962,11 +969,7 @@ impl SegmentStore {
 
     /// Drops a blob's index entry (its bytes become garbage).
     fn drop_entry(&self, st: &mut State, id: &Hash) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        self.unindex(st, &[*id], &mut batch)?;
-        self.records
-            .apply_batch(batch)
-            .map_err(|e| self.db_err(e))?;
+        self.unindex(st, &[*id])?;
         if let Some(p) = &mut st.policy {
             p.remove(id);
         }
@@ -1032,57 +1035,27 @@ impl SegmentStore {
         Ok(None)
     }
 
-    /// Appends blobs to the active segment (rolling it when full) and records them as live;
-    /// returns the index insertions for the caller to apply (with anything else it adds).
-    fn append(&self, st: &mut State, blobs: &[(Hash, &[u8])]) -> Result<sled::Batch, StoreError> {
-        let mut out = Vec::with_capacity(blobs.len());
+    /// Appends blobs to the active segment (rolling it when full), each write's blobs then as
+    /// one record to the segment's log, and places them in the index.
+    fn append(&self, st: &mut State, blobs: &[(Hash, &[u8])]) -> Result<(), StoreError> {
+        let mut out: Vec<(Hash, u32, Loc)> = Vec::with_capacity(blobs.len());
         // Blobs go to the file as they are (vectored writes), without a staging copy.
         let mut pending: Vec<&[u8]> = Vec::new();
         let mut pending_len = 0u64;
-        let flush =
-            |st: &mut State, pending: &mut Vec<&[u8]>, len: &mut u64| -> Result<(), StoreError> {
-                let seg = st.active;
-                let mut slices: Vec<std::io::IoSlice<'_>> =
-                    pending.iter().map(|b| std::io::IoSlice::new(b)).collect();
-                let mut rest = &mut slices[..];
-                while !rest.is_empty() {
-                    match st.file.write_vectored(rest) {
-                        Ok(0) => {
-                            let e =
-                                std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
-                            return Err(self.io_err(seg)(e));
-                        }
-                        Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            // Whatever part was written is unreferenced garbage; later appends go
-                            // after it.
-                            let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
-                            st.segs.get_mut(&seg).expect("active segment").size = len;
-                            return Err(self.io_err(seg)(e));
-                        }
-                    }
-                }
-                st.segs.get_mut(&seg).expect("active segment").size += *len;
-                pending.clear();
-                *len = 0;
-                Ok(())
-            };
-        // Each write's blobs get one index record, keyed by the first one's offset.
-        let mut rec = 0;
+        // Where in `out` the pending write's blobs start.
+        let mut first = 0;
         for (id, bytes) in blobs {
             let size = st.segs[&st.active].size + pending_len;
             if size > 0 && size + bytes.len() as u64 > self.seg_max {
-                flush(st, &mut pending, &mut pending_len)?;
+                self.write(st, &mut pending, &mut pending_len, &out[first..])?;
+                first = out.len();
                 self.roll(st)?;
             }
             // Segments roll well before 4 GiB (see `Loc`).
             let off = u32::try_from(st.segs[&st.active].size + pending_len).map_err(|_| {
                 self.io_err(st.active)(std::io::Error::other("segment beyond 4 GiB"))
             })?;
-            if pending.is_empty() {
-                rec = off;
-            }
+            let rec = out.get(first).map(|(_, _, l)| l.rec).unwrap_or(off);
             let loc = Loc {
                 off,
                 len: bytes.len() as u32,
@@ -1093,32 +1066,60 @@ impl SegmentStore {
             pending.push(bytes);
             pending_len += bytes.len() as u64;
         }
-        flush(st, &mut pending, &mut pending_len)?;
-        let mut batch = sled::Batch::default();
-        for group in out.chunk_by(|a, b| (a.1, a.2.rec) == (b.1, b.2.rec)) {
-            let (seg, rec) = (group[0].1, group[0].2.rec as u64);
-            batch.insert(
-                &record_key(seg, rec),
-                encode_record(group.iter().map(|(id, _, loc)| (id, loc))),
-            );
-        }
+        self.write(st, &mut pending, &mut pending_len, &out[first..])?;
         for (id, seg, loc) in out {
             // (A compaction's copy replaces the original.)
             st.place(id, seg, loc);
         }
-        Ok(batch)
+        Ok(())
+    }
+
+    /// Writes `pending` (`len` bytes) to the active segment, then its record (`group`, the
+    /// same blobs) to the segment's log.
+    fn write(
+        &self,
+        st: &mut State,
+        pending: &mut Vec<&[u8]>,
+        len: &mut u64,
+        group: &[(Hash, u32, Loc)],
+    ) -> Result<(), StoreError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let seg = st.active;
+        let mut slices: Vec<std::io::IoSlice<'_>> =
+            pending.iter().map(|b| std::io::IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match st.file.write_vectored(rest) {
+                Ok(0) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
+                    return Err(self.io_err(seg)(e));
+                }
+                Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Whatever part was written is unreferenced garbage; later appends go
+                    // after it.
+                    let len = st.file.metadata().map(|m| m.len()).unwrap_or(0);
+                    st.segs.get_mut(&seg).expect("active segment").size = len;
+                    return Err(self.io_err(seg)(e));
+                }
+            }
+        }
+        st.segs.get_mut(&seg).expect("active segment").size += *len;
+        pending.clear();
+        *len = 0;
+        let rec = group[0].2.rec as u64;
+        let frame = reclog::record(rec, group.iter().map(|(id, _, loc)| (id, loc)));
+        reclog::append(&mut st.log, &mut st.log_len, &frame).map_err(self.log_err(seg))
     }
 
     /// Copies a segment's live blobs forward, repoints the index, then deletes the segment.
     fn compact(&self, st: &mut State, seg: u32) -> Result<(), StoreError> {
-        // The segment's records list its blobs; those the index still places there are live.
+        // The segment's log lists its blobs; those the index still places there are live.
         let mut live: Vec<(Hash, Loc)> = Vec::new();
-        for kv in self.records.scan_prefix(seg.to_be_bytes()) {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let Some(entries) = parse_record_key(&k).and_then(|(_, rec)| decode_record(&v, rec))
-            else {
-                continue;
-            };
+        self.scan_log(seg, 0, |_, entries| {
             for (id, loc) in entries {
                 if st
                     .live(&id)
@@ -1127,7 +1128,7 @@ impl SegmentStore {
                     live.push((id, loc));
                 }
             }
-        }
+        })?;
         let mut copies = Vec::with_capacity(live.len());
         if !live.is_empty() {
             let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
@@ -1143,72 +1144,66 @@ impl SegmentStore {
         }
         let refs: Vec<(Hash, &[u8])> = copies.iter().map(|(id, b)| (*id, b.as_slice())).collect();
         let first = st.active;
-        let mut batch = self.append(st, &refs)?;
-        // The copies are the only home of these blobs once the old segment is gone: they (and
-        // the directory entries of any segment the append started) reach the disk before the
-        // index points at them and the old segment is deleted.
+        self.append(st, &refs)?;
+        // The copies are the only home of these blobs once the old segment is gone: they, their
+        // records (and the directory entries of any segment the append started) reach the disk
+        // before the old segment is deleted.
         if !refs.is_empty() {
             for n in first..=st.active {
                 let path = self.seg_path(n);
                 File::open(&path)
                     .and_then(|f| f.sync_data())
                     .map_err(self.io_err(n))?;
+                File::open(reclog::log_path(&path))
+                    .and_then(|f| f.sync_data())
+                    .map_err(self.log_err(n))?;
             }
             File::open(self.dir.join("segments"))
                 .and_then(|d| d.sync_all())
                 .map_err(self.io_err(st.active))?;
         }
-        // The old segment's records go in the same atomic batch as the copies' new ones.
-        for kv in self.records.scan_prefix(seg.to_be_bytes()) {
-            let (k, _) = kv.map_err(|e| self.db_err(e))?;
-            batch.remove(k);
-        }
-        self.records
-            .apply_batch(batch)
-            .map_err(|e| self.db_err(e))?;
-        self.db.flush().map_err(|e| self.db_err(e))?;
         st.segs.remove(&seg);
         self.readers
             .write()
             .expect("reader map poisoned")
             .remove(&seg);
-        std::fs::remove_file(self.seg_path(seg)).map_err(self.io_err(seg))
+        // The segment, then its log (a log left alone is removed when the store opens).
+        let path = self.seg_path(seg);
+        std::fs::remove_file(&path).map_err(self.io_err(seg))?;
+        match std::fs::remove_file(reclog::log_path(&path)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.log_err(seg)(e)),
+            _ => Ok(()),
+        }
     }
 
-    /// Adds the removal of `ids` to `batch` and forgets them in their segments' live sets
-    /// (their bytes become garbage for compaction).
-    fn unindex(
-        &self,
-        st: &mut State,
-        ids: &[Hash],
-        batch: &mut sled::Batch,
-    ) -> Result<(), StoreError> {
-        // Each record listing one of them is rewritten once, without them (or removed).
-        let mut touched: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
+    /// Removes `ids` from the index, their segments' logs and live counts (their bytes
+    /// become garbage for compaction), and journals the removals.
+    fn unindex(&self, st: &mut State, ids: &[Hash]) -> Result<(), StoreError> {
+        let mut gone: BTreeMap<u32, Vec<(Hash, u32)>> = BTreeMap::new();
+        let mut journal = sled::Batch::default();
         for id in ids {
             if let Some((seg, loc)) = forget_live(st, id) {
-                touched.entry((seg, loc.rec as u64)).or_default().push(*id);
+                gone.entry(seg).or_default().push((*id, loc.off));
                 // Journaled, for a store opened before the next checkpoint (see `Ckpt`).
-                batch.insert(journal_key(st.ckpt.gen, id).as_slice(), &[]);
+                journal.insert(journal_key(st.ckpt.gen, id).as_slice(), &[]);
             }
         }
-        for ((seg, rec), gone) in touched {
-            let key = record_key(seg, rec);
-            let Some(v) = self.records.get(key).map_err(|e| self.db_err(e))? else {
-                continue;
-            };
-            let kept: Vec<(Hash, Loc)> = decode_record(&v, rec)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(id, _)| !gone.contains(id))
-                .collect();
-            if kept.is_empty() {
-                batch.remove(&key);
+        for (seg, gone) in gone {
+            let frame = reclog::removal(gone.iter().map(|(id, off)| (id, *off)));
+            if seg == st.active {
+                reclog::append(&mut st.log, &mut st.log_len, &frame)
             } else {
-                batch.insert(&key, encode_record(kept.iter().map(|(id, l)| (id, l))));
+                // (A segment no longer active has no torn tail to cut: see `reclog`.)
+                OpenOptions::new()
+                    .append(true)
+                    .open(reclog::log_path(&self.seg_path(seg)))
+                    .and_then(|mut f| f.write_all(&frame))
             }
+            .map_err(self.log_err(seg))?;
         }
-        Ok(())
+        self.journal
+            .apply_batch(journal)
+            .map_err(|e| self.db_err(e))
     }
 
     /// Starts a new active segment.
@@ -1221,6 +1216,8 @@ impl SegmentStore {
             .mode(0o600)
             .open(&path)
             .map_err(self.io_err(next))?;
+        (st.log, st.log_len) =
+            reclog::open_append(&reclog::log_path(&path)).map_err(self.log_err(next))?;
         st.active = next;
         st.segs.insert(
             next,
@@ -1331,12 +1328,9 @@ impl SegmentStore {
                 }
             }
         }
-        let mut batch = self.append(&mut st, &admitted)?;
-        self.unindex(&mut st, &evicted, &mut batch)?;
+        self.append(&mut st, &admitted)?;
+        self.unindex(&mut st, &evicted)?;
         st.evictions += evicted.len() as u64;
-        self.records
-            .apply_batch(batch)
-            .map_err(|e| self.db_err(e))?;
         if !evicted.is_empty() {
             self.compact_to_capacity(&mut st)?;
         }
@@ -1344,8 +1338,8 @@ impl SegmentStore {
         Ok(demoted)
     }
 
-    /// Runs `f` over the pins and pin counts as one sled transaction.
-    /// (evictions, blobs dropped since opening), for [`ChunkStore::losses`].
+    /// The blobs that left this store for good (evictions, blobs dropped since opening), for
+    /// [`ChunkStore::losses`].
     pub(crate) fn loss_counts(&self) -> (u64, u64) {
         let st = self.lock();
         (st.evictions, st.dropped)
@@ -1459,14 +1453,18 @@ impl ChunkStore for SegmentStore {
                     .map_err(|e| self.db_err(e))?;
             }
         }
-        {
+        let (log, active) = {
             let mut st = self.lock();
             if st.index.delta_len() >= FLUSH_CHECKPOINT {
-                // (Syncs sled too.)
+                // (Syncs the log and sled too.)
                 return self.checkpoint(&mut st);
             }
             self.maintain(&mut st, false)?;
-        }
+            (st.log.try_clone(), st.active)
+        };
+        // Outside the lock: puts go on meanwhile.
+        log.and_then(|l| l.sync_data())
+            .map_err(self.log_err(active))?;
         self.db.flush().map(|_| ()).map_err(|e| self.db_err(e))
     }
 
@@ -1618,11 +1616,7 @@ impl ChunkStore for SegmentStore {
             }
         };
         st.dropped += drop.len() as u64;
-        let mut batch = sled::Batch::default();
-        self.unindex(&mut st, &drop, &mut batch)?;
-        self.records
-            .apply_batch(batch)
-            .map_err(|e| self.db_err(e))?;
+        self.unindex(&mut st, &drop)?;
         // Start a fresh segment, then compact every older one that holds garbage.
         self.roll(&mut st)?;
         let next = st.active;
@@ -1687,13 +1681,39 @@ fn forget_live(st: &mut State, id: &Hash) -> Option<(u32, Loc)> {
     Some((seg, loc))
 }
 
-/// Converts a store's per-blob index entries (tree "blobs", from before records) into
-/// records, a few hundred blobs each. Re-run from the start if cut short: the same entries
-/// make the same records.
-fn migrate(legacy: &sled::Tree, records: &sled::Tree) -> sled::Result<()> {
-    if legacy.is_empty() {
+/// Moves the index of a store from before record logs into logs: records in sled (tree
+/// "records"), or older still, one sled entry per blob (tree "blobs"), grouped into records of
+/// a few hundred blobs. The checkpoint goes first (the next open rebuilds the index from the
+/// logs), the sled trees last: a migration cut short starts again from the beginning, over
+/// whatever logs it had written.
+fn migrate(db: &sled::Db, segs_dir: &Path, meta: &sled::Tree) -> sled::Result<()> {
+    let (legacy, records) = (db.open_tree("blobs")?, db.open_tree("records")?);
+    if legacy.is_empty() && records.is_empty() {
         return Ok(());
     }
+    meta.remove(MANIFEST)?;
+    db.flush()?;
+    for e in std::fs::read_dir(segs_dir)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "rec") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let mut logs: BTreeMap<u32, (File, u64)> = BTreeMap::new();
+    let mut write = |seg: u32, rec: u64, entries: &[(Hash, Loc)]| -> std::io::Result<()> {
+        let (f, len) = match logs.entry(seg) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(reclog::open_append(
+                &reclog::log_path(&segs_dir.join(seg_name(seg))),
+            )?),
+        };
+        reclog::append(
+            f,
+            len,
+            &reclog::record(rec, entries.iter().map(|(id, l)| (id, l))),
+        )
+    };
+    // Per-blob entries of the oldest stores.
     let mut groups: BTreeMap<(u32, bool), Vec<(Hash, Loc)>> = BTreeMap::new();
     for kv in legacy.iter() {
         let (k, v) = kv?;
@@ -1704,24 +1724,39 @@ fn migrate(legacy: &sled::Tree, records: &sled::Tree) -> sled::Result<()> {
                 .push((Hash(id), loc));
         }
     }
-    let mut batch = sled::Batch::default();
+    // Segment, record offset, entries.
+    type Record = (u32, u32, Vec<(Hash, Loc)>);
+    let mut recs: Vec<Record> = Vec::new();
     for ((seg, _), mut entries) in groups {
         entries.sort_by_key(|(_, l)| l.off);
-        for chunk in entries.chunks_mut(256) {
+        for chunk in entries.chunks(256) {
             let rec = chunk[0].1.off;
-            for (_, l) in chunk.iter_mut() {
-                l.rec = rec;
-            }
-            batch.insert(
-                &record_key(seg, rec as u64),
-                encode_record(chunk.iter().map(|(id, l)| (id, l))),
-            );
+            let chunk = chunk.iter().map(|(id, l)| (*id, Loc { rec, ..*l }));
+            recs.push((seg, rec, chunk.collect()));
         }
     }
-    records.apply_batch(batch)?;
-    records.flush()?;
+    // In offset order within each log, as appends would have written them.
+    recs.sort_by_key(|(seg, rec, _)| (*seg, *rec));
+    for (seg, rec, entries) in recs {
+        write(seg, rec as u64, &entries)?;
+    }
+    // Records (keys of removals journaled in the same tree begin with 0xff: skipped).
+    for kv in records.iter() {
+        let (k, v) = kv?;
+        let Some((seg, rec)) = parse_record_key(&k).filter(|(seg, _)| *seg != u32::MAX) else {
+            continue;
+        };
+        if let Some(entries) = decode_record(&v, rec) {
+            write(seg, rec, &entries)?;
+        }
+    }
+    for (f, _) in logs.values() {
+        f.sync_all()?;
+    }
+    std::fs::File::open(segs_dir)?.sync_all()?;
+    records.clear()?;
     legacy.clear()?;
-    legacy.flush()?;
+    db.flush()?;
     Ok(())
 }
 

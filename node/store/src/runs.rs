@@ -7,8 +7,8 @@
 //! about log4(N / DELTA_MAX) runs and memory holds the delta and a few mapped pages, not the
 //! entries.
 //!
-//! Runs are derived data: the records in sled stay the source of truth (see `lib.rs` for how
-//! a store finds the runs matching its records when opened, or rebuilds them). A run is
+//! Runs are derived data: the segments' record logs stay the source of truth (see `lib.rs`
+//! for how a store finds the runs matching its logs when opened, or rebuilds them). A run is
 //! written whole under a temporary name, synced, renamed into place, and never changed; a
 //! merge writes a new one and the inputs are deleted once nothing names them.
 

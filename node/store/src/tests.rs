@@ -58,52 +58,83 @@ fn put_get_verify_reopen_and_lock() {
     assert_eq!(s.get(&b.0).unwrap().unwrap(), b.1);
 }
 
+/// The records of segment 1's log.
+fn log_records(dir: &std::path::Path) -> Vec<(u64, Vec<(Hash, Loc)>)> {
+    let mut recs = Vec::new();
+    let log = reclog::log_path(&dir.join("segments").join(seg_name(1)));
+    reclog::scan(&log, 0, |rec, e| recs.push((rec, e))).unwrap();
+    recs
+}
+
 /// Reads for peers are checked against the CRC32 kept in the index: a corrupted byte is caught
-/// (and the entry dropped) without re-hashing. A store indexed the old way (one sled entry per
-/// blob, 20 bytes, or 16 from before checksums were kept) is migrated to records when opened;
-/// entries without a checksum fall back to the id.
+/// (and the entry dropped) without re-hashing. A store indexed the old ways (records in sled,
+/// or older, one sled entry per blob, 20 bytes, or 16 from before checksums were kept) is
+/// migrated to record logs when opened; entries without a checksum fall back to the id.
 #[test]
 fn peer_reads_are_checked_against_the_checksum_at_rest() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = (blob(1, 70_000), blob(2, 80_000), blob(3, 90_000));
+    let log = reclog::log_path(&dir.path().join("segments").join(seg_name(1)));
     {
         let s = SegmentStore::open(dir.path(), None).unwrap();
         put(&s, &[a.clone(), b.clone(), c.clone()], Retain::Keep);
         assert_eq!(s.get_for_peer(&a.0).unwrap().unwrap(), a.1);
-        // One record for the batch, each entry with the checksum of its bytes.
-        let recs: Vec<_> = s.records.iter().map(|kv| kv.unwrap()).collect();
-        assert_eq!(recs.len(), 1);
-        let (seg, rec) = parse_record_key(&recs[0].0).unwrap();
-        assert_eq!((seg, rec), (1, 0));
-        let entries = decode_record(&recs[0].1, rec).unwrap();
-        assert_eq!(entries.len(), 3);
-        assert_eq!(entries[0].0, a.0);
-        assert_eq!(entries[0].1.crc, Some(crc32fast::hash(&a.1)));
         s.flush().unwrap();
     }
-    // Index it the old way: per-blob entries, c's without a checksum.
+    // One record for the batch, each entry with the checksum of its bytes.
+    let recs = log_records(dir.path());
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].0, 0);
+    let entries = recs[0].1.clone();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0].0, a.0);
+    assert_eq!(entries[0].1.crc, Some(crc32fast::hash(&a.1)));
+    // Index it as stores did before logs (records in sled, a removal journaled beside them,
+    // the checkpoint kept): migrated when opened, the same blobs.
     {
         let db = sled::open(dir.path().join("index")).unwrap();
-        let (records, legacy) = (
-            db.open_tree("records").unwrap(),
-            db.open_tree("blobs").unwrap(),
-        );
-        for kv in records.iter() {
-            let (k, v) = kv.unwrap();
-            let (seg, rec) = parse_record_key(&k).unwrap();
-            for (id, loc) in decode_record(&v, rec).unwrap() {
-                let e = encode_loc(seg, loc);
-                let e = if id == c.0 { &e[..16] } else { &e[..] };
-                legacy.insert(id.as_bytes(), e).unwrap();
-            }
-        }
-        records.clear().unwrap();
+        let records = db.open_tree("records").unwrap();
+        records
+            .insert(
+                record_key(1, 0),
+                encode_record(entries.iter().map(|(id, l)| (id, l))),
+            )
+            .unwrap();
+        let mut journal = [0xffu8; 44];
+        journal[4..12].copy_from_slice(&1u64.to_be_bytes());
+        records.insert(journal, &[]).unwrap();
         db.flush().unwrap();
+        std::fs::remove_file(&log).unwrap();
+    }
+    {
+        let s = SegmentStore::open(dir.path(), None).unwrap();
+        assert_eq!(s.lock().replayed, None, "rebuilt from the migrated logs");
+        assert_eq!(held(&s), indexed(&s));
+        assert_eq!(held(&s).len(), 3);
+        assert_eq!(s.get(&c.0).unwrap().unwrap(), c.1);
+        assert!(s.db.open_tree("records").unwrap().is_empty());
+        s.flush().unwrap();
+    }
+    assert_eq!(log_records(dir.path()).len(), 1);
+    // Index it the oldest way: per-blob entries, c's without a checksum.
+    {
+        let db = sled::open(dir.path().join("index")).unwrap();
+        let legacy = db.open_tree("blobs").unwrap();
+        for (id, loc) in &entries {
+            let e = encode_loc(1, *loc);
+            let e = if *id == c.0 { &e[..16] } else { &e[..] };
+            legacy.insert(id.as_bytes(), e).unwrap();
+        }
+        db.flush().unwrap();
+        std::fs::remove_file(&log).unwrap();
     }
     let s = SegmentStore::open(dir.path(), None).unwrap();
     // Migrated: a record with checksums (a, b) and one without (c).
-    let kinds: Vec<u8> = s.records.iter().map(|kv| kv.unwrap().1[0]).collect();
-    assert_eq!(kinds, vec![REC_CRC, REC_NO_CRC]);
+    let crcs: Vec<Vec<bool>> = log_records(dir.path())
+        .into_iter()
+        .map(|(_, e)| e.iter().map(|(_, l)| l.crc.is_some()).collect())
+        .collect();
+    assert_eq!(crcs, vec![vec![true, true], vec![false]]);
     assert_eq!(s.get(&a.0).unwrap().unwrap(), a.1);
     assert_eq!(s.get_for_peer(&b.0).unwrap().unwrap(), b.1);
     assert_eq!(
@@ -267,9 +298,9 @@ fn cache_fills_keep_a_stable_part_of_a_cyclic_workload() {
     }
 }
 
-/// The records in sled list exactly the blobs held in memory, through evictions (records
-/// rewritten without the victims), a corrupt blob dropped, compactions (a segment's records
-/// replaced by the copies') and a reopen with a lower capacity (trimmed at open).
+/// The record logs list exactly the blobs held in the index, through evictions (removals
+/// logged), a corrupt blob dropped, compactions (a segment and its log replaced by the
+/// copies') and a reopen with a lower capacity (trimmed at open).
 #[test]
 fn index_records_follow_evictions_corruption_compaction_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,18 +363,15 @@ fn reopen(dir: &std::path::Path, cap: Option<u64>) -> SegmentStore {
     }
 }
 
-/// The records in sled, read directly: every blob they list.
+/// The record logs, read directly: every blob they list as live.
 fn indexed(s: &SegmentStore) -> Vec<Hash> {
     let mut ids = Vec::new();
-    for kv in s.records.iter() {
-        let (k, v) = kv.unwrap();
-        if k.starts_with(&JOURNAL) {
-            continue;
-        }
-        let (_, rec) = parse_record_key(&k).unwrap();
-        let entries = decode_record(&v, rec).expect("a readable record");
-        assert!(!entries.is_empty(), "empty records are removed");
-        ids.extend(entries.into_iter().map(|(id, _)| id));
+    let segs = s.lock().live_segs();
+    for seg in segs {
+        s.scan_log(seg, 0, |_, entries| {
+            ids.extend(entries.into_iter().map(|(id, _)| id))
+        })
+        .unwrap();
     }
     ids.sort();
     ids
@@ -377,7 +405,7 @@ fn held(s: &SegmentStore) -> Vec<Hash> {
 /// Opening a store loads its index from the runs of its last checkpoint and replays only
 /// what came after (removals journaled, records appended), also after a process was killed
 /// without checkpointing; the delta in memory stays bounded however many blobs are put; a
-/// run gone or damaged makes the next open rebuild the same index from the records.
+/// run gone or damaged makes the next open rebuild the same index from the logs.
 #[test]
 fn the_index_is_reopened_from_its_runs_and_replays_only_what_came_after() {
     let dir = tempfile::tempdir().unwrap();
@@ -429,7 +457,7 @@ fn the_index_is_reopened_from_its_runs_and_replays_only_what_came_after() {
     let stats = s.stats().unwrap();
     assert_eq!(stats.blobs, ids.len() as u64);
     drop(s);
-    // A run file gone: rebuilt from the records, the same blobs.
+    // A run file gone: rebuilt from the logs, the same blobs.
     let run = std::fs::read_dir(dir.path().join("runs"))
         .unwrap()
         .next()
@@ -445,4 +473,43 @@ fn the_index_is_reopened_from_its_runs_and_replays_only_what_came_after() {
         (again.blobs, again.live_bytes),
         (stats.blobs, stats.live_bytes)
     );
+}
+
+/// A process killed mid-write leaves a torn frame at the end of the active segment's log: the
+/// next open cuts it off, so that records appended afterwards are found by a rebuild. A log
+/// whose segment compaction had already deleted is removed.
+#[test]
+fn a_torn_log_tail_is_cut_and_an_orphan_log_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let first: Vec<_> = (0..50).map(|i| blob(7_000 + i, 3_000)).collect();
+    let s = SegmentStore::open(dir.path(), None).unwrap();
+    put(&s, &first, Retain::Keep);
+    let active = s.lock().active;
+    let log = reclog::log_path(&s.seg_path(active));
+    s.flush().unwrap();
+    s.crashed.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(s);
+    // Half a frame header and a few bytes of body.
+    let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
+    drop(f);
+    let orphan = reclog::log_path(&dir.path().join("segments").join(seg_name(active + 40)));
+    std::fs::write(&orphan, b"SHOALRL1").unwrap();
+    let s = reopen(dir.path(), None);
+    assert!(!orphan.exists());
+    assert_eq!(held(&s).len(), first.len());
+    let more: Vec<_> = (0..50).map(|i| blob(8_000 + i, 3_000)).collect();
+    put(&s, &more, Retain::Keep);
+    assert_eq!(held(&s), indexed(&s));
+    drop(s);
+    // Rebuilt from the logs alone: both batches.
+    for e in std::fs::read_dir(dir.path().join("runs")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let s = reopen(dir.path(), None);
+    assert_eq!(s.lock().replayed, None);
+    assert_eq!(held(&s).len(), first.len() + more.len());
+    for (id, b) in first.iter().chain(&more) {
+        assert_eq!(&s.get(id).unwrap().unwrap(), b);
+    }
 }
