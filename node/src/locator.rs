@@ -46,6 +46,8 @@ const FRAME: usize = 24;
 const RECORD: usize = 32 + 8 + 4 + 4;
 /// Packs opened at once when a lookup has to open more.
 const OPEN_AT_ONCE: usize = 4;
+/// Lookups between releases of the mapped pages they touched (see [`PackLoc::release`]).
+const RELEASE_EVERY: usize = 4_096;
 
 /// One pack's locator file, open.
 pub(crate) struct PackLoc {
@@ -66,6 +68,20 @@ pub(crate) struct PackLoc {
 }
 
 impl PackLoc {
+    /// Drops this process's mapping of the file's pages (the page cache keeps them; the next
+    /// lookup maps what it reads again, a minor fault). Pages lookups touched otherwise stay
+    /// counted in the process's resident memory: every locator whole (48 bytes a blob) by the
+    /// end of a pull.
+    fn release(&self) {
+        // SAFETY: a read-only shared mapping of a file never written in place (see
+        // where it is mapped): dropping its pages loses nothing.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     fn id_at(&self, i: usize) -> &[u8] {
         let at = self.start + i * RECORD;
         &self.map[at..at + 32]
@@ -209,6 +225,8 @@ pub(crate) struct Locator {
     hint: AtomicU32,
     /// Index bytes read from origins.
     index_bytes: AtomicU64,
+    /// Lookups since the open packs' pages were last released.
+    lookups: AtomicUsize,
     /// Where those bytes are also counted (the swarm's origin-read counter).
     swarm: Option<Arc<crate::swarm::Swarm>>,
 }
@@ -230,6 +248,7 @@ impl Locator {
             open: AtomicUsize::new(0),
             hint: AtomicU32::new(u32::MAX),
             index_bytes: AtomicU64::new(0),
+            lookups: AtomicUsize::new(0),
             swarm,
         }
     }
@@ -262,6 +281,11 @@ impl Locator {
     /// Where `id` is, among the packs open so far (the last hit's pack first, then newest to
     /// oldest).
     pub fn find(&self, id: &Hash) -> Option<Loc> {
+        if self.lookups.fetch_add(1, Ordering::Relaxed) % RELEASE_EVERY == RELEASE_EVERY - 1 {
+            for p in self.slots.iter().filter_map(|s| s.get()) {
+                p.release();
+            }
+        }
         let hint = self.hint.load(Ordering::Relaxed);
         let at = |pack: u32| -> Option<Loc> {
             let (object, offset, len) = self.pack(pack)?.find(id)?;

@@ -771,7 +771,14 @@ fn spawn_packer(
         let mut builder = new();
         for group in rx {
             if group.is_empty() {
-                builder.end_frame();
+                // The tree starts: its nodes go in packs of their own.
+                if !builder.is_empty()
+                    && packs
+                        .blocking_send(std::mem::replace(&mut builder, new()))
+                        .is_err()
+                {
+                    return;
+                }
                 continue;
             }
             for (id, bytes) in group {
@@ -1146,9 +1153,10 @@ impl Node {
             else {
                 return Ok(None);
             };
-            // Tree nodes go in frames of their own (an empty group ends the open frame): a
-            // node reading files' chunks from the origin then reads no tree bytes, and the
-            // one reading the tree for the others no file bytes.
+            // Tree nodes go in packs of their own (an empty group seals the open pack): a
+            // node reading files' chunks from the origin then reads no tree bytes, the one
+            // reading the tree for the others no file bytes, and a mount's first lookups
+            // open the small packs of the tree only (the version lists them last).
             if blob_tx.send(Vec::new()).is_err() {
                 return Ok(None);
             }
@@ -1217,26 +1225,32 @@ impl Node {
             )
             .collect();
         let chunk_count = built.chunks.iter().map(|c| c.len() as u64).sum();
-        let mut packs = HashSet::new();
-        for id in built
-            .chunks
-            .iter()
-            .flatten()
-            .map(|c| &c.id)
-            .chain(&built.tree_ids)
-        {
-            let p = dedup
+        let pack_of = |id: &Hash| {
+            dedup
                 .existing
                 .get(id)
                 .or_else(|| new_pack_of.get(id))
+                .copied()
                 .ok_or_else(|| Error::Corrupt {
                     what: "publish".into(),
                     reason: format!("blob {id} was neither in the origin nor uploaded"),
-                })?;
-            packs.insert(*p);
+                })
+        };
+        let mut packs = HashSet::new();
+        for id in built.chunks.iter().flatten().map(|c| &c.id) {
+            packs.insert(pack_of(id)?);
         }
+        let mut tree_packs = HashSet::new();
+        for id in &built.tree_ids {
+            tree_packs.insert(pack_of(id)?);
+        }
+        packs.extend(tree_packs.iter().copied());
+        // The packs of the tree last, the root's at the very end: a reader looking up blobs
+        // from the last pack back (a mount's first lookups, `node/src/locator.rs`) finds the
+        // tree without opening the files' packs.
+        let root_pack = pack_of(&built.root)?;
         let mut packs: Vec<Hash> = packs.into_iter().collect();
-        packs.sort();
+        packs.sort_by_key(|p| (*p == root_pack, tree_packs.contains(p), *p));
 
         let body = VersionBody {
             dataset: name.to_string(),

@@ -43,34 +43,50 @@ pub fn content_of(i: u64) -> Vec<u8> {
     format!("{i}\n").into_bytes()
 }
 
+/// Files' chunks and tree nodes go into packs of their own, the tree's last in the version's
+/// list, as publish does (see `node/src/publish.rs`).
 struct Packer<'a> {
     origin: &'a Origin,
     rt: &'a tokio::runtime::Runtime,
     pack: PackBuilder,
     packs: Vec<Hash>,
+    tree: PackBuilder,
+    tree_packs: Vec<Hash>,
 }
 
 impl Packer<'_> {
     fn push(&mut self, id: Hash, bytes: Vec<u8>) -> Result<()> {
         self.pack.push(id, Bytes::from(bytes));
         if self.pack.full() {
-            self.flush()?;
+            self.flush(false)?;
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<()> {
-        if self.pack.is_empty() {
+    fn push_tree(&mut self, id: Hash, bytes: Vec<u8>) -> Result<()> {
+        self.tree.push(id, Bytes::from(bytes));
+        if self.tree.full() {
+            self.flush(true)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, tree: bool) -> Result<()> {
+        let (pack, packs) = match tree {
+            false => (&mut self.pack, &mut self.packs),
+            true => (&mut self.tree, &mut self.tree_packs),
+        };
+        if pack.is_empty() {
             return Ok(());
         }
-        let sealed = std::mem::take(&mut self.pack).seal();
+        let sealed = std::mem::take(pack).seal();
         self.rt
             .block_on(
                 self.origin
                     .put_pack(&sealed.id, sealed.parts, sealed.index_bytes.into()),
             )
             .context("writing a pack")?;
-        self.packs.push(sealed.id);
+        packs.push(sealed.id);
         Ok(())
     }
 }
@@ -100,6 +116,8 @@ pub fn generate(
         rt: &rt,
         pack: PackBuilder::default(),
         packs: Vec::new(),
+        tree: PackBuilder::default(),
+        tree_packs: Vec::new(),
     };
     let mut root = DirBuilder::new();
     let per_parent = width * width;
@@ -138,7 +156,7 @@ pub fn generate(
                             content: FileContent::Chunks(vec![ChunkRef { id, len }]),
                         },
                     },
-                    &mut |id, b| packer.push(id, b),
+                    &mut |id, b| packer.push_tree(id, b),
                 )
                 .map_err(built)?;
                 files += 1;
@@ -146,32 +164,34 @@ pub fn generate(
                 last_path = path;
             }
             let top = leaf
-                .finish(&mut |id, b| packer.push(id, b))
+                .finish(&mut |id, b| packer.push_tree(id, b))
                 .map_err(built)?;
             parent
                 .push(
                     dir_entry(leaf_name.clone(), top.id, files, bytes),
-                    &mut |id, b| packer.push(id, b),
+                    &mut |id, b| packer.push_tree(id, b),
                 )
                 .map_err(built)?;
             parent_files += files;
             parent_bytes += bytes;
         }
         let top = parent
-            .finish(&mut |id, b| packer.push(id, b))
+            .finish(&mut |id, b| packer.push_tree(id, b))
             .map_err(built)?;
         let pname = last_path.split('/').next().unwrap_or_default().to_string();
         root.push(
             dir_entry(pname, top.id, parent_files, parent_bytes),
-            &mut |id, b| packer.push(id, b),
+            &mut |id, b| packer.push_tree(id, b),
         )
         .map_err(built)?;
         bytes_total += parent_bytes;
     }
     let top = root
-        .finish(&mut |id, b| packer.push(id, b))
+        .finish(&mut |id, b| packer.push_tree(id, b))
         .map_err(built)?;
-    packer.flush()?;
+    packer.flush(false)?;
+    packer.flush(true)?;
+    packer.packs.append(&mut packer.tree_packs);
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let chunking = Params::default();
     rt.block_on(origin.create_dataset_config(

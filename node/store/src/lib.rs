@@ -584,6 +584,11 @@ impl SegmentStore {
                 .strip_suffix(".rec")
                 .and_then(|s| s.parse::<u32>().ok())
             {
+                // (Blob ids say what this user cached: private like the segments.)
+                if e.metadata().map_err(io)?.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))
+                        .map_err(io)?;
+                }
                 logs.push(n);
             }
             let n = name

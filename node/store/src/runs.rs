@@ -35,6 +35,9 @@ const MERGE_RATIO: usize = 4;
 /// More runs than this and writing the delta waits for the merge under way (merges falling
 /// behind would make every lookup search more of them).
 const RUNS_MAX: usize = 16;
+/// Lookups (and entries a merge reads) between releases of the mapped pages they touched
+/// (see [`Run::release`]).
+const RELEASE_EVERY: usize = 4_096;
 
 const MAGIC: &[u8; 8] = b"SHOALRN1";
 /// Magic, entry count, reserved.
@@ -111,8 +114,29 @@ impl Run {
         Some(self.entry_at(i).1)
     }
 
+    /// Every entry in order (a merge's input), releasing the pages read as it goes.
     fn iter(&self) -> impl Iterator<Item = (Hash, Entry)> + '_ {
-        (0..self.count).map(|i| self.entry_at(i))
+        (0..self.count).map(|i| {
+            if i > 0 && i % RELEASE_EVERY == 0 {
+                self.release(i - RELEASE_EVERY, RELEASE_EVERY);
+            }
+            self.entry_at(i)
+        })
+    }
+
+    /// Drops this process's mapping of the pages of entries `from..from + n` (the page cache
+    /// keeps them; a later read maps them again, a minor fault). Pages that lookups and merges
+    /// touched otherwise stay counted in the process's resident memory: the whole run, 52
+    /// bytes a blob, after a merge or enough lookups.
+    fn release(&self, from: usize, n: usize) {
+        let Some(map) = &self.map else {
+            return;
+        };
+        let (at, len) = (HEADER + from * ENTRY, n.min(self.count - from) * ENTRY);
+        // SAFETY: a read-only shared mapping of a file never written in place (see `open`):
+        // dropping its pages loses nothing, the next read maps the file's bytes again.
+        #[allow(unsafe_code)]
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
     }
 
     /// Opens run `no` under `dir`, if its header and size say it holds `count` entries.
@@ -237,6 +261,8 @@ pub(crate) struct Index {
     runs: Vec<Arc<Run>>,
     next_no: u64,
     merge: Option<Merge>,
+    /// Lookups since the runs' pages were last released.
+    lookups: std::cell::Cell<usize>,
 }
 
 impl Index {
@@ -249,6 +275,7 @@ impl Index {
             runs: runs.into_iter().map(Arc::new).collect(),
             next_no,
             merge: None,
+            lookups: Default::default(),
         }
     }
 
@@ -256,6 +283,13 @@ impl Index {
     pub fn get(&self, id: &Hash) -> Entry {
         if let Some(e) = self.delta.get(id) {
             return *e;
+        }
+        let n = self.lookups.get() + 1;
+        self.lookups.set(n % RELEASE_EVERY);
+        if n == RELEASE_EVERY {
+            for r in &self.runs {
+                r.release(0, r.count);
+            }
         }
         self.runs.iter().rev().find_map(|r| r.get(id)).flatten()
     }
