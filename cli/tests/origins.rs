@@ -134,8 +134,9 @@ fn replicate_refuses_a_damaged_source_pack_and_writes_none_of_it() {
         err.contains("do not match its id") && err.contains("in origin"),
         "{err}"
     );
+    let damaged = pack.file_stem().unwrap().to_string_lossy().to_string();
     assert!(
-        packs_in(&target).is_empty(),
+        !packs_in(&target).keys().any(|n| n.starts_with(&damaged)),
         "nothing of a damaged pack is written: {:?}",
         packs_in(&target)
     );

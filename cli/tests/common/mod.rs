@@ -232,12 +232,14 @@ pub fn all_paths(root: &Path) -> Vec<String> {
     v
 }
 
-/// The first pack object of a local origin.
+/// The largest pack object of a local origin.
 pub fn first_pack(origin: &str) -> PathBuf {
+    // The largest: a version's files' chunks (its tree nodes are in packs of their own).
     std::fs::read_dir(Path::new(origin).join("packs"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
         .expect("a pack in the origin")
 }
 

@@ -865,6 +865,7 @@ impl SegmentStore {
     fn remove_runs(&self, nos: &[u64]) {
         for no in nos {
             let _ = std::fs::remove_file(runs::run_path(&self.dir.join("runs"), *no));
+            let _ = std::fs::remove_file(runs::filter_path(&self.dir.join("runs"), *no));
         }
     }
 
