@@ -295,14 +295,14 @@ impl State {
 }
 
 /// A checkpoint of the index (kept in sled's `meta` tree under [`MANIFEST`]): its runs, and
-/// what they reflect: every record before the watermark (a segment and offset: blobs appended
-/// since are at or after it) less the removals journaled under generations before `gen`, and
+/// what they reflect: every record before the watermark (a segment and a length of its log:
+/// records appended since are after it) less the removals journaled under generations before `gen`, and
 /// the segments' live counts then. Opening a store loads the runs and replays what came
 /// after: the removals journaled under `gen`, then the records from the watermark on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Ckpt {
     gen: u64,
-    /// Segment and offset: the first record not reflected.
+    /// Segment, and the length of its log then (where the first record not reflected starts).
     wm: (u32, u64),
     /// The highest segment number ever used (numbers are never reused: the runs may still
     /// name a deleted segment).
@@ -313,7 +313,9 @@ struct Ckpt {
 }
 
 const MANIFEST: &str = "index-runs";
-const CKPT_VERSION: u8 = 1;
+/// (1: the watermark's second field was an offset in the segment, before record logs; such a
+/// checkpoint is not read, and the index is rebuilt once.)
+const CKPT_VERSION: u8 = 2;
 
 impl Ckpt {
     fn encode(&self) -> Vec<u8> {
@@ -883,7 +885,7 @@ impl SegmentStore {
         let old_gen = st.ckpt.gen;
         st.ckpt = Ckpt {
             gen: old_gen + 1,
-            wm: (st.active, st.segs[&st.active].size),
+            wm: (st.active, st.log_len),
             max_seg: st.ckpt.max_seg.max(st.active),
             runs: st.index.runs(),
             counts: st

@@ -20,7 +20,7 @@
 use crate::Loc;
 use shoal_chunker::Hash;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -59,7 +59,7 @@ pub(crate) fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
         f.write_all(MAGIC)?;
         return Ok((f, MAGIC.len() as u64));
     }
-    let valid = Reader::open(path)?.map(|r| r.valid_len()).unwrap_or(0);
+    let valid = Reader::open(path, 0)?.map(|r| r.valid_len()).unwrap_or(0);
     if valid < len {
         tracing::warn!(
             log = %path.display(),
@@ -182,8 +182,9 @@ struct Reader {
 }
 
 impl Reader {
+    /// Reads from byte `from` on (the start of a frame, or the first frame if before it);
     /// `None` if the log does not exist or is not a record log.
-    fn open(path: &Path) -> std::io::Result<Option<Reader>> {
+    fn open(path: &Path, from: u64) -> std::io::Result<Option<Reader>> {
         let f = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -192,10 +193,11 @@ impl Reader {
         let mut r = BufReader::with_capacity(256 << 10, f);
         let mut magic = [0u8; 8];
         match r.read_exact(&mut magic) {
-            Ok(()) if &magic == MAGIC => Ok(Some(Reader {
-                r,
-                pos: MAGIC.len() as u64,
-            })),
+            Ok(()) if &magic == MAGIC => {
+                let pos = from.max(MAGIC.len() as u64);
+                r.seek(std::io::SeekFrom::Start(pos))?;
+                Ok(Some(Reader { r, pos }))
+            }
             Ok(()) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(e),
@@ -240,9 +242,10 @@ impl Reader {
     }
 }
 
-/// Calls `f` with each record of the log at `path` whose offset is at least `from`, less
-/// the blobs its removals name (records left empty are skipped), in order. A missing log
-/// holds nothing.
+/// Calls `f` with each record of the log at `path` from byte `from` on (0: all of it; a
+/// length [`open_append`] returned: what was appended since), less the blobs the removals
+/// from there on name (records left empty are skipped), in order. A missing log holds
+/// nothing.
 pub(crate) fn scan(
     path: &Path,
     from: u64,
@@ -250,7 +253,7 @@ pub(crate) fn scan(
 ) -> std::io::Result<()> {
     // The removals first (they follow the records they name), then the records.
     let mut removed: rustc_hash::FxHashSet<(Hash, u32)> = Default::default();
-    let Some(mut r) = Reader::open(path)? else {
+    let Some(mut r) = Reader::open(path, from)? else {
         return Ok(());
     };
     while let Some(frame) = r.next_frame()? {
@@ -258,14 +261,11 @@ pub(crate) fn scan(
             removed.extend(gone);
         }
     }
-    let Some(mut r) = Reader::open(path)? else {
+    let Some(mut r) = Reader::open(path, from)? else {
         return Ok(());
     };
     while let Some(frame) = r.next_frame()? {
         if let Frame::Record(rec, mut entries) = frame {
-            if rec < from {
-                continue;
-            }
             if !removed.is_empty() {
                 entries.retain(|(id, loc)| !removed.contains(&(*id, loc.off)));
             }
@@ -309,6 +309,7 @@ mod tests {
         let (mut f, mut len) = open_append(&path).unwrap();
         let r0 = [(a, loc(0, 10)), (b, loc(10, 5))];
         append(&mut f, &mut len, &record(0, r0.iter().map(|(h, l)| (h, l)))).unwrap();
+        let at_r1 = len;
         let r1 = [(c, loc(15, 7))];
         append(
             &mut f,
@@ -320,7 +321,7 @@ mod tests {
         append(&mut f, &mut len, &removal([(&b, 10), (&a, 99)].into_iter())).unwrap();
         assert_eq!(read_all(&path), vec![(0, vec![a]), (15, vec![c])]);
         let mut from = Vec::new();
-        scan(&path, 15, |rec, _| from.push(rec)).unwrap();
+        scan(&path, at_r1, |rec, _| from.push(rec)).unwrap();
         assert_eq!(from, vec![15]);
         // A frame cut short (as by a kill mid-write): readers stop before it.
         let whole = len;
