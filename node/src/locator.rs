@@ -6,9 +6,10 @@
 //! once per machine, into a *locator file* beside the cached index (`PACK.loc`): its
 //! entries sorted by id, fixed-size, memory-mapped. A lookup searches the packs whose file
 //! is open, the pack of the previous hit first, then from the newest pack back (a version's
-//! directories are written after their files, so its root and top directories sit in its
-//! last packs); packs not yet open are opened (built from their index when there is no file
-//! yet) only when a lookup has not found its blob in those that are. Opening a version
+//! tree nodes are in packs of their own, listed last, the root's at the very end: a lookup
+//! of a directory opens the tree's packs only); packs not yet open are opened (built from
+//! their index when there is no file yet) only when a lookup has not found its blob in
+//! those that are. Opening a version
 //! costs nothing per blob, and memory holds a few mapped pages, not the entries.
 //!
 //! Locator files are derived data in this machine's private cache, written whole and renamed
