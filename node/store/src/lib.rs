@@ -427,48 +427,15 @@ fn parse_record_key(k: &[u8]) -> Option<(u32, u64)> {
     .filter(|_| k.len() == 12)
 }
 
-/// A sled record's first byte: its entries carry CRCs, or (migrated from before checksums
-/// were kept) do not.
-use reclog::{REC_CRC, REC_NO_CRC};
-/// Per blob: id (32), offset (8), length (4), CRC32 (4; zero without).
-const REC_ENTRY: usize = 48;
-
 /// A sled record of blobs that all have CRCs or all have none.
 #[cfg(test)]
 fn encode_record<'a>(entries: impl Iterator<Item = (&'a Hash, &'a Loc)>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 64 * REC_ENTRY);
-    v.push(REC_CRC);
-    for (id, loc) in entries {
-        if loc.crc.is_none() {
-            v[0] = REC_NO_CRC;
-        }
-        v.extend_from_slice(id.as_bytes());
-        v.extend_from_slice(&loc.off().to_be_bytes());
-        v.extend_from_slice(&loc.len.to_be_bytes());
-        v.extend_from_slice(&loc.crc.unwrap_or(0).to_be_bytes());
-    }
-    v
+    reclog::record_body(&[], entries)
 }
 
 fn decode_record(v: &[u8], rec: u64) -> Option<Vec<(Hash, Loc)>> {
     let (&kind, body) = v.split_first()?;
-    if !(kind == REC_CRC || kind == REC_NO_CRC) || body.len() % REC_ENTRY != 0 {
-        return None;
-    }
-    body.chunks_exact(REC_ENTRY)
-        .map(|e| {
-            Some((
-                Hash(e[..32].try_into().ok()?),
-                Loc {
-                    off: u32::try_from(u64::from_be_bytes(e[32..40].try_into().ok()?)).ok()?,
-                    len: u32::from_be_bytes(e[40..44].try_into().ok()?),
-                    crc: (kind == REC_CRC)
-                        .then(|| u32::from_be_bytes(e[44..48].try_into().expect("4 bytes"))),
-                    rec: u32::try_from(rec).ok()?,
-                },
-            ))
-        })
-        .collect()
+    reclog::record_entries(kind, body, rec)
 }
 
 /// A per-blob index entry as stores kept them before records (tree "blobs"): segment, offset,

@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"SHOALRL1";
 /// A record whose entries carry CRCs, or (migrated from before checksums were kept) do not.
-pub(crate) const REC_CRC: u8 = 1;
-pub(crate) const REC_NO_CRC: u8 = 2;
+const REC_CRC: u8 = 1;
+const REC_NO_CRC: u8 = 2;
 /// A removal.
 const DEL: u8 = 3;
 /// Per blob in a record: id (32), offset (8), length (4), CRC32 (4; zero without), big-endian.
@@ -103,9 +103,18 @@ fn frame(body: Vec<u8>) -> Vec<u8> {
 /// A record frame: the blobs of one batch, at offsets from `rec` on (all with CRCs, or all
 /// without).
 pub(crate) fn record<'a>(rec: u64, entries: impl Iterator<Item = (&'a Hash, &'a Loc)>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + 64 * REC_ENTRY);
+    frame(record_body(&rec.to_le_bytes(), entries))
+}
+
+/// A record's body: its kind, `head`, then its entries (without `head`, the value of a
+/// record in sled's tree "records", from before logs).
+pub(crate) fn record_body<'a>(
+    head: &[u8],
+    entries: impl Iterator<Item = (&'a Hash, &'a Loc)>,
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + head.len() + 64 * REC_ENTRY);
     v.push(REC_CRC);
-    v.extend_from_slice(&rec.to_le_bytes());
+    v.extend_from_slice(head);
     for (id, loc) in entries {
         if loc.crc.is_none() {
             v[0] = REC_NO_CRC;
@@ -115,7 +124,28 @@ pub(crate) fn record<'a>(rec: u64, entries: impl Iterator<Item = (&'a Hash, &'a 
         v.extend_from_slice(&loc.len.to_be_bytes());
         v.extend_from_slice(&loc.crc.unwrap_or(0).to_be_bytes());
     }
-    frame(v)
+    v
+}
+
+/// A record's entries (`body` after its kind and head), listed by record `rec`.
+pub(crate) fn record_entries(kind: u8, body: &[u8], rec: u64) -> Option<Vec<(Hash, Loc)>> {
+    if !(kind == REC_CRC || kind == REC_NO_CRC) || body.len() % REC_ENTRY != 0 {
+        return None;
+    }
+    body.chunks_exact(REC_ENTRY)
+        .map(|e| {
+            Some((
+                Hash(e[..32].try_into().ok()?),
+                Loc {
+                    off: u32::try_from(u64::from_be_bytes(e[32..40].try_into().ok()?)).ok()?,
+                    len: u32::from_be_bytes(e[40..44].try_into().ok()?),
+                    crc: (kind == REC_CRC)
+                        .then(|| u32::from_be_bytes(e[44..48].try_into().expect("4 bytes"))),
+                    rec: u32::try_from(rec).ok()?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// A removal frame: these blobs, by id and offset, are no longer live in the segment.
@@ -139,27 +169,7 @@ fn decode(body: &[u8]) -> Option<Frame> {
     match kind {
         REC_CRC | REC_NO_CRC => {
             let rec = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-            let rest = &rest[8..];
-            if rest.len() % REC_ENTRY != 0 {
-                return None;
-            }
-            let entries = rest
-                .chunks_exact(REC_ENTRY)
-                .map(|e| {
-                    Some((
-                        Hash(e[..32].try_into().ok()?),
-                        Loc {
-                            off: u32::try_from(u64::from_be_bytes(e[32..40].try_into().ok()?))
-                                .ok()?,
-                            len: u32::from_be_bytes(e[40..44].try_into().ok()?),
-                            crc: (kind == REC_CRC)
-                                .then(|| u32::from_be_bytes(e[44..48].try_into().expect("4"))),
-                            rec: u32::try_from(rec).ok()?,
-                        },
-                    ))
-                })
-                .collect::<Option<Vec<_>>>()?;
-            Some(Frame::Record(rec, entries))
+            Some(Frame::Record(rec, record_entries(kind, &rest[8..], rec)?))
         }
         DEL if rest.len() % DEL_ENTRY == 0 => Some(Frame::Removal(
             rest.chunks_exact(DEL_ENTRY)
