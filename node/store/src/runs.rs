@@ -73,6 +73,18 @@ pub(crate) fn filter_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:08}.bloom"))
 }
 
+/// Creates (or truncates) a file only this user reads: runs name the blobs this user cached,
+/// like the segments (0600).
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Writes a run's filter (synced): magic, the run's entry count, the number of hashes, the
 /// number of words, then the words, little-endian.
 fn write_filter(path: &Path, f: &BloomFilter, count: usize) -> std::io::Result<()> {
@@ -86,7 +98,7 @@ fn write_filter(path: &Path, f: &BloomFilter, count: usize) -> std::io::Result<(
         v.extend_from_slice(&w.to_le_bytes());
     }
     let tmp = path.with_extension("bloom.tmp");
-    let mut file = File::create(&tmp)?;
+    let mut file = create_private(&tmp)?;
     file.write_all(&v)?;
     file.sync_data()?;
     std::fs::rename(&tmp, path)
@@ -278,7 +290,7 @@ fn write_run(
     let tmp = dir.join(format!(".{no:08}.run.tmp"));
     let mut filter = new_filter(expected);
     let written = (|| {
-        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
         w.write_all(&[0u8; HEADER])?;
         let mut count = 0u64;
         for (id, e) in entries {

@@ -423,6 +423,13 @@ fn the_index_is_reopened_from_its_runs_and_replays_only_what_came_after() {
         "runs after {} blobs: {runs:?}",
         blobs.len()
     );
+    // Runs and their filters name what this user cached: private, like the segments.
+    // (A merge under way may remove one meanwhile.)
+    for e in std::fs::read_dir(dir.path().join("runs")).unwrap() {
+        if let Ok(m) = e.unwrap().metadata() {
+            assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        }
+    }
     assert_eq!(held(&s), indexed(&s));
     drop(s);
     // Dropped cleanly: nothing to replay.
