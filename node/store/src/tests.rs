@@ -39,7 +39,7 @@ fn put_get_verify_reopen_and_lock() {
             "{err}"
         );
     }
-    let s = SegmentStore::open(dir.path(), None).unwrap();
+    let s = reopen(dir.path(), None);
     assert_eq!(s.get(&b.0).unwrap().unwrap(), b.1);
     assert_eq!(
         s.stats().unwrap().hits,
@@ -107,7 +107,7 @@ fn peer_reads_are_checked_against_the_checksum_at_rest() {
         std::fs::remove_file(&log).unwrap();
     }
     {
-        let s = SegmentStore::open(dir.path(), None).unwrap();
+        let s = reopen(dir.path(), None);
         assert_eq!(s.lock().replayed, None, "rebuilt from the migrated logs");
         assert_eq!(held(&s), indexed(&s));
         assert_eq!(held(&s).len(), 3);
@@ -128,7 +128,7 @@ fn peer_reads_are_checked_against_the_checksum_at_rest() {
         db.flush().unwrap();
         std::fs::remove_file(&log).unwrap();
     }
-    let s = SegmentStore::open(dir.path(), None).unwrap();
+    let s = reopen(dir.path(), None);
     // Migrated: a record with checksums (a, b) and one without (c).
     let crcs: Vec<Vec<bool>> = log_records(dir.path())
         .into_iter()
@@ -208,7 +208,7 @@ fn capacity_is_respected_at_and_around_the_thresholds() {
 fn pins_survive_pressure_and_gc_frees_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let cap = 2 << 20;
-    let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+    let s = reopen(dir.path(), Some(cap));
     let keep: Vec<_> = (0..8).map(|i| blob(1000 + i, 50_000)).collect();
     put(&s, &keep, Retain::Keep);
     let list: Vec<(Hash, u32)> = keep.iter().map(|(h, b)| (*h, b.len() as u32)).collect();
@@ -239,7 +239,7 @@ fn pins_survive_pressure_and_gc_frees_the_rest() {
     assert_eq!(s.stats().unwrap().live_bytes, 0);
     drop(s);
     // And the state after gc reopens cleanly.
-    let s = SegmentStore::open(dir.path(), Some(cap)).unwrap();
+    let s = reopen(dir.path(), Some(cap));
     assert_eq!(s.stats().unwrap().blobs, 0);
 }
 
@@ -268,7 +268,7 @@ fn without_a_capacity_everything_is_kept_and_gc_keeps_the_pins() {
     }
     assert!(s.get(&cached[0].0).unwrap().is_none());
     drop(s);
-    let s = SegmentStore::open(dir.path(), None).unwrap();
+    let s = reopen(dir.path(), None);
     assert_eq!(s.stats().unwrap().blobs, 4);
     assert!(s.unpin("demo@v1").unwrap());
     s.gc().unwrap();
@@ -342,7 +342,7 @@ fn index_records_follow_evictions_corruption_compaction_and_reopen() {
     }
     drop(s);
     // A lower capacity: trimmed when opened, in memory and in sled alike.
-    let s = SegmentStore::open(dir.path(), Some(1 << 20)).unwrap();
+    let s = reopen(dir.path(), Some(1 << 20));
     let after = held(&s);
     assert!(after.len() < before.len() && !after.is_empty());
     assert_eq!(indexed(&s), after);
