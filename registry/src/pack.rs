@@ -647,14 +647,6 @@ impl PackBuilder {
         self.open = 0;
     }
 
-    /// Ends the open frame here: what comes next (a version's tree nodes after its files'
-    /// chunks) is compressed, and read, apart from what came before.
-    pub fn end_frame(&mut self) {
-        if self.open > 0 {
-            self.cut();
-        }
-    }
-
     /// Bytes so far.
     pub fn len(&self) -> usize {
         self.len

@@ -581,7 +581,7 @@ impl SegmentStore {
         }
         // The log of a segment compaction deleted (a process killed between the two).
         for n in logs.into_iter().filter(|n| !segs.contains_key(n)) {
-            let _ = std::fs::remove_file(segs_dir.join(seg_name(n)).with_extension("rec"));
+            let _ = std::fs::remove_file(reclog::log_path(&segs_dir.join(seg_name(n))));
         }
         let runs_dir = dir.join("runs");
         private_dir(&runs_dir).map_err(io)?;
@@ -623,10 +623,18 @@ impl SegmentStore {
             ..Seg::default()
         });
         let log_path = reclog::log_path(&segs_dir.join(seg_name(active)));
-        let (log, log_len) = reclog::open_append(&log_path).map_err(|source| StoreError::Log {
-            path: log_path,
-            source,
-        })?;
+        // What the checkpoint's watermark covers was synced whole: only what follows it is
+        // checked for a torn tail.
+        let whole = loaded
+            .as_ref()
+            .map(|(ck, _)| ck.wm)
+            .filter(|(seg, _)| *seg == active)
+            .map_or(0, |(_, len)| len);
+        let (log, log_len) =
+            reclog::open_append(&log_path, whole).map_err(|source| StoreError::Log {
+                path: log_path,
+                source,
+            })?;
         let (ckpt, runs) = loaded.unwrap_or_default();
         let rebuild = ckpt == Ckpt::default();
         let state = State {
@@ -1192,7 +1200,7 @@ impl SegmentStore {
             .open(&path)
             .map_err(self.io_err(next))?;
         (st.log, st.log_len) =
-            reclog::open_append(&reclog::log_path(&path)).map_err(self.log_err(next))?;
+            reclog::open_append(&reclog::log_path(&path), 0).map_err(self.log_err(next))?;
         st.active = next;
         st.segs.insert(
             next,
@@ -1686,6 +1694,7 @@ fn migrate(db: &sled::Db, segs_dir: &Path, meta: &sled::Tree) -> sled::Result<()
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => v.insert(reclog::open_append(
                 &reclog::log_path(&segs_dir.join(seg_name(seg))),
+                0,
             )?),
         };
         reclog::append(

@@ -44,8 +44,10 @@ pub(crate) fn log_path(seg: &Path) -> PathBuf {
 }
 
 /// Opens a log for appending, creating it (with its magic) if new; returns it and its
-/// length. The length is that of its last whole frame: a torn tail is cut off first.
-pub(crate) fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
+/// length. The length is that of its last whole frame: a torn tail is cut off first. Frames
+/// before byte `whole` are known whole (synced: a checkpoint's watermark) and not read again,
+/// unless the log is shorter than that.
+pub(crate) fn open_append(path: &Path, whole: u64) -> std::io::Result<(File, u64)> {
     let mut f = OpenOptions::new()
         .create(true)
         .read(true)
@@ -53,25 +55,24 @@ pub(crate) fn open_append(path: &Path) -> std::io::Result<(File, u64)> {
         .mode(0o600)
         .open(path)?;
     let len = f.metadata()?.len();
-    if len < MAGIC.len() as u64 {
+    let from = if whole <= len { whole } else { 0 };
+    let valid = match len < MAGIC.len() as u64 {
         // New, or cut short before its magic was whole.
+        true => 0,
+        false => Reader::open(path, from)?.map_or(0, |r| r.valid_len()),
+    };
+    if valid < MAGIC.len() as u64 {
+        // New, or not a record log at all.
         f.set_len(0)?;
         f.write_all(MAGIC)?;
         return Ok((f, MAGIC.len() as u64));
     }
-    let valid = Reader::open(path, 0)?.map(|r| r.valid_len()).unwrap_or(0);
     if valid < len {
         tracing::warn!(
             log = %path.display(),
             cut = len - valid,
             "cutting a torn tail off a store record log"
         );
-        if valid < MAGIC.len() as u64 {
-            // Not a record log at all.
-            f.set_len(0)?;
-            f.write_all(MAGIC)?;
-            return Ok((f, MAGIC.len() as u64));
-        }
         f.set_len(valid)?;
     }
     Ok((f, valid))
@@ -316,7 +317,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000001.rec");
         let (a, b, c) = (Hash([1; 32]), Hash([2; 32]), Hash([3; 32]));
-        let (mut f, mut len) = open_append(&path).unwrap();
+        let (mut f, mut len) = open_append(&path, 0).unwrap();
         let r0 = [(a, loc(0, 10)), (b, loc(10, 5))];
         append(&mut f, &mut len, &record(0, r0.iter().map(|(h, l)| (h, l)))).unwrap();
         let at_r1 = len;
@@ -340,7 +341,7 @@ mod tests {
         f.write_all(&torn[..torn.len() - 3]).unwrap();
         drop(f);
         assert_eq!(read_all(&path).len(), 2);
-        let (mut f, mut len) = open_append(&path).unwrap();
+        let (mut f, mut len) = open_append(&path, 0).unwrap();
         assert_eq!(len, whole);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
         append(&mut f, &mut len, &torn).unwrap();

@@ -221,6 +221,12 @@ impl Run {
 
     /// Opens run `no` under `dir`, if its header and size say it holds `count` entries.
     pub fn open(dir: &Path, no: u64, count: usize) -> Option<Run> {
+        Run::open_with(dir, no, count, None)
+    }
+
+    /// [`Run::open`], with its filter when the caller has just made it (else it is read, or
+    /// made again from the run).
+    fn open_with(dir: &Path, no: u64, count: usize, filter: Option<BloomFilter>) -> Option<Run> {
         let path = run_path(dir, no);
         if count == 0 {
             // Nothing to map (an empty file cannot be mapped): only the header is checked.
@@ -254,7 +260,7 @@ impl Run {
             filter: new_filter(0),
         };
         let fpath = filter_path(dir, no);
-        run.filter = match read_filter(&fpath, count) {
+        run.filter = match filter.or_else(|| read_filter(&fpath, count)) {
             Some(f) => f,
             None => {
                 // Missing (a store from before filters) or damaged: made again from the run.
@@ -323,7 +329,7 @@ fn write_run(
         Ok(count as usize)
     })();
     match written {
-        Ok(count) => Run::open(dir, no, count)
+        Ok(count) => Run::open_with(dir, no, count, Some(filter))
             .ok_or_else(|| std::io::Error::other(format!("run {no} unreadable once written"))),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
