@@ -85,6 +85,27 @@ fn mounted_version_reads_like_the_source_and_refuses_writes() {
         EROFS
     );
 
+    // Ioctls get ENOTTY (CPython's `open()` asks each file whether it is a terminal), and
+    // nothing is logged however many: the kernel asks the mount every time.
+    let py = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys\nfor _ in range(50):\n    f = open(sys.argv[1], 'rb')\n    \
+             assert not f.isatty() and f.read() == open(sys.argv[2], 'rb').read()\nprint('ok')",
+        )
+        .arg(mp.join("a/b/c.txt"))
+        .arg(src.join("a/b/c.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&py.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let log = std::fs::read_to_string(reader.path("mount.log")).unwrap();
+    assert!(!log.contains("ioctl"), "{log}");
+
     // tar of the whole tree.
     let out = env.path("untarred");
     std::fs::create_dir_all(&out).unwrap();

@@ -8,7 +8,7 @@ use crate::push::{Job, Pusher};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use shoal_registry::tree::{ChunkRef, FileContent};
 use std::ffi::OsStr;
@@ -870,6 +870,41 @@ impl<S: Source> Filesystem for ShoalFs<S> {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// No ioctls. Answered here rather than by fuser's default, which logs a warning per call:
+    /// the kernel does not remember a refused ioctl as it does other requests, and every
+    /// `open()` of CPython before 3.14 asks whether the file is a terminal (TCGETS), so a
+    /// loader would write a log line per file it opens.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY)
+    }
+
+    /// No extended attributes: ENOSYS, which the kernel remembers for the whole mount (it
+    /// answers EOPNOTSUPP itself afterwards), without fuser's warning.
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS)
     }
 }
 
