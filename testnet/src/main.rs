@@ -154,6 +154,9 @@ enum Cmd {
         /// writing N files (10M tiny files take 40 GB of 4 KiB blocks).
         #[arg(long, conflicts_with = "no_pull")]
         pull_no_files: bool,
+        /// Skip `find` over the mount (at 100M entries it would hold every inode it met).
+        #[arg(long)]
+        no_find: bool,
     },
     /// Only writes a version of N tiny files into an origin (a path or URL) and prints its
     /// reference and publisher key (trust it with `shoal trust KEY`).
@@ -1017,6 +1020,7 @@ fn main() -> Result<()> {
             real_files,
             no_pull,
             pull_no_files,
+            no_find,
         } => (
             "scale",
             scale_bench::run(
@@ -1029,6 +1033,7 @@ fn main() -> Result<()> {
                     (false, true) => scale_bench::Pull::StoreOnly,
                     (false, false) => scale_bench::Pull::Files,
                 },
+                !*no_find,
             )?,
         ),
         Cmd::ScaleGen {

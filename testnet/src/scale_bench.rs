@@ -138,7 +138,14 @@ pub enum Pull {
     Files,
 }
 
-pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: Pull) -> Result<Value> {
+pub fn run(
+    args: &Args,
+    entries: u64,
+    width: u64,
+    real_files: bool,
+    pull: Pull,
+    find: bool,
+) -> Result<Value> {
     let work = args.bench_root.join(format!("work/scale-{entries}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -212,6 +219,9 @@ pub fn run(args: &Args, entries: u64, width: u64, real_files: bool, pull: Pull) 
         // The first file's directories were written first: in the version's oldest packs,
         // which a lookup reaches last.
         out["first_stat_oldest_s"] = json!(stat_secs(&mp.join(scale::path_of(0, width.max(2))))?);
+        if !find {
+            return Ok(());
+        }
         let (n, cold, warm) = find_twice(&mp)?;
         out["find_entries"] = json!(n);
         out["find_cold_s"] = json!(cold);
