@@ -195,6 +195,24 @@ pub enum Command {
         /// Tag name.
         tag: String,
     },
+    /// Remove a version from the origin: `shoal rm imagenet@v2`. A signed record of the removal
+    /// stays, so nodes refuse the version (even from their caches) and its name is never
+    /// reused; its packs are freed by `shoal origin gc` once no other version needs them.
+    Rm {
+        /// NAME@VERSION to remove.
+        target: String,
+        /// Also delete the tags that point at it (named in the output); refused without.
+        #[arg(long)]
+        force: bool,
+        /// Why, kept in the removal record (e.g. "licence withdrawn").
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Maintain the origin itself: `shoal origin gc`.
+    Origin {
+        #[command(subcommand)]
+        command: OriginCommand,
+    },
     /// Read every blob of a version where it lives and check it against its id; names every
     /// missing or damaged object, and every in-place file whose source changed (exit 1 if any).
     Verify {
@@ -227,6 +245,27 @@ pub enum Command {
     Man {
         /// Where to write them, e.g. /usr/local/share/man/man1 (created if absent).
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OriginCommand {
+    /// Delete what no version needs: packs and indexes no version names (after a removal, or
+    /// left by a failed publish), once older than the grace period, and version objects of
+    /// removed versions. Safe while other machines publish and pull; resumable after a kill.
+    Gc {
+        /// Report what would be deleted (objects, bytes), delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Set the origin's grace period (e.g. 24h, 7d): nothing younger is deleted, and a
+        /// publish taking longer writes no version. A shorter grace applies once the longer
+        /// one has passed. Default: 24h.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+        /// Apply a shorter --grace at once: only when no publish that started before is still
+        /// running (a maintenance window, a new origin), or what it wrote may be deleted.
+        #[arg(long, requires = "grace")]
+        apply_now: bool,
     },
 }
 

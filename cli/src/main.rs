@@ -760,6 +760,59 @@ async fn run(args: Args, out: &Out) -> Result<()> {
             let msg = open(false)?.tag(&target, &tag).await?;
             out.report(&serde_json::json!({ "tag": format!("{}@{tag}", target.dataset), "version": target.to_string() }), || msg.clone())
         }
+        Command::Rm {
+            target,
+            force,
+            reason,
+        } => {
+            let target: VersionRef = target.parse()?;
+            let r = open(false)?.remove_version(&target, force, &reason).await?;
+            out.report(&r, || {
+                let mut msg = if r.already_removed {
+                    format!("{} was already removed; finished removing it", r.reference)
+                } else {
+                    format!("removed {} (root {})", r.reference, r.root)
+                };
+                if !r.tags_deleted.is_empty() {
+                    msg.push_str(&format!("; deleted tags {}", r.tags_deleted.join(", ")));
+                }
+                msg.push_str(
+                    "; `shoal origin gc` frees its packs once no other version needs them",
+                );
+                msg
+            })
+        }
+        Command::Origin {
+            command:
+                args::OriginCommand::Gc {
+                    dry_run,
+                    grace,
+                    apply_now,
+                },
+        } => {
+            let r = open(false)?
+                .origin_gc(dry_run, grace.map(|g| (g.as_secs(), apply_now)))
+                .await?;
+            out.report(&r, || {
+                format!(
+                    "{}{}: {} packs ({} objects, {}) {}; {} version objects of removed versions; kept {} packs in use, {} younger than the grace ({}), {} of recent removals ({} objects listed, {} read, {:.1}s)",
+                    if r.dry_run { "dry run, " } else { "" },
+                    r.origin,
+                    r.packs_deleted,
+                    r.plan.delete.len(),
+                    output::bytes(r.bytes_freed),
+                    if r.dry_run { "would be deleted" } else { "deleted" },
+                    r.removed_versions_deleted.len(),
+                    r.plan.live,
+                    r.plan.young,
+                    humantime::format_duration(std::time::Duration::from_secs(r.grace_s)),
+                    r.plan.recently_removed,
+                    r.objects_listed,
+                    r.objects_read,
+                    r.seconds,
+                )
+            })
+        }
         Command::Verify { reference } => {
             let reference: DatasetRef = reference.parse()?;
             let progress = Arc::new(Progress::default());

@@ -92,6 +92,20 @@ impl Home {
         }
     }
 
+    /// Drops the cached signed copy of `dataset@version` (the version was removed: it must not
+    /// open from the cache when the origins cannot be reached).
+    pub fn forget_version(&self, dataset: &str, version: &str) {
+        let path = self
+            .versions_cache_dir()
+            .join(dataset)
+            .join(format!("{version}.ver"));
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("forgetting removed version {}: {e}", path.display());
+            }
+        }
+    }
+
     /// A version of `dataset` seen before: by version name, or by root id. Not verified here.
     pub fn cached_version(
         &self,

@@ -14,6 +14,7 @@ pub mod files;
 pub mod home;
 mod inspect;
 pub mod known;
+pub mod lifecycle;
 mod locator;
 pub mod metrics;
 pub mod mount;
@@ -331,11 +332,14 @@ impl Node {
                     let target = tag.version();
                     return match self.find_version(name, target, trusted).await? {
                         Some((v, holders)) => Ok((target.to_string(), v, holders)),
-                        None => Err(OriginError::NotFound {
-                            origin: self.origins.urls(),
-                            what: format!("version {name}@{target} (tag {label} points to it)"),
-                        }
-                        .into()),
+                        None => Err(match self.removed_error(name, target, trusted).await {
+                            Some(e) => e,
+                            None => OriginError::NotFound {
+                                origin: self.origins.urls(),
+                                what: format!("version {name}@{target} (tag {label} points to it)"),
+                            }
+                            .into(),
+                        }),
                     };
                 }
                 Err(e) => {
@@ -353,6 +357,9 @@ impl Node {
         // broken: too large, corrupt) is the answer rather than "not found".
         if let Some(e) = errors.into_iter().chain(tag_errors).next() {
             return Err(e.into());
+        }
+        if let Some(e) = self.removed_error(name, label, trusted).await {
+            return Err(e);
         }
         Err(OriginError::NotFound {
             origin: self.origins.urls(),

@@ -27,7 +27,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What `publish` did.
 #[derive(Debug, Clone, Serialize)]
@@ -275,7 +275,7 @@ fn scan_objects(
 const OBJECT_PIECE: u64 = 8 << 20;
 const OBJECT_AHEAD: usize = 4;
 /// Longest wait for one piece of a source object.
-const OBJECT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+const OBJECT_WAIT: Duration = Duration::from_secs(300);
 
 /// A source object read as a byte stream by the chunker (on a blocking thread): ranged reads
 /// of [`OBJECT_PIECE`] on the runtime, [`OBJECT_AHEAD`] ahead, each checked against the ETag
@@ -970,7 +970,12 @@ impl Node {
         let trusted = self.trusted_keys()?;
         let mut existing = HashMap::new();
         let mut packs_seen = HashSet::new();
+        // Removed versions are not leaned on: gc keeps their packs only for a grace period.
+        let removed: HashSet<String> = origin.list_removals(name).await?.into_iter().collect();
         for v in origin.list_versions(name).await? {
+            if removed.contains(&v) {
+                continue;
+            }
             let Some(sv) = origin.version(name, &v).await? else {
                 continue;
             };
@@ -1043,6 +1048,23 @@ impl Node {
             }
             .into());
         }
+        if let Some(r) = origin.removal(name, version).await? {
+            return Err(shoal_registry::OriginError::AlreadyExists {
+                origin: origin.url().to_string(),
+                what: format!(
+                    "version {target} (removed at {}; versions are never reused: publish under another name)",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(r.body.removed_unix)
+                    )
+                ),
+            }
+            .into());
+        }
+        // The origin's gc deletes nothing unreferenced younger than its grace period; this
+        // publish must name what it wrote and what it deduplicated against within it (from
+        // before it lists the versions it leans on: docs/lifecycle.md).
+        let leaning_since = Instant::now();
+        let grace = Duration::from_secs(origin.gc_settings().await?.effective_grace_s(now_unix()));
         let key = self.home.secret_key()?;
         progress.phase("scanning", 0);
         let scanned_ns = std::time::SystemTime::now()
@@ -1267,6 +1289,14 @@ impl Node {
             publisher: [0; 32],
         };
         let signed = SignedVersion::sign(body, &key);
+        // A tenth of the grace as margin for the clocks' rates and gc's own listing.
+        if leaning_since.elapsed() > grace - grace / 10 {
+            return Err(Error::Usage(format!(
+                "this publish took {} (from listing the dataset's versions), too close to the origin's gc grace period ({}): what it wrote or leans on may have been collected, so it writes no version; publish again (unchanged files are not read again), or lengthen the grace (`shoal origin gc --grace`)",
+                humantime::format_duration(Duration::from_secs(leaning_since.elapsed().as_secs())),
+                humantime::format_duration(grace),
+            )));
+        }
         origin.create_version(name, &signed).await?;
         let unchanged_taken = unchanged.taken.load(Ordering::Relaxed);
         drop(unchanged);

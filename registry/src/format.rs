@@ -21,6 +21,11 @@ pub enum Kind {
     Tag = b'T',
     TagBody = b't',
     DatasetConfig = b'C',
+    /// A signed record that a version was removed (`shoal rm`).
+    Removal = b'R',
+    RemovalBody = b'r',
+    /// The origin's gc settings (`_gc/settings`).
+    GcSettings = b'G',
 }
 
 /// The format version of every kind but signed tags.

@@ -19,9 +19,9 @@ pub mod version;
 
 pub use format::DecodeError;
 pub use names::{DatasetName, DatasetRef, Label, NameError, Rev, VersionRef};
-pub use origin::{ObjectEntry, Origin, OriginError, PackWriter};
+pub use origin::{ObjectEntry, Origin, OriginError, PackWriter, StoredObject};
 pub use shoal_chunker::{Hash, Params};
 pub use version::{
-    AnyTag, DatasetConfig, PublicKey, SecretKey, SignedTag, SignedVersion, SmallFiles, Stats, Tag,
-    TagBody, TrustedKey, VersionBody,
+    AnyTag, DatasetConfig, GcSettings, PublicKey, RemovalBody, SecretKey, SignedRemoval, SignedTag,
+    SignedVersion, SmallFiles, Stats, Tag, TagBody, TrustedKey, VersionBody,
 };

@@ -10,7 +10,9 @@
 
 use crate::names::{DatasetName, DatasetRef, Label, Rev};
 use crate::pack::AnyIndex;
-use crate::version::{AnyTag, DatasetConfig, SecretKey, SignedTag, SignedVersion, TagBody};
+use crate::version::{
+    AnyTag, DatasetConfig, GcSettings, SecretKey, SignedRemoval, SignedTag, SignedVersion, TagBody,
+};
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
@@ -92,12 +94,25 @@ pub struct ObjectEntry {
     pub version: Option<String>,
 }
 
+/// An object as an origin's listing gives it, with the time the store last wrote it (by the
+/// store's own clock). See [`Origin::list_stored`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    /// Its key, relative to the root.
+    pub key: String,
+    pub size: u64,
+    /// Seconds since the Unix epoch.
+    pub modified_unix: i64,
+}
+
 /// A handle on one origin. Cheap to clone.
 #[derive(Clone)]
 pub struct Origin {
     store: Arc<dyn ObjectStore>,
     root: Path,
     url: String,
+    /// The directory of a local origin (its staging files are not listed by the store).
+    local_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Origin {
@@ -132,12 +147,17 @@ impl Origin {
             reason,
         };
         let parsed = url::Url::parse(spec).ok().filter(|u| u.scheme().len() > 1);
+        let mut local_dir = None;
         let (store, root, url): (Arc<dyn ObjectStore>, Path, String) = match parsed {
-            None => Self::local(std::path::Path::new(spec), create, spec)?,
+            None => {
+                local_dir = Some(std::path::PathBuf::from(spec));
+                Self::local(std::path::Path::new(spec), create, spec)?
+            }
             Some(u) if u.scheme() == "file" => {
                 let p = u
                     .to_file_path()
                     .map_err(|_| bad("not a local file URL".into()))?;
+                local_dir = Some(p.clone());
                 Self::local(&p, create, spec)?
             }
             Some(u) => {
@@ -179,14 +199,19 @@ impl Origin {
                             .with_client_options(client().with_allow_http(true))
                             .build()
                             .map_err(|e| bad(e.to_string()))?;
-                        return Ok(Origin { store: Arc::new(store), root: Path::default(), url: spec.to_string() });
+                        return Ok(Origin { store: Arc::new(store), root: Path::default(), url: spec.to_string(), local_dir: None });
                     }
                     other => return Err(bad(format!("unsupported scheme {other:?} (use a path, file://, s3://, gs://, az:// or http(s)://)"))),
                 };
                 (store, prefix, spec.to_string())
             }
         };
-        Ok(Origin { store, root, url })
+        Ok(Origin {
+            store,
+            root,
+            url,
+            local_dir,
+        })
     }
 
     fn local(
@@ -583,6 +608,212 @@ impl Origin {
                 })
             }
         }
+    }
+
+    /// The signed record of `name@version`'s removal (signature not yet checked), if any.
+    pub async fn removal(
+        &self,
+        name: &DatasetName,
+        version: &str,
+    ) -> Result<Option<SignedRemoval>, OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_removed/{version}")));
+        match self
+            .get_opt(&key, "removal record", MAX_VERSION_OBJECT)
+            .await?
+        {
+            Some((b, _)) => Ok(Some(
+                SignedRemoval::decode(&b).map_err(|e| self.corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a removal record, create-only: [`OriginError::AlreadyExists`] if the version
+    /// was removed before.
+    pub async fn create_removal(
+        &self,
+        name: &DatasetName,
+        r: &SignedRemoval,
+    ) -> Result<(), OriginError> {
+        let key = self.key(&Self::dataset_key(
+            name,
+            &format!("_removed/{}", r.body.version),
+        ));
+        self.put(&key, r.encode().into(), PutMode::Create)
+            .await
+            .map_err(|e| match e {
+                OriginError::AlreadyExists { origin, .. } => OriginError::AlreadyExists {
+                    origin,
+                    what: format!("the removal of {name}@{}", r.body.version),
+                },
+                e => e,
+            })
+    }
+
+    /// Names of the removed versions of a dataset, sorted.
+    pub async fn list_removals(&self, name: &DatasetName) -> Result<Vec<String>, OriginError> {
+        self.list_names(&Self::dataset_key(name, "_removed")).await
+    }
+
+    /// Deletes `name@version`'s version object (absent already is not an error).
+    pub async fn delete_version(
+        &self,
+        name: &DatasetName,
+        version: &str,
+    ) -> Result<(), OriginError> {
+        self.delete_rel(&Self::dataset_key(name, &format!("_versions/{version}")))
+            .await
+    }
+
+    /// Deletes a tag object (absent already is not an error).
+    pub async fn delete_tag(&self, name: &DatasetName, tag: &str) -> Result<(), OriginError> {
+        self.delete_rel(&Self::dataset_key(name, &format!("_tags/{tag}")))
+            .await
+    }
+
+    /// Deletes the object at `rel` (relative to the root); absent already is not an error.
+    pub async fn delete_rel(&self, rel: &str) -> Result<(), OriginError> {
+        let key = self.key(rel);
+        match self.store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_err("deleting", &key, e)),
+        }
+    }
+
+    /// Every dataset with settings in this origin (`datasets/<name>/_dataset`), sorted.
+    pub async fn list_datasets(&self) -> Result<Vec<DatasetName>, OriginError> {
+        let mut out = Vec::new();
+        for o in self.list_stored("datasets").await? {
+            if let Some(name) = o
+                .key
+                .strip_prefix("datasets/")
+                .and_then(|k| k.strip_suffix("/_dataset"))
+            {
+                if let Ok(n) = name.parse::<DatasetName>() {
+                    out.push(n);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(out)
+    }
+
+    /// Every object under `rel` (relative to the root; recursively), with its size and the
+    /// store's time of writing it, sorted by key.
+    pub async fn list_stored(&self, rel: &str) -> Result<Vec<StoredObject>, OriginError> {
+        use futures::StreamExt;
+        let prefix = self.key(rel);
+        let mut stream = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        let root = self.root.as_ref();
+        while let Some(meta) = stream.next().await {
+            let meta = meta.map_err(|e| self.store_err("listing", &prefix, e))?;
+            let full = meta.location.as_ref();
+            let key = if root.is_empty() {
+                full
+            } else {
+                full.strip_prefix(root)
+                    .map(|k| k.trim_start_matches('/'))
+                    .unwrap_or(full)
+            };
+            out.push(StoredObject {
+                key: key.to_string(),
+                size: meta.size,
+                modified_unix: meta.last_modified.timestamp(),
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// A local origin's staging files under `rel` (`<key>#<n>`: a put or a multipart upload
+    /// cut short by a kill), which the store's listing does not show; none for other stores
+    /// (their unfinished multipart uploads are for the bucket's lifecycle rules to abort).
+    pub fn staging_leftovers(&self, rel: &str) -> Result<Vec<StoredObject>, OriginError> {
+        let Some(dir) = &self.local_dir else {
+            return Ok(Vec::new());
+        };
+        let rd = match std::fs::read_dir(dir.join(rel)) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(OriginError::BadUrl {
+                    url: self.url.clone(),
+                    reason: format!("listing {}: {e}", dir.join(rel).display()),
+                })
+            }
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let staging = name
+                .rsplit_once('#')
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            let Ok(meta) = e.metadata() else { continue };
+            if !staging || !meta.is_file() {
+                continue;
+            }
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64);
+            out.push(StoredObject {
+                key: format!("{rel}/{name}"),
+                size: meta.len(),
+                modified_unix: modified,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Deletes a staging file [`Self::staging_leftovers`] listed.
+    pub fn delete_staging(&self, key: &str) -> Result<(), OriginError> {
+        let Some(dir) = &self.local_dir else {
+            return Ok(());
+        };
+        match std::fs::remove_file(dir.join(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(OriginError::BadUrl {
+                url: self.url.clone(),
+                reason: format!("deleting {}: {e}", dir.join(key).display()),
+            }),
+        }
+    }
+
+    /// The store's clock now, in seconds since the Unix epoch: the time it gives an object it
+    /// writes (`_gc/clock`). Object ages are measured against it, never against this
+    /// machine's clock, which may be off.
+    pub async fn store_now(&self) -> Result<i64, OriginError> {
+        let key = self.key("_gc/clock");
+        self.put(
+            &key,
+            Bytes::from_static(b"shoal gc clock\n"),
+            PutMode::Overwrite,
+        )
+        .await?;
+        match self.store.head(&key).await {
+            Ok(meta) => Ok(meta.last_modified.timestamp()),
+            Err(e) => Err(self.store_err("checking", &key, e)),
+        }
+    }
+
+    /// The origin's gc settings (defaults when it has none).
+    pub async fn gc_settings(&self) -> Result<GcSettings, OriginError> {
+        let key = self.key("_gc/settings");
+        match self.get_opt(&key, "gc settings", MAX_SMALL_OBJECT).await? {
+            Some((b, _)) => GcSettings::decode(&b).map_err(|e| self.corrupt(&key, e)),
+            None => Ok(GcSettings::default()),
+        }
+    }
+
+    /// Writes the origin's gc settings.
+    pub async fn set_gc_settings(&self, s: &GcSettings) -> Result<(), OriginError> {
+        let key = self.key("_gc/settings");
+        self.put(&key, s.encode().into(), PutMode::Overwrite).await
     }
 
     fn pack_key(id: &Hash, ext: &str) -> String {

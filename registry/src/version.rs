@@ -196,6 +196,8 @@ pub struct Signed<B> {
 pub type SignedVersion = Signed<VersionBody>;
 /// A signed tag as stored in an origin (`Kind::Tag`, format version 2).
 pub type SignedTag = Signed<TagBody>;
+/// A signed removal record as stored in an origin (`datasets/<name>/_removed/<version>`).
+pub type SignedRemoval = Signed<RemovalBody>;
 
 impl SignedBody for VersionBody {
     const BODY: Kind = Kind::VersionBody;
@@ -217,6 +219,17 @@ impl SignedBody for VersionBody {
 impl SignedBody for TagBody {
     const BODY: Kind = Kind::TagBody;
     const ENVELOPE: (Kind, u8) = (Kind::Tag, format::V2);
+    fn publisher_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.publisher
+    }
+    fn publisher_key(&self) -> PublicKey {
+        PublicKey(self.publisher)
+    }
+}
+
+impl SignedBody for RemovalBody {
+    const BODY: Kind = Kind::RemovalBody;
+    const ENVELOPE: (Kind, u8) = (Kind::Removal, format::V1);
     fn publisher_mut(&mut self) -> &mut [u8; 32] {
         &mut self.publisher
     }
@@ -410,6 +423,88 @@ impl SignedTag {
             });
         }
         self.check(&name, dataset, trusted)
+    }
+}
+
+/// What `shoal rm` signs: that `dataset@version` (of root `root`) was removed, when, by whom
+/// and why, with the packs the version named. Written before the version object is deleted
+/// and kept: nodes and replicas learn of the removal from it (a removed version is refused by
+/// name, never re-published under the same name), and the origin's gc keeps the packs it lists
+/// for a grace period after the removal (a publish that started before it may lean on them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovalBody {
+    pub dataset: String,
+    pub version: String,
+    pub root: Hash,
+    pub packs: Vec<Hash>,
+    pub removed_unix: u64,
+    /// Free text from `shoal rm --reason` (at most 1,000 bytes).
+    pub reason: String,
+    pub publisher: [u8; 32],
+}
+
+impl SignedRemoval {
+    /// Checks that the record is about `dataset@version`, signed validly by a key trusted for
+    /// the dataset.
+    pub fn verify(
+        &self,
+        dataset: &str,
+        version: &str,
+        trusted: &[TrustedKey],
+    ) -> Result<(), VerifyError> {
+        let name = format!("removal of {}@{}", self.body.dataset, self.body.version);
+        if self.body.dataset != dataset || self.body.version != version {
+            return Err(VerifyError::Misplaced {
+                path: format!("{dataset}@{version}"),
+                found: name,
+            });
+        }
+        self.check(&name, dataset, trusted)
+    }
+}
+
+/// The origin's garbage-collection settings (`_gc/settings`), shared by `shoal origin gc` and
+/// every publisher: gc deletes nothing unreferenced younger than the grace period, and a
+/// publisher refuses to write its version once a grace period has passed since it listed what
+/// it deduplicates against (docs/lifecycle.md explains why that makes gc safe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcSettings {
+    pub grace_s: u64,
+    /// The grace before the last change, and when it changed: a shorter grace applies only
+    /// once the longer one has passed (publishes started before the change were promised it).
+    pub previous_grace_s: u64,
+    pub changed_unix: u64,
+}
+
+impl GcSettings {
+    /// When an origin has no settings object: a day.
+    pub const DEFAULT_GRACE_S: u64 = 24 * 3600;
+
+    pub fn encode(&self) -> Vec<u8> {
+        format::encode(Kind::GcSettings, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<GcSettings, DecodeError> {
+        format::decode(Kind::GcSettings, bytes)
+    }
+
+    /// The grace in force at `now_unix`: the longer of the two while a shortening is recent.
+    pub fn effective_grace_s(&self, now_unix: u64) -> u64 {
+        if now_unix < self.changed_unix.saturating_add(self.previous_grace_s) {
+            self.grace_s.max(self.previous_grace_s)
+        } else {
+            self.grace_s
+        }
+    }
+}
+
+impl Default for GcSettings {
+    fn default() -> GcSettings {
+        GcSettings {
+            grace_s: Self::DEFAULT_GRACE_S,
+            previous_grace_s: Self::DEFAULT_GRACE_S,
+            changed_unix: 0,
+        }
     }
 }
 

@@ -1,0 +1,281 @@
+//! The dataset lifecycle at the origin, for real: `shoal rm` and `shoal origin gc` run by the
+//! binary against a real origin while other processes publish and pull, gc killed with SIGKILL.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A version's tree: files shared by every version, and files of its own.
+fn version_tree(root: &Path, n: u64) {
+    for i in 0..6 {
+        write(
+            &root.join(format!("shared/s{i}")),
+            &random_bytes(1000 + i, 200_000),
+        );
+    }
+    for i in 0..4 {
+        write(
+            &root.join(format!("own/v{n}-{i}")),
+            &random_bytes(n * 100 + i, 300_000),
+        );
+    }
+}
+
+/// Pack ids (`<id>.idx`, `<id>.pack`) present in a local origin.
+fn pack_files(origin: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(Path::new(origin).join("packs"))
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn versions(env: &Env) -> Vec<String> {
+    strs(&env.json(&["versions", "demo"])["versions"], "version")
+}
+
+fn spawn(env: &Env, args: &[&str], log: &Path) -> Child {
+    env.cmd(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn removed_versions_are_refused_by_name_and_not_opened_from_caches() {
+    let env = Env::new();
+    let v1 = env.path("v1");
+    version_tree(&v1, 1);
+    let v2 = env.path("v2");
+    version_tree(&v2, 2);
+    env.json(&[
+        "publish",
+        v1.to_str().unwrap(),
+        "demo@v1",
+        "--tag",
+        "latest",
+    ]);
+    env.json(&["publish", v2.to_str().unwrap(), "demo@v2"]);
+    // Two machines that pulled v1 (each keeps a signed copy of the version).
+    let reader = env.peer("reader");
+    reader.json(&["trust", &env.key()]);
+    reader.json(&["pull", "demo@v1", "--to", env.path("r1").to_str().unwrap()]);
+    let other = env.peer("other");
+    other.json(&["trust", &env.key()]);
+    other.json(&["pull", "demo@v1", "--to", env.path("o1").to_str().unwrap()]);
+
+    // A tag points at it: refused, and nothing changed.
+    let err = env.fails(&["rm", "demo@v1"]);
+    assert!(err.contains("latest") && err.contains("--force"), "{err}");
+    assert_eq!(versions(&env), ["v1", "v2"]);
+
+    let r = env.json(&["rm", "demo@v1", "--force", "--reason", "licence withdrawn"]);
+    assert_eq!(r["tags_deleted"], serde_json::json!(["latest"]), "{r}");
+    assert_eq!(r["already_removed"], false);
+    assert_eq!(versions(&env), ["v2"]);
+    env.fails(&[
+        "pull",
+        "demo@latest",
+        "--to",
+        env.path("x").to_str().unwrap(),
+    ]);
+
+    // A node that had it: refused with the record's words, by name.
+    let err = reader.fails(&["pull", "demo@v1", "--to", env.path("r2").to_str().unwrap()]);
+    assert!(
+        err.contains("demo@v1 was removed") && err.contains("licence withdrawn"),
+        "{err}"
+    );
+    // ... and it dropped its cached copy: with the origin unreachable it does not open it.
+    let offline = |e: &Env| Env {
+        dir: tempfile::tempdir().unwrap(),
+        home: e.home.clone(),
+        origin: format!("http://127.0.0.1:{}/", free_port()),
+        extra_env: Vec::new(),
+    };
+    let err =
+        offline(&reader).fails(&["pull", "demo@v1", "--to", env.path("r3").to_str().unwrap()]);
+    assert!(!env.path("r3").join("own").exists(), "{err}");
+    // The machine that never asked since still has its copy (it cannot know): it opens it,
+    // which is what the test above would have seen without the removal being learnt.
+    offline(&other).json(&["pull", "demo@v1", "--to", env.path("o2").to_str().unwrap()]);
+    assert_same_tree(&v1, &env.path("o2"));
+
+    // The name is never reused; removing again finishes (nothing left) and says so.
+    let err = env.fails(&["publish", v2.to_str().unwrap(), "demo@v1"]);
+    assert!(err.contains("never reused"), "{err}");
+    let r = env.json(&["rm", "demo@v1"]);
+    assert_eq!(r["already_removed"], true, "{r}");
+    // Other versions are untouched.
+    reader.json(&["pull", "demo@v2", "--to", env.path("r4").to_str().unwrap()]);
+    assert_same_tree(&v2, &env.path("r4"));
+    // A removal record signed by a key nobody trusts is no removal: plain "not found".
+    let stranger = env.peer("stranger");
+    let err = stranger.fails(&["pull", "demo@v1", "--to", env.path("s").to_str().unwrap()]);
+    assert!(!err.contains("was removed"), "{err}");
+}
+
+#[test]
+fn origin_gc_frees_what_no_version_needs_while_others_publish_and_pull() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.origin).unwrap();
+    // A new origin nobody publishes to yet: a short grace at once.
+    let g = env.json(&["origin", "gc", "--grace", "3s", "--apply-now"]);
+    assert_eq!(g["grace_s"], 3, "{g}");
+    let trees: Vec<PathBuf> = (1..=12)
+        .map(|n| {
+            let p = env.path(&format!("t{n}"));
+            version_tree(&p, n);
+            p
+        })
+        .collect();
+    for n in 1..=3 {
+        env.json(&[
+            "publish",
+            trees[n - 1].to_str().unwrap(),
+            &format!("demo@v{n}"),
+        ]);
+    }
+    // A publish killed after its first pack reached the origin: orphans.
+    let big = env.path("big");
+    for i in 0..5 {
+        write(
+            &big.join(format!("b{i}")),
+            &random_bytes(7000 + i, 20 << 20),
+        );
+    }
+    let before = pack_files(&env.origin).len();
+    let mut p = spawn(
+        &env,
+        &["publish", big.to_str().unwrap(), "other@v1"],
+        &env.path("big.log"),
+    );
+    let t = Instant::now();
+    while pack_files(&env.origin)
+        .iter()
+        .filter(|f| f.ends_with(".idx"))
+        .count()
+        * 2
+        <= before
+    {
+        assert!(t.elapsed() < Duration::from_secs(60), "no pack uploaded");
+        assert!(
+            p.try_wait().unwrap().is_none(),
+            "the publish finished first"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    p.kill().unwrap();
+    p.wait().unwrap();
+    assert!(versions(&env).len() == 3);
+    // Removing a version of demo frees nothing (its packs hold chunks later versions share);
+    // a dataset of its own, removed, frees its packs.
+    env.json(&["rm", "demo@v1"]);
+    env.json(&["publish", trees[11].to_str().unwrap(), "solo@v1"]);
+    env.json(&["rm", "solo@v1"]);
+
+    // Everything is younger than the grace, or named by a recent removal: nothing goes.
+    let dry = env.json(&["origin", "gc", "--dry-run"]);
+    assert_eq!(dry["packs_deleted"], 0, "{dry}");
+    assert!(dry["plan"]["young"].as_u64().unwrap() >= 1, "{dry}");
+    assert!(
+        dry["plan"]["recently_removed"].as_u64().unwrap() >= 1,
+        "{dry}"
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    let files = pack_files(&env.origin);
+    let dry = env.json(&["origin", "gc", "--dry-run"]);
+    // The killed publish's pack, and solo's packs (its files' and its tree's).
+    assert!(dry["packs_deleted"].as_u64().unwrap() >= 3, "{dry}");
+    assert!(dry["bytes_freed"].as_u64().unwrap() >= 20 << 20, "{dry}");
+    assert_eq!(pack_files(&env.origin), files, "a dry run deletes nothing");
+
+    // Rounds of: a publish of a new version, a pull of an old one, and a gc killed at a
+    // random point, all at once.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let reader = env.peer("reader");
+    reader.json(&["trust", &env.key()]);
+    for round in 0..6u64 {
+        let n = 4 + round as usize;
+        let publisher = spawn(
+            &env,
+            &[
+                "publish",
+                trees[n - 1].to_str().unwrap(),
+                &format!("demo@v{n}"),
+            ],
+            &env.path(&format!("pub{round}.log")),
+        );
+        let dest = env.path(&format!("pull{round}"));
+        let puller = spawn(
+            &reader,
+            &["pull", "demo@v2", "--to", dest.to_str().unwrap()],
+            &env.path(&format!("pull{round}.log")),
+        );
+        let mut gc = spawn(
+            &env,
+            &["origin", "gc"],
+            &env.path(&format!("gc{round}.log")),
+        );
+        std::thread::sleep(Duration::from_millis(rand() % 400));
+        // SIGKILL: no chance to tidy up.
+        let _ = gc.kill();
+        gc.wait().unwrap();
+        for (mut c, what) in [(publisher, "pub"), (puller, "pull")] {
+            let st = c.wait().unwrap();
+            assert!(
+                st.success(),
+                "{what} in round {round}: {}",
+                std::fs::read_to_string(env.path(&format!("{what}{round}.log"))).unwrap()
+            );
+        }
+        assert_same_tree(&trees[1], &dest);
+        // Sometimes let the grace pass, so that gc runs have something to delete.
+        if round % 2 == 1 {
+            std::thread::sleep(Duration::from_millis(3200));
+        }
+    }
+
+    // Every version still visible pulls exactly; then a gc to the end frees the rest, and a
+    // second one finds nothing.
+    std::thread::sleep(Duration::from_millis(3500));
+    let first = env.json(&["origin", "gc"]);
+    let second = env.json(&["origin", "gc"]);
+    assert_eq!(second["packs_deleted"], 0, "{first} then {second}");
+    assert_eq!(second["plan"]["young"], 0, "{second}");
+    let visible = versions(&env);
+    assert_eq!(visible.len(), 2 + 6, "{visible:?}");
+    let fresh = env.peer("fresh");
+    fresh.json(&["trust", &env.key()]);
+    let err = fresh.fails(&["pull", "solo@v1", "--no-files"]);
+    assert!(err.contains("solo@v1 was removed"), "{err}");
+    for v in &visible {
+        let n: usize = v.trim_start_matches('v').parse().unwrap();
+        let dest = env.path(&format!("final-{v}"));
+        fresh.json(&["pull", &format!("demo@{v}"), "--to", dest.to_str().unwrap()]);
+        assert_same_tree(&trees[n - 1], &dest);
+    }
+    // What is left is exactly what the versions name: every pack whole (index and data).
+    let left = pack_files(&env.origin);
+    let ids: std::collections::BTreeSet<&str> =
+        left.iter().map(|f| f.split('.').next().unwrap()).collect();
+    for id in &ids {
+        assert!(
+            left.contains(&format!("{id}.idx")) && left.contains(&format!("{id}.pack")),
+            "{id} is not whole: {left:?}"
+        );
+    }
+    assert_eq!(second["plan"]["live"], ids.len() as u64, "{second}");
+}

@@ -1,0 +1,515 @@
+//! A dataset's lifecycle at the origin: removing a version (`shoal rm`) and collecting what no
+//! version needs any more (`shoal origin gc`). Why collecting is safe while other machines
+//! publish, replicate and pull is in docs/lifecycle.md; the decision itself is [`plan_gc`], pure
+//! and given the store's clock, so tests run it at any time they like.
+
+use crate::error::{Error, Result};
+use crate::publish::now_unix;
+use crate::Node;
+use serde::Serialize;
+use shoal_registry::{
+    DatasetName, GcSettings, Hash, Origin, OriginError, RemovalBody, SignedRemoval, SignedVersion,
+    StoredObject, TrustedKey, VersionRef,
+};
+use std::collections::{BTreeMap, HashSet};
+
+/// Longest `--reason` kept in a removal record.
+pub const MAX_REASON: usize = 1000;
+
+/// What `shoal rm` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoveReport {
+    pub reference: String,
+    pub root: String,
+    /// Tags that pointed at the version and were deleted (`--force`).
+    pub tags_deleted: Vec<String>,
+    /// The version had been removed before (this run finished what that one left, if anything).
+    pub already_removed: bool,
+    pub packs: usize,
+}
+
+/// One origin object gc deletes (or would, with `--dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Doomed {
+    pub key: String,
+    pub bytes: u64,
+}
+
+/// What gc decided about the packs of an origin: see [`plan_gc`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GcPlan {
+    /// Pack objects to delete: every index before the pack it describes.
+    pub delete: Vec<Doomed>,
+    /// Packs no version names, kept because an object of theirs is younger than the grace
+    /// period (a publish may be writing them).
+    pub young: usize,
+    /// Packs kept for a removal younger than the grace period (a publish that started before
+    /// the removal may still name them).
+    pub recently_removed: usize,
+    /// Packs named by versions.
+    pub live: usize,
+    /// Objects under `packs/` whose names gc does not know: never touched.
+    pub unknown: usize,
+}
+
+/// What gc read to decide: see [`plan_gc`].
+pub struct GcInputs<'a> {
+    /// The store's clock when gc started, before it listed anything.
+    pub now: i64,
+    pub grace_s: u64,
+    /// Packs named by the version objects present.
+    pub live: &'a HashSet<Hash>,
+    /// Removal records: the store's time of writing each, and the packs its version named.
+    pub removals: &'a [(i64, Vec<Hash>)],
+    /// Every object under `packs/`.
+    pub pack_objects: &'a [StoredObject],
+}
+
+/// `packs/<64 hex>.<ext>` with anything after the extension (a local directory's staging file
+/// `<id>.pack#N`): the pack's id and whether the object is its index.
+fn pack_object(key: &str) -> Option<(Hash, bool)> {
+    let name = key.strip_prefix("packs/")?;
+    let (hex, ext) = name.split_at_checked(64)?;
+    let id: Hash = hex.parse().ok()?;
+    match ext {
+        ".idx" => Some((id, true)),
+        e if e.starts_with(".pack") => Some((id, false)),
+        _ => None,
+    }
+}
+
+/// Decides which pack objects go. A pack goes when no version object names it, no removal
+/// younger than the grace period names it, and every object of it (index, pack, staging
+/// leftovers) was written more than the grace period before `now`. Pure: the store's listing
+/// and clock are its inputs.
+pub fn plan_gc(i: &GcInputs) -> GcPlan {
+    let mut plan = GcPlan::default();
+    let cutoff = i.now.saturating_sub(i.grace_s as i64);
+    let recent: HashSet<Hash> = i
+        .removals
+        .iter()
+        .filter(|(at, _)| *at > cutoff)
+        .flat_map(|(_, packs)| packs.iter().copied())
+        .collect();
+    let mut by_pack: BTreeMap<Hash, Vec<(&StoredObject, bool)>> = BTreeMap::new();
+    for o in i.pack_objects {
+        match pack_object(&o.key) {
+            Some((id, is_index)) => by_pack.entry(id).or_default().push((o, is_index)),
+            None => plan.unknown += 1,
+        }
+    }
+    for (id, mut objects) in by_pack {
+        if i.live.contains(&id) {
+            plan.live += 1;
+        } else if recent.contains(&id) {
+            plan.recently_removed += 1;
+        } else if objects.iter().any(|(o, _)| o.modified_unix > cutoff) {
+            plan.young += 1;
+        } else {
+            // The index first: a pack whose index is gone is not whole to any reader.
+            objects.sort_by_key(|(o, is_index)| (!is_index, o.key.clone()));
+            plan.delete.extend(objects.into_iter().map(|(o, _)| Doomed {
+                key: o.key.clone(),
+                bytes: o.size,
+            }));
+        }
+    }
+    plan
+}
+
+/// What `shoal origin gc` did (or would do, with `--dry-run`) in one origin.
+#[derive(Debug, Clone, Serialize)]
+pub struct GcReport {
+    pub origin: String,
+    pub dry_run: bool,
+    pub grace_s: u64,
+    pub datasets: usize,
+    pub versions: usize,
+    /// Version objects of removed versions still present (an `rm` cut short), deleted.
+    pub removed_versions_deleted: Vec<String>,
+    pub packs_deleted: usize,
+    pub objects_deleted: usize,
+    pub bytes_freed: u64,
+    pub plan: GcPlan,
+    /// Objects listed, read and deleted: what the run cost in requests.
+    pub objects_listed: usize,
+    pub objects_read: usize,
+    pub seconds: f64,
+}
+
+impl Node {
+    /// Removes `target` from the first origin: refused while a tag points at it unless
+    /// `force` (which deletes those tags and names them). Writes the signed removal record
+    /// first, then deletes the tags and the version object, so a run cut short is finished by
+    /// running it again (or by `shoal origin gc`).
+    pub async fn remove_version(
+        &self,
+        target: &VersionRef,
+        force: bool,
+        reason: &str,
+    ) -> Result<RemoveReport> {
+        if reason.len() > MAX_REASON {
+            return Err(Error::Usage(format!(
+                "--reason is {} bytes; at most {MAX_REASON}",
+                reason.len()
+            )));
+        }
+        let origin = self.origin();
+        let name = &target.dataset;
+        let version = target.version.as_str();
+        let trusted = self.trusted_keys()?;
+        let existing = origin.removal(name, version).await?;
+        let signed = origin.version(name, version).await?;
+        let (root, packs) = match (&signed, &existing) {
+            (Some(v), _) => (v.body.root, v.body.packs.clone()),
+            (None, Some(r)) => (r.body.root, r.body.packs.clone()),
+            (None, None) => {
+                return Err(OriginError::NotFound {
+                    origin: origin.url().to_string(),
+                    what: format!("version {target}"),
+                }
+                .into())
+            }
+        };
+        let mut pointing = Vec::new();
+        for tag in origin.list_tags(name).await? {
+            if let Some(t) = origin.tag(name, &tag).await? {
+                if t.version() == version {
+                    pointing.push(tag);
+                }
+            }
+        }
+        if !pointing.is_empty() && !force {
+            return Err(Error::Usage(format!(
+                "tag{} {} point{} at {target}: move {} (`shoal tag {name}@OTHER TAG`) or pass --force to delete {}",
+                if pointing.len() == 1 { "" } else { "s" },
+                pointing.join(", "),
+                if pointing.len() == 1 { "s" } else { "" },
+                if pointing.len() == 1 { "it" } else { "them" },
+                if pointing.len() == 1 { "it" } else { "them" },
+            )));
+        }
+        let already_removed = existing.is_some();
+        if existing.is_none() {
+            let key = self.home.secret_key()?;
+            let record = SignedRemoval::sign(
+                RemovalBody {
+                    dataset: name.to_string(),
+                    version: version.to_string(),
+                    root,
+                    packs: packs.clone(),
+                    removed_unix: now_unix(),
+                    reason: reason.to_string(),
+                    publisher: [0; 32],
+                },
+                &key,
+            );
+            match origin.create_removal(name, &record).await {
+                Ok(()) | Err(OriginError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for tag in &pointing {
+            origin.delete_tag(name, tag).await?;
+        }
+        origin.delete_version(name, version).await?;
+        if let Some(r) = origin.removal(name, version).await? {
+            self.learn_removal(name, version, &r, &trusted);
+        }
+        Ok(RemoveReport {
+            reference: target.to_string(),
+            root: format!("b3:{root}"),
+            tags_deleted: pointing,
+            already_removed,
+            packs: packs.len(),
+        })
+    }
+
+    /// A removal record this node checked: it forgets its cached signed copy of the version,
+    /// so that the version is not opened from it when the origins cannot be reached.
+    pub(crate) fn learn_removal(
+        &self,
+        name: &DatasetName,
+        version: &str,
+        r: &SignedRemoval,
+        trusted: &[TrustedKey],
+    ) -> bool {
+        if r.verify(name.as_str(), version, trusted).is_err() {
+            return false;
+        }
+        self.home.forget_version(name.as_str(), version);
+        true
+    }
+
+    /// Why `name@version` is not found, when a trusted removal record says it was removed:
+    /// the one-line error to give instead of "not found".
+    pub(crate) async fn removed_error(
+        &self,
+        name: &DatasetName,
+        version: &str,
+        trusted: &[TrustedKey],
+    ) -> Option<Error> {
+        for (i, r) in self.origins.ask_all(|o| o.removal(name, version)).await {
+            let Ok(Some(r)) = r else { continue };
+            if !self.learn_removal(name, version, &r, trusted) {
+                continue;
+            }
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.body.removed_unix);
+            let reason = if r.body.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.body.reason)
+            };
+            return Some(Error::NotFound(format!(
+                "{name}@{version} was removed from origin {} at {} by {}{reason}; versions are never reused",
+                self.origins.get(i).url(),
+                humantime::format_rfc3339_seconds(when),
+                r.publisher(),
+            )));
+        }
+        None
+    }
+
+    /// Collects, in the first origin, what no version needs: version objects of removed
+    /// versions still present, then packs (index first) that no version names, no recent
+    /// removal names, and nothing wrote within the grace period. With `dry_run`, only
+    /// reports. `grace` (seconds, and whether a shorter one applies at once) changes the
+    /// origin's grace period first (see [`GcSettings`]).
+    pub async fn origin_gc(&self, dry_run: bool, grace: Option<(u64, bool)>) -> Result<GcReport> {
+        let started = std::time::Instant::now();
+        let origin = self.origin();
+        if !origin.writable() {
+            return Err(Error::Usage(format!(
+                "origin {} is read-only (http); run gc against the store it serves",
+                origin.url()
+            )));
+        }
+        // The store's clock first, before anything is listed: everything written after it is
+        // young by definition, and every version written before it is in the listings below.
+        let now = origin.store_now().await?;
+        let mut settings = origin.gc_settings().await?;
+        if let Some((g, at_once)) = grace {
+            let changed = GcSettings {
+                grace_s: g,
+                previous_grace_s: if at_once {
+                    g
+                } else {
+                    settings.effective_grace_s(now.max(0) as u64)
+                },
+                changed_unix: now.max(0) as u64,
+            };
+            if changed.effective_grace_s(now.max(0) as u64)
+                != settings.effective_grace_s(now.max(0) as u64)
+                || g != settings.grace_s
+            {
+                settings = changed;
+                if !dry_run {
+                    origin.set_gc_settings(&settings).await?;
+                }
+            }
+        }
+        let grace_s = settings.effective_grace_s(now.max(0) as u64);
+        let mut listed = 0usize;
+        let mut read = 0usize;
+        let datasets = origin.list_datasets().await?;
+        let mut live = HashSet::new();
+        let mut removals = Vec::new();
+        let mut versions = 0usize;
+        let mut removed_versions = Vec::new();
+        for name in &datasets {
+            let removed_names = origin.list_removals(name).await?;
+            let removed: HashSet<&String> = removed_names.iter().collect();
+            let stored = origin
+                .list_stored(&format!("datasets/{name}/_removed"))
+                .await?;
+            listed += stored.len();
+            for o in &stored {
+                let Some(v) = o.key.rsplit('/').next() else {
+                    continue;
+                };
+                read += 1;
+                match origin.removal(name, v).await {
+                    Ok(Some(r)) => removals.push((o.modified_unix, r.body.packs)),
+                    Ok(None) => {}
+                    // A record gc cannot read protects nothing it could name: stop rather
+                    // than guess (it may list packs a recent publish leans on).
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let names = origin.list_versions(name).await?;
+            listed += names.len();
+            for v in names {
+                if removed.contains(&v) {
+                    removed_versions.push(format!("{name}@{v}"));
+                    continue;
+                }
+                read += 1;
+                let signed: SignedVersion = match origin.version(name, &v).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        return Err(Error::Corrupt {
+                            what: format!("version object {name}@{v} in {}", origin.url()),
+                            reason: format!(
+                                "{e}; gc cannot tell which packs it needs, so it deletes nothing (remove the object or fix it)"
+                            ),
+                        })
+                    }
+                };
+                versions += 1;
+                live.extend(signed.body.packs.iter().copied());
+            }
+        }
+        let mut pack_objects = origin.list_stored("packs").await?;
+        pack_objects.extend(origin.staging_leftovers("packs")?);
+        listed += pack_objects.len();
+        let plan = plan_gc(&GcInputs {
+            now,
+            grace_s,
+            live: &live,
+            removals: &removals,
+            pack_objects: &pack_objects,
+        });
+        let mut report = GcReport {
+            origin: origin.url().to_string(),
+            dry_run,
+            grace_s,
+            datasets: datasets.len(),
+            versions,
+            removed_versions_deleted: removed_versions.clone(),
+            packs_deleted: plan
+                .delete
+                .iter()
+                .filter_map(|d| pack_object(&d.key))
+                .map(|(id, _)| id)
+                .collect::<HashSet<_>>()
+                .len(),
+            objects_deleted: 0,
+            bytes_freed: plan.delete.iter().map(|d| d.bytes).sum(),
+            plan,
+            objects_listed: listed,
+            objects_read: read,
+            seconds: 0.0,
+        };
+        if !dry_run {
+            for rv in &removed_versions {
+                let (n, v) = rv.split_once('@').expect("NAME@VERSION");
+                let n: DatasetName = n.parse()?;
+                origin.delete_version(&n, v).await?;
+                report.objects_deleted += 1;
+            }
+            for d in &report.plan.delete {
+                delete_pack_object(origin, &d.key).await?;
+                report.objects_deleted += 1;
+            }
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
+
+async fn delete_pack_object(origin: &Origin, key: &str) -> Result<()> {
+    if key.contains('#') {
+        origin.delete_staging(key)?;
+    } else {
+        origin.delete_rel(key).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(id: &Hash, ext: &str, size: u64, at: i64) -> StoredObject {
+        StoredObject {
+            key: format!("packs/{id}.{ext}"),
+            size,
+            modified_unix: at,
+        }
+    }
+
+    fn id(n: u8) -> Hash {
+        shoal_chunker::hash(&[n])
+    }
+
+    #[test]
+    fn only_old_unnamed_packs_go_index_first() {
+        let (a, b, c, d, e) = (id(1), id(2), id(3), id(4), id(5));
+        let objects = vec![
+            // a: named by a version.
+            obj(&a, "pack", 100, 0),
+            obj(&a, "idx", 10, 0),
+            // b: nobody names it, old: goes.
+            obj(&b, "pack", 200, 0),
+            obj(&b, "idx", 20, 0),
+            // c: nobody names it, its index written just now (a publish finishing it).
+            obj(&c, "pack", 300, 0),
+            obj(&c, "idx", 30, 990),
+            // d: named by a removal 10 s ago.
+            obj(&d, "pack", 400, 0),
+            obj(&d, "idx", 40, 0),
+            // e: a staging leftover of an old copy, no index.
+            StoredObject {
+                key: format!("packs/{e}.pack#7"),
+                size: 500,
+                modified_unix: 0,
+            },
+            StoredObject {
+                key: "packs/README".into(),
+                size: 1,
+                modified_unix: 0,
+            },
+        ];
+        let live: HashSet<Hash> = [a].into();
+        let removals = vec![(990, vec![d]), (0, vec![b])];
+        let plan = plan_gc(&GcInputs {
+            now: 1000,
+            grace_s: 100,
+            live: &live,
+            removals: &removals,
+            pack_objects: &objects,
+        });
+        let keys: Vec<&str> = plan.delete.iter().map(|d| d.key.as_str()).collect();
+        let want_b = [format!("packs/{b}.idx"), format!("packs/{b}.pack")];
+        let want_e = format!("packs/{e}.pack#7");
+        assert!(keys.contains(&want_e.as_str()), "{keys:?}");
+        let bi = keys.iter().position(|k| *k == want_b[0]).unwrap();
+        let bp = keys.iter().position(|k| *k == want_b[1]).unwrap();
+        assert!(bi < bp, "index before pack: {keys:?}");
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert_eq!(plan.live, 1);
+        assert_eq!(plan.young, 1);
+        assert_eq!(plan.recently_removed, 1);
+        assert_eq!(plan.unknown, 1);
+
+        // The same a grace period later: the removal and the young pack have aged.
+        let plan = plan_gc(&GcInputs {
+            now: 1200,
+            grace_s: 100,
+            live: &live,
+            removals: &removals,
+            pack_objects: &objects,
+        });
+        assert_eq!(plan.delete.len(), 7, "{:?}", plan.delete);
+        assert_eq!((plan.live, plan.young, plan.recently_removed), (1, 0, 0));
+    }
+
+    #[test]
+    fn a_shorter_grace_waits_for_the_longer_one() {
+        let s = GcSettings {
+            grace_s: 10,
+            previous_grace_s: 1000,
+            changed_unix: 5000,
+        };
+        assert_eq!(s.effective_grace_s(5001), 1000);
+        assert_eq!(s.effective_grace_s(5999), 1000);
+        assert_eq!(s.effective_grace_s(6000), 10);
+        let longer = GcSettings {
+            grace_s: 2000,
+            previous_grace_s: 1000,
+            changed_unix: 5000,
+        };
+        assert_eq!(longer.effective_grace_s(5001), 2000);
+    }
+}
