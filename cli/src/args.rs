@@ -267,6 +267,24 @@ pub enum OriginCommand {
         #[arg(long, requires = "grace")]
         apply_now: bool,
     },
+    /// Show or set which versions of a dataset `shoal origin gc` keeps: any rule keeps a
+    /// version, the others are removed (as by `shoal rm`). Without options, shows the rules.
+    Retain {
+        /// The dataset.
+        dataset: String,
+        /// Keep the newest N versions.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep_last: Option<u32>,
+        /// Keep every version a tag points at.
+        #[arg(long)]
+        keep_tagged: bool,
+        /// Keep versions published less than this long ago (e.g. 30d).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep_younger_than: Option<std::time::Duration>,
+        /// Remove the rules: keep every version.
+        #[arg(long, conflicts_with_all = ["keep_last", "keep_tagged", "keep_younger_than"])]
+        clear: bool,
+    },
 }
 
 /// `shoal completions` shells.

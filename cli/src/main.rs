@@ -794,8 +794,17 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 .origin_gc(dry_run, grace.map(|g| (g.as_secs(), apply_now)))
                 .await?;
             out.report(&r, || {
+                let expired = if r.retention_removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "{} by retention rules: {}; ",
+                        if r.dry_run { "would remove" } else { "removed" },
+                        r.retention_removed.join(", ")
+                    )
+                };
                 format!(
-                    "{}{}: {} packs ({} objects, {}) {}; {} version objects of removed versions; kept {} packs in use, {} younger than the grace ({}), {} of recent removals ({} objects listed, {} read, {:.1}s)",
+                    "{}{}: {expired}{} packs ({} objects, {}) {}; {} version objects of removed versions; kept {} packs in use, {} younger than the grace ({}), {} of recent removals ({} objects listed, {} read, {:.1}s)",
                     if r.dry_run { "dry run, " } else { "" },
                     r.origin,
                     r.packs_deleted,
@@ -812,6 +821,48 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     r.seconds,
                 )
             })
+        }
+        Command::Origin {
+            command:
+                args::OriginCommand::Retain {
+                    dataset,
+                    keep_last,
+                    keep_tagged,
+                    keep_younger_than,
+                    clear,
+                },
+        } => {
+            let name: shoal_registry::DatasetName = dataset.parse()?;
+            let node = open(false)?;
+            let origin = node.origin();
+            let set = keep_last.is_some() || keep_tagged || keep_younger_than.is_some();
+            if clear {
+                origin.set_retention(&name, None).await?;
+            } else if set {
+                let rules = shoal_registry::Retention {
+                    keep_last,
+                    keep_tagged,
+                    keep_younger_than_s: keep_younger_than.map(|d| d.as_secs()),
+                };
+                origin.set_retention(&name, Some(&rules)).await?;
+            }
+            let rules = origin.retention(&name).await?;
+            let words = match &rules {
+                Some(r) => shoal_node::lifecycle::describe_rules(r),
+                None => "keep every version".to_string(),
+            };
+            out.report(
+                &serde_json::json!({
+                    "dataset": name.to_string(),
+                    "rules": rules.map(|r| serde_json::json!({
+                        "keep_last": r.keep_last,
+                        "keep_tagged": r.keep_tagged,
+                        "keep_younger_than_s": r.keep_younger_than_s,
+                    })),
+                    "summary": words,
+                }),
+                || format!("{name}: {words} (applied by `shoal origin gc`; see `--dry-run`)"),
+            )
         }
         Command::Verify { reference } => {
             let reference: DatasetRef = reference.parse()?;

@@ -279,3 +279,65 @@ fn origin_gc_frees_what_no_version_needs_while_others_publish_and_pull() {
     }
     assert_eq!(second["plan"]["live"], ids.len() as u64, "{second}");
 }
+
+#[test]
+fn retention_rules_keep_exactly_what_they_say() {
+    let env = Env::new();
+    let trees: Vec<PathBuf> = (1..=5)
+        .map(|n| {
+            let p = env.path(&format!("t{n}"));
+            version_tree(&p, n);
+            p
+        })
+        .collect();
+    for (i, t) in trees.iter().enumerate() {
+        env.json(&["publish", t.to_str().unwrap(), &format!("demo@v{}", i + 1)]);
+    }
+    env.json(&["tag", "demo@v1", "golden"]);
+    let r = env.json(&["origin", "retain", "demo"]);
+    assert_eq!(r["rules"], serde_json::Value::Null, "{r}");
+    env.json(&[
+        "origin",
+        "retain",
+        "demo",
+        "--keep-last",
+        "2",
+        "--keep-tagged",
+    ]);
+    let dry = env.json(&["origin", "gc", "--dry-run"]);
+    assert_eq!(
+        dry["retention_removed"],
+        serde_json::json!(["demo@v2", "demo@v3"]),
+        "{dry}"
+    );
+    assert_eq!(versions(&env), ["v1", "v2", "v3", "v4", "v5"]);
+    let gc = env.json(&["origin", "gc"]);
+    assert_eq!(gc["retention_removed"], dry["retention_removed"], "{gc}");
+    assert_eq!(versions(&env), ["v1", "v4", "v5"]);
+    let err = env.fails(&["pull", "demo@v2", "--no-files"]);
+    assert!(
+        err.contains("was removed") && err.contains("keep the last 2"),
+        "{err}"
+    );
+    // Rules that keep everything present remove nothing; a stricter one removes the rest,
+    // tags included (named).
+    env.json(&["origin", "retain", "demo", "--keep-younger-than", "1h"]);
+    let gc = env.json(&["origin", "gc"]);
+    assert_eq!(gc["retention_removed"], serde_json::json!([]), "{gc}");
+    env.json(&["origin", "retain", "demo", "--keep-last", "1"]);
+    let gc = env.json(&["origin", "gc"]);
+    assert_eq!(
+        gc["retention_removed"],
+        serde_json::json!(["demo@v1", "demo@v4"]),
+        "{gc}"
+    );
+    assert_eq!(versions(&env), ["v5"]);
+    env.fails(&["pull", "demo@golden", "--no-files"]);
+    env.json(&["origin", "retain", "demo", "--clear"]);
+    let r = env.json(&["origin", "retain", "demo"]);
+    assert_eq!(r["rules"], serde_json::Value::Null, "{r}");
+    // The last version still pulls exactly.
+    let dest = env.path("v5-out");
+    env.json(&["pull", "demo@v5", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&trees[4], &dest);
+}

@@ -8,8 +8,8 @@ use crate::publish::now_unix;
 use crate::Node;
 use serde::Serialize;
 use shoal_registry::{
-    DatasetName, GcSettings, Hash, Origin, OriginError, RemovalBody, SignedRemoval, SignedVersion,
-    StoredObject, TrustedKey, VersionRef,
+    DatasetName, GcSettings, Hash, Origin, OriginError, RemovalBody, Retention, SignedRemoval,
+    SignedVersion, StoredObject, TrustedKey, VersionRef,
 };
 use std::collections::{BTreeMap, HashSet};
 
@@ -127,6 +127,8 @@ pub struct GcReport {
     pub versions: usize,
     /// Version objects of removed versions still present (an `rm` cut short), deleted.
     pub removed_versions_deleted: Vec<String>,
+    /// Versions the datasets' retention rules no longer keep, removed (as by `shoal rm`).
+    pub retention_removed: Vec<String>,
     pub packs_deleted: usize,
     pub objects_deleted: usize,
     pub bytes_freed: u64,
@@ -190,14 +192,49 @@ impl Node {
             )));
         }
         let already_removed = existing.is_some();
-        if existing.is_none() {
+        self.write_removal(
+            origin,
+            name,
+            version,
+            (root, &packs),
+            reason,
+            &pointing,
+            already_removed,
+        )
+        .await?;
+        if let Some(r) = origin.removal(name, version).await? {
+            self.learn_removal(name, version, &r, &trusted);
+        }
+        Ok(RemoveReport {
+            reference: target.to_string(),
+            root: format!("b3:{root}"),
+            tags_deleted: pointing,
+            already_removed,
+            packs: packs.len(),
+        })
+    }
+
+    /// The removal itself, in the order that makes a run cut short resumable: the signed
+    /// record (unless `recorded` already), then the tags, then the version object.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_removal(
+        &self,
+        origin: &Origin,
+        name: &DatasetName,
+        version: &str,
+        (root, packs): (Hash, &[Hash]),
+        reason: &str,
+        tags: &[String],
+        recorded: bool,
+    ) -> Result<()> {
+        if !recorded {
             let key = self.home.secret_key()?;
             let record = SignedRemoval::sign(
                 RemovalBody {
                     dataset: name.to_string(),
                     version: version.to_string(),
                     root,
-                    packs: packs.clone(),
+                    packs: packs.to_vec(),
                     removed_unix: now_unix(),
                     reason: reason.to_string(),
                     publisher: [0; 32],
@@ -209,20 +246,11 @@ impl Node {
                 Err(e) => return Err(e.into()),
             }
         }
-        for tag in &pointing {
+        for tag in tags {
             origin.delete_tag(name, tag).await?;
         }
         origin.delete_version(name, version).await?;
-        if let Some(r) = origin.removal(name, version).await? {
-            self.learn_removal(name, version, &r, &trusted);
-        }
-        Ok(RemoveReport {
-            reference: target.to_string(),
-            root: format!("b3:{root}"),
-            tags_deleted: pointing,
-            already_removed,
-            packs: packs.len(),
-        })
+        Ok(())
     }
 
     /// A removal record this node checked: it forgets its cached signed copy of the version,
@@ -316,6 +344,7 @@ impl Node {
         let mut removals = Vec::new();
         let mut versions = 0usize;
         let mut removed_versions = Vec::new();
+        let mut expired_versions = Vec::new();
         for name in &datasets {
             let removed_names = origin.list_removals(name).await?;
             let removed: HashSet<&String> = removed_names.iter().collect();
@@ -338,6 +367,26 @@ impl Node {
             }
             let names = origin.list_versions(name).await?;
             listed += names.len();
+            let rules = origin.retention(name).await?;
+            read += 1;
+            // (name, publish time, tagged, packs, root) of each version present, for the rules.
+            let mut present: Vec<(String, u64, bool, Vec<Hash>, Hash)> = Vec::new();
+            let mut tagged: HashSet<String> = HashSet::new();
+            let mut tags_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            if rules.is_some() {
+                let tags = origin.list_tags(name).await?;
+                listed += tags.len();
+                for t in tags {
+                    read += 1;
+                    if let Some(tag) = origin.tag(name, &t).await? {
+                        tagged.insert(tag.version().to_string());
+                        tags_of
+                            .entry(tag.version().to_string())
+                            .or_default()
+                            .push(t);
+                    }
+                }
+            }
             for v in names {
                 if removed.contains(&v) {
                     removed_versions.push(format!("{name}@{v}"));
@@ -356,8 +405,43 @@ impl Node {
                         })
                     }
                 };
-                versions += 1;
-                live.extend(signed.body.packs.iter().copied());
+                present.push((
+                    v.clone(),
+                    signed.body.created_unix,
+                    tagged.contains(&v),
+                    signed.body.packs,
+                    signed.body.root,
+                ));
+            }
+            let expired: HashSet<String> = match &rules {
+                Some(r) => {
+                    let list: Vec<(String, u64, bool)> =
+                        present.iter().map(|p| (p.0.clone(), p.1, p.2)).collect();
+                    r.expired(&list, now.max(0) as u64)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect()
+                }
+                None => HashSet::new(),
+            };
+            for (v, _, _, packs, root) in present {
+                if !expired.contains(&v) {
+                    versions += 1;
+                    live.extend(packs.iter().copied());
+                    continue;
+                }
+                let tags = tags_of.remove(&v).unwrap_or_default();
+                if !dry_run {
+                    let why = format!(
+                        "retention rules of {name}: {}",
+                        rules.as_ref().map(describe_rules).unwrap_or_default()
+                    );
+                    self.write_removal(origin, name, &v, (root, &packs), &why, &tags, false)
+                        .await?;
+                }
+                // Kept for the grace period like any recent removal.
+                removals.push((now, packs));
+                expired_versions.push(format!("{name}@{v}"));
             }
         }
         let mut pack_objects = origin.list_stored("packs").await?;
@@ -377,6 +461,7 @@ impl Node {
             datasets: datasets.len(),
             versions,
             removed_versions_deleted: removed_versions.clone(),
+            retention_removed: expired_versions,
             packs_deleted: plan
                 .delete
                 .iter()
@@ -405,6 +490,28 @@ impl Node {
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+}
+
+/// The rules in words, for removal records and `shoal origin retain`.
+pub fn describe_rules(r: &Retention) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = r.keep_last {
+        parts.push(format!("keep the last {n}"));
+    }
+    if r.keep_tagged {
+        parts.push("keep tagged versions".to_string());
+    }
+    if let Some(t) = r.keep_younger_than_s {
+        parts.push(format!(
+            "keep versions younger than {}",
+            humantime::format_duration(std::time::Duration::from_secs(t))
+        ));
+    }
+    if parts.is_empty() {
+        "keep nothing".to_string()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -26,6 +26,8 @@ pub enum Kind {
     RemovalBody = b'r',
     /// The origin's gc settings (`_gc/settings`).
     GcSettings = b'G',
+    /// A dataset's retention rules (`datasets/<name>/_retention`).
+    Retention = b'K',
 }
 
 /// The format version of every kind but signed tags.

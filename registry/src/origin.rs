@@ -11,7 +11,8 @@
 use crate::names::{DatasetName, DatasetRef, Label, Rev};
 use crate::pack::AnyIndex;
 use crate::version::{
-    AnyTag, DatasetConfig, GcSettings, SecretKey, SignedRemoval, SignedTag, SignedVersion, TagBody,
+    AnyTag, DatasetConfig, GcSettings, Retention, SecretKey, SignedRemoval, SignedTag,
+    SignedVersion, TagBody,
 };
 use bytes::Bytes;
 use object_store::path::Path;
@@ -798,6 +799,38 @@ impl Origin {
         match self.store.head(&key).await {
             Ok(meta) => Ok(meta.last_modified.timestamp()),
             Err(e) => Err(self.store_err("checking", &key, e)),
+        }
+    }
+
+    /// A dataset's retention rules, if it has any.
+    pub async fn retention(&self, name: &DatasetName) -> Result<Option<Retention>, OriginError> {
+        let key = self.key(&Self::dataset_key(name, "_retention"));
+        match self
+            .get_opt(&key, "retention rules", MAX_SMALL_OBJECT)
+            .await?
+        {
+            Some((b, _)) => Ok(Some(
+                Retention::decode(&b).map_err(|e| self.corrupt(&key, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets (or, with None, clears) a dataset's retention rules.
+    pub async fn set_retention(
+        &self,
+        name: &DatasetName,
+        rules: Option<&Retention>,
+    ) -> Result<(), OriginError> {
+        match rules {
+            Some(r) => {
+                let key = self.key(&Self::dataset_key(name, "_retention"));
+                self.put(&key, r.encode().into(), PutMode::Overwrite).await
+            }
+            None => {
+                self.delete_rel(&Self::dataset_key(name, "_retention"))
+                    .await
+            }
         }
     }
 

@@ -508,6 +508,49 @@ impl Default for GcSettings {
     }
 }
 
+/// Which versions of a dataset `shoal origin gc` keeps (`datasets/<name>/_retention`). A
+/// version is kept when any rule keeps it; the others are removed as by `shoal rm` (a signed
+/// removal record each). A dataset without rules keeps everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Retention {
+    /// Keep the newest N versions (by the time they were published).
+    pub keep_last: Option<u32>,
+    /// Keep every version a tag points at (and never delete a tag).
+    pub keep_tagged: bool,
+    /// Keep versions published less than this many seconds ago.
+    pub keep_younger_than_s: Option<u64>,
+}
+
+impl Retention {
+    pub fn encode(&self) -> Vec<u8> {
+        format::encode(Kind::Retention, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Retention, DecodeError> {
+        format::decode(Kind::Retention, bytes)
+    }
+
+    /// Which of `versions` (name, publish time, whether a tag points at it) the rules do
+    /// not keep at `now_unix`. Pure.
+    pub fn expired<'a>(&self, versions: &'a [(String, u64, bool)], now_unix: u64) -> Vec<&'a str> {
+        let mut newest_first: Vec<&(String, u64, bool)> = versions.iter().collect();
+        newest_first.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+        newest_first
+            .iter()
+            .enumerate()
+            .filter(|(rank, (_, created, tagged))| {
+                let kept = self.keep_last.is_some_and(|n| (*rank as u64) < n as u64)
+                    || (self.keep_tagged && *tagged)
+                    || self
+                        .keep_younger_than_s
+                        .is_some_and(|t| now_unix.saturating_sub(*created) < t);
+                !kept
+            })
+            .map(|(_, (name, _, _))| name.as_str())
+            .collect()
+    }
+}
+
 /// Settings fixed when a dataset is first published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetConfig {
@@ -625,6 +668,34 @@ impl DatasetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_keeps_what_any_rule_keeps() {
+        let v = |n: &str, t: u64, tagged: bool| (n.to_string(), t, tagged);
+        let versions = vec![
+            v("a", 100, true),
+            v("b", 200, false),
+            v("c", 300, false),
+            v("d", 400, false),
+            v("e", 400, false),
+        ];
+        let r = Retention {
+            keep_last: Some(2),
+            keep_tagged: true,
+            keep_younger_than_s: None,
+        };
+        // Newest first: e and d (a tie in time, by name), then a is tagged.
+        assert_eq!(r.expired(&versions, 1000), ["c", "b"]);
+        let r = Retention {
+            keep_last: None,
+            keep_tagged: false,
+            keep_younger_than_s: Some(250),
+        };
+        assert_eq!(r.expired(&versions, 500), ["b", "a"]);
+        let decoded = Retention::decode(&r.encode()).unwrap();
+        assert_eq!(decoded, r);
+        assert!(Retention::default().expired(&versions, 0).len() == 5);
+    }
 
     fn body() -> VersionBody {
         VersionBody {
