@@ -341,3 +341,41 @@ fn retention_rules_keep_exactly_what_they_say() {
     env.json(&["pull", "demo@v5", "--to", dest.to_str().unwrap()]);
     assert_same_tree(&trees[4], &dest);
 }
+
+#[test]
+fn rm_and_gc_work_on_an_s3_origin() {
+    let (_server, vars) = moto();
+    let mut env = Env::new();
+    env.extra_env = vars;
+    env.origin = "s3://shoal-test/lifecycle".into();
+    let g = env.json(&["origin", "gc", "--grace", "2s", "--apply-now"]);
+    assert_eq!(g["grace_s"], 2, "{g}");
+    let trees: Vec<PathBuf> = (1..=3)
+        .map(|n| {
+            let p = env.path(&format!("t{n}"));
+            version_tree(&p, n);
+            p
+        })
+        .collect();
+    env.json(&["publish", trees[0].to_str().unwrap(), "demo@v1"]);
+    env.json(&["publish", trees[1].to_str().unwrap(), "demo@v2"]);
+    env.json(&["publish", trees[2].to_str().unwrap(), "solo@v1"]);
+    env.json(&["rm", "solo@v1"]);
+    let dry = env.json(&["origin", "gc", "--dry-run"]);
+    assert_eq!(dry["packs_deleted"], 0, "{dry}");
+    std::thread::sleep(Duration::from_millis(3100));
+    let gc = env.json(&["origin", "gc"]);
+    assert!(gc["packs_deleted"].as_u64().unwrap() >= 2, "{gc}");
+    assert!(gc["bytes_freed"].as_u64().unwrap() >= 2_000_000, "{gc}");
+    let again = env.json(&["origin", "gc"]);
+    assert_eq!(again["packs_deleted"], 0, "{again}");
+    let fresh = env.peer("fresh");
+    fresh.json(&["trust", &env.key()]);
+    for (v, t) in [("v1", &trees[0]), ("v2", &trees[1])] {
+        let dest = env.path(&format!("out-{v}"));
+        fresh.json(&["pull", &format!("demo@{v}"), "--to", dest.to_str().unwrap()]);
+        assert_same_tree(t, &dest);
+    }
+    let err = fresh.fails(&["pull", "solo@v1", "--no-files"]);
+    assert!(err.contains("solo@v1 was removed"), "{err}");
+}
