@@ -11,6 +11,7 @@
 #   scripts/bench.sh compress [--runs 3]   (two Django releases: origin bytes vs tar | zstd -3,
 #       upload vs rsync literal data, with and without compression; shards_v1 publish both ways)
 #   scripts/bench.sh scale-gen --entries N --origin DIR [--target NAME@VERSION]   (generate only)
+#   scripts/bench.sh gc [--versions 100] [--files 5000] [--churn 0.01] [--keep 10]   (origin gc's cost)
 #   scripts/bench.sh python [--workers 8]   (shoalfs/fsspec against the FUSE mount, warm)
 #   scripts/bench.sh rates [--mb 100]   (origin, download and upload limits against the rate set)
 #   scripts/bench.sh origins-netns [--rates 100mbit,300mbit] [--no-peers]   (two origins, one node)

@@ -133,7 +133,9 @@ pub struct GcReport {
     pub objects_deleted: usize,
     pub bytes_freed: u64,
     pub plan: GcPlan,
-    /// Objects listed, read and deleted: what the run cost in requests.
+    /// Objects listed, read, written (removal records) and deleted (`objects_deleted`): what
+    /// the run cost in requests (besides one write and one read of `_gc/clock`).
+    pub objects_written: usize,
     pub objects_listed: usize,
     pub objects_read: usize,
     pub seconds: f64,
@@ -345,6 +347,8 @@ impl Node {
         let mut versions = 0usize;
         let mut removed_versions = Vec::new();
         let mut expired_versions = Vec::new();
+        let mut retention_deleted = 0usize;
+        let mut written = 0usize;
         for name in &datasets {
             let removed_names = origin.list_removals(name).await?;
             let removed: HashSet<&String> = removed_names.iter().collect();
@@ -438,6 +442,9 @@ impl Node {
                     );
                     self.write_removal(origin, name, &v, (root, &packs), &why, &tags, false)
                         .await?;
+                    // The version object and its tags deleted, a removal record written.
+                    retention_deleted += 1 + tags.len();
+                    written += 1;
                 }
                 // Kept for the grace period like any recent removal.
                 removals.push((now, packs));
@@ -469,7 +476,8 @@ impl Node {
                 .map(|(id, _)| id)
                 .collect::<HashSet<_>>()
                 .len(),
-            objects_deleted: 0,
+            objects_deleted: retention_deleted,
+            objects_written: written,
             bytes_freed: plan.delete.iter().map(|d| d.bytes).sum(),
             plan,
             objects_listed: listed,

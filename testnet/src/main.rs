@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 mod compress_bench;
+mod gc_bench;
 mod origins_bench;
 mod scale_bench;
 mod swarm_bench;
@@ -126,6 +127,19 @@ enum Cmd {
     Rates {
         #[arg(long, default_value_t = 100.0)]
         mb: f64,
+    },
+    /// What `shoal origin gc` costs on a dataset with history: VERSIONS versions of FILES
+    /// files, CHURN of them rewritten each time, retention keeping the last KEEP; objects
+    /// listed, read and deleted, and time, of each gc run.
+    Gc {
+        #[arg(long, default_value_t = 100)]
+        versions: u64,
+        #[arg(long, default_value_t = 5000)]
+        files: u64,
+        #[arg(long, default_value_t = 0.01)]
+        churn: f64,
+        #[arg(long, default_value_t = 10)]
+        keep: u64,
     },
     /// Compression and small-file dedup on real data (two Django releases from PyPI): origin
     /// bytes against `tar | zstd -3`, upload against rsync's literal data, publish, pull and
@@ -1012,6 +1026,15 @@ fn main() -> Result<()> {
                 "mount_netns"
             },
             swarm_bench::netns_mount(&args, *nodes, rate, *isolated)?,
+        ),
+        Cmd::Gc {
+            versions,
+            files,
+            churn,
+            keep,
+        } => (
+            "gc",
+            gc_bench::run(&args, *versions, *files, *churn, *keep)?,
         ),
         Cmd::Compress { runs } => ("compress", compress_bench::run(&args, (*runs).max(1))?),
         Cmd::Scale {
