@@ -216,8 +216,11 @@ pub enum Command {
     /// Read every blob of a version where it lives and check it against its id; names every
     /// missing or damaged object, and every in-place file whose source changed (exit 1 if any).
     Verify {
-        /// The version.
+        /// The version; with --all, a dataset name.
         reference: String,
+        /// Verify every version of the dataset (each pack once).
+        #[arg(long)]
+        all: bool,
     },
     /// Copy versions to another origin: what it lacks of their packs, indexes and version
     /// objects, and the tags that point at them; verified, resumable, incremental.

@@ -864,11 +864,16 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 || format!("{name}: {words} (applied by `shoal origin gc`; see `--dry-run`)"),
             )
         }
-        Command::Verify { reference } => {
-            let reference: DatasetRef = reference.parse()?;
+        Command::Verify { reference, all } => {
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let r = open(false)?.verify(&reference, &progress).await;
+            let r = if all {
+                let name: shoal_registry::DatasetName = reference.parse()?;
+                open(false)?.verify_all(&name, &progress).await
+            } else {
+                let reference: DatasetRef = reference.parse()?;
+                open(false)?.verify(&reference, &progress).await
+            };
             bar.finish();
             let r = r?;
             if !r.ok() {

@@ -278,6 +278,23 @@ fn origin_gc_frees_what_no_version_needs_while_others_publish_and_pull() {
         );
     }
     assert_eq!(second["plan"]["live"], ids.len() as u64, "{second}");
+
+    // Every version verifies at once, each pack read once; a damaged pack is named with the
+    // versions that need it.
+    let all = env.json(&["verify", "demo", "--all"]);
+    assert_eq!(
+        all["versions"].as_array().unwrap().len(),
+        visible.len(),
+        "{all}"
+    );
+    assert_eq!(all["packs"], ids.len() as u64, "{all}");
+    let pack = first_pack(&env.origin);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&pack, bytes).unwrap();
+    let err = env.fails(&["verify", "demo", "--all"]);
+    assert!(err.contains("named by v"), "{err}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use crate::Node;
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_registry::pack::AnyIndex;
-use shoal_registry::{DatasetRef, Hash};
+use shoal_registry::{DatasetName, DatasetRef, Hash};
 use std::collections::BTreeSet;
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ pub struct VerifyReport {
     pub changed: Vec<String>,
     /// Every other problem, one line each, naming the object.
     pub problems: Vec<String>,
+    /// With `--all`: the versions verified.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<String>,
     pub seconds: f64,
 }
 
@@ -91,29 +94,105 @@ impl Node {
         let mut changed = BTreeSet::new();
         progress.phase("verifying", 0);
         for pack in &signed.body.packs {
-            let index = match origins.pack_index(holders, pack).await {
-                Ok((idx, _)) => idx,
-                Err(e) => {
-                    report.problems.push(format!("pack index {pack}: {e}"));
-                    continue;
+            self.verify_pack(&origins, holders, pack, &mut report, &mut changed, progress)
+                .await;
+        }
+        report.changed = changed.into_iter().collect();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Verifies every version of `name`: each pack once, however many versions name it.
+    /// A problem names the pack and the versions naming it.
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn verify_all(
+        &self,
+        name: &DatasetName,
+        progress: &Progress,
+    ) -> Result<VerifyReport> {
+        let started = Instant::now();
+        let origins = self.origins().clone();
+        let mut report = VerifyReport {
+            reference: name.to_string(),
+            version: format!("{name} (every version)"),
+            ..Default::default()
+        };
+        let mut changed = BTreeSet::new();
+        // Each pack with the origins that hold the first version naming it, and the versions.
+        let mut packs: std::collections::BTreeMap<Hash, (crate::origins::Holders, Vec<String>)> =
+            Default::default();
+        for v in origins.list_union(|o| o.list_versions(name)).await? {
+            let r: DatasetRef = format!("{name}@{v}").parse()?;
+            match self.open_version(&r).await {
+                Ok((_, signed)) => {
+                    let holders = self.holders_of(&signed.body.root);
+                    for p in &signed.body.packs {
+                        packs
+                            .entry(*p)
+                            .or_insert((holders, Vec::new()))
+                            .1
+                            .push(v.clone());
+                    }
+                    report.versions.push(v);
                 }
-            };
-            match index {
-                AnyIndex::Packed(idx) => {
-                    report.blobs += idx.entries.len() as u64;
-                    let reads = pieces(idx.entries.iter().map(|e| (e.id, e.offset, e.len)));
-                    let frames = std::sync::Arc::new(idx.frames);
-                    let mut results = std::pin::pin!(futures::stream::iter(reads)
-                        .map(|p| {
-                            let (origins, frames) = (&origins, frames.clone());
-                            async move {
-                                // Compressed frames are read whole and decompressed.
-                                let last = p[p.len() - 1];
-                                let span = frames.span(p[0].1..last.1 + last.2 as u64);
-                                let r = match origins
-                                    .read_pack(holders, pack, span.stored.clone())
-                                    .await
-                                {
+                Err(e) => report.problems.push(format!("version {name}@{v}: {e}")),
+            }
+        }
+        report.packs = packs.len() as u64;
+        progress.phase("verifying", 0);
+        for (pack, (holders, named_by)) in &packs {
+            let before = report.problems.len();
+            self.verify_pack(
+                &origins,
+                *holders,
+                pack,
+                &mut report,
+                &mut changed,
+                progress,
+            )
+            .await;
+            for p in &mut report.problems[before..] {
+                p.push_str(&format!(" (named by {})", named_by.join(", ")));
+            }
+        }
+        report.changed = changed.into_iter().collect();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Reads every blob of `pack` where it lives, adding what it finds to `report` (problems)
+    /// and `changed` (in-place sources that changed).
+    async fn verify_pack(
+        &self,
+        origins: &crate::origins::Origins,
+        holders: crate::origins::Holders,
+        pack: &Hash,
+        report: &mut VerifyReport,
+        changed: &mut BTreeSet<String>,
+        progress: &Progress,
+    ) {
+        let index = match origins.pack_index(holders, pack).await {
+            Ok((idx, _)) => idx,
+            Err(e) => {
+                report.problems.push(format!("pack index {pack}: {e}"));
+                return;
+            }
+        };
+        match index {
+            AnyIndex::Packed(idx) => {
+                report.blobs += idx.entries.len() as u64;
+                let reads = pieces(idx.entries.iter().map(|e| (e.id, e.offset, e.len)));
+                let frames = std::sync::Arc::new(idx.frames);
+                let mut results = std::pin::pin!(futures::stream::iter(reads)
+                    .map(|p| {
+                        let (origins, frames) = (&origins, frames.clone());
+                        async move {
+                            // Compressed frames are read whole and decompressed.
+                            let last = p[p.len() - 1];
+                            let span = frames.span(p[0].1..last.1 + last.2 as u64);
+                            let r =
+                                match origins.read_pack(holders, pack, span.stored.clone()).await {
                                     Ok((d, _)) => {
                                         let n = d.len() as u64;
                                         let skip = (p[0].1 - span.raw.start) as usize;
@@ -127,91 +206,86 @@ impl Node {
                                     }
                                     Err(e) => Err(e.to_string()),
                                 };
+                            (p, r)
+                        }
+                    })
+                    .buffered(READS));
+                // Checked as they come: at most READS pieces held at once.
+                while let Some((p, r)) = results.next().await {
+                    match r {
+                        Ok((n, data)) => {
+                            report.bytes_read += n;
+                            progress.add(n);
+                            for id in bad_blobs(&p, &data) {
+                                report.problems.push(format!(
+                                    "pack {pack}: blob {id} does not match its id (the origin's copy is damaged)"
+                                ));
+                            }
+                        }
+                        Err(e) => report.problems.push(format!("pack {pack}: {e}")),
+                    }
+                }
+            }
+            AnyIndex::External(x) => {
+                report.blobs += x.entries.len() as u64;
+                let source = match shoal_registry::Origin::open(&x.source, false) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        report.problems.push(format!("source of pack {pack}: {e}"));
+                        return;
+                    }
+                };
+                for (n, object) in x.objects.iter().enumerate() {
+                    let now = match source.head_object(&object.key).await {
+                        Ok(now) => now,
+                        Err(e) => {
+                            report.problems.push(e.to_string());
+                            continue;
+                        }
+                    };
+                    let same = now.as_ref().is_some_and(|m| {
+                        m.size == object.size && (object.e_tag.is_none() || m.e_tag == object.e_tag)
+                    });
+                    if !same {
+                        changed.insert(object.key.clone());
+                        continue;
+                    }
+                    let blobs = x
+                        .entries
+                        .iter()
+                        .filter(|e| e.object as usize == n)
+                        .map(|e| (e.id, e.offset, e.len));
+                    let mut reads = std::pin::pin!(futures::stream::iter(pieces(blobs))
+                        .map(|p| {
+                            let (source, key, e_tag) =
+                                (&source, &object.key, object.e_tag.as_deref());
+                            async move {
+                                let last = p[p.len() - 1];
+                                let r = source
+                                    .read_object(key, p[0].1..last.1 + last.2 as u64, e_tag)
+                                    .await
+                                    .map_err(|e| e.to_string());
                                 (p, r)
                             }
                         })
                         .buffered(READS));
-                    // Checked as they come: at most READS pieces held at once.
-                    while let Some((p, r)) = results.next().await {
+                    while let Some((p, r)) = reads.next().await {
                         match r {
-                            Ok((n, data)) => {
-                                report.bytes_read += n;
-                                progress.add(n);
-                                for id in bad_blobs(&p, &data) {
-                                    report.problems.push(format!(
-                                        "pack {pack}: blob {id} does not match its id (the origin's copy is damaged)"
-                                    ));
-                                }
-                            }
-                            Err(e) => report.problems.push(format!("pack {pack}: {e}")),
-                        }
-                    }
-                }
-                AnyIndex::External(x) => {
-                    report.blobs += x.entries.len() as u64;
-                    let source = match shoal_registry::Origin::open(&x.source, false) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            report.problems.push(format!("source of pack {pack}: {e}"));
-                            continue;
-                        }
-                    };
-                    for (n, object) in x.objects.iter().enumerate() {
-                        let now = match source.head_object(&object.key).await {
-                            Ok(now) => now,
-                            Err(e) => {
-                                report.problems.push(e.to_string());
-                                continue;
-                            }
-                        };
-                        let same = now.as_ref().is_some_and(|m| {
-                            m.size == object.size
-                                && (object.e_tag.is_none() || m.e_tag == object.e_tag)
-                        });
-                        if !same {
-                            changed.insert(object.key.clone());
-                            continue;
-                        }
-                        let blobs = x
-                            .entries
-                            .iter()
-                            .filter(|e| e.object as usize == n)
-                            .map(|e| (e.id, e.offset, e.len));
-                        let mut reads = std::pin::pin!(futures::stream::iter(pieces(blobs))
-                            .map(|p| {
-                                let (source, key, e_tag) =
-                                    (&source, &object.key, object.e_tag.as_deref());
-                                async move {
-                                    let last = p[p.len() - 1];
-                                    let r = source
-                                        .read_object(key, p[0].1..last.1 + last.2 as u64, e_tag)
-                                        .await
-                                        .map_err(|e| e.to_string());
-                                    (p, r)
-                                }
-                            })
-                            .buffered(READS));
-                        while let Some((p, r)) = reads.next().await {
-                            match r {
-                                Ok(data) => {
-                                    report.bytes_read += data.len() as u64;
-                                    progress.add(data.len() as u64);
-                                    if !bad_blobs(&p, &data).is_empty() {
-                                        changed.insert(object.key.clone());
-                                    }
-                                }
-                                Err(_) => {
+                            Ok(data) => {
+                                report.bytes_read += data.len() as u64;
+                                progress.add(data.len() as u64);
+                                if !bad_blobs(&p, &data).is_empty() {
                                     changed.insert(object.key.clone());
                                 }
+                            }
+                            Err(_) => {
+                                changed.insert(object.key.clone());
                             }
                         }
                     }
                 }
             }
         }
-        report.changed = changed.into_iter().collect();
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
     }
 }
 
