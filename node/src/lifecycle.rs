@@ -146,6 +146,8 @@ impl Node {
     /// `force` (which deletes those tags and names them). Writes the signed removal record
     /// first, then deletes the tags and the version object, so a run cut short is finished by
     /// running it again (or by `shoal origin gc`).
+    ///
+    /// Cancel-safe as a removal: a cancelled one is finished by running it again.
     pub async fn remove_version(
         &self,
         target: &VersionRef,
@@ -218,6 +220,9 @@ impl Node {
 
     /// The removal itself, in the order that makes a run cut short resumable: the signed
     /// record (unless `recorded` already), then the tags, then the version object.
+    ///
+    /// Cancel-safe as a removal: each step is one write or delete, in an order a rerun (of
+    /// `rm` or of gc) completes.
     #[allow(clippy::too_many_arguments)]
     async fn write_removal(
         &self,
@@ -273,6 +278,8 @@ impl Node {
 
     /// Why `name@version` is not found, when a trusted removal record says it was removed:
     /// the one-line error to give instead of "not found".
+    ///
+    /// Cancel-safe: it reads, and drops a cached copy of a removed version at most.
     pub(crate) async fn removed_error(
         &self,
         name: &DatasetName,
@@ -305,6 +312,9 @@ impl Node {
     /// removal names, and nothing wrote within the grace period. With `dry_run`, only
     /// reports. `grace` (seconds, and whether a shorter one applies at once) changes the
     /// origin's grace period first (see [`GcSettings`]).
+    ///
+    /// Cancel-safe as a collection: every step is idempotent and re-derived from the
+    /// listings, so the next run completes a cancelled one (docs/lifecycle.md).
     pub async fn origin_gc(&self, dry_run: bool, grace: Option<(u64, bool)>) -> Result<GcReport> {
         let started = std::time::Instant::now();
         let origin = self.origin();
@@ -523,6 +533,9 @@ pub fn describe_rules(r: &Retention) -> String {
     }
 }
 
+/// Deletes one pack object (a local origin's staging file from the directory).
+///
+/// Cancel-safe: one delete.
 async fn delete_pack_object(origin: &Origin, key: &str) -> Result<()> {
     if key.contains('#') {
         origin.delete_staging(key)?;

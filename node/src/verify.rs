@@ -163,6 +163,8 @@ impl Node {
 
     /// Reads every blob of `pack` where it lives, adding what it finds to `report` (problems)
     /// and `changed` (in-place sources that changed).
+    ///
+    /// Cancel-safe: it only reads.
     async fn verify_pack(
         &self,
         origins: &crate::origins::Origins,
