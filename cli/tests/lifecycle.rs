@@ -23,6 +23,17 @@ fn version_tree(root: &Path, n: u64) {
     }
 }
 
+/// Trees `t1..=tN` under the test's directory, version `n`'s at index `n - 1`.
+fn version_trees(env: &Env, count: u64) -> Vec<PathBuf> {
+    (1..=count)
+        .map(|n| {
+            let p = env.path(&format!("t{n}"));
+            version_tree(&p, n);
+            p
+        })
+        .collect()
+}
+
 /// Pack ids (`<id>.idx`, `<id>.pack`) present in a local origin.
 fn pack_files(origin: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(Path::new(origin).join("packs"))
@@ -129,13 +140,7 @@ fn origin_gc_frees_what_no_version_needs_while_others_publish_and_pull() {
     // within 0.9 of it: 4.5 s, ample for these trees even on a loaded machine).
     let g = env.json(&["origin", "gc", "--grace", "5s", "--apply-now"]);
     assert_eq!(g["grace_s"], 5, "{g}");
-    let trees: Vec<PathBuf> = (1..=12)
-        .map(|n| {
-            let p = env.path(&format!("t{n}"));
-            version_tree(&p, n);
-            p
-        })
-        .collect();
+    let trees = version_trees(&env, 12);
     for n in 1..=3 {
         env.json(&[
             "publish",
@@ -301,13 +306,7 @@ fn origin_gc_frees_what_no_version_needs_while_others_publish_and_pull() {
 #[test]
 fn retention_rules_keep_exactly_what_they_say() {
     let env = Env::new();
-    let trees: Vec<PathBuf> = (1..=5)
-        .map(|n| {
-            let p = env.path(&format!("t{n}"));
-            version_tree(&p, n);
-            p
-        })
-        .collect();
+    let trees = version_trees(&env, 5);
     for (i, t) in trees.iter().enumerate() {
         env.json(&["publish", t.to_str().unwrap(), &format!("demo@v{}", i + 1)]);
     }
@@ -368,13 +367,7 @@ fn rm_and_gc_work_on_an_s3_origin() {
     env.origin = "s3://shoal-test/lifecycle".into();
     let g = env.json(&["origin", "gc", "--grace", "4s", "--apply-now"]);
     assert_eq!(g["grace_s"], 4, "{g}");
-    let trees: Vec<PathBuf> = (1..=3)
-        .map(|n| {
-            let p = env.path(&format!("t{n}"));
-            version_tree(&p, n);
-            p
-        })
-        .collect();
+    let trees = version_trees(&env, 3);
     env.json(&["publish", trees[0].to_str().unwrap(), "demo@v1"]);
     env.json(&["publish", trees[1].to_str().unwrap(), "demo@v2"]);
     env.json(&["publish", trees[2].to_str().unwrap(), "solo@v1"]);

@@ -294,6 +294,25 @@ impl<B: SignedBody> Signed<B> {
         check_trust(what, dataset, publisher, trusted)
     }
 
+    /// Checks that the object is the `asked` one (dataset, name) it `found`s itself to be
+    /// (its `what`: "tag ", ...), then its signature and trust.
+    fn check_at(
+        &self,
+        what: &str,
+        found: (&str, &str),
+        asked: (&str, &str),
+        trusted: &[TrustedKey],
+    ) -> Result<(), VerifyError> {
+        let name = format!("{what}{}@{}", found.0, found.1);
+        if found != asked {
+            return Err(VerifyError::Misplaced {
+                path: format!("{}@{}", asked.0, asked.1),
+                found: name,
+            });
+        }
+        self.check(&name, asked.0, trusted)
+    }
+
     /// For tests that need a forged object: replaces the signature bytes.
     #[doc(hidden)]
     pub fn with_signature(mut self, signature: Vec<u8>) -> Signed<B> {
@@ -333,14 +352,8 @@ impl SignedVersion {
         version: &str,
         trusted: &[TrustedKey],
     ) -> Result<(), VerifyError> {
-        let name = format!("{}@{}", self.body.dataset, self.body.version);
-        if self.body.dataset != dataset || self.body.version != version {
-            return Err(VerifyError::Misplaced {
-                path: format!("{dataset}@{version}"),
-                found: name,
-            });
-        }
-        self.check(&format!("version {name}"), dataset, trusted)
+        let found = (self.body.dataset.as_str(), self.body.version.as_str());
+        self.check_at("version ", found, (dataset, version), trusted)
     }
 }
 
@@ -415,14 +428,8 @@ impl SignedTag {
         tag: &str,
         trusted: &[TrustedKey],
     ) -> Result<(), VerifyError> {
-        let name = format!("tag {}@{}", self.body.dataset, self.body.tag);
-        if self.body.dataset != dataset || self.body.tag != tag {
-            return Err(VerifyError::Misplaced {
-                path: format!("{dataset}@{tag}"),
-                found: name,
-            });
-        }
-        self.check(&name, dataset, trusted)
+        let found = (self.body.dataset.as_str(), self.body.tag.as_str());
+        self.check_at("tag ", found, (dataset, tag), trusted)
     }
 }
 
@@ -452,14 +459,8 @@ impl SignedRemoval {
         version: &str,
         trusted: &[TrustedKey],
     ) -> Result<(), VerifyError> {
-        let name = format!("removal of {}@{}", self.body.dataset, self.body.version);
-        if self.body.dataset != dataset || self.body.version != version {
-            return Err(VerifyError::Misplaced {
-                path: format!("{dataset}@{version}"),
-                found: name,
-            });
-        }
-        self.check(&name, dataset, trusted)
+        let found = (self.body.dataset.as_str(), self.body.version.as_str());
+        self.check_at("removal of ", found, (dataset, version), trusted)
     }
 }
 

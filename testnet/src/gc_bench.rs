@@ -11,18 +11,9 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
 
-/// Deterministic bytes (xorshift) for file `i` at generation `g`.
+/// Deterministic bytes for file `i` at generation `g`.
 fn content(i: u64, g: u64, len: usize) -> Vec<u8> {
-    let mut x = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ g.wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    shoal_testnet::random_bytes(i ^ g.wrapping_mul(0xD1B5_4A32_D192_ED03), len)
 }
 
 fn write_file(src: &Path, i: u64, g: u64) -> Result<()> {

@@ -110,16 +110,7 @@ impl Env {
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible enough for chunking tests.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    shoal_testnet::random_bytes(seed, len)
 }
 
 pub fn write(path: &Path, bytes: &[u8]) {
