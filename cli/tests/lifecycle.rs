@@ -81,6 +81,16 @@ fn removed_versions_are_refused_by_name_and_not_opened_from_caches() {
     other.json(&["trust", &env.key()]);
     other.json(&["pull", "demo@v1", "--to", env.path("o1").to_str().unwrap()]);
 
+    // A mirror of the dataset, made before the removal.
+    let mirror = env.path("mirror");
+    env.json(&[
+        "replicate",
+        "demo",
+        "--all",
+        "--to",
+        mirror.to_str().unwrap(),
+    ]);
+
     // A tag points at it: refused, and nothing changed.
     let err = env.fails(&["rm", "demo@v1"]);
     assert!(err.contains("latest") && err.contains("--force"), "{err}");
@@ -96,6 +106,35 @@ fn removed_versions_are_refused_by_name_and_not_opened_from_caches() {
         "--to",
         env.path("x").to_str().unwrap(),
     ]);
+
+    // Replicating the dataset again carries the removal to the mirror; a node reading the
+    // mirror is refused the version with the same words.
+    let r = env.json(&[
+        "replicate",
+        "demo",
+        "--all",
+        "--to",
+        mirror.to_str().unwrap(),
+    ]);
+    assert_eq!(r["removals"], serde_json::json!(["demo@v1"]), "{r}");
+    let again = env.json(&[
+        "replicate",
+        "demo",
+        "--all",
+        "--to",
+        mirror.to_str().unwrap(),
+    ]);
+    assert_eq!(again["removals"], serde_json::json!([]), "{again}");
+    let on_mirror = Env {
+        dir: tempfile::tempdir().unwrap(),
+        home: env.path("mirror-reader"),
+        origin: mirror.display().to_string(),
+        extra_env: Vec::new(),
+    };
+    on_mirror.json(&["trust", &env.key()]);
+    let err = on_mirror.fails(&["pull", "demo@v1", "--no-files"]);
+    assert!(err.contains("licence withdrawn"), "{err}");
+    on_mirror.json(&["pull", "demo@v2", "--no-files"]);
 
     // A node that had it: refused with the record's words, by name.
     let err = reader.fails(&["pull", "demo@v1", "--to", env.path("r2").to_str().unwrap()]);

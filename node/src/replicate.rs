@@ -86,6 +86,10 @@ pub struct ReplicateReport {
     pub bytes_written: u64,
     /// Tags written at the target (NAME@TAG -> VERSION).
     pub tags: Vec<String>,
+    /// Versions removed at the source (with `--all`) that this run removed at the target
+    /// (their removal records copied, their version objects and tags deleted there).
+    #[serde(default)]
+    pub removals: Vec<String>,
     pub seconds: f64,
 }
 
@@ -402,6 +406,49 @@ impl Node {
             }
         }
 
+        // Removals of the datasets copied whole: the record (byte for byte), then the
+        // target's tags pointing at the version, then its version object, as `shoal rm` does,
+        // so that nodes reading the mirror learn of the removal too.
+        let mut removals = Vec::new();
+        for name in all {
+            for v in self.origins.list_union(|o| o.list_removals(name)).await? {
+                let record = self
+                    .origins
+                    .ask_all(|o| o.removal(name, &v))
+                    .await
+                    .into_iter()
+                    .find_map(|(_, r)| r.ok().flatten());
+                let Some(r) = record else { continue };
+                if let Err(e) = r.verify(name.as_str(), &v, &trusted) {
+                    tracing::warn!("not copying the removal of {name}@{v}: {e}");
+                    continue;
+                }
+                if to.removal(name, &v).await?.is_none() {
+                    match to.create_removal(name, &r).await {
+                        Ok(()) => {
+                            written.fetch_add(r.encode().len() as u64, Ordering::Relaxed);
+                        }
+                        Err(shoal_registry::OriginError::AlreadyExists { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let had = to.version_exists(name, &v).await?;
+                for t in to.list_tags(name).await? {
+                    if to
+                        .tag(name, &t)
+                        .await?
+                        .is_some_and(|tag| tag.version() == v)
+                    {
+                        to.delete_tag(name, &t).await?;
+                    }
+                }
+                to.delete_version(name, &v).await?;
+                if had {
+                    removals.push(format!("{name}@{v}"));
+                }
+            }
+        }
+
         let packs_copied = packs_copied.into_inner();
         let origins: Vec<OriginBytes> = per_origin
             .into_iter()
@@ -424,6 +471,7 @@ impl Node {
             origins,
             bytes_written: written.into_inner(),
             tags,
+            removals,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
