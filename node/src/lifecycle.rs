@@ -196,17 +196,24 @@ impl Node {
             )));
         }
         let already_removed = existing.is_some();
-        self.write_removal(
-            origin,
-            name,
-            version,
-            (root, &packs),
-            reason,
-            &pointing,
-            already_removed,
-        )
-        .await?;
-        if let Some(r) = origin.removal(name, version).await? {
+        let signed_now = self
+            .write_removal(
+                origin,
+                name,
+                version,
+                (root, &packs),
+                reason,
+                &pointing,
+                already_removed,
+            )
+            .await?;
+        // The record in force: the one found, the one written, or (another remover won the
+        // race to write it) the origin's.
+        let record = match existing.or(signed_now) {
+            Some(r) => Some(r),
+            None => origin.removal(name, version).await?,
+        };
+        if let Some(r) = record {
             self.learn_removal(name, version, &r, &trusted);
         }
         Ok(RemoveReport {
@@ -219,7 +226,8 @@ impl Node {
     }
 
     /// The removal itself, in the order that makes a run cut short resumable: the signed
-    /// record (unless `recorded` already), then the tags, then the version object.
+    /// record (unless `recorded` already), then the tags, then the version object. Returns
+    /// the record if this call wrote it.
     ///
     /// Cancel-safe as a removal: each step is one write or delete, in an order a rerun (of
     /// `rm` or of gc) completes.
@@ -233,7 +241,8 @@ impl Node {
         reason: &str,
         tags: &[String],
         recorded: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<SignedRemoval>> {
+        let mut wrote = None;
         if !recorded {
             let key = self.home.secret_key()?;
             let record = SignedRemoval::sign(
@@ -249,7 +258,8 @@ impl Node {
                 &key,
             );
             match origin.create_removal(name, &record).await {
-                Ok(()) | Err(OriginError::AlreadyExists { .. }) => {}
+                Ok(()) => wrote = Some(record),
+                Err(OriginError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -257,7 +267,7 @@ impl Node {
             origin.delete_tag(name, tag).await?;
         }
         origin.delete_version(name, version).await?;
-        Ok(())
+        Ok(wrote)
     }
 
     /// A removal record this node checked: it forgets its cached signed copy of the version,
@@ -327,6 +337,7 @@ impl Node {
         // The store's clock first, before anything is listed: everything written after it is
         // young by definition, and every version written before it is in the listings below.
         let now = origin.store_now().await?;
+        let now_u = now.max(0) as u64;
         let mut settings = origin.gc_settings().await?;
         if let Some((g, at_once)) = grace {
             let changed = GcSettings {
@@ -334,12 +345,11 @@ impl Node {
                 previous_grace_s: if at_once {
                     g
                 } else {
-                    settings.effective_grace_s(now.max(0) as u64)
+                    settings.effective_grace_s(now_u)
                 },
-                changed_unix: now.max(0) as u64,
+                changed_unix: now_u,
             };
-            if changed.effective_grace_s(now.max(0) as u64)
-                != settings.effective_grace_s(now.max(0) as u64)
+            if changed.effective_grace_s(now_u) != settings.effective_grace_s(now_u)
                 || g != settings.grace_s
             {
                 settings = changed;
@@ -348,66 +358,58 @@ impl Node {
                 }
             }
         }
-        let grace_s = settings.effective_grace_s(now.max(0) as u64);
-        let mut listed = 0usize;
+        let grace_s = settings.effective_grace_s(now_u);
         let mut read = 0usize;
         let datasets = origin.list_datasets().await?;
+        let mut listed: usize = datasets.values().map(|d| d.objects).sum();
         let mut live = HashSet::new();
         let mut removals = Vec::new();
         let mut versions = 0usize;
-        let mut removed_versions = Vec::new();
+        // Version objects of removed versions still present (an `rm` cut short).
+        let mut removed_versions: Vec<(&DatasetName, &str)> = Vec::new();
         let mut expired_versions = Vec::new();
         let mut retention_deleted = 0usize;
         let mut written = 0usize;
-        for name in &datasets {
-            let removed_names = origin.list_removals(name).await?;
-            let removed: HashSet<&String> = removed_names.iter().collect();
-            let stored = origin
-                .list_stored(&format!("datasets/{name}/_removed"))
-                .await?;
-            listed += stored.len();
-            for o in &stored {
-                let Some(v) = o.key.rsplit('/').next() else {
-                    continue;
-                };
+        for (name, d) in &datasets {
+            for (v, at) in &d.removals {
                 read += 1;
                 match origin.removal(name, v).await {
-                    Ok(Some(r)) => removals.push((o.modified_unix, r.body.packs)),
+                    Ok(Some(r)) => removals.push((*at, r.body.packs)),
                     Ok(None) => {}
                     // A record gc cannot read protects nothing it could name: stop rather
                     // than guess (it may list packs a recent publish leans on).
                     Err(e) => return Err(e.into()),
                 }
             }
-            let names = origin.list_versions(name).await?;
-            listed += names.len();
-            let rules = origin.retention(name).await?;
-            read += 1;
+            let removed: HashSet<&str> = d.removals.iter().map(|(v, _)| v.as_str()).collect();
+            let rules = match d.retention {
+                true => {
+                    read += 1;
+                    origin.retention(name).await?
+                }
+                false => None,
+            };
             // (name, publish time, tagged, packs, root) of each version present, for the rules.
             let mut present: Vec<(String, u64, bool, Vec<Hash>, Hash)> = Vec::new();
-            let mut tagged: HashSet<String> = HashSet::new();
             let mut tags_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
             if rules.is_some() {
-                let tags = origin.list_tags(name).await?;
-                listed += tags.len();
-                for t in tags {
+                for t in &d.tags {
                     read += 1;
-                    if let Some(tag) = origin.tag(name, &t).await? {
-                        tagged.insert(tag.version().to_string());
+                    if let Some(tag) = origin.tag(name, t).await? {
                         tags_of
                             .entry(tag.version().to_string())
                             .or_default()
-                            .push(t);
+                            .push(t.clone());
                     }
                 }
             }
-            for v in names {
-                if removed.contains(&v) {
-                    removed_versions.push(format!("{name}@{v}"));
+            for v in &d.versions {
+                if removed.contains(v.as_str()) {
+                    removed_versions.push((name, v));
                     continue;
                 }
                 read += 1;
-                let signed: SignedVersion = match origin.version(name, &v).await {
+                let signed: SignedVersion = match origin.version(name, v).await {
                     Ok(Some(s)) => s,
                     Ok(None) => continue,
                     Err(e) => {
@@ -422,7 +424,7 @@ impl Node {
                 present.push((
                     v.clone(),
                     signed.body.created_unix,
-                    tagged.contains(&v),
+                    tags_of.contains_key(v),
                     signed.body.packs,
                     signed.body.root,
                 ));
@@ -431,7 +433,7 @@ impl Node {
                 Some(r) => {
                     let list: Vec<(String, u64, bool)> =
                         present.iter().map(|p| (p.0.clone(), p.1, p.2)).collect();
-                    r.expired(&list, now.max(0) as u64)
+                    r.expired(&list, now_u)
                         .into_iter()
                         .map(str::to_string)
                         .collect()
@@ -477,7 +479,10 @@ impl Node {
             grace_s,
             datasets: datasets.len(),
             versions,
-            removed_versions_deleted: removed_versions.clone(),
+            removed_versions_deleted: removed_versions
+                .iter()
+                .map(|(n, v)| format!("{n}@{v}"))
+                .collect(),
             retention_removed: expired_versions,
             packs_deleted: plan
                 .delete
@@ -495,10 +500,8 @@ impl Node {
             seconds: 0.0,
         };
         if !dry_run {
-            for rv in &removed_versions {
-                let (n, v) = rv.split_once('@').expect("NAME@VERSION");
-                let n: DatasetName = n.parse()?;
-                origin.delete_version(&n, v).await?;
+            for (n, v) in &removed_versions {
+                origin.delete_version(n, v).await?;
                 report.objects_deleted += 1;
             }
             for d in &report.plan.delete {

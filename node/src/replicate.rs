@@ -423,26 +423,29 @@ impl Node {
                     tracing::warn!("not copying the removal of {name}@{v}: {e}");
                     continue;
                 }
-                if to.removal(name, &v).await?.is_none() {
-                    match to.create_removal(name, &r).await {
-                        Ok(()) => {
-                            written.fetch_add(r.encode().len() as u64, Ordering::Relaxed);
-                        }
-                        Err(shoal_registry::OriginError::AlreadyExists { .. }) => {}
-                        Err(e) => return Err(e.into()),
+                let recorded = match to.create_removal(name, &r).await {
+                    Ok(()) => {
+                        written.fetch_add(r.encode().len() as u64, Ordering::Relaxed);
+                        true
                     }
-                }
+                    Err(shoal_registry::OriginError::AlreadyExists { .. }) => false,
+                    Err(e) => return Err(e.into()),
+                };
+                // A mirror that had the record and not the version is done with it (a run
+                // cut short between the record and the version object is finished here).
                 let had = to.version_exists(name, &v).await?;
-                for t in to.list_tags(name).await? {
-                    if to
-                        .tag(name, &t)
-                        .await?
-                        .is_some_and(|tag| tag.version() == v)
-                    {
-                        to.delete_tag(name, &t).await?;
+                if recorded || had {
+                    for t in to.list_tags(name).await? {
+                        if to
+                            .tag(name, &t)
+                            .await?
+                            .is_some_and(|tag| tag.version() == v)
+                        {
+                            to.delete_tag(name, &t).await?;
+                        }
                     }
+                    to.delete_version(name, &v).await?;
                 }
-                to.delete_version(name, &v).await?;
                 if had {
                     removals.push(format!("{name}@{v}"));
                 }

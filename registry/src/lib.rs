@@ -19,7 +19,7 @@ pub mod version;
 
 pub use format::DecodeError;
 pub use names::{DatasetName, DatasetRef, Label, NameError, Rev, VersionRef};
-pub use origin::{ObjectEntry, Origin, OriginError, PackWriter, StoredObject};
+pub use origin::{DatasetObjects, ObjectEntry, Origin, OriginError, PackWriter, StoredObject};
 pub use shoal_chunker::{Hash, Params};
 pub use version::{
     AnyTag, DatasetConfig, GcSettings, PublicKey, RemovalBody, Retention, SecretKey, SignedRemoval,

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
 use shoal_chunker::Hash;
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +105,19 @@ pub struct StoredObject {
     pub size: u64,
     /// Seconds since the Unix epoch.
     pub modified_unix: i64,
+}
+
+/// A dataset's objects as one listing shows them (see [`Origin::list_datasets`]), names
+/// sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatasetObjects {
+    pub versions: Vec<String>,
+    /// Removed versions, with the store's time of writing each record.
+    pub removals: Vec<(String, i64)>,
+    pub tags: Vec<String>,
+    pub retention: bool,
+    /// Objects listed under the dataset.
+    pub objects: usize,
 }
 
 /// A handle on one origin. Cheap to clone.
@@ -248,6 +262,30 @@ impl Origin {
     /// The URL or path this origin was opened with.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A listed object's key relative to the root.
+    fn rel_key<'a>(&self, full: &'a str) -> &'a str {
+        let root = self.root.as_ref();
+        if root.is_empty() {
+            return full;
+        }
+        full.strip_prefix(root)
+            .map(|k| k.trim_start_matches('/'))
+            .unwrap_or(full)
+    }
+
+    /// Puts `bytes` at `key` only if nothing is there: [`OriginError::AlreadyExists`] naming
+    /// `what` otherwise, even when two writers race.
+    async fn create(&self, key: &Path, bytes: Bytes, what: String) -> Result<(), OriginError> {
+        self.put(key, bytes, PutMode::Create)
+            .await
+            .map_err(|e| match e {
+                OriginError::AlreadyExists { origin, .. } => {
+                    OriginError::AlreadyExists { origin, what }
+                }
+                e => e,
+            })
     }
 
     fn key(&self, rel: &str) -> Path {
@@ -431,15 +469,8 @@ impl Origin {
             name,
             &format!("_versions/{}", v.body.version),
         ));
-        self.put(&key, v.encode().into(), PutMode::Create)
-            .await
-            .map_err(|e| match e {
-                OriginError::AlreadyExists { origin, .. } => OriginError::AlreadyExists {
-                    origin,
-                    what: format!("version {name}@{}", v.body.version),
-                },
-                e => e,
-            })
+        let what = format!("version {name}@{}", v.body.version);
+        self.create(&key, v.encode().into(), what).await
     }
 
     /// Version names of a dataset, sorted.
@@ -640,15 +671,8 @@ impl Origin {
             name,
             &format!("_removed/{}", r.body.version),
         ));
-        self.put(&key, r.encode().into(), PutMode::Create)
-            .await
-            .map_err(|e| match e {
-                OriginError::AlreadyExists { origin, .. } => OriginError::AlreadyExists {
-                    origin,
-                    what: format!("the removal of {name}@{}", r.body.version),
-                },
-                e => e,
-            })
+        let what = format!("the removal of {name}@{}", r.body.version);
+        self.create(&key, r.encode().into(), what).await
     }
 
     /// Names of the removed versions of a dataset, sorted.
@@ -681,21 +705,35 @@ impl Origin {
         }
     }
 
-    /// Every dataset with settings in this origin (`datasets/<name>/_dataset`), sorted.
-    pub async fn list_datasets(&self) -> Result<Vec<DatasetName>, OriginError> {
-        let mut out = Vec::new();
+    /// Every dataset's objects in this origin, from one listing of `datasets/`: its version
+    /// names, removal records (with the store's time of writing each), tag names, and whether
+    /// it has retention rules.
+    pub async fn list_datasets(
+        &self,
+    ) -> Result<BTreeMap<DatasetName, DatasetObjects>, OriginError> {
+        let mut out: BTreeMap<DatasetName, DatasetObjects> = BTreeMap::new();
         for o in self.list_stored("datasets").await? {
-            if let Some(name) = o
+            // Names never have a segment starting with '_': the first "/_" ends the name.
+            let Some((name, rest)) = o
                 .key
                 .strip_prefix("datasets/")
-                .and_then(|k| k.strip_suffix("/_dataset"))
-            {
-                if let Ok(n) = name.parse::<DatasetName>() {
-                    out.push(n);
-                }
+                .and_then(|k| k.split_once("/_"))
+            else {
+                continue;
+            };
+            let Ok(name) = name.parse::<DatasetName>() else {
+                continue;
+            };
+            let d = out.entry(name).or_default();
+            match rest.split_once('/') {
+                Some(("versions", v)) => d.versions.push(v.to_string()),
+                Some(("removed", v)) => d.removals.push((v.to_string(), o.modified_unix)),
+                Some(("tags", t)) => d.tags.push(t.to_string()),
+                None if rest == "retention" => d.retention = true,
+                _ => {}
             }
+            d.objects += 1;
         }
-        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         Ok(out)
     }
 
@@ -706,17 +744,9 @@ impl Origin {
         let prefix = self.key(rel);
         let mut stream = self.store.list(Some(&prefix));
         let mut out = Vec::new();
-        let root = self.root.as_ref();
         while let Some(meta) = stream.next().await {
             let meta = meta.map_err(|e| self.store_err("listing", &prefix, e))?;
-            let full = meta.location.as_ref();
-            let key = if root.is_empty() {
-                full
-            } else {
-                full.strip_prefix(root)
-                    .map(|k| k.trim_start_matches('/'))
-                    .unwrap_or(full)
-            };
+            let key = self.rel_key(meta.location.as_ref());
             out.push(StoredObject {
                 key: key.to_string(),
                 size: meta.size,
@@ -956,14 +986,7 @@ impl Origin {
         let mut out = Vec::new();
         while let Some(meta) = stream.next().await {
             let meta = meta.map_err(|e| self.store_err("listing", &self.root, e))?;
-            let full = meta.location.as_ref();
-            let key = match root {
-                None => full,
-                Some(r) => full
-                    .strip_prefix(r.as_ref())
-                    .map(|k| k.trim_start_matches('/'))
-                    .unwrap_or(full),
-            };
+            let key = self.rel_key(meta.location.as_ref());
             if out.len() >= limit {
                 return Err(OriginError::TooLarge {
                     origin: self.url.clone(),
