@@ -288,6 +288,19 @@ pub enum OriginCommand {
         #[arg(long, conflicts_with_all = ["keep_last", "keep_tagged", "keep_younger_than"])]
         clear: bool,
     },
+    /// Rewrite a dataset's packs whose live bytes (those a version still reads) are below a
+    /// share of their size into new packs of the live blobs alone; `shoal origin gc` deletes
+    /// the old packs after the grace period. Every version still reads exactly.
+    Repack {
+        /// The dataset.
+        dataset: String,
+        /// Rewrite packs whose live share is below this (0 to 1).
+        #[arg(long, default_value_t = 0.5, value_name = "SHARE")]
+        threshold: f64,
+        /// Report which packs would be rewritten and what gc would then free; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `shoal completions` shells.

@@ -864,6 +864,43 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 || format!("{name}: {words} (applied by `shoal origin gc`; see `--dry-run`)"),
             )
         }
+        Command::Origin {
+            command:
+                args::OriginCommand::Repack {
+                    dataset,
+                    threshold,
+                    dry_run,
+                },
+        } => {
+            let name: shoal_registry::DatasetName = dataset.parse()?;
+            let progress = Arc::new(Progress::default());
+            let bar = out.progress(progress.clone());
+            let r = open(false)?
+                .origin_repack(&name, threshold, dry_run, &progress)
+                .await;
+            bar.finish();
+            let r = r?;
+            out.report(&r, || {
+                let copied: u64 = r.repacked.iter().map(|p| p.copied_bytes).sum();
+                format!(
+                    "{}{} in {}: {} of {} packs {} (live {} of {} in the packs its {} versions reach; {} copied into {} new packs, {} written); `shoal origin gc` frees {} once the grace period has passed ({:.1}s)",
+                    if r.dry_run { "dry run, " } else { "" },
+                    r.dataset,
+                    r.origin,
+                    r.repacked.len(),
+                    r.packs,
+                    if r.dry_run { "would be rewritten" } else { "rewritten" },
+                    output::bytes(r.live_bytes),
+                    output::bytes(r.bytes),
+                    r.versions,
+                    output::bytes(copied),
+                    r.packs_written,
+                    output::bytes(r.bytes_written),
+                    output::bytes(r.bytes_to_free),
+                    r.seconds,
+                )
+            })
+        }
         Command::Verify { reference, all } => {
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());

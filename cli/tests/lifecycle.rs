@@ -429,3 +429,238 @@ fn rm_and_gc_work_on_an_s3_origin() {
     let err = fresh.fails(&["pull", "solo@v1", "--no-files"]);
     assert!(err.contains("solo@v1 was removed"), "{err}");
 }
+
+/// Pack ids with a record of their repacking in a local origin.
+fn repacked(origin: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(Path::new(origin).join("datasets/demo/_repacked"))
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.') && !n.contains('#'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn origin_repack_rewrites_sparse_packs_and_every_version_still_pulls() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.origin).unwrap();
+    let g = env.json(&["origin", "gc", "--grace", "5s", "--apply-now"]);
+    assert_eq!(g["grace_s"], 5, "{g}");
+    let trees = version_trees(&env, 10);
+    for n in 1..=4 {
+        env.json(&[
+            "publish",
+            trees[n - 1].to_str().unwrap(),
+            &format!("demo@v{n}"),
+        ]);
+    }
+    // A node that read part of v3 before the repack: it keeps v3's pack indexes (and their
+    // locator files) and will find a pack gone under it.
+    let early = env.peer("early");
+    early.json(&["trust", &env.key()]);
+    let part = env.path("early-part");
+    early.json(&[
+        "pull",
+        "demo@v3",
+        "--include",
+        "own/**",
+        "--to",
+        part.to_str().unwrap(),
+    ]);
+    // v1's pack holds the shared files (every version reads them) and v1's own (nobody, once
+    // v1 is removed): half live.
+    env.json(&["rm", "demo@v1"]);
+    env.json(&["rm", "demo@v2"]);
+    let files = pack_files(&env.origin);
+    let dry = env.json(&[
+        "origin",
+        "repack",
+        "demo",
+        "--threshold",
+        "0.6",
+        "--dry-run",
+    ]);
+    let sparse: Vec<String> = strs(&dry["repacked"], "pack");
+    assert!(!sparse.is_empty(), "{dry}");
+    assert_eq!(dry["versions"], 2, "{dry}");
+    assert!(dry["bytes_to_free"].as_u64().unwrap() >= 2_000_000, "{dry}");
+    assert_eq!(pack_files(&env.origin), files, "a dry run writes nothing");
+    assert!(repacked(&env.origin).is_empty());
+
+    // Rounds of: a publish of a new version, a pull of v3 by another node, and a repack
+    // killed at a random point, all at once.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let reader = env.peer("reader");
+    reader.json(&["trust", &env.key()]);
+    for round in 0..3u64 {
+        let n = 5 + round as usize;
+        let publisher = spawn(
+            &env,
+            &[
+                "publish",
+                trees[n - 1].to_str().unwrap(),
+                &format!("demo@v{n}"),
+            ],
+            &env.path(&format!("pub{round}.log")),
+        );
+        let dest = env.path(&format!("pull{round}"));
+        let puller = spawn(
+            &reader,
+            &["pull", "demo@v3", "--to", dest.to_str().unwrap()],
+            &env.path(&format!("pull{round}.log")),
+        );
+        let mut repack = spawn(
+            &env,
+            &["origin", "repack", "demo", "--threshold", "0.6"],
+            &env.path(&format!("repack{round}.log")),
+        );
+        std::thread::sleep(Duration::from_millis(rand() % 600));
+        let _ = repack.kill();
+        repack.wait().unwrap();
+        for (mut c, what) in [(publisher, "pub"), (puller, "pull")] {
+            let st = c.wait().unwrap();
+            assert!(
+                st.success(),
+                "{what} in round {round}: {}",
+                std::fs::read_to_string(env.path(&format!("{what}{round}.log"))).unwrap()
+            );
+        }
+        assert_same_tree(&trees[2], &dest);
+    }
+    // Then to the end: every sparse pack has its record.
+    env.json(&["origin", "repack", "demo", "--threshold", "0.6"]);
+    let forwarded = repacked(&env.origin);
+    for p in &sparse {
+        assert!(forwarded.contains(p), "{p} not repacked: {forwarded:?}");
+    }
+    // The old packs stay for the grace period (a pull that opened them before the record
+    // existed reads on).
+    let kept = env.json(&["origin", "gc"]);
+    assert_eq!(kept["plan"]["retired"], 0, "{kept}");
+    std::thread::sleep(Duration::from_millis(5500));
+    let first = env.json(&["origin", "gc"]);
+    assert!(
+        first["plan"]["retired"].as_u64().unwrap() >= sparse.len() as u64,
+        "{first}"
+    );
+    assert!(
+        first["bytes_freed"].as_u64().unwrap() >= 2_000_000,
+        "{first}"
+    );
+    let second = env.json(&["origin", "gc"]);
+    assert_eq!(second["packs_deleted"], 0, "{first} then {second}");
+    let left = pack_files(&env.origin);
+    for p in &sparse {
+        assert!(
+            !left.iter().any(|f| f.starts_with(p.as_str())),
+            "{p} is still there: {left:?}"
+        );
+    }
+
+    // Every version pulls exactly on a node that never saw the old packs, and on the node
+    // whose cached locators still point into them.
+    let visible = versions(&env);
+    assert_eq!(visible.len(), 2 + 3, "{visible:?}");
+    let fresh = env.peer("fresh");
+    fresh.json(&["trust", &env.key()]);
+    for v in &visible {
+        let n: usize = v.trim_start_matches('v').parse().unwrap();
+        let dest = env.path(&format!("final-{v}"));
+        fresh.json(&["pull", &format!("demo@{v}"), "--to", dest.to_str().unwrap()]);
+        assert_same_tree(&trees[n - 1], &dest);
+    }
+    let whole = env.path("early-whole");
+    let out = early
+        .cmd(&["pull", "demo@v3", "--to", whole.to_str().unwrap()])
+        .env("SHOAL_LOG", "shoal_node=info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("was repacked into"),
+        "the old pack was not followed: {log}"
+    );
+    assert_same_tree(&trees[2], &whole);
+    let all = env.json(&["verify", "demo", "--all"]);
+    assert_eq!(all["problems"].as_array().unwrap().len(), 0, "{all}");
+    // Nothing is sparse any more.
+    let again = env.json(&["origin", "repack", "demo", "--threshold", "0.6"]);
+    assert_eq!(again["repacked"].as_array().unwrap().len(), 0, "{again}");
+
+    // A publish that listed the dataset before a repack's record existed leans on the old
+    // pack (here: the record hidden while it runs). gc then keeps that pack, whatever the
+    // record's age, until a repack covers the new version too. v8, v9 and v10 share files
+    // of their own; v8's pack holds them and v8's own files, half live once v8 is removed.
+    for n in 8..=10 {
+        for i in 0..4 {
+            write(
+                &trees[n - 1].join(format!("extra/e{i}")),
+                &random_bytes(9000 + i, 300_000),
+            );
+        }
+    }
+    env.json(&["publish", trees[7].to_str().unwrap(), "demo@v8"]);
+    env.json(&["publish", trees[8].to_str().unwrap(), "demo@v9"]);
+    env.json(&["rm", "demo@v8"]);
+    let made = env.json(&["origin", "repack", "demo", "--threshold", "0.6"]);
+    let second_round: Vec<String> = strs(&made["repacked"], "pack");
+    // v8's data pack (and perhaps a tree pack whose nodes v9 shares).
+    let big = made["repacked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|p| p["bytes"].as_u64())
+        .unwrap();
+    assert_eq!(big["bytes"], 2_400_000, "{made}");
+    assert_eq!(big["live_bytes"], 1_200_000, "{made}");
+    let big = big["pack"].as_str().unwrap().to_string();
+    let hidden = env.path("hidden");
+    std::fs::create_dir_all(&hidden).unwrap();
+    let records = Path::new(&env.origin).join("datasets/demo/_repacked");
+    for r in &second_round {
+        std::fs::rename(records.join(r), hidden.join(r)).unwrap();
+    }
+    env.json(&["publish", trees[9].to_str().unwrap(), "demo@v10"]);
+    for r in &second_round {
+        std::fs::rename(hidden.join(r), records.join(r)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(5500));
+    let held = env.json(&["origin", "gc"]);
+    assert!(
+        pack_files(&env.origin).contains(&format!("{big}.pack")),
+        "{big} went although v10 leans on it: {held}"
+    );
+    let covered = env.json(&["origin", "repack", "demo", "--threshold", "0.6"]);
+    assert!(
+        strs(&covered["repacked"], "pack").contains(&big),
+        "{covered}"
+    );
+    assert!(
+        strs(&covered["repacked"], "why")
+            .iter()
+            .all(|w| w == "uncovered"),
+        "{covered}"
+    );
+    std::thread::sleep(Duration::from_millis(5500));
+    let gone = env.json(&["origin", "gc"]);
+    assert!(gone["plan"]["retired"].as_u64().unwrap() >= 1, "{gone}");
+    assert!(!pack_files(&env.origin).contains(&format!("{big}.pack")));
+    let late = env.peer("late");
+    late.json(&["trust", &env.key()]);
+    for v in versions(&env) {
+        let n: usize = v.trim_start_matches('v').parse().unwrap();
+        let dest = env.path(&format!("late-{v}"));
+        late.json(&["pull", &format!("demo@{v}"), "--to", dest.to_str().unwrap()]);
+        assert_same_tree(&trees[n - 1], &dest);
+    }
+}

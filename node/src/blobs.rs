@@ -214,20 +214,45 @@ impl Blobs {
                 .expect("cache task panicked");
             }
         }
+        let mut b = Blobs::over_packs(
+            origins,
+            holders,
+            store,
+            cache,
+            version.body.dataset.parse()?,
+            packs,
+        );
+        b.version_name = format!("{}@{}", version.body.dataset, version.body.version);
+        b.peers = swarm.map(|s| (s.clone(), version.body.root));
+        Ok(b)
+    }
+
+    /// The blobs of some packs of `dataset` (not a version's: `shoal origin repack` reading
+    /// the live blobs of the packs it rewrites), from the origins in `holders` only.
+    pub(crate) fn over_packs(
+        origins: Arc<Origins>,
+        holders: Holders,
+        store: Arc<dyn ChunkStore>,
+        cache: &Path,
+        dataset: shoal_registry::DatasetName,
+        packs: Vec<Hash>,
+    ) -> Blobs {
+        let version_name = format!("packs of {dataset}");
         let locator = Arc::new(Locator::new(
             origins.clone(),
             holders,
             cache,
+            dataset,
             packs,
-            swarm.cloned(),
+            None,
         ));
-        Ok(Blobs {
+        Blobs {
             store,
             locator,
             decoded: std::sync::Mutex::new(hashlink::LruCache::new(FRAMES_CACHED)),
             per_source: Default::default(),
             sources: Default::default(),
-            version_name: format!("{}@{}", version.body.dataset, version.body.version),
+            version_name,
             per_origin: (0..origins.len()).map(|_| AtomicU64::new(0)).collect(),
             origins,
             holders,
@@ -235,10 +260,10 @@ impl Blobs {
             durable: true,
             retain: Retain::Keep,
             keep: true,
-            peers: swarm.map(|s| (s.clone(), version.body.root)),
+            peers: None,
             origin_slots: tokio::sync::Semaphore::new(ORIGIN_CONCURRENCY),
             coalesce_gap: COALESCE_GAP,
-        })
+        }
     }
 
     /// Fills a cache instead of keeping a version: batches are not flushed one by one (a
@@ -334,7 +359,7 @@ impl Blobs {
     }
 
     fn pack_id(&self, pack: u32) -> Hash {
-        self.locator.packs()[pack as usize]
+        self.locator.pack_id(pack)
     }
 
     /// The compressed frame a blob lies in, if it does: (pack number, where the frame begins
@@ -517,9 +542,32 @@ impl Blobs {
     }
 
     /// Ranged reads from the origins (or, for an in-place version, from its source objects),
-    /// verified and stored batch by batch. Cancel-safe: what was stored stays stored and
-    /// verified.
+    /// verified and stored batch by batch; read again where a pack turned out to be gone
+    /// because it was repacked (its blobs are then looked up where its record says).
+    /// Cancel-safe: what was stored stays stored and verified.
     async fn fetch_inner(
+        &self,
+        ids: Vec<Hash>,
+        progress: Option<&Progress>,
+        want: bool,
+    ) -> Result<HashMap<Hash, Bytes>> {
+        let mut attempts = 0;
+        loop {
+            let retired = self.locator.retirements();
+            match self.fetch_once(ids.clone(), progress, want).await {
+                Err(e) if e.is_gone() && attempts < 4 && self.locator.retirements() > retired => {
+                    attempts += 1;
+                    tracing::debug!("{e}; reading again where the repacked pack's blobs went");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of [`Self::fetch_inner`].
+    ///
+    /// Cancel-safe, as [`Self::fetch_inner`].
+    async fn fetch_once(
         &self,
         mut ids: Vec<Hash>,
         progress: Option<&Progress>,
@@ -661,11 +709,21 @@ impl Blobs {
         };
         loop {
             let slot = self.origin_slots.acquire().await.expect("never closed");
-            let (data, from) = self
+            let read = self
                 .origins
                 .read_pack(holders, &pack_id, stored.clone())
-                .await?;
+                .await;
             drop(slot);
+            let (data, from) = match read {
+                Ok(got) => got,
+                Err(e) if e.is_gone() && shift == 0 => {
+                    // Repacked and retired since its index was read: the caller reads again
+                    // where the record says its blobs went.
+                    let _ = self.locator.retire(r.pack).await;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             self.count_origin_bytes(data.len() as u64);
             self.per_origin[from].fetch_add(data.len() as u64, Ordering::Relaxed);
             let origin = self.origins.get(from);

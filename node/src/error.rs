@@ -85,6 +85,11 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// Whether an origin said the object asked for is not there (as opposed to failing).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Error::Origin(e) if e.is_not_found())
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Origin(shoal_registry::OriginError::NotFound { .. }) => ErrorKind::NotFound,

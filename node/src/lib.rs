@@ -22,6 +22,7 @@ pub mod origins;
 pub mod progress;
 mod publish;
 mod pull;
+pub mod repack;
 mod replicate;
 pub mod select;
 mod verify;

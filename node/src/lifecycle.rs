@@ -46,8 +46,11 @@ pub struct GcPlan {
     /// Packs kept for a removal younger than the grace period (a publish that started before
     /// the removal may still name them).
     pub recently_removed: usize,
-    /// Packs named by versions.
+    /// Packs named by versions (or reached from them through records of repacked packs).
     pub live: usize,
+    /// Repacked packs deleted: their records are older than the grace period and cover
+    /// every version reaching them (the records stay while a version names the pack).
+    pub retired: usize,
     /// Objects under `packs/` whose names gc does not know: never touched.
     pub unknown: usize,
 }
@@ -57,8 +60,13 @@ pub struct GcInputs<'a> {
     /// The store's clock when gc started, before it listed anything.
     pub now: i64,
     pub grace_s: u64,
-    /// Packs named by the version objects present.
+    /// Packs named by the version objects present, and those their repacked packs' records
+    /// forward to (see [`reach`]).
     pub live: &'a HashSet<Hash>,
+    /// Live packs that were repacked and may go (see [`retirable`]).
+    pub retired: &'a HashSet<Hash>,
+    /// Records of repacked packs: (key, the pack, the store's time of writing it).
+    pub forwards: &'a [(String, Hash, i64)],
     /// Removal records: the store's time of writing each, and the packs its version named.
     pub removals: &'a [(i64, Vec<Hash>)],
     /// Every object under `packs/`.
@@ -99,7 +107,7 @@ pub fn plan_gc(i: &GcInputs) -> GcPlan {
         }
     }
     for (id, mut objects) in by_pack {
-        if i.live.contains(&id) {
+        if i.live.contains(&id) && !i.retired.contains(&id) {
             plan.live += 1;
         } else if recent.contains(&id) {
             plan.recently_removed += 1;
@@ -108,13 +116,78 @@ pub fn plan_gc(i: &GcInputs) -> GcPlan {
         } else {
             // The index first: a pack whose index is gone is not whole to any reader.
             objects.sort_by_key(|(o, is_index)| (!is_index, o.key.clone()));
+            plan.retired += usize::from(i.live.contains(&id));
             plan.delete.extend(objects.into_iter().map(|(o, _)| Doomed {
                 key: o.key.clone(),
                 bytes: o.size,
             }));
         }
     }
+    // A record goes with the last version reaching its pack (after the pack's objects).
+    for (key, pack, at) in i.forwards {
+        if !i.live.contains(pack) && !recent.contains(pack) && *at <= cutoff {
+            plan.delete.push(Doomed {
+                key: key.clone(),
+                bytes: 0,
+            });
+        }
+    }
     plan
+}
+
+/// The packs a version naming `named` reads from: those, and the packs that the records of
+/// repacked ones among them forward to, and so on (at most a few records deep).
+pub fn reach<'a>(
+    named: impl IntoIterator<Item = &'a Hash>,
+    forward: impl Fn(&Hash) -> Option<&'a [Hash]>,
+) -> Vec<Hash> {
+    let mut out: Vec<Hash> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut next: Vec<Hash> = named.into_iter().copied().collect();
+    for _ in 0..=MAX_FORWARD_DEPTH {
+        let mut after = Vec::new();
+        for p in next {
+            if seen.insert(p) {
+                out.push(p);
+                if let Some(into) = forward(&p) {
+                    after.extend_from_slice(into);
+                }
+            }
+        }
+        next = after;
+    }
+    out
+}
+
+/// Records followed from one pack at most (a repacked pack's new pack repacked, ...).
+pub const MAX_FORWARD_DEPTH: usize = 8;
+
+/// Which repacked packs may go: those whose record is older than the grace period (before
+/// `cutoff`) and covers every version that reaches the pack (`reachers`: each pack, and the
+/// (dataset, version) of every version present reaching it). A version written after the
+/// repack that still names the pack (a publish that listed before the record existed)
+/// keeps it: its blobs there may not be among those the repack copied. Pure.
+pub fn retirable(
+    forwards: &BTreeMap<(DatasetName, Hash), (i64, shoal_registry::Forward)>,
+    reachers: &BTreeMap<Hash, Vec<(DatasetName, String)>>,
+    cutoff: i64,
+) -> HashSet<Hash> {
+    reachers
+        .iter()
+        .filter(|(pack, by)| {
+            let Some((dataset, _)) = by.first() else {
+                return false;
+            };
+            let Some((at, f)) = forwards.get(&(dataset.clone(), **pack)) else {
+                return false;
+            };
+            *at <= cutoff
+                && by
+                    .iter()
+                    .all(|(d, v)| d == dataset && f.covers.iter().any(|c| c == v))
+        })
+        .map(|(pack, _)| *pack)
+        .collect()
 }
 
 /// What `shoal origin gc` did (or would do, with `--dry-run`) in one origin.
@@ -370,11 +443,41 @@ impl Node {
         let mut expired_versions = Vec::new();
         let mut retention_deleted = 0usize;
         let mut written = 0usize;
+        // Records of repacked packs, by (dataset, pack); and every pack a version present
+        // reaches, with the versions reaching it.
+        let mut forwards: BTreeMap<(DatasetName, Hash), (i64, shoal_registry::Forward)> =
+            BTreeMap::new();
+        let mut forward_keys: Vec<(String, Hash, i64)> = Vec::new();
+        let mut reachers: BTreeMap<Hash, Vec<(DatasetName, String)>> = BTreeMap::new();
+        for (name, d) in &datasets {
+            for (p, at) in &d.forwards {
+                let Ok(pack) = p.parse::<Hash>() else {
+                    continue;
+                };
+                read += 1;
+                match origin.forward(name, &pack).await {
+                    Ok(Some(f)) => {
+                        forward_keys.push((format!("datasets/{name}/_repacked/{pack}"), pack, *at));
+                        forwards.insert((name.clone(), pack), (*at, f));
+                    }
+                    Ok(None) => {}
+                    // A record gc cannot read may forward to packs versions need.
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let reach_in = |name: &DatasetName, packs: &[Hash]| {
+            reach(packs, |p| {
+                forwards
+                    .get(&(name.clone(), *p))
+                    .map(|(_, f)| f.into.as_slice())
+            })
+        };
         for (name, d) in &datasets {
             for (v, at) in &d.removals {
                 read += 1;
                 match origin.removal(name, v).await {
-                    Ok(Some(r)) => removals.push((*at, r.body.packs)),
+                    Ok(Some(r)) => removals.push((*at, reach_in(name, &r.body.packs))),
                     Ok(None) => {}
                     // A record gc cannot read protects nothing it could name: stop rather
                     // than guess (it may list packs a recent publish leans on).
@@ -443,7 +546,13 @@ impl Node {
             for (v, _, _, packs, root) in present {
                 if !expired.contains(&v) {
                     versions += 1;
-                    live.extend(packs.iter().copied());
+                    for p in reach_in(name, &packs) {
+                        live.insert(p);
+                        reachers
+                            .entry(p)
+                            .or_default()
+                            .push((name.clone(), v.clone()));
+                    }
                     continue;
                 }
                 let tags = tags_of.remove(&v).unwrap_or_default();
@@ -459,17 +568,20 @@ impl Node {
                     written += 1;
                 }
                 // Kept for the grace period like any recent removal.
-                removals.push((now, packs));
+                removals.push((now, reach_in(name, &packs)));
                 expired_versions.push(format!("{name}@{v}"));
             }
         }
         let mut pack_objects = origin.list_stored("packs").await?;
         pack_objects.extend(origin.staging_leftovers("packs")?);
         listed += pack_objects.len();
+        let retired = retirable(&forwards, &reachers, now.saturating_sub(grace_s as i64));
         let plan = plan_gc(&GcInputs {
             now,
             grace_s,
             live: &live,
+            retired: &retired,
+            forwards: &forward_keys,
             removals: &removals,
             pack_objects: &pack_objects,
         });
@@ -598,6 +710,8 @@ mod tests {
             now: 1000,
             grace_s: 100,
             live: &live,
+            retired: &HashSet::new(),
+            forwards: &[],
             removals: &removals,
             pack_objects: &objects,
         });
@@ -619,11 +733,105 @@ mod tests {
             now: 1200,
             grace_s: 100,
             live: &live,
+            retired: &HashSet::new(),
+            forwards: &[],
             removals: &removals,
             pack_objects: &objects,
         });
         assert_eq!(plan.delete.len(), 7, "{:?}", plan.delete);
         assert_eq!((plan.live, plan.young, plan.recently_removed), (1, 0, 0));
+    }
+
+    #[test]
+    fn repacked_packs_go_once_their_record_is_old_and_covers_every_reader() {
+        let (p, n, m, q) = (id(1), id(2), id(3), id(4));
+        let demo: DatasetName = "demo".parse().unwrap();
+        let other: DatasetName = "other".parse().unwrap();
+        let fwd = |pack: Hash, into: Vec<Hash>, covers: &[&str]| shoal_registry::Forward {
+            pack,
+            into,
+            covers: covers.iter().map(|c| c.to_string()).collect(),
+            repacked_unix: 0,
+        };
+        // p was repacked into n, and n later into m.
+        let mut forwards = BTreeMap::new();
+        forwards.insert((demo.clone(), p), (100, fwd(p, vec![n], &["v1", "v2"])));
+        forwards.insert((demo.clone(), n), (500, fwd(n, vec![m], &["v1", "v2"])));
+        let into = |x: &Hash| {
+            forwards
+                .get(&(demo.clone(), *x))
+                .map(|(_, f)| f.into.as_slice())
+        };
+        assert_eq!(reach(&[p, q], into), vec![p, q, n, m]);
+        // A loop (a lying record) ends.
+        let (to_n, to_p) = ([n], [p]);
+        let looped = |x: &Hash| Some(if *x == p { &to_n[..] } else { &to_p[..] });
+        assert_eq!(reach(&[p], looped), vec![p, n]);
+
+        let readers = |vs: &[(&DatasetName, &str)]| {
+            vs.iter()
+                .map(|(d, v)| ((*d).clone(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let mut reachers = BTreeMap::new();
+        reachers.insert(p, readers(&[(&demo, "v1"), (&demo, "v2")]));
+        reachers.insert(n, readers(&[(&demo, "v1"), (&demo, "v2")]));
+        reachers.insert(m, readers(&[(&demo, "v1"), (&demo, "v2")]));
+        // p's record is old enough, n's not yet.
+        assert_eq!(retirable(&forwards, &reachers, 200), [p].into());
+        assert_eq!(retirable(&forwards, &reachers, 600), [p, n].into());
+        // A version written since (it may lean on blobs the repack did not copy) keeps p.
+        reachers
+            .get_mut(&p)
+            .unwrap()
+            .push((demo.clone(), "v3".into()));
+        assert_eq!(retirable(&forwards, &reachers, 600), [n].into());
+        // So does another dataset's version naming the same pack.
+        reachers.get_mut(&n).unwrap().push((other, "v1".into()));
+        assert!(retirable(&forwards, &reachers, 600).is_empty());
+
+        // In the plan: a retired pack goes like an unnamed one (its objects old, no recent
+        // removal); its record stays while a version reaches the pack, and goes after.
+        let objects = vec![obj(&p, "pack", 100, 0), obj(&p, "idx", 10, 0)];
+        let live: HashSet<Hash> = [p, n, m].into();
+        let records = vec![(format!("datasets/demo/_repacked/{p}"), p, 100)];
+        let plan = plan_gc(&GcInputs {
+            now: 1000,
+            grace_s: 100,
+            live: &live,
+            retired: &[p].into(),
+            forwards: &records,
+            removals: &[],
+            pack_objects: &objects,
+        });
+        assert_eq!(plan.retired, 1);
+        assert_eq!(plan.delete.len(), 2, "{:?}", plan.delete);
+        let none: HashSet<Hash> = HashSet::new();
+        let plan = plan_gc(&GcInputs {
+            now: 1000,
+            grace_s: 100,
+            live: &none,
+            retired: &none,
+            forwards: &records,
+            removals: &[],
+            pack_objects: &[],
+        });
+        assert_eq!(
+            plan.delete.len(),
+            1,
+            "the record of a pack nobody reads goes"
+        );
+        // Not while a recent removal names the pack.
+        let plan = plan_gc(&GcInputs {
+            now: 1000,
+            grace_s: 100,
+            live: &none,
+            retired: &none,
+            forwards: &records,
+            removals: &[(950, vec![p])],
+            pack_objects: &[],
+        });
+        assert!(plan.delete.is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::origins::{Holders, Origins};
 use futures::StreamExt;
 use shoal_registry::pack::{AnyIndex, Codec, ExternalIndex, Frame, Frames};
-use shoal_registry::Hash;
+use shoal_registry::{DatasetName, Hash};
 use shoal_store::sorted::{find, prefix};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -218,10 +218,17 @@ pub(crate) struct Locator {
     origins: Arc<Origins>,
     holders: Holders,
     cache: PathBuf,
-    packs: Vec<Hash>,
-    slots: Vec<tokio::sync::OnceCell<PackLoc>>,
-    /// Slots open so far.
+    /// The version's dataset, where the records of repacked packs are.
+    dataset: DatasetName,
+    /// The version's packs, then room for the packs that repacked ones forward to (taken as
+    /// they are found, never given back: a slot's number stays its pack's).
+    slots: Vec<Slot>,
+    /// Slots that have a pack.
+    used: AtomicUsize,
+    /// Slots open (or retired) so far.
     open: AtomicUsize,
+    /// Serialises taking slots for forwarded packs.
+    forwarding: tokio::sync::Mutex<()>,
     /// The pack of the last hit: the next blob asked for is most often in it too.
     hint: AtomicU32,
     /// Index bytes read from origins.
@@ -230,32 +237,77 @@ pub(crate) struct Locator {
     lookups: AtomicUsize,
     /// Where those bytes are also counted (the swarm's origin-read counter).
     swarm: Option<Arc<crate::swarm::Swarm>>,
+    /// Packs retired so far (see [`Self::retire`]).
+    retired: AtomicUsize,
+    /// Packs reached through records of repacked packs: how many records were followed.
+    depths: std::sync::Mutex<std::collections::HashMap<Hash, usize>>,
 }
+
+/// One pack of a [`Locator`].
+struct Slot {
+    id: std::sync::OnceLock<Hash>,
+    loc: tokio::sync::OnceCell<PackLoc>,
+    /// The pack was repacked and is gone from the origins: its blobs are looked up in the
+    /// packs its record forwards to, never in this slot again.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+/// Slots for forwarded packs beyond a version's own: at least this many.
+const SPARE_SLOTS: usize = 64;
+/// Records followed from one pack at most (a pack repacked, its new pack repacked, ...).
+const MAX_FORWARDS: usize = 8;
 
 impl Locator {
     pub fn new(
         origins: Arc<Origins>,
         holders: Holders,
         cache: &Path,
+        dataset: DatasetName,
         packs: Vec<Hash>,
         swarm: Option<Arc<crate::swarm::Swarm>>,
     ) -> Locator {
+        let n = packs.len();
+        let slots: Vec<Slot> = (0..n + n.max(SPARE_SLOTS))
+            .map(|i| Slot {
+                id: match packs.get(i) {
+                    Some(id) => (*id).into(),
+                    None => std::sync::OnceLock::new(),
+                },
+                loc: tokio::sync::OnceCell::new(),
+                retired: false.into(),
+            })
+            .collect();
         Locator {
             origins,
             holders,
             cache: cache.to_path_buf(),
-            slots: packs.iter().map(|_| tokio::sync::OnceCell::new()).collect(),
-            packs,
+            dataset,
+            slots,
+            used: AtomicUsize::new(n),
             open: AtomicUsize::new(0),
+            forwarding: tokio::sync::Mutex::new(()),
             hint: AtomicU32::new(u32::MAX),
             index_bytes: AtomicU64::new(0),
             lookups: AtomicUsize::new(0),
             swarm,
+            depths: Default::default(),
+            retired: AtomicUsize::new(0),
         }
     }
 
-    pub fn packs(&self) -> &[Hash] {
-        &self.packs
+    /// The id of pack number `pack` (a number a [`Loc`] or [`Self::pack`] gave).
+    pub fn pack_id(&self, pack: u32) -> Hash {
+        *self.slots[pack as usize]
+            .id
+            .get()
+            .expect("a pack number in use")
+    }
+
+    /// Pack numbers in use, and not retired, newest (highest) first.
+    fn in_use(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.used.load(Ordering::Acquire) as u32)
+            .rev()
+            .filter(|&p| !self.slots[p as usize].retired.load(Ordering::Acquire))
     }
 
     /// Index bytes read from the origins so far.
@@ -265,25 +317,28 @@ impl Locator {
 
     /// A pack already open (any pack a [`Loc`] came from is).
     pub fn pack(&self, pack: u32) -> Option<&PackLoc> {
-        self.slots.get(pack as usize)?.get()
+        let slot = self.slots.get(pack as usize)?;
+        if slot.retired.load(Ordering::Acquire) {
+            return None;
+        }
+        slot.loc.get()
     }
 
     /// Whether any pack opened so far has compressed frames.
     pub fn has_compressed(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| s.get().is_some_and(|p| p.frames.is_some()))
+        self.in_use()
+            .any(|p| self.pack(p).is_some_and(|p| p.frames.is_some()))
     }
 
     fn all_open(&self) -> bool {
-        self.open.load(Ordering::Acquire) == self.slots.len()
+        self.open.load(Ordering::Acquire) == self.used.load(Ordering::Acquire)
     }
 
     /// Where `id` is, among the packs open so far (the last hit's pack first, then newest to
     /// oldest).
     pub fn find(&self, id: &Hash) -> Option<Loc> {
         if self.lookups.fetch_add(1, Ordering::Relaxed) % RELEASE_EVERY == RELEASE_EVERY - 1 {
-            for p in self.slots.iter().filter_map(|s| s.get()) {
+            for p in self.slots.iter().filter_map(|s| s.loc.get()) {
                 p.release();
             }
         }
@@ -300,10 +355,7 @@ impl Locator {
         if let Some(l) = at(hint) {
             return Some(l);
         }
-        let found = (0..self.slots.len() as u32)
-            .rev()
-            .filter(|&p| p != hint)
-            .find_map(at)?;
+        let found = self.in_use().filter(|&p| p != hint).find_map(at)?;
         self.hint.store(found.pack, Ordering::Relaxed);
         Some(found)
     }
@@ -322,8 +374,8 @@ impl Locator {
             if missing.is_empty() || self.all_open() {
                 return Ok(());
             }
-            let closed: Vec<u32> = (0..self.slots.len() as u32)
-                .rev()
+            let closed: Vec<u32> = self
+                .in_use()
                 .filter(|&p| self.pack(p).is_none())
                 .take(batch)
                 .collect();
@@ -336,11 +388,12 @@ impl Locator {
     ///
     /// Cancel-safe, as [`Self::prepare`].
     pub async fn open_all(&self) -> Result<()> {
-        let closed: Vec<u32> = (0..self.slots.len() as u32)
-            .rev()
-            .filter(|&p| self.pack(p).is_none())
-            .collect();
-        self.open_packs(closed).await
+        // Packs a repacked one forwards to are found as it is opened: open until none is left.
+        while !self.all_open() {
+            let closed: Vec<u32> = self.in_use().filter(|&p| self.pack(p).is_none()).collect();
+            self.open_packs(closed).await?;
+        }
+        Ok(())
     }
 
     /// Opens packs in the background, newest first, a few at a time, for as long as the
@@ -350,14 +403,11 @@ impl Locator {
         tokio::spawn(async move {
             loop {
                 let Some(me) = weak.upgrade() else { return };
-                let Some(p) = (0..me.slots.len() as u32)
-                    .rev()
-                    .find(|&p| me.pack(p).is_none())
-                else {
+                let Some(p) = me.in_use().find(|&p| me.pack(p).is_none()) else {
                     return;
                 };
                 if let Err(e) = me.open_packs(vec![p]).await {
-                    tracing::debug!("opening the locator of pack {}: {e}", me.packs[p as usize]);
+                    tracing::debug!("opening the locator of pack {}: {e}", me.pack_id(p));
                     return;
                 }
             }
@@ -376,7 +426,7 @@ impl Locator {
             r?;
         }
         drop(opening);
-        if self.all_open() && self.slots.len() > 16 {
+        if self.all_open() && self.used.load(Ordering::Relaxed) > 16 {
             // The decoded indexes are gone; their memory need not stay with the process.
             shoal_fuse::trim_allocator();
         }
@@ -388,22 +438,127 @@ impl Locator {
         let slot = &self.slots[pack as usize];
         let started = std::time::Instant::now();
         let mut opened = false;
-        slot.get_or_try_init(|| async {
-            let p = self.load_pack(pack).await?;
-            opened = true;
-            Ok::<_, Error>(p)
-        })
-        .await?;
-        if opened {
-            self.open.fetch_add(1, Ordering::AcqRel);
-            tracing::debug!(
-                pack,
-                of = self.slots.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "pack locator opened"
-            );
+        let got = slot
+            .loc
+            .get_or_try_init(|| async {
+                let p = self.load_pack(pack).await?;
+                opened = true;
+                Ok::<_, Error>(p)
+            })
+            .await;
+        match got {
+            Ok(_) if opened => {
+                self.open.fetch_add(1, Ordering::AcqRel);
+                tracing::debug!(
+                    pack,
+                    of = self.used.load(Ordering::Relaxed),
+                    ms = started.elapsed().as_millis() as u64,
+                    "pack locator opened"
+                );
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.is_gone() => self.retire(pack).await.map_err(|f| f.unwrap_or(e)),
+            Err(e) => Err(e),
         }
+    }
+
+    /// The pack numbered `pack` is gone from the origins holding the version (its index or
+    /// its bytes): if the dataset's record of its repacking says where its blobs went, those
+    /// packs are added (unopened) and `pack` is never looked in again; its cached index and
+    /// locator file are dropped. Err(None) when there is no such record (the caller's error
+    /// stands).
+    ///
+    /// Cancel-safe: a pack is retired only once the packs it forwards to have their slots.
+    pub async fn retire(&self, pack: u32) -> std::result::Result<(), Option<Error>> {
+        let slot = &self.slots[pack as usize];
+        let _one = self.forwarding.lock().await;
+        if slot.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let id = self.pack_id(pack);
+        let mut found = None;
+        let dataset = &self.dataset;
+        for (i, r) in self
+            .origins
+            .ask_all(|o| async move { o.forward(dataset, &id).await })
+            .await
+        {
+            match r {
+                Ok(Some(f)) if self.holders.has(i) => {
+                    found = Some(f);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        let Some(f) = found else { return Err(None) };
+        // A chain of records longer than any repack makes is a loop or a lie.
+        let depth = self.depth(pack);
+        if depth >= MAX_FORWARDS {
+            return Err(Some(Error::Corrupt {
+                what: format!("the record of repacked pack {id} of {}", self.dataset),
+                reason: format!("it is the {depth}th record followed from one pack"),
+            }));
+        }
+        for target in &f.into {
+            if (0..self.used.load(Ordering::Acquire))
+                .any(|p| self.slots[p].id.get() == Some(target))
+            {
+                continue;
+            }
+            let n = self.used.load(Ordering::Acquire);
+            let Some(free) = self.slots.get(n) else {
+                return Err(Some(Error::Corrupt {
+                    what: format!("version of {}", self.dataset),
+                    reason: format!(
+                        "more repacked packs than this reader has room for ({}); open the version again",
+                        self.slots.len()
+                    ),
+                }));
+            };
+            let _ = free.id.set(*target);
+            self.depths
+                .lock()
+                .expect("poisoned")
+                .insert(*target, depth + 1);
+            self.used.store(n + 1, Ordering::Release);
+        }
+        slot.retired.store(true, Ordering::Release);
+        self.retired.fetch_add(1, Ordering::AcqRel);
+        self.open
+            .fetch_add(usize::from(slot.loc.get().is_none()), Ordering::AcqRel);
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(loc_path(&cache, &id));
+            let _ = std::fs::remove_file(cache.join(format!("{id}.idx")));
+        })
+        .await
+        .expect("cache task panicked");
+        tracing::info!(
+            "pack {id} of {} was repacked into {} pack(s); reading there",
+            self.dataset,
+            f.into.len()
+        );
         Ok(())
+    }
+
+    /// Packs retired so far: a read that failed because a pack was gone is worth retrying
+    /// when this grew meanwhile.
+    pub fn retirements(&self) -> usize {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// How many records were followed to reach pack `pack` (0 for the version's own).
+    fn depth(&self, pack: u32) -> usize {
+        let id = self.pack_id(pack);
+        self.depths
+            .lock()
+            .expect("poisoned")
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Opens the locator file of one pack, building it from the pack's index first if there
@@ -411,7 +566,7 @@ impl Locator {
     ///
     /// Cancel-safe: the file is renamed into place whole, or not at all.
     async fn load_pack(&self, pack: u32) -> Result<PackLoc> {
-        let id = self.packs[pack as usize];
+        let id = self.pack_id(pack);
         let cache = self.cache.clone();
         let existing = tokio::task::spawn_blocking(move || open_loc(&cache, &id))
             .await

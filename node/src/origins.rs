@@ -374,6 +374,37 @@ impl Origins {
         (found, errors)
     }
 
+    /// The records of `name`'s repacked packs in every origin (the first found of each).
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn forwards(
+        &self,
+        name: &shoal_registry::DatasetName,
+    ) -> Result<std::collections::HashMap<Hash, shoal_registry::Forward>> {
+        let listed = self
+            .list_union(|o| async move {
+                Ok(o.list_forwards(name)
+                    .await?
+                    .into_iter()
+                    .map(|p| p.to_string())
+                    .collect())
+            })
+            .await?;
+        let mut out = std::collections::HashMap::new();
+        for p in listed.iter().filter_map(|p| p.parse::<Hash>().ok()) {
+            for (_, r) in self
+                .ask_all(|o| async move { o.forward(name, &p).await })
+                .await
+            {
+                if let Ok(Some(f)) = r {
+                    out.insert(p, f);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Names listed by any origin (`list(origin)`: versions or tags of a dataset), sorted;
     /// an origin that cannot be reached is left out with a warning, unless none can.
     ///

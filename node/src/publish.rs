@@ -526,7 +526,7 @@ impl Dedup {
 
 /// New blobs on their way to the packer, in groups that go into a pack together (an empty group
 /// ends the open frame).
-type BlobTx = std::sync::mpsc::SyncSender<Vec<(Hash, Bytes)>>;
+pub(crate) type BlobTx = std::sync::mpsc::SyncSender<Vec<(Hash, Bytes)>>;
 
 /// Bytes of one file's new chunks handed to the packer together, so that they lie next to
 /// each other in a pack although files are chunked in parallel (chunk by chunk, two files
@@ -700,15 +700,15 @@ pub struct PublishOptions {
 }
 
 /// A pack the uploader stored: its id, the blobs in it and its size with the index.
-struct Uploaded {
-    pack: Hash,
-    ids: Vec<Hash>,
-    bytes: u64,
+pub(crate) struct Uploaded {
+    pub pack: Hash,
+    pub ids: Vec<Hash>,
+    pub bytes: u64,
 }
 
 /// Seals packs (compressing their frames on the rayon pool: about 126 MB/s of text a core)
 /// and uploads them, at most two at a time; returns what it stored.
-fn spawn_uploader(
+pub(crate) fn spawn_uploader(
     origin: Origin,
 ) -> (
     tokio::sync::mpsc::Sender<PackBuilder>,
@@ -755,7 +755,7 @@ fn spawn_uploader(
 /// Groups new blobs into packs of about [`shoal_registry::pack::PACK_TARGET`] bytes (or
 /// [`shoal_registry::pack::PACK_MAX_BLOBS`] blobs); the last pack is sealed when
 /// every sender is gone.
-fn spawn_packer(
+pub(crate) fn spawn_packer(
     packs: tokio::sync::mpsc::Sender<PackBuilder>,
     compress: bool,
 ) -> (BlobTx, std::thread::JoinHandle<()>) {
@@ -972,6 +972,14 @@ impl Node {
         let mut packs_seen = HashSet::new();
         // Removed versions are not leaned on: gc keeps their packs only for a grace period.
         let removed: HashSet<String> = origin.list_removals(name).await?.into_iter().collect();
+        // Repacked packs are not leaned on, the packs their blobs went to are: gc deletes a
+        // repacked pack once every version it knew of reads elsewhere (see docs/lifecycle.md).
+        let mut forwards: HashMap<Hash, shoal_registry::Forward> = HashMap::new();
+        for p in origin.list_forwards(name).await? {
+            if let Some(f) = origin.forward(name, &p).await? {
+                forwards.insert(p, f);
+            }
+        }
         for v in origin.list_versions(name).await? {
             if removed.contains(&v) {
                 continue;
@@ -982,8 +990,11 @@ impl Node {
             if sv.verify(name.as_str(), &v, &trusted).is_err() {
                 continue;
             }
-            for p in sv.body.packs {
-                if packs_seen.insert(p) {
+            let reached = crate::lifecycle::reach(&sv.body.packs, |p| {
+                forwards.get(p).map(|f| f.into.as_slice())
+            });
+            for p in reached {
+                if !forwards.contains_key(&p) && packs_seen.insert(p) {
                     // Only packed blobs: a new version never leans on another's source objects.
                     if let AnyIndex::Packed(idx) =
                         pack_index(origin, &self.home.pack_cache_dir(), &p).await?.0

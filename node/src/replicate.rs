@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use shoal_registry::pack::{AnyIndex, Codec, Frame, ZSTD_LEVEL};
 use shoal_registry::{AnyTag, DatasetName, DatasetRef, Hash, Origin, SignedVersion};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -253,28 +253,43 @@ impl Node {
 
         // Which packs the target lacks, with their indexes, each under the first version
         // that names it (its bytes are read through that version).
+        // A repacked pack's blobs are where its record says: those packs are copied, and the
+        // record (a repacked pack gone from here is not).
+        let mut forwards: BTreeMap<&DatasetName, HashMap<Hash, shoal_registry::Forward>> =
+            BTreeMap::new();
+        for name in versions.keys() {
+            forwards.insert(name, self.origins.forwards(name).await?);
+        }
         let mut by_version: Vec<(&SignedVersion, Vec<Hash>)> = Vec::new();
         let mut seen = BTreeSet::new();
-        for v in versions.values().flat_map(|vs| vs.values()) {
-            let new: Vec<Hash> = v
-                .body
-                .packs
-                .iter()
-                .filter(|id| seen.insert(**id))
-                .copied()
-                .collect();
-            by_version.push((v, new));
+        for (name, vs) in &versions {
+            let fw = &forwards[name];
+            for v in vs.values() {
+                let reached = crate::lifecycle::reach(&v.body.packs, |p| {
+                    fw.get(p).map(|f| f.into.as_slice())
+                });
+                let new: Vec<Hash> = reached.into_iter().filter(|id| seen.insert(*id)).collect();
+                by_version.push((v, new));
+            }
         }
+        let forwarded: HashSet<Hash> = forwards.values().flat_map(|f| f.keys()).copied().collect();
         let packs = seen.len() as u64;
         progress.phase("checking", packs);
         let mut work: Vec<(&SignedVersion, Vec<Missing>)> = Vec::new();
         for (v, ids) in by_version {
             let holders = self.holders_of(&v.body.root);
             let missing: Vec<Option<Missing>> = futures::stream::iter(ids)
-                .map(|id| async move {
-                    let m = self.missing_at(to, holders, id, options).await;
-                    progress.add(1);
-                    m
+                .map(|id| {
+                    let forwarded = forwarded.contains(&id);
+                    async move {
+                        let m = match self.missing_at(to, holders, id, options).await {
+                            // Repacked and gone: its record goes instead.
+                            Err(e) if forwarded && e.is_gone() => Ok(None),
+                            m => m,
+                        };
+                        progress.add(1);
+                        m
+                    }
                 })
                 .buffered(16)
                 .try_collect()
@@ -332,6 +347,15 @@ impl Node {
                 for (url, n) in blobs.bytes_per_origin() {
                     *per_origin.entry(url).or_default() += n;
                 }
+            }
+        }
+
+        // Records of repacked packs, once the packs they forward to are there.
+        for (name, fw) in &forwards {
+            for f in fw.values().filter(|f| seen.contains(&f.pack)) {
+                let bytes = f.encode().len() as u64;
+                to.put_forward(name, f).await?;
+                written.fetch_add(bytes, Ordering::Relaxed);
             }
         }
 

@@ -28,6 +28,8 @@ pub enum Kind {
     GcSettings = b'G',
     /// A dataset's retention rules (`datasets/<name>/_retention`).
     Retention = b'K',
+    /// Where the live blobs of a repacked pack went (`datasets/<name>/_repacked/<pack>`).
+    Forward = b'F',
 }
 
 /// The format version of every kind but signed tags.

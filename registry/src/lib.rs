@@ -22,6 +22,7 @@ pub use names::{DatasetName, DatasetRef, Label, NameError, Rev, VersionRef};
 pub use origin::{DatasetObjects, ObjectEntry, Origin, OriginError, PackWriter, StoredObject};
 pub use shoal_chunker::{Hash, Params};
 pub use version::{
-    AnyTag, DatasetConfig, GcSettings, PublicKey, RemovalBody, Retention, SecretKey, SignedRemoval,
-    SignedTag, SignedVersion, SmallFiles, Stats, Tag, TagBody, TrustedKey, VersionBody,
+    AnyTag, DatasetConfig, Forward, GcSettings, PublicKey, RemovalBody, Retention, SecretKey,
+    SignedRemoval, SignedTag, SignedVersion, SmallFiles, Stats, Tag, TagBody, TrustedKey,
+    VersionBody,
 };

@@ -11,7 +11,7 @@
 use crate::names::{DatasetName, DatasetRef, Label, Rev};
 use crate::pack::AnyIndex;
 use crate::version::{
-    AnyTag, DatasetConfig, GcSettings, Retention, SecretKey, SignedRemoval, SignedTag,
+    AnyTag, DatasetConfig, Forward, GcSettings, Retention, SecretKey, SignedRemoval, SignedTag,
     SignedVersion, TagBody,
 };
 use bytes::Bytes;
@@ -116,6 +116,8 @@ pub struct DatasetObjects {
     pub removals: Vec<(String, i64)>,
     pub tags: Vec<String>,
     pub retention: bool,
+    /// Repacked packs (`_repacked/<pack>`), with the store's time of writing each record.
+    pub forwards: Vec<(String, i64)>,
     /// Objects listed under the dataset.
     pub objects: usize,
 }
@@ -729,6 +731,7 @@ impl Origin {
                 Some(("versions", v)) => d.versions.push(v.to_string()),
                 Some(("removed", v)) => d.removals.push((v.to_string(), o.modified_unix)),
                 Some(("tags", t)) => d.tags.push(t.to_string()),
+                Some(("repacked", p)) => d.forwards.push((p.to_string(), o.modified_unix)),
                 None if rest == "retention" => d.retention = true,
                 _ => {}
             }
@@ -830,6 +833,44 @@ impl Origin {
             Ok(meta) => Ok(meta.last_modified.timestamp()),
             Err(e) => Err(self.store_err("checking", &key, e)),
         }
+    }
+
+    /// Where the blobs of `name`'s versions in repacked pack `pack` went, if it was repacked.
+    pub async fn forward(
+        &self,
+        name: &DatasetName,
+        pack: &Hash,
+    ) -> Result<Option<Forward>, OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_repacked/{pack}")));
+        match self
+            .get_opt(&key, "repack record", MAX_VERSION_OBJECT)
+            .await?
+        {
+            Some((b, _)) => {
+                let f = Forward::decode(&b).map_err(|e| self.corrupt(&key, e))?;
+                if f.pack != *pack {
+                    return Err(self.corrupt(&key, format!("it is the record of pack {}", f.pack)));
+                }
+                Ok(Some(f))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Writes (or replaces) the record of a repacked pack of `name`.
+    pub async fn put_forward(&self, name: &DatasetName, f: &Forward) -> Result<(), OriginError> {
+        let key = self.key(&Self::dataset_key(name, &format!("_repacked/{}", f.pack)));
+        self.put(&key, f.encode().into(), PutMode::Overwrite).await
+    }
+
+    /// The packs of `name` that were repacked (ids of their records), sorted.
+    pub async fn list_forwards(&self, name: &DatasetName) -> Result<Vec<Hash>, OriginError> {
+        Ok(self
+            .list_names(&Self::dataset_key(name, "_repacked"))
+            .await?
+            .into_iter()
+            .filter_map(|n| n.parse().ok())
+            .collect())
     }
 
     /// A dataset's retention rules, if it has any.

@@ -552,6 +552,39 @@ impl Retention {
     }
 }
 
+/// Where the blobs of a dataset's versions that lay in a repacked pack are now
+/// (`datasets/<name>/_repacked/<pack>`, written by `shoal origin repack`). Not signed: it only
+/// says where to look, and every blob found there is checked against its id as always; a
+/// reader that cannot find a pack a version names reads this record and looks in `into`.
+/// `shoal origin gc` deletes the pack itself only once the record is older than the grace
+/// period and every version reaching the pack is in `covers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub pack: Hash,
+    /// The packs now holding every blob of `pack` that a version in `covers` reads.
+    pub into: Vec<Hash>,
+    /// The dataset's versions (names) whose blobs in `pack` are all in `into`.
+    pub covers: Vec<String>,
+    pub repacked_unix: u64,
+}
+
+impl Forward {
+    pub fn encode(&self) -> Vec<u8> {
+        format::encode(Kind::Forward, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Forward, DecodeError> {
+        let f: Forward = format::decode(Kind::Forward, bytes)?;
+        if f.into.contains(&f.pack) {
+            return Err(DecodeError::Invalid(
+                Kind::Forward,
+                "a pack forwarded to itself".into(),
+            ));
+        }
+        Ok(f)
+    }
+}
+
 /// Settings fixed when a dataset is first published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetConfig {

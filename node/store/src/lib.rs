@@ -493,6 +493,30 @@ fn counter(meta: &sled::Tree, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Removes sled's unfinished snapshot files (`snap.*.generating`) under `db`; whether there
+/// were any.
+fn remove_unfinished_snapshots(db: &Path) -> bool {
+    let Ok(dir) = std::fs::read_dir(db) else {
+        return false;
+    };
+    let mut removed = false;
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.")
+            && name.ends_with(".generating")
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            tracing::warn!(
+                "removed {}: a snapshot of the store's database left unfinished by a killed process",
+                e.path().display()
+            );
+            removed = true;
+        }
+    }
+    removed
+}
+
 impl SegmentStore {
     /// Opens (creating if needed) the store under `dir`, with an optional capacity in bytes.
     pub fn open(dir: &Path, capacity: Option<u64>) -> Result<SegmentStore, StoreError> {
@@ -506,26 +530,37 @@ impl SegmentStore {
         private_dir(dir).map_err(io)?;
         private_dir(&segs_dir).map_err(io)?;
         let db_path = dir.join("index");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .mode(sled::Mode::HighThroughput)
-            // (sled's page cache is 1 GiB by default.)
-            .cache_capacity(SLED_CACHE)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref ioe)
-                    if ioe.kind() == std::io::ErrorKind::WouldBlock
-                        || ioe.to_string().contains("lock") =>
-                {
-                    StoreError::Locked {
-                        path: dir.to_path_buf(),
-                    }
+        let open = || {
+            sled::Config::new()
+                .path(&db_path)
+                .mode(sled::Mode::HighThroughput)
+                // (sled's page cache is 1 GiB by default.)
+                .cache_capacity(SLED_CACHE)
+                .open()
+        };
+        let db = match open() {
+            // sled 0.34 reads the newest `snap.*` file, including one it was still writing
+            // (`snap.<lsn>.generating`, renamed into place only once whole and synced) when
+            // a process was killed: the database then never opens again (spacejam/sled#1527).
+            // Such a file is never a finished snapshot: without it, sled reads the previous
+            // one and replays its log from there.
+            Err(sled::Error::Corruption { .. }) if remove_unfinished_snapshots(&db_path) => open(),
+            r => r,
+        }
+        .map_err(|e| match e {
+            sled::Error::Io(ref ioe)
+                if ioe.kind() == std::io::ErrorKind::WouldBlock
+                    || ioe.to_string().contains("lock") =>
+            {
+                StoreError::Locked {
+                    path: dir.to_path_buf(),
                 }
-                source => StoreError::Db {
-                    path: db_path.clone(),
-                    source,
-                },
-            })?;
+            }
+            source => StoreError::Db {
+                path: db_path.clone(),
+                source,
+            },
+        })?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Db {
                 path: db_path.clone(),

@@ -520,3 +520,24 @@ fn a_torn_log_tail_is_cut_and_an_orphan_log_removed() {
         assert_eq!(&s.get(id).unwrap().unwrap(), b);
     }
 }
+
+#[test]
+fn a_snapshot_left_unfinished_by_a_killed_process_does_not_lock_the_store_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = blob(3, 1000);
+    {
+        let s = SegmentStore::open(dir.path(), None).unwrap();
+        put(&s, std::slice::from_ref(&a), Retain::Keep);
+        s.flush().unwrap();
+    }
+    // What sled 0.34 leaves when killed while writing a snapshot: a short file under the
+    // name it renames from, newer than any other, which it then reads first.
+    let snap = dir
+        .path()
+        .join("index")
+        .join("snap.7FFFFFFFFFFFFFFF.generating");
+    std::fs::write(&snap, b"cut").unwrap();
+    let s = reopen(dir.path(), None);
+    assert_eq!(s.get(&a.0).unwrap().unwrap(), a.1);
+    assert!(!snap.exists());
+}
