@@ -2,8 +2,10 @@
 //! versions of `--files` files, each version rewriting `--churn` of them, published into a
 //! local origin; then retention rules keeping the last `--keep`, and gc: a dry run, the run
 //! that removes the expired versions (their packs kept for the grace period), and the run
-//! after the grace that deletes their packs. Reports, for each run, the objects listed, read
-//! and deleted, bytes freed and time; then checks that every kept version verifies.
+//! after the grace that deletes their packs; then `shoal origin repack` of the packs left
+//! (a dry run, then for real) and the gc after the grace that retires the repacked packs.
+//! Reports, for each run, the objects listed, read and deleted, bytes freed and time, and the
+//! origin's size at each step; then checks that every kept version verifies.
 
 use super::{files_under, shoal, Args};
 use anyhow::{bail, Result};
@@ -36,6 +38,7 @@ fn run_summary(v: &Value) -> Value {
         "retention_removed": v["retention_removed"].as_array().map_or(0, |a| a.len()),
         "live_packs": v["plan"]["live"],
         "kept_recently_removed": v["plan"]["recently_removed"],
+        "retired_repacked": v["plan"]["retired"],
     })
 }
 
@@ -95,6 +98,32 @@ pub fn run(args: &Args, versions: u64, files: u64, churn: f64, keep: u64) -> Res
         bail!("a third gc still deleted packs: {third}");
     }
     let origin_after: u64 = files_under(&origin)?.values().sum();
+    let objects_after = files_under(&origin)?.len();
+    let threshold = "0.5";
+    let (_, repack_dry) = shoal(
+        &home,
+        &origin,
+        &[
+            "origin",
+            "repack",
+            "demo",
+            "--threshold",
+            threshold,
+            "--dry-run",
+        ],
+    )?;
+    let (_, repack) = shoal(
+        &home,
+        &origin,
+        &["origin", "repack", "demo", "--threshold", threshold],
+    )?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_, retire) = shoal(&home, &origin, &["origin", "gc"])?;
+    let (_, last) = shoal(&home, &origin, &["origin", "gc"])?;
+    if last["packs_deleted"] != 0 {
+        bail!("a gc after the retiring one still deleted packs: {last}");
+    }
+    let origin_repacked: u64 = files_under(&origin)?.values().sum();
     let mut verified = 0;
     for v in versions.saturating_sub(keep) + 1..=versions {
         shoal(&home, &origin, &["verify", &format!("demo@v{v}")])?;
@@ -110,12 +139,27 @@ pub fn run(args: &Args, versions: u64, files: u64, churn: f64, keep: u64) -> Res
         "publish_s_total": publish_s,
         "origin_objects_before": objects_before,
         "origin_bytes_before": origin_before,
-        "origin_objects_after": files_under(&origin)?.len(),
-        "origin_bytes_after": origin_after,
+        "origin_objects_after_gc": objects_after,
+        "origin_bytes_after_gc": origin_after,
+        "origin_objects_after_repack": files_under(&origin)?.len(),
+        "origin_bytes_after_repack": origin_repacked,
         "dry_run": run_summary(&dry),
         "gc_removing_versions": run_summary(&first),
         "gc_after_grace": run_summary(&second),
         "gc_nothing_left": run_summary(&third),
+        "repack": {
+            "threshold": threshold,
+            "dry_run_seconds": repack_dry["seconds"],
+            "seconds": repack["seconds"],
+            "packs": repack["packs"],
+            "bytes": repack["bytes"],
+            "live_bytes": repack["live_bytes"],
+            "packs_repacked": repack["repacked"].as_array().map_or(0, |a| a.len()),
+            "packs_written": repack["packs_written"],
+            "bytes_written": repack["bytes_written"],
+            "bytes_to_free": repack["bytes_to_free"],
+        },
+        "gc_retiring_repacked": run_summary(&retire),
         "kept_versions_verified": verified,
     }))
 }
