@@ -219,8 +219,13 @@ pub enum Command {
         /// The version; with --all, a dataset name.
         reference: String,
         /// Verify every version of the dataset (each pack once).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "local")]
         all: bool,
+        /// Verify this machine's copy instead (the local store): every blob it holds of the
+        /// version is read and checked, damaged ones dropped to be fetched again; reports
+        /// what is missing and what was damaged, by file.
+        #[arg(long)]
+        local: bool,
     },
     /// Copy versions to another origin: what it lacks of their packs, indexes and version
     /// objects, and the tags that point at them; verified, resumable, incremental.

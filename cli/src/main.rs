@@ -901,18 +901,47 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 )
             })
         }
-        Command::Verify { reference, all } => {
+        Command::Verify {
+            reference,
+            all,
+            local,
+        } => {
             let progress = Arc::new(Progress::default());
             let bar = out.progress(progress.clone());
-            let r = if all {
+            let r = if local {
+                let reference: DatasetRef = reference.parse()?;
+                match daemon(&home, &cfg).await {
+                    Some(daemon) => {
+                        let req = Request::VerifyLocal {
+                            reference: reference.to_string(),
+                            origin: cfg.origin().to_string(),
+                        };
+                        daemon
+                            .call(&req, &progress)
+                            .await
+                            .map_err(anyhow::Error::from)
+                            .and_then(|v| Ok(serde_json::from_value(v)?))
+                    }
+                    None => open(false)?
+                        .verify_local(&reference, &progress)
+                        .await
+                        .map_err(anyhow::Error::from),
+                }
+            } else if all {
                 let name: shoal_registry::DatasetName = reference.parse()?;
-                open(false)?.verify_all(&name, &progress).await
+                open(false)?
+                    .verify_all(&name, &progress)
+                    .await
+                    .map_err(anyhow::Error::from)
             } else {
                 let reference: DatasetRef = reference.parse()?;
-                open(false)?.verify(&reference, &progress).await
+                open(false)?
+                    .verify(&reference, &progress)
+                    .await
+                    .map_err(anyhow::Error::from)
             };
             bar.finish();
-            let r = r?;
+            let r: shoal_node::VerifyReport = r?;
             if !r.ok() {
                 let mut lines: Vec<String> = r
                     .changed
@@ -920,17 +949,47 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     .map(|k| format!("{k}: its source object changed since it was published"))
                     .collect();
                 lines.extend(r.problems.iter().cloned());
-                let msg = format!(
-                    "{} has {} problem(s): {}",
-                    r.version,
-                    lines.len(),
-                    lines.join("; ")
-                );
+                let msg = match &r.local {
+                    Some(l) => format!(
+                        "{}: this machine's copy lacks {} blob(s){}: {}{}",
+                        r.version,
+                        l.missing,
+                        if l.corrupt > 0 {
+                            format!(
+                                " and held {} damaged (dropped: they are fetched again when read)",
+                                l.corrupt
+                            )
+                        } else {
+                            String::new()
+                        },
+                        lines[..lines.len().min(5)].join("; "),
+                        if lines.len() > 5 {
+                            "; ... (--json lists them)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => format!(
+                        "{} has {} problem(s): {}",
+                        r.version,
+                        lines.len(),
+                        lines.join("; ")
+                    ),
+                };
                 return Err(
                     anyhow::Error::new(output::Failed(serde_json::to_value(&r)?)).context(msg),
                 );
             }
             out.report(&r, || {
+                if r.local.is_some() {
+                    return format!(
+                        "{}: this machine's copy is whole and intact ({} blobs, {} read, {:.1}s)",
+                        r.version,
+                        r.blobs,
+                        output::bytes(r.bytes_read),
+                        r.seconds
+                    );
+                }
                 format!(
                     "{}: every blob verified ({} blobs in {} packs, {} read, {:.1}s)",
                     r.version,

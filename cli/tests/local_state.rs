@@ -326,3 +326,91 @@ fn a_signature_failure_in_the_daemon_reaches_the_user_as_one() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["kind"], "not_found", "{doc}");
 }
+
+/// Flips one byte of the stored copy of `needle` (bytes of a file) in the store's segments;
+/// returns the segment file.
+fn damage_stored(home: &Path, needle: &[u8]) -> std::path::PathBuf {
+    for e in std::fs::read_dir(home.join("store/segments")).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+            let mut bytes = bytes;
+            bytes[at + needle.len() / 2] ^= 0x55;
+            // In place (the daemon's open file sees it): not a new file under the name.
+            use std::io::{Seek, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.seek(std::io::SeekFrom::Start((at + needle.len() / 2) as u64))
+                .unwrap();
+            f.write_all(&bytes[at + needle.len() / 2..at + needle.len() / 2 + 1])
+                .unwrap();
+            return p;
+        }
+    }
+    panic!("the bytes are in no segment");
+}
+
+/// `--json verify --local`, which may fail: (success, document).
+fn verify_local(env: &Env, r: &str) -> (bool, serde_json::Value) {
+    let out = env.run(&["--json", "verify", r, "--local"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.success(), doc)
+}
+
+#[test]
+fn verify_local_names_missing_and_damaged_blobs_and_drops_the_damaged() {
+    let env = Env::new();
+    let src = env.path("src");
+    sample_tree(&src);
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    // Before any pull: nothing here.
+    let (ok, doc) = verify_local(&env, "ds@v1");
+    assert!(!ok, "{doc}");
+    assert_eq!(doc["local"]["missing"], 1, "the root node alone: {doc}");
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    let (ok, doc) = verify_local(&env, "ds@v1");
+    assert!(ok, "{doc}");
+    assert_eq!(doc["local"]["complete"], true, "{doc}");
+    assert!(doc["bytes_read"].as_u64().unwrap() >= 3_070_000, "{doc}");
+
+    // One byte of big.bin's stored copy flipped: named, dropped, then missing.
+    let big = std::fs::read(src.join("big.bin")).unwrap();
+    damage_stored(&env.home, &big[1_000_000..1_000_064]);
+    let (ok, doc) = verify_local(&env, "ds@v1");
+    assert!(!ok, "{doc}");
+    assert_eq!(doc["local"]["corrupt"], 1, "{doc}");
+    assert_eq!(doc["local"]["missing"], 0, "{doc}");
+    let problems = doc["problems"].to_string();
+    assert!(
+        problems.contains("/big.bin") && problems.contains("corrupt"),
+        "{doc}"
+    );
+    let out = env.run(&["verify", "ds@v1", "--local"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lacks 1 blob(s)") && err.contains("/big.bin"),
+        "{err}"
+    );
+    // A pull brings back what was dropped.
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    assert!(verify_local(&env, "ds@v1").0);
+
+    // Through the daemon, which owns the store: the damaged blob is dropped and the version,
+    // no longer whole here, is no longer announced.
+    let _d = start_daemon(&env, &[]);
+    let held = |env: &Env| env.json(&["status"])["versions"].to_string();
+    assert!(held(&env).contains("ds@v1"));
+    damage_stored(&env.home, &big[2_000_000..2_000_064]);
+    let (ok, doc) = verify_local(&env, "ds@v1");
+    assert!(!ok, "{doc}");
+    assert_eq!(doc["local"]["corrupt"], 1, "{doc}");
+    assert!(!held(&env).contains("ds@v1"), "{}", held(&env));
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    let (ok, doc) = verify_local(&env, "ds@v1");
+    assert!(ok, "{doc}");
+    // --all and --local are not one request.
+    assert!(!env
+        .run(&["verify", "ds", "--all", "--local"])
+        .status
+        .success());
+}

@@ -59,6 +59,11 @@ pub enum Request {
     Cache,
     /// Drop everything no pin needs.
     Gc,
+    /// Check the local store's copy of a version (`shoal verify --local`).
+    VerifyLocal {
+        reference: String,
+        origin: String,
+    },
     /// Copy versions to another origin (`shoal replicate`), reading what this node's store
     /// and its peers hold before the origins.
     Replicate {
@@ -95,6 +100,7 @@ impl Request {
             Request::Unpin { .. } => "unpin",
             Request::Cache => "cache",
             Request::Gc => "gc",
+            Request::VerifyLocal { .. } => "verify_local",
             Request::Replicate { .. } => "replicate",
             Request::Mount { .. } => "mount",
             Request::Files { .. } => "files",
@@ -753,6 +759,18 @@ async fn handle(
             let _listed = n.metrics().pull(&reference.to_string(), progress.clone());
             let r = n.pin_select(&reference, &select, &progress).await?;
             n.store()?.flush()?;
+            serde_json::to_value(r)
+        }
+        Request::VerifyLocal { reference, origin } => {
+            let n = daemon.node_for(&origin, &origins, &trusted)?;
+            let reference: DatasetRef = reference.parse()?;
+            let r = n.verify_local(&reference, &progress).await?;
+            // Blobs dropped as damaged: a version held whole may no longer be.
+            if r.local.as_ref().is_some_and(|l| l.corrupt > 0) {
+                if let Some(sw) = daemon.node.swarm() {
+                    recheck_held(daemon.node.home(), daemon.node.store()?, sw).await;
+                }
+            }
             serde_json::to_value(r)
         }
         Request::Unpin { reference, origin } => {

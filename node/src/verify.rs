@@ -32,10 +32,27 @@ pub struct VerifyReport {
     /// Every other problem, one line each, naming the object.
     pub problems: Vec<String>,
     /// With `--all`: the versions verified.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub versions: Vec<String>,
+    /// With `--local`: blobs of the version the local store lacks, and those it held damaged
+    /// (dropped, so that they are fetched again). `problems` names them, up to
+    /// [`MAX_LISTED`] lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalCounts>,
     pub seconds: f64,
 }
+
+/// Counts of `shoal verify --local`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LocalCounts {
+    pub missing: u64,
+    pub corrupt: u64,
+    /// Whether the local store holds every blob of the version, intact.
+    pub complete: bool,
+}
+
+/// Problems listed one by one (the rest counted).
+pub const MAX_LISTED: usize = 1000;
 
 impl VerifyReport {
     pub fn ok(&self) -> bool {
@@ -113,6 +130,103 @@ impl Node {
             .await;
         }
         report.changed = changed.into_iter().collect();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Verifies the local store's copy of `reference` (`shoal verify --local`): every blob of
+    /// the version reached from the tree nodes the store holds is read and checked against its
+    /// id. A blob that does not match is dropped from the store (the next read fetches it
+    /// again) and reported corrupt; one absent is reported missing, a tree node absent with
+    /// the files under it unchecked. The version is opened as a pull opens it (the origins, or
+    /// the signed copy this machine kept when they cannot be reached).
+    ///
+    /// Cancel-safe: it only reads (and drops blobs that fail their check, as any read does).
+    pub async fn verify_local(
+        &self,
+        reference: &DatasetRef,
+        progress: &Progress,
+    ) -> Result<VerifyReport> {
+        let started = Instant::now();
+        let (version, signed) = self.open_version(reference).await?;
+        let store = self.store()?;
+        let root = signed.body.root;
+        let mut report = VerifyReport {
+            reference: reference.to_string(),
+            version: format!("{}@{version}", reference.dataset),
+            ..Default::default()
+        };
+        progress.phase("verifying", 0);
+        // Store reads, on this thread (the runtime moves its other tasks away).
+        let report = tokio::task::block_in_place(|| -> Result<VerifyReport> {
+            use crate::walk::{Found, Local};
+            let mut counts = LocalCounts::default();
+            let mut more = 0u64;
+            let mut note = |line: String, report: &mut VerifyReport| {
+                if report.problems.len() < MAX_LISTED {
+                    report.problems.push(line);
+                } else {
+                    more += 1;
+                }
+            };
+            let slash = |p: &str| format!("/{p}");
+            crate::walk::visit_locally(store.as_ref(), root, |b| {
+                report.blobs += 1;
+                match b {
+                    Local::Node {
+                        found: Found::Here, ..
+                    } => {}
+                    Local::Node {
+                        id,
+                        path,
+                        found: Found::Missing,
+                    } => {
+                        counts.missing += 1;
+                        note(
+                            format!("tree node {id} of {}: not in the local store (what is under it is not checked)", slash(path)),
+                            &mut report,
+                        );
+                    }
+                    Local::Node {
+                        id,
+                        path,
+                        found: Found::Corrupt(why),
+                    } => {
+                        counts.corrupt += 1;
+                        note(
+                            format!("tree node {id} of {}: {why}", slash(path)),
+                            &mut report,
+                        );
+                    }
+                    Local::Chunk { id, len, path } => match store.get(&id) {
+                        Ok(Some(_)) => {
+                            report.bytes_read += len as u64;
+                            progress.add(len as u64);
+                        }
+                        Ok(None) => {
+                            counts.missing += 1;
+                            note(
+                                format!("chunk {id} of {}: not in the local store", slash(path)),
+                                &mut report,
+                            );
+                        }
+                        Err(e @ crate::store::StoreError::Corrupt { .. }) => {
+                            counts.corrupt += 1;
+                            note(format!("chunk {id} of {}: {e}", slash(path)), &mut report);
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                }
+                Ok(true)
+            })?;
+            if more > 0 {
+                report.problems.push(format!("... and {more} more"));
+            }
+            counts.complete = counts.missing == 0 && counts.corrupt == 0;
+            report.local = Some(counts);
+            Ok(report)
+        })?;
+        let mut report = report;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }

@@ -307,19 +307,77 @@ fn check_links(tree: &Walked) -> Result<()> {
     Ok(())
 }
 
-/// Whether every blob of the version under `root` (tree nodes and chunks) is in `store` now,
-/// read from the store alone. A node announces a version as complete only while this holds.
-pub fn complete_locally(store: &dyn crate::store::ChunkStore, root: Hash) -> Result<bool> {
-    let mut level = vec![(root, None)];
+/// What [`visit_locally`] found of a tree node in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Here,
+    Missing,
+    /// Its bytes did not match its id (the store dropped it), or it did not decode: why.
+    Corrupt(String),
+}
+
+/// One blob of a version reached from the store alone (see [`visit_locally`]).
+#[derive(Debug)]
+pub enum Local<'a> {
+    /// A tree node (directory node or chunk list) of the directory or file at `path`
+    /// (relative to the root, `""` for the root), read from the store; below one not `Here`
+    /// nothing is visited.
+    Node {
+        id: Hash,
+        path: &'a str,
+        found: Found,
+    },
+    /// A chunk of the file at `path` (not read: the visitor decides).
+    Chunk { id: Hash, len: u32, path: &'a str },
+}
+
+/// Visits every blob of the version under `root` that its tree nodes in `store` lead to,
+/// reading the store alone: each tree node as it is read (a directory level at a time), each
+/// chunk of each file. `f` returns whether to go on; the result says whether the walk went
+/// to the end. A store error other than a corrupt blob stops it.
+pub fn visit_locally(
+    store: &dyn crate::store::ChunkStore,
+    root: Hash,
+    mut f: impl FnMut(Local<'_>) -> Result<bool>,
+) -> Result<bool> {
+    use crate::store::StoreError;
+    let read = |id: &Hash| -> Result<std::result::Result<Vec<u8>, Found>> {
+        match store.get(id) {
+            Ok(Some(b)) => Ok(Ok(b)),
+            Ok(None) => Ok(Err(Found::Missing)),
+            Err(e @ StoreError::Corrupt { .. }) => Ok(Err(Found::Corrupt(e.to_string()))),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let mut level: Vec<(Hash, Option<Span>, String)> = vec![(root, None, String::new())];
     while !level.is_empty() {
         let mut next = Vec::new();
-        for (id, span) in level {
-            let Some(bytes) = store.get(&id)? else {
-                return Ok(false);
+        for (id, span, path) in level {
+            let node = match read(&id)? {
+                Ok(bytes) => DirNode::decode(&bytes, span.as_ref())
+                    .map_err(|e| Found::Corrupt(format!("directory node {id}: {e}"))),
+                Err(found) => Err(found),
             };
-            let Ok(node) = DirNode::decode(&bytes, span.as_ref()) else {
-                return Ok(false);
+            let node = match node {
+                Ok(n) => n,
+                Err(found) => {
+                    if !f(Local::Node {
+                        id,
+                        path: &path,
+                        found,
+                    })? {
+                        return Ok(false);
+                    }
+                    continue;
+                }
             };
+            if !f(Local::Node {
+                id,
+                path: &path,
+                found: Found::Here,
+            })? {
+                return Ok(false);
+            }
             let entries = match node {
                 DirNode::Leaf(entries) => entries,
                 inner => {
@@ -327,34 +385,57 @@ pub fn complete_locally(store: &dyn crate::store::ChunkStore, root: Hash) -> Res
                         inner
                             .spans(span.as_ref())
                             .into_iter()
-                            .map(|(id, s)| (id, Some(s))),
+                            .map(|(id, s)| (id, Some(s), path.clone())),
                     );
                     continue;
                 }
             };
             for e in entries {
+                let p = join(&path, &e.name);
                 match e.kind {
-                    EntryKind::Dir { id, .. } => next.push((id, None)),
+                    EntryKind::Dir { id, .. } => next.push((id, None, p)),
                     EntryKind::File { content, .. } => {
-                        let chunks = match content {
-                            FileContent::Chunks(c) => c,
-                            FileContent::Lists(lists) => {
-                                let mut all = Vec::new();
-                                for r in lists {
-                                    let Some(b) = store.get(&r.id)? else {
+                        let lists = match content {
+                            FileContent::Chunks(c) => {
+                                for c in c {
+                                    if !f(Local::Chunk {
+                                        id: c.id,
+                                        len: c.len,
+                                        path: &p,
+                                    })? {
                                         return Ok(false);
-                                    };
-                                    let Ok(list) = ChunkList::decode(&b, &r) else {
-                                        return Ok(false);
-                                    };
-                                    all.extend(list.chunks);
+                                    }
                                 }
-                                all
+                                continue;
                             }
+                            FileContent::Lists(lists) => lists,
                         };
-                        for c in chunks {
-                            if !store.contains(&c.id)? {
+                        for r in lists {
+                            let list = match read(&r.id)? {
+                                Ok(b) => ChunkList::decode(&b, &r).map_err(|e| {
+                                    Found::Corrupt(format!("chunk list {}: {e}", r.id))
+                                }),
+                                Err(found) => Err(found),
+                            };
+                            let found = match &list {
+                                Ok(_) => Found::Here,
+                                Err(found) => found.clone(),
+                            };
+                            if !f(Local::Node {
+                                id: r.id,
+                                path: &p,
+                                found,
+                            })? {
                                 return Ok(false);
+                            }
+                            for c in list.map(|l| l.chunks).unwrap_or_default() {
+                                if !f(Local::Chunk {
+                                    id: c.id,
+                                    len: c.len,
+                                    path: &p,
+                                })? {
+                                    return Ok(false);
+                                }
                             }
                         }
                     }
@@ -365,4 +446,13 @@ pub fn complete_locally(store: &dyn crate::store::ChunkStore, root: Hash) -> Res
         level = next;
     }
     Ok(true)
+}
+
+/// Whether every blob of the version under `root` (tree nodes and chunks) is in `store` now,
+/// read from the store alone. A node announces a version as complete only while this holds.
+pub fn complete_locally(store: &dyn crate::store::ChunkStore, root: Hash) -> Result<bool> {
+    visit_locally(store, root, |b| match b {
+        Local::Node { found, .. } => Ok(found == Found::Here),
+        Local::Chunk { id, .. } => Ok(store.contains(&id)?),
+    })
 }
