@@ -123,6 +123,9 @@ pub struct CacheConfig {
     /// from a local copy), e.g. "50GiB"; "0" turns them off. Default 16GiB, or a quarter of
     /// `capacity` when that is set.
     pub files: Option<String>,
+    /// How long a cached version nobody uses stays, e.g. "7d" (default: until capacity
+    /// evicts it). Pinned versions and versions in use never expire.
+    pub ttl: Option<String>,
     /// Further disk tiers, fastest first: `[[cache.tier]]` with `path` and `capacity`.
     #[serde(default)]
     pub tier: Vec<TierConfig>,
@@ -310,11 +313,23 @@ impl Config {
                 capacity,
             });
         }
+        let ttl = std::env::var("SHOAL_CACHE_TTL")
+            .ok()
+            .filter(|a| !a.is_empty())
+            .or(file.cache.ttl)
+            .map(|a| {
+                humantime::parse_duration(&a).with_context(|| {
+                    format!("SHOAL_CACHE_TTL or [cache] ttl {a:?}: expected a duration such as 7d or 12h")
+                })
+            })
+            .transpose()?
+            .filter(|t| !t.is_zero());
         let cache = CacheLayout {
             memory,
             capacity,
             tiers: disk_tiers,
             files,
+            ttl,
         };
         cache
             .check()

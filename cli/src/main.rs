@@ -582,6 +582,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     s.whole_files = (cfg.cache.files > 0).then(|| {
                         shoal_node::wholefiles::scan(&home.whole_files_dir(), cfg.cache.files)
                     });
+                    shoal_node::expiry::describe(&home, cfg.cache.ttl, &mut s)?;
                     s
                 }
             };
@@ -639,6 +640,38 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         w.path
                     ));
                 }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let ago = |t: u64| {
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        now.saturating_sub(t),
+                    ))
+                };
+                lines.push(match s.ttl_s {
+                    Some(t) => format!(
+                        "  versions (TTL {}):",
+                        humantime::format_duration(std::time::Duration::from_secs(t))
+                    ),
+                    None => "  versions (no TTL):".into(),
+                });
+                lines.extend(s.versions.iter().map(|v| {
+                    let fate = match (v.pinned, v.expires_unix) {
+                        (true, _) => "pinned".to_string(),
+                        (false, Some(e)) if e > now => format!(
+                            "expires in {}",
+                            humantime::format_duration(std::time::Duration::from_secs(e - now))
+                        ),
+                        (false, Some(_)) => "expires at the next sweep".to_string(),
+                        (false, None) => "kept until evicted".to_string(),
+                    };
+                    format!(
+                        "    {} last used {} ago, {fate}",
+                        v.name,
+                        ago(v.last_used_unix)
+                    )
+                }));
                 lines.join("\n")
             })
         }

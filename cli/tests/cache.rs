@@ -293,3 +293,108 @@ fn sigkill_while_the_cache_evicts_and_compacts_never_serves_a_corrupt_byte() {
     env.json(&["pull", "churn@v0", "--to", dest.to_str().unwrap()]);
     assert_same_tree(&sources[0], &dest);
 }
+
+/// Versions `--json verify --local` finds whole here.
+fn whole_here(env: &Env, r: &str) -> bool {
+    let out = env.run(&["--json", "verify", r, "--local"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["local"]["complete"] == true
+}
+
+fn cached_names(env: &Env) -> Vec<String> {
+    let c = env.json(&["cache"]);
+    c["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_cache_ttl_expires_unused_versions_and_spares_shared_pinned_and_mounted_ones() {
+    let mut env = Env::new();
+    env.extra_env.push(("SHOAL_CACHE_TTL".into(), "6s".into()));
+    let src = env.path("src");
+    write(&src.join("shared.bin"), &random_bytes(1, 400_000));
+    write(&src.join("own.bin"), &random_bytes(2, 300_000));
+    env.json(&["publish", src.to_str().unwrap(), "ds@v1"]);
+    std::fs::remove_file(src.join("own.bin")).unwrap();
+    write(&src.join("new.bin"), &random_bytes(3, 300_000));
+    env.json(&["publish", src.to_str().unwrap(), "ds@v2"]);
+    let other = env.path("other");
+    write(&other.join("o.bin"), &random_bytes(4, 200_000));
+    env.json(&["publish", other.to_str().unwrap(), "other@v1"]);
+
+    // Embedded: each pull, pin or mount applies the TTL first.
+    for r in ["ds@v1", "ds@v2", "other@v1"] {
+        env.json(&["pull", r, "--no-files"]);
+    }
+    env.json(&["pin", "other@v1"]);
+    let c = env.json(&["cache"]);
+    assert_eq!(c["ttl_s"], 6, "{c}");
+    assert_eq!(cached_names(&env), ["ds@v1", "ds@v2", "other@v1"]);
+    std::thread::sleep(Duration::from_secs(4));
+    env.json(&["pull", "ds@v2", "--no-files"]); // v2 used again
+    std::thread::sleep(Duration::from_secs(4));
+    // v1 is 8 s unused, v2 4 s, other@v1 8 s but pinned.
+    let before = stored_bytes(&env.home);
+    env.json(&["pin", "other@v1"]);
+    assert_eq!(cached_names(&env), ["ds@v2", "other@v1"]);
+    assert!(!whole_here(&env, "ds@v1"), "v1's own file is gone");
+    assert!(whole_here(&env, "ds@v2"), "what v2 shares with v1 stays");
+    assert!(whole_here(&env, "other@v1"), "pinned");
+    let freed = before - stored_bytes(&env.home);
+    assert!((300_000..700_000).contains(&freed), "freed {freed}");
+
+    // Through a daemon, which sweeps every quarter TTL: a mounted version stays while
+    // mounted, then goes.
+    let log = std::fs::File::create(env.path("node.log")).unwrap();
+    let mut daemon = env
+        .cmd(&["node", "run", "--no-mdns"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.run(&["status"]).status.success() {
+        assert!(Instant::now() < deadline && daemon.try_wait().unwrap().is_none());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _daemon = Kill(daemon);
+    env.json(&["pull", "ds@v1", "--no-files"]);
+    let mp = env.path("mnt");
+    let mount = Mounted::start(&env, "ds@v2", &mp, &[]);
+    let gone = |env: &Env, name: &str| -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cached_names(env).iter().any(|n| n == name) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        true
+    };
+    assert!(gone(&env, "ds@v1"), "v1 did not expire");
+    // v1 expired (well past 6 s); the mounted v2 did not, and reads exactly.
+    assert!(cached_names(&env).contains(&"ds@v2".to_string()));
+    assert_eq!(
+        std::fs::read(mp.join("new.bin")).unwrap(),
+        random_bytes(3, 300_000)
+    );
+    let status = env.json(&["status"]).to_string();
+    assert!(
+        !status.contains("ds@v1"),
+        "expired v1 still announced: {status}"
+    );
+    mount.stop(&env);
+    assert!(gone(&env, "ds@v2"), "v2 did not expire once unmounted");
+    assert!(whole_here(&env, "other@v1"));
+}

@@ -45,7 +45,14 @@ impl Node {
         progress: &Progress,
     ) -> Result<PinReport> {
         let matcher = select.matcher()?;
+        if self.swarm().is_none() {
+            self.expire_quietly().await;
+        }
         let (version, signed) = self.open_version(reference).await?;
+        let _in_use = self.using(
+            signed.body.root,
+            &format!("{}@{version}", reference.dataset),
+        );
         let store = self.store()?;
         let blobs = self.blobs(&signed).await?;
         let mut tree = walk(&blobs, signed.body.root).await?;

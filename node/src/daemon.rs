@@ -330,6 +330,9 @@ pub async fn run(node: Node, opts: DaemonOptions, ready: impl FnOnce(&Status)) -
     node.attach_swarm(sw.clone());
     let node = Arc::new(node);
     tokio::spawn(watch_held(home.clone(), store.clone(), sw.clone()));
+    if let Some(ttl) = node.cache_ttl() {
+        tokio::spawn(expire_unused(node.clone(), store.clone(), sw.clone(), ttl));
+    }
     if let Some(addr) = opts.metrics {
         let n = node.clone();
         let extra: swarm::metrics::Extra = Arc::new(move |reg| n.metrics().register(&n, reg));
@@ -435,6 +438,29 @@ async fn recheck_held(
         sw.withdraw(&root);
         if let Err(e) = home.forget_held(&root) {
             tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Applies the cache's TTL every [`crate::expiry::sweep_interval`], withdrawing what it
+/// expired.
+///
+/// Runs until the daemon ends; cancel-safe (each sweep is, see [`Node::expire`]).
+async fn expire_unused(
+    node: Arc<Node>,
+    store: Arc<dyn crate::store::ChunkStore>,
+    sw: Arc<swarm::Swarm>,
+    ttl: Duration,
+) {
+    let every = crate::expiry::sweep_interval(ttl);
+    loop {
+        tokio::time::sleep(every).await;
+        match node.expire(false).await {
+            Ok(r) if !r.expired.is_empty() => {
+                recheck_held(node.home(), store.clone(), &sw).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("applying the cache TTL: {e}"),
         }
     }
 }
@@ -804,6 +830,7 @@ async fn handle(
                 .await
                 .map_err(|e| Error::Net(e.to_string()))??;
             stats.whole_files = daemon.node.whole_files().map(|w| w.stats());
+            crate::expiry::describe(daemon.node.home(), daemon.node.cache_ttl(), &mut stats)?;
             serde_json::to_value(stats)
         }
         Request::Gc => {

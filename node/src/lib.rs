@@ -9,6 +9,7 @@ mod blobs;
 mod cache;
 pub mod daemon;
 pub mod error;
+pub mod expiry;
 mod fetch;
 pub mod files;
 pub mod home;
@@ -82,6 +83,8 @@ pub struct Node {
     whole_files: Arc<OnceLock<Option<Arc<wholefiles::WholeFiles>>>>,
     /// Mount latency and pulls under way, for the metrics endpoint (shared with siblings).
     metrics: Arc<metrics::NodeMetrics>,
+    /// Versions in use in this process (shared with siblings), for the cache's TTL.
+    in_use: Arc<expiry::InUseTable>,
 }
 
 impl Node {
@@ -100,6 +103,7 @@ impl Node {
             swarm: OnceLock::new(),
             whole_files: Arc::default(),
             metrics: Arc::default(),
+            in_use: Arc::default(),
         }
     }
 
@@ -116,6 +120,7 @@ impl Node {
             swarm: OnceLock::new(),
             whole_files: self.whole_files.clone(),
             metrics: self.metrics.clone(),
+            in_use: self.in_use.clone(),
         };
         if let Some(s) = self.swarm.get() {
             let _ = n.swarm.set(s.clone());
@@ -127,6 +132,23 @@ impl Node {
     pub fn trusting(mut self, keys: Vec<TrustedKey>) -> Node {
         self.extra_trusted.extend(keys);
         self
+    }
+
+    /// The cache's TTL (`[cache] ttl`), if set.
+    pub fn cache_ttl(&self) -> Option<std::time::Duration> {
+        self.cache.ttl
+    }
+
+    /// Applies the cache's TTL before a command starts using the store; a failure is only
+    /// logged (the command goes on).
+    ///
+    /// Cancel-safe, as [`Self::expire`].
+    pub(crate) async fn expire_quietly(&self) {
+        if self.cache.ttl.is_some() {
+            if let Err(e) = self.expire(false).await {
+                tracing::warn!("applying the cache TTL: {e}");
+            }
+        }
     }
 
     /// Lets this node's pulls use a running swarm.

@@ -69,6 +69,8 @@ struct Inner {
     order: Mutex<ReadOrder>,
     order_moved: tokio::sync::Notify,
     what: String,
+    /// The version is in use while this source lives (the cache's TTL spares it).
+    _in_use: crate::expiry::InUse,
 }
 
 impl Inner {
@@ -603,6 +605,10 @@ impl Node {
             order: Mutex::default(),
             order_moved: tokio::sync::Notify::new(),
             what: format!("{}@{version}", reference.dataset),
+            _in_use: self.using(
+                signed.body.root,
+                &format!("{}@{version}", reference.dataset),
+            ),
         });
         Ok(Mountable {
             source: MountSource { inner },
@@ -637,6 +643,9 @@ impl Node {
                 "mount point {} is not a directory",
                 mp.display()
             )));
+        }
+        if self.swarm().is_none() {
+            self.expire_quietly().await;
         }
         let m = self
             .mountable(reference, Duration::from_secs(spec.timeout_secs))

@@ -243,10 +243,15 @@ impl Node {
         let matcher = select.matcher()?;
         let partial = !select.is_all();
         progress.phase("resolving", 0);
+        if self.swarm().is_none() {
+            // Without a daemon, the cache's TTL is applied by the commands that use the store.
+            self.expire_quietly().await;
+        }
         let (version, signed) = self.open_version(reference).await?;
         let store = self.store()?;
         let root = signed.body.root;
         let name = format!("{}@{}", reference.dataset, version);
+        let _in_use = self.using(root, &name);
         // Tell peers right away that this node is pulling, so that nodes starting together
         // split the origin reads between them.
         let swarm = if partial { None } else { self.swarm() };

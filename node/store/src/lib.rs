@@ -110,6 +110,24 @@ pub struct CacheStats {
     /// Whole-file copies kept for mounts (filled in by the node, not the store).
     #[serde(default)]
     pub whole_files: Option<crate::wholefiles::WholeFileStats>,
+    /// `[cache] ttl` in seconds, if set (filled in by the node).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    /// Versions cached here, with their last use (filled in by the node).
+    #[serde(default)]
+    pub versions: Vec<CachedVersion>,
+}
+
+/// A version cached on this machine (see `shoal_node::expiry`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedVersion {
+    /// `NAME@VERSION`.
+    pub name: String,
+    pub root: String,
+    pub last_used_unix: u64,
+    /// When the TTL takes it unless it is used again (none without a TTL, or while pinned).
+    pub expires_unix: Option<u64>,
+    pub pinned: bool,
 }
 
 /// One tier of the local cache.
@@ -160,6 +178,9 @@ pub trait ChunkStore: Send + Sync {
     fn unpin(&self, name: &str) -> Result<bool, StoreError>;
     /// Drops every blob no pin needs and compacts; returns the disk bytes freed.
     fn gc(&self) -> Result<u64, StoreError>;
+    /// Drops those of `ids` that are stored and no pin needs, and compacts what that leaves
+    /// as garbage; returns the blobs dropped and the disk bytes freed (the cache's TTL).
+    fn drop_unpinned(&self, ids: &[Hash]) -> Result<(u64, u64), StoreError>;
     /// Where the blob's bytes lie in a file of this store, for a reader that reads them from
     /// the page cache itself and verifies them against `id` (the Python file sessions): the
     /// file, open read-only, its name, the offset and the length. Segment files are append-only
@@ -1224,6 +1245,24 @@ impl SegmentStore {
             .map_err(|e| self.db_err(e))
     }
 
+    /// Starts a fresh segment, compacts every older one that holds garbage, then
+    /// checkpoints.
+    fn compact_garbage(&self, st: &mut State) -> Result<(), StoreError> {
+        self.roll(st)?;
+        let next = st.active;
+        let old: Vec<u32> = st
+            .segs
+            .iter()
+            .filter(|(n, s)| **n != next && s.live_bytes() < s.size)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in old {
+            self.compact(st, n)?;
+        }
+        drop_unused(st);
+        self.checkpoint(st)
+    }
+
     /// Starts a new active segment.
     fn roll(&self, st: &mut State) -> Result<(), StoreError> {
         let next = st.active + 1;
@@ -1538,6 +1577,8 @@ impl ChunkStore for SegmentStore {
                 evictions: st.evictions,
             }],
             whole_files: None,
+            ttl_s: None,
+            versions: Vec::new(),
         })
     }
 
@@ -1641,22 +1682,37 @@ impl ChunkStore for SegmentStore {
         };
         st.dropped += drop.len() as u64;
         self.unindex(&mut st, &drop)?;
-        // Start a fresh segment, then compact every older one that holds garbage.
-        self.roll(&mut st)?;
-        let next = st.active;
-        let old: Vec<u32> = st
-            .segs
-            .iter()
-            .filter(|(n, s)| **n != next && s.live_bytes() < s.size)
-            .map(|(n, _)| *n)
-            .collect();
-        for n in old {
-            self.compact(&mut st, n)?;
-        }
+        self.compact_garbage(&mut st)?;
         let after: u64 = st.segs.values().map(|s| s.size).sum();
-        drop_unused(&mut st);
-        self.checkpoint(&mut st)?;
         Ok(before.saturating_sub(after))
+    }
+
+    fn drop_unpinned(&self, ids: &[Hash]) -> Result<(u64, u64), StoreError> {
+        let mut st = self.lock();
+        let before: u64 = st.segs.values().map(|s| s.size).sum();
+        let mut drop = Vec::new();
+        for id in ids {
+            let pinned = self
+                .pinned
+                .contains_key(id.as_bytes())
+                .map_err(|e| self.db_err(e))?;
+            if !pinned && st.live(id).is_some() {
+                drop.push(*id);
+            }
+        }
+        if drop.is_empty() {
+            return Ok((0, 0));
+        }
+        if let Some(p) = &mut st.policy {
+            for id in &drop {
+                p.remove(id);
+            }
+        }
+        st.dropped += drop.len() as u64;
+        self.unindex(&mut st, &drop)?;
+        self.compact_garbage(&mut st)?;
+        let after: u64 = st.segs.values().map(|s| s.size).sum();
+        Ok((drop.len() as u64, before.saturating_sub(after)))
     }
 }
 

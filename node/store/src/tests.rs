@@ -541,3 +541,31 @@ fn a_snapshot_left_unfinished_by_a_killed_process_does_not_lock_the_store_out() 
     assert_eq!(s.get(&a.0).unwrap().unwrap(), a.1);
     assert!(!snap.exists());
 }
+
+#[test]
+fn drop_unpinned_takes_exactly_the_unpinned_among_the_ids_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<_> = (0..6).map(|i| blob(100 + i, 50_000)).collect();
+    let ids: Vec<Hash> = blobs.iter().map(|b| b.0).collect();
+    {
+        let s = SegmentStore::open(dir.path(), None).unwrap();
+        put(&s, &blobs, Retain::Keep);
+        s.pin("p", &[(ids[0], 50_000)]).unwrap();
+        // Asked for 0 (pinned), 1, 2 and an id never stored.
+        let absent = blob(999, 10).0;
+        let (n, freed) = s.drop_unpinned(&[ids[0], ids[1], ids[2], absent]).unwrap();
+        assert_eq!(n, 2);
+        assert!(freed >= 100_000, "compacted: {freed}");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(s.contains(id).unwrap(), !(i == 1 || i == 2), "blob {i}");
+        }
+        assert_eq!(s.drop_unpinned(&[ids[1]]).unwrap(), (0, 0));
+        assert!(s.losses() >= 2);
+    }
+    let s = reopen(dir.path(), None);
+    assert_eq!(indexed(&s).len(), 4);
+    for (i, b) in blobs.iter().enumerate() {
+        let got = s.get(&b.0).unwrap();
+        assert_eq!(got.is_some(), !(i == 1 || i == 2), "blob {i}");
+    }
+}

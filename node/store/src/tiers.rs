@@ -43,6 +43,9 @@ pub struct CacheLayout {
     pub tiers: Vec<DiskTier>,
     /// Capacity of whole-file copies for mounts (0: none); see [`crate::wholefiles`].
     pub files: u64,
+    /// How long a cached version not used stays (None: until capacity evicts it); applied by
+    /// the node (`shoal_node::expiry`).
+    pub ttl: Option<std::time::Duration>,
 }
 
 /// 256 MiB: enough to keep a data loader's hot chunks without taking much from training.
@@ -55,6 +58,7 @@ impl Default for CacheLayout {
             capacity: None,
             tiers: Vec::new(),
             files: crate::wholefiles::DEFAULT_CAPACITY,
+            ttl: None,
         }
     }
 }
@@ -321,6 +325,25 @@ impl ChunkStore for TieredStore {
         }
         Ok(freed)
     }
+
+    fn drop_unpinned(&self, ids: &[Hash]) -> Result<(u64, u64), StoreError> {
+        if let Some(mut m) = self.mem() {
+            for id in ids {
+                if m.blobs.remove(id).is_some() {
+                    m.policy.remove(id);
+                }
+            }
+        }
+        // Pins live in the primary tier (a pin brings its blobs up first): below it, every
+        // copy is only a copy.
+        let mut out = self.disks[0].drop_unpinned(ids)?;
+        for d in &self.disks[1..] {
+            let (n, b) = d.drop_unpinned(ids)?;
+            out.0 += n;
+            out.1 += b;
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -354,6 +377,7 @@ mod tests {
                 capacity: Some(cap),
             }],
             files: 0,
+            ttl: None,
         }
     }
 
@@ -422,6 +446,7 @@ mod tests {
                 capacity: None,
                 tiers: vec![],
                 files: 0,
+                ttl: None,
             },
         )
         .unwrap();
@@ -503,6 +528,7 @@ mod tests {
                 capacity: None,
             }],
             files: 0,
+            ttl: None,
         };
         assert!(l.check().unwrap_err().contains("primary"));
         let l = CacheLayout {
