@@ -399,7 +399,7 @@ fn retention_rules_keep_exactly_what_they_say() {
 }
 
 #[test]
-fn rm_and_gc_work_on_an_s3_origin() {
+fn rm_gc_and_repack_work_on_an_s3_origin() {
     let (_server, vars) = moto();
     let mut env = Env::new();
     env.extra_env = vars;
@@ -428,6 +428,22 @@ fn rm_and_gc_work_on_an_s3_origin() {
     }
     let err = fresh.fails(&["pull", "solo@v1", "--no-files"]);
     assert!(err.contains("solo@v1 was removed"), "{err}");
+
+    // Repack on S3: v1 removed leaves its pack half live (v2 reads the shared files).
+    env.json(&["rm", "demo@v1"]);
+    let r = env.json(&["origin", "repack", "demo", "--threshold", "0.6"]);
+    assert!(!r["repacked"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["bytes_to_free"].as_u64().unwrap() >= 1_000_000, "{r}");
+    std::thread::sleep(Duration::from_millis(4600));
+    let gc = env.json(&["origin", "gc"]);
+    assert!(gc["plan"]["retired"].as_u64().unwrap() >= 1, "{gc}");
+    let late = env.peer("late");
+    late.json(&["trust", &env.key()]);
+    let dest = env.path("late-v2");
+    late.json(&["pull", "demo@v2", "--to", dest.to_str().unwrap()]);
+    assert_same_tree(&trees[1], &dest);
+    let all = env.json(&["verify", "demo", "--all"]);
+    assert_eq!(all["problems"].as_array().unwrap().len(), 0, "{all}");
 }
 
 /// Pack ids with a record of their repacking in a local origin.
