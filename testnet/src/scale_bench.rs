@@ -39,10 +39,15 @@ fn timed_rss(cmd: &[&str], env: &[(&str, &Path)]) -> Result<(f64, u64, Vec<u8>)>
 }
 
 fn rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` figure in bytes (`VmRSS:`, `RssAnon:`, ...).
+fn status_bytes(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
@@ -228,10 +233,14 @@ pub fn run(
         out["find_warm_s"] = json!(warm);
         out["find_entries_per_s"] = json!(n as f64 / warm);
         out["mount_rss_after_find_bytes"] = json!(rss_bytes(child.id()));
+        out["mount_rss_anon_after_find_bytes"] = json!(status_bytes(child.id(), "RssAnon:"));
         // The kernel drops its dentries and inodes and forgets them: the mount frees its own.
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
         std::thread::sleep(Duration::from_secs(2));
         out["mount_rss_after_forget_bytes"] = json!(rss_bytes(child.id()));
+        // Of which heap (the rest: mapped pages of the store's runs and locator files, which
+        // the kernel reclaims under pressure).
+        out["mount_rss_anon_after_forget_bytes"] = json!(status_bytes(child.id(), "RssAnon:"));
         Ok(())
     })();
     unmount(&mp, &mut child);
