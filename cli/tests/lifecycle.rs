@@ -58,6 +58,63 @@ fn spawn(env: &Env, args: &[&str], log: &Path) -> Child {
         .unwrap()
 }
 
+/// A deterministic pseudo-random sequence.
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
+/// One round of: `env` publishing `demo@v{publish}` from `trees`, `reader` pulling
+/// `demo@v{pull}`, and `killed` (gc or repack) run by `env` and SIGKILLed after `after`, all at
+/// once; the publish and the pull must succeed, and the pull be exact.
+fn killed_round(
+    env: &Env,
+    reader: &Env,
+    (trees, publish, pull): (&[PathBuf], usize, usize),
+    killed: &[&str],
+    round: u64,
+    after: Duration,
+) {
+    let publisher = spawn(
+        env,
+        &[
+            "publish",
+            trees[publish - 1].to_str().unwrap(),
+            &format!("demo@v{publish}"),
+        ],
+        &env.path(&format!("pub{round}.log")),
+    );
+    let dest = env.path(&format!("pull{round}"));
+    let puller = spawn(
+        reader,
+        &[
+            "pull",
+            &format!("demo@v{pull}"),
+            "--to",
+            dest.to_str().unwrap(),
+        ],
+        &env.path(&format!("pull{round}.log")),
+    );
+    let mut victim = spawn(env, killed, &env.path(&format!("{}{round}.log", killed[1])));
+    std::thread::sleep(after);
+    // SIGKILL: no chance to tidy up.
+    let _ = victim.kill();
+    victim.wait().unwrap();
+    for (mut c, what) in [(publisher, "pub"), (puller, "pull")] {
+        let st = c.wait().unwrap();
+        assert!(
+            st.success(),
+            "{what} in round {round}: {}",
+            std::fs::read_to_string(env.path(&format!("{what}{round}.log"))).unwrap()
+        );
+    }
+    assert_same_tree(&trees[pull - 1], &dest);
+}
+
 #[test]
 fn removed_versions_are_refused_by_name_and_not_opened_from_caches() {
     let env = Env::new();
@@ -243,50 +300,18 @@ fn origin_gc_frees_what_no_version_needs_while_others_publish_and_pull() {
 
     // Rounds of: a publish of a new version, a pull of an old one, and a gc killed at a
     // random point, all at once.
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rand = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
     let reader = env.peer("reader");
     reader.json(&["trust", &env.key()]);
+    let mut rand = xorshift(0x2545_f491_4f6c_dd1d);
     for round in 0..6u64 {
-        let n = 4 + round as usize;
-        let publisher = spawn(
+        killed_round(
             &env,
-            &[
-                "publish",
-                trees[n - 1].to_str().unwrap(),
-                &format!("demo@v{n}"),
-            ],
-            &env.path(&format!("pub{round}.log")),
-        );
-        let dest = env.path(&format!("pull{round}"));
-        let puller = spawn(
             &reader,
-            &["pull", "demo@v2", "--to", dest.to_str().unwrap()],
-            &env.path(&format!("pull{round}.log")),
-        );
-        let mut gc = spawn(
-            &env,
+            (&trees, 4 + round as usize, 2),
             &["origin", "gc"],
-            &env.path(&format!("gc{round}.log")),
+            round,
+            Duration::from_millis(rand() % 400),
         );
-        std::thread::sleep(Duration::from_millis(rand() % 400));
-        // SIGKILL: no chance to tidy up.
-        let _ = gc.kill();
-        gc.wait().unwrap();
-        for (mut c, what) in [(publisher, "pub"), (puller, "pull")] {
-            let st = c.wait().unwrap();
-            assert!(
-                st.success(),
-                "{what} in round {round}: {}",
-                std::fs::read_to_string(env.path(&format!("{what}{round}.log"))).unwrap()
-            );
-        }
-        assert_same_tree(&trees[1], &dest);
         // Sometimes let the grace pass, so that gc runs have something to delete.
         if round % 2 == 1 {
             std::thread::sleep(Duration::from_millis(5200));
@@ -508,49 +533,18 @@ fn origin_repack_rewrites_sparse_packs_and_every_version_still_pulls() {
 
     // Rounds of: a publish of a new version, a pull of v3 by another node, and a repack
     // killed at a random point, all at once.
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rand = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
     let reader = env.peer("reader");
     reader.json(&["trust", &env.key()]);
+    let mut rand = xorshift(0x9e37_79b9_7f4a_7c15);
     for round in 0..3u64 {
-        let n = 5 + round as usize;
-        let publisher = spawn(
+        killed_round(
             &env,
-            &[
-                "publish",
-                trees[n - 1].to_str().unwrap(),
-                &format!("demo@v{n}"),
-            ],
-            &env.path(&format!("pub{round}.log")),
-        );
-        let dest = env.path(&format!("pull{round}"));
-        let puller = spawn(
             &reader,
-            &["pull", "demo@v3", "--to", dest.to_str().unwrap()],
-            &env.path(&format!("pull{round}.log")),
-        );
-        let mut repack = spawn(
-            &env,
+            (&trees, 5 + round as usize, 3),
             &["origin", "repack", "demo", "--threshold", "0.6"],
-            &env.path(&format!("repack{round}.log")),
+            round,
+            Duration::from_millis(rand() % 600),
         );
-        std::thread::sleep(Duration::from_millis(rand() % 600));
-        let _ = repack.kill();
-        repack.wait().unwrap();
-        for (mut c, what) in [(publisher, "pub"), (puller, "pull")] {
-            let st = c.wait().unwrap();
-            assert!(
-                st.success(),
-                "{what} in round {round}: {}",
-                std::fs::read_to_string(env.path(&format!("{what}{round}.log"))).unwrap()
-            );
-        }
-        assert_same_tree(&trees[2], &dest);
     }
     // Then to the end: every sparse pack has its record.
     env.json(&["origin", "repack", "demo", "--threshold", "0.6"]);
