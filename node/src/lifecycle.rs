@@ -159,6 +159,14 @@ pub fn reach<'a>(
     out
 }
 
+/// [`reach`] through one dataset's repack records (by pack).
+pub fn reach_through(
+    named: &[Hash],
+    forwards: &std::collections::HashMap<Hash, shoal_registry::Forward>,
+) -> Vec<Hash> {
+    reach(named, |p| forwards.get(p).map(|f| f.into.as_slice()))
+}
+
 /// Records followed from one pack at most (a repacked pack's new pack repacked, ...).
 pub const MAX_FORWARD_DEPTH: usize = 8;
 

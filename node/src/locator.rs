@@ -239,8 +239,6 @@ pub(crate) struct Locator {
     swarm: Option<Arc<crate::swarm::Swarm>>,
     /// Packs retired so far (see [`Self::retire`]).
     retired: AtomicUsize,
-    /// Packs reached through records of repacked packs: how many records were followed.
-    depths: std::sync::Mutex<std::collections::HashMap<Hash, usize>>,
 }
 
 /// One pack of a [`Locator`].
@@ -250,6 +248,8 @@ struct Slot {
     /// The pack was repacked and is gone from the origins: its blobs are looked up in the
     /// packs its record forwards to, never in this slot again.
     retired: std::sync::atomic::AtomicBool,
+    /// How many records were followed to reach this pack (0 for the version's own).
+    depth: AtomicUsize,
 }
 
 /// Slots for forwarded packs beyond a version's own: at least this many.
@@ -275,6 +275,7 @@ impl Locator {
                 },
                 loc: tokio::sync::OnceCell::new(),
                 retired: false.into(),
+                depth: AtomicUsize::new(0),
             })
             .collect();
         Locator {
@@ -290,7 +291,6 @@ impl Locator {
             index_bytes: AtomicU64::new(0),
             lookups: AtomicUsize::new(0),
             swarm,
-            depths: Default::default(),
             retired: AtomicUsize::new(0),
         }
     }
@@ -495,7 +495,7 @@ impl Locator {
         }
         let Some(f) = found else { return Err(None) };
         // A chain of records longer than any repack makes is a loop or a lie.
-        let depth = self.depth(pack);
+        let depth = slot.depth.load(Ordering::Acquire);
         if depth >= MAX_FORWARDS {
             return Err(Some(Error::Corrupt {
                 what: format!("the record of repacked pack {id} of {}", self.dataset),
@@ -519,10 +519,7 @@ impl Locator {
                 }));
             };
             let _ = free.id.set(*target);
-            self.depths
-                .lock()
-                .expect("poisoned")
-                .insert(*target, depth + 1);
+            free.depth.store(depth + 1, Ordering::Release);
             self.used.store(n + 1, Ordering::Release);
         }
         slot.retired.store(true, Ordering::Release);
@@ -548,17 +545,6 @@ impl Locator {
     /// when this grew meanwhile.
     pub fn retirements(&self) -> usize {
         self.retired.load(Ordering::Acquire)
-    }
-
-    /// How many records were followed to reach pack `pack` (0 for the version's own).
-    fn depth(&self, pack: u32) -> usize {
-        let id = self.pack_id(pack);
-        self.depths
-            .lock()
-            .expect("poisoned")
-            .get(&id)
-            .copied()
-            .unwrap_or(0)
     }
 
     /// Opens the locator file of one pack, building it from the pack's index first if there

@@ -374,35 +374,38 @@ impl Origins {
         (found, errors)
     }
 
-    /// The records of `name`'s repacked packs in every origin (the first found of each).
+    /// The records of `name`'s repacked packs in every origin (a pack's record from the first
+    /// origin that has one); an origin that cannot be reached is left out with a warning,
+    /// unless none can.
     ///
     /// Cancel-safe: it only reads.
     pub async fn forwards(
         &self,
         name: &shoal_registry::DatasetName,
     ) -> Result<std::collections::HashMap<Hash, shoal_registry::Forward>> {
-        let listed = self
-            .list_union(|o| async move {
-                Ok(o.list_forwards(name)
-                    .await?
-                    .into_iter()
-                    .map(|p| p.to_string())
-                    .collect())
-            })
-            .await?;
+        let mut answers = self.ask_all(|o| o.forwards(name)).await;
+        answers.sort_by_key(|(i, _)| *i);
         let mut out = std::collections::HashMap::new();
-        for p in listed.iter().filter_map(|p| p.parse::<Hash>().ok()) {
-            for (_, r) in self
-                .ask_all(|o| async move { o.forward(name, &p).await })
-                .await
-            {
-                if let Ok(Some(f)) = r {
-                    out.insert(p, f);
-                    break;
+        let mut first_err = None;
+        let mut answered = false;
+        for (_, r) in answers {
+            match r {
+                Ok(fs) => {
+                    answered = true;
+                    for (p, f) in fs {
+                        out.entry(p).or_insert(f);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; reading the other origins' repack records");
+                    first_err.get_or_insert(e);
                 }
             }
         }
-        Ok(out)
+        match first_err {
+            Some(e) if !answered => Err(e.into()),
+            _ => Ok(out),
+        }
     }
 
     /// Names listed by any origin (`list(origin)`: versions or tags of a dataset), sorted;

@@ -974,12 +974,7 @@ impl Node {
         let removed: HashSet<String> = origin.list_removals(name).await?.into_iter().collect();
         // Repacked packs are not leaned on, the packs their blobs went to are: gc deletes a
         // repacked pack once every version it knew of reads elsewhere (see docs/lifecycle.md).
-        let mut forwards: HashMap<Hash, shoal_registry::Forward> = HashMap::new();
-        for p in origin.list_forwards(name).await? {
-            if let Some(f) = origin.forward(name, &p).await? {
-                forwards.insert(p, f);
-            }
-        }
+        let forwards = origin.forwards(name).await?;
         for v in origin.list_versions(name).await? {
             if removed.contains(&v) {
                 continue;
@@ -990,9 +985,7 @@ impl Node {
             if sv.verify(name.as_str(), &v, &trusted).is_err() {
                 continue;
             }
-            let reached = crate::lifecycle::reach(&sv.body.packs, |p| {
-                forwards.get(p).map(|f| f.into.as_slice())
-            });
+            let reached = crate::lifecycle::reach_through(&sv.body.packs, &forwards);
             for p in reached {
                 if !forwards.contains_key(&p) && packs_seen.insert(p) {
                     // Only packed blobs: a new version never leans on another's source objects.

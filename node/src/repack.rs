@@ -8,7 +8,7 @@
 
 use crate::blobs::{pack_index, Blobs};
 use crate::error::{Error, Result};
-use crate::lifecycle::reach;
+use crate::lifecycle::reach_through;
 use crate::origins::Holders;
 use crate::progress::Progress;
 use crate::publish::{now_unix, spawn_packer, spawn_uploader};
@@ -108,12 +108,7 @@ impl Node {
         let cache = self.home.pack_cache_dir();
         progress.phase("listing", 0);
         let removed: HashSet<String> = origin.list_removals(name).await?.into_iter().collect();
-        let mut forwards: HashMap<Hash, Forward> = HashMap::new();
-        for p in origin.list_forwards(name).await? {
-            if let Some(f) = origin.forward(name, &p).await? {
-                forwards.insert(p, f);
-            }
-        }
+        let forwards = origin.forwards(name).await?;
         let mut versions: Vec<(String, SignedVersion)> = Vec::new();
         for v in origin.list_versions(name).await? {
             if removed.contains(&v) {
@@ -130,9 +125,7 @@ impl Node {
         let mut live: HashSet<Hash> = HashSet::new();
         let mut reachers: BTreeMap<Hash, BTreeSet<String>> = BTreeMap::new();
         for (v, sv) in &versions {
-            for p in reach(&sv.body.packs, |p| {
-                forwards.get(p).map(|f| f.into.as_slice())
-            }) {
+            for p in reach_through(&sv.body.packs, &forwards) {
                 reachers.entry(p).or_default().insert(v.clone());
             }
             let blobs = self.blobs(sv).await?;

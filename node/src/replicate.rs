@@ -265,9 +265,7 @@ impl Node {
         for (name, vs) in &versions {
             let fw = &forwards[name];
             for v in vs.values() {
-                let reached = crate::lifecycle::reach(&v.body.packs, |p| {
-                    fw.get(p).map(|f| f.into.as_slice())
-                });
+                let reached = crate::lifecycle::reach_through(&v.body.packs, fw);
                 let new: Vec<Hash> = reached.into_iter().filter(|id| seen.insert(*id)).collect();
                 by_version.push((v, new));
             }

@@ -3,7 +3,7 @@
 //! every object that is missing or damaged and every in-place file whose source changed.
 
 use crate::error::Result;
-use crate::lifecycle::reach;
+use crate::lifecycle::reach_through;
 use crate::progress::Progress;
 use crate::Node;
 use bytes::Bytes;
@@ -112,9 +112,7 @@ impl Node {
         let mut changed = BTreeSet::new();
         // Packs repacked are read where their records say (and are no problem once gone).
         let forwards = origins.forwards(&reference.dataset).await?;
-        let packs = reach(&signed.body.packs, |p| {
-            forwards.get(p).map(|f| f.into.as_slice())
-        });
+        let packs = reach_through(&signed.body.packs, &forwards);
         report.packs = packs.len() as u64;
         progress.phase("verifying", 0);
         for pack in &packs {
@@ -257,9 +255,7 @@ impl Node {
             match self.open_version(&r).await {
                 Ok((_, signed)) => {
                     let holders = self.holders_of(&signed.body.root);
-                    let reached = reach(&signed.body.packs, |p| {
-                        forwards.get(p).map(|f| f.into.as_slice())
-                    });
+                    let reached = reach_through(&signed.body.packs, &forwards);
                     for p in &reached {
                         packs
                             .entry(*p)

@@ -395,40 +395,37 @@ pub fn visit_locally(
                 match e.kind {
                     EntryKind::Dir { id, .. } => next.push((id, None, p)),
                     EntryKind::File { content, .. } => {
-                        let lists = match content {
-                            FileContent::Chunks(c) => {
-                                for c in c {
-                                    if !f(Local::Chunk {
-                                        id: c.id,
-                                        len: c.len,
-                                        path: &p,
-                                    })? {
-                                        return Ok(false);
-                                    }
+                        // Its chunks: inline, or in chunk-list nodes (each visited first).
+                        let groups = match content {
+                            FileContent::Chunks(c) => vec![(None, c)],
+                            FileContent::Lists(lists) => {
+                                let mut groups = Vec::with_capacity(lists.len());
+                                for r in lists {
+                                    let list = match read(&r.id)? {
+                                        Ok(b) => ChunkList::decode(&b, &r).map_err(|e| {
+                                            Found::Corrupt(format!("chunk list {}: {e}", r.id))
+                                        }),
+                                        Err(found) => Err(found),
+                                    };
+                                    groups.push(match list {
+                                        Ok(l) => (Some((r.id, Found::Here)), l.chunks),
+                                        Err(found) => (Some((r.id, found)), Vec::new()),
+                                    });
                                 }
-                                continue;
+                                groups
                             }
-                            FileContent::Lists(lists) => lists,
                         };
-                        for r in lists {
-                            let list = match read(&r.id)? {
-                                Ok(b) => ChunkList::decode(&b, &r).map_err(|e| {
-                                    Found::Corrupt(format!("chunk list {}: {e}", r.id))
-                                }),
-                                Err(found) => Err(found),
-                            };
-                            let found = match &list {
-                                Ok(_) => Found::Here,
-                                Err(found) => found.clone(),
-                            };
-                            if !f(Local::Node {
-                                id: r.id,
-                                path: &p,
-                                found,
-                            })? {
-                                return Ok(false);
+                        for (node, chunks) in groups {
+                            if let Some((id, found)) = node {
+                                if !f(Local::Node {
+                                    id,
+                                    path: &p,
+                                    found,
+                                })? {
+                                    return Ok(false);
+                                }
                             }
-                            for c in list.map(|l| l.chunks).unwrap_or_default() {
+                            for c in chunks {
                                 if !f(Local::Chunk {
                                     id: c.id,
                                     len: c.len,

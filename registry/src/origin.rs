@@ -863,6 +863,20 @@ impl Origin {
         self.put(&key, f.encode().into(), PutMode::Overwrite).await
     }
 
+    /// Every record of `name`'s repacked packs, by pack (read a few at a time).
+    pub async fn forwards(
+        &self,
+        name: &DatasetName,
+    ) -> Result<std::collections::HashMap<Hash, Forward>, OriginError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(self.list_forwards(name).await?)
+            .map(|p| async move { Ok::<_, OriginError>(self.forward(name, &p).await?.map(|f| (p, f))) })
+            .buffer_unordered(16)
+            .try_filter_map(|f| async move { Ok(f) })
+            .try_collect()
+            .await
+    }
+
     /// The packs of `name` that were repacked (ids of their records), sorted.
     pub async fn list_forwards(&self, name: &DatasetName) -> Result<Vec<Hash>, OriginError> {
         Ok(self
