@@ -19,6 +19,12 @@ impl Progress {
         self.done.store(0, Ordering::Relaxed);
     }
 
+    /// Adds `n` to the phase's total, for a phase that learns its size as it goes (a publish
+    /// walking its source).
+    pub fn grow(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn add(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
     }

@@ -3,14 +3,22 @@
 //! Order of writes, which is what makes a crash harmless: packs (each pack before its index),
 //! then the version object with a create-only put, then tags. Until the version object exists
 //! nothing is visible; a retry re-uploads what no version references yet.
+//!
+//! A local directory is published as it is walked: one thread walks it in the tree's order
+//! (each directory's entries by name, [`Item`]), handing batches of entries to the chunkers
+//! (all cores, a batch at a time, results kept in order), and the tree is built bottom-up as
+//! the batches come back, each directory's nodes sealed as its last entry arrives. Memory holds
+//! the directories on the walk's current path, one batch of files and bounded dedup state,
+//! not the tree: a publish of ten million files needs what one of a million does.
 
 use crate::blobs::pack_index;
 use crate::error::{io, Error, Result};
-use crate::known::{self, FileStat, Known};
+use crate::known::{self, FileStat, Known, KnownWriter};
 use crate::progress::Progress;
 use crate::Node;
 use bytes::Bytes;
 use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
 use shoal_registry::dirs::{self, DirBuilder};
@@ -25,7 +33,7 @@ use shoal_registry::{
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -49,16 +57,29 @@ pub struct PublishReport {
     pub seconds: f64,
 }
 
-enum ScanKind {
-    File { index: usize },
-    Dir(Vec<ScanEntry>),
-    Symlink(String),
-}
-
-struct ScanEntry {
-    name: String,
-    mode: u32,
-    kind: ScanKind,
+/// One step of a walk over the source, in the order the tree is built: a directory's entries
+/// by name, a subdirectory's own between its `Enter` and its `Leave` (the source's root has
+/// neither).
+enum Item {
+    Enter {
+        name: String,
+        mode: u32,
+    },
+    Leave,
+    File {
+        name: String,
+        mode: u32,
+        src: SrcFile,
+        size: u64,
+        /// Its chunks, when the last publish of the directory saw it in the same state and
+        /// the origin still holds them all: taken unread.
+        taken: Option<Vec<ChunkRef>>,
+    },
+    Symlink {
+        name: String,
+        mode: u32,
+        target: String,
+    },
 }
 
 fn source_err(path: &Path, reason: impl Into<String>) -> Error {
@@ -68,69 +89,170 @@ fn source_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Walks the source directory, validating every name and type. Files are appended to
-/// `files` (path, size); entries come back sorted by name.
-fn scan(dir: &Path, depth: usize, files: &mut Vec<(SrcFile, u64)>) -> Result<Vec<ScanEntry>> {
+/// A directory's names, validated, sorted, last first (the walk pops them).
+fn list_dir(dir: &Path) -> Result<Vec<String>> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
-    let mut out = Vec::new();
+    let mut names = Vec::new();
     for entry in rd {
         let entry = entry.map_err(|e| source_err(dir, format!("cannot read directory: {e}")))?;
-        let path = entry.path();
         let name = entry.file_name().into_string().map_err(|_| {
             source_err(
-                &path,
+                &entry.path(),
                 "name is not valid UTF-8; shoal stores names as UTF-8, rename the file",
             )
         })?;
-        tree::check_name(&name).map_err(|r| source_err(&path, r))?;
+        tree::check_name(&name).map_err(|r| source_err(&entry.path(), r))?;
+        names.push(name);
+    }
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(names)
+}
+
+/// Walks a local directory lazily in the tree's order ([`Item`]), validating every name and
+/// type: memory holds the names of the directories on the walk's path. A file the last
+/// publish saw in the same state is looked up in `known` as the walk meets it (both go in the
+/// same order) and taken unread when `dedup` says the origin still holds its chunks.
+struct DirWalk<'a> {
+    /// The open directories: path, and the names left in it (last first).
+    stack: Vec<(PathBuf, Vec<String>)>,
+    /// Names of the open directories below the root.
+    names: Vec<String>,
+    known: Known,
+    dedup: Option<&'a Dedup>,
+    /// Directories and symlinks met (paths relative to the root), for [`check_links`].
+    kinds: HashMap<String, tree::PathKind>,
+    links: Vec<(String, String)>,
+}
+
+impl<'a> DirWalk<'a> {
+    fn new(root: &Path, known: Known, dedup: Option<&'a Dedup>) -> Result<DirWalk<'a>> {
+        let meta = std::fs::metadata(root).map_err(|e| source_err(root, e.to_string()))?;
+        if !meta.is_dir() {
+            return Err(source_err(root, "not a directory"));
+        }
+        Ok(DirWalk {
+            stack: vec![(root.to_path_buf(), list_dir(root)?)],
+            names: Vec::new(),
+            known,
+            dedup,
+            kinds: HashMap::new(),
+            links: Vec::new(),
+        })
+    }
+
+    fn rel(&self, name: &str) -> String {
+        let mut s = String::new();
+        for n in &self.names {
+            s.push_str(n);
+            s.push('/');
+        }
+        s.push_str(name);
+        s
+    }
+
+    fn visit(&mut self, path: PathBuf, name: String) -> Result<Item> {
         let meta =
             std::fs::symlink_metadata(&path).map_err(|e| source_err(&path, e.to_string()))?;
         let ft = meta.file_type();
         let mode = meta.permissions().mode() & 0o777;
-        let kind = if ft.is_file() {
+        if ft.is_file() {
             let stat = FileStat::of(&meta);
-            files.push((
-                SrcFile::Local {
-                    path: path.clone(),
-                    stat,
-                },
-                meta.len(),
-            ));
-            ScanKind::File {
-                index: files.len() - 1,
-            }
-        } else if ft.is_dir() {
-            ScanKind::Dir(scan(&path, depth + 1, files)?)
-        } else if ft.is_symlink() {
+            let taken = match self.dedup {
+                Some(dedup) => {
+                    let rel = self.rel(&name);
+                    self.known
+                        .take(&rel, &stat)
+                        .filter(|chunks| dedup.lean(chunks))
+                }
+                None => None,
+            };
+            return Ok(Item::File {
+                name,
+                mode,
+                src: SrcFile::Local { path, stat },
+                size: meta.len(),
+                taken,
+            });
+        }
+        if ft.is_dir() {
+            let names = list_dir(&path)?;
+            self.kinds.insert(self.rel(&name), tree::PathKind::Dir);
+            self.stack.push((path, names));
+            self.names.push(name.clone());
+            return Ok(Item::Enter { name, mode });
+        }
+        if ft.is_symlink() {
             let target = std::fs::read_link(&path).map_err(|e| source_err(&path, e.to_string()))?;
             let target = target
                 .into_os_string()
                 .into_string()
                 .map_err(|_| source_err(&path, "symlink target is not valid UTF-8"))?;
-            tree::check_symlink(depth, &target).map_err(|r| {
+            tree::check_symlink(self.names.len(), &target).map_err(|r| {
                 source_err(&path, format!("{r} ({target:?}); only relative symlinks that stay inside the dataset can be published"))
             })?;
-            ScanKind::Symlink(target)
+            let rel = self.rel(&name);
+            self.kinds
+                .insert(rel.clone(), tree::PathKind::Symlink(target.clone()));
+            self.links.push((rel, target.clone()));
+            return Ok(Item::Symlink { name, mode, target });
+        }
+        let what = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_block_device() || ft.is_char_device() {
+            "a device"
         } else {
-            let what = if ft.is_fifo() {
-                "a FIFO"
-            } else if ft.is_socket() {
-                "a socket"
-            } else if ft.is_block_device() || ft.is_char_device() {
-                "a device"
-            } else {
-                "a special file"
-            };
-            return Err(source_err(
-                &path,
-                format!("is {what}; only regular files, directories and symlinks can be published"),
-            ));
+            "a special file"
         };
-        out.push(ScanEntry { name, mode, kind });
+        Err(source_err(
+            &path,
+            format!("is {what}; only regular files, directories and symlinks can be published"),
+        ))
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+}
+
+impl Iterator for DirWalk<'_> {
+    type Item = Result<Item>;
+
+    fn next(&mut self) -> Option<Result<Item>> {
+        let (dir, left) = self.stack.last_mut()?;
+        let Some(name) = left.pop() else {
+            self.stack.pop();
+            if self.stack.is_empty() {
+                return None;
+            }
+            self.names.pop();
+            return Some(Ok(Item::Leave));
+        };
+        let path = dir.join(&name);
+        let item = self.visit(path, name);
+        if item.is_err() {
+            // An error ends the walk.
+            self.stack.clear();
+        }
+        Some(item)
+    }
+}
+
+/// A publish's source as a walk: a local directory walked as it goes, or entries listed
+/// beforehand (an object store's keys; an in-place publish, which records every file's
+/// object before reading any).
+enum Walk<'a> {
+    Dir(Box<DirWalk<'a>>),
+    Listed(std::vec::IntoIter<Item>),
+}
+
+impl Iterator for Walk<'_> {
+    type Item = Result<Item>;
+
+    fn next(&mut self) -> Option<Result<Item>> {
+        match self {
+            Walk::Dir(w) => w.next(),
+            Walk::Listed(items) => items.next().map(Ok),
+        }
+    }
 }
 
 /// Where a publish reads its files from.
@@ -184,16 +306,12 @@ enum SrcFile {
     },
 }
 
-/// The directory tree over a store's keys: files in `files`, entries sorted by name. A key
-/// ending in `/` (a console's "folder" marker) is skipped; a key that is both a file and a
-/// prefix of others, or has a name the tree refuses, is an error naming it.
-fn scan_objects(
-    url: &str,
-    objects: Vec<shoal_registry::ObjectEntry>,
-    files: &mut Vec<(SrcFile, u64)>,
-) -> Result<Vec<ScanEntry>> {
+/// The entries of the directory tree over a store's keys, in the tree's order ([`Item`]). A
+/// key ending in `/` (a console's "folder" marker) is skipped; a key that is both a file and
+/// a prefix of others, or has a name the tree refuses, is an error naming it.
+fn scan_objects(url: &str, objects: Vec<shoal_registry::ObjectEntry>) -> Result<Vec<Item>> {
     enum Node {
-        File(usize),
+        File(SrcFile, u64),
         Dir(std::collections::BTreeMap<String, Node>),
     }
     let at = |key: &str| PathBuf::from(format!("{}/{key}", url.trim_end_matches('/')));
@@ -228,7 +346,7 @@ fn scan_objects(
                 .or_insert_with(|| Node::Dir(Default::default()));
             dir = match node {
                 Node::Dir(d) => d,
-                Node::File(_) => {
+                Node::File(..) => {
                     return Err(source_err(
                         &at(&o.key),
                         format!("{p:?} is an object and also a prefix of this key; a file cannot also be a directory"),
@@ -243,32 +361,33 @@ fn scan_objects(
                 "is an object and also a prefix of other keys; a file cannot also be a directory",
             ));
         }
-        files.push((
-            SrcFile::Object {
-                key: o.key.clone(),
-                e_tag: o.e_tag.clone(),
-            },
-            o.size,
-        ));
-        dir.insert(name, Node::File(files.len() - 1));
+        let file = SrcFile::Object {
+            key: o.key.clone(),
+            e_tag: o.e_tag.clone(),
+        };
+        dir.insert(name, Node::File(file, o.size));
     }
-    fn entries(dir: std::collections::BTreeMap<String, Node>) -> Vec<ScanEntry> {
-        dir.into_iter()
-            .map(|(name, node)| match node {
-                Node::File(index) => ScanEntry {
+    fn flatten(dir: std::collections::BTreeMap<String, Node>, out: &mut Vec<Item>) {
+        for (name, node) in dir {
+            match node {
+                Node::File(src, size) => out.push(Item::File {
                     name,
                     mode: 0o644,
-                    kind: ScanKind::File { index },
-                },
-                Node::Dir(d) => ScanEntry {
-                    name,
-                    mode: 0o755,
-                    kind: ScanKind::Dir(entries(d)),
-                },
-            })
-            .collect()
+                    src,
+                    size,
+                    taken: None,
+                }),
+                Node::Dir(d) => {
+                    out.push(Item::Enter { name, mode: 0o755 });
+                    flatten(d, out);
+                    out.push(Item::Leave);
+                }
+            }
+        }
     }
-    Ok(entries(root))
+    let mut items = Vec::new();
+    flatten(root, &mut items);
+    Ok(items)
 }
 
 /// Bytes of one ranged read of a source object, and how many run ahead of the chunker.
@@ -461,35 +580,12 @@ fn external_indexes(
 }
 
 /// Refuses a source whose symlinks, followed through one another, lead outside it (each was
-/// checked alone while scanning).
-fn check_links(root: &Path, entries: &[ScanEntry]) -> Result<()> {
-    fn collect<'a>(
-        prefix: &str,
-        entries: &'a [ScanEntry],
-        kinds: &mut HashMap<String, tree::PathKind>,
-        links: &mut Vec<(String, &'a str)>,
-    ) {
-        for e in entries {
-            let p = if prefix.is_empty() {
-                e.name.clone()
-            } else {
-                format!("{prefix}/{}", e.name)
-            };
-            match &e.kind {
-                ScanKind::Dir(children) => {
-                    collect(&p, children, kinds, links);
-                    kinds.insert(p, tree::PathKind::Dir);
-                }
-                ScanKind::Symlink(t) => {
-                    kinds.insert(p.clone(), tree::PathKind::Symlink(t.clone()));
-                    links.push((p, t));
-                }
-                ScanKind::File { .. } => {}
-            }
-        }
-    }
-    let (mut kinds, mut links) = (HashMap::new(), Vec::new());
-    collect("", entries, &mut kinds, &mut links);
+/// checked alone while walking): `kinds` holds the directories and symlinks the walk met.
+fn check_links(
+    root: &Path,
+    kinds: &HashMap<String, tree::PathKind>,
+    links: &[(String, String)],
+) -> Result<()> {
     for (p, target) in links {
         let parts: Vec<&str> = p.split('/').collect();
         let verdict = tree::resolve_symlink(&parts, target, |q| {
@@ -502,7 +598,7 @@ fn check_links(root: &Path, entries: &[ScanEntry]) -> Result<()> {
         });
         if let Ok(Err(reason)) = verdict {
             return Err(source_err(
-                &root.join(&p),
+                &root.join(p),
                 format!("symlink to {target:?} {reason}; only symlinks that stay inside the dataset can be published"),
             ));
         }
@@ -510,23 +606,103 @@ fn check_links(root: &Path, entries: &[ScanEntry]) -> Result<()> {
     Ok(())
 }
 
-/// Decides which blobs are new and routes them into packs.
+/// New blobs a generation of [`Claims`] holds at most (~40 bytes each).
+const CLAIMS_PER_GENERATION: usize = 1 << 20;
+
+/// The new blobs this publish has claimed (is uploading), so that a blob met twice goes up
+/// once: two generations of at most [`CLAIMS_PER_GENERATION`] ids, the older dropped when the
+/// younger fills. Memory stays bounded whatever the dataset's size; a blob met again two
+/// generations after it was claimed (more than a million new blobs between) goes up again,
+/// a second copy in another pack (bytes, never a missing blob).
+#[derive(Default)]
+struct Claims {
+    young: FxHashSet<Hash>,
+    old: FxHashSet<Hash>,
+}
+
+impl Claims {
+    /// True if `id` was not claimed (the caller uploads it).
+    fn insert(&mut self, id: Hash) -> bool {
+        if self.old.contains(&id) || !self.young.insert(id) {
+            return false;
+        }
+        if self.young.len() >= CLAIMS_PER_GENERATION {
+            self.old = std::mem::take(&mut self.young);
+        }
+        true
+    }
+}
+
+/// [`Dedup::used`] bits: a pack holds blobs of the version's files, of its tree.
+const USED_DATA: u8 = 1;
+const USED_TREE: u8 = 2;
+
+/// Decides which blobs are new (they go into packs), and which of the origin's packs the
+/// version leans on.
 struct Dedup {
-    existing: HashMap<Hash, Hash>,
-    claimed: Mutex<HashSet<Hash>>,
+    /// Every blob the origin holds for this dataset: the pack (in `packs`) it lies in.
+    existing: FxHashMap<Hash, u32>,
+    packs: Vec<Hash>,
+    /// Per pack of `packs`: whether the version uses it ([`USED_DATA`], [`USED_TREE`]).
+    used: Vec<AtomicU8>,
+    claimed: Mutex<Claims>,
     new_chunks: AtomicU64,
 }
 
 impl Dedup {
-    /// True if this caller must upload the blob (it is neither in the origin nor claimed).
-    fn claim(&self, id: &Hash) -> bool {
-        !self.existing.contains_key(id) && self.claimed.lock().expect("dedup poisoned").insert(*id)
+    fn new(existing: FxHashMap<Hash, u32>, packs: Vec<Hash>) -> Dedup {
+        Dedup {
+            existing,
+            used: packs.iter().map(|_| AtomicU8::new(0)).collect(),
+            packs,
+            claimed: Mutex::default(),
+            new_chunks: AtomicU64::new(0),
+        }
+    }
+
+    /// True if this caller must upload the blob (it is neither in the origin nor claimed); a
+    /// blob in the origin marks its pack used.
+    fn claim(&self, id: &Hash, tree: bool) -> bool {
+        if let Some(&p) = self.existing.get(id) {
+            let bit = if tree { USED_TREE } else { USED_DATA };
+            self.used[p as usize].fetch_or(bit, Ordering::Relaxed);
+            return false;
+        }
+        self.claimed.lock().expect("dedup poisoned").insert(*id)
+    }
+
+    /// True if the origin holds every one of `chunks` (a file taken unread); their packs are
+    /// then used.
+    fn lean(&self, chunks: &[ChunkRef]) -> bool {
+        if !chunks.iter().all(|c| self.existing.contains_key(&c.id)) {
+            return false;
+        }
+        for c in chunks {
+            self.claim(&c.id, false);
+        }
+        true
+    }
+
+    /// The origin's packs the version uses, and which of them hold tree nodes.
+    fn used_packs(&self) -> impl Iterator<Item = (Hash, bool)> + '_ {
+        self.packs.iter().zip(&self.used).filter_map(|(p, u)| {
+            let u = u.load(Ordering::Relaxed);
+            (u != 0).then_some((*p, u & USED_TREE != 0))
+        })
     }
 }
 
-/// New blobs on their way to the packer, in groups that go into a pack together (an empty group
-/// ends the open frame).
-pub(crate) type BlobTx = std::sync::mpsc::SyncSender<Vec<(Hash, Bytes)>>;
+/// New blobs on their way to the packer, in groups that go into a pack together; the tree's
+/// nodes (`tree`) go into packs of their own.
+pub(crate) struct Group {
+    pub tree: bool,
+    pub blobs: Vec<(Hash, Bytes)>,
+}
+
+pub(crate) type BlobTx = std::sync::mpsc::SyncSender<Group>;
+
+/// Packs on their way to the uploader (`true`: a pack of tree nodes).
+pub(crate) type PackTx = tokio::sync::mpsc::Sender<(PackBuilder, bool)>;
 
 /// Bytes of one file's new chunks handed to the packer together, so that they lie next to
 /// each other in a pack although files are chunked in parallel (chunk by chunk, two files
@@ -535,93 +711,166 @@ pub(crate) type BlobTx = std::sync::mpsc::SyncSender<Vec<(Hash, Bytes)>>;
 /// ([`shoal_sched::owners::MOUNT_RUN`]), which a mount reads with one ranged read.
 const FILE_GROUP: u64 = shoal_sched::owners::MOUNT_RUN;
 /// Groups waiting for the packer (with one being built per chunking thread, this bounds the
-/// blobs publish holds in memory besides the pack being built).
+/// blobs publish holds in memory besides the packs being built).
 const GROUPS_QUEUED: usize = 4;
 
 /// Sent when the uploader has failed and stopped taking blobs.
 struct UploadStopped;
 
-struct TreeBuild<'a> {
-    chunks: &'a [Vec<ChunkRef>],
+/// Hands tree nodes to the packer, each new one once.
+struct Emitter<'a> {
     dedup: &'a Dedup,
     tx: &'a BlobTx,
-    referenced: Vec<Hash>,
 }
 
-impl TreeBuild<'_> {
-    fn emit(&mut self, id: Hash, bytes: Vec<u8>) -> Result<(), UploadStopped> {
-        self.referenced.push(id);
-        if self.dedup.claim(&id) {
+impl Emitter<'_> {
+    fn emit(&self, id: Hash, bytes: Vec<u8>) -> Result<(), UploadStopped> {
+        if self.dedup.claim(&id, true) {
             self.tx
-                .send(vec![(id, bytes.into())])
+                .send(Group {
+                    tree: true,
+                    blobs: vec![(id, bytes.into())],
+                })
                 .map_err(|_| UploadStopped)?;
         }
         Ok(())
     }
+}
 
-    /// Builds the directory's nodes (format v2) for `entries`; returns (id, files, bytes).
-    fn dir(&mut self, entries: &[ScanEntry]) -> Result<(Hash, u64, u64), UploadStopped> {
-        let mut dir = DirBuilder::new();
-        let (mut files, mut bytes) = (0, 0);
-        for e in entries {
-            let kind = match &e.kind {
-                ScanKind::File { index } => {
-                    let chunks = self.chunks[*index].clone();
-                    let size: u64 = chunks.iter().map(|c| c.len as u64).sum();
-                    let (content, lists) = tree::file_content_inline(chunks, dirs::INLINE_CHUNKS);
-                    for (id, b) in lists {
-                        self.emit(id, b)?;
-                    }
-                    files += 1;
-                    bytes += size;
-                    EntryKind::File { size, content }
-                }
-                ScanKind::Dir(children) => {
-                    let (id, f, b) = self.dir(children)?;
-                    files += f;
-                    bytes += b;
-                    EntryKind::Dir {
-                        id,
-                        files: f,
-                        bytes: b,
-                    }
-                }
-                ScanKind::Symlink(target) => EntryKind::Symlink {
-                    target: target.clone(),
-                },
-            };
-            let entry = Entry {
-                name: e.name.clone(),
-                mode: e.mode,
-                kind,
-            };
-            dir.push(entry, &mut |id, b| self.emit(id, b))
-                .map_err(Self::stopped)?;
+/// A directory being built: its entry in its parent, its nodes so far, what is under it.
+struct Frame {
+    name: String,
+    mode: u32,
+    dir: DirBuilder,
+    files: u64,
+    bytes: u64,
+}
+
+impl Frame {
+    fn new(name: String, mode: u32) -> Frame {
+        Frame {
+            name,
+            mode,
+            dir: DirBuilder::new(),
+            files: 0,
+            bytes: 0,
         }
-        let top = dir
-            .finish(&mut |id, b| self.emit(id, b))
-            .map_err(Self::stopped)?;
-        Ok((top.id, files, bytes))
+    }
+}
+
+/// The tree (format v2) built bottom-up as the walk's entries arrive in order: one
+/// [`DirBuilder`] per directory on the walk's path, each sealed as its directory is left.
+struct TreeBuild<'a> {
+    frames: Vec<Frame>,
+    emitter: Emitter<'a>,
+    chunks: u64,
+}
+
+impl<'a> TreeBuild<'a> {
+    fn new(dedup: &'a Dedup, tx: &'a BlobTx) -> TreeBuild<'a> {
+        TreeBuild {
+            frames: vec![Frame::new(String::new(), 0o755)],
+            emitter: Emitter { dedup, tx },
+            chunks: 0,
+        }
     }
 
-    /// Scanned entries come sorted and unique, so building only stops when uploading did.
+    fn push(&mut self, entry: Entry) -> Result<(), UploadStopped> {
+        let emitter = &self.emitter;
+        let top = self.frames.last_mut().expect("the root is open");
+        top.dir
+            .push(entry, &mut |id, b| emitter.emit(id, b))
+            .map_err(Self::stopped)
+    }
+
+    fn file(
+        &mut self,
+        name: String,
+        mode: u32,
+        chunks: Vec<ChunkRef>,
+    ) -> Result<(), UploadStopped> {
+        let size: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        self.chunks += chunks.len() as u64;
+        let (content, lists) = tree::file_content_inline(chunks, dirs::INLINE_CHUNKS);
+        for (id, b) in lists {
+            self.emitter.emit(id, b)?;
+        }
+        let top = self.frames.last_mut().expect("the root is open");
+        top.files += 1;
+        top.bytes += size;
+        self.push(Entry {
+            name,
+            mode,
+            kind: EntryKind::File { size, content },
+        })
+    }
+
+    fn symlink(&mut self, name: String, mode: u32, target: String) -> Result<(), UploadStopped> {
+        self.push(Entry {
+            name,
+            mode,
+            kind: EntryKind::Symlink { target },
+        })
+    }
+
+    fn enter(&mut self, name: String, mode: u32) {
+        self.frames.push(Frame::new(name, mode));
+    }
+
+    fn leave(&mut self) -> Result<(), UploadStopped> {
+        assert!(self.frames.len() > 1, "a walk leaves only what it entered");
+        let f = self.frames.pop().expect("checked");
+        let emitter = &self.emitter;
+        let top = f
+            .dir
+            .finish(&mut |id, b| emitter.emit(id, b))
+            .map_err(Self::stopped)?;
+        let parent = self.frames.last_mut().expect("checked");
+        parent.files += f.files;
+        parent.bytes += f.bytes;
+        self.push(Entry {
+            name: f.name,
+            mode: f.mode,
+            kind: EntryKind::Dir {
+                id: top.id,
+                files: f.files,
+                bytes: f.bytes,
+            },
+        })
+    }
+
+    /// The root's top node, files and bytes.
+    fn finish(mut self) -> Result<(Hash, u64, u64), UploadStopped> {
+        assert_eq!(self.frames.len(), 1, "a walk leaves what it entered");
+        let root = self.frames.pop().expect("checked");
+        let emitter = &self.emitter;
+        let top = root
+            .dir
+            .finish(&mut |id, b| emitter.emit(id, b))
+            .map_err(Self::stopped)?;
+        Ok((top.id, root.files, root.bytes))
+    }
+
+    /// Walked entries come sorted and unique, so building only stops when uploading did.
     fn stopped(e: dirs::BuildError<UploadStopped>) -> UploadStopped {
         match e {
             dirs::BuildError::Emit(stop) => stop,
             dirs::BuildError::Unsorted(name) => {
-                unreachable!("scanned entries are sorted and unique, {name:?} was not")
+                unreachable!("walked entries are sorted and unique, {name:?} was not")
             }
         }
     }
 }
 
-/// The chunked files and the tree built over them.
+/// What the walk built.
 struct Built {
     root: Hash,
     files: u64,
     bytes: u64,
-    chunks: Vec<Vec<ChunkRef>>,
-    tree_ids: Vec<Hash>,
+    chunks: u64,
+    taken: u64,
+    /// Each file's chunks, in walk order: kept for an in-place publish only.
+    file_chunks: Vec<Vec<ChunkRef>>,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -665,19 +914,35 @@ fn text_like(sample_files: &[PathBuf]) -> bool {
     zstd::bulk::compress(&sample, 1).is_ok_and(|c| c.len() * 10 < sample.len() * 6)
 }
 
-/// Up to [`PROBE_FILES`] local small files spread over `files`, for [`text_like`].
-fn probe_sample(files: &[(SrcFile, u64)]) -> Vec<PathBuf> {
-    let small = || {
-        files
-            .iter()
-            .filter(|(_, size)| *size > 0 && *size < SmallFiles::DEFAULT.below)
-            .filter_map(|(f, _)| match f {
-                SrcFile::Local { path, .. } => Some(path),
-                SrcFile::Object { .. } => None,
-            })
-    };
-    let step = small().count().div_ceil(PROBE_FILES).max(1);
-    small().step_by(step).cloned().collect()
+/// Up to [`PROBE_FILES`] local small files spread over the tree at `root`, for
+/// [`text_like`]: a walk of its own, for a dataset's first version only.
+fn probe_sample(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut sample = Vec::new();
+    let (mut step, mut seen) = (1usize, 0usize);
+    for item in DirWalk::new(root, Known::default(), None)? {
+        let Item::File {
+            src: SrcFile::Local { path, .. },
+            size,
+            ..
+        } = item?
+        else {
+            continue;
+        };
+        if size == 0 || size >= SmallFiles::DEFAULT.below {
+            continue;
+        }
+        if seen % step == 0 {
+            sample.push(path);
+            if sample.len() == 2 * PROBE_FILES {
+                // Every other one: the sample stays spread over what was walked.
+                sample = sample.into_iter().step_by(2).collect();
+                step *= 2;
+            }
+        }
+        seen += 1;
+    }
+    let every = sample.len().div_ceil(PROBE_FILES).max(1);
+    Ok(sample.into_iter().step_by(every).collect())
 }
 
 /// Options for [`Node::publish`].
@@ -699,26 +964,27 @@ pub struct PublishOptions {
     pub small: SmallChoice,
 }
 
-/// A pack the uploader stored: its id, the blobs in it and its size with the index.
+/// A pack the uploader stored: its id, size with the index, and the blobs in it (their ids
+/// for a pack of tree nodes, or when asked for).
 pub(crate) struct Uploaded {
     pub pack: Hash,
     pub ids: Vec<Hash>,
     pub bytes: u64,
+    pub tree: bool,
 }
 
 /// Seals packs (compressing their frames on the rayon pool: about 126 MB/s of text a core)
-/// and uploads them, at most two at a time; returns what it stored.
+/// and uploads them, at most two at a time; returns what it stored, with every blob's id when
+/// `keep_ids` (else only those of tree packs: a publish of millions of files keeps none).
 pub(crate) fn spawn_uploader(
     origin: Origin,
-) -> (
-    tokio::sync::mpsc::Sender<PackBuilder>,
-    tokio::task::JoinHandle<Result<Vec<Uploaded>>>,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<PackBuilder>(1);
+    keep_ids: bool,
+) -> (PackTx, tokio::task::JoinHandle<Result<Vec<Uploaded>>>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(PackBuilder, bool)>(1);
     let task = tokio::spawn(async move {
         let mut uploaded = Vec::new();
         let mut running = tokio::task::JoinSet::new();
-        while let Some(pack) = rx.recv().await {
+        while let Some((pack, tree)) = rx.recv().await {
             while running.len() >= 2 {
                 uploaded.push(
                     running
@@ -733,7 +999,11 @@ pub(crate) fn spawn_uploader(
                 let pack: SealedPack = tokio::task::spawn_blocking(move || pack.seal())
                     .await
                     .expect("sealing task panicked");
-                let ids: Vec<Hash> = pack.index.entries.iter().map(|e| e.id).collect();
+                let ids: Vec<Hash> = if keep_ids || tree {
+                    pack.index.entries.iter().map(|e| e.id).collect()
+                } else {
+                    Vec::new()
+                };
                 let bytes = pack.len() + pack.index_bytes.len() as u64;
                 o.put_pack(&pack.id, pack.parts, pack.index_bytes.into())
                     .await?;
@@ -741,6 +1011,7 @@ pub(crate) fn spawn_uploader(
                     pack: pack.id,
                     ids,
                     bytes,
+                    tree,
                 })
             });
         }
@@ -753,12 +1024,11 @@ pub(crate) fn spawn_uploader(
 }
 
 /// Groups new blobs into packs of about [`shoal_registry::pack::PACK_TARGET`] bytes (or
-/// [`shoal_registry::pack::PACK_MAX_BLOBS`] blobs); the last pack is sealed when
-/// every sender is gone.
-pub(crate) fn spawn_packer(
-    packs: tokio::sync::mpsc::Sender<PackBuilder>,
-    compress: bool,
-) -> (BlobTx, std::thread::JoinHandle<()>) {
+/// [`shoal_registry::pack::PACK_MAX_BLOBS`] blobs), tree nodes into packs of their own (a
+/// node reading files' chunks from the origin then reads no tree bytes, the one reading the
+/// tree for the others no file bytes, and a mount's first lookups open the small packs of the
+/// tree only); the last packs are sealed when every sender is gone, the tree's last.
+pub(crate) fn spawn_packer(packs: PackTx, compress: bool) -> (BlobTx, std::thread::JoinHandle<()>) {
     let new = move || {
         if compress {
             PackBuilder::default()
@@ -766,34 +1036,28 @@ pub(crate) fn spawn_packer(
             PackBuilder::plain()
         }
     };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Hash, Bytes)>>(GROUPS_QUEUED);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Group>(GROUPS_QUEUED);
     let thread = std::thread::spawn(move || {
-        let mut builder = new();
+        // [data, tree]
+        let mut builders = [new(), new()];
         for group in rx {
-            if group.is_empty() {
-                // The tree starts: its nodes go in packs of their own.
-                if !builder.is_empty()
+            let tree = group.tree;
+            let b = &mut builders[tree as usize];
+            for (id, bytes) in group.blobs {
+                b.push(id, bytes);
+                if b.full()
                     && packs
-                        .blocking_send(std::mem::replace(&mut builder, new()))
-                        .is_err()
-                {
-                    return;
-                }
-                continue;
-            }
-            for (id, bytes) in group {
-                builder.push(id, bytes);
-                if builder.full()
-                    && packs
-                        .blocking_send(std::mem::replace(&mut builder, new()))
+                        .blocking_send((std::mem::replace(b, new()), tree))
                         .is_err()
                 {
                     return;
                 }
             }
         }
-        if !builder.is_empty() {
-            let _ = packs.blocking_send(builder);
+        for (tree, b) in [false, true].into_iter().zip(builders) {
+            if !b.is_empty() && packs.blocking_send((b, tree)).is_err() {
+                return;
+            }
         }
     });
     (tx, thread)
@@ -826,7 +1090,10 @@ impl Lane {
         if self.grouped >= FILE_GROUP {
             self.grouped = 0;
             self.tx
-                .send(std::mem::take(&mut self.group))
+                .send(Group {
+                    tree: false,
+                    blobs: std::mem::take(&mut self.group),
+                })
                 .map_err(|_| UploadStopped)?;
         }
         Ok(())
@@ -838,42 +1105,32 @@ impl Drop for Lane {
     /// and says so elsewhere).
     fn drop(&mut self) {
         if !self.group.is_empty() {
-            let _ = self.tx.send(std::mem::take(&mut self.group));
+            let _ = self.tx.send(Group {
+                tree: false,
+                blobs: std::mem::take(&mut self.group),
+            });
         }
     }
 }
 
-/// Files a publish may take as they were without reading them, and how many it did.
-struct Unchanged {
-    known: Known,
-    taken: AtomicU64,
-}
+/// A batch of the walk: at most this many files, bytes of files, or entries in all. The
+/// files of a batch are chunked in parallel (all cores) while the walker lists the next.
+const BATCH_FILES: usize = 4096;
+const BATCH_BYTES: u64 = 4 << 30;
+const BATCH_ITEMS: usize = 1 << 16;
+/// Batches the walker runs ahead of the chunkers.
+const BATCHES_AHEAD: usize = 2;
 
-impl Unchanged {
-    /// The chunks of `path` if it is in the state a previous publish recorded and the origin
-    /// holds every one of them (else it must be read: its new chunks go into packs).
-    fn take(&self, path: &Path, stat: &FileStat, dedup: &Dedup) -> Option<Vec<ChunkRef>> {
-        let chunks = self.known.get(path.to_str()?, stat)?;
-        if !chunks.iter().all(|c| dedup.existing.contains_key(&c.id)) {
-            return None;
-        }
-        self.taken.fetch_add(1, Ordering::Relaxed);
-        Some(chunks.to_vec())
-    }
-}
-
-/// Chunks every file on all cores, sending new chunks to the packer; a local file in the
-/// state `unchanged` knows is taken from there unread. `Ok(None)` means the uploader stopped
-/// (its own error says why).
+/// Chunks `files` on all cores, sending their new chunks to the packer; each file's chunks,
+/// in order. `Ok(None)` means the uploader stopped (its own error says why).
 #[allow(clippy::too_many_arguments)]
 fn chunk_files(
-    files: &[(SrcFile, u64)],
+    files: &[(&SrcFile, u64)],
     store: Option<&Origin>,
     in_place: bool,
     params: Params,
     small: Option<SmallFiles>,
     dedup: &Dedup,
-    unchanged: &Unchanged,
     tx: &BlobTx,
     progress: &Progress,
 ) -> Result<Option<Vec<Vec<ChunkRef>>>> {
@@ -890,12 +1147,6 @@ fn chunk_files(
                     (Some(c), Some(s)) if *size < s.below => c,
                     _ => large,
                 };
-                if let (SrcFile::Local { path, stat }, false) = (file, in_place) {
-                    if let Some(chunks) = unchanged.take(path, stat, dedup) {
-                        progress.add(*size);
-                        return Ok(chunks);
-                    }
-                }
                 let (f, path): (Box<dyn std::io::Read>, PathBuf) = match (file, store) {
                     (SrcFile::Local { path, .. }, _) => (
                         Box::new(
@@ -932,7 +1183,7 @@ fn chunk_files(
                             len: c.len,
                         });
                         progress.add(c.len as u64);
-                        if !in_place && dedup.claim(&c.id) {
+                        if !in_place && dedup.claim(&c.id, false) {
                             dedup.new_chunks.fetch_add(1, Ordering::Relaxed);
                             lane.push(c.id, Bytes::copy_from_slice(bytes))?;
                         }
@@ -957,18 +1208,179 @@ fn chunk_files(
     Ok(Some(chunks))
 }
 
+/// How the walked files are chunked and where their new blobs go.
+struct Chunking<'a> {
+    store: Option<&'a Origin>,
+    in_place: bool,
+    params: Params,
+    small: Option<SmallFiles>,
+    dedup: &'a Dedup,
+    tx: &'a BlobTx,
+    progress: &'a Progress,
+}
+
+impl Chunking<'_> {
+    /// Walks `walk` on a thread of its own, a batch ahead, chunks each batch's files on all
+    /// cores and builds the tree from the batches in order, recording each local file in
+    /// `state` (the source directory as walked, and the state being written). Returns what it
+    /// built and the walk (for what it met), or `Ok(None)` when the uploader stopped.
+    fn run<'w>(
+        &self,
+        walk: Walk<'w>,
+        state: Option<(&Path, &mut KnownWriter)>,
+    ) -> Result<Option<(Built, Walk<'w>)>> {
+        std::thread::scope(|s| {
+            let (btx, brx) = std::sync::mpsc::sync_channel::<Result<Vec<Item>>>(BATCHES_AHEAD);
+            let progress = self.progress;
+            let walker = s.spawn(move || {
+                let mut walk = walk;
+                let mut batch = Vec::new();
+                let (mut files, mut bytes) = (0usize, 0u64);
+                let mut failed = None;
+                for item in walk.by_ref() {
+                    let item = match item {
+                        Ok(i) => i,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    };
+                    if let Item::File { size, .. } = &item {
+                        files += 1;
+                        bytes += size;
+                        progress.grow(*size);
+                    }
+                    batch.push(item);
+                    if files >= BATCH_FILES || bytes >= BATCH_BYTES || batch.len() >= BATCH_ITEMS {
+                        (files, bytes) = (0, 0);
+                        if btx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                            return walk;
+                        }
+                    }
+                }
+                let _ = btx.send(match failed {
+                    Some(e) => Err(e),
+                    None => Ok(batch),
+                });
+                walk
+            });
+            let built = self.consume(brx, state);
+            let walk = walker.join().expect("walker panicked");
+            Ok(built?.map(|b| (b, walk)))
+        })
+    }
+
+    fn consume(
+        &self,
+        batches: std::sync::mpsc::Receiver<Result<Vec<Item>>>,
+        mut state: Option<(&Path, &mut KnownWriter)>,
+    ) -> Result<Option<Built>> {
+        let mut tree = TreeBuild::new(self.dedup, self.tx);
+        let (mut taken, mut file_chunks) = (0u64, Vec::new());
+        for batch in batches {
+            let batch = batch?;
+            let chunked = {
+                let todo: Vec<(&SrcFile, u64)> = batch
+                    .iter()
+                    .filter_map(|i| match i {
+                        Item::File {
+                            src,
+                            size,
+                            taken: None,
+                            ..
+                        } => Some((src, *size)),
+                        _ => None,
+                    })
+                    .collect();
+                let chunked = chunk_files(
+                    &todo,
+                    self.store,
+                    self.in_place,
+                    self.params,
+                    self.small,
+                    self.dedup,
+                    self.tx,
+                    self.progress,
+                )?;
+                let Some(chunked) = chunked else {
+                    return Ok(None);
+                };
+                chunked
+            };
+            let mut chunked = chunked.into_iter();
+            for item in batch {
+                let stepped = match item {
+                    Item::Enter { name, mode } => {
+                        tree.enter(name, mode);
+                        Ok(())
+                    }
+                    Item::Leave => tree.leave(),
+                    Item::Symlink { name, mode, target } => tree.symlink(name, mode, target),
+                    Item::File {
+                        name,
+                        mode,
+                        src,
+                        size,
+                        taken: t,
+                    } => {
+                        let chunks = match t {
+                            Some(c) => {
+                                taken += 1;
+                                self.progress.add(size);
+                                c
+                            }
+                            None => chunked.next().expect("one result per file read"),
+                        };
+                        if let (Some((root, w)), SrcFile::Local { path, stat }) = (&mut state, &src)
+                        {
+                            if let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str())
+                            {
+                                if let Err(e) = w.record(rel, stat, &chunks) {
+                                    tracing::warn!("recording the files published: {e}; the next publish reads every file");
+                                    state = None;
+                                }
+                            }
+                        }
+                        if self.in_place {
+                            file_chunks.push(chunks.clone());
+                        }
+                        tree.file(name, mode, chunks)
+                    }
+                };
+                if stepped.is_err() {
+                    return Ok(None);
+                }
+            }
+        }
+        let chunks = tree.chunks;
+        let Ok((root, files, bytes)) = tree.finish() else {
+            return Ok(None);
+        };
+        Ok(Some(Built {
+            root,
+            files,
+            bytes,
+            chunks,
+            taken,
+            file_chunks,
+        }))
+    }
+}
+
 impl Node {
-    /// Blob id -> pack id for everything the origin holds of this dataset: the packs of its
-    /// versions signed by trusted keys (anything else is not deduplicated against).
+    /// Every blob the origin holds of this dataset, in the packs of its versions signed by
+    /// trusted keys (anything else is not deduplicated against): blob -> pack (in the list
+    /// returned).
     ///
     /// Cancel-safe: it only reads.
     async fn existing_blobs(
         &self,
         name: &shoal_registry::DatasetName,
-    ) -> Result<HashMap<Hash, Hash>> {
+    ) -> Result<(FxHashMap<Hash, u32>, Vec<Hash>)> {
         let origin = self.origin();
         let trusted = self.trusted_keys()?;
-        let mut existing = HashMap::new();
+        let mut existing = FxHashMap::default();
+        let mut packs = Vec::new();
         let mut packs_seen = HashSet::new();
         // Removed versions are not leaned on: gc keeps their packs only for a grace period.
         let removed: HashSet<String> = origin.list_removals(name).await?.into_iter().collect();
@@ -992,14 +1404,17 @@ impl Node {
                     if let AnyIndex::Packed(idx) =
                         pack_index(origin, &self.home.pack_cache_dir(), &p).await?.0
                     {
+                        let at = packs.len() as u32;
+                        packs.push(p);
+                        existing.reserve(idx.entries.len());
                         for e in idx.entries {
-                            existing.insert(e.id, p);
+                            existing.insert(e.id, at);
                         }
                     }
                 }
             }
         }
-        Ok(existing)
+        Ok((existing, packs))
     }
 
     /// Publishes `dir` as `target`. See the module docs for the write order.
@@ -1075,22 +1490,15 @@ impl Node {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        let (entries, files, store) = match source {
+        // An object store's keys are listed first (the listing is the tree); a directory is
+        // walked as it is published.
+        let (listed, store) = match source {
             PublishSource::Dir(dir) => {
                 let meta = std::fs::metadata(dir).map_err(|e| source_err(dir, e.to_string()))?;
                 if !meta.is_dir() {
                     return Err(source_err(dir, "not a directory"));
                 }
-                let root_dir = dir.to_path_buf();
-                let (entries, files) = tokio::task::spawn_blocking(move || {
-                    let mut files = Vec::new();
-                    let entries = scan(&root_dir, 0, &mut files)?;
-                    check_links(&root_dir, &entries)?;
-                    Ok::<_, Error>((entries, files))
-                })
-                .await
-                .expect("scan task panicked")?;
-                (entries, files, None)
+                (None, None)
             }
             PublishSource::Store(url) => {
                 let store = Origin::open(url, false)?;
@@ -1101,31 +1509,28 @@ impl Node {
                         "no objects under this URL (check the bucket and prefix)",
                     ));
                 }
-                let mut files = Vec::new();
-                let entries = scan_objects(url, objects, &mut files)?;
-                (entries, files, Some(store))
+                (Some(scan_objects(url, objects)?), Some(store))
             }
         };
 
-        // In place: where the bytes stay, and each file's object as it is before it is read.
-        let in_place = if opts.in_place {
-            Some(in_place_source(source, &files).await?)
-        } else {
-            None
-        };
         let cfg = match origin.dataset_config(name).await? {
             Some(c) => c,
             None => {
-                let small = match opts.small {
-                    SmallChoice::Off => None,
-                    SmallChoice::On => Some(SmallFiles::DEFAULT),
-                    SmallChoice::Auto => {
-                        let sample = probe_sample(&files);
+                let small = match (opts.small, source) {
+                    (SmallChoice::Off, _) => None,
+                    (SmallChoice::On, _) => Some(SmallFiles::DEFAULT),
+                    // Only local files are probed: an object store source gets the default
+                    // chunking unless asked.
+                    (SmallChoice::Auto, PublishSource::Store(_)) => None,
+                    (SmallChoice::Auto, PublishSource::Dir(dir)) => {
+                        let dir = dir.clone();
                         tokio::task::spawn_blocking(move || {
-                            text_like(&sample).then_some(SmallFiles::DEFAULT)
+                            Ok::<_, Error>(
+                                text_like(&probe_sample(&dir)?).then_some(SmallFiles::DEFAULT),
+                            )
                         })
                         .await
-                        .expect("probe task panicked")
+                        .expect("probe task panicked")?
                     }
                 };
                 let cfg = DatasetConfig {
@@ -1138,12 +1543,9 @@ impl Node {
         };
         let (params, small) = (cfg.chunking, cfg.small);
         progress.phase("loading dataset index", 0);
-        let dedup = Dedup {
-            existing: self.existing_blobs(name).await?,
-            claimed: Mutex::default(),
-            new_chunks: Default::default(),
-        };
-        // What the last publish of this directory saw of its files.
+        let (existing, existing_packs) = self.existing_blobs(name).await?;
+        let dedup = Dedup::new(existing, existing_packs);
+        // What the last publish of this directory saw of its files, and what this one sees.
         let state = match (source, opts.in_place) {
             (PublishSource::Dir(dir), false) => std::fs::canonicalize(dir)
                 .ok()
@@ -1151,78 +1553,93 @@ impl Node {
                 .map(|d| (known::state_path(self.home.root(), name.as_str()), d, dir)),
             _ => None,
         };
-        let unchanged = Unchanged {
-            known: match &state {
-                Some((path, dir, _)) if !opts.rehash => {
-                    tokio::task::block_in_place(|| Known::load(path, dir, params))
+        let known = match &state {
+            Some((path, dir, _)) if !opts.rehash => Known::open(path, dir, params),
+            _ => Known::default(),
+        };
+        let mut writer = match &state {
+            Some((path, dir, _)) => match KnownWriter::create(path, dir, params, scanned_ns) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(
+                        "recording the files published in {}: {e}; the next publish reads every file",
+                        path.display()
+                    );
+                    None
                 }
-                _ => Known::default(),
             },
-            taken: AtomicU64::new(0),
+            None => None,
         };
 
-        let (pack_tx, uploader) = spawn_uploader(origin.clone());
-        let (blob_tx, packer) = spawn_packer(pack_tx, !opts.uncompressed);
-        progress.phase("chunking", files.iter().map(|f| f.1).sum());
-        let built = tokio::task::block_in_place(|| -> Result<Option<Built>> {
-            let Some(chunks) = chunk_files(
-                &files,
-                store.as_ref(),
-                opts.in_place,
-                params,
-                small,
-                &dedup,
-                &unchanged,
-                &blob_tx,
-                progress,
-            )?
-            else {
-                return Ok(None);
-            };
-            // Tree nodes go in packs of their own (an empty group seals the open pack): a
-            // node reading files' chunks from the origin then reads no tree bytes, the one
-            // reading the tree for the others no file bytes, and a mount's first lookups
-            // open the small packs of the tree only (the version lists them last).
-            if blob_tx.send(Vec::new()).is_err() {
-                return Ok(None);
+        let mut walk = match (source, listed) {
+            (_, Some(items)) => Walk::Listed(items.into_iter()),
+            (PublishSource::Dir(dir), None) => {
+                Walk::Dir(Box::new(DirWalk::new(dir, known, Some(&dedup))?))
             }
-            let mut tb = TreeBuild {
-                chunks: &chunks,
-                dedup: &dedup,
-                tx: &blob_tx,
-                referenced: Vec::new(),
+            (PublishSource::Store(_), None) => unreachable!("a store's keys are listed"),
+        };
+        // In place: every file's object as it is before it is read, so the walk is listed
+        // first (and its symlinks checked).
+        let mut in_place = None;
+        if opts.in_place {
+            let items: Vec<Item> =
+                tokio::task::block_in_place(|| walk.by_ref().collect::<Result<_>>())?;
+            if let (Walk::Dir(w), PublishSource::Dir(dir)) = (&walk, source) {
+                check_links(dir, &w.kinds, &w.links)?;
+            }
+            let files: Vec<(SrcFile, u64)> = items
+                .iter()
+                .filter_map(|i| match i {
+                    Item::File { src, size, .. } => Some((src.clone(), *size)),
+                    _ => None,
+                })
+                .collect();
+            in_place = Some((in_place_source(source, &files).await?, files));
+            walk = Walk::Listed(items.into_iter());
+        }
+
+        let (pack_tx, uploader) = spawn_uploader(origin.clone(), false);
+        let (blob_tx, packer) = spawn_packer(pack_tx, !opts.uncompressed);
+        progress.phase("chunking", 0);
+        let chunking = Chunking {
+            store: store.as_ref(),
+            in_place: opts.in_place,
+            params,
+            small,
+            dedup: &dedup,
+            tx: &blob_tx,
+            progress,
+        };
+        let walked = tokio::task::block_in_place(|| {
+            let state = match (&state, writer.as_mut()) {
+                (Some((_, _, given)), Some(w)) => Some((given.as_path(), w)),
+                _ => None,
             };
-            let Ok((root, files, bytes)) = tb.dir(&entries) else {
-                return Ok(None);
-            };
-            let tree_ids = tb.referenced;
-            Ok(Some(Built {
-                root,
-                files,
-                bytes,
-                chunks,
-                tree_ids,
-            }))
+            chunking.run(walk, state)
         });
-        // The last sender goes: the packer seals the last pack and the uploader drains.
+        // The last sender goes: the packer seals the last packs and the uploader drains.
         drop(blob_tx);
         let _ = packer.join();
         progress.phase("uploading", 0);
         let uploaded = uploader.await.expect("uploader panicked")?;
-        let Some(built) = built? else {
+        let Some((built, walk)) = walked? else {
             return Err(Error::Corrupt {
                 what: "publish".into(),
                 reason: "uploader stopped without an error".into(),
             });
         };
+        if let (Walk::Dir(w), PublishSource::Dir(dir)) = (&walk, source) {
+            check_links(dir, &w.kinds, &w.links)?;
+        }
+        drop(walk);
 
         // In place: the files' chunks as ranges of their source objects, in external packs,
         // once each object is seen unchanged by the read.
         let mut external_bytes = 0u64;
         let mut external_packs = Vec::new();
-        if let Some((url, src, before)) = &in_place {
+        if let Some(((url, src, before), files)) = &in_place {
             progress.phase("recording sources", 0);
-            let after = object_states(src, source, &files).await?;
+            let after = object_states(src, source, files).await?;
             for (i, (b, a)) in before.iter().zip(&after).enumerate() {
                 if b != a {
                     return Err(source_err(
@@ -1232,49 +1649,48 @@ impl Node {
                 }
                 debug_assert_eq!(files[i].1, a.size);
             }
-            for x in external_indexes(url, &after, &built.chunks) {
+            for x in external_indexes(url, &after, &built.file_chunks) {
                 let bytes = x.encode();
                 let id = shoal_chunker::hash(&bytes);
                 external_bytes += bytes.len() as u64;
                 origin.put_pack_index(&id, bytes.into()).await?;
-                external_packs.push((id, x));
+                external_packs.push(id);
             }
         }
-        // The version names every pack that holds one of its blobs.
-        let new_pack_of: HashMap<Hash, Hash> = uploaded
-            .iter()
-            .flat_map(|u| u.ids.iter().map(|id| (*id, u.pack)))
-            .chain(
-                external_packs
-                    .iter()
-                    .flat_map(|(p, x)| x.entries.iter().map(|e| (e.id, *p))),
-            )
-            .collect();
-        let chunk_count = built.chunks.iter().map(|c| c.len() as u64).sum();
-        let pack_of = |id: &Hash| {
-            dedup
-                .existing
-                .get(id)
-                .or_else(|| new_pack_of.get(id))
-                .copied()
+        // The version names every pack that holds one of its blobs: the origin's packs it
+        // used, every pack uploaded (each holds blobs this publish claimed) and the external
+        // indexes. The packs of the tree last, the root's at the very end: a reader looking
+        // up blobs from the last pack back (a mount's first lookups, `node/src/locator.rs`)
+        // finds the tree without opening the files' packs.
+        let mut tree_packs: HashSet<Hash> = HashSet::new();
+        let mut packs: HashSet<Hash> = HashSet::new();
+        for (p, tree) in dedup.used_packs() {
+            packs.insert(p);
+            if tree {
+                tree_packs.insert(p);
+            }
+        }
+        for u in &uploaded {
+            packs.insert(u.pack);
+            if u.tree {
+                tree_packs.insert(u.pack);
+            }
+        }
+        packs.extend(external_packs.iter().copied());
+        let root_pack = match dedup.existing.get(&built.root) {
+            Some(&p) => dedup.packs[p as usize],
+            None => uploaded
+                .iter()
+                .find(|u| u.tree && u.ids.contains(&built.root))
+                .map(|u| u.pack)
                 .ok_or_else(|| Error::Corrupt {
                     what: "publish".into(),
-                    reason: format!("blob {id} was neither in the origin nor uploaded"),
-                })
+                    reason: format!(
+                        "the root {} was neither in the origin nor uploaded",
+                        built.root
+                    ),
+                })?,
         };
-        let mut packs = HashSet::new();
-        for id in built.chunks.iter().flatten().map(|c| &c.id) {
-            packs.insert(pack_of(id)?);
-        }
-        let mut tree_packs = HashSet::new();
-        for id in &built.tree_ids {
-            tree_packs.insert(pack_of(id)?);
-        }
-        packs.extend(tree_packs.iter().copied());
-        // The packs of the tree last, the root's at the very end: a reader looking up blobs
-        // from the last pack back (a mount's first lookups, `node/src/locator.rs`) finds the
-        // tree without opening the files' packs.
-        let root_pack = pack_of(&built.root)?;
         let mut packs: Vec<Hash> = packs.into_iter().collect();
         packs.sort_by_key(|p| (*p == root_pack, tree_packs.contains(p), *p));
 
@@ -1288,7 +1704,7 @@ impl Node {
             stats: Stats {
                 files: built.files,
                 bytes: built.bytes,
-                chunks: chunk_count,
+                chunks: built.chunks,
             },
             publisher: [0; 32],
         };
@@ -1302,33 +1718,8 @@ impl Node {
             )));
         }
         origin.create_version(name, &signed).await?;
-        let unchanged_taken = unchanged.taken.load(Ordering::Relaxed);
-        drop(unchanged);
-        if let Some((path, dir, given)) = &state {
-            // Files are recorded under the directory as canonicalised, as the next publish
-            // looks them up: the scan named them under the directory as it was given.
-            let records: Vec<(String, &FileStat, &[ChunkRef])> = files
-                .iter()
-                .zip(&built.chunks)
-                .filter_map(|((f, _), chunks)| match f {
-                    SrcFile::Local { path, stat } => {
-                        let rel = path.strip_prefix(given).ok()?;
-                        let full = Path::new(dir).join(rel);
-                        Some((full.to_str()?.to_string(), stat, chunks.as_slice()))
-                    }
-                    SrcFile::Object { .. } => None,
-                })
-                .collect();
-            let saved = tokio::task::block_in_place(|| {
-                Known::save(
-                    path,
-                    dir,
-                    params,
-                    scanned_ns,
-                    records.iter().map(|(p, s, c)| (p.as_str(), *s, *c)),
-                )
-            });
-            if let Err(e) = saved {
+        if let (Some(w), Some((path, _, _))) = (writer, &state) {
+            if let Err(e) = tokio::task::block_in_place(|| w.commit()) {
                 tracing::warn!(
                     "recording the files published in {}: {e}; the next publish reads every file",
                     path.display()
@@ -1349,13 +1740,13 @@ impl Node {
             root: format!("b3:{}", built.root),
             files: built.files,
             bytes: built.bytes,
-            chunks: chunk_count,
+            chunks: built.chunks,
             new_chunks: dedup.new_chunks.load(Ordering::Relaxed),
             new_bytes_uploaded: uploaded.iter().map(|u| u.bytes).sum::<u64>()
                 + external_bytes
                 + signed.encode().len() as u64,
             packs_uploaded: uploaded.len() as u64,
-            files_unchanged: unchanged_taken,
+            files_unchanged: built.taken,
             tags,
             publisher: key.public().to_string(),
             seconds: started.elapsed().as_secs_f64(),

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::lifecycle::reach_through;
 use crate::origins::Holders;
 use crate::progress::Progress;
-use crate::publish::{now_unix, spawn_packer, spawn_uploader};
+use crate::publish::{now_unix, spawn_packer, spawn_uploader, Group};
 use crate::Node;
 use bytes::Bytes;
 use serde::Serialize;
@@ -231,7 +231,7 @@ impl Node {
             chosen.iter().map(|(p, _)| *p).collect(),
         )
         .passing_through();
-        let (pack_tx, uploader) = spawn_uploader(origin.clone());
+        let (pack_tx, uploader) = spawn_uploader(origin.clone(), true);
         let (blob_tx, packer) = spawn_packer(pack_tx, true);
         let mut sent: HashSet<Hash> = HashSet::new();
         let copied = async {
@@ -263,7 +263,14 @@ impl Node {
                         })
                         .collect::<Result<_>>()?;
                     let tx = blob_tx.clone();
-                    if tokio::task::block_in_place(|| tx.send(group)).is_err() {
+                    if tokio::task::block_in_place(|| {
+                        tx.send(Group {
+                            tree: false,
+                            blobs: group,
+                        })
+                    })
+                    .is_err()
+                    {
                         break;
                     }
                     progress.add(size);
