@@ -147,7 +147,25 @@ impl State {
             p.below -= 1;
             ino = n.parent;
         }
+        if freed > 0 {
+            self.shrink();
+        }
         freed
+    }
+
+    /// Gives back the maps' room once they hold under a quarter of it: a hash map keeps its
+    /// capacity when entries go, so a `find` over a million entries left ~190 MB of empty
+    /// buckets after the kernel forgot every inode (1M-entry scale bench: 252 MB of
+    /// anonymous memory after the forget). Amortised: a shrink to twice the length needs the
+    /// table to lose half of that again before the next.
+    fn shrink(&mut self) {
+        const ROOM: usize = 1 << 12;
+        if self.inodes.capacity() > ROOM && self.inodes.len() * 4 < self.inodes.capacity() {
+            self.inodes.shrink_to(self.inodes.len() * 2);
+        }
+        if self.by_entry.capacity() > ROOM && self.by_entry.len() * 4 < self.by_entry.capacity() {
+            self.by_entry.shrink_to(self.by_entry.len() * 2);
+        }
     }
 }
 
@@ -413,6 +431,12 @@ impl<S: Source> Inodes<S> {
         self.lock().inodes.len()
     }
 
+    /// Room the inode maps hold (entries they could take without growing).
+    pub fn capacity(&self) -> usize {
+        let st = self.lock();
+        st.inodes.capacity() + st.by_entry.capacity()
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -623,6 +647,35 @@ mod tests {
             other => panic!("escaping chain served: {other:?}"),
         }
         assert!(matches!(t.readlink(ROOT), Err(Errno::NotLink)));
+    }
+
+    #[test]
+    fn forgotten_inodes_give_their_room_back() {
+        let root = Hash([9; 32]);
+        let mut m = Mem::default();
+        m.dirs.insert(
+            root,
+            Arc::new(Dir {
+                entries: (0..100_000)
+                    .map(|i| file_entry(&format!("f{i:06}"), 1))
+                    .collect(),
+            }),
+        );
+        let t = Inodes::new(Arc::new(m), root, 0o755);
+        let inos: Vec<u64> = (0..100_000)
+            .map(|i| {
+                let ino = t.child(ROOT, i).unwrap();
+                t.remember(ino);
+                ino
+            })
+            .collect();
+        let grown = t.capacity();
+        assert!(grown >= 200_000, "{grown}");
+        for ino in inos {
+            t.forget(ino, 1);
+        }
+        assert_eq!(t.len(), 1, "only the root lives");
+        assert!(t.capacity() < 1 << 14, "{} of {grown} kept", t.capacity());
     }
 
     #[test]
