@@ -1755,3 +1755,30 @@ impl Node {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: u64) -> Hash {
+        shoal_chunker::hash(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn claims_take_each_blob_once_within_two_generations_and_stay_bounded() {
+        let mut c = Claims::default();
+        assert!(c.insert(id(0)));
+        assert!(!c.insert(id(0)), "claimed twice");
+        // A generation later it is still known...
+        for i in 1..=CLAIMS_PER_GENERATION as u64 {
+            assert!(c.insert(id(i)));
+        }
+        assert!(!c.insert(id(0)), "forgotten after one generation");
+        // ...two generations later it goes up again (a second copy, never a missing blob).
+        for i in 1..=CLAIMS_PER_GENERATION as u64 {
+            c.insert(id(1 << 32 | i));
+        }
+        assert!(c.insert(id(0)));
+        assert!(c.young.len() + c.old.len() <= 2 * CLAIMS_PER_GENERATION);
+    }
+}
