@@ -352,6 +352,11 @@ pub enum NodeCommand {
         /// Do not discover peers on the LAN with mDNS.
         #[arg(long)]
         no_mdns: bool,
+        /// Send chunks to peers as they are, never compressed (default: each group of an
+        /// answer compressed with zstd when a probe says it pays). Overrides `[node]
+        /// wire_compression`.
+        #[arg(long)]
+        no_wire_compression: bool,
         /// Most bytes per second read from the origins, all together (e.g. 100MB; 0:
         /// unlimited). Overrides `[rates] origin`.
         #[arg(long, value_name = "RATE")]

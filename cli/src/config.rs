@@ -105,6 +105,8 @@ pub struct NodeConfig {
     pub open: Option<bool>,
     pub metrics: Option<String>,
     pub mdns: Option<bool>,
+    /// Send peers compressible chunks compressed (default true; receiving them is always on).
+    pub wire_compression: Option<bool>,
     /// Connection and buffer bounds (`[node.limits]`); see docs/security.md.
     #[serde(default)]
     pub limits: shoal_node::limits::Limits,

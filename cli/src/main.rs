@@ -730,6 +730,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                     open: open_swarm,
                     metrics,
                     no_mdns,
+                    no_wire_compression,
                     origin_rate,
                     upload_rate,
                     download_rate,
@@ -763,6 +764,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                 open: open_swarm.then_some(true),
                 metrics,
                 mdns: no_mdns.then_some(false),
+                wire_compression: no_wire_compression.then_some(false),
                 limits: Default::default(),
             };
             // A node may serve peers before anything is published to a local default origin:

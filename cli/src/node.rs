@@ -93,6 +93,10 @@ pub async fn run(
             admission,
             limits: file.limits.clone(),
             rates,
+            wire_compression: flags
+                .wire_compression
+                .or(file.wire_compression)
+                .unwrap_or(true),
         },
         metrics,
         limits: file.limits.clone(),

@@ -72,6 +72,9 @@ fn pulls_come_from_peers_and_status_reports_them() {
     assert_eq!(s["versions"][0]["holding"], "complete");
     let sb = c.nodes[b].status().unwrap();
     assert!(u(&sb, "bytes_from_peers") >= bytes);
+    // Random data goes as it is: no more bytes on the wire than the chunks and their heads.
+    let (raw, wire) = (u(&sb, "bytes_from_peers"), u(&sb, "bytes_from_peers_wire"));
+    assert!(wire >= raw && wire <= raw + raw / 100, "{sb}");
 
     // Prometheus metrics.
     let out = std::process::Command::new("curl")
@@ -853,5 +856,78 @@ fn rate_limits_hold_origin_reads_downloads_and_uploads() {
     assert!(
         err.contains("--upload-rate \"fast\": expected bytes per second"),
         "{err}"
+    );
+}
+
+/// Real text (this repository's own sources and docs), copied into `dir`; its size.
+fn real_text(dir: &Path) -> u64 {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut n = 0;
+    for sub in [
+        "node/src",
+        "node/swarm/src",
+        "registry/src",
+        "docs",
+        "cli/src",
+    ] {
+        for e in std::fs::read_dir(repo.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                let to = dir.join(sub).join(p.file_name().unwrap());
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                n += std::fs::copy(&p, &to).unwrap();
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn text_goes_compressed_between_peers_unless_the_server_says_not() {
+    let mut c = Cluster::new(BIN);
+    let src = c.dir.path().join("src");
+    let bytes = real_text(&src);
+    assert!(bytes > 1 << 20, "{bytes} bytes of text");
+    c.publish(&src, "ds@v1");
+    // a sends as it is; b and d compress.
+    let a = c.node("a", &["--no-wire-compression"], &[]);
+    let b = c.node("b", &[], &[]);
+    let d = c.node("d", &[], &[]);
+    for i in [a, b, d] {
+        c.nodes[i].wait_peers(2);
+    }
+    let r = c.nodes[a].json(&["pull", "ds@v1", "--no-files"]);
+    assert_eq!(u(&r, "bytes_from_peers"), 0);
+    // b gets everything from a, uncompressed.
+    let out = c.dir.path().join("out_b");
+    let r = c.nodes[b].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    assert_eq!(u(&r, "bytes_from_origin"), 0, "{r}");
+    assert_same_tree(&src, &out);
+    let sb = c.nodes[b].status().unwrap();
+    let (raw, wire) = (u(&sb, "bytes_from_peers"), u(&sb, "bytes_from_peers_wire"));
+    assert!(raw >= bytes && wire >= raw, "from a, as it is: {sb}");
+    // d gets it from a and b: what came from b came compressed (text: at least 2x).
+    let out = c.dir.path().join("out_d");
+    let r = c.nodes[d].json(&["pull", "ds@v1", "--to", out.to_str().unwrap()]);
+    assert_eq!(u(&r, "bytes_from_origin"), 0, "{r}");
+    assert_same_tree(&src, &out);
+    let sa = c.nodes[a].status().unwrap();
+    let sb = c.nodes[b].status().unwrap();
+    let sd = c.nodes[d].status().unwrap();
+    let (a_raw, a_wire) = (u(&sa, "bytes_served"), u(&sa, "bytes_served_wire"));
+    let (b_raw, b_wire) = (u(&sb, "bytes_served"), u(&sb, "bytes_served_wire"));
+    assert!(a_wire >= a_raw, "a never compresses: {sa}");
+    assert!(
+        b_raw > 0 && b_wire * 2 < b_raw,
+        "b compressed what it served: {sb}"
+    );
+    assert_eq!(
+        u(&sd, "bytes_from_peers_wire"),
+        b_wire + (a_wire - (u(&sb, "bytes_from_peers_wire"))),
+        "d counts on the wire what a and b sent it"
+    );
+    eprintln!(
+        "text between peers: {bytes} bytes; b served {b_raw} as {b_wire} on the wire ({:.2}x)",
+        b_raw as f64 / b_wire as f64
     );
 }

@@ -495,7 +495,13 @@ fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
     // A peer that says it pulls the version too, with a have-map that grows (pushed as
     // have-deltas, so it looks like a puller making progress, and owns its share of the origin
     // reads), and answers "not here" for everything.
-    let liar = rt.block_on(hostile::liar(root, chunks, 64, None));
+    let liar = rt.block_on(hostile::liar(
+        root,
+        chunks,
+        64,
+        None,
+        hostile::Answers::NotHere,
+    ));
     let a = c.node("a", &["--bootstrap", &liar.addr.to_string()], &[]);
     c.nodes[a].wait_peers(1);
     let dest = c.dir.path().join("out");
@@ -529,6 +535,89 @@ fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
         "pull with a lying puller: {:.1}s, {} bulk requests to the liar, {} from origin",
         took.as_secs_f64(),
         asked,
+        r["bytes_from_origin"]
+    );
+}
+
+#[test]
+fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
+    let rt = rt();
+    let mut c = Cluster::new(BIN);
+    let data = c.dir.path().join("data");
+    write_data(&data, 16, 2 << 20, 5); // 32 MiB
+    let v = c.publish(&data, "ds@v1");
+    let root = root_of(&v);
+    let probe = std::process::Command::new(BIN)
+        .args(["--json", "pull", "ds@v1", "--no-files"])
+        .env("SHOAL_HOME", c.home("probe"))
+        .env("SHOAL_ORIGIN", &c.origin)
+        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+        .output()
+        .unwrap();
+    assert!(probe.status.success());
+    let chunks = serde_json::from_slice::<serde_json::Value>(&probe.stdout).unwrap()["chunks"]
+        .as_u64()
+        .unwrap() as u32;
+
+    // Three pullers that advertise what they do not have and answer with compressed frames
+    // (negotiated like an honest compressing node): a zstd bomb (16 MiB in a frame declaring
+    // a few KiB), a frame with one record too many, and frames of junk blobs.
+    let liars: Vec<_> = [
+        hostile::Answers::Bomb,
+        hostile::Answers::Overrun,
+        hostile::Answers::Junk,
+    ]
+    .into_iter()
+    .map(|a| rt.block_on(hostile::liar(root, chunks, 64, None, a)))
+    .collect();
+    let mut args = Vec::new();
+    for l in &liars {
+        args.push("--bootstrap".to_string());
+        args.push(l.addr.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = c.node("a", &args, &[]);
+    c.nodes[a].wait_peers(3);
+    let dest = c.dir.path().join("out");
+    let started = Instant::now();
+    let r = c.nodes[a].json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
+    let took = started.elapsed();
+    for i in 0..16 {
+        let name = format!("f{i:03}.bin");
+        assert!(
+            std::fs::read(data.join(&name)).unwrap() == std::fs::read(dest.join(&name)).unwrap(),
+            "{name} pulled exactly"
+        );
+    }
+    for (l, what) in liars.iter().zip(["bomb", "overrun", "junk"]) {
+        assert!(
+            l.asked.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "the {what} liar was asked"
+        );
+    }
+    let log = c.nodes[a].log();
+    for what in [
+        "sent a frame that does not decompress",
+        "sent a frame holding more records than asked for",
+        "that do not match it",
+    ] {
+        assert!(
+            log.contains(what),
+            "a fault for {what:?} in the log:\n{log}"
+        );
+    }
+    // The daemon is up and small after decompressing for liars.
+    let s = c.nodes[a]
+        .status()
+        .expect("the daemon answers after the liars");
+    assert!(s["verify_failures"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        took < Duration::from_secs(30),
+        "the pull took {took:?} with liars in the swarm: {r}"
+    );
+    eprintln!(
+        "pull with three lying compressors: {:.1}s, {} from origin",
+        took.as_secs_f64(),
         r["bytes_from_origin"]
     );
 }

@@ -574,44 +574,58 @@ const PROBE_LEVEL: i32 = 1;
 /// Bytes of each sample [`compressed`] takes to guess whether a frame compresses.
 const PROBE: usize = 2 << 10;
 
-/// `frame` (its parts) compressed, if that saves at least 3% of it. Frames that do not look
-/// compressible are not tried: a zstd level-1 pass over samples from four places in the
-/// frame (8 KiB of it) must save a tenth first, so random and already compressed data (JPEG, gzip) costs a
-/// few percent of one compression.
-fn compressed(
-    (probe, z): &mut (zstd::bulk::Compressor<'_>, zstd::bulk::Compressor<'_>),
-    frame: &[Bytes],
-) -> Option<Vec<u8>> {
-    let len: usize = frame.iter().map(Bytes::len).sum();
-    if len < 64 {
-        return None;
+/// Compresses frames of bytes when that pays: a zstd level-1 probe over samples from four
+/// places in a frame (8 KiB of it) must save a tenth before the frame is compressed at all,
+/// and the result is kept only if it saves at least 3%. Random and already compressed data
+/// (JPEG, gzip, Parquet) costs a few percent of one compression. Packs use it at seal (at
+/// [`ZSTD_LEVEL`]), the bulk channel for each group of an answer (at level 1).
+pub struct Squeezer {
+    probe: zstd::bulk::Compressor<'static>,
+    z: zstd::bulk::Compressor<'static>,
+}
+
+impl Squeezer {
+    /// A squeezer compressing at zstd `level`, or None if zstd cannot start one.
+    pub fn new(level: i32) -> Option<Squeezer> {
+        Some(Squeezer {
+            probe: zstd::bulk::Compressor::new(PROBE_LEVEL).ok()?,
+            z: zstd::bulk::Compressor::new(level).ok()?,
+        })
     }
-    // The bytes at raw offset `at` of the frame, at most `n` of them, from one part.
-    let at = |mut at: usize, n: usize| -> &[u8] {
-        for p in frame {
-            if at < p.len() {
-                return &p[at..(at + n).min(p.len())];
-            }
-            at -= p.len();
-        }
-        &[]
-    };
-    if len > 8 * PROBE {
-        let mut sample = Vec::with_capacity(4 * PROBE);
-        for q in 0..4 {
-            sample.extend_from_slice(at(q * len / 4, PROBE));
-        }
-        let small = probe.compress(&sample).ok()?;
-        if small.len() * 10 > sample.len() * 9 {
+
+    /// `frame` (its parts, back to back) compressed, if that saves at least 3% of it.
+    pub fn squeeze(&mut self, frame: &[Bytes]) -> Option<Vec<u8>> {
+        let len: usize = frame.iter().map(Bytes::len).sum();
+        if len < 64 {
             return None;
         }
+        // The bytes at raw offset `at` of the frame, at most `n` of them, from one part.
+        let at = |mut at: usize, n: usize| -> &[u8] {
+            for p in frame {
+                if at < p.len() {
+                    return &p[at..(at + n).min(p.len())];
+                }
+                at -= p.len();
+            }
+            &[]
+        };
+        if len > 8 * PROBE {
+            let mut sample = Vec::with_capacity(4 * PROBE);
+            for q in 0..4 {
+                sample.extend_from_slice(at(q * len / 4, PROBE));
+            }
+            let small = self.probe.compress(&sample).ok()?;
+            if small.len() * 10 > sample.len() * 9 {
+                return None;
+            }
+        }
+        let whole: std::borrow::Cow<'_, [u8]> = match frame {
+            [one] => one.as_ref().into(),
+            _ => frame.concat().into(),
+        };
+        let out = self.z.compress(&whole).ok()?;
+        (out.len() * 100 <= len * 97).then_some(out)
     }
-    let whole: std::borrow::Cow<'_, [u8]> = match frame {
-        [one] => one.as_ref().into(),
-        _ => frame.concat().into(),
-    };
-    let out = z.compress(&whole).ok()?;
-    (out.len() * 100 <= len * 97).then_some(out)
 }
 
 impl PackBuilder {
@@ -687,16 +701,11 @@ impl PackBuilder {
             raw_frames
                 .into_par_iter()
                 .map_init(
-                    || {
-                        // The probe at level 1: it only tells whether a frame compresses,
-                        // and at level 5 it cost random data's publish about 6%.
-                        let new = |level| zstd::bulk::Compressor::new(level).ok();
-                        compress
-                            .then(|| Some((new(PROBE_LEVEL)?, new(ZSTD_LEVEL)?)))
-                            .flatten()
-                    },
+                    // The probe at level 1: it only tells whether a frame compresses, and at
+                    // level 5 it cost random data's publish about 6%.
+                    || compress.then(|| Squeezer::new(ZSTD_LEVEL)).flatten(),
                     |z, frame| {
-                        let out = z.as_mut().and_then(|z| compressed(z, &frame));
+                        let out = z.as_mut().and_then(|z| z.squeeze(&frame));
                         (frame, out)
                     },
                 )

@@ -25,7 +25,7 @@ const OLD: &str = "4.2";
 const NEW: &str = "4.2.20";
 
 /// Both releases' source trees under `$BENCH_ROOT/real` (downloaded once with pip).
-fn django(args: &Args) -> Result<(PathBuf, PathBuf)> {
+pub(crate) fn django(args: &Args) -> Result<(PathBuf, PathBuf)> {
     let real = args.bench_root.join("real");
     std::fs::create_dir_all(&real)?;
     let mut dirs = Vec::new();
@@ -66,7 +66,7 @@ fn django(args: &Args) -> Result<(PathBuf, PathBuf)> {
 /// `$BENCH_ROOT/real/deb` (downloaded once with apt-get).
 const DEB: &str = "perl-modules-5.36";
 
-fn debian(args: &Args) -> Result<PathBuf> {
+pub(crate) fn debian(args: &Args) -> Result<PathBuf> {
     let dir = args.bench_root.join("real/deb");
     let tree = dir.join("tree");
     if tree.join("usr").exists() {

@@ -316,10 +316,62 @@ pub async fn ctl_probe(addr: Multiaddr, proof: Proof, root: [u8; 32], secs: u64)
     report
 }
 
+/// How a [`Liar`] answers bulk requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answers {
+    /// "Not here" for every id.
+    NotHere,
+    /// A compressed frame declaring a few bytes per id that decompresses to 16 MiB (a zstd
+    /// bomb).
+    Bomb,
+    /// A well-formed compressed frame holding one record more than the ids asked for.
+    Overrun,
+    /// A well-formed compressed frame of 4 KiB blobs of junk (bytes that do not match the ids).
+    Junk,
+}
+
+impl Answers {
+    /// The bytes answering a request for `n` ids (a compressed frame: `u32 stored | 1 << 31`,
+    /// `u32 raw`, zstd bytes; see `shoal_node::swarm::bulk`).
+    fn answer(self, n: usize) -> Vec<u8> {
+        let frame = |raw: &[u8], declared: usize| {
+            let z = zstd::bulk::compress(raw, 3).expect("zstd");
+            let mut out = ((z.len() as u32) | 1 << 31).to_be_bytes().to_vec();
+            out.extend_from_slice(&(declared as u32).to_be_bytes());
+            out.extend_from_slice(&z);
+            out
+        };
+        let records = |count: usize, blob: &[u8]| -> Vec<u8> {
+            let mut r = Vec::new();
+            for _ in 0..count {
+                if blob.is_empty() {
+                    r.extend_from_slice(&u32::MAX.to_be_bytes());
+                } else {
+                    r.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+                    r.extend_from_slice(blob);
+                }
+            }
+            r
+        };
+        match self {
+            Answers::NotHere => records(n, &[]),
+            Answers::Bomb => frame(&vec![0u8; 16 << 20], 4 * n + 4096),
+            Answers::Overrun => {
+                let r = records(n + 1, &[7u8; 512]);
+                frame(&r, r.len())
+            }
+            Answers::Junk => {
+                let r = records(n, &[b'x'; 4096]);
+                frame(&r, r.len())
+            }
+        }
+    }
+}
+
 /// A fake node that lies: it says it is pulling `root` (whose version has `chunks` unique
 /// chunks), claims `grow` more chunks every 100 ms (pushed as have-deltas, and in the map it
-/// answers with, so it looks like a puller making progress), and answers every bulk request
-/// "not here". It lists itself as a puller in the version's roster.
+/// answers with, so it looks like a puller making progress), and answers every bulk request as
+/// `answers` says. It lists itself as a puller in the version's roster.
 pub struct Liar {
     /// Its control address, for a node to bootstrap from.
     pub addr: Multiaddr,
@@ -336,19 +388,27 @@ impl Drop for Liar {
 }
 
 /// Starts a [`Liar`] on loopback (with `key`'s proofs, if given) inside the current runtime.
-pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey>) -> Liar {
+pub async fn liar(
+    root: [u8; 32],
+    chunks: u32,
+    grow: u32,
+    key: Option<ClusterKey>,
+    answers: Answers,
+) -> Liar {
     use libp2p::request_response as rr;
     use libp2p::swarm::SwarmEvent;
     use shoal_node::swarm::{HaveMap, Holding};
     let keypair = identity();
     let me = keypair.public().to_peer_id();
-    // The bulk side: proofs, then "not here" for everything.
+    // The bulk side: proofs, then the answers it was told to give (compressed frames are
+    // negotiated as a compressing node does).
     let bulk = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bulk listener");
     let bulk_port = bulk.local_addr().expect("bulk address").port();
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(Arc::new(wire::tls_server(&keypair).expect("TLS config")));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        wire::tls_server(&keypair, true).expect("TLS config"),
+    ));
     let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (bulk_key, bulk_asked) = (key.clone(), asked.clone());
     let bulk_task = async move {
@@ -380,7 +440,7 @@ pub async fn liar(root: [u8; 32], chunks: u32, grow: u32, key: Option<ClusterKey
                 }
                 while let Ok((ids, _)) = shoal_node::swarm::bulk::read_request(&mut tls).await {
                     asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let answer: Vec<u8> = ids.iter().flat_map(|_| u32::MAX.to_be_bytes()).collect();
+                    let answer = answers.answer(ids.len());
                     if tls.write_all(&answer).await.is_err() || tls.flush().await.is_err() {
                         return;
                     }

@@ -79,6 +79,13 @@ enum Cmd {
         /// Peer baselines: rsync,nginx (one script), aria2, sendme (empty: Shoal alone).
         #[arg(long, value_delimiter = ',', default_value = "rsync,aria2,sendme")]
         peers: Vec<String>,
+        /// A real text corpus (two Django releases, Debian's Perl modules) instead of
+        /// shards_v1; no peer tools.
+        #[arg(long)]
+        text: bool,
+        /// The seed's wire compression: on, off, or both (each run in the same invocation).
+        #[arg(long, default_value = "both")]
+        wire: String,
     },
     /// Scenarios 2 and 4: NODES daemons in network namespaces pull shards_v1 at once from an
     /// HTTP origin behind a tbf-shaped link (with --kill K: K of them killed -9 mid-pull and
@@ -990,10 +997,24 @@ fn main() -> Result<()> {
             )
         }
         Cmd::Eviction { blocks, epochs } => ("eviction", eviction_bench(*blocks, *epochs)),
-        Cmd::SwarmLo { runs, peers } => (
-            "swarm_lo",
-            swarm_bench::loopback(&args, (*runs).max(1), peers)?,
-        ),
+        Cmd::SwarmLo {
+            runs,
+            peers,
+            text,
+            wire,
+        } => {
+            let wire: &[bool] = match wire.as_str() {
+                "on" => &[true],
+                "off" => &[false],
+                "both" => &[true, false],
+                w => anyhow::bail!("--wire {w}: expected on, off or both"),
+            };
+            let peers: &[String] = if *text { &[] } else { peers };
+            (
+                "swarm_lo",
+                swarm_bench::loopback(&args, (*runs).max(1), peers, *text, wire)?,
+            )
+        }
         Cmd::SwarmNetns {
             nodes,
             rate,

@@ -208,6 +208,7 @@ fn wait_connected(nodes: &[&Daemon], n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Publishes shards_v1 as `shards@v1` once per work directory; returns the publisher's key.
 fn publisher(work: &Path, origin: &str, shards: &Path) -> Result<String> {
     publish(work, origin, shards, "shards@v1")
 }
@@ -321,60 +322,132 @@ fn recycle_memory(work: &Path, bytes: u64) -> Result<()> {
 }
 
 /// Scenario 1: one seeder, one leecher, 127.0.0.1; shards_v1 into the leecher's store.
-pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
+/// Real text anyone can fetch here, in one tree under the bench root: the sources of two
+/// Django releases (PyPI) and Debian's Perl modules (made once).
+fn text_corpus(args: &Args) -> Result<PathBuf> {
+    let tree = args.bench_root.join("real/text");
+    if tree.join("done").exists() {
+        return Ok(tree.join("tree"));
+    }
+    let (old, new) = super::compress_bench::django(args)?;
+    let deb = super::compress_bench::debian(args)?;
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("tree"))?;
+    for (from, to) in [(old, "django-old"), (new, "django-new"), (deb, "perl")] {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(&from)
+            .arg(tree.join("tree").join(to))
+            .status()?
+            .success();
+        if !ok {
+            bail!("copying {} into the text corpus", from.display());
+        }
+    }
+    std::fs::write(tree.join("done"), "")?;
+    Ok(tree.join("tree"))
+}
+
+/// 1:1 over loopback: a seed daemon holding the dataset, a fresh leecher pulling it from the
+/// seed `runs` times, once per wire setting in `wire` (true: the seed compresses what pays,
+/// the default; false: `--no-wire-compression`), then the peer tools on shards_v1. `text`:
+/// the real text corpus instead of shards_v1 (no peer tools).
+pub fn loopback(
+    args: &Args,
+    runs: usize,
+    peers: &[String],
+    text: bool,
+    wire: &[bool],
+) -> Result<Value> {
     let data = ensure_data(args)?;
     link_scripts(args)?;
-    let shards = data.join("shards_v1");
-    let bytes: u64 = files_under(&shards)?.values().sum();
+    let (src, reference) = if text {
+        (text_corpus(args)?, "text@v1")
+    } else {
+        (data.join("shards_v1"), "shards@v1")
+    };
+    let bytes: u64 = files_under(&src)?.values().sum();
     let work = args.bench_root.join("work/swarm-lo");
     let origin = work.join("origin").display().to_string();
     std::fs::create_dir_all(&work)?;
-    let trusted = publisher(&work, &origin, &shards)?;
+    let trusted = publish(&work, &origin, &src, reference)?;
     let raw = args.bench_root.join("results/raw.csv");
     let skip = line_count(&raw);
 
-    let _ = std::fs::remove_dir_all(work.join("seed"));
-    let seed = Daemon::start(
-        work.join("seed"),
-        None,
-        vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
-        &origin,
-        &trusted,
-    )?;
-    wait_pull(seed.pull("shards@v1")?)?;
-    let addr = seed.status().context("seed status")?["listen"][0]
-        .as_str()
-        .context("seed address")?
-        .to_string();
-    let mut times = Vec::new();
-    let mut reports = Vec::new();
-    for r in 0..runs {
-        super::warm(&seed.home.join("store"))?;
-        let home = work.join("leech");
-        let _ = std::fs::remove_dir_all(&home);
-        let leech = Daemon::leech(home.clone(), &addr, &origin, &trusted)?;
-        recycle_memory(&work, bytes)?;
-        let (s0, l0) = (seed.cpu_seconds(), leech.cpu_seconds());
-        let (secs, v) = wait_pull(leech.pull("shards@v1")?)?;
-        let (s_cpu, l_cpu) = (seed.cpu_seconds() - s0, leech.cpu_seconds() - l0);
-        eprintln!(
-            "shoal 1:1 run {}: {secs:.2} s, {} from peers, {} from origin, cpu sender {s_cpu:.2} s receiver {l_cpu:.2} s",
-            r + 1,
-            v["bytes_from_peers"],
-            v["bytes_from_origin"]
+    let mut modes = serde_json::Map::new();
+    let mut first_median = None;
+    for &compress in wire {
+        let mut seed_args = vec!["--listen".to_string(), "/ip4/127.0.0.1/tcp/0".to_string()];
+        if !compress {
+            seed_args.push("--no-wire-compression".into());
+        }
+        let _ = std::fs::remove_dir_all(work.join("seed"));
+        let seed = Daemon::start(work.join("seed"), None, seed_args, &origin, &trusted)?;
+        wait_pull(seed.pull(reference)?)?;
+        let addr = seed.status().context("seed status")?["listen"][0]
+            .as_str()
+            .context("seed address")?
+            .to_string();
+        let mut times = Vec::new();
+        let mut reports = Vec::new();
+        for r in 0..runs {
+            super::warm(&seed.home.join("store"))?;
+            let home = work.join("leech");
+            let _ = std::fs::remove_dir_all(&home);
+            let leech = Daemon::leech(home.clone(), &addr, &origin, &trusted)?;
+            recycle_memory(&work, bytes)?;
+            let (s0, l0) = (seed.cpu_seconds(), leech.cpu_seconds());
+            let (secs, v) = wait_pull(leech.pull(reference)?)?;
+            let (s_cpu, l_cpu) = (seed.cpu_seconds() - s0, leech.cpu_seconds() - l0);
+            let on_wire = leech
+                .status()
+                .and_then(|s| s["bytes_from_peers_wire"].as_u64());
+            eprintln!(
+                "shoal 1:1 {reference} (wire compression {}) run {}: {secs:.2} s, {} from peers ({} on the wire), {} from origin, cpu sender {s_cpu:.2} s receiver {l_cpu:.2} s",
+                if compress { "on" } else { "off" },
+                r + 1,
+                v["bytes_from_peers"],
+                on_wire.map_or("?".to_string(), |w| w.to_string()),
+                v["bytes_from_origin"]
+            );
+            times.push(secs);
+            reports.push(json!({
+                "report": v,
+                "bytes_on_the_wire": on_wire,
+                "sender_cpu_s": s_cpu,
+                "receiver_cpu_s": l_cpu,
+            }));
+            drop(leech);
+            // The last run's receiver log stays for a look at its timeline.
+            let _ = std::fs::rename(home.join("node.log"), work.join("leech.log"));
+            let _ = std::fs::remove_dir_all(&home);
+        }
+        drop(seed);
+        let m = median(times.clone());
+        first_median.get_or_insert(m);
+        modes.insert(
+            if compress {
+                "wire_compression_on"
+            } else {
+                "wire_compression_off"
+            }
+            .into(),
+            json!({
+                "seconds": times,
+                "median_s": m,
+                "gbps": bytes as f64 / m / 1e9,
+                "runs": reports,
+            }),
         );
-        times.push(secs);
-        reports.push(json!({
-            "report": v,
-            "sender_cpu_s": s_cpu,
-            "receiver_cpu_s": l_cpu,
-        }));
-        drop(leech);
-        // The last run's receiver log stays for a look at its timeline.
-        let _ = std::fs::rename(home.join("node.log"), work.join("leech.log"));
-        let _ = std::fs::remove_dir_all(&home);
     }
-    drop(seed);
+    let shoal_s = first_median.context("no wire setting to run")?;
+    if text {
+        return Ok(json!({
+            "scenario": "loopback 1:1, a real text corpus (two Django releases, Debian's Perl modules) into the leecher's store (verified), TLS bulk channel",
+            "bytes": bytes,
+            "modes": modes,
+        }));
+    }
 
     if peers.iter().any(|p| p == "rsync" || p == "nginx") {
         run_peer_script(args, "bench_http_rsync.sh", &[])?;
@@ -404,7 +477,6 @@ pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
         run_peer_script(args, "bench_sendme.sh", &[])?;
     }
     let peer = peer_medians(&raw, skip)?;
-    let shoal_s = median(times.clone());
     let mut ratios = serde_json::Map::new();
     for (k, v) in &peer {
         if let Some(s) = v.as_f64() {
@@ -414,10 +486,9 @@ pub fn loopback(args: &Args, runs: usize, peers: &[String]) -> Result<Value> {
     Ok(json!({
         "scenario": "loopback 1:1, shards_v1 into the leecher's store (verified), TLS bulk channel",
         "bytes": bytes,
-        "shoal_seconds": times,
+        "modes": modes,
         "shoal_median_s": shoal_s,
         "shoal_gbps": bytes as f64 / shoal_s / 1e9,
-        "shoal_reports": reports,
         "memory_recycled_before_each_run": true,
         "peers_median_s": peer,
         "peer_time_over_shoal_time": ratios,

@@ -10,6 +10,15 @@
 //!   fetches from its origin those blobs of that version it lacks, if it mounts the version
 //!   (mounting nodes share the origin reads of a cold version that way);
 //! - response, per id in order: `u32 len` and `len` bytes, or `u32::MAX` for "not here".
+//!   On a connection that negotiated `shoal-bulk/3` (TLS ALPN: every client offers it, a
+//!   server that compresses chooses it), the server may instead send a group of consecutive
+//!   records of one answer as a *frame*: `u32 stored | FRAME`, `u32 raw`, then `stored` bytes
+//!   of one zstd frame that decompresses to exactly `raw` bytes (at most [`MAX_FRAME_RAW`]):
+//!   those records, as they would have been sent. A group is compressed (zstd level 1) only
+//!   when a probe of it says it pays ([`shoal_registry::pack::Squeezer`]), so random and
+//!   already compressed chunks go as they are. The client decompresses into at most the
+//!   declared size and verifies every blob as ever; a frame that lies about its size, holds a
+//!   partial record or more records than its answer has ids is a fault.
 //!
 //! A client keeps many requests in flight; the server answers them in order, each with at most
 //! [`MAX_ANSWER`] bytes of blobs (those past it are "not here"). The client verifies every blob
@@ -39,6 +48,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 const MISSING: u32 = u32::MAX;
+/// Top bit of a response head (other than [`MISSING`]): a compressed frame of records.
+const FRAME: u32 = 1 << 31;
+/// Most raw bytes of records in one frame (a group is about [`GROUP`] bytes and one blob
+/// more; larger groups go as plain records).
+pub const MAX_FRAME_RAW: u32 = 4 << 20;
+/// zstd level of frames: level 1 compresses text at several hundred MB/s a core.
+const WIRE_LEVEL: i32 = 1;
 /// Top bit of a request's count: a version root follows, fetch what is missing through it.
 const THROUGH: u32 = 1 << 31;
 /// How long a server waits on its origin for a through request.
@@ -187,6 +203,7 @@ impl Client {
                 ))
             })?
             .map_err(|e| Error::Net(format!("bulk channel to peer {peer} at {addr}: {e}")))?;
+        let frames = super::tls::frames(tls.get_ref().1.alpn_protocol());
         let (r, w) = tokio::io::split(tls);
         let (tx, mut rx) = mpsc::channel::<Request>(64);
         // Requests written and not yet answered, in order. Unbounded, but bounded by what
@@ -235,58 +252,55 @@ impl Client {
             let mut last_done = Instant::now();
             // A pull's blobs are read into slices of one large buffer, not one allocation each.
             let mut pool = bytes::BytesMut::new();
+            // Records of a frame not yet read (a frame holds records of one answer only).
+            let mut frame = Bytes::new();
             while let Some(p) = prx.recv().await {
                 let mut blobs = Vec::with_capacity(p.ids.len());
                 let mut failed = false;
                 for _ in 0..p.ids.len() {
-                    let len = match r.read_u32().await {
-                        Ok(l) => l,
-                        Err(_) => {
-                            failed = true;
-                            break;
-                        }
-                    };
-                    if len == MISSING {
-                        blobs.push(None);
-                        continue;
-                    }
-                    if len > MAX_BLOB {
-                        sw.report(peer, Report::Fault(format!("sent a {len}-byte blob")))
-                            .await;
-                        failed = true;
-                        break;
-                    }
-                    // Within the node's download rate: the blob stays in the socket (and the
-                    // sender's window fills) until it may be read.
-                    if let Some(rate) = &sw.download {
-                        rate.take(len as u64).await;
-                    }
-                    // Bytes handed back to a reader get their own allocation: a slice would
-                    // keep its whole pool buffer alive for as long as the reader holds it.
-                    let mut own = bytes::BytesMut::new();
-                    let buf = if p.want_bytes {
-                        own.reserve(len as usize);
-                        &mut own
-                    } else {
-                        if pool.capacity() < len as usize {
-                            pool = bytes::BytesMut::with_capacity(RECV_POOL.max(len as usize));
-                        }
-                        &mut pool
-                    };
-                    while buf.len() < len as usize {
-                        let want = len as usize - buf.len();
-                        match (&mut r).take(want as u64).read_buf(buf).await {
-                            Ok(0) | Err(_) => {
+                    if frame.is_empty() {
+                        let head = match r.read_u32().await {
+                            Ok(l) => l,
+                            Err(_) => {
                                 failed = true;
                                 break;
                             }
-                            Ok(_) => {}
+                        };
+                        if head == MISSING || head & FRAME == 0 {
+                            match read_plain(&sw, peer, &mut r, head, p.want_bytes, &mut pool).await
+                            {
+                                Ok(b) => blobs.push(b),
+                                Err(()) => {
+                                    failed = true;
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        match read_frame(&sw, peer, &mut r, head & !FRAME, frames).await {
+                            Ok(f) => frame = f,
+                            Err(()) => {
+                                failed = true;
+                                break;
+                            }
                         }
                     }
-                    if failed {
-                        break;
+                    match next_record(&mut frame, p.want_bytes) {
+                        Ok(b) => blobs.push(b),
+                        Err(why) => {
+                            sw.report(peer, Report::Fault(why)).await;
+                            failed = true;
+                            break;
+                        }
                     }
-                    blobs.push(Some(buf.split().freeze()));
+                }
+                if !failed && !frame.is_empty() {
+                    sw.report(
+                        peer,
+                        Report::Fault("sent a frame holding more records than asked for".into()),
+                    )
+                    .await;
+                    failed = true;
                 }
                 if failed {
                     c.store(true, Ordering::Relaxed);
@@ -396,6 +410,183 @@ impl Client {
         if let Err(e) = self.tx.send(req).await {
             lost_ids(e.0.ids, &e.0.reply, peer);
         }
+    }
+}
+
+/// Reads the bytes of one plain record whose head `len` was read: the blob, or None for "not
+/// here". Err: the connection failed or the peer broke the protocol (reported).
+///
+/// Not cancel-safe: a cancelled read leaves part of the record; the connection is dropped.
+async fn read_plain(
+    sw: &Swarm,
+    peer: PeerId,
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    len: u32,
+    want_bytes: bool,
+    pool: &mut bytes::BytesMut,
+) -> std::result::Result<Option<Bytes>, ()> {
+    if len == MISSING {
+        sw.counters
+            .bytes_from_peers_wire
+            .fetch_add(4, Ordering::Relaxed);
+        return Ok(None);
+    }
+    if len > MAX_BLOB {
+        sw.report(peer, Report::Fault(format!("sent a {len}-byte blob")))
+            .await;
+        return Err(());
+    }
+    // Within the node's download rate: the blob stays in the socket (and the sender's window
+    // fills) until it may be read.
+    if let Some(rate) = &sw.download {
+        rate.take(len as u64).await;
+    }
+    // Bytes handed back to a reader get their own allocation: a slice would keep its whole
+    // pool buffer alive for as long as the reader holds it.
+    let mut own = bytes::BytesMut::new();
+    let buf = if want_bytes {
+        own.reserve(len as usize);
+        &mut own
+    } else {
+        if pool.capacity() < len as usize {
+            *pool = bytes::BytesMut::with_capacity(RECV_POOL.max(len as usize));
+        }
+        pool
+    };
+    while buf.len() < len as usize {
+        let want = len as usize - buf.len();
+        match (&mut *r).take(want as u64).read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(()),
+            Ok(_) => {}
+        }
+    }
+    sw.counters
+        .bytes_from_peers_wire
+        .fetch_add(4 + len as u64, Ordering::Relaxed);
+    Ok(Some(buf.split().freeze()))
+}
+
+/// Reads a compressed frame of `stored` bytes whose head was read, and decompresses it into
+/// at most its declared size: the records it holds. Err: the connection failed or the peer
+/// broke the protocol (reported: a frame where none was negotiated, sizes out of bounds, a
+/// frame that does not decompress to exactly its declared size).
+///
+/// Not cancel-safe: a cancelled read leaves part of the frame; the connection is dropped.
+async fn read_frame(
+    sw: &Swarm,
+    peer: PeerId,
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    stored: u32,
+    negotiated: bool,
+) -> std::result::Result<Bytes, ()> {
+    let fault = |why: String| async move {
+        sw.report(peer, Report::Fault(why)).await;
+        Err(())
+    };
+    if !negotiated {
+        return fault("sent a compressed frame on a connection without them".into()).await;
+    }
+    let raw = r.read_u32().await.map_err(|_| ())?;
+    if raw > MAX_FRAME_RAW || stored == 0 || stored >= raw {
+        return fault(format!("sent a frame of {stored} bytes declaring {raw}")).await;
+    }
+    if let Some(rate) = &sw.download {
+        rate.take(8 + stored as u64).await;
+    }
+    let mut z = vec![0u8; stored as usize];
+    r.read_exact(&mut z).await.map_err(|_| ())?;
+    sw.counters
+        .bytes_from_peers_wire
+        .fetch_add(8 + stored as u64, Ordering::Relaxed);
+    // Never more than the declared size: a frame claiming more fails here (no bombs).
+    let mut out = vec![0u8; raw as usize];
+    match zstd::bulk::decompress_to_buffer(&z, &mut out) {
+        Ok(n) if n == raw as usize => Ok(Bytes::from(out)),
+        Ok(n) => fault(format!("sent a frame holding {n} bytes, not {raw}")).await,
+        Err(e) => fault(format!("sent a frame that does not decompress: {e}")).await,
+    }
+}
+
+/// The next record of a decompressed frame: the blob, or None for "not here". A blob handed
+/// back to a reader gets its own allocation (a slice would keep the whole frame alive).
+fn next_record(frame: &mut Bytes, want_bytes: bool) -> std::result::Result<Option<Bytes>, String> {
+    use bytes::Buf;
+    if frame.len() < 4 {
+        return Err("sent a frame ending inside a record".into());
+    }
+    let len = frame.get_u32();
+    if len == MISSING {
+        return Ok(None);
+    }
+    if len as usize > frame.len() {
+        return Err("sent a frame ending inside a record".into());
+    }
+    let b = frame.split_to(len as usize);
+    Ok(Some(if want_bytes {
+        Bytes::copy_from_slice(&b)
+    } else {
+        b
+    }))
+}
+
+/// One group of an answer as it goes on the wire.
+struct Group {
+    /// The blobs, in order (None: "not here").
+    blobs: Vec<Option<Bytes>>,
+    /// The same records as one compressed frame, when the connection allows frames and
+    /// compressing them paid.
+    frame: Option<Vec<u8>>,
+}
+
+impl Group {
+    /// Bytes of blobs in the group.
+    fn blob_bytes(&self) -> u64 {
+        self.blobs.iter().flatten().map(|b| b.len() as u64).sum()
+    }
+
+    /// Bytes of the group's records, uncompressed.
+    fn raw_len(&self) -> u64 {
+        Group::records_len(&self.blobs)
+    }
+
+    fn records_len(blobs: &[Option<Bytes>]) -> u64 {
+        blobs
+            .iter()
+            .map(|b| 4 + b.as_ref().map_or(0, |b| b.len() as u64))
+            .sum()
+    }
+
+    /// The group's records (`u32 len` and the bytes, or `u32::MAX`) as parts, back to back.
+    fn records(blobs: &[Option<Bytes>]) -> Vec<Bytes> {
+        let mut parts = Vec::with_capacity(2 * blobs.len());
+        for b in blobs {
+            let head = b.as_ref().map_or(MISSING, |b| b.len() as u32);
+            parts.push(Bytes::copy_from_slice(&head.to_be_bytes()));
+            if let Some(b) = b {
+                parts.push(b.clone());
+            }
+        }
+        parts
+    }
+
+    /// `blobs` with their records compressed into one frame when that pays (see the module
+    /// documentation); groups over [`MAX_FRAME_RAW`] stay plain.
+    fn squeezed(blobs: Vec<Option<Bytes>>) -> Group {
+        thread_local! {
+            static SQUEEZER: std::cell::RefCell<Option<shoal_registry::pack::Squeezer>> =
+                std::cell::RefCell::new(shoal_registry::pack::Squeezer::new(WIRE_LEVEL));
+        }
+        let raw = Group::records_len(&blobs);
+        let frame = if raw <= MAX_FRAME_RAW as u64 && blobs.iter().any(Option::is_some) {
+            SQUEEZER.with(|z| {
+                z.borrow_mut()
+                    .as_mut()
+                    .and_then(|z| z.squeeze(&Group::records(&blobs)))
+            })
+        } else {
+            None
+        };
+        Group { blobs, frame }
     }
 }
 
@@ -659,6 +850,7 @@ async fn serve_conn(
     .map_err(|_| Error::Net("sending the admission proof timed out".into()))?
     .map_err(io_err)?;
 
+    let frames = super::tls::frames(tls.get_ref().1.alpn_protocol());
     let (r, w) = tokio::io::split(tls);
     // Reader: requests, bounded in size and count; a connection silent for the idle time is
     // closed.
@@ -679,7 +871,7 @@ async fn serve_conn(
     // Writer: sends groups of answers as they come; a write that makes no progress for the
     // write time drops the connection.
     let depth = (limits.conn_buffer as u64 / GROUP).max(1) as usize;
-    let (gtx, grx) = mpsc::channel::<Vec<Option<Bytes>>>(depth);
+    let (gtx, grx) = mpsc::channel::<Group>(depth);
     let mut writer = tokio::spawn(write_groups(swarm.clone(), peer, w, grx, limits.clone()));
     let mut written = None;
 
@@ -719,7 +911,7 @@ async fn serve_conn(
                 });
             }
             Some((ids, fetched)) = throughs.next(), if !throughs.is_empty() => {
-                if let Err(e) = stream_answer(&swarm, ids, fetched, &gtx, fault.as_deref()).await {
+                if let Err(e) = stream_answer(&swarm, ids, fetched, &gtx, fault.as_deref(), frames).await {
                     break Err(e);
                 }
             }
@@ -750,8 +942,9 @@ async fn stream_answer(
     swarm: &Arc<Swarm>,
     ids: Vec<Hash>,
     mut fetched: std::collections::HashMap<Hash, Bytes>,
-    groups: &mpsc::Sender<Vec<Option<Bytes>>>,
+    groups: &mpsc::Sender<Group>,
     fault: Option<&str>,
+    frames: bool,
 ) -> Result<()> {
     let ids = Arc::new(ids);
     let mut at = 0;
@@ -786,6 +979,16 @@ async fn stream_answer(
                 *b = Bytes::from(v);
             }
         }
+        let group = if frames {
+            tokio::task::spawn_blocking(move || Group::squeezed(group))
+                .await
+                .map_err(|e| Error::Net(format!("compressing blobs for a peer: {e}")))?
+        } else {
+            Group {
+                blobs: group,
+                frame: None,
+            }
+        };
         if groups.send(group).await.is_err() {
             return Err(Error::Net("the bulk connection closed".into()));
         }
@@ -793,32 +996,49 @@ async fn stream_answer(
     Ok(())
 }
 
-/// Writes answer groups: per blob `u32 len` and the bytes, or `u32::MAX` for "not here".
+/// Writes answer groups: per blob `u32 len` and the bytes, or `u32::MAX` for "not here"; or
+/// the group's records as one compressed frame.
 ///
 /// Not cancel-safe: a cancelled write leaves a partial frame; the connection is then closed.
 async fn write_groups(
     swarm: Arc<Swarm>,
     peer: PeerId,
     w: tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>,
-    mut groups: mpsc::Receiver<Vec<Option<Bytes>>>,
+    mut groups: mpsc::Receiver<Group>,
     limits: Limits,
 ) -> Result<()> {
     let mut w = w;
     let deadline = limits.write();
-    while let Some(blobs) = groups.recv().await {
-        let heads: Vec<[u8; 4]> = blobs
-            .iter()
-            .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
-            .collect();
-        let mut slices = Vec::with_capacity(2 * blobs.len());
-        let mut sent = 0u64;
-        for (h, b) in heads.iter().zip(&blobs) {
-            slices.push(std::io::IoSlice::new(h));
-            if let Some(b) = b {
-                slices.push(std::io::IoSlice::new(b));
-                sent += b.len() as u64;
+    while let Some(group) = groups.recv().await {
+        let blob_bytes = group.blob_bytes();
+        let heads: Vec<[u8; 4]> = match &group.frame {
+            Some(z) => vec![
+                (z.len() as u32 | FRAME).to_be_bytes(),
+                (group.raw_len() as u32).to_be_bytes(),
+            ],
+            None => group
+                .blobs
+                .iter()
+                .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
+                .collect(),
+        };
+        let mut slices = Vec::with_capacity(2 * group.blobs.len());
+        match &group.frame {
+            Some(z) => {
+                slices.extend(heads.iter().map(|h| std::io::IoSlice::new(h)));
+                slices.push(std::io::IoSlice::new(z));
+            }
+            None => {
+                for (h, b) in heads.iter().zip(&group.blobs) {
+                    slices.push(std::io::IoSlice::new(h));
+                    if let Some(b) = b {
+                        slices.push(std::io::IoSlice::new(b));
+                    }
+                }
             }
         }
+        // Bytes on the wire.
+        let sent: u64 = slices.iter().map(|s| s.len() as u64).sum();
         // Within the node's upload rate, then a turn on the uplink: the peers furthest
         // behind are served first.
         if let Some(rate) = &swarm.upload {
@@ -874,9 +1094,13 @@ async fn write_groups(
         swarm
             .counters
             .bytes_served
+            .fetch_add(blob_bytes, Ordering::Relaxed);
+        swarm
+            .counters
+            .bytes_served_wire
             .fetch_add(sent, Ordering::Relaxed);
         // A counter: dropped, not waited for, when the event loop is busy.
-        swarm.send(Cmd::Report(peer, Report::Sent(sent)));
+        swarm.send(Cmd::Report(peer, Report::Sent(blob_bytes)));
     }
     tokio::time::timeout(deadline, w.shutdown())
         .await
@@ -912,5 +1136,45 @@ mod tests {
         let mut over = ((MAX_IDS + 1) as u32).to_be_bytes().to_vec();
         over.extend(vec![0; 32 * (MAX_IDS + 1)]);
         assert!(read_request(&mut over.as_slice()).await.is_err());
+    }
+
+    #[test]
+    fn groups_of_text_go_as_one_frame_and_random_groups_as_they_are() {
+        let text = Bytes::from(
+            (0..20_000)
+                .map(|i| format!("line {i}: the quick brown fox\n"))
+                .collect::<String>(),
+        );
+        let blobs = vec![
+            Some(text.slice(..300_000)),
+            None,
+            Some(text.slice(300_000..)),
+        ];
+        let g = Group::squeezed(blobs.clone());
+        let z = g.frame.clone().expect("text compresses");
+        assert!(z.len() * 4 < text.len(), "{} of {}", z.len(), text.len());
+        let mut out = vec![0u8; g.raw_len() as usize];
+        let n = zstd::bulk::decompress_to_buffer(&z, &mut out).unwrap();
+        assert_eq!(n, out.len());
+        let mut frame = Bytes::from(out);
+        for (want, keep) in blobs.iter().zip([false, true, true]) {
+            assert_eq!(&next_record(&mut frame, keep).unwrap(), want);
+        }
+        assert!(frame.is_empty());
+        assert!(
+            next_record(&mut frame, false).is_err(),
+            "a frame ending inside a record"
+        );
+
+        let mut random = vec![0u8; 1 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let g = Group::squeezed(vec![Some(Bytes::from(random))]);
+        assert!(g.frame.is_none(), "random bytes go as they are");
     }
 }

@@ -88,6 +88,9 @@ pub struct SwarmConfig {
     pub limits: crate::limits::Limits,
     /// Upload and download rates (the origin rate is the node's: `shoal_node::origins`).
     pub rates: rate::RateLimits,
+    /// Send peers compressible chunks compressed (zstd level 1, chosen per group of an
+    /// answer by a probe; see `bulk`). Receiving compressed answers is always on.
+    pub wire_compression: bool,
 }
 
 /// What a node says about one version.
@@ -352,6 +355,11 @@ pub struct Counters {
     pub bytes_from_peers: AtomicU64,
     pub bytes_from_origin: AtomicU64,
     pub bytes_served: AtomicU64,
+    /// Bytes of answers sent to peers as they went on the wire (compressed frames at their
+    /// compressed size, record heads included).
+    pub bytes_served_wire: AtomicU64,
+    /// Bytes of answers received from peers as they came on the wire.
+    pub bytes_from_peers_wire: AtomicU64,
     pub verify_failures: AtomicU64,
     pub active_pulls: AtomicU64,
     /// Bytes of the control protocols (hellos, have-maps, deltas, rosters, proofs).
@@ -471,6 +479,11 @@ pub struct Status {
     pub bytes_from_peers: u64,
     pub bytes_from_origin: u64,
     pub bytes_served: u64,
+    /// Answer bytes as they went on the wire (compressed), and as they came from peers.
+    #[serde(default)]
+    pub bytes_served_wire: u64,
+    #[serde(default)]
+    pub bytes_from_peers_wire: u64,
     pub verify_failures: u64,
     pub active_pulls: u64,
     /// Bytes of the control protocols sent and received (hellos, have-maps and deltas,
@@ -749,6 +762,8 @@ impl Swarm {
             bytes_from_peers: c.bytes_from_peers.load(Ordering::Relaxed),
             bytes_from_origin: c.bytes_from_origin.load(Ordering::Relaxed),
             bytes_served: c.bytes_served.load(Ordering::Relaxed),
+            bytes_served_wire: c.bytes_served_wire.load(Ordering::Relaxed),
+            bytes_from_peers_wire: c.bytes_from_peers_wire.load(Ordering::Relaxed),
             verify_failures: c.verify_failures.load(Ordering::Relaxed),
             active_pulls: c.active_pulls.load(Ordering::Relaxed),
             control_bytes_sent: c.control.sent.load(Ordering::Relaxed),

@@ -25,7 +25,7 @@ pub fn render(swarm: &Swarm, extra: Option<&Extra>) -> String {
     };
     let mut reg = Registry::with_prefix("shoal");
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 10] = [
         (
             "bytes_from_peers",
             "Chunk bytes received from peers, verified",
@@ -40,6 +40,16 @@ pub fn render(swarm: &Swarm, extra: Option<&Extra>) -> String {
             "bytes_served",
             "Chunk bytes served to peers",
             load(&c.bytes_served),
+        ),
+        (
+            "bytes_served_wire",
+            "Bytes of answers sent to peers as they went on the wire (compressed where it paid)",
+            load(&c.bytes_served_wire),
+        ),
+        (
+            "bytes_from_peers_wire",
+            "Bytes of answers received from peers as they came on the wire",
+            load(&c.bytes_from_peers_wire),
         ),
         (
             "chunk_verify_failures",

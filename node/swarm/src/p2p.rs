@@ -372,7 +372,7 @@ pub async fn start(
         upload: cfg.rates.upload.and_then(super::rate::Rate::new),
         download: cfg.rates.download.and_then(super::rate::Rate::new),
     });
-    let tls = super::tls::server(&shared.keypair)
+    let tls = super::tls::server(&shared.keypair, cfg.wire_compression)
         .map_err(|e| Error::Net(format!("bulk channel TLS configuration: {e}")))?;
     tokio::spawn(super::bulk::serve(shared.clone(), listener, tls));
 

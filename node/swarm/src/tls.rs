@@ -17,7 +17,16 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::sync::Arc;
 
+/// The bulk protocol: records of blobs as they are.
 const ALPN: &[u8] = b"shoal-bulk/2";
+/// The same, and a server may send a group of records as one compressed frame
+/// (`super::bulk`). Offered by every client; chosen by servers that compress.
+const ALPN_FRAMES: &[u8] = b"shoal-bulk/3";
+
+/// Whether a connection that negotiated `alpn` may carry compressed frames.
+pub fn frames(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(ALPN_FRAMES)
+}
 
 #[derive(Debug)]
 struct Verifier {
@@ -210,12 +219,13 @@ pub fn client(keypair: &Keypair, remote: PeerId) -> Result<rustls::ClientConfig,
             remote: Some(remote),
         }))
         .with_client_cert_resolver(Arc::new(cert));
-    c.alpn_protocols = vec![ALPN.to_vec()];
+    c.alpn_protocols = vec![ALPN_FRAMES.to_vec(), ALPN.to_vec()];
     Ok(c)
 }
 
-/// Server side: proves `keypair`'s identity and requires a libp2p certificate from clients.
-pub fn server(keypair: &Keypair) -> Result<rustls::ServerConfig, String> {
+/// Server side: proves `keypair`'s identity and requires a libp2p certificate from clients;
+/// with `compress`, chooses the protocol with compressed frames when a client offers it.
+pub fn server(keypair: &Keypair, compress: bool) -> Result<rustls::ServerConfig, String> {
     let provider = provider();
     let cert = Always::new(keypair, &provider)?;
     let mut c = rustls::ServerConfig::builder_with_provider(provider)
@@ -223,6 +233,10 @@ pub fn server(keypair: &Keypair) -> Result<rustls::ServerConfig, String> {
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(Arc::new(Verifier { remote: None }))
         .with_cert_resolver(Arc::new(cert));
-    c.alpn_protocols = vec![ALPN.to_vec()];
+    c.alpn_protocols = if compress {
+        vec![ALPN_FRAMES.to_vec(), ALPN.to_vec()]
+    } else {
+        vec![ALPN.to_vec()]
+    };
     Ok(c)
 }
