@@ -3,7 +3,7 @@
 #   scripts/bench.sh publish [--datasets shards,images] [--runs 3] [--skip-peers]
 #   scripts/bench.sh mount [--runs 3] [--peers squash,casync] | mount-peer [--runs 3]
 #   scripts/bench.sh eviction | chunking
-#   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme] [--wire on|off|both] [--text]
+#   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme] [--wire on|off|both] [--text] [--seed-rate 100MB]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers] [--second-origin 200mbit]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
 #   scripts/bench.sh scale [--entries 1000000] [--width 1000] [--real-files] [--no-pull | --pull-no-files] [--no-find]

@@ -86,6 +86,10 @@ enum Cmd {
         /// The seed's wire compression: on, off, or both (each run in the same invocation).
         #[arg(long, default_value = "both")]
         wire: String,
+        /// The seed's upload rate (`shoal node run --upload-rate`, bytes on the wire per
+        /// second, e.g. 100MB): a link of that speed.
+        #[arg(long, value_name = "RATE")]
+        seed_rate: Option<String>,
     },
     /// Scenarios 2 and 4: NODES daemons in network namespaces pull shards_v1 at once from an
     /// HTTP origin behind a tbf-shaped link (with --kill K: K of them killed -9 mid-pull and
@@ -1002,6 +1006,7 @@ fn main() -> Result<()> {
             peers,
             text,
             wire,
+            seed_rate,
         } => {
             let wire: &[bool] = match wire.as_str() {
                 "on" => &[true],
@@ -1012,7 +1017,14 @@ fn main() -> Result<()> {
             let peers: &[String] = if *text { &[] } else { peers };
             (
                 "swarm_lo",
-                swarm_bench::loopback(&args, (*runs).max(1), peers, *text, wire)?,
+                swarm_bench::loopback(
+                    &args,
+                    (*runs).max(1),
+                    peers,
+                    *text,
+                    wire,
+                    seed_rate.as_deref(),
+                )?,
             )
         }
         Cmd::SwarmNetns {

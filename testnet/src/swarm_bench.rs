@@ -351,13 +351,15 @@ fn text_corpus(args: &Args) -> Result<PathBuf> {
 /// 1:1 over loopback: a seed daemon holding the dataset, a fresh leecher pulling it from the
 /// seed `runs` times, once per wire setting in `wire` (true: the seed compresses what pays,
 /// the default; false: `--no-wire-compression`), then the peer tools on shards_v1. `text`:
-/// the real text corpus instead of shards_v1 (no peer tools).
+/// the real text corpus instead of shards_v1 (no peer tools). `seed_rate`: the seed's upload
+/// rate, a link of that speed.
 pub fn loopback(
     args: &Args,
     runs: usize,
     peers: &[String],
     text: bool,
     wire: &[bool],
+    seed_rate: Option<&str>,
 ) -> Result<Value> {
     let data = ensure_data(args)?;
     link_scripts(args)?;
@@ -380,6 +382,9 @@ pub fn loopback(
         let mut seed_args = vec!["--listen".to_string(), "/ip4/127.0.0.1/tcp/0".to_string()];
         if !compress {
             seed_args.push("--no-wire-compression".into());
+        }
+        if let Some(r) = seed_rate {
+            seed_args.extend(["--upload-rate".to_string(), r.to_string()]);
         }
         let _ = std::fs::remove_dir_all(work.join("seed"));
         let seed = Daemon::start(work.join("seed"), None, seed_args, &origin, &trusted)?;
@@ -445,6 +450,7 @@ pub fn loopback(
         return Ok(json!({
             "scenario": "loopback 1:1, a real text corpus (two Django releases, Debian's Perl modules) into the leecher's store (verified), TLS bulk channel",
             "bytes": bytes,
+            "seed_upload_rate": seed_rate,
             "modes": modes,
         }));
     }
@@ -486,6 +492,7 @@ pub fn loopback(
     Ok(json!({
         "scenario": "loopback 1:1, shards_v1 into the leecher's store (verified), TLS bulk channel",
         "bytes": bytes,
+        "seed_upload_rate": seed_rate,
         "modes": modes,
         "shoal_median_s": shoal_s,
         "shoal_gbps": bytes as f64 / shoal_s / 1e9,

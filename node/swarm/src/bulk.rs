@@ -16,7 +16,8 @@
 //!   of one zstd frame that decompresses to exactly `raw` bytes (at most [`MAX_FRAME_RAW`]):
 //!   those records, as they would have been sent. A group is compressed (zstd level 1) only
 //!   when a probe of it says it pays ([`shoal_registry::pack::Squeezer`]), so random and
-//!   already compressed chunks go as they are. The client decompresses into at most the
+//!   already compressed chunks go as they are, and only while the link is what limits the
+//!   connection ([`Pace`]). The client decompresses into at most the
 //!   declared size and verifies every blob as ever; a frame that lies about its size, holds a
 //!   partial record or more records than its answer has ids is a fault.
 //!
@@ -55,6 +56,40 @@ const FRAME: u32 = 1 << 31;
 pub const MAX_FRAME_RAW: u32 = 4 << 20;
 /// zstd level of frames: level 1 compresses text at several hundred MB/s a core.
 const WIRE_LEVEL: i32 = 1;
+/// Groups in a row a connection's writer finished with nothing else ready to send, after
+/// which its groups go uncompressed (see [`Pace`]).
+const IDLE_BEFORE_PLAIN: u32 = 8;
+
+/// Whether compressing a connection's answers pays. They are compressed (when a probe says
+/// the bytes compress) while the link is what limits the connection: the writer finds the
+/// next group ready when it has sent one. Once it has waited for the next group
+/// [`IDLE_BEFORE_PLAIN`] times in a row, the sender is what limits it (reading the store, or
+/// compressing itself), and groups go as they are until a backlog forms again; so a fast
+/// link is never held to one core's compression speed, and a slow one carries several times
+/// the text.
+#[derive(Default)]
+struct Pace {
+    idle: std::sync::atomic::AtomicU32,
+}
+
+impl Pace {
+    fn compress(&self) -> bool {
+        self.idle.load(Ordering::Relaxed) < IDLE_BEFORE_PLAIN
+    }
+
+    /// The writer sent a group; `backlog`: another was ready.
+    fn sent(&self, backlog: bool) {
+        if backlog {
+            self.idle.store(0, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .idle
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(1))
+                });
+        }
+    }
+}
 /// Top bit of a request's count: a version root follows, fetch what is missing through it.
 const THROUGH: u32 = 1 << 31;
 /// How long a server waits on its origin for a through request.
@@ -872,7 +907,15 @@ async fn serve_conn(
     // write time drops the connection.
     let depth = (limits.conn_buffer as u64 / GROUP).max(1) as usize;
     let (gtx, grx) = mpsc::channel::<Group>(depth);
-    let mut writer = tokio::spawn(write_groups(swarm.clone(), peer, w, grx, limits.clone()));
+    let pace = Arc::new(Pace::default());
+    let mut writer = tokio::spawn(write_groups(
+        swarm.clone(),
+        peer,
+        w,
+        grx,
+        limits.clone(),
+        pace.clone(),
+    ));
     let mut written = None;
 
     let fault = swarm.fault.clone();
@@ -911,7 +954,7 @@ async fn serve_conn(
                 });
             }
             Some((ids, fetched)) = throughs.next(), if !throughs.is_empty() => {
-                if let Err(e) = stream_answer(&swarm, ids, fetched, &gtx, fault.as_deref(), frames).await {
+                if let Err(e) = stream_answer(&swarm, ids, fetched, &gtx, fault.as_deref(), frames.then_some(&*pace)).await {
                     break Err(e);
                 }
             }
@@ -944,7 +987,7 @@ async fn stream_answer(
     mut fetched: std::collections::HashMap<Hash, Bytes>,
     groups: &mpsc::Sender<Group>,
     fault: Option<&str>,
-    frames: bool,
+    frames: Option<&Pace>,
 ) -> Result<()> {
     let ids = Arc::new(ids);
     let mut at = 0;
@@ -979,7 +1022,7 @@ async fn stream_answer(
                 *b = Bytes::from(v);
             }
         }
-        let group = if frames {
+        let group = if frames.is_some_and(Pace::compress) {
             tokio::task::spawn_blocking(move || Group::squeezed(group))
                 .await
                 .map_err(|e| Error::Net(format!("compressing blobs for a peer: {e}")))?
@@ -1006,6 +1049,7 @@ async fn write_groups(
     w: tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>,
     mut groups: mpsc::Receiver<Group>,
     limits: Limits,
+    pace: Arc<Pace>,
 ) -> Result<()> {
     let mut w = w;
     let deadline = limits.write();
@@ -1084,6 +1128,7 @@ async fn write_groups(
             std::io::IoSlice::advance_slices(&mut rest, n);
         }
         drop(turn);
+        pace.sent(!groups.is_empty());
         // Flushed only when nothing more is ready: a queued group goes out in the same write.
         if groups.is_empty() {
             tokio::time::timeout(deadline, w.flush())
