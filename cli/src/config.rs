@@ -128,6 +128,9 @@ pub struct CacheConfig {
     /// How long a cached version nobody uses stays, e.g. "7d" (default: until capacity
     /// evicts it). Pinned versions and versions in use never expire.
     pub ttl: Option<String>,
+    /// Keep chunks that compress compressed on disk (default true): zstd level 1, decided per
+    /// chunk by a probe, so random and already compressed data is stored as it is.
+    pub compression: Option<bool>,
     /// Further disk tiers, fastest first: `[[cache.tier]]` with `path` and `capacity`.
     #[serde(default)]
     pub tier: Vec<TierConfig>,
@@ -326,12 +329,24 @@ impl Config {
             })
             .transpose()?
             .filter(|t| !t.is_zero());
+        let compress = match std::env::var("SHOAL_CACHE_COMPRESSION")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            Some(v) => match v.as_str() {
+                "1" | "true" | "on" => true,
+                "0" | "false" | "off" => false,
+                _ => bail!("SHOAL_CACHE_COMPRESSION {v:?}: expected on or off"),
+            },
+            None => file.cache.compression.unwrap_or(true),
+        };
         let cache = CacheLayout {
             memory,
             capacity,
             tiers: disk_tiers,
             files,
             ttl,
+            compress,
         };
         cache
             .check()

@@ -594,14 +594,15 @@ impl Squeezer {
     }
 
     /// `frame` (its parts, back to back) compressed, if that saves at least 3% of it.
-    pub fn squeeze(&mut self, frame: &[Bytes]) -> Option<Vec<u8>> {
-        let len: usize = frame.iter().map(Bytes::len).sum();
+    pub fn squeeze<B: AsRef<[u8]>>(&mut self, frame: &[B]) -> Option<Vec<u8>> {
+        let len: usize = frame.iter().map(|p| p.as_ref().len()).sum();
         if len < 64 {
             return None;
         }
         // The bytes at raw offset `at` of the frame, at most `n` of them, from one part.
         let at = |mut at: usize, n: usize| -> &[u8] {
             for p in frame {
+                let p = p.as_ref();
                 if at < p.len() {
                     return &p[at..(at + n).min(p.len())];
                 }
@@ -621,7 +622,13 @@ impl Squeezer {
         }
         let whole: std::borrow::Cow<'_, [u8]> = match frame {
             [one] => one.as_ref().into(),
-            _ => frame.concat().into(),
+            _ => {
+                let mut v = Vec::with_capacity(len);
+                for p in frame {
+                    v.extend_from_slice(p.as_ref());
+                }
+                v.into()
+            }
         };
         let out = self.z.compress(&whole).ok()?;
         (out.len() * 100 <= len * 97).then_some(out)

@@ -222,10 +222,79 @@ pub(crate) struct Loc {
     pub rec: u32,
 }
 
+/// Flag in a [`Loc`]'s length (as kept in records and runs): the bytes stored are one zstd
+/// frame of the blob (see [`squeeze`]). Earlier releases never set it.
+pub(crate) const ZSTD: u32 = 1 << 29;
+
+/// Largest blob a store decompresses (what a peer may send as one blob).
+const MAX_RAW: u64 = 64 << 20;
+
 impl Loc {
     fn off(&self) -> u64 {
         self.off as u64
     }
+
+    /// Bytes it takes in its segment.
+    fn stored(&self) -> u32 {
+        self.len & (ZSTD - 1)
+    }
+
+    fn zstd(&self) -> bool {
+        self.len & ZSTD != 0
+    }
+}
+
+/// A blob as it goes into a segment: its id, the bytes stored, and whether they are a zstd
+/// frame of it.
+type Stored<'a> = (Hash, &'a [u8], bool);
+
+/// `blob` compressed for the store, if that saves at least an eighth of it: zstd level 1, the
+/// pack sealer's probe first (`Squeezer`), so random and already compressed chunks cost a
+/// sample's compression and are stored as they are. Every warm read of a compressed blob
+/// decompresses it (over 1 GB/s a core), hence the higher bar than for packs.
+fn squeeze(blob: &[u8]) -> Option<Vec<u8>> {
+    thread_local! {
+        static SQUEEZER: std::cell::RefCell<Option<shoal_registry::pack::Squeezer>> =
+            std::cell::RefCell::new(shoal_registry::pack::Squeezer::new(1));
+    }
+    if blob.len() < 256 {
+        return None;
+    }
+    SQUEEZER
+        .with(|z| z.borrow_mut().as_mut().and_then(|z| z.squeeze(&[blob])))
+        .filter(|z| z.len() <= blob.len() - blob.len() / 8)
+}
+
+/// The blob a zstd frame stored holds: at most [`MAX_RAW`] bytes, exactly the size its
+/// header declares (what the store wrote), or None.
+fn unsqueeze(stored: &[u8]) -> Option<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(stored).ok()??;
+    if size > MAX_RAW {
+        return None;
+    }
+    let mut out = vec![0u8; size as usize];
+    let n = zstd::bulk::decompress_to_buffer(stored, &mut out).ok()?;
+    (n == out.len()).then_some(out)
+}
+
+/// A blob's bytes from what its entry `loc` stored, checked as `check` says (a compressed
+/// blob's checksum is of its stored bytes); None if they fail.
+fn decode(id: &Hash, loc: &Loc, stored: Vec<u8>, check: Check) -> Option<Vec<u8>> {
+    let at_rest = match (check, loc.crc) {
+        (Check::AtRest, Some(crc)) => {
+            if crc32fast::hash(&stored) != crc {
+                return None;
+            }
+            true
+        }
+        _ => false,
+    };
+    let raw = if loc.zstd() {
+        unsqueeze(&stored)?
+    } else {
+        stored
+    };
+    (at_rest || id.verify(&raw)).then_some(raw)
 }
 
 /// A segment file: its size, and how much of it live blobs hold (which blobs those are is
@@ -243,12 +312,12 @@ impl Seg {
     }
 
     fn add(&mut self, loc: &Loc) {
-        self.live_bytes += loc.len as u64;
+        self.live_bytes += loc.stored() as u64;
         self.live_blobs += 1;
     }
 
     fn sub(&mut self, loc: &Loc) {
-        self.live_bytes -= loc.len as u64;
+        self.live_bytes -= loc.stored() as u64;
         self.live_blobs -= 1;
     }
 }
@@ -416,6 +485,8 @@ pub struct SegmentStore {
     meta: sled::Tree,
     capacity: Option<u64>,
     seg_max: u64,
+    /// Store blobs that compress compressed ([`squeeze`]).
+    compress: bool,
     state: Mutex<State>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     /// Set by tests to drop the store as a killed process would leave it.
@@ -717,6 +788,7 @@ impl SegmentStore {
             meta,
             capacity,
             seg_max,
+            compress: false,
             state: Mutex::new(state),
             readers: RwLock::default(),
             #[cfg(test)]
@@ -739,6 +811,13 @@ impl SegmentStore {
             store.maintain(&mut st, false)?;
         }
         Ok(store)
+    }
+
+    /// Stores blobs that compress compressed from now on (blobs stored before stay as they
+    /// are; a store holds both kinds).
+    pub fn with_compression(mut self, on: bool) -> SegmentStore {
+        self.compress = on;
+        self
     }
 
     /// Builds the index anew from every segment's log (a store without a checkpoint, from
@@ -864,7 +943,7 @@ impl SegmentStore {
         }
         let mut victims = Vec::new();
         self.each_live(st, |id, _, loc| {
-            victims.extend(policy.insert_forced(id, loc.len as u64));
+            victims.extend(policy.insert_forced(id, loc.stored() as u64));
         })?;
         st.policy = Some(policy);
         Ok(victims)
@@ -1041,7 +1120,7 @@ impl SegmentStore {
             };
             let buf = match self
                 .reader(seg)
-                .and_then(|f| read_at(&f, loc.off(), loc.len))
+                .and_then(|f| read_at(&f, loc.off(), loc.stored()))
             {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -1054,11 +1133,8 @@ impl SegmentStore {
                 }
                 Err(e) => return Err(self.io_err(seg)(e)),
             };
-            let good = match (check, loc.crc) {
-                (Check::AtRest, Some(crc)) => crc32fast::hash(&buf) == crc,
-                _ => id.verify(&buf),
-            };
-            if !good {
+            let decoded = decode(id, &loc, buf, check);
+            let Some(buf) = decoded else {
                 // Moved by a compaction since the lookup? Look again before calling it corrupt.
                 if self.lock().live(id).is_some_and(|(now, _)| now != seg) {
                     continue;
@@ -1068,7 +1144,7 @@ impl SegmentStore {
                     id: *id,
                     path: self.seg_path(seg),
                 });
-            }
+            };
             return Ok(Some(buf));
         }
         Ok(None)
@@ -1076,14 +1152,14 @@ impl SegmentStore {
 
     /// Appends blobs to the active segment (rolling it when full), each write's blobs then as
     /// one record to the segment's log, and places them in the index.
-    fn append(&self, st: &mut State, blobs: &[(Hash, &[u8])]) -> Result<(), StoreError> {
+    fn append(&self, st: &mut State, blobs: &[Stored<'_>]) -> Result<(), StoreError> {
         let mut out: Vec<(Hash, u32, Loc)> = Vec::with_capacity(blobs.len());
         // Blobs go to the file as they are (vectored writes), without a staging copy.
         let mut pending: Vec<&[u8]> = Vec::new();
         let mut pending_len = 0u64;
         // Where in `out` the pending write's blobs start.
         let mut first = 0;
-        for (id, bytes) in blobs {
+        for &(id, bytes, zstd) in blobs {
             let size = st.segs[&st.active].size + pending_len;
             if size > 0 && size + bytes.len() as u64 > self.seg_max {
                 self.write(st, &mut pending, &mut pending_len, &out[first..])?;
@@ -1097,11 +1173,11 @@ impl SegmentStore {
             let rec = out.get(first).map(|(_, _, l)| l.rec).unwrap_or(off);
             let loc = Loc {
                 off,
-                len: bytes.len() as u32,
+                len: bytes.len() as u32 | if zstd { ZSTD } else { 0 },
                 crc: Some(crc32fast::hash(bytes)),
                 rec,
             };
-            out.push((*id, st.active, loc));
+            out.push((id, st.active, loc));
             pending.push(bytes);
             pending_len += bytes.len() as u64;
         }
@@ -1172,8 +1248,17 @@ impl SegmentStore {
         if !live.is_empty() {
             let f = File::open(self.seg_path(seg)).map_err(self.io_err(seg))?;
             for (id, loc) in live {
-                match read_at(&f, loc.off(), loc.len) {
-                    Ok(b) if id.verify(&b) => copies.push((id, b)),
+                // Copied as stored (compressed or not), once checked against the id.
+                let read = read_at(&f, loc.off(), loc.stored());
+                let good = read.as_ref().is_ok_and(|b| {
+                    if loc.zstd() {
+                        unsqueeze(b).is_some_and(|raw| id.verify(&raw))
+                    } else {
+                        id.verify(b)
+                    }
+                });
+                match read {
+                    Ok(b) if good => copies.push((id, b, loc.zstd())),
                     _ => {
                         tracing::warn!(blob = %id, segment = seg, "dropping a corrupt blob found while compacting");
                         self.drop_entry(st, &id)?;
@@ -1181,7 +1266,10 @@ impl SegmentStore {
                 }
             }
         }
-        let refs: Vec<(Hash, &[u8])> = copies.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+        let refs: Vec<Stored<'_>> = copies
+            .iter()
+            .map(|(id, b, z)| (*id, b.as_slice(), *z))
+            .collect();
         let first = st.active;
         self.append(st, &refs)?;
         // The copies are the only home of these blobs once the old segment is gone: they, their
@@ -1331,31 +1419,44 @@ impl SegmentStore {
         if blobs.is_empty() {
             return Ok(Vec::new());
         }
+        // Compressed before the lock is taken (batches of several peers are stored at once).
+        let squeezed: Vec<Option<Vec<u8>>> = if self.compress {
+            blobs.iter().map(|(_, b)| squeeze(b)).collect()
+        } else {
+            Vec::new()
+        };
+        let stored = |i: usize| -> (&[u8], bool) {
+            match squeezed.get(i).and_then(Option::as_ref) {
+                Some(z) => (z.as_slice(), true),
+                None => (blobs[i].1, false),
+            }
+        };
         let mut st = self.lock();
-        let mut admitted = Vec::with_capacity(blobs.len());
+        let mut admitted: Vec<Stored<'_>> = Vec::with_capacity(blobs.len());
         // (A set: a batch of an origin range holds up to a few hundred thousand tiny blobs;
         // searching `admitted` for each was 87% of a 3M-blob pull's CPU.)
         let mut seen = rustc_hash::FxHashSet::default();
         let mut evicted = Vec::new();
         let mut declined = Vec::new();
-        for (id, bytes) in blobs {
+        for (i, (id, bytes)) in blobs.iter().enumerate() {
             if !seen.insert(*id) || st.live(id).is_some() {
                 continue;
             }
+            let (sb, z) = stored(i);
             let Some(policy) = &mut st.policy else {
-                admitted.push((*id, *bytes));
+                admitted.push((*id, sb, z));
                 continue;
             };
             match retain {
                 Retain::Keep => {
-                    evicted.extend(policy.insert_forced(*id, bytes.len() as u64));
-                    admitted.push((*id, *bytes));
+                    evicted.extend(policy.insert_forced(*id, sb.len() as u64));
+                    admitted.push((*id, sb, z));
                 }
                 Retain::Cache => {
-                    let a = policy.insert(*id, bytes.len() as u64);
+                    let a = policy.insert(*id, sb.len() as u64);
                     evicted.extend(a.evicted);
                     if a.admitted {
-                        admitted.push((*id, *bytes));
+                        admitted.push((*id, sb, z));
                     } else if collect {
                         declined.push((*id, bytes.to_vec()));
                     }
@@ -1365,7 +1466,7 @@ impl SegmentStore {
         // Something admitted early in this batch may have been evicted by a later one.
         if !evicted.is_empty() {
             let gone: rustc_hash::FxHashSet<&Hash> = evicted.iter().collect();
-            admitted.retain(|(id, _)| !gone.contains(id));
+            admitted.retain(|(id, _, _)| !gone.contains(id));
         }
         // What leaves this tier, read (and verified) before its entries go, for the next tier,
         // and what it declined.
@@ -1377,8 +1478,8 @@ impl SegmentStore {
                     Some((seg, loc)) => {
                         let read = self
                             .reader(seg)
-                            .and_then(|f| read_at(&f, loc.off(), loc.len));
-                        if let Some(buf) = read.ok().filter(|b| id.verify(b)) {
+                            .and_then(|f| read_at(&f, loc.off(), loc.stored()));
+                        if let Some(buf) = read.ok().and_then(|b| decode(id, &loc, b, Check::Id)) {
                             demoted.push((*id, buf));
                         }
                     }
@@ -1486,6 +1587,10 @@ impl ChunkStore for SegmentStore {
         let Some((seg, loc)) = self.lookup(id) else {
             return Ok(None);
         };
+        if loc.zstd() {
+            // Not in the file as it is: read through `get`.
+            return Ok(None);
+        }
         match self.reader(seg) {
             Ok(file) => Ok(Some(Located {
                 file,
@@ -1548,7 +1653,10 @@ impl ChunkStore for SegmentStore {
         for kv in self.pinned.iter() {
             let (k, _) = kv.map_err(|e| self.db_err(e))?;
             if let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) {
-                pinned_bytes += st.live(&Hash(id)).map(|(_, l)| l.len as u64).unwrap_or(0);
+                pinned_bytes += st
+                    .live(&Hash(id))
+                    .map(|(_, l)| l.stored() as u64)
+                    .unwrap_or(0);
             }
         }
         let live: u64 = st.segs.values().map(Seg::live_bytes).sum();

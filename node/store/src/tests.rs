@@ -387,7 +387,7 @@ fn held(s: &SegmentStore) -> Vec<Hash> {
             continue;
         };
         let c = counted.entry(seg).or_default();
-        c.0 += loc.len as u64;
+        c.0 += loc.stored() as u64;
         c.1 += 1;
         ids.push(id);
     }
@@ -568,4 +568,88 @@ fn drop_unpinned_takes_exactly_the_unpinned_among_the_ids_and_survives_a_reopen(
         let got = s.get(&b.0).unwrap();
         assert_eq!(got.is_some(), !(i == 1 || i == 2), "blob {i}");
     }
+}
+
+/// Blobs that compress are kept compressed (blobs that do not, as they are), and read back
+/// exactly, locally and for peers; they are not handed out as file ranges (they are not in
+/// the file as they are); the flag survives a reopen (records and runs), a store reopened
+/// without compression still reads them, gc's compaction copies them as stored, and a
+/// corrupted one is caught and dropped.
+#[test]
+fn compressible_blobs_are_stored_compressed_and_read_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |i: u32| {
+        let b: Vec<u8> = (0..)
+            .flat_map(|k: u32| {
+                format!("{i}: line {k} of a text that compresses well\n").into_bytes()
+            })
+            .take(60_000)
+            .collect();
+        (shoal_chunker::hash(&b), b)
+    };
+    let texts: Vec<_> = (0..20).map(text).collect();
+    let randoms: Vec<_> = (0..5).map(|i| blob(7000 + i, 60_000)).collect();
+    {
+        let s = SegmentStore::open(dir.path(), None)
+            .unwrap()
+            .with_compression(true);
+        put(&s, &texts, Retain::Keep);
+        put(&s, &randoms, Retain::Keep);
+        let st = s.stats().unwrap();
+        assert_eq!(st.blobs, 25);
+        assert!(
+            st.live_bytes >= 5 * 60_000 && st.live_bytes < 5 * 60_000 + 20 * 60_000 / 4,
+            "random kept raw, text at least 4x smaller: {} live bytes",
+            st.live_bytes
+        );
+        for (h, b) in texts.iter().chain(&randoms) {
+            assert_eq!(&s.get(h).unwrap().unwrap(), b);
+            assert_eq!(&s.get_for_peer(h).unwrap().unwrap(), b);
+        }
+        assert!(s.locate(&texts[0].0).unwrap().is_none());
+        assert_eq!(s.locate(&randoms[0].0).unwrap().unwrap().len, 60_000);
+        s.flush().unwrap();
+    }
+    let s = reopen(dir.path(), None);
+    for (h, b) in texts.iter().chain(&randoms) {
+        assert_eq!(&s.get(h).unwrap().unwrap(), b, "read back after a reopen");
+    }
+    // Without compression, what is new goes raw; what was compressed stays readable.
+    let more = text(99);
+    put(&s, std::slice::from_ref(&more), Retain::Keep);
+    assert_eq!(s.locate(&more.0).unwrap().unwrap().len, 60_000);
+    // gc drops what no pin holds and compacts: the pinned compressed blobs are copied as
+    // they were stored.
+    let list: Vec<(Hash, u32)> = texts[..10]
+        .iter()
+        .map(|(h, b)| (*h, b.len() as u32))
+        .collect();
+    s.pin("t@v1", &list).unwrap();
+    assert!(s.gc().unwrap() > 0);
+    let st = s.stats().unwrap();
+    assert_eq!(st.blobs, 10);
+    assert!(st.live_bytes < 10 * 60_000 / 4, "{}", st.live_bytes);
+    assert_eq!(indexed(&s), held(&s));
+    for (h, b) in &texts[..10] {
+        assert_eq!(&s.get(h).unwrap().unwrap(), b, "read back after compaction");
+    }
+    // A corrupted compressed blob is caught, locally (id) and for a peer (checksum at rest).
+    for (victim, peer) in [(texts[0].0, false), (texts[1].0, true)] {
+        let (seg, loc) = s.lock().live(&victim).unwrap();
+        assert!(loc.zstd());
+        let f = OpenOptions::new()
+            .write(true)
+            .open(s.seg_path(seg))
+            .unwrap();
+        f.write_all_at(b"\xff\x00\xff", loc.off() + loc.stored() as u64 / 2)
+            .unwrap();
+        let err = if peer {
+            s.get_for_peer(&victim).unwrap_err()
+        } else {
+            s.get(&victim).unwrap_err()
+        };
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(!s.contains(&victim).unwrap());
+    }
+    assert_eq!(&s.get(&texts[2].0).unwrap().unwrap(), &texts[2].1);
 }

@@ -46,6 +46,9 @@ pub struct CacheLayout {
     /// How long a cached version not used stays (None: until capacity evicts it); applied by
     /// the node (`shoal_node::expiry`).
     pub ttl: Option<std::time::Duration>,
+    /// Keep blobs that compress by at least an eighth compressed on disk (zstd level 1; the
+    /// memory tier and whole-file copies stay raw).
+    pub compress: bool,
 }
 
 /// 256 MiB: enough to keep a data loader's hot chunks without taking much from training.
@@ -59,6 +62,7 @@ impl Default for CacheLayout {
             tiers: Vec::new(),
             files: crate::wholefiles::DEFAULT_CAPACITY,
             ttl: None,
+            compress: true,
         }
     }
 }
@@ -113,9 +117,10 @@ impl TieredStore {
         primary: &std::path::Path,
         layout: &CacheLayout,
     ) -> Result<TieredStore, StoreError> {
-        let mut disks = vec![SegmentStore::open(primary, layout.capacity)?];
+        let mut disks =
+            vec![SegmentStore::open(primary, layout.capacity)?.with_compression(layout.compress)];
         for t in &layout.tiers {
-            disks.push(SegmentStore::open(&t.path, t.capacity)?);
+            disks.push(SegmentStore::open(&t.path, t.capacity)?.with_compression(layout.compress));
         }
         let memory = (layout.memory > 0).then(|| {
             (
@@ -378,6 +383,7 @@ mod tests {
             }],
             files: 0,
             ttl: None,
+            compress: false,
         }
     }
 
@@ -447,6 +453,7 @@ mod tests {
                 tiers: vec![],
                 files: 0,
                 ttl: None,
+                compress: false,
             },
         )
         .unwrap();
@@ -529,6 +536,7 @@ mod tests {
             }],
             files: 0,
             ttl: None,
+            compress: false,
         };
         assert!(l.check().unwrap_err().contains("primary"));
         let l = CacheLayout {
