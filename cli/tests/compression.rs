@@ -85,6 +85,32 @@ fn compressed_packs_pull_mount_verify_and_replicate_exactly() {
         read <= origin_bytes + (512 << 10),
         "each frame read once: {read} read, packs hold {origin_bytes}"
     );
+    // Its store keeps the text compressed (chunk by chunk) and the noise as it is; a pull
+    // from that store writes the files exactly.
+    let kept = other.json(&["cache"])["live_bytes"].as_u64().unwrap();
+    assert!(
+        kept >= noise && kept < noise + text / 2,
+        "{kept} bytes stored for {text} of text and {noise} of noise"
+    );
+    let again = other.path("again");
+    let p = other.json(&["pull", "code@v1", "--to", again.to_str().unwrap()]);
+    assert_eq!(p["bytes_from_origin"], 0, "{p}");
+    assert_same_tree(&src, &again);
+    // With `[cache] compression` off (here by its variable), the store keeps chunks raw.
+    let raw_store = env.peer("raw-store");
+    assert!(raw_store.run(&["trust", &env.key()]).status.success());
+    let out = raw_store
+        .cmd(&["--json", "pull", "code@v1", "--no-files"])
+        .env("SHOAL_CACHE_COMPRESSION", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = raw_store.json(&["cache"])["live_bytes"].as_u64().unwrap();
+    assert!(kept >= raw, "{kept} bytes stored raw for {raw}");
 
     // A cold mount on a third machine reads every file exactly, one at a time.
     let third = env.peer("third");
