@@ -574,6 +574,36 @@ const PROBE_LEVEL: i32 = 1;
 /// Bytes of each sample [`compressed`] takes to guess whether a frame compresses.
 const PROBE: usize = 2 << 10;
 
+/// Whether `bytes` look like random or already compressed data, from the byte frequencies of
+/// four 512-byte samples: their collision entropy (Renyi order 2) is over 7.5 bits a byte
+/// (uniform bytes: 8; text: 4 to 6). About a microsecond, against tens for a zstd probe: what
+/// a per-chunk decision can afford on the data plane (btrfs decides with a similar sample).
+pub fn looks_incompressible(bytes: &[u8]) -> bool {
+    const SAMPLE: usize = 512;
+    let mut counts = [0u32; 256];
+    let mut n = 0u64;
+    if bytes.len() <= 4 * SAMPLE {
+        for &b in bytes {
+            counts[b as usize] += 1;
+        }
+        n = bytes.len() as u64;
+    } else {
+        for q in 0..4 {
+            let at = q * (bytes.len() - SAMPLE) / 3;
+            for &b in &bytes[at..at + SAMPLE] {
+                counts[b as usize] += 1;
+            }
+            n += SAMPLE as u64;
+        }
+    }
+    if n < 256 {
+        return false;
+    }
+    // sum(p^2) < 2^-7.5, in integers: sum(c^2) * 2^7.5 < n^2 (2^7.5 ~ 181.02).
+    let sq: u64 = counts.iter().map(|&c| c as u64 * c as u64).sum();
+    sq * 181 < n * n
+}
+
 /// Compresses frames of bytes when that pays: a zstd level-1 probe over samples from four
 /// places in a frame (8 KiB of it) must save a tenth before the frame is compressed at all,
 /// and the result is kept only if it saves at least 3%. Random and already compressed data
@@ -1047,5 +1077,33 @@ mod tests {
         assert!(sealed.index.frames.decode(&span, short).is_err());
         let junk = Bytes::from(vec![7u8; span.stored.end as usize]);
         assert!(sealed.index.frames.decode(&span, junk).is_err());
+    }
+
+    #[test]
+    fn byte_frequencies_tell_random_and_compressed_bytes_from_text() {
+        let mut random = vec![0u8; 200_000];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        // Real text: this file's own source.
+        let text = include_bytes!("pack.rs");
+        let zipped = zstd::bulk::compress(text, 3).unwrap();
+        assert!(zipped.len() > 4096);
+        assert!(looks_incompressible(&random));
+        assert!(looks_incompressible(&random[..3000]));
+        assert!(
+            looks_incompressible(&zipped),
+            "compressed bytes look random"
+        );
+        assert!(!looks_incompressible(text));
+        assert!(!looks_incompressible(&vec![0u8; 100_000]));
+        assert!(
+            !looks_incompressible(&random[..100]),
+            "too few bytes to tell"
+        );
     }
 }

@@ -248,16 +248,18 @@ impl Loc {
 /// frame of it.
 type Stored<'a> = (Hash, &'a [u8], bool);
 
-/// `blob` compressed for the store, if that saves at least an eighth of it: zstd level 1, the
-/// pack sealer's probe first (`Squeezer`), so random and already compressed chunks cost a
-/// sample's compression and are stored as they are. Every warm read of a compressed blob
+/// `blob` compressed for the store, if that saves at least an eighth of it: zstd level 1.
+/// Random and already compressed chunks are told by their byte frequencies
+/// (`looks_incompressible`, about a microsecond a chunk: a zstd probe cost a 1 GiB pull of
+/// random data 10%) and stored as they are; the rest go through the pack sealer's probe
+/// (`Squeezer`). Every warm read of a compressed blob
 /// decompresses it (over 1 GB/s a core), hence the higher bar than for packs.
 fn squeeze(blob: &[u8]) -> Option<Vec<u8>> {
     thread_local! {
         static SQUEEZER: std::cell::RefCell<Option<shoal_registry::pack::Squeezer>> =
             std::cell::RefCell::new(shoal_registry::pack::Squeezer::new(1));
     }
-    if blob.len() < 256 {
+    if blob.len() < 256 || shoal_registry::pack::looks_incompressible(blob) {
         return None;
     }
     SQUEEZER
