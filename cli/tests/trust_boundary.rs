@@ -559,13 +559,15 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
         .as_u64()
         .unwrap() as u32;
 
-    // Three pullers that advertise what they do not have and answer with compressed frames
+    // Four pullers that advertise what they do not have and answer with compressed frames
     // (negotiated like an honest compressing node): a zstd bomb (16 MiB in a frame declaring
-    // a few KiB), a frame with one record too many, and frames of junk blobs.
+    // a few KiB), a frame with one record too many, frames of junk blobs, and blobs "as their
+    // store keeps them" that each declare 16 MiB.
     let liars: Vec<_> = [
         hostile::Answers::Bomb,
         hostile::Answers::Overrun,
         hostile::Answers::Junk,
+        hostile::Answers::BlobBombs,
     ]
     .into_iter()
     .map(|a| rt.block_on(hostile::liar(root, chunks, 64, None, a)))
@@ -577,7 +579,7 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = c.node("a", &args, &[]);
-    c.nodes[a].wait_peers(3);
+    c.nodes[a].wait_peers(4);
     let dest = c.dir.path().join("out");
     let started = Instant::now();
     let r = c.nodes[a].json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
@@ -589,7 +591,7 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
             "{name} pulled exactly"
         );
     }
-    for (l, what) in liars.iter().zip(["bomb", "overrun", "junk"]) {
+    for (l, what) in liars.iter().zip(["bomb", "overrun", "junk", "blob bombs"]) {
         assert!(
             l.asked.load(std::sync::atomic::Ordering::Relaxed) > 0,
             "the {what} liar was asked"
@@ -600,6 +602,7 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
         "sent a frame that does not decompress",
         "sent a frame holding more records than asked for",
         "that do not match it",
+        "bytes in one answer",
     ] {
         assert!(
             log.contains(what),
@@ -616,7 +619,7 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
         "the pull took {took:?} with liars in the swarm: {r}"
     );
     eprintln!(
-        "pull with three lying compressors: {:.1}s, {} from origin",
+        "pull with four lying compressors: {:.1}s, {} from origin",
         took.as_secs_f64(),
         r["bytes_from_origin"]
     );

@@ -328,6 +328,9 @@ pub enum Answers {
     Overrun,
     /// A well-formed compressed frame of 4 KiB blobs of junk (bytes that do not match the ids).
     Junk,
+    /// Blobs sent as a store keeps them compressed, each a zstd frame declaring 16 MiB of
+    /// zeros (a few hundred bytes on the wire each).
+    BlobBombs,
 }
 
 impl Answers {
@@ -363,6 +366,15 @@ impl Answers {
             Answers::Junk => {
                 let r = records(n, &[b'x'; 4096]);
                 frame(&r, r.len())
+            }
+            Answers::BlobBombs => {
+                let z = zstd::bulk::compress(&vec![0u8; 16 << 20], 3).expect("zstd");
+                let mut r = Vec::new();
+                for _ in 0..n {
+                    r.extend_from_slice(&((z.len() as u32) | 1 << 30).to_be_bytes());
+                    r.extend_from_slice(&z);
+                }
+                r
             }
         }
     }

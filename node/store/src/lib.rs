@@ -168,6 +168,19 @@ pub trait ChunkStore: Send + Sync {
     /// Stores verified blobs. They survive the process being killed once this returns, and a
     /// power cut once [`Self::flush`] has returned.
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError>;
+    /// As [`ChunkStore::put_batch`], each blob with the zstd frame of it that came with it,
+    /// if one did (a peer sends a blob as its store keeps it): a store that compresses keeps
+    /// that frame as it is rather than compressing the blob again. The caller has checked the
+    /// raw bytes against the id and that the frame decompresses to them.
+    fn put_batch_packed(&self, blobs: &[Packed<'_>], retain: Retain) -> Result<(), StoreError> {
+        let raw: Vec<(Hash, &[u8])> = blobs.iter().map(|(id, b, _)| (*id, *b)).collect();
+        self.put_batch(&raw, retain)
+    }
+    /// As [`ChunkStore::get_for_peer`], the bytes as the store keeps them: `(bytes, true)`
+    /// when they are a zstd frame of the blob (checked at rest, not decompressed).
+    fn get_stored_for_peer(&self, id: &Hash) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        Ok(self.get_for_peer(id)?.map(|b| (b, false)))
+    }
     /// Makes every index update so far durable.
     fn flush(&self) -> Result<(), StoreError>;
     /// Usage, pins and hit rates.
@@ -248,6 +261,10 @@ impl Loc {
 /// frame of it.
 type Stored<'a> = (Hash, &'a [u8], bool);
 
+/// A blob to store: its id, its bytes, and the zstd frame of it it came with, if any (see
+/// [`ChunkStore::put_batch_packed`]).
+pub type Packed<'a> = (Hash, &'a [u8], Option<&'a [u8]>);
+
 /// `blob` compressed for the store, if that saves at least an eighth of it: zstd level 1.
 /// Random and already compressed chunks are told by their byte frequencies
 /// (`looks_incompressible`, about a microsecond a chunk: a zstd probe cost a 1 GiB pull of
@@ -269,7 +286,7 @@ fn squeeze(blob: &[u8]) -> Option<Vec<u8>> {
 
 /// The blob a zstd frame stored holds: at most [`MAX_RAW`] bytes, exactly the size its
 /// header declares (what the store wrote), or None.
-fn unsqueeze(stored: &[u8]) -> Option<Vec<u8>> {
+pub fn unsqueeze(stored: &[u8]) -> Option<Vec<u8>> {
     let size = zstd::zstd_safe::get_frame_content_size(stored).ok()??;
     if size > MAX_RAW {
         return None;
@@ -1152,6 +1169,47 @@ impl SegmentStore {
         Ok(None)
     }
 
+    /// Reads a blob for a peer as it is stored (see [`ChunkStore::get_stored_for_peer`]):
+    /// checked against the checksum kept since it was stored; an entry without one (written
+    /// before checksums were kept, never compressed) is checked against the id.
+    fn read_stored(&self, id: &Hash) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        for _ in 0..2 {
+            let Some((seg, loc)) = self.lookup(id) else {
+                return Ok(None);
+            };
+            let Some(crc) = loc.crc else {
+                return Ok(self.read(id, Check::AtRest)?.map(|b| (b, false)));
+            };
+            let buf = match self
+                .reader(seg)
+                .and_then(|f| read_at(&f, loc.off(), loc.stored()))
+            {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    self.drop_entry(&mut self.lock(), id)?;
+                    return Err(StoreError::Corrupt {
+                        id: *id,
+                        path: self.seg_path(seg),
+                    });
+                }
+                Err(e) => return Err(self.io_err(seg)(e)),
+            };
+            if crc32fast::hash(&buf) != crc {
+                if self.lock().live(id).is_some_and(|(now, _)| now != seg) {
+                    continue;
+                }
+                self.drop_entry(&mut self.lock(), id)?;
+                return Err(StoreError::Corrupt {
+                    id: *id,
+                    path: self.seg_path(seg),
+                });
+            }
+            return Ok(Some((buf, loc.zstd())));
+        }
+        Ok(None)
+    }
+
     /// Appends blobs to the active segment (rolling it when full), each write's blobs then as
     /// one record to the segment's log, and places them in the index.
     fn append(&self, st: &mut State, blobs: &[Stored<'_>]) -> Result<(), StoreError> {
@@ -1414,7 +1472,7 @@ impl SegmentStore {
     /// blob it evicted or declined to admit, for a slower tier to keep.
     pub(crate) fn put_batch_demoting(
         &self,
-        blobs: &[(Hash, &[u8])],
+        blobs: &[Packed<'_>],
         retain: Retain,
         collect: bool,
     ) -> Result<Vec<(Hash, Vec<u8>)>, StoreError> {
@@ -1422,15 +1480,23 @@ impl SegmentStore {
             return Ok(Vec::new());
         }
         // Compressed before the lock is taken (batches of several peers are stored at once).
+        // (A frame that came with a blob is kept as it is.)
         let squeezed: Vec<Option<Vec<u8>>> = if self.compress {
-            blobs.iter().map(|(_, b)| squeeze(b)).collect()
+            blobs
+                .iter()
+                .map(|(_, b, z)| if z.is_some() { None } else { squeeze(b) })
+                .collect()
         } else {
             Vec::new()
         };
         let stored = |i: usize| -> (&[u8], bool) {
-            match squeezed.get(i).and_then(Option::as_ref) {
-                Some(z) => (z.as_slice(), true),
-                None => (blobs[i].1, false),
+            if !self.compress {
+                return (blobs[i].1, false);
+            }
+            match (blobs[i].2, squeezed[i].as_ref()) {
+                (Some(z), _) => (z, true),
+                (None, Some(z)) => (z.as_slice(), true),
+                (None, None) => (blobs[i].1, false),
             }
         };
         let mut st = self.lock();
@@ -1440,7 +1506,7 @@ impl SegmentStore {
         let mut seen = rustc_hash::FxHashSet::default();
         let mut evicted = Vec::new();
         let mut declined = Vec::new();
-        for (i, (id, bytes)) in blobs.iter().enumerate() {
+        for (i, (id, bytes, _)) in blobs.iter().enumerate() {
             if !seen.insert(*id) || st.live(id).is_some() {
                 continue;
             }
@@ -1487,7 +1553,7 @@ impl SegmentStore {
                     }
                     // Admitted and evicted within this batch: never written here.
                     None => {
-                        if let Some((_, b)) = blobs.iter().find(|(b, _)| b == id) {
+                        if let Some((_, b, _)) = blobs.iter().find(|(b, _, _)| b == id) {
                             demoted.push((*id, b.to_vec()));
                         }
                     }
@@ -1607,7 +1673,16 @@ impl ChunkStore for SegmentStore {
     }
 
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {
+        let packed: Vec<Packed<'_>> = blobs.iter().map(|(id, b)| (*id, *b, None)).collect();
+        self.put_batch_demoting(&packed, retain, false).map(|_| ())
+    }
+
+    fn put_batch_packed(&self, blobs: &[Packed<'_>], retain: Retain) -> Result<(), StoreError> {
         self.put_batch_demoting(blobs, retain, false).map(|_| ())
+    }
+
+    fn get_stored_for_peer(&self, id: &Hash) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        self.read_stored(id)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -147,7 +147,7 @@ impl TieredStore {
     fn put_from(
         &self,
         from: usize,
-        blobs: &[(Hash, &[u8])],
+        blobs: &[crate::Packed<'_>],
         retain: Retain,
     ) -> Result<(), StoreError> {
         let last = self.disks.len() - 1;
@@ -156,8 +156,10 @@ impl TieredStore {
             if demoted.is_empty() {
                 break;
             }
-            let refs: Vec<(Hash, &[u8])> =
-                demoted.iter().map(|(h, b)| (*h, b.as_slice())).collect();
+            let refs: Vec<crate::Packed<'_>> = demoted
+                .iter()
+                .map(|(h, b)| (*h, b.as_slice(), None))
+                .collect();
             demoted = self.disks[i].put_batch_demoting(&refs, Retain::Keep, i < last)?;
         }
         Ok(())
@@ -210,7 +212,7 @@ impl ChunkStore for TieredStore {
         for (i, d) in self.disks.iter().enumerate() {
             if let Some(b) = d.get(id)? {
                 if i > 0 {
-                    self.put_from(0, &[(*id, &b)], Retain::Cache)?;
+                    self.put_from(0, &[(*id, &b, None)], Retain::Cache)?;
                 }
                 self.offer_memory(id, &b);
                 return Ok(Some(b));
@@ -239,7 +241,28 @@ impl ChunkStore for TieredStore {
     }
 
     fn put_batch(&self, blobs: &[(Hash, &[u8])], retain: Retain) -> Result<(), StoreError> {
+        let packed: Vec<crate::Packed<'_>> = blobs.iter().map(|(id, b)| (*id, *b, None)).collect();
+        self.put_from(0, &packed, retain)
+    }
+
+    fn put_batch_packed(
+        &self,
+        blobs: &[crate::Packed<'_>],
+        retain: Retain,
+    ) -> Result<(), StoreError> {
         self.put_from(0, blobs, retain)
+    }
+
+    fn get_stored_for_peer(&self, id: &Hash) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        if let Some(b) = self.mem().and_then(|m| m.blobs.get(id).cloned()) {
+            return Ok(Some((b, false)));
+        }
+        for d in &self.disks {
+            if let Some(b) = d.get_stored_for_peer(id)? {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -291,7 +314,7 @@ impl ChunkStore for TieredStore {
             }
             for d in &self.disks[1..] {
                 if let Some(b) = d.get(id)? {
-                    self.put_from(0, &[(*id, &b)], Retain::Keep)?;
+                    self.put_from(0, &[(*id, &b, None)], Retain::Keep)?;
                     break;
                 }
             }

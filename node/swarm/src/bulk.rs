@@ -20,6 +20,11 @@
 //!   connection ([`Pace`]). The client decompresses into at most the
 //!   declared size and verifies every blob as ever; a frame that lies about its size, holds a
 //!   partial record or more records than its answer has ids is a fault.
+//!   On `/3` a record's length may also carry [`ZBLOB`]: its bytes are one zstd frame of the
+//!   blob, as the sender's store keeps it (neither side compresses it again; the receiver's
+//!   store keeps the frame as it is). The frame must declare its size, at most [`MAX_BLOB`],
+//!   and the sizes an answer's frames declare together at most [`MAX_ANSWER`] (what an
+//!   answer may carry anyway); it is decompressed into exactly that size and verified.
 //!
 //! A client keeps many requests in flight; the server answers them in order, each with at most
 //! [`MAX_ANSWER`] bytes of blobs (those past it are "not here"). The client verifies every blob
@@ -51,6 +56,9 @@ use tokio::sync::mpsc;
 const MISSING: u32 = u32::MAX;
 /// Top bit of a response head (other than [`MISSING`]): a compressed frame of records.
 const FRAME: u32 = 1 << 31;
+/// Bit of a record's length (on `shoal-bulk/3`): the bytes are a zstd frame of the blob, as
+/// the sender's store keeps it (see the module documentation).
+const ZBLOB: u32 = 1 << 30;
 /// Most raw bytes of records in one frame (a group is about [`GROUP`] bytes and one blob
 /// more; larger groups go as plain records).
 pub const MAX_FRAME_RAW: u32 = 4 << 20;
@@ -278,7 +286,7 @@ impl Client {
         });
 
         // Reader: reads responses, hands whole batches to the verifier.
-        let (vtx, mut vrx) = mpsc::channel::<(Pending, Vec<Option<Bytes>>, Instant)>(4);
+        let (vtx, mut vrx) = mpsc::channel::<(Pending, Vec<Option<(Bytes, bool)>>, Instant)>(4);
         let c = closed.clone();
         let sw = swarm.clone();
         tokio::spawn(async move {
@@ -290,8 +298,10 @@ impl Client {
             // Records of a frame not yet read (a frame holds records of one answer only).
             let mut frame = Bytes::new();
             while let Some(p) = prx.recv().await {
-                let mut blobs = Vec::with_capacity(p.ids.len());
+                let mut blobs: Vec<Option<(Bytes, bool)>> = Vec::with_capacity(p.ids.len());
                 let mut failed = false;
+                // Sizes the answer's compressed blobs declare.
+                let mut declared = 0u64;
                 for _ in 0..p.ids.len() {
                     if frame.is_empty() {
                         let head = match r.read_u32().await {
@@ -302,10 +312,15 @@ impl Client {
                             }
                         };
                         if head == MISSING || head & FRAME == 0 {
-                            match read_plain(&sw, peer, &mut r, head, p.want_bytes, &mut pool).await
-                            {
+                            let read =
+                                read_plain(&sw, &mut r, head, frames, p.want_bytes, &mut pool)
+                                    .await;
+                            match read.and_then(|b| declare(b, &mut declared)) {
                                 Ok(b) => blobs.push(b),
-                                Err(()) => {
+                                Err(why) => {
+                                    if let Some(why) = why {
+                                        sw.report(peer, Report::Fault(why)).await;
+                                    }
                                     failed = true;
                                     break;
                                 }
@@ -320,7 +335,9 @@ impl Client {
                             }
                         }
                     }
-                    match next_record(&mut frame, p.want_bytes) {
+                    match next_record(&mut frame, p.want_bytes)
+                        .and_then(|b| declare(b, &mut declared).map_err(Option::unwrap_or_default))
+                    {
                         Ok(b) => blobs.push(b),
                         Err(why) => {
                             sw.report(peer, Report::Fault(why)).await;
@@ -368,20 +385,37 @@ impl Client {
                 let retain = p.retain;
                 let checked = tokio::task::spawn_blocking(move || {
                     let mut outcomes = Vec::with_capacity(ids.len());
-                    let mut good: Vec<(Hash, &[u8])> = Vec::new();
+                    // The blobs as they are (compressed ones decompressed), verified.
+                    let mut raws: Vec<Option<Bytes>> = Vec::with_capacity(ids.len());
                     for (id, b) in ids.iter().zip(&blobs) {
-                        outcomes.push(match b {
-                            None => Outcome::Missing,
-                            Some(b) if id.verify(b) => {
-                                good.push((*id, b));
-                                Outcome::Stored(b.len() as u32)
+                        let raw = match b {
+                            None => None,
+                            Some((b, false)) => Some(b.clone()),
+                            // Within the size its frame declares (checked on arrival).
+                            Some((z, true)) => shoal_store::unsqueeze(z).map(Bytes::from),
+                        };
+                        let (outcome, raw) = match (b, raw) {
+                            (None, _) => (Outcome::Missing, None),
+                            (Some(_), Some(r)) if id.verify(&r) => {
+                                (Outcome::Stored(r.len() as u32), Some(r))
                             }
-                            Some(_) => Outcome::Bad,
-                        });
+                            (Some(_), _) => (Outcome::Bad, None),
+                        };
+                        outcomes.push(outcome);
+                        raws.push(raw);
                     }
-                    let stored = store.put_batch(&good, retain);
+                    let good: Vec<shoal_store::Packed<'_>> = ids
+                        .iter()
+                        .zip(&raws)
+                        .zip(&blobs)
+                        .filter_map(|((id, r), b)| {
+                            let frame = b.as_ref().filter(|(_, z)| *z).map(|(z, _)| z.as_ref());
+                            Some((*id, r.as_ref()?.as_ref(), frame))
+                        })
+                        .collect();
+                    let stored = store.put_batch_packed(&good, retain);
                     drop(good);
-                    (outcomes, stored, blobs)
+                    (outcomes, stored, raws)
                 });
                 if rtx.send((p, start, checked)).await.is_err() {
                     break;
@@ -454,22 +488,22 @@ impl Client {
 /// Not cancel-safe: a cancelled read leaves part of the record; the connection is dropped.
 async fn read_plain(
     sw: &Swarm,
-    peer: PeerId,
     r: &mut (impl tokio::io::AsyncRead + Unpin),
-    len: u32,
+    head: u32,
+    negotiated: bool,
     want_bytes: bool,
     pool: &mut bytes::BytesMut,
-) -> std::result::Result<Option<Bytes>, ()> {
-    if len == MISSING {
+) -> std::result::Result<Option<(Bytes, bool)>, Option<String>> {
+    if head == MISSING {
         sw.counters
             .bytes_from_peers_wire
             .fetch_add(4, Ordering::Relaxed);
         return Ok(None);
     }
+    let zblob = negotiated && head & ZBLOB != 0;
+    let len = if zblob { head & !ZBLOB } else { head };
     if len > MAX_BLOB {
-        sw.report(peer, Report::Fault(format!("sent a {len}-byte blob")))
-            .await;
-        return Err(());
+        return Err(Some(format!("sent a {len}-byte blob")));
     }
     // Within the node's download rate: the blob stays in the socket (and the sender's window
     // fills) until it may be read.
@@ -491,14 +525,43 @@ async fn read_plain(
     while buf.len() < len as usize {
         let want = len as usize - buf.len();
         match (&mut *r).take(want as u64).read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(()),
+            Ok(0) | Err(_) => return Err(None),
             Ok(_) => {}
         }
     }
     sw.counters
         .bytes_from_peers_wire
         .fetch_add(4 + len as u64, Ordering::Relaxed);
-    Ok(Some(buf.split().freeze()))
+    Ok(Some((buf.split().freeze(), zblob)))
+}
+
+/// Counts the size a compressed blob's frame declares against what its answer may carry
+/// (`declared`, so far): a frame that declares no size, more than [`MAX_BLOB`], or takes the
+/// answer past [`MAX_ANSWER`] is a fault (Err, with why).
+fn declare(
+    b: Option<(Bytes, bool)>,
+    declared: &mut u64,
+) -> std::result::Result<Option<(Bytes, bool)>, Option<String>> {
+    if let Some((z, true)) = &b {
+        let size = zstd::zstd_safe::get_frame_content_size(z)
+            .ok()
+            .flatten()
+            .filter(|&n| n <= MAX_BLOB as u64)
+            .ok_or_else(|| {
+                Some(
+                    "sent a compressed blob whose frame declares no size or too large a one"
+                        .to_string(),
+                )
+            })?;
+        *declared += size;
+        if *declared > MAX_ANSWER {
+            return Err(Some(format!(
+                "sent compressed blobs declaring {} bytes in one answer (at most {MAX_ANSWER})",
+                *declared
+            )));
+        }
+    }
+    Ok(b)
 }
 
 /// Reads a compressed frame of `stored` bytes whose head was read, and decompresses it into
@@ -544,30 +607,60 @@ async fn read_frame(
 
 /// The next record of a decompressed frame: the blob, or None for "not here". A blob handed
 /// back to a reader gets its own allocation (a slice would keep the whole frame alive).
-fn next_record(frame: &mut Bytes, want_bytes: bool) -> std::result::Result<Option<Bytes>, String> {
+fn next_record(
+    frame: &mut Bytes,
+    want_bytes: bool,
+) -> std::result::Result<Option<(Bytes, bool)>, String> {
     use bytes::Buf;
     if frame.len() < 4 {
         return Err("sent a frame ending inside a record".into());
     }
-    let len = frame.get_u32();
-    if len == MISSING {
+    let head = frame.get_u32();
+    if head == MISSING {
         return Ok(None);
     }
+    let zblob = head & ZBLOB != 0;
+    let len = head & !ZBLOB;
     if len as usize > frame.len() {
         return Err("sent a frame ending inside a record".into());
     }
     let b = frame.split_to(len as usize);
-    Ok(Some(if want_bytes {
+    let b = if want_bytes {
         Bytes::copy_from_slice(&b)
     } else {
         b
-    }))
+    };
+    Ok(Some((b, zblob)))
+}
+
+/// A blob as it goes in an answer: its bytes, or a zstd frame of it as this node's store
+/// keeps it, with the blob's size (`raw`).
+#[derive(Clone)]
+struct Out {
+    bytes: Bytes,
+    raw: Option<u32>,
+}
+
+impl Out {
+    fn plain(bytes: Bytes) -> Out {
+        Out { bytes, raw: None }
+    }
+
+    /// The blob's size.
+    fn raw_len(&self) -> u64 {
+        self.raw.map_or(self.bytes.len() as u64, u64::from)
+    }
+
+    /// Its record's head: the length of its bytes, with [`ZBLOB`] for a frame.
+    fn head(&self) -> u32 {
+        self.bytes.len() as u32 | if self.raw.is_some() { ZBLOB } else { 0 }
+    }
 }
 
 /// One group of an answer as it goes on the wire.
 struct Group {
     /// The blobs, in order (None: "not here").
-    blobs: Vec<Option<Bytes>>,
+    blobs: Vec<Option<Out>>,
     /// The same records as one compressed frame, when the connection allows frames and
     /// compressing them paid.
     frame: Option<Vec<u8>>,
@@ -576,7 +669,7 @@ struct Group {
 impl Group {
     /// Bytes of blobs in the group.
     fn blob_bytes(&self) -> u64 {
-        self.blobs.iter().flatten().map(|b| b.len() as u64).sum()
+        self.blobs.iter().flatten().map(Out::raw_len).sum()
     }
 
     /// Bytes of the group's records, uncompressed.
@@ -584,21 +677,21 @@ impl Group {
         Group::records_len(&self.blobs)
     }
 
-    fn records_len(blobs: &[Option<Bytes>]) -> u64 {
+    fn records_len(blobs: &[Option<Out>]) -> u64 {
         blobs
             .iter()
-            .map(|b| 4 + b.as_ref().map_or(0, |b| b.len() as u64))
+            .map(|b| 4 + b.as_ref().map_or(0, |b| b.bytes.len() as u64))
             .sum()
     }
 
     /// The group's records (`u32 len` and the bytes, or `u32::MAX`) as parts, back to back.
-    fn records(blobs: &[Option<Bytes>]) -> Vec<Bytes> {
+    fn records(blobs: &[Option<Out>]) -> Vec<Bytes> {
         let mut parts = Vec::with_capacity(2 * blobs.len());
         for b in blobs {
-            let head = b.as_ref().map_or(MISSING, |b| b.len() as u32);
+            let head = b.as_ref().map_or(MISSING, Out::head);
             parts.push(Bytes::copy_from_slice(&head.to_be_bytes()));
             if let Some(b) = b {
-                parts.push(b.clone());
+                parts.push(b.bytes.clone());
             }
         }
         parts
@@ -606,7 +699,7 @@ impl Group {
 
     /// `blobs` with their records compressed into one frame when that pays (see the module
     /// documentation); groups over [`MAX_FRAME_RAW`] stay plain.
-    fn squeezed(blobs: Vec<Option<Bytes>>) -> Group {
+    fn squeezed(blobs: Vec<Option<Out>>) -> Group {
         thread_local! {
             static SQUEEZER: std::cell::RefCell<Option<shoal_registry::pack::Squeezer>> =
                 std::cell::RefCell::new(shoal_registry::pack::Squeezer::new(WIRE_LEVEL));
@@ -681,28 +774,43 @@ pub async fn read_request(
 }
 
 /// Reads `ids` from the store (or the pack index cache), in order, until about [`GROUP`]
-/// bytes; `budget` is what the answer may still carry. Blobs past the budget are "not here".
-fn read_group(swarm: &Swarm, ids: &[Hash], budget: &mut u64) -> Vec<Option<Bytes>> {
+/// bytes; `budget` is what the answer may still carry (blobs' sizes, compressed or not).
+/// Blobs past the budget are "not here". With `stored`, a blob the store keeps compressed
+/// goes as it is kept (the connection negotiated frames).
+fn read_group(swarm: &Swarm, ids: &[Hash], budget: &mut u64, stored: bool) -> Vec<Option<Out>> {
     let mut out = Vec::new();
     let mut bytes = 0u64;
     for id in ids {
         if *budget == 0 {
             out.push(None);
         } else {
-            let b = match swarm.store.get_for_peer(id) {
-                Ok(Some(b)) => Some(Bytes::from(b)),
-                _ => read_cached_index(swarm, id),
+            let read = if stored {
+                swarm.store.get_stored_for_peer(id)
+            } else {
+                swarm.store.get_for_peer(id).map(|b| b.map(|b| (b, false)))
+            };
+            let b = match read {
+                Ok(Some((b, true))) => match zstd::zstd_safe::get_frame_content_size(&b) {
+                    Ok(Some(n)) if n <= MAX_BLOB as u64 => Some(Out {
+                        bytes: Bytes::from(b),
+                        raw: Some(n as u32),
+                    }),
+                    // (A store writes the size in every frame: not served if not.)
+                    _ => None,
+                },
+                Ok(Some((b, false))) => Some(Out::plain(Bytes::from(b))),
+                _ => read_cached_index(swarm, id).map(Out::plain),
             };
             let b = b.filter(|b| {
-                let fits = b.len() as u64 <= *budget;
+                let fits = b.raw_len() <= *budget;
                 if fits {
-                    *budget -= b.len() as u64;
+                    *budget -= b.raw_len();
                 } else {
                     *budget = 0;
                 }
                 fits
             });
-            bytes += b.as_ref().map_or(0, |b| b.len() as u64);
+            bytes += b.as_ref().map_or(0, |b| b.bytes.len() as u64);
             out.push(b);
         }
         if bytes >= GROUP {
@@ -992,12 +1100,13 @@ async fn stream_answer(
     let ids = Arc::new(ids);
     let mut at = 0;
     let mut budget = MAX_ANSWER;
+    let stored = frames.is_some();
     while at < ids.len() {
         let sw = swarm.clone();
         let all = ids.clone();
         let (mut group, left) = tokio::task::spawn_blocking(move || {
             let mut b = budget;
-            let g = read_group(&sw, &all[at..], &mut b);
+            let g = read_group(&sw, &all[at..], &mut b, stored);
             (g, b)
         })
         .await
@@ -1007,7 +1116,7 @@ async fn stream_answer(
             if slot.is_none() && budget > 0 {
                 if let Some(b) = fetched.remove(&ids[at + i]) {
                     budget = budget.saturating_sub(b.len() as u64);
-                    *slot = Some(b);
+                    *slot = Some(Out::plain(b));
                 }
             }
         }
@@ -1015,11 +1124,11 @@ async fn stream_answer(
         if fault == Some("lie") {
             // Test hook: flip one byte of every blob.
             for b in group.iter_mut().flatten() {
-                let mut v = b.to_vec();
+                let mut v = b.bytes.to_vec();
                 if let Some(x) = v.first_mut() {
                     *x ^= 0xff;
                 }
-                *b = Bytes::from(v);
+                b.bytes = Bytes::from(v);
             }
         }
         let group = if frames.is_some_and(Pace::compress) {
@@ -1063,7 +1172,7 @@ async fn write_groups(
             None => group
                 .blobs
                 .iter()
-                .map(|b| b.as_ref().map_or(MISSING, |b| b.len() as u32).to_be_bytes())
+                .map(|b| b.as_ref().map_or(MISSING, Out::head).to_be_bytes())
                 .collect(),
         };
         let mut slices = Vec::with_capacity(2 * group.blobs.len());
@@ -1076,7 +1185,7 @@ async fn write_groups(
                 for (h, b) in heads.iter().zip(&group.blobs) {
                     slices.push(std::io::IoSlice::new(h));
                     if let Some(b) = b {
-                        slices.push(std::io::IoSlice::new(b));
+                        slices.push(std::io::IoSlice::new(&b.bytes));
                     }
                 }
             }
@@ -1190,26 +1299,47 @@ mod tests {
                 .map(|i| format!("line {i}: the quick brown fox\n"))
                 .collect::<String>(),
         );
+        // A blob as a store keeps it compressed goes in the frame as it is, flagged.
+        let kept = Bytes::from(zstd::bulk::compress(&text[..50_000], 1).unwrap());
         let blobs = vec![
-            Some(text.slice(..300_000)),
+            Some(Out::plain(text.slice(..300_000))),
             None,
-            Some(text.slice(300_000..)),
+            Some(Out::plain(text.slice(300_000..))),
+            Some(Out {
+                bytes: kept.clone(),
+                raw: Some(50_000),
+            }),
         ];
         let g = Group::squeezed(blobs.clone());
+        assert_eq!(g.blob_bytes(), text.len() as u64 + 50_000);
         let z = g.frame.clone().expect("text compresses");
         assert!(z.len() * 4 < text.len(), "{} of {}", z.len(), text.len());
         let mut out = vec![0u8; g.raw_len() as usize];
         let n = zstd::bulk::decompress_to_buffer(&z, &mut out).unwrap();
         assert_eq!(n, out.len());
         let mut frame = Bytes::from(out);
-        for (want, keep) in blobs.iter().zip([false, true, true]) {
-            assert_eq!(&next_record(&mut frame, keep).unwrap(), want);
+        for (want, keep) in blobs.iter().zip([false, true, true, false]) {
+            let got = next_record(&mut frame, keep).unwrap();
+            let want = want.as_ref().map(|o| (o.bytes.clone(), o.raw.is_some()));
+            assert_eq!(got, want);
         }
         assert!(frame.is_empty());
         assert!(
             next_record(&mut frame, false).is_err(),
             "a frame ending inside a record"
         );
+        // What a compressed blob declares counts against the answer.
+        let mut declared = 0;
+        assert!(declare(Some((kept.clone(), true)), &mut declared).is_ok());
+        assert_eq!(declared, 50_000);
+        let mut declared = MAX_ANSWER - 10;
+        assert!(declare(Some((kept, true)), &mut declared).is_err());
+        let unsized_frame = {
+            let mut c = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+            std::io::Write::write_all(&mut c, &text[..1000]).unwrap();
+            c.finish().unwrap()
+        };
+        assert!(declare(Some((Bytes::from(unsized_frame), true)), &mut 0).is_err());
 
         let mut random = vec![0u8; 1 << 20];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -1219,7 +1349,7 @@ mod tests {
             x ^= x << 17;
             *b = x as u8;
         }
-        let g = Group::squeezed(vec![Some(Bytes::from(random))]);
+        let g = Group::squeezed(vec![Some(Out::plain(Bytes::from(random)))]);
         assert!(g.frame.is_none(), "random bytes go as they are");
     }
 }
