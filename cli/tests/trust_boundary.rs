@@ -32,6 +32,41 @@ fn write_data(dir: &Path, files: usize, size: usize, seed: u64) {
     }
 }
 
+/// Publishes `data` as `ds@v1`: its root, and how many unique chunks it has (the length of
+/// its have-maps), from a pull on a machine with no daemon.
+fn publish_and_count(c: &Cluster, data: &Path) -> ([u8; 32], u32) {
+    let v = c.publish(data, "ds@v1");
+    let probe = std::process::Command::new(BIN)
+        .args(["--json", "pull", "ds@v1", "--no-files"])
+        .env("SHOAL_HOME", c.home("probe"))
+        .env("SHOAL_ORIGIN", &c.origin)
+        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
+        .output()
+        .unwrap();
+    assert!(probe.status.success());
+    let chunks = serde_json::from_slice::<serde_json::Value>(&probe.stdout).unwrap()["chunks"]
+        .as_u64()
+        .unwrap() as u32;
+    (root_of(&v), chunks)
+}
+
+/// Pulls `ds@v1` on node `a` into a directory and checks its 16 files against `data`: the
+/// pull's report and how long it took.
+fn pull_exactly(c: &Cluster, a: usize, data: &Path) -> (serde_json::Value, Duration) {
+    let dest = c.dir.path().join("out");
+    let started = Instant::now();
+    let r = c.nodes[a].json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
+    let took = started.elapsed();
+    for i in 0..16 {
+        let name = format!("f{i:03}.bin");
+        assert!(
+            std::fs::read(data.join(&name)).unwrap() == std::fs::read(dest.join(&name)).unwrap(),
+            "{name} pulled exactly"
+        );
+    }
+    (r, took)
+}
+
 /// A new cluster key file (`shoal node keygen`), loaded.
 fn keygen(path: &Path) -> ClusterKey {
     common::keygen(path);
@@ -476,21 +511,7 @@ fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
     let mut c = Cluster::new(BIN);
     let data = c.dir.path().join("data");
     write_data(&data, 16, 2 << 20, 3); // 32 MiB
-    let v = c.publish(&data, "ds@v1");
-    let root = root_of(&v);
-    // How many unique chunks the version has (the length of its have-maps), from a machine
-    // with no daemon.
-    let probe = std::process::Command::new(BIN)
-        .args(["--json", "pull", "ds@v1", "--no-files"])
-        .env("SHOAL_HOME", c.home("probe"))
-        .env("SHOAL_ORIGIN", &c.origin)
-        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
-        .output()
-        .unwrap();
-    assert!(probe.status.success());
-    let chunks = serde_json::from_slice::<serde_json::Value>(&probe.stdout).unwrap()["chunks"]
-        .as_u64()
-        .unwrap() as u32;
+    let (root, chunks) = publish_and_count(&c, &data);
 
     // A peer that says it pulls the version too, with a have-map that grows (pushed as
     // have-deltas, so it looks like a puller making progress, and owns its share of the origin
@@ -504,17 +525,7 @@ fn a_puller_that_lies_in_its_have_map_costs_seconds_not_the_pull() {
     ));
     let a = c.node("a", &["--bootstrap", &liar.addr.to_string()], &[]);
     c.nodes[a].wait_peers(1);
-    let dest = c.dir.path().join("out");
-    let started = Instant::now();
-    let r = c.nodes[a].json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
-    let took = started.elapsed();
-    for i in 0..16 {
-        let name = format!("f{i:03}.bin");
-        assert!(
-            std::fs::read(data.join(&name)).unwrap() == std::fs::read(dest.join(&name)).unwrap(),
-            "{name} pulled exactly"
-        );
-    }
+    let (r, took) = pull_exactly(&c, a, &data);
     let asked = liar.asked.load(std::sync::atomic::Ordering::Relaxed);
     assert!(asked > 0, "the liar was believed at first (and asked)");
     let log = c.nodes[a].log();
@@ -545,19 +556,7 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
     let mut c = Cluster::new(BIN);
     let data = c.dir.path().join("data");
     write_data(&data, 16, 2 << 20, 5); // 32 MiB
-    let v = c.publish(&data, "ds@v1");
-    let root = root_of(&v);
-    let probe = std::process::Command::new(BIN)
-        .args(["--json", "pull", "ds@v1", "--no-files"])
-        .env("SHOAL_HOME", c.home("probe"))
-        .env("SHOAL_ORIGIN", &c.origin)
-        .env("SHOAL_TRUSTED_KEYS", &c.trusted)
-        .output()
-        .unwrap();
-    assert!(probe.status.success());
-    let chunks = serde_json::from_slice::<serde_json::Value>(&probe.stdout).unwrap()["chunks"]
-        .as_u64()
-        .unwrap() as u32;
+    let (root, chunks) = publish_and_count(&c, &data);
 
     // Four pullers that advertise what they do not have and answer with compressed frames
     // (negotiated like an honest compressing node): a zstd bomb (16 MiB in a frame declaring
@@ -580,17 +579,7 @@ fn peers_sending_compressed_bombs_and_lying_frames_cost_seconds_not_the_pull() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = c.node("a", &args, &[]);
     c.nodes[a].wait_peers(4);
-    let dest = c.dir.path().join("out");
-    let started = Instant::now();
-    let r = c.nodes[a].json(&["pull", "ds@v1", "--to", dest.to_str().unwrap()]);
-    let took = started.elapsed();
-    for i in 0..16 {
-        let name = format!("f{i:03}.bin");
-        assert!(
-            std::fs::read(data.join(&name)).unwrap() == std::fs::read(dest.join(&name)).unwrap(),
-            "{name} pulled exactly"
-        );
-    }
+    let (r, took) = pull_exactly(&c, a, &data);
     for (l, what) in liars.iter().zip(["bomb", "overrun", "junk", "blob bombs"]) {
         assert!(
             l.asked.load(std::sync::atomic::Ordering::Relaxed) > 0,

@@ -1128,43 +1128,55 @@ impl SegmentStore {
         found
     }
 
+    /// The bytes `id`'s entry stored at `loc` in `seg`: None if the segment is gone (compacted
+    /// since the lookup: look again); bytes cut short are corrupt (the entry is dropped).
+    fn read_entry(&self, id: &Hash, seg: u32, loc: &Loc) -> Result<Option<Vec<u8>>, StoreError> {
+        match self
+            .reader(seg)
+            .and_then(|f| read_at(&f, loc.off(), loc.stored()))
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                match self.corrupt(id, seg)? {
+                    Some(e) => Err(e),
+                    None => Ok(None),
+                }
+            }
+            Err(e) => Err(self.io_err(seg)(e)),
+        }
+    }
+
+    /// Drops `id`'s entry in `seg` as corrupt and returns the error to report, unless a
+    /// compaction moved the blob since the lookup (None: look again).
+    fn corrupt(&self, id: &Hash, seg: u32) -> Result<Option<StoreError>, StoreError> {
+        if self.lock().live(id).is_some_and(|(now, _)| now != seg) {
+            return Ok(None);
+        }
+        self.drop_entry(&mut self.lock(), id)?;
+        Ok(Some(StoreError::Corrupt {
+            id: *id,
+            path: self.seg_path(seg),
+        }))
+    }
+
     /// Reads a blob, checked as `check` says; a blob that fails the check is dropped (and
     /// reported corrupt).
     fn read(&self, id: &Hash, check: Check) -> Result<Option<Vec<u8>>, StoreError> {
         // Twice at most: a compaction may move the blob between the lookup and the read.
         for _ in 0..2 {
-            let found = self.lookup(id);
-            let Some((seg, loc)) = found else {
+            let Some((seg, loc)) = self.lookup(id) else {
                 return Ok(None);
             };
-            let buf = match self
-                .reader(seg)
-                .and_then(|f| read_at(&f, loc.off(), loc.stored()))
-            {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    self.drop_entry(&mut self.lock(), id)?;
-                    return Err(StoreError::Corrupt {
-                        id: *id,
-                        path: self.seg_path(seg),
-                    });
-                }
-                Err(e) => return Err(self.io_err(seg)(e)),
+            let Some(stored) = self.read_entry(id, seg, &loc)? else {
+                continue;
             };
-            let decoded = decode(id, &loc, buf, check);
-            let Some(buf) = decoded else {
-                // Moved by a compaction since the lookup? Look again before calling it corrupt.
-                if self.lock().live(id).is_some_and(|(now, _)| now != seg) {
-                    continue;
-                }
-                self.drop_entry(&mut self.lock(), id)?;
-                return Err(StoreError::Corrupt {
-                    id: *id,
-                    path: self.seg_path(seg),
-                });
-            };
-            return Ok(Some(buf));
+            if let Some(buf) = decode(id, &loc, stored, check) {
+                return Ok(Some(buf));
+            }
+            if let Some(e) = self.corrupt(id, seg)? {
+                return Err(e);
+            }
         }
         Ok(None)
     }
@@ -1180,32 +1192,15 @@ impl SegmentStore {
             let Some(crc) = loc.crc else {
                 return Ok(self.read(id, Check::AtRest)?.map(|b| (b, false)));
             };
-            let buf = match self
-                .reader(seg)
-                .and_then(|f| read_at(&f, loc.off(), loc.stored()))
-            {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    self.drop_entry(&mut self.lock(), id)?;
-                    return Err(StoreError::Corrupt {
-                        id: *id,
-                        path: self.seg_path(seg),
-                    });
-                }
-                Err(e) => return Err(self.io_err(seg)(e)),
+            let Some(buf) = self.read_entry(id, seg, &loc)? else {
+                continue;
             };
-            if crc32fast::hash(&buf) != crc {
-                if self.lock().live(id).is_some_and(|(now, _)| now != seg) {
-                    continue;
-                }
-                self.drop_entry(&mut self.lock(), id)?;
-                return Err(StoreError::Corrupt {
-                    id: *id,
-                    path: self.seg_path(seg),
-                });
+            if crc32fast::hash(&buf) == crc {
+                return Ok(Some((buf, loc.zstd())));
             }
-            return Ok(Some((buf, loc.zstd())));
+            if let Some(e) = self.corrupt(id, seg)? {
+                return Err(e);
+            }
         }
         Ok(None)
     }
