@@ -99,15 +99,9 @@ fn compressed_packs_pull_mount_verify_and_replicate_exactly() {
     // With `[cache] compression` off (here by its variable), the store keeps chunks raw.
     let raw_store = env.peer("raw-store");
     assert!(raw_store.run(&["trust", &env.key()]).status.success());
-    let out = raw_store
-        .cmd(&["--json", "pull", "code@v1", "--no-files"])
-        .env("SHOAL_CACHE_COMPRESSION", "off")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    raw_store.json_with(
+        &["pull", "code@v1", "--no-files"],
+        &[("SHOAL_CACHE_COMPRESSION", "off")],
     );
     let kept = raw_store.json(&["cache"])["live_bytes"].as_u64().unwrap();
     assert!(kept >= raw, "{kept} bytes stored raw for {raw}");

@@ -63,9 +63,14 @@ impl Env {
 
     /// Runs with --json, asserts success, returns the document.
     pub fn json(&self, args: &[&str]) -> Value {
+        self.json_with(args, &[])
+    }
+
+    /// As [`Env::json`], with `vars` set in the command's environment.
+    pub fn json_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
-        let out = self.run(&a);
+        let out = self.cmd(&a).envs(vars.iter().copied()).output().unwrap();
         assert!(
             out.status.success(),
             "shoal {args:?} failed:\n{}",
@@ -389,8 +394,6 @@ pub fn http(port: u16, method: &str, path: &str) -> String {
     resp.lines().next().unwrap_or_default().to_string()
 }
 
-/// Starts moto_server on a free port with one bucket; returns the guard and the env vars
-/// that point shoal at it.
 /// Writes a new cluster key file at `path` (`shoal node keygen`).
 pub fn keygen(path: &Path) {
     let out = Command::new(BIN)
@@ -405,6 +408,8 @@ pub fn keygen(path: &Path) {
     );
 }
 
+/// Starts moto_server on a free port with one bucket; returns the guard and the env vars
+/// that point shoal at it.
 pub fn moto() -> (Server, Vec<(String, String)>) {
     let port = free_port();
     let child = Command::new("moto_server")
