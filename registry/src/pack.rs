@@ -568,10 +568,10 @@ fn sealing_pool() -> &'static rayon::ThreadPool {
     })
 }
 
-/// The zstd level of [`compressed`]'s probe.
+/// The zstd level of [`Squeezer`]'s probe.
 const PROBE_LEVEL: i32 = 1;
 
-/// Bytes of each sample [`compressed`] takes to guess whether a frame compresses.
+/// Bytes of each sample [`Squeezer`] takes to guess whether a frame compresses.
 const PROBE: usize = 2 << 10;
 
 /// Whether `bytes` look like random or already compressed data, from the byte frequencies of
@@ -608,7 +608,8 @@ pub fn looks_incompressible(bytes: &[u8]) -> bool {
 /// places in a frame (8 KiB of it) must save a tenth before the frame is compressed at all,
 /// and the result is kept only if it saves at least 3%. Random and already compressed data
 /// (JPEG, gzip, Parquet) costs a few percent of one compression. Packs use it at seal (at
-/// [`ZSTD_LEVEL`]), the bulk channel for each group of an answer (at level 1).
+/// [`ZSTD_LEVEL`]), the bulk channel for each group of an answer and the local store for each
+/// chunk (at level 1; the store asks [`looks_incompressible`] first).
 pub struct Squeezer {
     probe: zstd::bulk::Compressor<'static>,
     z: zstd::bulk::Compressor<'static>,

@@ -172,15 +172,10 @@ pub trait ChunkStore: Send + Sync {
     /// if one did (a peer sends a blob as its store keeps it): a store that compresses keeps
     /// that frame as it is rather than compressing the blob again. The caller has checked the
     /// raw bytes against the id and that the frame decompresses to them.
-    fn put_batch_packed(&self, blobs: &[Packed<'_>], retain: Retain) -> Result<(), StoreError> {
-        let raw: Vec<(Hash, &[u8])> = blobs.iter().map(|(id, b, _)| (*id, *b)).collect();
-        self.put_batch(&raw, retain)
-    }
+    fn put_batch_packed(&self, blobs: &[Packed<'_>], retain: Retain) -> Result<(), StoreError>;
     /// As [`ChunkStore::get_for_peer`], the bytes as the store keeps them: `(bytes, true)`
     /// when they are a zstd frame of the blob (checked at rest, not decompressed).
-    fn get_stored_for_peer(&self, id: &Hash) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
-        Ok(self.get_for_peer(id)?.map(|b| (b, false)))
-    }
+    fn get_stored_for_peer(&self, id: &Hash) -> Result<Option<(Vec<u8>, bool)>, StoreError>;
     /// Makes every index update so far durable.
     fn flush(&self) -> Result<(), StoreError>;
     /// Usage, pins and hit rates.
@@ -1305,13 +1300,9 @@ impl SegmentStore {
             for (id, loc) in live {
                 // Copied as stored (compressed or not), once checked against the id.
                 let read = read_at(&f, loc.off(), loc.stored());
-                let good = read.as_ref().is_ok_and(|b| {
-                    if loc.zstd() {
-                        unsqueeze(b).is_some_and(|raw| id.verify(&raw))
-                    } else {
-                        id.verify(b)
-                    }
-                });
+                let good = read
+                    .as_ref()
+                    .is_ok_and(|b| decode(&id, &loc, b.clone(), Check::Id).is_some());
                 match read {
                     Ok(b) if good => copies.push((id, b, loc.zstd())),
                     _ => {

@@ -1164,30 +1164,30 @@ async fn write_groups(
     let deadline = limits.write();
     while let Some(group) = groups.recv().await {
         let blob_bytes = group.blob_bytes();
-        let heads: Vec<[u8; 4]> = match &group.frame {
-            Some(z) => vec![
-                (z.len() as u32 | FRAME).to_be_bytes(),
-                (group.raw_len() as u32).to_be_bytes(),
-            ],
+        // The heads, then one slice per head and per blob (or the frame's two heads and
+        // the frame).
+        let (heads, bodies): (Vec<[u8; 4]>, Vec<Option<&[u8]>>) = match &group.frame {
+            Some(z) => (
+                vec![
+                    (z.len() as u32 | FRAME).to_be_bytes(),
+                    (group.raw_len() as u32).to_be_bytes(),
+                ],
+                vec![None, Some(z.as_slice())],
+            ),
             None => group
                 .blobs
                 .iter()
-                .map(|b| b.as_ref().map_or(MISSING, Out::head).to_be_bytes())
-                .collect(),
+                .map(|b| {
+                    let head = b.as_ref().map_or(MISSING, Out::head).to_be_bytes();
+                    (head, b.as_ref().map(|b| &b.bytes[..]))
+                })
+                .unzip(),
         };
-        let mut slices = Vec::with_capacity(2 * group.blobs.len());
-        match &group.frame {
-            Some(z) => {
-                slices.extend(heads.iter().map(|h| std::io::IoSlice::new(h)));
-                slices.push(std::io::IoSlice::new(z));
-            }
-            None => {
-                for (h, b) in heads.iter().zip(&group.blobs) {
-                    slices.push(std::io::IoSlice::new(h));
-                    if let Some(b) = b {
-                        slices.push(std::io::IoSlice::new(&b.bytes));
-                    }
-                }
+        let mut slices = Vec::with_capacity(2 * heads.len());
+        for (h, b) in heads.iter().zip(&bodies) {
+            slices.push(std::io::IoSlice::new(h));
+            if let Some(b) = b {
+                slices.push(std::io::IoSlice::new(b));
             }
         }
         // Bytes on the wire.
