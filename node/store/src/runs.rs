@@ -1,18 +1,21 @@
-//! The store's index of live blobs, on disk: sorted, memory-mapped *runs* (files of fixed-size
-//! entries ordered by blob id), newest last, plus the changes since the last run was written
+//! The store's index of live blobs, on disk: sorted *runs* (files of fixed-size entries ordered
+//! by blob id, read a block of [`BLOCK`] entries at a time through *fences*, the first id prefix
+//! of each block, kept in memory: an eighth of a byte a blob), newest last, plus the changes since the last run was written
 //! (the *delta*) in memory. A lookup asks the delta, then the runs from the newest back; the
 //! first answer wins, and an answer may be a *tombstone* (the blob was removed). When the delta
 //! holds [`DELTA_MAX`] entries it is written as a new run; adjacent runs of comparable size are
 //! merged in a background thread (size-tiered, as in an LSM tree), so a store of N blobs keeps
-//! about log4(N / DELTA_MAX) runs and memory holds the delta and a few mapped pages, not the
-//! entries.
+//! about log4(N / DELTA_MAX) runs and memory holds the delta, the fences and the filters, not
+//! the entries.
 //!
 //! Each run has a Bloom filter of its ids beside it (`NUMBER.bloom`, ~10 bits an entry, held
 //! in memory: 1.2 bytes a blob), so that a lookup reads only the runs that probably hold its
-//! id: a lookup of a blob not stored (every chunk of a pull) reads none, and the pages of the
-//! runs it does read are the only ones mapped. Without filters every lookup searched every
-//! run, and the pages it touched (64 KiB at a time: the kernel maps cached pages around each
-//! fault) kept most of every run resident: 474 MB of a 10M-blob pull's 782 MB.
+//! id: a lookup of a blob not stored (every chunk of a pull) reads none. (Runs were
+//! memory-mapped at first: without filters every lookup searched every run, and the pages it
+//! touched, 64 KiB at a time as the kernel maps cached pages around each fault, kept most of
+//! every run resident, 474 MB of a 10M-blob pull's 782 MB; with filters, the lookups of tree
+//! nodes read back still mapped 80-130 MB of one run between releases. Reads with `pread`
+//! leave the pages to the page cache.)
 //!
 //! Runs are derived data: the segments' record logs stay the source of truth (see `lib.rs`
 //! for how a store finds the runs matching its logs when opened, or rebuilds them). A run is
@@ -21,7 +24,6 @@
 
 use crate::Loc;
 use fastbloom::BloomFilter;
-use memmap2::Mmap;
 use rustc_hash::FxHashMap;
 use shoal_chunker::Hash;
 use std::collections::BTreeSet;
@@ -43,12 +45,14 @@ const MERGE_RATIO: usize = 4;
 /// More runs than this and writing the delta waits for the merge under way (merges falling
 /// behind would make every lookup search more of them).
 const RUNS_MAX: usize = 16;
-/// Lookups (and entries a merge reads) between releases of the mapped pages they touched
-/// (see [`Run::release`]).
-const RELEASE_EVERY: usize = 4_096;
+/// Entries a lookup reads at once (the fences hold the first id prefix of each such block).
+const BLOCK: usize = 64;
+/// Entries a merge reads at once.
+const SCAN: usize = 4_096;
 
-const MAGIC: &[u8; 8] = b"SHOALRN1";
-/// Magic, entry count, reserved.
+const MAGIC: &[u8; 8] = b"SHOALRN2";
+/// Magic, entry count, reserved. The entries follow, then the fences (a little-endian u64 a
+/// block: the first 8 bytes of the block's first id, big-endian order).
 const HEADER: usize = 32;
 /// Id (32), segment, offset, length with flags, CRC32, record (4 each), little-endian.
 pub(crate) const ENTRY: usize = 52;
@@ -166,57 +170,82 @@ fn decode(b: &[u8]) -> Entry {
 pub(crate) struct Run {
     /// Its number (the file is `NUMBER.run`).
     pub no: u64,
-    map: Option<Mmap>,
+    file: Option<File>,
     pub count: usize,
     path: PathBuf,
     /// The ids it holds, probably (see the module's documentation).
     filter: BloomFilter,
+    /// The first id prefix of each block of [`BLOCK`] entries.
+    fences: Box<[u64]>,
+    /// The entries last read by a lookup: (first entry, count, bytes). Lookups come in id
+    /// order often (a batch's chunks), and then fall in the same block.
+    last: std::sync::Mutex<(usize, usize, Vec<u8>)>,
 }
 
 impl Run {
-    fn id_at(&self, i: usize) -> &[u8] {
-        let at = HEADER + i * ENTRY;
-        &self.map.as_ref().expect("entries are mapped")[at..at + 32]
-    }
-
-    fn entry_at(&self, i: usize) -> (Hash, Entry) {
-        let at = HEADER + i * ENTRY;
-        let b = &self.map.as_ref().expect("entries are mapped")[at..at + ENTRY];
-        (Hash(b[..32].try_into().expect("32 bytes")), decode(b))
+    /// Reads entries `from..from + n` into `buf`.
+    fn read(&self, from: usize, n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        buf.resize(n * ENTRY, 0);
+        let file = self.file.as_ref().expect("a run with entries has its file");
+        file.read_exact_at(buf, (HEADER + from * ENTRY) as u64)
     }
 
     /// What this run says of `id`, if it names it.
-    fn get(&self, id: &Hash) -> Option<Entry> {
-        if !self.filter.contains_hash(filter_key(id)) {
-            return None;
+    fn get(&self, id: &Hash) -> std::io::Result<Option<Entry>> {
+        if self.count == 0 || !self.filter.contains_hash(filter_key(id)) {
+            return Ok(None);
         }
-        let i = crate::sorted::find(self.count, |i| self.id_at(i), id)?;
-        Some(self.entry_at(i).1)
-    }
-
-    /// Every entry in order (a merge's input), releasing the pages read as it goes.
-    fn iter(&self) -> impl Iterator<Item = (Hash, Entry)> + '_ {
-        (0..self.count).map(|i| {
-            if i > 0 && i % RELEASE_EVERY == 0 {
-                self.release(i - RELEASE_EVERY, RELEASE_EVERY);
-            }
-            self.entry_at(i)
-        })
-    }
-
-    /// Drops this process's mapping of the pages of entries `from..from + n` (the page cache
-    /// keeps them; a later read maps them again, a minor fault). Pages that lookups and merges
-    /// touched otherwise stay counted in the process's resident memory: the whole run, 52
-    /// bytes a blob, after a merge or enough lookups.
-    fn release(&self, from: usize, n: usize) {
-        let Some(map) = &self.map else {
-            return;
+        let key = crate::sorted::prefix(id);
+        let first = self.fences.partition_point(|&f| f < key).saturating_sub(1);
+        let last = self
+            .fences
+            .partition_point(|&f| f <= key)
+            .saturating_sub(1)
+            .max(first);
+        let from = first * BLOCK;
+        let n = ((last + 1) * BLOCK).min(self.count) - from;
+        let search = |buf: &[u8]| {
+            let i = crate::sorted::find(n, |i| &buf[i * ENTRY..i * ENTRY + 32], id)?;
+            Some(decode(&buf[i * ENTRY..(i + 1) * ENTRY]))
         };
-        let (at, len) = (HEADER + from * ENTRY, n.min(self.count - from) * ENTRY);
-        // SAFETY: a read-only shared mapping of a file never written in place (see `open`):
-        // dropping its pages loses nothing, the next read maps the file's bytes again.
-        #[allow(unsafe_code)]
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
+        // Another thread reading this run: a buffer of its own rather than a wait.
+        let Ok(mut cached) = self.last.try_lock() else {
+            let mut buf = Vec::new();
+            self.read(from, n, &mut buf)?;
+            return Ok(search(&buf));
+        };
+        if (cached.0, cached.1) != (from, n) {
+            *cached = (usize::MAX, 0, std::mem::take(&mut cached.2));
+            self.read(from, n, &mut cached.2)?;
+            (cached.0, cached.1) = (from, n);
+        }
+        Ok(search(&cached.2))
+    }
+
+    /// Every entry in order (a merge's input), [`SCAN`] entries read at a time.
+    fn iter(&self) -> impl Iterator<Item = std::io::Result<(Hash, Entry)>> + '_ {
+        let mut buf = Vec::new();
+        let (mut next, mut at) = (0usize, 0usize);
+        std::iter::from_fn(move || {
+            if at * ENTRY == buf.len() {
+                if next == self.count {
+                    return None;
+                }
+                let n = SCAN.min(self.count - next);
+                if let Err(e) = self.read(next, n, &mut buf) {
+                    next = self.count;
+                    buf.clear();
+                    at = 0;
+                    return Some(Err(e));
+                }
+                next += n;
+                at = 0;
+            }
+            let b = &buf[at * ENTRY..(at + 1) * ENTRY];
+            at += 1;
+            Some(Ok((Hash(b[..32].try_into().expect("32 bytes")), decode(b))))
+        })
     }
 
     /// Opens run `no` under `dir`, if its header and size say it holds `count` entries.
@@ -227,46 +256,55 @@ impl Run {
     /// [`Run::open`], with its filter when the caller has just made it (else it is read, or
     /// made again from the run).
     fn open_with(dir: &Path, no: u64, count: usize, filter: Option<BloomFilter>) -> Option<Run> {
+        use std::os::unix::fs::FileExt;
         let path = run_path(dir, no);
+        let empty = |file| Run {
+            no,
+            file,
+            count,
+            path: path.clone(),
+            filter: new_filter(0),
+            fences: Box::new([]),
+            last: std::sync::Mutex::new((usize::MAX, 0, Vec::new())),
+        };
         if count == 0 {
-            // Nothing to map (an empty file cannot be mapped): only the header is checked.
+            // Nothing to read: only the header is checked.
             let b = std::fs::read(&path).ok()?;
-            return (b.len() == HEADER && &b[..8] == MAGIC && b[8..16] == [0u8; 8]).then_some(
-                Run {
-                    no,
-                    map: None,
-                    count,
-                    path,
-                    filter: new_filter(0),
-                },
-            );
+            return (b.len() == HEADER && &b[..8] == MAGIC && b[8..16] == [0u8; 8])
+                .then(|| empty(None));
         }
         let file = File::open(&path).ok()?;
-        // SAFETY: runs are this store's own files (in its 0700 directory), written whole under
-        // another name and renamed into place, never written in place (only removed, which
-        // leaves this mapping intact); every read through the map is bounds-checked.
-        #[allow(unsafe_code)]
-        let map = unsafe { Mmap::map(&file) }.ok()?;
-        let n = usize::try_from(u64::from_le_bytes(map.get(8..16)?.try_into().ok()?)).ok()?;
-        if &map[..8] != MAGIC || n != count || count.checked_mul(ENTRY)? + HEADER != map.len() {
+        let size = file.metadata().ok()?.len();
+        let mut head = [0u8; HEADER];
+        file.read_exact_at(&mut head, 0).ok()?;
+        let n = usize::try_from(u64::from_le_bytes(head[8..16].try_into().ok()?)).ok()?;
+        let fences_at = count.checked_mul(ENTRY)?.checked_add(HEADER)?;
+        let nfences = count.div_ceil(BLOCK);
+        if &head[..8] != MAGIC
+            || n != count
+            || fences_at.checked_add(nfences.checked_mul(8)?)? as u64 != size
+        {
             return None;
         }
-        let _ = map.advise(memmap2::Advice::Random);
-        let mut run = Run {
-            no,
-            map: Some(map),
-            count,
-            path,
-            filter: new_filter(0),
-        };
+        let mut b = vec![0u8; nfences * 8];
+        file.read_exact_at(&mut b, fences_at as u64).ok()?;
+        let fences: Box<[u64]> = b
+            .chunks_exact(8)
+            .map(|f| u64::from_le_bytes(f.try_into().expect("8 bytes")))
+            .collect();
+        if !fences.is_sorted() {
+            return None;
+        }
+        let mut run = empty(Some(file));
+        run.fences = fences;
         let fpath = filter_path(dir, no);
         run.filter = match filter.or_else(|| read_filter(&fpath, count)) {
             Some(f) => f,
             None => {
                 // Missing (a store from before filters) or damaged: made again from the run.
                 let mut f = new_filter(count);
-                for (id, _) in run.iter() {
-                    f.insert_hash(filter_key(&id));
+                for e in run.iter() {
+                    f.insert_hash(filter_key(&e.ok()?.0));
                 }
                 if let Err(e) = write_filter(&fpath, &f, count) {
                     tracing::warn!("writing {}: {e}", fpath.display());
@@ -288,7 +326,7 @@ pub(crate) fn run_path(dir: &Path, no: u64) -> PathBuf {
 fn write_run(
     dir: &Path,
     no: u64,
-    entries: impl Iterator<Item = (Hash, Entry)>,
+    entries: impl Iterator<Item = std::io::Result<(Hash, Entry)>>,
     expected: usize,
     bottom: Option<&BTreeSet<u32>>,
     cancel: &AtomicBool,
@@ -299,13 +337,18 @@ fn write_run(
         let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
         w.write_all(&[0u8; HEADER])?;
         let mut count = 0u64;
-        for (id, e) in entries {
+        let mut fences = Vec::new();
+        for entry in entries {
+            let (id, e) = entry?;
             if let Some(live) = bottom {
                 match &e {
                     None => continue,
                     Some((seg, _)) if !live.contains(seg) => continue,
                     Some(_) => {}
                 }
+            }
+            if count as usize % BLOCK == 0 {
+                fences.push(crate::sorted::prefix(&id));
             }
             w.write_all(&encode(&id, &e))?;
             // (Tombstones too: a lookup must find them before older runs' entries.)
@@ -314,6 +357,9 @@ fn write_run(
             if count % 65_536 == 0 && cancel.load(Ordering::Relaxed) {
                 return Err(std::io::Error::other("cancelled"));
             }
+        }
+        for f in fences {
+            w.write_all(&f.to_le_bytes())?;
         }
         let mut f = w.into_inner().map_err(|e| e.into_error())?;
         let mut header = [0u8; HEADER];
@@ -339,12 +385,18 @@ fn write_run(
     }
 }
 
-/// Merges two runs (`new` answering before `old`) into one sequence ascending by id.
-fn merged<'a>(old: &'a Run, new: &'a Run) -> impl Iterator<Item = (Hash, Entry)> + 'a {
+/// Merges two runs (`new` answering before `old`) into one sequence ascending by id (a read
+/// error ends it).
+fn merged<'a>(
+    old: &'a Run,
+    new: &'a Run,
+) -> impl Iterator<Item = std::io::Result<(Hash, Entry)>> + 'a {
     let mut a = old.iter().peekable();
     let mut b = new.iter().peekable();
     std::iter::from_fn(move || match (a.peek(), b.peek()) {
-        (Some(x), Some(y)) => match x.0.as_bytes().cmp(y.0.as_bytes()) {
+        (Some(Err(_)), _) => a.next(),
+        (_, Some(Err(_))) => b.next(),
+        (Some(Ok(x)), Some(Ok(y))) => match x.0.as_bytes().cmp(y.0.as_bytes()) {
             std::cmp::Ordering::Less => a.next(),
             std::cmp::Ordering::Greater => b.next(),
             std::cmp::Ordering::Equal => {
@@ -372,8 +424,6 @@ pub(crate) struct Index {
     runs: Vec<Arc<Run>>,
     next_no: u64,
     merge: Option<Merge>,
-    /// Lookups since the runs' pages were last released.
-    lookups: std::cell::Cell<usize>,
 }
 
 impl Index {
@@ -386,7 +436,6 @@ impl Index {
             runs: runs.into_iter().map(Arc::new).collect(),
             next_no,
             merge: None,
-            lookups: Default::default(),
         }
     }
 
@@ -395,14 +444,18 @@ impl Index {
         if let Some(e) = self.delta.get(id) {
             return *e;
         }
-        let n = self.lookups.get() + 1;
-        self.lookups.set(n % RELEASE_EVERY);
-        if n == RELEASE_EVERY {
-            for r in &self.runs {
-                r.release(0, r.count);
-            }
-        }
-        self.runs.iter().rev().find_map(|r| r.get(id)).flatten()
+        self.runs
+            .iter()
+            .rev()
+            .find_map(|r| {
+                r.get(id).unwrap_or_else(|e| {
+                    // A local file, whole when opened: the blob is then taken as not stored
+                    // (fetched again, or reported missing), never read from a guess.
+                    tracing::warn!("reading {}: {e}", r.path.display());
+                    None
+                })
+            })
+            .flatten()
     }
 
     pub fn set(&mut self, id: Hash, e: Entry) {
@@ -439,7 +492,7 @@ impl Index {
         let run = write_run(
             &self.dir,
             no,
-            entries.into_iter(),
+            entries.into_iter().map(Ok),
             expected,
             None,
             &AtomicBool::new(false),
@@ -569,7 +622,7 @@ impl Index {
     pub fn entries(&self) -> std::collections::BTreeMap<Hash, Entry> {
         let mut all = std::collections::BTreeMap::new();
         for r in &self.runs {
-            all.extend(r.iter());
+            all.extend(r.iter().map(|e| e.expect("run read")));
         }
         all.extend(self.delta.iter().map(|(k, v)| (*k, *v)));
         all
@@ -759,7 +812,7 @@ mod tests {
         let check = |run: &Run| {
             for i in 0..3000 {
                 let want = if i % 10 == 0 { None } else { loc(i) };
-                assert_eq!(run.get(&id(i)), Some(want), "entry {i}");
+                assert_eq!(run.get(&id(i)).unwrap(), Some(want), "entry {i}");
             }
             let passed = (3000..103_000)
                 .filter(|i| run.filter.contains_hash(filter_key(&id(*i))))
