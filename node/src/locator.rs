@@ -5,8 +5,8 @@
 //! before a mount of ten million files served anything). Now each pack's index is turned,
 //! once per machine, into a *locator file* beside the cached index (`PACK.loc`): its
 //! entries sorted by id, fixed-size, with the first id (its first 8 bytes) of every block of
-//! [`BLOCK`] entries at the end; a lookup finds its block among those in memory and reads that
-//! block (3 KiB) from the file. A lookup searches the packs whose file
+//! 64 entries at the end ([`Fenced`]); a lookup finds its block among those in memory and
+//! reads that block (3 KiB) from the file. A lookup searches the packs whose file
 //! is open, the pack of the previous hit first, then from the newest pack back (a version's
 //! tree nodes are in packs of their own, listed last, the root's at the very end: a lookup
 //! of a directory opens the tree's packs only); packs not yet open are opened (built from
@@ -27,7 +27,7 @@ use crate::origins::{Holders, Origins};
 use futures::StreamExt;
 use shoal_registry::pack::{AnyIndex, Codec, ExternalIndex, Frame, Frames};
 use shoal_registry::{DatasetName, Hash};
-use shoal_store::sorted::{find, prefix};
+use shoal_store::sorted::{prefix, FenceWriter, Fenced};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -54,23 +54,11 @@ const RECORD: usize = 32 + 8 + 4 + 4;
 const OPEN_AT_ONCE: usize = 4;
 /// Packs of recent hits a lookup tries first.
 const HINTS: usize = 4;
-/// Entries a lookup reads at once: the fences (each block's first id prefix, after the
-/// entries) are 8 bytes a block.
-const BLOCK: usize = 64;
 
 /// One pack's locator file, open.
 pub(crate) struct PackLoc {
-    file: std::fs::File,
-    /// Where the records start in the file.
-    start: u64,
-    count: usize,
-    /// The first id prefix of each block of [`BLOCK`] records.
-    fences: Box<[u64]>,
-    /// The records last read: (first record, count, bytes). A pull looks up each batch's
-    /// chunks in id order, so the next lookup in this pack, of a blob here or not, most
-    /// often falls in the same block: 40% of a 10M-chunk pull's CPU went to reading it
-    /// again.
-    last: std::sync::Mutex<(usize, usize, Vec<u8>)>,
+    /// Its records.
+    records: Fenced,
     /// The pack's frames, when some are compressed.
     pub frames: Option<Arc<Frames>>,
     /// Whether the pack is an external pack (its index then goes in `external`).
@@ -84,45 +72,15 @@ pub(crate) struct PackLoc {
 }
 
 impl PackLoc {
-    /// The record of `id`: (source object, offset, length). Reads the blocks that may hold
-    /// it (one, unless ids sharing its first 8 bytes straddle two).
+    /// The record of `id`: (source object, offset, length).
     fn find(&self, id: &Hash) -> std::io::Result<Option<(u32, u64, u32)>> {
-        use std::os::unix::fs::FileExt;
-        let key = prefix(id);
-        let first = self.fences.partition_point(|&f| f < key).saturating_sub(1);
-        let last = self
-            .fences
-            .partition_point(|&f| f <= key)
-            .saturating_sub(1)
-            .max(first);
-        let from = first * BLOCK;
-        let n = ((last + 1) * BLOCK).min(self.count) - from;
-        let search = |buf: &[u8]| {
-            let i = find(n, |i| &buf[i * RECORD..i * RECORD + 32], id)?;
-            let r = &buf[i * RECORD + 32..][..16];
-            Some((
-                u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
-                u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
-                u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
-            ))
-        };
-        let read = |buf: &mut Vec<u8>| {
-            buf.resize(n * RECORD, 0);
-            self.file
-                .read_exact_at(buf, self.start + (from * RECORD) as u64)
-        };
-        // Another thread reading this pack: a buffer of its own rather than a wait.
-        let Ok(mut cached) = self.last.try_lock() else {
-            let mut buf = Vec::new();
-            read(&mut buf)?;
-            return Ok(search(&buf));
-        };
-        if (cached.0, cached.1) != (from, n) {
-            *cached = (usize::MAX, 0, std::mem::take(&mut cached.2));
-            read(&mut cached.2)?;
-            (cached.0, cached.1) = (from, n);
-        }
-        Ok(search(&cached.2))
+        self.records.find(id, |r| {
+            (
+                u32::from_le_bytes(r[44..48].try_into().expect("4 bytes")),
+                u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+                u32::from_le_bytes(r[40..44].try_into().expect("4 bytes")),
+            )
+        })
     }
 }
 
@@ -168,15 +126,15 @@ fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
             b[16..24].copy_from_slice(&f.stored_len.to_le_bytes());
             w.write_all(&b)?;
         }
+        let mut fences = FenceWriter::default();
         for (id, object, offset, len) in entries {
+            fences.push(&id);
             w.write_all(id.as_bytes())?;
             w.write_all(&offset.to_le_bytes())?;
             w.write_all(&len.to_le_bytes())?;
             w.write_all(&object.to_le_bytes())?;
         }
-        for block in order.chunks(BLOCK) {
-            w.write_all(&block[0].0.to_le_bytes())?;
-        }
+        w.write_all(&fences.bytes())?;
         w.flush()
     })();
     drop(w);
@@ -194,7 +152,6 @@ fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
 fn open_loc(cache: &Path, pack: &Hash) -> Option<PackLoc> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(loc_path(cache, pack)).ok()?;
-    let size = file.metadata().ok()?.len();
     let mut head = [0u8; HEADER];
     file.read_exact_at(&mut head, 0).ok()?;
     if &head[..8] != MAGIC || &head[8..40] != pack.as_bytes() {
@@ -208,11 +165,6 @@ fn open_loc(cache: &Path, pack: &Hash) -> Option<PackLoc> {
         _ => return None,
     };
     let start = nframes.checked_mul(FRAME)?.checked_add(HEADER)?;
-    let fences_at = count.checked_mul(RECORD)?.checked_add(start)?;
-    let nfences = count.div_ceil(BLOCK);
-    if (nfences.checked_mul(8)?.checked_add(fences_at)?) as u64 != size {
-        return None;
-    }
     let frames = if nframes == 0 {
         None
     } else {
@@ -232,21 +184,8 @@ fn open_loc(cache: &Path, pack: &Hash) -> Option<PackLoc> {
         }
         Some(Arc::new(Frames::new(v)))
     };
-    let mut b = vec![0u8; nfences * 8];
-    file.read_exact_at(&mut b, fences_at as u64).ok()?;
-    let fences: Box<[u64]> = b
-        .chunks_exact(8)
-        .map(|f| u64::from_le_bytes(f.try_into().expect("8 bytes")))
-        .collect();
-    if !fences.is_sorted() {
-        return None;
-    }
     Some(PackLoc {
-        file,
-        start: start as u64,
-        count,
-        fences,
-        last: std::sync::Mutex::new((usize::MAX, 0, Vec::new())),
+        records: Fenced::open(file, start as u64, RECORD, count)?,
         frames,
         is_external: external,
         external: None,
@@ -737,7 +676,7 @@ mod tests {
             let pack = shoal_chunker::hash(&n.to_le_bytes());
             write_loc(dir.path(), &pack, &AnyIndex::Packed(idx.clone())).unwrap();
             let p = open_loc(dir.path(), &pack).expect("opens");
-            assert_eq!(p.count, n);
+            assert_eq!(p.records.len(), n);
             assert!(p.frames.is_none());
             for e in &idx.entries {
                 assert_eq!(

@@ -1,5 +1,5 @@
 //! The store's index of live blobs, on disk: sorted *runs* (files of fixed-size entries ordered
-//! by blob id, read a block of [`BLOCK`] entries at a time through *fences*, the first id prefix
+//! by blob id, read a block of 64 entries at a time through *fences* ([`Fenced`]), the first id prefix
 //! of each block, kept in memory: an eighth of a byte a blob), newest last, plus the changes since the last run was written
 //! (the *delta*) in memory. A lookup asks the delta, then the runs from the newest back; the
 //! first answer wins, and an answer may be a *tombstone* (the blob was removed). When the delta
@@ -22,6 +22,7 @@
 //! written whole under a temporary name, synced, renamed into place, and never changed; a
 //! merge writes a new one and the inputs are deleted once nothing names them.
 
+use crate::sorted::{FenceWriter, Fenced};
 use crate::Loc;
 use fastbloom::BloomFilter;
 use rustc_hash::FxHashMap;
@@ -45,8 +46,6 @@ const MERGE_RATIO: usize = 4;
 /// More runs than this and writing the delta waits for the merge under way (merges falling
 /// behind would make every lookup search more of them).
 const RUNS_MAX: usize = 16;
-/// Entries a lookup reads at once (the fences hold the first id prefix of each such block).
-const BLOCK: usize = 64;
 /// Entries a merge reads at once.
 const SCAN: usize = 4_096;
 
@@ -170,57 +169,20 @@ fn decode(b: &[u8]) -> Entry {
 pub(crate) struct Run {
     /// Its number (the file is `NUMBER.run`).
     pub no: u64,
-    file: Option<File>,
+    entries: Fenced,
     pub count: usize,
     path: PathBuf,
     /// The ids it holds, probably (see the module's documentation).
     filter: BloomFilter,
-    /// The first id prefix of each block of [`BLOCK`] entries.
-    fences: Box<[u64]>,
-    /// The entries last read by a lookup: (first entry, count, bytes). Lookups come in id
-    /// order often (a batch's chunks), and then fall in the same block.
-    last: std::sync::Mutex<(usize, usize, Vec<u8>)>,
 }
 
 impl Run {
-    /// Reads entries `from..from + n` into `buf`.
-    fn read(&self, from: usize, n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        buf.resize(n * ENTRY, 0);
-        let file = self.file.as_ref().expect("a run with entries has its file");
-        file.read_exact_at(buf, (HEADER + from * ENTRY) as u64)
-    }
-
     /// What this run says of `id`, if it names it.
     fn get(&self, id: &Hash) -> std::io::Result<Option<Entry>> {
-        if self.count == 0 || !self.filter.contains_hash(filter_key(id)) {
+        if !self.filter.contains_hash(filter_key(id)) {
             return Ok(None);
         }
-        let key = crate::sorted::prefix(id);
-        let first = self.fences.partition_point(|&f| f < key).saturating_sub(1);
-        let last = self
-            .fences
-            .partition_point(|&f| f <= key)
-            .saturating_sub(1)
-            .max(first);
-        let from = first * BLOCK;
-        let n = ((last + 1) * BLOCK).min(self.count) - from;
-        let search = |buf: &[u8]| {
-            let i = crate::sorted::find(n, |i| &buf[i * ENTRY..i * ENTRY + 32], id)?;
-            Some(decode(&buf[i * ENTRY..(i + 1) * ENTRY]))
-        };
-        // Another thread reading this run: a buffer of its own rather than a wait.
-        let Ok(mut cached) = self.last.try_lock() else {
-            let mut buf = Vec::new();
-            self.read(from, n, &mut buf)?;
-            return Ok(search(&buf));
-        };
-        if (cached.0, cached.1) != (from, n) {
-            *cached = (usize::MAX, 0, std::mem::take(&mut cached.2));
-            self.read(from, n, &mut cached.2)?;
-            (cached.0, cached.1) = (from, n);
-        }
-        Ok(search(&cached.2))
+        self.entries.find(id, decode)
     }
 
     /// Every entry in order (a merge's input), [`SCAN`] entries read at a time.
@@ -233,7 +195,7 @@ impl Run {
                     return None;
                 }
                 let n = SCAN.min(self.count - next);
-                if let Err(e) = self.read(next, n, &mut buf) {
+                if let Err(e) = self.entries.read(next, n, &mut buf) {
                     next = self.count;
                     buf.clear();
                     at = 0;
@@ -258,45 +220,20 @@ impl Run {
     fn open_with(dir: &Path, no: u64, count: usize, filter: Option<BloomFilter>) -> Option<Run> {
         use std::os::unix::fs::FileExt;
         let path = run_path(dir, no);
-        let empty = |file| Run {
-            no,
-            file,
-            count,
-            path: path.clone(),
-            filter: new_filter(0),
-            fences: Box::new([]),
-            last: std::sync::Mutex::new((usize::MAX, 0, Vec::new())),
-        };
-        if count == 0 {
-            // Nothing to read: only the header is checked.
-            let b = std::fs::read(&path).ok()?;
-            return (b.len() == HEADER && &b[..8] == MAGIC && b[8..16] == [0u8; 8])
-                .then(|| empty(None));
-        }
         let file = File::open(&path).ok()?;
-        let size = file.metadata().ok()?.len();
         let mut head = [0u8; HEADER];
         file.read_exact_at(&mut head, 0).ok()?;
         let n = usize::try_from(u64::from_le_bytes(head[8..16].try_into().ok()?)).ok()?;
-        let fences_at = count.checked_mul(ENTRY)?.checked_add(HEADER)?;
-        let nfences = count.div_ceil(BLOCK);
-        if &head[..8] != MAGIC
-            || n != count
-            || fences_at.checked_add(nfences.checked_mul(8)?)? as u64 != size
-        {
+        if &head[..8] != MAGIC || n != count {
             return None;
         }
-        let mut b = vec![0u8; nfences * 8];
-        file.read_exact_at(&mut b, fences_at as u64).ok()?;
-        let fences: Box<[u64]> = b
-            .chunks_exact(8)
-            .map(|f| u64::from_le_bytes(f.try_into().expect("8 bytes")))
-            .collect();
-        if !fences.is_sorted() {
-            return None;
-        }
-        let mut run = empty(Some(file));
-        run.fences = fences;
+        let mut run = Run {
+            no,
+            entries: Fenced::open(file, HEADER as u64, ENTRY, count)?,
+            count,
+            path,
+            filter: new_filter(0),
+        };
         let fpath = filter_path(dir, no);
         run.filter = match filter.or_else(|| read_filter(&fpath, count)) {
             Some(f) => f,
@@ -337,7 +274,7 @@ fn write_run(
         let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
         w.write_all(&[0u8; HEADER])?;
         let mut count = 0u64;
-        let mut fences = Vec::new();
+        let mut fences = FenceWriter::default();
         for entry in entries {
             let (id, e) = entry?;
             if let Some(live) = bottom {
@@ -347,9 +284,7 @@ fn write_run(
                     Some(_) => {}
                 }
             }
-            if count as usize % BLOCK == 0 {
-                fences.push(crate::sorted::prefix(&id));
-            }
+            fences.push(&id);
             w.write_all(&encode(&id, &e))?;
             // (Tombstones too: a lookup must find them before older runs' entries.)
             filter.insert_hash(filter_key(&id));
@@ -358,9 +293,7 @@ fn write_run(
                 return Err(std::io::Error::other("cancelled"));
             }
         }
-        for f in fences {
-            w.write_all(&f.to_le_bytes())?;
-        }
+        w.write_all(&fences.bytes())?;
         let mut f = w.into_inner().map_err(|e| e.into_error())?;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
