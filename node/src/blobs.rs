@@ -28,8 +28,21 @@ const MAX_RANGE: u64 = 16 << 20;
 const MAX_RANGE_SPREAD: u64 = 4 << 20;
 /// Ranged reads in flight against the origin.
 const ORIGIN_CONCURRENCY: usize = 8;
+/// Bytes of ranged reads held at once, from before a read until its blobs are stored, in
+/// units of [`BUDGET_UNIT`]: eight reads of 16 MiB, their frames decoded and their blobs
+/// compressed for the store, were most of a 10M-entry pull's peak while it read the tree's
+/// levels (a 1M-entry tree is too small to fill them, so the pull's memory grew from 1M to
+/// 10M). Four full ranges keep a local origin's reads and the verifying overlapped, and a
+/// remote one's 64 MiB in flight (~1 GB/s at 60 ms).
+const ORIGIN_BUDGET: u32 = 1024;
+/// What one unit of [`ORIGIN_BUDGET`] is.
+const BUDGET_UNIT: u64 = 64 << 10;
+/// Raw bytes handed to the store at once: it compresses a batch whole before writing it (a
+/// 16 MiB range of tree nodes given at once held ~5 MB of compressed nodes; eight ranges, 42 MB
+/// of a 10M-entry pull's peak).
+const STORE_BATCH: usize = 1 << 20;
 /// Compressed frames kept decoded (each about [`shoal_registry::pack::FRAME_TARGET`] bytes).
-const FRAMES_CACHED: usize = 32;
+const FRAMES_CACHED: usize = 16;
 /// How long a mount waits for the peer that owns a run to deliver anything (while it stays
 /// connected) before reading the run from the origin itself; an owner that sends nothing at
 /// all in that time owns no more runs for this node. Not short: an owner is slow when the
@@ -91,6 +104,9 @@ pub struct Blobs {
     /// puts a bounded load on its origin. (On the 200 Mbit `mount-netns` link it changed
     /// neither time nor egress: the extra egress there was gap reads, not drops.)
     origin_slots: tokio::sync::Semaphore,
+    /// Bytes of ranged reads held from their read until their blobs are stored (see
+    /// [`ORIGIN_BUDGET`]).
+    origin_budget: tokio::sync::Semaphore,
     /// Blobs closer than this are read in one ranged request, the gap included.
     coalesce_gap: u64,
 }
@@ -262,6 +278,7 @@ impl Blobs {
             keep: true,
             peers: None,
             origin_slots: tokio::sync::Semaphore::new(ORIGIN_CONCURRENCY),
+            origin_budget: tokio::sync::Semaphore::new(ORIGIN_BUDGET as usize),
             coalesce_gap: COALESCE_GAP,
         }
     }
@@ -707,6 +724,7 @@ impl Blobs {
             Some(s) => (s.stored.clone(), s.raw.start),
             None => (shift + r.start..shift + r.stop, r.start),
         };
+        let _budget = self.budget(stored.end - stored.start).await;
         loop {
             let slot = self.origin_slots.acquire().await.expect("never closed");
             let read = self
@@ -732,61 +750,16 @@ impl Blobs {
                 origin.pack_path(&pack_id),
                 origin.url()
             );
-            // The compressed frames decoded, kept for later reads once their blobs verified.
-            let mut decoded: Vec<(u64, Bytes)> = Vec::new();
-            let data = match (frames, &span) {
-                (Some(f), Some(span)) => {
-                    let (f, span) = (f.clone(), span.clone());
-                    tokio::task::spawn_blocking(move || {
-                        f.decode(&span, data)
-                            .map(|raw| (raw.clone(), f.compressed_in(&span), span.raw.start))
-                    })
-                    .await
-                    .expect("decompression task panicked")
-                    .map(|(raw, frames, at)| {
-                        // The first and last frames only: those inside the range had their
-                        // blobs read now (a bulk read of 16 MiB kept all of them, copied, to
-                        // keep 32 in the end: 154 MB of a 3M-blob pull's heap at its peak).
-                        // Copies: a slice would hold the whole range in memory.
-                        let n = frames.len();
-                        decoded = frames
-                            .into_iter()
-                            .enumerate()
-                            .filter(|(i, _)| *i == 0 || *i + 1 == n)
-                            .map(|(_, fr)| {
-                                let piece = &raw[(fr.start - at) as usize..(fr.end - at) as usize];
-                                (fr.start, Bytes::copy_from_slice(piece))
-                            })
-                            .collect();
-                        raw
-                    })
-                    .map_err(|e| Error::Corrupt {
-                        what: label.clone(),
-                        reason: format!("{e}; the origin's copy is damaged or was tampered with"),
-                    })
+            let why = "the origin's copy is damaged or was tampered with";
+            let kept = match (frames, &span) {
+                (Some(f), Some(span)) if !f.is_plain() => {
+                    self.keep_frames(f, span, data, &r, want, label, why).await
                 }
-                _ => Ok(data),
+                _ => {
+                    self.keep_range(data, start, r.blobs.clone(), want, label, why)
+                        .await
+                }
             };
-            let kept = match data {
-                Ok(data) => {
-                    self.keep_range(
-                        data,
-                        start,
-                        r.blobs.clone(),
-                        want,
-                        label,
-                        "the origin's copy is damaged or was tampered with",
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            if kept.is_ok() && !decoded.is_empty() {
-                let mut cache = self.decoded.lock().expect("poisoned");
-                for (at, frame) in decoded {
-                    cache.insert((r.pack, at), frame);
-                }
-            }
             match kept {
                 Err(e @ Error::Corrupt { .. }) => {
                     self.origins.blame(from);
@@ -829,6 +802,7 @@ impl Blobs {
                      publish a new version, or restore the object"
                 .into(),
         };
+        let _budget = self.budget(r.stop - r.start).await;
         let slot = self.origin_slots.acquire().await.expect("never closed");
         self.origins.throttle(r.stop - r.start).await;
         let data = match source
@@ -900,66 +874,193 @@ impl Blobs {
         }
     }
 
-    /// Verifies the blobs of a range read (`data`, starting at `start`) and stores the good
-    /// ones (unless passing through); returns the bytes stored and (with `want`) the blobs. A blob that does not match
-    /// its id is an error naming it (`label`, and `why` it would not match), after the good
-    /// ones were kept, so a retry fetches only the bad ones.
+    /// Room for a ranged read of `len` bytes in [`ORIGIN_BUDGET`], held until dropped. (A
+    /// task holds one at a time: none is taken while another is held.)
+    ///
+    /// Cancel-safe: waiting takes nothing.
+    async fn budget(&self, len: u64) -> tokio::sync::SemaphorePermit<'_> {
+        let units = len.div_ceil(BUDGET_UNIT).clamp(1, u64::from(ORIGIN_BUDGET)) as u32;
+        self.origin_budget
+            .acquire_many(units)
+            .await
+            .expect("never closed")
+    }
+
+    /// What keeps the blobs read, away from the async side.
+    fn keeper(&self) -> Keeper {
+        Keeper {
+            store: self.store.clone(),
+            durable: self.durable,
+            retain: self.retain,
+            keep: self.keep,
+        }
+    }
+
+    /// [`Keeper::keep`] on a blocking thread.
     ///
     /// Cancel-safe: a blob is stored only once verified.
     async fn keep_range(
         &self,
         data: Bytes,
         start: u64,
-        blobs: Vec<(Hash, u64, u32)>,
+        blobs: Vec<Placed>,
         want: bool,
         label: String,
         why: &'static str,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
-        let store = self.store.clone();
-        let (durable, retain, keep) = (self.durable, self.retain, self.keep);
-        tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(Hash, Bytes)>)> {
-            let mut batch = Vec::with_capacity(blobs.len());
-            let mut n = 0;
-            let mut bad = None;
-            for (id, off, len) in &blobs {
-                let rel = (off - start) as usize;
-                let bytes = &data[rel..rel + *len as usize];
-                if !id.verify(bytes) {
-                    bad.get_or_insert(Error::Corrupt {
-                        what: format!("blob {id} in {label} at offset {off}"),
-                        reason: format!("its bytes do not match its id; {why}"),
-                    });
+        let keeper = self.keeper();
+        tokio::task::spawn_blocking(move || keeper.keep(&data, start, &blobs, want, &label, why))
+            .await
+            .expect("verify task panicked")
+    }
+
+    /// The blobs of range `r` of a pack with compressed frames, from `data` (the pack
+    /// object's bytes at `span.stored`), decoded and kept a frame at a time on a blocking
+    /// thread: a read of 16 MiB of raw bytes holds one frame decoded, not all of them (eight
+    /// reads decoded whole were 110 MB of a 10M-entry pull's peak). The first and last
+    /// compressed frames, which may hold blobs other fetches want, are kept decoded once
+    /// every blob of the range verified (a frame is its own buffer: nothing is copied).
+    ///
+    /// Cancel-safe: a blob is stored only once verified.
+    #[allow(clippy::too_many_arguments)]
+    async fn keep_frames(
+        &self,
+        frames: &Arc<Frames>,
+        span: &shoal_registry::pack::Span,
+        data: Bytes,
+        r: &RangeRead,
+        want: bool,
+        label: String,
+        why: &'static str,
+    ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
+        let keeper = self.keeper();
+        let (frames, span, mut blobs) = (frames.clone(), span.clone(), r.blobs.clone());
+        let (kept, edges) = tokio::task::spawn_blocking(move || {
+            blobs.sort_unstable_by_key(|b| b.1);
+            let corrupt = |e: shoal_registry::pack::FrameError| Error::Corrupt {
+                what: label.clone(),
+                reason: format!("{e}; {why}"),
+            };
+            let pieces = match frames.pieces(&span, data) {
+                Ok(p) => p,
+                Err(e) => return (Err(corrupt(e)), Vec::new()),
+            };
+            let (mut stored, mut got, mut bad, mut edges) = (0, Vec::new(), None, Vec::new());
+            let mut rest = &blobs[..];
+            for piece in pieces {
+                let piece = match piece {
+                    Ok(p) => p,
+                    Err(e) => return (Err(bad.unwrap_or(corrupt(e))), Vec::new()),
+                };
+                let end = piece.at + piece.bytes.len() as u64;
+                let (mine, later) = rest.split_at(rest.partition_point(|b| b.1 < end));
+                rest = later;
+                if piece.compressed && piece.edge {
+                    edges.push((piece.at, piece.bytes.clone()));
+                }
+                if mine.is_empty() {
                     continue;
                 }
-                batch.push((*id, bytes));
-                n += *len as u64;
-            }
-            if keep {
-                store.put_batch(&batch, retain)?;
-                if durable {
-                    store.flush()?;
+                match keeper.keep(&piece.bytes, piece.at, mine, want, &label, why) {
+                    Ok((n, g)) => {
+                        stored += n;
+                        got.extend(g);
+                    }
+                    Err(e) => {
+                        bad.get_or_insert(e);
+                    }
                 }
             }
-            let stop = start + data.len() as u64;
-            tracing::debug!(what = %label, start, stop, blobs = batch.len(), durable, "origin range stored");
-            let got = if want {
-                blobs
-                    .iter()
-                    .filter(|(id, _, _)| batch.iter().any(|(b, _)| b == id))
-                    .map(|(id, off, len)| {
-                        let rel = (off - start) as usize;
-                        (*id, data.slice(rel..rel + *len as usize))
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
             match bad {
-                Some(e) => Err(e),
-                None => Ok((n, got)),
+                Some(e) => (Err(e), Vec::new()),
+                None => (Ok((stored, got)), edges),
             }
         })
         .await
-        .expect("verify task panicked")
+        .expect("verify task panicked");
+        if !edges.is_empty() {
+            let mut cache = self.decoded.lock().expect("poisoned");
+            for (at, frame) in edges {
+                cache.insert((r.pack, at), frame);
+            }
+        }
+        kept
+    }
+}
+
+/// Verifies and stores blobs read from origins (see [`Keeper::keep`]).
+struct Keeper {
+    store: Arc<dyn ChunkStore>,
+    durable: bool,
+    retain: Retain,
+    keep: bool,
+}
+
+impl Keeper {
+    /// Verifies the blobs of a range read (`data`, starting at raw offset `start`) and
+    /// stores the good ones (unless passing through); returns the bytes stored and (with
+    /// `want`) the blobs. A blob that does not match its id is an error naming it (`label`,
+    /// and `why` it would not match), after the good ones were kept, so a retry fetches only
+    /// the bad ones.
+    fn keep(
+        &self,
+        data: &Bytes,
+        start: u64,
+        blobs: &[Placed],
+        want: bool,
+        label: &str,
+        why: &str,
+    ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
+        let mut batch = Vec::with_capacity(blobs.len());
+        let mut n = 0;
+        let mut bad = None;
+        for (id, off, len) in blobs {
+            let rel = (off - start) as usize;
+            let bytes = &data[rel..rel + *len as usize];
+            if !id.verify(bytes) {
+                bad.get_or_insert(Error::Corrupt {
+                    what: format!("blob {id} in {label} at offset {off}"),
+                    reason: format!("its bytes do not match its id; {why}"),
+                });
+                continue;
+            }
+            batch.push((*id, bytes));
+            n += *len as u64;
+        }
+        if self.keep {
+            // A few at a time: the store compresses a batch before it writes any of it.
+            let mut from = 0;
+            while from < batch.len() {
+                let mut to = from;
+                let mut bytes = 0;
+                while to < batch.len() && (to == from || bytes + batch[to].1.len() <= STORE_BATCH) {
+                    bytes += batch[to].1.len();
+                    to += 1;
+                }
+                self.store.put_batch(&batch[from..to], self.retain)?;
+                from = to;
+            }
+            if self.durable {
+                self.store.flush()?;
+            }
+        }
+        let stop = start + data.len() as u64;
+        tracing::debug!(what = %label, start, stop, blobs = batch.len(), durable = self.durable, "origin range stored");
+        let got = if want {
+            blobs
+                .iter()
+                .filter(|(id, _, _)| batch.iter().any(|(b, _)| b == id))
+                .map(|(id, off, len)| {
+                    let rel = (off - start) as usize;
+                    (*id, data.slice(rel..rel + *len as usize))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        match bad {
+            Some(e) => Err(e),
+            None => Ok((n, got)),
+        }
     }
 }

@@ -160,19 +160,17 @@ impl Frames {
         }
     }
 
-    /// The raw ranges of the compressed frames `span` covers.
-    pub fn compressed_in(&self, span: &Span) -> Vec<Range<u64>> {
-        span.frames
-            .clone()
-            .filter(|&i| self.frames[i].codec == Codec::Zstd)
-            .map(|i| self.raw[i]..self.raw[i + 1])
-            .collect()
-    }
-
-    /// The raw bytes of `span` from `data`, the pack object's bytes at `span.stored`. Each
+    /// The raw bytes of `span` from `data` (the pack object's bytes at `span.stored`), a frame
+    /// at a time and only as the caller asks for the next: a raw frame as a slice of `data`
+    /// (the part of it `span` covers), a compressed one decompressed into a buffer of its own
+    /// (so that a reader of a long span holds one frame decoded, not the whole span). Each
     /// compressed frame is decompressed into at most its declared size, and must fill it
     /// exactly.
-    pub fn decode(&self, span: &Span, data: bytes::Bytes) -> Result<bytes::Bytes, FrameError> {
+    pub fn pieces<'a>(
+        &'a self,
+        span: &'a Span,
+        data: Bytes,
+    ) -> Result<impl Iterator<Item = Result<Piece, FrameError>> + 'a, FrameError> {
         let want = span.stored.end - span.stored.start;
         if data.len() as u64 != want {
             return Err(FrameError(format!(
@@ -182,40 +180,73 @@ impl Frames {
                 span.stored.end
             )));
         }
-        let frames = &self.frames[span.frames.clone()];
-        if frames.iter().all(|f| f.codec == Codec::Raw) {
-            return Ok(data);
-        }
-        let mut out = Vec::with_capacity((span.raw.end - span.raw.start) as usize);
-        let mut at = 0usize;
-        for (i, f) in span.frames.clone().zip(frames) {
-            let stored_end = (self.stored[i + 1].min(span.stored.end) - span.stored.start) as usize;
-            let piece = &data[at..stored_end];
-            at = stored_end;
+        let base = span.stored.start;
+        let edge = |i: usize| i == span.frames.start || i + 1 == span.frames.end;
+        Ok(span.frames.clone().map(move |i| {
+            let f = self.frames[i];
+            let from = (self.stored[i].max(base) - base) as usize;
+            let to = (self.stored[i + 1].min(span.stored.end) - base) as usize;
+            let stored = data.slice(from..to);
             match f.codec {
-                Codec::Raw => out.extend_from_slice(piece),
+                Codec::Raw => Ok(Piece {
+                    at: self.raw[i].max(span.raw.start),
+                    bytes: stored,
+                    compressed: false,
+                    edge: edge(i),
+                }),
                 Codec::Zstd => {
-                    let start = out.len();
-                    out.resize(start + f.raw_len as usize, 0);
-                    let n = zstd::bulk::decompress_to_buffer(piece, &mut out[start..]).map_err(
-                        |e| {
-                            FrameError(format!(
-                                "compressed frame at {} does not decompress: {e}",
-                                self.stored[i]
-                            ))
-                        },
-                    )?;
+                    let mut out = vec![0; f.raw_len as usize];
+                    let n = zstd::bulk::decompress_to_buffer(&stored, &mut out).map_err(|e| {
+                        FrameError(format!(
+                            "compressed frame at {} does not decompress: {e}",
+                            self.stored[i]
+                        ))
+                    })?;
                     if n as u64 != f.raw_len {
                         return Err(FrameError(format!(
                             "compressed frame at {} holds {n} bytes, not {}",
                             self.stored[i], f.raw_len
                         )));
                     }
+                    Ok(Piece {
+                        at: self.raw[i],
+                        bytes: out.into(),
+                        compressed: true,
+                        edge: edge(i),
+                    })
                 }
             }
+        }))
+    }
+
+    /// The raw bytes of `span` from `data`, the pack object's bytes at `span.stored`, in one
+    /// buffer (see [`Frames::pieces`]).
+    pub fn decode(&self, span: &Span, data: Bytes) -> Result<Bytes, FrameError> {
+        if self.frames[span.frames.clone()]
+            .iter()
+            .all(|f| f.codec == Codec::Raw)
+        {
+            return self.pieces(span, data.clone()).map(|_| data);
+        }
+        let mut out = Vec::with_capacity((span.raw.end - span.raw.start) as usize);
+        for piece in self.pieces(span, data)? {
+            out.extend_from_slice(&piece?.bytes);
         }
         Ok(out.into())
     }
+}
+
+/// One frame's part of a read (see [`Frames::pieces`]).
+#[derive(Debug, Clone)]
+pub struct Piece {
+    /// Where its bytes begin in the pack's raw bytes.
+    pub at: u64,
+    pub bytes: Bytes,
+    /// Whether the frame was compressed (then `bytes` is the whole frame).
+    pub compressed: bool,
+    /// Whether it is the first or the last frame the read touches (the frames between hold
+    /// only blobs the read was for).
+    pub edge: bool,
 }
 
 /// The index of one pack, in pack order.
@@ -932,8 +963,37 @@ mod tests {
                 let span = idx.frames.span(first.offset..last.offset + last.len as u64);
                 assert!(span.raw.start <= first.offset);
                 let data = stored.slice(span.stored.start as usize..span.stored.end as usize);
+                // A frame at a time: contiguous, whole blobs in each, a compressed frame whole.
+                let pieces: Vec<Piece> = idx
+                    .frames
+                    .pieces(&span, data.clone())
+                    .unwrap()
+                    .map(|p| p.unwrap())
+                    .collect();
+                let mut at = span.raw.start;
+                assert!(pieces[0].edge && pieces[pieces.len() - 1].edge);
+                for (i, p) in pieces.iter().enumerate() {
+                    assert_eq!(p.edge, i == 0 || i + 1 == pieces.len());
+                    assert_eq!(p.at, at);
+                    at += p.bytes.len() as u64;
+                    if p.compressed {
+                        assert_eq!(idx.frames.compressed_at(p.at), Some(p.at));
+                    }
+                }
+                assert_eq!(at, span.raw.end);
+                for e in group {
+                    let p = pieces.iter().rev().find(|p| p.at <= e.offset).unwrap();
+                    assert!(e.offset + e.len as u64 <= p.at + p.bytes.len() as u64);
+                }
                 let raw = idx.frames.decode(&span, data).unwrap();
                 assert_eq!(raw.len() as u64, span.raw.end - span.raw.start);
+                assert_eq!(
+                    raw,
+                    pieces
+                        .iter()
+                        .flat_map(|p| p.bytes.to_vec())
+                        .collect::<Vec<u8>>()
+                );
                 for e in group {
                     let at = (e.offset - span.raw.start) as usize;
                     let bytes = &raw[at..at + e.len as usize];
