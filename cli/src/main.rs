@@ -32,12 +32,19 @@ use tracing::Instrument;
 /// have not been measured with fewer arenas.
 #[allow(unsafe_code)]
 fn tune_malloc(few_arenas: bool) {
+    // glibc's own variables, where set, win: an operator can tune the allocator as for any
+    // program.
+    let set = |var: &str| std::env::var_os(var).is_some();
     // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
     // exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-        if few_arenas {
+        if !set("MALLOC_MMAP_THRESHOLD_") {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        }
+        if !set("MALLOC_TRIM_THRESHOLD_") {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        }
+        if few_arenas && !set("MALLOC_ARENA_MAX") {
             let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
             libc::mallopt(libc::M_ARENA_MAX, cores.clamp(2, 64) as libc::c_int);
         }
