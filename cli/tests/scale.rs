@@ -81,6 +81,19 @@ fn a_version_of_several_pull_batches_pulls_exactly() {
         );
     }
     assert_eq!(g.last_path, scale::path_of(entries - 1, 400));
+    // Each pack byte came from the origin once at most: the tree is read a level at a time,
+    // and every node of the spans read is kept (they used to be read again for each level).
+    let packs: u64 = std::fs::read_dir(std::path::Path::new(&env.origin).join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let sent = r["origins"][0]["bytes"].as_u64().unwrap();
+    assert!(
+        sent <= packs,
+        "{sent} pack bytes sent for {packs} bytes of packs: {r}"
+    );
     // Again (into the store only): nothing from the origin.
     let r = env.json(&["pull", "scale@v1", "--no-files"]);
     assert_eq!(r["bytes_from_origin"], 0, "{r}");

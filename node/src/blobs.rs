@@ -55,6 +55,8 @@ const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// One ranged read: a span of a pack and the blobs inside it (id, offset, len).
 #[derive(Clone)]
 struct RangeRead {
+    /// Whether every blob of the span read is kept, not only `blobs` (packed packs only).
+    whole: bool,
     pack: u32,
     /// The source object, in an external pack (0 in a packed one).
     object: u32,
@@ -65,6 +67,9 @@ struct RangeRead {
 
 /// A blob and where it lies in its pack's raw bytes: (id, offset, len).
 type Placed = (Hash, u64, u32);
+
+/// Blobs a read keeps that were not asked for (see [`Blobs::fetch_tree`]).
+type Extra = rustc_hash::FxHashSet<Hash>;
 
 /// Blobs grouped by the mounting peer that owns their runs.
 pub type ByOwner = HashMap<crate::swarm::PeerId, Vec<Hash>>;
@@ -414,14 +419,39 @@ impl Blobs {
     /// Fetches the given blobs (assumed missing locally) from the origin into the local
     /// store, coalescing neighbours into large ranged reads. Cancel-safe: whatever was stored
     /// before cancellation stays stored and verified.
-    pub async fn fetch(&self, mut ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+    pub async fn fetch(&self, ids: Vec<Hash>, progress: Option<&Progress>) -> Result<()> {
+        self.fetch_spans(ids, progress, false).await
+    }
+
+    /// [`Self::fetch`] for tree nodes of a whole version read a level at a time: every blob
+    /// of each packed span read from the origin is kept, not only those asked for (the next
+    /// levels' nodes lie between this level's, and reading them again level by level read
+    /// the tree's packs about twice). Cancel-safe, as [`Self::fetch`].
+    pub async fn fetch_tree(&self, ids: Vec<Hash>) -> Result<()> {
+        self.fetch_spans(ids, None, true).await
+    }
+
+    /// [`Self::fetch`], keeping every blob of the spans read with `whole`.
+    ///
+    /// Cancel-safe, as [`Self::fetch`].
+    async fn fetch_spans(
+        &self,
+        mut ids: Vec<Hash>,
+        progress: Option<&Progress>,
+        whole: bool,
+    ) -> Result<()> {
         if let Some((swarm, root)) = &self.peers {
             let got = shoal_swarm::ask::from_complete_peers(swarm, root, &ids, self.retain).await;
             ids.retain(|id| !got.contains_key(id));
             let got = shoal_swarm::ask::from_pulling_owner(swarm, root, &ids, self.retain).await;
             ids.retain(|id| !got.contains_key(id));
         }
-        self.fetch_origin(ids, progress).await
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.fetch_inner(ids, progress, false, whole)
+            .await
+            .map(|_| ())
     }
 
     /// Fetches blobs from the origin only.
@@ -431,7 +461,9 @@ impl Blobs {
         if ids.is_empty() {
             return Ok(());
         }
-        self.fetch_inner(ids, progress, false).await.map(|_| ())
+        self.fetch_inner(ids, progress, false, false)
+            .await
+            .map(|_| ())
     }
 
     /// Like [`Self::fetch`], and also returns the verified bytes (for a reader that needs them
@@ -445,7 +477,7 @@ impl Blobs {
     /// fetched again by whoever asks next.
     pub async fn fetch_bytes(&self, mut ids: Vec<Hash>) -> Result<HashMap<Hash, Bytes>> {
         let Some((swarm, root)) = &self.peers else {
-            return self.fetch_inner(ids, None, true).await;
+            return self.fetch_inner(ids, None, true, false).await;
         };
         let mut out = shoal_swarm::ask::from_complete_peers(swarm, root, &ids, self.retain).await;
         ids.retain(|id| !out.contains_key(id));
@@ -550,7 +582,7 @@ impl Blobs {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        self.fetch_inner(ids, None, true).await
+        self.fetch_inner(ids, None, true, false).await
     }
 
     /// The swarm and version root this version's fetches consult, if any.
@@ -567,11 +599,12 @@ impl Blobs {
         ids: Vec<Hash>,
         progress: Option<&Progress>,
         want: bool,
+        whole: bool,
     ) -> Result<HashMap<Hash, Bytes>> {
         let mut attempts = 0;
         loop {
             let retired = self.locator.retirements();
-            match self.fetch_once(ids.clone(), progress, want).await {
+            match self.fetch_once(ids.clone(), progress, want, whole).await {
                 Err(e) if e.is_gone() && attempts < 4 && self.locator.retirements() > retired => {
                     attempts += 1;
                     tracing::debug!("{e}; reading again where the repacked pack's blobs went");
@@ -589,6 +622,7 @@ impl Blobs {
         mut ids: Vec<Hash>,
         progress: Option<&Progress>,
         want: bool,
+        whole: bool,
     ) -> Result<HashMap<Hash, Bytes>> {
         ids.sort_unstable();
         ids.dedup();
@@ -650,6 +684,7 @@ impl Blobs {
                     r.blobs.push((id, loc.offset, loc.len));
                 }
                 _ => ranges.push(RangeRead {
+                    whole,
                     pack: loc.pack,
                     object: loc.object,
                     start,
@@ -662,7 +697,15 @@ impl Blobs {
             futures::stream::iter(cached).map(|((pack, at), (frame, blobs))| async move {
                 let label = format!("a decoded frame of pack {}", self.pack_id(pack));
                 let kept = self
-                    .keep_range(frame, at, blobs, want, label, "it was damaged in memory")
+                    .keep_range(
+                        frame,
+                        at,
+                        blobs,
+                        Extra::default(),
+                        want,
+                        label,
+                        "it was damaged in memory",
+                    )
                     .await;
                 if kept.is_err() {
                     self.decoded.lock().expect("poisoned").remove(&(pack, at));
@@ -751,12 +794,19 @@ impl Blobs {
                 origin.url()
             );
             let why = "the origin's copy is damaged or was tampered with";
+            let raw = span.as_ref().map_or(r.start..r.stop, |s| s.raw.clone());
+            let (blobs, extra) = if r.whole && shift == 0 {
+                self.span_blobs(r.pack, raw, &r.blobs).await
+            } else {
+                (r.blobs.clone(), Extra::default())
+            };
             let kept = match (frames, &span) {
                 (Some(f), Some(span)) if !f.is_plain() => {
-                    self.keep_frames(f, span, data, &r, want, label, why).await
+                    self.keep_frames(f, span, data, r.pack, blobs, extra, want, label, why)
+                        .await
                 }
                 _ => {
-                    self.keep_range(data, start, r.blobs.clone(), want, label, why)
+                    self.keep_range(data, start, blobs, extra, want, label, why)
                         .await
                 }
             };
@@ -828,6 +878,7 @@ impl Blobs {
             data,
             r.start,
             r.blobs,
+            Extra::default(),
             want,
             format!("source object {at} of {}", self.version_name),
             "the object changed since the version was published",
@@ -886,6 +937,39 @@ impl Blobs {
             .expect("never closed")
     }
 
+    /// `asked` and every other blob lying wholly within raw bytes `raw` of packed pack
+    /// `pack`, in pack order (just `asked` if the locator cannot say).
+    ///
+    /// Cancel-safe: it only reads.
+    async fn span_blobs(
+        &self,
+        pack: u32,
+        raw: std::ops::Range<u64>,
+        asked: &[Placed],
+    ) -> (Vec<Placed>, Extra) {
+        let locator = self.locator.clone();
+        let mut all = asked.to_vec();
+        let mut extra = Extra::default();
+        let found = tokio::task::spawn_blocking(move || {
+            locator.pack(pack).map(|p| p.within(raw)).transpose()
+        })
+        .await
+        .expect("locator task panicked");
+        match found {
+            Ok(Some(within)) => {
+                let asked: Extra = asked.iter().map(|b| b.0).collect();
+                for b in within {
+                    if !asked.contains(&b.0) && extra.insert(b.0) {
+                        all.push(b);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("the blobs of a span of pack {}: {e}", self.pack_id(pack)),
+        }
+        (all, extra)
+    }
+
     /// What keeps the blobs read, away from the async side.
     fn keeper(&self) -> Keeper {
         Keeper {
@@ -899,19 +983,23 @@ impl Blobs {
     /// [`Keeper::keep`] on a blocking thread.
     ///
     /// Cancel-safe: a blob is stored only once verified.
+    #[allow(clippy::too_many_arguments)]
     async fn keep_range(
         &self,
         data: Bytes,
         start: u64,
         blobs: Vec<Placed>,
+        extra: Extra,
         want: bool,
         label: String,
         why: &'static str,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
         let keeper = self.keeper();
-        tokio::task::spawn_blocking(move || keeper.keep(&data, start, &blobs, want, &label, why))
-            .await
-            .expect("verify task panicked")
+        tokio::task::spawn_blocking(move || {
+            keeper.keep(&data, start, &blobs, &extra, want, &label, why)
+        })
+        .await
+        .expect("verify task panicked")
     }
 
     /// The blobs of range `r` of a pack with compressed frames, from `data` (the pack
@@ -928,13 +1016,15 @@ impl Blobs {
         frames: &Arc<Frames>,
         span: &shoal_registry::pack::Span,
         data: Bytes,
-        r: &RangeRead,
+        pack: u32,
+        mut blobs: Vec<Placed>,
+        extra: Extra,
         want: bool,
         label: String,
         why: &'static str,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
         let keeper = self.keeper();
-        let (frames, span, mut blobs) = (frames.clone(), span.clone(), r.blobs.clone());
+        let (frames, span) = (frames.clone(), span.clone());
         let (kept, edges) = tokio::task::spawn_blocking(move || {
             blobs.sort_unstable_by_key(|b| b.1);
             let corrupt = |e: shoal_registry::pack::FrameError| Error::Corrupt {
@@ -961,7 +1051,7 @@ impl Blobs {
                 if mine.is_empty() {
                     continue;
                 }
-                match keeper.keep(&piece.bytes, piece.at, mine, want, &label, why) {
+                match keeper.keep(&piece.bytes, piece.at, mine, &extra, want, &label, why) {
                     Ok((n, g)) => {
                         stored += n;
                         got.extend(g);
@@ -981,7 +1071,7 @@ impl Blobs {
         if !edges.is_empty() {
             let mut cache = self.decoded.lock().expect("poisoned");
             for (at, frame) in edges {
-                cache.insert((r.pack, at), frame);
+                cache.insert((pack, at), frame);
             }
         }
         kept
@@ -1001,12 +1091,15 @@ impl Keeper {
     /// stores the good ones (unless passing through); returns the bytes stored and (with
     /// `want`) the blobs. A blob that does not match its id is an error naming it (`label`,
     /// and `why` it would not match), after the good ones were kept, so a retry fetches only
-    /// the bad ones.
+    /// the bad ones. Blobs in `extra` were not asked for (they lay in the span read): stored
+    /// if they verify, passed over if not, neither counted nor returned.
+    #[allow(clippy::too_many_arguments)]
     fn keep(
         &self,
         data: &Bytes,
         start: u64,
         blobs: &[Placed],
+        extra: &Extra,
         want: bool,
         label: &str,
         why: &str,
@@ -1017,7 +1110,12 @@ impl Keeper {
         for (id, off, len) in blobs {
             let rel = (off - start) as usize;
             let bytes = &data[rel..rel + *len as usize];
+            let asked = !extra.contains(id);
             if !id.verify(bytes) {
+                if !asked {
+                    tracing::debug!(what = %label, %id, "a blob read beside those asked for does not match its id");
+                    continue;
+                }
                 bad.get_or_insert(Error::Corrupt {
                     what: format!("blob {id} in {label} at offset {off}"),
                     reason: format!("its bytes do not match its id; {why}"),
@@ -1025,7 +1123,9 @@ impl Keeper {
                 continue;
             }
             batch.push((*id, bytes));
-            n += *len as u64;
+            if asked {
+                n += *len as u64;
+            }
         }
         if self.keep {
             // A few at a time: the store compresses a batch before it writes any of it.
@@ -1049,7 +1149,7 @@ impl Keeper {
         let got = if want {
             blobs
                 .iter()
-                .filter(|(id, _, _)| batch.iter().any(|(b, _)| b == id))
+                .filter(|(id, _, _)| !extra.contains(id) && batch.iter().any(|(b, _)| b == id))
                 .map(|(id, off, len)| {
                     let rel = (off - start) as usize;
                     (*id, data.slice(rel..rel + *len as usize))

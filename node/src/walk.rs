@@ -98,6 +98,19 @@ pub async fn load_dir_pair(
 ///
 /// Cancel-safe: a blob is stored only once verified.
 async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
+    ensure(blobs, ids, false).await
+}
+
+/// [`ensure_local`] for a walk of the whole tree: every blob of the packed spans read is
+/// kept (the rest of the tree's nodes, which the walk reads next; see [`Blobs::fetch_tree`]).
+///
+/// Cancel-safe: a blob is stored only once verified.
+async fn ensure_tree(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
+    ensure(blobs, ids, true).await
+}
+
+/// Cancel-safe: a blob is stored only once verified.
+async fn ensure(blobs: &Blobs, ids: Vec<Hash>, whole: bool) -> Result<()> {
     let store = blobs.store().clone();
     let missing = tokio::task::spawn_blocking(move || -> Result<Vec<Hash>> {
         let mut m = Vec::new();
@@ -110,8 +123,10 @@ async fn ensure_local(blobs: &Blobs, ids: Vec<Hash>) -> Result<()> {
     })
     .await
     .expect("store task panicked")?;
-    if !missing.is_empty() {
-        blobs.fetch(missing, None).await?;
+    match (missing.is_empty(), whole) {
+        (true, _) => {}
+        (false, true) => blobs.fetch_tree(missing).await?,
+        (false, false) => blobs.fetch(missing, None).await?,
     }
     Ok(())
 }
@@ -179,7 +194,7 @@ impl<'a> Walker<'a> {
                     break;
                 }
                 let level = std::mem::take(&mut self.next);
-                ensure_local(self.blobs, level.iter().map(|l| l.1).collect()).await?;
+                ensure_tree(self.blobs, level.iter().map(|l| l.1).collect()).await?;
                 self.level = level.into_iter();
                 continue;
             };
@@ -232,7 +247,7 @@ impl<'a> Walker<'a> {
             }
         }
         if !lists.is_empty() {
-            ensure_local(
+            ensure_tree(
                 self.blobs,
                 lists
                     .iter()

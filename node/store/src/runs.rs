@@ -229,7 +229,7 @@ impl Run {
         }
         let mut run = Run {
             no,
-            entries: Fenced::open(file, HEADER as u64, ENTRY, count)?,
+            entries: Fenced::open(file, HEADER as u64, ENTRY, count, 0)?,
             count,
             path,
             filter: new_filter(0),

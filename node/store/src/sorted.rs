@@ -87,12 +87,20 @@ pub struct Fenced {
 
 impl Fenced {
     /// The table of `count` entries of `entry` bytes from `start` in `file`, if the file's
-    /// size is exactly that and its fences are whole and in order.
-    pub fn open(file: std::fs::File, start: u64, entry: usize, count: usize) -> Option<Fenced> {
+    /// size is exactly that and `trailer` bytes more (what the file keeps after the fences),
+    /// and its fences are whole and in order.
+    pub fn open(
+        file: std::fs::File,
+        start: u64,
+        entry: usize,
+        count: usize,
+        trailer: u64,
+    ) -> Option<Fenced> {
         use std::os::unix::fs::FileExt;
         let fences_at = start.checked_add(u64::try_from(count.checked_mul(entry)?).ok()?)?;
         let nfences = count.div_ceil(BLOCK);
-        if fences_at.checked_add(nfences as u64 * 8)? != file.metadata().ok()?.len() {
+        let end = fences_at.checked_add(nfences as u64 * 8)?;
+        if end.checked_add(trailer)? != file.metadata().ok()?.len() {
             return None;
         }
         let mut b = vec![0u8; nfences * 8];
@@ -109,6 +117,16 @@ impl Fenced {
             fences,
             last: std::sync::Mutex::new((usize::MAX, 0, Vec::new())),
         })
+    }
+
+    /// Where the bytes after the fences begin in the file.
+    pub fn trailer_at(&self) -> u64 {
+        self.start + (self.count * self.entry) as u64 + (self.count.div_ceil(BLOCK) * 8) as u64
+    }
+
+    /// The file it reads.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
     }
 
     /// How many entries it holds.
