@@ -1002,8 +1002,9 @@ impl Blobs {
         .expect("verify task panicked")
     }
 
-    /// The blobs of range `r` of a pack with compressed frames, from `data` (the pack
-    /// object's bytes at `span.stored`), decoded and kept a frame at a time on a blocking
+    /// [`Keeper::keep`] of `blobs` (and `extra`), read from pack `pack`, which has compressed
+    /// frames: `data` (the pack object's bytes at `span.stored`) decoded and kept a frame at a
+    /// time on a blocking
     /// thread: a read of 16 MiB of raw bytes holds one frame decoded, not all of them (eight
     /// reads decoded whole were 110 MB of a 10M-entry pull's peak). The first and last
     /// compressed frames, which may hold blobs other fetches want, are kept decoded once
