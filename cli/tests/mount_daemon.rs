@@ -743,13 +743,13 @@ for p in rel:
     assert single.cat_file("shoal://ds@v1/" + p) == want, p
     with single.open("shoal://ds@v1/" + p, "rb") as f:
         assert f.read() == want, p
-local = [p for p in rel if s.local.files.get(p)]
+local = [p for p in rel if s.local.extent(p)]
 assert len(local) == 300, f"only {len(local)} of 300 files read from the store's files"
 assert 0 < len(s.local.fds) <= shoalfs.MAX_SEG_FDS, len(s.local.fds)
 # The store's file rots under the reader: the chunk fails verification here, and the file is
 # read through the daemon instead (which finds the chunk bad, drops it, fetches it again).
 victim = rel[5]
-size, chunks = s.local.files[victim]
+size, chunks = s.local.extent(victim)
 seg, off, ln, cid = chunks[0]
 with open(seg, "r+b") as f:
     f.seek(off)
@@ -759,6 +759,11 @@ with open(seg, "r+b") as f:
 want = open(os.path.join(src, victim), "rb").read()
 assert single.cat_file("shoal://ds@v1/" + victim) == want
 assert single.cat_file("shoal://ds@v1/" + victim) == want
+# The second read came from the store's files again, from where the chunk was stored anew:
+# the daemon's answer kept for the directory went when the bad chunk left its store.
+again = s.local.extent(victim)
+assert again is not None, "the file was not read from the store's files after the refetch"
+assert (again[1][0][0], again[1][0][1]) != (seg, off), "the old place of the bad chunk again"
 print("extents ok")
 
 # A large file: streamed, then (once the daemon made its local copy) from a descriptor of it.

@@ -14,12 +14,17 @@
 //!   the file's whole local copy attached (SCM_RIGHTS), or `{"ok":{"fd":false}}`;
 //! - `{"op":"extents","dir":"a","from":0}`: where the bytes of the directory's small files lie
 //!   in the store's segment files, for the client to read from the page cache and verify
-//!   itself: `{"ok":{"files":[[name,size,[[seg,offset,len,"<chunk id hex>"],...]],...],
-//!   "segs":[path,...],"next":N|null}}` with a read-only descriptor of each segment listed
-//!   attached, in order (SCM_RIGHTS). `seg` indexes `segs`; a file not wholly local (or larger
-//!   than the small-file bound) has `null` for its chunks and is read with `read`/`fd`. At most
-//!   [`EXTENT_FILES`] files, [`EXTENT_CHUNKS`] chunks and [`EXTENT_SEGS`] segments a reply;
-//!   `next` is where the next page starts;
+//!   itself: `{"ok":{"files":F,"chunks":C,"names":L,"len":N,"segs":[path,...],"next":N|null}}`
+//!   with a read-only descriptor of each segment listed attached, in order (SCM_RIGHTS), then
+//!   N bytes (little-endian): F file records (size u64, first chunk u32, chunk count u32;
+//!   count `u32::MAX` for a file not wholly local or larger than the small-file bound, read
+//!   with `read`/`fd`), C chunk records (segment u32 indexing `segs`, length u32, offset u64,
+//!   id 32 bytes) and L bytes of the files' names, each ended by a NUL. Binary so that a
+//!   client looks up the files it reads without parsing the rest (every loader worker asks
+//!   for the directories it reads from). At most [`EXTENT_FILES`] files, [`EXTENT_CHUNKS`]
+//!   chunks and [`EXTENT_SEGS`] segments a reply; `next` is where the next page starts. A
+//!   page is built once and answered from memory to the version's other sessions for
+//!   [`EXTENT_TTL`], while no blob has left the store;
 //! - `{"op":"opened","paths":[...]}`: files the client read whole by itself (from extents),
 //!   for the read order's position and the counters; answered `{"ok":N}`.
 //!
@@ -50,6 +55,12 @@ pub const EXTENT_FILES: usize = 1024;
 pub const MAX_INODES: usize = 1 << 20;
 pub const EXTENT_CHUNKS: usize = 16 * 1024;
 pub const EXTENT_SEGS: usize = 32;
+/// How long an `extents` page is answered from memory (and the segment files it names kept
+/// open), and the bytes of pages a version keeps (a page is at most ~1.3 MB).
+pub const EXTENT_TTL: Duration = Duration::from_secs(30);
+const EXTENT_BYTES: usize = 32 << 20;
+/// A file record's chunk count for a file the client reads through the daemon.
+const NOT_LOCAL: u32 = u32::MAX;
 /// A session with no request for this long is closed.
 const IDLE: Duration = Duration::from_secs(600);
 /// Versions kept open for sessions (each a reader with its inode table).
@@ -70,6 +81,7 @@ pub struct Readers {
 struct Opened {
     reader: Arc<Reader>,
     source: MountSource,
+    pages: Arc<Pages>,
     /// When it was last used (a count of opens), to close the least recently used.
     used: u64,
 }
@@ -157,6 +169,7 @@ impl Readers {
         let session = |o: &Opened| Session {
             reader: o.reader.clone(),
             source: o.source.clone(),
+            pages: o.pages.clone(),
             version: format!("{}@{version}", reference.dataset),
             root,
         };
@@ -179,6 +192,7 @@ impl Readers {
                 shoal_fuse::Inodes::new(m.source, m.root, 0o755),
                 opts,
             )),
+            pages: Arc::default(),
             used: uses,
         };
         let mut open = self.open.lock().expect("readers poisoned");
@@ -197,6 +211,7 @@ impl Readers {
 pub struct Session {
     reader: Arc<Reader>,
     source: MountSource,
+    pages: Arc<Pages>,
     version: String,
     root: shoal_registry::Hash,
 }
@@ -287,23 +302,19 @@ pub fn serve_blocking(
                 Ok(Some((file, size))) => send_with_fds(
                     &mut w,
                     &serde_json::json!({ "ok": { "fd": true, "size": size } }),
+                    &[],
                     &[&file],
                 )?,
                 Ok(None) => put(&mut w, &serde_json::json!({ "ok": { "fd": false } }))?,
                 Err(e) => put(&mut w, &errno_reply(&e, &path))?,
             },
-            Op::Extents { dir, from } => {
-                match rd
-                    .resolve(&dir)
-                    .and_then(|ino| extents(&session, ino, from))
-                {
-                    Ok((reply, files)) => {
-                        let fds: Vec<&std::fs::File> = files.iter().map(|f| &**f).collect();
-                        send_with_fds(&mut w, &serde_json::json!({ "ok": reply }), &fds)?;
-                    }
-                    Err(e) => put(&mut w, &errno_reply(&e, &dir))?,
+            Op::Extents { dir, from } => match session.extents(&dir, from) {
+                Ok(page) => {
+                    let fds: Vec<&std::fs::File> = page.files.iter().map(|f| &**f).collect();
+                    send_with_fds(&mut w, &page.head, &page.body, &fds)?;
                 }
-            }
+                Err(e) => put(&mut w, &errno_reply(&e, &dir))?,
+            },
             Op::Opened { paths } => {
                 let n = paths.iter().filter(|p| rd.read_elsewhere(p)).count();
                 put(&mut w, &serde_json::json!({ "ok": n }))?;
@@ -340,40 +351,108 @@ pub fn serve_blocking(
     }
 }
 
-/// One page of an `extents` reply for directory `ino` from entry `from`, and the segment
-/// files it names (their descriptors go with it).
-fn extents(
-    session: &Session,
-    ino: u64,
-    from: usize,
-) -> std::result::Result<(serde_json::Value, Vec<Arc<std::fs::File>>), Errno> {
+/// One page of an `extents` answer: its line, its records, and the segment files it names.
+pub struct ExtentPage {
+    head: serde_json::Value,
+    body: Vec<u8>,
+    files: Vec<Arc<std::fs::File>>,
+    /// Every file of the page is local (a page that is not is never kept: the files it lacks
+    /// may be local by the next ask).
+    whole: bool,
+}
+
+/// A version's `extents` pages, by directory and first entry, with when they were built and
+/// the store's losses then.
+#[derive(Default)]
+pub struct Pages(Mutex<PageMap>);
+
+#[derive(Default)]
+struct PageMap {
+    pages: HashMap<(String, usize), (std::time::Instant, u64, Arc<ExtentPage>)>,
+    bytes: usize,
+}
+
+impl Session {
+    /// The `extents` page of directory `dir` from entry `from`: kept from another session of
+    /// the version if built less than [`EXTENT_TTL`] ago with no blob gone from the store
+    /// since, else built (and kept if every file in it is local).
+    fn extents(&self, dir: &str, from: usize) -> std::result::Result<Arc<ExtentPage>, Errno> {
+        let losses = self.source.losses();
+        let key = (dir.to_string(), from);
+        let now = std::time::Instant::now();
+        let fresh = |at: std::time::Instant, lost: u64| {
+            lost == losses && now.duration_since(at) < EXTENT_TTL
+        };
+        if let Some((at, lost, page)) = self.pages.0.lock().expect("pages poisoned").pages.get(&key)
+        {
+            if fresh(*at, *lost) {
+                return Ok(page.clone());
+            }
+        }
+        let ino = self.reader.resolve(dir)?;
+        let page = Arc::new(extent_page(self, ino, from)?);
+        if page.whole {
+            let mut kept = self.pages.0.lock().expect("pages poisoned");
+            let kept = &mut *kept;
+            if kept.bytes + page.body.len() > EXTENT_BYTES {
+                kept.pages.retain(|_, (at, lost, _)| fresh(*at, *lost));
+                if kept.bytes + page.body.len() > EXTENT_BYTES {
+                    kept.pages.clear();
+                }
+                kept.bytes = kept.pages.values().map(|p| p.2.body.len()).sum();
+            }
+            kept.bytes += page.body.len();
+            if let Some(old) = kept.pages.insert(key, (now, losses, page.clone())) {
+                kept.bytes -= old.2.body.len();
+            }
+        }
+        Ok(page)
+    }
+}
+
+/// Builds one page of an `extents` answer for directory `ino` from entry `from` (see the
+/// module's doc for its layout).
+fn extent_page(session: &Session, ino: u64, from: usize) -> std::result::Result<ExtentPage, Errno> {
     let rd = &session.reader;
     let list = rd.list(ino)?;
     let mut segs: Vec<std::path::PathBuf> = Vec::new();
     let mut files: Vec<Arc<std::fs::File>> = Vec::new();
-    let mut out = Vec::new();
-    let mut chunks_listed = 0;
+    let mut records: Vec<u8> = Vec::new();
+    let mut chunk_records: Vec<u8> = Vec::new();
+    let mut names: Vec<u8> = Vec::new();
+    let (mut listed, mut chunks_listed) = (0usize, 0usize);
+    let mut whole = true;
     let mut next = None;
+    let mut located = Vec::new();
+    let mut new_segs = Vec::new();
     for (i, (name, attr)) in list.iter().enumerate().skip(from) {
         if !matches!(attr.kind, Kind::File { .. }) {
             continue;
         }
-        if out.len() >= EXTENT_FILES {
+        if listed >= EXTENT_FILES {
             next = Some(i);
             break;
         }
+        let mut put = |size: u64, first: usize, count: u32| {
+            records.extend_from_slice(&size.to_le_bytes());
+            records.extend_from_slice(&(first as u32).to_le_bytes());
+            records.extend_from_slice(&count.to_le_bytes());
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        };
         let Some((chunks, size)) = rd.small_file_chunks(attr.ino)? else {
-            out.push(serde_json::json!([name, attr.size, null]));
+            put(attr.size, 0, NOT_LOCAL);
+            listed += 1;
             continue;
         };
-        if chunks_listed + chunks.len() > EXTENT_CHUNKS && !out.is_empty() {
+        if chunks_listed + chunks.len() > EXTENT_CHUNKS && listed > 0 {
             next = Some(i);
             break;
         }
         // Every chunk local, in the primary tier's segments; else the file is read the usual
         // way (which fetches what is missing).
-        let mut located = Vec::with_capacity(chunks.len());
-        let mut new_segs = Vec::new();
+        located.clear();
+        new_segs.clear();
         for c in chunks.iter() {
             let Some(at) = session.source.locate(&c.id) else {
                 break;
@@ -386,45 +465,62 @@ fn extents(
                     segs.len() + new_segs.len() - 1
                 }
             };
-            located.push(serde_json::json!([
-                seg,
-                at.offset,
-                at.len,
-                c.id.to_string()
-            ]));
+            located.push((seg as u32, at.len, at.offset, c.id));
         }
         if located.len() < chunks.len() {
             files.truncate(segs.len());
-            out.push(serde_json::json!([name, size, null]));
+            whole = false;
+            put(size, 0, NOT_LOCAL);
+            listed += 1;
             continue;
         }
         if segs.len() + new_segs.len() > EXTENT_SEGS {
             files.truncate(segs.len());
-            if out.is_empty() {
+            if listed == 0 {
                 // Spread over more segments than one reply may carry: read the usual way.
-                out.push(serde_json::json!([name, size, null]));
+                put(size, 0, NOT_LOCAL);
+                listed += 1;
                 continue;
             }
             next = Some(i);
             break;
         }
-        segs.extend(new_segs);
-        chunks_listed += chunks.len();
-        out.push(serde_json::json!([name, size, located]));
+        segs.append(&mut new_segs);
+        put(size, chunks_listed, located.len() as u32);
+        listed += 1;
+        chunks_listed += located.len();
+        for (seg, len, offset, id) in &located {
+            chunk_records.extend_from_slice(&seg.to_le_bytes());
+            chunk_records.extend_from_slice(&len.to_le_bytes());
+            chunk_records.extend_from_slice(&offset.to_le_bytes());
+            chunk_records.extend_from_slice(id.as_bytes());
+        }
     }
-    let segs: Vec<String> = segs.iter().map(|p| p.display().to_string()).collect();
-    Ok((
-        serde_json::json!({ "files": out, "segs": segs, "next": next }),
+    let head = serde_json::json!({ "ok": {
+        "files": listed,
+        "chunks": chunks_listed,
+        "names": names.len(),
+        "len": records.len() + chunk_records.len() + names.len(),
+        "segs": segs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "next": next,
+    }});
+    records.append(&mut chunk_records);
+    records.append(&mut names);
+    Ok(ExtentPage {
+        head,
+        body: records,
         files,
-    ))
+        whole,
+    })
 }
 
-/// Writes `reply` as a line with these descriptors attached, in order (SCM_RIGHTS; at most
-/// [`EXTENT_SEGS`]), after the answers queued before it: the client gets its own read-only
-/// descriptors and reads from the page cache without the daemon.
+/// Writes `reply` as a line followed by `body`, with these descriptors attached, in order
+/// (SCM_RIGHTS; at most [`EXTENT_SEGS`]), after the answers queued before it: the client gets
+/// its own read-only descriptors and reads from the page cache without the daemon.
 fn send_with_fds(
     w: &mut std::io::BufWriter<std::os::unix::net::UnixStream>,
     reply: &serde_json::Value,
+    body: &[u8],
     files: &[&std::fs::File],
 ) -> std::io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
@@ -434,7 +530,6 @@ fn send_with_fds(
     let stream = w.get_ref();
     let mut line = serde_json::to_vec(reply)?;
     line.push(b'\n');
-    let line = &line[..];
     assert!(
         files.len() <= EXTENT_SEGS,
         "at most EXTENT_SEGS descriptors"
@@ -447,11 +542,16 @@ fn send_with_fds(
     }
     let n = sendmsg(
         stream,
-        &[std::io::IoSlice::new(line)],
+        &[std::io::IoSlice::new(&line), std::io::IoSlice::new(body)],
         &mut control,
         SendFlags::empty(),
     )?;
-    // The descriptor went with the first byte; the rest of the line, if any, follows.
+    // The descriptors went with the first byte; the rest, if any, follows.
     let mut rest = stream;
-    rest.write_all(&line[n..])
+    if n < line.len() {
+        rest.write_all(&line[n..])?;
+        rest.write_all(body)
+    } else {
+        rest.write_all(&body[n - line.len()..])
+    }
 }

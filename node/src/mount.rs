@@ -355,6 +355,12 @@ impl MountSource {
         self.inner.blobs.store().locate(id).ok().flatten()
     }
 
+    /// Blobs that left the local store for good since it was opened (see
+    /// [`shoal_store::ChunkStore::losses`]): what was located before may have moved.
+    pub fn losses(&self) -> u64 {
+        self.inner.blobs.store().losses()
+    }
+
     /// Announces the mount to the swarm (if this node has one) and reads from the origin, for
     /// the other nodes mounting the version, the runs this node owns; until dropped.
     pub fn announce(&self) -> Option<crate::swarm::Mounted> {

@@ -16,6 +16,7 @@ does. `EpochOrder` hands the daemon a loader's order so it fetches ahead of the 
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -45,7 +46,13 @@ OPENED_BATCH = 256
 REASK = 1.0
 # Descriptors one `extents` answer carries at most (the daemon's EXTENT_SEGS).
 EXTENT_SEGS = 32
-_UNKNOWN = object()
+# An `extents` file record: size, first chunk, chunk count (NOT_LOCAL: read it through the
+# daemon); a chunk record: segment, length, offset, then its 32-byte id.
+_FILE = struct.Struct("<QII")
+_CHUNK = struct.Struct("<IIQ")
+CHUNK_RECORD = _CHUNK.size + 32
+NOT_LOCAL = 0xFFFFFFFF
+_ELSEWHERE = object()
 
 
 class ShoalError(OSError):
@@ -176,27 +183,29 @@ class _Session:
         return b"".join(out) if len(out) != 1 else bytes(out[0])
 
     def _reply_with_fds(self, maxfds):
-        """An answer line and the descriptors that came with it. Received from the socket
-        itself: nothing else is buffered, since every earlier answer was read whole."""
-        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, maxfds)
+        """An answer line, the descriptors that came with it, and what was received past the
+        line. Received from the socket itself: nothing else is buffered, since every earlier
+        answer was read whole."""
+        data, fds, _, _ = socket.recv_fds(self.sock, 64 << 10, maxfds)
         if not data:
             raise ShoalError(5, "the shoal daemon closed the connection")
         parts = [data]
-        while not parts[-1].endswith(b"\n"):
+        while b"\n" not in parts[-1]:
             more = self.sock.recv(1 << 20)
             if not more:
                 for f in fds:
                     os.close(f)
                 raise ShoalError(5, "the shoal daemon closed the connection")
             parts.append(more)
-        return json.loads(b"".join(parts)), fds
+        line, _, rest = b"".join(parts).partition(b"\n")
+        return json.loads(line), fds, rest
 
     def fd(self, path):
         """A read-only descriptor of the file's whole local copy, or None (small files, or no
         copy kept): reads from it go to the page cache without the daemon."""
         with self.lock:
             self._send({"op": "fd", "path": path})
-            reply, fds = self._reply_with_fds(1)
+            reply, fds, _ = self._reply_with_fds(1)
         if "ok" not in reply:
             for f in fds:
                 os.close(f)
@@ -208,18 +217,33 @@ class _Session:
         return fds[0]
 
     def extents(self, directory, start):
-        """One page of where the directory's small local files lie: the answer and the store
-        files' descriptors, in the order of its `segs`."""
+        """One page of where the directory's small local files lie: the answer, the store
+        files' descriptors in the order of its `segs`, and its records (see _Page)."""
         with self.lock:
             self._send({"op": "extents", "dir": directory, "from": start})
-            reply, fds = self._reply_with_fds(EXTENT_SEGS)
-        if "ok" not in reply or len(fds) != len(reply["ok"]["segs"]):
+            reply, fds, body = self._reply_with_fds(EXTENT_SEGS)
+            if "ok" in reply:
+                want = reply["ok"]["len"]
+                if len(body) < want:
+                    buf = bytearray(want)
+                    buf[: len(body)] = body
+                    view = memoryview(buf)
+                    got = len(body)
+                    while got < want:
+                        n = self.sock.recv_into(view[got:])
+                        if not n:
+                            for f in fds:
+                                os.close(f)
+                            raise ShoalError(5, "the shoal daemon closed the connection mid-answer")
+                        got += n
+                    body = bytes(buf)
+        if "ok" not in reply or len(fds) != len(reply["ok"]["segs"]) or len(body) != reply["ok"]["len"]:
             for f in fds:
                 os.close(f)
             if "ok" in reply:
-                raise ShoalError(5, "the shoal daemon sent the wrong number of descriptors")
+                raise ShoalError(5, "the shoal daemon sent a malformed extents answer")
             _raise(reply, directory)
-        return reply["ok"], fds
+        return reply["ok"], fds, body
 
     def close(self):
         if self.local is not None:
@@ -230,6 +254,103 @@ class _Session:
             self.sock.close()
 
 
+class _Page:
+    """One page of a directory's extents, as the daemon sent it: file records, chunk records
+    and names (see node/src/files.rs); a file's records are read only when it is."""
+
+    __slots__ = ("files", "chunks", "segs")
+
+    def __init__(self, ok, body):
+        n, m = ok["files"], ok["chunks"]
+        at = _FILE.size * n
+        self.files = memoryview(body)[:at]
+        self.chunks = memoryview(body)[at : at + CHUNK_RECORD * m]
+        self.segs = ok["segs"]
+
+    @staticmethod
+    def names(ok, body):
+        at = _FILE.size * ok["files"] + CHUNK_RECORD * ok["chunks"]
+        names = body[at:].decode().split("\0")
+        names.pop()  # each name ends with a NUL
+        if len(names) != ok["files"]:
+            raise ShoalError(5, "the shoal daemon sent a malformed extents answer")
+        return names
+
+    def extent(self, i):
+        """File i's size and chunks as (segment path, offset, length, id), or None."""
+        size, first, count = _FILE.unpack_from(self.files, _FILE.size * i)
+        if count == NOT_LOCAL:
+            return None
+        out = []
+        for j in range(first, first + count):
+            at = CHUNK_RECORD * j
+            seg, ln, off = _CHUNK.unpack_from(self.chunks, at)
+            out.append((self.segs[seg], off, ln, bytes(self.chunks[at + _CHUNK.size : at + CHUNK_RECORD])))
+        return size, out
+
+    def read(self, i, fds):
+        """File i's bytes from the store's files (`fds`: segment path -> descriptor), every
+        chunk verified; _ELSEWHERE if it was not local when asked, None if its bytes are not
+        all there and right. Chunks that lie one after the other in one segment file (as a
+        file's usually do) are read with one `pread`."""
+        size, first, count = _FILE.unpack_from(self.files, _FILE.size * i)
+        if count == NOT_LOCAL:
+            return _ELSEWHERE
+        if count == 0:
+            return b"" if size == 0 else None
+        chunks = self.chunks
+        at = CHUNK_RECORD * first
+        seg, ln, off = _CHUNK.unpack_from(chunks, at)
+        fd = fds.get(self.segs[seg])
+        if fd is None:
+            return None
+        if count == 1:
+            if ln != size:
+                return None
+            b = os.pread(fd, ln, off)
+            if len(b) != ln or _blake3(b).digest() != chunks[at + 16 : at + CHUNK_RECORD]:
+                return None
+            return b
+        lens = [ln]
+        end = off + ln
+        for j in range(at + CHUNK_RECORD, at + CHUNK_RECORD * count, CHUNK_RECORD):
+            s2, l2, o2 = _CHUNK.unpack_from(chunks, j)
+            if s2 != seg or o2 != end:
+                return self._scattered(i, fds)
+            lens.append(l2)
+            end += l2
+        if end - off != size:
+            return None
+        b = os.pread(fd, size, off)
+        if len(b) != size:
+            return None
+        view = memoryview(b)
+        p = 0
+        idat = at + 16
+        for ln in lens:
+            if _blake3(view[p : p + ln]).digest() != chunks[idat : idat + 32]:
+                return None
+            p += ln
+            idat += CHUNK_RECORD
+        return b
+
+    def _scattered(self, i, fds):
+        size, chunks = self.extent(i)
+        parts = []
+        for seg, off, ln, cid in chunks:
+            fd = fds.get(seg)
+            b = os.pread(fd, ln, off) if fd is not None else b""
+            if len(b) != ln or _blake3(b).digest() != cid:
+                return None
+            parts.append(b)
+        b = b"".join(parts)
+        return b if len(b) == size else None
+
+
+# Files of a page a directory's index can tell apart (the daemon sends at most 1,024).
+_PAGE_FILES = 1 << 16
+
+
 class _Local:
     """Small files read straight from the daemon's store files, for readers of many small
     files: the daemon says once per directory where each file's chunks lie in its segment
@@ -238,26 +359,31 @@ class _Local:
     chunk verified here against its id (BLAKE3), with no round trip to the daemon. A chunk
     that does not verify, or a file not local when asked, is read through the daemon.
 
-    Each process asks for every directory it reads from: one reader of a version asks once
-    per directory, but N loader workers each ask for all of them (N times the work; see
-    docs/python.md)."""
+    Each process asks for every directory it reads from (N loader workers ask N times); the
+    daemon answers the others' asks from memory, and the answers are binary records that a
+    worker reads only for the files it reads."""
 
     def __init__(self, session):
         self.s = session
         self.lk = threading.Lock()
-        self.files = OrderedDict()  # path -> (size, [(segment, offset, len, id)]) or None
+        # directory -> (when asked, {name: page * _PAGE_FILES + index}, [pages])
+        self.dirs = OrderedDict()
+        self.kept = 0  # files in self.dirs
         self.fds = OrderedDict()  # segment path -> descriptor
-        self.asked = {}  # directory -> when asked
         self.opened = []
 
     def _ask(self, directory):
         start = 0
+        index = {}
+        pages = []
         while start is not None:
-            page, fds = self.s.extents(directory, start)
-            segs = page["segs"]
-            prefix = directory + "/" if directory else ""
+            ok, fds, body = self.s.extents(directory, start)
+            page = _Page(ok, body)
+            names = _Page.names(ok, body)
+            if len(names) >= _PAGE_FILES:
+                raise ShoalError(5, "the shoal daemon sent a malformed extents answer")
             with self.lk:
-                for seg, fd in zip(segs, fds):
+                for seg, fd in zip(ok["segs"], fds):
                     if seg in self.fds:
                         os.close(fd)
                         self.fds.move_to_end(seg)
@@ -266,47 +392,60 @@ class _Local:
                 while len(self.fds) > MAX_SEG_FDS:
                     _, fd = self.fds.popitem(last=False)
                     os.close(fd)
-                for name, size, chunks in page["files"]:
-                    self.files[prefix + name] = None if chunks is None else (
-                        size,
-                        [(segs[i], off, ln, bytes.fromhex(h)) for i, off, ln, h in chunks],
-                    )
-                    self.files.move_to_end(prefix + name)
-                while len(self.files) > MAX_EXTENTS:
-                    self.files.popitem(last=False)
-                self.asked[directory] = time.monotonic()
-            start = page["next"]
+            base = len(pages) * _PAGE_FILES
+            pages.append(page)
+            index.update(zip(names, range(base, base + len(names))))
+            start = ok["next"]
+        entry = (time.monotonic(), index, pages)
+        with self.lk:
+            old = self.dirs.pop(directory, None)
+            if old is not None:
+                self.kept -= len(old[1])
+            self.dirs[directory] = entry
+            self.kept += len(index)
+            while self.kept > MAX_EXTENTS and len(self.dirs) > 1:
+                _, (_, gone, _) = self.dirs.popitem(last=False)
+                self.kept -= len(gone)
+        return entry
+
+    def extent(self, path):
+        """The file's size and chunks as (segment path, offset, length, id) as last asked,
+        or None when it is not read from the store's files."""
+        directory, _, name = path.rpartition("/")
+        entry = self.dirs.get(directory)
+        hit = None if entry is None else entry[1].get(name)
+        if hit is None:
+            return None
+        return entry[2][hit // _PAGE_FILES].extent(hit % _PAGE_FILES)
 
     def read(self, path):
         """The file's bytes, verified, or None: read it through the daemon."""
-        with self.lk:
-            e = self.files.get(path, _UNKNOWN)
-        if e is _UNKNOWN or e is None:
-            directory = path.rpartition("/")[0]
-            when = self.asked.get(directory)
-            if when is not None and time.monotonic() - when < REASK:
+        directory, _, name = path.rpartition("/")
+        entry = self.dirs.get(directory)
+        hit = None if entry is None else entry[1].get(name)
+        data = _ELSEWHERE if hit is None else entry[2][hit // _PAGE_FILES].read(hit % _PAGE_FILES, self.fds)
+        if data is _ELSEWHERE:
+            # Not asked yet, or not local when asked: ask (again, at most every REASK).
+            if entry is not None and time.monotonic() - entry[0] < REASK:
                 return None
             try:
-                self._ask(directory)
+                entry = self._ask(directory)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
-            with self.lk:
-                e = self.files.get(path)
-            if e is None:
+            hit = entry[1].get(name)
+            if hit is None:
                 return None
-        size, chunks = e
-        parts = []
-        for seg, off, ln, cid in chunks:
-            with self.lk:
-                fd = self.fds.get(seg)
-            b = os.pread(fd, ln, off) if fd is not None else b""
-            if len(b) != ln or _blake3(b).digest() != cid:
-                # Evicted descriptor, or bytes that are not the chunk: the daemon reads it
-                # (and drops what its store holds wrong).
-                with self.lk:
-                    self.files.pop(path, None)
+            data = entry[2][hit // _PAGE_FILES].read(hit % _PAGE_FILES, self.fds)
+            if data is _ELSEWHERE:
                 return None
-            parts.append(b)
+        if data is None:
+            # An evicted descriptor, or bytes that are not the chunks: the daemon reads it
+            # (and drops what its store holds wrong); the directory is asked again.
+            with self.lk:
+                if self.dirs.get(directory) is entry:
+                    self.dirs.pop(directory)
+                    self.kept -= len(entry[1])
+            return None
         with self.lk:
             self.opened.append(path)
             report = self.opened if len(self.opened) >= OPENED_BATCH else None
@@ -314,7 +453,7 @@ class _Local:
                 self.opened = []
         if report is not None:
             self.s.call({"op": "opened", "paths": report})
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return data
 
     def close(self):
         with self.lk:
