@@ -19,6 +19,7 @@ pub mod lifecycle;
 mod locator;
 pub mod metrics;
 pub mod mount;
+mod origin_blobs;
 pub mod origins;
 pub mod progress;
 mod publish;

@@ -82,6 +82,20 @@ pub(crate) struct PackLoc {
 }
 
 impl PackLoc {
+    /// Bytes of one record (an id first, see [`Self::read_records`]).
+    pub const RECORD: usize = RECORD;
+
+    /// How many blobs the pack holds.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Records `from..from + n` in id order into `buf`, [`Self::RECORD`] bytes each, each
+    /// starting with its blob's id.
+    pub fn read_records(&self, from: usize, n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        self.records.read(from, n, buf)
+    }
+
     /// The blobs lying wholly within raw bytes `raw` of a packed pack, in pack order: (id,
     /// offset, length). A binary search of the pack-order list after the fences (a `pread` of
     /// 16 bytes a step), then one read of the places in the span and one of each record.
@@ -221,6 +235,68 @@ fn write_loc(cache: &Path, pack: &Hash, idx: &AnyIndex) -> std::io::Result<()> {
             Err(e)
         }
     }
+}
+
+/// Whether `id` is a packed pack of `origin` (not an external one), its locator file then in
+/// `cache`: written there from its index (read from the cache or the origin) if it was not.
+///
+/// Cancel-safe: a locator file is renamed into place only once written whole.
+pub(crate) async fn ensure_packed_loc(
+    origin: &shoal_registry::Origin,
+    cache: &Path,
+    id: &Hash,
+) -> Result<bool> {
+    let (c, i) = (cache.to_path_buf(), *id);
+    let existing = tokio::task::spawn_blocking(move || open_loc(&c, &i).map(|p| p.is_external))
+        .await
+        .expect("locator task panicked");
+    if let Some(external) = existing {
+        return Ok(!external);
+    }
+    let (idx, _) = crate::blobs::pack_index(origin, cache, id).await?;
+    if matches!(idx, AnyIndex::External(_)) {
+        return Ok(false);
+    }
+    let (c, i) = (cache.to_path_buf(), *id);
+    tokio::task::spawn_blocking(move || {
+        write_loc(&c, &i, &idx)
+            .and_then(|()| match open_loc(&c, &i) {
+                Some(_) => Ok(true),
+                None => Err(std::io::Error::other("it does not read back as written")),
+            })
+            .map_err(|source| Error::Io {
+                op: "writing the blob locator of a pack to",
+                path: loc_path(&c, &i),
+                source,
+            })
+    })
+    .await
+    .expect("locator task panicked")
+}
+
+/// The locator file of packed pack `id` in `cache`, open, if it is there and whole.
+pub(crate) fn open_packed_loc(cache: &Path, id: &Hash) -> Option<PackLoc> {
+    open_loc(cache, id).filter(|p| !p.is_external)
+}
+
+/// A pack's locator written into `dir` from its blobs' ids (with made-up places).
+#[cfg(test)]
+pub(crate) fn test_loc(dir: &Path, pack: &Hash, ids: &[Hash]) {
+    use shoal_registry::pack::{PackEntry, PackIndex};
+    let entries: Vec<PackEntry> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| PackEntry {
+            id: *id,
+            offset: i as u64 * 10,
+            len: 10,
+        })
+        .collect();
+    let idx = PackIndex {
+        frames: shoal_registry::pack::Frames::plain(ids.len() as u64 * 10),
+        entries,
+    };
+    write_loc(dir, pack, &AnyIndex::Packed(idx)).unwrap();
 }
 
 /// Opens the locator file of `pack`, if there is one whose header names the pack and whose

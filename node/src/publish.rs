@@ -11,20 +11,18 @@
 //! the directories on the walk's current path, one batch of files and bounded dedup state,
 //! not the tree: a publish of ten million files needs what one of a million does.
 
-use crate::blobs::pack_index;
 use crate::error::{io, Error, Result};
 use crate::known::{self, FileStat, Known, KnownWriter};
+use crate::origin_blobs::OriginBlobs;
 use crate::progress::Progress;
 use crate::Node;
 use bytes::Bytes;
 use rayon::prelude::*;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use serde::Serialize;
 use shoal_chunker::{ChunkError, Chunker};
 use shoal_registry::dirs::{self, DirBuilder};
-use shoal_registry::pack::{
-    AnyIndex, ExternalEntry, ExternalIndex, PackBuilder, SealedPack, SourceObject,
-};
+use shoal_registry::pack::{ExternalEntry, ExternalIndex, PackBuilder, SealedPack, SourceObject};
 use shoal_registry::tree::{self, ChunkRef, Entry, EntryKind};
 use shoal_registry::{
     DatasetConfig, Hash, Label, Origin, Params, SignedVersion, SmallFiles, Stats, VersionBody,
@@ -71,8 +69,9 @@ enum Item {
         mode: u32,
         src: SrcFile,
         size: u64,
-        /// Its chunks, when the last publish of the directory saw it in the same state and
-        /// the origin still holds them all: taken unread.
+        /// Its chunks, when the last publish of the directory saw it in the same state (and,
+        /// once [`Dedup::lean_batch`] has passed over it, the origin still holds them all):
+        /// taken unread.
         taken: Option<Vec<ChunkRef>>,
     },
     Symlink {
@@ -158,12 +157,12 @@ impl<'a> DirWalk<'a> {
         let mode = meta.permissions().mode() & 0o777;
         if ft.is_file() {
             let stat = FileStat::of(&meta);
+            // Whether the origin still holds its chunks is asked by the chunking threads, in
+            // parallel ([`Dedup::lean_batch`]).
             let taken = match self.dedup {
-                Some(dedup) => {
+                Some(_) => {
                     let rel = self.rel(&name);
-                    self.known
-                        .take(&rel, &stat)
-                        .filter(|chunks| dedup.lean(chunks))
+                    self.known.take(&rel, &stat)
                 }
                 None => None,
             };
@@ -642,30 +641,50 @@ const USED_TREE: u8 = 2;
 /// Decides which blobs are new (they go into packs), and which of the origin's packs the
 /// version leans on.
 struct Dedup {
-    /// Every blob the origin holds for this dataset: the pack (in `packs`) it lies in.
-    existing: FxHashMap<Hash, u32>,
-    packs: Vec<Hash>,
-    /// Per pack of `packs`: whether the version uses it ([`USED_DATA`], [`USED_TREE`]).
+    /// Every blob the origin holds for this dataset: the pack (in its list) it lies in.
+    existing: OriginBlobs,
+    /// Per pack of `existing`: whether the version uses it ([`USED_DATA`], [`USED_TREE`]).
     used: Vec<AtomicU8>,
     claimed: Mutex<Claims>,
     new_chunks: AtomicU64,
+    /// A read of the table failed (said once; the blobs are then taken as new).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Dedup {
-    fn new(existing: FxHashMap<Hash, u32>, packs: Vec<Hash>) -> Dedup {
+    fn new(existing: OriginBlobs) -> Dedup {
         Dedup {
+            used: existing.packs().iter().map(|_| AtomicU8::new(0)).collect(),
             existing,
-            used: packs.iter().map(|_| AtomicU8::new(0)).collect(),
-            packs,
             claimed: Mutex::default(),
             new_chunks: AtomicU64::new(0),
+            failed: Default::default(),
         }
+    }
+
+    /// The pack of `id` if the origin holds it. A failed read of the table counts as not
+    /// held: the blob is uploaded again, which costs bytes and nothing else.
+    fn existing(&self, id: &Hash) -> Option<u32> {
+        match self.existing.get(id) {
+            Ok(p) => p,
+            Err(e) => {
+                if !self.failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("reading the table of the origin's blobs: {e}; blobs it may list are uploaded again");
+                }
+                None
+            }
+        }
+    }
+
+    /// The pack (in the origin's list) holding `id`, if the origin holds it.
+    fn pack_of(&self, id: &Hash) -> Option<Hash> {
+        self.existing(id).map(|p| self.existing.packs()[p as usize])
     }
 
     /// True if this caller must upload the blob (it is neither in the origin nor claimed); a
     /// blob in the origin marks its pack used.
     fn claim(&self, id: &Hash, tree: bool) -> bool {
-        if let Some(&p) = self.existing.get(id) {
+        if let Some(p) = self.existing(id) {
             let bit = if tree { USED_TREE } else { USED_DATA };
             self.used[p as usize].fetch_or(bit, Ordering::Relaxed);
             return false;
@@ -676,21 +695,41 @@ impl Dedup {
     /// True if the origin holds every one of `chunks` (a file taken unread); their packs are
     /// then used.
     fn lean(&self, chunks: &[ChunkRef]) -> bool {
-        if !chunks.iter().all(|c| self.existing.contains_key(&c.id)) {
-            return false;
-        }
+        let mut found = Vec::with_capacity(chunks.len());
         for c in chunks {
-            self.claim(&c.id, false);
+            match self.existing(&c.id) {
+                Some(p) => found.push(p),
+                None => return false,
+            }
+        }
+        for p in found {
+            self.used[p as usize].fetch_or(USED_DATA, Ordering::Relaxed);
         }
         true
     }
 
+    /// Keeps a batch's files taken unread only where the origin still holds all their
+    /// chunks (the others are read), on all cores: each chunk is a lookup in the table.
+    fn lean_batch(&self, batch: &mut [Item]) {
+        batch.par_iter_mut().for_each(|i| {
+            if let Item::File { taken, .. } = i {
+                if taken.as_ref().is_some_and(|c| !self.lean(c)) {
+                    *taken = None;
+                }
+            }
+        });
+    }
+
     /// The origin's packs the version uses, and which of them hold tree nodes.
     fn used_packs(&self) -> impl Iterator<Item = (Hash, bool)> + '_ {
-        self.packs.iter().zip(&self.used).filter_map(|(p, u)| {
-            let u = u.load(Ordering::Relaxed);
-            (u != 0).then_some((*p, u & USED_TREE != 0))
-        })
+        self.existing
+            .packs()
+            .iter()
+            .zip(&self.used)
+            .filter_map(|(p, u)| {
+                let u = u.load(Ordering::Relaxed);
+                (u != 0).then_some((*p, u & USED_TREE != 0))
+            })
     }
 }
 
@@ -1280,7 +1319,8 @@ impl Chunking<'_> {
         let mut tree = TreeBuild::new(self.dedup, self.tx);
         let (mut taken, mut file_chunks) = (0u64, Vec::new());
         for batch in batches {
-            let batch = batch?;
+            let mut batch = batch?;
+            self.dedup.lean_batch(&mut batch);
             let chunked = {
                 let todo: Vec<(&SrcFile, u64)> = batch
                     .iter()
@@ -1371,17 +1411,15 @@ impl Chunking<'_> {
 
 impl Node {
     /// Every blob the origin holds of this dataset, in the packs of its versions signed by
-    /// trusted keys (anything else is not deduplicated against): blob -> pack (in the list
-    /// returned).
+    /// trusted keys (anything else is not deduplicated against), as a table on disk (see
+    /// [`crate::origin_blobs`]): opened when the packs are those it was built from, else
+    /// built from their locators (written from their indexes where this machine has none).
     ///
-    /// Cancel-safe: it only reads.
-    async fn existing_blobs(
-        &self,
-        name: &shoal_registry::DatasetName,
-    ) -> Result<(FxHashMap<Hash, u32>, Vec<Hash>)> {
+    /// Cancel-safe: it only reads the origin; the table and locators are written whole and
+    /// renamed into place.
+    async fn existing_blobs(&self, name: &shoal_registry::DatasetName) -> Result<OriginBlobs> {
         let origin = self.origin();
         let trusted = self.trusted_keys()?;
-        let mut existing = FxHashMap::default();
         let mut packs = Vec::new();
         let mut packs_seen = HashSet::new();
         // Removed versions are not leaned on: gc keeps their packs only for a grace period.
@@ -1402,21 +1440,32 @@ impl Node {
             let reached = crate::lifecycle::reach_through(&sv.body.packs, &forwards);
             for p in reached {
                 if !forwards.contains_key(&p) && packs_seen.insert(p) {
-                    // Only packed blobs: a new version never leans on another's source objects.
-                    if let AnyIndex::Packed(idx) =
-                        pack_index(origin, &self.home.pack_cache_dir(), &p).await?.0
-                    {
-                        let at = packs.len() as u32;
-                        packs.push(p);
-                        existing.reserve(idx.entries.len());
-                        for e in idx.entries {
-                            existing.insert(e.id, at);
-                        }
-                    }
+                    packs.push(p);
                 }
             }
         }
-        Ok((existing, packs))
+        if packs.is_empty() {
+            return Ok(OriginBlobs::empty());
+        }
+        let path = crate::origin_blobs::table_path(self.home.root(), name.as_str());
+        let (p, list) = (path.clone(), packs.clone());
+        let open = tokio::task::spawn_blocking(move || OriginBlobs::open(&p, &list))
+            .await
+            .expect("table task panicked");
+        if let Some(t) = open {
+            return Ok(t);
+        }
+        // Only packed blobs: a new version never leans on another's source objects.
+        let cache = self.home.pack_cache_dir();
+        let mut packed = Vec::new();
+        for (n, p) in packs.iter().enumerate() {
+            if crate::locator::ensure_packed_loc(origin, &cache, p).await? {
+                packed.push(n as u32);
+            }
+        }
+        tokio::task::spawn_blocking(move || OriginBlobs::build(&path, &packs, &packed, &cache))
+            .await
+            .expect("table task panicked")
     }
 
     /// Publishes `dir` as `target`. See the module docs for the write order.
@@ -1545,8 +1594,7 @@ impl Node {
         };
         let (params, small) = (cfg.chunking, cfg.small);
         progress.phase("loading dataset index", 0);
-        let (existing, existing_packs) = self.existing_blobs(name).await?;
-        let dedup = Dedup::new(existing, existing_packs);
+        let dedup = Dedup::new(self.existing_blobs(name).await?);
         // What the last publish of this directory saw of its files, and what this one sees.
         let state = match (source, opts.in_place) {
             (PublishSource::Dir(dir), false) => std::fs::canonicalize(dir)
@@ -1679,8 +1727,8 @@ impl Node {
             }
         }
         packs.extend(external_packs.iter().copied());
-        let root_pack = match dedup.existing.get(&built.root) {
-            Some(&p) => dedup.packs[p as usize],
+        let root_pack = match dedup.pack_of(&built.root) {
+            Some(p) => p,
             None => uploaded
                 .iter()
                 .find(|u| u.tree && u.ids.contains(&built.root))
