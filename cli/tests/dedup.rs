@@ -51,6 +51,19 @@ fn second_version_uploads_about_what_changed() {
     assert!(v3["new_bytes_uploaded"].as_u64().unwrap() < 4096, "{v3}");
     assert_eq!(v3["root"], v2["root"]);
 
+    // What publish deduplicates against is a table on disk; a damaged one (every entry
+    // zeroed) is not used but built again, and the next publish still uploads nothing new.
+    let table = env.home.join("publish/ds.blobs");
+    let mut bytes = std::fs::read(&table).expect("the table of the origin's blobs");
+    let count = u64::from_le_bytes(bytes[48..56].try_into().unwrap()) as usize;
+    assert!(count > 30, "{count} blobs in the table");
+    bytes[64..64 + 36 * count].fill(0);
+    std::fs::write(&table, &bytes).unwrap();
+    let v4 = env.json(&["publish", src.to_str().unwrap(), "ds@v4"]);
+    assert_eq!(v4["new_chunks"], 0, "{v4}");
+    assert!(v4["new_bytes_uploaded"].as_u64().unwrap() < 4096, "{v4}");
+    assert_ne!(std::fs::read(&table).unwrap(), bytes, "the table was built again");
+
     // And both versions pull back exactly.
     let other = env.peer("other");
     other.run(&["trust", &env.key()]);
