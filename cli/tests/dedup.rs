@@ -62,7 +62,11 @@ fn second_version_uploads_about_what_changed() {
     let v4 = env.json(&["publish", src.to_str().unwrap(), "ds@v4"]);
     assert_eq!(v4["new_chunks"], 0, "{v4}");
     assert!(v4["new_bytes_uploaded"].as_u64().unwrap() < 4096, "{v4}");
-    assert_ne!(std::fs::read(&table).unwrap(), bytes, "the table was built again");
+    assert_ne!(
+        std::fs::read(&table).unwrap(),
+        bytes,
+        "the table was built again"
+    );
 
     // And both versions pull back exactly.
     let other = env.peer("other");
