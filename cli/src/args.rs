@@ -57,11 +57,13 @@ pub enum Command {
         /// (incompressible data is detected and stored raw), `none` stores every blob raw.
         #[arg(long, value_name = "zstd|none", default_value = "zstd", value_parser = ["zstd", "none"])]
         compression: String,
-        /// For a dataset's first version: cut files under 1 MiB in chunks of 1 / 4 / 16 KiB,
-        /// so small edited files share all but the few KiB around each edit with their next
-        /// version. `auto` does when a sample of the small files compresses well (text, code),
-        /// not for media. Later versions keep what the dataset recorded.
-        #[arg(long, value_name = "auto|on|off", default_value = "auto", value_parser = ["auto", "on", "off"])]
+        /// For a dataset's first version, how files under 1 MiB are cut: `on` in chunks of
+        /// 1 / 4 / 16 KiB, so small edited files share all but the few KiB around each edit
+        /// with their next version; `whole` one chunk each (media, compressed files: replaced
+        /// whole, read and verified whole); `off` like larger files. `auto` picks `on` when a
+        /// sample of the small files compresses well (text, code), else `whole`. Later versions
+        /// keep what the dataset recorded.
+        #[arg(long, value_name = "auto|on|whole|off", default_value = "auto", value_parser = ["auto", "on", "whole", "off"])]
         small_files: String,
     },
     /// Fetch a version (NAME@VERSION, NAME@TAG or NAME@b3:<root>) and write its files.

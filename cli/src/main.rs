@@ -217,6 +217,7 @@ async fn run(args: Args, out: &Out) -> Result<()> {
                         uncompressed: compression == "none",
                         small: match small_files.as_str() {
                             "on" => shoal_node::SmallChoice::On,
+                            "whole" => shoal_node::SmallChoice::Whole,
                             "off" => shoal_node::SmallChoice::Off,
                             _ => shoal_node::SmallChoice::Auto,
                         },

@@ -924,10 +924,15 @@ pub(crate) fn now_unix() -> u64 {
 /// Whether a new dataset cuts its small files in small chunks ([`SmallFiles`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SmallChoice {
-    /// When its small files look like text or code (compressible): see [`text_like`].
+    /// [`SmallFiles::DEFAULT`] when its small files look like text or code (compressible),
+    /// else [`SmallFiles::WHOLE`]: see [`text_like`].
     #[default]
     Auto,
+    /// Small files in small chunks ([`SmallFiles::DEFAULT`]).
     On,
+    /// Small files one chunk each ([`SmallFiles::WHOLE`]).
+    Whole,
+    /// Every file cut with the dataset's chunking.
     Off,
 }
 
@@ -939,8 +944,8 @@ const PROBE_BYTES: usize = 16 << 10;
 /// them (spread over the tree) compresses to under 60% with zstd. Those are the files edited
 /// in place from version to version, where small chunks pay (Django releases: 2.62x rsync's
 /// literal data with the default chunks, 1.38x with small ones); media and compressed files
-/// are replaced whole, and small chunks would only multiply their chunks. Only local files
-/// are probed (an object store source gets the default chunking unless asked).
+/// are replaced whole, and are best kept one chunk each. Only local files are probed (an
+/// object store source gets the default chunking unless asked).
 fn text_like(sample_files: &[PathBuf]) -> bool {
     use std::io::Read;
     let mut sample = Vec::new();
@@ -1570,15 +1575,18 @@ impl Node {
                 let small = match (opts.small, source) {
                     (SmallChoice::Off, _) => None,
                     (SmallChoice::On, _) => Some(SmallFiles::DEFAULT),
+                    (SmallChoice::Whole, _) => Some(SmallFiles::WHOLE),
                     // Only local files are probed: an object store source gets the default
                     // chunking unless asked.
                     (SmallChoice::Auto, PublishSource::Store(_)) => None,
                     (SmallChoice::Auto, PublishSource::Dir(dir)) => {
                         let dir = dir.clone();
                         tokio::task::spawn_blocking(move || {
-                            Ok::<_, Error>(
-                                text_like(&probe_sample(&dir)?).then_some(SmallFiles::DEFAULT),
-                            )
+                            Ok::<_, Error>(Some(if text_like(&probe_sample(&dir)?) {
+                                SmallFiles::DEFAULT
+                            } else {
+                                SmallFiles::WHOLE
+                            }))
                         })
                         .await
                         .expect("probe task panicked")?

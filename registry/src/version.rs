@@ -618,6 +618,20 @@ impl SmallFiles {
         },
     };
 
+    /// Files under 1 MiB one chunk each (their size is under the minimum chunk): for media
+    /// and compressed files, which are replaced whole from version to version, so that
+    /// smaller chunks buy no dedup and cost a lookup, a verification and an index entry each
+    /// (images_v1: 3.4 chunks a 110 KB file with the default chunking). A reader verifies
+    /// such a file with one hash; see `docs/chunking.md`.
+    pub const WHOLE: SmallFiles = SmallFiles {
+        below: 1 << 20,
+        params: Params {
+            min: 1 << 20,
+            avg: 2 << 20,
+            max: 4 << 20,
+        },
+    };
+
     /// The parameters for a file of `size` bytes.
     pub fn params_for(small: Option<&SmallFiles>, size: u64, default: Params) -> Params {
         match small {
