@@ -256,25 +256,50 @@ fn small_text_files_get_small_chunks_and_an_edit_uploads_little() {
     other.json(&["pull", "code@v2", "--to", out.to_str().unwrap()]);
     assert_same_tree(&src, &out);
 
-    // Random small files: left at the default chunking, and v1 settings.
+    // Random small files (media): one chunk each, recorded as the dataset's whole class.
     let media = Env::new();
     let dir = media.path("media");
     for i in 0..40 {
-        write(&dir.join(format!("img{i}.jpg")), &random_bytes(i, 30_000));
+        write(
+            &dir.join(format!("img{i}.jpg")),
+            &random_bytes(i, 30_000 + 20_000 * i as usize),
+        );
     }
-    media.json(&["publish", dir.to_str().unwrap(), "img@v1"]);
-    let settings = dataset_settings(&media.origin, "img");
-    assert_eq!(settings[4], 1);
-    // Asked for: on.
+    let r = media.json(&["publish", dir.to_str().unwrap(), "img@v1"]);
+    assert_eq!(r["chunks"], 40, "{r}");
+    let cfg =
+        shoal_registry::DatasetConfig::decode(&dataset_settings(&media.origin, "img")).unwrap();
+    assert_eq!(
+        cfg.small,
+        Some(shoal_registry::SmallFiles::WHOLE),
+        "media: whole"
+    );
+    let other = media.peer("other");
+    assert!(other.run(&["trust", &media.key()]).status.success());
+    let out = other.path("out");
+    other.json(&["pull", "img@v1", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&dir, &out);
+    // Asked for: small chunks; or the default chunking and v1 settings.
     let forced = Env::new();
-    forced.json(&[
+    let r = forced.json(&[
         "publish",
         dir.to_str().unwrap(),
         "img@v1",
         "--small-files",
         "on",
     ]);
+    assert!(r["chunks"].as_u64().unwrap() > 40 * 10, "{r}");
     assert_eq!(dataset_settings(&forced.origin, "img")[4], 2);
+    let off = Env::new();
+    let r = off.json(&[
+        "publish",
+        dir.to_str().unwrap(),
+        "img@v1",
+        "--small-files",
+        "off",
+    ]);
+    assert!(r["chunks"].as_u64().unwrap() > 40, "{r}");
+    assert_eq!(dataset_settings(&off.origin, "img")[4], 1);
 }
 
 #[test]
