@@ -839,6 +839,10 @@ fn chunking_bench(args: &Args, datasets: &[String], avgs: &[u32]) -> Result<Valu
                     &format!("{ds}@v1"),
                     "--chunking",
                     &spec,
+                    // Every file cut with the size swept (a media dataset's small files would
+                    // otherwise be one chunk each, whatever the size).
+                    "--small-files",
+                    "off",
                 ],
             )?;
             let (_, r2) = shoal(
