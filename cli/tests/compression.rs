@@ -250,11 +250,7 @@ fn small_text_files_get_small_chunks_and_an_edit_uploads_little() {
         uploaded < 24 << 10,
         "one line added to {rel} ({size} bytes) uploaded {uploaded} bytes"
     );
-    let other = env.peer("other");
-    assert!(other.run(&["trust", &env.key()]).status.success());
-    let out = other.path("out");
-    other.json(&["pull", "code@v2", "--to", out.to_str().unwrap()]);
-    assert_same_tree(&src, &out);
+    pulls_back_exactly(&env, "code@v2", &src);
 
     // Random small files (media): one chunk each, recorded as the dataset's whole class.
     let media = Env::new();
@@ -274,32 +270,34 @@ fn small_text_files_get_small_chunks_and_an_edit_uploads_little() {
         Some(shoal_registry::SmallFiles::WHOLE),
         "media: whole"
     );
-    let other = media.peer("other");
-    assert!(other.run(&["trust", &media.key()]).status.success());
+    pulls_back_exactly(&media, "img@v1", &dir);
+    // Asked for: small chunks (v2 settings); or the default chunking (v1 settings).
+    for (choice, more_than, settings) in [("on", 40 * 10, 2), ("off", 40, 1)] {
+        let forced = Env::new();
+        let args = [
+            "publish",
+            dir.to_str().unwrap(),
+            "img@v1",
+            "--small-files",
+            choice,
+        ];
+        let r = forced.json(&args);
+        assert!(r["chunks"].as_u64().unwrap() > more_than, "{choice}: {r}");
+        assert_eq!(
+            dataset_settings(&forced.origin, "img")[4],
+            settings,
+            "{choice}"
+        );
+    }
+}
+
+/// A peer trusting `env`'s key pulls `reference` and gets exactly the files of `src`.
+fn pulls_back_exactly(env: &Env, reference: &str, src: &Path) {
+    let other = env.peer("other");
+    assert!(other.run(&["trust", &env.key()]).status.success());
     let out = other.path("out");
-    other.json(&["pull", "img@v1", "--to", out.to_str().unwrap()]);
-    assert_same_tree(&dir, &out);
-    // Asked for: small chunks; or the default chunking and v1 settings.
-    let forced = Env::new();
-    let r = forced.json(&[
-        "publish",
-        dir.to_str().unwrap(),
-        "img@v1",
-        "--small-files",
-        "on",
-    ]);
-    assert!(r["chunks"].as_u64().unwrap() > 40 * 10, "{r}");
-    assert_eq!(dataset_settings(&forced.origin, "img")[4], 2);
-    let off = Env::new();
-    let r = off.json(&[
-        "publish",
-        dir.to_str().unwrap(),
-        "img@v1",
-        "--small-files",
-        "off",
-    ]);
-    assert!(r["chunks"].as_u64().unwrap() > 40, "{r}");
-    assert_eq!(dataset_settings(&off.origin, "img")[4], 1);
+    other.json(&["pull", reference, "--to", out.to_str().unwrap()]);
+    assert_same_tree(src, &out);
 }
 
 #[test]
