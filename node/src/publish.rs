@@ -111,21 +111,21 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
 /// Walks a local directory lazily in the tree's order ([`Item`]), validating every name and
 /// type: memory holds the names of the directories on the walk's path. A file the last
 /// publish saw in the same state is looked up in `known` as the walk meets it (both go in the
-/// same order) and taken unread when `dedup` says the origin still holds its chunks.
-struct DirWalk<'a> {
+/// same order), to be taken unread if the origin still holds its chunks
+/// ([`Dedup::lean_batch`]).
+struct DirWalk {
     /// The open directories: path, and the names left in it (last first).
     stack: Vec<(PathBuf, Vec<String>)>,
     /// Names of the open directories below the root.
     names: Vec<String>,
     known: Known,
-    dedup: Option<&'a Dedup>,
     /// Directories and symlinks met (paths relative to the root), for [`check_links`].
     kinds: HashMap<String, tree::PathKind>,
     links: Vec<(String, String)>,
 }
 
-impl<'a> DirWalk<'a> {
-    fn new(root: &Path, known: Known, dedup: Option<&'a Dedup>) -> Result<DirWalk<'a>> {
+impl DirWalk {
+    fn new(root: &Path, known: Known) -> Result<DirWalk> {
         let meta = std::fs::metadata(root).map_err(|e| source_err(root, e.to_string()))?;
         if !meta.is_dir() {
             return Err(source_err(root, "not a directory"));
@@ -134,7 +134,6 @@ impl<'a> DirWalk<'a> {
             stack: vec![(root.to_path_buf(), list_dir(root)?)],
             names: Vec::new(),
             known,
-            dedup,
             kinds: HashMap::new(),
             links: Vec::new(),
         })
@@ -159,13 +158,8 @@ impl<'a> DirWalk<'a> {
             let stat = FileStat::of(&meta);
             // Whether the origin still holds its chunks is asked by the chunking threads, in
             // parallel ([`Dedup::lean_batch`]).
-            let taken = match self.dedup {
-                Some(_) => {
-                    let rel = self.rel(&name);
-                    self.known.take(&rel, &stat)
-                }
-                None => None,
-            };
+            let rel = self.rel(&name);
+            let taken = self.known.take(&rel, &stat);
             return Ok(Item::File {
                 name,
                 mode,
@@ -212,7 +206,7 @@ impl<'a> DirWalk<'a> {
     }
 }
 
-impl Iterator for DirWalk<'_> {
+impl Iterator for DirWalk {
     type Item = Result<Item>;
 
     fn next(&mut self) -> Option<Result<Item>> {
@@ -238,12 +232,12 @@ impl Iterator for DirWalk<'_> {
 /// A publish's source as a walk: a local directory walked as it goes, or entries listed
 /// beforehand (an object store's keys; an in-place publish, which records every file's
 /// object before reading any).
-enum Walk<'a> {
-    Dir(Box<DirWalk<'a>>),
+enum Walk {
+    Dir(Box<DirWalk>),
     Listed(std::vec::IntoIter<Item>),
 }
 
-impl Iterator for Walk<'_> {
+impl Iterator for Walk {
     type Item = Result<Item>;
 
     fn next(&mut self) -> Option<Result<Item>> {
@@ -965,7 +959,7 @@ fn text_like(sample_files: &[PathBuf]) -> bool {
 fn probe_sample(root: &Path) -> Result<Vec<PathBuf>> {
     let mut sample = Vec::new();
     let (mut step, mut seen) = (1usize, 0usize);
-    for item in DirWalk::new(root, Known::default(), None)? {
+    for item in DirWalk::new(root, Known::default())? {
         let Item::File {
             src: SrcFile::Local { path, .. },
             size,
@@ -1270,11 +1264,11 @@ impl Chunking<'_> {
     /// cores and builds the tree from the batches in order, recording each local file in
     /// `state` (the source directory as walked, and the state being written). Returns what it
     /// built and the walk (for what it met), or `Ok(None)` when the uploader stopped.
-    fn run<'w>(
+    fn run(
         &self,
-        walk: Walk<'w>,
+        walk: Walk,
         state: Option<(&Path, &mut KnownWriter)>,
-    ) -> Result<Option<(Built, Walk<'w>)>> {
+    ) -> Result<Option<(Built, Walk)>> {
         std::thread::scope(|s| {
             let (btx, brx) = std::sync::mpsc::sync_channel::<Result<Vec<Item>>>(BATCHES_AHEAD);
             let progress = self.progress;
@@ -1631,9 +1625,7 @@ impl Node {
 
         let mut walk = match (source, listed) {
             (_, Some(items)) => Walk::Listed(items.into_iter()),
-            (PublishSource::Dir(dir), None) => {
-                Walk::Dir(Box::new(DirWalk::new(dir, known, Some(&dedup))?))
-            }
+            (PublishSource::Dir(dir), None) => Walk::Dir(Box::new(DirWalk::new(dir, known)?)),
             (PublishSource::Store(_), None) => unreachable!("a store's keys are listed"),
         };
         // In place: every file's object as it is before it is read, so the walk is listed
