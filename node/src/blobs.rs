@@ -41,6 +41,10 @@ const BUDGET_UNIT: u64 = 64 << 10;
 /// 16 MiB range of tree nodes given at once held ~5 MB of compressed nodes; eight ranges, 42 MB
 /// of a 10M-entry pull's peak).
 const STORE_BATCH: usize = 1 << 20;
+/// ... and at most this many blobs (a MiB of tiny blobs is ~100,000 of them, and each batch's
+/// per-blob lists of several MB, allocated and freed batch after batch, left the allocator's
+/// heap fragmented: 10M-entry pull, 211 MB max RSS for a 156 MB heap peak).
+const STORE_BATCH_BLOBS: usize = 4096;
 /// Compressed frames kept decoded (each about [`shoal_registry::pack::FRAME_TARGET`] bytes).
 const FRAMES_CACHED: usize = 16;
 /// How long a mount waits for the peer that owns a run to deliver anything (while it stays
@@ -1106,6 +1110,9 @@ impl Keeper {
         why: &str,
     ) -> Result<(u64, Vec<(Hash, Bytes)>)> {
         let mut batch = Vec::with_capacity(blobs.len());
+        // (Collected as verified: looking each asked blob up in `batch` afterwards was
+        // quadratic in a range's blobs, ~100,000 tiny ones in 16 MiB.)
+        let mut got = Vec::new();
         let mut n = 0;
         let mut bad = None;
         for (id, off, len) in blobs {
@@ -1126,6 +1133,9 @@ impl Keeper {
             batch.push((*id, bytes));
             if asked {
                 n += *len as u64;
+                if want {
+                    got.push((*id, data.slice(rel..rel + *len as usize)));
+                }
             }
         }
         if self.keep {
@@ -1134,7 +1144,11 @@ impl Keeper {
             while from < batch.len() {
                 let mut to = from;
                 let mut bytes = 0;
-                while to < batch.len() && (to == from || bytes + batch[to].1.len() <= STORE_BATCH) {
+                while to < batch.len()
+                    && (to == from
+                        || (bytes + batch[to].1.len() <= STORE_BATCH
+                            && to - from < STORE_BATCH_BLOBS))
+                {
                     bytes += batch[to].1.len();
                     to += 1;
                 }
@@ -1147,18 +1161,6 @@ impl Keeper {
         }
         let stop = start + data.len() as u64;
         tracing::debug!(what = %label, start, stop, blobs = batch.len(), durable = self.durable, "origin range stored");
-        let got = if want {
-            blobs
-                .iter()
-                .filter(|(id, _, _)| !extra.contains(id) && batch.iter().any(|(b, _)| b == id))
-                .map(|(id, off, len)| {
-                    let rel = (off - start) as usize;
-                    (*id, data.slice(rel..rel + *len as usize))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
         match bad {
             Some(e) => Err(e),
             None => Ok((n, got)),

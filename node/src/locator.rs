@@ -62,6 +62,9 @@ const PLACE: usize = 8 + 4 + 4;
 /// on disk yet holds its index read and decoded: ~30 MB for a pack of 262,144 tiny blobs.
 /// Four at once were the largest part of a 10M-entry pull's peak; two keep both cores busy.)
 const OPEN_AT_ONCE: usize = 2;
+/// A locator built from an index of at least this many blobs gives the allocator's free
+/// memory back afterwards.
+const TRIM_AFTER_BLOBS: usize = 16_384;
 /// Packs of recent hits a lookup tries first.
 const HINTS: usize = 4;
 
@@ -743,13 +746,25 @@ impl Locator {
         if let Some(s) = &self.swarm {
             s.counters.bytes_from_origin.fetch_add(n, Ordering::Relaxed);
         }
-        let (mut p, idx) = match existing {
-            Some(p) => (p, idx),
-            None => {
+        // (A packed pack's index is done with once its locator is written.)
+        let (mut p, external) = match (existing, idx) {
+            (Some(p), AnyIndex::External(x)) => (p, Some(x)),
+            (Some(p), AnyIndex::Packed(_)) => (p, None),
+            (None, idx) => {
                 let cache = self.cache.clone();
-                let (p, idx) = tokio::task::spawn_blocking(move || {
+                let (p, external) = tokio::task::spawn_blocking(move || {
                     let p = write_loc(&cache, &id, &idx).map(|()| open_loc(&cache, &id));
-                    (p, idx)
+                    let external = match idx {
+                        AnyIndex::External(x) => Some(x),
+                        AnyIndex::Packed(_) => None,
+                    };
+                    if matches!(&p, Ok(Some(p)) if p.len() >= TRIM_AFTER_BLOBS) {
+                        // Its index, read and decoded (~25 MB for a full pack), is gone:
+                        // glibc would keep the room, between blocks still in use, for the
+                        // rest of the process.
+                        shoal_fuse::trim_allocator();
+                    }
+                    (p, external)
                 })
                 .await
                 .expect("locator task panicked");
@@ -757,7 +772,7 @@ impl Locator {
                     p.ok_or_else(|| std::io::Error::other("it does not read back as written"))
                 });
                 match p {
-                    Ok(p) => (p, idx),
+                    Ok(p) => (p, external),
                     Err(source) => {
                         return Err(Error::Io {
                             op: "writing the blob locator of a pack to",
@@ -768,7 +783,7 @@ impl Locator {
                 }
             }
         };
-        if let AnyIndex::External(x) = idx {
+        if let Some(x) = external {
             p.copies = copy_of(&self.origins, self.holders, &id, &x).await;
             p.external = Some(Arc::new(x));
         }

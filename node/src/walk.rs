@@ -195,6 +195,11 @@ impl<'a> Walker<'a> {
                 }
                 let level = std::mem::take(&mut self.next);
                 ensure_tree(self.blobs, level.iter().map(|l| l.1).collect()).await?;
+                if level.len() >= 1024 {
+                    // The level's ranged reads are stored and gone (up to the 64 MiB
+                    // budget): give their room back before the files' fetches start.
+                    shoal_fuse::trim_allocator();
+                }
                 self.level = level.into_iter();
                 continue;
             };

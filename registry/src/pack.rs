@@ -260,14 +260,41 @@ pub struct PackIndex {
 /// A format v1 index: blobs stored as they are.
 #[derive(Serialize, Deserialize)]
 struct IndexV1 {
+    #[serde(deserialize_with = "entries")]
     entries: Vec<PackEntry>,
 }
 
 /// A format v2 index: blobs in frames, some compressed.
 #[derive(Serialize, Deserialize)]
 struct IndexV2 {
+    #[serde(deserialize_with = "entries")]
     entries: Vec<PackEntry>,
     frames: Vec<Frame>,
+}
+
+/// An index's entries, room made for as many as it declares up to a full pack's. (serde
+/// reserves at most 1 MiB for a list it is told the length of, then doubles: a full pack's
+/// 262,144 entries grew through 8 and 17 MB buffers held at once, twice the list, in each of
+/// the indexes a pull opens side by side.)
+fn entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PackEntry>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<PackEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of pack entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(PACK_MAX_BLOBS));
+            while let Some(e) = seq.next_element()? {
+                v.push(e);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Entries)
 }
 
 impl PackIndex {
