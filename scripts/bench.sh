@@ -6,7 +6,7 @@
 #   scripts/bench.sh swarm-lo [--runs 3] [--peers rsync,aria2,sendme] [--wire on|off|both] [--text] [--seed-rate 100MB]
 #   scripts/bench.sh swarm-netns [--nodes 8] [--rate 200mbit] [--kill 2] [--no-peers] [--second-origin 200mbit]
 #   scripts/bench.sh swarm-zones [--rate 200mbit]
-#   scripts/bench.sh scale [--entries 1000000] [--width 1000] [--real-files] [--no-pull | --pull-no-files] [--no-find]
+#   scripts/bench.sh scale [--entries 1000000] [--width 1000] [--real-files [--src DIR]] [--no-pull | --pull-no-files] [--no-find]
 #       (N tiny files generated into an origin: pull RSS, cold mount, first stat, find, ls)
 #   scripts/bench.sh compress [--runs 3]   (two Django releases: origin bytes vs tar | zstd -3,
 #       upload vs rsync literal data, with and without compression; shards_v1 publish both ways)
