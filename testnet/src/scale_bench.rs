@@ -65,6 +65,18 @@ fn wait_mounted(child: &mut Child, mp: &Path, what: &str) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// `find` over the mount at `mp` cold then warm, and the RSS of its server `pid` after: the
+/// figures go into `out`.
+fn find_figures(mp: &Path, pid: u32, out: &mut Value) -> Result<()> {
+    let (n, cold, warm) = find_twice(mp)?;
+    out["find_entries"] = json!(n);
+    out["find_cold_s"] = json!(cold);
+    out["find_warm_s"] = json!(warm);
+    out["find_entries_per_s"] = json!(n as f64 / warm);
+    out["mount_rss_after_find_bytes"] = json!(rss_bytes(pid));
+    Ok(())
+}
+
 /// `find mp` twice (cold, then warm): (entries, cold seconds, warm seconds).
 fn find_twice(mp: &Path) -> Result<(u64, f64, f64)> {
     let mut times = Vec::new();
@@ -242,12 +254,7 @@ pub fn run(
         if !find {
             return Ok(());
         }
-        let (n, cold, warm) = find_twice(&mp)?;
-        out["find_entries"] = json!(n);
-        out["find_cold_s"] = json!(cold);
-        out["find_warm_s"] = json!(warm);
-        out["find_entries_per_s"] = json!(n as f64 / warm);
-        out["mount_rss_after_find_bytes"] = json!(rss_bytes(child.id()));
+        find_figures(&mp, child.id(), &mut out)?;
         out["mount_rss_anon_after_find_bytes"] = json!(status_bytes(child.id(), "RssAnon:"));
         // The kernel drops its dentries and inodes and forgets them: the mount frees its own.
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
@@ -364,12 +371,7 @@ pub fn run(
                 "first_stat_s": first,
             });
             if find {
-                let (n, cold, warm) = find_twice(&smp)?;
-                v["find_entries"] = json!(n);
-                v["find_cold_s"] = json!(cold);
-                v["find_warm_s"] = json!(warm);
-                v["find_entries_per_s"] = json!(n as f64 / warm);
-                v["mount_rss_after_find_bytes"] = json!(rss_bytes(sq.id()));
+                find_figures(&smp, sq.id(), &mut v)?;
             }
             Ok(v)
         })();
