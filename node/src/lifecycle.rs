@@ -73,15 +73,20 @@ pub struct GcInputs<'a> {
     pub pack_objects: &'a [StoredObject],
 }
 
-/// `packs/<64 hex>.<ext>` with anything after the extension (a local directory's staging file
-/// `<id>.pack#N`): the pack's id and whether the object is its index.
+/// `packs/<64 hex>.pack` or `.idx`, or a local directory's staging file of either
+/// (`<id>.pack#N`, `<id>.idx#N`: a put killed before its rename): the pack's id and whether
+/// the object is its index.
 fn pack_object(key: &str) -> Option<(Hash, bool)> {
     let name = key.strip_prefix("packs/")?;
     let (hex, ext) = name.split_at_checked(64)?;
     let id: Hash = hex.parse().ok()?;
+    let (ext, staging) = ext.split_once('#').unwrap_or((ext, "0"));
+    if staging.is_empty() || !staging.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     match ext {
         ".idx" => Some((id, true)),
-        e if e.starts_with(".pack") => Some((id, false)),
+        ".pack" => Some((id, false)),
         _ => None,
     }
 }
@@ -700,10 +705,20 @@ mod tests {
             // d: named by a removal 10 s ago.
             obj(&d, "pack", 400, 0),
             obj(&d, "idx", 40, 0),
-            // e: a staging leftover of an old copy, no index.
+            // e: staging leftovers of an old copy (a publish killed mid-put), no index.
             StoredObject {
                 key: format!("packs/{e}.pack#7"),
                 size: 500,
+                modified_unix: 0,
+            },
+            StoredObject {
+                key: format!("packs/{e}.idx#1"),
+                size: 50,
+                modified_unix: 0,
+            },
+            StoredObject {
+                key: format!("packs/{e}.packed"),
+                size: 1,
                 modified_unix: 0,
             },
             StoredObject {
@@ -725,16 +740,20 @@ mod tests {
         });
         let keys: Vec<&str> = plan.delete.iter().map(|d| d.key.as_str()).collect();
         let want_b = [format!("packs/{b}.idx"), format!("packs/{b}.pack")];
-        let want_e = format!("packs/{e}.pack#7");
-        assert!(keys.contains(&want_e.as_str()), "{keys:?}");
+        for want_e in [format!("packs/{e}.pack#7"), format!("packs/{e}.idx#1")] {
+            assert!(keys.contains(&want_e.as_str()), "{keys:?}");
+        }
         let bi = keys.iter().position(|k| *k == want_b[0]).unwrap();
         let bp = keys.iter().position(|k| *k == want_b[1]).unwrap();
         assert!(bi < bp, "index before pack: {keys:?}");
-        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert_eq!(keys.len(), 4, "{keys:?}");
         assert_eq!(plan.live, 1);
         assert_eq!(plan.young, 1);
         assert_eq!(plan.recently_removed, 1);
-        assert_eq!(plan.unknown, 1);
+        assert_eq!(
+            plan.unknown, 2,
+            "README and a name that only starts like a pack's"
+        );
 
         // The same a grace period later: the removal and the young pack have aged.
         let plan = plan_gc(&GcInputs {
@@ -746,7 +765,7 @@ mod tests {
             removals: &removals,
             pack_objects: &objects,
         });
-        assert_eq!(plan.delete.len(), 7, "{:?}", plan.delete);
+        assert_eq!(plan.delete.len(), 8, "{:?}", plan.delete);
         assert_eq!((plan.live, plan.young, plan.recently_removed), (1, 0, 0));
     }
 
