@@ -80,11 +80,8 @@ fn pack_object(key: &str) -> Option<(Hash, bool)> {
     let name = key.strip_prefix("packs/")?;
     let (hex, ext) = name.split_at_checked(64)?;
     let id: Hash = hex.parse().ok()?;
-    let (ext, staging) = ext.split_once('#').unwrap_or((ext, "0"));
-    if staging.is_empty() || !staging.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    match ext {
+    // (Staging names come from `Origin::staging_leftovers`, which checked their `#N`.)
+    match ext.split_once('#').map_or(ext, |(e, _)| e) {
         ".idx" => Some((id, true)),
         ".pack" => Some((id, false)),
         _ => None,

@@ -1093,7 +1093,8 @@ fn main() -> Result<()> {
                 &args,
                 *entries,
                 *width,
-                real_files.then(|| src.clone()),
+                *real_files,
+                src.as_deref(),
                 match (*no_pull, *pull_no_files) {
                     (true, _) => scale_bench::Pull::No,
                     (false, true) => scale_bench::Pull::StoreOnly,

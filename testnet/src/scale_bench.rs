@@ -10,7 +10,7 @@ use super::{is_mounted, shoal, shoal_bin, Args};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use shoal_testnet::scale;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -174,7 +174,8 @@ pub fn run(
     args: &Args,
     entries: u64,
     width: u64,
-    real_files: Option<Option<PathBuf>>,
+    real_files: bool,
+    src: Option<&Path>,
     pull: Pull,
     find: bool,
 ) -> Result<Value> {
@@ -294,8 +295,8 @@ pub fn run(
     measured?;
     eprintln!("so far: {out}");
 
-    if let Some(src) = real_files {
-        let src = src.unwrap_or_else(|| work.join("src"));
+    if real_files {
+        let src = src.map_or_else(|| work.join("src"), Path::to_path_buf);
         let _ = std::fs::remove_dir_all(&src);
         eprintln!("writing {entries} files under {}", src.display());
         write_files(&src, entries, width)?;
